@@ -1,0 +1,187 @@
+"""The validated configuration: frozen, typed, built once by the loader.
+
+Everything the request path needs is precomputed here (compiled regexes, parsed upstream
+URLs, seconds as floats) so that serving a request parses nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+OnError = Literal["deny", "allow"]
+QuotaPeriod = Literal["second", "minute", "hour", "day", "week", "month"]
+QUOTA_PERIODS: tuple[QuotaPeriod, ...] = ("second", "minute", "hour", "day", "week", "month")
+# A rate window is a fixed length, so a calendar month has no place here.
+RATE_PERIOD_SECONDS: Mapping[str, float] = {
+    "second": 1.0,
+    "minute": 60.0,
+    "hour": 3600.0,
+    "day": 86400.0,
+    "week": 604800.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    client_header: float = 10.0
+    client_body: float = 30.0
+    keepalive: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: Address = Address("0.0.0.0", 8080)
+    admin_listen: Address = Address("127.0.0.1", 9090)
+    workers: int = 1  # 0 was resolved to the CPU count by the loader
+    timeouts: Timeouts = Timeouts()
+    drain_timeout: float = 30.0
+    admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN, never from the YAML
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    url: str = "memory://"
+    timeout: float = 0.25
+    on_error: OnError = "deny"
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url.startswith("memory://")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    header: str = "X-API-Key"
+    query_param: str | None = "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str  # as written, for messages
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+    base_path: str  # no trailing slash; "" for the root
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    retry_after: int = 600
+    message: str = "The product is down for maintenance."
+
+
+@dataclass(frozen=True, slots=True)
+class PathParamRule:
+    """A rule on a `{name}` of the path template."""
+
+    name: str
+    enum: frozenset[str] | None = None
+    pattern: re.Pattern[str] | None = None  # full match; a miss is 404 Wrong identifier
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParamRule:
+    name: str
+    type: Literal["int", "string"] = "string"
+    min: int | None = None  # a bound on the value for int, on the length for string
+    max: int | None = None
+    required: bool = False
+    enum: frozenset[str] | None = None
+    pattern: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    sunset: str | None = None  # already an HTTP-date, ready for the Sunset header
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    to: str  # a template; `{name}` is replaced by the matched parameter
+    permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    product: str
+    path: str  # the template as written; also the `route` label of metrics
+    methods: frozenset[str] | None = None  # None: every method
+    params: Mapping[str, PathParamRule] = field(default_factory=dict)
+    query: Mapping[str, QueryParamRule] = field(default_factory=dict)
+    gone: Gone | None = None
+    redirect: Redirect | None = None
+    line: int = 0  # where it was declared, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    name: str
+    upstream: Upstream
+    routes: tuple[Route, ...]
+    maintenance: Maintenance | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    limit: int
+    window: float  # seconds of the sliding window
+    per: str  # as written, for headers and the admin API
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRule:
+    limit: int
+    per: QuotaPeriod
+    timezone: ZoneInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    rate: RateRule | None = None
+    quota: QuotaRule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    key_sha256: str  # lower-case hex; the plaintext is never kept
+    plans: Mapping[str, str]  # product -> plan name
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    storage: StorageConfig
+    auth: AuthConfig
+    products: Mapping[str, Product]
+    plans: Mapping[str, Plan]
+    keys: tuple[ApiKey, ...]
+    sources: tuple[str, ...] = ()  # the files it was read from, for reload
+
+    def key_by_name(self, name: str) -> ApiKey | None:
+        for key in self.keys:
+            if key.name == name:
+                return key
+        return None

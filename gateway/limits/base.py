@@ -1,0 +1,68 @@
+"""What the request path asks of a limit storage, whatever the storage is.
+
+A `Limiter` checks and consumes the rate and the quota of one subscription (an API key on
+one product) in one atomic step and answers with a `Decision`. A rejected request consumes
+nothing. Storage failures are raised as `StorageError`; the request path decides, from
+`storage.on_error`, whether that means 503 or admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from gateway.config.model import QuotaRule, RateRule
+
+Outcome = Literal["allowed", "throttled", "quota_exceeded"]
+
+
+class StorageError(Exception):
+    """The limit storage did not answer, or answered with an error, within its timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    """One limit after the decision: what the headers of §5 report."""
+
+    limit: int
+    remaining: int
+    reset: float  # seconds from now until the window or period frees room / ends
+    window: float  # length of the window or of the current period, in seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    rate: WindowState | None
+    quota: WindowState | None
+    retry_after: float = 0.0  # seconds until one more request could be admitted; 0 if allowed
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome == "allowed"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUsage:
+    limit: int
+    used: int
+    remaining: int
+    reset_at: float  # unix time at which the current period ends
+
+
+class Limiter(Protocol):
+    async def hit(
+        self, subject: str, rate: RateRule | None, quota: QuotaRule | None
+    ) -> Decision:
+        """Check both limits of `subject`; consume one of each only if both admit."""
+        ...
+
+    async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage: ...
+
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the storage answers."""
+        ...
+
+    async def close(self) -> None: ...
