@@ -1,0 +1,58 @@
+"""The example upstream API that `make run` puts behind the gateway.
+
+It answers every path with a small JSON document describing the request it received, so the
+README's curl lines show what the gateway forwarded (and what it removed). A few paths behave
+differently to demonstrate pass-through: `.../missing...` answers 404, a matching
+`If-None-Match` answers 304, and `?sleep=SECONDS` waits before answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+
+from aiohttp import web
+
+
+async def answer(request: web.Request) -> web.StreamResponse:
+    sleep = request.query.get("sleep")
+    if sleep:
+        await asyncio.sleep(min(float(sleep), 60.0))
+    if "missing" in request.path:
+        return web.json_response({"error": "no such thing upstream"}, status=404)
+    document = {
+        "upstream": "example",
+        "method": request.method,
+        "path": request.path,
+        "query": dict(request.query),
+        "request_id": request.headers.get("X-Request-ID"),
+        "x_forwarded_for": request.headers.get("X-Forwarded-For"),
+        "saw_api_key_header": "X-API-Key" in request.headers,
+    }
+    body = json.dumps(document, indent=2).encode() + b"\n"
+    etag = '"' + hashlib.sha256(request.path.encode()).hexdigest()[:16] + '"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(
+        body=body, content_type="application/json", headers={"ETag": etag}
+    )
+
+
+def build_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args()
+    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

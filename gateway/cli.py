@@ -1,0 +1,65 @@
+"""`gateway run | check | hash-key`: the command line of the contract's §1."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="API gateway: keys, quotas and rate limits in front of APIs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_config = os.environ.get("GATEWAY_CONFIG")
+
+    run = commands.add_parser("run", help="serve the proxy and admin ports")
+    run.add_argument("--config", default=default_config, required=default_config is None,
+                     help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="processes sharing the port (default: server.workers; 0 = one per CPU)")
+
+    check = commands.add_parser("check", help="validate a config and exit")
+    check.add_argument("--config", default=default_config, required=default_config is None,
+                       help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)")
+
+    hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an API key")
+    hash_key.add_argument("key")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "hash-key":
+        print(hashlib.sha256(args.key.encode()).hexdigest())
+        return 0
+    if args.command == "check":
+        from gateway.config import ConfigError, load_config
+
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                print(issue)
+            return 1
+        print("ok")
+        return 0
+    logging.basicConfig(
+        level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from gateway.server import serve
+
+    if args.workers is not None and args.workers < 0:
+        print("--workers: must be 0 or more", file=sys.stderr)
+        return 2
+    return serve(args.config, args.workers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The route table: templates compiled once, matched per request with no I/O.
+
+A template is a path of segments: a literal, `{name}` (exactly one segment) or, last,
+`{name:path}` (the rest of the path, slashes included). When several routes match a path,
+the one with more literal segments wins; among equals the first declared. Routes are sorted
+that way once, so matching is a walk down a short list that stops at the first hit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from gateway.config.model import Product, Route
+from gateway.problems import InvalidRoute, MethodNotAllowed
+
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    product: Product
+    params: Mapping[str, str]  # percent-decoded values of the template's parameters
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    route: Route
+    product: Product
+    regex: re.Pattern[str]
+    literal_segments: int
+    order: int
+
+
+def compile_template(template: str) -> tuple[re.Pattern[str], int]:
+    """The regex a raw request path must fully match, and the number of literal segments."""
+    parts: list[str] = []
+    literals = 0
+    for segment in template.strip("/").split("/") if template != "/" else []:
+        param = _PARAM.match(segment)
+        if param is None:
+            parts.append(re.escape(segment))
+            literals += 1
+        elif param.group(2) == "path":
+            # The rest of the path, which may itself hold slashes (but not be empty).
+            parts.append(f"(?P<{param.group(1)}>.+)")
+        else:
+            parts.append(f"(?P<{param.group(1)}>[^/]+)")
+    return re.compile("/" + "/".join(parts)), literals
+
+
+class RouteTable:
+    def __init__(self, products: Iterable[Product]) -> None:
+        compiled: list[_CompiledRoute] = []
+        for product in products:
+            for route in product.routes:
+                regex, literals = compile_template(route.path)
+                compiled.append(_CompiledRoute(route, product, regex, literals, len(compiled)))
+        compiled.sort(key=lambda c: (-c.literal_segments, c.order))
+        # Index by the first path segment when it is literal, so a request only walks the
+        # routes that could possibly match it plus those starting with a parameter.
+        self._by_first: dict[str, list[_CompiledRoute]] = {}
+        self._any_first: list[_CompiledRoute] = []
+        for entry in compiled:
+            first = entry.route.path.strip("/").split("/", 1)[0]
+            if _PARAM.match(first):
+                self._any_first.append(entry)
+                for bucket in self._by_first.values():
+                    bucket.append(entry)
+            else:
+                self._by_first.setdefault(first, list(self._any_first)).append(entry)
+        for bucket in self._by_first.values():
+            bucket.sort(key=lambda c: (-c.literal_segments, c.order))
+
+    def match(self, method: str, raw_path: str) -> RouteMatch:
+        """The best route for this path and method, or InvalidRoute / MethodNotAllowed."""
+        first = raw_path[1:].split("/", 1)[0]
+        candidates = self._by_first.get(first, self._any_first)
+        allowed: set[str] = set()
+        for entry in candidates:
+            found = entry.regex.fullmatch(raw_path)
+            if found is None:
+                continue
+            methods = entry.route.methods
+            if methods is None or method in methods or (method == "HEAD" and "GET" in methods):
+                params = {name: unquote(value) for name, value in found.groupdict().items()}
+                return RouteMatch(entry.route, entry.product, params)
+            allowed.update(methods)
+            if "GET" in methods:
+                allowed.add("HEAD")
+        if allowed:
+            allow = ", ".join(sorted(allowed))
+            raise MethodNotAllowed(
+                f"{method} is not allowed on this route; allowed: {allow}",
+                headers={"Allow": allow},
+            )
+        raise InvalidRoute(f"No route matches {unquote(raw_path)}")

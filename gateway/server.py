@@ -1,0 +1,274 @@
+"""Processes, sockets and signals.
+
+    gateway run
+    └── supervisor (workers > 1): forks N workers, restarts a crashed one, forwards SIGHUP and
+        │                         SIGTERM, watches the config and counts reloads
+        └── worker: uvloop, its own SO_REUSEPORT sockets on the proxy and admin ports, the
+                    proxy and admin apps, graceful drain on SIGTERM, reload on SIGHUP
+
+With one worker the supervisor is skipped and the single process does everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import ConfigError, load_config
+from gateway.config.model import Address, Config
+from gateway.reload import Reloader, config_fingerprint
+
+log = logging.getLogger("gateway.server")
+
+
+def open_listener(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Every worker binds its own socket to the same port; the kernel spreads connections.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(config_path: str, workers: int | None = None) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    count = workers if workers is not None else config.server.workers
+    if count == 0:
+        count = os.cpu_count() or 1
+    if count > 1 and config.storage.is_memory:
+        print(
+            f"{config_path}: storage.url: memory:// keeps limits inside one process; "
+            f"{count} workers need Redis",
+            file=sys.stderr,
+        )
+        return 1
+    _prepare_metrics_dir()
+    if count == 1:
+        return _run_worker_process(config_path, config, supervised=False)
+    return _supervise(config_path, config, count)
+
+
+def _prepare_metrics_dir() -> None:
+    # Must happen before prometheus_client is imported anywhere in this process tree.
+    from gateway import metrics
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics.prepare_multiprocess_dir(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    else:
+        metrics.prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps a dev box going
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# --- supervisor -------------------------------------------------------------------------
+
+
+def _supervise(config_path: str, config: Config, count: int) -> int:
+    from gateway import metrics
+
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _run_worker_process(config_path, config, supervised=True)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # The supervisor validates reloads and counts them once, not once per worker.
+    def hand_to_workers(_: Config) -> None:
+        forward(signal.SIGHUP, None)
+
+    reloader = Reloader(config_path, hand_to_workers, count=metrics.count_reload)
+
+    def on_sighup(_sig: int, _frame: Any) -> None:
+        reloader.reload()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, on_sighup)
+    for index in range(count):
+        spawn(index)
+    log.info("supervising %d workers", count)
+
+    fingerprint = config_fingerprint(config_path)
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.2)
+            current = config_fingerprint(config_path)
+            if current != fingerprint and not stopping:
+                time.sleep(0.1)
+                fingerprint = config_fingerprint(config_path)
+                reloader.reload()
+            continue
+        index = children.pop(pid)
+        metrics.mark_worker_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            exit_code = exit_code or (code if code > 0 else 0)
+            continue
+        log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+        time.sleep(0.5)  # a worker that dies at once should not spin the machine
+        spawn(index)
+    return exit_code
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+def _run_worker_process(config_path: str, config: Config, *, supervised: bool) -> int:
+    _install_uvloop()
+    try:
+        asyncio.run(_worker(config_path, config, supervised=supervised))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class Worker:
+    """The proxy and admin servers of one process; tests start it in their own event loop."""
+
+    def __init__(self, config_path: str | None, config: Config, *, supervised: bool) -> None:
+        from gateway.app import build_proxy_app, build_runtime
+
+        self.config = config
+        self.runtime = build_runtime(config)
+        self._config_path = config_path
+        self._supervised = supervised
+        self._proxy_app = build_proxy_app(self.runtime)
+        self._proxy_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._proxy_listener: asyncio.Server | None = None
+        self.reloader: Reloader | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        from gateway import metrics
+        from gateway.admin import build_admin_app
+        from gateway.connection import GatewayConnection
+
+        loop = asyncio.get_running_loop()
+        server_config = self.config.server
+        timeouts = server_config.timeouts
+        self._proxy_runner = web.AppRunner(
+            self._proxy_app,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=timeouts.keepalive,
+            shutdown_timeout=server_config.drain_timeout,
+        )
+        await self._proxy_runner.setup()
+        manager = self._proxy_runner.server
+        assert manager is not None
+        proxy_socket = open_listener(server_config.listen)
+        self.proxy_port = proxy_socket.getsockname()[1]
+        self._proxy_listener = await loop.create_server(
+            lambda: GatewayConnection(
+                manager,
+                loop=loop,
+                head_timeout=timeouts.client_header,
+                keepalive_timeout=timeouts.keepalive,
+                access_log=None,
+            ),
+            sock=proxy_socket,
+        )
+        runtime = self.runtime
+        admin_app = build_admin_app(lambda: runtime, token=server_config.admin_token)
+        self._admin_runner = web.AppRunner(admin_app, access_log=None)
+        await self._admin_runner.setup()
+        admin_socket = open_listener(server_config.admin_listen)
+        self.admin_port = admin_socket.getsockname()[1]
+        await web.SockSite(self._admin_runner, admin_socket).start()
+        if self._config_path is not None:
+            # Under a supervisor the supervisor watches and counts; a worker re-reads on SIGHUP.
+            self.reloader = Reloader(
+                self._config_path,
+                self.apply_config,
+                count=None if self._supervised else metrics.count_reload,
+            )
+            if not self._supervised:
+                self.reloader.start_watching()
+
+    def apply_config(self, config: Config) -> None:
+        from gateway.app import build_snapshot
+
+        self.runtime.snapshot = build_snapshot(config)
+
+    def reload(self) -> None:
+        if self.reloader is not None:
+            self.reloader.reload()
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
+        if self.reloader is not None:
+            await self.reloader.stop()
+        if self._proxy_listener is not None:
+            self._proxy_listener.close()
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+
+async def _worker(config_path: str, config: Config, *, supervised: bool) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(config_path, config, supervised=supervised)
+    await worker.start()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    log.info(
+        "worker %d serving %s (admin %s)",
+        os.getpid(),
+        config.server.listen,
+        config.server.admin_listen,
+    )
+    await stop.wait()
+    log.info("worker %d draining", os.getpid())
+    await worker.drain()

@@ -1,0 +1,300 @@
+"""Every status the gateway answers itself before limits, end to end over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.limits.base import Decision, QuotaUsage
+from gateway.config.model import QuotaRule, RateRule
+from gateway.server import Worker
+from tests.support.gateway import running_gateway, write_config
+from tests.support.upstream import Upstream, running_upstream
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}/base", connect_timeout: 1s, timeout: 500ms}}
+    routes:
+      - path: /soccer/v4/{{lang}}/competitions/{{competition_id}}/info.json
+        methods: [GET]
+        params:
+          lang: {{enum: [en, de, fr]}}
+          competition_id: {{pattern: "sr:competition:[0-9]+"}}
+        query:
+          limit: {{type: int, min: 1, max: 100, required: false}}
+      - path: /soccer/v4/{{rest:path}}
+      - path: /soccer/v3/{{rest:path}}
+        gone: {{sunset: "2026-01-01"}}
+      - path: /soccer/retired
+        gone: true
+      - path: /soccer/latest/{{rest:path}}
+        redirect: {{to: "/soccer/v4/{{rest}}", permanent: false}}
+      - path: /soccer/old/{{rest:path}}
+        redirect: {{to: "/soccer/v4/{{rest}}", permanent: true}}
+  refused:
+    upstream: {{url: "http://127.0.0.1:{closed_port}"}}
+    routes: [{{path: "/refused/{{rest:path}}"}}]
+plans:
+  open: {{}}
+keys:
+  - name: tester
+    key: secret-1
+    plans: {{soccer: open, refused: open}}
+"""
+
+KEY = {"X-API-Key": "secret-1"}
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as server:
+        yield server
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Worker]:
+    config = write_config(
+        tmp_path / "config",
+        API.format(upstream=upstream.url, closed_port=closed_port()),
+        client_header="300ms",
+        client_body="300ms",
+    )
+    async with running_gateway(config) as worker:
+        yield worker
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def url(gateway: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{gateway.proxy_port}{path}"
+
+
+async def problem_of(response: aiohttp.ClientResponse) -> dict[str, object]:
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body = json.loads(await response.read())
+    assert body["type"] == "about:blank"
+    assert body["status"] == response.status
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return body  # type: ignore[no-any-return]
+
+
+INFO = "/soccer/v4/en/competitions/sr:competition:17/info.json"
+
+
+async def test_admitted_request_reaches_upstream_without_the_key(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(url(gateway, INFO + "?limit=5&api_key=secret-1&x=1"), headers={}) as r:
+        assert r.status == 200
+        assert r.headers["X-Upstream"] == "yes"
+        assert len(r.headers["X-Request-ID"]) >= 16
+    (seen,) = upstream.seen
+    assert seen.path_qs == "/base" + INFO + "?limit=5&x=1"
+    names = {name.lower() for name, _ in seen.headers}
+    assert "x-api-key" not in names
+    assert "x-request-id" in names
+
+
+async def test_404_invalid_route(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    async with client.get(url(gateway, "/nowhere/at/all"), headers=KEY) as r:
+        assert r.status == 404
+        body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Invalid route", "invalid_route")
+
+
+async def test_404_wrong_identifier(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    path = "/soccer/v4/en/competitions/sr:team:17/info.json"
+    async with client.get(url(gateway, path), headers=KEY) as r:
+        assert r.status == 404
+        body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Wrong identifier", "wrong_identifier")
+    assert "competition_id" in str(body["detail"])
+
+
+@pytest.mark.parametrize(
+    ("path", "names"),
+    [
+        ("/soccer/v4/xx/competitions/sr:competition:1/info.json", "lang"),
+        (INFO + "?limit=abc", "limit"),
+        (INFO + "?limit=500", "limit"),
+        (INFO + "?limit=0", "limit"),
+    ],
+)
+async def test_400_names_the_parameter(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession, path: str, names: str
+) -> None:
+    async with client.get(url(gateway, path), headers=KEY) as r:
+        assert r.status == 400
+        body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Bad Request", "bad_request")
+    assert names in str(body["detail"])
+    assert upstream.seen == []
+
+
+async def test_405_with_allow(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    async with client.post(url(gateway, INFO), headers=KEY) as r:
+        assert r.status == 405
+        body = await problem_of(r)
+        assert r.headers["Allow"] == "GET, HEAD"
+    assert body["code"] == "method_not_allowed"
+
+
+async def test_410_with_sunset(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    async with client.get(url(gateway, "/soccer/v3/anything/here")) as r:
+        assert r.status == 410
+        body = await problem_of(r)
+        assert r.headers["Sunset"] == "Thu, 01 Jan 2026 00:00:00 GMT"
+    assert (body["title"], body["code"]) == ("Gone", "gone")
+    async with client.get(url(gateway, "/soccer/retired")) as r:
+        assert r.status == 410
+        assert "Sunset" not in r.headers
+
+
+@pytest.mark.parametrize(("prefix", "status"), [("latest", 302), ("old", 301)])
+async def test_redirect_keeps_rest_and_query(
+    gateway: Worker, client: aiohttp.ClientSession, prefix: str, status: int
+) -> None:
+    path = f"/soccer/{prefix}/en/competitions/sr:competition:17/info.json?limit=3"
+    async with client.get(url(gateway, path), allow_redirects=False) as r:
+        assert r.status == status
+        assert r.headers["Location"] == INFO + "?limit=3"
+        assert "X-Request-ID" in r.headers
+
+
+@pytest.mark.parametrize("status", [304, 404, 500, 503])
+async def test_upstream_answers_pass_through(
+    gateway: Worker, client: aiohttp.ClientSession, status: int
+) -> None:
+    async with client.get(url(gateway, f"/soccer/v4/status/{status}"), headers=KEY) as r:
+        assert r.status == status
+        assert r.headers.get("Content-Type") != "application/problem+json"
+
+
+async def test_502_when_upstream_refuses(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    async with client.get(url(gateway, "/refused/x"), headers=KEY) as r:
+        assert r.status == 502
+        body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Bad Gateway", "bad_gateway")
+
+
+async def test_504_when_upstream_is_slow(gateway: Worker, client: aiohttp.ClientSession) -> None:
+    async with client.get(url(gateway, "/soccer/v4/x/slow?for=3"), headers=KEY) as r:
+        assert r.status == 504
+        body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Gateway Timeout", "gateway_timeout")
+
+
+async def test_499_cancels_the_upstream_request(
+    gateway: Worker, upstream: Upstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(
+        b"GET /soccer/v4/x/slow?for=0.45 HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-1\r\n\r\n"
+    )
+    await writer.drain()
+    await asyncio.wait_for(upstream.started_slow.wait(), 2)
+    writer.close()
+    await asyncio.wait_for(upstream.cancelled.wait(), 0.4)
+    await asyncio.sleep(0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert any(line["status"] == 499 and line["code"] == "client_closed" for line in lines)
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(-1), 3)
+
+
+async def test_408_when_the_head_is_slow(gateway: Worker) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(b"GET /soccer/v4/x HTTP/1.1\r\nHost: t\r\n")  # the head never ends
+    await writer.drain()
+    raw = await read_all(reader)  # read(-1) returns only once the gateway closed
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"application/problem+json" in head
+    assert json.loads(body)["code"] == "request_timeout"
+
+
+async def test_408_when_the_body_stalls(gateway: Worker, upstream: Upstream) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(
+        b"POST /soccer/v4/upload HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-1\r\n"
+        b"Content-Length: 100\r\n\r\n0123456789"
+    )
+    await writer.drain()
+    raw = await read_all(reader)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["code"] == "request_timeout"
+
+
+async def test_malformed_request_gets_problem_json(gateway: Worker) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(b"GET /soccer\x00 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await writer.drain()
+    raw = await read_all(reader)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["code"] == "bad_request"
+
+
+class BrokenLimiter:
+    """A limiter with a bug in it: what a 500 looks like from the outside."""
+
+    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+        raise KeyError("internal detail that must not leak")
+
+    async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
+        raise NotImplementedError
+
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_500_hides_internals_and_logs_the_traceback(
+    tmp_path: Path, upstream: Upstream, client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = write_config(
+        tmp_path / "c",
+        API.format(upstream=upstream.url, closed_port=closed_port()).replace(
+            "open: {}", "open: {rate: {limit: 5, per: second}}"
+        ),
+    )
+    async with running_gateway(config) as worker:
+        worker.runtime.limiter = BrokenLimiter()
+        with caplog.at_level(logging.ERROR):
+            async with client.get(url(worker, INFO), headers=KEY) as r:
+                assert r.status == 500
+                body = await problem_of(r)
+    assert (body["title"], body["code"]) == ("Internal Server Error", "internal_error")
+    assert "internal detail" not in json.dumps(body)
+    assert "internal detail that must not leak" in caplog.text

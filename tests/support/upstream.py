@@ -1,0 +1,98 @@
+"""A real upstream HTTP server on a loopback port, recording what reached it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path_qs: str
+    headers: list[tuple[str, str]]
+    body_size: int
+
+
+@dataclass
+class Upstream:
+    port: int
+    seen: list[SeenRequest] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    started_slow: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    upstream: Upstream = request.app[UPSTREAM]
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+    upstream.seen.append(
+        SeenRequest(
+            request.method,
+            request.path_qs,
+            [(k.decode(), v.decode()) for k, v in request.raw_headers],
+            size,
+        )
+    )
+    path = request.path
+    if path.endswith("/slow"):
+        upstream.started_slow.set()
+        try:
+            await asyncio.sleep(float(request.query.get("for", "5")))
+        except asyncio.CancelledError:
+            upstream.cancelled.set()
+            raise
+        return web.json_response({"slow": True})
+    if "/status/" in path:
+        status = int(path.rsplit("/", 1)[1])
+        body = b"" if status in (204, 304) else json.dumps({"status": status}).encode()
+        if not body:
+            return web.Response(status=status)
+        return web.Response(status=status, body=body, content_type="application/json")
+    if path.endswith("/big"):
+        total = int(request.query.get("bytes", str(10 * 1024 * 1024)))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = total
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < total:
+            part = chunk[: min(len(chunk), total - sent)]
+            await response.write(part)
+            sent += len(part)
+        await response.write_eof()
+        return response
+    return web.json_response(
+        {"method": request.method, "path_qs": request.path_qs, "body_size": size},
+        headers={"X-Upstream": "yes"},
+    )
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+
+@asynccontextmanager
+async def running_upstream() -> AsyncIterator[Upstream]:
+    app = web.Application()
+    upstream = Upstream(port=0)
+    app[UPSTREAM] = upstream
+    app.router.add_route("*", "/{tail:.*}", _handle)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream.port = runner.addresses[0][1]
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
