@@ -1,0 +1,349 @@
+"""The admin port over real HTTP: probes, /metrics, the usage API and its token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from gateway.admin import build_admin_app
+from gateway.config.model import (
+    ApiKey,
+    AuthConfig,
+    Config,
+    Plan,
+    QuotaRule,
+    RateRule,
+    ServerConfig,
+    StorageConfig,
+)
+from gateway.limits.base import Limiter, StorageError
+from gateway.limits.memory import MemoryLimiter
+from gateway.record import RequestRecord
+from gateway.runtime import Runtime, Snapshot
+
+TOKEN = "admin-s3cret"
+PROBLEM = "application/problem+json"
+DAILY = QuotaRule(limit=5, per="day", timezone=ZoneInfo("UTC"))
+
+
+def make_config(storage_timeout: float = 0.25) -> Config:
+    plans = {
+        "trial": Plan("trial", rate=RateRule(10, 1.0, "second"), quota=DAILY),
+        "unmetered": Plan("unmetered", rate=RateRule(100, 60.0, "minute")),
+    }
+    keys = (
+        ApiKey("acme", "0" * 64, {"soccer": "trial", "basket": "unmetered"}),
+        ApiKey("retired", "1" * 64, {"soccer": "trial"}, disabled=True),
+    )
+    return Config(
+        server=ServerConfig(),
+        storage=StorageConfig(timeout=storage_timeout),
+        auth=AuthConfig(),
+        products={},  # the admin API reads plans and keys only
+        plans=plans,
+        keys=keys,
+    )
+
+
+def make_runtime(limiter: Limiter, storage_timeout: float = 0.25) -> Runtime:
+    snapshot = Snapshot(
+        config=make_config(storage_timeout), routes=cast(Any, None), keys=cast(Any, None)
+    )
+    return Runtime(snapshot=snapshot, limiter=limiter, upstreams=cast(Any, None))
+
+
+class DownStorage(MemoryLimiter):
+    """A storage that refuses every call, as an unreachable Redis does once translated."""
+
+    async def ping(self) -> None:
+        raise StorageError("connection refused")
+
+    async def usage(self, subject: str, quota: QuotaRule) -> Any:
+        raise StorageError("connection refused")
+
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        raise StorageError("connection refused")
+
+
+class HangingStorage(MemoryLimiter):
+    """A storage that accepts the call and never answers."""
+
+    async def ping(self) -> None:
+        await asyncio.sleep(30)
+
+
+Serve = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    runners: list[web.AppRunner] = []
+
+    async def start(get_runtime: Callable[[], Runtime | None], token: str | None = None) -> str:
+        runner = web.AppRunner(build_admin_app(get_runtime, token=token))
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_healthz_answers_ok(serve: Serve, http: aiohttp.ClientSession) -> None:
+    base = await serve(lambda: None)
+
+    async with http.get(f"{base}/healthz") as response:
+        assert response.status == 200
+        assert await response.json() == {"status": "ok"}
+
+
+async def test_readyz_is_ready_with_a_config_and_a_storage_that_answers(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    runtime = make_runtime(MemoryLimiter())
+    runtime.storage_ok = False
+    base = await serve(lambda: runtime)
+
+    async with http.get(f"{base}/readyz") as response:
+        assert response.status == 200
+        assert await response.json() == {"status": "ready"}
+    assert runtime.storage_ok is True
+
+
+async def test_readyz_is_not_ready_before_a_config_is_loaded(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    base = await serve(lambda: None)
+
+    async with http.get(f"{base}/readyz") as response:
+        assert response.status == 503
+        assert response.content_type == PROBLEM
+        assert (await response.json())["code"] == "not_ready"
+
+
+async def test_readyz_is_not_ready_when_the_storage_fails(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    runtime = make_runtime(DownStorage())
+    base = await serve(lambda: runtime)
+
+    async with http.get(f"{base}/readyz") as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["code"] == "storage_unavailable" and body["title"] == "Service Unavailable"
+    assert runtime.storage_ok is False
+
+
+async def test_readyz_gives_up_after_the_storage_timeout(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    runtime = make_runtime(HangingStorage(), storage_timeout=0.05)
+    base = await serve(lambda: runtime)
+
+    started = time.monotonic()
+    async with http.get(f"{base}/readyz") as response:
+        assert response.status == 503
+        assert (await response.json())["code"] == "storage_unavailable"
+    assert time.monotonic() - started < 5
+
+
+async def test_usage_reports_plan_rate_and_quota_per_product(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    limiter = MemoryLimiter()
+    for _ in range(3):
+        await limiter.hit("acme:soccer", None, DAILY)
+    await limiter.hit("someone-else:soccer", None, DAILY)
+    runtime = make_runtime(limiter)
+    base = await serve(lambda: runtime)
+
+    async with http.get(f"{base}/admin/usage/acme") as response:
+        assert response.status == 200
+        body = await response.json()
+
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    next_midnight = midnight + timedelta(days=1)
+    soccer = body["products"]["soccer"]
+    assert body["key"] == "acme" and body["disabled"] is False
+    assert soccer["plan"] == "trial"
+    assert soccer["rate"] == {"limit": 10, "per": "second", "window_seconds": 1.0}
+    quota = soccer["quota"]
+    assert {k: quota[k] for k in ("limit", "used", "remaining", "per", "timezone")} == {
+        "limit": 5,
+        "used": 3,
+        "remaining": 2,
+        "per": "day",
+        "timezone": "UTC",
+    }
+    assert quota["reset"] == next_midnight.strftime("%Y-%m-%dT%H:%M:%SZ")
+    seconds_left = (next_midnight - datetime.now(UTC)).total_seconds()
+    assert abs(quota["reset_seconds"] - seconds_left) <= 2
+    assert body["products"]["basket"] == {
+        "plan": "unmetered",
+        "rate": {"limit": 100, "per": "minute", "window_seconds": 60.0},
+        "quota": None,
+    }
+
+
+async def test_delete_resets_that_quota_only(serve: Serve, http: aiohttp.ClientSession) -> None:
+    limiter = MemoryLimiter()
+    for _ in range(5):
+        await limiter.hit("acme:soccer", None, DAILY)
+    await limiter.hit("retired:soccer", None, DAILY)
+    assert (await limiter.hit("acme:soccer", None, DAILY)).outcome == "quota_exceeded"
+    base = await serve(lambda: make_runtime(limiter))
+
+    async with http.delete(f"{base}/admin/usage/acme/soccer") as response:
+        assert response.status == 204
+
+    assert (await limiter.usage("acme:soccer", DAILY)).used == 0
+    assert (await limiter.usage("retired:soccer", DAILY)).used == 1
+    assert (await limiter.hit("acme:soccer", None, DAILY)).outcome == "allowed"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/usage/nobody"),
+        ("DELETE", "/admin/usage/nobody/soccer"),
+        ("DELETE", "/admin/usage/acme/hockey"),  # no plan for that product
+        ("DELETE", "/admin/usage/acme/basket"),  # a plan without a quota
+        ("GET", "/admin/nothing-here"),
+    ],
+)
+async def test_unknown_keys_and_products_are_404_not_found(
+    serve: Serve, http: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    base = await serve(lambda: make_runtime(MemoryLimiter()))
+
+    async with http.request(method, f"{base}{path}") as response:
+        assert response.status == 404
+        assert response.content_type == PROBLEM
+        body = await response.json()
+    assert (body["title"], body["code"], body["status"]) == ("Not Found", "not_found", 404)
+    assert body["request_id"] == response.headers["X-Request-ID"]
+
+
+async def test_a_failing_storage_makes_the_usage_api_503(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    base = await serve(lambda: make_runtime(DownStorage()))
+
+    for method, path in (("GET", "/admin/usage/acme"), ("DELETE", "/admin/usage/acme/soccer")):
+        async with http.request(method, f"{base}{path}") as response:
+            assert response.status == 503, path
+            assert (await response.json())["code"] == "storage_unavailable"
+            assert response.headers["Retry-After"] == "1"
+
+
+async def test_a_wrong_method_is_405_with_allow(serve: Serve, http: aiohttp.ClientSession) -> None:
+    base = await serve(lambda: None)
+
+    async with http.post(f"{base}/healthz") as response:
+        assert response.status == 405
+        assert response.content_type == PROBLEM
+        assert "GET" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("wrong"),
+        bearer(TOKEN + "x"),
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ],
+)
+async def test_with_a_token_the_admin_api_refuses_other_credentials(
+    serve: Serve, http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    limiter = MemoryLimiter()
+    await limiter.hit("acme:soccer", None, DAILY)
+    base = await serve(lambda: make_runtime(limiter), token=TOKEN)
+
+    for method, path in (("GET", "/admin/usage/acme"), ("DELETE", "/admin/usage/acme/soccer")):
+        async with http.request(method, f"{base}{path}", headers=headers) as response:
+            assert response.status == 401
+            assert response.content_type == PROBLEM
+            assert (await response.json())["code"] == "unauthorized"
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    # Refused before anything was touched.
+    assert (await limiter.usage("acme:soccer", DAILY)).used == 1
+
+
+async def test_with_a_token_the_right_bearer_is_let_in_and_probes_need_none(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    base = await serve(lambda: make_runtime(MemoryLimiter()), token=TOKEN)
+
+    async with http.get(f"{base}/admin/usage/acme", headers=bearer(TOKEN)) as response:
+        assert response.status == 200
+    lower_case = {"authorization": "bearer " + TOKEN}  # the scheme is case-insensitive
+    async with http.get(f"{base}/admin/usage/acme", headers=lower_case) as response:
+        assert response.status == 200
+    for path in ("/healthz", "/readyz", "/metrics"):
+        async with http.get(f"{base}{path}") as response:
+            assert response.status == 200, path
+
+
+def test_an_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        build_admin_app(lambda: None, token="")
+
+
+async def test_metrics_serves_the_prometheus_text_with_observed_requests(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    base = await serve(lambda: None, token=TOKEN)
+    metrics.observe_request(
+        RequestRecord(
+            request_id="r",
+            method="GET",
+            path="/admin-test",
+            start=0.0,
+            status=418,
+            code="upstream",
+            product="admin-test",
+            route="/admin-test",
+            duration=0.001,
+        )
+    )
+
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await response.text()
+
+    counted = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total" and sample.labels["product"] == "admin-test"
+    ]
+    assert len(counted) == 1 and counted[0].value >= 1
+    assert counted[0].labels["status"] == "418"
