@@ -237,9 +237,9 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unexpected error while handling request %s", ex.request_id)
-        problem = InternalError("The gateway failed to handle this request.")
-        response = problem_response(problem, ex.request_id, {"X-Request-ID": ex.request_id})
-        record.status, record.code = problem.status, problem.code
+        internal = InternalError("The gateway failed to handle this request.")
+        response = problem_response(internal, ex.request_id, {"X-Request-ID": ex.request_id})
+        record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()
         record.duration = time.perf_counter() - started

@@ -1,0 +1,58 @@
+"""The gateway's configuration: `load_config` reads and validates the YAML into `Config`."""
+
+from gateway.config.durations import parse_duration
+from gateway.config.loader import load_config
+from gateway.config.model import (
+    QUOTA_PERIODS,
+    RATE_PERIOD_SECONDS,
+    Address,
+    ApiKey,
+    AuthConfig,
+    Config,
+    Gone,
+    Maintenance,
+    OnError,
+    PathParamRule,
+    Plan,
+    Product,
+    QueryParamRule,
+    QuotaPeriod,
+    QuotaRule,
+    RateRule,
+    Redirect,
+    Route,
+    ServerConfig,
+    StorageConfig,
+    Timeouts,
+    Upstream,
+)
+from gateway.config.yamlnodes import ConfigError, ConfigIssue
+
+__all__ = [
+    "QUOTA_PERIODS",
+    "RATE_PERIOD_SECONDS",
+    "Address",
+    "ApiKey",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Gone",
+    "Maintenance",
+    "OnError",
+    "PathParamRule",
+    "Plan",
+    "Product",
+    "QueryParamRule",
+    "QuotaPeriod",
+    "QuotaRule",
+    "RateRule",
+    "Redirect",
+    "Route",
+    "ServerConfig",
+    "StorageConfig",
+    "Timeouts",
+    "Upstream",
+    "load_config",
+    "parse_duration",
+]

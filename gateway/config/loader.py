@@ -1,0 +1,358 @@
+"""Load the YAML configuration (one file, or a folder of `*.yaml` files) into a `Config`.
+
+Every section is validated and every mistake is collected, so that one `gateway check`
+lists all of them; `ConfigError` carries them as `file:line: path: message` issues.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from yaml.nodes import MappingNode, Node
+
+from gateway.config.access import KeysReader, read_plans
+from gateway.config.model import (
+    Address,
+    ApiKey,
+    AuthConfig,
+    Config,
+    OnError,
+    Plan,
+    Product,
+    ServerConfig,
+    StorageConfig,
+    Timeouts,
+)
+from gateway.config.products import ProductsReader
+from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
+
+ENV_REDIS_URL = "GATEWAY_REDIS_URL"
+ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
+
+SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
+_SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout")
+_TIMEOUT_KEYS = ("client_header", "client_body", "keepalive")
+_STORAGE_KEYS = ("url", "timeout", "on_error")
+_AUTH_KEYS = ("header", "query_param")
+
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster")
+_ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
+ADDRESS_HINT = "must be host:port or [ipv6]:port"
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """A top-level section: the file it was written in and its nodes."""
+
+    walker: Walker
+    key: Node
+    value: Node
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration; raise `ConfigError` listing every mistake.
+
+    `env` supplies GATEWAY_REDIS_URL and GATEWAY_ADMIN_TOKEN (default: `os.environ`).
+    """
+    env = os.environ if env is None else env
+    issues: list[ConfigIssue] = []
+    files = _config_files(Path(path), issues)
+    sections = _read_sections(files, issues)
+    # A file that could not be read or parsed makes the rest guesswork (a missing `products`
+    # would be reported for the file that failed to parse), so stop at those errors.
+    if not files or any(not issue.path for issue in issues):
+        raise ConfigError(issues)
+    config = _Builder(sections, env, issues, files).build()
+    if issues or config is None:
+        order = {file: index for index, file in enumerate(files)}
+        # Stable: issues in the same file and line keep the order they were found in.
+        issues.sort(key=lambda issue: (order.get(issue.file, len(order)), issue.line or 0))
+        raise ConfigError(issues)
+    return config
+
+
+def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
+    if path.is_dir():
+        # Dotfiles are editor droppings (`.#products.yaml`), not configuration.
+        files = sorted(
+            str(child)
+            for child in path.iterdir()
+            if child.suffix == ".yaml" and not child.name.startswith(".") and child.is_file()
+        )
+        if not files:
+            issues.append(ConfigIssue(str(path), None, "", "no *.yaml files in this folder"))
+        return files
+    if not path.exists():
+        issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))
+        return []
+    return [str(path)]
+
+
+def _read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, _Section]:
+    sections: dict[str, _Section] = {}
+    for file in files:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            issues.append(ConfigIssue(file, None, "", f"cannot be read: {exc}"))
+            continue
+        root, problem = compose(text, file)
+        if problem is not None:
+            issues.append(problem)
+            continue
+        if root is None:  # empty, or only comments
+            continue
+        walker = Walker(file, issues)
+        if not isinstance(root, MappingNode):
+            walker.report(root, "", f"must be a mapping of sections ({', '.join(SECTIONS)})")
+            continue
+        fields = walker.mapping(root, "", SECTIONS)
+        if fields is None:
+            continue
+        for name, key, value in fields:
+            first = sections.get(name)
+            if first is not None:
+                where = f"{first.walker.file}:{line_of(first.key)}"
+                walker.report(key, name, f"already defined in {where}")
+                continue
+            sections[name] = _Section(walker, key, value)
+    return sections
+
+
+def parse_address(text: str) -> Address:
+    """`host:port` or `[ipv6]:port`; `ValueError` with a message otherwise."""
+    match = _ADDRESS.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(ADDRESS_HINT)
+    port = int(match["port"])
+    if port > 65535:
+        raise ValueError("port must be between 0 and 65535")
+    if match["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["ipv6"])
+        except ValueError:
+            raise ValueError(f"{match['ipv6']!r} is not an IPv6 address") from None
+        return Address(match["ipv6"], port)
+    return Address(match["host"], port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def storage_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the limit storage, or None when it can."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in STORAGE_SCHEMES or not url.strip().startswith(f"{parts.scheme}://"):
+        return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+    if parts.scheme == "memory":
+        return None
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when it is read
+    except ValueError:
+        return "has an invalid port"
+    if not parts.hostname:
+        return f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379"
+    return None
+
+
+def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
+    choice = w.choice(node, path, ("deny", "allow"))
+    return None if choice is None else ("allow" if choice == "allow" else "deny")
+
+
+def _listens_clash(a: Address, b: Address) -> bool:
+    if a.port != b.port or a.port == 0:
+        return False
+    return a.host == b.host or a.host in _WILDCARD_HOSTS or b.host in _WILDCARD_HOSTS
+
+
+class _Builder:
+    def __init__(
+        self,
+        sections: dict[str, _Section],
+        env: Mapping[str, str],
+        issues: list[ConfigIssue],
+        files: list[str],
+    ) -> None:
+        self.sections = sections
+        self.env = env
+        self.issues = issues
+        self.files = files
+
+    def _fields(self, name: str, allowed: tuple[str, ...]) -> tuple[Walker, Fields] | None:
+        section = self.sections.get(name)
+        if section is None:
+            return None
+        fields = section.walker.mapping(section.value, name, allowed)
+        return None if fields is None else (section.walker, fields)
+
+    def build(self) -> Config | None:
+        storage = self._storage()
+        server = self._server(storage)
+        auth = self._auth()
+        products, product_names = self._products()
+        plans, plan_names = self._plans()
+        keys = self._keys(product_names, plan_names)
+        if products is None:
+            return None
+        return Config(
+            server=server,
+            storage=storage,
+            auth=auth,
+            products=products,
+            plans=plans,
+            keys=keys,
+            sources=tuple(self.files),
+        )
+
+    # -- server, storage, auth ------------------------------------------------------------
+
+    def _server(self, storage: StorageConfig) -> ServerConfig:
+        defaults = ServerConfig()
+        token = self.env.get(ENV_ADMIN_TOKEN) or None
+        found = self._fields("server", _SERVER_KEYS)
+        if found is None:
+            return ServerConfig(admin_token=token)
+        w, fields = found
+
+        def address(node: Node, path: str) -> Address | None:
+            text = w.scalar(node)
+            try:
+                if not isinstance(text, str):
+                    raise ValueError(ADDRESS_HINT)  # `listen: 8080` lacks the host
+                return parse_address(text)
+            except ValueError as exc:
+                w.report(node, path, str(exc))
+                return None
+
+        listen = w.optional(fields, "listen", address, defaults.listen)
+        admin = w.optional(fields, "admin_listen", address, defaults.admin_listen)
+        admin_node = fields.value("admin_listen") or fields.value("listen")
+        if admin_node is not None and _listens_clash(listen, admin):
+            w.report(
+                admin_node, "server.admin_listen", f"must differ from server.listen ({listen})"
+            )
+        if "admin_listen" in fields and not is_loopback(admin.host) and token is None:
+            w.report(
+                fields.value("admin_listen"),
+                "server.admin_listen",
+                f"is not a loopback address, so {ENV_ADMIN_TOKEN} must be set",
+            )
+        workers = w.optional(fields, "workers", lambda n, p: w.integer(n, p, minimum=0), 1)
+        if workers == 0:
+            workers = os.cpu_count() or 1
+        if workers > 1 and storage.is_memory:
+            w.report(
+                fields.value("workers"),
+                "server.workers",
+                f"memory:// storage lives inside one process; {workers} workers need "
+                f"redis:// storage (storage.url or {ENV_REDIS_URL})",
+            )
+        return ServerConfig(
+            listen=listen,
+            admin_listen=admin,
+            workers=workers,
+            timeouts=self._timeouts(w, fields),
+            drain_timeout=w.optional(fields, "drain_timeout", w.duration, defaults.drain_timeout),
+            admin_token=token,
+        )
+
+    def _timeouts(self, w: Walker, server: Fields) -> Timeouts:
+        defaults = Timeouts()
+        node = server.value("timeouts")
+        fields = None if node is None else w.mapping(node, server.at("timeouts"), _TIMEOUT_KEYS)
+        if fields is None:
+            return defaults
+        return Timeouts(
+            client_header=w.optional(fields, "client_header", w.duration, defaults.client_header),
+            client_body=w.optional(fields, "client_body", w.duration, defaults.client_body),
+            keepalive=w.optional(fields, "keepalive", w.duration, defaults.keepalive),
+        )
+
+    def _storage(self) -> StorageConfig:
+        defaults = StorageConfig()
+        url, timeout, on_error = defaults.url, defaults.timeout, defaults.on_error
+        found = self._fields("storage", _STORAGE_KEYS)
+        if found is not None:
+            w, fields = found
+
+            def checked_url(node: Node, path: str) -> str | None:
+                text = w.string(node, path)
+                problem = None if text is None else storage_url_problem(text)
+                if problem is not None:
+                    w.report(node, path, problem)
+                    return None
+                return None if text is None else text.strip()
+
+            url = w.optional(fields, "url", checked_url, url)
+            timeout = w.optional(fields, "timeout", w.duration, timeout)
+            on_error = w.optional(fields, "on_error", lambda n, p: _on_error(w, n, p), on_error)
+        override = self.env.get(ENV_REDIS_URL, "").strip()
+        if override:
+            problem = storage_url_problem(override)
+            if problem is None:
+                url = override
+            else:
+                self.issues.append(ConfigIssue(ENV_REDIS_URL, None, "storage.url", problem))
+        return StorageConfig(url=url, timeout=timeout, on_error=on_error)
+
+    def _auth(self) -> AuthConfig:
+        defaults = AuthConfig()
+        found = self._fields("auth", _AUTH_KEYS)
+        if found is None:
+            return defaults
+        w, fields = found
+
+        def header(node: Node, path: str) -> str | None:
+            text = w.string(node, path)
+            if text is not None and not _HEADER_TOKEN.fullmatch(text):
+                w.report(node, path, "must be an HTTP header name")
+                return None
+            return text
+
+        query_param = defaults.query_param
+        node = fields.value("query_param")
+        if node is not None:
+            # null switches the query parameter off: keys in URLs end up in logs.
+            query_param = None if w.is_null(node) else w.string(node, "auth.query_param")
+        return AuthConfig(
+            header=w.optional(fields, "header", header, defaults.header),
+            query_param=query_param,
+        )
+
+    # -- products, plans, keys ------------------------------------------------------------
+
+    def _products(self) -> tuple[dict[str, Product] | None, set[str] | None]:
+        section = self.sections.get("products")
+        if section is None:
+            where = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
+            self.issues.append(ConfigIssue(where, None, "products", "is required"))
+            return None, None
+        products, names = ProductsReader(section.walker).read(section.value)
+        return products, names
+
+    def _plans(self) -> tuple[dict[str, Plan], set[str] | None]:
+        section = self.sections.get("plans")
+        if section is None:
+            return {}, set()
+        return read_plans(section.walker, section.value)
+
+    def _keys(self, products: set[str] | None, plans: set[str] | None) -> tuple[ApiKey, ...]:
+        section = self.sections.get("keys")
+        if section is None:
+            return ()
+        return KeysReader(section.walker, products, plans).read(section.value)

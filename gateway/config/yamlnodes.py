@@ -1,0 +1,273 @@
+"""Reading composed YAML nodes so that every value keeps its line, and every mistake is
+collected as a `ConfigIssue` instead of stopping at the first one.
+
+The loader works on `yaml.compose` nodes rather than on `yaml.safe_load` data because plain
+Python values have forgotten where they were written, and an error message without a line
+sends people hunting through files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from gateway.config.durations import DURATION_HINT, parse_duration
+
+T = TypeVar("T")
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One mistake: `file:line: path: message` (line absent for the environment or a folder)."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `issues` holds every mistake found, in file order."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues: tuple[ConfigIssue, ...] = tuple(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+def line_of(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
+    """Parse one file into its node tree, or describe why it is not YAML."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        message = exc.problem or exc.context or "invalid YAML"
+        if exc.problem and exc.context:
+            message = f"{exc.problem} ({exc.context})"
+        if exc.context and "flow" in exc.context and "got '{'" in message:
+            # `{to: /a/{rest}}` is the usual culprit: braces inside an unquoted flow value.
+            message += "; quote values that contain { } [ ] or ,"
+        return None, ConfigIssue(file, None if mark is None else mark.line + 1, "", message)
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+        return None, ConfigIssue(file, None, "", str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """A mapping's entries by key name, each with its key node and value node."""
+
+    node: MappingNode
+    path: str
+    entries: dict[str, tuple[Node, Node]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[tuple[str, Node, Node]]:
+        for name, (key, value) in self.entries.items():
+            yield name, key, value
+
+    def value(self, name: str) -> Node | None:
+        entry = self.entries.get(name)
+        return None if entry is None else entry[1]
+
+    def at(self, name: str) -> str:
+        return join(self.path, name)
+
+
+Reader = Callable[[Node, str], T | None]
+
+
+class Walker:
+    """Typed reads of one file's nodes; a failed read records an issue and returns None."""
+
+    def __init__(self, file: str, issues: list[ConfigIssue]) -> None:
+        self.file = file
+        self.issues = issues
+        self._constructor = SafeConstructor()
+
+    def report(self, where: Node | int | None, path: str, message: str) -> None:
+        line = where if where is None or isinstance(where, int) else line_of(where)
+        self.issues.append(ConfigIssue(self.file, line, path, message))
+
+    # -- containers -------------------------------------------------------------------------
+
+    def mapping(self, node: Node, path: str, allowed: Sequence[str] | None = None) -> Fields | None:
+        """The entries of a mapping; duplicate and unknown keys are reported and left out."""
+        if not isinstance(node, MappingNode):
+            self.report(node, path, "must be a mapping")
+            return None
+        entries: dict[str, tuple[Node, Node]] = {}
+        written: dict[str, int] = {}  # keys written here (not merged in), for duplicates
+        for key, value, merged in self._pairs(node, path):
+            if not isinstance(key, ScalarNode):
+                self.report(key, path, "keys must be plain names")
+                continue
+            name = str(key.value)
+            if allowed is not None and name not in allowed:
+                self.report(key, join(path, name), f"unknown key (allowed: {', '.join(allowed)})")
+                continue
+            if merged:
+                # `<<: *anchor` fills in keys; ones written in the mapping itself win.
+                entries.setdefault(name, (key, value))
+                continue
+            if name in written:
+                self.report(key, join(path, name), f"duplicate key (first at line {written[name]})")
+                continue
+            written[name] = line_of(key)
+            entries[name] = (key, value)
+        return Fields(node, path, entries)
+
+    def _pairs(self, node: MappingNode, path: str) -> Iterator[tuple[Node, Node, bool]]:
+        """The mapping's own pairs, then those merged in by `<<` (flagged True).
+
+        Since the first occurrence of a merged key wins, this order gives YAML's precedence:
+        own keys over merged ones, a source's own keys over what it merged itself, and
+        earlier sources of `<<: [*a, *b]` over later ones.
+        """
+        merges: list[Node] = []
+        for key, value in node.value:
+            if key.tag == _MERGE_TAG:
+                merges.append(value)
+            else:
+                yield key, value, False
+        for value in merges:
+            sources = value.value if isinstance(value, SequenceNode) else [value]
+            for source in sources:
+                if not isinstance(source, MappingNode):
+                    self.report(source, path, "`<<` must name a mapping")
+                    continue
+                for inner_key, inner_value, _ in self._pairs(source, path):
+                    yield inner_key, inner_value, True
+
+    def sequence(self, node: Node, path: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode):
+            self.report(node, path, "must be a list")
+            return None
+        return list(node.value)
+
+    # -- scalars ----------------------------------------------------------------------------
+
+    def scalar(self, node: Node) -> object:
+        """The Python value of a scalar node; a non-scalar comes back as the node itself."""
+        if not isinstance(node, ScalarNode):
+            return node
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            return node  # an unknown `!tag`: no usable value, the typed reads say so
+
+    def is_null(self, node: Node) -> bool:
+        return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
+
+    def string(self, node: Node, path: str) -> str | None:
+        value = self.scalar(node)
+        if not isinstance(value, str):
+            self.report(node, path, "must be a string")
+            return None
+        if not value.strip():
+            self.report(node, path, "must not be empty")
+            return None
+        return value
+
+    def integer(self, node: Node, path: str, minimum: int | None = None) -> int | None:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.report(node, path, "must be an integer")
+            return None
+        if minimum is not None and value < minimum:
+            self.report(node, path, f"must be at least {minimum}")
+            return None
+        return value
+
+    def positive(self, node: Node, path: str) -> int | None:
+        return self.integer(node, path, minimum=1)
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            self.report(node, path, "must be true or false")
+            return None
+        return value
+
+    def duration(self, node: Node, path: str) -> float | None:
+        """A duration longer than zero."""
+        try:
+            seconds = parse_duration(self.scalar(node))
+        except ValueError:
+            self.report(node, path, DURATION_HINT)
+            return None
+        if seconds <= 0:
+            self.report(node, path, "must be longer than 0")
+            return None
+        return seconds
+
+    def choice(self, node: Node, path: str, choices: Sequence[str]) -> str | None:
+        value = self.scalar(node)
+        if not isinstance(value, str) or value not in choices:
+            self.report(node, path, f"must be one of {', '.join(choices)}")
+            return None
+        return value
+
+    def regex(self, node: Node, path: str) -> re.Pattern[str] | None:
+        text = self.string(node, path)
+        if text is None:
+            return None
+        try:
+            return re.compile(text)
+        except re.error as exc:
+            self.report(node, path, f"invalid regular expression: {exc.msg} at position {exc.pos}")
+            return None
+
+    def words(self, node: Node, path: str) -> list[str] | None:
+        """A non-empty list of values compared as text (an enum of `[1, 2]` means "1", "2")."""
+        items = self.sequence(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.report(node, path, "must not be empty")
+            return None
+        words: list[str] = []
+        for index, item in enumerate(items):
+            # The text as written, so that `[no, yes]` stays two words rather than booleans.
+            if not isinstance(item, ScalarNode) or self.is_null(item) or item.value == "":
+                self.report(item, f"{path}[{index}]", "must be a string")
+                return None
+            words.append(str(item.value))
+        return words
+
+    # -- fields of a mapping ----------------------------------------------------------------
+
+    def optional(self, fields: Fields, name: str, read: Reader[T], default: T) -> T:
+        node = fields.value(name)
+        if node is None:
+            return default
+        value = read(node, fields.at(name))
+        return default if value is None else value
+
+    def required(self, fields: Fields, name: str, read: Reader[T]) -> T | None:
+        node = fields.value(name)
+        if node is None:
+            self.report(fields.node, fields.at(name), "is required")
+            return None
+        return read(node, fields.at(name))
