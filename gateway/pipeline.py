@@ -219,6 +219,7 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
     )
     started = time.perf_counter()
     ex = Exchange(request, runtime, record)
+    close_after = False
     metrics.INFLIGHT.inc()
     try:
         response: web.StreamResponse | None = None
@@ -231,7 +232,8 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
     except GatewayProblem as problem:
         response = problem_response(problem, ex.request_id, ex.response_headers)
         record.status, record.code = problem.status, problem.code
-    except asyncio.CancelledError:
+        close_after = problem.close_connection
+    except (asyncio.CancelledError, ConnectionError):
         # The client went away: nobody will read an answer, but the log and metrics should.
         record.status, record.code = CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE
         raise
@@ -248,6 +250,12 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         # Counted before the answer leaves, so a scrape after it always sees it.
         metrics.observe_request(record)
         accesslog.write_access_log(record)
+    if close_after:
+        # Send it now and cut the connection: left to aiohttp, it would first wait (up to
+        # its lingering time) for the rest of a body the client is not sending.
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
     return response
 
 

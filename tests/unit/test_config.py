@@ -368,7 +368,7 @@ def test_example_config_folder_loads() -> None:
     assert v3.gone == Gone("Thu, 01 Jan 2026 00:00:00 GMT")
     assert latest.redirect == Redirect("/soccer/v4/{rest}")
     assert config.products["legacy"].maintenance == Maintenance(
-        600, "Weather data is being migrated."
+        600, "The legacy API is down while it moves to v4."
     )
     assert config.plans["tiny"] == Plan("tiny", quota=QuotaRule(5, "day", ZoneInfo("UTC")))
     demo = config.key_by_name("demo-trial")

@@ -1,0 +1,451 @@
+"""Forwarding an admitted request to its product's upstream (CONTRACT.md §3 step 8).
+
+`UpstreamPool.forward` streams the request body up and the answer back, chunk by chunk,
+never holding either whole in memory. What goes wrong before the answer's head reached
+the client becomes a problem (502, 504, 408); what goes wrong after it can only cut the
+answer short, so the client connection is aborted and `ForwardResult.error` says why.
+
+The HTTP client itself hides behind `UpstreamClient`/`UpstreamReply`, so a faster
+protocol-level client can replace aiohttp's without touching the forwarding logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.config.model import AuthConfig, Product, Upstream
+from gateway.headers import client_response_headers, strip_query_param, upstream_request_headers
+from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamBodyError(Exception):
+    """The upstream failed after its response head: the answer can only be cut short."""
+
+
+class UpstreamReply(Protocol):
+    """An upstream's answer whose head has arrived; the body is read chunk by chunk."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    async def read(self) -> bytes:
+        """The next chunk of the body, b"" at its end; raises UpstreamBodyError."""
+        ...
+
+    def finish(self) -> None:
+        """The body was read to its end: the connection may serve another request."""
+
+    def abort(self) -> None:
+        """Give up on the answer: the connection is closed, never reused."""
+
+
+class UpstreamClient(Protocol):
+    """Sends requests to one upstream over a keep-alive connection pool.
+
+    `send` returns once the response head is in. It raises `GatewayTimeout` when no
+    connection is made within the connect timeout or the upstream stays silent longer than
+    the read timeout after the request was sent, `BadGateway` when the connection is refused
+    or reset or the answer is not HTTP, and lets `CancelledError` through after closing the
+    connection. A failure of `body` makes `send` raise `BadGateway` too.
+    """
+
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+    ) -> UpstreamReply: ...
+
+    async def close(self) -> None: ...
+
+
+# aiohttp would otherwise add its own User-Agent, Accept, Accept-Encoding and a default
+# Content-Type: the upstream must see the client's headers, not ours.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_READ_BUFFER = 2**17  # bigger reads cost fewer loop iterations per megabyte streamed
+_KEEPALIVE_SECONDS = 30.0
+
+
+class _AiohttpReply:
+    __slots__ = ("_product", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, product: str) -> None:
+        self._response = response
+        self._product = product
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def reason(self) -> str:
+        return self._response.reason or ""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except aiohttp.ServerTimeoutError as exc:
+            raise UpstreamBodyError(f"The upstream of {self._product} stalled mid-answer.") from exc
+        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
+            raise UpstreamBodyError(
+                f"The upstream of {self._product} broke off its answer ({_describe(exc)})."
+            ) from exc
+
+    def finish(self) -> None:
+        self._response.release()
+
+    def abort(self) -> None:
+        self._response.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, internals-free account of a client error for a problem detail."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # The OS error's own message names the upstream's address: keep only its kind.
+        if isinstance(exc.os_error, socket.gaierror):
+            return "its host name does not resolve"
+        errno = exc.os_error.errno
+        return os.strerror(errno).lower() if errno else "connection failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed without an answer"
+    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
+        return "invalid HTTP response"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "invalid or incomplete body"
+    if isinstance(exc, ConnectionResetError) or (
+        isinstance(exc, OSError) and exc.errno is not None
+    ):
+        return "connection reset"
+    return "connection failed"
+
+
+class AiohttpUpstreamClient:
+    """`UpstreamClient` over aiohttp's client, one session and connection pool per upstream."""
+
+    def __init__(self, upstream: Upstream, product: str) -> None:
+        self._upstream = upstream
+        self._product = product
+        connector = aiohttp.TCPConnector(
+            limit=0,  # concurrency is bounded by the plans, not by a pool queue
+            limit_per_host=0,
+            keepalive_timeout=_KEEPALIVE_SECONDS,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            auto_decompress=False,
+            raise_for_status=False,
+            trust_env=False,
+            read_bufsize=_READ_BUFFER,
+            # sock_read starts once the request is sent and restarts with every read: it
+            # bounds both the wait for the head and any silence in the body.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=upstream.connect_timeout, sock_read=upstream.timeout
+            ),
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes] | None,
+    ) -> UpstreamReply:
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise GatewayTimeout(
+                f"No connection to the upstream of {self._product} "
+                f"within {self._upstream.connect_timeout:g}s."
+            ) from exc
+        except aiohttp.ServerTimeoutError as exc:
+            raise GatewayTimeout(
+                f"The upstream of {self._product} did not answer "
+                f"within {self._upstream.timeout:g}s."
+            ) from exc
+        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
+            raise BadGateway(f"The upstream of {self._product} failed: {_describe(exc)}.") from exc
+        return _AiohttpReply(response, self._product)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+@dataclass(slots=True)
+class ForwardResult:
+    response: web.StreamResponse  # prepared and, unless `error` is set, finished
+    status: int  # the upstream's status, as sent to the client
+    upstream_seconds: float  # from sending the request to the upstream's response head
+    bytes_sent: int  # body bytes written to the client
+    # Set when the answer was cut short after its head was sent (upstream died or stalled
+    # mid-body, or the client stopped reading): the client connection has been aborted.
+    error: str | None = None
+
+
+class _UploadWatch:
+    """Bounds how long the upstream may take to accept each chunk of the request body.
+
+    The body is pulled by the HTTP client's own writer task, but it is the forwarding task,
+    waiting for the response head, that must be cancelled; so the feeder arms and disarms
+    a timeout that the forwarding task entered. Time spent waiting for the *client* does
+    not count: that is bounded by the client body timeout instead.
+    """
+
+    __slots__ = ("_live", "_seconds", "_timeout")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timeout: asyncio.Timeout | None = None
+        self._live = False
+
+    def bind(self, timeout: asyncio.Timeout) -> None:
+        self._timeout, self._live = timeout, True
+
+    def unbind(self) -> None:
+        self._live = False
+
+    def arm(self) -> None:
+        if self._live and self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(asyncio.get_running_loop().time() + self._seconds)
+
+    def disarm(self) -> None:
+        if self._live and self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(None)
+
+
+class _ClientBody:
+    """The client's request body as an async iterable, each read bounded in time."""
+
+    __slots__ = ("_content", "_timeout", "_watch", "failure")
+
+    def __init__(self, request: web.BaseRequest, body_timeout: float, watch: _UploadWatch):
+        self._content = request.content
+        self._timeout = body_timeout
+        self._watch = watch
+        # Why the body could not be read; the HTTP client reports it only as a send failure.
+        self.failure: Exception | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            self._watch.disarm()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError as exc:
+                self.failure = RequestTimeout(
+                    f"The request body stalled for more than {self._timeout:g}s."
+                )
+                raise self.failure from exc
+            except Exception as exc:
+                self.failure = exc
+                raise
+            # From here the clock runs on the upstream taking the chunk (or the answer).
+            self._watch.arm()
+            if not chunk:
+                return
+            yield chunk
+
+
+def _split_target(request: web.BaseRequest) -> tuple[str, str]:
+    """The path and query exactly as the client sent them, percent-encoding untouched."""
+    target = request.raw_path
+    if target.startswith("/"):
+        target = target.partition("#")[0]
+        path, _, query = target.partition("?")
+        return path, query
+    # Absolute-form (`GET http://host/path`): only the parsed URL knows where the path starts.
+    return request.rel_url.raw_path, request.rel_url.raw_query_string
+
+
+class UpstreamPool:
+    """One keep-alive client per upstream; forwards requests and streams answers back."""
+
+    def __init__(self, products: Mapping[str, Product], *, auth: AuthConfig) -> None:
+        self._products = dict(products)
+        # Replaceable on config reload; read per request.
+        self.auth = auth
+        # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
+        # timeouts gets a fresh client while an unchanged one keeps its warm connections.
+        self._clients: dict[tuple[str, Upstream], UpstreamClient] = {}
+        self._prefixes: dict[Upstream, str] = {}
+
+    async def start(self) -> None:
+        """Open a client per configured product now rather than on its first request."""
+        for product in self._products.values():
+            self._client(product)
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    def _client(self, product: Product) -> UpstreamClient:
+        key = (product.name, product.upstream)
+        client = self._clients.get(key)
+        if client is None:
+            client = AiohttpUpstreamClient(product.upstream, product.name)
+            self._clients[key] = client
+        return client
+
+    def _url(self, upstream: Upstream, path: str, query: str) -> URL:
+        prefix = self._prefixes.get(upstream)
+        if prefix is None:
+            host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+            prefix = f"{upstream.scheme}://{host}:{upstream.port}{upstream.base_path}"
+            self._prefixes[upstream] = prefix
+        query = strip_query_param(query, self.auth.query_param)
+        return URL(f"{prefix}{path}?{query}" if query else f"{prefix}{path}", encoded=True)
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        product: Product,
+        *,
+        request_id: str,
+        body_timeout: float,
+        extra_response_headers: Mapping[str, str] | None = None,
+    ) -> ForwardResult:
+        """Forward `request` to `product`'s upstream and stream its answer to the client.
+
+        Raises `BadGateway`/`GatewayTimeout` when the upstream fails before its response
+        head, `RequestTimeout` when the request body stalls longer than `body_timeout`
+        before that, and lets `CancelledError` (client gone, handler cancelled) and
+        `ConnectionError` (client gone while being written to) through after closing the
+        upstream connection. Once the head is sent, failures are reported in
+        `ForwardResult.error` instead, and the client connection is aborted.
+        """
+        upstream = product.upstream
+        path, query = _split_target(request)
+        url = self._url(upstream, path, query)
+        headers = upstream_request_headers(
+            request.headers,
+            key_header=self.auth.header,
+            upstream_host=upstream.host_header,
+            client_ip=request.remote,
+            client_proto=request.scheme,
+            request_id=request_id,
+        )
+        watch = _UploadWatch(upstream.timeout)
+        body = _ClientBody(request, body_timeout, watch) if request.body_exists else None
+
+        # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(None) as upload_deadline:
+                watch.bind(upload_deadline)
+                try:
+                    reply = await self._client(product).send(request.method, url, headers, body)
+                finally:
+                    watch.unbind()
+        except TimeoutError as exc:
+            if not upload_deadline.expired():
+                raise
+            raise GatewayTimeout(
+                f"The upstream of {product.name} did not accept the request body "
+                f"within {upstream.timeout:g}s."
+            ) from exc
+        except GatewayProblem as exc:
+            # The HTTP client only saw its body source fail; the client is the one to blame.
+            if body is not None and body.failure is not None:
+                raise body.failure from exc
+            raise
+        upstream_seconds = time.perf_counter() - started
+        return await self._stream_reply(
+            request,
+            product,
+            reply,
+            request_id,
+            body_timeout,
+            extra_response_headers,
+            upstream_seconds,
+        )
+
+    async def _stream_reply(
+        self,
+        request: web.BaseRequest,
+        product: Product,
+        reply: UpstreamReply,
+        request_id: str,
+        body_timeout: float,
+        extra_response_headers: Mapping[str, str] | None,
+        upstream_seconds: float,
+    ) -> ForwardResult:
+        response = web.StreamResponse(
+            status=reply.status,
+            reason=reply.reason,
+            headers=client_response_headers(reply.headers, extra_response_headers),
+        )
+        loop = asyncio.get_running_loop()
+        sent = 0
+        error: str | None = None
+        completed = False
+        try:
+            await response.prepare(request)
+            try:
+                # Armed only while writing: a client that stops reading would otherwise
+                # pin an upstream connection for ever.
+                async with asyncio.timeout(None) as client_stall:
+                    while chunk := await reply.read():
+                        client_stall.reschedule(loop.time() + body_timeout)
+                        await response.write(chunk)
+                        client_stall.reschedule(None)
+                        sent += len(chunk)
+            except UpstreamBodyError as exc:
+                error = str(exc)
+            except TimeoutError:
+                if not client_stall.expired():
+                    raise
+                error = f"The client stopped reading the answer for more than {body_timeout:g}s."
+            if error is None:
+                await response.write_eof()
+                completed = True
+        finally:
+            if completed:
+                reply.finish()
+            else:
+                reply.abort()
+        if error is not None:
+            # Sending the chunked terminator (or nothing more under a Content-Length) would
+            # make a cut answer look complete; an abort makes the client see the truncation.
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            log.warning(
+                "answer cut short after %d body bytes: %s",
+                sent,
+                error,
+                extra={"request_id": request_id, "product": product.name},
+            )
+        return ForwardResult(response, reply.status, upstream_seconds, sent, error)

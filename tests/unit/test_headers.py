@@ -1,0 +1,140 @@
+"""Header and query hygiene between client and upstream (CONTRACT.md §5)."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.headers import (
+    HOP_BY_HOP,
+    client_response_headers,
+    connection_listed,
+    strip_query_param,
+    upstream_request_headers,
+)
+
+
+def _to_upstream(
+    lines: list[tuple[str, str]], client_ip: str | None = "192.0.2.7"
+) -> CIMultiDict[str]:
+    return upstream_request_headers(
+        CIMultiDictProxy(CIMultiDict(lines)),
+        key_header="X-API-Key",
+        upstream_host="backend:9000",
+        client_ip=client_ip,
+        client_proto="https",
+        request_id="rid-1",
+    )
+
+
+def test_connection_lists_names_across_lines_and_case() -> None:
+    lines = [("Connection", "Keep-Alive, X-Hop"), ("connection", " x-other ,,close")]
+    assert connection_listed(lines) == {"keep-alive", "x-hop", "x-other", "close"}
+
+
+def test_connection_cannot_remove_message_framing() -> None:
+    assert connection_listed([("Connection", "Content-Length, Host, X-Hop")]) == {"x-hop"}
+    out = _to_upstream([("Connection", "content-length"), ("Content-Length", "5")])
+    assert out.getall("Content-Length") == ["5"]
+
+
+def test_request_drops_hop_by_hop_named_and_key_headers() -> None:
+    lines = [(name.title(), "v") for name in HOP_BY_HOP]
+    lines += [("Connection", "X-Hop"), ("X-Hop", "1"), ("x-api-key", "secret"), ("Accept", "*/*")]
+    out = _to_upstream(lines)
+    assert {name.lower() for name in out} == {
+        "accept",
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+    }
+
+
+def test_request_gets_the_gateways_forwarding_view() -> None:
+    out = _to_upstream(
+        [
+            ("Host", "api.example.com"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-For", "10.0.0.2, 10.0.0.3"),
+            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Request-ID", "client-chosen"),
+        ]
+    )
+    assert out.getall("Host") == ["backend:9000"]
+    assert out.getall("X-Forwarded-For") == ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"]
+    assert out.getall("X-Forwarded-Proto") == ["https"]
+    assert out.getall("X-Forwarded-Host") == ["api.example.com"]
+    assert out.getall("X-Request-ID") == ["rid-1"]
+
+
+def test_request_without_host_or_peer_invents_neither() -> None:
+    out = _to_upstream([("Accept", "*/*")], client_ip=None)
+    assert "X-Forwarded-Host" not in out
+    assert "X-Forwarded-For" not in out
+
+
+def test_request_keeps_repeated_lines_in_order() -> None:
+    out = _to_upstream([("X-Custom", "one"), ("Cookie", "a=1"), ("x-custom", "two")])
+    assert out.getall("X-Custom") == ["one", "two"]
+    assert out.getall("Cookie") == ["a=1"]
+
+
+def test_response_drops_hop_by_hop_and_keeps_repeated_lines() -> None:
+    out = client_response_headers(
+        [
+            ("Set-Cookie", "a=1"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Set-Cookie", "b=2"),
+            ("Cache-Control", "no-cache"),
+            ("Cache-Control", "private"),
+            ("Content-Length", "12"),
+        ]
+    )
+    assert list(out.items()) == [
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Cache-Control", "no-cache"),
+        ("Cache-Control", "private"),
+        ("Content-Length", "12"),
+    ]
+
+
+def test_response_extra_headers_replace_the_upstreams() -> None:
+    out = client_response_headers(
+        [("X-Request-ID", "upstream"), ("X-RateLimit-Limit", "999"), ("ETag", '"x"')],
+        {"X-Request-ID": "rid-1", "X-RateLimit-Limit": "10"},
+    )
+    assert out.getall("X-Request-ID") == ["rid-1"]
+    assert out.getall("X-RateLimit-Limit") == ["10"]
+    assert out.getall("ETag") == ['"x"']
+
+
+def test_response_length_next_to_chunked_is_dropped() -> None:
+    out = client_response_headers([("Transfer-Encoding", "chunked"), ("Content-Length", "5")])
+    assert list(out.items()) == []
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", ""),
+        ("api_key=s", ""),
+        ("a=1&api_key=s&b=2", "a=1&b=2"),
+        ("api_key=s&a=1&api_key=t", "a=1"),
+        ("api%5Fkey=s&a=1", "a=1"),
+        ("api_key&a=1", "a=1"),
+        ("API_KEY=keep&api_keys=keep&xapi_key=keep", "API_KEY=keep&api_keys=keep&xapi_key=keep"),
+        ("b=%2F%20+&a=x%3Dy&api_key=s&c", "b=%2F%20+&a=x%3Dy&c"),
+        ("a=1;api_key=s&b", "a=1;api_key=s&b"),  # `;` is not a separator for the key parser
+    ],
+)
+def test_strip_query_param(query: str, expected: str) -> None:
+    assert strip_query_param(query, "api_key") == expected
+
+
+def test_strip_query_param_without_a_name_keeps_everything() -> None:
+    assert strip_query_param("api_key=s&a=1", None) == "api_key=s&a=1"
