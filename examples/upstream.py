@@ -35,9 +35,7 @@ async def answer(request: web.Request) -> web.StreamResponse:
     etag = '"' + hashlib.sha256(request.path.encode()).hexdigest()[:16] + '"'
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
-    return web.Response(
-        body=body, content_type="application/json", headers={"ETag": etag}
-    )
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
 def build_app() -> web.Application:

@@ -34,8 +34,13 @@ class KeyIndex:
                 subject = f"{key.name}:{product}"
                 self._principals[key.name, product] = Principal(key, plans[plan_name], subject)
 
-    def identify(self, auth: AuthConfig, headers: Mapping[str, str], query_string: str,
-                 query: MultiMapping[str]) -> ApiKey:
+    def identify(
+        self,
+        auth: AuthConfig,
+        headers: Mapping[str, str],
+        query_string: str,
+        query: MultiMapping[str],
+    ) -> ApiKey:
         """The key of this request, or 401."""
         presented = headers.get(auth.header)
         if not presented and auth.query_param is not None and query_string:

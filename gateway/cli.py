@@ -18,14 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
     default_config = os.environ.get("GATEWAY_CONFIG")
 
     run = commands.add_parser("run", help="serve the proxy and admin ports")
-    run.add_argument("--config", default=default_config, required=default_config is None,
-                     help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)")
-    run.add_argument("--workers", type=int, default=None,
-                     help="processes sharing the port (default: server.workers; 0 = one per CPU)")
+    run.add_argument(
+        "--config",
+        default=default_config,
+        required=default_config is None,
+        help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the port (default: server.workers; 0 = one per CPU)",
+    )
 
     check = commands.add_parser("check", help="validate a config and exit")
-    check.add_argument("--config", default=default_config, required=default_config is None,
-                       help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)")
+    check.add_argument(
+        "--config",
+        default=default_config,
+        required=default_config is None,
+        help="YAML file or folder of *.yaml (default: $GATEWAY_CONFIG)",
+    )
 
     hash_key = commands.add_parser("hash-key", help="print the key_sha256 of an API key")
     hash_key.add_argument("key")

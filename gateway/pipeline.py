@@ -33,9 +33,9 @@ from gateway.problems import (
     Gone,
     InternalError,
     Maintenance,
+    QuotaExceeded,
     StorageUnavailable,
     Throttled,
-    QuotaExceeded,
 )
 from gateway.record import RequestRecord
 from gateway.routing import RouteMatch
@@ -139,7 +139,9 @@ async def check_maintenance(ex: Exchange) -> web.StreamResponse | None:
     assert ex.match is not None
     maintenance = ex.match.product.maintenance
     if maintenance is not None:
-        raise Maintenance(maintenance.message, headers={"Retry-After": str(maintenance.retry_after)})
+        raise Maintenance(
+            maintenance.message, headers={"Retry-After": str(maintenance.retry_after)}
+        )
     return None
 
 

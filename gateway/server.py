@@ -12,6 +12,7 @@ With one worker the supervisor is skipped and the single process does everything
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -109,10 +110,8 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
     # The supervisor validates reloads and counts them once, not once per worker.
     def hand_to_workers(_: Config) -> None:
@@ -162,10 +161,8 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
 
 def _run_worker_process(config_path: str, config: Config, *, supervised: bool) -> int:
     _install_uvloop()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_worker(config_path, config, supervised=supervised))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -10,9 +10,7 @@ UPSTREAM = Upstream("http://u", "http", "u", 80, "")
 
 
 def table(*routes: tuple[str, frozenset[str] | None]) -> RouteTable:
-    product = Product(
-        "p", UPSTREAM, tuple(Route("p", path, methods) for path, methods in routes)
-    )
+    product = Product("p", UPSTREAM, tuple(Route("p", path, methods) for path, methods in routes))
     return RouteTable([product])
 
 
