@@ -51,9 +51,7 @@ class QuotaUsage:
 
 
 class Limiter(Protocol):
-    async def hit(
-        self, subject: str, rate: RateRule | None, quota: QuotaRule | None
-    ) -> Decision:
+    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
         """Check both limits of `subject`; consume one of each only if both admit."""
         ...
 

@@ -1,0 +1,154 @@
+"""The embedded limit storage: exact, in one process, for `storage.url: memory://`.
+
+Every method runs without awaiting anything, so on one event loop a check-and-consume is
+atomic by construction. The rate is a sliding log of admission times; the quota a counter
+per calendar period. Subjects whose state has expired are swept from time to time so the
+memory stays bounded by the subjects that are active.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.config.model import QuotaRule, RateRule
+from gateway.limits.base import Decision, Outcome, QuotaUsage, WindowState
+from gateway.limits.periods import quota_period
+
+
+@dataclass(slots=True)
+class _RateLog:
+    window: float
+    admitted: deque[float] = field(default_factory=deque)  # oldest first
+
+    def forget_before(self, now: float) -> None:
+        horizon = now - self.window
+        admitted = self.admitted
+        while admitted and admitted[0] <= horizon:
+            admitted.popleft()
+
+    def wait_for_room(self, now: float, limit: int) -> float:
+        """Seconds until the log holds fewer than `limit` entries (0 when it is empty)."""
+        count = len(self.admitted)
+        if count == 0:
+            return 0.0
+        # The entry whose departure leaves limit-1 behind; after a reload lowered the
+        # limit the log can hold more than `limit` entries.
+        return self.admitted[max(0, count - limit)] + self.window - now
+
+
+@dataclass(slots=True)
+class _QuotaCount:
+    start: float
+    end: float
+    used: int = 0
+
+
+class MemoryLimiter:
+    """A `Limiter` kept in this process's memory; not shared between workers."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.time, sweep_interval: float = 60.0
+    ) -> None:
+        self._clock = clock
+        self._sweep_interval = sweep_interval
+        self._next_sweep = clock() + sweep_interval
+        self._rates: dict[str, _RateLog] = {}
+        self._quotas: dict[str, _QuotaCount] = {}
+
+    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+        now = self._clock()
+        if now >= self._next_sweep:
+            self.sweep(now)
+
+        log = self._rate_log(subject, rate, now) if rate is not None else None
+        counter = self._quota_count(subject, quota, now) if quota is not None else None
+
+        outcome: Outcome = "allowed"
+        if quota is not None and counter is not None and counter.used >= quota.limit:
+            outcome = "quota_exceeded"
+        elif rate is not None and log is not None and len(log.admitted) >= rate.limit:
+            outcome = "throttled"
+        else:
+            if counter is not None:
+                counter.used += 1
+            if log is not None:
+                log.admitted.append(now)
+
+        rate_state = None
+        if rate is not None and log is not None:
+            rate_state = WindowState(
+                limit=rate.limit,
+                remaining=max(0, rate.limit - len(log.admitted)),
+                reset=log.wait_for_room(now, rate.limit),
+                window=rate.window,
+            )
+        quota_state = None
+        if quota is not None and counter is not None:
+            quota_state = WindowState(
+                limit=quota.limit,
+                remaining=max(0, quota.limit - counter.used),
+                reset=counter.end - now,
+                window=counter.end - counter.start,
+            )
+
+        retry_after = 0.0
+        if outcome == "quota_exceeded" and quota_state is not None:
+            retry_after = quota_state.reset
+        elif outcome == "throttled" and rate_state is not None:
+            # A limit of 0 never frees room; a window is the honest smallest answer.
+            retry_after = rate_state.reset if rate_state.reset > 0 else rate_state.window
+        return Decision(outcome, rate_state, quota_state, retry_after)
+
+    async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
+        start, end = quota_period(self._clock(), quota.per, quota.timezone)
+        counter = self._quotas.get(subject)
+        used = counter.used if counter is not None and counter.start == start else 0
+        return QuotaUsage(
+            limit=quota.limit, used=used, remaining=max(0, quota.limit - used), reset_at=end
+        )
+
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        self._quotas.pop(subject, None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._rates.clear()
+        self._quotas.clear()
+
+    def sweep(self, now: float) -> None:
+        """Drop every subject whose rate window and quota period are over."""
+        self._next_sweep = now + self._sweep_interval
+        for subject in [s for s, log in self._rates.items() if _rate_log_expired(log, now)]:
+            del self._rates[subject]
+        for subject in [s for s, count in self._quotas.items() if count.end <= now]:
+            del self._quotas[subject]
+
+    @property
+    def tracked_subjects(self) -> int:
+        """How many subjects hold state; for tests and debugging."""
+        return len(self._rates.keys() | self._quotas.keys())
+
+    def _rate_log(self, subject: str, rate: RateRule, now: float) -> _RateLog:
+        log = self._rates.get(subject)
+        if log is None:
+            log = self._rates[subject] = _RateLog(rate.window)
+        else:
+            log.window = rate.window  # a reload may have changed it
+        log.forget_before(now)
+        return log
+
+    def _quota_count(self, subject: str, quota: QuotaRule, now: float) -> _QuotaCount:
+        start, end = quota_period(now, quota.per, quota.timezone)
+        counter = self._quotas.get(subject)
+        if counter is None or counter.start != start:
+            counter = self._quotas[subject] = _QuotaCount(start, end)
+        return counter
+
+
+def _rate_log_expired(log: _RateLog, now: float) -> bool:
+    return not log.admitted or log.admitted[-1] <= now - log.window

@@ -1,0 +1,288 @@
+"""The shared limit storage: Redis or Redis Cluster, for several gateway processes.
+
+One request costs one EVALSHA of `hit.lua`, which checks and consumes the rate and the quota
+atomically on the server. The script runs on Redis's clock, so gateways with skewed clocks
+agree on the sliding window; the quota period is computed here because it needs the plan's
+timezone. Both keys of a subscription carry the subject as hash tag, so they live in one
+cluster slot.
+
+On a single Redis, the calls made in the same event-loop tick are sent together as one
+pipeline (redis-py refuses EVALSHA in a cluster pipeline, so on a cluster each call is its
+own EVALSHA, sent concurrently). Every call is
+bounded by `storage.timeout`, and every failure leaves as `StorageError`; the connection pool
+reconnects by itself on a later call once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Protocol, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.config.model import QuotaRule, RateRule, StorageConfig
+from gateway.limits.base import Decision, Outcome, QuotaUsage, StorageError, WindowState
+from gateway.limits.periods import quota_period
+
+HIT_SCRIPT = files("gateway.limits").joinpath("hit.lua").read_text(encoding="utf-8")
+HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
+
+_OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
+# A quota counter outlives its period a little so that a gateway whose clock lags still
+# counts into the same key instead of starting a fresh one.
+_QUOTA_GRACE_SECONDS = 60.0
+
+AnyRedis = Redis | RedisCluster
+T = TypeVar("T")
+
+
+def rate_key(subject: str) -> str:
+    return f"gw:{{{subject}}}:rate"
+
+
+def quota_key(subject: str, period_start: float) -> str:
+    return f"gw:{{{subject}}}:quota:{int(period_start)}"
+
+
+def connect(url: str, timeout: float) -> AnyRedis:
+    """A client for `url` (redis://, rediss://, redis+cluster://, rediss+cluster://)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+    }
+    for cluster_scheme, plain_scheme in (
+        ("redis+cluster://", "redis://"),
+        ("rediss+cluster://", "rediss://"),
+    ):
+        if url.startswith(cluster_scheme):
+            return RedisCluster.from_url(plain_scheme + url[len(cluster_scheme) :], **options)
+    if url.startswith(("redis://", "rediss://")):
+        # No retries: a retried EVALSHA whose reply was lost would consume twice, and the
+        # pool reconnects on the next call anyway.
+        return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+    raise ValueError(f"not a Redis URL: {url!r}")
+
+
+@dataclass(slots=True)
+class _Call:
+    keys: tuple[str, str]
+    args: tuple[int, ...]
+    reply: asyncio.Future[Any]
+
+
+class _HitScript(Protocol):
+    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+class _DirectHits:
+    """One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the calls of
+    one tick mostly go to different nodes anyway."""
+
+    def __init__(self, client: AnyRedis) -> None:
+        self._client = client
+
+    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any:
+        try:
+            return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
+        except NoScriptError:
+            # The node lost its script cache (restart, failover): NOSCRIPT means the script
+            # did not run, so running it again after loading is safe.
+            await self._client.script_load(HIT_SCRIPT)
+            return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
+
+    async def close(self) -> None:
+        return None
+
+
+class _PipelinedHits:
+    """Sends the calls queued during one event-loop tick together, as one pipeline."""
+
+    def __init__(self, client: Redis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._queue: list[_Call] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append(_Call(keys, args, reply))
+        # A caller that stops waiting cancels its future; _send skips it.
+        return await reply
+
+    async def close(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _flush(self) -> None:
+        calls, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send(self, calls: list[_Call]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._evalsha_all(calls)
+        except asyncio.CancelledError:
+            for call in calls:
+                if not call.reply.done():
+                    call.reply.set_exception(RedisConnectionError("the limiter was closed"))
+            raise
+        except Exception as exc:  # handed to every caller, who translates it
+            for call in calls:
+                if not call.reply.done():
+                    call.reply.set_exception(exc)
+            return
+        for call, reply in zip(calls, replies, strict=True):
+            if call.reply.done():  # the caller gave up waiting
+                continue
+            if isinstance(reply, Exception):
+                call.reply.set_exception(reply)
+            else:
+                call.reply.set_result(reply)
+
+    async def _evalsha_all(self, calls: Sequence[_Call]) -> list[Any]:
+        replies = await self._pipeline(calls)
+        # After a Redis restart the script cache is empty; a NOSCRIPT reply means the
+        # script did not run, so running it again is safe.
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            await self._client.script_load(HIT_SCRIPT)
+            retried = await self._pipeline([calls[i] for i in unknown])
+            for i, reply in zip(unknown, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(HIT_SCRIPT_SHA, 2, *call.keys, *call.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
+
+class RedisLimiter:
+    """A `Limiter` shared by every gateway process that uses the same Redis."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        timeout: float,
+        on_storage_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._on_storage_error = on_storage_error
+        self._clock = clock
+        self._script: _HitScript = (
+            _PipelinedHits(client, timeout) if isinstance(client, Redis) else _DirectHits(client)
+        )
+
+    @classmethod
+    def from_config(
+        cls, storage: StorageConfig, on_storage_error: Callable[[str], None] | None = None
+    ) -> RedisLimiter:
+        return cls(connect(storage.url, storage.timeout), storage.timeout, on_storage_error)
+
+    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+        if rate is None and quota is None:
+            return Decision("allowed", None, None)
+        now = self._clock()
+        start, end = quota_period(now, quota.per, quota.timezone) if quota else (now, now)
+        window_us = round(rate.window * 1_000_000) if rate else 0
+        expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        args = (
+            rate.limit if rate else -1,
+            window_us,
+            quota.limit if quota else -1,
+            expire_at_ms,
+        )
+        keys = (rate_key(subject), quota_key(subject, start))
+        reply = await self._guard("hit", lambda: self._script.run(keys, args))
+        code, used, in_window, wait_us = reply
+
+        outcome = _OUTCOMES[int(code)]
+        rate_state = None
+        if rate is not None:
+            rate_state = WindowState(
+                limit=rate.limit,
+                remaining=max(0, rate.limit - int(in_window)),
+                reset=max(0.0, int(wait_us) / 1_000_000),
+                window=rate.window,
+            )
+        quota_state = None
+        if quota is not None:
+            quota_state = WindowState(
+                limit=quota.limit,
+                remaining=max(0, quota.limit - int(used)),
+                reset=max(0.0, end - now),
+                window=end - start,
+            )
+        retry_after = 0.0
+        if outcome == "quota_exceeded" and quota_state is not None:
+            retry_after = quota_state.reset
+        elif outcome == "throttled" and rate_state is not None:
+            # A limit of 0 never frees room; a window is the honest smallest answer.
+            retry_after = rate_state.reset if rate_state.reset > 0 else rate_state.window
+        return Decision(outcome, rate_state, quota_state, retry_after)
+
+    async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
+        start, end = quota_period(self._clock(), quota.per, quota.timezone)
+        raw = await self._guard("usage", lambda: self._client.get(quota_key(subject, start)))
+        used = int(raw or 0)
+        return QuotaUsage(
+            limit=quota.limit, used=used, remaining=max(0, quota.limit - used), reset_at=end
+        )
+
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        start, _ = quota_period(self._clock(), quota.per, quota.timezone)
+        await self._guard("reset", lambda: self._client.delete(quota_key(subject, start)))
+
+    async def ping(self) -> None:
+        await self._guard("ping", self._client.ping)
+
+    async def close(self) -> None:
+        await self._script.close()
+        await self._client.aclose()
+
+    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one storage call within the timeout; any failure becomes StorageError."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if isinstance(self._client, RedisCluster):
+                    # Commands sent before the client knows the slot map are routed to an
+                    # arbitrary node, and the reinitialisation their MOVED replies trigger
+                    # closes connections under concurrent calls (redis-py 8 raises
+                    # AttributeError there). Learning the map first avoids both; it is a
+                    # no-op once the map is known.
+                    await self._client.initialize()
+                return await call()
+        # Whatever the client raises, from its own errors to the odd internal one under a
+        # broken connection, the request path must see StorageError.
+        except Exception as exc:
+            if self._on_storage_error is not None:
+                self._on_storage_error(operation)
+            reason = (
+                "timed out"
+                if isinstance(exc, TimeoutError | RedisTimeoutError)
+                else str(exc) or type(exc).__name__
+            )
+            raise StorageError(f"limit storage {operation}: {reason}") from exc

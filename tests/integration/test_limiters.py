@@ -1,0 +1,445 @@
+"""One suite for every limit storage: memory, a real redis-server and a real Redis Cluster.
+
+Windows are short (a fraction of a second) so that sliding behaviour shows without long
+sleeps; timing assertions leave room for a busy two-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+import redis.cluster
+
+from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
+from gateway.limits import Decision, Limiter, StorageError, create_limiter
+from gateway.limits.periods import quota_period
+from gateway.limits.redis import quota_key, rate_key
+from tests.support.redis_servers import RedisServer
+
+UTC = ZoneInfo("UTC")
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def rate_rule(limit: int, window: float) -> RateRule:
+    return RateRule(limit=limit, window=window, per=f"{window}s")
+
+
+def quota_rule(limit: int, per: QuotaPeriod = "month", tz: ZoneInfo = UTC) -> QuotaRule:
+    return QuotaRule(limit=limit, per=per, timezone=tz)
+
+
+@dataclass
+class Backend:
+    kind: str
+    url: str
+    errors: list[str] = field(default_factory=list)
+
+    def limiter(self, timeout: float = 2.0) -> Limiter:
+        return create_limiter(StorageConfig(url=self.url, timeout=timeout), self.errors.append)
+
+    def inspector(self) -> Any:
+        """A plain synchronous client, to look at the keys the limiter wrote."""
+        if self.kind == "cluster":
+            host_port = self.url.removeprefix("redis+cluster://")
+            host, port = host_port.split(":")
+            return redis.cluster.RedisCluster(host=host, port=int(port), socket_timeout=5)
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    # Servers are asked for lazily, so `-k memory` starts no Redis at all.
+    if request.param == "redis":
+        return Backend("redis", request.getfixturevalue("redis_server").url)
+    if request.param == "cluster":
+        return Backend("cluster", request.getfixturevalue("redis_cluster").url)
+    return Backend("memory", "memory://")
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> Backend:
+    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+    return Backend(request.param, request.getfixturevalue(fixture).url)
+
+
+@pytest.fixture
+async def limiter(backend: Backend) -> AsyncIterator[Limiter]:
+    limiter = backend.limiter()
+    yield limiter
+    await limiter.close()
+
+
+@pytest.fixture
+def new_subject() -> Callable[[], str]:
+    """Subjects shaped like the real ones ("<key name>:<product>") and unique per call."""
+
+    def make() -> str:
+        return f"key-{uuid.uuid4().hex[:12]}.test:product-a"
+
+    return make
+
+
+@pytest.fixture
+def subject(new_subject: Callable[[], str]) -> str:
+    return new_subject()
+
+
+async def hits(limiter: Limiter, subject: str, count: int, **rules: Any) -> list[Decision]:
+    return [await limiter.hit(subject, rules.get("rate"), rules.get("quota")) for _ in range(count)]
+
+
+async def test_rate_admits_exactly_the_limit_then_throttles(limiter: Limiter, subject: str) -> None:
+    rate = rate_rule(5, 0.4)
+    admitted = await hits(limiter, subject, 5, rate=rate)
+    assert [d.outcome for d in admitted] == ["allowed"] * 5
+    assert [d.rate.remaining for d in admitted if d.rate] == [4, 3, 2, 1, 0]
+    assert all(d.retry_after == 0 for d in admitted)
+
+    throttled = await limiter.hit(subject, rate, None)
+    assert throttled.outcome == "throttled"
+    assert throttled.rate is not None and throttled.rate.remaining == 0
+    assert 0 < throttled.retry_after <= 0.4
+    assert throttled.quota is None
+
+    await asyncio.sleep(throttled.retry_after + 0.05)
+    assert (await limiter.hit(subject, rate, None)).allowed
+
+
+async def test_never_more_than_the_limit_in_any_window(limiter: Limiter, subject: str) -> None:
+    limit, window = 3, 0.2
+    rate = rate_rule(limit, window)
+    # For admitted requests i and j = i + limit, the storage saw them at least one window
+    # apart; since "sent" <= seen <= "answered", answered_j - sent_i can never be shorter.
+    sent: list[float] = []
+    answered: list[float] = []
+    deadline = time.monotonic() + 0.7
+    while time.monotonic() < deadline:
+        before = time.monotonic()
+        decision = await limiter.hit(subject, rate, None)
+        if decision.allowed:
+            sent.append(before)
+            answered.append(time.monotonic())
+        else:
+            await asyncio.sleep(0)
+    for i in range(len(sent) - limit):
+        assert answered[i + limit] - sent[i] >= window
+    # ...and it does admit again as the window slides (3 windows and a half: 9 at least).
+    assert len(sent) >= 3 * limit
+
+
+async def test_window_slides_instead_of_resetting(limiter: Limiter, subject: str) -> None:
+    rate = rate_rule(4, 1.0)
+    start = time.monotonic()
+    assert all(d.allowed for d in await hits(limiter, subject, 2, rate=rate))
+    await asyncio.sleep(0.5)
+    assert all(d.allowed for d in await hits(limiter, subject, 2, rate=rate))
+    full = await limiter.hit(subject, rate, None)
+    assert full.outcome == "throttled"
+    # Room frees when the first pair leaves, about half a window from now.
+    assert 0.2 < full.retry_after <= 0.55
+
+    await asyncio.sleep(start + 1.2 - time.monotonic())
+    # The first pair has left the window, the second is still in it: a fixed window would
+    # have started afresh and admitted four.
+    later = await hits(limiter, subject, 3, rate=rate)
+    assert [d.outcome for d in later] == ["allowed", "allowed", "throttled"]
+    assert 0 < later[-1].retry_after <= 0.35
+
+
+async def test_quota_admits_exactly_the_limit(limiter: Limiter, subject: str) -> None:
+    quota = quota_rule(3)
+    admitted = await hits(limiter, subject, 3, quota=quota)
+    assert [d.quota.remaining for d in admitted if d.quota] == [2, 1, 0]
+    assert all(d.rate is None for d in admitted)
+
+    exceeded = await limiter.hit(subject, None, quota)
+    assert exceeded.outcome == "quota_exceeded"
+    _, end = quota_period(time.time(), "month", UTC)
+    assert exceeded.retry_after == pytest.approx(end - time.time(), abs=2)
+    usage = await limiter.usage(subject, quota)
+    assert (usage.used, usage.remaining, usage.reset_at) == (3, 0, end)
+
+
+async def test_quota_starts_afresh_with_the_next_period(limiter: Limiter, subject: str) -> None:
+    quota = quota_rule(2, per="second")
+    decisions = await hits(limiter, subject, 3, quota=quota)
+    if decisions[-1].allowed:  # the second turned between the hits; the next one will not
+        decisions = await hits(limiter, subject, 3, quota=quota)
+    exceeded = decisions[-1]
+    assert exceeded.outcome == "quota_exceeded"
+    assert 0 < exceeded.retry_after <= 1
+    await asyncio.sleep(exceeded.retry_after + 0.02)
+    assert (await limiter.hit(subject, None, quota)).allowed
+
+
+async def test_quota_wins_when_both_fail(limiter: Limiter, subject: str) -> None:
+    rate, quota = rate_rule(2, 10), quota_rule(2, per="day", tz=BERLIN)
+    assert all(d.allowed for d in await hits(limiter, subject, 2, rate=rate, quota=quota))
+    both = await limiter.hit(subject, rate, quota)
+    assert both.outcome == "quota_exceeded"
+    assert both.quota is not None and both.rate is not None
+    assert both.retry_after == both.quota.reset
+    assert both.rate.remaining == 0 and both.quota.remaining == 0
+
+
+async def test_a_throttled_request_uses_no_quota(limiter: Limiter, subject: str) -> None:
+    rate, quota = rate_rule(1, 10), quota_rule(5)
+    assert (await limiter.hit(subject, rate, quota)).allowed
+    for decision in await hits(limiter, subject, 3, rate=rate, quota=quota):
+        assert decision.outcome == "throttled"
+        assert decision.quota is not None and decision.quota.remaining == 4
+    assert (await limiter.usage(subject, quota)).used == 1
+
+
+async def test_a_request_over_quota_uses_no_rate(limiter: Limiter, subject: str) -> None:
+    rate, quota = rate_rule(3, 10), quota_rule(1)
+    first = await limiter.hit(subject, rate, quota)
+    assert first.allowed and first.rate is not None and first.rate.remaining == 2
+    for decision in await hits(limiter, subject, 3, rate=rate, quota=quota):
+        assert decision.outcome == "quota_exceeded"
+        assert decision.rate is not None and decision.rate.remaining == 2
+    await limiter.reset_quota(subject, quota)
+    after_reset = await limiter.hit(subject, rate, quota)
+    assert after_reset.allowed and after_reset.rate is not None
+    assert after_reset.rate.remaining == 1
+
+
+async def test_header_numbers(limiter: Limiter, subject: str) -> None:
+    rate, quota = rate_rule(3, 10), quota_rule(100, per="day", tz=BERLIN)
+    start, end = quota_period(time.time(), "day", BERLIN)
+    first = await limiter.hit(subject, rate, quota)
+    assert first.rate is not None and first.quota is not None
+    assert (first.rate.limit, first.rate.remaining, first.rate.window) == (3, 2, 10)
+    # Room frees when this, the oldest admission, leaves the window.
+    assert 9 < first.rate.reset <= 10
+    assert (first.quota.limit, first.quota.remaining) == (100, 99)
+    assert first.quota.window == end - start
+    assert first.quota.reset == pytest.approx(end - time.time(), abs=2)
+
+    second, third, fourth = await hits(limiter, subject, 3, rate=rate, quota=quota)
+    assert second.rate is not None and third.rate is not None and fourth.rate is not None
+    assert (second.rate.remaining, third.rate.remaining) == (1, 0)
+    assert second.rate.reset <= first.rate.reset
+    assert fourth.outcome == "throttled"
+    assert fourth.rate.remaining == 0
+    assert fourth.retry_after == fourth.rate.reset
+    assert 9 < fourth.retry_after <= 10
+    assert fourth.quota is not None and fourth.quota.remaining == 97
+
+
+async def test_concurrent_hits_admit_exactly_the_limit(
+    limiter: Limiter, new_subject: Callable[[], str]
+) -> None:
+    rate_subject, quota_subject = new_subject(), new_subject()
+    rate, quota = rate_rule(10, 30), quota_rule(10, per="week")
+    by_rate = await asyncio.gather(*(limiter.hit(rate_subject, rate, None) for _ in range(100)))
+    by_quota = await asyncio.gather(*(limiter.hit(quota_subject, None, quota) for _ in range(100)))
+
+    assert sum(d.allowed for d in by_rate) == 10
+    assert sorted(d.rate.remaining for d in by_rate if d.allowed and d.rate) == list(range(10))
+    assert sum(d.outcome == "throttled" for d in by_rate) == 90
+    assert sum(d.allowed for d in by_quota) == 10
+    assert sum(d.outcome == "quota_exceeded" for d in by_quota) == 90
+
+
+async def test_usage_and_reset_quota(limiter: Limiter, subject: str) -> None:
+    quota = quota_rule(10, per="week", tz=ZoneInfo("America/New_York"))
+    _, end = quota_period(time.time(), "week", quota.timezone)
+    untouched = await limiter.usage(subject, quota)
+    assert (untouched.limit, untouched.used, untouched.remaining) == (10, 0, 10)
+
+    await hits(limiter, subject, 3, quota=quota)
+    usage = await limiter.usage(subject, quota)
+    assert (usage.limit, usage.used, usage.remaining, usage.reset_at) == (10, 3, 7, end)
+
+    await limiter.reset_quota(subject, quota)
+    assert (await limiter.usage(subject, quota)).used == 0
+    decision = await limiter.hit(subject, None, quota)
+    assert decision.quota is not None and decision.quota.remaining == 9
+
+
+async def test_subjects_are_independent(limiter: Limiter) -> None:
+    rate, quota = rate_rule(1, 10), quota_rule(1)
+    tag = uuid.uuid4().hex[:8]
+    # Braces would move a Redis Cluster hash tag; both keys must still share a slot.
+    subjects = [f"acme-{tag}:soccer", f"acme-{tag}:tennis", f"a{{b}}c-{tag}:x.y", f"z}}-{tag}:p"]
+    for subject in subjects:
+        assert (await limiter.hit(subject, rate, quota)).allowed
+    for subject in subjects:
+        assert (await limiter.hit(subject, rate, quota)).outcome == "quota_exceeded"
+        assert (await limiter.hit(subject, rate, None)).outcome == "throttled"
+
+
+async def test_no_rules_admit_everything(limiter: Limiter, subject: str) -> None:
+    decision = await limiter.hit(subject, None, None)
+    assert decision == Decision("allowed", None, None, 0.0)
+
+
+async def test_ping_answers(limiter: Limiter, backend: Backend) -> None:
+    await limiter.ping()
+    assert backend.errors == []
+
+
+# Redis only ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inspector(redis_backend: Backend) -> Iterator[Any]:
+    client = redis_backend.inspector()
+    yield client
+    client.close()
+
+
+async def test_keys_expire_on_their_own(
+    redis_backend: Backend, inspector: Any, subject: str
+) -> None:
+    limiter = redis_backend.limiter()
+    try:
+        rate, quota = rate_rule(5, 0.3), quota_rule(5, per="day")
+        await limiter.hit(subject, rate, quota)
+        start, end = quota_period(time.time(), "day", UTC)
+        assert 0 < inspector.pttl(rate_key(subject)) <= 301
+        # The quota counter outlives its period by a grace minute.
+        quota_ttl = inspector.pttl(quota_key(subject, start)) / 1000
+        assert quota_ttl == pytest.approx(end + 60 - time.time(), abs=2)
+        await asyncio.sleep(0.4)
+        assert inspector.exists(rate_key(subject)) == 0
+    finally:
+        await limiter.close()
+
+
+async def test_script_cache_loss_is_survived(
+    redis_backend: Backend, inspector: Any, subject: str
+) -> None:
+    limiter = redis_backend.limiter()
+    try:
+        assert (await limiter.hit(subject, rate_rule(5, 10), None)).allowed
+        inspector.script_flush()
+        second = await limiter.hit(subject, rate_rule(5, 10), None)
+        assert second.allowed and second.rate is not None and second.rate.remaining == 3
+        assert redis_backend.errors == []
+    finally:
+        await limiter.close()
+
+
+STORAGE_TIMEOUT = 0.25
+# How late an error may come on top of the storage timeout on a busy machine.
+MARGIN = 0.25
+
+
+async def test_dead_redis_fails_fast_and_is_reconnected(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    rate, quota = rate_rule(100, 10), quota_rule(100)
+    try:
+        assert (await limiter.hit(subject, rate, quota)).allowed
+        fresh_redis_server.stop()
+
+        calls = {
+            "hit": lambda: limiter.hit(subject, rate, quota),
+            "usage": lambda: limiter.usage(subject, quota),
+            "reset": lambda: limiter.reset_quota(subject, quota),
+            "ping": limiter.ping,
+        }
+        for operation, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(StorageError):
+                await call()
+            assert time.monotonic() - started < STORAGE_TIMEOUT + MARGIN
+            assert backend.errors[-1] == operation
+
+        fresh_redis_server.start()  # same port, empty, without the script
+        after = await limiter.hit(subject, rate, quota)
+        assert after.allowed and after.quota is not None and after.quota.remaining == 99
+        await limiter.ping()
+    finally:
+        await limiter.close()
+
+
+async def test_frozen_redis_times_out_and_recovers(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    rate = rate_rule(100, 10)
+    try:
+        assert (await limiter.hit(subject, rate, None)).allowed
+        fresh_redis_server.pause()
+        for call in (lambda: limiter.hit(subject, rate, None), limiter.ping):
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="timed out"):
+                await call()
+            assert time.monotonic() - started < STORAGE_TIMEOUT + MARGIN
+        assert backend.errors == ["hit", "ping"]
+        fresh_redis_server.resume()
+        assert (await limiter.hit(subject, rate, None)).allowed
+    finally:
+        fresh_redis_server.resume()
+        await limiter.close()
+
+
+def server_stats(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("stats")
+    commands = client.info("commandstats")
+    return {
+        "commands": stats["total_commands_processed"],
+        "connections": stats["total_connections_received"],
+        "evalsha": commands.get("cmdstat_evalsha", {}).get("calls", 0),
+        "eval": commands.get("cmdstat_eval", {}).get("calls", 0),
+        "script": commands.get("cmdstat_script", {}).get("calls", 0),
+    }
+
+
+def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    # Each measurement issues two INFO commands, counted in "commands" afterwards.
+    delta = {name: after[name] - before[name] for name in before}
+    delta["commands"] -= 2
+    return delta
+
+
+async def test_hits_of_one_tick_share_one_pipeline(
+    fresh_redis_server: RedisServer, new_subject: Callable[[], str]
+) -> None:
+    limiter = Backend("redis", fresh_redis_server.url).limiter()
+    admin = fresh_redis_server.client()
+    rate, quota = rate_rule(5, 10), quota_rule(5)
+    try:
+        await limiter.hit(new_subject(), rate, quota)  # connects and loads the script
+        before = server_stats(admin)
+        await limiter.hit(new_subject(), rate, quota)
+        one = stats_delta(before, server_stats(admin))
+
+        before = server_stats(admin)
+        decisions = await asyncio.gather(
+            *(limiter.hit(new_subject(), rate, quota) for _ in range(50))
+        )
+        many = stats_delta(before, server_stats(admin))
+    finally:
+        admin.close()
+        await limiter.close()
+
+    assert all(d.allowed for d in decisions)
+    # In steady state a hit is one EVALSHA (Redis also counts the commands the script
+    # runs inside, hence "commands" per hit is more than one)...
+    assert (one["evalsha"], one["eval"], one["script"]) == (1, 0, 0)
+    assert (many["evalsha"], many["eval"], many["script"]) == (50, 0, 0)
+    # ...a batch costs nothing beyond its hits...
+    assert many["commands"] == 50 * one["commands"]
+    # ...and the 50 calls of one tick went over the one pooled connection as a pipeline,
+    # where 50 concurrent single calls would have opened 49 more connections.
+    assert many["connections"] == one["connections"] == 0
+
+
+def test_an_unknown_storage_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        create_limiter(StorageConfig(url="memcached://127.0.0.1:11211"))
