@@ -1,0 +1,106 @@
+"""A real `gateway run` process (or supervisor with workers) on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.support.redis_servers import free_port
+
+
+class GatewayProcess:
+    """`python -m gateway run --config DIR` with its stdout (the access log) kept in a file."""
+
+    def __init__(
+        self, config_dir: Path, *, workers: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.config_dir = config_dir
+        self.workers = workers
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out = tempfile.NamedTemporaryFile(prefix="gateway-out-", delete=False)  # noqa: SIM115
+        self._err = tempfile.NamedTemporaryFile(prefix="gateway-err-", delete=False)  # noqa: SIM115
+
+    def start(self, proxy_port: int, admin_port: int, timeout: float = 15.0) -> None:
+        command = [sys.executable, "-m", "gateway", "run", "--config", str(self.config_dir)]
+        if self.workers is not None:
+            command += ["--workers", str(self.workers)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc = subprocess.Popen(command, stdout=self._out, stderr=self._err, env=env)
+        self.proxy_port, self.admin_port = proxy_port, admin_port
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1):
+                    pass
+                with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/", timeout=1):
+                    pass
+            except urllib.error.HTTPError:
+                return  # the proxy answered (404 for /): it serves
+            except OSError:
+                time.sleep(0.05)
+                continue
+            return
+        raise RuntimeError(f"gateway did not start in {timeout}s:\n{self.stderr()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 35.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stdout(self) -> str:
+        return Path(self._out.name).read_text()
+
+    def stderr(self) -> str:
+        return Path(self._err.name).read_text()
+
+    def access_log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout().splitlines() if line.startswith("{")]
+
+    def close(self) -> None:
+        self.stop()
+        for file in (self._out, self._err):
+            file.close()
+            os.unlink(file.name)
+
+
+def server_yaml(
+    proxy_port: int, admin_port: int, storage_url: str, *, workers: int = 1, extra: str = ""
+) -> str:
+    return (
+        f"server:\n  listen: 127.0.0.1:{proxy_port}\n  admin_listen: 127.0.0.1:{admin_port}\n"
+        f"  workers: {workers}\n"
+        f"storage:\n  url: {storage_url}\n  timeout: 250ms\n  on_error: deny\n{extra}"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
