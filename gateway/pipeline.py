@@ -266,6 +266,8 @@ def problem_response(
 ) -> web.Response:
     response = web.Response(
         status=problem.status,
+        # The status line says what the API's documentation calls it ("429 Quota Exceeded").
+        reason=problem.title,
         body=problem.body(request_id),
         headers={**headers, **problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE},
     )
