@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -60,20 +60,18 @@ def serve(config_path: str, workers: int | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    _prepare_metrics_dir()
     if count == 1:
+        # One process needs no shared metrics files: the in-memory registry is faster.
         return _run_worker_process(config_path, config, supervised=False)
-    return _supervise(config_path, config, count)
-
-
-def _prepare_metrics_dir() -> None:
-    # Must happen before prometheus_client is imported anywhere in this process tree.
     from gateway import metrics
 
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics.prepare_multiprocess_dir(tempfile.mkdtemp(prefix="gateway-metrics-"))
-    else:
-        metrics.prepare_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    created = not os.environ.get(metrics.MULTIPROC_ENV)
+    directory = metrics.prepare_multiprocess_dir(None)
+    try:
+        return _supervise(config_path, config, count)
+    finally:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _install_uvloop() -> None:
