@@ -53,6 +53,7 @@ class Exchange:
     """What the steps learn about one request, in the order they learn it."""
 
     __slots__ = (
+        "counted",
         "key",
         "match",
         "principal",
@@ -62,9 +63,12 @@ class Exchange:
         "response_headers",
         "runtime",
         "snapshot",
+        "started",
     )
 
     def __init__(self, request: web.Request, runtime: Runtime, record: RequestRecord) -> None:
+        self.started = time.perf_counter()
+        self.counted = False
         self.request = request
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
@@ -74,6 +78,23 @@ class Exchange:
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
+
+    def count(self) -> None:
+        """Count the request in the metrics, once, before the answer is complete: a scrape
+        that starts after the client has its answer (on any worker) must see it."""
+        if not self.counted:
+            self.counted = True
+            self.record.duration = time.perf_counter() - self.started
+            metrics.observe_request(self.record)
+
+    def answered_by_upstream(self, status: int, upstream_seconds: float, bytes_sent: int) -> None:
+        record = self.record
+        record.status, record.code = status, "upstream"
+        record.upstream_duration = upstream_seconds
+        record.bytes_sent = bytes_sent
+        # Should the client vanish during the last write, the log says 499 and the metrics
+        # keep this 200: the answer was complete as far as the gateway could tell.
+        self.count()
 
 
 Step = Callable[[Exchange], Awaitable[web.StreamResponse | None]]
@@ -191,6 +212,7 @@ async def forward_upstream(ex: Exchange) -> web.StreamResponse:
         request_id=ex.request_id,
         body_timeout=ex.snapshot.config.server.timeouts.client_body,
         extra_response_headers=ex.response_headers,
+        on_answered=ex.answered_by_upstream,
     )
     ex.record.code = "upstream"
     ex.record.upstream_duration = result.upstream_seconds
@@ -219,7 +241,6 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         path=request.path,
         start=time.time(),
     )
-    started = time.perf_counter()
     ex = Exchange(request, runtime, record)
     close_after = False
     metrics.INFLIGHT.inc()
@@ -246,11 +267,12 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()
-        record.duration = time.perf_counter() - started
         if not record.bytes_sent and response is not None and isinstance(response, web.Response):
             record.bytes_sent = len(response.body or b"")  # type: ignore[arg-type]
-        # Counted before the answer leaves, so a scrape after it always sees it.
-        metrics.observe_request(record)
+        # Counted before the answer leaves (a proxied one already was), so a scrape after it
+        # always sees it.
+        ex.count()
+        record.duration = time.perf_counter() - ex.started
         accesslog.write_access_log(record)
     if close_after:
         # Send it now and cut the connection: left to aiohttp, it would first wait (up to

@@ -70,6 +70,10 @@ class Reloader:
         log.info("config reloaded from %s", self._path)
         return True
 
+    def changed(self) -> bool:
+        """Whether the files differ from what the last reload (or the start) read."""
+        return config_fingerprint(self._path) != self._fingerprint
+
     def start_watching(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -83,7 +87,9 @@ class Reloader:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
-            if config_fingerprint(self._path) != self._fingerprint:
+            if self.changed():
                 # Editors write in several steps; let the last one land before reading.
                 await asyncio.sleep(0.1)
-                self.reload()
+                # A SIGHUP during that pause has read the edit already: one edit, one reload.
+                if self.changed():
+                    self.reload()

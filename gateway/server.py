@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Address, Config
-from gateway.reload import Reloader, config_fingerprint
+from gateway.reload import Reloader
 
 log = logging.getLogger("gateway.server")
 
@@ -84,24 +84,35 @@ def _install_uvloop() -> None:
 
 # --- supervisor -------------------------------------------------------------------------
 
+_FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
 
 def _supervise(config_path: str, config: Config, count: int) -> int:
     from gateway import metrics
 
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    latest = config  # a worker started after a reload must start from the reloaded config
 
     def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            code = 1
-            try:
-                code = _run_worker_process(config_path, config, supervised=True)
-            finally:
-                os._exit(code)
-        children[pid] = index
+        # Until the new worker is in `children`, a signal to forward would miss it: hold them.
+        # SIGHUP stays held in the worker until its own handler is in place (see _worker), as
+        # its default action kills: a reload during a worker's start is neither fatal nor lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+                code = 1
+                try:
+                    code = _run_worker_process(config_path, latest, supervised=True)
+                finally:
+                    os._exit(code)
+            children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
 
     def forward(sig: int, _frame: Any) -> None:
         nonlocal stopping
@@ -112,7 +123,9 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
                 os.kill(pid, sig)
 
     # The supervisor validates reloads and counts them once, not once per worker.
-    def hand_to_workers(_: Config) -> None:
+    def hand_to_workers(reloaded: Config) -> None:
+        nonlocal latest
+        latest = reloaded
         forward(signal.SIGHUP, None)
 
     reloader = Reloader(config_path, hand_to_workers, count=metrics.count_reload)
@@ -127,7 +140,6 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
         spawn(index)
     log.info("supervising %d workers", count)
 
-    fingerprint = config_fingerprint(config_path)
     exit_code = 0
     while children:
         try:
@@ -136,11 +148,12 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
             break
         if pid == 0:
             time.sleep(0.2)
-            current = config_fingerprint(config_path)
-            if current != fingerprint and not stopping:
+            # The reloader's own fingerprint, which a SIGHUP reload also updates: an edit
+            # that a SIGHUP has already loaded is not loaded (and counted) a second time.
+            if not stopping and reloader.changed():
                 time.sleep(0.1)
-                fingerprint = config_fingerprint(config_path)
-                reloader.reload()
+                if reloader.changed():
+                    reloader.reload()
             continue
         index = children.pop(pid)
         metrics.mark_worker_dead(pid)
@@ -259,6 +272,8 @@ async def _worker(config_path: str, config: Config, *, supervised: bool) -> None
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    # A supervised worker is forked with SIGHUP blocked; one that came meanwhile runs now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     log.info(
         "worker %d serving %s (admin %s)",
         os.getpid(),

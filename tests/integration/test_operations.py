@@ -1,0 +1,187 @@
+"""Operating a real `gateway run`: graceful SIGTERM, the admin token, the admin port's place.
+
+Contract §6 (admin port and its token) and §7 (shutdown), end to end on real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.operations import (
+    Answer,
+    ThreadedUpstream,
+    call,
+    connection_refused,
+    serving_workers,
+    wait_for,
+)
+from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.upstream import Upstream
+
+SECRET = "ops-secret-key-0042"
+TOKEN = "admin-token-7f3a9c"
+PROBLEM = "application/problem+json"
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}/base", timeout: 5s}}
+    routes:
+      - path: /soccer/{{rest:path}}
+plans:
+  open: {{}}
+keys:
+  - {{name: ops-user, key: {secret}, plans: {{soccer: open}}}}
+"""
+
+
+def write_config(directory: Path, upstream_url: str, storage_url: str) -> tuple[int, int]:
+    proxy_port, admin_port = free_ports(2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "00-server.yaml").write_text(server_yaml(proxy_port, admin_port, storage_url))
+    (directory / "10-api.yaml").write_text(API.format(upstream=upstream_url, secret=SECRET))
+    return proxy_port, admin_port
+
+
+def problem(answer: Answer, status: int, code: str) -> dict[str, object]:
+    assert answer.status == status, answer
+    assert answer.headers["Content-Type"] == PROBLEM
+    body: dict[str, object] = json.loads(answer.body)
+    assert (body["status"], body["code"]) == (status, code)
+    return body
+
+
+# --- SIGTERM ------------------------------------------------------------------------------
+
+
+def slow_request_survives_sigterm(gateway: GatewayProcess, upstream: Upstream) -> None:
+    port = gateway.proxy_port
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            call, port, "/soccer/x/slow?for=1.2", headers={"X-API-Key": SECRET}, timeout=10
+        )
+        wait_for(upstream.started_slow.is_set, 5, "the slow request reached the upstream")
+        gateway.signal(signal.SIGTERM)
+
+        # It stops accepting at once, while the slow request is still being answered.
+        wait_for(lambda: connection_refused(port), 1.0, "new connections refused")
+        assert not in_flight.done()
+        answer = in_flight.result(timeout=10)
+
+    assert answer.status == 200
+    assert json.loads(answer.body) == {"slow": True}
+    assert not upstream.cancelled.is_set()
+    assert gateway.proc is not None
+    assert gateway.proc.wait(timeout=10) == 0, gateway.stderr()
+    logged = [line for line in gateway.access_log() if line["path"].endswith("/slow")]
+    assert [(line["status"], line["code"]) for line in logged] == [(200, "upstream")]
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "two-workers"])
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(
+    tmp_path: Path, request: pytest.FixtureRequest, workers: int | None
+) -> None:
+    # More than one worker needs shared storage.
+    storage = request.getfixturevalue("redis_server").url if workers else "memory://"
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config(tmp_path / "config", upstream.url, storage)
+        gateway = GatewayProcess(tmp_path / "config", workers=workers)
+        try:
+            gateway.start(proxy_port, admin_port)
+            if workers:
+                serving_workers(gateway, workers)
+            started = time.monotonic()
+            slow_request_survives_sigterm(gateway, upstream)
+            assert time.monotonic() - started < 5
+        finally:
+            gateway.close()
+
+
+# --- the admin port and its token -------------------------------------------------------
+
+
+def test_admin_token_guards_admin_api_but_not_probes_or_metrics(tmp_path: Path) -> None:
+    proxy_port, admin_port = write_config(tmp_path / "config", "http://127.0.0.1:9", "memory://")
+    gateway = GatewayProcess(tmp_path / "config", env={"GATEWAY_ADMIN_TOKEN": TOKEN})
+    try:
+        gateway.start(proxy_port, admin_port)
+        usage = "/admin/usage/ops-user"
+
+        refused = call(admin_port, usage)
+        problem(refused, 401, "unauthorized")
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        problem(
+            call(admin_port, usage, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized"
+        )
+        problem(call(admin_port, usage, headers={"Authorization": TOKEN}), 401, "unauthorized")
+        allowed = call(admin_port, usage, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert allowed.status == 200
+        assert json.loads(allowed.body)["key"] == "ops-user"
+
+        for open_path in ("/metrics", "/healthz", "/readyz"):
+            assert call(admin_port, open_path).status == 200, open_path
+
+        # The admin endpoints do not exist on the proxy port: that is the gateway's own 404.
+        for admin_path in ("/metrics", "/healthz", "/readyz", usage):
+            answer = call(proxy_port, admin_path, headers={"Authorization": f"Bearer {TOKEN}"})
+            problem(answer, 404, "invalid_route")
+
+        for secret in (TOKEN, SECRET):
+            assert secret not in gateway.stdout() + gateway.stderr()
+    finally:
+        assert gateway.stop() == 0, gateway.stderr()
+        gateway.close()
+
+
+def public_admin_config(directory: Path) -> Path:
+    proxy_port, admin_port = free_ports(2)
+    directory.mkdir(parents=True, exist_ok=True)
+    server = server_yaml(proxy_port, admin_port, "memory://").replace(
+        f"admin_listen: 127.0.0.1:{admin_port}", f"admin_listen: 0.0.0.0:{admin_port}"
+    )
+    (directory / "00-server.yaml").write_text(server)
+    (directory / "10-api.yaml").write_text(API.format(upstream="http://127.0.0.1:9", secret=SECRET))
+    return directory
+
+
+def gateway_command(*args: str, token: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
+    if token is not None:
+        env["GATEWAY_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def test_a_public_admin_port_without_a_token_refuses_to_start(tmp_path: Path) -> None:
+    config = str(public_admin_config(tmp_path / "config"))
+    message = (
+        r"00-server\.yaml:\d+: server\.admin_listen: "
+        r"is not a loopback address, so GATEWAY_ADMIN_TOKEN must be set"
+    )
+
+    run = gateway_command("run", "--config", config, token=None)
+    assert run.returncode == 1
+    assert run.stdout == ""
+    assert re.search(message, run.stderr), run.stderr
+
+    check = gateway_command("check", "--config", config, token=None)
+    assert check.returncode == 1
+    assert re.search(message, check.stdout), check.stdout
+
+    with_token = gateway_command("check", "--config", config, token=TOKEN)
+    assert (with_token.returncode, with_token.stdout) == (0, "ok\n"), with_token.stdout

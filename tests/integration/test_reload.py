@@ -1,0 +1,220 @@
+"""Reloading the config of a running `gateway run`: file watch, SIGHUP, bad edits (§7).
+
+Each config version differs in which routes exist (`gone: true` routes answer 410 without an
+upstream), so "the new config serves" is one request away. A SIGHUP is tested with an edit the
+file watch cannot see (same size, the old mtime put back), so nothing but the signal can load it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+from tests.support.operations import (
+    call,
+    children_of,
+    closed_port,
+    requests_counted_by_worker,
+    scrape,
+    serving_workers,
+    wait_for,
+)
+from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.redis_servers import RedisServer
+
+API = """\
+products:
+  shop:
+    upstream: {{url: "http://127.0.0.1:{closed}"}}
+    routes:
+{routes}
+plans:
+  open: {{{plan}}}
+keys:
+  - {{name: reloader, key: reload-secret, plans: {{shop: open}}}}
+"""
+
+
+class Gateway:
+    """A gateway process, its API file, and the number of proxy requests it was sent."""
+
+    def __init__(self, directory: Path, storage_url: str, workers: int | None) -> None:
+        self.proxy_port, self.admin_port = free_ports(2)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "00-server.yaml").write_text(
+            server_yaml(self.proxy_port, self.admin_port, storage_url)
+        )
+        self.api_file = directory / "10-api.yaml"
+        self.closed = closed_port()
+        self.write("shop")
+        self.process = GatewayProcess(directory, workers=workers)
+        self.sent = 1  # GatewayProcess.start's probe
+
+    def write(self, *gone_prefixes: str, plan: str = "", keep_stat: bool = False) -> None:
+        routes = "".join(
+            f'      - {{path: "/{prefix}/{{rest:path}}", gone: true}}\n' for prefix in gone_prefixes
+        )
+        text = API.format(closed=self.closed, routes=routes.rstrip("\n"), plan=plan)
+        before = self.api_file.stat() if keep_stat else None
+        self.api_file.write_text(text)
+        if before is not None:
+            # Same size and mtime as before: invisible to the watch, only a SIGHUP loads it.
+            assert self.api_file.stat().st_size == before.st_size
+            os.utime(self.api_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def status(self, prefix: str) -> int:
+        self.sent += 1
+        return call(self.proxy_port, f"/{prefix}/x").status
+
+    def serves(self, prefix: str) -> bool:
+        return self.status(prefix) == 410
+
+    def reloads(self) -> dict[tuple[str, ...], float]:
+        return scrape(self.admin_port).series("gateway_config_reloads_total", "result")
+
+    def requests_counted(self) -> float:
+        return scrape(self.admin_port).total("gateway_requests_total")
+
+
+def settle() -> None:
+    """Longer than a watch poll plus its pause: a second (wrong) reload would have happened."""
+    time.sleep(0.75)
+
+
+def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> None:
+    def all_serve(*expected: str, absent: str) -> None:
+        """Over new connections, so that with workers every one of them answers some."""
+        before = [requests_counted_by_worker(pid, scratch) for pid in workers or []]
+        for _ in range(12 if workers else 1):
+            for prefix in expected:
+                assert gw.serves(prefix), prefix
+            assert gw.status(absent) == 404
+        after = [requests_counted_by_worker(pid, scratch) for pid in workers or []]
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+    assert gw.status("alpha") == 404
+    assert gw.reloads() == {}
+
+    # An edit is picked up by the watch within 2 s, in every worker, and counted once.
+    started = time.monotonic()
+    gw.write("shop", "alpha")
+    wait_for(lambda: gw.serves("alpha"), 2.0, "the edited config serves")
+    assert time.monotonic() - started < 2.0
+    all_serve("shop", "alpha", absent="beta")
+    settle()
+    assert gw.reloads() == {("ok",): 1}
+
+    # SIGHUP loads an edit the watch cannot see, at once.
+    gw.write("shop", "omega", keep_stat=True)
+    started = time.monotonic()
+    gw.process.signal(signal.SIGHUP)
+    wait_for(lambda: gw.serves("omega"), 1.0, "SIGHUP loaded the edit")
+    assert time.monotonic() - started < 1.0
+    all_serve("shop", "omega", absent="alpha")
+    assert gw.reloads() == {("ok",): 2}
+
+    # A visible edit with a SIGHUP right after it is one reload, not one for each.
+    gw.write("shop", "omega", "beta")
+    gw.process.signal(signal.SIGHUP)
+    wait_for(lambda: gw.serves("beta"), 1.0, "SIGHUP loaded the edit")
+    settle()
+    assert gw.reloads() == {("ok",): 3}
+
+    # An invalid value: logged with file and line, counted, and the running config stays.
+    gw.write("shop", "gamma", plan="rate: {limit: 5, per: fortnight}")
+    wait_for(lambda: gw.reloads().get(("error",)) == 1, 2.0, "the bad edit counted")
+    all_serve("shop", "omega", "beta", absent="gamma")
+    assert re.search(
+        r"10-api\.yaml:\d+: plans\.open\.rate\.per: must be one of", gw.process.stderr()
+    ), gw.process.stderr()
+
+    # Invalid YAML, by SIGHUP: the same.
+    gw.api_file.write_text(gw.api_file.read_text().replace("fortnight}", "fortnight"))
+    gw.process.signal(signal.SIGHUP)
+    wait_for(lambda: gw.reloads().get(("error",)) == 2, 1.0, "the broken YAML counted")
+    settle()
+    assert gw.reloads() == {("ok",): 3, ("error",): 2}
+    all_serve("shop", "omega", "beta", absent="gamma")
+
+    # Counters survived every reload: each request sent so far is counted.
+    assert gw.requests_counted() == gw.sent
+
+
+def test_one_process_reloads_on_edit_and_sighup_and_keeps_a_good_config(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "config", "memory://", workers=None)
+    try:
+        gw.process.start(gw.proxy_port, gw.admin_port)
+        check_reloads(gw, workers=None, scratch=tmp_path)
+    finally:
+        assert gw.process.stop() == 0, gw.process.stderr()
+        gw.process.close()
+
+
+def test_two_workers_reload_together_and_the_supervisor_counts_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    gw = Gateway(tmp_path / "config", redis_server.url, workers=2)
+    try:
+        gw.process.start(gw.proxy_port, gw.admin_port)
+        workers = serving_workers(gw.process, 2)
+        for _ in range(20):  # give each worker a counter file of its own
+            gw.status("warmup")
+        check_reloads(gw, workers=workers, scratch=tmp_path)
+
+        # A worker that dies is replaced by one that serves the reloaded config.
+        os.kill(workers[0], signal.SIGKILL)
+        replacement = wait_for(
+            lambda: [pid for pid in serving_workers(gw.process, 2) if pid not in workers],
+            10,
+            "a replacement worker",
+        )[0]
+        for _ in range(12):
+            assert gw.serves("beta")
+            assert gw.status("alpha") == 404
+        assert requests_counted_by_worker(replacement, tmp_path) > 0
+        # The dead worker's counts are still in the sum; only its in-flight gauge went.
+        assert gw.requests_counted() == gw.sent
+        assert scrape(gw.admin_port).series("gateway_inflight_requests") == {(): 0}
+        assert gw.reloads() == {("ok",): 3, ("error",): 2}
+    finally:
+        assert gw.process.stop() == 0, gw.process.stderr()
+        gw.process.close()
+
+
+def test_a_sighup_while_workers_start_is_neither_fatal_nor_lost(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    gw = Gateway(tmp_path / "config", redis_server.url, workers=2)
+    gw.write("shop", "omega")
+    starting = threading.Thread(target=gw.process.start, args=(gw.proxy_port, gw.admin_port))
+    starting.start()
+    try:
+        wait_for(lambda: gw.process.proc, 5, "the process started")
+        assert gw.process.proc is not None
+        supervisor = gw.process.proc.pid
+        # Forked moments ago, the workers are still importing and binding, before their own
+        # SIGHUP handler is in place: the SIGHUP they are handed must wait for it, not kill.
+        forked = wait_for(
+            lambda: len(children_of(supervisor)) == 2 and children_of(supervisor),
+            5,
+            "two workers forked",
+        )
+        gw.write("shop", "alpha", keep_stat=True)
+        os.kill(supervisor, signal.SIGHUP)
+        starting.join()
+
+        assert sorted(serving_workers(gw.process, 2)) == forked
+        assert "exited with" not in gw.process.stderr()
+        for _ in range(24):
+            assert gw.serves("alpha")
+        # Both served some of those (the startup probe is one request of one of them).
+        assert all(requests_counted_by_worker(pid, tmp_path) > 1 for pid in forked)
+        assert gw.reloads() == {("ok",): 1}
+    finally:
+        starting.join()
+        assert gw.process.stop() == 0, gw.process.stderr()
+        gw.process.close()
