@@ -60,6 +60,82 @@ def _end_to_end(headers: HeaderLines, also_drop: Iterable[str] = ()) -> CIMultiD
     return CIMultiDict((name, value) for name, value in lines if name.lower() not in dropped)
 
 
+# Request headers the gateway sets itself, whatever the client sent (§5).
+_GATEWAY_OWNED: frozenset[bytes] = frozenset(
+    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+)
+_REQUEST_DROP: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP) | _GATEWAY_OWNED
+_NEVER_CONNECTION_LISTED_RAW: frozenset[bytes] = frozenset(
+    name.encode() for name in _NEVER_CONNECTION_LISTED
+)
+
+RawHeaderLines = Iterable[tuple[bytes, bytes]]
+
+
+def request_drop_set(key_header: str) -> frozenset[bytes]:
+    """The lower-cased names `upstream_header_lines` drops for this auth config; build once."""
+    return _REQUEST_DROP | {key_header.lower().encode("latin-1")}
+
+
+def upstream_header_lines(
+    client_headers: RawHeaderLines,
+    *,
+    drop: frozenset[bytes],
+    upstream_host: bytes,
+    client_ip: str | None,
+    client_proto: str,
+    request_id: str,
+) -> list[tuple[bytes, bytes]]:
+    """The header lines to send upstream, as bytes: the client's raw lines, cleaned.
+
+    Hop-by-hop headers and the API key header (`drop`, from `request_drop_set`) go; Host
+    becomes the upstream's; X-Forwarded-For gets the peer appended; X-Forwarded-Proto,
+    X-Forwarded-Host and X-Request-ID are the gateway's own view, whatever the client claimed.
+    The client's lines are passed on as they came, so nothing is decoded or re-encoded.
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    client_host: bytes | None = None
+    forwarded_for: list[bytes] = []
+    listed: set[bytes] | None = None
+    for line in client_headers:
+        name = line[0].lower()
+        if name not in drop:
+            kept.append(line)
+        elif name == b"host":
+            if client_host is None:
+                client_host = line[1]
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(line[1])
+        elif name == b"connection":
+            for token in line[1].split(b","):
+                token = token.strip().lower()
+                if token and token not in drop and token not in _NEVER_CONNECTION_LISTED_RAW:
+                    if listed is None:
+                        listed = set()
+                    listed.add(token)
+    if listed:
+        kept = [line for line in kept if line[0].lower() not in listed]
+    kept.append((b"Host", upstream_host))
+    if client_ip:
+        forwarded_for.append(client_ip.encode("ascii"))
+    if forwarded_for:
+        kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    kept.append((b"X-Forwarded-Proto", client_proto.encode("ascii")))
+    if client_host is not None:
+        kept.append((b"X-Forwarded-Host", client_host))
+    kept.append((b"X-Request-ID", request_id.encode("ascii")))
+    return kept
+
+
+def _encode(text: str) -> bytes:
+    # The inverse of how aiohttp's parser decodes header lines.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def upstream_request_headers(
     client_headers: HeaderLines,
     *,
@@ -69,36 +145,16 @@ def upstream_request_headers(
     client_proto: str,
     request_id: str,
 ) -> CIMultiDict[str]:
-    """The headers to send upstream for a client request.
-
-    Hop-by-hop headers and the API key header go; Host becomes the upstream's;
-    X-Forwarded-For gets the peer appended; X-Forwarded-Proto, X-Forwarded-Host and
-    X-Request-ID are the gateway's own view, whatever the client claimed.
-    """
-    lines = list(_lines(client_headers))
-    client_host = next((value for name, value in lines if name.lower() == "host"), None)
-    forwarded_for = [value for name, value in lines if name.lower() == "x-forwarded-for"]
-    headers = _end_to_end(
-        lines,
-        also_drop=(
-            key_header,
-            "host",
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-request-id",
-        ),
+    """`upstream_header_lines` for decoded header lines, as a multidict."""
+    lines = upstream_header_lines(
+        [(_encode(name), _encode(value)) for name, value in _lines(client_headers)],
+        drop=request_drop_set(key_header),
+        upstream_host=_encode(upstream_host),
+        client_ip=client_ip,
+        client_proto=client_proto,
+        request_id=request_id,
     )
-    headers["Host"] = upstream_host
-    if client_ip:
-        forwarded_for.append(client_ip)
-    if forwarded_for:
-        headers["X-Forwarded-For"] = ", ".join(forwarded_for)
-    headers["X-Forwarded-Proto"] = client_proto
-    if client_host is not None:
-        headers["X-Forwarded-Host"] = client_host
-    headers["X-Request-ID"] = request_id
-    return headers
+    return CIMultiDict((_decode(name), _decode(value)) for name, value in lines)
 
 
 def client_response_headers(

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,14 +27,35 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config.model import AuthConfig, Product, Upstream
-from gateway.headers import client_response_headers, strip_query_param, upstream_request_headers
+from gateway.headers import (
+    client_response_headers,
+    request_drop_set,
+    strip_query_param,
+    upstream_header_lines,
+)
 from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout, RequestTimeout
+from gateway.upstream_client import KEEPALIVE_SECONDS, HttpUpstreamClient, UpstreamBodyError
+
+__all__ = [
+    "AiohttpUpstreamClient",
+    "AnswerHook",
+    "ForwardResult",
+    "UpstreamBodyError",
+    "UpstreamClient",
+    "UpstreamPool",
+    "UpstreamReply",
+]
 
 log = logging.getLogger(__name__)
 
+# Which `UpstreamClient` the pool uses: the protocol-level one of upstream_client.py unless
+# this says "aiohttp", which is kept for comparison.
+UPSTREAM_CLIENT_ENV = "GATEWAY_UPSTREAM_CLIENT"
 
-class UpstreamBodyError(Exception):
-    """The upstream failed after its response head: the answer can only be cut short."""
+
+# Told (status, upstream seconds, body bytes) just before the bytes that complete the answer go
+# out: once the client has its whole answer, a metrics scrape must already count it.
+AnswerHook = Callable[[int, float, int], None]
 
 
 class UpstreamReply(Protocol):
@@ -48,6 +69,11 @@ class UpstreamReply(Protocol):
 
     @property
     def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read: the next `read` returns b""."""
+        ...
 
     async def read(self) -> bytes:
         """The next chunk of the body, b"" at its end; raises UpstreamBodyError."""
@@ -68,13 +94,17 @@ class UpstreamClient(Protocol):
     the read timeout after the request was sent, `BadGateway` when the connection is refused
     or reset or the answer is not HTTP, and lets `CancelledError` through after closing the
     connection. A failure of `body` makes `send` raise `BadGateway` too.
+
+    `target` is the request target (path and query, percent-encoding untouched) and
+    `headers` the complete header lines, Host included; a body without a Content-Length
+    line is sent chunked.
     """
 
     async def send(
         self,
         method: str,
-        url: URL,
-        headers: CIMultiDict[str],
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
     ) -> UpstreamReply: ...
 
@@ -85,7 +115,6 @@ class UpstreamClient(Protocol):
 # Content-Type: the upstream must see the client's headers, not ours.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _READ_BUFFER = 2**17  # bigger reads cost fewer loop iterations per megabyte streamed
-_KEEPALIVE_SECONDS = 30.0
 
 
 class _AiohttpReply:
@@ -106,6 +135,10 @@ class _AiohttpReply:
     @property
     def headers(self) -> CIMultiDictProxy[str]:
         return self._response.headers
+
+    @property
+    def at_eof(self) -> bool:
+        return self._response.content.at_eof()
 
     async def read(self) -> bytes:
         try:
@@ -151,10 +184,12 @@ class AiohttpUpstreamClient:
     def __init__(self, upstream: Upstream, product: str) -> None:
         self._upstream = upstream
         self._product = product
+        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+        self._origin = f"{upstream.scheme}://{host}:{upstream.port}"
         connector = aiohttp.TCPConnector(
             limit=0,  # concurrency is bounded by the plans, not by a pool queue
             limit_per_host=0,
-            keepalive_timeout=_KEEPALIVE_SECONDS,
+            keepalive_timeout=KEEPALIVE_SECONDS,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -174,13 +209,18 @@ class AiohttpUpstreamClient:
     async def send(
         self,
         method: str,
-        url: URL,
-        headers: CIMultiDict[str],
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
     ) -> UpstreamReply:
+        url = URL(self._origin + target, encoded=True)
+        lines = CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in headers
+        )
         try:
             response = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
+                method, url, headers=lines, data=body, allow_redirects=False
             )
         except aiohttp.ConnectionTimeoutError as exc:
             raise GatewayTimeout(
@@ -289,44 +329,79 @@ def _split_target(request: web.BaseRequest) -> tuple[str, str]:
     return request.rel_url.raw_path, request.rel_url.raw_query_string
 
 
+@dataclass(frozen=True, slots=True)
+class _Destination:
+    """What forwarding to one product needs, derived from its config once."""
+
+    product: Product
+    client: UpstreamClient
+    base_path: str
+    host: bytes  # the Host header the upstream expects
+
+
+_MAX_DESTINATIONS = 1024
+
+
+def _client_kind() -> str:
+    return os.environ.get(UPSTREAM_CLIENT_ENV, "http").strip().lower()
+
+
 class UpstreamPool:
     """One keep-alive client per upstream; forwards requests and streams answers back."""
 
     def __init__(self, products: Mapping[str, Product], *, auth: AuthConfig) -> None:
         self._products = dict(products)
-        # Replaceable on config reload; read per request.
         self.auth = auth
         # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
         # timeouts gets a fresh client while an unchanged one keeps its warm connections.
         self._clients: dict[tuple[str, Upstream], UpstreamClient] = {}
-        self._prefixes: dict[Upstream, str] = {}
+        # By the identity of the Product object (kept in the value to rule out a reused id):
+        # hashing a frozen dataclass walks all its fields on every lookup.
+        self._destinations: dict[int, _Destination] = {}
+        self._aiohttp = _client_kind() == "aiohttp"
+
+    @property
+    def auth(self) -> AuthConfig:
+        return self._auth
+
+    @auth.setter
+    def auth(self, auth: AuthConfig) -> None:
+        """Replaceable on config reload; what it implies per request is derived here, once."""
+        self._auth = auth
+        self._drop = request_drop_set(auth.header)
 
     async def start(self) -> None:
         """Open a client per configured product now rather than on its first request."""
         for product in self._products.values():
-            self._client(product)
+            self._destination(product)
 
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
+        self._destinations = {}
         for client in clients:
             await client.close()
 
-    def _client(self, product: Product) -> UpstreamClient:
-        key = (product.name, product.upstream)
+    def _destination(self, product: Product) -> _Destination:
+        destination = self._destinations.get(id(product))
+        if destination is not None and destination.product is product:
+            return destination
+        upstream = product.upstream
+        key = (product.name, upstream)
         client = self._clients.get(key)
         if client is None:
-            client = AiohttpUpstreamClient(product.upstream, product.name)
+            client = (
+                AiohttpUpstreamClient(upstream, product.name)
+                if self._aiohttp
+                else HttpUpstreamClient(upstream, product.name)
+            )
             self._clients[key] = client
-        return client
-
-    def _url(self, upstream: Upstream, path: str, query: str) -> URL:
-        prefix = self._prefixes.get(upstream)
-        if prefix is None:
-            host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-            prefix = f"{upstream.scheme}://{host}:{upstream.port}{upstream.base_path}"
-            self._prefixes[upstream] = prefix
-        query = strip_query_param(query, self.auth.query_param)
-        return URL(f"{prefix}{path}?{query}" if query else f"{prefix}{path}", encoded=True)
+        if len(self._destinations) >= _MAX_DESTINATIONS:
+            self._destinations.clear()  # mostly products of configs reloaded away
+        destination = _Destination(
+            product, client, upstream.base_path, upstream.host_header.encode("idna")
+        )
+        self._destinations[id(product)] = destination
+        return destination
 
     async def forward(
         self,
@@ -336,6 +411,7 @@ class UpstreamPool:
         request_id: str,
         body_timeout: float,
         extra_response_headers: Mapping[str, str] | None = None,
+        on_answered: AnswerHook | None = None,
     ) -> ForwardResult:
         """Forward `request` to `product`'s upstream and stream its answer to the client.
 
@@ -346,41 +422,27 @@ class UpstreamPool:
         upstream connection. Once the head is sent, failures are reported in
         `ForwardResult.error` instead, and the client connection is aborted.
         """
-        upstream = product.upstream
+        destination = self._destination(product)
         path, query = _split_target(request)
-        url = self._url(upstream, path, query)
-        headers = upstream_request_headers(
-            request.headers,
-            key_header=self.auth.header,
-            upstream_host=upstream.host_header,
+        if query:
+            query = strip_query_param(query, self._auth.query_param)
+        target = destination.base_path + path
+        if query:
+            target = f"{target}?{query}"
+        headers = upstream_header_lines(
+            request.raw_headers,
+            drop=self._drop,
+            upstream_host=destination.host,
             client_ip=request.remote,
             client_proto=request.scheme,
             request_id=request_id,
         )
-        watch = _UploadWatch(upstream.timeout)
-        body = _ClientBody(request, body_timeout, watch) if request.body_exists else None
-
         # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(None) as upload_deadline:
-                watch.bind(upload_deadline)
-                try:
-                    reply = await self._client(product).send(request.method, url, headers, body)
-                finally:
-                    watch.unbind()
-        except TimeoutError as exc:
-            if not upload_deadline.expired():
-                raise
-            raise GatewayTimeout(
-                f"The upstream of {product.name} did not accept the request body "
-                f"within {upstream.timeout:g}s."
-            ) from exc
-        except GatewayProblem as exc:
-            # The HTTP client only saw its body source fail; the client is the one to blame.
-            if body is not None and body.failure is not None:
-                raise body.failure from exc
-            raise
+        if request.body_exists:
+            reply = await self._send_with_body(request, destination, target, headers, body_timeout)
+        else:
+            reply = await destination.client.send(request.method, target, headers, None)
         upstream_seconds = time.perf_counter() - started
         return await self._stream_reply(
             request,
@@ -390,7 +452,39 @@ class UpstreamPool:
             body_timeout,
             extra_response_headers,
             upstream_seconds,
+            on_answered,
         )
+
+    async def _send_with_body(
+        self,
+        request: web.BaseRequest,
+        destination: _Destination,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body_timeout: float,
+    ) -> UpstreamReply:
+        upstream = destination.product.upstream
+        watch = _UploadWatch(upstream.timeout)
+        body = _ClientBody(request, body_timeout, watch)
+        try:
+            async with asyncio.timeout(None) as upload_deadline:
+                watch.bind(upload_deadline)
+                try:
+                    return await destination.client.send(request.method, target, headers, body)
+                finally:
+                    watch.unbind()
+        except TimeoutError as exc:
+            if not upload_deadline.expired():
+                raise
+            raise GatewayTimeout(
+                f"The upstream of {destination.product.name} did not accept the request body "
+                f"within {upstream.timeout:g}s."
+            ) from exc
+        except GatewayProblem as exc:
+            # The HTTP client only saw its body source fail; the client is the one to blame.
+            if body.failure is not None:
+                raise body.failure from exc
+            raise
 
     async def _stream_reply(
         self,
@@ -401,6 +495,7 @@ class UpstreamPool:
         body_timeout: float,
         extra_response_headers: Mapping[str, str] | None,
         upstream_seconds: float,
+        on_answered: AnswerHook | None,
     ) -> ForwardResult:
         response = web.StreamResponse(
             status=reply.status,
@@ -411,7 +506,17 @@ class UpstreamPool:
         sent = 0
         error: str | None = None
         completed = False
+        length = response.content_length  # None when the body is chunked
+
+        def answering(body_bytes: int) -> None:
+            nonlocal on_answered
+            if on_answered is not None:
+                on_answered(reply.status, upstream_seconds, body_bytes)
+                on_answered = None
+
         try:
+            if request.method == "HEAD" or reply.status in (204, 304) or length == 0:
+                answering(0)  # the head is the whole answer
             await response.prepare(request)
             try:
                 # Armed only while writing: a client that stops reading would otherwise
@@ -419,7 +524,14 @@ class UpstreamPool:
                 async with asyncio.timeout(None) as client_stall:
                     while chunk := await reply.read():
                         client_stall.reschedule(loop.time() + body_timeout)
-                        await response.write(chunk)
+                        if reply.at_eof:
+                            # The last chunk leaves with the end of the answer, in one write.
+                            answering(sent + len(chunk))
+                            await response.write_eof(chunk)
+                        else:
+                            if length is not None and sent + len(chunk) >= length:
+                                answering(sent + len(chunk))
+                            await response.write(chunk)
                         client_stall.reschedule(None)
                         sent += len(chunk)
             except UpstreamBodyError as exc:
@@ -429,6 +541,7 @@ class UpstreamPool:
                     raise
                 error = f"The client stopped reading the answer for more than {body_timeout:g}s."
             if error is None:
+                answering(sent)  # a chunked answer ends with write_eof's terminator
                 await response.write_eof()
                 completed = True
         finally:
