@@ -62,12 +62,18 @@ def _bindable(port: int) -> bool:
     return True
 
 
+class PortTaken(Exception):
+    """Another process bound the port between our check and redis-server's bind."""
+
+
 class RedisServer:
     """One redis-server; stop() kills it like a crash, start() brings it back on the same port."""
 
     def __init__(self, directory: Path, port: int | None = None, *extra_args: str) -> None:
         self.directory = directory
         self.port = port if port is not None else free_port()
+        # A port found free may be taken before redis binds it; only then may we pick another.
+        self._port_negotiable = port is None
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -79,6 +85,20 @@ class RedisServer:
     def start(self) -> None:
         if self.process is not None:
             return
+        for _attempt in range(3):
+            try:
+                self._start_once()
+            except PortTaken:
+                if not self._port_negotiable:
+                    raise
+                clustered = "--cluster-enabled" in self.extra_args
+                self.port = free_port(also_free=10000 if clustered else 0)
+                continue
+            self._port_negotiable = False  # restarts must come back on the same port
+            return
+        raise RuntimeError("redis-server found no free port in 3 attempts")
+
+    def _start_once(self) -> None:
         log = (self.directory / "redis.log").open("ab")
         command = [
             redis_server_binary(),
@@ -123,7 +143,11 @@ class RedisServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
+                self.process = None
                 log = (self.directory / "redis.log").read_text(errors="replace")
+                if "Address already in use" in log[-2000:]:
+                    (self.directory / "redis.log").unlink()
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"redis-server exited: {log[-2000:]}")
             if _answers_ping(self.port):
                 return
@@ -167,8 +191,12 @@ class RedisClusterNodes:
         return self.nodes[0].port
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()  # leave no node of a half-started cluster behind
+            raise
         clients = [node.client() for node in self.nodes]
         try:
             share = CLUSTER_SLOTS // len(self.nodes)
