@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.support.redis_servers import RedisClusterNodes, RedisServer
 
@@ -35,3 +37,10 @@ def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """In-process gateways run on uvloop, as `gateway run` does: its transports differ."""
+    return {"uvloop": uvloop.new_event_loop}
