@@ -42,6 +42,19 @@ class Decision:
         return self.outcome == "allowed"
 
 
+def make_decision(
+    outcome: Outcome, rate: WindowState | None, quota: WindowState | None
+) -> Decision:
+    """The decision with its retry-after, which follows from whichever limit said no."""
+    retry_after = 0.0
+    if outcome == "quota_exceeded" and quota is not None:
+        retry_after = quota.reset
+    elif outcome == "throttled" and rate is not None:
+        # A limit of 0 never frees room; a window is the honest smallest answer.
+        retry_after = rate.reset if rate.reset > 0 else rate.window
+    return Decision(outcome, rate, quota, retry_after)
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaUsage:
     limit: int

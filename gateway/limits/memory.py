@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config.model import QuotaRule, RateRule
-from gateway.limits.base import Decision, Outcome, QuotaUsage, WindowState
+from gateway.limits.base import Decision, Outcome, QuotaUsage, WindowState, make_decision
 from gateway.limits.periods import quota_period
 
 
@@ -94,13 +94,7 @@ class MemoryLimiter:
                 window=counter.end - counter.start,
             )
 
-        retry_after = 0.0
-        if outcome == "quota_exceeded" and quota_state is not None:
-            retry_after = quota_state.reset
-        elif outcome == "throttled" and rate_state is not None:
-            # A limit of 0 never frees room; a window is the honest smallest answer.
-            retry_after = rate_state.reset if rate_state.reset > 0 else rate_state.window
-        return Decision(outcome, rate_state, quota_state, retry_after)
+        return make_decision(outcome, rate_state, quota_state)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = quota_period(self._clock(), quota.per, quota.timezone)
