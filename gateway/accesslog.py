@@ -55,6 +55,11 @@ def format_time(unix_time: float) -> str:
     return f"{_cached_prefix}.{millis:03d}Z"
 
 
+# The C string encoder json.dumps itself uses (ASCII-only output); building the object's text
+# around it skips the dict and the generic encoder, the bulk of a line's cost.
+_string = json.encoder.encode_basestring_ascii
+
+
 def format_access_log(record: RequestRecord) -> str:
     """The JSON line for one request, without its newline."""
     path = record.path
@@ -62,23 +67,14 @@ def format_access_log(record: RequestRecord) -> str:
         # The record should never hold a query string; if one slipped in, it may hold a key.
         path = path.split("?", 1)[0]
     upstream = record.upstream_duration
-    return json.dumps(
-        {
-            "time": format_time(record.start),
-            "request_id": record.request_id,
-            "method": record.method,
-            "path": path,
-            "status": record.status,
-            "code": record.code,
-            "product": record.product,
-            "route": record.route,
-            "key": record.key_name,
-            "plan": record.plan,
-            "duration_ms": round(record.duration * 1000.0, 3),
-            "upstream_ms": None if upstream is None else round(upstream * 1000.0, 3),
-            "bytes_sent": record.bytes_sent,
-        },
-        separators=(",", ":"),
+    upstream_ms = "null" if upstream is None else repr(round(upstream * 1000.0, 3))
+    return (
+        f'{{"time":"{format_time(record.start)}","request_id":{_string(record.request_id)},'
+        f'"method":{_string(record.method)},"path":{_string(path)},"status":{record.status:d},'
+        f'"code":{_string(record.code)},"product":{_string(record.product)},'
+        f'"route":{_string(record.route)},"key":{_string(record.key_name)},'
+        f'"plan":{_string(record.plan)},"duration_ms":{round(record.duration * 1000.0, 3)!r},'
+        f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent:d}}}'
     )
 
 

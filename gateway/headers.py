@@ -165,15 +165,54 @@ def client_response_headers(
     `extra` (the gateway's X-Request-ID and rate-limit headers) replaces any line of the
     same name the upstream sent: those headers describe the gateway's decision.
     """
-    lines = list(_lines(upstream_headers))
-    chunked = any(name.lower() == "transfer-encoding" for name, _ in lines)
-    # Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); since the gateway re-frames
-    # the body, a stale length next to it would be a lie to the client.
-    headers = _end_to_end(lines, also_drop=("content-length",) if chunked else ())
+    replaced = _lowered(extra) if extra else _NOTHING
+    kept: list[tuple[str, str]] = []
+    chunked = False
+    listed: set[str] | None = None
+    for line in _lines(upstream_headers):
+        name = line[0].lower()
+        if name in HOP_BY_HOP:
+            if name == "transfer-encoding":
+                chunked = True
+            elif name == "connection":
+                listed = _connection_tokens(line[1], listed)
+        elif name not in replaced:
+            kept.append(line)
+    if chunked or listed:
+        # Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); since the gateway
+        # re-frames the body, a stale length next to it would be a lie to the client.
+        dropped = listed or set()
+        if chunked:
+            dropped.add("content-length")
+        kept = [line for line in kept if line[0].lower() not in dropped]
     if extra:
-        for name, value in extra.items():
-            headers[name] = value
-    return headers
+        kept.extend(extra.items())
+    return CIMultiDict(kept)
+
+
+_NOTHING: frozenset[str] = frozenset()
+# The gateway's own header names come in a few fixed sets: each set is lower-cased once.
+_LOWERED: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _lowered(names: Iterable[str]) -> frozenset[str]:
+    key = tuple(names)
+    lowered = _LOWERED.get(key)
+    if lowered is None:
+        lowered = frozenset(name.lower() for name in key)
+        if len(_LOWERED) < 256:
+            _LOWERED[key] = lowered
+    return lowered
+
+
+def _connection_tokens(value: str, into: set[str] | None) -> set[str] | None:
+    for token in value.split(","):
+        token = token.strip().lower()
+        if token and token not in HOP_BY_HOP and token not in _NEVER_CONNECTION_LISTED:
+            if into is None:
+                into = set()
+            into.add(token)
+    return into
 
 
 def strip_query_param(query_string: str, name: str | None) -> str:

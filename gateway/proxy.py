@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from multidict import CIMultiDictProxy
 
+from gateway.aiohttp_client import AiohttpUpstreamClient
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.headers import (
     client_response_headers,
@@ -33,8 +30,8 @@ from gateway.headers import (
     strip_query_param,
     upstream_header_lines,
 )
-from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout, RequestTimeout
-from gateway.upstream_client import KEEPALIVE_SECONDS, HttpUpstreamClient, UpstreamBodyError
+from gateway.problems import GatewayProblem, GatewayTimeout, RequestTimeout
+from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
 
 __all__ = [
     "AiohttpUpstreamClient",
@@ -69,6 +66,11 @@ class UpstreamReply(Protocol):
 
     @property
     def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived: `read` will not wait any more."""
+        ...
 
     @property
     def at_eof(self) -> bool:
@@ -111,135 +113,6 @@ class UpstreamClient(Protocol):
     async def close(self) -> None: ...
 
 
-# aiohttp would otherwise add its own User-Agent, Accept, Accept-Encoding and a default
-# Content-Type: the upstream must see the client's headers, not ours.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-_READ_BUFFER = 2**17  # bigger reads cost fewer loop iterations per megabyte streamed
-
-
-class _AiohttpReply:
-    __slots__ = ("_product", "_response")
-
-    def __init__(self, response: aiohttp.ClientResponse, product: str) -> None:
-        self._response = response
-        self._product = product
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def reason(self) -> str:
-        return self._response.reason or ""
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._response.headers
-
-    @property
-    def at_eof(self) -> bool:
-        return self._response.content.at_eof()
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except aiohttp.ServerTimeoutError as exc:
-            raise UpstreamBodyError(f"The upstream of {self._product} stalled mid-answer.") from exc
-        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
-            raise UpstreamBodyError(
-                f"The upstream of {self._product} broke off its answer ({_describe(exc)})."
-            ) from exc
-
-    def finish(self) -> None:
-        self._response.release()
-
-    def abort(self) -> None:
-        self._response.close()
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, internals-free account of a client error for a problem detail."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        # The OS error's own message names the upstream's address: keep only its kind.
-        if isinstance(exc.os_error, socket.gaierror):
-            return "its host name does not resolve"
-        errno = exc.os_error.errno
-        return os.strerror(errno).lower() if errno else "connection failed"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed without an answer"
-    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
-        return "invalid HTTP response"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "invalid or incomplete body"
-    if isinstance(exc, ConnectionResetError) or (
-        isinstance(exc, OSError) and exc.errno is not None
-    ):
-        return "connection reset"
-    return "connection failed"
-
-
-class AiohttpUpstreamClient:
-    """`UpstreamClient` over aiohttp's client, one session and connection pool per upstream."""
-
-    def __init__(self, upstream: Upstream, product: str) -> None:
-        self._upstream = upstream
-        self._product = product
-        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-        self._origin = f"{upstream.scheme}://{host}:{upstream.port}"
-        connector = aiohttp.TCPConnector(
-            limit=0,  # concurrency is bounded by the plans, not by a pool queue
-            limit_per_host=0,
-            keepalive_timeout=KEEPALIVE_SECONDS,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            auto_decompress=False,
-            raise_for_status=False,
-            trust_env=False,
-            read_bufsize=_READ_BUFFER,
-            # sock_read starts once the request is sent and restarts with every read: it
-            # bounds both the wait for the head and any silence in the body.
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=upstream.connect_timeout, sock_read=upstream.timeout
-            ),
-        )
-
-    async def send(
-        self,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: AsyncIterable[bytes] | None,
-    ) -> UpstreamReply:
-        url = URL(self._origin + target, encoded=True)
-        lines = CIMultiDict(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in headers
-        )
-        try:
-            response = await self._session.request(
-                method, url, headers=lines, data=body, allow_redirects=False
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise GatewayTimeout(
-                f"No connection to the upstream of {self._product} "
-                f"within {self._upstream.connect_timeout:g}s."
-            ) from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise GatewayTimeout(
-                f"The upstream of {self._product} did not answer "
-                f"within {self._upstream.timeout:g}s."
-            ) from exc
-        except (aiohttp.ClientError, HttpProcessingError, OSError) as exc:
-            raise BadGateway(f"The upstream of {self._product} failed: {_describe(exc)}.") from exc
-        return _AiohttpReply(response, self._product)
-
-    async def close(self) -> None:
-        await self._session.close()
-
-
 @dataclass(slots=True)
 class ForwardResult:
     response: web.StreamResponse  # prepared and, unless `error` is set, finished
@@ -249,6 +122,63 @@ class ForwardResult:
     # Set when the answer was cut short after its head was sent (upstream died or stalled
     # mid-body, or the client stopped reading): the client connection has been aborted.
     error: str | None = None
+
+
+class _WholeAnswer(web.StreamResponse):
+    """A proxied answer whose body is all in hand: its head waits to leave with the body, in
+    one write, instead of going out alone as soon as it is prepared."""
+
+    _send_headers_immediately = False
+
+
+class _WriteWatch:
+    """Cancels the current task when one write to the client stays blocked for `seconds`.
+
+    asyncio.timeout would need a timer rescheduled twice per chunk; this keeps one timer per
+    answer, notes when the current write began, and when the timer fires during a write that
+    is still young (or between writes) sets it again for the rest of the allowance.
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_loop", "_seconds", "_since", "_task", "_timer")
+
+    def __init__(self, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(self._loop)
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._seconds = seconds
+        self._since: float | None = None
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
+            self._loop.time() + seconds, self._check
+        )
+
+    def writing(self) -> None:
+        self._since = self._loop.time()
+
+    def written(self) -> None:
+        self._since = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def caught_its_own(self) -> bool:
+        """On CancelledError: whether it was this watch's doing (and nobody else's)."""
+        return self._expired and self._task.uncancel() <= self._cancelling
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self._since
+        if since is not None and now - since >= self._seconds:
+            self._timer = None
+            self._expired = True
+            self._task.cancel()
+            return
+        due = since + self._seconds if since is not None else now + self._seconds
+        self._timer = self._loop.call_at(due, self._check)
 
 
 class _UploadWatch:
@@ -497,12 +427,12 @@ class UpstreamPool:
         upstream_seconds: float,
         on_answered: AnswerHook | None,
     ) -> ForwardResult:
-        response = web.StreamResponse(
+        response_class = _WholeAnswer if reply.complete else web.StreamResponse
+        response = response_class(
             status=reply.status,
             reason=reply.reason,
             headers=client_response_headers(reply.headers, extra_response_headers),
         )
-        loop = asyncio.get_running_loop()
         sent = 0
         error: str | None = None
         completed = False
@@ -518,28 +448,29 @@ class UpstreamPool:
             if request.method == "HEAD" or reply.status in (204, 304) or length == 0:
                 answering(0)  # the head is the whole answer
             await response.prepare(request)
+            # A client that stops reading would otherwise pin an upstream connection for ever.
+            stall = _WriteWatch(body_timeout)
             try:
-                # Armed only while writing: a client that stops reading would otherwise
-                # pin an upstream connection for ever.
-                async with asyncio.timeout(None) as client_stall:
-                    while chunk := await reply.read():
-                        client_stall.reschedule(loop.time() + body_timeout)
-                        if reply.at_eof:
-                            # The last chunk leaves with the end of the answer, in one write.
+                while chunk := await reply.read():
+                    stall.writing()
+                    if reply.at_eof:
+                        # The last chunk leaves with the end of the answer, in one write.
+                        answering(sent + len(chunk))
+                        await response.write_eof(chunk)
+                    else:
+                        if length is not None and sent + len(chunk) >= length:
                             answering(sent + len(chunk))
-                            await response.write_eof(chunk)
-                        else:
-                            if length is not None and sent + len(chunk) >= length:
-                                answering(sent + len(chunk))
-                            await response.write(chunk)
-                        client_stall.reschedule(None)
-                        sent += len(chunk)
+                        await response.write(chunk)
+                    stall.written()
+                    sent += len(chunk)
             except UpstreamBodyError as exc:
                 error = str(exc)
-            except TimeoutError:
-                if not client_stall.expired():
+            except asyncio.CancelledError:
+                if not stall.caught_its_own():
                     raise
                 error = f"The client stopped reading the answer for more than {body_timeout:g}s."
+            finally:
+                stall.stop()
             if error is None:
                 answering(sent)  # a chunked answer ends with write_eof's terminator
                 await response.write_eof()

@@ -1,0 +1,456 @@
+"""One keep-alive HTTP/1.1 connection to an upstream, and the answers it carries.
+
+`HttpConnection` is an asyncio protocol that writes a pre-encoded request head (and streams the
+body, with flow control) and parses the answer with httptools (llhttp, the parser of Node.js).
+Its head becomes an `HttpReply`; the body chunks are handed on as the parser produced them,
+never joined or copied again. Reading from the upstream pauses while more than `_HIGH_WATER`
+bytes of an answer wait for a slow client, so an answer of any size streams through bounded
+memory. The pool that owns connections is upstream_client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from collections.abc import AsyncIterable
+from typing import Protocol, cast
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config.model import Upstream
+from gateway.problems import BadGateway, GatewayTimeout
+
+# A body larger than this waiting for the client pauses reading from the upstream; reading
+# resumes once the client has taken it down to _LOW_WATER.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class UpstreamBodyError(Exception):
+    """The upstream failed after its response head: the answer can only be cut short."""
+
+
+class StaleConnection(Exception):
+    """A reused connection ended before any byte of the answer: the upstream had closed it."""
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of the pool it belongs to."""
+
+    upstream: Upstream
+    product: str
+    loop: asyncio.AbstractEventLoop
+
+    def keep(self, connection: HttpConnection) -> None:
+        """Take back a connection whose exchange ended cleanly, for reuse."""
+
+
+def _decode(raw: bytes) -> str:
+    # As aiohttp's own parser decodes header values and reasons.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class HttpReply:
+    """One upstream answer: its head, and its body as a queue of chunks from the parser."""
+
+    __slots__ = (
+        "_chunks",
+        "_connection",
+        "_done",
+        "_error",
+        "_queued",
+        "_waiter",
+        "head_only",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, connection: HttpConnection, head_only: bool) -> None:
+        self._connection = connection
+        self.head_only = head_only  # an answer to HEAD: no body, whatever its headers say
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _chunks
+        self._done = False  # the whole body has arrived
+        self._error: str | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    @property
+    def at_eof(self) -> bool:
+        return self._done and not self._chunks
+
+    async def read(self) -> bytes:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._queued -= len(chunk)
+                if self._queued <= _LOW_WATER:
+                    self._connection.resume()
+                return chunk
+            if self._done:
+                return b""
+            if self._error is not None:
+                raise UpstreamBodyError(self._error)
+            await self._connection.wait_for_body(self)
+
+    def finish(self) -> None:
+        self._connection.release(self)
+
+    def abort(self) -> None:
+        self._connection.abort()
+
+    # Called by the connection.
+
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._queued += len(chunk)
+        if self._queued > _HIGH_WATER:
+            self._connection.pause()
+        self._wake()
+
+    def _end(self, error: str | None = None) -> None:
+        if error is None:
+            self._done = True
+        elif not self._done:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+
+class HttpConnection(asyncio.Protocol):
+    """One TCP connection to the upstream, carrying one exchange at a time."""
+
+    def __init__(self, client: ConnectionOwner) -> None:
+        self._client = client
+        self._loop = client.loop
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False  # lost, or EOF seen: never to be used again
+        self.reusable = True  # false once the upstream said close or misbehaved
+        self.exchanges = 0  # requests sent on this connection
+        self.idle_since = 0.0
+        self._reply: HttpReply | None = None  # the answer being parsed, until it is complete
+        self._head: asyncio.Future[HttpReply] | None = None  # until the final head arrives
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._received = False  # any byte of the current answer arrived
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._upload: asyncio.Task[None] | None = None
+        self._interim = False  # parsing a 1xx answer, which is skipped
+        self._header_lines: list[tuple[str, str]] = []
+        self._reason = b""
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reply is None:
+            # Nothing was asked: bytes now can only be a broken or hostile upstream.
+            self.reusable = False
+            self.abort()
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("it switched protocols, which the gateway does not support")
+        except httptools.HttpParserError:
+            self._fail("invalid HTTP response")
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        reply = self._reply
+        if reply is not None and reply.status and body_ends_at_close(reply):
+            # Neither a length nor chunks: the end of the connection is the end of the body.
+            self._complete(keep_alive=False)
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if exc is None:
+            self._fail("connection closed without an answer", closed=True)
+        else:
+            self._fail("connection reset", closed=True)
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_exception(ConnectionResetError("upstream connection lost"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # --- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._header_lines = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # As aiohttp's own parser decodes header lines; inline, as this runs per line.
+        self._header_lines.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # Interim answers (100 Continue, 103 Early Hints) are the upstream's business with
+            # us; the client gets the final one. 101 ends in HttpParserUpgrade instead.
+            self._interim = True
+            return
+        reply = self._reply
+        if reply is None:
+            self.reusable = False  # an answer nobody asked for
+            return
+        reply.status = status
+        reply.reason = _decode(self._reason)
+        reply.headers = CIMultiDictProxy(CIMultiDict(self._header_lines))
+        self._stop_head_timer()
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(reply)
+        if reply.head_only:
+            # llhttp cannot know the request was HEAD and would wait for the announced body;
+            # a fresh parser starts clean for the next exchange, and the old one's further
+            # callbacks (bytes that should not be there) find no reply and spoil the
+            # connection.
+            keep_alive = self._parser.should_keep_alive()
+            self._parser = httptools.HttpResponseParser(self)
+            self._complete(keep_alive)
+
+    def on_body(self, body: bytes) -> None:
+        reply = self._reply
+        if reply is None or reply.head_only:
+            self.reusable = False
+            return
+        reply._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._reply is not None:
+            self._complete(self._parser.should_keep_alive())
+
+    # --- one exchange -------------------------------------------------------------------
+
+    async def exchange(
+        self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, head_only: bool
+    ) -> HttpReply:
+        """Send one request and return its answer once the head is in."""
+        transport = self.transport
+        if transport is None or self.closed:
+            raise StaleConnection
+        self.exchanges += 1
+        reply = HttpReply(self, head_only)
+        self._reply = reply
+        self._received = False
+        head_waiter: asyncio.Future[HttpReply] = self._loop.create_future()
+        self._head = head_waiter
+        try:
+            transport.write(head)
+            if body is None:
+                self._start_head_timer()
+            else:
+                self._upload = self._loop.create_task(self._send_body(body, chunked))
+            return await head_waiter
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._head = None
+
+    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        # Whatever stops the upload early leaves a request half sent: the connection is spent.
+        try:
+            async for chunk in body:
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    self.reusable = False
+                    return
+                if not chunk:
+                    continue
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
+                else:
+                    transport.write(chunk)
+                if self._writing_paused:
+                    await self._drain()
+            if chunked and self.transport is not None:
+                self.transport.write(_LAST_CHUNK)
+        except ConnectionError:
+            self.reusable = False  # the exchange ends by other means: the connection is lost
+            return
+        except asyncio.CancelledError:
+            self.reusable = False  # aborted
+            raise
+        except Exception:
+            # The client's body broke (it left, or stalled): the caller knows why.
+            self.reusable = False
+            self._fail_head(BadGateway("The request body could not be read."))
+            return
+        self._start_head_timer()
+
+    async def _drain(self) -> None:
+        drained: asyncio.Future[None] = self._loop.create_future()
+        self._drained = drained
+        try:
+            await drained
+        finally:
+            self._drained = None
+
+    def _start_head_timer(self) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            self._head_timer = self._loop.call_later(
+                self._client.upstream.timeout, self._head_timed_out
+            )
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._fail_head(
+            GatewayTimeout(
+                f"The upstream of {self._client.product} did not answer "
+                f"within {self._client.upstream.timeout:g}s."
+            )
+        )
+
+    def _fail_head(self, exc: BaseException) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+
+    def _complete(self, keep_alive: bool) -> None:
+        reply = self._reply
+        self._reply = None
+        if not keep_alive:
+            self.reusable = False
+        if reply is not None:
+            reply._end()
+
+    def _fail(self, reason: str, *, closed: bool = False) -> None:
+        """The exchange cannot go on: tell whoever waits, and never reuse this connection."""
+        self.reusable = False
+        self._stop_head_timer()
+        reply, self._reply = self._reply, None
+        head = self._head
+        if head is not None and not head.done():
+            if closed and not self._received and self.exchanges > 1:
+                head.set_exception(StaleConnection())
+            else:
+                head.set_exception(
+                    BadGateway(f"The upstream of {self._client.product} failed: {reason}.")
+                )
+        elif reply is not None:
+            if reason == "connection closed without an answer":
+                reason = "invalid or incomplete body"
+            reply._end(f"The upstream of {self._client.product} broke off its answer ({reason}).")
+        if not closed and self.transport is not None:
+            self.transport.abort()
+
+    # --- the reply's side ---------------------------------------------------------------
+
+    async def wait_for_body(self, reply: HttpReply) -> None:
+        """Wait for more of `reply`'s body, up to the upstream timeout."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        reply._waiter = waiter
+        timeout = self._client.upstream.timeout
+        timer = self._loop.call_later(timeout, self._body_stalled, reply, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            reply._waiter = None
+
+    def _body_stalled(self, reply: HttpReply, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        reply._end(f"The upstream of {self._client.product} stalled mid-answer.")
+        self.reusable = False
+        self.abort()
+
+    def pause(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def release(self, reply: HttpReply) -> None:
+        """The pool's turn: reuse the connection if the exchange ended cleanly."""
+        upload = self._upload
+        self._upload = None
+        if (
+            not reply.at_eof
+            or self._reply is not None
+            or not self.reusable
+            or self.closed
+            or (upload is not None and not upload.done())
+        ):
+            self.abort()
+            return
+        self.resume()
+        self._client.keep(self)
+
+    def abort(self) -> None:
+        self.reusable = False
+        self.closed = True
+        upload, self._upload = self._upload, None
+        if upload is not None and not upload.done():
+            upload.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def body_ends_at_close(reply: HttpReply) -> bool:
+    if reply.head_only or reply.status in (204, 304):
+        return False
+    coding = reply.headers.get("Transfer-Encoding")
+    if coding is not None:
+        return not coding.rstrip().lower().endswith("chunked")
+    return "Content-Length" not in reply.headers

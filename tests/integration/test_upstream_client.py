@@ -1,0 +1,624 @@
+"""The protocol-level upstream client against upstreams whose every byte the test chooses.
+
+Each upstream here is a raw asyncio server: it reads request heads (and bodies, where a test
+sends one) and writes exactly the bytes under test, so framing, interim answers, closes and
+stalls are what the test says, not what some HTTP library would do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.config.model import AuthConfig, Product, Upstream
+from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout
+from gateway.proxy import UpstreamPool
+from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
+
+HOST = [(b"Host", b"upstream")]
+MB = 1024 * 1024
+
+
+@dataclass
+class Peer:
+    """One connection to the raw upstream, as the upstream sees it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def head(self) -> bytes:
+        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 3)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    port: int
+    connections: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # a connection ended
+    heads: list[bytes] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def raw_upstream(script: Script) -> AsyncIterator[RawUpstream]:
+    """Runs `script` once per accepted connection; the connection is closed after it."""
+    upstream = RawUpstream(port=0)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            with suppress(asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+                await script(Peer(reader, writer))
+        finally:
+            writer.transport.abort()
+            upstream.closed.set()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    upstream.port = server.sockets[0].getsockname()[1]
+    try:
+        yield upstream
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+def _upstream(port: int, **options: float) -> Upstream:
+    return Upstream(
+        url=f"http://127.0.0.1:{port}",
+        scheme="http",
+        host="127.0.0.1",
+        port=port,
+        base_path="",
+        connect_timeout=options.get("connect_timeout", 1.0),
+        timeout=options.get("timeout", 2.0),
+    )
+
+
+@asynccontextmanager
+async def client_for(port: int, **options: float) -> AsyncIterator[HttpUpstreamClient]:
+    keepalive = options.pop("keepalive", 30.0)
+    client = HttpUpstreamClient(_upstream(port, **options), "soccer", keepalive=keepalive)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def _body(reply: object) -> list[bytes]:
+    chunks = []
+    while chunk := await reply.read():  # type: ignore[attr-defined]
+        chunks.append(chunk)
+    return chunks
+
+
+async def _get(client: HttpUpstreamClient, method: str = "GET") -> tuple[int, bytes]:
+    reply = await client.send(method, "/x", HOST, None)
+    body = b"".join(await _body(reply))
+    reply.finish()
+    return reply.status, body
+
+
+def _keep_answering(*answers: bytes) -> Script:
+    """Answers each request head on the connection with the next of `answers`."""
+
+    async def script(peer: Peer) -> None:
+        for answer in answers:
+            await peer.head()
+            await peer.send(answer)
+        await peer.reader.read()  # until the client closes
+
+    return script
+
+
+# ------------------------------------------------------------------------------ framing
+
+
+async def test_content_length_body_and_keep_alive() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello"
+    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+        reply = await client.send("GET", "/x", HOST, None)
+        assert (reply.status, reply.reason, reply.headers["X-Up"]) == (200, "OK", "1")
+        assert await _body(reply) == [b"hello"]
+        reply.finish()
+        assert await _get(client) == (200, b"hello")
+    assert up.connections == 1
+
+
+async def test_chunked_body_is_dechunked_chunk_by_chunk() -> None:
+    async def script(peer: Peer) -> None:
+        for _ in range(2):
+            await peer.head()
+            await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await asyncio.sleep(0.05)
+            await peer.send(b"6\r\n world\r\n")
+            await asyncio.sleep(0.05)
+            await peer.send(b"0\r\n\r\n")
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send("GET", "/x", HOST, None)
+        assert reply.headers["Transfer-Encoding"] == "chunked"
+        assert not reply.complete
+        # The parser's pieces are handed on as they come, never joined.
+        assert await _body(reply) == [b"hello", b" world"]
+        reply.finish()
+        assert await _get(client) == (200, b"hello world")
+    assert up.connections == 1
+
+
+async def test_body_without_length_ends_with_the_connection() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+        await peer.send(b"close")
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"until close")
+        assert await _get(client) == (200, b"until close")
+    assert up.connections == 2  # such a connection cannot serve another request
+
+
+async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+    full = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        raw_upstream(_keep_answering(head, full)) as up,
+        client_for(up.port, timeout=0.5) as client,
+    ):
+        reply = await client.send("HEAD", "/x", HOST, None)
+        assert reply.complete
+        assert reply.headers["Content-Length"] == "1234"
+        assert await _body(reply) == []
+        reply.finish()
+        # The same connection parses the next answer from its start.
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 204 No Content\r\nX-Up: 1\r\n\r\n",
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 99\r\n\r\n',
+    ],
+)
+async def test_204_and_304_have_no_body(answer: bytes) -> None:
+    follow_up = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        raw_upstream(_keep_answering(answer, follow_up)) as up,
+        client_for(up.port, timeout=0.5) as client,
+    ):
+        reply = await client.send("GET", "/x", HOST, None)
+        assert reply.complete
+        assert await _body(reply) == []
+        reply.finish()
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 1
+
+
+async def test_connection_close_from_the_upstream_is_not_reused() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 2
+
+
+async def test_http_1_0_answer_without_keep_alive_is_not_reused() -> None:
+    answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 2
+
+
+async def test_length_next_to_chunked_is_bad_gateway() -> None:
+    # Both framings at once is how response splitting starts; nginx refuses it as well.
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    async with raw_upstream(_keep_answering(answer)) as up, client_for(up.port) as client:
+        with pytest.raises(BadGateway, match="invalid HTTP response"):
+            await client.send("GET", "/x", HOST, None)
+
+
+# ------------------------------------------------------------------ interim answers
+
+
+async def test_interim_answers_are_skipped() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone"
+        )
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send("GET", "/x", HOST, None)
+        assert reply.status == 201
+        assert "Link" not in reply.headers
+        assert await _body(reply) == [b"done"]
+        reply.finish()
+
+
+async def test_switching_protocols_is_bad_gateway() -> None:
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    async with raw_upstream(_keep_answering(answer)) as up, client_for(up.port) as client:
+        with pytest.raises(BadGateway, match="switched protocols"):
+            await client.send("GET", "/x", HOST, None)
+
+
+# ---------------------------------------------------------------- stale connections
+
+
+async def test_connection_closed_while_idle_is_not_used() -> None:
+    async def answer_once_then_close(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with raw_upstream(answer_once_then_close) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        await asyncio.wait_for(up.closed.wait(), 2)
+        await asyncio.sleep(0.05)  # the client's loop sees the EOF
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 2
+
+
+async def _close_on_second_request(peer: Peer) -> None:
+    """Answers one request, then reads the next and closes without a byte of answer: the
+    race of an upstream's keep-alive timeout with a request already on its way."""
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await peer.head()
+
+
+async def test_idempotent_request_is_retried_once_on_a_fresh_connection() -> None:
+    async with raw_upstream(_close_on_second_request) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        # The stale connection swallows the request; a fresh one answers it.
+        assert await _get(client) == (200, b"ok")
+    assert up.connections == 2
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_non_idempotent_request_is_not_retried(method: str) -> None:
+    async with raw_upstream(_close_on_second_request) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        with pytest.raises(BadGateway, match="closed without an answer"):
+            await client.send(method, "/x", HOST, None)
+    assert up.connections == 1
+
+
+async def test_retry_happens_once_only() -> None:
+    connections: list[Peer] = []
+
+    async def script(peer: Peer) -> None:
+        connections.append(peer)
+        if len(connections) == 1:
+            await _close_on_second_request(peer)
+        else:
+            await peer.head()  # and close without an answer, again
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        assert await _get(client) == (200, b"ok")
+        with pytest.raises(BadGateway, match="closed without an answer"):
+            await client.send("GET", "/x", HOST, None)
+    assert up.connections == 2
+
+
+# -------------------------------------------------------------------------- failures
+
+
+async def test_garbage_is_bad_gateway() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        with pytest.raises(BadGateway, match="invalid HTTP response") as caught:
+            await client.send("GET", "/x", HOST, None)
+    assert "soccer" in caught.value.detail
+
+
+async def test_slow_head_is_gateway_timeout_and_the_connection_is_closed() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.reader.read()  # returns once the client gives up
+
+    async with raw_upstream(script) as up, client_for(up.port, timeout=0.2) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(GatewayTimeout, match=r"did not answer within 0\.2s"):
+            await client.send("GET", "/x", HOST, None)
+        assert loop.time() - started < 1.5
+        await asyncio.wait_for(up.closed.wait(), 2)
+
+
+async def test_refused_connection_is_bad_gateway() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with client_for(port) as client:
+        with pytest.raises(BadGateway, match="refused"):
+            await client.send("GET", "/x", HOST, None)
+
+
+async def test_no_connection_in_time_is_gateway_timeout() -> None:
+    # A listen(0) socket nobody accepts on: once its queue is full, further SYNs are dropped.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    try:
+        async with client_for(listener.getsockname()[1], connect_timeout=0.2) as client:
+            with pytest.raises(GatewayTimeout, match="No connection"):
+                await client.send("GET", "/x", HOST, None)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_truncated_body_is_a_body_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send("GET", "/x", HOST, None)
+        assert await reply.read() == b"a" * 10
+        with pytest.raises(UpstreamBodyError, match="incomplete"):
+            await reply.read()
+        reply.abort()
+
+
+async def test_body_stall_is_a_body_error() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port, timeout=0.2) as client:
+        reply = await client.send("GET", "/x", HOST, None)
+        assert await reply.read() == b"a" * 10
+        with pytest.raises(UpstreamBodyError, match="stalled"):
+            await reply.read()
+        reply.abort()
+        await asyncio.wait_for(up.closed.wait(), 2)
+
+
+async def test_cancellation_closes_the_connection_at_once() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        sending = asyncio.create_task(client.send("GET", "/x", HOST, None))
+        await asyncio.sleep(0.1)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        await asyncio.wait_for(up.closed.wait(), 1)
+
+
+async def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        raw_upstream(_keep_answering(answer)) as up,
+        client_for(up.port, keepalive=0.2) as client,
+    ):
+        assert await _get(client) == (200, b"ok")
+        await asyncio.sleep(0.1)
+        assert not up.closed.is_set()
+        await asyncio.wait_for(up.closed.wait(), 1)
+
+
+# ---------------------------------------------------------------------- request side
+
+
+def _reads_one_request(seen: list[bytes]) -> Script:
+    """Records the whole request, head and body (by its length or its chunks), and answers."""
+
+    async def script(peer: Peer) -> None:
+        head = await peer.head()
+        body = b""
+        lower = head.lower()
+        if b"content-length:" in lower:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await peer.reader.readexactly(length)
+        elif b"transfer-encoding: chunked" in lower:
+            body = await peer.reader.readuntil(b"\r\n0\r\n\r\n")
+        seen.append(head + body)
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await peer.reader.read()
+
+    return script
+
+
+async def _parts(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_body_without_length_is_sent_chunked() -> None:
+    seen: list[bytes] = []
+    async with raw_upstream(_reads_one_request(seen)) as up, client_for(up.port) as client:
+        reply = await client.send("POST", "/up?a=1", HOST, _parts(b"hello", b"", b" world!"))
+        assert reply.status == 200
+        reply.finish()
+    assert seen == [
+        b"POST /up?a=1 HTTP/1.1\r\nHost: upstream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n world!\r\n0\r\n\r\n"
+    ]
+
+
+async def test_body_with_length_keeps_it() -> None:
+    seen: list[bytes] = []
+    headers = [*HOST, (b"Content-Length", b"11")]
+    async with raw_upstream(_reads_one_request(seen)) as up, client_for(up.port) as client:
+        reply = await client.send("PUT", "/up", headers, _parts(b"hello", b" world"))
+        reply.finish()
+    assert seen == [b"PUT /up HTTP/1.1\r\nHost: upstream\r\nContent-Length: 11\r\n\r\nhello world"]
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("POST", b"POST /x HTTP/1.1\r\nHost: upstream\r\nContent-Length: 0\r\n\r\n"),
+        ("GET", b"GET /x HTTP/1.1\r\nHost: upstream\r\n\r\n"),
+    ],
+)
+async def test_request_without_body(method: str, expected: bytes) -> None:
+    seen: list[bytes] = []
+    async with raw_upstream(_reads_one_request(seen)) as up, client_for(up.port) as client:
+        (await client.send(method, "/x", HOST, None)).finish()
+    assert seen == [expected]
+
+
+async def test_early_answer_while_uploading_leaves_the_connection_unused() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+        await peer.reader.read()
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0.01)
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send("POST", "/up", HOST, endless())
+        assert reply.status == 413
+        assert await _body(reply) == []
+        reply.finish()  # the request was not sent whole: the connection cannot be reused
+        await asyncio.wait_for(up.closed.wait(), 2)
+
+
+# ------------------------------------------------------------------------ flow control
+
+
+async def test_reading_pauses_while_the_reader_is_slow() -> None:
+    written = [0]
+    size = 64 * MB
+
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"z" * 65536
+        while written[0] < size:
+            await peer.send(chunk)
+            written[0] += len(chunk)
+        await peer.reader.read()  # the last chunks may still be buffered here
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send("GET", "/big", HOST, None)
+        await asyncio.sleep(0.5)
+        # Held back by the client's bounded buffer and the sockets' own, not all sent.
+        assert written[0] < 16 * MB
+        received = 0
+        while chunk := await reply.read():
+            received += len(chunk)
+        reply.finish()
+    assert received == size
+
+
+# ------------------------------------------------------- through the pool to a client
+
+
+@asynccontextmanager
+async def front_for(port: int) -> AsyncIterator[str]:
+    pool = UpstreamPool({}, auth=AuthConfig(header="X-API-Key", query_param="api_key"))
+    product = Product(name="soccer", upstream=_upstream(port), routes=())
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            result = await pool.forward(request, product, request_id="r-1", body_timeout=2.0)
+        except GatewayProblem as problem:
+            return web.Response(status=problem.status, text=problem.detail)
+        return result.response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
+async def test_chunked_answer_reaches_the_client_reframed() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(b"6\r\n world\r\n0\r\n\r\n")
+        await peer.reader.read()
+
+    async with (
+        raw_upstream(script) as up,
+        front_for(up.port) as front,
+        aiohttp.ClientSession() as session,
+        session.get(front + "/x") as response,
+    ):
+        assert response.status == 200
+        assert "Content-Length" not in response.headers
+        assert await response.read() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "status", "body"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", 200, b""),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304, b""),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    ],
+)
+async def test_answers_without_and_with_a_body_reach_the_client(
+    method: str, answer: bytes, status: int, body: bytes
+) -> None:
+    async with (
+        raw_upstream(_keep_answering(answer)) as up,
+        front_for(up.port) as front,
+        aiohttp.ClientSession() as session,
+        session.request(method, front + "/x") as response,
+    ):
+        assert response.status == status
+        assert await response.read() == body
+        if method == "HEAD":
+            assert response.headers["Content-Length"] == "1234"
