@@ -84,6 +84,11 @@ class GatewayConnection(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """aiohttp's own errors (a request it cannot parse, mostly) as problem+json."""
+        if isinstance(exc, ConnectionError):
+            # The client went away mid-answer (already recorded as 499): nothing is left to
+            # answer and nothing is wrong with the gateway, so no traceback in the log.
+            # aiohttp takes a ConnectionError from here as a quiet end of the connection.
+            raise ConnectionResetError("the client closed the connection") from exc
         if request.writer.output_size > 0:
             # Part of an answer is already out: all we can do is cut the connection.
             return super().handle_error(request, status, exc, message)

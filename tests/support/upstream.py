@@ -66,11 +66,14 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         chunk = b"x" * 65536
         sent = 0
-        while sent < total:
-            part = chunk[: min(len(chunk), total - sent)]
-            await response.write(part)
-            sent += len(part)
-        await response.write_eof()
+        try:
+            while sent < total:
+                part = chunk[: min(len(chunk), total - sent)]
+                await response.write(part)
+                sent += len(part)
+            await response.write_eof()
+        except ConnectionResetError:
+            upstream.cancelled.set()  # the gateway hung up: its client went away
         return response
     return web.json_response(
         {"method": request.method, "path_qs": request.path_qs, "body_size": size},
