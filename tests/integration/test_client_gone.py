@@ -1,6 +1,9 @@
-import asyncio, logging
+import asyncio
+import logging
 from pathlib import Path
+
 import pytest
+
 from tests.support.gateway import running_gateway, write_config
 from tests.support.upstream import running_upstream
 
