@@ -1,0 +1,371 @@
+"""The gateway against nginx, measured in the same run on the same machine.
+
+    make bench                      # or: .venv/bin/python bench/run.py [--duration 10] [--rounds 3]
+    .venv/bin/python bench/run.py --quick     # 3 s smoke run, one round, RESULTS.md left alone
+
+Proxies (nginx proxy_pass, the gateway) run on core 0; wrk, h2load, the upstream nginx and Redis on
+core 1. Every round measures each target once, in the same order, with a fresh gateway process;
+the tables show medians over the rounds. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+from harness import (
+    API_KEY,
+    BENCH_DIR,
+    KEY_HEADER,
+    BenchError,
+    GatewayPorts,
+    Procs,
+    expect,
+    free_port,
+    gateway_argv,
+    pinned,
+    raise_on_sigterm,
+    require_tools,
+    start_gateway,
+    start_nginx_proxy,
+    start_redis,
+    start_upstream,
+    write_gateway_config,
+)
+from report import (
+    GW_LOG,
+    GW_MEMORY,
+    GW_REDIS,
+    NGINX,
+    Latency,
+    RedisUsage,
+    Report,
+    TargetResult,
+    WrkRun,
+    render,
+)
+from rss_stream import measure_rss
+
+PATH = "/bench/ok"
+MONITOR_REQUESTS = 500
+OWN_REDIS_COMMANDS = ("info", "config")  # what the benchmark itself sends during a run
+MONITOR_END = "bench-monitor-end"
+
+
+@dataclass
+class Bench:
+    """The running setup: ports, child processes, and what was measured on the way."""
+
+    args: argparse.Namespace
+    tmp: Path
+    procs: Procs
+    upstream_port: int = field(default_factory=free_port)
+    nginx_port: int = field(default_factory=free_port)
+    redis_port: int = field(default_factory=free_port)
+    gateway_ports: dict[str, GatewayPorts] = field(default_factory=dict)
+    commands: dict[str, str] = field(default_factory=dict)  # what ran, for RESULTS.md
+    redis_usage: RedisUsage = field(default_factory=RedisUsage)
+
+    store: redis.Redis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=30)
+        for name in (GW_REDIS, GW_MEMORY, GW_LOG):
+            self.gateway_ports[name] = GatewayPorts(free_port(), free_port())
+
+    def note(self, label: str, argv: list[str], env: str = "", redirect: str = "") -> None:
+        line = " ".join(filter(None, [env, shlex.join(argv), redirect]))
+        self.commands.setdefault(label, line.replace(str(self.tmp), "$TMP"))
+
+    def wrk(self, label: str, port: int, seconds: int) -> WrkRun:
+        argv = [
+            *pinned(1), "wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds}s",
+            "-H", f"X-API-Key: {API_KEY}", f"http://127.0.0.1:{port}{PATH}",
+        ]  # fmt: skip
+        if seconds == self.args.duration:
+            self.note(f"wrk ({label}; after a 1 s warm-up)", argv)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"wrk against {label} failed:\n{done.stdout}{done.stderr}")
+        return parse_wrk(done.stdout)
+
+
+def parse_wrk(text: str) -> WrkRun:
+    requests, rps, bad = None, None, 0
+    for line in (line.strip() for line in text.splitlines()):
+        words = line.replace(",", "").split()
+        if "requests in" in line:
+            requests = int(words[0])
+        elif line.startswith("Requests/sec:"):
+            rps = float(words[1])
+        elif line.startswith("Non-2xx or 3xx responses:"):
+            bad += int(words[-1])
+        elif line.startswith("Socket errors:"):
+            bad += sum(int(word) for word in words if word.isdigit())
+    if requests is None or rps is None:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    return WrkRun(requests, rps, bad)
+
+
+@contextmanager
+def running_gateway(
+    bench: Bench, name: str, storage: str, access_log: bool = False
+) -> Iterator[int]:
+    """A fresh gateway process (checked to admit the key and refuse no key); yields its port."""
+    ports = bench.gateway_ports[name]
+    url = f"redis://127.0.0.1:{bench.redis_port}/0" if storage == "redis" else "memory://"
+    slug = name.replace(", ", "-").replace(" ", "-")
+    config = write_gateway_config(bench.tmp / f"{slug}.yaml", ports, url, bench.upstream_port)
+    env = f"GATEWAY_ACCESS_LOG={'on' if access_log else 'off'}"
+    bench.note(f"gateway ({name})", gateway_argv(config), env, ">/dev/null" if access_log else "")
+    if storage == "redis":
+        bench.store.flushall()  # every run starts from the same (empty) counters
+    child = start_gateway(bench.procs, bench.tmp, slug, config, ports.proxy, access_log)
+    try:
+        yield ports.proxy
+    finally:
+        bench.procs.stop(child)
+        if child.popen.returncode != 0:
+            print(f"  {name} exited with {child.popen.returncode}:\n{child.tail()}")
+
+
+# --- the targets ---------------------------------------------------------------------------
+
+
+def run_direct(bench: Bench) -> WrkRun:
+    bench.wrk("direct", bench.upstream_port, 1)
+    return bench.wrk("direct", bench.upstream_port, bench.args.duration)
+
+
+def run_nginx(bench: Bench) -> WrkRun:
+    bench.wrk("nginx", bench.nginx_port, 1)
+    return bench.wrk("nginx", bench.nginx_port, bench.args.duration)
+
+
+def run_gateway_redis(bench: Bench) -> WrkRun:
+    with running_gateway(bench, GW_REDIS, "redis") as port:
+        bench.wrk(GW_REDIS, port, 1)
+        bench.store.config_resetstat()
+        run = bench.wrk(GW_REDIS, port, bench.args.duration)
+        count_redis_commands(bench, run.requests)
+    return run
+
+
+def run_gateway_memory(bench: Bench) -> WrkRun:
+    with running_gateway(bench, GW_MEMORY, "memory") as port:
+        bench.wrk(GW_MEMORY, port, 1)
+        return bench.wrk(GW_MEMORY, port, bench.args.duration)
+
+
+def run_gateway_access_log(bench: Bench) -> WrkRun:
+    with running_gateway(bench, GW_LOG, "redis", access_log=True) as port:
+        bench.wrk(GW_LOG, port, 1)
+        return bench.wrk(GW_LOG, port, bench.args.duration)
+
+
+TARGETS: dict[str, Callable[[Bench], WrkRun]] = {
+    "direct (upstream nginx)": run_direct,
+    NGINX: run_nginx,
+    GW_REDIS: run_gateway_redis,
+    GW_MEMORY: run_gateway_memory,
+    GW_LOG: run_gateway_access_log,
+}
+
+
+# --- Redis usage ---------------------------------------------------------------------------
+
+
+def count_redis_commands(bench: Bench, requests: int) -> None:
+    for key, values in bench.store.info("commandstats").items():
+        command = key.removeprefix("cmdstat_")
+        if not command.startswith(OWN_REDIS_COMMANDS):
+            bench.redis_usage.calls[command] += int(values["calls"])
+    bench.redis_usage.requests += requests
+
+
+def sample_redis_commands(bench: Bench) -> None:
+    """Tell the commands the gateway sends from those its Lua scripts run, with MONITOR.
+
+    INFO commandstats counts both alike; MONITOR marks a script's commands with "lua". It slows
+    Redis down, so it watches a short sequential sample, never a throughput run.
+    """
+    usage = bench.redis_usage
+    with running_gateway(bench, GW_REDIS, "redis") as port:
+        expect(port, PATH, KEY_HEADER, 200, "gateway before MONITOR")
+        with bench.store.monitor() as monitor:  # type: ignore[no-untyped-call]
+            for _ in range(MONITOR_REQUESTS):
+                expect(port, PATH, KEY_HEADER, 200, "gateway under MONITOR")
+            bench.store.echo(MONITOR_END)
+            seen = []
+            for command in monitor.listen():
+                seen.append(command)
+                if command["command"] == f"ECHO {MONITOR_END}":
+                    break
+    ours = seen[-1]["client_port"]  # the connection that sent the ECHO (and maybe its HELLO)
+    for command in seen:
+        if command["client_port"] != ours:
+            name = command["command"].split(" ", 1)[0].lower()
+            lua = command["client_type"] == "lua"
+            (usage.sample_script if lua else usage.sample_client)[name] += 1
+    usage.sample_requests = MONITOR_REQUESTS
+
+
+# --- latency at a fixed rate ---------------------------------------------------------------
+
+
+def h2load_latency(bench: Bench, name: str, port: int, rate: float) -> Latency:
+    log = bench.tmp / f"h2load-{port}.tsv"
+    # HTTP/1.1 has one request in flight per connection. With as many connections as wrk, each
+    # sends a request every ~15 ms, far less often than it is answered, so a slow answer does
+    # not postpone the next request. h2load fires each connection's request timer from the
+    # moment it connected: opening them 1 ms apart (-r1) keeps them from firing all together,
+    # which would measure a queue of 50 simultaneous requests instead of the gateway.
+    clients = bench.args.connections
+    argv = [
+        *pinned(1), "h2load", "--h1", "-t1", f"-c{clients}", "-r1", "--rate-period=1ms",
+        f"--rps={rate / clients:.2f}", f"-n{round(rate * bench.args.duration)}",
+        f"--log-file={log}", "-H", f"X-API-Key: {API_KEY}", f"http://127.0.0.1:{port}{PATH}",
+    ]  # fmt: skip
+    bench.note(f"h2load ({name}; --rps is per connection)", argv)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    finished = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", done.stdout)
+    if done.returncode != 0 or not log.exists() or finished is None:
+        raise BenchError(f"h2load against {name} failed:\n{done.stdout}{done.stderr}")
+    # Rows: start (us since epoch), status (-1 for a failed stream), us until the response ended.
+    rows = [line.split("\t")[:3] for line in log.read_text().splitlines()]
+    micros = sorted(int(elapsed) for _start, status, elapsed in rows if status != "-1")
+    if not micros:
+        raise BenchError(f"h2load against {name}: no answered request\n{done.stdout}")
+    return Latency(
+        name=name,
+        offered_rps=rate,
+        achieved_rps=float(finished.group(1)),
+        p50_ms=percentile(micros, 50) / 1000,
+        p99_ms=percentile(micros, 99) / 1000,
+        not_ok=sum(1 for _start, status, _elapsed in rows if status != "200"),
+    )
+
+
+def percentile(ordered: list[int], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def measure_latency(bench: Bench, rate: float) -> list[Latency]:
+    results = [
+        h2load_latency(bench, "direct (upstream nginx)", bench.upstream_port, rate),
+        h2load_latency(bench, NGINX, bench.nginx_port, rate),
+    ]
+    with running_gateway(bench, GW_REDIS, "redis") as port:
+        bench.wrk(GW_REDIS, port, 1)
+        results.append(h2load_latency(bench, GW_REDIS, port, rate))
+    return results
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark the gateway against nginx.")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (10)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
+    parser.add_argument("--rss-mb", type=int, default=1024, help="streamed response, MiB (1024)")
+    parser.add_argument("--quick", action="store_true", help="one round of 3 s; no RESULTS.md")
+    parser.add_argument("--results", type=Path, help="where to write (default bench/RESULTS.md)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.rounds = 3, 1
+    if args.results is None and not args.quick:
+        args.results = BENCH_DIR / "RESULTS.md"
+    return args
+
+
+def start_fixtures(bench: Bench) -> None:
+    tmp, procs = bench.tmp, bench.procs
+    for label, child in (
+        ("upstream nginx", start_upstream(procs, tmp, bench.upstream_port)),
+        ("nginx proxy_pass", start_nginx_proxy(procs, tmp, bench.nginx_port, bench.upstream_port)),
+        ("redis", start_redis(procs, tmp, bench.redis_port)),
+    ):
+        bench.note(label, child.argv)
+    expect(bench.upstream_port, PATH, KEY_HEADER, 200, "upstream nginx")
+    expect(bench.nginx_port, PATH, KEY_HEADER, 200, "nginx proxy_pass")
+
+
+def run(bench: Bench, started: datetime) -> Report:
+    load_at_start = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    start_fixtures(bench)
+    throughput = {name: TargetResult(name) for name in TARGETS}
+    for round_number in range(1, bench.args.rounds + 1):
+        for name, measure in TARGETS.items():
+            result = measure(bench)
+            throughput[name].runs.append(result)
+            print(f"round {round_number}: {name:32} {result.rps:10,.0f} req/s", flush=True)
+    print("which Redis commands the gateway sends (MONITOR) ...", flush=True)
+    sample_redis_commands(bench)
+    rate = throughput[GW_REDIS].median / 2
+    print(f"latency at {rate:,.0f} req/s ...", flush=True)
+    latency = measure_latency(bench, rate)
+    print(f"streaming {bench.args.rss_mb} MiB through the gateway ...", flush=True)
+    (bench.tmp / "rss").mkdir()
+    rss = measure_rss(bench.procs, bench.tmp / "rss", bench.args.rss_mb)
+    args = bench.args
+    return Report(
+        started=started,
+        load_at_start=load_at_start,
+        command_line=shlex.join(["python", "bench/run.py", *sys.argv[1:]]),
+        rounds=args.rounds,
+        duration=args.duration,
+        connections=args.connections,
+        throughput=throughput,
+        redis=bench.redis_usage,
+        latency=latency,
+        rss=rss,
+        commands=bench.commands,
+    )
+
+
+def main() -> int:
+    args = parse_args()
+    require_tools(["nginx", "redis-server", "wrk", "h2load", "taskset"])
+    raise_on_sigterm()
+    started = datetime.now(UTC)
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    bench = Bench(args, tmp, Procs(tmp))
+    try:
+        report = render(run(bench, started))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.procs.stop_all()
+        if args.keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print("\n" + report)
+    if args.results is not None:
+        args.results.write_text(report)
+        print(f"written to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
