@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.base import Decision, Outcome, QuotaUsage, WindowState, make_decision
-from gateway.limits.periods import quota_period
+from gateway.limits.periods import PeriodCache
 
 
 @dataclass(slots=True)
@@ -57,6 +57,7 @@ class MemoryLimiter:
         self._next_sweep = clock() + sweep_interval
         self._rates: dict[str, _RateLog] = {}
         self._quotas: dict[str, _QuotaCount] = {}
+        self._periods = PeriodCache()
 
     async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
         now = self._clock()
@@ -97,7 +98,7 @@ class MemoryLimiter:
         return make_decision(outcome, rate_state, quota_state)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
-        start, end = quota_period(self._clock(), quota.per, quota.timezone)
+        start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         counter = self._quotas.get(subject)
         used = counter.used if counter is not None and counter.start == start else 0
         return QuotaUsage(
@@ -137,7 +138,7 @@ class MemoryLimiter:
         return log
 
     def _quota_count(self, subject: str, quota: QuotaRule, now: float) -> _QuotaCount:
-        start, end = quota_period(now, quota.per, quota.timezone)
+        start, end = self._periods.period(now, quota.per, quota.timezone)
         counter = self._quotas.get(subject)
         if counter is None or counter.start != start:
             counter = self._quotas[subject] = _QuotaCount(start, end)

@@ -21,14 +21,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
@@ -40,10 +40,12 @@ from gateway.limits.base import (
     WindowState,
     make_decision,
 )
-from gateway.limits.periods import quota_period
+from gateway.limits.periods import PeriodCache
 
 HIT_SCRIPT = files("gateway.limits").joinpath("hit.lua").read_text(encoding="utf-8")
 HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
+# EVALSHA <sha> 2 <rate key> <quota key> <4 numbers>, in RESP: the part every hit shares.
+_EVALSHA_PREFIX = b"*9\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n2\r\n" % HIT_SCRIPT_SHA.encode()
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 # A quota counter outlives its period a little so that a gateway whose clock lags still
@@ -76,7 +78,11 @@ def connect(url: str, timeout: float) -> AnyRedis:
             return RedisCluster.from_url(plain_scheme + url[len(cluster_scheme) :], **options)
     if url.startswith(("redis://", "rediss://")):
         # No retries: a retried EVALSHA whose reply was lost would consume twice, and the
-        # pool reconnects on the next call anyway.
+        # pool reconnects on the next call anyway. No socket timeout: every call on this
+        # client already runs under an asyncio timeout of `timeout` (RedisLimiter._guard, or
+        # the batch a hit joins), and redis-py would add a timer to every write and to every
+        # reply it reads, batched or not.
+        options["socket_timeout"] = None
         return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     raise ValueError(f"not a Redis URL: {url!r}")
 
@@ -115,10 +121,21 @@ class _DirectHits:
 
 
 class _PipelinedHits:
-    """Sends the calls queued during one event-loop tick together, as one pipeline."""
+    """Sends the calls queued during one event-loop tick together, on one pooled connection.
+
+    The batch is written and read with redis-py's connection-level calls instead of its
+    `Pipeline`: a pipeline packs every argument of every command through the encoder and
+    wraps each reply's read in a timer of its own, which cost more per hit than the rest of
+    the limit step, while the EVALSHA commands here differ only in their keys and numbers
+    and the whole batch already runs under one timeout.
+    """
 
     def __init__(self, client: Redis, timeout: float) -> None:
         self._client = client
+        self._pool = client.connection_pool
+        encoder = client.get_encoder()  # type: ignore[no-untyped-call]
+        self._encoding: str = encoder.encoding
+        self._encoding_errors: str = encoder.encoding_errors
         self._timeout = timeout
         self._queue: list[_Call] = []
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -166,23 +183,55 @@ class _PipelinedHits:
                 call.reply.set_result(reply)
 
     async def _evalsha_all(self, calls: Sequence[_Call]) -> list[Any]:
-        replies = await self._pipeline(calls)
+        replies = await self._round_trip(calls)
         # After a Redis restart the script cache is empty; a NOSCRIPT reply means the
         # script did not run, so running it again is safe.
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if unknown:
             await self._client.script_load(HIT_SCRIPT)
-            retried = await self._pipeline([calls[i] for i in unknown])
+            retried = await self._round_trip([calls[i] for i in unknown])
             for i, reply in zip(unknown, retried, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(HIT_SCRIPT_SHA, 2, *call.keys, *call.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+    async def _round_trip(self, calls: Sequence[_Call]) -> list[Any]:
+        """Every call's EVALSHA in one write, then every reply; error replies are returned."""
+        packed = b"".join([self._pack(call) for call in calls])
+        connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # this command's own error; the rest still come
+                    replies.append(exc)
             return replies
+        except BaseException:
+            # Replies left unread would be served to the connection's next user.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            # Shielded as redis-py's pipeline does: a second cancellation must not leave the
+            # pool's in-use bookkeeping half updated.
+            await asyncio.shield(self._pool.release(connection))
+
+    def _pack(self, call: _Call) -> bytes:
+        rate_key, quota_key = (
+            key.encode(self._encoding, self._encoding_errors) for key in call.keys
+        )
+        rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in call.args)
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+            _EVALSHA_PREFIX,
+            len(rate_key),
+            rate_key,
+            len(quota_key),
+            quota_key,
+        ) + (
+            f"${len(rate_limit)}\r\n{rate_limit}\r\n${len(window_us)}\r\n{window_us}\r\n"
+            f"${len(quota_limit)}\r\n{quota_limit}\r\n"
+            f"${len(expire_at_ms)}\r\n{expire_at_ms}\r\n"
+        ).encode("ascii")
 
 
 class RedisLimiter:
@@ -199,6 +248,11 @@ class RedisLimiter:
         self._timeout = timeout
         self._on_storage_error = on_storage_error
         self._clock = clock
+        self._periods = PeriodCache()
+        self._is_cluster = isinstance(client, RedisCluster)
+        # On a single Redis the hits join a batch that runs under the storage timeout
+        # already; a second timer per hit would only cost time.
+        self._batched = isinstance(client, Redis)
         self._script: _HitScript = (
             _PipelinedHits(client, timeout) if isinstance(client, Redis) else _DirectHits(client)
         )
@@ -213,7 +267,7 @@ class RedisLimiter:
         if rate is None and quota is None:
             return Decision("allowed", None, None)
         now = self._clock()
-        start, end = quota_period(now, quota.per, quota.timezone) if quota else (now, now)
+        start, end = self._periods.period(now, quota.per, quota.timezone) if quota else (now, now)
         window_us = round(rate.window * 1_000_000) if rate else 0
         expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
         args = (
@@ -223,7 +277,13 @@ class RedisLimiter:
             expire_at_ms,
         )
         keys = (rate_key(subject), quota_key(subject, start))
-        reply = await self._guard("hit", lambda: self._script.run(keys, args))
+        if self._batched:
+            try:
+                reply = await self._script.run(keys, args)
+            except Exception as exc:
+                raise self._storage_error("hit", exc) from exc
+        else:
+            reply = await self._guard("hit", lambda: self._script.run(keys, args))
         code, used, in_window, wait_us = reply
 
         outcome = _OUTCOMES[int(code)]
@@ -246,7 +306,7 @@ class RedisLimiter:
         return make_decision(outcome, rate_state, quota_state)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
-        start, end = quota_period(self._clock(), quota.per, quota.timezone)
+        start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         raw = await self._guard("usage", lambda: self._client.get(quota_key(subject, start)))
         used = int(raw or 0)
         return QuotaUsage(
@@ -254,7 +314,7 @@ class RedisLimiter:
         )
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
-        start, _ = quota_period(self._clock(), quota.per, quota.timezone)
+        start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
         await self._guard("reset", lambda: self._client.delete(quota_key(subject, start)))
 
     async def ping(self) -> None:
@@ -268,22 +328,25 @@ class RedisLimiter:
         """Run one storage call within the timeout; any failure becomes StorageError."""
         try:
             async with asyncio.timeout(self._timeout):
-                if isinstance(self._client, RedisCluster):
+                if self._is_cluster:
                     # Commands sent before the client knows the slot map are routed to an
                     # arbitrary node, and the reinitialisation their MOVED replies trigger
                     # closes connections under concurrent calls (redis-py 8 raises
                     # AttributeError there). Learning the map first avoids both; it is a
                     # no-op once the map is known.
-                    await self._client.initialize()
+                    await cast(RedisCluster, self._client).initialize()
                 return await call()
-        # Whatever the client raises, from its own errors to the odd internal one under a
-        # broken connection, the request path must see StorageError.
         except Exception as exc:
-            if self._on_storage_error is not None:
-                self._on_storage_error(operation)
-            reason = (
-                "timed out"
-                if isinstance(exc, TimeoutError | RedisTimeoutError)
-                else str(exc) or type(exc).__name__
-            )
-            raise StorageError(f"limit storage {operation}: {reason}") from exc
+            raise self._storage_error(operation, exc) from exc
+
+    def _storage_error(self, operation: str, exc: Exception) -> StorageError:
+        """Count the failure; whatever the client raised, from its own errors to the odd
+        internal one under a broken connection, the request path must see StorageError."""
+        if self._on_storage_error is not None:
+            self._on_storage_error(operation)
+        reason = (
+            "timed out"
+            if isinstance(exc, TimeoutError | RedisTimeoutError)
+            else str(exc) or type(exc).__name__
+        )
+        return StorageError(f"limit storage {operation}: {reason}")
