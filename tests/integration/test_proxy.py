@@ -21,6 +21,7 @@ from yarl import URL
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool
+from tests.support.sockets import unaccepting_port
 
 REQUEST_ID = "req-0001"
 EXTRA_HEADERS = {"X-Request-ID": REQUEST_ID, "X-RateLimit-Limit": "10"}
@@ -555,28 +556,12 @@ async def test_broken_upstream_is_bad_gateway(
 async def test_no_connection_in_time_is_gateway_timeout(
     front: Front, client: aiohttp.ClientSession
 ) -> None:
-    # A listen(0) socket nobody accepts on: once its queue is full, Linux drops further SYNs
-    # and a connect hangs, without leaving loopback.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with suppress(BlockingIOError):
-            filler.connect(listener.getsockname())
-        fillers.append(filler)
-    try:
-        front.use(listener.getsockname()[1], connect_timeout=0.2)
+    with unaccepting_port() as port:
+        front.use(port, connect_timeout=0.2)
         loop = asyncio.get_running_loop()
         started = loop.time()
         status, problem = await _problem(client, front.url / "x")
         elapsed = loop.time() - started
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
     assert (status, problem["code"]) == (504, "gateway_timeout")
     assert "connection" in problem["detail"].lower()
     assert elapsed < 1.5

@@ -176,6 +176,28 @@ async def run_through_outage(
     return run
 
 
+async def outage(
+    tmp_path: Path,
+    upstream: Upstream,
+    redis: RedisServer,
+    http: aiohttp.ClientSession,
+    failure: str,
+    on_error: str,
+) -> Run:
+    """A gateway on `redis` with `on_error`, run through one outage of the kind `failure`."""
+    config = write_config(
+        tmp_path / "config",
+        API.format(upstream=upstream.url),
+        storage_url=redis.url,
+        storage_timeout=f"{STORAGE_TIMEOUT * 1000:.0f}ms",
+        on_error=on_error,
+    )
+    async with running_gateway(config) as gateway:
+        run = await run_through_outage(gateway, redis, http, failure)
+    report(run, failure, on_error)
+    return run
+
+
 def check_readyz(run: Run) -> None:
     assert run.readyz_down, "no /readyz during the outage"
     for status, latency in run.readyz_down:
@@ -205,16 +227,7 @@ async def test_deny_answers_503_within_the_timeout_and_recovers_by_itself(
     http: aiohttp.ClientSession,
     failure: str,
 ) -> None:
-    config = write_config(
-        tmp_path / "config",
-        API.format(upstream=upstream.url),
-        storage_url=fresh_redis_server.url,
-        storage_timeout=f"{STORAGE_TIMEOUT * 1000:.0f}ms",
-        on_error="deny",
-    )
-    async with running_gateway(config) as gateway:
-        run = await run_through_outage(gateway, fresh_redis_server, http, failure)
-    report(run, failure, "deny")
+    run = await outage(tmp_path, upstream, fresh_redis_server, http, failure, "deny")
     answers = run.clients.answers
     assert run.clients.errors == []
     assert {(a.status, a.code) for a in answers} == {(200, None), (503, "storage_unavailable")}
@@ -247,16 +260,7 @@ async def test_allow_keeps_admitting_while_redis_is_down(
     http: aiohttp.ClientSession,
     failure: str,
 ) -> None:
-    config = write_config(
-        tmp_path / "config",
-        API.format(upstream=upstream.url),
-        storage_url=fresh_redis_server.url,
-        storage_timeout=f"{STORAGE_TIMEOUT * 1000:.0f}ms",
-        on_error="allow",
-    )
-    async with running_gateway(config) as gateway:
-        run = await run_through_outage(gateway, fresh_redis_server, http, failure)
-    report(run, failure, "allow")
+    run = await outage(tmp_path, upstream, fresh_redis_server, http, failure, "allow")
     answers = run.clients.answers
     assert run.clients.errors == []
     assert {a.status for a in answers} == {200}

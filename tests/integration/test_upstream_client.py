@@ -21,6 +21,7 @@ from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout
 from gateway.proxy import UpstreamPool
 from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
+from tests.support.sockets import unaccepting_port
 
 HOST = [(b"Host", b"upstream")]
 MB = 1024 * 1024
@@ -369,25 +370,10 @@ async def test_refused_connection_is_bad_gateway() -> None:
 
 
 async def test_no_connection_in_time_is_gateway_timeout() -> None:
-    # A listen(0) socket nobody accepts on: once its queue is full, further SYNs are dropped.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with suppress(BlockingIOError):
-            filler.connect(listener.getsockname())
-        fillers.append(filler)
-    try:
-        async with client_for(listener.getsockname()[1], connect_timeout=0.2) as client:
+    with unaccepting_port() as port:
+        async with client_for(port, connect_timeout=0.2) as client:
             with pytest.raises(GatewayTimeout, match="No connection"):
                 await client.send("GET", "/x", HOST, None)
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 async def test_truncated_body_is_a_body_error() -> None:
