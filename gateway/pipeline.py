@@ -266,7 +266,8 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
     except Exception:
         log.exception("unexpected error while handling request %s", ex.request_id)
         internal = InternalError("The gateway failed to handle this request.")
-        response = problem_response(internal, ex.request_id, {"X-Request-ID": ex.request_id})
+        # ex.response_headers: a request that got past the limits keeps its limit headers.
+        response = problem_response(internal, ex.request_id, ex.response_headers)
         record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()

@@ -323,3 +323,32 @@ async def test_large_bodies_stream_both_ways(
     async with client.post(url(gateway, "/soccer/v5/upload"), headers=headers, data=upload()) as r:
         assert r.status == 200
         assert (await r.json())["body_size"] == size
+
+
+class BrokenUpstreams:
+    """An upstream pool with a bug in it, reached after the limits were applied."""
+
+    async def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("internal detail that must not leak")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_500_after_the_limit_step_keeps_the_limit_headers(
+    tmp_path: Path, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    config = write_config(
+        tmp_path / "c",
+        API.format(upstream=upstream.url, closed_port=closed_port()).replace(
+            "open: {}", "open: {rate: {limit: 5, per: second}}"
+        ),
+    )
+    async with running_gateway(config) as worker:
+        worker.runtime.upstreams = BrokenUpstreams()  # type: ignore[assignment]
+        async with client.get(url(worker, INFO), headers=KEY) as r:
+            assert r.status == 500
+            body = await problem_of(r)
+            assert r.headers["X-RateLimit-Remaining"] == "4"
+            assert r.headers["RateLimit"].startswith('"rate";r=4;')
+    assert "internal detail" not in json.dumps(body)
