@@ -183,7 +183,13 @@ class _PipelinedHits:
                 call.reply.set_result(reply)
 
     async def _evalsha_all(self, calls: Sequence[_Call]) -> list[Any]:
-        replies = await self._round_trip(calls)
+        try:
+            replies = await self._round_trip(calls)
+        except RedisConnectionError:
+            # A pooled connection that a restarted Redis had dropped fails with nothing run
+            # on the server that answers now; one more try, on another connection, inside
+            # the same storage timeout, spares the batch a 503.
+            replies = await self._round_trip(calls)
         # After a Redis restart the script cache is empty; a NOSCRIPT reply means the
         # script did not run, so running it again is safe.
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
