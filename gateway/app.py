@@ -36,7 +36,7 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
         snapshot=build_snapshot(config),
         limiter=limiter
         or create_limiter(config.storage, on_storage_error=metrics.count_storage_error),
-        upstreams=UpstreamPool(config.products, auth=config.auth),
+        upstreams=UpstreamPool(config.products),
     )
 
 

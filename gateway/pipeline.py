@@ -212,6 +212,7 @@ async def forward_upstream(ex: Exchange) -> web.StreamResponse:
     result = await ex.runtime.upstreams.forward(
         ex.request,
         ex.match.product,
+        auth=ex.snapshot.config.auth,
         request_id=ex.request_id,
         body_timeout=ex.snapshot.config.server.timeouts.client_body,
         extra_response_headers=ex.response_headers,

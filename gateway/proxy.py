@@ -279,9 +279,12 @@ def _client_kind() -> str:
 class UpstreamPool:
     """One keep-alive client per upstream; forwards requests and streams answers back."""
 
-    def __init__(self, products: Mapping[str, Product], *, auth: AuthConfig) -> None:
+    def __init__(self, products: Mapping[str, Product]) -> None:
         self._products = dict(products)
-        self.auth = auth
+        # What the current auth config implies per request, derived once per config: the auth
+        # comes with each request's own snapshot, so a reload can never mix two configs.
+        self._auth: AuthConfig | None = None
+        self._drop: frozenset[bytes] = frozenset()
         # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
         # timeouts gets a fresh client while an unchanged one keeps its warm connections.
         self._clients: dict[tuple[str, Upstream], UpstreamClient] = {}
@@ -289,16 +292,6 @@ class UpstreamPool:
         # hashing a frozen dataclass walks all its fields on every lookup.
         self._destinations: dict[int, _Destination] = {}
         self._aiohttp = _client_kind() == "aiohttp"
-
-    @property
-    def auth(self) -> AuthConfig:
-        return self._auth
-
-    @auth.setter
-    def auth(self, auth: AuthConfig) -> None:
-        """Replaceable on config reload; what it implies per request is derived here, once."""
-        self._auth = auth
-        self._drop = request_drop_set(auth.header)
 
     async def start(self) -> None:
         """Open a client per configured product now rather than on its first request."""
@@ -338,6 +331,7 @@ class UpstreamPool:
         request: web.BaseRequest,
         product: Product,
         *,
+        auth: AuthConfig,
         request_id: str,
         body_timeout: float,
         extra_response_headers: Mapping[str, str] | None = None,
@@ -352,10 +346,12 @@ class UpstreamPool:
         upstream connection. Once the head is sent, failures are reported in
         `ForwardResult.error` instead, and the client connection is aborted.
         """
+        if auth is not self._auth:
+            self._auth, self._drop = auth, request_drop_set(auth.header)
         destination = self._destination(product)
         path, query = _split_target(request)
         if query:
-            query = strip_query_param(query, self._auth.query_param)
+            query = strip_query_param(query, auth.query_param)
         target = destination.base_path + path
         if query:
             target = f"{target}?{query}"

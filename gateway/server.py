@@ -246,7 +246,6 @@ class Worker:
         from gateway.app import build_snapshot
 
         self.runtime.snapshot = build_snapshot(config)
-        self.runtime.upstreams.auth = config.auth
 
     def reload(self) -> None:
         if self.reloader is not None:

@@ -220,7 +220,8 @@ def _product(port: int) -> Product:
 
 @asynccontextmanager
 async def running_front(upstream_port: int) -> AsyncIterator[Front]:
-    pool = UpstreamPool({}, auth=AuthConfig(header="X-API-Key", query_param="api_key"))
+    pool = UpstreamPool({})
+    auth = AuthConfig(header="X-API-Key", query_param="api_key")
     front: Front | None = None
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -229,6 +230,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
             result = await pool.forward(
                 request,
                 front.product,
+                auth=auth,
                 request_id=REQUEST_ID,
                 body_timeout=front.body_timeout,
                 extra_response_headers=EXTRA_HEADERS,

@@ -544,12 +544,15 @@ async def test_reading_pauses_while_the_reader_is_slow() -> None:
 
 @asynccontextmanager
 async def front_for(port: int) -> AsyncIterator[str]:
-    pool = UpstreamPool({}, auth=AuthConfig(header="X-API-Key", query_param="api_key"))
+    pool = UpstreamPool({})
+    auth = AuthConfig(header="X-API-Key", query_param="api_key")
     product = Product(name="soccer", upstream=_upstream(port), routes=())
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            result = await pool.forward(request, product, request_id="r-1", body_timeout=2.0)
+            result = await pool.forward(
+                request, product, auth=auth, request_id="r-1", body_timeout=2.0
+            )
         except GatewayProblem as problem:
             return web.Response(status=problem.status, text=problem.detail)
         return result.response
