@@ -1,22 +1,22 @@
-"""Builds the proxy application of one worker and the runtime it serves from.
+"""Builds the proxy server of one worker and the runtime it serves from.
 
-The request path itself is `pipeline.REQUEST_PATH`; this module only wires it to aiohttp and
-owns the lifetime of the long-lived resources (limit storage, upstream pools) through
-`cleanup_ctx`, so they are opened once per worker and closed on shutdown.
+The request path itself is `pipeline.REQUEST_PATH`; this module only wires it to the proxy
+port's server (http_server.py) and owns the lifetime of the long-lived resources (limit
+storage, upstream pools): opened once per worker, closed by `close_runtime` after the last
+request has drained.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from aiohttp import web
+import functools
 
 from gateway import metrics
 from gateway.auth import KeyIndex
-from gateway.config.model import Config
+from gateway.config.model import Config, Timeouts
+from gateway.http_server import HttpServer
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
-from gateway.pipeline import RUNTIME, handle_request
+from gateway.pipeline import handle_request
 from gateway.proxy import UpstreamPool
 from gateway.routing import RouteTable
 from gateway.runtime import Runtime, Snapshot
@@ -40,18 +40,15 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     )
 
 
-def build_proxy_app(runtime: Runtime) -> web.Application:
-    app = web.Application(handler_args={"access_log": None})
-    app[RUNTIME] = runtime
-    app.cleanup_ctx.append(_runtime_resources)
-    # One catch-all route: the gateway's own route table (routing.py) decides, so that a
-    # reload can replace it without touching aiohttp's router.
-    app.router.add_route("*", "/{tail:.*}", handle_request)
-    return app
+def build_proxy_server(runtime: Runtime, timeouts: Timeouts) -> HttpServer:
+    """The protocol factory of the proxy port; every request goes through `handle_request`."""
+    return HttpServer(
+        functools.partial(handle_request, runtime),
+        head_timeout=timeouts.client_header,
+        keepalive_timeout=timeouts.keepalive,
+    )
 
 
-async def _runtime_resources(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
-    yield
+async def close_runtime(runtime: Runtime) -> None:
     await runtime.upstreams.close()
     await runtime.limiter.close()

@@ -8,9 +8,12 @@ Pure functions over header lines: repeated headers are kept line by line in orde
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.dates import date_line
 
 HeaderLines = CIMultiDict[str] | CIMultiDictProxy[str] | Iterable[tuple[str, str]]
 
@@ -188,6 +191,85 @@ def client_response_headers(
     if extra:
         kept.extend(extra.items())
     return CIMultiDict(kept)
+
+
+_HOP_BY_HOP_RAW: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP)
+_NOTHING_RAW: frozenset[bytes] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """The header block for the client, and what framing the body needs."""
+
+    block: bytes  # "Name: value\r\n" lines: the upstream's cleaned, then the gateway's
+    content_length: int | None  # the upstream's, None when it sent none (or chunked)
+
+
+def client_response_head(
+    upstream_lines: RawHeaderLines, extra: Mapping[str, str] | None = None
+) -> ResponseHead:
+    """`client_response_headers` over the upstream's raw lines, straight to bytes.
+
+    A Date line is added when the upstream sent none (RFC 9110 §6.6.1 asks a recipient
+    with a clock to add one).
+    """
+    replaced = _lowered_raw(extra) if extra else _NOTHING_RAW
+    kept: list[tuple[bytes, bytes]] = []
+    chunked = False
+    listed: set[bytes] | None = None
+    length: bytes | None = None
+    dated = False
+    for line in upstream_lines:
+        name = line[0].lower()
+        if name in _HOP_BY_HOP_RAW:
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                for token in line[1].split(b","):
+                    token = token.strip().lower()
+                    if (
+                        token
+                        and token not in _HOP_BY_HOP_RAW
+                        and (token not in _NEVER_CONNECTION_LISTED_RAW)
+                    ):
+                        if listed is None:
+                            listed = set()
+                        listed.add(token)
+        elif name not in replaced:
+            if name == b"content-length":
+                length = line[1]
+            elif name == b"date":
+                dated = True
+            kept.append(line)
+    if chunked or listed:
+        dropped = listed or set()
+        if chunked:
+            dropped.add(b"content-length")
+            length = None
+        kept = [line for line in kept if line[0].lower() not in dropped]
+        if b"content-length" in dropped:
+            length = None
+        if b"date" in dropped:
+            dated = False
+    parts = [name + b": " + value + b"\r\n" for name, value in kept]
+    if extra:
+        parts.append(_encode("".join([f"{name}: {value}\r\n" for name, value in extra.items()])))
+    if not dated:
+        parts.append(date_line())
+    return ResponseHead(b"".join(parts), int(length) if length is not None else None)
+
+
+_LOWERED_RAW: dict[tuple[str, ...], frozenset[bytes]] = {}
+
+
+def _lowered_raw(names: Iterable[str]) -> frozenset[bytes]:
+    key = tuple(names)
+    lowered = _LOWERED_RAW.get(key)
+    if lowered is None:
+        lowered = frozenset(name.lower().encode("latin-1") for name in key)
+        if len(_LOWERED_RAW) < 256:
+            _LOWERED_RAW[key] = lowered
+    return lowered
 
 
 _NOTHING: frozenset[str] = frozenset()

@@ -1,7 +1,8 @@
 """The request path, one step per check of the contract's §3, in the order it promises.
 
-Each step either lets the request go on (returns None), answers it (returns a response, as a
-redirect does), or raises a GatewayProblem that `handle_request` turns into problem+json.
+Each step either lets the request go on (returns None), answers it (returns an `Answer`, as a
+redirect does, or as forwarding does once the upstream's answer is sent), or raises a
+GatewayProblem that `handle_request` turns into problem+json.
 Nothing before `apply_limits` touches the limit storage, so nothing that fails earlier uses up
 rate or quota.
 """
@@ -15,14 +16,17 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import quote
 
-from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 
 from gateway import accesslog, metrics
 from gateway.auth import Principal
+from gateway.client_request import ClientRequest
 from gateway.config.model import ApiKey
+from gateway.http_server import encode_header_block
 from gateway.limits.base import StorageError
 from gateway.limits.headers import limit_headers
 from gateway.params import check_path_params, check_query
@@ -43,8 +47,6 @@ from gateway.routing import RouteMatch
 from gateway.runtime import Runtime, Snapshot
 
 log = logging.getLogger("gateway")
-
-RUNTIME = web.AppKey("runtime", Runtime)
 
 # A client's own request id is kept only when it cannot upset a log line or a header.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -67,7 +69,7 @@ class Exchange:
         "started",
     )
 
-    def __init__(self, request: web.Request, runtime: Runtime, record: RequestRecord) -> None:
+    def __init__(self, request: ClientRequest, runtime: Runtime, record: RequestRecord) -> None:
         self.started = time.perf_counter()
         self.counted = False
         self.request = request
@@ -98,13 +100,23 @@ class Exchange:
         self.count()
 
 
-Step = Callable[[Exchange], Awaitable[web.StreamResponse | None]]
+@dataclass(slots=True)
+class Answer:
+    """How a step answered: an answer of the gateway's own to send (a redirect), or, with
+    `sent`, the upstream's answer that has already gone to the client."""
+
+    status: int
+    headers: dict[str, str]
+    sent: bool = False
 
 
-async def match_route(ex: Exchange) -> web.StreamResponse | None:
+Step = Callable[[Exchange], Awaitable[Answer | None]]
+
+
+async def match_route(ex: Exchange) -> Answer | None:
     """1: 404 Invalid route, 405, 410, 301/302; none of these needs a key."""
     request = ex.request
-    match = ex.snapshot.routes.match(request.method, request.rel_url.raw_path)
+    match = ex.snapshot.routes.match(request.method, request.raw_path)
     ex.match = match
     route = match.route
     ex.record.product = route.product
@@ -121,11 +133,11 @@ async def match_route(ex: Exchange) -> web.StreamResponse | None:
         status = 301 if route.redirect.permanent else 302
         ex.record.code = "redirect"
         headers = {**ex.response_headers, "Location": target}
-        return web.Response(status=status, headers=headers)
+        return Answer(status, headers)
     return None
 
 
-async def identify_key(ex: Exchange) -> web.StreamResponse | None:
+async def identify_key(ex: Exchange) -> Answer | None:
     """2: 401 without a known key."""
     request = ex.request
     query_string = request.query_string
@@ -137,7 +149,7 @@ async def identify_key(ex: Exchange) -> web.StreamResponse | None:
     return None
 
 
-async def check_access(ex: Exchange) -> web.StreamResponse | None:
+async def check_access(ex: Exchange) -> Answer | None:
     """3: 403 when the key is disabled or has no plan for this product."""
     assert ex.key is not None and ex.match is not None
     ex.principal = ex.snapshot.keys.authorize(ex.key, ex.match.product.name)
@@ -145,7 +157,7 @@ async def check_access(ex: Exchange) -> web.StreamResponse | None:
     return None
 
 
-async def check_params(ex: Exchange) -> web.StreamResponse | None:
+async def check_params(ex: Exchange) -> Answer | None:
     """4: 404 Wrong identifier for a path identifier, 400 for anything else declared."""
     assert ex.match is not None
     route = ex.match.route
@@ -156,7 +168,7 @@ async def check_params(ex: Exchange) -> web.StreamResponse | None:
     return None
 
 
-async def check_maintenance(ex: Exchange) -> web.StreamResponse | None:
+async def check_maintenance(ex: Exchange) -> Answer | None:
     """5: 503 while the product is in maintenance."""
     assert ex.match is not None
     maintenance = ex.match.product.maintenance
@@ -167,7 +179,7 @@ async def check_maintenance(ex: Exchange) -> web.StreamResponse | None:
     return None
 
 
-async def apply_limits(ex: Exchange) -> web.StreamResponse | None:
+async def apply_limits(ex: Exchange) -> Answer | None:
     """6 and 7: the storage must answer (or on_error: allow), then rate and quota in one step."""
     assert ex.principal is not None
     plan = ex.principal.plan
@@ -206,7 +218,7 @@ async def apply_limits(ex: Exchange) -> web.StreamResponse | None:
     return None
 
 
-async def forward_upstream(ex: Exchange) -> web.StreamResponse:
+async def forward_upstream(ex: Exchange) -> Answer:
     """8: the upstream's own answer, streamed; 502 and 504 when it cannot give one."""
     assert ex.match is not None
     result = await ex.runtime.upstreams.forward(
@@ -221,7 +233,7 @@ async def forward_upstream(ex: Exchange) -> web.StreamResponse:
     ex.record.code = "upstream"
     ex.record.upstream_duration = result.upstream_seconds
     ex.record.bytes_sent = result.bytes_sent
-    return result.response
+    return Answer(result.status, ex.response_headers, sent=True)
 
 
 # The contract's order of checks (§3), as the one list the request walks through.
@@ -236,9 +248,8 @@ REQUEST_PATH: tuple[Step, ...] = (
 )
 
 
-async def handle_request(request: web.Request) -> web.StreamResponse:
+async def handle_request(runtime: Runtime, request: ClientRequest) -> None:
     """The one handler of the proxy port: runs REQUEST_PATH and answers every failure."""
-    runtime = request.app[RUNTIME]
     record = RequestRecord(
         request_id=_request_id(request),
         method=request.method,
@@ -246,20 +257,22 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         start=time.time(),
     )
     ex = Exchange(request, runtime, record)
-    close_after = False
     metrics.INFLIGHT.inc()
+    own: tuple[int, str, bytes, bytes, bool] | None = None  # status, reason, head, body, close
     try:
-        response: web.StreamResponse | None = None
+        answer: Answer | None = None
         for step in REQUEST_PATH:
-            response = await step(ex)
-            if response is not None:
+            answer = await step(ex)
+            if answer is not None:
                 break
-        assert response is not None
-        record.status = response.status
+        assert answer is not None
+        record.status = answer.status
+        if not answer.sent:
+            reason = HTTPStatus(answer.status).phrase
+            own = (answer.status, reason, encode_header_block(answer.headers), b"", False)
     except GatewayProblem as problem:
-        response = problem_response(problem, ex.request_id, ex.response_headers)
+        own = _problem_answer(problem, ex.request_id, ex.response_headers)
         record.status, record.code = problem.status, problem.code
-        close_after = problem.close_connection
     except (asyncio.CancelledError, ConnectionError):
         # The client went away: nobody will read an answer, but the log and metrics should.
         record.status, record.code = CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE
@@ -268,43 +281,39 @@ async def handle_request(request: web.Request) -> web.StreamResponse:
         log.exception("unexpected error while handling request %s", ex.request_id)
         internal = InternalError("The gateway failed to handle this request.")
         # ex.response_headers: a request that got past the limits keeps its limit headers.
-        response = problem_response(internal, ex.request_id, ex.response_headers)
+        own = _problem_answer(internal, ex.request_id, ex.response_headers)
         record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()
-        if not record.bytes_sent and response is not None and isinstance(response, web.Response):
-            record.bytes_sent = len(response.body or b"")  # type: ignore[arg-type]
+        if own is not None and request.method != "HEAD":
+            record.bytes_sent = len(own[3])
         # Counted before the answer leaves (a proxied one already was), so a scrape after it
         # always sees it.
         ex.count()
         record.duration = time.perf_counter() - ex.started
         accesslog.write_access_log(record)
-    if close_after:
-        # Send it now and cut the connection: left to aiohttp, it would first wait (up to
-        # its lingering time) for the rest of a body the client is not sending.
-        await response.prepare(request)
-        await response.write_eof()
-        request.protocol.force_close()
-    return response
+    if own is not None:
+        status, reason, block, body, close = own
+        connection = request.connection
+        if connection.answer_started:
+            connection.abort()  # part of another answer is out: only a cut can tell
+        else:
+            connection.respond(request, status, reason, block, body, close=close)
 
 
-def problem_response(
+def _problem_answer(
     problem: GatewayProblem, request_id: str, headers: dict[str, str]
-) -> web.Response:
-    response = web.Response(
-        status=problem.status,
-        # The status line says what the API's documentation calls it ("429 Quota Exceeded").
-        reason=problem.title,
-        body=problem.body(request_id),
-        headers={**headers, **problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE},
+) -> tuple[int, str, bytes, bytes, bool]:
+    """A problem as (status, reason, header block, body, close)."""
+    block = encode_header_block(
+        {**headers, **problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE}
     )
-    if problem.close_connection:
-        response.force_close()
-    return response
+    # The status line says what the API's documentation calls it ("429 Quota Exceeded").
+    return problem.status, problem.title, block, problem.body(request_id), problem.close_connection
 
 
-def _request_id(request: web.BaseRequest) -> str:
-    given = request.headers.get("X-Request-ID")
+def _request_id(request: ClientRequest) -> str:
+    given = request.header(b"x-request-id")
     if given and _SANE_REQUEST_ID.fullmatch(given):
         return given
     return _new_request_id()

@@ -97,7 +97,7 @@ class RequestTimeout(GatewayProblem):
 
     def __init__(self, detail: str) -> None:
         # The rest of a slow request may still be on its way: the connection cannot be reused.
-        super().__init__(detail, headers={"Connection": "close"}, close_connection=True)
+        super().__init__(detail, close_connection=True)
 
 
 class Gone(GatewayProblem):

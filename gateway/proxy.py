@@ -5,27 +5,25 @@ never holding either whole in memory. What goes wrong before the answer's head r
 the client becomes a problem (502, 504, 408); what goes wrong after it can only cut the
 answer short, so the client connection is aborted and `ForwardResult.error` says why.
 
-The HTTP client itself hides behind `UpstreamClient`/`UpstreamReply`, so a faster
-protocol-level client can replace aiohttp's without touching the forwarding logic.
+The HTTP client itself hides behind `UpstreamClient`/`UpstreamReply`; the answer is written
+through the client connection of http_server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.aiohttp_client import AiohttpUpstreamClient
+from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.headers import (
-    client_response_headers,
+    client_response_head,
     request_drop_set,
     strip_query_param,
     upstream_header_lines,
@@ -34,7 +32,6 @@ from gateway.problems import GatewayProblem, GatewayTimeout, RequestTimeout
 from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
 
 __all__ = [
-    "AiohttpUpstreamClient",
     "AnswerHook",
     "ForwardResult",
     "UpstreamBodyError",
@@ -44,11 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Which `UpstreamClient` the pool uses: the protocol-level one of upstream_client.py unless
-# this says "aiohttp", which is kept for comparison.
-UPSTREAM_CLIENT_ENV = "GATEWAY_UPSTREAM_CLIENT"
-
 
 # Told (status, upstream seconds, body bytes) just before the bytes that complete the answer go
 # out: once the client has its whole answer, a metrics scrape must already count it.
@@ -68,6 +60,9 @@ class UpstreamReply(Protocol):
     def headers(self) -> CIMultiDictProxy[str]: ...
 
     @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+    @property
     def complete(self) -> bool:
         """The whole body has arrived: `read` will not wait any more."""
         ...
@@ -79,6 +74,10 @@ class UpstreamReply(Protocol):
 
     async def read(self) -> bytes:
         """The next chunk of the body, b"" at its end; raises UpstreamBodyError."""
+        ...
+
+    def take_body(self) -> bytes:
+        """The whole body, once `complete`."""
         ...
 
     def finish(self) -> None:
@@ -115,20 +114,12 @@ class UpstreamClient(Protocol):
 
 @dataclass(slots=True)
 class ForwardResult:
-    response: web.StreamResponse  # prepared and, unless `error` is set, finished
     status: int  # the upstream's status, as sent to the client
     upstream_seconds: float  # from sending the request to the upstream's response head
     bytes_sent: int  # body bytes written to the client
     # Set when the answer was cut short after its head was sent (upstream died or stalled
     # mid-body, or the client stopped reading): the client connection has been aborted.
     error: str | None = None
-
-
-class _WholeAnswer(web.StreamResponse):
-    """A proxied answer whose body is all in hand: its head waits to leave with the body, in
-    one write, instead of going out alone as soon as it is prepared."""
-
-    _send_headers_immediately = False
 
 
 class _WriteWatch:
@@ -217,7 +208,7 @@ class _ClientBody:
 
     __slots__ = ("_content", "_timeout", "_watch", "failure")
 
-    def __init__(self, request: web.BaseRequest, body_timeout: float, watch: _UploadWatch):
+    def __init__(self, request: ClientRequest, body_timeout: float, watch: _UploadWatch):
         self._content = request.content
         self._timeout = body_timeout
         self._watch = watch
@@ -248,17 +239,6 @@ class _ClientBody:
             yield chunk
 
 
-def _split_target(request: web.BaseRequest) -> tuple[str, str]:
-    """The path and query exactly as the client sent them, percent-encoding untouched."""
-    target = request.raw_path
-    if target.startswith("/"):
-        target = target.partition("#")[0]
-        path, _, query = target.partition("?")
-        return path, query
-    # Absolute-form (`GET http://host/path`): only the parsed URL knows where the path starts.
-    return request.rel_url.raw_path, request.rel_url.raw_query_string
-
-
 @dataclass(frozen=True, slots=True)
 class _Destination:
     """What forwarding to one product needs, derived from its config once."""
@@ -270,10 +250,6 @@ class _Destination:
 
 
 _MAX_DESTINATIONS = 1024
-
-
-def _client_kind() -> str:
-    return os.environ.get(UPSTREAM_CLIENT_ENV, "http").strip().lower()
 
 
 class UpstreamPool:
@@ -291,7 +267,6 @@ class UpstreamPool:
         # By the identity of the Product object (kept in the value to rule out a reused id):
         # hashing a frozen dataclass walks all its fields on every lookup.
         self._destinations: dict[int, _Destination] = {}
-        self._aiohttp = _client_kind() == "aiohttp"
 
     async def start(self) -> None:
         """Open a client per configured product now rather than on its first request."""
@@ -312,11 +287,7 @@ class UpstreamPool:
         key = (product.name, upstream)
         client = self._clients.get(key)
         if client is None:
-            client = (
-                AiohttpUpstreamClient(upstream, product.name)
-                if self._aiohttp
-                else HttpUpstreamClient(upstream, product.name)
-            )
+            client = HttpUpstreamClient(upstream, product.name)
             self._clients[key] = client
         if len(self._destinations) >= _MAX_DESTINATIONS:
             self._destinations.clear()  # mostly products of configs reloaded away
@@ -328,7 +299,7 @@ class UpstreamPool:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: ClientRequest,
         product: Product,
         *,
         auth: AuthConfig,
@@ -349,7 +320,7 @@ class UpstreamPool:
         if auth is not self._auth:
             self._auth, self._drop = auth, request_drop_set(auth.header)
         destination = self._destination(product)
-        path, query = _split_target(request)
+        path, query = request.raw_path, request.query_string
         if query:
             query = strip_query_param(query, auth.query_param)
         target = destination.base_path + path
@@ -383,7 +354,7 @@ class UpstreamPool:
 
     async def _send_with_body(
         self,
-        request: web.BaseRequest,
+        request: ClientRequest,
         destination: _Destination,
         target: str,
         headers: Sequence[tuple[bytes, bytes]],
@@ -414,7 +385,7 @@ class UpstreamPool:
 
     async def _stream_reply(
         self,
-        request: web.BaseRequest,
+        request: ClientRequest,
         product: Product,
         reply: UpstreamReply,
         request_id: str,
@@ -423,27 +394,72 @@ class UpstreamPool:
         upstream_seconds: float,
         on_answered: AnswerHook | None,
     ) -> ForwardResult:
-        response_class = _WholeAnswer if reply.complete else web.StreamResponse
-        response = response_class(
-            status=reply.status,
-            reason=reply.reason,
-            headers=client_response_headers(reply.headers, extra_response_headers),
-        )
+        connection = request.connection
+        status = reply.status
+        head = client_response_head(reply.raw_headers, extra_response_headers)
+        length = head.content_length
+        if request.method == "HEAD" or status in (204, 304) or length == 0:
+            # The head is the whole answer (llhttp has seen to it that no body follows).
+            if on_answered is not None:
+                on_answered(status, upstream_seconds, 0)
+            connection.begin_answer(request, status, reply.reason, head.block)
+            try:
+                connection.end_answer()
+            finally:
+                if reply.complete:
+                    reply.take_body()
+                    reply.finish()
+                else:
+                    reply.abort()
+            return ForwardResult(status, upstream_seconds, 0)
+        if reply.complete:
+            # All of it is in hand: head and body leave in one write, framed by a length.
+            body = reply.take_body()
+            reply.finish()
+            block = head.block
+            if length is None:
+                block += b"Content-Length: %d\r\n" % len(body)
+            if on_answered is not None:
+                on_answered(status, upstream_seconds, len(body))
+            connection.begin_answer(request, status, reply.reason, block)
+            connection.end_answer(body)
+            return ForwardResult(status, upstream_seconds, len(body))
+        return await self._stream_body(
+            request, product, reply, head.block, length, request_id, body_timeout,
+            upstream_seconds, on_answered,
+        )  # fmt: skip
+
+    async def _stream_body(
+        self,
+        request: ClientRequest,
+        product: Product,
+        reply: UpstreamReply,
+        block: bytes,
+        length: int | None,
+        request_id: str,
+        body_timeout: float,
+        upstream_seconds: float,
+        on_answered: AnswerHook | None,
+    ) -> ForwardResult:
+        """An answer whose body is still arriving: relayed chunk by chunk as it comes."""
+        connection = request.connection
+        status = reply.status
         sent = 0
         error: str | None = None
         completed = False
-        length = response.content_length  # None when the body is chunked
 
         def answering(body_bytes: int) -> None:
             nonlocal on_answered
             if on_answered is not None:
-                on_answered(reply.status, upstream_seconds, body_bytes)
+                on_answered(status, upstream_seconds, body_bytes)
                 on_answered = None
 
+        # Without a length the body is re-framed in chunks (or, for HTTP/1.0, by the close).
+        chunked = length is None
+        connection.begin_answer(
+            request, status, reply.reason, block, chunked=chunked, close_delimited=chunked
+        )
         try:
-            if request.method == "HEAD" or reply.status in (204, 304) or length == 0:
-                answering(0)  # the head is the whole answer
-            await response.prepare(request)
             # A client that stops reading would otherwise pin an upstream connection for ever.
             stall = _WriteWatch(body_timeout)
             try:
@@ -452,11 +468,12 @@ class UpstreamPool:
                     if reply.at_eof:
                         # The last chunk leaves with the end of the answer, in one write.
                         answering(sent + len(chunk))
-                        await response.write_eof(chunk)
+                        connection.end_answer(chunk)
+                        completed = True
                     else:
                         if length is not None and sent + len(chunk) >= length:
                             answering(sent + len(chunk))
-                        await response.write(chunk)
+                        await connection.write_body(chunk)
                     stall.written()
                     sent += len(chunk)
             except UpstreamBodyError as exc:
@@ -467,9 +484,9 @@ class UpstreamPool:
                 error = f"The client stopped reading the answer for more than {body_timeout:g}s."
             finally:
                 stall.stop()
-            if error is None:
-                answering(sent)  # a chunked answer ends with write_eof's terminator
-                await response.write_eof()
+            if error is None and not completed:
+                answering(sent)  # a chunked answer ends with the terminator
+                connection.end_answer()
                 completed = True
         finally:
             if completed:
@@ -479,13 +496,11 @@ class UpstreamPool:
         if error is not None:
             # Sending the chunked terminator (or nothing more under a Content-Length) would
             # make a cut answer look complete; an abort makes the client see the truncation.
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
+            connection.abort()
             log.warning(
                 "answer cut short after %d body bytes: %s",
                 sent,
                 error,
                 extra={"request_id": request_id, "product": product.name},
             )
-        return ForwardResult(response, reply.status, upstream_seconds, sent, error)
+        return ForwardResult(status, upstream_seconds, sent, error)

@@ -20,13 +20,16 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Address, Config
 from gateway.reload import Reloader
+
+if TYPE_CHECKING:
+    from gateway.http_server import HttpServer
 
 log = logging.getLogger("gateway.server")
 
@@ -181,14 +184,13 @@ class Worker:
     """The proxy and admin servers of one process; tests start it in their own event loop."""
 
     def __init__(self, config_path: str | None, config: Config, *, supervised: bool) -> None:
-        from gateway.app import build_proxy_app, build_runtime
+        from gateway.app import build_runtime
 
         self.config = config
         self.runtime = build_runtime(config)
         self._config_path = config_path
         self._supervised = supervised
-        self._proxy_app = build_proxy_app(self.runtime)
-        self._proxy_runner: web.AppRunner | None = None
+        self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._proxy_listener: asyncio.Server | None = None
         self.reloader: Reloader | None = None
@@ -198,33 +200,14 @@ class Worker:
     async def start(self) -> None:
         from gateway import metrics
         from gateway.admin import build_admin_app
-        from gateway.connection import GatewayConnection
+        from gateway.app import build_proxy_server
 
         loop = asyncio.get_running_loop()
         server_config = self.config.server
-        timeouts = server_config.timeouts
-        self._proxy_runner = web.AppRunner(
-            self._proxy_app,
-            handler_cancellation=True,
-            access_log=None,
-            keepalive_timeout=timeouts.keepalive,
-            shutdown_timeout=server_config.drain_timeout,
-        )
-        await self._proxy_runner.setup()
-        manager = self._proxy_runner.server
-        assert manager is not None
+        self._proxy_server = build_proxy_server(self.runtime, server_config.timeouts)
         proxy_socket = open_listener(server_config.listen)
         self.proxy_port = proxy_socket.getsockname()[1]
-        self._proxy_listener = await loop.create_server(
-            lambda: GatewayConnection(
-                manager,
-                loop=loop,
-                head_timeout=timeouts.client_header,
-                keepalive_timeout=timeouts.keepalive,
-                access_log=None,
-            ),
-            sock=proxy_socket,
-        )
+        self._proxy_listener = await loop.create_server(self._proxy_server, sock=proxy_socket)
         runtime = self.runtime
         admin_app = build_admin_app(lambda: runtime, token=server_config.admin_token)
         self._admin_runner = web.AppRunner(admin_app, access_log=None)
@@ -255,10 +238,14 @@ class Worker:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
         if self.reloader is not None:
             await self.reloader.stop()
+        from gateway.app import close_runtime
+
         if self._proxy_listener is not None:
             self._proxy_listener.close()
-        if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()
+        if self._proxy_server is not None:
+            await self._proxy_server.shutdown(self.config.server.drain_timeout)
+            self._proxy_server = None
+            await close_runtime(self.runtime)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 

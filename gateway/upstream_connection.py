@@ -64,10 +64,11 @@ class HttpReply:
         "_connection",
         "_done",
         "_error",
+        "_headers",
         "_queued",
         "_waiter",
         "head_only",
-        "headers",
+        "raw_headers",
         "reason",
         "status",
     )
@@ -77,12 +78,33 @@ class HttpReply:
         self.head_only = head_only  # an answer to HEAD: no body, whatever its headers say
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: CIMultiDictProxy[str] | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes in _chunks
         self._done = False  # the whole body has arrived
         self._error: str | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The header lines decoded into a multidict, built when first asked for."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(
+                CIMultiDict((_decode(name), _decode(value)) for name, value in self.raw_headers)
+            )
+        return headers
+
+    def take_body(self) -> bytes:
+        """The whole body of a complete answer, at once (a single chunk is not copied)."""
+        assert self._done
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._queued = 0
+        self._connection.resume()
+        return body
 
     @property
     def complete(self) -> bool:
@@ -134,9 +156,6 @@ class HttpReply:
             waiter.set_result(None)
 
 
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-
-
 class HttpConnection(asyncio.Protocol):
     """One TCP connection to the upstream, carrying one exchange at a time."""
 
@@ -158,7 +177,7 @@ class HttpConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._upload: asyncio.Task[None] | None = None
         self._interim = False  # parsing a 1xx answer, which is skipped
-        self._header_lines: list[tuple[str, str]] = []
+        self._header_lines: list[tuple[bytes, bytes]] = []
         self._reason = b""
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -223,10 +242,7 @@ class HttpConnection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # As aiohttp's own parser decodes header lines; inline, as this runs per line.
-        self._header_lines.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        self._header_lines.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -241,7 +257,7 @@ class HttpConnection(asyncio.Protocol):
             return
         reply.status = status
         reply.reason = _decode(self._reason)
-        reply.headers = CIMultiDictProxy(CIMultiDict(self._header_lines))
+        reply.raw_headers = self._header_lines
         self._stop_head_timer()
         head = self._head
         if head is not None and not head.done():

@@ -18,9 +18,11 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool
+from tests.support.front import answer_problem, serving
 from tests.support.sockets import unaccepting_port
 
 REQUEST_ID = "req-0001"
@@ -224,7 +226,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
     auth = AuthConfig(header="X-API-Key", query_param="api_key")
     front: Front | None = None
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: ClientRequest) -> None:
         assert front is not None
         try:
             result = await pool.forward(
@@ -237,34 +239,18 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
             )
         except GatewayProblem as problem:
             front.outcomes.append(problem)
-            response = web.Response(
-                status=problem.status,
-                body=problem.body(REQUEST_ID),
-                headers={**problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE},
-            )
-            if problem.close_connection:
-                # aiohttp would otherwise linger up to 10 s reading the rest of the body.
-                await response.prepare(request)
-                await response.write_eof()
-                request.protocol.force_close()
-            return response
+            answer_problem(request, problem, REQUEST_ID)
+            return
         except BaseException as exc:
             front.outcomes.append(exc)
             raise
         front.outcomes.append(result)
-        return result.response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    front = Front(URL(f"http://127.0.0.1:{runner.addresses[0][1]}"), pool, _product(upstream_port))
     try:
-        yield front
+        async with serving(handle) as port:
+            front = Front(URL(f"http://127.0.0.1:{port}"), pool, _product(upstream_port))
+            yield front
     finally:
-        await runner.cleanup()
         await pool.close()
 
 

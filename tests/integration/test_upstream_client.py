@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout
 from gateway.proxy import UpstreamPool
 from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
+from tests.support.front import answer_problem, serving
 from tests.support.sockets import unaccepting_port
 
 HOST = [(b"Host", b"upstream")]
@@ -548,25 +549,16 @@ async def front_for(port: int) -> AsyncIterator[str]:
     auth = AuthConfig(header="X-API-Key", query_param="api_key")
     product = Product(name="soccer", upstream=_upstream(port), routes=())
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: ClientRequest) -> None:
         try:
-            result = await pool.forward(
-                request, product, auth=auth, request_id="r-1", body_timeout=2.0
-            )
+            await pool.forward(request, product, auth=auth, request_id="r-1", body_timeout=2.0)
         except GatewayProblem as problem:
-            return web.Response(status=problem.status, text=problem.detail)
-        return result.response
+            answer_problem(request, problem, "r-1")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with serving(handle) as front_port:
+            yield f"http://127.0.0.1:{front_port}"
     finally:
-        await runner.cleanup()
         await pool.close()
 
 

@@ -1,0 +1,197 @@
+"""One request as the proxy port's server parsed it, and its body as it streams in.
+
+The head is kept as the parser produced it: raw header lines (bytes, original case, every
+line), the raw target split into path and query. Anything decoded (the header multidict, the
+parsed query, the percent-decoded path) is built only when a step asks for it, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+if TYPE_CHECKING:
+    from gateway.http_server import ClientConnection
+
+# A request body larger than this waiting for the upstream pauses reading from the client;
+# reading resumes once the upstream has taken it down to _BODY_LOW_WATER.
+_BODY_HIGH_WATER = 256 * 1024
+_BODY_LOW_WATER = 64 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _decode(raw: bytes) -> str:
+    # As aiohttp's parser decodes header lines: undecodable bytes survive a round trip.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class RequestBody:
+    """The body of one request: chunks as the parser produced them, read by whoever forwards it.
+
+    `readany` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
+    client went away before the body was complete.
+    """
+
+    __slots__ = ("_chunks", "_connection", "_continue", "_error", "_queued", "_waiter", "done")
+
+    def __init__(self, connection: ClientConnection | None, expect_continue: bool) -> None:
+        self._connection = connection
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        # The client waits for a 100 Continue before it sends the body: it goes out when the
+        # body is first wanted, so a request refused earlier never has its body sent at all.
+        self._continue = expect_continue
+        self.done = connection is None
+
+    async def readany(self) -> bytes:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._queued -= len(chunk)
+                if self._queued <= _BODY_LOW_WATER and self._connection is not None:
+                    self._connection.resume_body()
+                return chunk
+            if self.done:
+                return b""
+            if self._error is not None:
+                raise self._error
+            connection = self._connection
+            assert connection is not None
+            if self._continue:
+                self._continue = False
+                connection.send_interim(_CONTINUE)
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    # Called by the connection.
+
+    def feed(self, chunk: bytes) -> bool:
+        """Queue a chunk; true when the queue is over the high-water mark."""
+        self._chunks.append(chunk)
+        self._queued += len(chunk)
+        self._wake()
+        return self._queued > _BODY_HIGH_WATER
+
+    def end(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+# The body of every request that announced none: always at its end.
+NO_BODY = RequestBody(None, False)
+
+
+class ClientRequest:
+    """One request head, its body stream, and the connection that must answer it."""
+
+    __slots__ = (
+        "_headers",
+        "_path",
+        "_query",
+        "body_exists",
+        "connection",
+        "content",
+        "keep_alive",
+        "method",
+        "query_string",
+        "raw_headers",
+        "raw_path",
+        "remote",
+        "scheme",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self,
+        connection: ClientConnection,
+        method: str,
+        target: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        version: str,
+        keep_alive: bool,
+        content: RequestBody,
+    ) -> None:
+        self.connection = connection
+        self.method = method
+        self.target = _decode(target)
+        if target[:1] == b"/":
+            raw_path, _, query = self.target.partition("?")
+            self.raw_path = raw_path
+            self.query_string = query.partition("#")[0]
+        else:
+            # Absolute-form (`GET http://host/path`), or anything the routes will not match.
+            self.raw_path, self.query_string = _split_absolute(target)
+        self.raw_headers = raw_headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.content = content
+        self.body_exists = content is not NO_BODY
+        self.remote = connection.remote
+        self.scheme = "http"
+        self._headers: CIMultiDictProxy[str] | None = None
+        self._query: MultiDictProxy[str] | None = None
+        self._path: str | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """The first line of header `name` (lower-case bytes), without building the multidict."""
+        for line in self.raw_headers:
+            if line[0].lower() == name:
+                return _decode(line[1])
+        return None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(
+                CIMultiDict((_decode(name), _decode(value)) for name, value in self.raw_headers)
+            )
+        return headers
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        query = self._query
+        if query is None:
+            query = self._query = MultiDictProxy(
+                MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
+            )
+        return query
+
+    @property
+    def path(self) -> str:
+        """The path, percent-decoded (for the access log; routing uses `raw_path`)."""
+        path = self._path
+        if path is None:
+            path = self._path = unquote(self.raw_path, errors="surrogateescape")
+        return path
+
+
+def _split_absolute(target: bytes) -> tuple[str, str]:
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return _decode(target), ""
+    return _decode(url.path or b"/"), _decode(url.query or b"")
