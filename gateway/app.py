@@ -28,6 +28,7 @@ def build_snapshot(config: Config) -> Snapshot:
         config=config,
         routes=RouteTable(config.products.values()),
         keys=KeyIndex(config.keys, config.plans),
+        key_header=config.auth.header.lower().encode("latin-1"),
     )
 
 

@@ -10,8 +10,6 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from multidict import MultiMapping
-
 from gateway.config.model import ApiKey, AuthConfig, Plan
 from gateway.problems import Forbidden, Unauthorized
 
@@ -34,17 +32,8 @@ class KeyIndex:
                 subject = f"{key.name}:{product}"
                 self._principals[key.name, product] = Principal(key, plans[plan_name], subject)
 
-    def identify(
-        self,
-        auth: AuthConfig,
-        headers: Mapping[str, str],
-        query_string: str,
-        query: MultiMapping[str],
-    ) -> ApiKey:
-        """The key of this request, or 401."""
-        presented = headers.get(auth.header)
-        if not presented and auth.query_param is not None and query_string:
-            presented = query.get(auth.query_param)
+    def identify(self, auth: AuthConfig, presented: str | None) -> ApiKey:
+        """The key the client presented (in `auth.header`, else `auth.query_param`), or 401."""
         if not presented:
             where = f"the {auth.header} header"
             if auth.query_param is not None:

@@ -151,7 +151,9 @@ class ClientConnection(asyncio.Protocol):
         self._body_paused = False
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[ClientRequest] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # see _serve
+        self._waker: asyncio.Future[None] | None = None  # the task waits for a request
+        self._busy = False  # a handler is running
         self.idle_since: float | None = None
         self._closing = False  # close once the current answer is done
         # The answer being written.
@@ -273,8 +275,14 @@ class ClientConnection(asyncio.Protocol):
         )
         self._parsing = request
         self._waiting.append(request)
-        if self._task is None:
-            self._start(request)
+        if not self._busy:
+            self._begin_turn()
+            waker = self._waker
+            if waker is not None:
+                self._waker = None
+                waker.set_result(None)
+            elif self._task is None or self._task.done():
+                self._task = self._loop.create_task(self._serve())
         elif len(self._waiting) > _MAX_WAITING and self.transport is not None:
             self._pause_reading()
 
@@ -292,42 +300,62 @@ class ClientConnection(asyncio.Protocol):
 
     # --- handlers -----------------------------------------------------------------------
 
-    def _start(self, request: ClientRequest) -> None:
+    def _begin_turn(self) -> None:
+        """The request first in line gets the handler: a fresh answer state."""
+        self._busy = True
         self._answered = False
         self._answer_open = False
         self._head = None
         self._close_after = False
-        self._task = self._loop.create_task(self._handle(request))
 
-    async def _handle(self, request: ClientRequest) -> None:
-        try:
-            await self._server.handler(request)
-        except asyncio.CancelledError:
-            pass  # the client went away; the handler has recorded it
-        except ConnectionError:
-            pass  # the same, noticed while writing
-        except Exception:
-            log.exception("unhandled error while answering a request")
-        finally:
-            self._finished(request)
+    async def _serve(self) -> None:
+        """The connection's one task: runs the handler for each request in turn.
 
-    def _finished(self, request: ClientRequest) -> None:
-        self._task = None
+        One task per connection rather than per request: creating a task costs more than
+        waking one (asyncio registers every new task in a WeakSet). A client that goes away
+        cancels it, which is how its request's handler learns of it.
+        """
+        handler = self._server.handler
         waiting = self._waiting
-        if waiting and waiting[0] is request:
-            waiting.popleft()
+        while True:
+            request = waiting[0]
+            try:
+                await handler(request)
+            except asyncio.CancelledError:
+                return  # the client went away (or was cut at shutdown); recorded as 499
+            except ConnectionError:
+                pass  # the same, noticed while writing
+            except Exception:
+                log.exception("unhandled error while answering a request")
+            if not self._next_turn():
+                return
+            if not waiting:
+                waker: asyncio.Future[None] = self._loop.create_future()
+                self._waker = waker
+                try:
+                    await waker
+                except asyncio.CancelledError:
+                    return
+                finally:
+                    self._waker = None
+
+    def _next_turn(self) -> bool:
+        """After an answer: whether the connection goes on to serve another request."""
+        self._busy = False
+        waiting = self._waiting
+        waiting.popleft()
         transport = self.transport
         if transport is None:
-            return
+            return False
         if not self._answered:
             # No answer, or one cut short: only closing the connection tells the client.
             transport.abort()
-            return
+            return False
         if self._close_after or self._closing:
             transport.close()
-            return
+            return False
         if waiting:
-            self._start(waiting[0])
+            self._begin_turn()
             if len(waiting) <= _MAX_WAITING and not self._body_paused:
                 self._resume_reading()
         else:
@@ -338,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
                 self._head_timer = self._loop.call_later(
                     self._server.head_timeout, self._head_timed_out
                 )
+        return True
 
     # --- answers (for the request whose handler is running) -----------------------------
 
@@ -478,7 +507,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close_when_done(self) -> None:
         self._closing = True
-        if self._task is None and not self._in_head and self.transport is not None:
+        if not self._busy and not self._in_head and self.transport is not None:
             self.transport.close()
 
     def _stop_head_timer(self) -> None:
@@ -488,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._task is not None or self.transport is None:
+        if self._busy or self.transport is None:
             return  # a pipelined head behind a running request: judged once it is done
         self._answer_alone(RequestTimeout("The request head did not arrive in time."))
 
@@ -497,7 +526,7 @@ class ClientConnection(asyncio.Protocol):
         self._stop_reading()
         if self._parsing is not None:
             self._parsing.content.fail(ConnectionResetError("the request body was malformed"))
-        if self._task is None and self.transport is not None:
+        if not self._busy and self.transport is not None:
             self._answer_alone(BadRequest(f"The request is not valid HTTP: {detail}"))
 
     def _answer_alone(self, problem: GatewayProblem) -> None:

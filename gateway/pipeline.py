@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import quote
 
-from multidict import MultiDict, MultiDictProxy
-
 from gateway import accesslog, metrics
 from gateway.auth import Principal
 from gateway.client_request import ClientRequest
@@ -140,11 +138,12 @@ async def match_route(ex: Exchange) -> Answer | None:
 async def identify_key(ex: Exchange) -> Answer | None:
     """2: 401 without a known key."""
     request = ex.request
-    query_string = request.query_string
-    query = request.query if query_string else _EMPTY_QUERY
-    ex.key = ex.snapshot.keys.identify(
-        ex.snapshot.config.auth, request.headers, query_string, query
-    )
+    snapshot = ex.snapshot
+    auth = snapshot.config.auth
+    presented = request.header(snapshot.key_header)
+    if not presented and auth.query_param is not None and request.query_string:
+        presented = request.query.get(auth.query_param)
+    ex.key = snapshot.keys.identify(auth, presented)
     ex.record.key_name = ex.key.name
     return None
 
@@ -336,6 +335,3 @@ class _RequestIds:
 
 
 _new_request_id = _RequestIds()
-
-
-_EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())

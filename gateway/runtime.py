@@ -24,6 +24,7 @@ class Snapshot:
     config: Config
     routes: RouteTable
     keys: KeyIndex
+    key_header: bytes  # auth.header, lower-cased, as the request's raw header lines hold it
 
 
 @dataclass(slots=True)

@@ -57,7 +57,10 @@ def make_config(storage_timeout: float = 0.25) -> Config:
 
 def make_runtime(limiter: Limiter, storage_timeout: float = 0.25) -> Runtime:
     snapshot = Snapshot(
-        config=make_config(storage_timeout), routes=cast(Any, None), keys=cast(Any, None)
+        config=make_config(storage_timeout),
+        routes=cast(Any, None),
+        keys=cast(Any, None),
+        key_header=b"x-api-key",
     )
     return Runtime(snapshot=snapshot, limiter=limiter, upstreams=cast(Any, None))
 
