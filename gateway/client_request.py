@@ -185,7 +185,8 @@ class ClientRequest:
         """The path, percent-decoded (for the access log; routing uses `raw_path`)."""
         path = self._path
         if path is None:
-            path = self._path = unquote(self.raw_path, errors="surrogateescape")
+            raw = self.raw_path
+            path = self._path = unquote(raw, errors="surrogateescape") if "%" in raw else raw
         return path
 
 

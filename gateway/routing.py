@@ -19,7 +19,7 @@ from gateway.problems import InvalidRoute, MethodNotAllowed
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass pays for object.__setattr__ per field
 class RouteMatch:
     route: Route
     product: Product

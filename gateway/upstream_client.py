@@ -61,6 +61,10 @@ class HttpUpstreamClient:
         self._keepalive = keepalive
         self._idle: list[HttpConnection] = []  # most recently used last
         self._sweeper: asyncio.TimerHandle | None = None
+        # Connections waiting for an answer head, and one timer for the earliest deadline among
+        # them: a timer per request costs more to cancel (as nearly every one is) than this.
+        self._heads: set[HttpConnection] = set()
+        self._head_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if upstream.scheme == "https" else None
@@ -99,24 +103,22 @@ class HttpUpstreamClient:
         headers: Sequence[tuple[bytes, bytes]],
         has_body: bool,
     ) -> tuple[bytes, bool]:
-        lines = [
-            method.encode("ascii"),
-            b" ",
-            target.encode("utf-8", "surrogateescape"),
+        parts = [
+            method.encode("ascii") + b" " + target.encode("utf-8", "surrogateescape"),
             b" HTTP/1.1\r\n",
         ]
-        has_length = False
-        for name, value in headers:
-            if not has_length and name.lower() == _CONTENT_LENGTH:
-                has_length = True
-            lines += (name, b": ", value, b"\r\n")
-        chunked = has_body and not has_length
-        if chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif not has_body and not has_length and method not in _BODILESS:
-            lines.append(b"Content-Length: 0\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines), chunked
+        parts += [name + b": " + value + b"\r\n" for name, value in headers]
+        chunked = False
+        if has_body or method not in _BODILESS:
+            # Only these need to know whether the client gave a length.
+            has_length = any(name.lower() == _CONTENT_LENGTH for name, _ in headers)
+            chunked = has_body and not has_length
+            if chunked:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            elif not has_body and not has_length:
+                parts.append(b"Content-Length: 0\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts), chunked
 
     def _idle_connection(self) -> HttpConnection | None:
         idle = self._idle
@@ -165,6 +167,27 @@ class HttpUpstreamClient:
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
 
+    def watch_head(self, connection: HttpConnection) -> None:
+        connection.head_deadline = self.loop.time() + self.upstream.timeout
+        self._heads.add(connection)
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(connection.head_deadline, self._check_heads)
+
+    def unwatch_head(self, connection: HttpConnection) -> None:
+        self._heads.discard(connection)
+
+    def _check_heads(self) -> None:
+        self._head_timer = None
+        # The loop's clock has millisecond steps: a timer may fire a hair before its time.
+        now = self.loop.time() + 0.001
+        late = [connection for connection in self._heads if connection.head_deadline <= now]
+        for connection in late:
+            self._heads.discard(connection)
+            connection.head_timed_out()
+        if self._heads:
+            earliest = min(connection.head_deadline for connection in self._heads)
+            self._head_timer = self.loop.call_at(earliest, self._check_heads)
+
     def _sweep(self) -> None:
         self._sweeper = None
         horizon = self.loop.time() - self._keepalive
@@ -181,6 +204,9 @@ class HttpUpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

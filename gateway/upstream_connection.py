@@ -50,6 +50,12 @@ class ConnectionOwner(Protocol):
     def keep(self, connection: HttpConnection) -> None:
         """Take back a connection whose exchange ended cleanly, for reuse."""
 
+    def watch_head(self, connection: HttpConnection) -> None:
+        """From now on the connection's answer head has `upstream.timeout` to arrive."""
+
+    def unwatch_head(self, connection: HttpConnection) -> None:
+        """The head arrived, or the exchange ended otherwise."""
+
 
 def _decode(raw: bytes) -> str:
     # As aiohttp's own parser decodes header values and reasons.
@@ -170,7 +176,8 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self._reply: HttpReply | None = None  # the answer being parsed, until it is complete
         self._head: asyncio.Future[HttpReply] | None = None  # until the final head arrives
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_watched = False  # the pool's head deadline applies (see watch_head)
+        self.head_deadline = 0.0
         self._received = False  # any byte of the current answer arrived
         self._reading_paused = False
         self._writing_paused = False
@@ -355,17 +362,16 @@ class HttpConnection(asyncio.Protocol):
     def _start_head_timer(self) -> None:
         head = self._head
         if head is not None and not head.done():
-            self._head_timer = self._loop.call_later(
-                self._client.upstream.timeout, self._head_timed_out
-            )
+            self._head_watched = True
+            self._client.watch_head(self)
 
     def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._head_watched:
+            self._head_watched = False
+            self._client.unwatch_head(self)
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
+    def head_timed_out(self) -> None:
+        self._head_watched = False
         self._fail_head(
             GatewayTimeout(
                 f"The upstream of {self._client.product} did not answer "
