@@ -293,16 +293,14 @@ def start_gateway(
     procs: Procs, tmp: Path, name: str, config: Path, port: int, access_log: bool = False
 ) -> Child:
     """Start the gateway and wait until it answers; check that it admits the key and only it."""
-    metrics_dir = tmp / f"metrics-{name}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "GATEWAY_ACCESS_LOG": "on" if access_log else "off",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     env.pop("GATEWAY_REDIS_URL", None)  # the generated config decides the storage
+    # One worker keeps its metrics in memory unless told to use shared files: measure that.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     child = procs.start(name, gateway_argv(config), env=env, stdout_to_null=access_log)
     try:
         wait_until_serving(child, port)
