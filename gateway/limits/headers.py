@@ -20,56 +20,81 @@ def whole_seconds(seconds: float) -> int:
 
 # (rate limit, rate window, quota limit, quota period length) -> (RateLimit-Policy, rate
 # limit, quota limit as text). These follow from the plan (and, for the quota, from the
-# period's length), yet were formatted anew on every request; a plan has one entry per
-# period length, and the bound only matters across many reloads.
+# period's length), so only the remaining counts and the resets are formatted per request;
+# a plan has one entry per period length, and the bound only matters across many reloads.
 _FixedKey = tuple[int, float, int, float]
 _FixedParts = tuple[str, str, str]
 _fixed_parts: dict[_FixedKey, _FixedParts] = {}
 _MAX_FIXED_PARTS = 1024
 _NO_LIMIT = -1
+_ceil = math.ceil
 
 
 def limit_headers(decision: Decision) -> dict[str, str]:
     """The headers of §5 for `decision`, in the same order whatever the outcome."""
-    rate = decision.rate
-    quota = decision.quota
-    if rate is None and quota is None:
-        headers: dict[str, str] = {}
-    else:
-        key = (
-            rate.limit if rate is not None else _NO_LIMIT,
-            rate.window if rate is not None else 0.0,
-            quota.limit if quota is not None else _NO_LIMIT,
-            quota.window if quota is not None else 0.0,
-        )
+    # Once per request: each case is written out with its dict built in one literal and
+    # whole_seconds inlined, which halves the cost of building the dict key by key.
+    outcome, rate, quota, retry_after = decision
+    headers: dict[str, str]
+    if rate is not None and quota is not None:
+        rate_limit, rate_remaining, rate_reset, rate_window = rate
+        quota_limit, quota_remaining, quota_reset, quota_window = quota
+        key = (rate_limit, rate_window, quota_limit, quota_window)
         fixed = _fixed_parts.get(key)
         if fixed is None:
             fixed = _remember_fixed_parts(key, rate, quota)
-        policy, rate_limit, quota_limit = fixed
+        rate_left = str(rate_remaining)
+        seconds = _ceil(rate_reset - 1e-9)
+        rate_reset_text = str(seconds) if seconds > 0 else "0"
+        quota_left = str(quota_remaining)
+        seconds = _ceil(quota_reset - 1e-9)
+        quota_reset_text = str(seconds) if seconds > 0 else "0"
+        headers = {
+            "X-RateLimit-Limit": fixed[1],
+            "X-RateLimit-Remaining": rate_left,
+            "X-RateLimit-Reset": rate_reset_text,
+            "X-Quota-Limit": fixed[2],
+            "X-Quota-Remaining": quota_left,
+            "X-Quota-Reset": quota_reset_text,
+            "RateLimit-Policy": fixed[0],
+            "RateLimit": f'"rate";r={rate_left};t={rate_reset_text}, '
+            f'"quota";r={quota_left};t={quota_reset_text}',
+        }
+    elif rate is not None:
+        key = (rate.limit, rate.window, _NO_LIMIT, 0.0)
+        fixed = _fixed_parts.get(key)
+        if fixed is None:
+            fixed = _remember_fixed_parts(key, rate, None)
+        rate_left = str(rate.remaining)
+        seconds = _ceil(rate.reset - 1e-9)
+        rate_reset_text = str(seconds) if seconds > 0 else "0"
+        headers = {
+            "X-RateLimit-Limit": fixed[1],
+            "X-RateLimit-Remaining": rate_left,
+            "X-RateLimit-Reset": rate_reset_text,
+            "RateLimit-Policy": fixed[0],
+            "RateLimit": f'"rate";r={rate_left};t={rate_reset_text}',
+        }
+    elif quota is not None:
+        key = (_NO_LIMIT, 0.0, quota.limit, quota.window)
+        fixed = _fixed_parts.get(key)
+        if fixed is None:
+            fixed = _remember_fixed_parts(key, None, quota)
+        quota_left = str(quota.remaining)
+        seconds = _ceil(quota.reset - 1e-9)
+        quota_reset_text = str(seconds) if seconds > 0 else "0"
+        headers = {
+            "X-Quota-Limit": fixed[2],
+            "X-Quota-Remaining": quota_left,
+            "X-Quota-Reset": quota_reset_text,
+            "RateLimit-Policy": fixed[0],
+            "RateLimit": f'"quota";r={quota_left};t={quota_reset_text}',
+        }
+    else:
         headers = {}
-        if rate is not None:
-            rate_remaining = str(rate.remaining)
-            rate_reset = str(whole_seconds(rate.reset))
-            headers["X-RateLimit-Limit"] = rate_limit
-            headers["X-RateLimit-Remaining"] = rate_remaining
-            headers["X-RateLimit-Reset"] = rate_reset
-            rate_live = f'"rate";r={rate_remaining};t={rate_reset}'
-        if quota is not None:
-            quota_remaining = str(quota.remaining)
-            quota_reset = str(whole_seconds(quota.reset))
-            headers["X-Quota-Limit"] = quota_limit
-            headers["X-Quota-Remaining"] = quota_remaining
-            headers["X-Quota-Reset"] = quota_reset
-            quota_live = f'"quota";r={quota_remaining};t={quota_reset}'
-        headers["RateLimit-Policy"] = policy
-        if rate is None:
-            headers["RateLimit"] = quota_live
-        elif quota is None:
-            headers["RateLimit"] = rate_live
-        else:
-            headers["RateLimit"] = f"{rate_live}, {quota_live}"
-    if decision.outcome != "allowed":
-        headers["Retry-After"] = str(max(1, whole_seconds(decision.retry_after)))
+    if outcome != "allowed":
+        seconds = _ceil(retry_after - 1e-9)
+        headers["Retry-After"] = str(seconds) if seconds > 1 else "1"
     return headers
 
 

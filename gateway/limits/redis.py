@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Protocol, TypeVar, cast
 
@@ -51,6 +50,10 @@ _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
+# Subjects whose EVALSHA is kept ready; subjects come from the config, so this bound only
+# matters across reloads that retire many keys.
+_MAX_COMMANDS = 10_000
+_new_tuple = tuple.__new__
 
 AnyRedis = Redis | RedisCluster
 T = TypeVar("T")
@@ -87,15 +90,30 @@ def connect(url: str, timeout: float) -> AnyRedis:
     raise ValueError(f"not a Redis URL: {url!r}")
 
 
-@dataclass(slots=True)
-class _Call:
-    keys: tuple[str, str]
-    args: tuple[int, ...]
-    reply: asyncio.Future[Any]
+class _Command:
+    """One subject's EVALSHA of `hit.lua`: the same keys and numbers on every hit of a
+    subject within one quota period, so it is built (and packed) once per period."""
+
+    __slots__ = ("args", "keys", "packed", "shape")
+
+    def __init__(
+        self, shape: _Shape, keys: tuple[str, str], args: tuple[int, ...], packed: bytes
+    ) -> None:
+        self.shape = shape
+        self.keys = keys
+        self.args = args
+        self.packed = packed
+
+
+# (rate limit, rate window, quota limit, period start, period end): what a command follows from.
+_Shape = tuple[int, float, int, float, float]
+_Call = tuple[bytes, "asyncio.Future[Any]"]  # a packed command and where its reply goes
 
 
 class _HitScript(Protocol):
-    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any: ...
+    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes: ...
+
+    async def run(self, command: _Command) -> Any: ...
 
     async def close(self) -> None: ...
 
@@ -107,7 +125,11 @@ class _DirectHits:
     def __init__(self, client: AnyRedis) -> None:
         self._client = client
 
-    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any:
+    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes:
+        return b""  # redis-py packs each call itself
+
+    async def run(self, command: _Command) -> Any:
+        keys, args = command.keys, command.args
         try:
             return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
         except NoScriptError:
@@ -139,13 +161,19 @@ class _PipelinedHits:
         self._timeout = timeout
         self._queue: list[_Call] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def run(self, keys: tuple[str, str], args: tuple[int, ...]) -> Any:
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
+    async def run(self, command: _Command) -> Any:
+        queue = self._queue
+        if queue and self._loop is not None:
+            # Joining the batch of this tick, on the loop that started it: asking for the
+            # running loop again would cost a getpid() system call per hit on Python 3.11.
+            reply: asyncio.Future[Any] = self._loop.create_future()
+        else:
+            loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._flush)
-        self._queue.append(_Call(keys, args, reply))
+            reply = loop.create_future()
+        queue.append((command.packed, reply))
         # A caller that stops waiting cancels its future; _send skips it.
         return await reply
 
@@ -165,22 +193,22 @@ class _PipelinedHits:
             async with asyncio.timeout(self._timeout):
                 replies = await self._evalsha_all(calls)
         except asyncio.CancelledError:
-            for call in calls:
-                if not call.reply.done():
-                    call.reply.set_exception(RedisConnectionError("the limiter was closed"))
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("the limiter was closed"))
             raise
         except Exception as exc:  # handed to every caller, who translates it
-            for call in calls:
-                if not call.reply.done():
-                    call.reply.set_exception(exc)
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
             return
-        for call, reply in zip(calls, replies, strict=True):
-            if call.reply.done():  # the caller gave up waiting
+        for (_, future), reply in zip(calls, replies, strict=True):
+            if future.done():  # the caller gave up waiting
                 continue
             if isinstance(reply, Exception):
-                call.reply.set_exception(reply)
+                future.set_exception(reply)
             else:
-                call.reply.set_result(reply)
+                future.set_result(reply)
 
     async def _evalsha_all(self, calls: Sequence[_Call]) -> list[Any]:
         try:
@@ -202,7 +230,7 @@ class _PipelinedHits:
 
     async def _round_trip(self, calls: Sequence[_Call]) -> list[Any]:
         """Every call's EVALSHA in one write, then every reply; error replies are returned."""
-        packed = b"".join([self._pack(call) for call in calls])
+        packed = b"".join([command for command, _ in calls])
         connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.send_packed_command(packed)
@@ -222,11 +250,9 @@ class _PipelinedHits:
             # pool's in-use bookkeeping half updated.
             await asyncio.shield(self._pool.release(connection))
 
-    def _pack(self, call: _Call) -> bytes:
-        rate_key, quota_key = (
-            key.encode(self._encoding, self._encoding_errors) for key in call.keys
-        )
-        rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in call.args)
+    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes:
+        rate_key, quota_key = (key.encode(self._encoding, self._encoding_errors) for key in keys)
+        rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in args)
         return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
             _EVALSHA_PREFIX,
             len(rate_key),
@@ -255,6 +281,7 @@ class RedisLimiter:
         self._on_storage_error = on_storage_error
         self._clock = clock
         self._periods = PeriodCache()
+        self._commands: dict[str, _Command] = {}
         self._is_cluster = isinstance(client, RedisCluster)
         # On a single Redis the hits join a batch that runs under the storage timeout
         # already; a second timer per hit would only cost time.
@@ -270,46 +297,77 @@ class RedisLimiter:
         return cls(connect(storage.url, storage.timeout), storage.timeout, on_storage_error)
 
     async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
-        if rate is None and quota is None:
-            return Decision("allowed", None, None)
         now = self._clock()
-        start, end = self._periods.period(now, quota.per, quota.timezone) if quota else (now, now)
-        window_us = round(rate.window * 1_000_000) if rate else 0
-        expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
-        args = (
-            rate.limit if rate else -1,
-            window_us,
-            quota.limit if quota else -1,
-            expire_at_ms,
-        )
-        keys = (rate_key(subject), quota_key(subject, start))
+        if quota is not None:
+            start, end = self._periods.period(now, quota.per, quota.timezone)
+            shape = (
+                rate.limit if rate is not None else -1,
+                rate.window if rate is not None else 0.0,
+                quota.limit,
+                start,
+                end,
+            )
+            command = self._commands.get(subject)
+            if command is None or command.shape != shape:
+                command = self._remember_command(subject, shape)
+        elif rate is not None:
+            # Without a quota the (unused) quota key and expiry follow the clock: no reuse.
+            start = end = now
+            command = self._command(subject, (rate.limit, rate.window, -1, now, now))
+        else:
+            return Decision("allowed", None, None)
+
         if self._batched:
             try:
-                reply = await self._script.run(keys, args)
+                reply = await self._script.run(command)
             except Exception as exc:
                 raise self._storage_error("hit", exc) from exc
         else:
-            reply = await self._guard("hit", lambda: self._script.run(keys, args))
+            reply = await self._guard("hit", lambda: self._script.run(command))
+        # Integer replies: redis-py hands them over as ints already.
         code, used, in_window, wait_us = reply
 
-        outcome = _OUTCOMES[int(code)]
         rate_state = None
         if rate is not None:
-            rate_state = WindowState(
-                limit=rate.limit,
-                remaining=max(0, rate.limit - int(in_window)),
-                reset=max(0.0, int(wait_us) / 1_000_000),
-                window=rate.window,
+            limit = rate.limit
+            rate_state = _new_tuple(
+                WindowState,
+                (
+                    limit,
+                    limit - in_window if in_window < limit else 0,
+                    wait_us / 1_000_000 if wait_us > 0 else 0.0,
+                    rate.window,
+                ),
             )
         quota_state = None
         if quota is not None:
-            quota_state = WindowState(
-                limit=quota.limit,
-                remaining=max(0, quota.limit - int(used)),
-                reset=max(0.0, end - now),
-                window=end - start,
+            limit = quota.limit
+            quota_state = _new_tuple(
+                WindowState,
+                (
+                    limit,
+                    limit - used if used < limit else 0,
+                    end - now if end > now else 0.0,
+                    end - start,
+                ),
             )
-        return make_decision(outcome, rate_state, quota_state)
+        if code == 0:
+            return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0))
+        return make_decision(_OUTCOMES[code], rate_state, quota_state)
+
+    def _remember_command(self, subject: str, shape: _Shape) -> _Command:
+        if len(self._commands) >= _MAX_COMMANDS:
+            self._commands.clear()
+        command = self._commands[subject] = self._command(subject, shape)
+        return command
+
+    def _command(self, subject: str, shape: _Shape) -> _Command:
+        rate_limit, rate_window, quota_limit, start, end = shape
+        window_us = round(rate_window * 1_000_000)  # 0 without a rate
+        expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        args = (rate_limit, window_us, quota_limit, expire_at_ms)
+        keys = (rate_key(subject), quota_key(subject, start))
+        return _Command(shape, keys, args, self._script.pack(keys, args))
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
