@@ -1,14 +1,14 @@
 """Header and query hygiene between the client and the upstream (CONTRACT.md §5).
 
 Pure functions over header lines: repeated headers are kept line by line in order
-(`Set-Cookie`, `Cache-Control`, ...), so a multi-dict or a list of pairs goes in and a
-`CIMultiDict` comes out, never a plain dict.
+(`Set-Cookie`, `Cache-Control`, ...), never folded into a plain dict. The hot path works on the
+raw byte lines the parsers produced and hands bytes on, decoding nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,12 +55,6 @@ def connection_listed(headers: HeaderLines) -> frozenset[str]:
                 if token and token not in _NEVER_CONNECTION_LISTED:
                     names.add(token)
     return frozenset(names)
-
-
-def _end_to_end(headers: HeaderLines, also_drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    lines = list(_lines(headers))
-    dropped = HOP_BY_HOP | connection_listed(lines) | {name.lower() for name in also_drop}
-    return CIMultiDict((name, value) for name, value in lines if name.lower() not in dropped)
 
 
 # Request headers the gateway sets itself, whatever the client sent (§5).
@@ -160,98 +154,71 @@ def upstream_request_headers(
     return CIMultiDict((_decode(name), _decode(value)) for name, value in lines)
 
 
-def client_response_headers(
-    upstream_headers: HeaderLines, extra: Mapping[str, str] | None = None
-) -> CIMultiDict[str]:
-    """The headers to send the client for an upstream answer.
-
-    `extra` (the gateway's X-Request-ID and rate-limit headers) replaces any line of the
-    same name the upstream sent: those headers describe the gateway's decision.
-    """
-    replaced = _lowered(extra) if extra else _NOTHING
-    kept: list[tuple[str, str]] = []
-    chunked = False
-    listed: set[str] | None = None
-    for line in _lines(upstream_headers):
-        name = line[0].lower()
-        if name in HOP_BY_HOP:
-            if name == "transfer-encoding":
-                chunked = True
-            elif name == "connection":
-                listed = _connection_tokens(line[1], listed)
-        elif name not in replaced:
-            kept.append(line)
-    if chunked or listed:
-        # Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); since the gateway
-        # re-frames the body, a stale length next to it would be a lie to the client.
-        dropped = listed or set()
-        if chunked:
-            dropped.add("content-length")
-        kept = [line for line in kept if line[0].lower() not in dropped]
-    if extra:
-        kept.extend(extra.items())
-    return CIMultiDict(kept)
-
-
-_HOP_BY_HOP_RAW: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP)
-_NOTHING_RAW: frozenset[bytes] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     """The header block for the client, and what framing the body needs."""
 
     block: bytes  # "Name: value\r\n" lines: the upstream's cleaned, then the gateway's
     content_length: int | None  # the upstream's, None when it sent none (or chunked)
 
 
+# What `client_response_head` does with a line, by its lower-cased name; any other is kept.
+_DROP, _TRANSFER_ENCODING, _CONNECTION, _LENGTH, _DATE = range(5)
+_LINE_ACTIONS: dict[bytes, int] = {name.encode(): _DROP for name in HOP_BY_HOP} | {
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"content-length": _LENGTH,
+    b"date": _DATE,
+}
+# Per set of the gateway's own header names (a few fixed sets): those names dropped too.
+_ACTIONS_BY_EXTRA: dict[tuple[str, ...], dict[bytes, int]] = {}
+
+
+def _line_actions(extra: Mapping[str, str]) -> dict[bytes, int]:
+    key = tuple(extra)
+    actions = _ACTIONS_BY_EXTRA.get(key)
+    if actions is None:
+        replaced = {name.lower().encode("latin-1"): _DROP for name in key}
+        actions = _LINE_ACTIONS | replaced
+        if len(_ACTIONS_BY_EXTRA) < 256:
+            _ACTIONS_BY_EXTRA[key] = actions
+    return actions
+
+
 def client_response_head(
     upstream_lines: RawHeaderLines, extra: Mapping[str, str] | None = None
 ) -> ResponseHead:
-    """`client_response_headers` over the upstream's raw lines, straight to bytes.
+    """The header lines to send the client for an upstream answer, as one block of bytes.
 
-    A Date line is added when the upstream sent none (RFC 9110 §6.6.1 asks a recipient
-    with a clock to add one).
+    Hop-by-hop lines (and those the Connection header names) go, repeated lines stay in
+    order; `extra` (the gateway's X-Request-ID and rate-limit headers) replaces any line of
+    the same name, since those describe the gateway's decision. A Date line is added when the
+    upstream sent none (RFC 9110 §6.6.1). One dict lookup per line decides its fate: this
+    runs for every proxied answer.
     """
-    replaced = _lowered_raw(extra) if extra else _NOTHING_RAW
-    kept: list[tuple[bytes, bytes]] = []
-    chunked = False
-    listed: set[bytes] | None = None
+    actions = _line_actions(extra) if extra else _LINE_ACTIONS
+    parts: list[bytes] = []
     length: bytes | None = None
     dated = False
-    for line in upstream_lines:
-        name = line[0].lower()
-        if name in _HOP_BY_HOP_RAW:
-            if name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection":
-                for token in line[1].split(b","):
-                    token = token.strip().lower()
-                    if (
-                        token
-                        and token not in _HOP_BY_HOP_RAW
-                        and (token not in _NEVER_CONNECTION_LISTED_RAW)
-                    ):
-                        if listed is None:
-                            listed = set()
-                        listed.add(token)
-        elif name not in replaced:
-            if name == b"content-length":
-                length = line[1]
-            elif name == b"date":
-                dated = True
-            kept.append(line)
+    chunked = False
+    listed: set[bytes] | None = None
+    for name, value in upstream_lines:
+        action = actions.get(name.lower())
+        if action is None:
+            parts.append(name + b": " + value + b"\r\n")
+        elif action == _LENGTH:
+            length = value
+            parts.append(name + b": " + value + b"\r\n")
+        elif action == _DATE:
+            dated = True
+            parts.append(name + b": " + value + b"\r\n")
+        elif action == _TRANSFER_ENCODING:
+            chunked = True
+        elif action == _CONNECTION:
+            listed = _connection_listed_raw(value, listed)
     if chunked or listed:
-        dropped = listed or set()
-        if chunked:
-            dropped.add(b"content-length")
-            length = None
-        kept = [line for line in kept if line[0].lower() not in dropped]
-        if b"content-length" in dropped:
-            length = None
-        if b"date" in dropped:
-            dated = False
-    parts = [name + b": " + value + b"\r\n" for name, value in kept]
+        # Rare: lines named by Connection go, and a length next to chunked coding is stale
+        # (RFC 9112 §6.3) since the gateway re-frames the body.
+        return _drop_listed(parts, listed or set(), chunked, extra)
     if extra:
         parts.append(_encode("".join([f"{name}: {value}\r\n" for name, value in extra.items()])))
     if not dated:
@@ -259,42 +226,35 @@ def client_response_head(
     return ResponseHead(b"".join(parts), int(length) if length is not None else None)
 
 
-_LOWERED_RAW: dict[tuple[str, ...], frozenset[bytes]] = {}
-
-
-def _lowered_raw(names: Iterable[str]) -> frozenset[bytes]:
-    key = tuple(names)
-    lowered = _LOWERED_RAW.get(key)
-    if lowered is None:
-        lowered = frozenset(name.lower().encode("latin-1") for name in key)
-        if len(_LOWERED_RAW) < 256:
-            _LOWERED_RAW[key] = lowered
-    return lowered
-
-
-_NOTHING: frozenset[str] = frozenset()
-# The gateway's own header names come in a few fixed sets: each set is lower-cased once.
-_LOWERED: dict[tuple[str, ...], frozenset[str]] = {}
-
-
-def _lowered(names: Iterable[str]) -> frozenset[str]:
-    key = tuple(names)
-    lowered = _LOWERED.get(key)
-    if lowered is None:
-        lowered = frozenset(name.lower() for name in key)
-        if len(_LOWERED) < 256:
-            _LOWERED[key] = lowered
-    return lowered
-
-
-def _connection_tokens(value: str, into: set[str] | None) -> set[str] | None:
-    for token in value.split(","):
+def _connection_listed_raw(value: bytes, into: set[bytes] | None) -> set[bytes] | None:
+    for token in value.split(b","):
         token = token.strip().lower()
-        if token and token not in HOP_BY_HOP and token not in _NEVER_CONNECTION_LISTED:
+        if token and token not in _HOP_BY_HOP_RAW and token not in _NEVER_CONNECTION_LISTED_RAW:
             if into is None:
                 into = set()
             into.add(token)
     return into
+
+
+def _drop_listed(
+    parts: list[bytes], dropped: set[bytes], chunked: bool, extra: Mapping[str, str] | None
+) -> ResponseHead:
+    if chunked:
+        dropped.add(b"content-length")
+    kept = [line for line in parts if line.partition(b":")[0].lower() not in dropped]
+    names = [line.partition(b":")[0].lower() for line in kept]
+    length: bytes | None = None
+    for name, line in zip(names, kept, strict=True):
+        if name == b"content-length":
+            length = line.partition(b":")[2].strip()
+    if extra:
+        kept.append(_encode("".join([f"{name}: {value}\r\n" for name, value in extra.items()])))
+    if b"date" not in names:
+        kept.append(date_line())
+    return ResponseHead(b"".join(kept), int(length) if length is not None else None)
+
+
+_HOP_BY_HOP_RAW: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def strip_query_param(query_string: str, name: str | None) -> str:

@@ -7,7 +7,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.headers import (
     HOP_BY_HOP,
-    client_response_headers,
+    client_response_head,
     connection_listed,
     strip_query_param,
     upstream_request_headers,
@@ -81,6 +81,19 @@ def test_request_keeps_repeated_lines_in_order() -> None:
     assert out.getall("Cookie") == ["a=1"]
 
 
+def client_response_headers(
+    lines: list[tuple[str, str]], extra: dict[str, str] | None = None
+) -> CIMultiDict[str]:
+    """client_response_head's block as a multidict, without the Date line it adds."""
+    head = client_response_head([(n.encode(), v.encode()) for n, v in lines], extra)
+    parsed = CIMultiDict[str]()
+    for line in head.block.decode().split("\r\n")[:-1]:
+        name, _, value = line.partition(": ")
+        if name != "Date" or any(n == "Date" for n, _ in lines):
+            parsed.add(name, value)
+    return parsed
+
+
 def test_response_drops_hop_by_hop_and_keeps_repeated_lines() -> None:
     out = client_response_headers(
         [
@@ -116,6 +129,25 @@ def test_response_extra_headers_replace_the_upstreams() -> None:
 def test_response_length_next_to_chunked_is_dropped() -> None:
     out = client_response_headers([("Transfer-Encoding", "chunked"), ("Content-Length", "5")])
     assert list(out.items()) == []
+    head = client_response_head([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5")])
+    assert head.content_length is None
+
+
+def test_response_head_reports_the_length_and_adds_a_date_only_when_missing() -> None:
+    head = client_response_head([(b"Content-Length", b"12"), (b"ETag", b'"x"')])
+    assert head.content_length == 12
+    assert head.block.startswith(b'Content-Length: 12\r\nETag: "x"\r\nDate: ')
+    dated = client_response_head([(b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT")])
+    assert dated.block == b"Date: Tue, 01 Jan 2030 00:00:00 GMT\r\n"
+    assert dated.content_length is None
+
+
+def test_response_connection_listed_date_is_dropped_and_replaced() -> None:
+    head = client_response_head(
+        [(b"Connection", b"Date"), (b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT"), (b"A", b"1")]
+    )
+    assert b"2030" not in head.block
+    assert head.block.startswith(b"A: 1\r\nDate: ")
 
 
 @pytest.mark.parametrize(
