@@ -243,7 +243,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_lines.append((name, value))
-        self._grow_head(len(name) + len(value) + 4)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > HEAD_LIMIT:
+            self._grow_head(0)  # raises
         if len(name) in _FRAMING_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
