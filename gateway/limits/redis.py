@@ -7,10 +7,11 @@ timezone. Both keys of a subscription carry the subject as hash tag, so they liv
 cluster slot.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
-pipeline (redis-py refuses EVALSHA in a cluster pipeline, so on a cluster each call is its
-own EVALSHA, sent concurrently). Every call is
-bounded by `storage.timeout`, and every failure leaves as `StorageError`; the connection pool
-reconnects by itself on a later call once Redis is back.
+pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
+calls (usage, reset, ping) use redis-py. On a cluster each call is its own EVALSHA through
+redis-py, sent concurrently (redis-py refuses EVALSHA in a cluster pipeline). Every call is
+bounded by `storage.timeout`, and every failure leaves as `StorageError`; both connections
+reconnect by themselves on a later call once Redis is back.
 """
 
 from __future__ import annotations
@@ -80,11 +81,9 @@ def connect(url: str, timeout: float) -> AnyRedis:
         if url.startswith(cluster_scheme):
             return RedisCluster.from_url(plain_scheme + url[len(cluster_scheme) :], **options)
     if url.startswith(("redis://", "rediss://")):
-        # No retries: a retried EVALSHA whose reply was lost would consume twice, and the
-        # pool reconnects on the next call anyway. No socket timeout: every call on this
-        # client already runs under an asyncio timeout of `timeout` (RedisLimiter._guard, or
-        # the batch a hit joins), and redis-py would add a timer to every write and to every
-        # reply it reads, batched or not.
+        # No retries: the pool reconnects on the next call anyway. No socket timeout: every
+        # call on this client already runs under an asyncio timeout of `timeout`
+        # (RedisLimiter._guard), and redis-py would add a timer to every write and read.
         options["socket_timeout"] = None
         return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     raise ValueError(f"not a Redis URL: {url!r}")
