@@ -176,8 +176,11 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def send(self, calls: list[_Call], deadline: float) -> None:
-        assert self._transport is not None
-        self._transport.write(b"".join([packed for _, packed in calls]))
+        transport = self._transport
+        if transport is None or transport.is_closing():  # lost since it was last looked at
+            _fail(calls, RedisConnectionError("connection to Redis lost"))
+            return
+        transport.write(b"".join([packed for _, packed in calls]))
         self._pending.extend(calls)
         self._sent += len(calls)
         self._batches.append((deadline, self._sent))
