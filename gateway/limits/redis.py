@@ -7,10 +7,11 @@ timezone. Both keys of a subscription carry the subject as hash tag, so they liv
 cluster slot.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
-pipeline (redis-py refuses EVALSHA in a cluster pipeline, so on a cluster each call is its
-own EVALSHA, sent concurrently). Every call is
-bounded by `storage.timeout`, and every failure leaves as `StorageError`; the connection pool
-reconnects by itself on a later call once Redis is back.
+pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
+calls (usage, reset, ping) use redis-py. On a cluster each call is its own EVALSHA through
+redis-py, sent concurrently (redis-py refuses EVALSHA in a cluster pipeline). Every call is
+bounded by `storage.timeout`, and every failure leaves as `StorageError`; both connections
+reconnect by themselves on a later call once Redis is back.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
@@ -40,6 +40,7 @@ from gateway.limits.base import (
     make_decision,
 )
 from gateway.limits.periods import PeriodCache
+from gateway.limits.resp import ScriptPipeline
 
 HIT_SCRIPT = files("gateway.limits").joinpath("hit.lua").read_text(encoding="utf-8")
 HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
@@ -80,11 +81,9 @@ def connect(url: str, timeout: float) -> AnyRedis:
         if url.startswith(cluster_scheme):
             return RedisCluster.from_url(plain_scheme + url[len(cluster_scheme) :], **options)
     if url.startswith(("redis://", "rediss://")):
-        # No retries: a retried EVALSHA whose reply was lost would consume twice, and the
-        # pool reconnects on the next call anyway. No socket timeout: every call on this
-        # client already runs under an asyncio timeout of `timeout` (RedisLimiter._guard, or
-        # the batch a hit joins), and redis-py would add a timer to every write and to every
-        # reply it reads, batched or not.
+        # No retries: the pool reconnects on the next call anyway. No socket timeout: every
+        # call on this client already runs under an asyncio timeout of `timeout`
+        # (RedisLimiter._guard), and redis-py would add a timer to every write and read.
         options["socket_timeout"] = None
         return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
     raise ValueError(f"not a Redis URL: {url!r}")
@@ -107,15 +106,6 @@ class _Command:
 
 # (rate limit, rate window, quota limit, period start, period end): what a command follows from.
 _Shape = tuple[int, float, int, float, float]
-_Call = tuple[bytes, "asyncio.Future[Any]"]  # a packed command and where its reply goes
-
-
-class _HitScript(Protocol):
-    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes: ...
-
-    async def run(self, command: _Command) -> Any: ...
-
-    async def close(self) -> None: ...
 
 
 class _DirectHits:
@@ -124,9 +114,6 @@ class _DirectHits:
 
     def __init__(self, client: AnyRedis) -> None:
         self._client = client
-
-    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes:
-        return b""  # redis-py packs each call itself
 
     async def run(self, command: _Command) -> Any:
         keys, args = command.keys, command.args
@@ -138,132 +125,23 @@ class _DirectHits:
             await self._client.script_load(HIT_SCRIPT)
             return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
 
-    async def close(self) -> None:
-        return None
 
-
-class _PipelinedHits:
-    """Sends the calls queued during one event-loop tick together, on one pooled connection.
-
-    The batch is written and read with redis-py's connection-level calls instead of its
-    `Pipeline`: a pipeline packs every argument of every command through the encoder and
-    wraps each reply's read in a timer of its own, which cost more per hit than the rest of
-    the limit step, while the EVALSHA commands here differ only in their keys and numbers
-    and the whole batch already runs under one timeout.
-    """
-
-    def __init__(self, client: Redis, timeout: float) -> None:
-        self._client = client
-        self._pool = client.connection_pool
-        encoder = client.get_encoder()  # type: ignore[no-untyped-call]
-        self._encoding: str = encoder.encoding
-        self._encoding_errors: str = encoder.encoding_errors
-        self._timeout = timeout
-        self._queue: list[_Call] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def run(self, command: _Command) -> Any:
-        queue = self._queue
-        if queue and self._loop is not None:
-            # Joining the batch of this tick, on the loop that started it: asking for the
-            # running loop again would cost a getpid() system call per hit on Python 3.11.
-            reply: asyncio.Future[Any] = self._loop.create_future()
-        else:
-            loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
-            reply = loop.create_future()
-        queue.append((command.packed, reply))
-        # A caller that stops waiting cancels its future; _send skips it.
-        return await reply
-
-    async def close(self) -> None:
-        for task in list(self._in_flight):
-            task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
-
-    def _flush(self) -> None:
-        calls, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._send(calls))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-
-    async def _send(self, calls: list[_Call]) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies = await self._evalsha_all(calls)
-        except asyncio.CancelledError:
-            for _, future in calls:
-                if not future.done():
-                    future.set_exception(RedisConnectionError("the limiter was closed"))
-            raise
-        except Exception as exc:  # handed to every caller, who translates it
-            for _, future in calls:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), reply in zip(calls, replies, strict=True):
-            if future.done():  # the caller gave up waiting
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _evalsha_all(self, calls: Sequence[_Call]) -> list[Any]:
-        try:
-            replies = await self._round_trip(calls)
-        except RedisConnectionError:
-            # A pooled connection that a restarted Redis had dropped fails with nothing run
-            # on the server that answers now; one more try, on another connection, inside
-            # the same storage timeout, spares the batch a 503.
-            replies = await self._round_trip(calls)
-        # After a Redis restart the script cache is empty; a NOSCRIPT reply means the
-        # script did not run, so running it again is safe.
-        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if unknown:
-            await self._client.script_load(HIT_SCRIPT)
-            retried = await self._round_trip([calls[i] for i in unknown])
-            for i, reply in zip(unknown, retried, strict=True):
-                replies[i] = reply
-        return replies
-
-    async def _round_trip(self, calls: Sequence[_Call]) -> list[Any]:
-        """Every call's EVALSHA in one write, then every reply; error replies are returned."""
-        packed = b"".join([command for command, _ in calls])
-        connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # this command's own error; the rest still come
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            # Replies left unread would be served to the connection's next user.
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            # Shielded as redis-py's pipeline does: a second cancellation must not leave the
-            # pool's in-use bookkeeping half updated.
-            await asyncio.shield(self._pool.release(connection))
-
-    def pack(self, keys: tuple[str, str], args: tuple[int, ...]) -> bytes:
-        rate_key, quota_key = (key.encode(self._encoding, self._encoding_errors) for key in keys)
-        rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in args)
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-            _EVALSHA_PREFIX,
-            len(rate_key),
-            rate_key,
-            len(quota_key),
-            quota_key,
-        ) + (
-            f"${len(rate_limit)}\r\n{rate_limit}\r\n${len(window_us)}\r\n{window_us}\r\n"
-            f"${len(quota_limit)}\r\n{quota_limit}\r\n"
-            f"${len(expire_at_ms)}\r\n{expire_at_ms}\r\n"
-        ).encode("ascii")
+def _pack_evalsha(
+    keys: tuple[str, str], args: tuple[int, ...], encoding: str, errors: str
+) -> bytes:
+    rate_key, quota_key = (key.encode(encoding, errors) for key in keys)
+    rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in args)
+    return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        _EVALSHA_PREFIX,
+        len(rate_key),
+        rate_key,
+        len(quota_key),
+        quota_key,
+    ) + (
+        f"${len(rate_limit)}\r\n{rate_limit}\r\n${len(window_us)}\r\n{window_us}\r\n"
+        f"${len(quota_limit)}\r\n{quota_limit}\r\n"
+        f"${len(expire_at_ms)}\r\n{expire_at_ms}\r\n"
+    ).encode("ascii")
 
 
 class RedisLimiter:
@@ -283,12 +161,18 @@ class RedisLimiter:
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
         self._is_cluster = isinstance(client, RedisCluster)
-        # On a single Redis the hits join a batch that runs under the storage timeout
-        # already; a second timer per hit would only cost time.
-        self._batched = isinstance(client, Redis)
-        self._script: _HitScript = (
-            _PipelinedHits(client, timeout) if isinstance(client, Redis) else _DirectHits(client)
-        )
+        # On a single Redis the hits of one tick go out together on a connection of their
+        # own, each batch under the storage timeout already; on a cluster each hit is its
+        # own redis-py call under _guard.
+        self._pipeline: ScriptPipeline | None = None
+        self._direct: _DirectHits | None = None
+        if isinstance(client, Redis):
+            self._pipeline = ScriptPipeline(client, HIT_SCRIPT, timeout)
+            encoder = client.get_encoder()  # type: ignore[no-untyped-call]
+            self._encoding: str = encoder.encoding
+            self._encoding_errors: str = encoder.encoding_errors
+        else:
+            self._direct = _DirectHits(client)
 
     @classmethod
     def from_config(
@@ -317,13 +201,15 @@ class RedisLimiter:
         else:
             return Decision("allowed", None, None)
 
-        if self._batched:
+        pipeline = self._pipeline
+        if pipeline is not None:
             try:
-                reply = await self._script.run(command)
+                reply = await pipeline.run(command.packed)
             except Exception as exc:
                 raise self._storage_error("hit", exc) from exc
         else:
-            reply = await self._guard("hit", lambda: self._script.run(command))
+            direct = cast(_DirectHits, self._direct)
+            reply = await self._guard("hit", lambda: direct.run(command))
         # Integer replies: redis-py hands them over as ints already.
         code, used, in_window, wait_us = reply
 
@@ -367,7 +253,10 @@ class RedisLimiter:
         expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
         args = (rate_limit, window_us, quota_limit, expire_at_ms)
         keys = (rate_key(subject), quota_key(subject, start))
-        return _Command(shape, keys, args, self._script.pack(keys, args))
+        packed = b""  # redis-py packs each call of a cluster itself
+        if self._pipeline is not None:
+            packed = _pack_evalsha(keys, args, self._encoding, self._encoding_errors)
+        return _Command(shape, keys, args, packed)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
@@ -385,7 +274,8 @@ class RedisLimiter:
         await self._guard("ping", self._client.ping)
 
     async def close(self) -> None:
-        await self._script.close()
+        if self._pipeline is not None:
+            await self._pipeline.close()
         await self._client.aclose()
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:

@@ -7,10 +7,13 @@ sleeps; timing assertions leave room for a busy two-core machine.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -22,7 +25,7 @@ from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
 from gateway.limits.periods import quota_period
 from gateway.limits.redis import quota_key, rate_key
-from tests.support.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer, free_port
 
 UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -443,3 +446,84 @@ async def test_hits_of_one_tick_share_one_pipeline(
 def test_an_unknown_storage_url_is_refused() -> None:
     with pytest.raises(ValueError, match="not a Redis URL"):
         create_limiter(StorageConfig(url="memcached://127.0.0.1:11211"))
+
+
+async def test_the_url_credentials_database_and_client_name_are_used(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    """The hits go over a connection of their own (gateway.limits.resp): it must say what
+    the URL says, as redis-py does for every other call."""
+    admin = fresh_redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "gw", "on", ">s3cret", "~*", "+@all")
+    admin.config_set("requirepass", "admin-secret")  # no more unauthenticated commands
+    port = fresh_redis_server.port
+    good = Backend("redis", f"redis://gw:s3cret@127.0.0.1:{port}/5?client_name=gw-limiter")
+    bad = Backend("redis", f"redis://gw:wrong@127.0.0.1:{port}/5")
+    limiter, refused = good.limiter(), bad.limiter()
+    try:
+        assert (await limiter.hit(subject, rate_rule(5, 10), None)).allowed
+        assert "name=gw-limiter" in str(admin.execute_command("CLIENT", "LIST"))
+        with redis.Redis(port=port, db=5, password="admin-secret", socket_timeout=5) as db5:
+            assert db5.exists(rate_key(subject)) == 1
+        assert admin.exists(rate_key(subject)) == 0  # nothing in db 0
+        with pytest.raises(StorageError, match="WRONGPASS"):
+            await refused.hit(subject, rate_rule(5, 10), None)
+        assert (good.errors, bad.errors) == ([], ["hit"])
+    finally:
+        admin.close()
+        await limiter.close()
+        await refused.close()
+
+
+@pytest.fixture
+def tls_redis_url(tmp_path: Path) -> Iterator[str]:
+    """A rediss:// URL: a fresh redis-server with a self-signed certificate on a TLS port."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis", None, "--tls-port", str(tls_port),
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no",
+    )  # fmt: skip
+    server.start()
+    yield f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none"
+    server.stop()
+
+
+async def test_tls_url(tls_redis_url: str, subject: str) -> None:
+    backend = Backend("redis", tls_redis_url)
+    limiter = backend.limiter()
+    try:
+        assert (await limiter.hit(subject, rate_rule(5, 10), None)).allowed
+        second = await limiter.hit(subject, rate_rule(5, 10), None)
+        assert second.rate is not None and second.rate.remaining == 3
+        await limiter.ping()
+        assert backend.errors == []
+    finally:
+        await limiter.close()
+
+
+async def test_close_fails_the_hits_in_flight(
+    fresh_redis_server: RedisServer, new_subject: Callable[[], str]
+) -> None:
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter()
+    rate = rate_rule(5, 10)
+    assert (await limiter.hit(new_subject(), rate, None)).allowed
+    fresh_redis_server.pause()  # so that the next hits are still waiting when closed
+    try:
+        pending = [asyncio.ensure_future(limiter.hit(new_subject(), rate, None)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        await limiter.close()
+        for outcome in await asyncio.gather(*pending, return_exceptions=True):
+            assert isinstance(outcome, StorageError)
+            assert "closed" in str(outcome)
+    finally:
+        fresh_redis_server.resume()
