@@ -121,10 +121,12 @@ class HttpServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._emptied.wait()
+        cut = [c._task for c in self.connections if c._task is not None and not c._task.done()]
         for connection in list(self.connections):
             connection.abort()
-        # The cancelled handlers record their 499s before the process goes.
-        await asyncio.sleep(0)
+        if cut:
+            # connection_lost cancels them a loop turn from now; let them record their 499s.
+            await asyncio.wait(cut, timeout=1.0)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -140,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._header_lines: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._head_received = 0  # bytes of reads that continued an unfinished head
+        self._heads = 0  # heads begun on this connection
         self._in_head = False
         self._has_body = False
         self._expect_continue = False
@@ -185,6 +189,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped_reading:
             return
+        head = self._heads if self._in_head else -1  # the head this read may continue
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -194,6 +199,12 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._protocol_error(self._error_detail or str(exc) or "malformed request")
             return
+        if self._in_head and self._heads == head:
+            # httptools buffers an unfinished header line before any callback sees it.
+            self._head_received += len(data)
+            if self._head_received > HEAD_LIMIT:
+                self._protocol_error(f"the request head is larger than {HEAD_LIMIT // 1024} KiB")
+                return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
             self._head_started = time.time()
@@ -233,6 +244,8 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._header_lines = []
         self._head_size = 0
+        self._head_received = 0
+        self._heads += 1
         self._has_body = False
         self._expect_continue = False
         self.idle_since = None
@@ -360,9 +373,10 @@ class ClientConnection(asyncio.Protocol):
             self._begin_turn()
             if len(waiting) <= _MAX_WAITING and not self._body_paused:
                 self._resume_reading()
-        else:
+        elif not self._in_head:
             self.idle_since = self._loop.time()
-            if self._in_head and self._head_timer is None:
+        else:
+            if self._head_timer is None:
                 # A pipelined head trickling in behind the answer: now its clock runs.
                 self._head_started = time.time()
                 self._head_timer = self._loop.call_later(
@@ -419,6 +433,8 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
+        if not chunk:
+            return  # in chunked framing an empty chunk would end the body
         data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
         head = self._head
         if head is not None:
