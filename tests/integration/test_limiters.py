@@ -410,7 +410,7 @@ def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
     return delta
 
 
-async def test_hits_of_one_tick_share_one_pipeline(
+async def test_hits_of_one_tick_share_one_connection_in_few_writes(
     fresh_redis_server: RedisServer, new_subject: Callable[[], str]
 ) -> None:
     limiter = Backend("redis", fresh_redis_server.url).limiter()
@@ -438,8 +438,8 @@ async def test_hits_of_one_tick_share_one_pipeline(
     assert (many["evalsha"], many["eval"], many["script"]) == (50, 0, 0)
     # ...a batch costs nothing beyond its hits...
     assert many["commands"] == 50 * one["commands"]
-    # ...and the 50 calls of one tick went over the one pooled connection as a pipeline,
-    # where 50 concurrent single calls would have opened 49 more connections.
+    # ...and the 50 calls of one tick went over the one connection, pipelined in batches of
+    # at most MAX_BATCH, where 50 concurrent single calls would have opened 49 more.
     assert many["connections"] == one["connections"] == 0
 
 
