@@ -50,32 +50,31 @@ log = logging.getLogger("gateway")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
-class Exchange:
-    """What the steps learn about one request, in the order they learn it."""
+class Exchange(RequestRecord):
+    """What the steps learn about one request, in the order they learn it. It is the
+    request's record too (what metrics and the access log read): one object per request."""
 
     __slots__ = (
         "counted",
         "key",
         "match",
         "principal",
-        "record",
         "request",
-        "request_id",
         "response_headers",
         "runtime",
         "snapshot",
         "started",
     )
 
-    def __init__(self, request: ClientRequest, runtime: Runtime, record: RequestRecord) -> None:
+    def __init__(self, request: ClientRequest, runtime: Runtime) -> None:
+        request_id = _request_id(request)
+        RequestRecord.__init__(self, request_id, request.method, request.path, time.time())
         self.started = time.perf_counter()
         self.counted = False
         self.request = request
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
-        self.record = record
-        self.request_id = record.request_id
-        self.response_headers: dict[str, str] = {"X-Request-ID": record.request_id}
+        self.response_headers: dict[str, str] = {"X-Request-ID": request_id}
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
@@ -85,14 +84,13 @@ class Exchange:
         that starts after the client has its answer (on any worker) must see it."""
         if not self.counted:
             self.counted = True
-            self.record.duration = time.perf_counter() - self.started
-            metrics.observe_request(self.record)
+            self.duration = time.perf_counter() - self.started
+            metrics.observe_request(self)
 
     def answered_by_upstream(self, status: int, upstream_seconds: float, bytes_sent: int) -> None:
-        record = self.record
-        record.status, record.code = status, "upstream"
-        record.upstream_duration = upstream_seconds
-        record.bytes_sent = bytes_sent
+        self.status, self.code = status, "upstream"
+        self.upstream_duration = upstream_seconds
+        self.bytes_sent = bytes_sent
         # Should the client vanish during the last write, the log says 499 and the metrics
         # keep this 200: the answer was complete as far as the gateway could tell.
         self.count()
@@ -117,8 +115,8 @@ async def match_route(ex: Exchange) -> Answer | None:
     match = ex.snapshot.routes.match(request.method, request.raw_path)
     ex.match = match
     route = match.route
-    ex.record.product = route.product
-    ex.record.route = route.path
+    ex.product = route.product
+    ex.route = route.path
     if route.gone is not None:
         headers = {"Sunset": route.gone.sunset} if route.gone.sunset else None
         raise Gone("This route has been retired.", headers=headers)
@@ -129,7 +127,7 @@ async def match_route(ex: Exchange) -> Answer | None:
         if request.query_string:
             target += "?" + request.query_string
         status = 301 if route.redirect.permanent else 302
-        ex.record.code = "redirect"
+        ex.code = "redirect"
         headers = {**ex.response_headers, "Location": target}
         return Answer(status, headers)
     return None
@@ -144,7 +142,7 @@ async def identify_key(ex: Exchange) -> Answer | None:
     if not presented and auth.query_param is not None and request.query_string:
         presented = request.query.get(auth.query_param)
     ex.key = snapshot.keys.identify(auth, presented)
-    ex.record.key_name = ex.key.name
+    ex.key_name = ex.key.name
     return None
 
 
@@ -152,7 +150,7 @@ async def check_access(ex: Exchange) -> Answer | None:
     """3: 403 when the key is disabled or has no plan for this product."""
     assert ex.key is not None and ex.match is not None
     ex.principal = ex.snapshot.keys.authorize(ex.key, ex.match.product.name)
-    ex.record.plan = ex.principal.plan.name
+    ex.plan = ex.principal.plan.name
     return None
 
 
@@ -191,27 +189,26 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         # costs measurable time on the hot path.
         decision = await ex.runtime.limiter.hit(ex.principal.subject, plan.rate, plan.quota)
     except (StorageError, TimeoutError) as exc:
-        ex.record.limit_outcome = "storage_error"
-        metrics.observe_limit_decision(ex.record.product, plan.name, "storage_error")
+        ex.limit_outcome = "storage_error"
+        metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
         if storage.on_error == "allow":
             return None
         raise StorageUnavailable(
             "The rate-limit storage is not answering; try again shortly.",
             headers={"Retry-After": "1"},
         ) from exc
-    ex.record.limit_outcome = decision.outcome
-    metrics.observe_limit_decision(ex.record.product, plan.name, decision.outcome)
+    ex.limit_outcome = decision.outcome
+    metrics.observe_limit_decision(ex.product, plan.name, decision.outcome)
     headers = limit_headers(decision)
     ex.response_headers.update(headers)
     if decision.outcome == "quota_exceeded":
         raise QuotaExceeded(
-            f"The {plan.name} plan's quota for '{ex.record.product}' is used up "
-            f"until the period ends.",
+            f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
             headers=headers,
         )
     if decision.outcome == "throttled":
         raise Throttled(
-            f"More than the {plan.name} plan's rate for '{ex.record.product}'; slow down.",
+            f"More than the {plan.name} plan's rate for '{ex.product}'; slow down.",
             headers=headers,
         )
     return None
@@ -229,10 +226,15 @@ async def forward_upstream(ex: Exchange) -> Answer:
         extra_response_headers=ex.response_headers,
         on_answered=ex.answered_by_upstream,
     )
-    ex.record.code = "upstream"
-    ex.record.upstream_duration = result.upstream_seconds
-    ex.record.bytes_sent = result.bytes_sent
-    return Answer(result.status, ex.response_headers, sent=True)
+    # Also for an answer cut short, which the answered-hook never heard of.
+    ex.status, ex.code = result.status, "upstream"
+    ex.upstream_duration = result.upstream_seconds
+    ex.bytes_sent = result.bytes_sent
+    return _SENT
+
+
+# The upstream's answer has gone to the client; handle_request has nothing left to send.
+_SENT = Answer(0, {}, sent=True)
 
 
 # The contract's order of checks (§3), as the one list the request walks through.
@@ -249,13 +251,7 @@ REQUEST_PATH: tuple[Step, ...] = (
 
 async def handle_request(runtime: Runtime, request: ClientRequest) -> None:
     """The one handler of the proxy port: runs REQUEST_PATH and answers every failure."""
-    record = RequestRecord(
-        request_id=_request_id(request),
-        method=request.method,
-        path=request.path,
-        start=time.time(),
-    )
-    ex = Exchange(request, runtime, record)
+    ex = record = Exchange(request, runtime)
     metrics.INFLIGHT.inc()
     own: tuple[int, str, bytes, bytes, bool] | None = None  # status, reason, head, body, close
     try:
@@ -265,8 +261,8 @@ async def handle_request(runtime: Runtime, request: ClientRequest) -> None:
             if answer is not None:
                 break
         assert answer is not None
-        record.status = answer.status
         if not answer.sent:
+            record.status = answer.status
             reason = HTTPStatus(answer.status).phrase
             own = (answer.status, reason, encode_header_block(answer.headers), b"", False)
     except GatewayProblem as problem:

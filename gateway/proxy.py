@@ -23,6 +23,7 @@ from multidict import CIMultiDictProxy
 from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.headers import (
+    ResponseHead,
     client_response_head,
     request_drop_set,
     strip_query_param,
@@ -341,16 +342,15 @@ class UpstreamPool:
         else:
             reply = await destination.client.send(request.method, target, headers, None)
         upstream_seconds = time.perf_counter() - started
-        return await self._stream_reply(
-            request,
-            product,
-            reply,
-            request_id,
-            body_timeout,
-            extra_response_headers,
-            upstream_seconds,
-            on_answered,
-        )
+        head = client_response_head(reply.raw_headers, extra_response_headers)
+        # Most answers are complete by now: answered without another coroutine.
+        whole = self._answer_whole(request, reply, head, upstream_seconds, on_answered)
+        if whole is not None:
+            return whole
+        return await self._stream_body(
+            request, product, reply, head.block, head.content_length, request_id,
+            body_timeout, upstream_seconds, on_answered,
+        )  # fmt: skip
 
     async def _send_with_body(
         self,
@@ -383,20 +383,17 @@ class UpstreamPool:
                 raise body.failure from exc
             raise
 
-    async def _stream_reply(
+    def _answer_whole(
         self,
         request: ClientRequest,
-        product: Product,
         reply: UpstreamReply,
-        request_id: str,
-        body_timeout: float,
-        extra_response_headers: Mapping[str, str] | None,
+        head: ResponseHead,
         upstream_seconds: float,
         on_answered: AnswerHook | None,
-    ) -> ForwardResult:
+    ) -> ForwardResult | None:
+        """Answer at once when the whole answer is in hand; None when its body must stream."""
         connection = request.connection
         status = reply.status
-        head = client_response_head(reply.raw_headers, extra_response_headers)
         length = head.content_length
         if request.method == "HEAD" or status in (204, 304) or length == 0:
             # The head is the whole answer (llhttp has seen to it that no body follows).
@@ -412,22 +409,19 @@ class UpstreamPool:
                 else:
                     reply.abort()
             return ForwardResult(status, upstream_seconds, 0)
-        if reply.complete:
-            # All of it is in hand: head and body leave in one write, framed by a length.
-            body = reply.take_body()
-            reply.finish()
-            block = head.block
-            if length is None:
-                block += b"Content-Length: %d\r\n" % len(body)
-            if on_answered is not None:
-                on_answered(status, upstream_seconds, len(body))
-            connection.begin_answer(request, status, reply.reason, block)
-            connection.end_answer(body)
-            return ForwardResult(status, upstream_seconds, len(body))
-        return await self._stream_body(
-            request, product, reply, head.block, length, request_id, body_timeout,
-            upstream_seconds, on_answered,
-        )  # fmt: skip
+        if not reply.complete:
+            return None
+        # All of it is in hand: head and body leave in one write, framed by a length.
+        body = reply.take_body()
+        reply.finish()
+        block = head.block
+        if length is None:
+            block += b"Content-Length: %d\r\n" % len(body)
+        if on_answered is not None:
+            on_answered(status, upstream_seconds, len(body))
+        connection.begin_answer(request, status, reply.reason, block)
+        connection.end_answer(body)
+        return ForwardResult(status, upstream_seconds, len(body))
 
     async def _stream_body(
         self,
