@@ -16,7 +16,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 if TYPE_CHECKING:
-    from gateway.http_server import ClientConnection
+    from gateway.client_connection import ClientConnection
 
 # A request body larger than this waiting for the upstream pauses reading from the client;
 # reading resumes once the upstream has taken it down to _BODY_LOW_WATER.

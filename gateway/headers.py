@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.dates import date_line
+from gateway.http_wire import date_line
 
 HeaderLines = CIMultiDict[str] | CIMultiDictProxy[str] | Iterable[tuple[str, str]]
 

@@ -24,7 +24,7 @@ from gateway import accesslog, metrics
 from gateway.auth import Principal
 from gateway.client_request import ClientRequest
 from gateway.config.model import ApiKey
-from gateway.http_server import encode_header_block
+from gateway.http_wire import encode_header_block
 from gateway.limits.base import StorageError
 from gateway.limits.headers import limit_headers
 from gateway.params import check_path_params, check_query

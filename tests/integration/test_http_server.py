@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.client_connection import HEAD_LIMIT
 from gateway.client_request import ClientRequest
-from gateway.http_server import HEAD_LIMIT, Handler, HttpServer
+from gateway.http_server import Handler, HttpServer
 from gateway.problems import Unauthorized
 from tests.support.front import answer_problem
 from tests.support.gateway import running_gateway, write_config

@@ -1,0 +1,483 @@
+"""One client connection of the proxy port: parsing, turns of handlers, and writing answers.
+
+The server around it (accepting, the keep-alive sweep, shutdown) is http_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from gateway import accesslog, metrics
+from gateway.client_request import NO_BODY, ClientRequest, RequestBody
+from gateway.http_wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
+from gateway.problems import PROBLEM_CONTENT_TYPE, BadRequest, GatewayProblem, RequestTimeout
+from gateway.record import RequestRecord
+
+if TYPE_CHECKING:
+    from gateway.http_server import HttpServer
+
+log = logging.getLogger(__name__)
+
+# A request head (request line and header lines) may not be larger than this: llhttp itself
+# has no bound, and a client must not be able to make the gateway buffer without end.
+HEAD_LIMIT = 64 * 1024
+# Heads of pipelined requests waiting for their turn before reading from the client pauses.
+_MAX_WAITING = 16
+
+
+# Header names whose lines decide how a request is framed, by their length first: checking
+# the length of every name is cheaper than lower-casing every name.
+_FRAMING_LENGTHS = frozenset({6, 14, 17})
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses its requests, runs their handlers, writes the answers."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        # The request being parsed.
+        self._url = b""
+        self._header_lines: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._head_received = 0  # bytes of reads that continued an unfinished head
+        self._heads = 0  # heads begun on this connection
+        self._in_head = False
+        self._has_body = False
+        self._expect_continue = False
+        self._parsing: ClientRequest | None = None  # until its body is complete
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = 0.0
+        self._error_detail: str | None = None
+        self._stopped_reading = False  # after a parse error or an upgrade: nothing more
+        self._body_paused = False
+        # Requests whose heads are in, oldest first; the first one's handler is running.
+        self._waiting: collections.deque[ClientRequest] = collections.deque()
+        self._task: asyncio.Task[None] | None = None  # see _serve
+        self._waker: asyncio.Future[None] | None = None  # the task waits for a request
+        self._busy = False  # a handler is running
+        self.idle_since: float | None = None
+        self._closing = False  # close once the current answer is done
+        # The answer being written.
+        self._head: bytes | None = None  # a head waiting to leave with the first body bytes
+        self._chunked = False
+        self._answer_open = False
+        self._answered = False
+        self._close_after = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.remote = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+        if self._server.draining:
+            self._closing = True
+        self.idle_since = self._loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped_reading:
+            return
+        head = self._heads if self._in_head else -1  # the head this read may continue
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request asking to switch protocols was parsed and gets an ordinary answer;
+            # whatever follows is not HTTP the gateway can read.
+            self._stop_reading()
+        except httptools.HttpParserError as exc:
+            self._protocol_error(self._error_detail or str(exc) or "malformed request")
+            return
+        if self._in_head and self._heads == head:
+            # httptools buffers an unfinished header line before any callback sees it.
+            self._head_received += len(data)
+            if self._head_received > HEAD_LIMIT:
+                self._protocol_error(f"the request head is larger than {HEAD_LIMIT // 1024} KiB")
+                return
+        if self._in_head and self._head_timer is None and self.transport is not None:
+            # The first bytes of a head that is not complete yet: from now on it must be.
+            self._head_started = time.time()
+            self._head_timer = self._loop.call_later(
+                self._server.head_timeout, self._head_timed_out
+            )
+
+    def eof_received(self) -> bool:
+        return False  # a client that stops sending is gone: close, cancelling its handler
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._stop_head_timer()
+        self._server.forget(self)
+        gone = ConnectionResetError("the client closed the connection")
+        if self._parsing is not None:
+            self._parsing.content.fail(gone)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_exception(gone)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # --- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._header_lines = []
+        self._head_size = 0
+        self._head_received = 0
+        self._heads += 1
+        self._has_body = False
+        self._expect_continue = False
+        self.idle_since = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_lines.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > HEAD_LIMIT:
+            self._grow_head(0)  # raises
+        if len(name) in _FRAMING_LENGTHS:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                self._has_body = value.strip() not in (b"0", b"")
+            elif lowered == b"transfer-encoding":
+                self._has_body = True
+            elif lowered == b"expect":
+                self._expect_continue = value.strip().lower() == b"100-continue"
+
+    def _grow_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > HEAD_LIMIT:
+            self._error_detail = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
+            raise ValueError(self._error_detail)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        parser = self._parser
+        content = RequestBody(self, self._expect_continue) if self._has_body else NO_BODY
+        request = ClientRequest(
+            self,
+            parser.get_method().decode("ascii", "surrogateescape"),
+            self._url,
+            self._header_lines,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            content,
+        )
+        self._parsing = request
+        self._waiting.append(request)
+        if not self._busy:
+            self._begin_turn()
+            waker = self._waker
+            if waker is not None:
+                self._waker = None
+                waker.set_result(None)
+            elif self._task is None or self._task.done():
+                self._task = self._loop.create_task(self._serve())
+        elif len(self._waiting) > _MAX_WAITING and self.transport is not None:
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is not None and request.content.feed(body) and self.transport is not None:
+            self._body_paused = True
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        if request is not None:
+            request.content.end()
+            self._parsing = None
+
+    # --- handlers -----------------------------------------------------------------------
+
+    def _begin_turn(self) -> None:
+        """The request first in line gets the handler: a fresh answer state."""
+        self._busy = True
+        self._answered = False
+        self._answer_open = False
+        self._head = None
+        self._close_after = False
+
+    async def _serve(self) -> None:
+        """The connection's one task: runs the handler for each request in turn.
+
+        One task per connection rather than per request: creating a task costs more than
+        waking one (asyncio registers every new task in a WeakSet). A client that goes away
+        cancels it, which is how its request's handler learns of it.
+        """
+        handler = self._server.handler
+        waiting = self._waiting
+        while True:
+            request = waiting[0]
+            try:
+                await handler(request)
+            except asyncio.CancelledError:
+                return  # the client went away (or was cut at shutdown); recorded as 499
+            except ConnectionError:
+                pass  # the same, noticed while writing
+            except Exception:
+                log.exception("unhandled error while answering a request")
+            if not self._next_turn():
+                return
+            if not waiting:
+                waker: asyncio.Future[None] = self._loop.create_future()
+                self._waker = waker
+                try:
+                    await waker
+                except asyncio.CancelledError:
+                    return
+                finally:
+                    self._waker = None
+
+    def _next_turn(self) -> bool:
+        """After an answer: whether the connection goes on to serve another request."""
+        self._busy = False
+        waiting = self._waiting
+        waiting.popleft()
+        transport = self.transport
+        if transport is None:
+            return False
+        if not self._answered:
+            # No answer, or one cut short: only closing the connection tells the client.
+            transport.abort()
+            return False
+        if self._close_after or self._closing:
+            transport.close()
+            return False
+        if waiting:
+            self._begin_turn()
+            if len(waiting) <= _MAX_WAITING and not self._body_paused:
+                self._resume_reading()
+        elif not self._in_head:
+            self.idle_since = self._loop.time()
+        else:
+            if self._head_timer is None:
+                # A pipelined head trickling in behind the answer: now its clock runs.
+                self._head_started = time.time()
+                self._head_timer = self._loop.call_later(
+                    self._server.head_timeout, self._head_timed_out
+                )
+        return True
+
+    # --- answers (for the request whose handler is running) -----------------------------
+
+    def begin_answer(
+        self,
+        request: ClientRequest,
+        status: int,
+        reason: str,
+        header_block: bytes,
+        *,
+        chunked: bool = False,
+        close_delimited: bool = False,
+        close: bool = False,
+    ) -> None:
+        """Prepare an answer's head; it leaves with the first body bytes or with `end_answer`.
+
+        `header_block` holds every header line, Content-Length included when the body has
+        one. `chunked`: the body will be framed in chunks here (an HTTP/1.0 client gets it
+        `close_delimited` instead: pass both and this picks). `close`: close the connection
+        after this answer.
+        """
+        if self._answer_open or self._answered:
+            raise RuntimeError("the request already has an answer")
+        if chunked and request.version == "1.0":
+            chunked, close_delimited = False, True
+        keep_alive = (
+            request.keep_alive
+            and not close
+            and not close_delimited
+            and not self._closing
+            and request.content.done
+        )
+        head = status_line(status, reason) + header_block
+        if chunked:
+            head += b"Transfer-Encoding: chunked\r\n"
+        if not keep_alive:
+            head += CLOSE
+            self._close_after = True
+        elif request.version == "1.0":
+            head += KEEP_ALIVE
+        self._head = head + b"\r\n"
+        self._chunked = chunked
+        self._answer_open = True
+
+    async def write_body(self, chunk: bytes) -> None:
+        """Send a piece of the body (with the head, the first time); waits while the client
+        is not reading. Raises ConnectionResetError when the client has gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if not chunk:
+            return  # in chunked framing an empty chunk would end the body
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        transport.write(data)
+        if self._write_paused:
+            drained: asyncio.Future[None] = self._loop.create_future()
+            self._drained = drained
+            try:
+                await drained
+            finally:
+                self._drained = None
+
+    def end_answer(self, last: bytes = b"") -> None:
+        """Send `last` (may be empty) and whatever ends the answer, in one write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if self._chunked:
+            data = (b"%x\r\n%b\r\n" % (len(last), last) if last else b"") + LAST_CHUNK
+        else:
+            data = last
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data:
+            transport.write(data)
+        self._answer_open = False
+        self._answered = True
+
+    def respond(
+        self,
+        request: ClientRequest,
+        status: int,
+        reason: str,
+        header_block: bytes,
+        body: bytes,
+        *,
+        close: bool = False,
+    ) -> None:
+        """A complete answer of the gateway's own, in one write."""
+        header_block += date_line() + b"Content-Length: %d\r\n" % len(body)
+        self.begin_answer(request, status, reason, header_block, close=close)
+        self.end_answer(b"" if request.method == "HEAD" else body)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def answer_started(self) -> bool:
+        """Some of the answer may have left: a problem can no longer be sent instead."""
+        return self._answered or (self._answer_open and self._head is None)
+
+    def send_interim(self, data: bytes) -> None:
+        if self.transport is not None and not self._answer_open and not self._answered:
+            self.transport.write(data)
+
+    # --- flow control and closing -------------------------------------------------------
+
+    def resume_body(self) -> None:
+        if self._body_paused:
+            self._body_paused = False
+            if len(self._waiting) <= _MAX_WAITING:
+                self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self._stopped_reading:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self._stopped_reading = True
+        self._closing = True
+        self._pause_reading()
+
+    def close_if_idle_since(self, horizon: float) -> None:
+        since = self.idle_since
+        if since is not None and since <= horizon and self.transport is not None:
+            self.transport.close()
+
+    def close_when_done(self) -> None:
+        self._closing = True
+        if not self._busy and not self._in_head and self.transport is not None:
+            self.transport.close()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._busy or self.transport is None:
+            return  # a pipelined head behind a running request: judged once it is done
+        self._answer_alone(RequestTimeout("The request head did not arrive in time."))
+
+    def _protocol_error(self, detail: str) -> None:
+        self._stop_head_timer()
+        self._stop_reading()
+        if self._parsing is not None:
+            self._parsing.content.fail(ConnectionResetError("the request body was malformed"))
+        if not self._busy and self.transport is not None:
+            self._answer_alone(BadRequest(f"The request is not valid HTTP: {detail}"))
+
+    def _answer_alone(self, problem: GatewayProblem) -> None:
+        """An answer to no request the pipeline saw (408 for a slow head, 400 for a bad one),
+        recorded like any other, and the end of the connection."""
+        transport = self.transport
+        assert transport is not None
+        started = self._head_started if self._in_head and self._head_started else time.time()
+        request_id = os.urandom(16).hex()
+        body = problem.body(request_id)
+        head = (
+            status_line(problem.status, problem.title)
+            + f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\nX-Request-ID: {request_id}\r\n".encode()
+            + date_line()
+            + b"Content-Length: %d\r\n" % len(body)
+            + CLOSE
+            + b"\r\n"
+        )
+        record = RequestRecord(request_id, "", "", started)
+        record.status, record.code = problem.status, problem.code
+        record.duration = time.time() - started
+        record.bytes_sent = len(body)
+        metrics.observe_request(record)
+        accesslog.write_access_log(record)
+        transport.write(head + body)
+        transport.close()
