@@ -18,6 +18,7 @@ import httptools
 
 from gateway import accesslog, metrics
 from gateway.client_request import NO_BODY, ClientRequest, RequestBody
+from gateway.flow import WriteGate
 from gateway.http_wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 from gateway.problems import PROBLEM_CONTENT_TYPE, BadRequest, GatewayProblem, RequestTimeout
 from gateway.record import RequestRecord
@@ -76,8 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self._answer_open = False
         self._answered = False
         self._close_after = False
-        self._write_paused = False
-        self._drained: asyncio.Future[None] | None = None
+        self._writes = WriteGate(self._loop)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -134,18 +134,13 @@ class ClientConnection(asyncio.Protocol):
             self._parsing.content.fail(gone)
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_exception(gone)
+        self._writes.fail(gone)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._writes.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._writes.resume()
 
     # --- httptools callbacks ------------------------------------------------------------
 
@@ -351,13 +346,8 @@ class ClientConnection(asyncio.Protocol):
             self._head = None
             data = head + data
         transport.write(data)
-        if self._write_paused:
-            drained: asyncio.Future[None] = self._loop.create_future()
-            self._drained = drained
-            try:
-                await drained
-            finally:
-                self._drained = None
+        if self._writes.paused:
+            await self._writes.drained()
 
     def end_answer(self, last: bytes = b"") -> None:
         """Send `last` (may be empty) and whatever ends the answer, in one write."""

@@ -21,6 +21,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.model import Upstream
+from gateway.flow import WriteGate
 from gateway.problems import BadGateway, GatewayTimeout
 
 # A body larger than this waiting for the client pauses reading from the upstream; reading
@@ -180,8 +181,7 @@ class HttpConnection(asyncio.Protocol):
         self.head_deadline = 0.0
         self._received = False  # any byte of the current answer arrived
         self._reading_paused = False
-        self._writing_paused = False
-        self._drained: asyncio.Future[None] | None = None
+        self._writes = WriteGate(self._loop)
         self._upload: asyncio.Task[None] | None = None
         self._interim = False  # parsing a 1xx answer, which is skipped
         self._header_lines: list[tuple[bytes, bytes]] = []
@@ -226,18 +226,13 @@ class HttpConnection(asyncio.Protocol):
             self._fail("connection closed without an answer", closed=True)
         else:
             self._fail("connection reset", closed=True)
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_exception(ConnectionResetError("upstream connection lost"))
+        self._writes.fail(ConnectionResetError("upstream connection lost"))
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self._writes.pause()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._writes.resume()
 
     # --- httptools callbacks ------------------------------------------------------------
 
@@ -334,8 +329,8 @@ class HttpConnection(asyncio.Protocol):
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
                 else:
                     transport.write(chunk)
-                if self._writing_paused:
-                    await self._drain()
+                if self._writes.paused:
+                    await self._writes.drained()
             if chunked and self.transport is not None:
                 self.transport.write(_LAST_CHUNK)
         except ConnectionError:
@@ -350,14 +345,6 @@ class HttpConnection(asyncio.Protocol):
             self._fail_head(BadGateway("The request body could not be read."))
             return
         self._start_head_timer()
-
-    async def _drain(self) -> None:
-        drained: asyncio.Future[None] = self._loop.create_future()
-        self._drained = drained
-        try:
-            await drained
-        finally:
-            self._drained = None
 
     def _start_head_timer(self) -> None:
         head = self._head
