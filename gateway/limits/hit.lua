@@ -41,7 +41,10 @@ elseif rate_limit >= 0 and in_window >= rate_limit then
 else
     if quota_limit >= 0 then
         used = redis.call('INCR', KEYS[2])
-        redis.call('PEXPIREAT', KEYS[2], quota_expire_at)
+        if used == 1 then
+            -- the counter of a new period: it vanishes on its own soon after the period ends
+            redis.call('PEXPIREAT', KEYS[2], quota_expire_at)
+        end
     end
     if rate_limit >= 0 then
         -- members must be unique, and two admissions may share a microsecond
