@@ -217,6 +217,9 @@ class ClientConnection(asyncio.Protocol):
         if request is not None:
             request.content.end()
             self._parsing = None
+        if self._body_paused:
+            # Nothing more of that body can come: a pause for it would outlast its request.
+            self.resume_body()
 
     # --- handlers -----------------------------------------------------------------------
 

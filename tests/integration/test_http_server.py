@@ -319,6 +319,26 @@ async def test_body_sent_in_pieces_reaches_the_handler_whole(
         assert (await read_reply(reader)).body == b"GET /after "
 
 
+async def test_connection_goes_on_after_a_large_body_the_handler_left_unread() -> None:
+    """A body over the high-water mark pauses reading; once it is complete nothing more
+    of it can come, so an answer that leaves it unread must not leave reading paused."""
+
+    async def ignore_body(request: ClientRequest) -> None:
+        while not request.content.done:  # answered once the whole body is in, unread
+            await asyncio.sleep(0.005)
+        request.connection.respond(request, 200, "OK", TEXT, b"ignored")
+
+    size = 256 * 1024 + 1  # the read that crosses the high-water mark also ends the body
+    async with http_server(ignore_body) as (_, port), connected(port) as (reader, writer):
+        writer.write(f"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode())
+        writer.write(b"x" * size)
+        reply = await read_reply(reader)
+        assert (reply.status, reply.body) == (200, b"ignored")
+        assert "connection" not in reply.headers  # the body was complete: keep-alive
+        writer.write(get("/after"))
+        assert (await read_reply(reader)).body == b"ignored"
+
+
 # --- answers -------------------------------------------------------------------------------
 
 
