@@ -445,10 +445,13 @@ class ClientConnection(asyncio.Protocol):
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()
         self._stop_reading()
+        problem = BadRequest(f"The request is not valid HTTP: {detail}", close_connection=True)
         if self._parsing is not None:
-            self._parsing.content.fail(ConnectionResetError("the request body was malformed"))
+            # The client is still there: its handler answers 400 (a ConnectionError would
+            # say it left, and the upload would wait for a body that cannot come).
+            self._parsing.content.fail(problem)
         if not self._busy and self.transport is not None:
-            self._answer_alone(BadRequest(f"The request is not valid HTTP: {detail}"))
+            self._answer_alone(problem)
 
     def _answer_alone(self, problem: GatewayProblem) -> None:
         """An answer to no request the pipeline saw (408 for a slow head, 400 for a bad one),

@@ -35,7 +35,7 @@ class RequestBody:
     """The body of one request: chunks as the parser produced them, read by whoever forwards it.
 
     `readany` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
-    client went away before the body was complete.
+    client went away before the body was complete, BadRequest when the body was malformed.
     """
 
     __slots__ = ("_chunks", "_connection", "_continue", "_error", "_queued", "_waiter", "done")

@@ -690,3 +690,26 @@ async def test_stalled_request_body_is_request_timeout(
     assert json.loads(rest)["code"] == "request_timeout"
     # What the upstream had of the body is abandoned with its connection.
     await asyncio.wait_for(upstream.cancelled.wait(), 2)
+
+
+async def test_malformed_request_body_is_bad_request(front: Front, upstream: UpstreamState) -> None:
+    reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the body is on its way upstream when it turns bad
+        writer.write(b"zz\r\n")  # not a chunk size
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        rest = await asyncio.wait_for(reader.read(), 3)  # the gateway closes the connection
+    finally:
+        writer.close()
+    # The client is still there: it is told what was wrong (not cut off, nor logged as gone).
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(rest)["code"] == "bad_request"
+    assert isinstance(await front.outcome(), GatewayProblem)
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
