@@ -150,6 +150,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_lines = []
         self._head_size = 0
         self._head_received = 0
+        self._head_started = 0.0  # set if the head does not arrive in one read
         self._heads += 1
         self._has_body = False
         self._expect_continue = False

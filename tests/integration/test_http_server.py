@@ -265,6 +265,22 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         assert await read_to_eof(reader) == b""
 
 
+async def test_400_after_a_trickled_head_is_timed_from_its_own_head(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+        writer.write(b"GET /one HTTP/1.1\r\nHost:")
+        await asyncio.sleep(0.05)  # a head in two reads: its clock starts
+        writer.write(b" t\r\n\r\n")
+        assert (await read_reply(reader)).status == 200
+        await asyncio.sleep(0.3)
+        writer.write(b"GET /a b c\r\nHost: t\r\n\r\n")  # malformed, in one read
+        assert (await read_reply(reader)).status == 400
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    (logged,) = [line for line in lines if line["status"] == 400]
+    assert logged["duration_ms"] < 200  # not since the first request's head began
+
+
 # --- request bodies ------------------------------------------------------------------------
 
 EXPECTING_5_BYTES = (
