@@ -313,8 +313,9 @@ class ClientConnection(asyncio.Protocol):
         `close_delimited` instead: pass both and this picks). `close`: close the connection
         after this answer.
         """
-        if self._answer_open or self._answered:
+        if self._answered or (self._answer_open and self._head is None):
             raise RuntimeError("the request already has an answer")
+        # An answer begun but not one byte of it sent may still be replaced (by a 500).
         if chunked and request.version == "1.0":
             chunked, close_delimited = False, True
         keep_alive = (
@@ -439,7 +440,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._busy or self.transport is None:
+        if self._busy or self.transport is None or self.transport.is_closing():
             return  # a pipelined head behind a running request: judged once it is done
         self._answer_alone(RequestTimeout("The request head did not arrive in time."))
 

@@ -334,7 +334,10 @@ class HttpConnection(asyncio.Protocol):
             if chunked and self.transport is not None:
                 self.transport.write(_LAST_CHUNK)
         except ConnectionError:
-            self.reusable = False  # the exchange ends by other means: the connection is lost
+            # Mostly the upstream connection was lost (and _fail told the head's waiter); if
+            # the body's source raised it instead, the waiter must hear of it here.
+            self.reusable = False
+            self._fail_head(BadGateway("The request body could not be read."))
             return
         except asyncio.CancelledError:
             self.reusable = False  # aborted
