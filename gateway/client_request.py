@@ -8,12 +8,13 @@ parsed query, the percent-decoded path) is built only when a step asks for it, o
 from __future__ import annotations
 
 import asyncio
-import collections
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from gateway.flow import ChunkQueue
 
 if TYPE_CHECKING:
     from gateway.client_connection import ClientConnection
@@ -31,21 +32,18 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-class RequestBody:
+class RequestBody(ChunkQueue):
     """The body of one request: chunks as the parser produced them, read by whoever forwards it.
 
     `readany` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
     client went away before the body was complete, BadRequest when the body was malformed.
     """
 
-    __slots__ = ("_chunks", "_connection", "_continue", "_error", "_queued", "_waiter", "done")
+    __slots__ = ("_connection", "_continue")
 
     def __init__(self, connection: ClientConnection | None, expect_continue: bool) -> None:
+        ChunkQueue.__init__(self)
         self._connection = connection
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
         # The client waits for a 100 Continue before it sends the body: it goes out when the
         # body is first wanted, so a request refused earlier never has its body sent at all.
         self._continue = expect_continue
@@ -53,9 +51,8 @@ class RequestBody:
 
     async def readany(self) -> bytes:
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._queued -= len(chunk)
+            chunk = self.pop()
+            if chunk is not None:
                 if self._queued <= _BODY_LOW_WATER and self._connection is not None:
                     self._connection.resume_body()
                 return chunk
@@ -75,28 +72,9 @@ class RequestBody:
             finally:
                 self._waiter = None
 
-    # Called by the connection.
-
     def feed(self, chunk: bytes) -> bool:
-        """Queue a chunk; true when the queue is over the high-water mark."""
-        self._chunks.append(chunk)
-        self._queued += len(chunk)
-        self._wake()
-        return self._queued > _BODY_HIGH_WATER
-
-    def end(self) -> None:
-        self.done = True
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self._error = error
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """Queue a chunk (called by the connection); true when over the high-water mark."""
+        return self.push(chunk) > _BODY_HIGH_WATER
 
 
 # The body of every request that announced none: always at its end.

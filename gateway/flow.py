@@ -1,13 +1,18 @@
-"""Write flow control shared by the protocols that stream bodies (client and upstream sides).
+"""Flow control shared by the protocols that stream bodies (client and upstream sides).
 
-asyncio calls `pause_writing` when a transport's buffer passes its high-water mark and
+Writing: asyncio calls `pause_writing` when a transport's buffer passes its high-water mark and
 `resume_writing` when it drains; whoever streams a body waits on `WriteGate.drained()` between
 chunks so that a slow reader bounds the memory a fast writer can fill.
+
+Reading: a `ChunkQueue` holds body chunks as the parser handed them over (never joined or
+copied) until whoever relays them takes them; its owner pauses reading from the socket above
+its high-water mark and resumes below its low one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 
 
 class WriteGate:
@@ -43,3 +48,45 @@ class WriteGate:
             await waiter
         finally:
             self._waiter = None
+
+
+class ChunkQueue:
+    """Body chunks between a parser's callbacks and the task that relays them."""
+
+    __slots__ = ("_chunks", "_error", "_queued", "_waiter", "done")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _chunks
+        self._waiter: asyncio.Future[None] | None = None  # a reader waiting for more
+        self._error: BaseException | None = None  # why the rest will never come
+        self.done = False  # the whole body has arrived
+
+    def push(self, chunk: bytes) -> int:
+        """Queue a chunk; the bytes queued now."""
+        self._chunks.append(chunk)
+        self._queued += len(chunk)
+        self._wake()
+        return self._queued
+
+    def pop(self) -> bytes | None:
+        """The oldest chunk, or None when none is queued (then `done` or `_error` say why)."""
+        if not self._chunks:
+            return None
+        chunk = self._chunks.popleft()
+        self._queued -= len(chunk)
+        return chunk
+
+    def end(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -11,7 +11,6 @@ memory. The pool that owns connections is upstream_client.py.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import socket
 from collections.abc import AsyncIterable
@@ -21,7 +20,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.model import Upstream
-from gateway.flow import WriteGate
+from gateway.flow import ChunkQueue, WriteGate
 from gateway.problems import BadGateway, GatewayTimeout
 
 # A body larger than this waiting for the client pauses reading from the upstream; reading
@@ -63,35 +62,19 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-class HttpReply:
+class HttpReply(ChunkQueue):
     """One upstream answer: its head, and its body as a queue of chunks from the parser."""
 
-    __slots__ = (
-        "_chunks",
-        "_connection",
-        "_done",
-        "_error",
-        "_headers",
-        "_queued",
-        "_waiter",
-        "head_only",
-        "raw_headers",
-        "reason",
-        "status",
-    )
+    __slots__ = ("_connection", "_headers", "head_only", "raw_headers", "reason", "status")
 
     def __init__(self, connection: HttpConnection, head_only: bool) -> None:
+        ChunkQueue.__init__(self)
         self._connection = connection
         self.head_only = head_only  # an answer to HEAD: no body, whatever its headers say
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self._headers: CIMultiDictProxy[str] | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0  # bytes in _chunks
-        self._done = False  # the whole body has arrived
-        self._error: str | None = None
-        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -105,7 +88,7 @@ class HttpReply:
 
     def take_body(self) -> bytes:
         """The whole body of a complete answer, at once (a single chunk is not copied)."""
-        assert self._done
+        assert self.done
         chunks = self._chunks
         body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -115,24 +98,23 @@ class HttpReply:
 
     @property
     def complete(self) -> bool:
-        return self._done
+        return self.done
 
     @property
     def at_eof(self) -> bool:
-        return self._done and not self._chunks
+        return self.done and not self._chunks
 
     async def read(self) -> bytes:
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._queued -= len(chunk)
+            chunk = self.pop()
+            if chunk is not None:
                 if self._queued <= _LOW_WATER:
                     self._connection.resume()
                 return chunk
-            if self._done:
+            if self.done:
                 return b""
             if self._error is not None:
-                raise UpstreamBodyError(self._error)
+                raise self._error
             await self._connection.wait_for_body(self)
 
     def finish(self) -> None:
@@ -144,23 +126,14 @@ class HttpReply:
     # Called by the connection.
 
     def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._queued += len(chunk)
-        if self._queued > _HIGH_WATER:
+        if self.push(chunk) > _HIGH_WATER:
             self._connection.pause()
-        self._wake()
 
     def _end(self, error: str | None = None) -> None:
         if error is None:
-            self._done = True
-        elif not self._done:
-            self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self.end()
+        else:
+            self.fail(UpstreamBodyError(error))
 
 
 class HttpConnection(asyncio.Protocol):
