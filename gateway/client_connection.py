@@ -35,9 +35,9 @@ HEAD_LIMIT = 64 * 1024
 _MAX_WAITING = 16
 
 
-# Header names whose lines decide how a request is framed, by their length first: checking
-# the length of every name is cheaper than lower-casing every name.
-_FRAMING_LENGTHS = frozenset({6, 14, 17})
+# Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
+# checking the length of every name is cheaper than lower-casing every name.
+_NOTED_LENGTHS = frozenset({6, 12, 14, 17})
 
 
 class ClientConnection(asyncio.Protocol):
@@ -154,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self._heads += 1
         self._has_body = False
         self._expect_continue = False
+        self._request_id: bytes | None = None
         self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
@@ -165,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
             self._grow_head(0)  # raises
-        if len(name) in _FRAMING_LENGTHS:
+        if len(name) in _NOTED_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
                 self._has_body = value.strip() not in (b"0", b"")
@@ -173,6 +174,8 @@ class ClientConnection(asyncio.Protocol):
                 self._has_body = True
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
+            elif lowered == b"x-request-id" and self._request_id is None:
+                self._request_id = value
 
     def _grow_head(self, size: int) -> None:
         self._head_size += size
@@ -193,6 +196,7 @@ class ClientConnection(asyncio.Protocol):
             parser.get_http_version(),
             parser.should_keep_alive(),
             content,
+            self._request_id,
         )
         self._parsing = request
         self._waiting.append(request)

@@ -97,6 +97,7 @@ class ClientRequest:
         "raw_headers",
         "raw_path",
         "remote",
+        "request_id_header",
         "scheme",
         "target",
         "version",
@@ -111,6 +112,7 @@ class ClientRequest:
         version: str,
         keep_alive: bool,
         content: RequestBody,
+        request_id_header: bytes | None = None,
     ) -> None:
         self.connection = connection
         self.method = method
@@ -127,6 +129,7 @@ class ClientRequest:
         self.keep_alive = keep_alive
         self.content = content
         self.body_exists = content is not NO_BODY
+        self.request_id_header = request_id_header  # the first X-Request-ID line, as sent
         self.remote = connection.remote
         self.scheme = "http"
         self._headers: CIMultiDictProxy[str] | None = None

@@ -76,7 +76,6 @@ def request_drop_set(key_header: str) -> frozenset[bytes]:
 
 def upstream_header_lines(
     client_headers: RawHeaderLines,
-    *,
     drop: frozenset[bytes],
     upstream_host: bytes,
     client_ip: str | None,

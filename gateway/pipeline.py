@@ -68,7 +68,21 @@ class Exchange(RequestRecord):
 
     def __init__(self, request: ClientRequest, runtime: Runtime) -> None:
         request_id = _request_id(request)
-        RequestRecord.__init__(self, request_id, request.method, request.path, time.time())
+        # RequestRecord's fields, set here rather than through its __init__: once per request.
+        self.request_id = request_id
+        self.method = request.method
+        self.path = request.path
+        self.start = time.time()
+        self.status = 0
+        self.code = ""
+        self.product = ""
+        self.route = ""
+        self.key_name = ""
+        self.plan = ""
+        self.limit_outcome = ""
+        self.duration = 0.0
+        self.upstream_duration = None
+        self.bytes_sent = 0
         self.started = time.perf_counter()
         self.counted = False
         self.request = request
@@ -217,14 +231,15 @@ async def apply_limits(ex: Exchange) -> Answer | None:
 async def forward_upstream(ex: Exchange) -> Answer:
     """8: the upstream's own answer, streamed; 502 and 504 when it cannot give one."""
     assert ex.match is not None
+    snapshot = ex.snapshot
     result = await ex.runtime.upstreams.forward(
         ex.request,
         ex.match.product,
-        auth=ex.snapshot.config.auth,
-        request_id=ex.request_id,
-        body_timeout=ex.snapshot.config.server.timeouts.client_body,
-        extra_response_headers=ex.response_headers,
-        on_answered=ex.answered_by_upstream,
+        snapshot.config.auth,
+        ex.request_id,
+        snapshot.config.server.timeouts.client_body,
+        ex.response_headers,
+        ex.answered_by_upstream,
     )
     # Also for an answer cut short, which the answered-hook never heard of.
     ex.status, ex.code = result.status, "upstream"
@@ -308,9 +323,11 @@ def _problem_answer(
 
 
 def _request_id(request: ClientRequest) -> str:
-    given = request.header(b"x-request-id")
-    if given and _SANE_REQUEST_ID.fullmatch(given):
-        return given
+    raw = request.request_id_header
+    if raw:
+        given = raw.decode("latin-1")
+        if _SANE_REQUEST_ID.fullmatch(given):
+            return given
     return _new_request_id()
 
 

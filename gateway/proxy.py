@@ -302,7 +302,6 @@ class UpstreamPool:
         self,
         request: ClientRequest,
         product: Product,
-        *,
         auth: AuthConfig,
         request_id: str,
         body_timeout: float,
@@ -329,11 +328,11 @@ class UpstreamPool:
             target = f"{target}?{query}"
         headers = upstream_header_lines(
             request.raw_headers,
-            drop=self._drop,
-            upstream_host=destination.host,
-            client_ip=request.remote,
-            client_proto=request.scheme,
-            request_id=request_id,
+            self._drop,
+            destination.host,
+            request.remote,
+            request.scheme,
+            request_id,
         )
         # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
         started = time.perf_counter()
