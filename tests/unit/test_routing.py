@@ -56,3 +56,24 @@ def test_no_route() -> None:
     with pytest.raises(InvalidRoute):
         table(("/a", None)).match("GET", "/b")
     assert table(("/", None)).match("GET", "/").route.path == "/"
+
+
+def test_a_path_asked_again_is_answered_from_memory_and_alike() -> None:
+    routes = table(("/a/{x}", frozenset({"GET"})))
+    first = routes.match("GET", "/a/%41")
+    again = routes.match("GET", "/a/%41")
+    assert again is first and again.params == {"x": "A"}
+    # The method is part of what is remembered: the same path is still refused for POST.
+    with pytest.raises(MethodNotAllowed):
+        routes.match("POST", "/a/%41")
+    # A new table (a reload) starts with nothing remembered.
+    assert table(("/a/{x}", None)).match("GET", "/a/%41") is not first
+
+
+def test_remembered_paths_stay_bounded() -> None:
+    routes = table(("/a/{rest:path}", None))
+    long_path = "/a/" + "x" * 300
+    assert routes.match("GET", long_path) is not routes.match("GET", long_path)
+    for i in range(5000):
+        routes.match("GET", f"/a/{i}")
+    assert len(routes._known) <= 4096
