@@ -40,12 +40,11 @@ from gateway.limits.base import (
     make_decision,
 )
 from gateway.limits.periods import PeriodCache
-from gateway.limits.resp import ScriptPipeline
+from gateway.limits.resp import ScriptPipeline, pack
 
 HIT_SCRIPT = files("gateway.limits").joinpath("hit.lua").read_text(encoding="utf-8")
 HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
-# EVALSHA <sha> 2 <rate key> <quota key> <4 numbers>, in RESP: the part every hit shares.
-_EVALSHA_PREFIX = b"*9\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n2\r\n" % HIT_SCRIPT_SHA.encode()
+_HIT_SCRIPT_SHA_BYTES = HIT_SCRIPT_SHA.encode("ascii")
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 # A quota counter outlives its period a little so that a gateway whose clock lags still
@@ -124,24 +123,6 @@ class _DirectHits:
             # did not run, so running it again after loading is safe.
             await self._client.script_load(HIT_SCRIPT)
             return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
-
-
-def _pack_evalsha(
-    keys: tuple[str, str], args: tuple[int, ...], encoding: str, errors: str
-) -> bytes:
-    rate_key, quota_key = (key.encode(encoding, errors) for key in keys)
-    rate_limit, window_us, quota_limit, expire_at_ms = (str(arg) for arg in args)
-    return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-        _EVALSHA_PREFIX,
-        len(rate_key),
-        rate_key,
-        len(quota_key),
-        quota_key,
-    ) + (
-        f"${len(rate_limit)}\r\n{rate_limit}\r\n${len(window_us)}\r\n{window_us}\r\n"
-        f"${len(quota_limit)}\r\n{quota_limit}\r\n"
-        f"${len(expire_at_ms)}\r\n{expire_at_ms}\r\n"
-    ).encode("ascii")
 
 
 class RedisLimiter:
@@ -255,7 +236,15 @@ class RedisLimiter:
         keys = (rate_key(subject), quota_key(subject, start))
         packed = b""  # redis-py packs each call of a cluster itself
         if self._pipeline is not None:
-            packed = _pack_evalsha(keys, args, self._encoding, self._encoding_errors)
+            # Once per subject and quota period, so the plain packer is fast enough.
+            encoding, errors = self._encoding, self._encoding_errors
+            packed = pack(
+                b"EVALSHA",
+                _HIT_SCRIPT_SHA_BYTES,
+                b"2",
+                *(key.encode(encoding, errors) for key in keys),
+                *(str(arg).encode("ascii") for arg in args),
+            )
         return _Command(shape, keys, args, packed)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
