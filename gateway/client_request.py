@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from gateway.flow import ChunkQueue
+from gateway.headers import decode, decoded_lines
 
 if TYPE_CHECKING:
     from gateway.client_connection import ClientConnection
@@ -25,11 +26,6 @@ _BODY_HIGH_WATER = 256 * 1024
 _BODY_LOW_WATER = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-def _decode(raw: bytes) -> str:
-    # As aiohttp's parser decodes header lines: undecodable bytes survive a round trip.
-    return raw.decode("utf-8", "surrogateescape")
 
 
 class RequestBody(ChunkQueue):
@@ -116,7 +112,7 @@ class ClientRequest:
     ) -> None:
         self.connection = connection
         self.method = method
-        self.target = _decode(target)
+        self.target = decode(target)
         if target[:1] == b"/":
             raw_path, _, query = self.target.partition("?")
             self.raw_path = raw_path
@@ -140,16 +136,14 @@ class ClientRequest:
         """The first line of header `name` (lower-case bytes), without building the multidict."""
         for line in self.raw_headers:
             if line[0].lower() == name:
-                return _decode(line[1])
+                return decode(line[1])
         return None
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
         headers = self._headers
         if headers is None:
-            headers = self._headers = CIMultiDictProxy(
-                CIMultiDict((_decode(name), _decode(value)) for name, value in self.raw_headers)
-            )
+            headers = self._headers = decoded_lines(self.raw_headers)
         return headers
 
     @property
@@ -175,5 +169,5 @@ def _split_absolute(target: bytes) -> tuple[str, str]:
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
-        return _decode(target), ""
-    return _decode(url.path or b"/"), _decode(url.query or b"")
+        return decode(target), ""
+    return decode(url.path or b"/"), decode(url.query or b"")

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.http_wire import date_line
+from gateway.http_wire import date_line, encode_header_block
 
 HeaderLines = CIMultiDict[str] | CIMultiDictProxy[str] | Iterable[tuple[str, str]]
 
@@ -103,12 +103,7 @@ def upstream_header_lines(
         elif name == b"x-forwarded-for":
             forwarded_for.append(line[1])
         elif name == b"connection":
-            for token in line[1].split(b","):
-                token = token.strip().lower()
-                if token and token not in drop and token not in _NEVER_CONNECTION_LISTED_RAW:
-                    if listed is None:
-                        listed = set()
-                    listed.add(token)
+            listed = _connection_listed_raw(line[1], listed)
     if listed:
         kept = [line for line in kept if line[0].lower() not in listed]
     kept.append((b"Host", upstream_host))
@@ -123,34 +118,14 @@ def upstream_header_lines(
     return kept
 
 
-def _encode(text: str) -> bytes:
-    # The inverse of how aiohttp's parser decodes header lines.
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _decode(raw: bytes) -> str:
+def decode(raw: bytes) -> str:
+    """Header bytes as text, as aiohttp's parser decodes them: undecodable bytes survive."""
     return raw.decode("utf-8", "surrogateescape")
 
 
-def upstream_request_headers(
-    client_headers: HeaderLines,
-    *,
-    key_header: str,
-    upstream_host: str,
-    client_ip: str | None,
-    client_proto: str,
-    request_id: str,
-) -> CIMultiDict[str]:
-    """`upstream_header_lines` for decoded header lines, as a multidict."""
-    lines = upstream_header_lines(
-        [(_encode(name), _encode(value)) for name, value in _lines(client_headers)],
-        drop=request_drop_set(key_header),
-        upstream_host=_encode(upstream_host),
-        client_ip=client_ip,
-        client_proto=client_proto,
-        request_id=request_id,
-    )
-    return CIMultiDict((_decode(name), _decode(value)) for name, value in lines)
+def decoded_lines(raw_lines: RawHeaderLines) -> CIMultiDictProxy[str]:
+    """Raw header lines as a (read-only) multidict, for what wants names and values as text."""
+    return CIMultiDictProxy(CIMultiDict((decode(name), decode(value)) for name, value in raw_lines))
 
 
 class ResponseHead(NamedTuple):
@@ -219,7 +194,7 @@ def client_response_head(
         # (RFC 9112 §6.3) since the gateway re-frames the body.
         return _drop_listed(parts, listed or set(), chunked, extra)
     if extra:
-        parts.append(_encode("".join([f"{name}: {value}\r\n" for name, value in extra.items()])))
+        parts.append(encode_header_block(extra))
     if not dated:
         parts.append(date_line())
     return ResponseHead(b"".join(parts), int(length) if length is not None else None)
@@ -247,7 +222,7 @@ def _drop_listed(
         if name == b"content-length":
             length = line.partition(b":")[2].strip()
     if extra:
-        kept.append(_encode("".join([f"{name}: {value}\r\n" for name, value in extra.items()])))
+        kept.append(encode_header_block(extra))
     if b"date" not in names:
         kept.append(date_line())
     return ResponseHead(b"".join(kept), int(length) if length is not None else None)

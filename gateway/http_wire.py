@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
 
 CLOSE = b"Connection: close\r\n"
@@ -45,7 +46,7 @@ def status_line(status: int, reason: str) -> bytes:
     return line
 
 
-def encode_header_block(headers: dict[str, str]) -> bytes:
+def encode_header_block(headers: Mapping[str, str]) -> bytes:
     """Header lines for the gateway's own headers (ASCII by construction)."""
     return "".join([f"{name}: {value}\r\n" for name, value in headers.items()]).encode(
         "utf-8", "surrogateescape"

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterable
 from typing import Protocol, cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from gateway.config.model import Upstream
 from gateway.flow import ChunkQueue, WriteGate
+from gateway.headers import decode, decoded_lines
 from gateway.problems import BadGateway, GatewayTimeout
 
 # A body larger than this waiting for the client pauses reading from the upstream; reading
@@ -57,11 +58,6 @@ class ConnectionOwner(Protocol):
         """The head arrived, or the exchange ended otherwise."""
 
 
-def _decode(raw: bytes) -> str:
-    # As aiohttp's own parser decodes header values and reasons.
-    return raw.decode("utf-8", "surrogateescape")
-
-
 class HttpReply(ChunkQueue):
     """One upstream answer: its head, and its body as a queue of chunks from the parser."""
 
@@ -81,9 +77,7 @@ class HttpReply(ChunkQueue):
         """The header lines decoded into a multidict, built when first asked for."""
         headers = self._headers
         if headers is None:
-            headers = self._headers = CIMultiDictProxy(
-                CIMultiDict((_decode(name), _decode(value)) for name, value in self.raw_headers)
-            )
+            headers = self._headers = decoded_lines(self.raw_headers)
         return headers
 
     def take_body(self) -> bytes:
@@ -231,7 +225,7 @@ class HttpConnection(asyncio.Protocol):
             self.reusable = False  # an answer nobody asked for
             return
         reply.status = status
-        reply.reason = _decode(self._reason)
+        reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
         self._stop_head_timer()
         head = self._head

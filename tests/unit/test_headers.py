@@ -9,22 +9,22 @@ from gateway.headers import (
     HOP_BY_HOP,
     client_response_head,
     connection_listed,
+    decoded_lines,
+    request_drop_set,
     strip_query_param,
-    upstream_request_headers,
+    upstream_header_lines,
 )
 
 
 def _to_upstream(
     lines: list[tuple[str, str]], client_ip: str | None = "192.0.2.7"
-) -> CIMultiDict[str]:
-    return upstream_request_headers(
-        CIMultiDictProxy(CIMultiDict(lines)),
-        key_header="X-API-Key",
-        upstream_host="backend:9000",
-        client_ip=client_ip,
-        client_proto="https",
-        request_id="rid-1",
+) -> CIMultiDictProxy[str]:
+    """upstream_header_lines over text lines, read back as a multidict."""
+    raw = [(name.encode(), value.encode()) for name, value in lines]
+    out = upstream_header_lines(
+        raw, request_drop_set("X-API-Key"), b"backend:9000", client_ip, "https", "rid-1"
     )
+    return decoded_lines(out)
 
 
 def test_connection_lists_names_across_lines_and_case() -> None:
