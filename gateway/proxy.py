@@ -5,8 +5,8 @@ never holding either whole in memory. What goes wrong before the answer's head r
 the client becomes a problem (502, 504, 408); what goes wrong after it can only cut the
 answer short, so the client connection is aborted and `ForwardResult.error` says why.
 
-The HTTP client itself hides behind `UpstreamClient`/`UpstreamReply`; the answer is written
-through the client connection of http_server.py.
+The HTTP client is upstream_client.py's keep-alive pool; the answer is written through the
+client connection of client_connection.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-from multidict import CIMultiDictProxy
 
 from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
@@ -31,86 +28,15 @@ from gateway.headers import (
 )
 from gateway.problems import GatewayProblem, GatewayTimeout, RequestTimeout
 from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
+from gateway.upstream_connection import HttpReply
 
-__all__ = [
-    "AnswerHook",
-    "ForwardResult",
-    "UpstreamBodyError",
-    "UpstreamClient",
-    "UpstreamPool",
-    "UpstreamReply",
-]
+__all__ = ["AnswerHook", "ForwardResult", "UpstreamBodyError", "UpstreamPool"]
 
 log = logging.getLogger(__name__)
 
 # Told (status, upstream seconds, body bytes) just before the bytes that complete the answer go
 # out: once the client has its whole answer, a metrics scrape must already count it.
 AnswerHook = Callable[[int, float, int], None]
-
-
-class UpstreamReply(Protocol):
-    """An upstream's answer whose head has arrived; the body is read chunk by chunk."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str: ...
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
-
-    @property
-    def complete(self) -> bool:
-        """The whole body has arrived: `read` will not wait any more."""
-        ...
-
-    @property
-    def at_eof(self) -> bool:
-        """The whole body has arrived and been read: the next `read` returns b""."""
-        ...
-
-    async def read(self) -> bytes:
-        """The next chunk of the body, b"" at its end; raises UpstreamBodyError."""
-        ...
-
-    def take_body(self) -> bytes:
-        """The whole body, once `complete`."""
-        ...
-
-    def finish(self) -> None:
-        """The body was read to its end: the connection may serve another request."""
-
-    def abort(self) -> None:
-        """Give up on the answer: the connection is closed, never reused."""
-
-
-class UpstreamClient(Protocol):
-    """Sends requests to one upstream over a keep-alive connection pool.
-
-    `send` returns once the response head is in. It raises `GatewayTimeout` when no
-    connection is made within the connect timeout or the upstream stays silent longer than
-    the read timeout after the request was sent, `BadGateway` when the connection is refused
-    or reset or the answer is not HTTP, and lets `CancelledError` through after closing the
-    connection. A failure of `body` makes `send` raise `BadGateway` too.
-
-    `target` is the request target (path and query, percent-encoding untouched) and
-    `headers` the complete header lines, Host included; a body without a Content-Length
-    line is sent chunked.
-    """
-
-    async def send(
-        self,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: AsyncIterable[bytes] | None,
-    ) -> UpstreamReply: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -245,7 +171,7 @@ class _Destination:
     """What forwarding to one product needs, derived from its config once."""
 
     product: Product
-    client: UpstreamClient
+    client: HttpUpstreamClient
     base_path: str
     host: bytes  # the Host header the upstream expects
 
@@ -264,7 +190,7 @@ class UpstreamPool:
         self._drop: frozenset[bytes] = frozenset()
         # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
         # timeouts gets a fresh client while an unchanged one keeps its warm connections.
-        self._clients: dict[tuple[str, Upstream], UpstreamClient] = {}
+        self._clients: dict[tuple[str, Upstream], HttpUpstreamClient] = {}
         # By the identity of the Product object (kept in the value to rule out a reused id):
         # hashing a frozen dataclass walks all its fields on every lookup.
         self._destinations: dict[int, _Destination] = {}
@@ -358,7 +284,7 @@ class UpstreamPool:
         target: str,
         headers: Sequence[tuple[bytes, bytes]],
         body_timeout: float,
-    ) -> UpstreamReply:
+    ) -> HttpReply:
         upstream = destination.product.upstream
         watch = _UploadWatch(upstream.timeout)
         body = _ClientBody(request, body_timeout, watch)
@@ -385,7 +311,7 @@ class UpstreamPool:
     def _answer_whole(
         self,
         request: ClientRequest,
-        reply: UpstreamReply,
+        reply: HttpReply,
         head: ResponseHead,
         upstream_seconds: float,
         on_answered: AnswerHook | None,
@@ -426,7 +352,7 @@ class UpstreamPool:
         self,
         request: ClientRequest,
         product: Product,
-        reply: UpstreamReply,
+        reply: HttpReply,
         block: bytes,
         length: int | None,
         request_id: str,

@@ -46,7 +46,7 @@ def _describe_os_error(exc: BaseException | None) -> str:
 
 
 class HttpUpstreamClient:
-    """`UpstreamClient` for one upstream: a LIFO pool of keep-alive connections.
+    """The HTTP client of one upstream: a LIFO pool of keep-alive connections.
 
     The most recently used connection is reused first, so a burst's extra connections
     age out; idle ones are closed after `keepalive` seconds.
@@ -77,6 +77,15 @@ class HttpUpstreamClient:
         headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
     ) -> HttpReply:
+        """Send one request; returns once the response head is in.
+
+        Raises `GatewayTimeout` when no connection is made within the connect timeout or the
+        upstream stays silent longer than its timeout after the request was sent, `BadGateway`
+        when the connection is refused or reset, the answer is not HTTP, or `body` fails; lets
+        `CancelledError` through after closing the connection. `target` is the request target
+        (percent-encoding untouched), `headers` the complete header lines, Host included; a
+        body without a Content-Length line is sent chunked.
+        """
         head, chunked = self._encode_head(method, target, headers, body is not None)
         retry = method in _IDEMPOTENT and body is None
         connection = self._idle_connection()
