@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # A request head (request line and header lines) may not be larger than this: llhttp itself
 # has no bound, and a client must not be able to make the gateway buffer without end.
 HEAD_LIMIT = 64 * 1024
+_HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
 
@@ -113,7 +114,7 @@ class ClientConnection(asyncio.Protocol):
             # httptools buffers an unfinished header line before any callback sees it.
             self._head_received += len(data)
             if self._head_received > HEAD_LIMIT:
-                self._protocol_error(f"the request head is larger than {HEAD_LIMIT // 1024} KiB")
+                self._protocol_error(_HEAD_TOO_LARGE)
                 return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
@@ -159,13 +160,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow_head(len(url))
+        self._head_size += len(url)
+        if self._head_size > HEAD_LIMIT:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
-            self._grow_head(0)  # raises
+            self._head_too_large()
         if len(name) in _NOTED_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -177,11 +180,10 @@ class ClientConnection(asyncio.Protocol):
             elif lowered == b"x-request-id" and self._request_id is None:
                 self._request_id = value
 
-    def _grow_head(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > HEAD_LIMIT:
-            self._error_detail = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
-            raise ValueError(self._error_detail)
+    def _head_too_large(self) -> None:
+        # Raised inside a parser callback, so httptools stops; data_received answers 400.
+        self._error_detail = _HEAD_TOO_LARGE
+        raise ValueError(_HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

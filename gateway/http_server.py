@@ -27,9 +27,8 @@ from collections.abc import Awaitable, Callable
 
 from gateway.client_connection import ClientConnection
 from gateway.client_request import ClientRequest
-from gateway.http_wire import encode_header_block, status_line
 
-__all__ = ["ClientConnection", "Handler", "HttpServer", "encode_header_block", "status_line"]
+__all__ = ["Handler", "HttpServer"]
 
 Handler = Callable[[ClientRequest], Awaitable[None]]
 

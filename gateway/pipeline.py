@@ -68,21 +68,7 @@ class Exchange(RequestRecord):
 
     def __init__(self, request: ClientRequest, runtime: Runtime) -> None:
         request_id = _request_id(request)
-        # RequestRecord's fields, set here rather than through its __init__: once per request.
-        self.request_id = request_id
-        self.method = request.method
-        self.path = request.path
-        self.start = time.time()
-        self.status = 0
-        self.code = ""
-        self.product = ""
-        self.route = ""
-        self.key_name = ""
-        self.plan = ""
-        self.limit_outcome = ""
-        self.duration = 0.0
-        self.upstream_duration = None
-        self.bytes_sent = 0
+        RequestRecord.__init__(self, request_id, request.method, request.path, time.time())
         self.started = time.perf_counter()
         self.counted = False
         self.request = request
@@ -241,10 +227,12 @@ async def forward_upstream(ex: Exchange) -> Answer:
         ex.response_headers,
         ex.answered_by_upstream,
     )
-    # Also for an answer cut short, which the answered-hook never heard of.
-    ex.status, ex.code = result.status, "upstream"
-    ex.upstream_duration = result.upstream_seconds
-    ex.bytes_sent = result.bytes_sent
+    if result.error is not None:
+        # Cut short after the head: the answered-hook, which records complete answers, never
+        # ran for it.
+        ex.status, ex.code = result.status, "upstream"
+        ex.upstream_duration = result.upstream_seconds
+        ex.bytes_sent = result.bytes_sent
     return _SENT
 
 

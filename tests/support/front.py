@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gateway.client_request import ClientRequest
-from gateway.http_server import Handler, HttpServer, encode_header_block
+from gateway.http_server import Handler, HttpServer
+from gateway.http_wire import encode_header_block
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 
 
