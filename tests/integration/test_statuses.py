@@ -280,18 +280,23 @@ class BrokenLimiter:
         return None
 
 
+def _config_with_a_rate(tmp_path: Path, upstream: Upstream) -> Path:
+    """The test API with a rate on the open plan, so a request reaches the limit step."""
+    return write_config(
+        tmp_path / "c",
+        API.format(upstream=upstream.url, closed_port=closed_port()).replace(
+            "open: {}", "open: {rate: {limit: 5, per: second}}"
+        ),
+    )
+
+
 async def test_500_hides_internals_and_logs_the_traceback(
     tmp_path: Path,
     upstream: Upstream,
     client: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = write_config(
-        tmp_path / "c",
-        API.format(upstream=upstream.url, closed_port=closed_port()).replace(
-            "open: {}", "open: {rate: {limit: 5, per: second}}"
-        ),
-    )
+    config = _config_with_a_rate(tmp_path, upstream)
     async with running_gateway(config) as worker:
         worker.runtime.limiter = BrokenLimiter()
         with caplog.at_level(logging.ERROR):
@@ -338,12 +343,7 @@ class BrokenUpstreams:
 async def test_500_after_the_limit_step_keeps_the_limit_headers(
     tmp_path: Path, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    config = write_config(
-        tmp_path / "c",
-        API.format(upstream=upstream.url, closed_port=closed_port()).replace(
-            "open: {}", "open: {rate: {limit: 5, per: second}}"
-        ),
-    )
+    config = _config_with_a_rate(tmp_path, upstream)
     async with running_gateway(config) as worker:
         worker.runtime.upstreams = BrokenUpstreams()  # type: ignore[assignment]
         async with client.get(url(worker, INFO), headers=KEY) as r:
