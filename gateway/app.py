@@ -13,7 +13,7 @@ import functools
 from gateway import metrics
 from gateway.auth import KeyIndex
 from gateway.config.model import Config, Timeouts
-from gateway.http_server import HttpServer
+from gateway.http.server import HttpServer
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
 from gateway.pipeline import handle_request

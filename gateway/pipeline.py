@@ -22,9 +22,9 @@ from urllib.parse import quote
 
 from gateway import accesslog, metrics
 from gateway.auth import Principal
-from gateway.client_request import ClientRequest
 from gateway.config.model import ApiKey
-from gateway.http_wire import encode_header_block
+from gateway.http.request import Request
+from gateway.http.wire import encode_header_block
 from gateway.limits.base import StorageError
 from gateway.limits.headers import limit_headers
 from gateway.params import check_path_params, check_query
@@ -66,7 +66,7 @@ class Exchange(RequestRecord):
         "started",
     )
 
-    def __init__(self, request: ClientRequest, runtime: Runtime) -> None:
+    def __init__(self, request: Request, runtime: Runtime) -> None:
         request_id = _request_id(request)
         RequestRecord.__init__(self, request_id, request.method, request.path, time.time())
         self.started = time.perf_counter()
@@ -252,7 +252,7 @@ REQUEST_PATH: tuple[Step, ...] = (
 )
 
 
-async def handle_request(runtime: Runtime, request: ClientRequest) -> None:
+async def handle_request(runtime: Runtime, request: Request) -> None:
     """The one handler of the proxy port: runs REQUEST_PATH and answers every failure."""
     ex = record = Exchange(request, runtime)
     metrics.INFLIGHT.inc()
@@ -310,7 +310,7 @@ def _problem_answer(
     return problem.status, problem.title, block, problem.body(request_id), problem.close_connection
 
 
-def _request_id(request: ClientRequest) -> str:
+def _request_id(request: Request) -> str:
     raw = request.request_id_header
     if raw:
         given = raw.decode("latin-1")

@@ -17,18 +17,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
-from gateway.headers import (
+from gateway.http.client import HttpClient, UpstreamBodyError
+from gateway.http.client_connection import HttpReply
+from gateway.http.headers import (
     ResponseHead,
     client_response_head,
     request_drop_set,
     strip_query_param,
     upstream_header_lines,
 )
+from gateway.http.request import Request
 from gateway.problems import GatewayProblem, GatewayTimeout, RequestTimeout
-from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
-from gateway.upstream_connection import HttpReply
 
 __all__ = ["AnswerHook", "ForwardResult", "UpstreamBodyError", "UpstreamPool"]
 
@@ -135,7 +135,7 @@ class _ClientBody:
 
     __slots__ = ("_content", "_timeout", "_watch", "failure")
 
-    def __init__(self, request: ClientRequest, body_timeout: float, watch: _UploadWatch):
+    def __init__(self, request: Request, body_timeout: float, watch: _UploadWatch):
         self._content = request.content
         self._timeout = body_timeout
         self._watch = watch
@@ -171,7 +171,7 @@ class _Destination:
     """What forwarding to one product needs, derived from its config once."""
 
     product: Product
-    client: HttpUpstreamClient
+    client: HttpClient
     base_path: str
     host: bytes  # the Host header the upstream expects
 
@@ -190,7 +190,7 @@ class UpstreamPool:
         self._drop: frozenset[bytes] = frozenset()
         # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
         # timeouts gets a fresh client while an unchanged one keeps its warm connections.
-        self._clients: dict[tuple[str, Upstream], HttpUpstreamClient] = {}
+        self._clients: dict[tuple[str, Upstream], HttpClient] = {}
         # By the identity of the Product object (kept in the value to rule out a reused id):
         # hashing a frozen dataclass walks all its fields on every lookup.
         self._destinations: dict[int, _Destination] = {}
@@ -214,7 +214,7 @@ class UpstreamPool:
         key = (product.name, upstream)
         client = self._clients.get(key)
         if client is None:
-            client = HttpUpstreamClient(upstream, product.name)
+            client = HttpClient(upstream, product.name)
             self._clients[key] = client
         if len(self._destinations) >= _MAX_DESTINATIONS:
             self._destinations.clear()  # mostly products of configs reloaded away
@@ -226,7 +226,7 @@ class UpstreamPool:
 
     async def forward(
         self,
-        request: ClientRequest,
+        request: Request,
         product: Product,
         auth: AuthConfig,
         request_id: str,
@@ -279,7 +279,7 @@ class UpstreamPool:
 
     async def _send_with_body(
         self,
-        request: ClientRequest,
+        request: Request,
         destination: _Destination,
         target: str,
         headers: Sequence[tuple[bytes, bytes]],
@@ -310,7 +310,7 @@ class UpstreamPool:
 
     def _answer_whole(
         self,
-        request: ClientRequest,
+        request: Request,
         reply: HttpReply,
         head: ResponseHead,
         upstream_seconds: float,
@@ -350,7 +350,7 @@ class UpstreamPool:
 
     async def _stream_body(
         self,
-        request: ClientRequest,
+        request: Request,
         product: Product,
         reply: HttpReply,
         block: bytes,

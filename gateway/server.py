@@ -29,7 +29,7 @@ from gateway.config.model import Address, Config
 from gateway.reload import Reloader
 
 if TYPE_CHECKING:
-    from gateway.http_server import HttpServer
+    from gateway.http.server import HttpServer
 
 log = logging.getLogger("gateway.server")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.client_connection import HEAD_LIMIT
-from gateway.client_request import ClientRequest
-from gateway.http_server import Handler, HttpServer
+from gateway.http.request import Request
+from gateway.http.server import Handler, HttpServer
+from gateway.http.server_connection import HEAD_LIMIT
 from gateway.problems import Unauthorized
 from tests.support.front import answer_problem
 from tests.support.gateway import running_gateway, write_config
@@ -99,7 +99,7 @@ def get(path: str = "/", *, version: str = "1.1", extra: str = "") -> bytes:
     return f"GET {path} HTTP/{version}\r\nHost: t\r\n{extra}\r\n".encode()
 
 
-async def echo(request: ClientRequest) -> None:
+async def echo(request: Request) -> None:
     """Answers `METHOD path body` after reading the whole body, so keep-alive can go on."""
     body = b""
     while chunk := await request.content.readany():
@@ -114,7 +114,7 @@ class Recording:
     def __init__(self) -> None:
         self.paths: list[str] = []
 
-    async def __call__(self, request: ClientRequest) -> None:
+    async def __call__(self, request: Request) -> None:
         self.paths.append(request.raw_path)
         await echo(request)
 
@@ -158,7 +158,7 @@ async def test_http10_asking_keep_alive_stays_open_and_says_so() -> None:
 
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
-    async def slow_first(request: ClientRequest) -> None:
+    async def slow_first(request: Request) -> None:
         if request.raw_path == "/1":
             await asyncio.sleep(0.1)  # were the others run alongside, they would overtake it
         request.connection.respond(request, 200, "OK", TEXT, request.raw_path.encode())
@@ -181,7 +181,7 @@ async def test_idle_connection_is_closed_after_keepalive_timeout() -> None:
 
 
 async def test_connection_with_a_slow_handler_outlives_keepalive_timeout() -> None:
-    async def slow(request: ClientRequest) -> None:
+    async def slow(request: Request) -> None:
         await asyncio.sleep(0.4)  # twice the keep-alive timeout, while the client waits
         request.connection.respond(request, 200, "OK", TEXT, b"late")
 
@@ -300,7 +300,7 @@ async def test_100_continue_is_sent_only_once_the_handler_reads_the_body() -> No
 
 
 async def test_100_continue_is_not_sent_when_the_handler_answers_without_the_body() -> None:
-    async def refuse(request: ClientRequest) -> None:
+    async def refuse(request: Request) -> None:
         answer_problem(request, Unauthorized("no key"), "rid")
 
     async with http_server(refuse) as (_, port), connected(port) as (reader, writer):
@@ -339,7 +339,7 @@ async def test_connection_goes_on_after_a_large_body_the_handler_left_unread() -
     """A body over the high-water mark pauses reading; once it is complete nothing more
     of it can come, so an answer that leaves it unread must not leave reading paused."""
 
-    async def ignore_body(request: ClientRequest) -> None:
+    async def ignore_body(request: Request) -> None:
         while not request.content.done:  # answered once the whole body is in, unread
             await asyncio.sleep(0.005)
         request.connection.respond(request, 200, "OK", TEXT, b"ignored")
@@ -374,7 +374,7 @@ class Parked:
     def __init__(self) -> None:
         self.started, self.cancelled = asyncio.Event(), asyncio.Event()
 
-    async def __call__(self, request: ClientRequest) -> None:
+    async def __call__(self, request: Request) -> None:
         self.started.set()
         try:
             await asyncio.sleep(5)
@@ -393,7 +393,7 @@ async def test_client_going_away_cancels_the_handler() -> None:
         await asyncio.wait_for(parked.cancelled.wait(), 1)
 
 
-async def streamed(request: ClientRequest) -> None:
+async def streamed(request: Request) -> None:
     """An answer whose length is unknown when it begins, as a streamed upstream body's is."""
     connection = request.connection
     connection.begin_answer(request, 200, "OK", TEXT, chunked=True)
@@ -453,7 +453,7 @@ async def test_shutdown_closes_an_idle_connection_at_once() -> None:
 async def test_shutdown_lets_a_request_in_flight_finish_with_connection_close() -> None:
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def waits(request: ClientRequest) -> None:
+    async def waits(request: Request) -> None:
         started.set()
         await release.wait()
         request.connection.respond(request, 200, "OK", TEXT, b"finished")

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
+from gateway.http.request import Request
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool
 from tests.support.front import answer_problem, serving
@@ -226,7 +226,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
     auth = AuthConfig(header="X-API-Key", query_param="api_key")
     front: Front | None = None
 
-    async def handle(request: ClientRequest) -> None:
+    async def handle(request: Request) -> None:
         assert front is not None
         try:
             result = await pool.forward(

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from gateway.client_request import ClientRequest
 from gateway.config.model import AuthConfig, Product, Upstream
+from gateway.http.client import HttpClient, UpstreamBodyError
+from gateway.http.request import Request
 from gateway.problems import BadGateway, GatewayProblem, GatewayTimeout
 from gateway.proxy import UpstreamPool
-from gateway.upstream_client import HttpUpstreamClient, UpstreamBodyError
 from tests.support.front import answer_problem, serving
 from tests.support.sockets import unaccepting_port
 
@@ -98,9 +98,9 @@ def _upstream(port: int, **options: float) -> Upstream:
 
 
 @asynccontextmanager
-async def client_for(port: int, **options: float) -> AsyncIterator[HttpUpstreamClient]:
+async def client_for(port: int, **options: float) -> AsyncIterator[HttpClient]:
     keepalive = options.pop("keepalive", 30.0)
-    client = HttpUpstreamClient(_upstream(port, **options), "soccer", keepalive=keepalive)
+    client = HttpClient(_upstream(port, **options), "soccer", keepalive=keepalive)
     try:
         yield client
     finally:
@@ -114,7 +114,7 @@ async def _body(reply: object) -> list[bytes]:
     return chunks
 
 
-async def _get(client: HttpUpstreamClient, method: str = "GET") -> tuple[int, bytes]:
+async def _get(client: HttpClient, method: str = "GET") -> tuple[int, bytes]:
     reply = await client.send(method, "/x", HOST, None)
     body = b"".join(await _body(reply))
     reply.finish()
@@ -549,7 +549,7 @@ async def front_for(port: int) -> AsyncIterator[str]:
     auth = AuthConfig(header="X-API-Key", query_param="api_key")
     product = Product(name="soccer", upstream=_upstream(port), routes=())
 
-    async def handle(request: ClientRequest) -> None:
+    async def handle(request: Request) -> None:
         try:
             await pool.forward(request, product, auth=auth, request_id="r-1", body_timeout=2.0)
         except GatewayProblem as problem:

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from gateway.client_request import ClientRequest
-from gateway.http_server import Handler, HttpServer
-from gateway.http_wire import encode_header_block
+from gateway.http.request import Request
+from gateway.http.server import Handler, HttpServer
+from gateway.http.wire import encode_header_block
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 
 
@@ -24,7 +24,7 @@ async def serving(handler: Handler) -> AsyncIterator[int]:
         await server.shutdown(1.0)
 
 
-def answer_problem(request: ClientRequest, problem: GatewayProblem, request_id: str) -> None:
+def answer_problem(request: Request, problem: GatewayProblem, request_id: str) -> None:
     block = encode_header_block({**problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE})
     request.connection.respond(
         request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.headers import (
+from gateway.http.headers import (
     HOP_BY_HOP,
     client_response_head,
     connection_listed,

@@ -2,8 +2,8 @@
 
 aiohttp's server costs about as much per request as all of nginx does to proxy one (request
 and response objects, header multidicts, a writer, a router); the gateway needs little of
-that. Here each client connection is a `ClientConnection`: httptools (llhttp) parses the
-requests, each request head becomes a `ClientRequest` and one handler task, and answers are
+that. Here each client connection is a `ServerConnection`: httptools (llhttp) parses the
+requests, each request head becomes a `Request` and one handler task, and answers are
 written straight to the transport, a head together with its body in one write when the body
 is in hand.
 
@@ -25,31 +25,31 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from gateway.client_connection import ClientConnection
-from gateway.client_request import ClientRequest
+from gateway.http.request import Request
+from gateway.http.server_connection import ServerConnection
 
 __all__ = ["Handler", "HttpServer"]
 
-Handler = Callable[[ClientRequest], Awaitable[None]]
+Handler = Callable[[Request], Awaitable[None]]
 
 
 class HttpServer:
-    """Makes a `ClientConnection` per accepted client, and keeps track of them all."""
+    """Makes a `ServerConnection` per accepted client, and keeps track of them all."""
 
     def __init__(self, handler: Handler, *, head_timeout: float, keepalive_timeout: float):
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ServerConnection] = set()
         self.draining = False
         self._emptied: asyncio.Event | None = None
         interval = min(1.0, max(keepalive_timeout / 4, 0.01))
         self._sweep_interval = interval
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(interval, self._sweep)
 
-    def __call__(self) -> ClientConnection:
-        return ClientConnection(self)
+    def __call__(self) -> ServerConnection:
+        return ServerConnection(self)
 
     def _sweep(self) -> None:
         horizon = self.loop.time() - self.keepalive_timeout
@@ -57,7 +57,7 @@ class HttpServer:
             connection.close_if_idle_since(horizon)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
-    def forget(self, connection: ClientConnection) -> None:
+    def forget(self, connection: ServerConnection) -> None:
         self.connections.discard(connection)
         if not self.connections and self._emptied is not None:
             self._emptied.set()

@@ -20,8 +20,8 @@ import httptools
 from multidict import CIMultiDictProxy
 
 from gateway.config.model import Upstream
-from gateway.flow import ChunkQueue, WriteGate
-from gateway.headers import decode, decoded_lines
+from gateway.http.flow import ChunkQueue, WriteGate
+from gateway.http.headers import decode, decoded_lines
 from gateway.problems import BadGateway, GatewayTimeout
 
 # A body larger than this waiting for the client pauses reading from the upstream; reading

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.http_wire import date_line, encode_header_block
+from gateway.http.wire import date_line, encode_header_block
 
 HeaderLines = CIMultiDict[str] | CIMultiDictProxy[str] | Iterable[tuple[str, str]]
 

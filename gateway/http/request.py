@@ -14,11 +14,11 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from gateway.flow import ChunkQueue
-from gateway.headers import decode, decoded_lines
+from gateway.http.flow import ChunkQueue
+from gateway.http.headers import decode, decoded_lines
 
 if TYPE_CHECKING:
-    from gateway.client_connection import ClientConnection
+    from gateway.http.server_connection import ServerConnection
 
 # A request body larger than this waiting for the upstream pauses reading from the client;
 # reading resumes once the upstream has taken it down to _BODY_LOW_WATER.
@@ -37,7 +37,7 @@ class RequestBody(ChunkQueue):
 
     __slots__ = ("_connection", "_continue")
 
-    def __init__(self, connection: ClientConnection | None, expect_continue: bool) -> None:
+    def __init__(self, connection: ServerConnection | None, expect_continue: bool) -> None:
         ChunkQueue.__init__(self)
         self._connection = connection
         # The client waits for a 100 Continue before it sends the body: it goes out when the
@@ -77,7 +77,7 @@ class RequestBody(ChunkQueue):
 NO_BODY = RequestBody(None, False)
 
 
-class ClientRequest:
+class Request:
     """One request head, its body stream, and the connection that must answer it."""
 
     __slots__ = (
@@ -101,7 +101,7 @@ class ClientRequest:
 
     def __init__(
         self,
-        connection: ClientConnection,
+        connection: ServerConnection,
         method: str,
         target: bytes,
         raw_headers: list[tuple[bytes, bytes]],

@@ -15,15 +15,15 @@ import ssl
 from collections.abc import AsyncIterable, Sequence
 
 from gateway.config.model import Upstream
-from gateway.problems import BadGateway, GatewayTimeout
-from gateway.upstream_connection import (
+from gateway.http.client_connection import (
     HttpConnection,
     HttpReply,
     StaleConnection,
     UpstreamBodyError,
 )
+from gateway.problems import BadGateway, GatewayTimeout
 
-__all__ = ["KEEPALIVE_SECONDS", "HttpUpstreamClient", "UpstreamBodyError"]
+__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "UpstreamBodyError"]
 
 KEEPALIVE_SECONDS = 30.0
 
@@ -45,7 +45,7 @@ def _describe_os_error(exc: BaseException | None) -> str:
     return "connection failed"
 
 
-class HttpUpstreamClient:
+class HttpClient:
     """The HTTP client of one upstream: a LIFO pool of keep-alive connections.
 
     The most recently used connection is reused first, so a burst's extra connections

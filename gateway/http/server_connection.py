@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway import accesslog, metrics
-from gateway.client_request import NO_BODY, ClientRequest, RequestBody
-from gateway.flow import WriteGate
-from gateway.http_wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
+from gateway.http.flow import WriteGate
+from gateway.http.request import NO_BODY, Request, RequestBody
+from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 from gateway.problems import PROBLEM_CONTENT_TYPE, BadRequest, GatewayProblem, RequestTimeout
 from gateway.record import RequestRecord
 
 if TYPE_CHECKING:
-    from gateway.http_server import HttpServer
+    from gateway.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _MAX_WAITING = 16
 _NOTED_LENGTHS = frozenset({6, 12, 14, 17})
 
 
-class ClientConnection(asyncio.Protocol):
+class ServerConnection(asyncio.Protocol):
     """One client connection: parses its requests, runs their handlers, writes the answers."""
 
     def __init__(self, server: HttpServer) -> None:
@@ -59,14 +59,14 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._has_body = False
         self._expect_continue = False
-        self._parsing: ClientRequest | None = None  # until its body is complete
+        self._parsing: Request | None = None  # until its body is complete
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = 0.0
         self._error_detail: str | None = None
         self._stopped_reading = False  # after a parse error or an upgrade: nothing more
         self._body_paused = False
         # Requests whose heads are in, oldest first; the first one's handler is running.
-        self._waiting: collections.deque[ClientRequest] = collections.deque()
+        self._waiting: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None  # see _serve
         self._waker: asyncio.Future[None] | None = None  # the task waits for a request
         self._busy = False  # a handler is running
@@ -190,7 +190,7 @@ class ClientConnection(asyncio.Protocol):
         self._stop_head_timer()
         parser = self._parser
         content = RequestBody(self, self._expect_continue) if self._has_body else NO_BODY
-        request = ClientRequest(
+        request = Request(
             self,
             parser.get_method().decode("ascii", "surrogateescape"),
             self._url,
@@ -303,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
 
     def begin_answer(
         self,
-        request: ClientRequest,
+        request: Request,
         status: int,
         reason: str,
         header_block: bytes,
@@ -380,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
 
     def respond(
         self,
-        request: ClientRequest,
+        request: Request,
         status: int,
         reason: str,
         header_block: bytes,
