@@ -9,7 +9,7 @@
 With a token, `/admin/*` requires `Authorization: Bearer <token>` (401 `unauthorized` otherwise);
 the probes and /metrics never do, so orchestrators and Prometheus need no secret. Errors are
 problem+json like the proxy's own; the admin API adds 404 "Not Found" `not_found` for an
-unknown key or product, and 503 `not_ready` before the first config is loaded.
+unknown key or product.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,22 +26,20 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
-from gateway.limits.base import StorageError
+from gateway.limits.base import Limiter, StorageError
 from gateway.metrics import render_metrics
 from gateway.problems import (
-    PROBLEM_CONTENT_TYPE,
     GatewayProblem,
     MethodNotAllowed,
-    ServiceUnavailable,
     StorageUnavailable,
     Unauthorized,
+    render_problem,
 )
-from gateway.runtime import Runtime
+from gateway.record import new_request_id
 
 _T = TypeVar("_T")
 
-# None until the worker has loaded its first config.
-RuntimeGetter = Callable[[], Runtime | None]
+ConfigGetter = Callable[[], Config]  # the config the worker serves right now
 Clock = Callable[[], float]
 
 
@@ -50,13 +47,10 @@ class NotFound(GatewayProblem):
     status, title, code = 404, "Not Found", "not_found"
 
 
-class NotReady(ServiceUnavailable):
-    code = "not_ready"
-
-
 @dataclass(frozen=True, slots=True)
 class AdminState:
-    get_runtime: RuntimeGetter
+    get_config: ConfigGetter
+    limiter: Limiter
     token: bytes | None
     clock: Clock
 
@@ -65,7 +59,7 @@ ADMIN_STATE = web.AppKey("admin_state", AdminState)
 
 
 def build_admin_app(
-    get_runtime: RuntimeGetter, *, token: str | None, clock: Clock = time.time
+    get_config: ConfigGetter, limiter: Limiter, *, token: str | None, clock: Clock = time.time
 ) -> web.Application:
     """The admin application of one worker; `token` is GATEWAY_ADMIN_TOKEN (None: no auth)."""
     if token == "":
@@ -73,7 +67,8 @@ def build_admin_app(
         raise ValueError("the admin token must not be empty")
     app = web.Application(middlewares=[_problems_and_auth])
     app[ADMIN_STATE] = AdminState(
-        get_runtime=get_runtime,
+        get_config=get_config,
+        limiter=limiter,
         token=token.encode() if token is not None else None,
         clock=clock,
     )
@@ -117,16 +112,8 @@ def _authorize(request: web.Request, token: bytes | None) -> None:
 
 
 def _problem_response(problem: GatewayProblem) -> web.Response:
-    request_id = os.urandom(16).hex()
-    return web.Response(
-        status=problem.status,
-        body=problem.body(request_id),
-        headers={
-            **problem.headers,
-            "Content-Type": PROBLEM_CONTENT_TYPE,
-            "X-Request-ID": request_id,
-        },
-    )
+    headers, body = render_problem(problem, new_request_id())
+    return web.Response(status=problem.status, body=body, headers=headers)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -140,34 +127,28 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    runtime = _loaded_runtime(request)
-    try:
-        await _within_storage_timeout(runtime, runtime.limiter.ping())
-    except StorageUnavailable:
-        runtime.storage_ok = False
-        raise
-    runtime.storage_ok = True
+    state = request.app[ADMIN_STATE]
+    await _within_storage_timeout(state, state.limiter.ping())
     return web.json_response({"status": "ready"})
 
 
 async def _get_usage(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
-    runtime = _loaded_runtime(request)
-    config = runtime.snapshot.config
+    config = state.get_config()
     key = _find_key(config, request.match_info["key_name"])
     products: dict[str, Any] = {}
     for product, plan_name in sorted(key.plans.items()):
         plan = config.plans[plan_name]
         quota: dict[str, Any] | None = None
         if plan.quota is not None:
-            quota = await _quota_usage(runtime, f"{key.name}:{product}", plan.quota, state.clock)
+            quota = await _quota_usage(state, f"{key.name}:{product}", plan.quota)
         products[product] = {"plan": plan_name, "rate": _rate_json(plan), "quota": quota}
     return web.json_response({"key": key.name, "disabled": key.disabled, "products": products})
 
 
 async def _reset_usage(request: web.Request) -> web.Response:
-    runtime = _loaded_runtime(request)
-    config = runtime.snapshot.config
+    state = request.app[ADMIN_STATE]
+    config = state.get_config()
     key = _find_key(config, request.match_info["key_name"])
     product = request.match_info["product"]
     plan_name = key.plans.get(product)
@@ -176,17 +157,8 @@ async def _reset_usage(request: web.Request) -> web.Response:
     quota = config.plans[plan_name].quota
     if quota is None:
         raise NotFound(f"Plan '{plan_name}' of product '{product}' has no quota to reset.")
-    await _within_storage_timeout(
-        runtime, runtime.limiter.reset_quota(f"{key.name}:{product}", quota)
-    )
+    await _within_storage_timeout(state, state.limiter.reset_quota(f"{key.name}:{product}", quota))
     return web.Response(status=204)
-
-
-def _loaded_runtime(request: web.Request) -> Runtime:
-    runtime = request.app[ADMIN_STATE].get_runtime()
-    if runtime is None:
-        raise NotReady("No configuration is loaded yet.", headers={"Retry-After": "1"})
-    return runtime
 
 
 def _find_key(config: Config, name: str) -> ApiKey:
@@ -196,20 +168,16 @@ def _find_key(config: Config, name: str) -> ApiKey:
     return key
 
 
-async def _within_storage_timeout(runtime: Runtime, call: Awaitable[_T]) -> _T:
+async def _within_storage_timeout(state: AdminState, call: Awaitable[_T]) -> _T:
     try:
-        async with asyncio.timeout(runtime.snapshot.config.storage.timeout):
+        async with asyncio.timeout(state.get_config().storage.timeout):
             return await call
     except (StorageError, TimeoutError) as exc:
-        raise StorageUnavailable(
-            "The rate-limit storage is not answering.", headers={"Retry-After": "1"}
-        ) from exc
+        raise StorageUnavailable() from exc
 
 
-async def _quota_usage(
-    runtime: Runtime, subject: str, quota: QuotaRule, clock: Clock
-) -> dict[str, Any]:
-    usage = await _within_storage_timeout(runtime, runtime.limiter.usage(subject, quota))
+async def _quota_usage(state: AdminState, subject: str, quota: QuotaRule) -> dict[str, Any]:
+    usage = await _within_storage_timeout(state, state.limiter.usage(subject, quota))
     return {
         "limit": usage.limit,
         "per": quota.per,
@@ -217,7 +185,7 @@ async def _quota_usage(
         "used": usage.used,
         "remaining": usage.remaining,
         "reset": _rfc3339(usage.reset_at),
-        "reset_seconds": max(0, math.ceil(usage.reset_at - clock())),
+        "reset_seconds": max(0, math.ceil(usage.reset_at - state.clock())),
     }
 
 

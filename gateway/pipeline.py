@@ -1,8 +1,10 @@
-"""The request path, one step per check of the contract's §3, in the order it promises.
+"""The request path: one step per check of the order of checks (README, "How a request is
+answered"), in the order it promises, as the one list `REQUEST_PATH`.
 
 Each step either lets the request go on (returns None), answers it (returns an `Answer`, as a
 redirect does, or as forwarding does once the upstream's answer is sent), or raises a
-GatewayProblem that `handle_request` turns into problem+json.
+GatewayProblem that `handle_request` turns into problem+json (an error of the HTTP layer is
+mapped to one first). Steps that never wait are plain functions; the others are coroutines.
 Nothing before `apply_limits` touches the limit storage, so nothing that fails earlier uses up
 rate or quota.
 """
@@ -10,28 +12,28 @@ rate or quota.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import inspect
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
 from gateway import accesslog, metrics
 from gateway.auth import Principal
 from gateway.config.model import ApiKey
+from gateway.http.errors import HttpError, RequestError
 from gateway.http.request import Request
-from gateway.http.wire import encode_header_block
+from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.limits.base import StorageError
 from gateway.limits.headers import limit_headers
 from gateway.params import check_path_params, check_query
 from gateway.problems import (
     CLIENT_CLOSED_CODE,
     CLIENT_CLOSED_STATUS,
-    PROBLEM_CONTENT_TYPE,
     GatewayProblem,
     Gone,
     InternalError,
@@ -39,10 +41,15 @@ from gateway.problems import (
     QuotaExceeded,
     StorageUnavailable,
     Throttled,
+    problem_from_http_error,
+    render_problem,
 )
-from gateway.record import RequestRecord
+from gateway.proxy import forward
+from gateway.record import RequestRecord, new_request_id
 from gateway.routing import RouteMatch
-from gateway.runtime import Runtime, Snapshot
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime, Snapshot
 
 log = logging.getLogger("gateway")
 
@@ -106,10 +113,11 @@ class Answer:
     sent: bool = False
 
 
-Step = Callable[[Exchange], Awaitable[Answer | None]]
+# A step answers at once (a plain function) or after waiting (a coroutine function).
+Step = Callable[[Exchange], Answer | None] | Callable[[Exchange], Awaitable[Answer | None]]
 
 
-async def match_route(ex: Exchange) -> Answer | None:
+def match_route(ex: Exchange) -> Answer | None:
     """1: 404 Invalid route, 405, 410, 301/302; none of these needs a key."""
     request = ex.request
     match = ex.snapshot.routes.match(request.method, request.raw_path)
@@ -133,7 +141,7 @@ async def match_route(ex: Exchange) -> Answer | None:
     return None
 
 
-async def identify_key(ex: Exchange) -> Answer | None:
+def identify_key(ex: Exchange) -> Answer | None:
     """2: 401 without a known key."""
     request = ex.request
     snapshot = ex.snapshot
@@ -146,7 +154,7 @@ async def identify_key(ex: Exchange) -> Answer | None:
     return None
 
 
-async def check_access(ex: Exchange) -> Answer | None:
+def check_access(ex: Exchange) -> Answer | None:
     """3: 403 when the key is disabled or has no plan for this product."""
     assert ex.key is not None and ex.match is not None
     ex.principal = ex.snapshot.keys.authorize(ex.key, ex.match.product.name)
@@ -154,7 +162,7 @@ async def check_access(ex: Exchange) -> Answer | None:
     return None
 
 
-async def check_params(ex: Exchange) -> Answer | None:
+def check_params(ex: Exchange) -> Answer | None:
     """4: 404 Wrong identifier for a path identifier, 400 for anything else declared."""
     assert ex.match is not None
     route = ex.match.route
@@ -165,7 +173,7 @@ async def check_params(ex: Exchange) -> Answer | None:
     return None
 
 
-async def check_maintenance(ex: Exchange) -> Answer | None:
+def check_maintenance(ex: Exchange) -> Answer | None:
     """5: 503 while the product is in maintenance."""
     assert ex.match is not None
     maintenance = ex.match.product.maintenance
@@ -193,10 +201,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
         if storage.on_error == "allow":
             return None
-        raise StorageUnavailable(
-            "The rate-limit storage is not answering; try again shortly.",
-            headers={"Retry-After": "1"},
-        ) from exc
+        raise StorageUnavailable() from exc
     ex.limit_outcome = decision.outcome
     metrics.observe_limit_decision(ex.product, plan.name, decision.outcome)
     headers = limit_headers(decision)
@@ -218,12 +223,14 @@ async def forward_upstream(ex: Exchange) -> Answer:
     """8: the upstream's own answer, streamed; 502 and 504 when it cannot give one."""
     assert ex.match is not None
     snapshot = ex.snapshot
-    result = await ex.runtime.upstreams.forward(
+    config = snapshot.config
+    result = await forward(
         ex.request,
-        ex.match.product,
-        snapshot.config.auth,
+        snapshot.destinations[ex.product],
+        snapshot.request_drop,
+        config.auth.query_param,
         ex.request_id,
-        snapshot.config.server.timeouts.client_body,
+        config.server.timeouts.client_body,
         ex.response_headers,
         ex.answered_by_upstream,
     )
@@ -250,6 +257,10 @@ REQUEST_PATH: tuple[Step, ...] = (
     apply_limits,
     forward_upstream,
 )
+# Each step with whether it must be awaited, decided once rather than per request.
+_STEPS: tuple[tuple[Step, bool], ...] = tuple(
+    (step, inspect.iscoroutinefunction(step)) for step in REQUEST_PATH
+)
 
 
 async def handle_request(runtime: Runtime, request: Request) -> None:
@@ -259,8 +270,9 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
     own: tuple[int, str, bytes, bytes, bool] | None = None  # status, reason, head, body, close
     try:
         answer: Answer | None = None
-        for step in REQUEST_PATH:
-            answer = await step(ex)
+        for step, waits in _STEPS:
+            result = step(ex)
+            answer = await cast(Awaitable[Answer | None], result) if waits else cast(Answer, result)
             if answer is not None:
                 break
         assert answer is not None
@@ -268,7 +280,12 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
             record.status = answer.status
             reason = HTTPStatus(answer.status).phrase
             own = (answer.status, reason, encode_header_block(answer.headers), b"", False)
-    except GatewayProblem as problem:
+    except (GatewayProblem, HttpError) as error:
+        problem = (
+            error
+            if isinstance(error, GatewayProblem)
+            else problem_from_http_error(error, ex.product)
+        )
         own = _problem_answer(problem, ex.request_id, ex.response_headers)
         record.status, record.code = problem.status, problem.code
     except (asyncio.CancelledError, ConnectionError):
@@ -303,11 +320,38 @@ def _problem_answer(
     problem: GatewayProblem, request_id: str, headers: dict[str, str]
 ) -> tuple[int, str, bytes, bytes, bool]:
     """A problem as (status, reason, header block, body, close)."""
-    block = encode_header_block(
-        {**headers, **problem.headers, "Content-Type": PROBLEM_CONTENT_TYPE}
-    )
+    problem_headers, body = render_problem(problem, request_id, headers)
     # The status line says what the API's documentation calls it ("429 Quota Exceeded").
-    return problem.status, problem.title, block, problem.body(request_id), problem.close_connection
+    return (
+        problem.status,
+        problem.title,
+        encode_header_block(problem_headers),
+        body,
+        problem.close_connection,
+    )
+
+
+def answer_request_error(error: RequestError, started: float) -> bytes:
+    """The whole answer to a request the HTTP server could not read (400 for one that is not
+    HTTP, 408 for a head too slow), recorded like any other; the connection closes after it."""
+    problem = problem_from_http_error(error)
+    request_id = new_request_id()
+    headers, body = render_problem(problem, request_id)
+    record = RequestRecord(request_id, "", "", started)
+    record.status, record.code = problem.status, problem.code
+    record.duration = time.time() - started
+    record.bytes_sent = len(body)
+    metrics.observe_request(record)
+    accesslog.write_access_log(record)
+    return (
+        status_line(problem.status, problem.title)
+        + encode_header_block(headers)
+        + date_line()
+        + b"Content-Length: %d\r\n" % len(body)
+        + CLOSE
+        + b"\r\n"
+        + body
+    )
 
 
 def _request_id(request: Request) -> str:
@@ -316,23 +360,4 @@ def _request_id(request: Request) -> str:
         given = raw.decode("latin-1")
         if _SANE_REQUEST_ID.fullmatch(given):
             return given
-    return _new_request_id()
-
-
-class _RequestIds:
-    """Unique ids (32 hex digits) without a system call each, as os.urandom per request would
-    make: a random prefix per process, drawn again in a forked child, and a counter."""
-
-    def __init__(self) -> None:
-        self._draw()
-        os.register_at_fork(after_in_child=self._draw)
-
-    def _draw(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
-
-
-_new_request_id = _RequestIds()
+    return new_request_id()

@@ -18,16 +18,19 @@
     │   └── StorageUnavailable                                   storage_unavailable
     └── GatewayTimeout                  504 Gateway Timeout      gateway_timeout
 
-A step of the request path raises one; the pipeline turns it into an
-`application/problem+json` body (RFC 9457). Errors of aiohttp or redis-py are translated
-into these at the edge where they happen (`raise BadGateway(...) from exc`), so no
-third-party exception reaches the client.
+A step of the request path raises one; `render_problem` turns it into the headers and the
+`application/problem+json` body (RFC 9457) of an answer, for the proxy port and the admin port
+alike. The HTTP layer's own errors (`gateway.http.errors`) become problems in one table,
+`problem_from_http_error`; storage errors become `StorageUnavailable` where the storage is
+called. No third-party exception reaches a client.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+
+from gateway.http import errors as http_errors
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -131,6 +134,55 @@ class Maintenance(ServiceUnavailable):
 class StorageUnavailable(ServiceUnavailable):
     code = "storage_unavailable"
 
+    def __init__(self) -> None:
+        super().__init__(
+            "The rate-limit storage is not answering; try again shortly.",
+            headers={"Retry-After": "1"},
+        )
+
 
 class GatewayTimeout(GatewayProblem):
     status, title, code = 504, "Gateway Timeout", "gateway_timeout"
+
+
+def render_problem(
+    problem: GatewayProblem, request_id: str, headers: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], bytes]:
+    """The headers and the body of the answer that tells `problem`: `headers` (the request's
+    own so far, such as its limit headers), the problem's, the content type and the id."""
+    merged = {**headers} if headers else {}
+    merged.update(problem.headers)
+    merged["Content-Type"] = PROBLEM_CONTENT_TYPE
+    merged["X-Request-ID"] = request_id
+    return merged, problem.body(request_id)
+
+
+# What each error of the HTTP layer means to the gateway's users, most specific first;
+# `{what}` is the upstream's product, `{reason}` the error's own words, `{error}` the error.
+_HTTP_ERROR_PROBLEMS: tuple[tuple[type[http_errors.HttpError], type[GatewayProblem], str], ...] = (
+    (http_errors.MalformedRequest, BadRequest, "The request is {reason}."),
+    (http_errors.HeadTimeout, RequestTimeout, "The request head did not arrive in time."),
+    (
+        http_errors.BodyTimeout,
+        RequestTimeout,
+        "The request body stalled for more than {error.seconds:g}s.",
+    ),
+    (http_errors.ConnectTimeout, GatewayTimeout, "The upstream of {what} failed: {reason}."),
+    (http_errors.ResponseTimeout, GatewayTimeout, "The upstream of {what} {reason}."),
+    (http_errors.RequestBodyFailed, BadGateway, "The request body could not be read."),
+    (http_errors.ResponseBodyError, BadGateway, "The upstream of {what} {reason}."),
+    (http_errors.UpstreamError, BadGateway, "The upstream of {what} failed: {reason}."),
+    (http_errors.HttpError, BadGateway, "The HTTP exchange failed: {reason}."),
+)
+
+
+def problem_from_http_error(error: http_errors.HttpError, product: str = "") -> GatewayProblem:
+    """The answer for an error of the HTTP layer: 400, 408, 502 or 504."""
+    for error_type, problem_type, template in _HTTP_ERROR_PROBLEMS:
+        if isinstance(error, error_type):
+            detail = template.format(what=product or "this route", reason=error, error=error)
+            if problem_type is BadRequest:
+                # The rest of a request that is not HTTP cannot be read: the connection ends.
+                return BadRequest(detail, close_connection=True)
+            return problem_type(detail)
+    raise AssertionError("HttpError is the last row")  # pragma: no cover

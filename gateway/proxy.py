@@ -1,12 +1,13 @@
-"""Forwarding an admitted request to its product's upstream (CONTRACT.md §3 step 8).
+"""Forwarding an admitted request to its product's upstream (step 8 of the order of checks).
 
-`UpstreamPool.forward` streams the request body up and the answer back, chunk by chunk,
-never holding either whole in memory. What goes wrong before the answer's head reached
-the client becomes a problem (502, 504, 408); what goes wrong after it can only cut the
-answer short, so the client connection is aborted and `ForwardResult.error` says why.
+`forward` streams the request body up and the answer back, chunk by chunk, never holding
+either whole in memory. What goes wrong before the answer's head reached the client is raised
+as an error of the HTTP layer (the pipeline makes it a 502, 504 or 408); what goes wrong after
+it can only cut the answer short, so the client connection is aborted and
+`ForwardResult.error` says why.
 
-The HTTP client is upstream_client.py's keep-alive pool; the answer is written through the
-client connection of client_connection.py.
+`UpstreamPool` keeps one keep-alive `HttpClient` per upstream, across reloads; each config
+snapshot holds a `Destination` per product, made from it once.
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.config.model import AuthConfig, Product, Upstream
-from gateway.http.client import HttpClient, UpstreamBodyError
+from gateway.config.model import Product, Upstream
+from gateway.http.client import HttpClient
 from gateway.http.client_connection import HttpReply
+from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
 from gateway.http.headers import (
     ResponseHead,
     client_response_head,
-    request_drop_set,
     strip_query_param,
     upstream_header_lines,
 )
 from gateway.http.request import Request
-from gateway.problems import GatewayProblem, GatewayTimeout, RequestTimeout
 
-__all__ = ["AnswerHook", "ForwardResult", "UpstreamBodyError", "UpstreamPool"]
+__all__ = ["AnswerHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ class _ClientBody:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._content.readany()
             except TimeoutError as exc:
-                self.failure = RequestTimeout(
-                    f"The request body stalled for more than {self._timeout:g}s."
-                )
+                self.failure = BodyTimeout(self._timeout)
                 raise self.failure from exc
             except Exception as exc:
                 self.failure = exc
@@ -167,8 +165,8 @@ class _ClientBody:
 
 
 @dataclass(frozen=True, slots=True)
-class _Destination:
-    """What forwarding to one product needs, derived from its config once."""
+class Destination:
+    """What forwarding to one product needs, derived from its config once per snapshot."""
 
     product: Product
     client: HttpClient
@@ -176,250 +174,215 @@ class _Destination:
     host: bytes  # the Host header the upstream expects
 
 
-_MAX_DESTINATIONS = 1024
-
-
 class UpstreamPool:
-    """One keep-alive client per upstream; forwards requests and streams answers back."""
+    """One keep-alive client per upstream, shared by every snapshot that names it."""
 
-    def __init__(self, products: Mapping[str, Product]) -> None:
-        self._products = dict(products)
-        # What the current auth config implies per request, derived once per config: the auth
-        # comes with each request's own snapshot, so a reload can never mix two configs.
-        self._auth: AuthConfig | None = None
-        self._drop: frozenset[bytes] = frozenset()
+    def __init__(self) -> None:
         # Keyed by the upstream itself too, so a reloaded product with a changed upstream or
         # timeouts gets a fresh client while an unchanged one keeps its warm connections.
         self._clients: dict[tuple[str, Upstream], HttpClient] = {}
-        # By the identity of the Product object (kept in the value to rule out a reused id):
-        # hashing a frozen dataclass walks all its fields on every lookup.
-        self._destinations: dict[int, _Destination] = {}
 
-    async def start(self) -> None:
-        """Open a client per configured product now rather than on its first request."""
-        for product in self._products.values():
-            self._destination(product)
-
-    async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        self._destinations = {}
-        for client in clients:
-            await client.close()
-
-    def _destination(self, product: Product) -> _Destination:
-        destination = self._destinations.get(id(product))
-        if destination is not None and destination.product is product:
-            return destination
+    def destination(self, product: Product) -> Destination:
         upstream = product.upstream
         key = (product.name, upstream)
         client = self._clients.get(key)
         if client is None:
-            client = HttpClient(upstream, product.name)
-            self._clients[key] = client
-        if len(self._destinations) >= _MAX_DESTINATIONS:
-            self._destinations.clear()  # mostly products of configs reloaded away
-        destination = _Destination(
-            product, client, upstream.base_path, upstream.host_header.encode("idna")
-        )
-        self._destinations[id(product)] = destination
-        return destination
+            client = self._clients[key] = HttpClient(upstream)
+        return Destination(product, client, upstream.base_path, upstream.host_header.encode("idna"))
 
-    async def forward(
-        self,
-        request: Request,
-        product: Product,
-        auth: AuthConfig,
-        request_id: str,
-        body_timeout: float,
-        extra_response_headers: Mapping[str, str] | None = None,
-        on_answered: AnswerHook | None = None,
-    ) -> ForwardResult:
-        """Forward `request` to `product`'s upstream and stream its answer to the client.
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
 
-        Raises `BadGateway`/`GatewayTimeout` when the upstream fails before its response
-        head, `RequestTimeout` when the request body stalls longer than `body_timeout`
-        before that, and lets `CancelledError` (client gone, handler cancelled) and
-        `ConnectionError` (client gone while being written to) through after closing the
-        upstream connection. Once the head is sent, failures are reported in
-        `ForwardResult.error` instead, and the client connection is aborted.
-        """
-        if auth is not self._auth:
-            self._auth, self._drop = auth, request_drop_set(auth.header)
-        destination = self._destination(product)
-        path, query = request.raw_path, request.query_string
-        if query:
-            query = strip_query_param(query, auth.query_param)
-        target = destination.base_path + path
-        if query:
-            target = f"{target}?{query}"
-        headers = upstream_header_lines(
-            request.raw_headers,
-            self._drop,
-            destination.host,
-            request.remote,
-            request.scheme,
-            request_id,
-        )
-        # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
-        started = time.perf_counter()
-        if request.body_exists:
-            reply = await self._send_with_body(request, destination, target, headers, body_timeout)
-        else:
-            reply = await destination.client.send(request.method, target, headers, None)
-        upstream_seconds = time.perf_counter() - started
-        head = client_response_head(reply.raw_headers, extra_response_headers)
-        # Most answers are complete by now: answered without another coroutine.
-        whole = self._answer_whole(request, reply, head, upstream_seconds, on_answered)
-        if whole is not None:
-            return whole
-        return await self._stream_body(
-            request, product, reply, head.block, head.content_length, request_id,
-            body_timeout, upstream_seconds, on_answered,
-        )  # fmt: skip
 
-    async def _send_with_body(
-        self,
-        request: Request,
-        destination: _Destination,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        body_timeout: float,
-    ) -> HttpReply:
-        upstream = destination.product.upstream
-        watch = _UploadWatch(upstream.timeout)
-        body = _ClientBody(request, body_timeout, watch)
-        try:
-            async with asyncio.timeout(None) as upload_deadline:
-                watch.bind(upload_deadline)
-                try:
-                    return await destination.client.send(request.method, target, headers, body)
-                finally:
-                    watch.unbind()
-        except TimeoutError as exc:
-            if not upload_deadline.expired():
-                raise
-            raise GatewayTimeout(
-                f"The upstream of {destination.product.name} did not accept the request body "
-                f"within {upstream.timeout:g}s."
-            ) from exc
-        except GatewayProblem as exc:
-            # The HTTP client only saw its body source fail; the client is the one to blame.
-            if body.failure is not None:
-                raise body.failure from exc
+async def forward(
+    request: Request,
+    destination: Destination,
+    drop: frozenset[bytes],
+    key_query_param: str | None,
+    request_id: str,
+    body_timeout: float,
+    extra_response_headers: Mapping[str, str] | None = None,
+    on_answered: AnswerHook | None = None,
+) -> ForwardResult:
+    """Forward `request` to `destination` and stream its answer to the client.
+
+    `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
+    the key header), `key_query_param` the query parameter that carries the key. Raises an
+    `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
+    request body stalls longer than `body_timeout` before that (or whatever else the body
+    raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
+    (client gone while being written to) through after closing the upstream connection. Once
+    the head is sent, failures are reported in `ForwardResult.error` instead, and the client
+    connection is aborted.
+    """
+    path, query = request.raw_path, request.query_string
+    if query:
+        query = strip_query_param(query, key_query_param)
+    target = destination.base_path + path
+    if query:
+        target = f"{target}?{query}"
+    headers = upstream_header_lines(
+        request.raw_headers, drop, destination.host, request.remote, request.scheme, request_id
+    )
+    # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
+    started = time.perf_counter()
+    if request.body_exists:
+        reply = await _send_with_body(request, destination, target, headers, body_timeout)
+    else:
+        reply = await destination.client.send(request.method, target, headers, None)
+    upstream_seconds = time.perf_counter() - started
+    head = client_response_head(reply.raw_headers, extra_response_headers)
+    # Most answers are complete by now: answered without another coroutine.
+    whole = _answer_whole(request, reply, head, upstream_seconds, on_answered)
+    if whole is not None:
+        return whole
+    return await _stream_body(
+        request, destination.product, reply, head.block, head.content_length, request_id,
+        body_timeout, upstream_seconds, on_answered,
+    )  # fmt: skip
+
+
+async def _send_with_body(
+    request: Request,
+    destination: Destination,
+    target: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    body_timeout: float,
+) -> HttpReply:
+    upstream = destination.product.upstream
+    watch = _UploadWatch(upstream.timeout)
+    body = _ClientBody(request, body_timeout, watch)
+    try:
+        async with asyncio.timeout(None) as upload_deadline:
+            watch.bind(upload_deadline)
+            try:
+                return await destination.client.send(request.method, target, headers, body)
+            finally:
+                watch.unbind()
+    except TimeoutError as exc:
+        if not upload_deadline.expired():
             raise
+        raise ResponseTimeout(upstream.timeout, during_upload=True) from exc
+    except RequestBodyFailed as exc:
+        # The HTTP client only saw its body source fail; the client is the one to blame.
+        if body.failure is not None:
+            raise body.failure from exc
+        raise
 
-    def _answer_whole(
-        self,
-        request: Request,
-        reply: HttpReply,
-        head: ResponseHead,
-        upstream_seconds: float,
-        on_answered: AnswerHook | None,
-    ) -> ForwardResult | None:
-        """Answer at once when the whole answer is in hand; None when its body must stream."""
-        connection = request.connection
-        status = reply.status
-        length = head.content_length
-        if request.method == "HEAD" or status in (204, 304) or length == 0:
-            # The head is the whole answer (llhttp has seen to it that no body follows).
-            if on_answered is not None:
-                on_answered(status, upstream_seconds, 0)
-            connection.begin_answer(request, status, reply.reason, head.block)
-            try:
-                connection.end_answer()
-            finally:
-                if reply.complete:
-                    reply.take_body()
-                    reply.finish()
-                else:
-                    reply.abort()
-            return ForwardResult(status, upstream_seconds, 0)
-        if not reply.complete:
-            return None
-        # All of it is in hand: head and body leave in one write, framed by a length.
-        body = reply.take_body()
-        reply.finish()
-        block = head.block
-        if length is None:
-            block += b"Content-Length: %d\r\n" % len(body)
+
+def _answer_whole(
+    request: Request,
+    reply: HttpReply,
+    head: ResponseHead,
+    upstream_seconds: float,
+    on_answered: AnswerHook | None,
+) -> ForwardResult | None:
+    """Answer at once when the whole answer is in hand; None when its body must stream."""
+    connection = request.connection
+    status = reply.status
+    length = head.content_length
+    if request.method == "HEAD" or status in (204, 304) or length == 0:
+        # The head is the whole answer (llhttp has seen to it that no body follows).
         if on_answered is not None:
-            on_answered(status, upstream_seconds, len(body))
-        connection.begin_answer(request, status, reply.reason, block)
-        connection.end_answer(body)
-        return ForwardResult(status, upstream_seconds, len(body))
-
-    async def _stream_body(
-        self,
-        request: Request,
-        product: Product,
-        reply: HttpReply,
-        block: bytes,
-        length: int | None,
-        request_id: str,
-        body_timeout: float,
-        upstream_seconds: float,
-        on_answered: AnswerHook | None,
-    ) -> ForwardResult:
-        """An answer whose body is still arriving: relayed chunk by chunk as it comes."""
-        connection = request.connection
-        status = reply.status
-        sent = 0
-        error: str | None = None
-        completed = False
-
-        def answering(body_bytes: int) -> None:
-            nonlocal on_answered
-            if on_answered is not None:
-                on_answered(status, upstream_seconds, body_bytes)
-                on_answered = None
-
-        # Without a length the body is re-framed in chunks (or, for HTTP/1.0, by the close).
-        chunked = length is None
-        connection.begin_answer(
-            request, status, reply.reason, block, chunked=chunked, close_delimited=chunked
-        )
+            on_answered(status, upstream_seconds, 0)
+        connection.begin_answer(request, status, reply.reason, head.block)
         try:
-            # A client that stops reading would otherwise pin an upstream connection for ever.
-            stall = _WriteWatch(body_timeout)
-            try:
-                while chunk := await reply.read():
-                    stall.writing()
-                    if reply.at_eof:
-                        # The last chunk leaves with the end of the answer, in one write.
-                        answering(sent + len(chunk))
-                        connection.end_answer(chunk)
-                        completed = True
-                    else:
-                        if length is not None and sent + len(chunk) >= length:
-                            answering(sent + len(chunk))
-                        await connection.write_body(chunk)
-                    stall.written()
-                    sent += len(chunk)
-            except UpstreamBodyError as exc:
-                error = str(exc)
-            except asyncio.CancelledError:
-                if not stall.caught_its_own():
-                    raise
-                error = f"The client stopped reading the answer for more than {body_timeout:g}s."
-            finally:
-                stall.stop()
-            if error is None and not completed:
-                answering(sent)  # a chunked answer ends with the terminator
-                connection.end_answer()
-                completed = True
+            connection.end_answer()
         finally:
-            if completed:
+            if reply.complete:
+                reply.take_body()
                 reply.finish()
             else:
                 reply.abort()
-        if error is not None:
-            # Sending the chunked terminator (or nothing more under a Content-Length) would
-            # make a cut answer look complete; an abort makes the client see the truncation.
-            connection.abort()
-            log.warning(
-                "answer cut short after %d body bytes: %s",
-                sent,
-                error,
-                extra={"request_id": request_id, "product": product.name},
-            )
-        return ForwardResult(status, upstream_seconds, sent, error)
+        return ForwardResult(status, upstream_seconds, 0)
+    if not reply.complete:
+        return None
+    # All of it is in hand: head and body leave in one write, framed by a length.
+    body = reply.take_body()
+    reply.finish()
+    block = head.block
+    if length is None:
+        block += b"Content-Length: %d\r\n" % len(body)
+    if on_answered is not None:
+        on_answered(status, upstream_seconds, len(body))
+    connection.begin_answer(request, status, reply.reason, block)
+    connection.end_answer(body)
+    return ForwardResult(status, upstream_seconds, len(body))
+
+
+async def _stream_body(
+    request: Request,
+    product: Product,
+    reply: HttpReply,
+    block: bytes,
+    length: int | None,
+    request_id: str,
+    body_timeout: float,
+    upstream_seconds: float,
+    on_answered: AnswerHook | None,
+) -> ForwardResult:
+    """An answer whose body is still arriving: relayed chunk by chunk as it comes."""
+    connection = request.connection
+    status = reply.status
+    sent = 0
+    error: str | None = None
+    completed = False
+
+    def answering(body_bytes: int) -> None:
+        nonlocal on_answered
+        if on_answered is not None:
+            on_answered(status, upstream_seconds, body_bytes)
+            on_answered = None
+
+    # Without a length the body is re-framed in chunks (or, for HTTP/1.0, by the close).
+    chunked = length is None
+    connection.begin_answer(
+        request, status, reply.reason, block, chunked=chunked, close_delimited=chunked
+    )
+    try:
+        # A client that stops reading would otherwise pin an upstream connection for ever.
+        stall = _WriteWatch(body_timeout)
+        try:
+            while chunk := await reply.read():
+                stall.writing()
+                if reply.at_eof:
+                    # The last chunk leaves with the end of the answer, in one write.
+                    answering(sent + len(chunk))
+                    connection.end_answer(chunk)
+                    completed = True
+                else:
+                    if length is not None and sent + len(chunk) >= length:
+                        answering(sent + len(chunk))
+                    await connection.write_body(chunk)
+                stall.written()
+                sent += len(chunk)
+        except ResponseBodyError as exc:
+            error = f"The upstream of {product.name} {exc}"
+        except asyncio.CancelledError:
+            if not stall.caught_its_own():
+                raise
+            error = f"The client stopped reading the answer for more than {body_timeout:g}s."
+        finally:
+            stall.stop()
+        if error is None and not completed:
+            answering(sent)  # a chunked answer ends with the terminator
+            connection.end_answer()
+            completed = True
+    finally:
+        if completed:
+            reply.finish()
+        else:
+            reply.abort()
+    if error is not None:
+        # Sending the chunked terminator (or nothing more under a Content-Length) would
+        # make a cut answer look complete; an abort makes the client see the truncation.
+        connection.abort()
+        log.warning(
+            "answer cut short after %d body bytes: %s",
+            sent,
+            error,
+            extra={"request_id": request_id, "product": product.name},
+        )
+    return ForwardResult(status, upstream_seconds, sent, error)

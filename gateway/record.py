@@ -1,7 +1,10 @@
-"""What is known about one request once it is answered: fed to the metrics and the access log."""
+"""What is known about one request once it is answered (fed to the metrics and the access
+log), and where request ids come from."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 
 
@@ -21,3 +24,23 @@ class RequestRecord:
     duration: float = 0.0  # seconds from head to the last byte sent
     upstream_duration: float | None = None  # seconds from sending upstream to its response head
     bytes_sent: int = 0
+
+
+class _RequestIds:
+    """Unique ids (32 hex digits) without a system call each, as os.urandom per request would
+    make: a random prefix per process, drawn again in a forked child, and a counter."""
+
+    def __init__(self) -> None:
+        self._draw()
+        os.register_at_fork(after_in_child=self._draw)
+
+    def _draw(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+new_request_id = _RequestIds()
+"""A new request id: the one generator for the proxy port, its protocol errors and the admin."""

@@ -1,22 +1,29 @@
-"""The state one worker serves from: the current config snapshot and the long-lived resources.
+"""What one worker serves from: the config snapshot and the long-lived parts around it.
 
-A reload builds a new `Snapshot` off the hot path and swaps the reference in one assignment, so a
-request sees either the old config or the new one, never a mix. The limiter and the upstream pools
-outlive snapshots (counters survive a reload).
+A `Snapshot` is everything derived from one config that the request path reads (the route
+table, the key index, the header names to drop, a destination per product), built once per
+config off the hot path. A reload swaps the reference in one assignment, so a request sees
+either the old config or the new one, never a mix. The limiter and the upstream pool outlive
+snapshots (counters and warm connections survive a reload): opened once per worker, closed by
+`close_runtime` after the last request has drained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from gateway.config.model import Config
-
-if TYPE_CHECKING:
-    from gateway.auth import KeyIndex
-    from gateway.limits.base import Limiter
-    from gateway.proxy import UpstreamPool
-    from gateway.routing import RouteTable
+from gateway import metrics
+from gateway.auth import KeyIndex
+from gateway.config.model import Config, Timeouts
+from gateway.http.headers import request_drop_set
+from gateway.http.server import HttpServer
+from gateway.limits import create_limiter
+from gateway.limits.base import Limiter
+from gateway.pipeline import answer_request_error, handle_request
+from gateway.proxy import Destination, UpstreamPool
+from gateway.routing import RouteTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +32,8 @@ class Snapshot:
     routes: RouteTable
     keys: KeyIndex
     key_header: bytes  # auth.header, lower-cased, as the request's raw header lines hold it
+    request_drop: frozenset[bytes]  # request headers never forwarded: hop-by-hop, the key's
+    destinations: Mapping[str, Destination]  # by product name
 
 
 @dataclass(slots=True)
@@ -32,5 +41,45 @@ class Runtime:
     snapshot: Snapshot
     limiter: Limiter
     upstreams: UpstreamPool
-    storage_ok: bool = True  # last known health of the limit storage, for /readyz
-    extra: dict[str, object] = field(default_factory=dict)
+
+    def apply(self, config: Config) -> None:
+        """Serve `config` from now on (called on the event loop: the clients need it)."""
+        self.snapshot = build_snapshot(config, self.upstreams)
+
+
+def build_snapshot(config: Config, upstreams: UpstreamPool) -> Snapshot:
+    return Snapshot(
+        config=config,
+        routes=RouteTable(config.products.values()),
+        keys=KeyIndex(config.keys, config.plans),
+        key_header=config.auth.header.lower().encode("latin-1"),
+        request_drop=request_drop_set(config.auth.header),
+        destinations={
+            name: upstreams.destination(product) for name, product in config.products.items()
+        },
+    )
+
+
+def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
+    upstreams = UpstreamPool()
+    return Runtime(
+        snapshot=build_snapshot(config, upstreams),
+        limiter=limiter
+        or create_limiter(config.storage, on_storage_error=metrics.count_storage_error),
+        upstreams=upstreams,
+    )
+
+
+def build_proxy_server(runtime: Runtime, timeouts: Timeouts) -> HttpServer:
+    """The protocol factory of the proxy port; every request goes through the pipeline."""
+    return HttpServer(
+        functools.partial(handle_request, runtime),
+        on_request_error=answer_request_error,
+        head_timeout=timeouts.client_header,
+        keepalive_timeout=timeouts.keepalive,
+    )
+
+
+async def close_runtime(runtime: Runtime) -> None:
+    await runtime.upstreams.close()
+    await runtime.limiter.close()

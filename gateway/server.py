@@ -184,7 +184,7 @@ class Worker:
     """The proxy and admin servers of one process; tests start it in their own event loop."""
 
     def __init__(self, config_path: str | None, config: Config, *, supervised: bool) -> None:
-        from gateway.app import build_runtime
+        from gateway.runtime import build_runtime
 
         self.config = config
         self.runtime = build_runtime(config)
@@ -200,7 +200,7 @@ class Worker:
     async def start(self) -> None:
         from gateway import metrics
         from gateway.admin import build_admin_app
-        from gateway.app import build_proxy_server
+        from gateway.runtime import build_proxy_server
 
         loop = asyncio.get_running_loop()
         server_config = self.config.server
@@ -209,7 +209,9 @@ class Worker:
         self.proxy_port = proxy_socket.getsockname()[1]
         self._proxy_listener = await loop.create_server(self._proxy_server, sock=proxy_socket)
         runtime = self.runtime
-        admin_app = build_admin_app(lambda: runtime, token=server_config.admin_token)
+        admin_app = build_admin_app(
+            lambda: runtime.snapshot.config, runtime.limiter, token=server_config.admin_token
+        )
         self._admin_runner = web.AppRunner(admin_app, access_log=None)
         await self._admin_runner.setup()
         admin_socket = open_listener(server_config.admin_listen)
@@ -226,9 +228,7 @@ class Worker:
                 self.reloader.start_watching()
 
     def apply_config(self, config: Config) -> None:
-        from gateway.app import build_snapshot
-
-        self.runtime.snapshot = build_snapshot(config)
+        self.runtime.apply(config)
 
     def reload(self) -> None:
         if self.reloader is not None:
@@ -238,7 +238,7 @@ class Worker:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
         if self.reloader is not None:
             await self.reloader.stop()
-        from gateway.app import close_runtime
+        from gateway.runtime import close_runtime
 
         if self._proxy_listener is not None:
             self._proxy_listener.close()

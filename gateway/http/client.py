@@ -3,7 +3,7 @@
 aiohttp's ClientSession builds a URL, a request object, header multidicts, a response object
 and a stream reader per request; for a gateway that only relays bytes most of that is waste.
 Here a request is one head encoded from pre-encoded parts and written to a pooled
-`HttpConnection` (upstream_connection.py), which parses the answer with httptools.
+`HttpConnection` (`client_connection.py`), which parses the answer with httptools.
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ import ssl
 from collections.abc import AsyncIterable, Sequence
 
 from gateway.config.model import Upstream
-from gateway.http.client_connection import (
-    HttpConnection,
-    HttpReply,
-    StaleConnection,
-    UpstreamBodyError,
-)
-from gateway.problems import BadGateway, GatewayTimeout
+from gateway.http.client_connection import HttpConnection, HttpReply, StaleConnection
+from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
 
-__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "UpstreamBodyError"]
+__all__ = ["KEEPALIVE_SECONDS", "HttpClient"]
 
 KEEPALIVE_SECONDS = 30.0
 
@@ -52,11 +47,8 @@ class HttpClient:
     age out; idle ones are closed after `keepalive` seconds.
     """
 
-    def __init__(
-        self, upstream: Upstream, product: str, *, keepalive: float = KEEPALIVE_SECONDS
-    ) -> None:
+    def __init__(self, upstream: Upstream, *, keepalive: float = KEEPALIVE_SECONDS) -> None:
         self.upstream = upstream
-        self.product = product
         self.loop = asyncio.get_running_loop()
         self._keepalive = keepalive
         self._idle: list[HttpConnection] = []  # most recently used last
@@ -79,12 +71,13 @@ class HttpClient:
     ) -> HttpReply:
         """Send one request; returns once the response head is in.
 
-        Raises `GatewayTimeout` when no connection is made within the connect timeout or the
-        upstream stays silent longer than its timeout after the request was sent, `BadGateway`
-        when the connection is refused or reset, the answer is not HTTP, or `body` fails; lets
-        `CancelledError` through after closing the connection. `target` is the request target
-        (percent-encoding untouched), `headers` the complete header lines, Host included; a
-        body without a Content-Length line is sent chunked.
+        Raises `ConnectTimeout` or `ResponseTimeout` when no connection is made within the
+        connect timeout or the upstream stays silent longer than its timeout after the request
+        was sent, `ConnectError`, `ServerDisconnected` or `MalformedResponse` when the
+        connection is refused or reset or the answer is not HTTP, `RequestBodyFailed` when
+        `body` fails; lets `CancelledError` through after closing the connection. `target` is
+        the request target (percent-encoding untouched), `headers` the complete header lines,
+        Host included; a body without a Content-Length line is sent chunked.
         """
         head, chunked = self._encode_head(method, target, headers, body is not None)
         retry = method in _IDEMPOTENT and body is None
@@ -99,10 +92,7 @@ class HttpClient:
                 # a request that can be sent again unchanged and harmlessly is: no body to
                 # replay, an idempotent method; once, and then on a fresh connection.
                 if not retry:
-                    raise BadGateway(
-                        f"The upstream of {self.product} failed: "
-                        "connection closed without an answer."
-                    ) from None
+                    raise ServerDisconnected("connection closed without an answer") from None
                 retry, connection = False, None
 
     def _encode_head(
@@ -151,18 +141,11 @@ class HttpClient:
                     server_hostname=upstream.host if self._ssl is not None else None,
                 )
         except TimeoutError as exc:
-            raise GatewayTimeout(
-                f"No connection to the upstream of {self.product} "
-                f"within {upstream.connect_timeout:g}s."
-            ) from exc
+            raise ConnectTimeout(upstream.connect_timeout) from exc
         except ssl.SSLError as exc:
-            raise BadGateway(
-                f"The upstream of {self.product} failed: TLS handshake failed."
-            ) from exc
+            raise ConnectError("TLS handshake failed") from exc
         except OSError as exc:
-            raise BadGateway(
-                f"The upstream of {self.product} failed: {_describe_os_error(exc)}."
-            ) from exc
+            raise ConnectError(_describe_os_error(exc)) from exc
         return connection
 
     # --- called by connections ----------------------------------------------------------

@@ -5,7 +5,7 @@ body, with flow control) and parses the answer with httptools (llhttp, the parse
 Its head becomes an `HttpReply`; the body chunks are handed on as the parser produced them,
 never joined or copied again. Reading from the upstream pauses while more than `_HIGH_WATER`
 bytes of an answer wait for a slow client, so an answer of any size streams through bounded
-memory. The pool that owns connections is upstream_client.py.
+memory. The pool that owns connections is `client.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ import httptools
 from multidict import CIMultiDictProxy
 
 from gateway.config.model import Upstream
+from gateway.http.errors import (
+    MalformedResponse,
+    RequestBodyFailed,
+    ResponseBodyError,
+    ResponseTimeout,
+    ServerDisconnected,
+    UpstreamError,
+)
 from gateway.http.flow import ChunkQueue, WriteGate
 from gateway.http.headers import decode, decoded_lines
-from gateway.problems import BadGateway, GatewayTimeout
 
 # A body larger than this waiting for the client pauses reading from the upstream; reading
 # resumes once the client has taken it down to _LOW_WATER.
@@ -33,10 +40,6 @@ _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
-class UpstreamBodyError(Exception):
-    """The upstream failed after its response head: the answer can only be cut short."""
-
-
 class StaleConnection(Exception):
     """A reused connection ended before any byte of the answer: the upstream had closed it."""
 
@@ -45,7 +48,6 @@ class ConnectionOwner(Protocol):
     """What a connection needs of the pool it belongs to."""
 
     upstream: Upstream
-    product: str
     loop: asyncio.AbstractEventLoop
 
     def keep(self, connection: HttpConnection) -> None:
@@ -127,7 +129,7 @@ class HttpReply(ChunkQueue):
         if error is None:
             self.end()
         else:
-            self.fail(UpstreamBodyError(error))
+            self.fail(ResponseBodyError(error))
 
 
 class HttpConnection(asyncio.Protocol):
@@ -174,9 +176,9 @@ class HttpConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail("it switched protocols, which the gateway does not support")
+            self._fail(MalformedResponse("it switched protocols unasked"))
         except httptools.HttpParserError:
-            self._fail("invalid HTTP response")
+            self._fail(MalformedResponse("invalid HTTP response"))
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -189,10 +191,8 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        if exc is None:
-            self._fail("connection closed without an answer", closed=True)
-        else:
-            self._fail("connection reset", closed=True)
+        reason = "connection closed without an answer" if exc is None else "connection reset"
+        self._fail(ServerDisconnected(reason), closed=True)
         self._writes.fail(ConnectionResetError("upstream connection lost"))
 
     def pause_writing(self) -> None:
@@ -304,7 +304,7 @@ class HttpConnection(asyncio.Protocol):
             # Mostly the upstream connection was lost (and _fail told the head's waiter); if
             # the body's source raised it instead, the waiter must hear of it here.
             self.reusable = False
-            self._fail_head(BadGateway("The request body could not be read."))
+            self._fail_head(RequestBodyFailed("the request body could not be read"))
             return
         except asyncio.CancelledError:
             self.reusable = False  # aborted
@@ -312,7 +312,7 @@ class HttpConnection(asyncio.Protocol):
         except Exception:
             # The client's body broke (it left, or stalled): the caller knows why.
             self.reusable = False
-            self._fail_head(BadGateway("The request body could not be read."))
+            self._fail_head(RequestBodyFailed("the request body could not be read"))
             return
         self._start_head_timer()
 
@@ -329,12 +329,7 @@ class HttpConnection(asyncio.Protocol):
 
     def head_timed_out(self) -> None:
         self._head_watched = False
-        self._fail_head(
-            GatewayTimeout(
-                f"The upstream of {self._client.product} did not answer "
-                f"within {self._client.upstream.timeout:g}s."
-            )
-        )
+        self._fail_head(ResponseTimeout(self._client.upstream.timeout))
 
     def _fail_head(self, exc: BaseException) -> None:
         head = self._head
@@ -349,7 +344,7 @@ class HttpConnection(asyncio.Protocol):
         if reply is not None:
             reply._end()
 
-    def _fail(self, reason: str, *, closed: bool = False) -> None:
+    def _fail(self, error: UpstreamError, *, closed: bool = False) -> None:
         """The exchange cannot go on: tell whoever waits, and never reuse this connection."""
         self.reusable = False
         self._stop_head_timer()
@@ -359,13 +354,12 @@ class HttpConnection(asyncio.Protocol):
             if closed and not self._received and self.exchanges > 1:
                 head.set_exception(StaleConnection())
             else:
-                head.set_exception(
-                    BadGateway(f"The upstream of {self._client.product} failed: {reason}.")
-                )
+                head.set_exception(error)
         elif reply is not None:
-            if reason == "connection closed without an answer":
+            reason = str(error)
+            if isinstance(error, ServerDisconnected) and reason.startswith("connection closed"):
                 reason = "invalid or incomplete body"
-            reply._end(f"The upstream of {self._client.product} broke off its answer ({reason}).")
+            reply._end(f"broke off its answer ({reason})")
         if not closed and self.transport is not None:
             self.transport.abort()
 
@@ -386,7 +380,7 @@ class HttpConnection(asyncio.Protocol):
     def _body_stalled(self, reply: HttpReply, waiter: asyncio.Future[None]) -> None:
         if waiter.done():
             return
-        reply._end(f"The upstream of {self._client.product} stalled mid-answer.")
+        reply._end("stalled mid-answer")
         self.reusable = False
         self.abort()
 

@@ -32,7 +32,7 @@ class RequestBody(ChunkQueue):
     """The body of one request: chunks as the parser produced them, read by whoever forwards it.
 
     `readany` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
-    client went away before the body was complete, BadRequest when the body was malformed.
+    client went away before the body was complete, MalformedRequest when the body was malformed.
     """
 
     __slots__ = ("_connection", "_continue")

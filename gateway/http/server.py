@@ -9,10 +9,12 @@ is in hand.
 
 What it adds to plain HTTP/1.1 keep-alive, as the contract asks (§2 timeouts, §4, §7):
 
-- `client_header`: a request head that has begun must be complete in time, else 408 and the
-  connection is closed. A head that arrives in one read never starts the timer at all.
+- `client_header`: a request head that has begun must be complete in time, else the
+  connection is answered through `on_request_error` (the gateway says 408) and closed. A
+  head that arrives in one read never starts the timer at all.
 - `keepalive`: an idle connection is closed after this long (swept once a second or so).
-- A request the parser rejects is answered 400 problem+json and the connection closed.
+- A request the parser rejects is answered through `on_request_error` (the gateway says 400)
+  and the connection closed.
 - A client that goes away cancels its request's handler (the pipeline records 499).
 - Pipelined requests are answered in order, one handler at a time.
 - `shutdown`: idle connections close at once, busy ones after their answer, the rest are
@@ -25,20 +27,32 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
+from gateway.http.errors import RequestError
 from gateway.http.request import Request
 from gateway.http.server_connection import ServerConnection
 
-__all__ = ["Handler", "HttpServer"]
+__all__ = ["Handler", "HttpServer", "RequestErrorAnswer"]
 
 Handler = Callable[[Request], Awaitable[None]]
+# The complete answer (status line, headers, body) to a request no handler saw because it
+# could not be read: told the error and when (time.time()) its head began.
+RequestErrorAnswer = Callable[[RequestError, float], bytes]
 
 
 class HttpServer:
     """Makes a `ServerConnection` per accepted client, and keeps track of them all."""
 
-    def __init__(self, handler: Handler, *, head_timeout: float, keepalive_timeout: float):
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        on_request_error: RequestErrorAnswer,
+        head_timeout: float,
+        keepalive_timeout: float,
+    ):
         self.loop = asyncio.get_running_loop()
         self.handler = handler
+        self.on_request_error = on_request_error
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[ServerConnection] = set()

@@ -1,6 +1,6 @@
 """One client connection of the proxy port: parsing, turns of handlers, and writing answers.
 
-The server around it (accepting, the keep-alive sweep, shutdown) is http_server.py.
+The server around it (accepting, the keep-alive sweep, shutdown) is `server.py`.
 """
 
 from __future__ import annotations
@@ -9,19 +9,16 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from gateway import accesslog, metrics
+from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
 from gateway.http.flow import WriteGate
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
-from gateway.problems import PROBLEM_CONTENT_TYPE, BadRequest, GatewayProblem, RequestTimeout
-from gateway.record import RequestRecord
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -448,40 +445,24 @@ class ServerConnection(asyncio.Protocol):
         self._head_timer = None
         if self._busy or self.transport is None or self.transport.is_closing():
             return  # a pipelined head behind a running request: judged once it is done
-        self._answer_alone(RequestTimeout("The request head did not arrive in time."))
+        self._answer_alone(HeadTimeout(self._server.head_timeout))
 
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()
         self._stop_reading()
-        problem = BadRequest(f"The request is not valid HTTP: {detail}", close_connection=True)
+        error = MalformedRequest(f"not valid HTTP: {detail}")
         if self._parsing is not None:
-            # The client is still there: its handler answers 400 (a ConnectionError would
-            # say it left, and the upload would wait for a body that cannot come).
-            self._parsing.content.fail(problem)
+            # The client is still there: its handler answers (a ConnectionError would say it
+            # left, and the upload would wait for a body that cannot come).
+            self._parsing.content.fail(error)
         if not self._busy and self.transport is not None:
-            self._answer_alone(problem)
+            self._answer_alone(error)
 
-    def _answer_alone(self, problem: GatewayProblem) -> None:
-        """An answer to no request the pipeline saw (408 for a slow head, 400 for a bad one),
-        recorded like any other, and the end of the connection."""
+    def _answer_alone(self, error: RequestError) -> None:
+        """An answer to no request a handler saw (a slow head, a bad one): the server's
+        `on_request_error` writes it (and records it), then the connection ends."""
         transport = self.transport
         assert transport is not None
         started = self._head_started if self._in_head and self._head_started else time.time()
-        request_id = os.urandom(16).hex()
-        body = problem.body(request_id)
-        head = (
-            status_line(problem.status, problem.title)
-            + f"Content-Type: {PROBLEM_CONTENT_TYPE}\r\nX-Request-ID: {request_id}\r\n".encode()
-            + date_line()
-            + b"Content-Length: %d\r\n" % len(body)
-            + CLOSE
-            + b"\r\n"
-        )
-        record = RequestRecord(request_id, "", "", started)
-        record.status, record.code = problem.status, problem.code
-        record.duration = time.time() - started
-        record.bytes_sent = len(body)
-        metrics.observe_request(record)
-        accesslog.write_access_log(record)
-        transport.write(head + body)
+        transport.write(self._server.on_request_error(error, started))
         transport.close()

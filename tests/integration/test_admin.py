@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -29,7 +29,6 @@ from gateway.config.model import (
 from gateway.limits.base import Limiter, StorageError
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
-from gateway.runtime import Runtime, Snapshot
 
 TOKEN = "admin-s3cret"
 PROBLEM = "application/problem+json"
@@ -53,16 +52,6 @@ def make_config(storage_timeout: float = 0.25) -> Config:
         plans=plans,
         keys=keys,
     )
-
-
-def make_runtime(limiter: Limiter, storage_timeout: float = 0.25) -> Runtime:
-    snapshot = Snapshot(
-        config=make_config(storage_timeout),
-        routes=cast(Any, None),
-        keys=cast(Any, None),
-        key_header=b"x-api-key",
-    )
-    return Runtime(snapshot=snapshot, limiter=limiter, upstreams=cast(Any, None))
 
 
 class DownStorage(MemoryLimiter):
@@ -92,8 +81,12 @@ Serve = Callable[..., Awaitable[str]]
 async def serve() -> AsyncIterator[Serve]:
     runners: list[web.AppRunner] = []
 
-    async def start(get_runtime: Callable[[], Runtime | None], token: str | None = None) -> str:
-        runner = web.AppRunner(build_admin_app(get_runtime, token=token))
+    async def start(
+        limiter: Limiter | None = None, token: str | None = None, storage_timeout: float = 0.25
+    ) -> str:
+        config = make_config(storage_timeout)
+        app = build_admin_app(lambda: config, limiter or MemoryLimiter(), token=token)
+        runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -117,7 +110,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_healthz_answers_ok(serve: Serve, http: aiohttp.ClientSession) -> None:
-    base = await serve(lambda: None)
+    base = await serve()
 
     async with http.get(f"{base}/healthz") as response:
         assert response.status == 200
@@ -127,45 +120,28 @@ async def test_healthz_answers_ok(serve: Serve, http: aiohttp.ClientSession) -> 
 async def test_readyz_is_ready_with_a_config_and_a_storage_that_answers(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    runtime = make_runtime(MemoryLimiter())
-    runtime.storage_ok = False
-    base = await serve(lambda: runtime)
+    base = await serve(MemoryLimiter())
 
     async with http.get(f"{base}/readyz") as response:
         assert response.status == 200
         assert await response.json() == {"status": "ready"}
-    assert runtime.storage_ok is True
-
-
-async def test_readyz_is_not_ready_before_a_config_is_loaded(
-    serve: Serve, http: aiohttp.ClientSession
-) -> None:
-    base = await serve(lambda: None)
-
-    async with http.get(f"{base}/readyz") as response:
-        assert response.status == 503
-        assert response.content_type == PROBLEM
-        assert (await response.json())["code"] == "not_ready"
 
 
 async def test_readyz_is_not_ready_when_the_storage_fails(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    runtime = make_runtime(DownStorage())
-    base = await serve(lambda: runtime)
+    base = await serve(DownStorage())
 
     async with http.get(f"{base}/readyz") as response:
         assert response.status == 503
         body = await response.json()
     assert body["code"] == "storage_unavailable" and body["title"] == "Service Unavailable"
-    assert runtime.storage_ok is False
 
 
 async def test_readyz_gives_up_after_the_storage_timeout(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    runtime = make_runtime(HangingStorage(), storage_timeout=0.05)
-    base = await serve(lambda: runtime)
+    base = await serve(HangingStorage(), storage_timeout=0.05)
 
     started = time.monotonic()
     async with http.get(f"{base}/readyz") as response:
@@ -181,8 +157,7 @@ async def test_usage_reports_plan_rate_and_quota_per_product(
     for _ in range(3):
         await limiter.hit("acme:soccer", None, DAILY)
     await limiter.hit("someone-else:soccer", None, DAILY)
-    runtime = make_runtime(limiter)
-    base = await serve(lambda: runtime)
+    base = await serve(limiter)
 
     async with http.get(f"{base}/admin/usage/acme") as response:
         assert response.status == 200
@@ -218,7 +193,7 @@ async def test_delete_resets_that_quota_only(serve: Serve, http: aiohttp.ClientS
         await limiter.hit("acme:soccer", None, DAILY)
     await limiter.hit("retired:soccer", None, DAILY)
     assert (await limiter.hit("acme:soccer", None, DAILY)).outcome == "quota_exceeded"
-    base = await serve(lambda: make_runtime(limiter))
+    base = await serve(limiter)
 
     async with http.delete(f"{base}/admin/usage/acme/soccer") as response:
         assert response.status == 204
@@ -241,7 +216,7 @@ async def test_delete_resets_that_quota_only(serve: Serve, http: aiohttp.ClientS
 async def test_unknown_keys_and_products_are_404_not_found(
     serve: Serve, http: aiohttp.ClientSession, method: str, path: str
 ) -> None:
-    base = await serve(lambda: make_runtime(MemoryLimiter()))
+    base = await serve(MemoryLimiter())
 
     async with http.request(method, f"{base}{path}") as response:
         assert response.status == 404
@@ -254,7 +229,7 @@ async def test_unknown_keys_and_products_are_404_not_found(
 async def test_a_failing_storage_makes_the_usage_api_503(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    base = await serve(lambda: make_runtime(DownStorage()))
+    base = await serve(DownStorage())
 
     for method, path in (("GET", "/admin/usage/acme"), ("DELETE", "/admin/usage/acme/soccer")):
         async with http.request(method, f"{base}{path}") as response:
@@ -264,7 +239,7 @@ async def test_a_failing_storage_makes_the_usage_api_503(
 
 
 async def test_a_wrong_method_is_405_with_allow(serve: Serve, http: aiohttp.ClientSession) -> None:
-    base = await serve(lambda: None)
+    base = await serve()
 
     async with http.post(f"{base}/healthz") as response:
         assert response.status == 405
@@ -287,7 +262,7 @@ async def test_with_a_token_the_admin_api_refuses_other_credentials(
 ) -> None:
     limiter = MemoryLimiter()
     await limiter.hit("acme:soccer", None, DAILY)
-    base = await serve(lambda: make_runtime(limiter), token=TOKEN)
+    base = await serve(limiter, token=TOKEN)
 
     for method, path in (("GET", "/admin/usage/acme"), ("DELETE", "/admin/usage/acme/soccer")):
         async with http.request(method, f"{base}{path}", headers=headers) as response:
@@ -302,7 +277,7 @@ async def test_with_a_token_the_admin_api_refuses_other_credentials(
 async def test_with_a_token_the_right_bearer_is_let_in_and_probes_need_none(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    base = await serve(lambda: make_runtime(MemoryLimiter()), token=TOKEN)
+    base = await serve(MemoryLimiter(), token=TOKEN)
 
     async with http.get(f"{base}/admin/usage/acme", headers=bearer(TOKEN)) as response:
         assert response.status == 200
@@ -316,13 +291,13 @@ async def test_with_a_token_the_right_bearer_is_let_in_and_probes_need_none(
 
 def test_an_empty_token_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
-        build_admin_app(lambda: None, token="")
+        build_admin_app(make_config, MemoryLimiter(), token="")
 
 
 async def test_metrics_serves_the_prometheus_text_with_observed_requests(
     serve: Serve, http: aiohttp.ClientSession
 ) -> None:
-    base = await serve(lambda: None, token=TOKEN)
+    base = await serve(token=TOKEN)
     metrics.observe_request(
         RequestRecord(
             request_id="r",

@@ -20,27 +20,12 @@ from pathlib import Path
 import pytest
 
 from gateway.http.request import Request
-from gateway.http.server import Handler, HttpServer
 from gateway.http.server_connection import HEAD_LIMIT
 from gateway.problems import Unauthorized
-from tests.support.front import answer_problem
+from tests.support.front import answer_problem, http_server
 from tests.support.gateway import running_gateway, write_config
 
 TEXT = b"Content-Type: text/plain\r\n"
-
-
-@asynccontextmanager
-async def http_server(
-    handler: Handler, *, head_timeout: float = 2.0, keepalive_timeout: float = 5.0
-) -> AsyncIterator[tuple[HttpServer, int]]:
-    """`serving()` with timeouts of the test's choosing; yields the server and its port."""
-    server = HttpServer(handler, head_timeout=head_timeout, keepalive_timeout=keepalive_timeout)
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    try:
-        yield server, listener.sockets[0].getsockname()[1]
-    finally:
-        listener.close()
-        await server.shutdown(0.5)
 
 
 @asynccontextmanager

@@ -19,10 +19,12 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.config.model import AuthConfig, Product, Upstream
+from gateway.http.errors import HttpError
+from gateway.http.headers import request_drop_set
 from gateway.http.request import Request
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
-from gateway.proxy import ForwardResult, UpstreamPool
-from tests.support.front import answer_problem, serving
+from gateway.proxy import ForwardResult, UpstreamPool, forward
+from tests.support.front import answer_problem, as_problem, serving
 from tests.support.sockets import unaccepting_port
 
 REQUEST_ID = "req-0001"
@@ -222,22 +224,25 @@ def _product(port: int) -> Product:
 
 @asynccontextmanager
 async def running_front(upstream_port: int) -> AsyncIterator[Front]:
-    pool = UpstreamPool({})
+    pool = UpstreamPool()
     auth = AuthConfig(header="X-API-Key", query_param="api_key")
+    drop = request_drop_set(auth.header)
     front: Front | None = None
 
     async def handle(request: Request) -> None:
         assert front is not None
         try:
-            result = await pool.forward(
+            result = await forward(
                 request,
-                front.product,
-                auth=auth,
-                request_id=REQUEST_ID,
-                body_timeout=front.body_timeout,
-                extra_response_headers=EXTRA_HEADERS,
+                pool.destination(front.product),
+                drop,
+                auth.query_param,
+                REQUEST_ID,
+                front.body_timeout,
+                EXTRA_HEADERS,
             )
-        except GatewayProblem as problem:
+        except (GatewayProblem, HttpError) as error:
+            problem = as_problem(error)
             front.outcomes.append(problem)
             answer_problem(request, problem, REQUEST_ID)
             return

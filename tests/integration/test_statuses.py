@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -330,14 +331,11 @@ async def test_large_bodies_stream_both_ways(
         assert (await r.json())["body_size"] == size
 
 
-class BrokenUpstreams:
-    """An upstream pool with a bug in it, reached after the limits were applied."""
+class BrokenDestinations(dict[str, object]):
+    """Destinations with a bug in them, reached after the limits were applied."""
 
-    async def forward(self, *args: object, **kwargs: object) -> None:
+    def __getitem__(self, name: str) -> object:
         raise RuntimeError("internal detail that must not leak")
-
-    async def close(self) -> None:
-        return None
 
 
 async def test_500_after_the_limit_step_keeps_the_limit_headers(
@@ -345,7 +343,11 @@ async def test_500_after_the_limit_step_keeps_the_limit_headers(
 ) -> None:
     config = _config_with_a_rate(tmp_path, upstream)
     async with running_gateway(config) as worker:
-        worker.runtime.upstreams = BrokenUpstreams()  # type: ignore[assignment]
+        runtime = worker.runtime
+        runtime.snapshot = dataclasses.replace(
+            runtime.snapshot,
+            destinations=BrokenDestinations(),  # type: ignore[arg-type]
+        )
         async with client.get(url(worker, INFO), headers=KEY) as r:
             assert r.status == 500
             body = await problem_of(r)

@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import metrics
 from gateway.admin import build_admin_app
 from gateway.config.loader import load_config
+from gateway.config.model import Config
+from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,7 +173,7 @@ async def test_every_dashboard_metric_is_on_a_live_scrape() -> None:
     metrics.observe_limit_decision("deploy-test", "trial", "throttled")
     metrics.count_storage_error("hit")
     metrics.count_reload(True)
-    runner = web.AppRunner(build_admin_app(lambda: None, token=None))
+    runner = web.AppRunner(build_admin_app(Config, MemoryLimiter(), token=None))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
