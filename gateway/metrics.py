@@ -24,7 +24,8 @@ import tempfile
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, cast
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -76,11 +77,83 @@ _LE = tuple(
 _bucket_of = bisect_left
 
 REQUEST_LABELS = ("product", "route", "method", "status", "code")
-_REQUESTS_HELP = "Requests answered, by route, method, status and contract code."
-_DURATION_HELP = "Seconds from the request head to the last byte of the answer."
-_UPSTREAM_HELP = "Seconds from sending a request upstream to receiving its response head."
-_DECISIONS_HELP = "Rate and quota decisions, by plan and outcome."
-_INFLIGHT_HELP = "Requests being handled right now."
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family: its name, type, help and labels, written down once for the
+    exposition of one process and for prometheus-client's own (multiprocess) objects."""
+
+    name: str
+    kind: Literal["counter", "histogram", "gauge"]
+    help: str
+    labels: tuple[str, ...] = ()
+
+    def exposition(self) -> CounterMetricFamily | HistogramMetricFamily | GaugeMetricFamily:
+        """An empty family for a collector to fill; counters are named without `_total`."""
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        if self.kind == "histogram":
+            return HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+    def client_metric(self) -> Counter | Histogram | Gauge:
+        """prometheus-client's own object for the family, registered nowhere."""
+        if self.kind == "counter":
+            return Counter(self.name, self.help, self.labels, registry=None)
+        if self.kind == "histogram":
+            return Histogram(
+                self.name, self.help, self.labels, buckets=LATENCY_BUCKETS, registry=None
+            )
+        return Gauge(self.name, self.help, self.labels, registry=None, multiprocess_mode="livesum")
+
+
+# Every family of the contract, in the order of the exposition.
+REQUESTS = Family(
+    "gateway_requests_total",
+    "counter",
+    "Requests answered, by route, method, status and contract code.",
+    REQUEST_LABELS,
+)
+REQUEST_DURATION = Family(
+    "gateway_request_duration_seconds",
+    "histogram",
+    "Seconds from the request head to the last byte of the answer.",
+    ("product", "route"),
+)
+UPSTREAM_DURATION = Family(
+    "gateway_upstream_duration_seconds",
+    "histogram",
+    "Seconds from sending a request upstream to receiving its response head.",
+    ("product",),
+)
+LIMIT_DECISIONS = Family(
+    "gateway_limit_decisions_total",
+    "counter",
+    "Rate and quota decisions, by plan and outcome.",
+    ("product", "plan", "decision"),
+)
+STORAGE_ERRORS = Family(
+    "gateway_storage_errors_total",
+    "counter",
+    "Calls to the limit storage that failed or timed out.",
+    ("operation",),
+)
+INFLIGHT_REQUESTS = Family(
+    "gateway_inflight_requests", "gauge", "Requests being handled right now."
+)
+CONFIG_RELOADS = Family(
+    "gateway_config_reloads_total", "counter", "Config reloads attempted, by result.", ("result",)
+)
+FAMILIES: tuple[Family, ...] = (
+    REQUESTS,
+    REQUEST_DURATION,
+    UPSTREAM_DURATION,
+    LIMIT_DECISIONS,
+    STORAGE_ERRORS,
+    INFLIGHT_REQUESTS,
+    CONFIG_RELOADS,
+)
 
 # Anything else a client may send becomes "OTHER", so the method label stays bounded.
 STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -105,18 +178,8 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
-        self.storage_errors = Counter(
-            "gateway_storage_errors_total",
-            "Calls to the limit storage that failed or timed out.",
-            ("operation",),
-            registry=None,
-        )
-        self.config_reloads = Counter(
-            "gateway_config_reloads_total",
-            "Config reloads attempted, by result.",
-            ("result",),
-            registry=None,
-        )
+        self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
+        self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
         self.inflight = 0
         # One entry per label tuple of gateway_requests_total; each holds the histograms its
         # request also feeds, so a request costs one dict lookup.
@@ -165,12 +228,15 @@ class GatewayMetrics:
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: what the registry checks for clashing names."""
-        yield from _own_families()
-        yield from self.storage_errors.describe()
-        yield from self.config_reloads.describe()
+        for family in FAMILIES:
+            yield family.exposition()
 
     def collect(self) -> Iterator[Metric]:
-        requests, durations, upstreams, decisions, inflight = _own_families()
+        requests = cast(CounterMetricFamily, REQUESTS.exposition())
+        durations = cast(HistogramMetricFamily, REQUEST_DURATION.exposition())
+        upstreams = cast(HistogramMetricFamily, UPSTREAM_DURATION.exposition())
+        decisions = cast(CounterMetricFamily, LIMIT_DECISIONS.exposition())
+        inflight = cast(GaugeMetricFamily, INFLIGHT_REQUESTS.exposition())
         # Copies, so that a collect from another thread could not see a dict change size.
         for (product, route, method, status, code), series in list(self._requests.items()):
             requests.add_metric((product, route, method, str(status), code), float(series.count))
@@ -202,28 +268,6 @@ class GatewayMetrics:
             duration = self._durations[(product, route)] = _Histogram()
         series = self._requests[key] = _RequestSeries(duration, self._upstreams.get(product))
         return series
-
-
-def _own_families() -> tuple[
-    CounterMetricFamily,
-    HistogramMetricFamily,
-    HistogramMetricFamily,
-    CounterMetricFamily,
-    GaugeMetricFamily,
-]:
-    return (
-        CounterMetricFamily("gateway_requests_total", _REQUESTS_HELP, labels=REQUEST_LABELS),
-        HistogramMetricFamily(
-            "gateway_request_duration_seconds", _DURATION_HELP, labels=("product", "route")
-        ),
-        HistogramMetricFamily(
-            "gateway_upstream_duration_seconds", _UPSTREAM_HELP, labels=("product",)
-        ),
-        CounterMetricFamily(
-            "gateway_limit_decisions_total", _DECISIONS_HELP, labels=("product", "plan", "decision")
-        ),
-        GaugeMetricFamily("gateway_inflight_requests", _INFLIGHT_HELP, labels=()),
-    )
 
 
 class _Histogram:
@@ -261,48 +305,13 @@ class MultiprocessMetrics:
 
     def __init__(self) -> None:
         # In multiprocess mode nothing is registered: the scrape reads the mmap files.
-        registry = None
-        self.requests = Counter(
-            "gateway_requests_total", _REQUESTS_HELP, REQUEST_LABELS, registry=registry
-        )
-        self.request_duration = Histogram(
-            "gateway_request_duration_seconds",
-            _DURATION_HELP,
-            ("product", "route"),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_duration = Histogram(
-            "gateway_upstream_duration_seconds",
-            _UPSTREAM_HELP,
-            ("product",),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.limit_decisions = Counter(
-            "gateway_limit_decisions_total",
-            _DECISIONS_HELP,
-            ("product", "plan", "decision"),
-            registry=registry,
-        )
-        self.storage_errors = Counter(
-            "gateway_storage_errors_total",
-            "Calls to the limit storage that failed or timed out.",
-            ("operation",),
-            registry=registry,
-        )
-        self.inflight = Gauge(
-            "gateway_inflight_requests",
-            _INFLIGHT_HELP,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.config_reloads = Counter(
-            "gateway_config_reloads_total",
-            "Config reloads attempted, by result.",
-            ("result",),
-            registry=registry,
-        )
+        self.requests = cast(Counter, REQUESTS.client_metric())
+        self.request_duration = cast(Histogram, REQUEST_DURATION.client_metric())
+        self.upstream_duration = cast(Histogram, UPSTREAM_DURATION.client_metric())
+        self.limit_decisions = cast(Counter, LIMIT_DECISIONS.client_metric())
+        self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
+        self.inflight = cast(Gauge, INFLIGHT_REQUESTS.client_metric())
+        self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
         self._requests: dict[tuple[str, str, str, int, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._upstreams: dict[str, Histogram] = {}
@@ -353,11 +362,6 @@ _multiprocess_dir: str | None = _multiprocess_dir_from_env()
 _current: GatewayMetrics | MultiprocessMetrics = (
     MultiprocessMetrics() if _multiprocess_dir else GatewayMetrics(REGISTRY)
 )
-
-
-def current() -> GatewayMetrics | MultiprocessMetrics:
-    """The metric objects in use (they are replaced once, by `prepare_multiprocess_dir`)."""
-    return _current
 
 
 def multiprocess_dir() -> str | None:

@@ -150,7 +150,7 @@ class _ClientBody:
             self._watch.disarm()
             try:
                 async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
+                    chunk = await self._content.read()
             except TimeoutError as exc:
                 self.failure = BodyTimeout(self._timeout)
                 raise self.failure from exc
@@ -291,13 +291,13 @@ def _answer_whole(
         try:
             connection.end_answer()
         finally:
-            if reply.complete:
+            if reply.done:
                 reply.take_body()
                 reply.finish()
             else:
                 reply.abort()
         return ForwardResult(status, upstream_seconds, 0)
-    if not reply.complete:
+    if not reply.done:
         return None
     # All of it is in hand: head and body leave in one write, framed by a length.
     body = reply.take_body()

@@ -3,7 +3,7 @@
 `HttpConnection` is an asyncio protocol that writes a pre-encoded request head (and streams the
 body, with flow control) and parses the answer with httptools (llhttp, the parser of Node.js).
 Its head becomes an `HttpReply`; the body chunks are handed on as the parser produced them,
-never joined or copied again. Reading from the upstream pauses while more than `_HIGH_WATER`
+never joined or copied again. Reading from the upstream pauses while more than `flow.HIGH_WATER`
 bytes of an answer wait for a slow client, so an answer of any size streams through bounded
 memory. The pool that owns connections is `client.py`.
 """
@@ -28,16 +28,9 @@ from gateway.http.errors import (
     ServerDisconnected,
     UpstreamError,
 )
-from gateway.http.flow import ChunkQueue, WriteGate
+from gateway.http.flow import HIGH_WATER, ChunkQueue, WriteGate
 from gateway.http.headers import decode, decoded_lines
-
-# A body larger than this waiting for the client pauses reading from the upstream; reading
-# resumes once the client has taken it down to _LOW_WATER.
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
-
-_CHUNK_END = b"\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
+from gateway.http.wire import CHUNK_END, LAST_CHUNK
 
 
 class StaleConnection(Exception):
@@ -93,25 +86,14 @@ class HttpReply(ChunkQueue):
         return body
 
     @property
-    def complete(self) -> bool:
-        return self.done
-
-    @property
     def at_eof(self) -> bool:
         return self.done and not self._chunks
 
-    async def read(self) -> bytes:
-        while True:
-            chunk = self.pop()
-            if chunk is not None:
-                if self._queued <= _LOW_WATER:
-                    self._connection.resume()
-                return chunk
-            if self.done:
-                return b""
-            if self._error is not None:
-                raise self._error
-            await self._connection.wait_for_body(self)
+    def _drained(self) -> None:
+        self._connection.resume()
+
+    async def _more(self) -> None:
+        await self._connection.wait_for_body(self)
 
     def finish(self) -> None:
         self._connection.release(self)
@@ -122,7 +104,7 @@ class HttpReply(ChunkQueue):
     # Called by the connection.
 
     def _feed(self, chunk: bytes) -> None:
-        if self.push(chunk) > _HIGH_WATER:
+        if self.push(chunk) > HIGH_WATER:
             self._connection.pause()
 
     def _end(self, error: str | None = None) -> None:
@@ -293,13 +275,13 @@ class HttpConnection(asyncio.Protocol):
                 if not chunk:
                     continue
                 if chunked:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, CHUNK_END))
                 else:
                     transport.write(chunk)
                 if self._writes.paused:
                     await self._writes.drained()
             if chunked and self.transport is not None:
-                self.transport.write(_LAST_CHUNK)
+                self.transport.write(LAST_CHUNK)
         except ConnectionError:
             # Mostly the upstream connection was lost (and _fail told the head's waiter); if
             # the body's source raised it instead, the waiter must hear of it here.

@@ -50,8 +50,18 @@ class WriteGate:
             self._waiter = None
 
 
+# A body queue holding more than HIGH_WATER bytes pauses reading from its source's socket;
+# read down to LOW_WATER, it lets the source send more.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
 class ChunkQueue:
-    """Body chunks between a parser's callbacks and the task that relays them."""
+    """Body chunks between a parser's callbacks and the task that relays them.
+
+    Subclasses say how to wait for more (`_more`) and what to do when the reader has taken the
+    queue down to `LOW_WATER` (`_drained`: resume reading from the socket, typically).
+    """
 
     __slots__ = ("_chunks", "_error", "_queued", "_waiter", "done")
 
@@ -76,6 +86,27 @@ class ChunkQueue:
         chunk = self._chunks.popleft()
         self._queued -= len(chunk)
         return chunk
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" once the body is complete; raises why the rest will never come."""
+        while True:
+            chunk = self.pop()
+            if chunk is not None:
+                if self._queued <= LOW_WATER:
+                    self._drained()
+                return chunk
+            if self.done:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._more()
+
+    def _drained(self) -> None:
+        """The reader took the queue down to the low-water mark."""
+
+    async def _more(self) -> None:
+        """Return once a chunk, the end or an error has arrived."""
+        raise NotImplementedError
 
     def end(self) -> None:
         self.done = True

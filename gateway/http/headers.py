@@ -1,4 +1,4 @@
-"""Header and query hygiene between the client and the upstream (CONTRACT.md §5).
+"""Header and query hygiene between a client and an upstream, RFC 9110's rules for a proxy.
 
 Pure functions over header lines: repeated headers are kept line by line in order
 (`Set-Cookie`, `Cache-Control`, ...), never folded into a plain dict. The hot path works on the
@@ -14,8 +14,6 @@ from urllib.parse import unquote_plus
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.http.wire import date_line, encode_header_block
-
-HeaderLines = CIMultiDict[str] | CIMultiDictProxy[str] | Iterable[tuple[str, str]]
 
 # RFC 9110 §7.6.1 plus the proxy headers that only make sense for one hop. Expect is
 # answered by the gateway itself (100 Continue), so it must not make the upstream wait too.
@@ -37,24 +35,6 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 # A `Connection: content-length` line would make us drop the message framing, which is how
 # request smuggling starts; these are never removed because the Connection header names them.
 _NEVER_CONNECTION_LISTED: frozenset[str] = frozenset({"content-length", "content-type", "host"})
-
-
-def _lines(headers: HeaderLines) -> Iterable[tuple[str, str]]:
-    if isinstance(headers, CIMultiDict | CIMultiDictProxy):
-        return headers.items()
-    return headers
-
-
-def connection_listed(headers: HeaderLines) -> frozenset[str]:
-    """The lower-cased header names that the Connection header(s) declare hop-by-hop."""
-    names: set[str] = set()
-    for name, value in _lines(headers):
-        if name.lower() == "connection":
-            for token in value.split(","):
-                token = token.strip().lower()
-                if token and token not in _NEVER_CONNECTION_LISTED:
-                    names.add(token)
-    return frozenset(names)
 
 
 # Request headers the gateway sets itself, whatever the client sent (§5).

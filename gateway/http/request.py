@@ -14,16 +14,12 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from gateway.http.flow import ChunkQueue
+from gateway.http.flow import HIGH_WATER, ChunkQueue
 from gateway.http.headers import decode, decoded_lines
 
 if TYPE_CHECKING:
     from gateway.http.server_connection import ServerConnection
 
-# A request body larger than this waiting for the upstream pauses reading from the client;
-# reading resumes once the upstream has taken it down to _BODY_LOW_WATER.
-_BODY_HIGH_WATER = 256 * 1024
-_BODY_LOW_WATER = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -31,7 +27,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class RequestBody(ChunkQueue):
     """The body of one request: chunks as the parser produced them, read by whoever forwards it.
 
-    `readany` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
+    `read` returns the next chunk, b"" at the end, and raises ConnectionResetError when the
     client went away before the body was complete, MalformedRequest when the body was malformed.
     """
 
@@ -45,32 +41,26 @@ class RequestBody(ChunkQueue):
         self._continue = expect_continue
         self.done = connection is None
 
-    async def readany(self) -> bytes:
-        while True:
-            chunk = self.pop()
-            if chunk is not None:
-                if self._queued <= _BODY_LOW_WATER and self._connection is not None:
-                    self._connection.resume_body()
-                return chunk
-            if self.done:
-                return b""
-            if self._error is not None:
-                raise self._error
-            connection = self._connection
-            assert connection is not None
-            if self._continue:
-                self._continue = False
-                connection.send_interim(_CONTINUE)
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+    def _drained(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_body()
+
+    async def _more(self) -> None:
+        connection = self._connection
+        assert connection is not None  # NO_BODY is always done
+        if self._continue:
+            self._continue = False
+            connection.send_interim(_CONTINUE)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def feed(self, chunk: bytes) -> bool:
         """Queue a chunk (called by the connection); true when over the high-water mark."""
-        return self.push(chunk) > _BODY_HIGH_WATER
+        return self.push(chunk) > HIGH_WATER
 
 
 # The body of every request that announced none: always at its end.

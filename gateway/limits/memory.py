@@ -149,22 +149,6 @@ class MemoryLimiter:
         """How many subjects hold state; for tests and debugging."""
         return len(self._rates.keys() | self._quotas.keys())
 
-    def _rate_log(self, subject: str, rate: RateRule, now: float) -> _RateLog:
-        log = self._rates.get(subject)
-        if log is None:
-            log = self._rates[subject] = _RateLog(rate.window)
-        else:
-            log.window = rate.window  # a reload may have changed it
-        log.forget_before(now)
-        return log
-
-    def _quota_count(self, subject: str, quota: QuotaRule, now: float) -> _QuotaCount:
-        start, end = self._periods.period(now, quota.per, quota.timezone)
-        counter = self._quotas.get(subject)
-        if counter is None or counter.start != start:
-            counter = self._quotas[subject] = _QuotaCount(start, end)
-        return counter
-
 
 def _rate_log_expired(log: _RateLog, now: float) -> bool:
     return not log.admitted or log.admitted[-1] <= now - log.window

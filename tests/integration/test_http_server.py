@@ -87,7 +87,7 @@ def get(path: str = "/", *, version: str = "1.1", extra: str = "") -> bytes:
 async def echo(request: Request) -> None:
     """Answers `METHOD path body` after reading the whole body, so keep-alive can go on."""
     body = b""
-    while chunk := await request.content.readany():
+    while chunk := await request.content.read():
         body += chunk
     text = f"{request.method} {request.raw_path} ".encode() + body
     request.connection.respond(request, 200, "OK", TEXT, text)

@@ -171,7 +171,7 @@ async def test_chunked_body_is_dechunked_chunk_by_chunk() -> None:
     async with raw_upstream(script) as up, client_for(up.port) as client:
         reply = await client.send("GET", "/x", HOST, None)
         assert reply.headers["Transfer-Encoding"] == "chunked"
-        assert not reply.complete
+        assert not reply.done
         # The parser's pieces are handed on as they come, never joined.
         assert await _body(reply) == [b"hello", b" world"]
         reply.finish()
@@ -199,7 +199,7 @@ async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
         client_for(up.port, timeout=0.5) as client,
     ):
         reply = await client.send("HEAD", "/x", HOST, None)
-        assert reply.complete
+        assert reply.done
         assert reply.headers["Content-Length"] == "1234"
         assert await _body(reply) == []
         reply.finish()
@@ -222,7 +222,7 @@ async def test_204_and_304_have_no_body(answer: bytes) -> None:
         client_for(up.port, timeout=0.5) as client,
     ):
         reply = await client.send("GET", "/x", HOST, None)
-        assert reply.complete
+        assert reply.done
         assert await _body(reply) == []
         reply.finish()
         assert await _get(client) == (200, b"ok")

@@ -8,7 +8,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.http.headers import (
     HOP_BY_HOP,
     client_response_head,
-    connection_listed,
     decoded_lines,
     request_drop_set,
     strip_query_param,
@@ -27,13 +26,7 @@ def _to_upstream(
     return decoded_lines(out)
 
 
-def test_connection_lists_names_across_lines_and_case() -> None:
-    lines = [("Connection", "Keep-Alive, X-Hop"), ("connection", " x-other ,,close")]
-    assert connection_listed(lines) == {"keep-alive", "x-hop", "x-other", "close"}
-
-
 def test_connection_cannot_remove_message_framing() -> None:
-    assert connection_listed([("Connection", "Content-Length, Host, X-Hop")]) == {"x-hop"}
     out = _to_upstream([("Connection", "content-length"), ("Content-Length", "5")])
     assert out.getall("Content-Length") == ["5"]
 
