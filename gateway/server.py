@@ -26,7 +26,7 @@ from aiohttp import web
 
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Address, Config
-from gateway.reload import Reloader
+from gateway.reload import POLL_INTERVAL, Reloader
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -144,6 +144,7 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
     log.info("supervising %d workers", count)
 
     exit_code = 0
+    next_poll = time.monotonic() + POLL_INTERVAL
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -151,12 +152,9 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
             break
         if pid == 0:
             time.sleep(0.2)
-            # The reloader's own fingerprint, which a SIGHUP reload also updates: an edit
-            # that a SIGHUP has already loaded is not loaded (and counted) a second time.
-            if not stopping and reloader.changed():
-                time.sleep(0.1)
-                if reloader.changed():
-                    reloader.reload()
+            if not stopping and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_INTERVAL
+                reloader.poll()
             continue
         index = children.pop(pid)
         metrics.mark_worker_dead(pid)

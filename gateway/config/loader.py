@@ -79,14 +79,22 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return config
 
 
+def config_files(path: Path) -> list[str]:
+    """The files a config at `path` is read from, in the order they are merged: the file
+    itself, or a folder's `*.yaml` files by name. Dotfiles are editor droppings
+    (`.#products.yaml`), not configuration. Reloads watch exactly these."""
+    if not path.is_dir():
+        return [str(path)]
+    return sorted(
+        str(child)
+        for child in path.iterdir()
+        if child.suffix == ".yaml" and not child.name.startswith(".") and child.is_file()
+    )
+
+
 def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
     if path.is_dir():
-        # Dotfiles are editor droppings (`.#products.yaml`), not configuration.
-        files = sorted(
-            str(child)
-            for child in path.iterdir()
-            if child.suffix == ".yaml" and not child.name.startswith(".") and child.is_file()
-        )
+        files = config_files(path)
         if not files:
             issues.append(ConfigIssue(str(path), None, "", "no *.yaml files in this folder"))
         return files
