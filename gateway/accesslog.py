@@ -1,4 +1,4 @@
-"""The access log of the contract's §7: one JSON object per answered request, one line each, on
+"""The access log (README, "Access log"): one JSON object per answered request, one line each, on
 stdout, where a container runtime or a log shipper picks it up.
 
     {"time": "2025-05-01T12:00:00.123Z", "request_id": "...", "method": "GET",

@@ -1,4 +1,4 @@
-"""The admin port of the contract's §6: metrics, health, readiness and the usage API.
+"""The admin port (README, "The admin port"): metrics, health, readiness and the usage API.
 
     GET    /metrics                            Prometheus text, all workers summed
     GET    /healthz                            200 while the process serves

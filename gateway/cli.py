@@ -1,4 +1,5 @@
-"""`gateway run | check | hash-key`: the command line of the contract's §1."""
+"""`gateway run | check | hash-key`: the command line (README, "Quick start" and "Configuration
+reference")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the contract's §6, and how they are summed over worker processes.
+"""Every Prometheus metric (README, "Metrics"), and how they are summed over worker processes.
 
 With one process the metrics are plain numbers of this process (`GatewayMetrics`), exposed by a
 collector in prometheus-client's default registry. With several workers the master calls
@@ -108,11 +108,11 @@ class Family:
         return Gauge(self.name, self.help, self.labels, registry=None, multiprocess_mode="livesum")
 
 
-# Every family of the contract, in the order of the exposition.
+# Every family the README promises, in the order of the exposition.
 REQUESTS = Family(
     "gateway_requests_total",
     "counter",
-    "Requests answered, by route, method, status and contract code.",
+    "Requests answered, by route, method, status and code.",
     REQUEST_LABELS,
 )
 REQUEST_DURATION = Family(

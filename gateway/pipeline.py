@@ -247,7 +247,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
 _SENT = Answer(0, {}, sent=True)
 
 
-# The contract's order of checks (§3), as the one list the request walks through.
+# The order of checks (README, "How a request is answered"): the one list a request walks.
 REQUEST_PATH: tuple[Step, ...] = (
     match_route,
     identify_key,

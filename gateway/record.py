@@ -15,7 +15,7 @@ class RequestRecord:
     path: str  # without the query string, so no key can leak through it
     start: float  # time.time() when the request head was read
     status: int = 0
-    code: str = ""  # the §4 code, "upstream" for a proxied answer, "client_closed" for 499
+    code: str = ""  # the status code table's, "upstream" if proxied, "client_closed" for 499
     product: str = ""  # "" when no route matched
     route: str = ""  # the route's template, "" when no route matched
     key_name: str = ""

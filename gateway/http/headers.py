@@ -37,7 +37,7 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 _NEVER_CONNECTION_LISTED: frozenset[str] = frozenset({"content-length", "content-type", "host"})
 
 
-# Request headers the gateway sets itself, whatever the client sent (§5).
+# Request headers a proxy sets itself, whatever the client sent.
 _GATEWAY_OWNED: frozenset[bytes] = frozenset(
     {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
 )

@@ -7,7 +7,7 @@ requests, each request head becomes a `Request` and one handler task, and answer
 written straight to the transport, a head together with its body in one write when the body
 is in hand.
 
-What it adds to plain HTTP/1.1 keep-alive, as the contract asks (§2 timeouts, §4, §7):
+What it adds to plain HTTP/1.1 keep-alive (README, "HTTP on the proxy port"):
 
 - `client_header`: a request head that has begun must be complete in time, else the
   connection is answered through `on_request_error` (the gateway says 408) and closed. A

@@ -24,7 +24,7 @@ class StorageError(Exception):
 # cost a fifth of what frozen dataclasses do (no per-field object.__setattr__), and the
 # limiters build them with tuple.__new__, which skips even the generated __new__.
 class WindowState(NamedTuple):
-    """One limit after the decision: what the headers of §5 report."""
+    """One limit after the decision: what the limit headers report (README, "Headers")."""
 
     limit: int
     remaining: int

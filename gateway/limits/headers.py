@@ -1,4 +1,4 @@
-"""The rate-limit headers of the contract's §5, from one limiter Decision.
+"""The rate-limit headers (README, "Headers"), from one limiter Decision.
 
 `RateLimit-Policy` and `RateLimit` follow the IETF httpapi ratelimit-headers draft (-08 and
 later): structured-field lists with one item per policy, `q` quota and `w` window in the
@@ -31,7 +31,7 @@ _ceil = math.ceil
 
 
 def limit_headers(decision: Decision) -> dict[str, str]:
-    """The headers of §5 for `decision`, in the same order whatever the outcome."""
+    """The limit headers for `decision`, in the same order whatever the outcome."""
     # Once per request: each case is written out with its dict built in one literal and
     # whole_seconds inlined, which halves the cost of building the dict key by key.
     outcome, rate, quota, retry_after = decision
