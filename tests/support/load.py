@@ -21,16 +21,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from tests.support.paths import REPO_ROOT
 from tests.support.redis_servers import free_port
 
 # Not under the gateway's upstream prefix, so no proxied request can reach it.
 ARRIVALS_PATH = "/_arrivals"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- the timed upstream ---------------------------------------------------------------

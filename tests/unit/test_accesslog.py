@@ -8,14 +8,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from gateway import accesslog
 from gateway.record import RequestRecord
+from tests.support.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 RFC3339_MS_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
 
@@ -133,7 +132,7 @@ def test_the_environment_variable_turns_the_log_off(setting: str | None, lines: 
     )
 
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True
     )
 
     assert done.returncode == 0, done.stderr

@@ -28,15 +28,15 @@ from gateway.config.loader import load_config
 from gateway.config.model import Config
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
+from tests.support.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "deploy/grafana/dashboards/gateway.json"
+DASHBOARD = REPO_ROOT / "deploy/grafana/dashboards/gateway.json"
 GATEWAY_METRIC = re.compile(r"\bgateway_[a-z0-9_]+")
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
 
 
 def tool(name: str) -> str:
-    found = REPO / ".venv/bin" / name
+    found = REPO_ROOT / ".venv/bin" / name
     if found.exists():
         return str(found)
     on_path = shutil.which(name)
@@ -46,12 +46,15 @@ def tool(name: str) -> str:
 
 
 def read_yaml(relative: str) -> Any:
-    return yaml.safe_load((REPO / relative).read_text())
+    return yaml.safe_load((REPO_ROOT / relative).read_text())
 
 
 def test_dockerfile_is_clean_under_hadolint() -> None:
     done = subprocess.run(
-        [tool("hadolint"), "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True
+        [tool("hadolint"), "--no-color", "Dockerfile"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
 
     assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
@@ -60,7 +63,7 @@ def test_dockerfile_is_clean_under_hadolint() -> None:
 def test_compose_file_matches_the_compose_schema() -> None:
     done = subprocess.run(
         [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
     )
@@ -73,7 +76,7 @@ def test_the_config_compose_mounts_loads_with_two_workers_on_redis(tmp_path: Pat
     for volume in gateway["volumes"]:
         source, target, *_ = volume.split(":")
         assert Path(target).parent == Path("/etc/gateway"), volume
-        shutil.copy(REPO / source, tmp_path / Path(target).name)
+        shutil.copy(REPO_ROOT / source, tmp_path / Path(target).name)
     env = {"GATEWAY_REDIS_URL": gateway["environment"]["GATEWAY_REDIS_URL"]}
 
     config = load_config(tmp_path, env={**env, "GATEWAY_ADMIN_TOKEN": "a-token"})

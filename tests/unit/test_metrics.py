@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
 from gateway.record import RequestRecord
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO_ROOT
 
 # The contract's table: name -> (type, labels).
 CONTRACT_METRICS = {
@@ -167,7 +166,7 @@ def run_python(script: str, env: dict[str, str]) -> str:
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         env=env,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,

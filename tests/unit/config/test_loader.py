@@ -36,9 +36,9 @@ from gateway.config import (
     parse_duration,
 )
 from gateway.config.products import parse_template
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "config"
+FIXTURES = REPO_ROOT / "tests" / "config"
 EXPECT = "# expect: "
 
 MINIMAL_PRODUCTS = """\
@@ -351,7 +351,7 @@ def test_defaults_of_a_minimal_config(tmp_path: Path) -> None:
 
 
 def test_example_config_folder_loads() -> None:
-    config = load_config(ROOT / "config", env={})
+    config = load_config(REPO_ROOT / "config", env={})
     assert [Path(source).name for source in config.sources] == [
         "gateway.yaml",
         "keys.yaml",
