@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.config import write_config
 from tests.support.load import (
     LoadResult,
     TimedUpstream,
@@ -28,8 +29,9 @@ from tests.support.load import (
     run_load,
     tightest_admission_span_bound,
 )
-from tests.support.processes import GatewayProcess, free_ports
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import free_ports
 
 CLIENTS = 200
 RATE_RUN_SECONDS = 3.0
@@ -102,14 +104,13 @@ class Rig:
 
     def gateway_process(self, name: str, workers: int = 1) -> tuple[GatewayProcess, int, int]:
         proxy_port, admin_port = free_ports(2)
-        config = self.root / name
-        config.mkdir()
-        (config / "00-server.yaml").write_text(
-            SERVER.format(
+        config = write_config(
+            self.root / name,
+            API.format(upstream=self.upstream.url, run=self.run),
+            server=SERVER.format(
                 proxy_port=proxy_port, admin_port=admin_port, workers=workers, url=self.redis.url
-            )
+            ),
         )
-        (config / "10-api.yaml").write_text(API.format(upstream=self.upstream.url, run=self.run))
         return GatewayProcess(config), proxy_port, admin_port
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.upstream import running_upstream
 
 API = """
@@ -25,7 +26,9 @@ async def test_client_leaving_mid_answer_logs_no_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_upstream() as upstream:
-        config = write_config(tmp_path / "c", API.format(upstream=upstream.url))
+        config = write_config(
+            tmp_path / "c", API.format(upstream=upstream.url), server=worker_server_yaml()
+        )
         async with running_gateway(config) as gateway:
             with caplog.at_level(logging.DEBUG):
                 for _ in range(5):

@@ -22,7 +22,8 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.upstream import Upstream, running_upstream
 
 MAINTENANCE_MESSAGE = "Basketball is being upgraded; back at noon."
@@ -183,7 +184,9 @@ async def api(tmp_path: Path, storage_url: str) -> AsyncIterator[Api]:
         body = API.format(upstream=upstream.url, maintenance=MAINTENANCE_MESSAGE, keys=keys)
         # A storage timeout that a busy machine never reaches: failures are another file's.
         config = write_config(
-            tmp_path / "config", body, storage_url=storage_url, storage_timeout="2s"
+            tmp_path / "config",
+            body,
+            server=worker_server_yaml(storage_url=storage_url, storage_timeout="2s"),
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
             yield Api(

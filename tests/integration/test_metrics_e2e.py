@@ -20,19 +20,20 @@ from typing import Any
 
 import pytest
 
+from tests.support.config import server_yaml, write_config
 from tests.support.operations import (
     Answer,
     Scrape,
     ThreadedUpstream,
     call,
-    closed_port,
     requests_counted_by_worker,
     scrape,
     serving_workers,
     wait_for,
 )
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import closed_port, free_ports
 from tests.support.upstream import Upstream
 
 ROUTE = "/soccer/{rest:path}"
@@ -73,8 +74,6 @@ def key(name: str) -> dict[str, str]:
 def write_gateway_config(directory: Path, upstream: Upstream, storage_url: str) -> tuple[int, int]:
     """The mix's config in `directory`; returns the proxy and admin ports it listens on."""
     proxy_port, admin_port = free_ports(2)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "00-server.yaml").write_text(server_yaml(proxy_port, admin_port, storage_url))
     api = API.format(
         upstream=upstream.url,
         closed=closed_port(),
@@ -82,7 +81,7 @@ def write_gateway_config(directory: Path, upstream: Upstream, storage_url: str) 
         quota=KEYS["quota-user"],
         open=KEYS["open-user"],
     )
-    (directory / "10-api.yaml").write_text(api)
+    write_config(directory, api, server=server_yaml(proxy_port, admin_port, storage_url))
     return proxy_port, admin_port
 
 

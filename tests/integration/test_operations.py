@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.config import server_yaml, write_config
 from tests.support.operations import (
     Answer,
     ThreadedUpstream,
@@ -25,7 +26,8 @@ from tests.support.operations import (
     serving_workers,
     wait_for,
 )
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
+from tests.support.sockets import free_ports
 from tests.support.upstream import Upstream
 
 SECRET = "ops-secret-key-0042"
@@ -45,11 +47,16 @@ keys:
 """
 
 
-def write_config(directory: Path, upstream_url: str, storage_url: str) -> tuple[int, int]:
+def write_config_on_free_ports(
+    directory: Path, upstream_url: str, storage_url: str
+) -> tuple[int, int]:
+    """The operations config in `directory`; returns the proxy and admin ports it names."""
     proxy_port, admin_port = free_ports(2)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "00-server.yaml").write_text(server_yaml(proxy_port, admin_port, storage_url))
-    (directory / "10-api.yaml").write_text(API.format(upstream=upstream_url, secret=SECRET))
+    write_config(
+        directory,
+        API.format(upstream=upstream_url, secret=SECRET),
+        server=server_yaml(proxy_port, admin_port, storage_url),
+    )
     return proxy_port, admin_port
 
 
@@ -94,7 +101,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
     # More than one worker needs shared storage.
     storage = request.getfixturevalue("redis_server").url if workers else "memory://"
     with ThreadedUpstream() as upstream:
-        proxy_port, admin_port = write_config(tmp_path / "config", upstream.url, storage)
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
         gateway = GatewayProcess(tmp_path / "config", workers=workers)
         try:
             gateway.start(proxy_port, admin_port)
@@ -111,7 +120,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
 
 
 def test_admin_token_guards_admin_api_but_not_probes_or_metrics(tmp_path: Path) -> None:
-    proxy_port, admin_port = write_config(tmp_path / "config", "http://127.0.0.1:9", "memory://")
+    proxy_port, admin_port = write_config_on_free_ports(
+        tmp_path / "config", "http://127.0.0.1:9", "memory://"
+    )
     gateway = GatewayProcess(tmp_path / "config", env={"GATEWAY_ADMIN_TOKEN": TOKEN})
     try:
         gateway.start(proxy_port, admin_port)
@@ -145,13 +156,12 @@ def test_admin_token_guards_admin_api_but_not_probes_or_metrics(tmp_path: Path) 
 
 def public_admin_config(directory: Path) -> Path:
     proxy_port, admin_port = free_ports(2)
-    directory.mkdir(parents=True, exist_ok=True)
     server = server_yaml(proxy_port, admin_port, "memory://").replace(
         f"admin_listen: 127.0.0.1:{admin_port}", f"admin_listen: 0.0.0.0:{admin_port}"
     )
-    (directory / "00-server.yaml").write_text(server)
-    (directory / "10-api.yaml").write_text(API.format(upstream="http://127.0.0.1:9", secret=SECRET))
-    return directory
+    return write_config(
+        directory, API.format(upstream="http://127.0.0.1:9", secret=SECRET), server=server
+    )
 
 
 def gateway_command(*args: str, token: str | None) -> subprocess.CompletedProcess[str]:

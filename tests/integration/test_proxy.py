@@ -25,7 +25,7 @@ from gateway.http.request import Request
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool, forward
 from tests.support.front import answer_problem, as_problem, serving
-from tests.support.sockets import unaccepting_port
+from tests.support.sockets import closed_port, unaccepting_port
 
 REQUEST_ID = "req-0001"
 EXTRA_HEADERS = {"X-Request-ID": REQUEST_ID, "X-RateLimit-Limit": "10"}
@@ -503,17 +503,15 @@ async def _problem(client: aiohttp.ClientSession, url: URL) -> tuple[int, dict[s
 async def test_refused_connection_is_bad_gateway(
     front: Front, client: aiohttp.ClientSession
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    front.use(closed_port)
+    port = closed_port()
+    front.use(port)
     status, problem = await _problem(client, front.url / "x")
     assert (status, problem["code"]) == (502, "bad_gateway")
     assert "soccer" in problem["detail"]
     assert "refused" in problem["detail"]
     # Neither internals nor the upstream's address reach the client.
     assert "Traceback" not in problem["detail"]
-    assert str(closed_port) not in problem["detail"]
+    assert str(port) not in problem["detail"]
 
 
 async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

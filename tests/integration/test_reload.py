@@ -14,17 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.config import API_FILE, server_yaml, write_config
 from tests.support.operations import (
     call,
     children_of,
-    closed_port,
     requests_counted_by_worker,
     scrape,
     serving_workers,
     wait_for,
 )
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import closed_port, free_ports
 
 API = """\
 products:
@@ -44,21 +45,24 @@ class Gateway:
 
     def __init__(self, directory: Path, storage_url: str, workers: int | None) -> None:
         self.proxy_port, self.admin_port = free_ports(2)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "00-server.yaml").write_text(
-            server_yaml(self.proxy_port, self.admin_port, storage_url)
-        )
-        self.api_file = directory / "10-api.yaml"
         self.closed = closed_port()
-        self.write("shop")
+        write_config(
+            directory,
+            self.api_text("shop"),
+            server=server_yaml(self.proxy_port, self.admin_port, storage_url),
+        )
+        self.api_file = directory / API_FILE
         self.process = GatewayProcess(directory, workers=workers)
         self.sent = 1  # GatewayProcess.start's probe
 
-    def write(self, *gone_prefixes: str, plan: str = "", keep_stat: bool = False) -> None:
+    def api_text(self, *gone_prefixes: str, plan: str = "") -> str:
         routes = "".join(
             f'      - {{path: "/{prefix}/{{rest:path}}", gone: true}}\n' for prefix in gone_prefixes
         )
-        text = API.format(closed=self.closed, routes=routes.rstrip("\n"), plan=plan)
+        return API.format(closed=self.closed, routes=routes.rstrip("\n"), plan=plan)
+
+    def write(self, *gone_prefixes: str, plan: str = "", keep_stat: bool = False) -> None:
+        text = self.api_text(*gone_prefixes, plan=plan)
         before = self.api_file.stat() if keep_stat else None
         self.api_file.write_text(text)
         if before is not None:

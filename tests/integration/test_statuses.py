@@ -15,7 +15,9 @@ import pytest
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.base import Decision, QuotaUsage
 from gateway.server import Worker
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.sockets import closed_port
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -53,14 +55,6 @@ keys:
 KEY = {"X-API-Key": "secret-1"}
 
 
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     async with running_upstream() as server:
@@ -72,8 +66,7 @@ async def gateway(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Worker]:
     config = write_config(
         tmp_path / "config",
         API.format(upstream=upstream.url, closed_port=closed_port()),
-        client_header="300ms",
-        client_body="300ms",
+        server=worker_server_yaml(client_header="300ms", client_body="300ms"),
     )
     async with running_gateway(config) as worker:
         yield worker
@@ -288,6 +281,7 @@ def _config_with_a_rate(tmp_path: Path, upstream: Upstream) -> Path:
         API.format(upstream=upstream.url, closed_port=closed_port()).replace(
             "open: {}", "open: {rate: {limit: 5, per: second}}"
         ),
+        server=worker_server_yaml(),
     )
 
 

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from gateway.server import Worker
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.redis_servers import RedisServer
 from tests.support.upstream import Upstream, running_upstream
 
@@ -188,9 +189,11 @@ async def outage(
     config = write_config(
         tmp_path / "config",
         API.format(upstream=upstream.url),
-        storage_url=redis.url,
-        storage_timeout=f"{STORAGE_TIMEOUT * 1000:.0f}ms",
-        on_error=on_error,
+        server=worker_server_yaml(
+            storage_url=redis.url,
+            storage_timeout=f"{STORAGE_TIMEOUT * 1000:.0f}ms",
+            on_error=on_error,
+        ),
     )
     async with running_gateway(config) as gateway:
         run = await run_through_outage(gateway, redis, http, failure)

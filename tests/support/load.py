@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.support.paths import REPO_ROOT
-from tests.support.redis_servers import free_port
+from tests.support.sockets import free_port
 
 # Not under the gateway's upstream prefix, so no proxied request can reach it.
 ARRIVALS_PATH = "/_arrivals"

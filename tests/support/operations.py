@@ -193,10 +193,3 @@ class ThreadedUpstream:
             self._server = server
             self._ready.set()
             await self._stop.wait()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -14,8 +14,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.redis_servers import free_port
-
 
 class GatewayProcess:
     """`python -m gateway run --config DIR` with its stdout (the access log) kept in a file."""
@@ -85,22 +83,3 @@ class GatewayProcess:
         for file in (self._out, self._err):
             file.close()
             os.unlink(file.name)
-
-
-def server_yaml(
-    proxy_port: int, admin_port: int, storage_url: str, *, workers: int = 1, extra: str = ""
-) -> str:
-    return (
-        f"server:\n  listen: 127.0.0.1:{proxy_port}\n  admin_listen: 127.0.0.1:{admin_port}\n"
-        f"  workers: {workers}\n"
-        f"storage:\n  url: {storage_url}\n  timeout: 250ms\n  on_error: deny\n{extra}"
-    )
-
-
-def free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports

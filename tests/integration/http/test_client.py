@@ -8,7 +8,6 @@ stalls are what the test says, not what some HTTP library would do.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from gateway.http.request import Request
 from gateway.problems import GatewayProblem
 from gateway.proxy import UpstreamPool, forward
 from tests.support.front import answer_problem, serving
-from tests.support.sockets import unaccepting_port
+from tests.support.sockets import closed_port, unaccepting_port
 
 HOST = [(b"Host", b"upstream")]
 MB = 1024 * 1024
@@ -371,10 +370,7 @@ async def test_slow_head_is_gateway_timeout_and_the_connection_is_closed() -> No
 
 
 async def test_refused_connection_is_bad_gateway() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    async with client_for(port) as client:
+    async with client_for(closed_port()) as client:
         with pytest.raises(ConnectError, match="refused"):
             await client.send("GET", "/x", HOST, None)
 

@@ -22,8 +22,9 @@ import pytest
 from gateway.http.request import Request
 from gateway.http.server_connection import HEAD_LIMIT
 from gateway.problems import Unauthorized
+from tests.support.config import worker_server_yaml, write_config
 from tests.support.front import answer_problem, http_server
-from tests.support.gateway import running_gateway, write_config
+from tests.support.gateway import running_gateway
 
 TEXT = b"Content-Type: text/plain\r\n"
 
@@ -501,7 +502,9 @@ keys: [{name: tester, key: secret-1, plans: {soccer: open}}]
 
 @pytest.fixture
 async def gateway_port(tmp_path: Path) -> AsyncIterator[int]:
-    async with running_gateway(write_config(tmp_path / "config", API)) as worker:
+    async with running_gateway(
+        write_config(tmp_path / "config", API, server=worker_server_yaml())
+    ) as worker:
         yield worker.proxy_port
 
 

@@ -447,7 +447,8 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
 # -- the environment ------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, text: str) -> Path:
+def write_config_file(tmp_path: Path, text: str) -> Path:
+    """One config file: `text` with the minimal products that make it loadable."""
     path = tmp_path / "gateway.yaml"
     path.write_text(text + MINIMAL_PRODUCTS, encoding="utf-8")
     return path
@@ -455,14 +456,14 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 def test_redis_url_from_the_environment_wins(tmp_path: Path) -> None:
     # Four workers on memory:// would be refused; the environment's Redis makes them valid.
-    path = write_config(tmp_path, "server: {workers: 4}\nstorage: {url: memory://}\n")
+    path = write_config_file(tmp_path, "server: {workers: 4}\nstorage: {url: memory://}\n")
     config = load_config(path, env={"GATEWAY_REDIS_URL": "redis+cluster://10.0.0.1:7000"})
     assert config.storage.url == "redis+cluster://10.0.0.1:7000"
     assert config.server.workers == 4
 
 
 def test_bad_redis_url_in_the_environment_names_the_variable(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "storage: {url: memory://}\n")
+    path = write_config_file(tmp_path, "storage: {url: memory://}\n")
     assert issues_of(path, env={"GATEWAY_REDIS_URL": "redis://:99999"}) == [
         "GATEWAY_REDIS_URL: storage.url: has an invalid port"
     ]
@@ -473,7 +474,7 @@ def test_bad_redis_url_in_the_environment_names_the_variable(tmp_path: Path) -> 
 
 
 def test_admin_token_from_the_environment(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "server: {admin_listen: '[::]:9090'}\n")
+    path = write_config_file(tmp_path, "server: {admin_listen: '[::]:9090'}\n")
     assert issues_of(path, env={"GATEWAY_ADMIN_TOKEN": ""}) == [
         f"{path}:1: server.admin_listen: is not a loopback address, so GATEWAY_ADMIN_TOKEN "
         "must be set"
@@ -485,7 +486,7 @@ def test_admin_token_from_the_environment(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "localhost", "[::1]"])
 def test_loopback_admin_needs_no_token(tmp_path: Path, host: str) -> None:
-    path = write_config(tmp_path, f"server: {{admin_listen: '{host}:9090'}}\n")
+    path = write_config_file(tmp_path, f"server: {{admin_listen: '{host}:9090'}}\n")
     assert load_config(path, env={}).server.admin_token is None
 
 
@@ -494,11 +495,11 @@ def test_environment_defaults_to_os_environ(
 ) -> None:
     monkeypatch.setenv("GATEWAY_REDIS_URL", "rediss://cache.internal:6380/1")
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "from-os")
-    config = load_config(write_config(tmp_path, ""))
+    config = load_config(write_config_file(tmp_path, ""))
     assert config.storage.url == "rediss://cache.internal:6380/1"
     assert config.server.admin_token == "from-os"
 
 
 def test_zero_workers_means_one_per_cpu(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "server: {workers: 0}\nstorage: {url: 'redis://r:6379'}\n")
+    path = write_config_file(tmp_path, "server: {workers: 0}\nstorage: {url: 'redis://r:6379'}\n")
     assert load_config(path, env={}).server.workers == (os.cpu_count() or 1)

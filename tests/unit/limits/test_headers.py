@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from gateway.limits.base import Decision, WindowState
 from gateway.limits.headers import limit_headers
-
-HOUR = 3600.0
+from tests.support.instants import HOUR
 
 
 def rate(remaining: int, reset: float, limit: int = 10, window: float = 1.0) -> WindowState:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.memory import MemoryLimiter
+from tests.support.instants import utc
 
-START = datetime(2024, 3, 31, 21, 59, 0, tzinfo=UTC).timestamp()  # 23:59 CEST in Berlin
+START = utc(2024, 3, 31, 21, 59)  # 23:59 CEST in Berlin
 
 
 class Clock:
@@ -95,5 +95,5 @@ async def test_usage_does_not_create_state(clock: Clock, limiter: MemoryLimiter)
     quota = QuotaRule(limit=5, per="month", timezone=ZoneInfo("UTC"))
     usage = await limiter.usage("nobody:p", quota)
     assert (usage.used, usage.remaining) == (0, 5)
-    assert usage.reset_at == datetime(2024, 4, 1, tzinfo=UTC).timestamp()
+    assert usage.reset_at == utc(2024, 4, 1)
     assert limiter.tracked_subjects == 0

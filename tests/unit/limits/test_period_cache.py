@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,13 +9,9 @@ import pytest
 from gateway.config.model import QUOTA_PERIODS, QuotaPeriod, QuotaRule
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.periods import PeriodCache, quota_period
+from tests.support.instants import HOUR, utc
 
 BERLIN = ZoneInfo("Europe/Berlin")
-HOUR = 3600.0
-
-
-def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> float:
-    return datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp()
 
 
 def test_a_period_is_reused_until_it_ends_then_the_next_one_is_computed() -> None:

@@ -1,0 +1,59 @@
+"""Config folders as the gateway reads them: one file for the server and storage, one for the
+products, plans and keys."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+SERVER_FILE = "00-server.yaml"
+API_FILE = "10-api.yaml"
+
+WORKER_SERVER = """
+server:
+  listen: 127.0.0.1:0
+  admin_listen: 127.0.0.1:0
+  timeouts: {{client_header: {client_header}, client_body: {client_body}, keepalive: 5s}}
+storage:
+  url: {storage_url}
+  timeout: {storage_timeout}
+  on_error: {on_error}
+"""
+
+
+def write_config(directory: Path, api: str, *, server: str) -> Path:
+    """Writes `server` (the server and storage sections) and `api` (products, plans, keys;
+    dedented) into the folder `directory`, made if missing; returns the folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SERVER_FILE).write_text(server)
+    (directory / API_FILE).write_text(textwrap.dedent(api))
+    return directory
+
+
+def worker_server_yaml(
+    *,
+    storage_url: str = "memory://",
+    storage_timeout: str = "250ms",
+    on_error: str = "deny",
+    client_header: str = "2s",
+    client_body: str = "2s",
+) -> str:
+    """The server file of a worker inside the test's process: both ports chosen by the OS."""
+    return WORKER_SERVER.format(
+        storage_url=storage_url,
+        storage_timeout=storage_timeout,
+        on_error=on_error,
+        client_header=client_header,
+        client_body=client_body,
+    )
+
+
+def server_yaml(
+    proxy_port: int, admin_port: int, storage_url: str, *, workers: int = 1, extra: str = ""
+) -> str:
+    """The server file of a `gateway run` process on the ports given."""
+    return (
+        f"server:\n  listen: 127.0.0.1:{proxy_port}\n  admin_listen: 127.0.0.1:{admin_port}\n"
+        f"  workers: {workers}\n"
+        f"storage:\n  url: {storage_url}\n  timeout: 250ms\n  on_error: deny\n{extra}"
+    )
