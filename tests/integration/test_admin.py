@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
@@ -29,6 +29,7 @@ from gateway.config.model import (
 from gateway.limits.base import Limiter, StorageError
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
+from tests.support.apps import serving_app
 
 TOKEN = "admin-s3cret"
 PROBLEM = "application/problem+json"
@@ -79,24 +80,17 @@ Serve = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    runners: list[web.AppRunner] = []
+    async with AsyncExitStack() as servers:
 
-    async def start(
-        limiter: Limiter | None = None, token: str | None = None, storage_timeout: float = 0.25
-    ) -> str:
-        config = make_config(storage_timeout)
-        app = build_admin_app(lambda: config, limiter or MemoryLimiter(), token=token)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        async def start(
+            limiter: Limiter | None = None, token: str | None = None, storage_timeout: float = 0.25
+        ) -> str:
+            config = make_config(storage_timeout)
+            app = build_admin_app(lambda: config, limiter or MemoryLimiter(), token=token)
+            port = await servers.enter_async_context(serving_app(app))
+            return f"http://127.0.0.1:{port}"
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+        yield start
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
+from tests.support.answers import Answer
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.upstream import Upstream, running_upstream
@@ -101,18 +102,8 @@ LIMIT_HEADERS = (
 UTC = ZoneInfo("UTC")
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    status: int
-    headers: Mapping[str, str]
-    body: dict[str, Any]
-
-    @property
-    def code(self) -> Any:
-        return self.body.get("code")
-
-    def has_limit_headers(self) -> bool:
-        return any(name in self.headers for name in LIMIT_HEADERS)
+def has_limit_headers(answer: Answer) -> bool:
+    return any(name in answer.headers for name in LIMIT_HEADERS)
 
 
 @dataclass
@@ -153,13 +144,11 @@ class Api:
 
 
 async def _answer(response: aiohttp.ClientResponse) -> Answer:
-    raw = await response.read()
-    body: dict[str, Any] = {}
-    if response.headers.get("Content-Type") == "application/problem+json":
-        body = json.loads(raw)
-        assert body["status"] == response.status
-        assert body["request_id"] == response.headers["X-Request-ID"]
-    return Answer(response.status, response.headers, body)
+    answer = Answer(response.status, response.headers, await response.read())
+    if problem := answer.problem():
+        assert problem["status"] == response.status
+        assert problem["request_id"] == response.headers["X-Request-ID"]
+    return answer
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -241,9 +230,9 @@ def close_to(measured: str | int, expected: float, slack: float = 2.0) -> bool:
 async def test_401_without_a_known_key(api: Api, key: str | None, detail: str) -> None:
     answer = await api.get(INFO, key=key)
     assert answer.status == 401
-    assert (answer.body["title"], answer.code) == ("Unauthorized", "unauthorized")
-    assert detail in answer.body["detail"]
-    assert not answer.has_limit_headers()
+    assert (answer.problem()["title"], answer.code) == ("Unauthorized", "unauthorized")
+    assert detail in answer.problem()["detail"]
+    assert not has_limit_headers(answer)
     assert "Retry-After" not in answer.headers
     assert api.upstream.seen == []
 
@@ -251,7 +240,7 @@ async def test_401_without_a_known_key(api: Api, key: str | None, detail: str) -
 async def test_401_for_an_unknown_key_in_the_query(api: Api) -> None:
     answer = await api.get(INFO + "?api_key=not-a-key", key=None)
     assert (answer.status, answer.code) == (401, "unauthorized")
-    assert not answer.has_limit_headers()
+    assert not has_limit_headers(answer)
 
 
 async def test_key_in_the_query_is_accepted_and_not_forwarded(api: Api) -> None:
@@ -273,9 +262,9 @@ async def test_403_disabled_key_or_no_plan_for_the_product(
 ) -> None:
     answer = await api.get(path, key=key)
     assert answer.status == 403
-    assert (answer.body["title"], answer.code) == ("Forbidden", "forbidden")
-    assert detail in answer.body["detail"]
-    assert not answer.has_limit_headers()
+    assert (answer.problem()["title"], answer.code) == ("Forbidden", "forbidden")
+    assert detail in answer.problem()["detail"]
+    assert not has_limit_headers(answer)
     assert "Retry-After" not in answer.headers
     assert api.upstream.seen == []
 
@@ -286,10 +275,10 @@ async def test_403_disabled_key_or_no_plan_for_the_product(
 async def test_maintenance_is_503_with_retry_after_and_the_message(api: Api) -> None:
     answer = await api.get("/basket/v1/games", key="two")
     assert answer.status == 503
-    assert (answer.body["title"], answer.code) == ("Service Unavailable", "maintenance")
-    assert answer.body["detail"] == MAINTENANCE_MESSAGE
+    assert (answer.problem()["title"], answer.code) == ("Service Unavailable", "maintenance")
+    assert answer.problem()["detail"] == MAINTENANCE_MESSAGE
     assert answer.headers["Retry-After"] == "120"
-    assert not answer.has_limit_headers()  # it stopped before the limits
+    assert not has_limit_headers(answer)  # it stopped before the limits
     assert api.upstream.seen == []
     assert await api.quota_used("two", "basket") == 0
 
@@ -308,7 +297,7 @@ async def test_nothing_that_fails_before_the_limits_uses_quota(api: Api) -> None
     for path, method, status in failing * 3:
         answer = await api.get(path, key="two", method=method)
         assert answer.status == status, (path, method)
-        assert not answer.has_limit_headers(), (path, method)
+        assert not has_limit_headers(answer), (path, method)
         assert "Retry-After" not in answer.headers
     for _ in range(3):
         assert (await api.get("/basket/v1/games", key="two")).status == 503
@@ -349,7 +338,7 @@ async def test_admitted_and_throttled_answers_carry_the_limit_headers(api: Api) 
 
     throttled = answers[10]
     assert throttled.status == 429
-    assert (throttled.body["title"], throttled.code) == ("Throttled", "throttled")
+    assert (throttled.problem()["title"], throttled.code) == ("Throttled", "throttled")
     assert throttled.headers["Retry-After"] == "1"
     assert throttled.headers["RateLimit-Policy"] == policy
     live = live_fields(throttled.headers["RateLimit"])
@@ -390,7 +379,7 @@ async def test_quota_exceeded_retry_after_is_the_end_of_the_period(
     start, end = period_bounds(per, ZoneInfo(zone), now)
 
     assert refused.status == 429
-    assert (refused.body["title"], refused.code) == ("Quota Exceeded", "quota_exceeded")
+    assert (refused.problem()["title"], refused.code) == ("Quota Exceeded", "quota_exceeded")
     assert close_to(refused.headers["Retry-After"], end - now)
     assert close_to(refused.headers["X-Quota-Reset"], end - now)
     assert refused.headers["X-Quota-Limit"] == "1"

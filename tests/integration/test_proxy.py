@@ -24,6 +24,7 @@ from gateway.http.headers import request_drop_set
 from gateway.http.request import Request
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool, forward
+from tests.support.apps import serving_app
 from tests.support.front import answer_problem, as_problem, serving
 from tests.support.sockets import closed_port, unaccepting_port
 
@@ -135,21 +136,15 @@ async def _upstream_handler(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def running_upstream() -> AsyncIterator[UpstreamState]:
+async def running_echo_upstream() -> AsyncIterator[UpstreamState]:
+    """An upstream under /base that echoes what arrived, except on the paths of
+    `_upstream_handler` that answer with a status, stream, stall or set headers."""
     state = UpstreamState()
     app = web.Application()
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", _upstream_handler)
-    # Cancelling the handler when its connection drops is how it observes the gateway leaving.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = runner.addresses[0][1]
-    try:
+    async with serving_app(app) as state.port:
         yield state
-    finally:
-        await runner.cleanup()
 
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
@@ -261,7 +256,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[UpstreamState]:
-    async with running_upstream() as state:
+    async with running_echo_upstream() as state:
         yield state
 
 

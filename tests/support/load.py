@@ -108,7 +108,9 @@ class TimedUpstream:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class LoadAnswer:
+    """What the load generator keeps of one answer."""
+
     status: int
     code: str | None  # the problem's `code` for the gateway's own answers, else None
     retry_after: str | None
@@ -119,7 +121,7 @@ class Answer:
 @dataclass
 class LoadResult:
     duration: float
-    answers: list[Answer] = field(default_factory=list)
+    answers: list[LoadAnswer] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # transport failures, should stay empty
 
     @property
@@ -133,7 +135,7 @@ class LoadResult:
     def offered_per_second(self) -> float:
         return len(self.answers) / self.duration
 
-    def rejected(self) -> list[Answer]:
+    def rejected(self) -> list[LoadAnswer]:
         return [answer for answer in self.answers if answer.status != 200]
 
 
@@ -164,7 +166,7 @@ async def run_load(
                     code = None
                     if response.headers.get("Content-Type") == "application/problem+json":
                         code = json.loads(body)["code"]
-                    answer = Answer(
+                    answer = LoadAnswer(
                         response.status,
                         code,
                         response.headers.get("Retry-After"),

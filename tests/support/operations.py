@@ -14,26 +14,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.answers import Answer
 from tests.support.processes import GatewayProcess
 from tests.support.upstream import Upstream, running_upstream
 
 T = TypeVar("T")
 
 Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
 
 
 def call(
@@ -49,7 +43,7 @@ def call(
     try:
         connection.request(method, path, headers={"Connection": "close", **(headers or {})})
         response = connection.getresponse()
-        return Answer(response.status, response.headers, response.read())
+        return Answer(response.status, CIMultiDict(response.getheaders()), response.read())
     finally:
         connection.close()
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from tests.support.apps import serving_app
+
 
 @dataclass
 class SeenRequest:
@@ -90,12 +92,5 @@ async def running_upstream() -> AsyncIterator[Upstream]:
     upstream = Upstream(port=0)
     app[UPSTREAM] = upstream
     app.router.add_route("*", "/{tail:.*}", _handle)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    upstream.port = runner.addresses[0][1]
-    try:
+    async with serving_app(app) as upstream.port:
         yield upstream
-    finally:
-        await runner.cleanup()

@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,6 +27,7 @@ from gateway.config.loader import load_config
 from gateway.config.model import Config
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
+from tests.support.apps import serving_app
 from tests.support.paths import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "deploy/grafana/dashboards/gateway.json"
@@ -176,20 +176,13 @@ async def test_every_dashboard_metric_is_on_a_live_scrape() -> None:
     metrics.observe_limit_decision("deploy-test", "trial", "throttled")
     metrics.count_storage_error("hit")
     metrics.count_reload(True)
-    runner = web.AppRunner(build_admin_app(Config, MemoryLimiter(), token=None))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://{host}:{port}/metrics") as response,
-        ):
-            assert response.status == 200
-            text = await response.text()
-    finally:
-        await runner.cleanup()
+    async with (
+        serving_app(build_admin_app(Config, MemoryLimiter(), token=None)) as port,
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
 
     exposed = {
         HISTOGRAM_SUFFIX.sub("", sample.name)
