@@ -8,7 +8,7 @@ import hashlib
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool, forward
 from tests.support.apps import serving_app
 from tests.support.front import answer_problem, as_problem, serving
+from tests.support.raw_upstream import Peer, Script, keep_answering, raw_upstream
 from tests.support.sockets import closed_port, unaccepting_port
 
 REQUEST_ID = "req-0001"
@@ -145,40 +146,6 @@ async def running_echo_upstream() -> AsyncIterator[UpstreamState]:
     app.router.add_route("*", "/{tail:.*}", _upstream_handler)
     async with serving_app(app) as state.port:
         yield state
-
-
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
-
-
-@asynccontextmanager
-async def raw_upstream(handler: RawHandler) -> AsyncIterator[int]:
-    """A TCP server speaking whatever `handler` writes: for upstreams that break HTTP."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Cancelled at the end of the test through an inner task, so that the server's own
-        # task ends cleanly instead of asyncio logging its cancellation.
-        behaviour = asyncio.create_task(handler(reader, writer))
-        tasks.add(behaviour)
-        try:
-            with suppress(asyncio.CancelledError):
-                await behaviour
-        finally:
-            writer.transport.abort()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-
-async def _read_head(reader: asyncio.StreamReader) -> None:
-    await reader.readuntil(b"\r\n\r\n")
 
 
 # ----------------------------------------------------------------------------- front
@@ -509,31 +476,30 @@ async def test_refused_connection_is_bad_gateway(
     assert str(port) not in problem["detail"]
 
 
-async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    writer.close()
+async def _close_at_once(peer: Peer) -> None:
+    await peer.head()
+    peer.writer.close()
 
 
-async def _reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    sock = writer.get_extra_info("socket")
+async def _reset(peer: Peer) -> None:
+    await peer.head()
+    sock = peer.writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    peer.writer.transport.abort()
 
 
-async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    writer.write(b"SSH-2.0-OpenSSH_9.6\r\nnot http at all\r\n\r\n")
-    await writer.drain()
+async def _garbage(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"SSH-2.0-OpenSSH_9.6\r\nnot http at all\r\n\r\n")
     await asyncio.sleep(0.5)
 
 
 @pytest.mark.parametrize("behaviour", [_close_at_once, _reset, _garbage])
 async def test_broken_upstream_is_bad_gateway(
-    front: Front, client: aiohttp.ClientSession, behaviour: RawHandler
+    front: Front, client: aiohttp.ClientSession, behaviour: Script
 ) -> None:
-    async with raw_upstream(behaviour) as port:
-        front.use(port)
+    async with raw_upstream(behaviour) as up:
+        front.use(up.port)
         status, problem = await _problem(client, front.url / "x")
     assert (status, problem["code"]) == (502, "bad_gateway")
     assert "soccer" in problem["detail"]
@@ -566,8 +532,8 @@ async def test_slow_response_head_is_gateway_timeout(
 async def test_upstream_not_taking_the_body_is_gateway_timeout(
     front: Front, client: aiohttp.ClientSession
 ) -> None:
-    async def never_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_head(reader)
+    async def never_read(peer: Peer) -> None:
+        await peer.head()
         await asyncio.sleep(10)
 
     async def endless() -> AsyncIterator[bytes]:
@@ -575,8 +541,8 @@ async def test_upstream_not_taking_the_body_is_gateway_timeout(
         for _ in range(2048):
             yield chunk
 
-    async with raw_upstream(never_read) as port:
-        front.use(port, timeout=0.3)
+    async with raw_upstream(never_read) as up:
+        front.use(up.port, timeout=0.3)
         async with client.post(front.url / "upload", data=endless()) as response:
             assert response.status == 504
             problem = await response.json()
@@ -586,32 +552,30 @@ async def test_upstream_not_taking_the_body_is_gateway_timeout(
 # -------------------------------------------------------------- after the head: cut short
 
 
-async def _dies_mid_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
-    await writer.drain()
+async def _dies_mid_length(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
 
 
-async def _dies_mid_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"a" * 100)
-    writer.write(b"\r\n")
-    await writer.drain()
+async def _dies_mid_chunks(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"a" * 100 + b"\r\n"
+    )
 
 
-async def _stalls_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_head(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
-    await writer.drain()
+async def _stalls_mid_body(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
     await asyncio.sleep(10)
 
 
 @pytest.mark.parametrize("behaviour", [_dies_mid_length, _dies_mid_chunks, _stalls_mid_body])
 async def test_upstream_failing_mid_body_cuts_the_answer_short(
-    front: Front, client: aiohttp.ClientSession, behaviour: RawHandler
+    front: Front, client: aiohttp.ClientSession, behaviour: Script
 ) -> None:
-    async with raw_upstream(behaviour) as port:
-        front.use(port, timeout=0.3)
+    async with raw_upstream(behaviour) as up:
+        front.use(up.port, timeout=0.3)
         async with client.get(front.url / "x", timeout=aiohttp.ClientTimeout(total=3)) as response:
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
@@ -711,3 +675,50 @@ async def test_malformed_request_body_is_bad_request(front: Front, upstream: Ups
     assert json.loads(rest)["code"] == "bad_request"
     assert isinstance(await front.outcome(), GatewayProblem)
     await asyncio.wait_for(upstream.cancelled.wait(), 2)
+
+
+# ------------------------------------------------ framing chosen byte by byte upstream
+
+
+async def test_chunked_answer_reaches_the_client_reframed(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(b"6\r\n world\r\n0\r\n\r\n")
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up:
+        front.use(up.port)
+        async with client.get(front.url / "x") as response:
+            assert response.status == 200
+            assert "Content-Length" not in response.headers
+            assert await response.read() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "status", "body"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", 200, b""),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304, b""),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    ],
+)
+async def test_answers_without_and_with_a_body_reach_the_client(
+    front: Front,
+    client: aiohttp.ClientSession,
+    method: str,
+    answer: bytes,
+    status: int,
+    body: bytes,
+) -> None:
+    async with raw_upstream(keep_answering(answer)) as up:
+        front.use(up.port)
+        async with client.request(method, front.url / "x") as response:
+            assert response.status == status
+            assert await response.read() == body
+            if method == "HEAD":
+                assert response.headers["Content-Length"] == "1234"

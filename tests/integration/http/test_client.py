@@ -1,4 +1,5 @@
-"""The protocol-level upstream client against upstreams whose every byte the test chooses.
+"""The upstream HTTP client (gateway.http.client) against upstreams whose every byte the test
+chooses.
 
 Each upstream here is a raw asyncio server: it reads request heads (and bodies, where a test
 sends one) and writes exactly the bytes under test, so framing, interim answers, closes and
@@ -8,90 +9,26 @@ stalls are what the test says, not what some HTTP library would do.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
 
-from gateway.config.model import Product, Upstream
+from gateway.config.model import Upstream
 from gateway.http.client import HttpClient
 from gateway.http.errors import (
     ConnectError,
     ConnectTimeout,
-    HttpError,
     MalformedResponse,
     ResponseBodyError,
     ResponseTimeout,
     ServerDisconnected,
 )
-from gateway.http.headers import request_drop_set
-from gateway.http.request import Request
-from gateway.problems import GatewayProblem
-from gateway.proxy import UpstreamPool, forward
-from tests.support.front import answer_problem, serving
+from tests.support.raw_upstream import Peer, Script, keep_answering, raw_upstream
 from tests.support.sockets import closed_port, unaccepting_port
 
 HOST = [(b"Host", b"upstream")]
 MB = 1024 * 1024
-
-
-@dataclass
-class Peer:
-    """One connection to the raw upstream, as the upstream sees it."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def head(self) -> bytes:
-        return await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 3)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-Script = Callable[[Peer], Awaitable[None]]
-
-
-@dataclass
-class RawUpstream:
-    port: int
-    connections: int = 0
-    closed: asyncio.Event = field(default_factory=asyncio.Event)  # a connection ended
-    heads: list[bytes] = field(default_factory=list)
-
-
-@asynccontextmanager
-async def raw_upstream(script: Script) -> AsyncIterator[RawUpstream]:
-    """Runs `script` once per accepted connection; the connection is closed after it."""
-    upstream = RawUpstream(port=0)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            with suppress(asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
-                await script(Peer(reader, writer))
-        finally:
-            writer.transport.abort()
-            upstream.closed.set()
-            tasks.discard(task)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    upstream.port = server.sockets[0].getsockname()[1]
-    try:
-        yield upstream
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
 
 def _upstream(port: int, **options: float) -> Upstream:
@@ -130,24 +67,12 @@ async def _get(client: HttpClient, method: str = "GET") -> tuple[int, bytes]:
     return reply.status, body
 
 
-def _keep_answering(*answers: bytes) -> Script:
-    """Answers each request head on the connection with the next of `answers`."""
-
-    async def script(peer: Peer) -> None:
-        for answer in answers:
-            await peer.head()
-            await peer.send(answer)
-        await peer.reader.read()  # until the client closes
-
-    return script
-
-
 # ------------------------------------------------------------------------------ framing
 
 
 async def test_content_length_body_and_keep_alive() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello"
-    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+    async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
         reply = await client.send("GET", "/x", HOST, None)
         assert (reply.status, reply.reason, reply.headers["X-Up"]) == (200, "OK", "1")
         assert await _body(reply) == [b"hello"]
@@ -194,7 +119,7 @@ async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
     full = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with (
-        raw_upstream(_keep_answering(head, full)) as up,
+        raw_upstream(keep_answering(head, full)) as up,
         client_for(up.port, timeout=0.5) as client,
     ):
         reply = await client.send("HEAD", "/x", HOST, None)
@@ -217,7 +142,7 @@ async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
 async def test_204_and_304_have_no_body(answer: bytes) -> None:
     follow_up = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with (
-        raw_upstream(_keep_answering(answer, follow_up)) as up,
+        raw_upstream(keep_answering(answer, follow_up)) as up,
         client_for(up.port, timeout=0.5) as client,
     ):
         reply = await client.send("GET", "/x", HOST, None)
@@ -230,7 +155,7 @@ async def test_204_and_304_have_no_body(answer: bytes) -> None:
 
 async def test_connection_close_from_the_upstream_is_not_reused() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+    async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
         assert await _get(client) == (200, b"ok")
         assert await _get(client) == (200, b"ok")
     assert up.connections == 2
@@ -238,7 +163,7 @@ async def test_connection_close_from_the_upstream_is_not_reused() -> None:
 
 async def test_http_1_0_answer_without_keep_alive_is_not_reused() -> None:
     answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    async with raw_upstream(_keep_answering(answer, answer)) as up, client_for(up.port) as client:
+    async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
         assert await _get(client) == (200, b"ok")
         assert await _get(client) == (200, b"ok")
     assert up.connections == 2
@@ -247,7 +172,7 @@ async def test_http_1_0_answer_without_keep_alive_is_not_reused() -> None:
 async def test_length_next_to_chunked_is_bad_gateway() -> None:
     # Both framings at once is how response splitting starts; nginx refuses it as well.
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
-    async with raw_upstream(_keep_answering(answer)) as up, client_for(up.port) as client:
+    async with raw_upstream(keep_answering(answer)) as up, client_for(up.port) as client:
         with pytest.raises(MalformedResponse, match="invalid HTTP response"):
             await client.send("GET", "/x", HOST, None)
 
@@ -278,7 +203,7 @@ async def test_switching_protocols_is_bad_gateway() -> None:
     answer = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     )
-    async with raw_upstream(_keep_answering(answer)) as up, client_for(up.port) as client:
+    async with raw_upstream(keep_answering(answer)) as up, client_for(up.port) as client:
         with pytest.raises(MalformedResponse, match="switched protocols"):
             await client.send("GET", "/x", HOST, None)
 
@@ -427,7 +352,7 @@ async def test_cancellation_closes_the_connection_at_once() -> None:
 async def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with (
-        raw_upstream(_keep_answering(answer)) as up,
+        raw_upstream(keep_answering(answer)) as up,
         client_for(up.port, keepalive=0.2) as client,
     ):
         assert await _get(client) == (200, b"ok")
@@ -543,69 +468,3 @@ async def test_reading_pauses_while_the_reader_is_slow() -> None:
             received += len(chunk)
         reply.finish()
     assert received == size
-
-
-# ------------------------------------------------------- through the pool to a client
-
-
-@asynccontextmanager
-async def front_for(port: int) -> AsyncIterator[str]:
-    pool = UpstreamPool()
-    product = Product(name="soccer", upstream=_upstream(port), routes=())
-    destination = pool.destination(product)
-    drop = request_drop_set("X-API-Key")
-
-    async def handle(request: Request) -> None:
-        try:
-            await forward(request, destination, drop, "api_key", "r-1", 2.0)
-        except (GatewayProblem, HttpError) as error:
-            answer_problem(request, error, "r-1")
-
-    try:
-        async with serving(handle) as front_port:
-            yield f"http://127.0.0.1:{front_port}"
-    finally:
-        await pool.close()
-
-
-async def test_chunked_answer_reaches_the_client_reframed() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        await asyncio.sleep(0.05)
-        await peer.send(b"6\r\n world\r\n0\r\n\r\n")
-        await peer.reader.read()
-
-    async with (
-        raw_upstream(script) as up,
-        front_for(up.port) as front,
-        aiohttp.ClientSession() as session,
-        session.get(front + "/x") as response,
-    ):
-        assert response.status == 200
-        assert "Content-Length" not in response.headers
-        assert await response.read() == b"hello world"
-
-
-@pytest.mark.parametrize(
-    ("method", "answer", "status", "body"),
-    [
-        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", 200, b""),
-        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
-        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304, b""),
-        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
-    ],
-)
-async def test_answers_without_and_with_a_body_reach_the_client(
-    method: str, answer: bytes, status: int, body: bytes
-) -> None:
-    async with (
-        raw_upstream(_keep_answering(answer)) as up,
-        front_for(up.port) as front,
-        aiohttp.ClientSession() as session,
-        session.request(method, front + "/x") as response,
-    ):
-        assert response.status == status
-        assert await response.read() == body
-        if method == "HEAD":
-            assert response.headers["Content-Length"] == "1234"

@@ -1,4 +1,4 @@
-"""The proxy port's own HTTP/1.1 server (http_server.py), over real loopback sockets.
+"""The proxy port's own HTTP/1.1 server (gateway.http.server), over real loopback sockets.
 
 Each test runs an `HttpServer` with a small handler of its own and sub-second timeouts, and
 speaks raw HTTP to it: what is checked is the server's protocol behaviour (framing,
