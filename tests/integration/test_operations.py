@@ -1,6 +1,6 @@
 """Operating a real `gateway run`: graceful SIGTERM, the admin token, the admin port's place.
 
-Contract §6 (admin port and its token) and §7 (shutdown), end to end on real processes.
+README, "The admin port" and "Operating it", end to end on real processes.
 """
 
 from __future__ import annotations

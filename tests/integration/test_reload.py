@@ -1,4 +1,5 @@
-"""Reloading the config of a running `gateway run`: file watch, SIGHUP, bad edits (§7).
+"""Reloading the config of a running `gateway run`: file watch, SIGHUP, bad edits (README,
+"Operating it").
 
 Each config version differs in which routes exist (`gone: true` routes answer 410 without an
 upstream), so "the new config serves" is one request away. A SIGHUP is tested with an edit the

@@ -1,4 +1,5 @@
-"""The access log line of §7: one JSON object per request, no key, no query string."""
+"""The access log line (README, "Access log"): one JSON object per request, no key, no query
+string."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metrics of §6: names, types, labels, values, and sums over worker processes."""
+"""The metrics (README, "Metrics"): names, types, labels, values, and sums over worker processes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from gateway import metrics
 from gateway.record import RequestRecord
 from tests.support.paths import REPO_ROOT
 
-# The contract's table: name -> (type, labels).
-CONTRACT_METRICS = {
+# The README's table: name -> (type, labels).
+README_METRICS = {
     "gateway_requests": ("counter", {"product", "route", "method", "status", "code"}),
     "gateway_request_duration_seconds": ("histogram", {"product", "route"}),
     "gateway_upstream_duration_seconds": ("histogram", {"product"}),
@@ -66,7 +66,7 @@ def record(
     )
 
 
-def test_every_metric_of_the_contract_with_its_type_and_labels() -> None:
+def test_every_metric_of_the_readme_with_its_type_and_labels() -> None:
     registry = CollectorRegistry()
     gateway_metrics = metrics.GatewayMetrics(registry)
     gateway_metrics.observe_request(record())
@@ -76,8 +76,8 @@ def test_every_metric_of_the_contract_with_its_type_and_labels() -> None:
 
     families = {family.name: family for family in registry.collect()}
 
-    assert set(families) == set(CONTRACT_METRICS)
-    for name, (kind, labels) in CONTRACT_METRICS.items():
+    assert set(families) == set(README_METRICS)
+    for name, (kind, labels) in README_METRICS.items():
         family = families[name]
         assert family.type == kind, name
         sample_labels = {label for sample in family.samples for label in sample.labels}

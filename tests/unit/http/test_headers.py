@@ -1,4 +1,4 @@
-"""Header and query hygiene between client and upstream (CONTRACT.md §5)."""
+"""Header and query hygiene between client and upstream (README, "Headers")."""
 
 from __future__ import annotations
 

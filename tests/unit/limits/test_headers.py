@@ -1,4 +1,4 @@
-"""The rate-limit headers of CONTRACT.md §5, exactly, in order, with the plan's parts cached."""
+"""The rate-limit headers (README, "Headers"), exactly, in order, with the plan's parts cached."""
 
 from __future__ import annotations
 
