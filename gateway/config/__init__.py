@@ -24,6 +24,7 @@ from gateway.config.model import (
     ServerConfig,
     StorageConfig,
     Timeouts,
+    TlsConfig,
     Upstream,
 )
 from gateway.config.yamlnodes import ConfigError, ConfigIssue
@@ -52,6 +53,7 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "Timeouts",
+    "TlsConfig",
     "Upstream",
     "load_config",
     "parse_duration",

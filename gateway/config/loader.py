@@ -28,16 +28,19 @@ from gateway.config.model import (
     ServerConfig,
     StorageConfig,
     Timeouts,
+    TlsConfig,
 )
 from gateway.config.products import ProductsReader
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
+from gateway.tls import TlsFileError, server_context
 
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 
 SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
-_SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout")
-_TIMEOUT_KEYS = ("client_header", "client_body", "keepalive")
+_SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout", "tls")
+_TIMEOUT_KEYS = ("client_header", "client_body", "keepalive", "websocket_idle")
+_TLS_KEYS = ("cert", "key")
 _STORAGE_KEYS = ("url", "timeout", "on_error")
 _AUTH_KEYS = ("header", "query_param")
 
@@ -277,7 +280,29 @@ class _Builder:
             timeouts=self._timeouts(w, fields),
             drain_timeout=w.optional(fields, "drain_timeout", w.duration, defaults.drain_timeout),
             admin_token=token,
+            tls=self._tls(w, fields),
         )
+
+    def _tls(self, w: Walker, server: Fields) -> TlsConfig | None:
+        node = server.value("tls")
+        if node is None:
+            return None
+        fields = w.mapping(node, server.at("tls"), _TLS_KEYS)
+        if fields is None:
+            return None
+        cert = w.required(fields, "cert", w.string)
+        key = w.required(fields, "key", w.string)
+        if cert is None or key is None:
+            return None
+        # Relative paths are relative to the file that names them, not to the working folder.
+        folder = Path(w.file).parent
+        cert_path, key_path = str(folder / cert), str(folder / key)
+        try:
+            context = server_context(cert_path, key_path)
+        except TlsFileError as exc:
+            w.report(fields.value(exc.role), fields.at(exc.role), str(exc))
+            return None
+        return TlsConfig(cert_path, key_path, context)
 
     def _timeouts(self, w: Walker, server: Fields) -> Timeouts:
         defaults = Timeouts()
@@ -289,6 +314,9 @@ class _Builder:
             client_header=w.optional(fields, "client_header", w.duration, defaults.client_header),
             client_body=w.optional(fields, "client_body", w.duration, defaults.client_body),
             keepalive=w.optional(fields, "keepalive", w.duration, defaults.keepalive),
+            websocket_idle=w.optional(
+                fields, "websocket_idle", w.duration, defaults.websocket_idle
+            ),
         )
 
     def _storage(self) -> StorageConfig:

@@ -7,6 +7,7 @@ URLs, seconds as floats) so that serving a request parses nothing.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,6 +40,18 @@ class Timeouts:
     client_header: float = 10.0
     client_body: float = 30.0
     keepalive: float = 75.0
+    websocket_idle: float = 300.0  # a proxied WebSocket with no byte either way is closed
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """HTTPS on the proxy port: the PEM files as written (resolved against the config file's
+    folder), and the server context the loader built from them, so that a worker serves exactly
+    what was validated."""
+
+    cert: str
+    key: str
+    context: ssl.SSLContext = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,7 @@ class ServerConfig:
     timeouts: Timeouts = Timeouts()
     drain_timeout: float = 30.0
     admin_token: str | None = None  # from GATEWAY_ADMIN_TOKEN, never from the YAML
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +145,7 @@ class Route:
     query: Mapping[str, QueryParamRule] = field(default_factory=dict)
     gone: Gone | None = None
     redirect: Redirect | None = None
+    websocket: bool = False  # WebSocket upgrades are proxied (else answered as plain requests)
     line: int = 0  # where it was declared, for messages
 
 

@@ -32,7 +32,7 @@ NAME_HINT = "must match [A-Za-z0-9_.-]+"
 _PRODUCT_KEYS = ("upstream", "maintenance", "routes")
 _UPSTREAM_KEYS = ("url", "connect_timeout", "timeout")
 _MAINTENANCE_KEYS = ("retry_after", "message")
-_ROUTE_KEYS = ("path", "methods", "params", "query", "gone", "redirect")
+_ROUTE_KEYS = ("path", "methods", "params", "query", "gone", "redirect", "websocket")
 _PATH_RULE_KEYS = ("enum", "pattern")
 _QUERY_RULE_KEYS = ("type", "min", "max", "required", "enum", "pattern")
 
@@ -236,6 +236,15 @@ class ProductsReader:
                 self.w.report(
                     fields.entries["redirect"][0], path, "gone and redirect exclude each other"
                 )
+        websocket = self.w.optional(fields, "websocket", self.w.boolean, False)
+        if websocket and (gone is not None or redirect is not None):
+            self.w.report(
+                fields.entries["websocket"][0], path, "a retired or redirected route proxies nothing"
+            )
+        if websocket and methods is not None and "GET" not in methods:
+            self.w.report(
+                fields.value("methods"), fields.at("methods"), "must include GET on a websocket route"
+            )
         if text is None or template is None:
             return None
         self._check_unique(template, methods, fields)
@@ -247,6 +256,7 @@ class ProductsReader:
             query=query,
             gone=gone,
             redirect=redirect,
+            websocket=websocket,
             line=line_of(node),
         )
 

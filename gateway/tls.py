@@ -1,0 +1,78 @@
+"""TLS on the proxy port: server contexts built from PEM files, and a certificate that can be
+renewed while the listener keeps running.
+
+A listening socket keeps the SSLContext it was created with. To take a renewed certificate
+without re-listening, the listener's context carries a server-name callback, which OpenSSL
+calls for every ClientHello (with or without SNI) before it picks a certificate: it hands the
+handshake to the newest context. Connections already open keep the certificate they began with.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+__all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
+
+_ALPN = ["http/1.1"]
+
+
+class TlsFileError(Exception):
+    """A certificate or key file that cannot serve; `role` is "cert" or "key"."""
+
+    def __init__(self, role: str, message: str) -> None:
+        super().__init__(message)
+        self.role = role
+
+
+def _read(path: str, role: str, marker: bytes, what: str) -> None:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TlsFileError(role, f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data or marker not in data:
+        raise TlsFileError(role, f"{path} is not a PEM {what}")
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for HTTP/1.1 over TLS 1.2 or 1.3 from a PEM certificate chain and key.
+
+    Raises `TlsFileError` naming the file that cannot be read, is not PEM, or does not match.
+    """
+    _read(cert, "cert", b"CERTIFICATE-----", "certificate")
+    _read(key, "key", b"PRIVATE KEY-----", "private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(_ALPN)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = exc.reason or ""
+        if "KEY_VALUES_MISMATCH" in reason:
+            raise TlsFileError("key", f"{key} does not belong to the certificate {cert}") from exc
+        if "KEY" in reason or "BAD_DECRYPT" in reason:
+            raise TlsFileError("key", f"{key} is not a usable private key ({reason})") from exc
+        raise TlsFileError("cert", f"{cert} is not a usable certificate ({reason})") from exc
+    except OSError as exc:  # removed or replaced between the checks and the load
+        raise TlsFileError("cert", f"{cert} cannot be read: {exc.strerror or exc}") from exc
+    return context
+
+
+class CertificateSwitch:
+    """The context a TLS listener is created with; `use` swaps the certificate for new
+    handshakes from then on."""
+
+    def __init__(self, initial: ssl.SSLContext) -> None:
+        self.listener_context = initial
+        self.current = initial
+        initial.sni_callback = self._choose
+
+    def use(self, context: ssl.SSLContext) -> None:
+        self.current = context
+
+    def _choose(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, _name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        current = self.current
+        if current is not ctx:
+            ssl_object.context = current

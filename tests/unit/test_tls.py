@@ -1,0 +1,100 @@
+"""Server contexts from PEM files: every file that cannot serve is named, in the config too."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.tls import CertificateSwitch, TlsFileError, server_context
+from tests.support.certificates import make_certificate
+
+PRODUCTS = """
+products:
+  shop:
+    upstream: {url: "http://127.0.0.1:9000"}
+    routes:
+      - path: /shop
+"""
+
+
+def test_context_speaks_tls_12_and_13_and_http11(tmp_path: Path) -> None:
+    made = make_certificate(tmp_path)
+    context = server_context(str(made.cert), str(made.key))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3)
+
+
+def test_key_of_another_certificate_is_named(tmp_path: Path) -> None:
+    first = make_certificate(tmp_path, "first")
+    second = make_certificate(tmp_path, "second")
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(first.cert), str(second.key))
+    assert caught.value.role == "key"
+    assert str(caught.value) == f"{second.key} does not belong to the certificate {first.cert}"
+
+
+def test_key_and_certificate_swapped_are_named(tmp_path: Path) -> None:
+    made = make_certificate(tmp_path)
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(made.key), str(made.cert))
+    assert caught.value.role == "cert"
+    assert str(caught.value) == f"{made.key} is not a PEM certificate"
+
+
+def test_unreadable_key_is_named(tmp_path: Path) -> None:
+    made = make_certificate(tmp_path)
+    # A folder in place of the key: unreadable even for root, who reads any file.
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(made.cert), str(tmp_path))
+    assert caught.value.role == "key"
+    assert str(caught.value) == f"{tmp_path} cannot be read: Is a directory"
+
+
+def test_config_resolves_relative_paths_against_its_own_folder(tmp_path: Path) -> None:
+    make_certificate(tmp_path / "conf" / "certs")
+    config_file = tmp_path / "conf" / "gateway.yaml"
+    config_file.write_text(
+        "server:\n  tls: {cert: certs/tls.crt, key: certs/tls.key}\n" + PRODUCTS
+    )
+    config = load_config(config_file, env={})
+    assert config.server.tls is not None
+    assert config.server.tls.cert == str(tmp_path / "conf" / "certs" / "tls.crt")
+    assert isinstance(config.server.tls.context, ssl.SSLContext)
+
+
+def test_config_names_the_key_that_does_not_match(tmp_path: Path) -> None:
+    first = make_certificate(tmp_path, "first")
+    second = make_certificate(tmp_path, "second")
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(f"server:\n  tls: {{cert: {first.cert}, key: {second.key}}}\n" + PRODUCTS)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file, env={})
+    assert [str(issue) for issue in caught.value.issues] == [
+        f"{config_file}:2: server.tls.key: {second.key} does not belong to the certificate "
+        f"{first.cert}"
+    ]
+
+
+def test_switch_hands_new_handshakes_the_newest_context(tmp_path: Path) -> None:
+    first = make_certificate(tmp_path, "first", serial=1)
+    second = make_certificate(tmp_path, "second", serial=2)
+    initial = server_context(str(first.cert), str(first.key))
+    switch = CertificateSwitch(initial)
+    assert switch.listener_context is initial
+    renewed = server_context(str(second.cert), str(second.key))
+    switch.use(renewed)
+    # A handshake in memory, both ends ours: the client sees the renewed certificate.
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = switch.listener_context.wrap_bio(to_server, to_client, server_side=True)
+    client = second.client_context().wrap_bio(to_client, to_server, server_hostname="localhost")
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+    peer = client.getpeercert()
+    assert peer is not None and peer["serialNumber"] == second.serial
