@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gateway import metrics
 from gateway.auth import KeyIndex
-from gateway.config.model import Config, Timeouts
+from gateway.config.model import Config, ServerConfig
 from gateway.http.headers import request_drop_set
 from gateway.http.server import HttpServer
 from gateway.limits import create_limiter
@@ -70,13 +70,14 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     )
 
 
-def build_proxy_server(runtime: Runtime, timeouts: Timeouts) -> HttpServer:
+def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
     """The protocol factory of the proxy port; every request goes through the pipeline."""
     return HttpServer(
         functools.partial(handle_request, runtime),
         on_request_error=answer_request_error,
-        head_timeout=timeouts.client_header,
-        keepalive_timeout=timeouts.keepalive,
+        head_timeout=server.timeouts.client_header,
+        keepalive_timeout=server.timeouts.keepalive,
+        tls=None if server.tls is None else server.tls.context,
     )
 
 

@@ -202,10 +202,18 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         server_config = self.config.server
-        self._proxy_server = build_proxy_server(self.runtime, server_config.timeouts)
+        self._proxy_server = build_proxy_server(self.runtime, server_config)
         proxy_socket = open_listener(server_config.listen)
         self.proxy_port = proxy_socket.getsockname()[1]
-        self._proxy_listener = await loop.create_server(self._proxy_server, sock=proxy_socket)
+        self._proxy_listener = await loop.create_server(
+            self._proxy_server,
+            sock=proxy_socket,
+            ssl=self._proxy_server.listener_ssl,
+            # A handshake is part of the request head as far as a slow client is concerned.
+            ssl_handshake_timeout=(
+                server_config.timeouts.client_header if server_config.tls is not None else None
+            ),
+        )
         runtime = self.runtime
         admin_app = build_admin_app(
             lambda: runtime.snapshot.config, runtime.limiter, token=server_config.admin_token
@@ -227,6 +235,20 @@ class Worker:
 
     def apply_config(self, config: Config) -> None:
         self.runtime.apply(config)
+        self._renew_certificate(config)
+
+    def _renew_certificate(self, config: Config) -> None:
+        # The loader has read the certificate and key again and built a context from them:
+        # new handshakes use it, open connections keep theirs. Switching TLS on or off needs
+        # a new listener, which only a restart makes.
+        server, tls = self._proxy_server, config.server.tls
+        if server is None:
+            return
+        if (server.listener_ssl is None) != (tls is None):
+            state = "on" if tls is not None else "off"
+            log.warning("server.tls was switched %s: that takes effect at the next start", state)
+        elif tls is not None:
+            server.renew_certificate(tls.context)
 
     def reload(self) -> None:
         if self.reloader is not None:

@@ -32,7 +32,7 @@ from gateway.config.model import (
 )
 from gateway.config.products import ProductsReader
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
-from gateway.tls import TlsFileError, server_context
+from gateway.http.tls import TlsFileError, server_context
 
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"

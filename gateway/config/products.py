@@ -238,13 +238,11 @@ class ProductsReader:
                 )
         websocket = self.w.optional(fields, "websocket", self.w.boolean, False)
         if websocket and (gone is not None or redirect is not None):
-            self.w.report(
-                fields.entries["websocket"][0], path, "a retired or redirected route proxies nothing"
-            )
+            message = "a retired or redirected route proxies nothing"
+            self.w.report(fields.entries["websocket"][0], path, message)
         if websocket and methods is not None and "GET" not in methods:
-            self.w.report(
-                fields.value("methods"), fields.at("methods"), "must include GET on a websocket route"
-            )
+            message = "must include GET on a websocket route"
+            self.w.report(fields.value("methods"), fields.at("methods"), message)
         if text is None or template is None:
             return None
         self._check_unique(template, methods, fields)

@@ -117,7 +117,7 @@ class Request:
         self.body_exists = content is not NO_BODY
         self.request_id_header = request_id_header  # the first X-Request-ID line, as sent
         self.remote = connection.remote
-        self.scheme = "http"
+        self.scheme = connection.scheme
         self._headers: CIMultiDictProxy[str] | None = None
         self._query: MultiDictProxy[str] | None = None
         self._path: str | None = None

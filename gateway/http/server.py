@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 
 from gateway.http.errors import RequestError
 from gateway.http.request import Request
 from gateway.http.server_connection import ServerConnection
+from gateway.http.tls import CertificateSwitch
 
 __all__ = ["Handler", "HttpServer", "RequestErrorAnswer"]
 
@@ -49,8 +51,13 @@ class HttpServer:
         on_request_error: RequestErrorAnswer,
         head_timeout: float,
         keepalive_timeout: float,
+        tls: ssl.SSLContext | None = None,
     ):
         self.loop = asyncio.get_running_loop()
+        # With TLS the listener is created with `listener_ssl`; `renew_certificate` changes
+        # the certificate of handshakes from then on, open connections keep theirs.
+        self._certificates = CertificateSwitch(tls) if tls is not None else None
+        self.scheme = "https" if tls is not None else "http"
         self.handler = handler
         self.on_request_error = on_request_error
         self.head_timeout = head_timeout
@@ -64,6 +71,16 @@ class HttpServer:
 
     def __call__(self) -> ServerConnection:
         return ServerConnection(self)
+
+    @property
+    def listener_ssl(self) -> ssl.SSLContext | None:
+        """The context to create the listener with (None for plain HTTP)."""
+        return None if self._certificates is None else self._certificates.listener_context
+
+    def renew_certificate(self, context: ssl.SSLContext) -> None:
+        """Serve new handshakes with `context` from now on (ignored without TLS)."""
+        if self._certificates is not None:
+            self._certificates.use(context)
 
     def _sweep(self) -> None:
         horizon = self.loop.time() - self.keepalive_timeout

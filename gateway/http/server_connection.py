@@ -47,6 +47,7 @@ class ServerConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
+        self.scheme = server.scheme  # "https" on a TLS listener
         # The request being parsed.
         self._url = b""
         self._header_lines: list[tuple[bytes, bytes]] = []

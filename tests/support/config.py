@@ -13,8 +13,10 @@ WORKER_SERVER = """
 server:
   listen: 127.0.0.1:0
   admin_listen: 127.0.0.1:0
-  timeouts: {{client_header: {client_header}, client_body: {client_body}, keepalive: 5s}}
-storage:
+  timeouts: {{client_header: {client_header}, client_body: {client_body}, keepalive: 5s,
+             websocket_idle: {websocket_idle}}}
+  drain_timeout: {drain_timeout}
+{tls}storage:
   url: {storage_url}
   timeout: {storage_timeout}
   on_error: {on_error}
@@ -37,9 +39,18 @@ def worker_server_yaml(
     on_error: str = "deny",
     client_header: str = "2s",
     client_body: str = "2s",
+    websocket_idle: str = "5s",
+    drain_timeout: str = "30s",
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
-    """The server file of a worker inside the test's process: both ports chosen by the OS."""
+    """The server file of a worker inside the test's process: both ports chosen by the OS.
+
+    `tls`: (certificate, key) files for HTTPS on the proxy port.
+    """
     return WORKER_SERVER.format(
+        websocket_idle=websocket_idle,
+        drain_timeout=drain_timeout,
+        tls="" if tls is None else f"  tls: {{cert: {tls[0]}, key: {tls[1]}}}\n",
         storage_url=storage_url,
         storage_timeout=storage_timeout,
         on_error=on_error,

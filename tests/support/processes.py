@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,15 @@ class GatewayProcess:
         self._out = tempfile.NamedTemporaryFile(prefix="gateway-out-", delete=False)  # noqa: SIM115
         self._err = tempfile.NamedTemporaryFile(prefix="gateway-err-", delete=False)  # noqa: SIM115
 
-    def start(self, proxy_port: int, admin_port: int, timeout: float = 15.0) -> None:
+    def start(
+        self,
+        proxy_port: int,
+        admin_port: int,
+        timeout: float = 15.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Start and wait until both ports answer; `tls`: the proxy port speaks HTTPS and
+        this client context trusts its certificate."""
         command = [sys.executable, "-m", "gateway", "run", "--config", str(self.config_dir)]
         if self.workers is not None:
             command += ["--workers", str(self.workers)]
@@ -43,7 +52,9 @@ class GatewayProcess:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1):
                     pass
-                with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/", timeout=1):
+                scheme = "http" if tls is None else "https"
+                proxy_url = f"{scheme}://127.0.0.1:{proxy_port}/"
+                with urllib.request.urlopen(proxy_url, timeout=1, context=tls):
                     pass
             except urllib.error.HTTPError:
                 return  # the proxy answered (404 for /): it serves

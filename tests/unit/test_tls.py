@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from pathlib import Path
 
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.tls import CertificateSwitch, TlsFileError, server_context
+from gateway.http.tls import CertificateSwitch, TlsFileError, server_context
 from tests.support.certificates import make_certificate
 
 PRODUCTS = """
@@ -56,9 +57,7 @@ def test_unreadable_key_is_named(tmp_path: Path) -> None:
 def test_config_resolves_relative_paths_against_its_own_folder(tmp_path: Path) -> None:
     make_certificate(tmp_path / "conf" / "certs")
     config_file = tmp_path / "conf" / "gateway.yaml"
-    config_file.write_text(
-        "server:\n  tls: {cert: certs/tls.crt, key: certs/tls.key}\n" + PRODUCTS
-    )
+    config_file.write_text("server:\n  tls: {cert: certs/tls.crt, key: certs/tls.key}\n" + PRODUCTS)
     config = load_config(config_file, env={})
     assert config.server.tls is not None
     assert config.server.tls.cert == str(tmp_path / "conf" / "certs" / "tls.crt")
@@ -69,7 +68,8 @@ def test_config_names_the_key_that_does_not_match(tmp_path: Path) -> None:
     first = make_certificate(tmp_path, "first")
     second = make_certificate(tmp_path, "second")
     config_file = tmp_path / "gateway.yaml"
-    config_file.write_text(f"server:\n  tls: {{cert: {first.cert}, key: {second.key}}}\n" + PRODUCTS)
+    tls = f"server:\n  tls: {{cert: {first.cert}, key: {second.key}}}\n"
+    config_file.write_text(tls + PRODUCTS)
     with pytest.raises(ConfigError) as caught:
         load_config(config_file, env={})
     assert [str(issue) for issue in caught.value.issues] == [
@@ -92,9 +92,7 @@ def test_switch_hands_new_handshakes_the_newest_context(tmp_path: Path) -> None:
     client = second.client_context().wrap_bio(to_client, to_server, server_hostname="localhost")
     for _ in range(10):
         for side in (client, server):
-            try:
+            with contextlib.suppress(ssl.SSLWantReadError):
                 side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
     peer = client.getpeercert()
     assert peer is not None and peer["serialNumber"] == second.serial

@@ -1,0 +1,146 @@
+"""HTTPS on the proxy port (§10): real TLS clients trusting a certificate the test makes, and a
+certificate renewed under a running `gateway run` by SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.certificates import Certificate, make_certificate
+from tests.support.gateway import running_gateway, write_config
+from tests.support.processes import GatewayProcess, free_ports
+from tests.support.upstream import running_upstream
+
+API = """
+products:
+  shop:
+    upstream: {{url: "{url}"}}
+    routes:
+      - path: /shop/{{rest:path}}
+plans:
+  open: {{}}
+keys:
+  - {{name: client, key: tls-secret, plans: {{shop: open}}}}
+"""
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_https_request_reaches_the_upstream_as_https(
+    tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    made = make_certificate(tmp_path / "certs")
+    client_tls = made.client_context()
+    # A client that speaks this one version only: the handshake succeeds only if it is served.
+    client_tls.minimum_version = client_tls.maximum_version = version
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "conf", API.format(url=upstream.url), tls=(made.cert, made.key)
+        )
+        async with (
+            running_gateway(config) as gateway,
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"https://127.0.0.1:{gateway.proxy_port}/shop/items?x=1",
+                ssl=client_tls,
+                headers={"X-API-Key": "tls-secret"},
+            ) as response,
+        ):
+            assert response.status == 200
+            assert (await response.json())["path_qs"] == "/shop/items?x=1"
+    headers = dict(upstream.seen[0].headers)
+    assert headers["X-Forwarded-Proto"] == "https"
+
+
+async def test_plain_http_to_the_https_port_is_closed_unanswered(tmp_path: Path) -> None:
+    made = make_certificate(tmp_path / "certs")
+    config = write_config(
+        tmp_path / "conf", API.format(url="http://127.0.0.1:9"), tls=(made.cert, made.key)
+    )
+    async with running_gateway(config) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(b"GET /shop/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        # Not a TLS handshake: the connection is closed without an HTTP answer.
+        async with asyncio.timeout(5):
+            assert b"HTTP/" not in await reader.read()
+        writer.close()
+
+
+def _serial_of_new_connection(port: int, trust: ssl.SSLContext) -> str:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        trust.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        peer = tls.getpeercert()
+        assert peer is not None
+        return str(peer["serialNumber"])
+
+
+def _request(tls: ssl.SSLSocket, path: str) -> bytes:
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = tls.recv(65536)
+        assert chunk, "connection closed"
+        received += chunk
+    return received.split(b"\r\n", 1)[0]
+
+
+def test_sighup_renews_the_certificate_and_open_connections_stay(tmp_path: Path) -> None:
+    first = make_certificate(tmp_path / "first", serial=1)
+    second = make_certificate(tmp_path / "second", serial=2)
+    live = Certificate(tmp_path / "live.crt", tmp_path / "live.key", first.serial)
+    shutil.copy(first.cert, live.cert)
+    shutil.copy(first.key, live.key)
+    bundle = tmp_path / "trusted.pem"
+    bundle.write_bytes(first.cert.read_bytes() + second.cert.read_bytes())
+    trust = ssl.create_default_context(cafile=str(bundle))
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "conf"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(
+        f"server:\n  listen: 127.0.0.1:{proxy_port}\n  admin_listen: 127.0.0.1:{admin_port}\n"
+        f"  tls: {{cert: {live.cert}, key: {live.key}}}\n"
+    )
+    (config / "10-api.yaml").write_text(API.format(url="http://127.0.0.1:9"))
+    process = GatewayProcess(config)
+    try:
+        process.start(proxy_port, admin_port, tls=trust)
+        assert _serial_of_new_connection(proxy_port, trust) == first.serial
+        with (
+            socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw,
+            trust.wrap_socket(raw, server_hostname="localhost") as kept,
+        ):
+            assert _request(kept, "/nowhere") == b"HTTP/1.1 404 Invalid route"
+            # Renewed in place, as certbot or a Kubernetes secret mount does.
+            shutil.copy(second.cert, live.cert)
+            shutil.copy(second.key, live.key)
+            process.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while _serial_of_new_connection(proxy_port, trust) != second.serial:
+                assert time.monotonic() < deadline, "the renewed certificate was not taken"
+                time.sleep(0.05)
+            # The connection opened before the renewal goes on with its own certificate.
+            assert _request(kept, "/nowhere") == b"HTTP/1.1 404 Invalid route"
+            peer = kept.getpeercert()
+            assert peer is not None and peer["serialNumber"] == first.serial
+
+            # A broken renewal is refused, naming the file; the running certificate stays.
+            live.key.write_text("not a key\n")
+            process.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "is not a PEM private key" not in process.stderr():
+                assert time.monotonic() < deadline, process.stderr()
+                time.sleep(0.05)
+            assert f"server.tls.key: {live.key} is not a PEM private key" in process.stderr()
+            assert _serial_of_new_connection(proxy_port, trust) == second.serial
+            assert _request(kept, "/nowhere") == b"HTTP/1.1 404 Invalid route"
+    finally:
+        process.close()
