@@ -68,13 +68,17 @@ def format_access_log(record: RequestRecord) -> str:
         path = path.split("?", 1)[0]
     upstream = record.upstream_duration
     upstream_ms = "null" if upstream is None else repr(round(upstream * 1000.0, 3))
+    # Only a WebSocket line has it: the bytes its client sent through the tunnel.
+    received = (
+        "" if record.bytes_received is None else f',"bytes_received":{record.bytes_received:d}'
+    )
     return (
         f'{{"time":"{format_time(record.start)}","request_id":{_string(record.request_id)},'
         f'"method":{_string(record.method)},"path":{_string(path)},"status":{record.status:d},'
         f'"code":{_string(record.code)},"product":{_string(record.product)},'
         f'"route":{_string(record.route)},"key":{_string(record.key_name)},'
         f'"plan":{_string(record.plan)},"duration_ms":{round(record.duration * 1000.0, 3)!r},'
-        f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent:d}}}'
+        f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent:d}{received}}}'
     )
 
 

@@ -224,8 +224,12 @@ async def forward_upstream(ex: Exchange) -> Answer:
     assert ex.match is not None
     snapshot = ex.snapshot
     config = snapshot.config
+    request = ex.request
+    tunnel_idle = None
+    if ex.match.route.websocket and request.upgrade and _asks_for_websocket(request):
+        tunnel_idle = config.server.timeouts.websocket_idle
     result = await forward(
-        ex.request,
+        request,
         snapshot.destinations[ex.product],
         snapshot.request_drop,
         config.auth.query_param,
@@ -233,14 +237,28 @@ async def forward_upstream(ex: Exchange) -> Answer:
         config.server.timeouts.client_body,
         ex.response_headers,
         ex.answered_by_upstream,
+        tunnel_idle,
     )
-    if result.error is not None:
+    if result.status == 101:
+        # A WebSocket, over now: recorded (and counted, by handle_request) as it ends.
+        ex.status, ex.code = 101, "upstream"
+        ex.upstream_duration = result.upstream_seconds
+        ex.bytes_sent, ex.bytes_received = result.bytes_sent, result.bytes_received
+    elif result.error is not None:
         # Cut short after the head: the answered-hook, which records complete answers, never
         # ran for it.
         ex.status, ex.code = result.status, "upstream"
         ex.upstream_duration = result.upstream_seconds
         ex.bytes_sent = result.bytes_sent
     return _SENT
+
+
+def _asks_for_websocket(request: Request) -> bool:
+    """A GET whose Upgrade header names websocket (RFC 6455 §4.1), in any case."""
+    if request.method != "GET":
+        return False
+    protocols = request.header(b"upgrade") or ""
+    return any(token.strip().lower() == "websocket" for token in protocols.split(","))
 
 
 # The upstream's answer has gone to the client; handle_request has nothing left to send.

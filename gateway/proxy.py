@@ -26,9 +26,11 @@ from gateway.http.headers import (
     ResponseHead,
     client_response_head,
     strip_query_param,
+    switching_protocols_head,
     upstream_header_lines,
 )
 from gateway.http.request import Request
+from gateway.http.tunnel import switch_and_relay
 
 __all__ = ["AnswerHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
 
@@ -47,6 +49,10 @@ class ForwardResult:
     # Set when the answer was cut short after its head was sent (upstream died or stalled
     # mid-body, or the client stopped reading): the client connection has been aborted.
     error: str | None = None
+    # After a protocol switch (101): bytes the client sent through the tunnel (`bytes_sent`
+    # counts those the upstream sent), and whether it ended for being idle.
+    bytes_received: int | None = None
+    idle: bool = False
 
 
 class _WriteWatch:
@@ -205,8 +211,14 @@ async def forward(
     body_timeout: float,
     extra_response_headers: Mapping[str, str] | None = None,
     on_answered: AnswerHook | None = None,
+    tunnel_idle: float | None = None,
 ) -> ForwardResult:
     """Forward `request` to `destination` and stream its answer to the client.
+
+    With `tunnel_idle` the request is a WebSocket upgrade the route lets through: it asks the
+    upstream to switch too, and after its 101 bytes flow both ways until either side closes or
+    none moves for `tunnel_idle` seconds; then the result has status 101. Interim answers (1xx)
+    of the upstream are passed on before the final one.
 
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
     the key header), `key_query_param` the query parameter that carries the key. Raises an
@@ -228,10 +240,29 @@ async def forward(
     )
     # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
     started = time.perf_counter()
-    if request.body_exists:
+    interim = request.connection.relay_interim
+    if tunnel_idle is not None:
+        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them.
+        upgrade = request.header(b"upgrade") or "websocket"
+        headers += ((b"Connection", b"Upgrade"), (b"Upgrade", upgrade.encode("latin-1")))
+        reply = await destination.client.send(
+            request.method, target, headers, None, on_interim=interim, upgrade=True
+        )
+        if reply.status == 101:
+            upstream_seconds = time.perf_counter() - started
+            switched = switching_protocols_head(
+                reply.reason, reply.raw_headers, extra_response_headers
+            )
+            tunnel = await switch_and_relay(request, switched, reply, tunnel_idle)
+            return ForwardResult(
+                101, upstream_seconds, tunnel.bytes_down, None, tunnel.bytes_up, tunnel.idle
+            )
+    elif request.body_exists:
         reply = await _send_with_body(request, destination, target, headers, body_timeout)
     else:
-        reply = await destination.client.send(request.method, target, headers, None)
+        reply = await destination.client.send(
+            request.method, target, headers, None, on_interim=interim
+        )
     upstream_seconds = time.perf_counter() - started
     head = client_response_head(reply.raw_headers, extra_response_headers)
     # Most answers are complete by now: answered without another coroutine.
@@ -258,7 +289,13 @@ async def _send_with_body(
         async with asyncio.timeout(None) as upload_deadline:
             watch.bind(upload_deadline)
             try:
-                return await destination.client.send(request.method, target, headers, body)
+                return await destination.client.send(
+                    request.method,
+                    target,
+                    headers,
+                    body,
+                    on_interim=request.connection.relay_interim,
+                )
             finally:
                 watch.unbind()
     except TimeoutError as exc:

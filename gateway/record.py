@@ -24,6 +24,7 @@ class RequestRecord:
     duration: float = 0.0  # seconds from head to the last byte sent
     upstream_duration: float | None = None  # seconds from sending upstream to its response head
     bytes_sent: int = 0
+    bytes_received: int | None = None  # through a WebSocket, from the client; else None
 
 
 class _RequestIds:

@@ -15,10 +15,15 @@ import ssl
 from collections.abc import AsyncIterable, Sequence
 
 from gateway.config.model import Upstream
-from gateway.http.client_connection import HttpConnection, HttpReply, StaleConnection
+from gateway.http.client_connection import (
+    HttpConnection,
+    HttpReply,
+    InterimHook,
+    StaleConnection,
+)
 from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
 
-__all__ = ["KEEPALIVE_SECONDS", "HttpClient"]
+__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "InterimHook"]
 
 KEEPALIVE_SECONDS = 30.0
 
@@ -68,8 +73,15 @@ class HttpClient:
         target: str,
         headers: Sequence[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
+        *,
+        on_interim: InterimHook | None = None,
+        upgrade: bool = False,
     ) -> HttpReply:
         """Send one request; returns once the response head is in.
+
+        `on_interim` hears of each interim answer (1xx but 100 and 101) before that. With
+        `upgrade` the request asks to switch protocols (its headers say to what): a 101 answer's
+        connection is then taken out of the pool with `HttpReply.switch_protocols`.
 
         Raises `ConnectTimeout` or `ResponseTimeout` when no connection is made within the
         connect timeout or the upstream stays silent longer than its timeout after the request
@@ -86,7 +98,9 @@ class HttpClient:
             if connection is None:
                 connection = await self._connect()
             try:
-                return await connection.exchange(head, body, chunked, method == "HEAD")
+                return await connection.exchange(
+                    head, body, chunked, method == "HEAD", on_interim, upgrade
+                )
             except StaleConnection:
                 # The upstream closed a kept-alive connection as the request went out. Only
                 # a request that can be sent again unchanged and harmlessly is: no body to

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Protocol, cast
 
 import httptools
@@ -30,7 +30,11 @@ from gateway.http.errors import (
 )
 from gateway.http.flow import HIGH_WATER, ChunkQueue, WriteGate
 from gateway.http.headers import decode, decoded_lines
+from gateway.http.tunnel import TunnelEnd
 from gateway.http.wire import CHUNK_END, LAST_CHUNK
+
+# Told of each interim (1xx) answer but 100 and 101: status, reason, raw header lines.
+InterimHook = Callable[[int, bytes, list[tuple[bytes, bytes]]], None]
 
 
 class StaleConnection(Exception):
@@ -98,6 +102,10 @@ class HttpReply(ChunkQueue):
     def finish(self) -> None:
         self._connection.release(self)
 
+    def switch_protocols(self, end: TunnelEnd) -> bytes:
+        """After a 101: the connection goes to `end` of a tunnel (see the connection's)."""
+        return self._connection.switch_protocols(end)
+
     def abort(self) -> None:
         self._connection.abort()
 
@@ -134,7 +142,15 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writes = WriteGate(self._loop)
         self._upload: asyncio.Task[None] | None = None
-        self._interim = False  # parsing a 1xx answer, which is skipped
+        self._interim = False  # parsing a 1xx answer, which is not the final one
+        self._on_interim: InterimHook | None = None
+        # An exchange that asks to switch protocols; once the upstream's 101 is in, the
+        # connection belongs to it: bytes after the head wait in `_after_switch` (reading
+        # paused) until the tunnel end takes over every event.
+        self._upgrade = False
+        self._switched = False
+        self._after_switch: list[bytes] = []
+        self._tunnel: TunnelEnd | None = None
         self._header_lines: list[tuple[bytes, bytes]] = []
         self._reason = b""
 
@@ -150,20 +166,34 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._reply is None:
-            # Nothing was asked: bytes now can only be a broken or hostile upstream.
-            self.reusable = False
-            self.abort()
+            if self._tunnel is not None:
+                self._tunnel.data_received(data)
+            elif self._switched:
+                self._after_switch.append(data)
+            else:
+                # Nothing was asked: bytes now can only be a broken or hostile upstream.
+                self.reusable = False
+                self.abort()
             return
         self._received = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(MalformedResponse("it switched protocols unasked"))
+        except httptools.HttpParserUpgrade as upgrade:
+            if not self._switched:
+                self._fail(MalformedResponse("it switched protocols unasked"))
+                return
+            self._reply = None
+            rest = data[upgrade.args[0] :]
+            if rest:
+                self._after_switch.append(rest)
         except httptools.HttpParserError:
             self._fail(MalformedResponse("invalid HTTP response"))
 
     def eof_received(self) -> bool:
         self.closed = True
+        if self._tunnel is not None:
+            self._tunnel.eof_received()
+            return False
         reply = self._reply
         if reply is not None and reply.status and body_ends_at_close(reply):
             # Neither a length nor chunks: the end of the connection is the end of the body.
@@ -173,14 +203,21 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
+        if self._tunnel is not None:
+            self._tunnel.connection_lost()
+            return
         reason = "connection closed without an answer" if exc is None else "connection reset"
         self._fail(ServerDisconnected(reason), closed=True)
         self._writes.fail(ConnectionResetError("upstream connection lost"))
 
     def pause_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.pause_writing()
         self._writes.pause()
 
     def resume_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.resume_writing()
         self._writes.resume()
 
     # --- httptools callbacks ------------------------------------------------------------
@@ -198,10 +235,20 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
-            # Interim answers (100 Continue, 103 Early Hints) are the upstream's business with
-            # us; the client gets the final one. 101 ends in HttpParserUpgrade instead.
-            self._interim = True
-            return
+            if status == 101 and self._upgrade and self._reply is not None:
+                # The switch that was asked for: this head is the final answer, and the
+                # connection is the tunnel's from now on (HttpParserUpgrade follows).
+                self._switched = True
+                self.reusable = False
+                self.pause()
+            else:
+                # An interim answer: passed on (103 Early Hints, ...) but 100 Continue, which
+                # is between the gateway and the upstream; a 101 not asked for fails below.
+                self._interim = True
+                hook = self._on_interim
+                if hook is not None and status not in (100, 101):
+                    hook(status, self._reason, self._header_lines)
+                return
         reply = self._reply
         if reply is None:
             self.reusable = False  # an answer nobody asked for
@@ -233,19 +280,31 @@ class HttpConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        if self._reply is not None:
+        if self._reply is not None and not self._switched:
             self._complete(self._parser.should_keep_alive())
 
     # --- one exchange -------------------------------------------------------------------
 
     async def exchange(
-        self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, head_only: bool
+        self,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        chunked: bool,
+        head_only: bool,
+        on_interim: InterimHook | None = None,
+        upgrade: bool = False,
     ) -> HttpReply:
-        """Send one request and return its answer once the head is in."""
+        """Send one request and return its answer once the head is in.
+
+        `on_interim` is told of interim answers before it; with `upgrade` the request asks to
+        switch protocols, and a 101 answer hands the connection to `switch_protocols`.
+        """
         transport = self.transport
         if transport is None or self.closed:
             raise StaleConnection
         self.exchanges += 1
+        self._on_interim = on_interim
+        self._upgrade = upgrade
         reply = HttpReply(self, head_only)
         self._reply = reply
         self._received = False
@@ -365,6 +424,20 @@ class HttpConnection(asyncio.Protocol):
         reply._end("stalled mid-answer")
         self.reusable = False
         self.abort()
+
+    def switch_protocols(self, end: TunnelEnd) -> bytes:
+        """Hand the switched connection to `end` of a tunnel; returns the bytes the upstream
+        sent after its 101 head. Reading stays paused until the tunnel starts."""
+        if not self._switched:
+            raise RuntimeError("the upstream did not switch protocols")
+        self._tunnel = end
+        self._on_interim = None
+        pending, self._after_switch = b"".join(self._after_switch), []
+        if self.transport is None:
+            end.connection_lost()  # gone already: the tunnel ends at once
+            return b""
+        end.transport = self.transport
+        return pending
 
     def pause(self) -> None:
         if not self._reading_paused and self.transport is not None:

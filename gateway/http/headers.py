@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.http.wire import date_line, encode_header_block
+from gateway.http.wire import date_line, encode_header_block, status_line
 
 # RFC 9110 §7.6.1 plus the proxy headers that only make sense for one hop. Expect is
 # answered by the gateway itself (100 Continue), so it must not make the upstream wait too.
@@ -225,3 +225,39 @@ def strip_query_param(query_string: str, name: str | None) -> str:
         if pair.partition("=")[0] != name and unquote_plus(pair.partition("=")[0]) != name
     ]
     return "&".join(kept)
+
+
+def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> bytes:
+    """An upstream's interim (1xx) answer as the client gets it: its status line and its
+    header lines but the hop-by-hop ones (and those its Connection header names)."""
+    listed: set[bytes] | None = None
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in upstream_lines:
+        lowered = name.lower()
+        if lowered == b"connection":
+            listed = _connection_listed_raw(value, listed)
+        elif lowered not in _HOP_BY_HOP_RAW:
+            kept.append((lowered, name + b": " + value + b"\r\n"))
+    lines = [line for lowered, line in kept if listed is None or lowered not in listed]
+    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(lines))
+
+
+def switching_protocols_head(
+    reason: str, upstream_lines: RawHeaderLines, extra: Mapping[str, str] | None
+) -> bytes:
+    """The head of a 101 answer for the client: the upstream's lines cleaned as for any answer
+    (`client_response_head`), with the Upgrade it switched to and `Connection: Upgrade`, which
+    hop-by-hop cleaning removed but the client must see."""
+    protocol = b"websocket"
+    for name, value in upstream_lines:
+        if name.lower() == b"upgrade":
+            protocol = value
+            break
+    block = client_response_head(upstream_lines, extra).block
+    return (
+        status_line(101, reason or "Switching Protocols")
+        + block
+        + b"Connection: Upgrade\r\nUpgrade: "
+        + protocol
+        + b"\r\n\r\n"
+    )

@@ -86,6 +86,7 @@ class Request:
         "request_id_header",
         "scheme",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -118,6 +119,7 @@ class Request:
         self.request_id_header = request_id_header  # the first X-Request-ID line, as sent
         self.remote = connection.remote
         self.scheme = connection.scheme
+        self.upgrade = False  # asks to switch protocols (Connection: upgrade and Upgrade)
         self._headers: CIMultiDictProxy[str] | None = None
         self._query: MultiDictProxy[str] | None = None
         self._path: str | None = None

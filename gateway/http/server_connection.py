@@ -17,7 +17,9 @@ import httptools
 
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
 from gateway.http.flow import WriteGate
+from gateway.http.headers import interim_head
 from gateway.http.request import NO_BODY, Request, RequestBody
+from gateway.http.tunnel import TunnelEnd
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 
 if TYPE_CHECKING:
@@ -62,6 +64,10 @@ class ServerConnection(asyncio.Protocol):
         self._head_started = 0.0
         self._error_detail: str | None = None
         self._stopped_reading = False  # after a parse error or an upgrade: nothing more
+        # After an upgrade request: the bytes that followed its head (not HTTP), kept in case
+        # the protocol switch happens; then the tunnel end every event goes to.
+        self._after_upgrade = b""
+        self._tunnel: TunnelEnd | None = None
         self._body_paused = False
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
@@ -97,13 +103,17 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped_reading:
+            if self._tunnel is not None:
+                self._tunnel.data_received(data)
             return
         head = self._heads if self._in_head else -1  # the head this read may continue
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request asking to switch protocols was parsed and gets an ordinary answer;
-            # whatever follows is not HTTP the gateway can read.
+        except httptools.HttpParserUpgrade as upgrade:
+            # The request asking to switch protocols was parsed; whatever follows is not HTTP
+            # the gateway can read. Its handler either switches (see `switch_protocols`) or
+            # gives an ordinary answer, after which the connection closes.
+            self._after_upgrade = data[upgrade.args[0] :]
             self._stop_reading()
         except httptools.HttpParserError as exc:
             self._protocol_error(self._error_detail or str(exc) or "malformed request")
@@ -122,12 +132,19 @@ class ServerConnection(asyncio.Protocol):
             )
 
     def eof_received(self) -> bool:
+        if self._tunnel is not None:
+            self._tunnel.eof_received()
         return False  # a client that stops sending is gone: close, cancelling its handler
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._stop_head_timer()
         self._server.forget(self)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            # The handler waits for the tunnel to end, and records it: not a cancellation.
+            tunnel.connection_lost()
+            return
         gone = ConnectionResetError("the client closed the connection")
         if self._parsing is not None:
             self._parsing.content.fail(gone)
@@ -136,9 +153,13 @@ class ServerConnection(asyncio.Protocol):
         self._writes.fail(gone)
 
     def pause_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.pause_writing()
         self._writes.pause()
 
     def resume_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.resume_writing()
         self._writes.resume()
 
     # --- httptools callbacks ------------------------------------------------------------
@@ -198,6 +219,8 @@ class ServerConnection(asyncio.Protocol):
             content,
             self._request_id,
         )
+        if parser.should_upgrade():
+            request.upgrade = True
         self._parsing = request
         self._waiting.append(request)
         if not self._busy:
@@ -400,9 +423,36 @@ class ServerConnection(asyncio.Protocol):
         """Some of the answer may have left: a problem can no longer be sent instead."""
         return self._answered or (self._answer_open and self._head is None)
 
+    def switch_protocols(self, request: Request, head: bytes, end: TunnelEnd) -> bytes:
+        """Answer the upgrade `request` with `head` (a complete 101 head) and hand the connection
+        to `end` of a tunnel; returns the bytes the client sent after its request, which the
+        tunnel must deliver first. Reading stays paused until the tunnel starts."""
+        if not request.upgrade or self.answer_started or self._waiting[0] is not request:
+            raise RuntimeError("only an upgrade request without an answer can switch protocols")
+        self._tunnel = end
+        self._answered = True
+        self._answer_open = False
+        self._head = None
+        self._close_after = True
+        pending, self._after_upgrade = self._after_upgrade, b""
+        transport = self.transport
+        if transport is None:
+            end.connection_lost()  # gone already: the tunnel ends at once
+            return b""
+        end.transport = transport
+        transport.write(head)
+        return pending
+
     def send_interim(self, data: bytes) -> None:
         if self.transport is not None and not self._answer_open and not self._answered:
             self.transport.write(data)
+
+    def relay_interim(self, status: int, reason: bytes, lines: list[tuple[bytes, bytes]]) -> None:
+        """Pass an upstream's interim answer (103 Early Hints, ...) on to the client whose
+        request is being answered, before the final answer; HTTP/1.0 knows no 1xx."""
+        waiting = self._waiting
+        if waiting and waiting[0].version != "1.0":
+            self.send_interim(interim_head(status, reason, lines))
 
     # --- flow control and closing -------------------------------------------------------
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from tests.support.apps import serving_app
 
@@ -27,6 +27,10 @@ class Upstream:
     seen: list[SeenRequest] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     started_slow: asyncio.Event = field(default_factory=asyncio.Event)
+    # WebSockets: bytes of the messages the flood handler had handed to its transport, and
+    # how each WebSocket ended (the close code the upstream saw).
+    flood_sent: int = 0
+    ws_closed: list[int | None] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -83,6 +87,38 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _websocket(request: web.Request) -> web.StreamResponse:
+    """`/ws/echo`: every message back as it came (`close <code>` closes with that code);
+    `/ws/flood?bytes=N`: N bytes in 1 MiB binary messages, sent as fast as the peer takes them."""
+    upstream: Upstream = request.app[UPSTREAM]
+    upstream.seen.append(
+        SeenRequest(
+            request.method,
+            request.path_qs,
+            [(k.decode(), v.decode()) for k, v in request.raw_headers],
+            0,
+        )
+    )
+    ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, protocols=("chat", "feed"))
+    await ws.prepare(request)
+    if request.path.endswith("/flood"):
+        total = int(request.query.get("bytes", str(64 * 1024 * 1024)))
+        message = b"f" * (1024 * 1024)
+        while upstream.flood_sent < total and not ws.closed:
+            await ws.send_bytes(message)
+            upstream.flood_sent += len(message)
+    async for message in ws:
+        if message.type == WSMsgType.TEXT:
+            if message.data.startswith("close "):
+                await ws.close(code=int(message.data.split()[1]), message=b"as asked")
+                break
+            await ws.send_str(message.data)
+        elif message.type == WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    upstream.ws_closed.append(ws.close_code)
+    return ws
+
+
 UPSTREAM = web.AppKey("upstream", Upstream)
 
 
@@ -91,6 +127,7 @@ async def running_upstream() -> AsyncIterator[Upstream]:
     app = web.Application()
     upstream = Upstream(port=0)
     app[UPSTREAM] = upstream
+    app.router.add_get("/ws/{tail:.*}", _websocket)
     app.router.add_route("*", "/{tail:.*}", _handle)
     async with serving_app(app) as upstream.port:
         yield upstream

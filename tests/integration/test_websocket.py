@@ -1,0 +1,217 @@
+"""WebSocket proxying (§10): an aiohttp WebSocket upstream reached through a real gateway by an
+aiohttp WebSocket client, with keys and limits on the handshake and bytes both ways after it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.server import Worker
+from tests.support.gateway import running_gateway, write_config
+from tests.support.operations import Scrape
+from tests.support.upstream import Upstream, running_upstream
+
+API = """
+products:
+  live:
+    upstream: {{url: "{url}"}}
+    routes:
+      - path: /ws/{{rest:path}}
+        websocket: true
+      - path: /plain/{{rest:path}}
+  plainws:
+    upstream: {{url: "{url}/ws"}}
+    routes:
+      - path: /nows/{{rest:path}}
+plans:
+  open: {{}}
+  two_a_day:
+    quota: {{limit: 2, per: day}}
+keys:
+  - {{name: viewer, key: ws-secret, plans: {{live: open, plainws: open}}}}
+  - {{name: counted, key: ws-counted, plans: {{live: two_a_day}}}}
+"""
+
+MIB = 1024 * 1024
+
+
+@asynccontextmanager
+async def gateway_and_upstream(
+    tmp_path: Path, **config: str
+) -> AsyncIterator[tuple[Worker, Upstream, aiohttp.ClientSession]]:
+    async with running_upstream() as upstream:
+        directory = write_config(tmp_path, API.format(url=upstream.url), **config)
+        async with running_gateway(directory) as gateway, aiohttp.ClientSession() as session:
+            yield gateway, upstream, session
+
+
+def ws_url(gateway: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{gateway.proxy_port}{path}"
+
+
+def access_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    out = capsys.readouterr().out
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+async def counted_requests(
+    session: aiohttp.ClientSession, gateway: Worker
+) -> dict[tuple[str, ...], float]:
+    """gateway_requests_total by route and status (the in-process registry outlives tests)."""
+    async with session.get(f"http://127.0.0.1:{gateway.admin_port}/metrics") as answer:
+        scrape = Scrape(await answer.text())
+    return scrape.series("gateway_requests_total", "route", "status")
+
+
+async def test_echo_text_binary_ping_large_and_close_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        async with session.ws_connect(
+            ws_url(gateway, "/ws/echo?api_key=ws-secret&room=1"),
+            headers={"X-Request-ID": "ws-test-1"},
+            protocols=("chat",),
+            autoping=False,
+            max_msg_size=8 * MIB,
+        ) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("hello")
+            assert await ws.receive_str() == "hello"
+            await ws.send_bytes(b"\x00\x01\xff")
+            assert await ws.receive_bytes() == b"\x00\x01\xff"
+            await ws.ping(b"are you there")
+            pong = await ws.receive()
+            assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"are you there")
+            big = bytes(range(256)) * (4 * 1024)  # 1 MiB
+            await ws.send_bytes(big)
+            assert await ws.receive_bytes() == big
+            await ws.close(code=4001, message=b"done here")
+        # Closed through the tunnel, the upstream saw the client's own code.
+        for _ in range(100):
+            if upstream.ws_closed:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.ws_closed == [4001]
+
+        async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret")) as ws:
+            await ws.send_str("close 4002")
+            closing = await ws.receive()
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4002
+    seen = upstream.seen[0]
+    assert seen.path_qs == "/ws/echo?room=1"  # the key is not passed on
+    headers = {name.lower(): value for name, value in seen.headers}
+    assert headers["upgrade"].lower() == "websocket" and headers["connection"] == "Upgrade"
+    assert headers["x-request-id"] == "ws-test-1"
+    assert "sec-websocket-key" in headers
+    first, second = [line for line in access_lines(capsys) if line["status"] == 101]
+    assert first["request_id"] == "ws-test-1" and first["key"] == "viewer"
+    assert first["route"] == "/ws/{rest:path}" and first["code"] == "upstream"
+    assert isinstance(first["bytes_sent"], int) and first["bytes_sent"] > MIB
+    assert isinstance(first["bytes_received"], int) and first["bytes_received"] > MIB
+    assert isinstance(second["bytes_received"], int) and second["bytes_received"] < 1024
+
+
+async def test_handshake_walks_the_request_path_and_is_charged_once(tmp_path: Path) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        before = await counted_requests(session, gateway)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/ws/echo"))
+        assert refused.value.status == 401
+        # One quota unit per WebSocket, however many messages it carries.
+        for _ in range(2):
+            async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-counted")) as ws:
+                for number in range(5):
+                    await ws.send_str(str(number))
+                    assert await ws.receive_str() == str(number)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-counted"))
+        assert refused.value.status == 429
+        assert len(upstream.seen) == 2
+        counted = await counted_requests(session, gateway)
+        for status, count in (("101", 2), ("429", 1), ("401", 1)):
+            key = ("/ws/{rest:path}", status)
+            assert counted[key] - before.get(key, 0) == count
+
+
+async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(
+    tmp_path: Path,
+) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/nows/echo?api_key=ws-secret"))
+        # The upstream was asked without Upgrade, so it refused as it would any plain GET.
+        assert refused.value.status == 400
+        headers = {name.lower() for name, _ in upstream.seen[0].headers}
+        assert "upgrade" not in headers
+        assert upstream.seen[0].path_qs == "/ws/nows/echo"
+
+
+async def test_idle_websocket_is_closed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with gateway_and_upstream(tmp_path, websocket_idle="300ms") as (gateway, _, session):
+        async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret")) as ws:
+            await ws.send_str("one")
+            assert await ws.receive_str() == "one"
+            quiet_from = time.monotonic()
+            async with asyncio.timeout(10):
+                ended = await ws.receive()
+            quiet = time.monotonic() - quiet_from
+        assert ended.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
+        assert quiet >= 0.29
+        await asyncio.sleep(0.05)  # the handler records the WebSocket once both sides are gone
+    (line,) = [line for line in access_lines(capsys) if line["status"] == 101]
+    assert line["bytes_received"] and line["bytes_sent"]
+
+
+async def test_slow_reader_holds_back_the_upstream(tmp_path: Path) -> None:
+    total = 64 * MIB
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        async with session.ws_connect(
+            ws_url(gateway, f"/ws/flood?api_key=ws-secret&bytes={total}"),
+            max_msg_size=2 * MIB,
+        ) as ws:
+            # The client reads nothing for a while: whatever the gateway would buffer for
+            # it shows up as write buffers of its client-side transports.
+            await asyncio.sleep(0.5)
+            stalled_at = upstream.flood_sent
+            await asyncio.sleep(0.3)
+            assert upstream.flood_sent == stalled_at, "the upstream was not held back"
+            assert stalled_at < total // 2
+            assert gateway._proxy_server is not None
+            buffered = sum(
+                connection.transport.get_write_buffer_size()
+                for connection in gateway._proxy_server.connections
+                if connection.transport is not None
+            )
+            assert buffered <= MIB
+            received = 0
+            while received < total:
+                message = await ws.receive_bytes()
+                assert message == b"f" * MIB
+                received += len(message)
+        assert received == total
+
+
+async def test_shutdown_closes_websockets_after_the_drain_period(tmp_path: Path) -> None:
+    async with running_upstream() as upstream:
+        directory = write_config(tmp_path, API.format(url=upstream.url), drain_timeout="400ms")
+        async with running_gateway(directory) as gateway, aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret"))
+            drain = asyncio.create_task(gateway.drain())
+            await asyncio.sleep(0.1)
+            # Draining: still relaying.
+            await ws.send_str("still here")
+            assert await ws.receive_str() == "still here"
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                ended = await ws.receive()
+            assert ended.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
+            assert time.monotonic() - started >= 0.2
+            await drain
+            await ws.close()
