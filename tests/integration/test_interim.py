@@ -1,0 +1,118 @@
+"""Interim answers (§10): a raw-socket upstream sends 1xx heads before its final answer, and the
+gateway passes them on (but 100 Continue, which is the gateway's own business) to HTTP/1.1
+clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from tests.support.gateway import running_gateway, write_config
+
+API = """
+products:
+  shop:
+    upstream: {{url: "http://127.0.0.1:{port}"}}
+    routes:
+      - path: /shop/{{rest:path}}
+plans:
+  open: {{}}
+keys:
+  - {{name: client, key: hints-secret, plans: {{shop: open}}}}
+"""
+
+INTERIM = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 103 Early Hints\r\n"
+    b"Link: </style.css>; rel=preload; as=style\r\n"
+    b"Link: </app.js>; rel=preload; as=script\r\n"
+    b"Connection: X-Hop\r\n"
+    b"X-Hop: dropped\r\n"
+    b"\r\n"
+)
+FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nLink: </style.css>; rel=preload\r\n\r\nhello"
+
+
+@asynccontextmanager
+async def raw_upstream() -> AsyncIterator[int]:
+    """Answers every request head with INTERIM, a pause, and FINAL, on the same connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(INTERIM)
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the hints travel alone, ahead of the answer
+                writer.write(FINAL)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def exchange(port: int, version: str) -> bytes:
+    """One request over a raw connection; everything until the final answer's body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"GET /shop/page HTTP/{version}\r\nHost: shop\r\nX-API-Key: hints-secret\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_early_hints_reach_an_http11_client_before_the_answer(tmp_path: Path) -> None:
+    async with raw_upstream() as port:
+        config = write_config(tmp_path, API.format(port=port))
+        async with running_gateway(config) as gateway:
+            received = await exchange(gateway.proxy_port, "1.1")
+    hints, _, final = received.partition(b"\r\n\r\n")
+    assert hints == (
+        b"HTTP/1.1 103 Early Hints\r\n"
+        b"Link: </style.css>; rel=preload; as=style\r\n"
+        b"Link: </app.js>; rel=preload; as=script"
+    )
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert final.endswith(b"\r\n\r\nhello")
+    assert b"100 Continue" not in received
+
+
+async def test_an_http10_client_gets_the_final_answer_only(tmp_path: Path) -> None:
+    async with raw_upstream() as port:
+        config = write_config(tmp_path, API.format(port=port))
+        async with running_gateway(config) as gateway:
+            received = await exchange(gateway.proxy_port, "1.0")
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b" 103 " not in received
+
+
+async def test_keep_alive_connection_serves_the_next_answer_after_hints(tmp_path: Path) -> None:
+    async with raw_upstream() as port:
+        config = write_config(tmp_path, API.format(port=port))
+        async with running_gateway(config) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            request = b"GET /shop/page HTTP/1.1\r\nHost: shop\r\nX-API-Key: hints-secret\r\n\r\n"
+            try:
+                for _ in range(2):
+                    writer.write(request)
+                    async with asyncio.timeout(10):
+                        hints = await reader.readuntil(b"\r\n\r\n")
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        body = await reader.readexactly(5)
+                    assert hints.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+                    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"hello"
+            finally:
+                writer.close()
