@@ -3,7 +3,8 @@
 It answers every path with a small JSON document describing the request it received, so the
 README's curl lines show what the gateway forwarded (and what it removed). A few paths behave
 differently to demonstrate pass-through: `.../missing...` answers 404, a matching
-`If-None-Match` answers 304, and `?sleep=SECONDS` waits before answering.
+`If-None-Match` answers 304, and `?sleep=SECONDS` waits before answering. A WebSocket upgrade
+to `/base/soccer/v4/live/MATCH` is accepted: it sends one `kick-off` message, then echoes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import hashlib
 import json
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 
 async def answer(request: web.Request) -> web.StreamResponse:
@@ -38,8 +39,23 @@ async def answer(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
+async def live(request: web.Request) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return await answer(request)
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str(f"kick-off {request.match_info['match_id']}")
+    async for message in ws:
+        if message.type == WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        elif message.type == WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    return ws
+
+
 def build_app() -> web.Application:
     app = web.Application()
+    app.router.add_get("/base/soccer/v4/live/{match_id}", live)
     app.router.add_route("*", "/{tail:.*}", answer)
     return app
 

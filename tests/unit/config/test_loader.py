@@ -362,7 +362,8 @@ def test_example_config_folder_loads() -> None:
     assert config.server.admin_listen == Address("127.0.0.1", 9090)
     assert config.storage.is_memory
     assert set(config.products) == {"soccer", "weather", "legacy"}
-    info, v3, latest = config.products["soccer"].routes
+    info, live, v3, latest = config.products["soccer"].routes
+    assert live.websocket and not info.websocket
     assert info.params["lang"].enum == frozenset({"en", "de", "fr"})
     assert info.query["limit"] == QueryParamRule("limit", "int", 1, 100)
     assert v3.gone == Gone("Thu, 01 Jan 2026 00:00:00 GMT")
