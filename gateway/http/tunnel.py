@@ -100,7 +100,12 @@ class Tunnel:
         it, paused); the pending bytes are what each side sent right after the switch, read
         before the tunnel existed."""
         if self.client.lost or self.upstream.lost:
-            self.end()
+            # One side left during the switch: nothing to relay, and nothing to wait for.
+            self.ending = True
+            for end in (self.client, self.upstream):
+                if end.transport is not None:
+                    end.transport.abort()
+            self.check_done()
             return
         if client_pending:
             self.client.data_received(client_pending)

@@ -153,6 +153,41 @@ async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(
         assert upstream.seen[0].path_qs == "/ws/nows/echo"
 
 
+async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, _, session):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/ws/refuse?api_key=ws-secret"))
+        assert refused.value.status == 403
+        # The connection answered so is not kept: what follows an upgrade request is not HTTP.
+        assert refused.value.headers is not None
+        assert refused.value.headers.get("Connection") == "close"
+
+
+async def test_client_vanishing_ends_the_upstream_side_and_is_logged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(
+            b"GET /ws/echo?api_key=ws-secret HTTP/1.1\r\nHost: live\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        assert b"\r\nX-Request-ID: " in head
+        writer.transport.abort()  # gone without a close frame
+        for _ in range(200):
+            if upstream.ws_closed:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.ws_closed and upstream.ws_closed[0] != 1000
+        await asyncio.sleep(0.05)
+    (line,) = [line for line in access_lines(capsys) if line["status"] == 101]
+    assert line["bytes_received"] == 0
+
+
 async def test_idle_websocket_is_closed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async with gateway_and_upstream(tmp_path, websocket_idle="300ms") as (gateway, _, session):
         async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret")) as ws:

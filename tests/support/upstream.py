@@ -89,7 +89,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 async def _websocket(request: web.Request) -> web.StreamResponse:
     """`/ws/echo`: every message back as it came (`close <code>` closes with that code);
-    `/ws/flood?bytes=N`: N bytes in 1 MiB binary messages, sent as fast as the peer takes them."""
+    `/ws/flood?bytes=N`: N bytes in 1 MiB binary messages, sent as fast as the peer takes them;
+    `/ws/refuse`: a plain 403 instead of the switch."""
     upstream: Upstream = request.app[UPSTREAM]
     upstream.seen.append(
         SeenRequest(
@@ -99,8 +100,21 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
             0,
         )
     )
+    if request.path.endswith("/refuse"):
+        return web.json_response({"refused": True}, status=403)
     ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, protocols=("chat", "feed"))
     await ws.prepare(request)
+    try:
+        await _websocket_talk(upstream, request, ws)
+    finally:
+        # Also when the handler is cancelled because the connection was lost.
+        upstream.ws_closed.append(ws.close_code)
+    return ws
+
+
+async def _websocket_talk(
+    upstream: Upstream, request: web.Request, ws: web.WebSocketResponse
+) -> None:
     if request.path.endswith("/flood"):
         total = int(request.query.get("bytes", str(64 * 1024 * 1024)))
         message = b"f" * (1024 * 1024)
@@ -115,8 +129,6 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
             await ws.send_str(message.data)
         elif message.type == WSMsgType.BINARY:
             await ws.send_bytes(message.data)
-    upstream.ws_closed.append(ws.close_code)
-    return ws
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)
