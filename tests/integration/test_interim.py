@@ -1,4 +1,4 @@
-"""Interim answers (§10): a raw-socket upstream sends 1xx heads before its final answer, and the
+"""Interim answers: a raw-socket upstream sends 1xx heads before its final answer, and the
 gateway passes them on (but 100 Continue, which is the gateway's own business) to HTTP/1.1
 clients."""
 

@@ -1,4 +1,4 @@
-"""HTTPS on the proxy port (§10): real TLS clients trusting a certificate the test makes, and a
+"""HTTPS on the proxy port: real TLS clients trusting a certificate the test makes, and a
 certificate renewed under a running `gateway run` by SIGHUP."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""WebSocket proxying (§10): an aiohttp WebSocket upstream reached through a real gateway by an
+"""WebSocket proxying: an aiohttp WebSocket upstream reached through a real gateway by an
 aiohttp WebSocket client, with keys and limits on the handshake and bytes both ways after it."""
 
 from __future__ import annotations
