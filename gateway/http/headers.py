@@ -8,6 +8,7 @@ raw byte lines the parsers produced and hands bytes on, decoding nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
@@ -239,7 +240,13 @@ def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> 
         elif lowered not in _HOP_BY_HOP_RAW:
             kept.append((lowered, name + b": " + value + b"\r\n"))
     lines = [line for lowered, line in kept if listed is None or lowered not in listed]
+    if not reason:
+        # HTTP/1.1 lets a reason be empty; the client's status line should still say one.
+        reason = _PHRASES.get(status, b"Interim")
     return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, b"".join(lines))
+
+
+_PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus if status.value < 200}
 
 
 def switching_protocols_head(

@@ -9,8 +9,10 @@ from gateway.http.headers import (
     HOP_BY_HOP,
     client_response_head,
     decoded_lines,
+    interim_head,
     request_drop_set,
     strip_query_param,
+    switching_protocols_head,
     upstream_header_lines,
 )
 
@@ -163,3 +165,37 @@ def test_strip_query_param(query: str, expected: str) -> None:
 
 def test_strip_query_param_without_a_name_keeps_everything() -> None:
     assert strip_query_param("api_key=s&a=1", None) == "api_key=s&a=1"
+
+
+def test_interim_head_keeps_its_lines_but_hop_by_hop_ones() -> None:
+    lines = [
+        (b"Link", b"</a.css>; rel=preload"),
+        (b"Connection", b"X-Private"),
+        (b"X-Private", b"secret"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Link", b"</b.js>; rel=preload"),
+    ]
+    assert interim_head(103, b"Early Hints", lines) == (
+        b"HTTP/1.1 103 Early Hints\r\n"
+        b"Link: </a.css>; rel=preload\r\n"
+        b"Link: </b.js>; rel=preload\r\n\r\n"
+    )
+    assert interim_head(103, b"", []) == b"HTTP/1.1 103 Early Hints\r\n\r\n"
+    assert interim_head(199, b"", []) == b"HTTP/1.1 199 Interim\r\n\r\n"
+
+
+def test_switching_protocols_head_says_what_it_switched_to() -> None:
+    lines = [
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        (b"Date", b"Tue, 01 Dec 2026 10:00:00 GMT"),
+    ]
+    head = switching_protocols_head("Switching Protocols", lines, {"X-Request-ID": "abc"})
+    assert head == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Date: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
+        b"X-Request-ID: abc\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
