@@ -145,6 +145,12 @@ INFLIGHT_REQUESTS = Family(
 CONFIG_RELOADS = Family(
     "gateway_config_reloads_total", "counter", "Config reloads attempted, by result.", ("result",)
 )
+WEBSOCKET_BYTES = Family(
+    "gateway_websocket_bytes_total",
+    "counter",
+    "Bytes relayed through WebSockets once they ended, by direction (up: from the client).",
+    ("product", "direction"),
+)
 FAMILIES: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -153,6 +159,7 @@ FAMILIES: tuple[Family, ...] = (
     STORAGE_ERRORS,
     INFLIGHT_REQUESTS,
     CONFIG_RELOADS,
+    WEBSOCKET_BYTES,
 )
 
 # Anything else a client may send becomes "OTHER", so the method label stays bounded.
@@ -180,6 +187,7 @@ class GatewayMetrics:
         self.registry = registry
         self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
         self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
+        self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self.inflight = 0
         # One entry per label tuple of gateway_requests_total; each holds the histograms its
         # request also feeds, so a request costs one dict lookup.
@@ -254,6 +262,7 @@ class GatewayMetrics:
         yield from self.storage_errors.collect()
         yield inflight
         yield from self.config_reloads.collect()
+        yield from self.websocket_bytes.collect()
 
     def unregister(self) -> None:
         if self.registry is None:
@@ -312,6 +321,7 @@ class MultiprocessMetrics:
         self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
         self.inflight = cast(Gauge, INFLIGHT_REQUESTS.client_metric())
         self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
+        self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self._requests: dict[tuple[str, str, str, int, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._upstreams: dict[str, Histogram] = {}
@@ -421,6 +431,13 @@ def count_storage_error(operation: str) -> None:
 
 def count_reload(ok: bool) -> None:
     _current.config_reloads.labels("ok" if ok else "error").inc()
+
+
+def count_websocket_bytes(product: str, up: int, down: int) -> None:
+    """A WebSocket that ended: `up` bytes came from its client, `down` from its upstream."""
+    counter = _current.websocket_bytes
+    counter.labels(product, "up").inc(up)
+    counter.labels(product, "down").inc(down)
 
 
 class _Inflight:

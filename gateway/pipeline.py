@@ -244,6 +244,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         ex.status, ex.code = 101, "upstream"
         ex.upstream_duration = result.upstream_seconds
         ex.bytes_sent, ex.bytes_received = result.bytes_sent, result.bytes_received
+        metrics.count_websocket_bytes(ex.product, result.bytes_received or 0, result.bytes_sent)
     elif result.error is not None:
         # Cut short after the head: the answered-hook, which records complete answers, never
         # ran for it.

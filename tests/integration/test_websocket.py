@@ -56,24 +56,42 @@ def ws_url(gateway: Worker, path: str) -> str:
     return f"http://127.0.0.1:{gateway.proxy_port}{path}"
 
 
-def access_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
-    out = capsys.readouterr().out
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+async def websocket_lines(
+    capsys: pytest.CaptureFixture[str], count: int
+) -> list[dict[str, object]]:
+    """The access-log lines of WebSockets (status 101), once there are `count` of them: a
+    WebSocket is recorded when both of its connections are gone, a moment after a peer sees
+    its end."""
+    out = ""
+    for _ in range(500):
+        out += capsys.readouterr().out
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        switched = [line for line in lines if line["status"] == 101]
+        if len(switched) >= count:
+            return switched
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {count} WebSocket lines in the access log:\n{out}")
 
 
 async def counted_requests(
     session: aiohttp.ClientSession, gateway: Worker
 ) -> dict[tuple[str, ...], float]:
     """gateway_requests_total by route and status (the in-process registry outlives tests)."""
+    return (await scrape(session, gateway)).series("gateway_requests_total", "route", "status")
+
+
+async def scrape(session: aiohttp.ClientSession, gateway: Worker) -> Scrape:
     async with session.get(f"http://127.0.0.1:{gateway.admin_port}/metrics") as answer:
-        scrape = Scrape(await answer.text())
-    return scrape.series("gateway_requests_total", "route", "status")
+        return Scrape(await answer.text())
 
 
 async def test_echo_text_binary_ping_large_and_close_codes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        before = (await scrape(session, gateway)).series(
+            "gateway_websocket_bytes_total", "product", "direction"
+        )
         async with session.ws_connect(
             ws_url(gateway, "/ws/echo?api_key=ws-secret&room=1"),
             headers={"X-Request-ID": "ws-test-1"},
@@ -104,18 +122,24 @@ async def test_echo_text_binary_ping_large_and_close_codes(
             await ws.send_str("close 4002")
             closing = await ws.receive()
             assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4002
+        first, second = await websocket_lines(capsys, 2)
+        after = (await scrape(session, gateway)).series(
+            "gateway_websocket_bytes_total", "product", "direction"
+        )
     seen = upstream.seen[0]
     assert seen.path_qs == "/ws/echo?room=1"  # the key is not passed on
     headers = {name.lower(): value for name, value in seen.headers}
     assert headers["upgrade"].lower() == "websocket" and headers["connection"] == "Upgrade"
     assert headers["x-request-id"] == "ws-test-1"
     assert "sec-websocket-key" in headers
-    first, second = [line for line in access_lines(capsys) if line["status"] == 101]
     assert first["request_id"] == "ws-test-1" and first["key"] == "viewer"
     assert first["route"] == "/ws/{rest:path}" and first["code"] == "upstream"
     assert isinstance(first["bytes_sent"], int) and first["bytes_sent"] > MIB
     assert isinstance(first["bytes_received"], int) and first["bytes_received"] > MIB
     assert isinstance(second["bytes_received"], int) and second["bytes_received"] < 1024
+    for direction, field in (("up", "bytes_received"), ("down", "bytes_sent")):
+        grown = after[("live", direction)] - before.get(("live", direction), 0)
+        assert grown == first[field] + second[field]  # type: ignore[operator]
 
 
 async def test_handshake_walks_the_request_path_and_is_charged_once(tmp_path: Path) -> None:
@@ -183,8 +207,7 @@ async def test_client_vanishing_ends_the_upstream_side_and_is_logged(
                 break
             await asyncio.sleep(0.01)
         assert upstream.ws_closed and upstream.ws_closed[0] != 1000
-        await asyncio.sleep(0.05)
-    (line,) = [line for line in access_lines(capsys) if line["status"] == 101]
+        (line,) = await websocket_lines(capsys, 1)
     assert line["bytes_received"] == 0
 
 
@@ -199,8 +222,7 @@ async def test_idle_websocket_is_closed(tmp_path: Path, capsys: pytest.CaptureFi
             quiet = time.monotonic() - quiet_from
         assert ended.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
         assert quiet >= 0.29
-        await asyncio.sleep(0.05)  # the handler records the WebSocket once both sides are gone
-    (line,) = [line for line in access_lines(capsys) if line["status"] == 101]
+        (line,) = await websocket_lines(capsys, 1)
     assert line["bytes_received"] and line["bytes_sent"]
 
 

@@ -24,6 +24,7 @@ README_METRICS = {
     "gateway_storage_errors": ("counter", {"operation"}),
     "gateway_inflight_requests": ("gauge", set()),
     "gateway_config_reloads": ("counter", {"result"}),
+    "gateway_websocket_bytes": ("counter", {"product", "direction"}),
 }
 ROUTE = "/soccer/v4/{lang}/info.json"
 
@@ -73,6 +74,7 @@ def test_every_metric_of_the_readme_with_its_type_and_labels() -> None:
     gateway_metrics.observe_limit_decision("soccer", "trial", "allowed")
     gateway_metrics.storage_errors.labels("hit").inc()
     gateway_metrics.config_reloads.labels("ok").inc()
+    gateway_metrics.websocket_bytes.labels("soccer", "up").inc(10)
 
     families = {family.name: family for family in registry.collect()}
 
