@@ -176,6 +176,7 @@ async def test_every_dashboard_metric_is_on_a_live_scrape() -> None:
     metrics.observe_limit_decision("deploy-test", "trial", "throttled")
     metrics.count_storage_error("hit")
     metrics.count_reload(True)
+    metrics.count_websocket_bytes("deploy-test", 1, 2)
     async with (
         serving_app(build_admin_app(Config, MemoryLimiter(), token=None)) as port,
         aiohttp.ClientSession() as session,
