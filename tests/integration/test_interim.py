@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 
 API = """
 products:
@@ -76,7 +77,7 @@ async def exchange(port: int, version: str) -> bytes:
 
 async def test_early_hints_reach_an_http11_client_before_the_answer(tmp_path: Path) -> None:
     async with raw_upstream() as port:
-        config = write_config(tmp_path, API.format(port=port))
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
         async with running_gateway(config) as gateway:
             received = await exchange(gateway.proxy_port, "1.1")
     hints, _, final = received.partition(b"\r\n\r\n")
@@ -92,7 +93,7 @@ async def test_early_hints_reach_an_http11_client_before_the_answer(tmp_path: Pa
 
 async def test_an_http10_client_gets_the_final_answer_only(tmp_path: Path) -> None:
     async with raw_upstream() as port:
-        config = write_config(tmp_path, API.format(port=port))
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
         async with running_gateway(config) as gateway:
             received = await exchange(gateway.proxy_port, "1.0")
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -101,7 +102,7 @@ async def test_an_http10_client_gets_the_final_answer_only(tmp_path: Path) -> No
 
 async def test_keep_alive_connection_serves_the_next_answer_after_hints(tmp_path: Path) -> None:
     async with raw_upstream() as port:
-        config = write_config(tmp_path, API.format(port=port))
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
         async with running_gateway(config) as gateway:
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
             request = b"GET /shop/page HTTP/1.1\r\nHost: shop\r\nX-API-Key: hints-secret\r\n\r\n"

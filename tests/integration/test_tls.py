@@ -15,8 +15,10 @@ import aiohttp
 import pytest
 
 from tests.support.certificates import Certificate, make_certificate
-from tests.support.gateway import running_gateway, write_config
-from tests.support.processes import GatewayProcess, free_ports
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.processes import GatewayProcess
+from tests.support.sockets import free_ports
 from tests.support.upstream import running_upstream
 
 API = """
@@ -41,9 +43,8 @@ async def test_https_request_reaches_the_upstream_as_https(
     # A client that speaks this one version only: the handshake succeeds only if it is served.
     client_tls.minimum_version = client_tls.maximum_version = version
     async with running_upstream() as upstream:
-        config = write_config(
-            tmp_path / "conf", API.format(url=upstream.url), tls=(made.cert, made.key)
-        )
+        server = worker_server_yaml(tls=(made.cert, made.key))
+        config = write_config(tmp_path / "conf", API.format(url=upstream.url), server=server)
         async with (
             running_gateway(config) as gateway,
             aiohttp.ClientSession() as session,
@@ -61,9 +62,8 @@ async def test_https_request_reaches_the_upstream_as_https(
 
 async def test_plain_http_to_the_https_port_is_closed_unanswered(tmp_path: Path) -> None:
     made = make_certificate(tmp_path / "certs")
-    config = write_config(
-        tmp_path / "conf", API.format(url="http://127.0.0.1:9"), tls=(made.cert, made.key)
-    )
+    server = worker_server_yaml(tls=(made.cert, made.key))
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
     async with running_gateway(config) as gateway:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
         writer.write(b"GET /shop/x HTTP/1.1\r\nHost: a\r\n\r\n")

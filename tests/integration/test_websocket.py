@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 
 from gateway.server import Worker
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.operations import Scrape
 from tests.support.upstream import Upstream, running_upstream
 
@@ -47,7 +48,8 @@ async def gateway_and_upstream(
     tmp_path: Path, **config: str
 ) -> AsyncIterator[tuple[Worker, Upstream, aiohttp.ClientSession]]:
     async with running_upstream() as upstream:
-        directory = write_config(tmp_path, API.format(url=upstream.url), **config)
+        server = worker_server_yaml(**config)
+        directory = write_config(tmp_path, API.format(url=upstream.url), server=server)
         async with running_gateway(directory) as gateway, aiohttp.ClientSession() as session:
             yield gateway, upstream, session
 
@@ -257,7 +259,8 @@ async def test_slow_reader_holds_back_the_upstream(tmp_path: Path) -> None:
 
 async def test_shutdown_closes_websockets_after_the_drain_period(tmp_path: Path) -> None:
     async with running_upstream() as upstream:
-        directory = write_config(tmp_path, API.format(url=upstream.url), drain_timeout="400ms")
+        server = worker_server_yaml(drain_timeout="400ms")
+        directory = write_config(tmp_path, API.format(url=upstream.url), server=server)
         async with running_gateway(directory) as gateway, aiohttp.ClientSession() as session:
             ws = await session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret"))
             drain = asyncio.create_task(gateway.drain())
