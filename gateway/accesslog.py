@@ -12,12 +12,24 @@ is null when the request was not proxied.
 
 Setting GATEWAY_ACCESS_LOG=off (or 0, false, no) in the environment turns the log off, for
 benchmarks; it is read once, at import.
+
+Lines are written in batches, not one system call each. A serving worker (`start_batching`)
+gathers its lines and writes them when the next line would take the batch past PIPE_BUF (4,096
+bytes on Linux) and at least once a second; `stop_batching` writes what is left at shutdown.
+Each batch is whole lines in one write(2) of at most PIPE_BUF bytes, the size up to which the
+kernel writes to a pipe atomically: workers sharing one stdout pipe (a container runtime's)
+never split or interleave each other's lines. A single line longer than PIPE_BUF is written
+alone, and only its own atomicity is then up to the kernel. Outside a serving worker (scripts,
+tests without a worker) each line is written at once, as it comes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import select
 import sys
 import time
 
@@ -83,10 +95,110 @@ def format_access_log(record: RequestRecord) -> str:
 
 
 def write_access_log(record: RequestRecord) -> None:
-    """Write the request's line to stdout and flush it, so lines are never held back or split."""
+    """Log the request's line: into the current batch while a worker serves, else at once."""
     if not _enabled:
         return
-    # Looked up on each call so that a replaced sys.stdout (tests, embedding) is honoured.
-    stream = sys.stdout
-    stream.write(format_access_log(record) + "\n")
-    stream.flush()
+    line = format_access_log(record) + "\n"
+    if _batch.active:
+        _batch.add(line)
+    else:
+        _write(line.encode())
+
+
+# --- batches ------------------------------------------------------------------------------
+
+# Up to PIPE_BUF bytes, a write(2) to a pipe is atomic: nobody else's bytes land inside it.
+BATCH_BYTES = select.PIPE_BUF
+FLUSH_INTERVAL = 1.0  # seconds a line may wait in a batch, at most
+
+log = logging.getLogger("gateway.accesslog")
+
+
+class _Batch:
+    """The lines of this process not yet written, and the timer that writes them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.size = 0  # bytes in `lines`; a line is ASCII, so its length is its size
+        self.users = 0  # workers of this process that serve (tests may run more than one)
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.users > 0
+
+    def add(self, line: str) -> None:
+        # Written before the line that would overflow it, so no write exceeds BATCH_BYTES
+        # unless one line alone does.
+        if self.size + len(line) > BATCH_BYTES:
+            self.flush()
+        self.lines.append(line)
+        self.size += len(line)
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = "".join(self.lines).encode()
+        self.lines.clear()
+        self.size = 0
+        _write(data)
+
+    def tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.flush()
+        self.timer = loop.call_later(FLUSH_INTERVAL, self.tick, loop)
+
+
+_batch = _Batch()
+
+
+def start_batching(loop: asyncio.AbstractEventLoop) -> None:
+    """Gather lines into batches from now on, written at least every second by `loop`."""
+    _batch.users += 1
+    if _batch.timer is None:
+        _batch.timer = loop.call_later(FLUSH_INTERVAL, _batch.tick, loop)
+
+
+def stop_batching() -> None:
+    """Write the lines gathered so far; the last worker to stop turns batching off."""
+    _batch.users = max(0, _batch.users - 1)
+    if not _batch.active and _batch.timer is not None:
+        _batch.timer.cancel()
+        _batch.timer = None
+    _batch.flush()
+
+
+def flush_access_log() -> None:
+    """Write the lines gathered so far (at shutdown, or before a process exits abruptly)."""
+    _batch.flush()
+
+
+_write_failed = False
+
+
+def _write(data: bytes) -> None:
+    """Write `data` to stdout whole: one write(2) on the real stdout, which retries the rest
+    only if the kernel takes part of it (a full non-blocking pipe, a signal)."""
+    global _write_failed
+    stream, real = sys.stdout, sys.__stdout__
+    if stream is None:
+        return
+    if real is None or stream is not real:
+        # Replaced (tests, embedding): it takes text.
+        stream.write(data.decode())
+        stream.flush()
+        return
+    try:
+        real.flush()  # whatever else was printed goes first
+        fd = real.fileno()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                # Someone made stdout non-blocking: wait for room rather than lose lines.
+                select.select([], [fd], [])
+    except OSError as exc:
+        # The reader is gone or the disk is full: serving goes on; say so once, on stderr.
+        if not _write_failed:
+            _write_failed = True
+            log.error("access log: cannot write to stdout, lines are lost: %s", exc)

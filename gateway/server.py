@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway import accesslog
 from gateway.config import ConfigError, load_config
 from gateway.config.model import Address, Config
 from gateway.reload import POLL_INTERVAL, Reloader
@@ -173,8 +174,13 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
 
 def _run_worker_process(config_path: str, config: Config, *, supervised: bool) -> int:
     _install_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_worker(config_path, config, supervised=supervised))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_worker(config_path, config, supervised=supervised))
+    finally:
+        # A worker that failed before its drain still writes the lines it gathered: a
+        # supervised one leaves with os._exit, which skips every exit handler.
+        accesslog.flush_access_log()
     return 0
 
 
@@ -194,6 +200,7 @@ class Worker:
         self.reloader: Reloader | None = None
         self.proxy_port = 0
         self.admin_port = 0
+        self._batching = False  # whether this worker gathers access log lines into batches
 
     async def start(self) -> None:
         from gateway import metrics
@@ -232,6 +239,8 @@ class Worker:
             )
             if not self._supervised:
                 self.reloader.start_watching()
+        accesslog.start_batching(loop)
+        self._batching = True
 
     def apply_config(self, config: Config) -> None:
         self.runtime.apply(config)
@@ -268,6 +277,10 @@ class Worker:
             await close_runtime(self.runtime)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._batching:
+            # Every request has been answered (or cut off) and logged: write the last batch.
+            accesslog.stop_batching()
+            self._batching = False
 
 
 async def _worker(config_path: str, config: Config, *, supervised: bool) -> None:

@@ -172,7 +172,14 @@ def mix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
                 return current if current.total("gateway_requests_total") == len(answers) else None
 
             after = wait_for(all_counted, 3, "every request of the mix counted")
-            yield Mix(gateway, answers, after, gateway.access_log())
+
+            # The access log writes its lines in batches, at least once a second.
+            def all_logged() -> list[dict[str, Any]] | None:
+                lines = gateway.access_log()
+                return lines if len(lines) >= len(answers) else None
+
+            logged = wait_for(all_logged, 3, "every request of the mix logged")
+            yield Mix(gateway, answers, after, logged)
         finally:
             gateway.close()
             redis.stop()

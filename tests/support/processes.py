@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,15 +18,27 @@ from typing import Any
 
 
 class GatewayProcess:
-    """`python -m gateway run --config DIR` with its stdout (the access log) kept in a file."""
+    """`python -m gateway run --config DIR` with its stdout (the access log) kept in a file.
+
+    With `stdout_pipe`, stdout is a pipe that a thread of the test copies into that file, as a
+    container runtime reads it: the workers then share one pipe, where a write over PIPE_BUF
+    bytes may interleave with another worker's.
+    """
 
     def __init__(
-        self, config_dir: Path, *, workers: int | None = None, env: dict[str, str] | None = None
+        self,
+        config_dir: Path,
+        *,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
+        stdout_pipe: bool = False,
     ) -> None:
         self.config_dir = config_dir
         self.workers = workers
         self.extra_env = env or {}
+        self.stdout_pipe = stdout_pipe
         self.proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
         self._out = tempfile.NamedTemporaryFile(prefix="gateway-out-", delete=False)  # noqa: SIM115
         self._err = tempfile.NamedTemporaryFile(prefix="gateway-err-", delete=False)  # noqa: SIM115
 
@@ -43,7 +56,11 @@ class GatewayProcess:
             command += ["--workers", str(self.workers)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen(command, stdout=self._out, stderr=self._err, env=env)
+        stdout = subprocess.PIPE if self.stdout_pipe else self._out
+        self.proc = subprocess.Popen(command, stdout=stdout, stderr=self._err, env=env)
+        if self.stdout_pipe:
+            self._reader = threading.Thread(target=self._copy_stdout, daemon=True)
+            self._reader.start()
         self.proxy_port, self.admin_port = proxy_port, admin_port
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,6 +81,13 @@ class GatewayProcess:
             return
         raise RuntimeError(f"gateway did not start in {timeout}s:\n{self.stderr()}")
 
+    def _copy_stdout(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self._out.name, "ab") as sink:
+            while chunk := os.read(self.proc.stdout.fileno(), 65536):
+                sink.write(chunk)
+                sink.flush()
+
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -78,6 +102,8 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)  # until the pipe's end of file: everything is in the file
         return self.proc.returncode
 
     def stdout(self) -> str:
@@ -91,6 +117,8 @@ class GatewayProcess:
 
     def close(self) -> None:
         self.stop()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         for file in (self._out, self._err):
             file.close()
             os.unlink(file.name)

@@ -3,6 +3,7 @@ string."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -138,3 +139,136 @@ def test_the_environment_variable_turns_the_log_off(setting: str | None, lines: 
 
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == lines
+
+
+class RecordingStdout:
+    """Stands in for sys.stdout: keeps each write separately."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def numbered_record(number: int) -> RequestRecord:
+    record = proxied_record()
+    record.request_id = f"req-{number}"
+    return record
+
+
+async def test_a_serving_worker_writes_whole_lines_in_batches_of_at_most_pipe_buf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    accesslog.start_batching(asyncio.get_running_loop())
+    try:
+        for number in range(100):
+            accesslog.write_access_log(numbered_record(number))
+        written_before_stop = len(stdout.writes)
+    finally:
+        accesslog.stop_batching()
+
+    line_size = len(accesslog.format_access_log(numbered_record(50))) + 1
+    per_batch = accesslog.BATCH_BYTES // line_size
+    # Fewer writes than lines: a batch is written when the next line would not fit.
+    assert written_before_stop == 100 // per_batch
+    assert len(stdout.writes) == -(-100 // per_batch)
+    for text in stdout.writes:
+        assert len(text.encode()) <= accesslog.BATCH_BYTES and text.endswith("\n")
+    ids = [json.loads(line)["request_id"] for line in "".join(stdout.writes).splitlines()]
+    assert ids == [f"req-{number}" for number in range(100)]
+
+
+async def test_a_batch_is_written_by_its_timer_with_no_more_lines_coming(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(accesslog, "FLUSH_INTERVAL", 0.05)
+    accesslog.start_batching(asyncio.get_running_loop())
+    try:
+        accesslog.write_access_log(numbered_record(1))
+        assert stdout.writes == []
+        for _ in range(100):
+            if stdout.writes:
+                break
+            await asyncio.sleep(0.02)
+        assert len(stdout.writes) == 1
+        accesslog.write_access_log(numbered_record(2))  # the timer goes on after a batch
+        for _ in range(100):
+            if len(stdout.writes) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [json.loads(text)["request_id"] for text in stdout.writes] == ["req-1", "req-2"]
+    finally:
+        accesslog.stop_batching()
+
+
+async def test_a_line_longer_than_pipe_buf_is_written_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    long_record = numbered_record(2)
+    long_record.path = "/" + "a" * accesslog.BATCH_BYTES
+    accesslog.start_batching(asyncio.get_running_loop())
+    try:
+        accesslog.write_access_log(numbered_record(1))
+        accesslog.write_access_log(long_record)
+        accesslog.write_access_log(numbered_record(3))
+    finally:
+        accesslog.stop_batching()
+
+    assert [json.loads(text)["request_id"] for text in stdout.writes] == ["req-1", "req-2", "req-3"]
+
+
+async def test_after_the_last_worker_stops_lines_are_written_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    loop = asyncio.get_running_loop()
+    accesslog.start_batching(loop)
+    accesslog.start_batching(loop)  # two workers in one process
+    accesslog.write_access_log(numbered_record(1))
+    accesslog.stop_batching()  # writes what it gathered; the other worker still batches
+    accesslog.write_access_log(numbered_record(2))
+    assert len(stdout.writes) == 1
+    accesslog.stop_batching()
+    accesslog.write_access_log(numbered_record(3))  # no worker serves: at once
+
+    assert [json.loads(text)["request_id"] for text in stdout.writes] == ["req-1", "req-2", "req-3"]
+
+
+def test_a_reader_gone_costs_lines_not_the_process() -> None:
+    script = (
+        "import os\n"
+        "from gateway.accesslog import write_access_log\n"
+        "from gateway.record import RequestRecord\n"
+        "for _ in range(3):\n"
+        "    write_access_log(RequestRecord(request_id='x', method='GET', path='/', start=0.0))\n"
+        "os.write(2, b'still running\\n')\n"
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: every write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=REPO,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != accesslog.ACCESS_LOG_ENV},
+        )
+    finally:
+        os.close(write_end)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("access log: cannot write to stdout") == 1
+    assert done.stderr.endswith("still running\n")
