@@ -102,14 +102,16 @@ class Procs:
         name: str,
         argv: list[str],
         env: dict[str, str] | None = None,
-        stdout_to_null: bool = False,
+        stdin: int | None = None,
+        stdout: int | None = None,
     ) -> Child:
+        """Start `argv`; its stdout goes to `stdout` (a file descriptor) or to its log."""
         log = self.logs / f"{name}.log"
         with log.open("ab") as sink:
             popen = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if stdout_to_null else sink,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=sink if stdout is None else stdout,
                 stderr=sink,
                 env=env,
                 start_new_session=True,
@@ -289,10 +291,30 @@ def gateway_argv(config: Path, core: int = 0) -> list[str]:
     return [*pinned(core), sys.executable, "-m", "gateway", "run", "--config", str(config)]
 
 
+def start_log_reader(procs: Procs, name: str, log: Path, core: int = 1) -> tuple[Child, int]:
+    """`cat` copying a pipe into `log`, as a container runtime reads a container's stdout into
+    its log files; returns the reader and the pipe's write end (for the caller to hand on and
+    close)."""
+    read_end, write_end = os.pipe()
+    try:
+        with log.open("wb") as sink:
+            reader = procs.start(name, [*pinned(core), "cat"], stdin=read_end, stdout=sink.fileno())
+    finally:
+        os.close(read_end)
+    return reader, write_end
+
+
 def start_gateway(
-    procs: Procs, tmp: Path, name: str, config: Path, port: int, access_log: bool = False
+    procs: Procs,
+    tmp: Path,
+    name: str,
+    config: Path,
+    port: int,
+    access_log: bool = False,
+    stdout: int | None = None,
 ) -> Child:
-    """Start the gateway and wait until it answers; check that it admits the key and only it."""
+    """Start the gateway and wait until it answers; check that it admits the key and only it.
+    Its stdout (the access log) goes to `stdout`, a file descriptor, or else to its log."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -301,7 +323,7 @@ def start_gateway(
     env.pop("GATEWAY_REDIS_URL", None)  # the generated config decides the storage
     # One worker keeps its metrics in memory unless told to use shared files: measure that.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    child = procs.start(name, gateway_argv(config), env=env, stdout_to_null=access_log)
+    child = procs.start(name, gateway_argv(config), env=env, stdout=stdout)
     try:
         wait_until_serving(child, port)
         expect(port, "/bench/ok", KEY_HEADER, 200, f"{name} with the key")
@@ -317,3 +339,24 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"no VmRSS for pid {pid}")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(leader: int) -> float:
+    """User + system CPU time of every live process in the session `leader` leads: a child of
+    `Procs` with all the processes it forked (nginx's workers), each with all its threads."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # After the command name in parentheses: state, ppid, pgrp, session, ..., utime, stime.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == leader:
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLOCK_TICKS

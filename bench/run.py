@@ -1,17 +1,19 @@
-"""The gateway against nginx, measured in the same run on the same machine.
+"""The gateway against nginx, Envoy and Traefik, measured in the same run on the same machine.
 
     make bench                      # or: .venv/bin/python bench/run.py [--duration 10] [--rounds 3]
     .venv/bin/python bench/run.py --quick     # 3 s smoke run, one round, RESULTS.md left alone
 
-Proxies (nginx proxy_pass, the gateway) run on core 0; wrk, h2load, the upstream nginx and Redis on
-core 1. Every round measures each target once, in the same order, with a fresh gateway process;
-the tables show medians over the rounds. See bench/README.md.
+Proxies (nginx proxy_pass, Envoy, Traefik, the gateway) run on core 0; wrk, h2load, the upstream
+nginx, Redis and the reader of the gateway's stdout on core 1. Every round measures each target
+once, in the same order, with a fresh gateway process; the tables show medians over the rounds.
+See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 import shutil
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -38,17 +41,29 @@ from harness import (
     pinned,
     raise_on_sigterm,
     require_tools,
+    session_cpu_seconds,
     start_gateway,
+    start_log_reader,
     start_nginx_proxy,
     start_redis,
     start_upstream,
     write_gateway_config,
 )
+from peers import (
+    ENVOY,
+    Peers,
+    default_peers_dir,
+    install_peers,
+    start_envoy,
+    start_traefik,
+)
 from report import (
-    GW_LOG,
+    DIRECT,
     GW_MEMORY,
     GW_REDIS,
+    GW_SHIPPED,
     NGINX,
+    AccessLogCheck,
     Latency,
     RedisUsage,
     Report,
@@ -71,38 +86,48 @@ class Bench:
     args: argparse.Namespace
     tmp: Path
     procs: Procs
+    peers: Peers
     upstream_port: int = field(default_factory=free_port)
     nginx_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
+    peer_ports: dict[str, int] = field(default_factory=dict)
     gateway_ports: dict[str, GatewayPorts] = field(default_factory=dict)
+    leaders: dict[str, int] = field(default_factory=dict)  # target -> pid whose session serves it
     commands: dict[str, str] = field(default_factory=dict)  # what ran, for RESULTS.md
     redis_usage: RedisUsage = field(default_factory=RedisUsage)
+    access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
 
     store: redis.Redis = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=30)
-        for name in (GW_REDIS, GW_MEMORY, GW_LOG):
+        for name in (GW_SHIPPED, GW_REDIS, GW_MEMORY):
             self.gateway_ports[name] = GatewayPorts(free_port(), free_port())
+        for name in self.peers.binaries:
+            self.peer_ports[name] = free_port()
 
     def note(self, label: str, argv: list[str], env: str = "", redirect: str = "") -> None:
         line = " ".join(filter(None, [env, shlex.join(argv), redirect]))
         self.commands.setdefault(label, line.replace(str(self.tmp), "$TMP"))
 
     def wrk(self, label: str, port: int, seconds: int) -> WrkRun:
+        """wrk against `port`, with the CPU time the target's processes spent meanwhile."""
         argv = [
             *pinned(1), "wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds}s",
             "-H", f"X-API-Key: {API_KEY}", f"http://127.0.0.1:{port}{PATH}",
         ]  # fmt: skip
         if seconds == self.args.duration:
             self.note(f"wrk ({label}; after a 1 s warm-up)", argv)
+        leader = self.leaders.get(label)
+        cpu_before = session_cpu_seconds(leader) if leader else 0.0
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        cpu = session_cpu_seconds(leader) - cpu_before if leader else None
         if done.returncode != 0:
             raise BenchError(f"wrk against {label} failed:\n{done.stdout}{done.stderr}")
-        return parse_wrk(done.stdout)
+        return parse_wrk(done.stdout, cpu)
 
 
-def parse_wrk(text: str) -> WrkRun:
+def parse_wrk(text: str, cpu_seconds: float | None = None) -> WrkRun:
     requests, rps, bad = None, None, 0
     for line in (line.strip() for line in text.splitlines()):
         words = line.replace(",", "").split()
@@ -116,72 +141,88 @@ def parse_wrk(text: str) -> WrkRun:
             bad += sum(int(word) for word in words if word.isdigit())
     if requests is None or rps is None:
         raise BenchError(f"cannot read wrk's output:\n{text}")
-    return WrkRun(requests, rps, bad)
+    cpu_us = None if cpu_seconds is None else cpu_seconds * 1e6 / max(requests, 1)
+    return WrkRun(requests, rps, bad, cpu_us)
 
 
 @contextmanager
-def running_gateway(
-    bench: Bench, name: str, storage: str, access_log: bool = False
-) -> Iterator[int]:
-    """A fresh gateway process (checked to admit the key and refuse no key); yields its port."""
+def running_gateway(bench: Bench, name: str) -> Iterator[int]:
+    """A fresh gateway process (checked to admit the key and refuse no key); yields its port.
+
+    The shipped defaults log every request to stdout, here a pipe that `cat` copies to a file
+    on core 1, as a container runtime reads a container's stdout; the other gateways run with
+    GATEWAY_ACCESS_LOG=off.
+    """
     ports = bench.gateway_ports[name]
-    url = f"redis://127.0.0.1:{bench.redis_port}/0" if storage == "redis" else "memory://"
-    slug = name.replace(", ", "-").replace(" ", "-")
-    config = write_gateway_config(bench.tmp / f"{slug}.yaml", ports, url, bench.upstream_port)
+    storage = "memory://" if name == GW_MEMORY else f"redis://127.0.0.1:{bench.redis_port}/0"
+    access_log = name == GW_SHIPPED
+    slug = name.split(" (")[0].replace(", ", "-").replace(" ", "-")
+    config = write_gateway_config(bench.tmp / f"{slug}.yaml", ports, storage, bench.upstream_port)
     env = f"GATEWAY_ACCESS_LOG={'on' if access_log else 'off'}"
-    bench.note(f"gateway ({name})", gateway_argv(config), env, ">/dev/null" if access_log else "")
-    if storage == "redis":
+    log = bench.tmp / f"{slug}-access.log"
+    redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}" if access_log else ""
+    bench.note(f"gateway ({name})", gateway_argv(config), env, redirect)
+    if storage != "memory://":
         bench.store.flushall()  # every run starts from the same (empty) counters
-    child = start_gateway(bench.procs, bench.tmp, slug, config, ports.proxy, access_log)
+    reader, stdout = None, None
+    if access_log:
+        reader, stdout = start_log_reader(bench.procs, f"{slug}-reader", log)
+    try:
+        child = start_gateway(bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout)
+    finally:
+        if stdout is not None:
+            os.close(stdout)  # the gateway holds the pipe's only write end now
+    bench.leaders[name] = child.popen.pid
     try:
         yield ports.proxy
     finally:
         bench.procs.stop(child)
         if child.popen.returncode != 0:
             print(f"  {name} exited with {child.popen.returncode}:\n{child.tail()}")
+        if reader is not None:
+            reader.popen.wait(10)  # the end of the pipe: every line is in the file
+            bench.procs.stop(reader)
+            bench.access_log.lines += count_lines(log)
+            log.unlink()
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
 
 
 # --- the targets ---------------------------------------------------------------------------
 
 
-def run_direct(bench: Bench) -> WrkRun:
-    bench.wrk("direct", bench.upstream_port, 1)
-    return bench.wrk("direct", bench.upstream_port, bench.args.duration)
+def run_fixture(bench: Bench, name: str, port: int) -> WrkRun:
+    """A target that runs for the whole benchmark: the upstream, nginx, a peer."""
+    bench.wrk(name, port, 1)
+    return bench.wrk(name, port, bench.args.duration)
 
 
-def run_nginx(bench: Bench) -> WrkRun:
-    bench.wrk("nginx", bench.nginx_port, 1)
-    return bench.wrk("nginx", bench.nginx_port, bench.args.duration)
-
-
-def run_gateway_redis(bench: Bench) -> WrkRun:
-    with running_gateway(bench, GW_REDIS, "redis") as port:
-        bench.wrk(GW_REDIS, port, 1)
+def run_gateway(bench: Bench, name: str) -> WrkRun:
+    with running_gateway(bench, name) as port:
+        bench.wrk(name, port, 1)
+        if name != GW_SHIPPED:
+            return bench.wrk(name, port, bench.args.duration)
         bench.store.config_resetstat()
-        run = bench.wrk(GW_REDIS, port, bench.args.duration)
+        run = bench.wrk(name, port, bench.args.duration)
         count_redis_commands(bench, run.requests)
+    bench.access_log.requests += run.requests
     return run
 
 
-def run_gateway_memory(bench: Bench) -> WrkRun:
-    with running_gateway(bench, GW_MEMORY, "memory") as port:
-        bench.wrk(GW_MEMORY, port, 1)
-        return bench.wrk(GW_MEMORY, port, bench.args.duration)
-
-
-def run_gateway_access_log(bench: Bench) -> WrkRun:
-    with running_gateway(bench, GW_LOG, "redis", access_log=True) as port:
-        bench.wrk(GW_LOG, port, 1)
-        return bench.wrk(GW_LOG, port, bench.args.duration)
-
-
-TARGETS: dict[str, Callable[[Bench], WrkRun]] = {
-    "direct (upstream nginx)": run_direct,
-    NGINX: run_nginx,
-    GW_REDIS: run_gateway_redis,
-    GW_MEMORY: run_gateway_memory,
-    GW_LOG: run_gateway_access_log,
-}
+def targets(bench: Bench) -> dict[str, Callable[[], WrkRun]]:
+    """What each round measures, in order: the fixtures and peers first, then the gateways."""
+    found: dict[str, Callable[[], WrkRun]] = {
+        DIRECT: lambda: run_fixture(bench, DIRECT, bench.upstream_port),
+        NGINX: lambda: run_fixture(bench, NGINX, bench.nginx_port),
+    }
+    for name, port in bench.peer_ports.items():
+        found[name] = partial(run_fixture, bench, name, port)
+    for name in (GW_SHIPPED, GW_REDIS, GW_MEMORY):
+        found[name] = partial(run_gateway, bench, name)
+    return found
 
 
 # --- Redis usage ---------------------------------------------------------------------------
@@ -202,7 +243,7 @@ def sample_redis_commands(bench: Bench) -> None:
     Redis down, so it watches a short sequential sample, never a throughput run.
     """
     usage = bench.redis_usage
-    with running_gateway(bench, GW_REDIS, "redis") as port:
+    with running_gateway(bench, GW_SHIPPED) as port:
         expect(port, PATH, KEY_HEADER, 200, "gateway before MONITOR")
         with bench.store.monitor() as monitor:  # type: ignore[no-untyped-call]
             for _ in range(MONITOR_REQUESTS):
@@ -265,12 +306,12 @@ def percentile(ordered: list[int], pct: float) -> float:
 
 def measure_latency(bench: Bench, rate: float) -> list[Latency]:
     results = [
-        h2load_latency(bench, "direct (upstream nginx)", bench.upstream_port, rate),
+        h2load_latency(bench, DIRECT, bench.upstream_port, rate),
         h2load_latency(bench, NGINX, bench.nginx_port, rate),
     ]
-    with running_gateway(bench, GW_REDIS, "redis") as port:
-        bench.wrk(GW_REDIS, port, 1)
-        results.append(h2load_latency(bench, GW_REDIS, port, rate))
+    with running_gateway(bench, GW_SHIPPED) as port:
+        bench.wrk(GW_SHIPPED, port, 1)
+        results.append(h2load_latency(bench, GW_SHIPPED, port, rate))
     return results
 
 
@@ -278,7 +319,7 @@ def measure_latency(bench: Bench, rate: float) -> list[Latency]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark the gateway against nginx.")
+    parser = argparse.ArgumentParser(description="Benchmark the gateway against its peers.")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
@@ -286,6 +327,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one round of 3 s; no RESULTS.md")
     parser.add_argument("--results", type=Path, help="where to write (default bench/RESULTS.md)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    parser.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=default_peers_dir(),
+        help="venv for Envoy and Traefik (default ~/.cache/gateway-bench/peers)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="nginx only; no Envoy, Traefik")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds = 3, 1
@@ -296,28 +344,47 @@ def parse_args() -> argparse.Namespace:
 
 def start_fixtures(bench: Bench) -> None:
     tmp, procs = bench.tmp, bench.procs
-    for label, child in (
-        ("upstream nginx", start_upstream(procs, tmp, bench.upstream_port)),
-        ("nginx proxy_pass", start_nginx_proxy(procs, tmp, bench.nginx_port, bench.upstream_port)),
-        ("redis", start_redis(procs, tmp, bench.redis_port)),
-    ):
+    upstream = start_upstream(procs, tmp, bench.upstream_port)
+    nginx = start_nginx_proxy(procs, tmp, bench.nginx_port, bench.upstream_port)
+    redis_server = start_redis(procs, tmp, bench.redis_port)
+    for label, child in (("upstream nginx", upstream), (NGINX, nginx), ("redis", redis_server)):
         bench.note(label, child.argv)
+    bench.leaders[DIRECT], bench.leaders[NGINX] = upstream.popen.pid, nginx.popen.pid
     expect(bench.upstream_port, PATH, KEY_HEADER, 200, "upstream nginx")
     expect(bench.nginx_port, PATH, KEY_HEADER, 200, "nginx proxy_pass")
+    peers = bench.peers
+    for name, port in list(bench.peer_ports.items()):
+        binary = peers.binaries[name]
+        try:
+            if name == ENVOY:
+                child = start_envoy(procs, tmp, binary, port, bench.upstream_port)
+            else:
+                child = start_traefik(
+                    procs, tmp, binary, port, bench.upstream_port, bench.redis_port
+                )
+        except BenchError as exc:
+            print(f"{name}: left out, it does not serve: {exc}", flush=True)
+            peers.missing[name] = f"does not serve: {str(exc).splitlines()[0]}"
+            del bench.peer_ports[name]
+            continue
+        bench.note(name, child.argv)
+        bench.leaders[name] = child.popen.pid
 
 
 def run(bench: Bench, started: datetime) -> Report:
     load_at_start = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     start_fixtures(bench)
-    throughput = {name: TargetResult(name) for name in TARGETS}
+    measures = targets(bench)
+    throughput = {name: TargetResult(name) for name in measures}
     for round_number in range(1, bench.args.rounds + 1):
-        for name, measure in TARGETS.items():
-            result = measure(bench)
+        for name, measure in measures.items():
+            result = measure()
             throughput[name].runs.append(result)
-            print(f"round {round_number}: {name:32} {result.rps:10,.0f} req/s", flush=True)
+            cpu = "" if result.cpu_us is None else f" {result.cpu_us:7.1f} CPU µs/request"
+            print(f"round {round_number}: {name:55} {result.rps:10,.0f} req/s{cpu}", flush=True)
     print("which Redis commands the gateway sends (MONITOR) ...", flush=True)
     sample_redis_commands(bench)
-    rate = throughput[GW_REDIS].median / 2
+    rate = throughput[GW_SHIPPED].median / 2
     print(f"latency at {rate:,.0f} req/s ...", flush=True)
     latency = measure_latency(bench, rate)
     print(f"streaming {bench.args.rss_mb} MiB through the gateway ...", flush=True)
@@ -336,6 +403,9 @@ def run(bench: Bench, started: datetime) -> Report:
         latency=latency,
         rss=rss,
         commands=bench.commands,
+        peer_versions=bench.peers.versions,
+        missing_peers=bench.peers.missing,
+        access_log=bench.access_log,
     )
 
 
@@ -344,8 +414,11 @@ def main() -> int:
     require_tools(["nginx", "redis-server", "wrk", "h2load", "taskset"])
     raise_on_sigterm()
     started = datetime.now(UTC)
+    peers = install_peers(args.peers_dir, wanted=not args.no_peers)
+    for name, why in peers.missing.items():
+        print(f"{name}: left out: {why}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    bench = Bench(args, tmp, Procs(tmp))
+    bench = Bench(args, tmp, Procs(tmp), peers)
     try:
         report = render(run(bench, started))
     except BenchError as exc:
