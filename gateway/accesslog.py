@@ -121,6 +121,7 @@ class _Batch:
         self.lines: list[str] = []
         self.size = 0  # bytes in `lines`; a line is ASCII, so its length is its size
         self.users = 0  # workers of this process that serve (tests may run more than one)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop that runs `timer`
         self.timer: asyncio.TimerHandle | None = None
 
     @property
@@ -154,7 +155,11 @@ _batch = _Batch()
 def start_batching(loop: asyncio.AbstractEventLoop) -> None:
     """Gather lines into batches from now on, written at least every second by `loop`."""
     _batch.users += 1
-    if _batch.timer is None:
+    if _batch.loop is not loop or _batch.timer is None:
+        # A timer of another loop (one closed without stop_batching) would never run here.
+        if _batch.timer is not None:
+            _batch.timer.cancel()
+        _batch.loop = loop
         _batch.timer = loop.call_later(FLUSH_INTERVAL, _batch.tick, loop)
 
 
@@ -163,7 +168,7 @@ def stop_batching() -> None:
     _batch.users = max(0, _batch.users - 1)
     if not _batch.active and _batch.timer is not None:
         _batch.timer.cancel()
-        _batch.timer = None
+        _batch.timer, _batch.loop = None, None
     _batch.flush()
 
 

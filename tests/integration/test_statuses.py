@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import accesslog
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.base import Decision, QuotaUsage
 from gateway.server import Worker
@@ -209,6 +210,7 @@ async def test_499_cancels_the_upstream_request(
     writer.close()
     await asyncio.wait_for(upstream.cancelled.wait(), 0.4)
     await asyncio.sleep(0.05)
+    accesslog.flush_access_log()  # the serving worker batches its lines
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
     assert any(line["status"] == 499 and line["code"] == "client_closed" for line in lines)
 
