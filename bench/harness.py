@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -360,3 +361,31 @@ def session_cpu_seconds(leader: int) -> float:
         if int(fields[3]) == leader:
             total += int(fields[11]) + int(fields[12])
     return total / _CLOCK_TICKS
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on TCP `port` (any address), from /proc/net/tcp and tcp6."""
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found += 1
+    return found
+
+
+def read_access_log(path: Path) -> tuple[int, int]:
+    """(lines, lines that are not one whole JSON object) of an access log file."""
+    lines = broken = 0
+    with path.open("rb") as file:
+        for line in file:
+            lines += 1
+            try:
+                json.loads(line)
+            except ValueError:
+                broken += 1
+    return lines, broken

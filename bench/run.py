@@ -38,8 +38,10 @@ from harness import (
     expect,
     free_port,
     gateway_argv,
+    listeners,
     pinned,
     raise_on_sigterm,
+    read_access_log,
     require_tools,
     session_cpu_seconds,
     start_gateway,
@@ -74,6 +76,8 @@ from report import (
 from rss_stream import measure_rss
 
 PATH = "/bench/ok"
+PORT_ATTEMPTS = 3
+START_CHECKS = 2  # requests start_gateway sends to check a gateway: with the key and without
 MONITOR_REQUESTS = 500
 OWN_REDIS_COMMANDS = ("info", "config")  # what the benchmark itself sends during a run
 MONITOR_END = "bench-monitor-end"
@@ -91,18 +95,16 @@ class Bench:
     nginx_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
     peer_ports: dict[str, int] = field(default_factory=dict)
-    gateway_ports: dict[str, GatewayPorts] = field(default_factory=dict)
     leaders: dict[str, int] = field(default_factory=dict)  # target -> pid whose session serves it
     commands: dict[str, str] = field(default_factory=dict)  # what ran, for RESULTS.md
     redis_usage: RedisUsage = field(default_factory=RedisUsage)
     access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
+    last_log_lines: int = 0  # what the last shipped gateway wrote to its stdout
 
     store: redis.Redis = field(init=False)
 
     def __post_init__(self) -> None:
         self.store = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=30)
-        for name in (GW_SHIPPED, GW_REDIS, GW_MEMORY):
-            self.gateway_ports[name] = GatewayPorts(free_port(), free_port())
         for name in self.peers.binaries:
             self.peer_ports[name] = free_port()
 
@@ -153,25 +155,46 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
     on core 1, as a container runtime reads a container's stdout; the other gateways run with
     GATEWAY_ACCESS_LOG=off.
     """
-    ports = bench.gateway_ports[name]
     storage = "memory://" if name == GW_MEMORY else f"redis://127.0.0.1:{bench.redis_port}/0"
     access_log = name == GW_SHIPPED
     slug = name.split(" (")[0].replace(", ", "-").replace(" ", "-")
-    config = write_gateway_config(bench.tmp / f"{slug}.yaml", ports, storage, bench.upstream_port)
-    env = f"GATEWAY_ACCESS_LOG={'on' if access_log else 'off'}"
     log = bench.tmp / f"{slug}-access.log"
-    redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}" if access_log else ""
-    bench.note(f"gateway ({name})", gateway_argv(config), env, redirect)
-    if storage != "memory://":
-        bench.store.flushall()  # every run starts from the same (empty) counters
-    reader, stdout = None, None
-    if access_log:
-        reader, stdout = start_log_reader(bench.procs, f"{slug}-reader", log)
-    try:
-        child = start_gateway(bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout)
-    finally:
-        if stdout is not None:
-            os.close(stdout)  # the gateway holds the pipe's only write end now
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        # Fresh ports each time: the gateway binds with SO_REUSEPORT, so a process of someone
+        # else that took a port we used before would silently share its connections.
+        ports = GatewayPorts(free_port(), free_port())
+        config = write_gateway_config(
+            bench.tmp / f"{slug}.yaml", ports, storage, bench.upstream_port
+        )
+        env = f"GATEWAY_ACCESS_LOG={'on' if access_log else 'off'}"
+        redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}" if access_log else ""
+        bench.note(f"gateway ({name})", gateway_argv(config), env, redirect)
+        if storage != "memory://":
+            bench.store.flushall()  # every run starts from the same (empty) counters
+        reader, stdout = None, None
+        if access_log:
+            reader, stdout = start_log_reader(bench.procs, f"{slug}-reader", log)
+        try:
+            child = start_gateway(
+                bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout
+            )
+        except BenchError:
+            if reader is not None:
+                bench.procs.stop(reader)
+            if attempt == PORT_ATTEMPTS or listeners(ports.proxy) == 0:
+                raise
+            print(f"  {name}: port {ports.proxy} is shared with another process; new ports")
+            continue
+        finally:
+            if stdout is not None:
+                os.close(stdout)  # the gateway holds the pipe's only write end now
+        if listeners(ports.proxy) == 1:
+            break
+        bench.procs.stop(child)
+        if reader is not None:
+            bench.procs.stop(reader)
+        if attempt == PORT_ATTEMPTS:
+            raise BenchError(f"{name}: port {ports.proxy} is shared with another process")
     bench.leaders[name] = child.popen.pid
     try:
         yield ports.proxy
@@ -182,13 +205,9 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
         if reader is not None:
             reader.popen.wait(10)  # the end of the pipe: every line is in the file
             bench.procs.stop(reader)
-            bench.access_log.lines += count_lines(log)
+            bench.last_log_lines, broken = read_access_log(log)
+            bench.access_log.broken += broken
             log.unlink()
-
-
-def count_lines(path: Path) -> int:
-    with path.open("rb") as file:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
 
 
 # --- the targets ---------------------------------------------------------------------------
@@ -202,13 +221,18 @@ def run_fixture(bench: Bench, name: str, port: int) -> WrkRun:
 
 def run_gateway(bench: Bench, name: str) -> WrkRun:
     with running_gateway(bench, name) as port:
-        bench.wrk(name, port, 1)
+        warm_up = bench.wrk(name, port, 1)
         if name != GW_SHIPPED:
             return bench.wrk(name, port, bench.args.duration)
         bench.store.config_resetstat()
         run = bench.wrk(name, port, bench.args.duration)
         count_redis_commands(bench, run.requests)
-    bench.access_log.requests += run.requests
+    # Logged: the two start-up checks, every request wrk counted, and those wrk left unanswered
+    # when it stopped (at most one per connection and wrk run).
+    check = bench.access_log
+    check.lines += bench.last_log_lines
+    check.counted += START_CHECKS + warm_up.requests + run.requests
+    check.cut_off_at_most += 2 * bench.args.connections
     return run
 
 
