@@ -72,14 +72,44 @@ def format_time(unix_time: float) -> str:
 _string = json.encoder.encode_basestring_ascii
 
 
+def milliseconds(seconds: float) -> str:
+    """The JSON number of `seconds` in milliseconds rounded to 3 decimals, as
+    repr(round(ms, 3)) writes it, at a third of its cost: %.3f rounds the same way (from the
+    float's exact value), and for a duration (under ~30 years) the shortest repr of that rounded
+    number is those digits without trailing zeros."""
+    text = f"{seconds * 1000.0:.3f}".rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
+
+# The fields from code to plan come from the config and the status table, so a busy gateway
+# writes the same few combinations over and over: each one is encoded once. Bounded, as a
+# config may hold many keys.
+_LABEL_CACHE_SIZE = 4096
+_label_fields: dict[tuple[str, str, str, str, str], str] = {}
+
+
+def _encode_labels(labels: tuple[str, str, str, str, str]) -> str:
+    code, product, route, key_name, plan = labels
+    text = (
+        f'"code":{_string(code)},"product":{_string(product)},"route":{_string(route)},'
+        f'"key":{_string(key_name)},"plan":{_string(plan)}'
+    )
+    if len(_label_fields) >= _LABEL_CACHE_SIZE:
+        _label_fields.clear()
+    _label_fields[labels] = text
+    return text
+
+
 def format_access_log(record: RequestRecord) -> str:
     """The JSON line for one request, without its newline."""
     path = record.path
     if "?" in path:
         # The record should never hold a query string; if one slipped in, it may hold a key.
         path = path.split("?", 1)[0]
+    labels = (record.code, record.product, record.route, record.key_name, record.plan)
+    label_fields = _label_fields.get(labels) or _encode_labels(labels)
     upstream = record.upstream_duration
-    upstream_ms = "null" if upstream is None else repr(round(upstream * 1000.0, 3))
+    upstream_ms = "null" if upstream is None else milliseconds(upstream)
     # Only a WebSocket line has it: the bytes its client sent through the tunnel.
     received = (
         "" if record.bytes_received is None else f',"bytes_received":{record.bytes_received:d}'
@@ -87,9 +117,7 @@ def format_access_log(record: RequestRecord) -> str:
     return (
         f'{{"time":"{format_time(record.start)}","request_id":{_string(record.request_id)},'
         f'"method":{_string(record.method)},"path":{_string(path)},"status":{record.status:d},'
-        f'"code":{_string(record.code)},"product":{_string(record.product)},'
-        f'"route":{_string(record.route)},"key":{_string(record.key_name)},'
-        f'"plan":{_string(record.plan)},"duration_ms":{round(record.duration * 1000.0, 3)!r},'
+        f'{label_fields},"duration_ms":{milliseconds(record.duration)},'
         f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent:d}{received}}}'
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def test_a_reader_gone_costs_lines_not_the_process() -> None:
     try:
         done = subprocess.run(
             [sys.executable, "-c", script],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
@@ -272,3 +273,50 @@ def test_a_reader_gone_costs_lines_not_the_process() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("access log: cannot write to stdout") == 1
     assert done.stderr.endswith("still running\n")
+
+
+def reference_line(record: RequestRecord) -> str:
+    """The line as json.dumps writes the same object: the format the log promises."""
+    upstream = record.upstream_duration
+    entry: dict[str, object] = {
+        "time": accesslog.format_time(record.start),
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": record.path.split("?", 1)[0],
+        "status": record.status,
+        "code": record.code,
+        "product": record.product,
+        "route": record.route,
+        "key": record.key_name,
+        "plan": record.plan,
+        "duration_ms": round(record.duration * 1000.0, 3),
+        "upstream_ms": None if upstream is None else round(upstream * 1000.0, 3),
+        "bytes_sent": record.bytes_sent,
+    }
+    if record.bytes_received is not None:
+        entry["bytes_received"] = record.bytes_received
+    return json.dumps(entry, separators=(",", ":"))
+
+
+def test_lines_are_what_json_dumps_writes_for_random_records() -> None:
+    chooser = random.Random(13)
+    texts = ["", "soccer", "/soccer/{rest:path}", 'quo"te', "back\\slash", "ünï", "tab\tnl\n"]
+    durations = [0.0, 0.0004, 0.0005, 0.0015, 1e-9, 0.1, 1.0, 2.5, 30.0, 86_400.0 * 365]
+    for _ in range(5000):
+        record = RequestRecord(
+            request_id=f"{chooser.getrandbits(128):032x}",
+            method=chooser.choice(["GET", "POST", "OTHER"]),
+            path=chooser.choice(["/a", "/a?key=s3cret", "/" + chooser.choice(texts)]),
+            start=chooser.uniform(0, 4e9),
+            status=chooser.choice([200, 404, 429, 499, 503]),
+            code=chooser.choice(texts),
+            product=chooser.choice(texts),
+            route=chooser.choice(texts),
+            key_name=chooser.choice(texts),
+            plan=chooser.choice(texts),
+            duration=chooser.choice([*durations, chooser.uniform(0, 60)]),
+            upstream_duration=chooser.choice([None, *durations, chooser.expovariate(100)]),
+            bytes_sent=chooser.randrange(10**9),
+            bytes_received=chooser.choice([None, chooser.randrange(10**9)]),
+        )
+        assert accesslog.format_access_log(record) == reference_line(record)
