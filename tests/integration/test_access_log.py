@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.config import server_yaml
 from tests.support.operations import ThreadedUpstream, call, serving_workers, wait_for
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
+from tests.support.sockets import free_ports
 
 SECRET = "log-secret-key-0042"
 API = """
