@@ -5,11 +5,12 @@
     GET    /readyz                             200 when a config is loaded and the storage answers
     GET    /admin/usage/{key_name}             per product: plan, rate, and quota use
     DELETE /admin/usage/{key_name}/{product}   start that quota afresh; 204
+    /admin/keys...                             the keys API (gateway.keys.api)
 
 With a token, `/admin/*` requires `Authorization: Bearer <token>` (401 `unauthorized` otherwise);
 the probes and /metrics never do, so orchestrators and Prometheus need no secret. Errors are
 problem+json like the proxy's own; the admin API adds 404 "Not Found" `not_found` for an
-unknown key or product.
+unknown key or product, and 409 "Conflict" `conflict` in the keys API.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
+from gateway.keys.api import KeysAccess, add_key_routes
 from gateway.limits.base import Limiter, StorageError
 from gateway.metrics import render_metrics
 from gateway.problems import (
     GatewayProblem,
     MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
     StorageUnavailable,
     Unauthorized,
     render_problem,
@@ -43,8 +47,11 @@ ConfigGetter = Callable[[], Config]  # the config the worker serves right now
 Clock = Callable[[], float]
 
 
-class NotFound(GatewayProblem):
-    status, title, code = 404, "Not Found", "not_found"
+class NotReady(ServiceUnavailable):
+    code = "not_ready"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +60,22 @@ class AdminState:
     limiter: Limiter
     token: bytes | None
     clock: Clock
+    keys: KeysAccess | None  # None: no keys API (the usage API serves the file's keys)
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
 
 
 def build_admin_app(
-    get_config: ConfigGetter, limiter: Limiter, *, token: str | None, clock: Clock = time.time
+    get_config: ConfigGetter,
+    limiter: Limiter,
+    *,
+    token: str | None,
+    clock: Clock = time.time,
+    keys: KeysAccess | None = None,
 ) -> web.Application:
-    """The admin application of one worker; `token` is GATEWAY_ADMIN_TOKEN (None: no auth)."""
+    """The admin application of one worker; `token` is GATEWAY_ADMIN_TOKEN (None: no auth);
+    `keys` adds the keys API."""
     if token == "":
         # "Bearer " with nothing after it must not open the admin API.
         raise ValueError("the admin token must not be empty")
@@ -71,12 +85,15 @@ def build_admin_app(
         limiter=limiter,
         token=token.encode() if token is not None else None,
         clock=clock,
+        keys=keys,
     )
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/admin/usage/{key_name}", _get_usage)
     app.router.add_delete("/admin/usage/{key_name}/{product}", _reset_usage)
+    if keys is not None:
+        add_key_routes(app, keys)
     return app
 
 
@@ -129,16 +146,20 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
     await _within_storage_timeout(state, state.limiter.ping())
+    if state.keys is not None and not state.keys.store.table.loaded:
+        raise NotReady("The API keys are not loaded from the storage yet.")
     return web.json_response({"status": "ready"})
 
 
 async def _get_usage(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
     config = state.get_config()
-    key = _find_key(config, request.match_info["key_name"])
+    key = _find_key(state, config, request.match_info["key_name"])
     products: dict[str, Any] = {}
     for product, plan_name in sorted(key.plans.items()):
-        plan = config.plans[plan_name]
+        plan = config.plans.get(plan_name)
+        if plan is None:  # an API key's plan that the running config no longer declares
+            continue
         quota: dict[str, Any] | None = None
         if plan.quota is not None:
             quota = await _quota_usage(state, f"{key.name}:{product}", plan.quota)
@@ -149,20 +170,25 @@ async def _get_usage(request: web.Request) -> web.Response:
 async def _reset_usage(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
     config = state.get_config()
-    key = _find_key(config, request.match_info["key_name"])
+    key = _find_key(state, config, request.match_info["key_name"])
     product = request.match_info["product"]
     plan_name = key.plans.get(product)
-    if plan_name is None:
+    plan = None if plan_name is None else config.plans.get(plan_name)
+    if plan is None:
         raise NotFound(f"Key '{key.name}' has no plan for product '{product}'.")
-    quota = config.plans[plan_name].quota
+    quota = plan.quota
     if quota is None:
         raise NotFound(f"Plan '{plan_name}' of product '{product}' has no quota to reset.")
     await _within_storage_timeout(state, state.limiter.reset_quota(f"{key.name}:{product}", quota))
     return web.Response(status=204)
 
 
-def _find_key(config: Config, name: str) -> ApiKey:
-    key = config.key_by_name(name)
+def _find_key(state: AdminState, config: Config, name: str) -> ApiKey:
+    """The file's key called `name`, else the API's."""
+    if state.keys is not None:
+        key = state.keys.get_snapshot().keys.by_name(name)
+    else:
+        key = config.key_by_name(name)
     if key is None:
         raise NotFound(f"No key is named '{name}'.")
     return key

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
 from gateway import accesslog, metrics
-from gateway.auth import Principal
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
+from gateway.keys.index import Principal
 from gateway.limits.base import StorageError
 from gateway.limits.headers import limit_headers
 from gateway.params import check_path_params, check_query

@@ -6,7 +6,9 @@
     ├── Forbidden                       403 Forbidden            forbidden
     ├── InvalidRoute                    404 Invalid route        invalid_route
     ├── WrongIdentifier                 404 Wrong identifier     wrong_identifier
+    ├── NotFound                        404 Not Found            not_found (admin API)
     ├── MethodNotAllowed                405 Method Not Allowed   method_not_allowed
+    ├── Conflict                        409 Conflict             conflict (admin API)
     ├── RequestTimeout                  408 Request Timeout      request_timeout
     ├── Gone                            410 Gone                 gone
     ├── QuotaExceeded                   429 Quota Exceeded       quota_exceeded
@@ -91,8 +93,20 @@ class WrongIdentifier(GatewayProblem):
     status, title, code = 404, "Wrong identifier", "wrong_identifier"
 
 
+class NotFound(GatewayProblem):
+    """The admin API's: no such key, product or path."""
+
+    status, title, code = 404, "Not Found", "not_found"
+
+
 class MethodNotAllowed(GatewayProblem):
     status, title, code = 405, "Method Not Allowed", "method_not_allowed"
+
+
+class Conflict(GatewayProblem):
+    """The admin API's: a name or secret is taken, or the key belongs to the config file."""
+
+    status, title, code = 409, "Conflict", "conflict"
 
 
 class RequestTimeout(GatewayProblem):

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway import metrics
-from gateway.auth import KeyIndex
 from gateway.config.model import Config, ServerConfig
 from gateway.http.headers import request_drop_set
 from gateway.http.server import HttpServer
+from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
 from gateway.pipeline import answer_request_error, handle_request
@@ -41,17 +41,19 @@ class Runtime:
     snapshot: Snapshot
     limiter: Limiter
     upstreams: UpstreamPool
+    key_store: KeyStore  # the API keys, followed from the storage; outlives snapshots
 
     def apply(self, config: Config) -> None:
         """Serve `config` from now on (called on the event loop: the clients need it)."""
-        self.snapshot = build_snapshot(config, self.upstreams)
+        self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table)
 
 
-def build_snapshot(config: Config, upstreams: UpstreamPool) -> Snapshot:
+def build_snapshot(config: Config, upstreams: UpstreamPool, api_keys: ApiKeyTable) -> Snapshot:
+    """`api_keys` is the key store's table, shared by every snapshot of the process."""
     return Snapshot(
         config=config,
         routes=RouteTable(config.products.values()),
-        keys=KeyIndex(config.keys, config.plans),
+        keys=KeyIndex(config.keys, config.plans, api_keys),
         key_header=config.auth.header.lower().encode("latin-1"),
         request_drop=request_drop_set(config.auth.header),
         destinations={
@@ -61,12 +63,15 @@ def build_snapshot(config: Config, upstreams: UpstreamPool) -> Snapshot:
 
 
 def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
+    """The runtime of one worker; `await runtime.key_store.start()` before serving."""
     upstreams = UpstreamPool()
+    key_store = create_key_store(config.storage)
     return Runtime(
-        snapshot=build_snapshot(config, upstreams),
+        snapshot=build_snapshot(config, upstreams, key_store.table),
         limiter=limiter
         or create_limiter(config.storage, on_storage_error=metrics.count_storage_error),
         upstreams=upstreams,
+        key_store=key_store,
     )
 
 
@@ -83,4 +88,5 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
 
 async def close_runtime(runtime: Runtime) -> None:
     await runtime.upstreams.close()
+    await runtime.key_store.close()
     await runtime.limiter.close()

@@ -205,10 +205,14 @@ class Worker:
     async def start(self) -> None:
         from gateway import metrics
         from gateway.admin import build_admin_app
+        from gateway.keys.api import KeysAccess
         from gateway.runtime import build_proxy_server
 
         loop = asyncio.get_running_loop()
         server_config = self.config.server
+        # API keys are loaded before the first request, so a restart does not answer 401 to
+        # keys it has simply not read yet.
+        await self.runtime.key_store.start()
         self._proxy_server = build_proxy_server(self.runtime, server_config)
         proxy_socket = open_listener(server_config.listen)
         self.proxy_port = proxy_socket.getsockname()[1]
@@ -223,7 +227,10 @@ class Worker:
         )
         runtime = self.runtime
         admin_app = build_admin_app(
-            lambda: runtime.snapshot.config, runtime.limiter, token=server_config.admin_token
+            lambda: runtime.snapshot.config,
+            runtime.limiter,
+            token=server_config.admin_token,
+            keys=KeysAccess(lambda: runtime.snapshot, runtime.key_store),
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None)
         await self._admin_runner.setup()

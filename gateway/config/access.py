@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections.abc import Collection
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import yaml
 from yaml.nodes import Node
 
 from gateway.config.durations import DURATION_HINT, parse_duration
+from gateway.config.instants import parse_instant
 from gateway.config.model import (
     QUOTA_PERIODS,
     RATE_PERIOD_SECONDS,
@@ -19,16 +23,24 @@ from gateway.config.model import (
     RateRule,
 )
 from gateway.config.products import NAME, NAME_HINT
-from gateway.config.yamlnodes import Fields, Walker, line_of
+from gateway.config.yamlnodes import ConfigIssue, Fields, Walker, line_of
 
 _PLAN_KEYS = ("rate", "quota")
 _RATE_KEYS = ("limit", "per")
 _QUOTA_KEYS = ("limit", "per", "timezone")
-_KEY_KEYS = ("name", "key", "key_sha256", "plans", "disabled")
+_KEY_KEYS = ("name", "key", "key_sha256", "plans", "disabled", "expires")
 _SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 _RATE_PER_HINT = (
     f"must be one of {', '.join(RATE_PERIOD_SECONDS)} or {DURATION_HINT.removeprefix('must be ')}"
 )
+
+
+def _instant(w: Walker, node: Node, path: str) -> float | None:
+    try:
+        return parse_instant(w.scalar(node))
+    except ValueError as exc:
+        w.report(node, path, str(exc))
+        return None
 
 
 def read_plans(w: Walker, node: Node) -> tuple[dict[str, Plan], set[str] | None]:
@@ -148,11 +160,15 @@ class KeysReader:
                 w.report(fields.value(secret), fields.at(secret), message)
             else:
                 self._digests[digest] = f"{name!r} ({where})" if name else where
-        plans = self._plans(fields)
+        plans_node = fields.value("plans")
+        plans: dict[str, str] = {}
+        if plans_node is not None:
+            plans = read_key_plans(w, plans_node, fields.at("plans"), self.products, self.plans)
         disabled = w.optional(fields, "disabled", w.boolean, False)
+        expires = w.optional(fields, "expires", lambda n, p: _instant(w, n, p), None)
         if name is None or digest is None:
             return None
-        return ApiKey(name, digest, plans, disabled)
+        return ApiKey(name, digest, plans, disabled, expires)
 
     def _digest(self, fields: Fields, path: str) -> str | None:
         """The lower-case SHA-256 of the secret; a plain `key` is hashed and then forgotten."""
@@ -173,24 +189,50 @@ class KeysReader:
             return None
         return None if digest is None else digest.lower()
 
-    def _plans(self, key: Fields) -> dict[str, str]:
-        w = self.w
-        node = key.value("plans")
-        fields = None if node is None else w.mapping(node, key.at("plans"))
-        if fields is None:
-            return {}
-        chosen: dict[str, str] = {}
-        for product, product_key, value in fields:
-            path = fields.at(product)
-            if self.products is not None and product not in self.products:
-                known = ", ".join(sorted(self.products)) or "none are declared"
-                w.report(product_key, path, f"unknown product (products: {known})")
-                continue
-            plan = w.string(value, path)
-            if plan is not None and self.plans is not None and plan not in self.plans:
-                known = ", ".join(sorted(self.plans)) or "none are declared"
-                w.report(value, path, f"unknown plan {plan!r} (plans: {known})")
-                continue
-            if plan is not None:
-                chosen[product] = plan
-        return chosen
+
+def read_key_plans(
+    w: Walker,
+    node: Node,
+    path: str,
+    products: Collection[str] | None,
+    plans: Collection[str] | None,
+) -> dict[str, str]:
+    """A key's `plans`: product -> plan name, each product and plan declared in the config.
+
+    The one reader of a key's plans, for the file and for the admin API alike
+    (`key_plans_from_data`), so that both accept exactly the same values. `products` and
+    `plans` of None skip the check (their own section was broken and is reported already).
+    """
+    fields = w.mapping(node, path)
+    if fields is None:
+        return {}
+    chosen: dict[str, str] = {}
+    for product, product_key, value in fields:
+        product_path = fields.at(product)
+        if products is not None and product not in products:
+            known = ", ".join(sorted(products)) or "none are declared"
+            w.report(product_key, product_path, f"unknown product (products: {known})")
+            continue
+        plan = w.string(value, product_path)
+        if plan is not None and plans is not None and plan not in plans:
+            known = ", ".join(sorted(plans)) or "none are declared"
+            w.report(value, product_path, f"unknown plan {plan!r} (plans: {known})")
+            continue
+        if plan is not None:
+            chosen[product] = plan
+    return chosen
+
+
+def key_plans_from_data(
+    value: object, products: Collection[str], plans: Collection[str]
+) -> tuple[dict[str, str], list[ConfigIssue]]:
+    """`read_key_plans` for a value that came as JSON (the admin API): the value is turned
+    into YAML nodes and read by the file's own reader, so an API key's plans accept and
+    refuse exactly what a file key's do. The issues' paths start with `plans`."""
+    issues: list[ConfigIssue] = []
+    # JSON text is YAML; ensure_ascii keeps it inside what PyYAML's reader accepts.
+    node = yaml.compose(json.dumps(value), Loader=yaml.SafeLoader)
+    if node is None:
+        return {}, [ConfigIssue("", None, "plans", "must be a mapping")]
+    chosen = read_key_plans(Walker("", issues), node, "plans", products, plans)
+    return chosen, issues

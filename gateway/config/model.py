@@ -184,6 +184,7 @@ class ApiKey:
     key_sha256: str  # lower-case hex; the plaintext is never kept
     plans: Mapping[str, str]  # product -> plan name
     disabled: bool = False
+    expires: float | None = None  # unix time from which the key is refused (401)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,349 @@
+"""The admin keys API: keys as data, next to the keys of the config file.
+
+    POST   /admin/keys                 create (201, with the secret this once) or import
+    GET    /admin/keys?after=&limit=   list by name, file and API keys together
+    GET    /admin/keys/{name}          one key, without any secret
+    PATCH  /admin/keys/{name}          change plans, disabled, expires
+    DELETE /admin/keys/{name}          204
+    POST   /admin/keys/{name}/rotate   a new secret; the old one keeps working for `grace`
+
+The file's keys are read-only here (409): the file is their source of truth, and a change
+made here would be undone by the next reload. Bodies are checked before anything is stored;
+a mistake is a 400 whose detail starts with the field it is about, e.g. `plans.soccer: ...`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import heapq
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from gateway.config.access import key_plans_from_data
+from gateway.config.durations import parse_duration
+from gateway.config.instants import format_instant, parse_instant
+from gateway.config.model import ApiKey, Config
+from gateway.keys.backend import WriteRefused
+from gateway.keys.index import KeyIndex
+from gateway.keys.records import KEY_NAME, KEY_NAME_HINT, KeyRecord, PreviousSecret
+from gateway.keys.store import KeyStore
+from gateway.limits.base import StorageError
+from gateway.problems import BadRequest, Conflict, NotFound, StorageUnavailable
+
+if TYPE_CHECKING:
+    from gateway.runtime import Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class KeysAccess:
+    """What the keys API works on: the worker's current snapshot (its config and key index)
+    and its key store."""
+
+    get_snapshot: Callable[[], Snapshot]
+    store: KeyStore
+
+
+T = TypeVar("T")
+
+_CREATE_FIELDS = ("name", "plans", "disabled", "expires", "key_sha256")
+_PATCH_FIELDS = ("plans", "disabled", "expires")
+_ROTATE_FIELDS = ("grace", "key_sha256")
+_SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
+_DEFAULT_PAGE, _MAX_PAGE = 100, 1000
+# 32 random bytes: as hard to guess as the SHA-256 that stands for them.
+_SECRET_BYTES = 32
+
+
+def add_key_routes(app: web.Application, access: KeysAccess) -> None:
+    api = _KeysApi(access)
+    app.router.add_post("/admin/keys", api.create)
+    app.router.add_get("/admin/keys", api.list)
+    app.router.add_get("/admin/keys/{name}", api.get)
+    app.router.add_patch("/admin/keys/{name}", api.patch)
+    app.router.add_delete("/admin/keys/{name}", api.delete)
+    app.router.add_post("/admin/keys/{name}/rotate", api.rotate)
+
+
+class _KeysApi:
+    def __init__(self, access: KeysAccess, clock: Callable[[], float] = time.time) -> None:
+        self._access = access
+        self._store = access.store
+        self._clock = clock
+
+    async def create(self, request: web.Request) -> web.Response:
+        snapshot = self._access.get_snapshot()
+        config, index = snapshot.config, snapshot.keys
+        data = _fields(await _body(request, required=True), _CREATE_FIELDS)
+        if "name" not in data:
+            raise BadRequest("name: is required")
+        name = _name(data["name"])
+        if name in index.file_keys:
+            raise Conflict(f"name: the key '{name}' is defined in the config file")
+        plans = _plans(data.get("plans", {}), config)
+        disabled = _boolean(data.get("disabled", False), "disabled")
+        expires = _expires(data.get("expires"))
+        secret, digest = _new_secret(data)
+        _refuse_file_secret(index, digest)
+        now = self._clock()
+        record = KeyRecord(name, digest, plans, disabled, expires, created=now, updated=now)
+        try:
+            await _storing(self._store.create(record))
+        except WriteRefused as refused:
+            if refused.reason == "name_taken":
+                raise Conflict(f"name: a key named '{name}' exists already") from None
+            raise Conflict("key_sha256: another key has this secret") from None
+        body = self._api_json(record)
+        if secret is not None:
+            body["key"] = secret
+        return web.json_response(body, status=201, headers={"Location": f"/admin/keys/{name}"})
+
+    async def list(self, request: web.Request) -> web.Response:
+        index = self._access.get_snapshot().keys
+        after = request.query.get("after", "")
+        limit = _page_size(request.query.get("limit"))
+        names = _names_after(index, after, limit + 1)
+        page = names[:limit]
+        keys = []
+        for name in page:
+            file_key = index.file_keys.get(name)
+            if file_key is not None:
+                keys.append(self._file_json(file_key))
+            else:
+                keys.append(self._api_json(index.api_keys.records[name]))
+        next_after = page[-1] if len(names) > limit else None
+        return web.json_response({"keys": keys, "next": next_after})
+
+    async def get(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        file_key = self._access.get_snapshot().keys.file_keys.get(name)
+        if file_key is not None:
+            return web.json_response(self._file_json(file_key))
+        record = await _storing(self._store.read(name))
+        if record is None:
+            raise NotFound(f"No key is named '{name}'.")
+        return web.json_response(self._api_json(record))
+
+    async def patch(self, request: web.Request) -> web.Response:
+        snapshot = self._access.get_snapshot()
+        name = self._api_key_name(snapshot, request)
+        data = _fields(await _body(request, required=True), _PATCH_FIELDS)
+        changes: dict[str, Any] = {}
+        if "plans" in data:
+            changes["plans"] = _plans(data["plans"], snapshot.config)
+        if "disabled" in data:
+            changes["disabled"] = _boolean(data["disabled"], "disabled")
+        if "expires" in data:
+            changes["expires"] = _expires(data["expires"])
+        if not changes:
+            record = await _storing(self._store.read(name))
+            if record is None:
+                raise NotFound(f"No key is named '{name}'.")
+            return web.json_response(self._api_json(record))
+        now = self._clock()
+        _, new = await _updating(
+            self._store,
+            name,
+            lambda record: dataclasses.replace(record, **changes, updated=now),
+        )
+        return web.json_response(self._api_json(new))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        snapshot = self._access.get_snapshot()
+        name = self._api_key_name(snapshot, request)
+        try:
+            await _storing(self._store.delete(name))
+        except WriteRefused:
+            raise NotFound(f"No key is named '{name}'.") from None
+        return web.Response(status=204)
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        snapshot = self._access.get_snapshot()
+        name = self._api_key_name(snapshot, request)
+        data = _fields(await _body(request, required=False), _ROTATE_FIELDS)
+        grace = _grace(data.get("grace", 0))
+        secret, digest = _new_secret(data)
+        _refuse_file_secret(snapshot.keys, digest)
+        now = self._clock()
+
+        def rotated(record: KeyRecord) -> KeyRecord:
+            if digest in record.digests():
+                raise Conflict("key_sha256: this key has this secret already")
+            previous = [old for old in record.previous if old.until > now]
+            if grace > 0:
+                previous.append(PreviousSecret(record.key_sha256, now + grace))
+            return dataclasses.replace(
+                record, key_sha256=digest, previous=tuple(previous), updated=now
+            )
+
+        _, new = await _updating(self._store, name, rotated)
+        body = self._api_json(new)
+        if secret is not None:
+            body["key"] = secret
+        return web.json_response(body)
+
+    def _api_key_name(self, snapshot: Snapshot, request: web.Request) -> str:
+        """The name in the path, unless it is a file key (which the API cannot change)."""
+        name = request.match_info["name"]
+        if name in snapshot.keys.file_keys:
+            raise Conflict(f"The key '{name}' is defined in the config file; change it there.")
+        return name
+
+    def _file_json(self, key: ApiKey) -> dict[str, Any]:
+        return {
+            **self._common_json(key.name, key.plans, key.disabled, key.expires),
+            "source": "file",
+            "created": None,
+            "updated": None,
+            "previous_key_valid_until": None,
+        }
+
+    def _api_json(self, record: KeyRecord) -> dict[str, Any]:
+        now = self._clock()
+        still_valid = [old.until for old in record.previous if old.until > now]
+        return {
+            **self._common_json(record.name, record.plans, record.disabled, record.expires),
+            "source": "api",
+            "created": format_instant(record.created),
+            "updated": format_instant(record.updated),
+            "previous_key_valid_until": format_instant(max(still_valid)) if still_valid else None,
+        }
+
+    def _common_json(
+        self, name: str, plans: Any, disabled: bool, expires: float | None
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "plans": dict(plans),
+            "disabled": disabled,
+            "expires": None if expires is None else format_instant(expires),
+            "expired": expires is not None and self._clock() >= expires,
+        }
+
+
+# --- reading the request ------------------------------------------------------------------
+
+
+async def _body(request: web.Request, *, required: bool) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip() and not required:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body: must be a JSON object")
+    return data
+
+
+def _fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    for name in data:
+        if name not in allowed:
+            raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed)})")
+    return data
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not KEY_NAME.fullmatch(value):
+        raise BadRequest(f"name: {KEY_NAME_HINT}")
+    return value
+
+
+def _plans(value: object, config: Config) -> dict[str, str]:
+    plans, issues = key_plans_from_data(value, config.products, config.plans)
+    if issues:
+        raise BadRequest("; ".join(f"{issue.path}: {issue.message}" for issue in issues))
+    return plans
+
+
+def _boolean(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{field}: must be true or false")
+    return value
+
+
+def _expires(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):  # a JSON number is no RFC 3339 time
+        raise BadRequest("expires: must be an RFC 3339 time with an offset, or null")
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise BadRequest(f"expires: {exc}") from None
+
+
+def _grace(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"grace: {exc}") from None
+
+
+def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:
+    """(the new secret to show once, its digest); no secret when the body brings a digest."""
+    if "key_sha256" in data:
+        digest = data["key_sha256"]
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            raise BadRequest("key_sha256: must be 64 hexadecimal characters (a SHA-256)")
+        return None, digest.lower()
+    secret = secrets.token_urlsafe(_SECRET_BYTES)
+    return secret, hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _refuse_file_secret(index: KeyIndex, digest: str) -> None:
+    if index.file_digest_owner(digest) is not None:
+        raise Conflict("key_sha256: a key of the config file has this secret")
+
+
+def _page_size(value: str | None) -> int:
+    if value is None:
+        return _DEFAULT_PAGE
+    if not value.isdigit() or not 1 <= int(value) <= _MAX_PAGE:
+        raise BadRequest(f"limit: must be an integer from 1 to {_MAX_PAGE}")
+    return int(value)
+
+
+def _names_after(index: KeyIndex, after: str, count: int) -> list[str]:
+    """Up to `count` names of file and API keys after `after`, in order, each once."""
+    file_names = index.file_names
+    start = bisect.bisect_right(file_names, after)
+    from_file = file_names[start : start + count]
+    # A name in both is listed once (as the file's): ask the API side for enough extra.
+    from_api = index.api_keys.names_after(after, count + len(from_file))
+    return list(_unique(heapq.merge(from_file, from_api)))[:count]
+
+
+def _unique(names: Iterable[str]) -> Iterable[str]:
+    last = None
+    for name in names:
+        if name != last:
+            yield name
+            last = name
+
+
+async def _storing(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except StorageError as exc:
+        raise StorageUnavailable() from exc
+
+
+async def _updating(
+    store: KeyStore, name: str, change: Callable[[KeyRecord], KeyRecord]
+) -> tuple[KeyRecord, KeyRecord]:
+    try:
+        return await _storing(store.update(name, change))
+    except WriteRefused as refused:
+        if refused.reason == "not_found":
+            raise NotFound(f"No key is named '{name}'.") from None
+        raise Conflict("key_sha256: another key has this secret") from None

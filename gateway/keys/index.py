@@ -1,0 +1,128 @@
+"""Steps 2 and 3 of the request path: which key is calling, and may it use this product.
+
+Keys are looked up by the SHA-256 of what the client sent, so the config, the storage and the
+process hold only hashes; the key a client sent is never logged, exported or forwarded. The
+file's keys are fixed per config; the API keys come from `ApiKeyTable`, which follows the
+storage. A name is the file's when both define it: the file is what the operator wrote last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from gateway.config.instants import format_instant
+from gateway.config.model import ApiKey, AuthConfig, Plan
+from gateway.keys.table import ApiKeyTable
+from gateway.problems import Forbidden, StorageUnavailable, Unauthorized
+
+# Principals of API keys are made on first use; past this many the cache starts afresh, so
+# that keys deleted or changed long ago do not stay in memory.
+_MAX_LAZY_PRINCIPALS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key: ApiKey
+    plan: Plan
+    subject: str  # "<key name>:<product>": what the limiter counts against
+
+
+class KeyIndex:
+    """The keys one config snapshot serves: the file's, then the API's."""
+
+    def __init__(
+        self,
+        keys: Iterable[ApiKey],
+        plans: Mapping[str, Plan],
+        api_keys: ApiKeyTable | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.file_keys = {key.name: key for key in keys}
+        self._by_hash = {key.key_sha256: key for key in self.file_keys.values()}
+        self.file_names = sorted(self.file_keys)
+        self.api_keys = api_keys if api_keys is not None else ApiKeyTable()
+        if api_keys is None:
+            self.api_keys.loaded = True
+        self._plans = plans
+        self._clock = clock
+        # One Principal per (key, product), built once so the hot path allocates nothing.
+        self._principals: dict[tuple[str, str], Principal] = {}
+        for key in self.file_keys.values():
+            for product, plan_name in key.plans.items():
+                subject = f"{key.name}:{product}"
+                self._principals[key.name, product] = Principal(key, plans[plan_name], subject)
+        self._api_principals: dict[tuple[str, str], Principal] = {}
+
+    def file_digest_owner(self, digest: str) -> str | None:
+        key = self._by_hash.get(digest)
+        return None if key is None else key.name
+
+    def by_name(self, name: str) -> ApiKey | None:
+        """The key called `name`, from the file or the API."""
+        key = self.file_keys.get(name)
+        if key is not None:
+            return key
+        record = self.api_keys.records.get(name)
+        return None if record is None else record.to_api_key()
+
+    def identify(self, auth: AuthConfig, presented: str | None) -> ApiKey:
+        """The key the client presented (in `auth.header`, else `auth.query_param`), or 401."""
+        if not presented:
+            where = f"the {auth.header} header"
+            if auth.query_param is not None:
+                where += f" or the {auth.query_param} query parameter"
+            raise Unauthorized(f"An API key is required in {where}.")
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        key = self._by_hash.get(digest)
+        if key is None:
+            key = self._api_key(digest)
+        if key.expires is not None and self._clock() >= key.expires:
+            raise Unauthorized(
+                f"The API key '{key.name}' expired at {format_instant(key.expires)}."
+            )
+        return key
+
+    def _api_key(self, digest: str) -> ApiKey:
+        secret = self.api_keys.secret(digest)
+        if secret is None:
+            if not self.api_keys.loaded:
+                # It may be a key the storage has and this process has not read yet.
+                raise StorageUnavailable()
+            raise Unauthorized("The API key is not valid.")
+        key, until = secret
+        if until is not None and self._clock() >= until:
+            raise Unauthorized(
+                f"The API key was replaced by a rotation; it was accepted until "
+                f"{format_instant(until)}."
+            )
+        if key.name in self.file_keys:
+            # The file defines this name: its key wins, and this one is unknown.
+            raise Unauthorized("The API key is not valid.")
+        return key
+
+    def authorize(self, key: ApiKey, product: str) -> Principal:
+        """The key's plan for this product, or 403."""
+        if key.disabled:
+            raise Forbidden(f"The API key '{key.name}' is disabled.")
+        principal = self._principals.get((key.name, product))
+        if principal is None or principal.key is not key:
+            principal = self._api_principal(key, product)
+        return principal
+
+    def _api_principal(self, key: ApiKey, product: str) -> Principal:
+        plan_name = key.plans.get(product)
+        plan = None if plan_name is None else self._plans.get(plan_name)
+        if plan is None:
+            # Also an API key whose plan a later config no longer declares.
+            raise Forbidden(f"The API key '{key.name}' has no plan for the product '{product}'.")
+        cached = self._api_principals.get((key.name, product))
+        if cached is not None and cached.key is key:
+            return cached
+        if len(self._api_principals) >= _MAX_LAZY_PRINCIPALS:
+            self._api_principals.clear()
+        principal = Principal(key, plan, f"{key.name}:{product}")
+        self._api_principals[key.name, product] = principal
+        return principal

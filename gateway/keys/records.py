@@ -1,0 +1,97 @@
+"""A key made through the admin API, as the storage keeps it.
+
+The record is one JSON object per key. It holds only SHA-256 digests of secrets: the current
+one, and those a rotation left valid until their grace ends. Times are unix seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config.model import ApiKey
+
+# Names of API keys: the contract's 1-64 characters, so they fit labels, logs and URLs.
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_NAME_HINT = "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousSecret:
+    """A secret replaced by a rotation, still accepted until `until`."""
+
+    key_sha256: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    name: str
+    key_sha256: str
+    plans: Mapping[str, str]
+    disabled: bool = False
+    expires: float | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    previous: tuple[PreviousSecret, ...] = field(default=())
+
+    def digests(self) -> tuple[str, ...]:
+        """Every digest that leads to this key: the current one and the rotated ones."""
+        return (self.key_sha256, *(old.key_sha256 for old in self.previous))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "key_sha256": self.key_sha256,
+                "plans": dict(self.plans),
+                "disabled": self.disabled,
+                "expires": self.expires,
+                "created": self.created,
+                "updated": self.updated,
+                "previous": [
+                    {"key_sha256": old.key_sha256, "until": old.until} for old in self.previous
+                ],
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> KeyRecord:
+        """The record stored as `text`; ValueError if the storage holds something else."""
+        try:
+            data: Any = json.loads(text)
+            plans = data["plans"]
+            if not isinstance(plans, dict) or not all(
+                isinstance(plan, str) for plan in plans.values()
+            ):
+                raise ValueError("plans must map products to plan names")
+            return cls(
+                name=str(data["name"]),
+                key_sha256=str(data["key_sha256"]),
+                plans=plans,
+                disabled=bool(data["disabled"]),
+                expires=None if data["expires"] is None else float(data["expires"]),
+                created=float(data["created"]),
+                updated=float(data["updated"]),
+                previous=tuple(
+                    PreviousSecret(str(old["key_sha256"]), float(old["until"]))
+                    for old in data["previous"]
+                ),
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a key record: {exc}") from exc
+
+    def to_api_key(self, plans: Mapping[str, str] | None = None) -> ApiKey:
+        """The key as the request path serves it; `plans` may be a shared equal mapping."""
+        return ApiKey(
+            self.name,
+            self.key_sha256,
+            self.plans if plans is None else plans,
+            self.disabled,
+            self.expires,
+        )

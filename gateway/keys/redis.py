@@ -1,0 +1,154 @@
+"""API keys in Redis or Redis Cluster, shared by every gateway process using that storage.
+
+Layout: every key of the store carries the hash tag `{gw:keys}`, so on a cluster they all
+live in one slot and `write.lua` can change them together:
+
+    gw:{gw:keys}:records   hash  key name -> the key's record (JSON)
+    gw:{gw:keys}:owners    hash  secret digest -> key name (a secret belongs to one key)
+    gw:{gw:keys}:version   string, bumped by every change
+
+and each change is announced on the channel `gw:{gw:keys}:changes` as
+"VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion). On a cluster PUBLISH reaches every
+node, so a subscriber may listen on any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Any, TypeVar, cast
+
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
+from gateway.limits.base import StorageError
+from gateway.limits.redis import AnyRedis, connect
+
+WRITE_SCRIPT = files("gateway.keys").joinpath("write.lua").read_text(encoding="utf-8")
+WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode("utf-8")).hexdigest()
+
+RECORDS_KEY = "gw:{gw:keys}:records"
+OWNERS_KEY = "gw:{gw:keys}:owners"
+VERSION_KEY = "gw:{gw:keys}:version"
+CHANNEL = "gw:{gw:keys}:changes"
+_LOAD_BATCH = 1000
+_REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
+
+T = TypeVar("T")
+
+
+class RedisKeyBackend:
+    shared = True
+
+    def __init__(self, client: AnyRedis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._is_cluster = isinstance(client, RedisCluster)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float) -> RedisKeyBackend:
+        return cls(connect(url, timeout), timeout)
+
+    async def write(self, write: KeyWrite) -> int:
+        args: tuple[str | int, ...] = (
+            CHANNEL,
+            write.name,
+            write.expected or "",
+            write.record or "",
+            len(write.add_digests),
+            *write.add_digests,
+            *write.remove_digests,
+        )
+        keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY)
+
+        async def run() -> Any:
+            try:
+                return await self._client.evalsha(WRITE_SCRIPT_SHA, len(keys), *keys, *args)
+            except NoScriptError:
+                # NOSCRIPT means nothing ran: loading the script and running it again is safe.
+                await self._client.script_load(WRITE_SCRIPT)
+                return await self._client.evalsha(WRITE_SCRIPT_SHA, len(keys), *keys, *args)
+
+        version, outcome = await self._guard("key write", run)
+        outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        if outcome != "ok":
+            reason: RefusalReason = next(
+                (known for known in _REFUSALS if known == outcome), "changed"
+            )
+            raise WriteRefused(reason)
+        return int(version)
+
+    async def read(self, name: str) -> str | None:
+        raw = await self._guard("key read", lambda: self._client.hget(RECORDS_KEY, name))
+        return None if raw is None else _text(raw)
+
+    async def version(self) -> int:
+        raw = await self._guard("key version", lambda: self._client.get(VERSION_KEY))
+        return int(raw or 0)
+
+    async def load(self) -> AsyncIterator[list[tuple[str, str]]]:
+        cursor = 0
+        while True:
+            scan = functools.partial(self._client.hscan, RECORDS_KEY, cursor, count=_LOAD_BATCH)
+            reply: Any = await self._guard("key load", scan)
+            cursor, found = int(reply[0]), reply[1]
+            yield [(_text(name), _text(record)) for name, record in found.items()]
+            if cursor == 0:
+                return
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        pubsub = self._client.pubsub()
+        try:
+            await self._guard("key subscribe", lambda: _subscribed(pubsub))
+            yield _RedisSubscription(pubsub)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._is_cluster:
+                    # Learn the slot map first, as the limiter does (see RedisLimiter._guard).
+                    await cast(RedisCluster, self._client).initialize()
+                return await call()
+        except WriteRefused:
+            raise
+        except Exception as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            raise StorageError(f"{operation}: {reason}") from exc
+
+
+async def _subscribed(pubsub: PubSub) -> None:
+    """Subscribe and wait for the server's confirmation (the caller bounds the wait): a change
+    made after it is announced to us, so reading the version after this misses nothing."""
+    await pubsub.subscribe(CHANNEL)
+    while True:
+        message = await pubsub.get_message(timeout=None)
+        if message is not None and message["type"] == "subscribe":
+            return
+
+
+class _RedisSubscription:
+    def __init__(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, within: float) -> Change | None:
+        message = await self._pubsub.get_message(timeout=within)
+        if message is None or message["type"] != "message":
+            return None
+        version, name, record = _text(message["data"]).split("\n", 2)
+        return Change(int(version), name, record or None)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

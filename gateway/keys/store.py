@@ -1,0 +1,232 @@
+"""The key store of one process: API keys written to the storage and followed from it.
+
+Following: the process subscribes to the storage's change announcements, then reads every key
+and the version they are at; from then on each announced change is applied in version order,
+so the table in memory is the storage as of `known_version`. A change that arrives early (this
+process's own write, or one overtaking another) waits in `_pending` for the ones before it.
+Two things repair what announcements can lose: any failure of the subscription starts over
+with a fresh full read, and every `CHECK_INTERVAL` the storage's version is compared with
+ours; when it is still ahead at the next check (an announcement was lost, not merely in
+flight) or behind (the storage was emptied), the keys are read afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
+from gateway.keys.records import KeyRecord
+from gateway.keys.table import ApiKeyTable
+from gateway.limits.base import StorageError
+
+log = logging.getLogger("gateway.keys")
+
+CHECK_INTERVAL = 1.0
+# A restart of following after a failure waits this long at first, doubling up to the max.
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
+# More early changes than this waiting for a missing one: stop waiting, read afresh.
+_MAX_PENDING = 10_000
+# An admin write that keeps meeting concurrent changes of the same key gives up after this.
+_WRITE_ATTEMPTS = 5
+
+T = TypeVar("T")
+
+
+class KeyStore:
+    def __init__(
+        self, backend: KeyBackend, timeout: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.table = ApiKeyTable()
+        self.known_version = 0
+        self._backend = backend
+        self._timeout = timeout
+        self._clock = clock
+        self._pending: dict[int, Change] = {}
+        self._reading = False  # a full read is under way: changes wait until it is done
+        self._task: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+
+    @property
+    def shared(self) -> bool:
+        return self._backend.shared
+
+    async def start(self) -> None:
+        """Start following; returns once the keys are loaded, or the first try has failed
+        (until a later try succeeds, unknown keys are answered 503, not 401)."""
+        if not self._backend.shared:
+            self.table.loaded = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._backend.close()
+
+    # --- admin writes ---------------------------------------------------------------------
+
+    async def read(self, name: str) -> KeyRecord | None:
+        """The key as stored now (not as this process last heard of it)."""
+        text = await self._call(self._backend.read(name))
+        return None if text is None else KeyRecord.from_json(text)
+
+    async def create(self, record: KeyRecord) -> KeyRecord:
+        """Store a new key; WriteRefused("name_taken" or "secret_taken")."""
+        text = record.to_json()
+        write = KeyWrite(record.name, None, text, add_digests=record.digests())
+        self.receive(Change(await self._call(self._backend.write(write)), record.name, text))
+        return record
+
+    async def update(
+        self, name: str, change: Callable[[KeyRecord], KeyRecord]
+    ) -> tuple[KeyRecord, KeyRecord]:
+        """Replace the key by `change(current)`; (old, new). WriteRefused("not_found", ...).
+
+        Should another process change the key in between, the change is made again on the
+        newer record rather than overwriting it."""
+        for _attempt in range(_WRITE_ATTEMPTS):
+            current_text = await self._call(self._backend.read(name))
+            if current_text is None:
+                raise WriteRefused("not_found")
+            current = KeyRecord.from_json(current_text)
+            new = change(current)
+            new_text = new.to_json()
+            old_digests, new_digests = set(current.digests()), set(new.digests())
+            write = KeyWrite(
+                name,
+                current_text,
+                new_text,
+                add_digests=tuple(sorted(new_digests - old_digests)),
+                remove_digests=tuple(sorted(old_digests - new_digests)),
+            )
+            try:
+                version = await self._call(self._backend.write(write))
+            except WriteRefused as refused:
+                if refused.reason == "changed":
+                    continue
+                raise
+            self.receive(Change(version, name, new_text))
+            return current, new
+        raise StorageError(f"key {name!r} kept changing during {_WRITE_ATTEMPTS} attempts")
+
+    async def delete(self, name: str) -> KeyRecord:
+        for _attempt in range(_WRITE_ATTEMPTS):
+            current_text = await self._call(self._backend.read(name))
+            if current_text is None:
+                raise WriteRefused("not_found")
+            current = KeyRecord.from_json(current_text)
+            write = KeyWrite(name, current_text, None, remove_digests=current.digests())
+            try:
+                version = await self._call(self._backend.write(write))
+            except WriteRefused as refused:
+                if refused.reason == "changed":
+                    continue
+                raise
+            self.receive(Change(version, name, None))
+            return current
+        raise StorageError(f"key {name!r} kept changing during {_WRITE_ATTEMPTS} attempts")
+
+    # --- following ------------------------------------------------------------------------
+
+    def receive(self, change: Change) -> None:
+        """Apply `change` once every change before it has been applied."""
+        if change.version <= self.known_version:
+            return
+        self._pending[change.version] = change
+        if len(self._pending) > _MAX_PENDING:
+            # One change has been missing for long: the next version check reads all keys.
+            self._pending.clear()
+        if not self._reading:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        while (change := self._pending.pop(self.known_version + 1, None)) is not None:
+            self._apply(change)
+            self.known_version = change.version
+
+    def _apply(self, change: Change) -> None:
+        if change.record is None:
+            self.table.remove(change.name)
+            return
+        try:
+            self.table.put(KeyRecord.from_json(change.record))
+        except ValueError as exc:
+            log.error("key %r: unreadable record in the storage, ignored: %s", change.name, exc)
+
+    async def _follow(self) -> None:
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                async with self._backend.subscribe() as subscription:
+                    await self.read_all()
+                    delay = _RETRY_FIRST
+                    self._first_attempt.set()
+                    await self._listen(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Whatever broke, the keys already loaded keep being served meanwhile.
+                log.warning("API keys: following the storage failed (%s); retrying", exc)
+                self._first_attempt.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _listen(self, subscription: Subscription) -> None:
+        ahead_at_last_check: int | None = None
+        next_check = time.monotonic() + CHECK_INTERVAL
+        while True:
+            wait = next_check - time.monotonic()
+            if wait > 0:
+                change = await subscription.next(wait)
+                if change is not None:
+                    self.receive(change)
+                continue
+            next_check = time.monotonic() + CHECK_INTERVAL
+            stored = await self._call(self._backend.version())
+            lost = ahead_at_last_check is not None and ahead_at_last_check > self.known_version
+            if stored < self.known_version or lost:
+                log.warning(
+                    "API keys: storage at version %d, this process at %d; reading all keys",
+                    stored,
+                    self.known_version,
+                )
+                await self.read_all()
+                ahead_at_last_check = None
+            else:
+                ahead_at_last_check = stored if stored > self.known_version else None
+
+    async def read_all(self) -> None:
+        """Replace the table by a full read of the storage (subscribed already)."""
+        self._reading = True
+        try:
+            version = await self._call(self._backend.version())
+            records: list[KeyRecord] = []
+            async for batch in self._backend.load():
+                for name, text in batch:
+                    try:
+                        records.append(KeyRecord.from_json(text))
+                    except ValueError as exc:
+                        log.error("key %r: unreadable record, ignored: %s", name, exc)
+            self.table.replace_all(records)
+            self.known_version = version
+            self._pending = {v: c for v, c in self._pending.items() if v > version}
+        finally:
+            self._reading = False
+        self._apply_pending()
+        log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call
+        except TimeoutError as exc:
+            raise StorageError("key storage: timed out") from exc

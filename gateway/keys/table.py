@@ -1,0 +1,79 @@
+"""The API keys one process serves from: every key of the storage, in memory.
+
+Only the key store (`gateway.keys.store`) changes the table, as it follows the storage; the
+request path reads it through `KeyIndex`. A lookup is a dict access by digest, so a request
+costs no storage call to find its key, and a made-up key costs none either.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+from gateway.config.model import ApiKey
+from gateway.keys.records import KeyRecord
+
+# digest -> (the key, the time until which this digest is accepted; None: no end but the
+# key's own `expires`). A rotated-out secret leads to the same ApiKey as the new one, so
+# both count against one subject.
+Secret = tuple[ApiKey, float | None]
+
+
+class ApiKeyTable:
+    def __init__(self) -> None:
+        self.records: dict[str, KeyRecord] = {}
+        self._secrets: dict[str, Secret] = {}
+        # Many keys share the same plans: one mapping per distinct plans saves memory at
+        # 100,000 keys.
+        self._shared_plans: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+        self._sorted_names: list[str] | None = None
+        # False until the storage has been read once: an unknown key may then be one the
+        # process has not loaded yet rather than a made-up one.
+        self.loaded = False
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def secret(self, digest: str) -> Secret | None:
+        return self._secrets.get(digest)
+
+    def put(self, record: KeyRecord) -> None:
+        self._forget(record.name)
+        plans_items = tuple(sorted(record.plans.items()))
+        plans = self._shared_plans.setdefault(plans_items, dict(plans_items))
+        key = record.to_api_key(plans)
+        self.records[record.name] = record
+        for old in record.previous:
+            self._secrets[old.key_sha256] = (key, old.until)
+        self._secrets[record.key_sha256] = (key, None)
+        self._sorted_names = None
+
+    def remove(self, name: str) -> None:
+        self._forget(name)
+        self._sorted_names = None
+
+    def replace_all(self, records: Iterable[KeyRecord]) -> None:
+        """Start over from a full read of the storage."""
+        self.records = {}
+        self._secrets = {}
+        self._shared_plans = {}
+        for record in records:
+            self.put(record)
+        self._sorted_names = None
+        self.loaded = True
+
+    def names_after(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` names that sort after `after`, in order."""
+        if self._sorted_names is None:
+            self._sorted_names = sorted(self.records)
+        start = bisect.bisect_right(self._sorted_names, after)
+        return self._sorted_names[start : start + limit]
+
+    def _forget(self, name: str) -> None:
+        record = self.records.pop(name, None)
+        if record is None:
+            return
+        for digest in record.digests():
+            secret = self._secrets.get(digest)
+            if secret is not None and secret[0].name == name:
+                del self._secrets[digest]

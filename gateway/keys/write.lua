@@ -1,0 +1,31 @@
+-- One change of the key store, atomic on the server: check, write, bump the version, announce.
+-- KEYS[1] records (hash name -> record), KEYS[2] owners (hash digest -> name), KEYS[3] version
+-- ARGV[1] channel, ARGV[2] name, ARGV[3] expected record ("" = the name must be free),
+-- ARGV[4] new record ("" = delete), ARGV[5] number of digests to add, then those digests,
+-- then the digests to remove.
+local name = ARGV[2]
+local current = redis.call('HGET', KEYS[1], name)
+if ARGV[3] == '' then
+  if current then return {0, 'name_taken'} end
+elseif not current then
+  return {0, 'not_found'}
+elseif current ~= ARGV[3] then
+  return {0, 'changed'}
+end
+local last_add = 5 + tonumber(ARGV[5])
+for i = 6, last_add do
+  local owner = redis.call('HGET', KEYS[2], ARGV[i])
+  if owner and owner ~= name then return {0, 'secret_taken'} end
+end
+for i = last_add + 1, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == name then redis.call('HDEL', KEYS[2], ARGV[i]) end
+end
+for i = 6, last_add do redis.call('HSET', KEYS[2], ARGV[i], name) end
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], name)
+else
+  redis.call('HSET', KEYS[1], name, ARGV[4])
+end
+local version = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[1], version .. '\n' .. name .. '\n' .. ARGV[4])
+return {version, 'ok'}
