@@ -504,3 +504,24 @@ def test_environment_defaults_to_os_environ(
 def test_zero_workers_means_one_per_cpu(tmp_path: Path) -> None:
     path = write_config_file(tmp_path, "server: {workers: 0}\nstorage: {url: 'redis://r:6379'}\n")
     assert load_config(path, env={}).server.workers == (os.cpu_count() or 1)
+
+
+def test_key_expires_is_read_as_unix_time(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        """
+products:
+  shop:
+    upstream: {url: "http://127.0.0.1:9000"}
+    routes: [{path: "/shop/{item}"}]
+plans: {free: }
+keys:
+  - {name: unquoted, key: one, plans: {shop: free}, expires: 2027-01-01T00:00:00Z}
+  - {name: quoted, key: two, plans: {shop: free}, expires: "2027-01-01T01:00:00+01:00"}
+  - {name: forever, key: three, plans: {shop: free}}
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path, env={})
+    new_year = 1798761600.0
+    assert [key.expires for key in config.keys] == [new_year, new_year, None]

@@ -1,0 +1,331 @@
+"""The admin keys API on a real gateway (one process, memory:// storage): what it accepts,
+what it refuses and how, and what the proxy port makes of the keys it creates."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config.instants import format_instant
+from gateway.server import Worker
+from tests.support.gateway import running_gateway, write_config
+from tests.support.upstream import running_upstream
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/soccer/{{rest:path}}"}}]
+  weather:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/weather/{{rest:path}}"}}]
+plans:
+  trial: {{rate: {{limit: 100, per: second}}}}
+  production: {{}}
+keys:
+  - name: file-key
+    key: file-secret
+    plans: {{soccer: trial}}
+  - name: m-file-key
+    key: m-file-secret
+    plans: {{soccer: trial}}
+    expires: 2020-01-01T00:00:00Z
+"""
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    session: aiohttp.ClientSession
+
+    def admin(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.worker.admin_port}{path}"
+
+    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        async with self.session.request(method, self.admin(path), **kwargs) as response:
+            data = await response.json(content_type=None) if response.status != 204 else None
+            return response.status, data, response.headers
+
+    async def proxy(self, secret: str, path: str = "/soccer/x") -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.worker.proxy_port}{path}"
+        async with self.session.get(url, headers={"X-API-Key": secret}) as response:
+            return response.status, await response.json(content_type=None)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_upstream() as upstream:
+        config = write_config(tmp_path / "config", API.format(upstream=upstream.url))
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            yield Rig(worker, session)
+
+
+async def create(rig: Rig, name: str, **fields: Any) -> dict[str, Any]:
+    status, body, headers = await rig.call(
+        "POST", "/admin/keys", {"name": name, "plans": {"soccer": "trial"}, **fields}
+    )
+    assert status == 201, body
+    assert headers["Location"] == f"/admin/keys/{name}"
+    return dict(body)
+
+
+# --- create, read, list ----------------------------------------------------------------------
+
+
+async def test_create_shows_the_secret_once_and_it_works_at_once(rig: Rig) -> None:
+    created = await create(rig, "acme", expires="2099-01-01T00:00:00+01:00")
+
+    secret = created.pop("key")
+    assert len(secret) >= 40
+    assert created["name"] == "acme" and created["source"] == "api"
+    assert created["plans"] == {"soccer": "trial"} and created["disabled"] is False
+    assert created["expires"] == "2098-12-31T23:00:00Z" and created["expired"] is False
+    status, _ = await rig.proxy(secret)
+    assert status == 200
+    status, fetched, _ = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and "key" not in fetched and "key_sha256" not in fetched
+    assert fetched == created
+    # The key is counted under its name, like a file key: the usage API knows it.
+    status, usage, _ = await rig.call("GET", "/admin/usage/acme")
+    assert status == 200 and usage["products"]["soccer"]["plan"] == "trial"
+
+
+async def test_import_by_digest_returns_no_secret(rig: Rig) -> None:
+    digest = hashlib.sha256(b"made-elsewhere").hexdigest().upper()
+    created = await create(rig, "imported", key_sha256=digest)
+    assert "key" not in created
+    assert (await rig.proxy("made-elsewhere"))[0] == 200
+    assert (await rig.proxy("made-elsewhere", "/weather/x"))[0] == 403
+
+
+async def test_list_pages_by_name_over_file_and_api_keys(rig: Rig) -> None:
+    for name in ("b", "d", "z.last", "a"):
+        await create(rig, name)
+    seen: list[str] = []
+    sources: dict[str, str] = {}
+    after = ""
+    pages = 0
+    while True:
+        status, page, _ = await rig.call("GET", f"/admin/keys?limit=2&after={after}")
+        assert status == 200 and len(page["keys"]) <= 2
+        pages += 1
+        seen += [key["name"] for key in page["keys"]]
+        sources |= {key["name"]: key["source"] for key in page["keys"]}
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == ["a", "b", "d", "file-key", "m-file-key", "z.last"]
+    assert pages == 3
+    assert sources["file-key"] == "file" and sources["a"] == "api"
+    status, everything, _ = await rig.call("GET", "/admin/keys")
+    assert [key["name"] for key in everything["keys"]] == seen and everything["next"] is None
+    assert all("key" not in key for key in everything["keys"])
+
+
+async def test_file_key_shows_its_expiry(rig: Rig) -> None:
+    status, key, _ = await rig.call("GET", "/admin/keys/m-file-key")
+    assert status == 200
+    assert key["source"] == "file" and key["expires"] == "2020-01-01T00:00:00Z"
+    assert key["expired"] is True
+
+
+# --- change, delete, rotate ------------------------------------------------------------------
+
+
+async def test_disable_then_enable_then_delete(rig: Rig) -> None:
+    secret = (await create(rig, "acme"))["key"]
+
+    status, patched, _ = await rig.call("PATCH", "/admin/keys/acme", {"disabled": True})
+    assert status == 200 and patched["disabled"] is True
+    status, problem = await rig.proxy(secret)
+    assert status == 403 and problem["detail"] == "The API key 'acme' is disabled."
+
+    status, patched, _ = await rig.call(
+        "PATCH", "/admin/keys/acme", {"disabled": False, "plans": {"weather": "production"}}
+    )
+    assert status == 200 and patched["plans"] == {"weather": "production"}
+    assert (await rig.proxy(secret, "/weather/x"))[0] == 200
+    assert (await rig.proxy(secret))[0] == 403
+
+    status, _, _ = await rig.call("DELETE", "/admin/keys/acme")
+    assert status == 204
+    status, problem = await rig.proxy(secret, "/weather/x")
+    assert status == 401 and problem["detail"] == "The API key is not valid."
+    assert (await rig.call("GET", "/admin/keys/acme"))[0] == 404
+    assert (await rig.call("DELETE", "/admin/keys/acme"))[0] == 404
+    # The name and the secret are free again.
+    assert (await create(rig, "acme"))["name"] == "acme"
+
+
+async def test_expiry_is_401_saying_so(rig: Rig) -> None:
+    soon = time.time() + 0.4
+    secret = (await create(rig, "brief", expires=format_instant(soon + 1)))["key"]
+    precise = datetime.fromtimestamp(soon, UTC).isoformat(timespec="milliseconds")
+    status, patched, _ = await rig.call("PATCH", "/admin/keys/brief", {"expires": precise})
+    assert status == 200 and patched["expires"] == format_instant(soon)
+    assert (await rig.proxy(secret))[0] == 200
+    await asyncio.sleep(max(0.0, soon - time.time()) + 0.05)
+
+    status, problem = await rig.proxy(secret)
+    assert status == 401
+    assert problem["detail"] == f"The API key 'brief' expired at {format_instant(soon)}."
+    # File keys expire too.
+    status, problem = await rig.proxy("m-file-secret")
+    assert status == 401
+    assert problem["detail"] == "The API key 'm-file-key' expired at 2020-01-01T00:00:00Z."
+    # Clearing `expires` brings the key back.
+    assert (await rig.call("PATCH", "/admin/keys/brief", {"expires": None}))[0] == 200
+    assert (await rig.proxy(secret))[0] == 200
+
+
+async def test_rotation_keeps_the_old_secret_for_the_grace_only(rig: Rig) -> None:
+    old = (await create(rig, "acme"))["key"]
+
+    status, rotated, _ = await rig.call("POST", "/admin/keys/acme/rotate", {"grace": "400ms"})
+    assert status == 200
+    new = rotated.pop("key")
+    assert new != old and rotated["name"] == "acme"
+    assert rotated["previous_key_valid_until"] is not None
+    assert (await rig.proxy(old))[0] == 200
+    assert (await rig.proxy(new))[0] == 200
+    # Both secrets are one key: one rate limit, one quota, one name in the access log.
+    await asyncio.sleep(0.45)
+    status, problem = await rig.proxy(old)
+    assert status == 401 and "rotation" in problem["detail"]
+    assert (await rig.proxy(new))[0] == 200
+
+    # Without a grace the old secret stops at once.
+    status, again, _ = await rig.call("POST", "/admin/keys/acme/rotate")
+    assert status == 200 and again["previous_key_valid_until"] is None
+    assert (await rig.proxy(new))[0] == 401
+    assert (await rig.proxy(again["key"]))[0] == 200
+
+
+async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -> None:
+    async with running_upstream() as upstream:
+        body = API.format(upstream=upstream.url).replace(
+            "trial: {rate: {limit: 100, per: second}}", "trial: {rate: {limit: 4, per: minute}}"
+        )
+        config = write_config(tmp_path / "config", body)
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            rig = Rig(worker, session)
+            old = (await create(rig, "acme"))["key"]
+            new = (await rig.call("POST", "/admin/keys/acme/rotate", {"grace": "1h"}))[1]["key"]
+            statuses = [(await rig.proxy(secret))[0] for secret in (old, new, old, new, old, new)]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"plans": {}}, "name: is required"),
+        ({"name": ""}, "name: must be 1-64 characters"),
+        ({"name": "a" * 65}, "name: must be 1-64 characters"),
+        ({"name": "has space"}, "name: must be 1-64 characters"),
+        ({"name": 7}, "name: must be 1-64 characters"),
+        ({"name": "x", "plans": {"cricket": "trial"}}, "plans.cricket: unknown product"),
+        ({"name": "x", "plans": {"soccer": "gold"}}, "plans.soccer: unknown plan 'gold'"),
+        ({"name": "x", "plans": ["soccer"]}, "plans: must be a mapping"),
+        ({"name": "x", "plans": {"soccer": 1}}, "plans.soccer: must be a string"),
+        ({"name": "x", "expires": "tomorrow"}, "expires: must be an RFC 3339 time"),
+        ({"name": "x", "expires": "2027-01-01T00:00:00"}, "expires: must be an RFC 3339 time"),
+        ({"name": "x", "expires": 1798761600}, "expires: must be an RFC 3339 time"),
+        ({"name": "x", "disabled": "yes"}, "disabled: must be true or false"),
+        ({"name": "x", "key_sha256": "abc"}, "key_sha256: must be 64 hexadecimal characters"),
+        ({"name": "x", "key": "mine"}, "key: unknown field (allowed: name, plans,"),
+    ],
+)
+async def test_create_refuses_with_the_field_named(
+    rig: Rig, body: dict[str, Any], detail: str
+) -> None:
+    status, problem, headers = await rig.call("POST", "/admin/keys", body)
+    assert status == 400, problem
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["code"] == "bad_request" and problem["detail"].startswith(detail)
+    assert (await rig.call("GET", "/admin/keys/x"))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b"{not json", "body: not valid JSON"),
+        (b"[1]", "body: must be a JSON object"),
+        (b"", "body: not valid JSON"),
+    ],
+)
+async def test_a_body_that_is_not_a_json_object_is_400(rig: Rig, raw: bytes, detail: str) -> None:
+    status, problem, _ = await rig.call("POST", "/admin/keys", raw=raw)
+    assert status == 400 and problem["detail"].startswith(detail)
+    await create(rig, "acme")
+    status, problem, _ = await rig.call("PATCH", "/admin/keys/acme", raw=raw)
+    assert status == 400 and problem["detail"].startswith(detail)
+
+
+async def test_patch_and_rotate_refuse_bad_fields(rig: Rig) -> None:
+    await create(rig, "acme")
+    cases = [
+        ("PATCH", "/admin/keys/acme", {"name": "other"}, "name: unknown field"),
+        ("PATCH", "/admin/keys/acme", {"expires": "soon"}, "expires: must be"),
+        ("PATCH", "/admin/keys/acme", {"plans": {"soccer": "gold"}}, "plans.soccer: unknown plan"),
+        ("POST", "/admin/keys/acme/rotate", {"grace": "forever"}, "grace: must be a duration"),
+        ("POST", "/admin/keys/acme/rotate", {"grace": -1}, "grace: must be a duration"),
+    ]
+    for method, path, body, detail in cases:
+        status, problem, _ = await rig.call(method, path, body)
+        assert status == 400 and problem["detail"].startswith(detail), (body, problem)
+    status, problem, _ = await rig.call("GET", "/admin/keys?limit=0")
+    assert status == 400 and problem["detail"].startswith("limit: must be an integer")
+
+
+async def test_conflicts_are_409(rig: Rig) -> None:
+    await create(rig, "acme")
+    taken = [
+        ("POST", "/admin/keys", {"name": "acme"}, "name: a key named 'acme' exists already"),
+        ("POST", "/admin/keys", {"name": "file-key"}, "name: the key 'file-key' is defined"),
+        (
+            "POST",
+            "/admin/keys",
+            {"name": "copycat", "key_sha256": hashlib.sha256(b"file-secret").hexdigest()},
+            "key_sha256: a key of the config file has this secret",
+        ),
+        ("PATCH", "/admin/keys/file-key", {"disabled": True}, "The key 'file-key' is defined"),
+        ("DELETE", "/admin/keys/file-key", None, "The key 'file-key' is defined in the config"),
+        ("POST", "/admin/keys/file-key/rotate", None, "The key 'file-key' is defined"),
+    ]
+    for method, path, body, detail in taken:
+        status, problem, _ = await rig.call(method, path, body)
+        assert status == 409 and problem["code"] == "conflict", (path, problem)
+        assert problem["detail"].startswith(detail), problem
+    digest = hashlib.sha256(b"shared").hexdigest()
+    await create(rig, "first", key_sha256=digest)
+    status, problem, _ = await rig.call(
+        "POST", "/admin/keys", {"name": "second", "key_sha256": digest}
+    )
+    assert status == 409 and problem["detail"] == "key_sha256: another key has this secret"
+    assert (await rig.proxy("file-secret"))[0] == 200  # the file key is untouched
+
+
+async def test_unknown_keys_are_404(rig: Rig) -> None:
+    for method, path in (
+        ("GET", "/admin/keys/ghost"),
+        ("PATCH", "/admin/keys/ghost"),
+        ("DELETE", "/admin/keys/ghost"),
+        ("POST", "/admin/keys/ghost/rotate"),
+    ):
+        status, problem, _ = await rig.call(
+            method, path, {"disabled": True} if method == "PATCH" else None
+        )
+        assert status == 404 and problem["code"] == "not_found", (method, problem)

@@ -1,0 +1,53 @@
+"""RFC 3339 instants of `expires`, in the YAML and the admin API."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+
+from gateway.config.instants import INSTANT_HINT, format_instant, parse_instant
+
+NEW_YEAR_2027 = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "2027-01-01T00:00:00Z",
+        "2027-01-01t00:00:00z",
+        "2027-01-01 00:00:00Z",
+        "2027-01-01T01:00:00+01:00",
+        "2027-01-01T00:00:00.000Z",
+        "2027-01-01",
+        datetime(2027, 1, 1, tzinfo=UTC),  # what YAML makes of an unquoted time with a zone
+        datetime(2027, 1, 1, 2, tzinfo=timezone(timedelta(hours=2))),
+        date(2027, 1, 1),  # ... and of an unquoted date
+    ],
+)
+def test_parse_instant(written: object) -> None:
+    assert parse_instant(written) == NEW_YEAR_2027
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "2027-01-01T00:00:00",  # no offset: the hour would depend on the machine
+        datetime(2027, 1, 1),
+        "next tuesday",
+        "",
+        "2027-13-01T00:00:00Z",
+        1798761600,  # a unix time is not an RFC 3339 time
+        True,
+        None,
+    ],
+)
+def test_parse_instant_refuses(written: object) -> None:
+    with pytest.raises(ValueError, match="RFC 3339"):
+        parse_instant(written)
+    assert "RFC 3339" in INSTANT_HINT
+
+
+def test_format_instant_is_utc_whole_seconds() -> None:
+    assert format_instant(NEW_YEAR_2027 + 0.75) == "2027-01-01T00:00:00Z"
+    assert parse_instant(format_instant(NEW_YEAR_2027)) == NEW_YEAR_2027
