@@ -1,0 +1,227 @@
+"""The key store on real Redis and Redis Cluster: two stores stand for two gateway processes
+sharing the storage; what one writes, the other serves from memory within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import pytest
+import redis
+
+from gateway.config.model import StorageConfig
+from gateway.keys import KeyRecord, KeyStore, create_key_store
+from gateway.keys.backend import WriteRefused
+from gateway.keys.redis import CHANNEL, RECORDS_KEY, VERSION_KEY
+from gateway.keys.records import PreviousSecret
+from gateway.keys.store import CHECK_INTERVAL
+from tests.support.redis_servers import RedisClusterNodes, RedisServer
+
+HONOURED_WITHIN = 1.0
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def storage_url(request: pytest.FixtureRequest) -> str:
+    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+    server: RedisServer | RedisClusterNodes = request.getfixturevalue(fixture)
+    return server.url
+
+
+@asynccontextmanager
+async def started_store(url: str) -> AsyncIterator[KeyStore]:
+    store = create_key_store(StorageConfig(url=url, timeout=1.0))
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def record(name: str, digest: str | None = None, **fields: object) -> KeyRecord:
+    now = time.time()
+    digest = digest or uuid.uuid4().hex * 2
+    return replace(KeyRecord(name, digest, {"soccer": "trial"}, created=now, updated=now), **fields)
+
+
+async def until(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Seconds until `condition` held; fails naming `what` after `within`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def test_every_change_reaches_the_other_process_within_a_second(storage_url: str) -> None:
+    async with started_store(storage_url) as writer, started_store(storage_url) as follower:
+        assert follower.table.loaded
+        name = unique("acme")
+        created = await writer.create(record(name))
+        assert writer.table.secret(created.key_sha256) is not None  # its own write: at once
+        await until(
+            lambda: follower.table.secret(created.key_sha256) is not None,
+            HONOURED_WITHIN,
+            "created key known to the follower",
+        )
+
+        await writer.update(name, lambda current: replace(current, disabled=True))
+        await until(
+            lambda: follower.table.records[name].disabled, HONOURED_WITHIN, "disable followed"
+        )
+
+        until_at = time.time() + 3600
+        _, rotated = await writer.update(
+            name,
+            lambda current: replace(
+                current,
+                key_sha256="f" * 64,
+                previous=(PreviousSecret(current.key_sha256, until_at),),
+            ),
+        )
+        await until(
+            lambda: follower.table.secret("f" * 64) is not None, HONOURED_WITHIN, "rotation"
+        )
+        old = follower.table.secret(created.key_sha256)
+        new = follower.table.secret("f" * 64)
+        assert old is not None and new is not None
+        assert old[0] is new[0] and old[1] == until_at and new[1] is None  # one key, two secrets
+
+        await writer.delete(name)
+        await until(lambda: name not in follower.table.records, HONOURED_WITHIN, "delete")
+        assert follower.table.secret("f" * 64) is None
+        assert follower.table.secret(created.key_sha256) is None
+        assert follower.known_version == writer.known_version
+
+
+async def test_a_restarted_process_loads_every_key(storage_url: str) -> None:
+    names = [unique("kept") for _ in range(3)]
+    async with started_store(storage_url) as writer:
+        for name in names:
+            await writer.create(record(name))
+        await writer.delete(names[2])
+    async with started_store(storage_url) as restarted:
+        assert restarted.table.loaded
+        assert names[0] in restarted.table.records and names[1] in restarted.table.records
+        assert names[2] not in restarted.table.records
+
+
+async def test_names_and_secrets_are_unique_in_the_storage(storage_url: str) -> None:
+    async with started_store(storage_url) as one, started_store(storage_url) as other:
+        name = unique("taken")
+        first = await one.create(record(name))
+        with pytest.raises(WriteRefused) as refused:
+            await other.create(record(name))
+        assert refused.value.reason == "name_taken"
+        with pytest.raises(WriteRefused) as refused:
+            await other.create(record(unique("copy"), first.key_sha256))
+        assert refused.value.reason == "secret_taken"
+        with pytest.raises(WriteRefused) as refused:
+            await other.update(unique("ghost"), lambda current: current)
+        assert refused.value.reason == "not_found"
+        # Once deleted, its secret may be used again.
+        await one.delete(name)
+        await other.create(record(unique("reuse"), first.key_sha256))
+
+
+async def test_concurrent_changes_of_one_key_are_both_kept(storage_url: str) -> None:
+    async with started_store(storage_url) as one, started_store(storage_url) as other:
+        name = unique("busy")
+        await one.create(record(name))
+        await asyncio.gather(
+            one.update(name, lambda current: replace(current, disabled=True)),
+            other.update(name, lambda current: replace(current, plans={"weather": "pro"})),
+            one.update(name, lambda current: replace(current, expires=4102444800.0)),
+        )
+        final = await one.read(name)
+        assert final is not None
+        assert (final.disabled, dict(final.plans), final.expires) == (
+            True,
+            {"weather": "pro"},
+            4102444800.0,
+        )
+
+
+async def test_a_lost_announcement_is_repaired_by_the_version_check(
+    fresh_redis_server: RedisServer,
+) -> None:
+    async with started_store(fresh_redis_server.url) as follower:
+        # A change written as write.lua does, but announced to nobody.
+        client = fresh_redis_server.client()
+        try:
+            client.hset(RECORDS_KEY, "unannounced", record("unannounced").to_json())
+            client.incr(VERSION_KEY)
+        finally:
+            client.close()
+        waited = await until(
+            lambda: "unannounced" in follower.table.records,
+            3 * CHECK_INTERVAL + 1.0,
+            "the version check read the keys afresh",
+        )
+        assert waited >= CHECK_INTERVAL * 0.9  # not by an announcement: by the check
+
+
+async def test_following_survives_a_redis_restart(fresh_redis_server: RedisServer) -> None:
+    url = fresh_redis_server.url
+    async with started_store(url) as writer, started_store(url) as follower:
+        await writer.create(record("before"))
+        await until(lambda: "before" in follower.table.records, HONOURED_WITHIN, "before")
+        fresh_redis_server.stop()
+        fresh_redis_server.start()  # empty: nothing is persisted in these tests
+
+        async def create_after() -> None:
+            while True:
+                try:
+                    await writer.create(record("after"))
+                    return
+                except Exception:
+                    await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(create_after(), 10)
+        await until(lambda: "after" in follower.table.records, 5.0, "followed after restart")
+        # The storage was emptied: the follower forgot "before" with it.
+        await until(lambda: "before" not in follower.table.records, 5.0, "emptied storage")
+
+
+async def test_a_storage_down_at_start_answers_later(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = RedisServer(tmp_path_factory.mktemp("late-redis"))
+    store = create_key_store(StorageConfig(url=server.url, timeout=0.2))
+    try:
+        await asyncio.wait_for(store.start(), 5)  # returns after the first failed try
+        assert not store.table.loaded
+        server.start()
+        await until(lambda: store.table.loaded, 5.0, "loaded once Redis is up")
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_changes_are_announced_on_the_documented_channel(redis_server: RedisServer) -> None:
+    listener = redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(CHANNEL)
+        async with started_store(redis_server.url) as store:
+            name = unique("announced")
+            created = await store.create(record(name))
+            message = None
+            deadline = time.monotonic() + 2
+            while message is None and time.monotonic() < deadline:
+                message = pubsub.get_message(timeout=0.1)
+        assert message is not None
+        version, announced_name, text = message["data"].decode().split("\n", 2)
+        assert int(version) == store.known_version
+        assert announced_name == name and KeyRecord.from_json(text) == created
+    finally:
+        pubsub.close()
+        listener.close()
