@@ -16,8 +16,8 @@ import redis
 from gateway.config.model import StorageConfig
 from gateway.keys import KeyRecord, KeyStore, create_key_store
 from gateway.keys.backend import WriteRefused
-from gateway.keys.redis import CHANNEL, RECORDS_KEY, VERSION_KEY
 from gateway.keys.records import PreviousSecret
+from gateway.keys.redis import CHANNEL, RECORDS_KEY, VERSION_KEY
 from gateway.keys.store import CHECK_INTERVAL
 from tests.support.redis_servers import RedisClusterNodes, RedisServer
 
@@ -79,7 +79,7 @@ async def test_every_change_reaches_the_other_process_within_a_second(storage_ur
         )
 
         until_at = time.time() + 3600
-        _, rotated = await writer.update(
+        await writer.update(
             name,
             lambda current: replace(
                 current,
