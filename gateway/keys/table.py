@@ -54,11 +54,17 @@ class ApiKeyTable:
 
     def replace_all(self, records: Iterable[KeyRecord]) -> None:
         """Start over from a full read of the storage."""
-        self.records = {}
-        self._secrets = {}
-        self._shared_plans = {}
+        fresh = ApiKeyTable()
         for record in records:
-            self.put(record)
+            fresh.put(record)
+        self.take(fresh)
+
+    def take(self, fresh: ApiKeyTable) -> None:
+        """Serve what `fresh` holds from now on: a table filled bit by bit off to the side
+        (between reads of the storage) and swapped in at once."""
+        self.records = fresh.records
+        self._secrets = fresh._secrets
+        self._shared_plans = fresh._shared_plans
         self._sorted_names = None
         self.loaded = True
 
