@@ -329,3 +329,43 @@ async def test_unknown_keys_are_404(rig: Rig) -> None:
             method, path, {"disabled": True} if method == "PATCH" else None
         )
         assert status == 404 and problem["code"] == "not_found", (method, problem)
+
+
+async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
+    async with running_upstream() as upstream:
+        config_dir = write_config(tmp_path / "config", API.format(upstream=upstream.url))
+        async with (
+            running_gateway(config_dir, watch=True) as worker,
+            aiohttp.ClientSession() as session,
+        ):
+            rig = Rig(worker, session)
+            secret = (
+                await create(rig, "acme", plans={"soccer": "trial", "weather": "production"})
+            )["key"]
+            assert (await rig.proxy(secret, "/weather/x"))[0] == 200
+
+            # The next config drops the plan `production` and declares a file key `acme`.
+            edited = API.format(upstream=upstream.url).replace("  production: {}\n", "")
+            edited += "  - {name: acme, key: acme-file-secret, plans: {weather: trial}}\n"
+            (config_dir / "10-api.yaml").write_text(edited)
+            worker.reload()
+
+            # The file's key of that name wins; the API key is not served meanwhile.
+            status, problem = await rig.proxy(secret)
+            assert status == 401 and problem["detail"] == "The API key is not valid."
+            assert (await rig.proxy("acme-file-secret", "/weather/x"))[0] == 200
+            status, shown, _ = await rig.call("GET", "/admin/keys/acme")
+            assert status == 200 and shown["source"] == "file"
+
+            # Without the file key again, the API key is back, minus the plan that is gone.
+            (config_dir / "10-api.yaml").write_text(
+                API.format(upstream=upstream.url).replace("  production: {}\n", "")
+            )
+            worker.reload()
+            assert (await rig.proxy(secret))[0] == 200
+            status, problem = await rig.proxy(secret, "/weather/x")
+            assert status == 403 and "no plan for the product 'weather'" in problem["detail"]
+            status, problem, _ = await rig.call(
+                "PATCH", "/admin/keys/acme", {"plans": {"weather": "production"}}
+            )
+            assert status == 400 and problem["detail"].startswith("plans.weather: unknown plan")
