@@ -37,7 +37,7 @@ RECORDS_KEY = "gw:{gw:keys}:records"
 OWNERS_KEY = "gw:{gw:keys}:owners"
 VERSION_KEY = "gw:{gw:keys}:version"
 CHANNEL = "gw:{gw:keys}:changes"
-_LOAD_BATCH = 1000
+_LOAD_BATCH = 500  # records per HSCAN: the event loop serves requests between batches
 _REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
 
 T = TypeVar("T")
