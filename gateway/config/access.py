@@ -23,7 +23,7 @@ from gateway.config.model import (
     RateRule,
 )
 from gateway.config.products import NAME, NAME_HINT
-from gateway.config.yamlnodes import ConfigIssue, Fields, Walker, line_of
+from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, line_of
 
 _PLAN_KEYS = ("rate", "quota")
 _RATE_KEYS = ("limit", "per")
@@ -168,7 +168,7 @@ class KeysReader:
         expires = w.optional(fields, "expires", lambda n, p: _instant(w, n, p), None)
         if name is None or digest is None:
             return None
-        return ApiKey(name, digest, plans, disabled, expires)
+        return ApiKey(name, digest, plans, disabled, expires=expires)
 
     def _digest(self, fields: Fields, path: str) -> str | None:
         """The lower-case SHA-256 of the secret; a plain `key` is hashed and then forgotten."""
@@ -223,16 +223,22 @@ def read_key_plans(
     return chosen
 
 
-def key_plans_from_data(
-    value: object, products: Collection[str], plans: Collection[str]
-) -> tuple[dict[str, str], list[ConfigIssue]]:
-    """`read_key_plans` for a value that came as JSON (the admin API): the value is turned
-    into YAML nodes and read by the file's own reader, so an API key's plans accept and
-    refuse exactly what a file key's do. The issues' paths start with `plans`."""
+def validate_key_plans(
+    data: object,
+    products: Collection[str] | None,
+    plans: Collection[str] | None,
+    source: str = "request",
+) -> dict[str, str]:
+    """`read_key_plans` for a key's `plans` given as data (a JSON body of the admin API): the
+    data is turned into YAML nodes and read by the file's own reader, so an API key's plans
+    accept and refuse exactly what a file key's do. Raises ConfigError whose issues name the
+    path of each bad value (`plans.soccer: unknown plan ...`)."""
     issues: list[ConfigIssue] = []
     # JSON text is YAML; ensure_ascii keeps it inside what PyYAML's reader accepts.
-    node = yaml.compose(json.dumps(value), Loader=yaml.SafeLoader)
+    node = yaml.compose(json.dumps(data), Loader=yaml.SafeLoader)
     if node is None:
-        return {}, [ConfigIssue("", None, "plans", "must be a mapping")]
-    chosen = read_key_plans(Walker("", issues), node, "plans", products, plans)
-    return chosen, issues
+        raise ConfigError([ConfigIssue(source, None, "plans", "must be a mapping")])
+    chosen = read_key_plans(Walker(source, issues), node, "plans", products, plans)
+    if issues:
+        raise ConfigError(issues)
+    return chosen

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from gateway.config.access import key_plans_from_data
+from gateway.config.access import validate_key_plans
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
 from gateway.config.model import ApiKey, Config
+from gateway.config.yamlnodes import ConfigError
 from gateway.keys.backend import WriteRefused
 from gateway.keys.index import KeyIndex
 from gateway.keys.records import KEY_NAME, KEY_NAME_HINT, KeyRecord, PreviousSecret
@@ -258,11 +259,17 @@ def _name(value: object) -> str:
     return value
 
 
-def _plans(value: object, config: Config) -> dict[str, str]:
-    plans, issues = key_plans_from_data(value, config.products, config.plans)
-    if issues:
-        raise BadRequest("; ".join(f"{issue.path}: {issue.message}" for issue in issues))
-    return plans
+def _plans(value: object, config: Config) -> dict[str, Any]:
+    """The `plans` of a key as the body gave them, once the config file's own rules accept
+    them; kept as given, so that the record holds any form the file accepts."""
+    try:
+        validate_key_plans(value, config.products, config.plans)
+    except ConfigError as error:
+        raise BadRequest(
+            "; ".join(f"{issue.path}: {issue.message}" for issue in error.issues)
+        ) from None
+    assert isinstance(value, dict)  # validated: a mapping
+    return value
 
 
 def _boolean(value: object, field: str) -> bool:

@@ -31,7 +31,9 @@ class PreviousSecret:
 class KeyRecord:
     name: str
     key_sha256: str
-    plans: Mapping[str, str]
+    # The key's `plans` as the admin API accepted them: product -> plan name, or any other
+    # form a file key's `plans` takes (the same reader checked them).
+    plans: Mapping[str, Any]
     disabled: bool = False
     expires: float | None = None
     created: float = 0.0
@@ -66,10 +68,8 @@ class KeyRecord:
         try:
             data: Any = json.loads(text)
             plans = data["plans"]
-            if not isinstance(plans, dict) or not all(
-                isinstance(plan, str) for plan in plans.values()
-            ):
-                raise ValueError("plans must map products to plan names")
+            if not isinstance(plans, dict):
+                raise ValueError("plans must be a mapping")
             return cls(
                 name=str(data["name"]),
                 key_sha256=str(data["key_sha256"]),
@@ -86,12 +86,22 @@ class KeyRecord:
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a key record: {exc}") from exc
 
-    def to_api_key(self, plans: Mapping[str, str] | None = None) -> ApiKey:
-        """The key as the request path serves it; `plans` may be a shared equal mapping."""
+    def plan_names(self) -> dict[str, str]:
+        """product -> plan name: a name as such, or the `plan` of a mapping."""
+        names: dict[str, str] = {}
+        for product, plan in self.plans.items():
+            name = plan.get("plan") if isinstance(plan, dict) else plan
+            if isinstance(name, str):
+                names[product] = name
+        return names
+
+    def to_api_key(self, plan_names: Mapping[str, str] | None = None) -> ApiKey:
+        """The key as the request path serves it; `plan_names` may be a shared equal mapping
+        of `self.plan_names()`."""
         return ApiKey(
             self.name,
             self.key_sha256,
-            self.plans if plans is None else plans,
+            self.plan_names() if plan_names is None else plan_names,
             self.disabled,
-            self.expires,
+            expires=self.expires,
         )

@@ -39,7 +39,7 @@ class ApiKeyTable:
 
     def put(self, record: KeyRecord) -> None:
         self._forget(record.name)
-        plans_items = tuple(sorted(record.plans.items()))
+        plans_items = tuple(sorted(record.plan_names().items()))
         plans = self._shared_plans.setdefault(plans_items, dict(plans_items))
         key = record.to_api_key(plans)
         self.records[record.name] = record
