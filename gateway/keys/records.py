@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.config.model import ApiKey
 
-# Names of API keys: the contract's 1-64 characters, so they fit labels, logs and URLs.
+# Names of API keys: 1-64 characters, so that they fit labels, logs and URLs.
 KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KEY_NAME_HINT = "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
 
