@@ -62,12 +62,14 @@ _SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 _DEFAULT_PAGE, _MAX_PAGE = 100, 1000
 # 32 random bytes: as hard to guess as the SHA-256 that stands for them.
 _SECRET_BYTES = 32
+# An answer that carries a secret must not be kept by any cache on the way.
+_NOT_CACHED = {"Cache-Control": "no-store"}
 
 
 def add_key_routes(app: web.Application, access: KeysAccess) -> None:
     api = _KeysApi(access)
     app.router.add_post("/admin/keys", api.create)
-    app.router.add_get("/admin/keys", api.list)
+    app.router.add_get("/admin/keys", api.list_keys)
     app.router.add_get("/admin/keys/{name}", api.get)
     app.router.add_patch("/admin/keys/{name}", api.patch)
     app.router.add_delete("/admin/keys/{name}", api.delete)
@@ -105,9 +107,10 @@ class _KeysApi:
         body = self._api_json(record)
         if secret is not None:
             body["key"] = secret
-        return web.json_response(body, status=201, headers={"Location": f"/admin/keys/{name}"})
+        headers = {"Location": f"/admin/keys/{name}", **_NOT_CACHED}
+        return web.json_response(body, status=201, headers=headers)
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_keys(self, request: web.Request) -> web.Response:
         index = self._access.get_snapshot().keys
         after = request.query.get("after", "")
         limit = _page_size(request.query.get("limit"))
@@ -189,7 +192,7 @@ class _KeysApi:
         body = self._api_json(new)
         if secret is not None:
             body["key"] = secret
-        return web.json_response(body)
+        return web.json_response(body, headers=_NOT_CACHED)
 
     def _api_key_name(self, snapshot: Snapshot, request: web.Request) -> str:
         """The name in the path, unless it is a file key (which the API cannot change)."""

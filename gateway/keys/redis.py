@@ -9,12 +9,13 @@ live in one slot and `write.lua` can change them together:
 
 and each change is announced on the channel `gw:{gw:keys}:changes` as
 "VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion). On a cluster PUBLISH reaches every
-node, so a subscriber may listen on any of them.
+node, so a process subscribes on one of them (the one holding the key store).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any, TypeVar, cast
 
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
@@ -104,12 +106,33 @@ class RedisKeyBackend:
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:
-        pubsub = self._client.pubsub()
+        subscriber = await self._subscriber()
+        pubsub = subscriber.pubsub()
         try:
             await self._guard("key subscribe", lambda: _subscribed(pubsub))
             yield _RedisSubscription(pubsub)
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            # Bounded: closing must not hold up a worker's shutdown on a storage that hangs.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if subscriber is not self._client:
+                        await subscriber.aclose()
+                        await subscriber.connection_pool.aclose()
+
+    async def _subscriber(self) -> Redis:
+        """The client to subscribe with: the storage's own, or on a cluster a plain client
+        of the node that holds the key store (a PUBLISH reaches every node, so one is
+        enough; a plain connection also needs no cluster pub/sub support from redis-py)."""
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            return client
+        await self._guard("key subscribe", client.initialize)
+        node = client.get_node_from_key(VERSION_KEY)
+        if node is None:
+            raise StorageError("key subscribe: no cluster node serves the key store's slot")
+        pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return Redis(connection_pool=pool)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -13,7 +13,6 @@ flight) or behind (the storage was emptied), the keys are read afresh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 _MAX_PENDING = 10_000
 # An admin write that keeps meeting concurrent changes of the same key gives up after this.
 _WRITE_ATTEMPTS = 5
+_CLOSE_WAIT = 2.0
 
 T = TypeVar("T")
 
@@ -67,8 +67,10 @@ class KeyStore:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded, so that no storage trouble can hold up a worker's shutdown.
+            _, pending = await asyncio.wait({self._task}, timeout=_CLOSE_WAIT)
+            if pending:
+                log.warning("API keys: following the storage did not stop in %ss", _CLOSE_WAIT)
             self._task = None
         await self._backend.close()
 

@@ -76,6 +76,7 @@ async def create(rig: Rig, name: str, **fields: Any) -> dict[str, Any]:
     )
     assert status == 201, body
     assert headers["Location"] == f"/admin/keys/{name}"
+    assert headers["Cache-Control"] == "no-store"
     return dict(body)
 
 
