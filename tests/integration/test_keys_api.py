@@ -18,6 +18,7 @@ import pytest
 from gateway.config.instants import format_instant
 from gateway.server import Worker
 from tests.support.gateway import running_gateway, write_config
+from tests.support.redis_servers import RedisServer
 from tests.support.upstream import running_upstream
 
 API = """
@@ -370,3 +371,29 @@ async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
                 "PATCH", "/admin/keys/acme", {"plans": {"weather": "production"}}
             )
             assert status == 400 and problem["detail"].startswith("plans.weather: unknown plan")
+
+
+async def test_keys_are_served_from_memory_while_redis_is_away(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config",
+            API.format(upstream=upstream.url),
+            storage_url=fresh_redis_server.url,
+            on_error="allow",  # admit without limits while Redis is down: keys still decide
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            rig = Rig(worker, session)
+            secret = (await create(rig, "acme"))["key"]
+            fresh_redis_server.stop()
+
+            assert (await rig.proxy(secret))[0] == 200
+            assert (await rig.proxy("made-up"))[0] == 401
+            status, problem, _ = await rig.call("POST", "/admin/keys", {"name": "later"})
+            assert status == 503 and problem["code"] == "storage_unavailable"
+            status, problem, _ = await rig.call("PATCH", "/admin/keys/acme", {"disabled": True})
+            assert status == 503 and problem["code"] == "storage_unavailable"
+            # Listing is served from memory too.
+            status, listed, _ = await rig.call("GET", "/admin/keys")
+            assert status == 200 and "acme" in [key["name"] for key in listed["keys"]]
