@@ -17,7 +17,8 @@ import pytest
 
 from gateway.config.instants import format_instant
 from gateway.server import Worker
-from tests.support.gateway import running_gateway, write_config
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.redis_servers import RedisServer
 from tests.support.upstream import running_upstream
 
@@ -66,7 +67,9 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async with running_upstream() as upstream:
-        config = write_config(tmp_path / "config", API.format(upstream=upstream.url))
+        config = write_config(
+            tmp_path / "config", API.format(upstream=upstream.url), server=worker_server_yaml()
+        )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
             yield Rig(worker, session)
 
@@ -218,7 +221,7 @@ async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -
         body = API.format(upstream=upstream.url).replace(
             "trial: {rate: {limit: 100, per: second}}", "trial: {rate: {limit: 4, per: minute}}"
         )
-        config = write_config(tmp_path / "config", body)
+        config = write_config(tmp_path / "config", body, server=worker_server_yaml())
         async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
             rig = Rig(worker, session)
             old = (await create(rig, "acme"))["key"]
@@ -335,7 +338,9 @@ async def test_unknown_keys_are_404(rig: Rig) -> None:
 
 async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
     async with running_upstream() as upstream:
-        config_dir = write_config(tmp_path / "config", API.format(upstream=upstream.url))
+        config_dir = write_config(
+            tmp_path / "config", API.format(upstream=upstream.url), server=worker_server_yaml()
+        )
         async with (
             running_gateway(config_dir, watch=True) as worker,
             aiohttp.ClientSession() as session,
@@ -380,8 +385,8 @@ async def test_keys_are_served_from_memory_while_redis_is_away(
         config = write_config(
             tmp_path / "config",
             API.format(upstream=upstream.url),
-            storage_url=fresh_redis_server.url,
-            on_error="allow",  # admit without limits while Redis is down: keys still decide
+            # Admit without limits while Redis is down: the keys alone decide.
+            server=worker_server_yaml(storage_url=fresh_redis_server.url, on_error="allow"),
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
             rig = Rig(worker, session)

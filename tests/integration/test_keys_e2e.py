@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from gateway.keys.store import CHECK_INTERVAL
+from tests.support.config import server_yaml
 from tests.support.operations import (
     ThreadedUpstream,
     call,
@@ -28,8 +29,9 @@ from tests.support.operations import (
     serving_workers,
     wait_for,
 )
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisClusterNodes, RedisServer
+from tests.support.sockets import free_ports
 
 HONOURED_WITHIN = 1.0
 WORKERS = 2
