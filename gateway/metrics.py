@@ -425,7 +425,8 @@ def observe_limit_decision(product: str, plan: str, decision: LimitDecision) -> 
 
 
 def count_storage_error(operation: str) -> None:
-    """`operation` is a fixed word naming the storage call: hit, usage, reset_quota, ping."""
+    """`operation` is a fixed word naming the storage call: hit, usage, reset_quota, ping,
+    and the key store's key_write, key_read, key_version, key_load, key_subscribe."""
     _current.storage_errors.labels(operation).inc()
 
 

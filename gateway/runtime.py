@@ -65,7 +65,7 @@ def build_snapshot(config: Config, upstreams: UpstreamPool, api_keys: ApiKeyTabl
 def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     """The runtime of one worker; `await runtime.key_store.start()` before serving."""
     upstreams = UpstreamPool()
-    key_store = create_key_store(config.storage)
+    key_store = create_key_store(config.storage, on_storage_error=metrics.count_storage_error)
     return Runtime(
         snapshot=build_snapshot(config, upstreams, key_store.table),
         limiter=limiter

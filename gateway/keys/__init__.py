@@ -5,6 +5,8 @@ request path).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.config.model import StorageConfig
 from gateway.keys.index import KeyIndex, Principal
 from gateway.keys.records import KeyRecord
@@ -14,12 +16,16 @@ from gateway.keys.table import ApiKeyTable
 __all__ = ["ApiKeyTable", "KeyIndex", "KeyRecord", "KeyStore", "Principal", "create_key_store"]
 
 
-def create_key_store(storage: StorageConfig) -> KeyStore:
-    """The key store for `storage.url`; like the limiter, it connects on first use."""
+def create_key_store(
+    storage: StorageConfig, on_storage_error: Callable[[str], None] | None = None
+) -> KeyStore:
+    """The key store for `storage.url`; like the limiter, it connects on first use, and
+    `on_storage_error(operation)` counts the storage's failures."""
     if storage.is_memory:
         from gateway.keys.backend import MemoryKeyBackend
 
         return KeyStore(MemoryKeyBackend(), storage.timeout)
     from gateway.keys.redis import RedisKeyBackend
 
-    return KeyStore(RedisKeyBackend.from_url(storage.url, storage.timeout), storage.timeout)
+    backend = RedisKeyBackend.from_url(storage.url, storage.timeout, on_storage_error)
+    return KeyStore(backend, storage.timeout)

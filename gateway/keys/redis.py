@@ -48,14 +48,24 @@ T = TypeVar("T")
 class RedisKeyBackend:
     shared = True
 
-    def __init__(self, client: AnyRedis, timeout: float) -> None:
+    def __init__(
+        self,
+        client: AnyRedis,
+        timeout: float,
+        on_storage_error: Callable[[str], None] | None = None,
+    ) -> None:
         self._client = client
         self._timeout = timeout
+        self._on_storage_error = on_storage_error
         self._is_cluster = isinstance(client, RedisCluster)
 
     @classmethod
-    def from_url(cls, url: str, timeout: float) -> RedisKeyBackend:
-        return cls(connect(url, timeout), timeout)
+    def from_url(
+        cls, url: str, timeout: float, on_storage_error: Callable[[str], None] | None = None
+    ) -> RedisKeyBackend:
+        """`on_storage_error(operation)` counts failures (operations: key_write, key_read,
+        key_version, key_load, key_subscribe)."""
+        return cls(connect(url, timeout), timeout, on_storage_error)
 
     async def write(self, write: KeyWrite) -> int:
         args: tuple[str | int, ...] = (
@@ -77,7 +87,7 @@ class RedisKeyBackend:
                 await self._client.script_load(WRITE_SCRIPT)
                 return await self._client.evalsha(WRITE_SCRIPT_SHA, len(keys), *keys, *args)
 
-        version, outcome = await self._guard("key write", run)
+        version, outcome = await self._guard("key_write", run)
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome != "ok":
             reason: RefusalReason = next(
@@ -87,18 +97,18 @@ class RedisKeyBackend:
         return int(version)
 
     async def read(self, name: str) -> str | None:
-        raw = await self._guard("key read", lambda: self._client.hget(RECORDS_KEY, name))
+        raw = await self._guard("key_read", lambda: self._client.hget(RECORDS_KEY, name))
         return None if raw is None else _text(raw)
 
     async def version(self) -> int:
-        raw = await self._guard("key version", lambda: self._client.get(VERSION_KEY))
+        raw = await self._guard("key_version", lambda: self._client.get(VERSION_KEY))
         return int(raw or 0)
 
     async def load(self) -> AsyncIterator[list[tuple[str, str]]]:
         cursor = 0
         while True:
             scan = functools.partial(self._client.hscan, RECORDS_KEY, cursor, count=_LOAD_BATCH)
-            reply: Any = await self._guard("key load", scan)
+            reply: Any = await self._guard("key_load", scan)
             cursor, found = int(reply[0]), reply[1]
             yield [(_text(name), _text(record)) for name, record in found.items()]
             if cursor == 0:
@@ -109,7 +119,7 @@ class RedisKeyBackend:
         subscriber = await self._subscriber()
         pubsub = subscriber.pubsub()
         try:
-            await self._guard("key subscribe", lambda: _subscribed(pubsub))
+            await self._guard("key_subscribe", lambda: _subscribed(pubsub))
             yield _RedisSubscription(pubsub)
         finally:
             # Bounded: closing must not hold up a worker's shutdown on a storage that hangs.
@@ -127,7 +137,7 @@ class RedisKeyBackend:
         client = self._client
         if not isinstance(client, RedisCluster):
             return client
-        await self._guard("key subscribe", client.initialize)
+        await self._guard("key_subscribe", client.initialize)
         node = client.get_node_from_key(VERSION_KEY)
         if node is None:
             raise StorageError("key subscribe: no cluster node serves the key store's slot")
@@ -147,6 +157,8 @@ class RedisKeyBackend:
         except WriteRefused:
             raise
         except Exception as exc:
+            if self._on_storage_error is not None:
+                self._on_storage_error(operation)
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             raise StorageError(f"{operation}: {reason}") from exc
 

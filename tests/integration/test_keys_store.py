@@ -195,10 +195,12 @@ async def test_a_storage_down_at_start_answers_later(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     server = RedisServer(tmp_path_factory.mktemp("late-redis"))
-    store = create_key_store(StorageConfig(url=server.url, timeout=0.2))
+    failed: list[str] = []
+    store = create_key_store(StorageConfig(url=server.url, timeout=0.2), failed.append)
     try:
         await asyncio.wait_for(store.start(), 5)  # returns after the first failed try
         assert not store.table.loaded
+        assert failed[:1] == ["key_subscribe"]  # counted (gateway_storage_errors_total)
         server.start()
         await until(lambda: store.table.loaded, 5.0, "loaded once Redis is up")
     finally:
