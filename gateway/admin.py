@@ -4,20 +4,26 @@
     GET    /healthz                            200 while the process serves
     GET    /readyz                             200 when a config is loaded and the storage answers
     GET    /admin/usage/{key_name}             per product: plan, rate, and quota use
-    DELETE /admin/usage/{key_name}/{product}   start that quota afresh; 204
+    DELETE /admin/usage/{key_name}/{product}   start that quota afresh (credit stays); 204
+    POST   /admin/usage/{key_name}/{product}/credit   {"amount": N}: N more units this period
+    GET    /admin/usage/{key_name}/history?from=YYYY-MM-DD&to=YYYY-MM-DD   requests, units per day
+    GET    /admin/usage.csv?from=YYYY-MM-DD&to=YYYY-MM-DD   every key's days, streamed as CSV
     /admin/keys...                             the keys API (gateway.keys.api)
 
 With a token, `/admin/*` requires `Authorization: Bearer <token>` (401 `unauthorized` otherwise);
 the probes and /metrics never do, so orchestrators and Prometheus need no secret. Errors are
 problem+json like the proxy's own; the admin API adds 404 "Not Found" `not_found` for an
-unknown key or product, and 409 "Conflict" `conflict` in the keys API.
+unknown key or product, 400 "Bad Request" naming the field of a bad body or query, and 409
+"Conflict" `conflict` in the keys API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,9 +34,18 @@ from aiohttp import web
 
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
 from gateway.keys.api import KeysAccess, add_key_routes
-from gateway.limits.base import Limiter, StorageError
+from gateway.limits.base import (
+    HISTORY_DAYS,
+    DayUsage,
+    Limiter,
+    StorageError,
+    day_number,
+    day_of,
+    day_text,
+)
 from gateway.metrics import render_metrics
 from gateway.problems import (
+    BadRequest,
     GatewayProblem,
     MethodNotAllowed,
     NotFound,
@@ -42,6 +57,7 @@ from gateway.problems import (
 from gateway.record import new_request_id
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 ConfigGetter = Callable[[], Config]  # the config the worker serves right now
 Clock = Callable[[], float]
@@ -90,8 +106,11 @@ def build_admin_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/admin/usage.csv", _usage_csv)
     app.router.add_get("/admin/usage/{key_name}", _get_usage)
     app.router.add_delete("/admin/usage/{key_name}/{product}", _reset_usage)
+    app.router.add_post("/admin/usage/{key_name}/{product}/credit", _add_credit)
+    app.router.add_get("/admin/usage/{key_name}/history", _get_history)
     if keys is not None:
         add_key_routes(app, keys)
     return app
@@ -153,45 +172,182 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _get_usage(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
+    key = _find_key(state, state.get_config(), request.match_info["key_name"])
+    return web.json_response(await _usage_of(state, key))
+
+
+async def _usage_of(state: AdminState, key: ApiKey) -> dict[str, Any]:
+    """The key's plan, rate and quota use on each of its products (limits with overrides)."""
     config = state.get_config()
-    key = _find_key(state, config, request.match_info["key_name"])
     products: dict[str, Any] = {}
-    for product, plan_name in sorted(key.plans.items()):
-        plan = config.plans.get(plan_name)
+    for product in sorted(key.plans):
+        plan = key.plan_for(product, config.plans)
         if plan is None:  # an API key's plan that the running config no longer declares
             continue
         quota: dict[str, Any] | None = None
         if plan.quota is not None:
             quota = await _quota_usage(state, f"{key.name}:{product}", plan.quota)
-        products[product] = {"plan": plan_name, "rate": _rate_json(plan), "quota": quota}
-    return web.json_response({"key": key.name, "disabled": key.disabled, "products": products})
+        products[product] = {"plan": plan.name, "rate": _rate_json(plan), "quota": quota}
+    return {"key": key.name, "disabled": key.disabled, "products": products}
 
 
 async def _reset_usage(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
-    config = state.get_config()
-    key = _find_key(state, config, request.match_info["key_name"])
-    product = request.match_info["product"]
-    plan_name = key.plans.get(product)
-    plan = None if plan_name is None else config.plans.get(plan_name)
-    if plan is None:
-        raise NotFound(f"Key '{key.name}' has no plan for product '{product}'.")
-    quota = plan.quota
-    if quota is None:
-        raise NotFound(f"Plan '{plan_name}' of product '{product}' has no quota to reset.")
+    key, product, quota = _key_quota(request, state, "to reset")
     await _within_storage_timeout(state, state.limiter.reset_quota(f"{key.name}:{product}", quota))
     return web.Response(status=204)
 
 
+# Credit is a count of units; a bound keeps it a number every storage holds exactly.
+_MAX_CREDIT = 10**12
+
+
+async def _add_credit(request: web.Request) -> web.Response:
+    state = request.app[ADMIN_STATE]
+    key, product, quota = _key_quota(request, state, "to credit")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest('The body must be JSON like {"amount": 100}.') from None
+    amount = body.get("amount") if isinstance(body, dict) else None
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_CREDIT:
+        raise BadRequest(f"amount: must be a whole number from 1 to {_MAX_CREDIT}.")
+    subject = f"{key.name}:{product}"
+    await _within_storage_timeout(state, state.limiter.credit(subject, quota, amount))
+    return web.json_response(await _usage_of(state, key))
+
+
+def _key_quota(
+    request: web.Request, state: AdminState, purpose: str
+) -> tuple[ApiKey, str, QuotaRule]:
+    """The key, product and quota a /admin/usage/{key_name}/{product} call is about, or 404."""
+    config = state.get_config()
+    key = _find_key(state, config, request.match_info["key_name"])
+    product = request.match_info["product"]
+    plan = key.plan_for(product, config.plans)
+    if plan is None:
+        raise NotFound(f"Key '{key.name}' has no plan for product '{product}'.")
+    if plan.quota is None:
+        raise NotFound(f"Plan '{plan.name}' of product '{product}' has no quota {purpose}.")
+    return key, product, plan.quota
+
+
+async def _get_history(request: web.Request) -> web.Response:
+    state = request.app[ADMIN_STATE]
+    name = request.match_info["key_name"]
+    first, last = _day_range(request)
+    days = await _within_storage_timeout(state, state.limiter.history(name, first, last))
+    if not days and _key_named(state, state.get_config(), name) is None:
+        raise NotFound(f"No key is named '{name}', and none by that name has history.")
+    return web.json_response(
+        {
+            "key": name,
+            "from": day_text(first),
+            "to": day_text(last),
+            "days": [
+                {
+                    "date": day_text(line.day),
+                    "product": line.subject.partition(":")[2],
+                    "plan": line.plan,
+                    "requests": line.requests,
+                    "units": line.units,
+                }
+                for line in days
+            ],
+        }
+    )
+
+
+CSV_HEADER = b"date,key,product,plan,requests,units\n"
+
+
+async def _usage_csv(request: web.Request) -> web.StreamResponse:
+    """The billing export, streamed a batch at a time as the storage hands them over. A
+    storage failure before the first line is a 503; after it, the answer is cut short (no
+    final chunk), so that a client cannot take a truncated export for a whole one."""
+    state = request.app[ADMIN_STATE]
+    first, last = _day_range(request)
+    batches = state.limiter.export(first, last)
+    try:
+        try:
+            batch: list[DayUsage] | None = await anext(batches)
+        except StopAsyncIteration:
+            batch = None
+        except (StorageError, TimeoutError) as exc:
+            raise StorageUnavailable() from exc
+        name = f"usage-{day_text(first)}-{day_text(last)}.csv"
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="{name}"',
+            }
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(CSV_HEADER)
+        while batch is not None:
+            await response.write(_csv_lines(batch))
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                batch = None
+            except (StorageError, TimeoutError):
+                log.exception("the usage export failed after it began; the answer is cut short")
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+        await response.write_eof()
+        return response
+    finally:
+        await batches.aclose()
+
+
+def _csv_lines(batch: list[DayUsage]) -> bytes:
+    # Key names, products and plans are names of [A-Za-z0-9._-]: nothing to quote.
+    return "".join(
+        f"{day_text(line.day)},{line.subject.replace(':', ',', 1)},{line.plan},"
+        f"{line.requests},{line.units}\n"
+        for line in batch
+    ).encode()
+
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _day_range(request: web.Request) -> tuple[int, int]:
+    """`from` and `to` (UTC dates, both included) within the history kept; by default `to` is
+    today and `from` the first of its month. 400 naming the parameter when it is not a date."""
+    today = day_of(request.app[ADMIN_STATE].clock())
+    days: dict[str, int] = {}
+    for name in ("from", "to"):
+        text = request.query.get(name)
+        if text is None:
+            continue
+        if not _DATE.fullmatch(text):
+            raise BadRequest(f"{name}: must be a date like 2026-12-01 (YYYY-MM-DD), not {text!r}.")
+        try:
+            days[name] = day_number(text)
+        except ValueError:
+            raise BadRequest(f"{name}: {text!r} is not a date in the calendar.") from None
+    if "from" in days and "to" in days and days["from"] > days["to"]:
+        raise BadRequest("from: must not be after to.")
+    last = min(days.get("to", today), today)
+    first = days.get("from", day_number(day_text(last)[:8] + "01"))
+    return max(first, today - HISTORY_DAYS), last
+
+
 def _find_key(state: AdminState, config: Config, name: str) -> ApiKey:
-    """The file's key called `name`, else the API's."""
-    if state.keys is not None:
-        key = state.keys.get_snapshot().keys.by_name(name)
-    else:
-        key = config.key_by_name(name)
+    """The file's key called `name`, else the API's; 404 when neither has it."""
+    key = _key_named(state, config, name)
     if key is None:
         raise NotFound(f"No key is named '{name}'.")
     return key
+
+
+def _key_named(state: AdminState, config: Config, name: str) -> ApiKey | None:
+    if state.keys is not None:
+        return state.keys.get_snapshot().keys.by_name(name)
+    return config.key_by_name(name)
 
 
 async def _within_storage_timeout(state: AdminState, call: Awaitable[_T]) -> _T:
@@ -206,6 +362,7 @@ async def _quota_usage(state: AdminState, subject: str, quota: QuotaRule) -> dic
     usage = await _within_storage_timeout(state, state.limiter.usage(subject, quota))
     return {
         "limit": usage.limit,
+        "credit": usage.credit,
         "per": quota.per,
         "timezone": quota.timezone.key,
         "used": usage.used,

@@ -151,11 +151,25 @@ WEBSOCKET_BYTES = Family(
     "Bytes relayed through WebSockets once they ended, by direction (up: from the client).",
     ("product", "direction"),
 )
+QUOTA_UNITS = Family(
+    "gateway_quota_units_total",
+    "counter",
+    "Quota units taken at admission, by plan.",
+    ("product", "plan"),
+)
+QUOTA_REFUNDS = Family(
+    "gateway_quota_refunds_total",
+    "counter",
+    "Quota units given back after an outcome the plan refunds, by plan and result.",
+    ("product", "plan", "result"),
+)
 FAMILIES: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
     LIMIT_DECISIONS,
+    QUOTA_UNITS,
+    QUOTA_REFUNDS,
     STORAGE_ERRORS,
     INFLIGHT_REQUESTS,
     CONFIG_RELOADS,
@@ -165,7 +179,10 @@ FAMILIES: tuple[Family, ...] = (
 # Anything else a client may send becomes "OTHER", so the method label stays bounded.
 STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-LimitDecision = Literal["allowed", "throttled", "quota_exceeded", "storage_error"]
+LimitDecision = Literal[
+    "allowed", "throttled", "quota_exceeded", "storage_error", "local_allowed", "local_throttled"
+]
+RefundResult = Literal["ok", "error"]
 
 # `_created` series double the series count and do not exist in multiprocess mode; leaving them
 # out keeps one-worker and many-worker scrapes alike.
@@ -188,6 +205,8 @@ class GatewayMetrics:
         self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
         self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
+        self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
+        self._units: dict[tuple[str, str], list[int]] = {}
         self.inflight = 0
         # One entry per label tuple of gateway_requests_total; each holds the histograms its
         # request also feeds, so a request costs one dict lookup.
@@ -245,6 +264,7 @@ class GatewayMetrics:
         upstreams = cast(HistogramMetricFamily, UPSTREAM_DURATION.exposition())
         decisions = cast(CounterMetricFamily, LIMIT_DECISIONS.exposition())
         inflight = cast(GaugeMetricFamily, INFLIGHT_REQUESTS.exposition())
+        units = cast(CounterMetricFamily, QUOTA_UNITS.exposition())
         # Copies, so that a collect from another thread could not see a dict change size.
         for (product, route, method, status, code), series in list(self._requests.items()):
             requests.add_metric((product, route, method, str(status), code), float(series.count))
@@ -255,14 +275,25 @@ class GatewayMetrics:
         for decision, count in list(self._decisions.items()):
             decisions.add_metric(decision, float(count[0]))
         inflight.add_metric((), float(self.inflight))
+        for labels, count in list(self._units.items()):
+            units.add_metric(labels, float(count[0]))
         yield requests
         yield durations
         yield upstreams
         yield decisions
+        yield units
+        yield from self.quota_refunds.collect()
         yield from self.storage_errors.collect()
         yield inflight
         yield from self.config_reloads.collect()
         yield from self.websocket_bytes.collect()
+
+    def observe_units(self, product: str, plan: str, units: int) -> None:
+        key = (product, plan)
+        count = self._units.get(key)
+        if count is None:
+            count = self._units[key] = [0]
+        count[0] += units
 
     def unregister(self) -> None:
         if self.registry is None:
@@ -322,6 +353,9 @@ class MultiprocessMetrics:
         self.inflight = cast(Gauge, INFLIGHT_REQUESTS.client_metric())
         self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
+        self.quota_units = cast(Counter, QUOTA_UNITS.client_metric())
+        self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
+        self._units: dict[tuple[str, str], Counter] = {}
         self._requests: dict[tuple[str, str, str, int, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
         self._upstreams: dict[str, Histogram] = {}
@@ -359,6 +393,13 @@ class MultiprocessMetrics:
             counter = self.limit_decisions.labels(product, plan, decision)
             self._decisions[key] = counter
         counter.inc()
+
+    def observe_units(self, product: str, plan: str, units: int) -> None:
+        key = (product, plan)
+        counter = self._units.get(key)
+        if counter is None:
+            counter = self._units[key] = self.quota_units.labels(product, plan)
+        counter.inc(units)
 
     def unregister(self) -> None:
         return None  # never registered
@@ -422,6 +463,16 @@ def observe_request(record: RequestRecord) -> None:
 
 def observe_limit_decision(product: str, plan: str, decision: LimitDecision) -> None:
     _current.observe_limit_decision(product, plan, decision)
+
+
+def observe_units(product: str, plan: str, units: int) -> None:
+    """Quota units taken by one admission."""
+    _current.observe_units(product, plan, units)
+
+
+def count_refund(product: str, plan: str, result: RefundResult, units: int) -> None:
+    """Units of a refund: given back (`ok`, even when the counter was gone) or not (`error`)."""
+    _current.quota_refunds.labels(product, plan, result).inc(units)
 
 
 def count_storage_error(operation: str) -> None:

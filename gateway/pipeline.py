@@ -28,8 +28,9 @@ from gateway.http.errors import HttpError, RequestError
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.keys.index import Principal
-from gateway.limits.base import StorageError
+from gateway.limits.base import Receipt, StorageError
 from gateway.limits.headers import limit_headers
+from gateway.limits.metering import local_rate
 from gateway.params import check_path_params, check_query
 from gateway.problems import (
     CLIENT_CLOSED_CODE,
@@ -66,6 +67,7 @@ class Exchange(RequestRecord):
         "key",
         "match",
         "principal",
+        "receipt",
         "request",
         "response_headers",
         "runtime",
@@ -85,6 +87,7 @@ class Exchange(RequestRecord):
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
+        self.receipt: Receipt | None = None  # an admission whose units may come back
 
     def count(self) -> None:
         """Count the request in the metrics, once, before the answer is complete: a scrape
@@ -185,38 +188,80 @@ def check_maintenance(ex: Exchange) -> Answer | None:
 
 
 async def apply_limits(ex: Exchange) -> Answer | None:
-    """6 and 7: the storage must answer (or on_error: allow), then rate and quota in one step."""
-    assert ex.principal is not None
-    plan = ex.principal.plan
-    if plan.rate is None and plan.quota is None:
-        return None
-    storage = ex.snapshot.config.storage
+    """6 and 7: the storage must answer (or on_error says otherwise), then rate and quota in
+    one step, which also counts the request in the day's history (README, "Metering")."""
+    assert ex.principal is not None and ex.match is not None
+    principal = ex.principal
+    plan = principal.plan
+    cost = ex.match.route.cost
     try:
         # No timeout of our own: a limiter bounds its calls by storage.timeout itself
         # (RedisLimiter does, the memory one never waits), and a third timer per request
         # costs measurable time on the hot path.
-        decision = await ex.runtime.limiter.hit(ex.principal.subject, plan.rate, plan.quota)
+        decision = await ex.runtime.limiter.hit(
+            principal.subject, plan.rate, plan.quota, cost, plan.name
+        )
     except (StorageError, TimeoutError) as exc:
-        ex.limit_outcome = "storage_error"
-        metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
-        if storage.on_error == "allow":
-            return None
-        raise StorageUnavailable() from exc
-    ex.limit_outcome = decision.outcome
-    metrics.observe_limit_decision(ex.product, plan.name, decision.outcome)
+        return await _storage_away(ex, exc)
+    if plan.rate is None and plan.quota is None:
+        # Counted in the history only: no limit decided anything, nothing to report.
+        metrics.observe_units(ex.product, plan.name, cost)
+        return None
+    outcome = decision.outcome
+    ex.limit_outcome = outcome
+    metrics.observe_limit_decision(ex.product, plan.name, outcome)
     headers = limit_headers(decision)
     ex.response_headers.update(headers)
-    if decision.outcome == "quota_exceeded":
+    if outcome == "allowed":
+        metrics.observe_units(ex.product, plan.name, cost)
+        ex.receipt = decision.receipt
+        return None
+    if outcome == "quota_exceeded":
         raise QuotaExceeded(
             f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
             headers=headers,
         )
-    if decision.outcome == "throttled":
+    raise Throttled(
+        f"More than the {plan.name} plan's rate for '{ex.product}'; slow down.",
+        headers=headers,
+    )
+
+
+async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
+    """Step 6 when the storage did not answer: 503, or admit (on_error: allow, or a plan with
+    nothing to enforce), or each process enforces the rate on its own (on_error: local)."""
+    assert ex.principal is not None
+    plan = ex.principal.plan
+    if plan.rate is None and plan.quota is None:
+        return None  # nothing to enforce; only its history is lost (and the error counted)
+    storage = ex.snapshot.config.storage
+    if storage.on_error == "local":
+        rate = plan.rate
+        if rate is None:  # the quota is not checked while the storage is away
+            ex.limit_outcome = "local_allowed"
+            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
+            return None
+        # The local share of this plan's rate; the quota is not checked, nothing is counted.
+        decision = await ex.runtime.local_limiter.hit(
+            ex.principal.subject, local_rate(rate, storage.local_fraction), None
+        )
+        headers = limit_headers(decision)
+        ex.response_headers.update(headers)
+        if decision.allowed:
+            ex.limit_outcome = "local_allowed"
+            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
+            return None
+        ex.limit_outcome = "local_throttled"
+        metrics.observe_limit_decision(ex.product, plan.name, "local_throttled")
         raise Throttled(
             f"More than the {plan.name} plan's rate for '{ex.product}'; slow down.",
             headers=headers,
         )
-    return None
+    ex.limit_outcome = "storage_error"
+    metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
+    if storage.on_error == "allow":
+        return None
+    raise StorageUnavailable() from error
 
 
 async def forward_upstream(ex: Exchange) -> Answer:
@@ -319,6 +364,9 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
         record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()
+        receipt = ex.receipt
+        if receipt is not None:
+            _settle(ex, receipt)
         if own is not None and request.method != "HEAD":
             record.bytes_sent = len(own[3])
         # Counted before the answer leaves (a proxied one already was), so a scrape after it
@@ -333,6 +381,22 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
             connection.abort()  # part of another answer is out: only a cut can tell
         else:
             connection.respond(request, status, reason, block, body, close=close)
+
+
+def _settle(ex: Exchange, receipt: Receipt) -> None:
+    """9: give the units back when the plan's refund_on lists the outcome (README,
+    "Metering"); in a task of its own, as a cancelled request cannot wait for it."""
+    assert ex.principal is not None
+    quota = ex.principal.plan.quota
+    if quota is not None and quota.refunds(ex.status):
+        runtime = ex.runtime
+        runtime.refunds.start(
+            runtime.limiter,
+            ex.principal.subject,
+            receipt,
+            ex.product,
+            ex.snapshot.config.storage.timeout,
+        )
 
 
 def _problem_answer(

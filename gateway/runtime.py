@@ -4,15 +4,16 @@ A `Snapshot` is everything derived from one config that the request path reads (
 table, the key index, the header names to drop, a destination per product), built once per
 config off the hot path. A reload swaps the reference in one assignment, so a request sees
 either the old config or the new one, never a mix. The limiter and the upstream pool outlive
-snapshots (counters and warm connections survive a reload): opened once per worker, closed by
-`close_runtime` after the last request has drained.
+snapshots (counters and warm connections survive a reload), as do the local limits of
+`storage.on_error: local` and the refunds under way: opened once per worker, closed by
+`close_runtime` after the last request has drained (and the last refund is settled).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway import metrics
 from gateway.config.model import Config, ServerConfig
@@ -21,6 +22,8 @@ from gateway.http.server import HttpServer
 from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.metering import Refunds
 from gateway.pipeline import answer_request_error, handle_request
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
@@ -42,6 +45,10 @@ class Runtime:
     limiter: Limiter
     upstreams: UpstreamPool
     key_store: KeyStore  # the API keys, followed from the storage; outlives snapshots
+    # In-process limits for storage.on_error: local, and the refunds under way; both outlive
+    # snapshots, like the limiter (README, "Metering").
+    local_limiter: Limiter = field(default_factory=lambda: MemoryLimiter(keep_history=False))
+    refunds: Refunds = field(default_factory=lambda: Refunds(metrics.count_refund))
 
     def apply(self, config: Config) -> None:
         """Serve `config` from now on (called on the event loop: the clients need it)."""
@@ -89,4 +96,6 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
 async def close_runtime(runtime: Runtime) -> None:
     await runtime.upstreams.close()
     await runtime.key_store.close()
+    await runtime.refunds.drain()
     await runtime.limiter.close()
+    await runtime.local_limiter.close()

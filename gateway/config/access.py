@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import re
 from collections.abc import Collection
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from yaml.nodes import Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.config.durations import DURATION_HINT, parse_duration
 from gateway.config.instants import parse_instant
 from gateway.config.model import (
     QUOTA_PERIODS,
     RATE_PERIOD_SECONDS,
+    REFUND_OUTCOMES,
     ApiKey,
     Plan,
+    PlanOverride,
     QuotaPeriod,
     QuotaRule,
     RateRule,
+    RefundOutcome,
 )
 from gateway.config.products import NAME, NAME_HINT
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, line_of
 
 _PLAN_KEYS = ("rate", "quota")
 _RATE_KEYS = ("limit", "per")
-_QUOTA_KEYS = ("limit", "per", "timezone")
+_QUOTA_KEYS = ("limit", "per", "timezone", "refund_on")
+_OVERRIDE_KEYS = ("plan", "rate", "quota")
 _KEY_KEYS = ("name", "key", "key_sha256", "plans", "disabled", "expires")
 _SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 _RATE_PER_HINT = (
@@ -96,7 +100,26 @@ def _quota(w: Walker, node: Node, path: str) -> QuotaRule | None:
     limit = w.required(fields, "limit", w.positive)
     per: QuotaPeriod | None = w.required(fields, "per", lambda n, p: _quota_period(w, n, p))
     zone = w.optional(fields, "timezone", lambda n, p: _zone(w, n, p), ZoneInfo("UTC"))
-    return None if limit is None or per is None else QuotaRule(limit, per, zone)
+    no_refunds: frozenset[RefundOutcome] = frozenset()
+    refund_on = w.optional(fields, "refund_on", lambda n, p: _refund_on(w, n, p), no_refunds)
+    return None if limit is None or per is None else QuotaRule(limit, per, zone, refund_on)
+
+
+def _refund_on(w: Walker, node: Node, path: str) -> frozenset[RefundOutcome] | None:
+    """The outcomes whose units are given back: a list of 5xx and 499 (may be empty)."""
+    items = w.sequence(node, path)
+    if items is None:
+        return None
+    chosen: set[RefundOutcome] = set()
+    for index, item in enumerate(items):
+        # 499 is written as a number; compared as text, like an enum.
+        text = str(item.value) if isinstance(item, ScalarNode) else None
+        outcome = next((o for o in REFUND_OUTCOMES if o == text), None)
+        if outcome is None:
+            w.report(item, f"{path}[{index}]", f"must be one of {', '.join(REFUND_OUTCOMES)}")
+            return None
+        chosen.add(outcome)
+    return frozenset(chosen)
 
 
 def _quota_period(w: Walker, node: Node, path: str) -> QuotaPeriod | None:
@@ -160,15 +183,12 @@ class KeysReader:
                 w.report(fields.value(secret), fields.at(secret), message)
             else:
                 self._digests[digest] = f"{name!r} ({where})" if name else where
-        plans_node = fields.value("plans")
-        plans: dict[str, str] = {}
-        if plans_node is not None:
-            plans = read_key_plans(w, plans_node, fields.at("plans"), self.products, self.plans)
+        plans, overrides = self._plans(fields)
         disabled = w.optional(fields, "disabled", w.boolean, False)
         expires = w.optional(fields, "expires", lambda n, p: _instant(w, n, p), None)
         if name is None or digest is None:
             return None
-        return ApiKey(name, digest, plans, disabled, expires=expires)
+        return ApiKey(name, digest, plans, disabled, overrides=overrides, expires=expires)
 
     def _digest(self, fields: Fields, path: str) -> str | None:
         """The lower-case SHA-256 of the secret; a plain `key` is hashed and then forgotten."""
@@ -189,6 +209,16 @@ class KeysReader:
             return None
         return None if digest is None else digest.lower()
 
+    def _plans(self, key: Fields) -> KeyPlans:
+        node = key.value("plans")
+        if node is None:
+            return {}, {}
+        return read_key_plans(self.w, node, key.at("plans"), self.products, self.plans)
+
+
+# What a key's `plans` holds: product -> plan name, and product -> the key's own limits there.
+KeyPlans = tuple[dict[str, str], dict[str, PlanOverride]]
+
 
 def read_key_plans(
     w: Walker,
@@ -196,31 +226,61 @@ def read_key_plans(
     path: str,
     products: Collection[str] | None,
     plans: Collection[str] | None,
-) -> dict[str, str]:
-    """A key's `plans`: product -> plan name, each product and plan declared in the config.
+) -> KeyPlans:
+    """One key's `plans` mapping: `product: PLAN` or `product: {plan: PLAN, rate: ..., quota:
+    ...}`; products and plans must be among those declared (None: not checked).
 
     The one reader of a key's plans, for the file and for the admin API alike
-    (`key_plans_from_data`), so that both accept exactly the same values. `products` and
-    `plans` of None skip the check (their own section was broken and is reported already).
-    """
+    (`validate_key_plans`), so that both accept exactly the same values."""
     fields = w.mapping(node, path)
     if fields is None:
-        return {}
+        return {}, {}
     chosen: dict[str, str] = {}
+    overrides: dict[str, PlanOverride] = {}
     for product, product_key, value in fields:
-        product_path = fields.at(product)
+        at = fields.at(product)
         if products is not None and product not in products:
             known = ", ".join(sorted(products)) or "none are declared"
-            w.report(product_key, product_path, f"unknown product (products: {known})")
+            w.report(product_key, at, f"unknown product (products: {known})")
             continue
-        plan = w.string(value, product_path)
+        override = None
+        plan_node = value
+        if not isinstance(value, ScalarNode):
+            entry = w.mapping(value, at, _OVERRIDE_KEYS)
+            if entry is None:
+                continue
+            given = entry.value("plan")
+            if given is None:
+                w.report(entry.node, entry.at("plan"), "is required")
+                continue
+            plan_node = given
+            rate = w.optional(entry, "rate", lambda n, p: _rate(w, n, p), None)
+            quota = w.optional(entry, "quota", lambda n, p: _quota(w, n, p), None)
+            override = PlanOverride(rate, quota, _writes_refund_on(entry.value("quota")))
+            at = entry.at("plan")
+        plan = w.string(plan_node, at)
         if plan is not None and plans is not None and plan not in plans:
             known = ", ".join(sorted(plans)) or "none are declared"
-            w.report(value, product_path, f"unknown plan {plan!r} (plans: {known})")
+            w.report(plan_node, at, f"unknown plan {plan!r} (plans: {known})")
             continue
         if plan is not None:
             chosen[product] = plan
-    return chosen
+            if override is not None:
+                overrides[product] = override
+    return chosen, overrides
+
+
+def _writes_refund_on(quota: Node | None) -> bool:
+    if not isinstance(quota, MappingNode):
+        return False
+    return any(isinstance(key, ScalarNode) and key.value == "refund_on" for key, _ in quota.value)
+
+
+class _DataWalker(Walker):
+    """A walker over data that came as JSON, not from a file: its issues have no line."""
+
+    def report(self, where: Node | int | None, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, None, path, message))
 
 
 def validate_key_plans(
@@ -228,17 +288,17 @@ def validate_key_plans(
     products: Collection[str] | None,
     plans: Collection[str] | None,
     source: str = "request",
-) -> dict[str, str]:
-    """`read_key_plans` for a key's `plans` given as data (a JSON body of the admin API): the
-    data is turned into YAML nodes and read by the file's own reader, so an API key's plans
-    accept and refuse exactly what a file key's do. Raises ConfigError whose issues name the
-    path of each bad value (`plans.soccer: unknown plan ...`)."""
+) -> KeyPlans:
+    """`read_key_plans` for a key's `plans` given as plain data (a JSON body of the admin API):
+    the same rules and messages; raises ConfigError, whose issues name the path of each bad
+    value (`plans.soccer.quota.per: must be one of ...`)."""
     issues: list[ConfigIssue] = []
-    # JSON text is YAML; ensure_ascii keeps it inside what PyYAML's reader accepts.
-    node = yaml.compose(json.dumps(data), Loader=yaml.SafeLoader)
-    if node is None:
-        raise ConfigError([ConfigIssue(source, None, "plans", "must be a mapping")])
-    chosen = read_key_plans(Walker(source, issues), node, "plans", products, plans)
+    walker = _DataWalker(source, issues)
+    try:
+        node = yaml.SafeDumper(io.StringIO(), sort_keys=False).represent_data(data)
+    except yaml.YAMLError:
+        raise ConfigError([ConfigIssue(source, None, "plans", "must be a mapping")]) from None
+    result = read_key_plans(walker, node, "plans", products, plans)
     if issues:
         raise ConfigError(issues)
-    return chosen
+    return result

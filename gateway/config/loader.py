@@ -18,6 +18,7 @@ from yaml.nodes import MappingNode, Node
 
 from gateway.config.access import KeysReader, read_plans
 from gateway.config.model import (
+    ON_ERROR_CHOICES,
     Address,
     ApiKey,
     AuthConfig,
@@ -41,7 +42,7 @@ SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
 _SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout", "tls")
 _TIMEOUT_KEYS = ("client_header", "client_body", "keepalive", "websocket_idle")
 _TLS_KEYS = ("cert", "key")
-_STORAGE_KEYS = ("url", "timeout", "on_error")
+_STORAGE_KEYS = ("url", "timeout", "on_error", "local_fraction")
 _AUTH_KEYS = ("header", "query_param")
 
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster")
@@ -181,8 +182,18 @@ def storage_url_problem(url: str) -> str | None:
 
 
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
-    choice = w.choice(node, path, ("deny", "allow"))
-    return None if choice is None else ("allow" if choice == "allow" else "deny")
+    choice = w.choice(node, path, ON_ERROR_CHOICES)
+    # The same string, taken from ON_ERROR_CHOICES so that it carries the Literal type.
+    return next((option for option in ON_ERROR_CHOICES if option == choice), None)
+
+
+def _fraction(w: Walker, node: Node, path: str) -> float | None:
+    """A share above 0 and at most 1."""
+    value = w.scalar(node)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        w.report(node, path, "must be a number above 0 and at most 1, e.g. 0.5")
+        return None
+    return float(value)
 
 
 def _listens_clash(a: Address, b: Address) -> bool:
@@ -322,6 +333,7 @@ class _Builder:
     def _storage(self) -> StorageConfig:
         defaults = StorageConfig()
         url, timeout, on_error = defaults.url, defaults.timeout, defaults.on_error
+        local_fraction = defaults.local_fraction
         found = self._fields("storage", _STORAGE_KEYS)
         if found is not None:
             w, fields = found
@@ -337,6 +349,9 @@ class _Builder:
             url = w.optional(fields, "url", checked_url, url)
             timeout = w.optional(fields, "timeout", w.duration, timeout)
             on_error = w.optional(fields, "on_error", lambda n, p: _on_error(w, n, p), on_error)
+            local_fraction = w.optional(
+                fields, "local_fraction", lambda n, p: _fraction(w, n, p), local_fraction
+            )
         override = self.env.get(ENV_REDIS_URL, "").strip()
         if override:
             problem = storage_url_problem(override)
@@ -344,7 +359,9 @@ class _Builder:
                 url = override
             else:
                 self.issues.append(ConfigIssue(ENV_REDIS_URL, None, "storage.url", problem))
-        return StorageConfig(url=url, timeout=timeout, on_error=on_error)
+        return StorageConfig(
+            url=url, timeout=timeout, on_error=on_error, local_fraction=local_fraction
+        )
 
     def _auth(self) -> AuthConfig:
         defaults = AuthConfig()

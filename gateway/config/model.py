@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-OnError = Literal["deny", "allow"]
+OnError = Literal["deny", "allow", "local"]
+ON_ERROR_CHOICES: tuple[OnError, ...] = ("deny", "allow", "local")
+# What a plan's `quota.refund_on` may list.
+RefundOutcome = Literal["5xx", "499"]
+REFUND_OUTCOMES: tuple[RefundOutcome, ...] = ("5xx", "499")
 QuotaPeriod = Literal["second", "minute", "hour", "day", "week", "month"]
 QUOTA_PERIODS: tuple[QuotaPeriod, ...] = ("second", "minute", "hour", "day", "week", "month")
 # A rate window is a fixed length, so a calendar month has no place here.
@@ -70,6 +74,8 @@ class StorageConfig:
     url: str = "memory://"
     timeout: float = 0.25
     on_error: OnError = "deny"
+    # With on_error: local, the share of each rate limit one process admits on its own.
+    local_fraction: float = 0.5
 
     @property
     def is_memory(self) -> bool:
@@ -146,6 +152,7 @@ class Route:
     gone: Gone | None = None
     redirect: Redirect | None = None
     websocket: bool = False  # WebSocket upgrades are proxied (else answered as plain requests)
+    cost: int = 1  # quota units one admitted request uses (README "Metering")
     line: int = 0  # where it was declared, for messages
 
 
@@ -169,6 +176,13 @@ class QuotaRule:
     limit: int
     per: QuotaPeriod
     timezone: ZoneInfo
+    refund_on: frozenset[RefundOutcome] = frozenset()
+
+    def refunds(self, status: int) -> bool:
+        """Whether a request that ended with `status` gets its units back."""
+        if 500 <= status <= 599:
+            return "5xx" in self.refund_on
+        return status == 499 and "499" in self.refund_on
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +193,48 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanOverride:
+    """A key's own limits on one product, in place of its plan's (README "Metering")."""
+
+    rate: RateRule | None = None  # None: the plan's rate
+    quota: QuotaRule | None = None  # None: the plan's quota
+    # An override's quota that does not list refund_on keeps the plan's.
+    quota_refund_on_given: bool = False
+
+    def apply(self, plan: Plan) -> Plan:
+        """`plan` with this key's limits; it keeps the plan's name."""
+        quota = self.quota
+        if quota is not None and not self.quota_refund_on_given:
+            inherited = plan.quota.refund_on if plan.quota is not None else frozenset()
+            quota = replace(quota, refund_on=inherited)
+        return Plan(
+            plan.name,
+            self.rate if self.rate is not None else plan.rate,
+            quota if quota is not None else plan.quota,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKey:
     name: str
     key_sha256: str  # lower-case hex; the plaintext is never kept
     plans: Mapping[str, str]  # product -> plan name
     disabled: bool = False
     expires: float | None = None  # unix time from which the key is refused (401)
+    # product -> this key's own limits on it; the plan's name stays plans[product]
+    overrides: Mapping[str, PlanOverride] = field(default_factory=dict)
+
+    def plan_for(self, product: str, plans: Mapping[str, Plan]) -> Plan | None:
+        """The plan this key has on `product`, with its overrides applied; None if none (or if
+        `plans` does not declare it)."""
+        name = self.plans.get(product)
+        if name is None:
+            return None
+        plan = plans.get(name)
+        if plan is None:  # an API key whose plan a later config no longer declares
+            return None
+        override = self.overrides.get(product)
+        return plan if override is None else override.apply(plan)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ NAME_HINT = "must match [A-Za-z0-9_.-]+"
 _PRODUCT_KEYS = ("upstream", "maintenance", "routes")
 _UPSTREAM_KEYS = ("url", "connect_timeout", "timeout")
 _MAINTENANCE_KEYS = ("retry_after", "message")
-_ROUTE_KEYS = ("path", "methods", "params", "query", "gone", "redirect", "websocket")
+_ROUTE_KEYS = ("path", "methods", "params", "query", "gone", "redirect", "websocket", "cost")
 _PATH_RULE_KEYS = ("enum", "pattern")
 _QUERY_RULE_KEYS = ("type", "min", "max", "required", "enum", "pattern")
 
@@ -229,6 +229,7 @@ class ProductsReader:
         no_rules: dict[str, QueryParamRule] = {}
         query = self.w.optional(fields, "query", self._query_rules, no_rules)
         gone = self.w.optional(fields, "gone", self._gone, None)
+        cost = self.w.optional(fields, "cost", self.w.positive, 1)
         redirect = None
         if "redirect" in fields:
             redirect = self._redirect(fields, template)
@@ -255,6 +256,7 @@ class ProductsReader:
             gone=gone,
             redirect=redirect,
             websocket=websocket,
+            cost=cost,
             line=line_of(node),
         )
 

@@ -48,7 +48,9 @@ class ConfigError(Exception):
 
 
 def line_of(node: Node) -> int:
-    return int(node.start_mark.line) + 1
+    """The node's line in its file; 0 for a node built from data (an admin API body)."""
+    mark = node.start_mark
+    return 0 if mark is None else int(mark.line) + 1
 
 
 def join(path: str, name: str) -> str:

@@ -51,9 +51,11 @@ class KeyIndex:
         # One Principal per (key, product), built once so the hot path allocates nothing.
         self._principals: dict[tuple[str, str], Principal] = {}
         for key in self.file_keys.values():
-            for product, plan_name in key.plans.items():
+            for product in key.plans:
+                plan = key.plan_for(product, plans)  # the key's own limits applied
+                assert plan is not None  # the loader checked the file's plans
                 subject = f"{key.name}:{product}"
-                self._principals[key.name, product] = Principal(key, plans[plan_name], subject)
+                self._principals[key.name, product] = Principal(key, plan, subject)
         self._api_principals: dict[tuple[str, str], Principal] = {}
 
     def file_digest_owner(self, digest: str) -> str | None:
@@ -113,8 +115,7 @@ class KeyIndex:
         return principal
 
     def _api_principal(self, key: ApiKey, product: str) -> Principal:
-        plan_name = key.plans.get(product)
-        plan = None if plan_name is None else self._plans.get(plan_name)
+        plan = key.plan_for(product, self._plans)
         if plan is None:
             # Also an API key whose plan a later config no longer declares.
             raise Forbidden(f"The API key '{key.name}' has no plan for the product '{product}'.")

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config.model import ApiKey
+from gateway.config.access import validate_key_plans
+from gateway.config.model import ApiKey, PlanOverride
+from gateway.config.yamlnodes import ConfigError
 
 # Names of API keys: 1-64 characters, so that they fit labels, logs and URLs.
 KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -103,5 +105,32 @@ class KeyRecord:
             self.key_sha256,
             self.plan_names() if plan_names is None else plan_names,
             self.disabled,
+            overrides=plan_overrides(self.plans),
             expires=self.expires,
         )
+
+
+# Keys with their own limits mostly share a few shapes of them: each shape is read once.
+_overrides_read: dict[str, Mapping[str, PlanOverride]] = {}
+_MAX_OVERRIDE_SHAPES = 10_000
+_NO_OVERRIDES: Mapping[str, PlanOverride] = {}
+
+
+def plan_overrides(plans: Mapping[str, Any]) -> Mapping[str, PlanOverride]:
+    """The key's own limits per product, from its `plans` as the admin API accepted them
+    (entries `{plan: NAME, rate: ..., quota: ...}`; plain plan names have none)."""
+    own = {product: plan for product, plan in plans.items() if isinstance(plan, dict)}
+    if not own:
+        return _NO_OVERRIDES
+    shape = json.dumps(own, sort_keys=True)
+    read = _overrides_read.get(shape)
+    if read is None:
+        try:
+            # Checked against the config when the API accepted them; read here without it.
+            _, read = validate_key_plans(own, None, None)
+        except ConfigError:
+            read = _NO_OVERRIDES  # cannot happen for a record the API wrote
+        if len(_overrides_read) >= _MAX_OVERRIDE_SHAPES:
+            _overrides_read.clear()
+        _overrides_read[shape] = read
+    return read

@@ -8,12 +8,18 @@ nothing. Storage failures are raised as `StorageError`; the request path decides
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from datetime import date
 from typing import Literal, NamedTuple, Protocol
 
 from gateway.config.model import QuotaRule, RateRule
 
 Outcome = Literal["allowed", "throttled", "quota_exceeded"]
+
+
+_EPOCH_DATE = date
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
 class StorageError(Exception):
@@ -32,11 +38,27 @@ class WindowState(NamedTuple):
     window: float  # length of the window or of the current period, in seconds
 
 
+class Receipt(NamedTuple):
+    """What an admission took, kept until the request's outcome is known, so that its units
+    can be given back (README "Metering"). The stamps name the incarnation of the counters
+    the units went into: a refund only touches those very counters, so one that meets a
+    counter recreated since (a restarted storage, a period that ended) does nothing."""
+
+    cost: int
+    plan: str
+    period_start: float  # of the quota period charged
+    quota_stamp: int
+    day: int  # the UTC day (days since 1970-01-01) the request was counted on
+    day_stamp: int
+
+
 class Decision(NamedTuple):
     outcome: Outcome
     rate: WindowState | None
     quota: WindowState | None
     retry_after: float = 0.0  # seconds until one more request could be admitted; 0 if allowed
+    # Set on an admission whose quota has refund_on: what settling it needs.
+    receipt: Receipt | None = None
 
     @property
     def allowed(self) -> bool:
@@ -53,28 +75,95 @@ def make_decision(
     elif outcome == "throttled" and rate is not None:
         # A limit of 0 never frees room; a window is the honest smallest answer.
         retry_after = rate.reset if rate.reset > 0 else rate.window
-    return Decision(outcome, rate, quota, retry_after)
+    return Decision(outcome, rate, quota, retry_after, None)
 
 
 @dataclass(frozen=True, slots=True)
 class QuotaUsage:
-    limit: int
+    limit: int  # the plan's limit plus this period's credit
     used: int
     remaining: int
     reset_at: float  # unix time at which the current period ends
+    credit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DayUsage:
+    """One line of the usage history: a subscription's admitted requests on one UTC day."""
+
+    day: int  # days since 1970-01-01
+    subject: str  # "<key name>:<product>"
+    plan: str
+    requests: int
+    units: int  # quota units kept after refunds
 
 
 class Limiter(Protocol):
-    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
-        """Check both limits of `subject`; consume one of each only if both admit."""
+    async def hit(
+        self,
+        subject: str,
+        rate: RateRule | None,
+        quota: QuotaRule | None,
+        cost: int = 1,
+        plan: str = "",
+    ) -> Decision:
+        """Check both limits of `subject`; only if both admit, take one request of the rate
+        and `cost` units of the quota, and count the request in the day's history under
+        `plan`. A quota with fewer than `cost` units left refuses."""
+        ...
+
+    async def refund(self, subject: str, receipt: Receipt) -> int:
+        """Give back the units of one admission, at most once per receipt's counters and never
+        below zero; the units actually returned to the quota (0 when its counter is gone)."""
+        ...
+
+    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
+        """Add `amount` units to the current period's allowance."""
         ...
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage: ...
 
-    async def reset_quota(self, subject: str, quota: QuotaRule) -> None: ...
+    async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        """Nothing used in the current period any more; credit stays."""
+        ...
+
+    async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
+        """The key's days with requests, on every product, sorted by day, product, plan."""
+        ...
+
+    def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
+        """Every subscription's days with requests, in batches, sorted by day, key, product,
+        plan; never the whole range in memory at once."""
+        ...
 
     async def ping(self) -> None:
         """Raise StorageError unless the storage answers."""
         ...
 
     async def close(self) -> None: ...
+
+
+# History is kept this many days after the day it counts (README "Metering").
+HISTORY_DAYS = 400
+DAY_SECONDS = 86400
+
+
+def day_of(unix_time: float) -> int:
+    """The UTC day of `unix_time`, as days since 1970-01-01."""
+    return int(unix_time // DAY_SECONDS)
+
+
+def day_text(day: int) -> str:
+    """`YYYY-MM-DD` of a day number."""
+    return _EPOCH_DATE.fromordinal(_EPOCH_ORDINAL + day).isoformat()
+
+
+def day_number(text: str) -> int:
+    """The day number of `YYYY-MM-DD`; ValueError otherwise."""
+    return _EPOCH_DATE.fromisoformat(text).toordinal() - _EPOCH_ORDINAL
+
+
+def subject_order(subject: str) -> tuple[str, str]:
+    """Sorted by key name, then product (a plain string sort would put "a.b:x" before "a:x")."""
+    key, _, product = subject.partition(":")
+    return key, product

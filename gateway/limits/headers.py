@@ -34,7 +34,7 @@ def limit_headers(decision: Decision) -> dict[str, str]:
     """The limit headers for `decision`, in the same order whatever the outcome."""
     # Once per request: each case is written out with its dict built in one literal and
     # whole_seconds inlined, which halves the cost of building the dict key by key.
-    outcome, rate, quota, retry_after = decision
+    outcome, rate, quota, retry_after, _ = decision
     headers: dict[str, str]
     if rate is not None and quota is not None:
         rate_limit, rate_remaining, rate_reset, rate_window = rate

@@ -1,14 +1,23 @@
--- Check the rate and the quota of one subscription; consume one of each only if both admit.
+-- Check the rate and the quota of one subscription; only if both admit, take one request of
+-- the rate and `cost` units of the quota, and count the request in the day's history.
 --
 -- KEYS[1]  sorted set: the admission times (microseconds, Redis clock) inside the rate window
--- KEYS[2]  string: the quota counter of the current calendar period
+-- KEYS[2]  hash: the quota of the current calendar period: used, credit, born
+-- KEYS[3]  hash: the history of the current UTC day: born, r:<plan> (requests), u:<plan> (units)
 -- ARGV[1]  rate limit, or -1 when the plan has no rate
 -- ARGV[2]  rate window in microseconds
 -- ARGV[3]  quota limit, or -1 when the plan has no quota
--- ARGV[4]  unix milliseconds at which the quota counter may vanish (period end + grace)
+-- ARGV[4]  unix milliseconds at which the quota hash may vanish (period end + grace)
+-- ARGV[5]  unix milliseconds at which the day's history may vanish
+-- ARGV[6]  the plan's name
+-- ARGV[7]  cost: the quota units this request takes
 --
--- Returns {outcome, quota used, rate entries in window, microseconds until the rate frees room}
--- where outcome is 0 allowed, 1 throttled, 2 quota exceeded.
+-- Returns {outcome, quota used, quota credit, rate entries in window, microseconds until the
+-- rate frees room, quota born, day born, 1 if this admission began the day's history}
+-- where outcome is 0 allowed, 1 throttled, 2 quota exceeded. `born` is the Redis time at
+-- which a hash was created: a refund names it, and does nothing to a hash born since (after
+-- a restart that lost it, or a new period), so units are never given back twice or to
+-- requests that did not take them.
 --
 -- The time comes from Redis so that gateways with skewed clocks share one notion of "now";
 -- calling TIME before writing needs effects replication, the default since Redis 5.
@@ -16,14 +25,17 @@
 local rate_limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local quota_limit = tonumber(ARGV[3])
-local quota_expire_at = tonumber(ARGV[4])
+local cost = tonumber(ARGV[7])
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 
-local used = 0
+local used, credit, quota_born = 0, 0, 0
 if quota_limit >= 0 then
-    used = tonumber(redis.call('GET', KEYS[2]) or 0)
+    local quota = redis.call('HMGET', KEYS[2], 'used', 'credit', 'born')
+    used = tonumber(quota[1] or 0)
+    credit = tonumber(quota[2] or 0)
+    quota_born = tonumber(quota[3] or 0)
 end
 
 local in_window = 0
@@ -34,16 +46,19 @@ if rate_limit >= 0 then
 end
 
 local outcome = 0
-if quota_limit >= 0 and used >= quota_limit then
+local day_born, new_day = 0, 0
+if quota_limit >= 0 and used + cost > quota_limit + credit then
     outcome = 2
 elseif rate_limit >= 0 and in_window >= rate_limit then
     outcome = 1
 else
     if quota_limit >= 0 then
-        used = redis.call('INCR', KEYS[2])
-        if used == 1 then
+        used = redis.call('HINCRBY', KEYS[2], 'used', cost)
+        if quota_born == 0 then
             -- the counter of a new period: it vanishes on its own soon after the period ends
-            redis.call('PEXPIREAT', KEYS[2], quota_expire_at)
+            quota_born = now
+            redis.call('HSET', KEYS[2], 'born', now)
+            redis.call('PEXPIREAT', KEYS[2], ARGV[4])
         end
     end
     if rate_limit >= 0 then
@@ -58,6 +73,15 @@ else
         redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1)
         in_window = in_window + 1
     end
+    day_born = tonumber(redis.call('HGET', KEYS[3], 'born') or 0)
+    if day_born == 0 then
+        day_born = now
+        new_day = 1
+        redis.call('HSET', KEYS[3], 'born', now)
+        redis.call('PEXPIREAT', KEYS[3], ARGV[5])
+    end
+    redis.call('HINCRBY', KEYS[3], 'r:' .. ARGV[6], 1)
+    redis.call('HINCRBY', KEYS[3], 'u:' .. ARGV[6], cost)
 end
 
 local wait = 0
@@ -72,4 +96,4 @@ if rate_limit >= 0 and in_window > 0 then
     wait = tonumber(entry[2]) + window - now
 end
 
-return {outcome, used, in_window, wait}
+return {outcome, used, credit, in_window, wait, quota_born, day_born, new_day}

@@ -2,22 +2,38 @@
 
 Every method runs without awaiting anything, so on one event loop a check-and-consume is
 atomic by construction. The rate is a sliding log of admission times; the quota a counter
-per calendar period. Subjects whose state has expired are swept from time to time so the
-memory stays bounded by the subjects that are active.
+per calendar period; the history a count per subscription and UTC day. Subjects whose state
+has expired are swept from time to time so the memory stays bounded by the subjects that are
+active (and by the history kept).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from gateway.config.model import QuotaRule, RateRule
-from gateway.limits.base import Decision, Outcome, QuotaUsage, WindowState, make_decision
+from gateway.limits.base import (
+    DAY_SECONDS,
+    HISTORY_DAYS,
+    DayUsage,
+    Decision,
+    Outcome,
+    QuotaUsage,
+    Receipt,
+    WindowState,
+    day_of,
+    make_decision,
+    subject_order,
+)
 from gateway.limits.periods import PeriodCache
 
 _new_tuple = tuple.__new__
+# History days handed out per batch by `export`.
+_EXPORT_BATCH = 500
 
 
 @dataclass(slots=True)
@@ -36,28 +52,59 @@ class _RateLog:
 class _QuotaCount:
     start: float
     end: float
+    stamp: int  # this counter's incarnation, for refunds
     used: int = 0
+    credit: int = 0
+
+
+@dataclass(slots=True)
+class _Day:
+    stamp: int
+    counts: dict[str, list[int]] = field(default_factory=dict)  # plan -> [requests, units]
 
 
 class MemoryLimiter:
-    """A `Limiter` kept in this process's memory; not shared between workers."""
+    """A `Limiter` kept in this process's memory; not shared between workers.
+
+    `keep_history=False` makes a limiter that only limits (the local fallback of
+    `storage.on_error: local` counts nothing).
+    """
 
     def __init__(
-        self, clock: Callable[[], float] = time.time, sweep_interval: float = 60.0
+        self,
+        clock: Callable[[], float] = time.time,
+        sweep_interval: float = 60.0,
+        keep_history: bool = True,
     ) -> None:
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._next_sweep = clock() + sweep_interval
+        self._keep_history = keep_history
         self._rates: dict[str, _RateLog] = {}
         self._quotas: dict[str, _QuotaCount] = {}
+        self._days: dict[int, dict[str, _Day]] = {}  # day -> subject -> counts
+        # The current UTC day, its end, and its subjects: the hot path's way into _days.
+        self._day = -1
+        self._day_end = 0.0
+        self._today: dict[str, _Day] = {}
+        # The earlier of the next sweep and the end of the day: one comparison per hit.
+        self._next_due = 0.0
         self._periods = PeriodCache()
+        self._stamps = itertools.count(1)
 
-    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+    async def hit(
+        self,
+        subject: str,
+        rate: RateRule | None,
+        quota: QuotaRule | None,
+        cost: int = 1,
+        plan: str = "",
+    ) -> Decision:
         # The request path's hottest storage call: written out in one function, with the
         # results built by tuple.__new__ (see base.py), it costs a third of the plain version.
         now = self._clock()
-        if now >= self._next_sweep:
-            self.sweep(now)
+        if now >= self._next_due:
+            self._due(now)
 
         admitted: deque[float] | None = None
         if rate is not None:
@@ -74,18 +121,36 @@ class MemoryLimiter:
             start, end = self._periods.period(now, quota.per, quota.timezone)
             counter = self._quotas.get(subject)
             if counter is None or counter.start != start:
-                counter = self._quotas[subject] = _QuotaCount(start, end)
+                counter = self._quotas[subject] = _QuotaCount(start, end, next(self._stamps))
 
         outcome: Outcome = "allowed"
-        if counter is not None and quota is not None and counter.used >= quota.limit:
+        receipt = None
+        if (
+            counter is not None
+            and quota is not None
+            and counter.used + cost > quota.limit + counter.credit
+        ):
             outcome = "quota_exceeded"
         elif admitted is not None and rate is not None and len(admitted) >= rate.limit:
             outcome = "throttled"
         else:
             if counter is not None:
-                counter.used += 1
+                counter.used += cost
             if admitted is not None:
                 admitted.append(now)
+            if self._keep_history:
+                record = self._today.get(subject)
+                if record is None:
+                    record = self._today[subject] = _Day(next(self._stamps))
+                counts = record.counts.get(plan)
+                if counts is None:
+                    counts = record.counts[plan] = [0, 0]
+                counts[0] += 1
+                counts[1] += cost
+                if counter is not None and quota is not None and quota.refund_on:
+                    receipt = Receipt(
+                        cost, plan, counter.start, counter.stamp, self._day, record.stamp
+                    )
 
         rate_state = None
         if admitted is not None and rate is not None:
@@ -102,7 +167,7 @@ class MemoryLimiter:
             )
         quota_state = None
         if counter is not None and quota is not None:
-            limit = quota.limit
+            limit = quota.limit + counter.credit
             used = counter.used
             quota_state = _new_tuple(
                 WindowState,
@@ -115,19 +180,76 @@ class MemoryLimiter:
             )
 
         if outcome == "allowed":
-            return _new_tuple(Decision, (outcome, rate_state, quota_state, 0.0))
+            return _new_tuple(Decision, (outcome, rate_state, quota_state, 0.0, receipt))
         return make_decision(outcome, rate_state, quota_state)
+
+    def _due(self, now: float) -> None:
+        if now >= self._next_sweep:
+            self.sweep(now)
+        if now >= self._day_end or now < self._day_end - DAY_SECONDS:
+            self._turn_day(now)
+        self._next_due = min(self._next_sweep, self._day_end)
+
+    def _turn_day(self, now: float) -> None:
+        day = day_of(now)
+        self._day, self._day_end = day, (day + 1) * DAY_SECONDS
+        today = self._days.get(day)
+        if today is None:
+            today = self._days[day] = {}
+        self._today = today
+
+    async def refund(self, subject: str, receipt: Receipt) -> int:
+        returned = 0
+        counter = self._quotas.get(subject)
+        if counter is not None and counter.stamp == receipt.quota_stamp:
+            returned = min(receipt.cost, counter.used)
+            counter.used -= returned
+        record = self._days.get(receipt.day, {}).get(subject)
+        if record is not None and record.stamp == receipt.day_stamp:
+            counts = record.counts.get(receipt.plan)
+            if counts is not None:
+                counts[1] -= min(receipt.cost, counts[1])
+        return returned
+
+    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
+        counter = self._current(subject, quota, self._clock())
+        counter.credit += amount
+        return await self.usage(subject, quota)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         counter = self._quotas.get(subject)
-        used = counter.used if counter is not None and counter.start == start else 0
+        used = credit = 0
+        if counter is not None and counter.start == start:
+            used, credit = counter.used, counter.credit
+        limit = quota.limit + credit
         return QuotaUsage(
-            limit=quota.limit, used=used, remaining=max(0, quota.limit - used), reset_at=end
+            limit=limit, used=used, remaining=max(0, limit - used), reset_at=end, credit=credit
         )
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
-        self._quotas.pop(subject, None)
+        counter = self._quotas.get(subject)
+        if counter is not None:
+            counter.used = 0
+
+    async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
+        prefix = key_name + ":"
+        found: list[DayUsage] = []
+        for day in range(first_day, last_day + 1):
+            subjects = self._days.get(day)
+            if subjects:
+                mine = sorted(s for s in subjects if s.startswith(prefix))
+                found.extend(_lines(day, mine, subjects))
+        return found
+
+    async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
+        for day in range(first_day, last_day + 1):
+            subjects = self._days.get(day)
+            if not subjects:
+                continue
+            ordered = sorted(subjects, key=subject_order)
+            for begin in range(0, len(ordered), _EXPORT_BATCH):
+                yield _lines(day, ordered[begin : begin + _EXPORT_BATCH], subjects)
 
     async def ping(self) -> None:
         return None
@@ -137,17 +259,36 @@ class MemoryLimiter:
         self._quotas.clear()
 
     def sweep(self, now: float) -> None:
-        """Drop every subject whose rate window and quota period are over."""
+        """Drop every subject whose rate window and quota period are over, and history older
+        than it is kept."""
         self._next_sweep = now + self._sweep_interval
         for subject in [s for s, log in self._rates.items() if _rate_log_expired(log, now)]:
             del self._rates[subject]
         for subject in [s for s, count in self._quotas.items() if count.end <= now]:
             del self._quotas[subject]
+        oldest = day_of(now - HISTORY_DAYS * DAY_SECONDS)
+        for day in [d for d in self._days if d < oldest]:
+            del self._days[day]
 
     @property
     def tracked_subjects(self) -> int:
-        """How many subjects hold state; for tests and debugging."""
+        """How many subjects hold limit state; for tests and debugging."""
         return len(self._rates.keys() | self._quotas.keys())
+
+    def _current(self, subject: str, quota: QuotaRule, now: float) -> _QuotaCount:
+        start, end = self._periods.period(now, quota.per, quota.timezone)
+        counter = self._quotas.get(subject)
+        if counter is None or counter.start != start:
+            counter = self._quotas[subject] = _QuotaCount(start, end, next(self._stamps))
+        return counter
+
+
+def _lines(day: int, subjects: list[str], records: dict[str, _Day]) -> list[DayUsage]:
+    return [
+        DayUsage(day, subject, plan, requests, units)
+        for subject in subjects
+        for plan, (requests, units) in sorted(records[subject].counts.items())
+    ]
 
 
 def _rate_log_expired(log: _RateLog, now: float) -> bool:

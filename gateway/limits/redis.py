@@ -1,10 +1,16 @@
 """The shared limit storage: Redis or Redis Cluster, for several gateway processes.
 
 One request costs one EVALSHA of `hit.lua`, which checks and consumes the rate and the quota
-atomically on the server. The script runs on Redis's clock, so gateways with skewed clocks
+and counts the day's history atomically on the server; a refunded one costs one more, of
+`refund.lua`. The script runs on Redis's clock, so gateways with skewed clocks
 agree on the sliding window; the quota period is computed here because it needs the plan's
-timezone. Both keys of a subscription carry the subject as hash tag, so they live in one
-cluster slot.
+timezone, and the UTC day here too, so that every key a script touches is named in its KEYS.
+Every key of a subscription carries the subject as hash tag, so they live in one cluster slot.
+
+The billing export needs to know which subscriptions have history. A set of them,
+`gw:subscriptions`, lives in a slot of its own, so it cannot be written by the script on a
+cluster; each process adds a subscription to it on its first admission there (and again
+whenever the script reports that it began a day's history, e.g. after Redis lost its data).
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
 pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from importlib.resources import files
 from typing import Any, TypeVar, cast
 
@@ -27,24 +34,46 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits.base import (
+    DAY_SECONDS,
+    HISTORY_DAYS,
+    DayUsage,
     Decision,
     Outcome,
     QuotaUsage,
+    Receipt,
     StorageError,
     WindowState,
+    day_text,
     make_decision,
+    subject_order,
 )
 from gateway.limits.periods import PeriodCache
 from gateway.limits.resp import ScriptPipeline, pack
 
-HIT_SCRIPT = files("gateway.limits").joinpath("hit.lua").read_text(encoding="utf-8")
-HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
+
+class _Script:
+    """A Lua script of this package and its SHA1, for EVALSHA."""
+
+    def __init__(self, name: str) -> None:
+        self.text = files("gateway.limits").joinpath(name).read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.text.encode("utf-8")).hexdigest()
+
+
+_HIT = _Script("hit.lua")
+_REFUND = _Script("refund.lua")
+_CREDIT = _Script("credit.lua")
+HIT_SCRIPT, HIT_SCRIPT_SHA = _HIT.text, _HIT.sha
 _HIT_SCRIPT_SHA_BYTES = HIT_SCRIPT_SHA.encode("ascii")
+# The set of every "<key>:<product>" with history, for the export.
+SUBSCRIPTIONS_KEY = "gw:subscriptions"
+# History days read per pipeline by history and export.
+_READ_BATCH = 500
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 # A quota counter outlives its period a little so that a gateway whose clock lags still
@@ -55,6 +84,8 @@ _QUOTA_GRACE_SECONDS = 60.0
 _MAX_COMMANDS = 10_000
 _new_tuple = tuple.__new__
 
+log = logging.getLogger(__name__)
+
 AnyRedis = Redis | RedisCluster
 T = TypeVar("T")
 
@@ -64,7 +95,20 @@ def rate_key(subject: str) -> str:
 
 
 def quota_key(subject: str, period_start: float) -> str:
-    return f"gw:{{{subject}}}:quota:{int(period_start)}"
+    return f"gw:{{{subject}}}:q:{int(period_start)}"
+
+
+def day_key(subject: str, day: int) -> str:
+    return f"gw:{{{subject}}}:d:{day_text(day)}"
+
+
+def _cost_argument(cost: int) -> bytes:
+    text = str(cost).encode("ascii")
+    return b"$%d\r\n%b\r\n" % (len(text), text)
+
+
+# The packed last argument of the hit script for the costs routes declare.
+_COST_ARGUMENTS: dict[int, bytes] = {cost: _cost_argument(cost) for cost in range(1, 101)}
 
 
 def connect(url: str, timeout: float) -> AnyRedis:
@@ -89,22 +133,28 @@ def connect(url: str, timeout: float) -> AnyRedis:
 
 
 class _Command:
-    """One subject's EVALSHA of `hit.lua`: the same keys and numbers on every hit of a
-    subject within one quota period, so it is built (and packed) once per period."""
+    """One subject's EVALSHA of `hit.lua`: the same keys and arguments on every hit of a
+    subject within one quota period and UTC day but the cost, so it is built (and packed)
+    once per period and day; the cost, packed, is appended per hit."""
 
     __slots__ = ("args", "keys", "packed", "shape")
 
     def __init__(
-        self, shape: _Shape, keys: tuple[str, str], args: tuple[int, ...], packed: bytes
+        self,
+        shape: _Shape,
+        keys: tuple[str, str, str],
+        args: tuple[int | str, ...],
+        packed: bytes,
     ) -> None:
         self.shape = shape
         self.keys = keys
         self.args = args
-        self.packed = packed
+        self.packed = packed  # without the cost, which is the last argument
 
 
-# (rate limit, rate window, quota limit, period start, period end): what a command follows from.
-_Shape = tuple[int, float, int, float, float]
+# (rate limit, rate window, quota limit, period start, period end, day, plan): what a command
+# follows from.
+_Shape = tuple[int, float, int, float, float, int, str]
 
 
 class _DirectHits:
@@ -114,15 +164,21 @@ class _DirectHits:
     def __init__(self, client: AnyRedis) -> None:
         self._client = client
 
-    async def run(self, command: _Command) -> Any:
-        keys, args = command.keys, command.args
-        try:
-            return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
-        except NoScriptError:
-            # The node lost its script cache (restart, failover): NOSCRIPT means the script
-            # did not run, so running it again after loading is safe.
-            await self._client.script_load(HIT_SCRIPT)
-            return await self._client.evalsha(HIT_SCRIPT_SHA, 2, *keys, *args)
+    async def run(self, command: _Command, cost: int) -> Any:
+        return await run_script(self._client, _HIT, command.keys, (*command.args, cost))
+
+
+async def run_script(
+    client: AnyRedis, script: _Script, keys: tuple[str, ...], args: tuple[int | str, ...]
+) -> Any:
+    """EVALSHA, loading the script first when the node does not know it."""
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        # The node lost its script cache (restart, failover): NOSCRIPT means the script did
+        # not run, so running it again after loading is safe.
+        await client.script_load(script.text)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
 
 
 class RedisLimiter:
@@ -142,13 +198,15 @@ class RedisLimiter:
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
         self._is_cluster = isinstance(client, RedisCluster)
+        # Subjects this process has put in SUBSCRIPTIONS_KEY.
+        self._registered: set[str] = set()
         # On a single Redis the hits of one tick go out together on a connection of their
         # own, each batch under the storage timeout already; on a cluster each hit is its
         # own redis-py call under _guard.
         self._pipeline: ScriptPipeline | None = None
         self._direct: _DirectHits | None = None
         if isinstance(client, Redis):
-            self._pipeline = ScriptPipeline(client, HIT_SCRIPT, timeout)
+            self._pipeline = ScriptPipeline(client, (HIT_SCRIPT, _REFUND.text), timeout)
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
@@ -161,38 +219,47 @@ class RedisLimiter:
     ) -> RedisLimiter:
         return cls(connect(storage.url, storage.timeout), storage.timeout, on_storage_error)
 
-    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+    async def hit(
+        self,
+        subject: str,
+        rate: RateRule | None,
+        quota: QuotaRule | None,
+        cost: int = 1,
+        plan: str = "",
+    ) -> Decision:
         now = self._clock()
+        day = int(now // DAY_SECONDS)
         if quota is not None:
             start, end = self._periods.period(now, quota.per, quota.timezone)
-            shape = (
-                rate.limit if rate is not None else -1,
-                rate.window if rate is not None else 0.0,
-                quota.limit,
-                start,
-                end,
-            )
-            command = self._commands.get(subject)
-            if command is None or command.shape != shape:
-                command = self._remember_command(subject, shape)
-        elif rate is not None:
-            # Without a quota the (unused) quota key and expiry follow the clock: no reuse.
-            start = end = now
-            command = self._command(subject, (rate.limit, rate.window, -1, now, now))
         else:
-            return Decision("allowed", None, None)
+            start = end = 0.0
+        shape = (
+            rate.limit if rate is not None else -1,
+            rate.window if rate is not None else 0.0,
+            quota.limit if quota is not None else -1,
+            start,
+            end,
+            day,
+            plan,
+        )
+        command = self._commands.get(subject)
+        if command is None or command.shape != shape:
+            command = self._remember_command(subject, shape)
 
         pipeline = self._pipeline
         if pipeline is not None:
+            cost_argument = _COST_ARGUMENTS.get(cost) or _cost_argument(cost)
             try:
-                reply = await pipeline.run(command.packed)
+                reply = await pipeline.run(command.packed + cost_argument)
             except Exception as exc:
                 raise self._storage_error("hit", exc) from exc
         else:
             direct = cast(_DirectHits, self._direct)
-            reply = await self._guard("hit", lambda: direct.run(command))
+            reply = await self._guard("hit", lambda: direct.run(command, cost))
         # Integer replies: redis-py hands them over as ints already.
-        code, used, in_window, wait_us = reply
+        code, used, credit, in_window, wait_us, quota_born, day_born, new_day = reply
+        if code == 0 and (new_day or subject not in self._registered):
+            await self._register(subject)
 
         rate_state = None
         if rate is not None:
@@ -207,8 +274,9 @@ class RedisLimiter:
                 ),
             )
         quota_state = None
+        receipt = None
         if quota is not None:
-            limit = quota.limit
+            limit = quota.limit + credit
             quota_state = _new_tuple(
                 WindowState,
                 (
@@ -218,8 +286,10 @@ class RedisLimiter:
                     end - start,
                 ),
             )
+            if code == 0 and quota.refund_on:
+                receipt = Receipt(cost, plan, start, quota_born, day, day_born)
         if code == 0:
-            return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0))
+            return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0, receipt))
         return make_decision(_OUTCOMES[code], rate_state, quota_state)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
@@ -229,46 +299,167 @@ class RedisLimiter:
         return command
 
     def _command(self, subject: str, shape: _Shape) -> _Command:
-        rate_limit, rate_window, quota_limit, start, end = shape
+        rate_limit, rate_window, quota_limit, start, end, day, plan = shape
         window_us = round(rate_window * 1_000_000)  # 0 without a rate
-        expire_at_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
-        args = (rate_limit, window_us, quota_limit, expire_at_ms)
-        keys = (rate_key(subject), quota_key(subject, start))
+        quota_expire_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        day_expire_ms = (day + 1 + HISTORY_DAYS) * DAY_SECONDS * 1000
+        args = (rate_limit, window_us, quota_limit, quota_expire_ms, day_expire_ms, plan)
+        keys = (rate_key(subject), quota_key(subject, start), day_key(subject, day))
         packed = b""  # redis-py packs each call of a cluster itself
         if self._pipeline is not None:
-            # Once per subject and quota period, so the plain packer is fast enough.
+            # Once per subject, quota period and day, so the plain packer is fast enough. The
+            # count of arguments includes the cost, appended per hit.
             encoding, errors = self._encoding, self._encoding_errors
-            packed = pack(
+            whole = pack(
                 b"EVALSHA",
                 _HIT_SCRIPT_SHA_BYTES,
-                b"2",
+                b"3",
                 *(key.encode(encoding, errors) for key in keys),
-                *(str(arg).encode("ascii") for arg in args),
+                *(str(arg).encode(encoding, errors) for arg in args),
+                b"",
             )
+            packed = whole[: -len(b"$0\r\n\r\n")]
         return _Command(shape, keys, args, packed)
+
+    async def _register(self, subject: str) -> None:
+        """Add `subject` to SUBSCRIPTIONS_KEY: once per process, and again on the first
+        admission of each day (Redis may have lost it). A second round trip on those few
+        admissions, so that history and export see the subscription from its first request;
+        a failure leaves the admission standing and is tried again on the next one."""
+        try:
+            pipeline = self._pipeline
+            if pipeline is not None:
+                packed = pack(b"SADD", SUBSCRIPTIONS_KEY.encode(), subject.encode())
+                try:
+                    await pipeline.run(packed)
+                except Exception as exc:
+                    raise self._storage_error("register", exc) from exc
+            else:
+                await self._guard(
+                    "register",
+                    lambda: self._client.sadd(SUBSCRIPTIONS_KEY, subject),
+                    repeatable=True,
+                )
+        except StorageError as exc:
+            self._registered.discard(subject)
+            log.warning("could not record %s for the usage export: %s", subject, exc)
+            return
+        if len(self._registered) >= _MAX_COMMANDS:
+            self._registered.clear()
+        self._registered.add(subject)
+
+    async def refund(self, subject: str, receipt: Receipt) -> int:
+        keys = (quota_key(subject, receipt.period_start), day_key(subject, receipt.day))
+        args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
+        pipeline = self._pipeline
+        if pipeline is None:
+            returned = await self._guard(
+                "refund", lambda: run_script(self._client, _REFUND, keys, args)
+            )
+            return int(returned)
+        # On the hits' connection: it notices a restarted Redis as soon as the loop does,
+        # where a pooled redis-py connection would send into the dead one first.
+        encoding, errors = self._encoding, self._encoding_errors
+        packed = pack(
+            b"EVALSHA",
+            _REFUND.sha.encode("ascii"),
+            b"2",
+            *(key.encode(encoding, errors) for key in keys),
+            *(str(arg).encode(encoding, errors) for arg in args),
+        )
+        try:
+            return int(await pipeline.run(packed))
+        except Exception as exc:
+            raise self._storage_error("refund", exc) from exc
+
+    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
+        start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
+        expire_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        keys = (quota_key(subject, start),)
+        used, credit = await self._guard(
+            "credit", lambda: run_script(self._client, _CREDIT, keys, (amount, expire_ms))
+        )
+        return _usage(quota, int(used), int(credit), end)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
-        raw = await self._guard("usage", lambda: self._client.get(quota_key(subject, start)))
-        used = int(raw or 0)
-        return QuotaUsage(
-            limit=quota.limit, used=used, remaining=max(0, quota.limit - used), reset_at=end
+        key = quota_key(subject, start)
+        used, credit = await self._guard(
+            "usage", lambda: self._client.hmget(key, ["used", "credit"]), repeatable=True
         )
+        return _usage(quota, int(used or 0), int(credit or 0), end)
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
         start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
-        await self._guard("reset", lambda: self._client.delete(quota_key(subject, start)))
+        # `born` stays, so that refunds of requests admitted before still find their hash
+        # (and stop at zero); the credit stays too.
+        key = quota_key(subject, start)
+        await self._guard("reset", lambda: self._client.hdel(key, "used"), repeatable=True)
+
+    async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
+        prefix = key_name + ":"
+        subjects = sorted(s for s in await self._subscriptions() if s.startswith(prefix))
+        found: list[DayUsage] = []
+        for day in range(first_day, last_day + 1):
+            if subjects:
+                found.extend(await self._read_days(day, subjects))
+        return found
+
+    async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
+        subjects = sorted(await self._subscriptions(), key=subject_order)
+        for day in range(first_day, last_day + 1):
+            for begin in range(0, len(subjects), _READ_BATCH):
+                lines = await self._read_days(day, subjects[begin : begin + _READ_BATCH])
+                if lines:
+                    yield lines
+
+    async def _subscriptions(self) -> list[str]:
+        members = await self._guard(
+            "history", lambda: self._client.smembers(SUBSCRIPTIONS_KEY), repeatable=True
+        )
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def _read_days(self, day: int, subjects: list[str]) -> list[DayUsage]:
+        """The history of `subjects` on `day`, in their order, by plan within each."""
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for subject in subjects:
+                pipe.hgetall(day_key(subject, day))
+            return await pipe.execute()
+
+        lines: list[DayUsage] = []
+        for subject, fields in zip(
+            subjects, await self._guard("history", read, repeatable=True), strict=True
+        ):
+            counts: dict[str, list[int]] = {}
+            for raw_name, raw_value in fields.items():
+                name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+                kind, _, plan = name.partition(":")
+                if kind in ("r", "u"):
+                    counts.setdefault(plan, [0, 0])[kind == "u"] = int(raw_value)
+            for plan, (requests, units) in sorted(counts.items()):
+                if requests:
+                    lines.append(DayUsage(day, subject, plan, requests, units))
+        return lines
 
     async def ping(self) -> None:
-        await self._guard("ping", self._client.ping)
+        await self._guard("ping", self._client.ping, repeatable=True)
 
     async def close(self) -> None:
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._client.aclose()
 
-    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one storage call within the timeout; any failure becomes StorageError."""
+    async def _guard(
+        self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False
+    ) -> T:
+        """Run one storage call within the timeout; any failure becomes StorageError.
+
+        A `repeatable` call (one that does the same when run twice: a read, SADD, HDEL) is
+        run once more within the same timeout when its connection turns out to be dead: a
+        pooled connection to a Redis that restarted fails its first command, and the pool
+        only notices then."""
         try:
             async with asyncio.timeout(self._timeout):
                 if self._is_cluster:
@@ -278,7 +469,12 @@ class RedisLimiter:
                     # AttributeError there). Learning the map first avoids both; it is a
                     # no-op once the map is known.
                     await cast(RedisCluster, self._client).initialize()
-                return await call()
+                try:
+                    return await call()
+                except RedisConnectionError:
+                    if not repeatable:
+                        raise
+                    return await call()
         except Exception as exc:
             raise self._storage_error(operation, exc) from exc
 
@@ -293,3 +489,10 @@ class RedisLimiter:
             else str(exc) or type(exc).__name__
         )
         return StorageError(f"limit storage {operation}: {reason}")
+
+
+def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUsage:
+    limit = quota.limit + credit
+    return QuotaUsage(
+        limit=limit, used=used, remaining=max(0, limit - used), reset_at=reset_at, credit=credit
+    )

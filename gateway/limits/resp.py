@@ -1,4 +1,4 @@
-"""A pipelined RESP connection that runs one Lua script by EVALSHA on a single Redis.
+"""A pipelined RESP connection that runs Lua scripts by EVALSHA on a single Redis.
 
 Why not redis-py for the limiter's hits: every request costs one EVALSHA, and redis-py's
 asyncio path (a task per batch, a shielded pool release, a layered read per reply,
@@ -10,7 +10,7 @@ waiting future: no task, timer or coroutine per batch or per reply.
 Replies come back in the order of the calls, so a connection that missed a deadline is
 aborted (its late replies would answer the wrong calls) and the next call reconnects. One
 timer per connection watches the earliest deadline of the batches in flight. A NOSCRIPT
-reply (a restarted or flushed Redis) loads the script and runs those calls again on the
+reply (a restarted or flushed Redis) loads the scripts and runs those calls again on the
 same connection, where the load is sure to precede them. Everything else the limiter asks
 (usage, reset, ping) stays on redis-py, whose URL settings this module reuses.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from ssl import SSLContext
 from typing import Any
 
@@ -45,10 +46,10 @@ def pack(*args: bytes) -> bytes:
 
 
 class ScriptPipeline:
-    """Runs packed EVALSHA commands of one script on one lazily opened connection, each call
-    bounded by `timeout` from the end of the tick it was made in."""
+    """Runs packed EVALSHA commands of the given scripts on one lazily opened connection, each
+    call bounded by `timeout` from the end of the tick it was made in."""
 
-    def __init__(self, client: Redis, script: str, timeout: float) -> None:
+    def __init__(self, client: Redis, scripts: Sequence[str], timeout: float) -> None:
         # A connection object that is never connected: redis-py's reading of the URL.
         settings = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._host: str = settings.host
@@ -67,7 +68,7 @@ class ScriptPipeline:
         if settings.db:
             handshake.append(pack(b"SELECT", str(settings.db).encode()))
         self._handshake = handshake
-        self._script_load = pack(b"SCRIPT", b"LOAD", script.encode())
+        self._script_loads = [pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts]
         self._timeout = timeout
         self._queue: list[_Call] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,7 +116,7 @@ class ScriptPipeline:
         try:
             async with asyncio.timeout_at(self._waiting[0][1]):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._script_load),
+                    lambda: _Connection(loop, self._script_loads),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -164,9 +165,9 @@ class ScriptPipeline:
 class _Connection(asyncio.Protocol):
     """One Redis connection: calls written in batches, replies matched to them in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, script_load: bytes) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, script_loads: list[bytes]) -> None:
         self._loop = loop
-        self._script_load = script_load
+        self._script_loads = script_loads
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Call] = deque()
@@ -174,7 +175,7 @@ class _Connection(asyncio.Protocol):
         self._answered = 0
         self._batches: deque[tuple[float, int]] = deque()  # (deadline, end) of those unanswered
         self._timer: asyncio.TimerHandle | None = None
-        self._loading = False  # a SCRIPT LOAD is written and unanswered
+        self._loading = 0  # SCRIPT LOADs written and unanswered
         self.closed: asyncio.Future[None] = loop.create_future()
 
     @property
@@ -207,7 +208,7 @@ class _Connection(asyncio.Protocol):
                 future, packed = pending.popleft()
                 answered += 1
                 if future is None:
-                    self._loading = False
+                    self._loading -= 1
                 elif future.done():  # its caller stopped waiting
                     pass
                 elif type(reply) is not ResponseError:
@@ -229,8 +230,10 @@ class _Connection(asyncio.Protocol):
             batches.popleft()
 
     def _resend(self, retries: list[_Call], deadline: float) -> None:
-        calls: list[_Call] = [] if self._loading else [(None, self._script_load)]
-        self._loading = True
+        calls: list[_Call] = []
+        if not self._loading:
+            calls = [(None, load) for load in self._script_loads]
+            self._loading = len(calls)
         # Sent without their packed command in the queue: a second NOSCRIPT is an error.
         self._transport.write(b"".join([c for _, c in calls] + [c for _, c in retries]))  # type: ignore[union-attr]
         for future, _ in retries:

@@ -285,10 +285,12 @@ async def test_two_workers_of_one_supervisor_share_the_limit(rig: Rig) -> None:
 # What hit.lua runs inside Redis for one admitted request of a plan with a rate and a quota.
 SCRIPT_COMMANDS = {
     "time",
-    "get",
+    "hmget",
     "zremrangebyscore",
     "zcard",
-    "incr",
+    "hincrby",
+    "hset",
+    "hget",
     "pexpireat",
     "zadd",
     "pexpire",

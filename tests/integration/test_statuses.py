@@ -15,6 +15,7 @@ import pytest
 from gateway import accesslog
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.base import Decision, QuotaUsage
+from gateway.limits.memory import MemoryLimiter
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
@@ -257,10 +258,17 @@ async def test_malformed_request_gets_problem_json(gateway: Worker) -> None:
     assert json.loads(body)["code"] == "bad_request"
 
 
-class BrokenLimiter:
+class BrokenLimiter(MemoryLimiter):
     """A limiter with a bug in it: what a 500 looks like from the outside."""
 
-    async def hit(self, subject: str, rate: RateRule | None, quota: QuotaRule | None) -> Decision:
+    async def hit(
+        self,
+        subject: str,
+        rate: RateRule | None,
+        quota: QuotaRule | None,
+        cost: int = 1,
+        plan: str = "",
+    ) -> Decision:
         raise KeyError("internal detail that must not leak")
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:

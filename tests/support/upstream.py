@@ -31,6 +31,8 @@ class Upstream:
     # how each WebSocket ended (the close code the upstream saw).
     flood_sent: int = 0
     ws_closed: list[int | None] = field(default_factory=list)
+    slow_in_flight: int = 0  # /slow requests being answered now
+    most_slow_in_flight: int = 0
 
     @property
     def url(self) -> str:
@@ -52,13 +54,18 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     )
     path = request.path
     if path.endswith("/slow"):
+        # ?for=SECONDS (default 5), ?status=CODE (default 200)
         upstream.started_slow.set()
+        upstream.slow_in_flight += 1
+        upstream.most_slow_in_flight = max(upstream.most_slow_in_flight, upstream.slow_in_flight)
         try:
             await asyncio.sleep(float(request.query.get("for", "5")))
         except asyncio.CancelledError:
             upstream.cancelled.set()
             raise
-        return web.json_response({"slow": True})
+        finally:
+            upstream.slow_in_flight -= 1
+        return web.json_response({"slow": True}, status=int(request.query.get("status", "200")))
     if "/status/" in path:
         status = int(path.rsplit("/", 1)[1])
         body = b"" if status in (204, 304) else json.dumps({"status": status}).encode()

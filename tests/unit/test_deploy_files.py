@@ -142,6 +142,9 @@ def test_the_dashboard_shows_what_operators_need() -> None:
         "gateway_storage_errors_total",
         "gateway_inflight_requests",
         "gateway_config_reloads_total",
+        "gateway_quota_units_total",
+        "gateway_quota_refunds_total",
+        'decision=~"local_allowed|local_throttled"',
     ):
         assert needle in exprs, needle
 
@@ -174,6 +177,8 @@ async def test_every_dashboard_metric_is_on_a_live_scrape() -> None:
         )
     )
     metrics.observe_limit_decision("deploy-test", "trial", "throttled")
+    metrics.observe_units("deploy-test", "trial", 10)
+    metrics.count_refund("deploy-test", "trial", "ok", 10)
     metrics.count_storage_error("hit")
     metrics.count_reload(True)
     metrics.count_websocket_bytes("deploy-test", 1, 2)

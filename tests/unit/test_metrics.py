@@ -25,6 +25,8 @@ README_METRICS = {
     "gateway_inflight_requests": ("gauge", set()),
     "gateway_config_reloads": ("counter", {"result"}),
     "gateway_websocket_bytes": ("counter", {"product", "direction"}),
+    "gateway_quota_units": ("counter", {"product", "plan"}),
+    "gateway_quota_refunds": ("counter", {"product", "plan", "result"}),
 }
 ROUTE = "/soccer/v4/{lang}/info.json"
 
@@ -75,6 +77,8 @@ def test_every_metric_of_the_readme_with_its_type_and_labels() -> None:
     gateway_metrics.storage_errors.labels("hit").inc()
     gateway_metrics.config_reloads.labels("ok").inc()
     gateway_metrics.websocket_bytes.labels("soccer", "up").inc(10)
+    gateway_metrics.observe_units("soccer", "trial", 10)
+    gateway_metrics.quota_refunds.labels("soccer", "trial", "ok").inc(10)
 
     families = {family.name: family for family in registry.collect()}
 

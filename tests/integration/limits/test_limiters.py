@@ -320,7 +320,7 @@ async def test_keys_expire_on_their_own(
         assert quota_ttl == pytest.approx(end + 60 - time.time(), abs=2)
         # Set when the period's counter is created; later hits leave it (one command fewer).
         await limiter.hit(subject, rate, quota)
-        assert inspector.get(quota_key(subject, start)) in (b"2", "2")
+        assert inspector.hget(quota_key(subject, start), "used") in (b"2", "2")
         quota_ttl = inspector.pttl(quota_key(subject, start)) / 1000
         assert quota_ttl == pytest.approx(end + 60 - time.time(), abs=2)
         await asyncio.sleep(0.4)
@@ -393,7 +393,9 @@ async def test_frozen_redis_times_out_and_recovers(
             with pytest.raises(StorageError, match="timed out"):
                 await call()
             assert time.monotonic() - started < STORAGE_TIMEOUT + MARGIN
-        assert backend.errors == ["hit", "ping"]
+        # (The first hit's recording of the subscription for the export may have timed out
+        # too on a busy machine; it does not fail the hit.)
+        assert [error for error in backend.errors if error != "register"] == ["hit", "ping"]
         fresh_redis_server.resume()
         assert (await limiter.hit(subject, rate, None)).allowed
     finally:
@@ -426,15 +428,19 @@ async def test_hits_of_one_tick_share_one_connection_in_few_writes(
     limiter = Backend("redis", fresh_redis_server.url).limiter()
     admin = fresh_redis_server.client()
     rate, quota = rate_rule(5, 10), quota_rule(5)
+    subjects = [new_subject() for _ in range(51)]
     try:
-        await limiter.hit(new_subject(), rate, quota)  # connects and loads the script
+        # Connects and loads the script; each subject's first hit also begins its history
+        # of the day and records it for the export, which later hits of the day do not.
+        for subject in subjects:
+            await limiter.hit(subject, rate, quota)
         before = server_stats(admin)
-        await limiter.hit(new_subject(), rate, quota)
+        await limiter.hit(subjects[0], rate, quota)
         one = stats_delta(before, server_stats(admin))
 
         before = server_stats(admin)
         decisions = await asyncio.gather(
-            *(limiter.hit(new_subject(), rate, quota) for _ in range(50))
+            *(limiter.hit(subject, rate, quota) for subject in subjects[1:])
         )
         many = stats_delta(before, server_stats(admin))
     finally:

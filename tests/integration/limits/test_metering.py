@@ -1,0 +1,262 @@
+"""Metering in the limit storages themselves: cost, refunds, credit and history, on memory, a
+real redis-server and a real Redis Cluster, and a randomized run of all of them interleaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from gateway.config.model import QuotaRule, RateRule, StorageConfig
+from gateway.limits import Limiter, create_limiter
+from gateway.limits.base import DayUsage, Receipt, day_of
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.periods import quota_period
+from tests.support.redis_servers import RedisServer
+
+UTC = ZoneInfo("UTC")
+REFUND_5XX: frozenset[str] = frozenset({"5xx"})
+# Months of these zones all begin at different instants.
+ZONES = (
+    "UTC",
+    "Asia/Kathmandu",
+    "America/New_York",
+    "Pacific/Chatham",
+    "Asia/Kolkata",
+    "America/St_Johns",
+    "Australia/Eucla",
+)
+
+
+def quota(limit: int, refund: bool = True) -> QuotaRule:
+    return QuotaRule(limit, "month", UTC, REFUND_5XX if refund else frozenset())  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
+    url = "memory://"
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    made = create_limiter(StorageConfig(url=url, timeout=2.0))
+    yield made
+    await made.close()
+
+
+def new_key() -> str:
+    return f"meter-{uuid.uuid4().hex[:10]}"
+
+
+async def test_cost_takes_units_and_refuses_when_fewer_are_left(limiter: Limiter) -> None:
+    subject = f"{new_key()}:soccer"
+    rule = quota(25, refund=False)
+    taken = [await limiter.hit(subject, None, rule, 10, "pro") for _ in range(3)]
+    assert [d.outcome for d in taken] == ["allowed", "allowed", "quota_exceeded"]
+    assert [d.quota.remaining for d in taken if d.quota] == [15, 5, 5]
+    # The refused one used nothing; a cheaper request still fits.
+    assert (await limiter.hit(subject, None, rule, 5, "pro")).allowed
+    usage = await limiter.usage(subject, rule)
+    assert (usage.used, usage.remaining) == (25, 0)
+
+
+async def test_rate_counts_requests_whatever_the_cost(limiter: Limiter) -> None:
+    subject = f"{new_key()}:soccer"
+    rate = RateRule(3, 10.0, "10s")
+    outcomes = [
+        (await limiter.hit(subject, rate, quota(1000), 50, "pro")).outcome for _ in range(4)
+    ]
+    assert outcomes == ["allowed", "allowed", "allowed", "throttled"]
+
+
+async def test_refund_gives_back_once_and_never_below_zero(limiter: Limiter) -> None:
+    subject = f"{new_key()}:soccer"
+    rule = quota(100)
+    decision = await limiter.hit(subject, None, rule, 7, "pro")
+    receipt = decision.receipt
+    assert receipt is not None
+    await limiter.reset_quota(subject, rule)  # used 0 now: the refund must stop at zero
+    assert await limiter.refund(subject, receipt) == 0
+    assert (await limiter.usage(subject, rule)).used == 0
+
+    again = await limiter.hit(subject, None, rule, 7, "pro")
+    assert again.receipt is not None
+    assert await limiter.refund(subject, again.receipt) == 7
+    assert (await limiter.usage(subject, rule)).used == 0
+    # A plan without refund_on gives no receipt at all.
+    assert (await limiter.hit(subject, None, quota(100, refund=False), 1, "pro")).receipt is None
+
+
+async def test_credit_adds_to_this_period_and_shows_in_the_limit(limiter: Limiter) -> None:
+    subject = f"{new_key()}:soccer"
+    rule = quota(2, refund=False)
+    assert [(await limiter.hit(subject, None, rule, 1, "p")).outcome for _ in range(3)] == [
+        "allowed",
+        "allowed",
+        "quota_exceeded",
+    ]
+    usage = await limiter.credit(subject, rule, 3)
+    assert (usage.limit, usage.used, usage.remaining, usage.credit) == (5, 2, 3, 3)
+    decisions = [await limiter.hit(subject, None, rule, 1, "p") for _ in range(4)]
+    assert [d.outcome for d in decisions] == ["allowed"] * 3 + ["quota_exceeded"]
+    assert decisions[0].quota is not None and decisions[0].quota.limit == 5
+    # Credit on a period nobody has used yet.
+    fresh = f"{new_key()}:soccer"
+    usage = await limiter.credit(fresh, rule, 4)
+    assert (usage.limit, usage.used, usage.credit) == (6, 0, 4)
+
+
+async def test_history_counts_requests_and_units_kept(limiter: Limiter) -> None:
+    key = new_key()
+    rule = quota(1000)
+    receipts: list[Receipt] = []
+    for _ in range(3):
+        decision = await limiter.hit(f"{key}:soccer", None, rule, 10, "pro")
+        assert decision.receipt is not None
+        receipts.append(decision.receipt)
+    await limiter.hit(f"{key}:weather", RateRule(100, 1.0, "second"), None, 2, "free")
+    await limiter.hit(f"{key}:soccer", None, quota(1, refund=False), 5, "pro")  # refused
+    await limiter.refund(f"{key}:soccer", receipts[0])
+    today = day_of(time.time())
+    history = await limiter.history(key, today - 3, today)
+    assert history == [
+        DayUsage(today, f"{key}:soccer", "pro", 3, 20),
+        DayUsage(today, f"{key}:weather", "free", 1, 2),
+    ]
+    assert await limiter.history(key, today - 3, today - 1) == []
+
+
+async def test_export_is_sorted_by_day_key_product(tmp_path: Path) -> None:
+    # Its own storage, so that nothing else's history shows.
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        for made in (MemoryLimiter(), create_limiter(StorageConfig(url=server.url, timeout=2.0))):
+            try:
+                for subject in ("b:x", "a.b:y", "a:z", "a:b", "b:a"):
+                    await made.hit(subject, None, None, 3, "plan")
+                await asyncio.sleep(0.05)  # the export's index is written in the background
+                today = day_of(time.time())
+                lines = [line async for batch in made.export(today - 1, today) for line in batch]
+                assert [line.subject for line in lines] == ["a:b", "a:z", "a.b:y", "b:a", "b:x"]
+                assert {(line.requests, line.units) for line in lines} == {(1, 3)}
+            finally:
+                await made.close()
+    finally:
+        server.stop()
+
+
+async def test_refund_after_a_restart_neither_goes_negative_nor_takes_new_units(
+    fresh_redis_server: RedisServer,
+) -> None:
+    limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=1.0))
+    try:
+        key = new_key()
+        subject = f"{key}:soccer"
+        rule = quota(100)
+        before = [await limiter.hit(subject, None, rule, 4, "pro") for _ in range(3)]
+        # Redis restarts (nothing persisted) while the three are in flight...
+        fresh_redis_server.stop()
+        fresh_redis_server.start()
+        after = await _hit_when_back(limiter, subject, rule)
+        # ... and their refunds arrive now: the counters they went into are gone.
+        for decision in before:
+            assert decision.receipt is not None
+            assert await limiter.refund(subject, decision.receipt) == 0
+        usage = await limiter.usage(subject, rule)
+        assert usage.used == 4  # the one admitted after the restart still counts
+        today = day_of(time.time())
+        assert await limiter.history(key, today, today) == [DayUsage(today, subject, "pro", 1, 4)]
+        # Its own refund works, once.
+        assert after.receipt is not None
+        assert await limiter.refund(subject, after.receipt) == 4
+        assert await limiter.refund(subject, after.receipt) == 0
+        assert (await limiter.usage(subject, rule)).used == 0
+    finally:
+        await limiter.close()
+
+
+async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> object:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return await limiter.hit(subject, None, rule, 4, "pro")
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_randomized_interleavings_keep_the_invariants(limiter: Limiter, seed: int) -> None:
+    """Admissions (of random cost), refunds, credits and period changes in random order and
+    concurrency: 0 <= used <= limit + credit at every step, the refunds sum up exactly, and
+    never more than the rate's limit in any window."""
+    rng = random.Random(seed)
+    key = new_key()
+    rate = RateRule(8, 0.3, "300ms")
+    limit = 30
+    period = 0
+    credit = 0
+    expected_used = 0
+    outstanding: list[Receipt] = []
+    admitted_at: list[tuple[float, float]] = []  # (sent, answered) of each admission
+
+    def rule() -> QuotaRule:
+        # A new period without waiting for one: the month of another time zone begins at
+        # another instant, so it has a counter of its own.
+        return QuotaRule(limit, "month", ZoneInfo(ZONES[period]), REFUND_5XX)  # type: ignore[arg-type]
+
+    subject = f"{key}:soccer"
+    for _step in range(60):
+        action = rng.random()
+        if action < 0.6:
+            costs = [rng.randint(1, 6) for _ in range(rng.randint(1, 6))]
+            sent = time.monotonic()
+            decisions = await asyncio.gather(
+                *(limiter.hit(subject, rate, rule(), cost, "pro") for cost in costs)
+            )
+            answered = time.monotonic()
+            for cost, decision in zip(costs, decisions, strict=True):
+                if decision.allowed:
+                    expected_used += cost
+                    admitted_at.append((sent, answered))
+                    assert decision.receipt is not None
+                    outstanding.append(decision.receipt)
+        elif action < 0.8 and outstanding:
+            receipt = outstanding.pop(rng.randrange(len(outstanding)))
+            returned = await limiter.refund(subject, receipt)
+            if receipt.period_start == _period_start(rule()):
+                assert returned == receipt.cost
+                expected_used -= returned
+            else:  # of an earlier period: its counter is gone (memory) or not the current one
+                assert returned in (0, receipt.cost)
+        elif action < 0.9:
+            amount = rng.randint(1, 5)
+            credit += amount
+            await limiter.credit(subject, rule(), amount)
+        elif period < len(ZONES) - 1:
+            period += 1
+            credit = expected_used = 0
+            outstanding = [r for r in outstanding if rng.random() < 0.5]  # some stay stale
+        usage = await limiter.usage(subject, rule())
+        assert usage.used == expected_used
+        assert 0 <= usage.used <= limit + credit == usage.limit
+        if action < 0.6:
+            await asyncio.sleep(rng.choice((0, 0, 0.05, 0.1)))
+    # Never more than the rate's limit in any window: admissions i and i + limit were seen
+    # by the storage at least a window apart.
+    for i in range(len(admitted_at) - rate.limit):
+        assert admitted_at[i + rate.limit][1] - admitted_at[i][0] >= rate.window
+    assert len(admitted_at) > rate.limit
+
+
+def _period_start(rule: QuotaRule) -> float:
+    return quota_period(time.time(), rule.per, rule.timezone)[0]

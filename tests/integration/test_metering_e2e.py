@@ -1,0 +1,375 @@
+"""Metering end to end: real requests through a gateway to a real upstream, the usage API on
+its admin port, for memory, a real redis-server and a real Redis Cluster; a Redis killed and
+restarted for the local-limit case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.server import Worker
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.redis_servers import RedisServer
+from tests.support.upstream import Upstream, running_upstream
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}/base", timeout: 300ms}}
+    routes:
+      - path: /soccer/heavy/{{rest:path}}
+        cost: 10
+      - path: /soccer/{{rest:path}}
+  weather:
+    upstream: {{url: "{upstream}/base"}}
+    routes:
+      - path: /weather/{{rest:path}}
+plans:
+  refunding:
+    quota: {{limit: 5, per: month, refund_on: [5xx, 499]}}
+  counting:
+    quota: {{limit: 5, per: month}}
+  rated:
+    rate: {{limit: 2, per: 10s}}
+    quota: {{limit: 100, per: month, refund_on: [5xx]}}
+  billing:
+    quota: {{limit: 100, per: month, refund_on: [5xx]}}
+  local:
+    rate: {{limit: 5, per: 10s}}
+  trial:
+    rate: {{limit: 1, per: second}}
+    quota: {{limit: 1000, per: month}}
+keys:
+  - {{name: refund-{run}, key: refund-{run}, plans: {{soccer: refunding}}}}
+  - {{name: count-{run}, key: count-{run}, plans: {{soccer: counting}}}}
+  - {{name: rated-{run}, key: rated-{run}, plans: {{soccer: rated}}}}
+  - {{name: bill-{run}, key: bill-{run}, plans: {{soccer: billing, weather: billing}}}}
+  - {{name: local-{run}, key: local-{run}, plans: {{soccer: local}}}}
+  - name: vip-{run}
+    key: vip-{run}
+    plans:
+      soccer: {{plan: trial, rate: {{limit: 50, per: second}}, quota: {{limit: 3, per: day}}}}
+"""
+
+
+class Rig:
+    def __init__(self, worker: Worker, upstream: Upstream, run: str, http: aiohttp.ClientSession):
+        self.worker = worker
+        self.upstream = upstream
+        self.run = run
+        self.http = http
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.worker.proxy_port}{path}"
+
+    def admin(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.worker.admin_port}{path}"
+
+    async def get(self, key: str, path: str) -> tuple[int, dict[str, str], Any]:
+        async with self.http.get(self.url(path), headers={"X-API-Key": f"{key}-{self.run}"}) as r:
+            body = await r.json(content_type=None)
+            return r.status, dict(r.headers), body
+
+    async def used(self, key: str, product: str = "soccer") -> int:
+        async with self.http.get(self.admin(f"/admin/usage/{key}-{self.run}")) as response:
+            assert response.status == 200
+            return int((await response.json())["products"][product]["quota"]["used"])
+
+    async def used_becomes(self, key: str, expected: int) -> None:
+        """Refunds land just after the answer: wait (briefly) for them."""
+        await eventually(lambda: self.used(key), expected)
+
+    async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        async with self.http.get(self.admin("/metrics")) as response:
+            text = await response.text()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+async def eventually(read: Callable[[], Awaitable[Any]], expected: Any) -> None:
+    deadline = time.monotonic() + 5
+    while (value := await read()) != expected:
+        assert time.monotonic() < deadline, f"{value!r} never became {expected!r}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    url = "memory://"
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+    elif request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    run = uuid.uuid4().hex[:8]
+    async with running_upstream() as upstream:
+        # A generous storage timeout: the first calls to a cluster open a connection each.
+        config = write_config(
+            tmp_path / "c",
+            API.format(upstream=upstream.url, run=run),
+            server=worker_server_yaml(storage_url=url, storage_timeout="2s"),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+            yield Rig(worker, upstream, run, http)
+
+
+async def test_slow_5xx_never_overrun_the_quota_and_are_all_given_back(rig: Rig) -> None:
+    path = "/soccer/slow?for=0.2&status=500"
+    for wave in (20, 8):
+        rig.upstream.most_slow_in_flight = 0
+        answers = await asyncio.gather(*(rig.get("refund", path) for _ in range(wave)))
+        statuses = [status for status, _, _ in answers]
+        # Five units, all taken at admission: never more than five requests in flight. (A
+        # request that a busy machine sends after the first refunds landed may be admitted
+        # too, never more than five at a time.)
+        assert rig.upstream.most_slow_in_flight == 5
+        # (500 from the upstream; 504 should a busy machine make it slower than its timeout)
+        failed = statuses.count(500) + statuses.count(504)
+        assert failed >= 5
+        assert failed + statuses.count(429) == wave
+        refused = {body["code"] for status, _, body in answers if status == 429}
+        assert refused <= {"quota_exceeded"}
+        # ...and every unit came back, so the next wave has five again.
+        await rig.used_becomes("refund", 0)
+    samples = await rig.metrics()
+    labels = frozenset({("product", "soccer"), ("plan", "refunding"), ("result", "ok")})
+    assert samples[("gateway_quota_refunds_total", labels)] >= 10
+
+
+async def test_without_refund_on_failures_count(rig: Rig) -> None:
+    for _ in range(2):
+        status, _, _ = await rig.get("count", "/soccer/status/500")
+        assert status == 500
+    await asyncio.sleep(0.05)
+    assert await rig.used("count") == 2
+
+
+async def test_a_504_and_a_499_are_given_back(rig: Rig) -> None:
+    status, headers, body = await rig.get("refund", "/soccer/slow?for=2")  # timeout: 300ms
+    assert (status, body["code"]) == (504, "gateway_timeout")
+    assert headers["X-Quota-Remaining"] == "4"
+    await rig.used_becomes("refund", 0)
+
+    # The client goes away while the upstream is still thinking.
+    _, writer = await asyncio.open_connection("127.0.0.1", rig.worker.proxy_port)
+    key = f"refund-{rig.run}"
+    writer.write(
+        f"GET /soccer/slow?for=0.25 HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await asyncio.wait_for(rig.upstream.started_slow.wait(), 5)
+    assert await rig.used("refund") == 1
+    writer.transport.abort()
+    await rig.used_becomes("refund", 0)
+    # A 4xx of the upstream's is an answer: it counts.
+    assert (await rig.get("refund", "/soccer/status/404"))[0] == 404
+    await asyncio.sleep(0.05)
+    assert await rig.used("refund") == 1
+
+
+async def test_the_rate_is_not_given_back(rig: Rig) -> None:
+    assert [(await rig.get("rated", "/soccer/status/500"))[0] for _ in range(2)] == [500, 500]
+    status, _, body = await rig.get("rated", "/soccer/status/200")
+    assert (status, body["code"]) == (429, "throttled")
+    await rig.used_becomes("rated", 0)
+
+
+async def test_cost_history_and_csv(rig: Rig, request: pytest.FixtureRequest) -> None:
+    key = f"bill-{rig.run}"
+    before = await rig.metrics()
+    assert (await rig.get("bill", "/soccer/heavy/a"))[0] == 200
+    status, headers, _ = await rig.get("bill", "/soccer/heavy/b")
+    assert (status, headers["X-Quota-Remaining"]) == (200, "80")
+    assert (await rig.get("bill", "/soccer/heavy/status/503"))[0] == 503
+    assert (await rig.get("bill", "/soccer/light"))[0] == 200
+    assert (await rig.get("bill", "/weather/today"))[0] == 200
+    await rig.used_becomes("bill", 21)
+
+    today = datetime.now(UTC).date().isoformat()
+    async with rig.http.get(rig.admin(f"/admin/usage/{key}/history?from={today}")) as response:
+        assert response.status == 200
+        history = await response.json()
+    assert history["days"] == [
+        {"date": today, "product": "soccer", "plan": "billing", "requests": 4, "units": 21},
+        {"date": today, "product": "weather", "plan": "billing", "requests": 1, "units": 1},
+    ]
+
+    async with rig.http.get(rig.admin(f"/admin/usage.csv?from={today}&to={today}")) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/csv")
+        lines = (await response.text()).splitlines()
+    assert lines[0] == "date,key,product,plan,requests,units"
+    mine = [line for line in lines[1:] if f",{key}," in line]
+    assert mine == [f"{today},{key},soccer,billing,4,21", f"{today},{key},weather,billing,1,1"]
+    rows = [line.split(",") for line in lines[1:]]
+    assert rows == sorted(rows, key=lambda row: (row[0], row[1], row[2], row[3]))
+
+    # (The metrics are the process's, shared by the tests: compared as increases.)
+    after = await rig.metrics()
+    units = ("gateway_quota_units_total", frozenset({("product", "soccer"), ("plan", "billing")}))
+    assert after[units] - before.get(units, 0) == 31
+    refunded = (
+        "gateway_quota_refunds_total",
+        frozenset({("product", "soccer"), ("plan", "billing"), ("result", "ok")}),
+    )
+    assert after[refunded] - before.get(refunded, 0) == 10
+
+
+async def test_overrides_and_credit(rig: Rig) -> None:
+    key = f"vip-{rig.run}"
+    decided = [await rig.get("vip", "/soccer/x") for _ in range(4)]
+    assert [status for status, _, _ in decided] == [200, 200, 200, 429]
+    # The key's own quota (3 a day) and rate (50/s), under the plan's name.
+    assert decided[0][1]["X-Quota-Limit"] == "3"
+    assert decided[0][1]["X-RateLimit-Limit"] == "50"
+    async with rig.http.get(rig.admin(f"/admin/usage/{key}")) as response:
+        soccer = (await response.json())["products"]["soccer"]
+    assert soccer["plan"] == "trial"
+    assert (soccer["quota"]["limit"], soccer["quota"]["per"]) == (3, "day")
+    assert soccer["rate"]["limit"] == 50
+
+    credit_url = rig.admin(f"/admin/usage/{key}/soccer/credit")
+    async with rig.http.post(credit_url, json={"amount": 2}) as response:
+        assert response.status == 200
+        quota = (await response.json())["products"]["soccer"]["quota"]
+    assert (quota["limit"], quota["used"], quota["remaining"], quota["credit"]) == (5, 3, 2, 2)
+    decided = [await rig.get("vip", "/soccer/x") for _ in range(3)]
+    assert [status for status, _, _ in decided] == [200, 200, 429]
+    assert decided[0][1]["X-Quota-Limit"] == "5"
+    assert decided[0][1]["X-Quota-Remaining"] == "1"
+
+    for body, field in (
+        ({"amount": 0}, "amount"),
+        ({"amount": "5"}, "amount"),
+        ({"amount": True}, "amount"),
+        ({}, "amount"),
+        ([1], "amount"),
+    ):
+        async with rig.http.post(credit_url, json=body) as response:
+            problem = await response.json(content_type=None)
+            assert (response.status, problem["code"]) == (400, "bad_request")
+            assert problem["detail"].startswith(f"{field}:")
+    async with rig.http.post(credit_url, data=b"{not json") as response:
+        assert response.status == 400
+    async with rig.http.post(
+        rig.admin("/admin/usage/nobody/soccer/credit"), json={"amount": 1}
+    ) as r:
+        assert r.status == 404
+    async with rig.http.post(
+        rig.admin(f"/admin/usage/{key}/weather/credit"), json={"amount": 1}
+    ) as r:
+        assert r.status == 404
+
+
+async def test_history_and_csv_refuse_bad_dates(rig: Rig) -> None:
+    for query, field in (
+        ("from=2026-13-01", "from"),
+        ("to=yesterday", "to"),
+        ("from=2026-12-02&to=2026-12-01", "from"),
+    ):
+        for path in (f"/admin/usage/refund-{rig.run}/history", "/admin/usage.csv"):
+            async with rig.http.get(rig.admin(f"{path}?{query}")) as response:
+                problem = await response.json(content_type=None)
+                assert (response.status, problem["code"]) == (400, "bad_request"), path
+                assert problem["detail"].startswith(f"{field}:")
+    async with rig.http.get(rig.admin("/admin/usage/nobody-at-all/history")) as response:
+        assert response.status == 404
+
+
+async def test_storage_away_with_on_error_local(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "c",
+            API.format(upstream=upstream.url, run=run),
+            server=worker_server_yaml(storage_url=fresh_redis_server.url, on_error="local"),
+        )
+        # local_fraction 0.5 of a rate of 5 per 10 s: 3 per window in this process.
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+            rig = Rig(worker, upstream, run, http)
+            before = await rig.metrics()
+            assert [(await rig.get("local", "/soccer/a"))[0] for _ in range(2)] == [200, 200]
+            fresh_redis_server.stop()
+            answers = [await rig.get("local", "/soccer/a") for _ in range(6)]
+            local = math.ceil(5 * 0.5)
+            assert [status for status, _, _ in answers] == [200] * local + [429] * (6 - local)
+            assert answers[-1][2]["code"] == "throttled"
+            assert answers[0][1]["X-RateLimit-Limit"] == str(local)
+            samples = await rig.metrics()
+            for decision, count in (("local_allowed", local), ("local_throttled", 6 - local)):
+                labels = frozenset(
+                    {("product", "soccer"), ("plan", "local"), ("decision", decision)}
+                )
+                series = ("gateway_limit_decisions_total", labels)
+                assert samples[series] - before.get(series, 0) == count
+            # A plan with a quota is not checked against it meanwhile.
+            assert (await rig.get("count", "/soccer/a"))[0] == 200
+
+            fresh_redis_server.start()
+            # The shared limit again, at once: its window starts empty (the restarted Redis
+            # kept nothing), and it is the plan's whole limit.
+            await eventually(lambda: _status(rig, "local"), 200)
+            statuses = [(await rig.get("local", "/soccer/a"))[0] for _ in range(5)]
+            assert statuses == [200] * 4 + [429]
+            assert (await rig.get("local", "/soccer/a"))[1]["X-RateLimit-Limit"] == "5"
+
+
+async def _status(rig: Rig, key: str) -> int:
+    return (await rig.get(key, "/soccer/a"))[0]
+
+
+async def test_refunds_after_a_redis_restart_neither_go_negative_nor_twice(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "c",
+            API.format(upstream=upstream.url, run=run),
+            server=worker_server_yaml(storage_url=fresh_redis_server.url, storage_timeout="2s"),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+            rig = Rig(worker, upstream, run, http)
+            # Three failures in flight, their units taken...
+            failing = [
+                asyncio.create_task(rig.get("refund", "/soccer/slow?for=0.25&status=500"))
+                for _ in range(3)
+            ]
+            await eventually(lambda: _slow_in_flight(upstream), 3)
+            assert await rig.used("refund") == 3
+            # ...when Redis restarts and loses them; their refunds come after.
+            fresh_redis_server.stop()
+            fresh_redis_server.start()
+            assert sorted(status for status, _, _ in await asyncio.gather(*failing)) == [500] * 3
+            # Nothing to give back to: no negative count, and a request admitted now counts.
+            await eventually(lambda: _status(rig, "refund"), 200)
+            await asyncio.sleep(0.1)  # time for any (wrong) refund to land
+            assert await rig.used("refund") == 1
+            samples = await rig.metrics()
+            ok = (
+                "gateway_quota_refunds_total",
+                frozenset({("product", "soccer"), ("plan", "refunding"), ("result", "ok")}),
+            )
+            error = (ok[0], frozenset({*ok[1] - {("result", "ok")}, ("result", "error")}))
+            # Each refund was tried once: taken (finding nothing) or failed, never repeated.
+            assert samples.get(ok, 0) + samples.get(error, 0) >= 3
+
+
+async def _slow_in_flight(upstream: Upstream) -> int:
+    return upstream.slow_in_flight
