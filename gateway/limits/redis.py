@@ -9,8 +9,9 @@ Every key of a subscription carries the subject as hash tag, so they live in one
 
 The billing export needs to know which subscriptions have history. A set of them,
 `gw:subscriptions`, lives in a slot of its own, so it cannot be written by the script on a
-cluster; each process adds a subscription to it on its first admission there (and again
-whenever the script reports that it began a day's history, e.g. after Redis lost its data).
+cluster; each process adds a subscription to it after its first admission there (and again
+whenever the script reports that it began a day's history, e.g. after Redis lost its data), in
+the background.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
 pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
@@ -200,6 +201,7 @@ class RedisLimiter:
         self._is_cluster = isinstance(client, RedisCluster)
         # Subjects this process has put in SUBSCRIPTIONS_KEY.
         self._registered: set[str] = set()
+        self._registering: set[asyncio.Task[None]] = set()  # those calls under way
         # On a single Redis the hits of one tick go out together on a connection of their
         # own, each batch under the storage timeout already; on a cluster each hit is its
         # own redis-py call under _guard.
@@ -259,7 +261,7 @@ class RedisLimiter:
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day = reply
         if code == 0 and (new_day or subject not in self._registered):
-            await self._register(subject)
+            self._register(subject)
 
         rate_state = None
         if rate is not None:
@@ -321,11 +323,19 @@ class RedisLimiter:
             packed = whole[: -len(b"$0\r\n\r\n")]
         return _Command(shape, keys, args, packed)
 
-    async def _register(self, subject: str) -> None:
+    def _register(self, subject: str) -> None:
         """Add `subject` to SUBSCRIPTIONS_KEY: once per process, and again on the first
-        admission of each day (Redis may have lost it). A second round trip on those few
-        admissions, so that history and export see the subscription from its first request;
-        a failure leaves the admission standing and is tried again on the next one."""
+        admission of each day (Redis may have lost it). In the background, so that the
+        admission waits for nothing more; this process's history and export wait for it. A
+        failure is tried again on the subject's next admission."""
+        if len(self._registered) >= _MAX_COMMANDS:
+            self._registered.clear()
+        self._registered.add(subject)
+        task = asyncio.get_running_loop().create_task(self._add_subscription(subject))
+        self._registering.add(task)
+        task.add_done_callback(self._registering.discard)
+
+    async def _add_subscription(self, subject: str) -> None:
         try:
             pipeline = self._pipeline
             if pipeline is not None:
@@ -343,10 +353,6 @@ class RedisLimiter:
         except StorageError as exc:
             self._registered.discard(subject)
             log.warning("could not record %s for the usage export: %s", subject, exc)
-            return
-        if len(self._registered) >= _MAX_COMMANDS:
-            self._registered.clear()
-        self._registered.add(subject)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         keys = (quota_key(subject, receipt.period_start), day_key(subject, receipt.day))
@@ -414,6 +420,9 @@ class RedisLimiter:
                     yield lines
 
     async def _subscriptions(self) -> list[str]:
+        # Subscriptions this process is recording right now are part of the answer.
+        if self._registering:
+            await asyncio.gather(*list(self._registering), return_exceptions=True)
         members = await self._guard(
             "history", lambda: self._client.smembers(SUBSCRIPTIONS_KEY), repeatable=True
         )
@@ -447,6 +456,11 @@ class RedisLimiter:
         await self._guard("ping", self._client.ping, repeatable=True)
 
     async def close(self) -> None:
+        # Recording subscriptions is best effort: a process that stops need not wait for it.
+        for task in list(self._registering):
+            task.cancel()
+        if self._registering:
+            await asyncio.gather(*list(self._registering), return_exceptions=True)
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._client.aclose()
