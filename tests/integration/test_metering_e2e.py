@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import free_ports
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -373,3 +375,38 @@ async def test_refunds_after_a_redis_restart_neither_go_negative_nor_twice(
 
 async def _slow_in_flight(upstream: Upstream) -> int:
     return upstream.slow_in_flight
+
+
+async def test_each_of_two_workers_admits_its_local_share(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    proxy_port, admin_port = free_ports(2)
+    async with running_upstream() as upstream:
+        server = (
+            f"server: {{listen: 127.0.0.1:{proxy_port}, admin_listen: 127.0.0.1:{admin_port}}}\n"
+            f"storage: {{url: {fresh_redis_server.url}, timeout: 250ms, on_error: local,"
+            " local_fraction: 0.5}\n"
+        )
+        config = write_config(
+            tmp_path / "c", API.format(upstream=upstream.url, run=run), server=server
+        )
+        gateway = GatewayProcess(config, workers=2)
+        try:
+            await asyncio.to_thread(gateway.start, proxy_port, admin_port)
+            # A new connection per request, so that the kernel spreads them over both workers.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                url = f"http://127.0.0.1:{proxy_port}/soccer/a"
+                headers = {"X-API-Key": f"local-{run}"}
+                fresh_redis_server.stop()
+                statuses = []
+                for _ in range(40):
+                    async with http.get(url, headers=headers) as response:
+                        statuses.append(response.status)
+            # ceil(5 * 0.5) = 3 in each of the two processes, within the one 10 s window.
+            assert statuses.count(200) == 2 * math.ceil(5 * 0.5)
+            assert statuses.count(429) == 40 - 6
+        finally:
+            assert await asyncio.to_thread(gateway.stop) == 0, gateway.stderr()
+            gateway.close()
