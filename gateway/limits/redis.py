@@ -24,11 +24,9 @@ reconnect by themselves on a later call once Redis is back.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from importlib.resources import files
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
@@ -36,7 +34,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
@@ -50,29 +47,27 @@ from gateway.limits.base import (
     Receipt,
     StorageError,
     WindowState,
-    day_text,
     make_decision,
     subject_order,
 )
 from gateway.limits.periods import PeriodCache
+from gateway.limits.redis_layout import (
+    CREDIT,
+    HIT,
+    PACKED_COSTS,
+    REFUND,
+    SUBSCRIPTIONS_KEY,
+    AnyRedis,
+    day_key,
+    packed_cost,
+    quota_key,
+    rate_key,
+    run_script,
+)
 from gateway.limits.resp import ScriptPipeline, pack
 
-
-class _Script:
-    """A Lua script of this package and its SHA1, for EVALSHA."""
-
-    def __init__(self, name: str) -> None:
-        self.text = files("gateway.limits").joinpath(name).read_text(encoding="utf-8")
-        self.sha = hashlib.sha1(self.text.encode("utf-8")).hexdigest()
-
-
-_HIT = _Script("hit.lua")
-_REFUND = _Script("refund.lua")
-_CREDIT = _Script("credit.lua")
-HIT_SCRIPT, HIT_SCRIPT_SHA = _HIT.text, _HIT.sha
+HIT_SCRIPT, HIT_SCRIPT_SHA = HIT.text, HIT.sha
 _HIT_SCRIPT_SHA_BYTES = HIT_SCRIPT_SHA.encode("ascii")
-# The set of every "<key>:<product>" with history, for the export.
-SUBSCRIPTIONS_KEY = "gw:subscriptions"
 # History days read per pipeline by history and export.
 _READ_BATCH = 500
 
@@ -87,29 +82,7 @@ _new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
 
-AnyRedis = Redis | RedisCluster
 T = TypeVar("T")
-
-
-def rate_key(subject: str) -> str:
-    return f"gw:{{{subject}}}:rate"
-
-
-def quota_key(subject: str, period_start: float) -> str:
-    return f"gw:{{{subject}}}:q:{int(period_start)}"
-
-
-def day_key(subject: str, day: int) -> str:
-    return f"gw:{{{subject}}}:d:{day_text(day)}"
-
-
-def _cost_argument(cost: int) -> bytes:
-    text = str(cost).encode("ascii")
-    return b"$%d\r\n%b\r\n" % (len(text), text)
-
-
-# The packed last argument of the hit script for the costs routes declare.
-_COST_ARGUMENTS: dict[int, bytes] = {cost: _cost_argument(cost) for cost in range(1, 101)}
 
 
 def connect(url: str, timeout: float) -> AnyRedis:
@@ -166,20 +139,7 @@ class _DirectHits:
         self._client = client
 
     async def run(self, command: _Command, cost: int) -> Any:
-        return await run_script(self._client, _HIT, command.keys, (*command.args, cost))
-
-
-async def run_script(
-    client: AnyRedis, script: _Script, keys: tuple[str, ...], args: tuple[int | str, ...]
-) -> Any:
-    """EVALSHA, loading the script first when the node does not know it."""
-    try:
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        # The node lost its script cache (restart, failover): NOSCRIPT means the script did
-        # not run, so running it again after loading is safe.
-        await client.script_load(script.text)
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
+        return await run_script(self._client, HIT, command.keys, (*command.args, cost))
 
 
 class RedisLimiter:
@@ -208,7 +168,7 @@ class RedisLimiter:
         self._pipeline: ScriptPipeline | None = None
         self._direct: _DirectHits | None = None
         if isinstance(client, Redis):
-            self._pipeline = ScriptPipeline(client, (HIT_SCRIPT, _REFUND.text), timeout)
+            self._pipeline = ScriptPipeline(client, (HIT_SCRIPT, REFUND.text), timeout)
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
@@ -250,9 +210,9 @@ class RedisLimiter:
 
         pipeline = self._pipeline
         if pipeline is not None:
-            cost_argument = _COST_ARGUMENTS.get(cost) or _cost_argument(cost)
+            packed = PACKED_COSTS.get(cost) or packed_cost(cost)
             try:
-                reply = await pipeline.run(command.packed + cost_argument)
+                reply = await pipeline.run(command.packed + packed)
             except Exception as exc:
                 raise self._storage_error("hit", exc) from exc
         else:
@@ -360,7 +320,7 @@ class RedisLimiter:
         pipeline = self._pipeline
         if pipeline is None:
             returned = await self._guard(
-                "refund", lambda: run_script(self._client, _REFUND, keys, args)
+                "refund", lambda: run_script(self._client, REFUND, keys, args)
             )
             return int(returned)
         # On the hits' connection: it notices a restarted Redis as soon as the loop does,
@@ -368,7 +328,7 @@ class RedisLimiter:
         encoding, errors = self._encoding, self._encoding_errors
         packed = pack(
             b"EVALSHA",
-            _REFUND.sha.encode("ascii"),
+            REFUND.sha.encode("ascii"),
             b"2",
             *(key.encode(encoding, errors) for key in keys),
             *(str(arg).encode(encoding, errors) for arg in args),
@@ -383,7 +343,7 @@ class RedisLimiter:
         expire_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
         keys = (quota_key(subject, start),)
         used, credit = await self._guard(
-            "credit", lambda: run_script(self._client, _CREDIT, keys, (amount, expire_ms))
+            "credit", lambda: run_script(self._client, CREDIT, keys, (amount, expire_ms))
         )
         return _usage(quota, int(used), int(credit), end)
 

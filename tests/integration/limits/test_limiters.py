@@ -24,7 +24,7 @@ import redis.cluster
 from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
 from gateway.limits.periods import quota_period
-from gateway.limits.redis import quota_key, rate_key
+from gateway.limits.redis_layout import quota_key, rate_key
 from tests.support.redis_servers import RedisServer, redis_server_binary
 from tests.support.sockets import free_port
 
