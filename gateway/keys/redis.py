@@ -30,7 +30,8 @@ from redis.exceptions import NoScriptError
 
 from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
 from gateway.limits.base import StorageError
-from gateway.limits.redis import AnyRedis, connect
+from gateway.limits.redis import connect
+from gateway.limits.redis_layout import AnyRedis
 
 WRITE_SCRIPT = files("gateway.keys").joinpath("write.lua").read_text(encoding="utf-8")
 WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode("utf-8")).hexdigest()
