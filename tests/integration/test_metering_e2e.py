@@ -410,3 +410,37 @@ async def test_each_of_two_workers_admits_its_local_share(
         finally:
             assert await asyncio.to_thread(gateway.stop) == 0, gateway.stderr()
             gateway.close()
+
+
+async def test_an_api_key_has_its_own_limits_too(rig: Rig) -> None:
+    name = f"api-vip-{rig.run}"
+    # The plan's refund_on (5xx) stays: the override's quota does not list its own.
+    own = {"plan": "billing", "quota": {"limit": 2, "per": "day"}}
+    body = {"name": name, "plans": {"soccer": own, "weather": "billing"}}
+    async with rig.http.post(rig.admin("/admin/keys"), json=body) as response:
+        assert response.status == 201, await response.text()
+        secret = (await response.json())["key"]
+    headers = {"X-API-Key": secret}
+
+    async def get(path: str) -> tuple[int, dict[str, str]]:
+        async with rig.http.get(rig.url(path), headers=headers) as response:
+            await response.read()
+            return response.status, dict(response.headers)
+
+    status, first = await get("/soccer/status/500")  # refunded, as the plan says
+    assert (status, first["X-Quota-Limit"]) == (500, "2")
+    await rig.used_becomes(name.removesuffix(f"-{rig.run}"), 0)
+    assert [(await get("/soccer/x"))[0] for _ in range(3)] == [200, 200, 429]
+    async with rig.http.get(rig.admin(f"/admin/usage/{name}")) as response:
+        soccer = (await response.json())["products"]["soccer"]
+    assert (soccer["plan"], soccer["quota"]["limit"], soccer["quota"]["used"]) == ("billing", 2, 2)
+
+    # The keys API refuses what the file refuses, naming the field.
+    bad = {
+        "name": f"api-bad-{rig.run}",
+        "plans": {"soccer": {"plan": "trial", "quota": {"limit": 0, "per": "day"}}},
+    }
+    async with rig.http.post(rig.admin("/admin/keys"), json=bad) as response:
+        problem = await response.json(content_type=None)
+        assert response.status == 400
+        assert "plans.soccer.quota.limit: must be at least 1" in problem["detail"]
