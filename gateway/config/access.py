@@ -9,7 +9,6 @@ from collections.abc import Collection
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode
 
 from gateway.config.durations import DURATION_HINT, parse_duration
 from gateway.config.instants import parse_instant
@@ -27,6 +26,7 @@ from gateway.config.model import (
 )
 from gateway.config.products import NAME, NAME_HINT
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, line_of
+from gateway.config.yamltree import MappingNode, Node, ScalarNode, tree_of_pyyaml
 
 _PLAN_KEYS = ("rate", "quota")
 _RATE_KEYS = ("limit", "per")
@@ -295,7 +295,7 @@ def validate_key_plans(
     issues: list[ConfigIssue] = []
     walker = _DataWalker(source, issues)
     try:
-        node = yaml.SafeDumper(io.StringIO(), sort_keys=False).represent_data(data)
+        node = tree_of_pyyaml(yaml.SafeDumper(io.StringIO(), sort_keys=False).represent_data(data))
     except yaml.YAMLError:
         raise ConfigError([ConfigIssue(source, None, "plans", "must be a mapping")]) from None
     result = read_key_plans(walker, node, "plans", products, plans)

@@ -11,8 +11,6 @@ from email.utils import format_datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-from yaml.nodes import MappingNode, Node
-
 from gateway.config.model import (
     Gone,
     Maintenance,
@@ -24,6 +22,7 @@ from gateway.config.model import (
     Upstream,
 )
 from gateway.config.yamlnodes import Fields, Walker, line_of
+from gateway.config.yamltree import MappingNode, Node
 
 # Names end up in metrics labels, log lines and URLs of the admin API.
 NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -1,9 +1,9 @@
 """Reading composed YAML nodes so that every value keeps its line, and every mistake is
 collected as a `ConfigIssue` instead of stopping at the first one.
 
-The loader works on `yaml.compose` nodes rather than on `yaml.safe_load` data because plain
-Python values have forgotten where they were written, and an error message without a line
-sends people hunting through files.
+The loader works on a node tree (`gateway.config.yamltree`) rather than on `yaml.safe_load`
+data because plain Python values have forgotten where they were written, and an error message
+without a line sends people hunting through files.
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from typing import TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.config.durations import DURATION_HINT, parse_duration
+from gateway.config.yamltree import MappingNode, Node, ScalarNode, SequenceNode, compose_tree
 
 T = TypeVar("T")
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
+# A file this small is parsed again by PyYAML's pure-Python parser when libyaml rejects it:
+# its messages say what it found ("expected ',' or '}', but got '{'"), libyaml's do not.
+_REPARSE_FOR_MESSAGE_BELOW = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,7 @@ class ConfigError(Exception):
 
 def line_of(node: Node) -> int:
     """The node's line in its file; 0 for a node built from data (an admin API body)."""
-    mark = node.start_mark
-    return 0 if mark is None else int(mark.line) + 1
+    return node.line
 
 
 def join(path: str, name: str) -> str:
@@ -60,18 +63,30 @@ def join(path: str, name: str) -> str:
 def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
     """Parse one file into its node tree, or describe why it is not YAML."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader), None
+        return compose_tree(text, file), None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        message = exc.problem or exc.context or "invalid YAML"
-        if exc.problem and exc.context:
-            message = f"{exc.problem} ({exc.context})"
-        if exc.context and "flow" in exc.context and "got '{'" in message:
-            # `{to: /a/{rest}}` is the usual culprit: braces inside an unquoted flow value.
-            message += "; quote values that contain { } [ ] or ,"
-        return None, ConfigIssue(file, None if mark is None else mark.line + 1, "", message)
+        error = exc
+        if len(text) < _REPARSE_FOR_MESSAGE_BELOW:
+            try:
+                yaml.compose(text, Loader=yaml.SafeLoader)
+            except yaml.MarkedYAMLError as pure_python_error:
+                error = pure_python_error
+            except yaml.YAMLError:
+                pass
+        return None, _syntax_issue(error, file)
     except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         return None, ConfigIssue(file, None, "", str(exc))
+
+
+def _syntax_issue(exc: yaml.MarkedYAMLError, file: str) -> ConfigIssue:
+    mark = exc.problem_mark or exc.context_mark
+    message = exc.problem or exc.context or "invalid YAML"
+    if exc.problem and exc.context:
+        message = f"{exc.problem} ({exc.context})"
+    if exc.context and "flow" in exc.context and "got '{'" in message:
+        # `{to: /a/{rest}}` is the usual culprit: braces inside an unquoted flow value.
+        message += "; quote values that contain { } [ ] or ,"
+    return ConfigIssue(file, None if mark is None else mark.line + 1, "", message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +189,17 @@ class Walker:
         """The Python value of a scalar node; a non-scalar comes back as the node itself."""
         if not isinstance(node, ScalarNode):
             return node
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except yaml.YAMLError:
+        if node.tag == _STR_TAG:
+            return node.value
+        construct = SafeConstructor.yaml_constructors.get(node.tag)
+        if construct is None:
             return node  # an unknown `!tag`: no usable value, the typed reads say so
+        try:
+            # Called directly rather than through construct_object, which would remember
+            # every node it was given for the constructor's lifetime.
+            return construct(self._constructor, node.as_pyyaml())
+        except (yaml.YAMLError, ValueError):
+            return node  # e.g. `!!int abc`
 
     def is_null(self, node: Node) -> bool:
         return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
