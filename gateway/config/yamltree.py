@@ -108,7 +108,7 @@ def tree_of_pyyaml(node: yaml.Node) -> Node:
 
 
 def _mark(name: str, line: int) -> Mark:
-    return Mark(name, 0, line - 1, 0, None, None)
+    return Mark(name, 0, line - 1, 0, None, 0)
 
 
 def compose_tree(text: str, name: str = "<config>") -> Node | None:
@@ -155,7 +155,7 @@ class _Composer:
             return STR_TAG  # no implicit type starts with this character
         tag = self._tags.get(value)
         if tag is None:
-            tag = _RESOLVER.resolve(yaml.nodes.ScalarNode, value, (True, False))
+            tag = _RESOLVER.resolve(yaml.nodes.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
             if len(value) <= _CACHED_VALUE_LENGTH:
                 self._tags[value] = tag
         return tag
