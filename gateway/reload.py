@@ -1,9 +1,12 @@
 """Picking up an edited config: a file watch and SIGHUP, validate first, then swap at once.
 
-A config that fails validation is logged and counted and the running one stays. Watching is by
-polling modification times (`Reloader.poll`, called by a worker's own task or by the
-supervisor's loop): it needs no extra dependency, works on every filesystem a container mounts,
-and an edit is loaded within two polls, well inside the two seconds the README promises.
+The config is read and validated off the event loop (in a child process for a big config;
+`gateway.config.isolated` says why), so a worker goes on answering requests with the running
+config meanwhile; applying the new one is a swap. A config that fails validation is logged and
+counted and the running one stays. Watching is by polling modification times (`Reloader.poll`,
+called by a worker's own task or by the supervisor's loop): it needs no extra dependency, works
+on every filesystem a container mounts, and an edit is seen within two polls, which leaves most
+of the two seconds the README promises to reading a big config.
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError
+from gateway.config.isolated import (
+    config_from_answer,
+    load_answer_file_off_loop,
+    load_config_off_loop,
+    read_answer_isolated,
+    save_answer,
+)
 from gateway.config.loader import config_files
 from gateway.config.model import Config
 
 log = logging.getLogger("gateway.reload")
 
-POLL_INTERVAL = 0.5
+POLL_INTERVAL = 0.25
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -49,33 +59,89 @@ class Reloader:
         *,
         count: Callable[[bool], None] | None = None,
         env: dict[str, str] | None = None,
+        hand_over_in: str | None = None,
+        handed_over_in: str | None = None,
+        prepare: Callable[[Config], Awaitable[Callable[[], None]]] | None = None,
     ) -> None:
+        """`hand_over_in`: a supervisor saves each good config there for its workers before
+        it signals them; `handed_over_in`: a supervised worker reads its config from there
+        rather than parsing the files again (one parse per reload, not one per process).
+        `prepare`: off the event loop, does the work of applying a config that can be done
+        beforehand and returns the swap that is left; without it, `apply` is called."""
         self._path = path
         self._apply = apply
         self._count = count
         self._env = env
+        self._hand_over_in = hand_over_in
+        self._handed_over_in = handed_over_in
+        self._prepare = prepare
         self._fingerprint = config_fingerprint(path)  # of what was loaded last
         self._seen = self._fingerprint  # at the last poll
         self._task: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._one_at_a_time = asyncio.Lock()
 
     def reload(self) -> bool:
+        """Load and apply now, waiting for it: for the supervisor, which serves no requests."""
         self._fingerprint = self._seen = config_fingerprint(self._path)
+        answer = read_answer_isolated(self._path, env=self._environment())
         try:
-            config = load_config(self._path, env=self._env if self._env is not None else os.environ)
+            config = config_from_answer(answer)
         except ConfigError as exc:
-            for issue in exc.issues:
-                log.error("config reload rejected, keeping the running config: %s", issue)
-            if self._count is not None:
-                self._count(False)
-            return False
-        self._apply(config)
+            return self._rejected(exc)
+        if self._hand_over_in is not None:
+            save_answer(answer, self._hand_over_in)
+        return self._accepted(config)
+
+    async def reload_off_loop(self) -> bool:
+        """Load without holding up the event loop, then apply; one reload at a time, in the
+        order they were asked for (a later one may have been asked for a later edit)."""
+        async with self._one_at_a_time:
+            self._fingerprint = self._seen = config_fingerprint(self._path)
+            try:
+                if self._handed_over_in is not None:
+                    config = await load_answer_file_off_loop(self._handed_over_in)
+                else:
+                    config = await load_config_off_loop(self._path, env=self._environment())
+            except ConfigError as exc:
+                return self._rejected(exc)
+            if self._prepare is None:
+                return self._accepted(config)
+            swap = await self._prepare(config)
+            return self._accepted(config, swap)
+
+    def request_reload(self) -> None:
+        """Start a reload in the background (a SIGHUP handler cannot wait for one)."""
+        task = asyncio.get_running_loop().create_task(self.reload_off_loop())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def _environment(self) -> Mapping[str, str]:
+        return self._env if self._env is not None else os.environ
+
+    def _rejected(self, exc: ConfigError) -> bool:
+        for issue in exc.issues:
+            log.error("config reload rejected, keeping the running config: %s", issue)
+        if self._count is not None:
+            self._count(False)
+        return False
+
+    def _accepted(self, config: Config, swap: Callable[[], None] | None = None) -> bool:
+        if swap is None:
+            self._apply(config)
+        else:
+            swap()
         if self._count is not None:
             self._count(True)
         log.info("config reloaded from %s", self._path)
         return True
 
     def poll(self) -> bool:
-        """Reload if the files changed since the last load and have stayed as they are since
+        """Reload (waiting for it) if the files changed and have settled; see `settled_edit`."""
+        return self.settled_edit() and self.reload()
+
+    def settled_edit(self) -> bool:
+        """Whether the files changed since the last load and have stayed as they are since
         the previous poll (editors write in several steps; one edit, one reload). A SIGHUP
         reload in between updates the fingerprint, so its edit is not loaded twice."""
         current = config_fingerprint(self._path)
@@ -85,19 +151,22 @@ class Reloader:
         if current != self._seen:
             self._seen = current  # still being written, perhaps: look again next time
             return False
-        return self.reload()
+        return True
 
     def start_watching(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [*self._reloads, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._task = None
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
-            self.poll()
+            if self.settled_edit():
+                await self.reload_off_loop()

@@ -19,13 +19,15 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway import accesslog
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError
+from gateway.config.isolated import config_from_answer, read_answer_isolated, save_answer
 from gateway.config.model import Address, Config
 from gateway.reload import POLL_INTERVAL, Reloader
 
@@ -49,7 +51,10 @@ def open_listener(address: Address) -> socket.socket:
 
 def serve(config_path: str, workers: int | None = None) -> int:
     try:
-        config = load_config(config_path)
+        # In a child process: the parse's memory leaves with it, and the workers forked from
+        # this process share only the result.
+        answer = read_answer_isolated(config_path)
+        config = config_from_answer(answer)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -66,13 +71,13 @@ def serve(config_path: str, workers: int | None = None) -> int:
         return 1
     if count == 1:
         # One process needs no shared metrics files: the in-memory registry is faster.
-        return _run_worker_process(config_path, config, supervised=False)
+        return _run_worker_process(config_path, config, handover=None)
     from gateway import metrics
 
     created = not os.environ.get(metrics.MULTIPROC_ENV)
     directory = metrics.prepare_multiprocess_dir(None)
     try:
-        return _supervise(config_path, config, count)
+        return _supervise(config_path, config, count, answer)
     finally:
         if created:
             shutil.rmtree(directory, ignore_errors=True)
@@ -91,7 +96,18 @@ def _install_uvloop() -> None:
 _FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
-def _supervise(config_path: str, config: Config, count: int) -> int:
+def _supervise(config_path: str, config: Config, count: int, answer: bytes) -> int:
+    # The config the workers are to serve, as the supervisor read it (see Reloader).
+    handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
+    try:
+        handover = os.path.join(handover_dir, "config.pickle")
+        save_answer(answer, handover)
+        return _supervise_workers(config_path, config, count, handover)
+    finally:
+        shutil.rmtree(handover_dir, ignore_errors=True)
+
+
+def _supervise_workers(config_path: str, config: Config, count: int, handover: str) -> int:
     from gateway import metrics
 
     children: dict[int, int] = {}  # pid -> worker index
@@ -111,7 +127,7 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                 code = 1
                 try:
-                    code = _run_worker_process(config_path, latest, supervised=True)
+                    code = _run_worker_process(config_path, latest, handover=handover)
                 finally:
                     os._exit(code)
             children[pid] = index
@@ -132,7 +148,9 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
         latest = reloaded
         forward(signal.SIGHUP, None)
 
-    reloader = Reloader(config_path, hand_to_workers, count=metrics.count_reload)
+    reloader = Reloader(
+        config_path, hand_to_workers, count=metrics.count_reload, hand_over_in=handover
+    )
 
     def on_sighup(_sig: int, _frame: Any) -> None:
         reloader.reload()
@@ -172,11 +190,12 @@ def _supervise(config_path: str, config: Config, count: int) -> int:
 # --- worker ---------------------------------------------------------------------------
 
 
-def _run_worker_process(config_path: str, config: Config, *, supervised: bool) -> int:
+def _run_worker_process(config_path: str, config: Config, *, handover: str | None) -> int:
+    """`handover`: where a supervisor saves reloaded configs (None: not supervised)."""
     _install_uvloop()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_worker(config_path, config, supervised=supervised))
+            asyncio.run(_worker(config_path, config, handover=handover))
     finally:
         # A worker that failed before its drain still writes the lines it gathered: a
         # supervised one leaves with os._exit, which skips every exit handler.
@@ -187,13 +206,21 @@ def _run_worker_process(config_path: str, config: Config, *, supervised: bool) -
 class Worker:
     """The proxy and admin servers of one process; tests start it in their own event loop."""
 
-    def __init__(self, config_path: str | None, config: Config, *, supervised: bool) -> None:
+    def __init__(
+        self,
+        config_path: str | None,
+        config: Config,
+        *,
+        supervised: bool,
+        handover: str | None = None,
+    ) -> None:
         from gateway.runtime import build_runtime
 
         self.config = config
         self.runtime = build_runtime(config)
         self._config_path = config_path
         self._supervised = supervised
+        self._handover = handover
         self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._proxy_listener: asyncio.Server | None = None
@@ -243,6 +270,7 @@ class Worker:
                 self._config_path,
                 self.apply_config,
                 count=None if self._supervised else metrics.count_reload,
+                handed_over_in=self._handover,
             )
             if not self._supervised:
                 self.reloader.start_watching()
@@ -268,7 +296,7 @@ class Worker:
 
     def reload(self) -> None:
         if self.reloader is not None:
-            self.reloader.reload()
+            self.reloader.request_reload()
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
@@ -290,9 +318,9 @@ class Worker:
             self._batching = False
 
 
-async def _worker(config_path: str, config: Config, *, supervised: bool) -> None:
+async def _worker(config_path: str, config: Config, *, handover: str | None) -> None:
     loop = asyncio.get_running_loop()
-    worker = Worker(config_path, config, supervised=supervised)
+    worker = Worker(config_path, config, supervised=handover is not None, handover=handover)
     await worker.start()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

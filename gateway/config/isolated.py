@@ -1,0 +1,145 @@
+"""Reading and validating a config in a child process: the serving process gets a `Config`.
+
+Why a process and not a thread: parsing and validating 10,000 keys is about a second of CPU
+held under the GIL (libyaml's parser does not let go of it while it runs), and requests would
+wait for it. A child process parses on the other core, and its memory (the node tree of a big
+file is several times the size of the result) goes back to the system when it exits instead
+of staying in the serving process's heap. The child sends back the pickled `Config` or the
+list of issues; unpickling is a fraction of the parse and happens in a thread, in bytecode
+that hands the GIL back every few milliseconds.
+
+When no child can be started, the config is read in this process (in a thread when asked
+from the event loop), as before: slower, but never a failed reload for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from gateway.config.loader import load_config
+from gateway.config.model import Config
+from gateway.config.yamlnodes import ConfigError, ConfigIssue
+
+log = logging.getLogger("gateway.config")
+
+_OK = "ok"
+_INVALID = "invalid"
+# The folder that holds the `gateway` package, so that the child imports this very copy.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_FAILURES = (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError)
+
+
+def _child_command(path: str) -> list[str]:
+    # `gateway.config`'s __main__: the child imports the loader and nothing else.
+    return [sys.executable, "-m", "gateway.config", os.fspath(path)]
+
+
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    child = dict(os.environ if env is None else env)
+    # The child's Python must find this package even when it was not installed.
+    existing = child.get("PYTHONPATH", "")
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, existing) if p)
+    return child
+
+
+def answer_for(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
+    """What the child writes: the pickled `Config`, or the issues that make it invalid."""
+    answer: tuple[str, Config | tuple[ConfigIssue, ...]]
+    try:
+        answer = (_OK, load_config(path, env=env))
+    except ConfigError as exc:
+        answer = (_INVALID, exc.issues)
+    return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def config_from_answer(answer: bytes) -> Config:
+    """The `Config` of an answer; `ConfigError` for the answer of an invalid config."""
+    kind, payload = pickle.loads(answer)
+    if kind == _INVALID:
+        raise ConfigError(payload)
+    if kind != _OK or not isinstance(payload, Config):
+        raise ValueError(f"unexpected answer {kind!r}")
+    return payload
+
+
+def read_answer_isolated(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> bytes:
+    """The answer for `path`, computed in a child process (blocking until it is there)."""
+    try:
+        done = subprocess.run(
+            _child_command(os.fspath(path)),
+            env=_child_env(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OSError(_describe(done.returncode, done.stderr))
+        # A garbled answer (a crash halfway through writing) is caught here, not later.
+        with contextlib.suppress(ConfigError):
+            config_from_answer(done.stdout)
+    except _FAILURES as exc:
+        log.warning("reading the config in a child process failed (%s); reading it here", exc)
+        return answer_for(path, os.environ if env is None else env)
+    return done.stdout
+
+
+def load_config_isolated(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> Config:
+    """`load_config` in a child process; raises `ConfigError` as `load_config` does."""
+    return config_from_answer(read_answer_isolated(path, env))
+
+
+async def load_config_off_loop(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> Config:
+    """`load_config` without holding up the event loop: in a child process, else a thread."""
+    import asyncio  # here: the child process, which imports this module, needs no event loop
+
+    try:
+        child = await asyncio.create_subprocess_exec(
+            *_child_command(os.fspath(path)),
+            env=_child_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        output, errors = await child.communicate()
+        if child.returncode != 0:
+            raise OSError(_describe(child.returncode, errors))
+        return await asyncio.to_thread(config_from_answer, output)
+    except _FAILURES as exc:
+        log.warning("reading the config in a child process failed (%s); reading it here", exc)
+        return await asyncio.to_thread(load_config, path, os.environ if env is None else env)
+
+
+async def load_answer_file_off_loop(path: str) -> Config:
+    """The config of an answer another process saved in `path` (see `save_answer`)."""
+    import asyncio
+
+    def read() -> Config:
+        return config_from_answer(Path(path).read_bytes())
+
+    return await asyncio.to_thread(read)
+
+
+def save_answer(answer: bytes, path: str) -> None:
+    """Write `answer` so that a reader sees the old file or the new one, never half of one."""
+    partial = f"{path}.partial"
+    with open(partial, "wb") as file:
+        file.write(answer)
+    os.replace(partial, path)
+
+
+def _describe(returncode: int | None, errors: bytes) -> str:
+    tail = errors.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    return f"the child exited with {returncode}: {tail[0]}"
