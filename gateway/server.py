@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -271,6 +273,7 @@ class Worker:
                 self.apply_config,
                 count=None if self._supervised else metrics.count_reload,
                 handed_over_in=self._handover,
+                prepare=self.prepare_config,
             )
             if not self._supervised:
                 self.reloader.start_watching()
@@ -293,6 +296,12 @@ class Worker:
             log.warning("server.tls was switched %s: that takes effect at the next start", state)
         elif tls is not None:
             server.renew_certificate(tls.context)
+
+    async def prepare_config(self, config: Config) -> Callable[[], None]:
+        """Index the keys in a thread (bytecode: the loop gets the GIL back every few ms);
+        what is left on the loop is building the snapshot around the index and the swap."""
+        keys = await asyncio.to_thread(self.runtime.index_keys, config)
+        return functools.partial(self.runtime.apply, config, keys)
 
     def reload(self) -> None:
         if self.reloader is not None:
