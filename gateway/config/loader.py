@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from gateway.config.access import KeysReader, read_plans
 from gateway.config.model import (
@@ -31,6 +30,7 @@ from gateway.config.model import (
     TlsConfig,
 )
 from gateway.config.products import ProductsReader
+from gateway.config.storage_url import storage_url_problem
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
 from gateway.config.yamltree import MappingNode, Node
 from gateway.http.tls import TlsFileError, server_context
@@ -45,7 +45,6 @@ _TLS_KEYS = ("cert", "key")
 _STORAGE_KEYS = ("url", "timeout", "on_error", "local_fraction")
 _AUTH_KEYS = ("header", "query_param")
 
-STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster")
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
 ADDRESS_HINT = "must be host:port or [ipv6]:port"
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -176,22 +175,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def storage_url_problem(url: str) -> str | None:
-    """Why `url` cannot be the limit storage, or None when it can."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in STORAGE_SCHEMES or not url.strip().startswith(f"{parts.scheme}://"):
-        return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
-    if parts.scheme == "memory":
-        return None
-    try:
-        parts.port  # noqa: B018 - urllib checks the port only when it is read
-    except ValueError:
-        return "has an invalid port"
-    if not parts.hostname:
-        return f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379"
-    return None
 
 
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:

@@ -36,6 +36,7 @@ from gateway.config import (
     parse_duration,
 )
 from gateway.config.products import parse_template
+from gateway.config.storage_url import SentinelUrl, parse_sentinel_url
 from tests.support.paths import REPO_ROOT
 
 FIXTURES = REPO_ROOT / "tests" / "config"
@@ -470,7 +471,41 @@ def test_bad_redis_url_in_the_environment_names_the_variable(tmp_path: Path) -> 
     ]
     assert issues_of(path, env={"GATEWAY_REDIS_URL": "localhost:6379"}) == [
         "GATEWAY_REDIS_URL: storage.url: must start with one of memory://, redis://, "
-        "rediss://, redis+cluster://"
+        "rediss://, redis+cluster://, rediss+cluster://, redis+sentinel://, rediss+sentinel://"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/mymaster/2",
+            SentinelUrl((("10.0.0.1", 26379), ("10.0.0.2", 26380)), "mymaster", db=2),
+        ),
+        (
+            # A Sentinel without a port is on Sentinel's own 26379.
+            "rediss+sentinel://app:s%40cret@sentinel-a,[::1]:26400/cache",
+            SentinelUrl(
+                (("sentinel-a", 26379), ("::1", 26400)),
+                "cache",
+                tls=True,
+                username="app",
+                password="s@cret",
+            ),
+        ),
+    ],
+)
+def test_sentinel_url_parts(url: str, expected: SentinelUrl) -> None:
+    assert parse_sentinel_url(url) == expected
+
+
+def test_sentinel_url_from_the_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "server: {workers: 2}\n")
+    url = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+    assert load_config(path, env={"GATEWAY_REDIS_URL": url}).storage.url == url
+    path = write_config(tmp_path / "one", "storage: {url: memory://}\n")
+    assert issues_of(path, env={"GATEWAY_REDIS_URL": "redis+sentinel://10.0.0.1/a/b/c"}) == [
+        "GATEWAY_REDIS_URL: storage.url: has more than /MASTER/DB after the Sentinels"
     ]
 
 

@@ -1,0 +1,115 @@
+"""What a `storage.url` may be, and the parts of a Sentinel URL.
+
+    memory://
+    redis://[user:password@]host:port[/db]          rediss:// for TLS
+    redis+cluster://host:port                       rediss+cluster:// for TLS; any node will do
+    redis+sentinel://[user:password@]h1:26379,h2:26379/MASTER[/db]
+                                                    rediss+sentinel:// for TLS
+
+A Sentinel URL names the Sentinels (a port left out is Sentinel's 26379) and the name of the
+master they watch; the gateway asks them where the master is, and asks again after losing it.
+The user and password are those of the Redis servers, not of the Sentinels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+STORAGE_SCHEMES = (
+    "memory",
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+_HOST_PORT = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d*))?"
+)
+_SENTINEL_EXAMPLE = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The parts of a redis+sentinel:// URL; `ValueError` saying what is wrong otherwise."""
+    scheme, separator, rest = url.strip().partition("://")
+    if scheme not in SENTINEL_SCHEMES or not separator:
+        raise ValueError(f"must start with {' or '.join(s + '://' for s in SENTINEL_SCHEMES)}")
+    location, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    if query:
+        raise ValueError("takes no ?options")
+    userinfo, at, hosts = location.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = tuple(_sentinel_address(part) for part in hosts.split(","))
+    segments = path.split("/") if path else []
+    if not segments or not segments[0]:
+        raise ValueError(f"needs the master's name after the Sentinels, e.g. {_SENTINEL_EXAMPLE}")
+    if len(segments) > 2:
+        raise ValueError("has more than /MASTER/DB after the Sentinels")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise ValueError(f"database {segments[1]!r} must be a number, e.g. /mymaster/0")
+        db = int(segments[1])
+    return SentinelUrl(
+        sentinels=sentinels,
+        master=unquote(segments[0]),
+        db=db,
+        tls=scheme == "rediss+sentinel",
+        username=username,
+        password=password,
+    )
+
+
+def _sentinel_address(text: str) -> tuple[str, int]:
+    match = _HOST_PORT.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(
+            f"Sentinel {text!r} must be host:port or [ipv6]:port, e.g. {_SENTINEL_EXAMPLE}"
+        )
+    port = int(match["port"]) if match["port"] else SENTINEL_PORT
+    if not 0 < port < 65536:
+        raise ValueError(f"Sentinel {text!r}: port must be between 1 and 65535")
+    return match["ipv6"] or match["host"], port
+
+
+def storage_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the limit storage, or None when it can."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in STORAGE_SCHEMES or not text.startswith(f"{parts.scheme}://"):
+        return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+    if parts.scheme == "memory":
+        return None
+    if parts.scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(text)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    try:
+        parts.port  # noqa: B018 - urllib checks the port only when it is read
+    except ValueError:
+        return "has an invalid port"
+    if not parts.hostname:
+        return f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379"
+    return None
