@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tests.support.redis_servers import RedisClusterNodes, RedisServer
+from tests.support.redis_servers import RedisClusterNodes, RedisSentinelGroup, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,25 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinelGroup]:
+    """A master, a replica and two Sentinels shared by the session (never failed over);
+    `.url` is redis+sentinel://."""
+    group = RedisSentinelGroup(tmp_path_factory.mktemp("redis-sentinel"))
+    group.start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture
+def fresh_redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelGroup]:
+    """A Sentinel group of this test alone, for tests that fail the master over."""
+    group = RedisSentinelGroup(tmp_path / "sentinel")
+    group.start()
+    yield group
+    group.stop()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The shared limit storage: Redis or Redis Cluster, for several gateway processes.
+"""The shared limit storage: Redis, Redis Cluster or a Sentinel-watched Redis, for several
+gateway processes.
 
 One request costs one EVALSHA of `hit.lua`, which checks and consumes the rate and the quota
 and counts the day's history atomically on the server; a refunded one costs one more, of
@@ -31,8 +32,6 @@ from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -51,6 +50,7 @@ from gateway.limits.base import (
     subject_order,
 )
 from gateway.limits.periods import PeriodCache
+from gateway.limits.redis_clients import StorageRedis, open_storage_redis
 from gateway.limits.redis_layout import (
     CREDIT,
     HIT,
@@ -79,31 +79,13 @@ _QUOTA_GRACE_SECONDS = 60.0
 # matters across reloads that retire many keys.
 _MAX_COMMANDS = 10_000
 _new_tuple = tuple.__new__
+# Behind Sentinel, how often a connected hits pipeline asks where the master is (see
+# ScriptPipeline): the longest a forced failover may leave it writing to the old master.
+MASTER_RECHECK_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def connect(url: str, timeout: float) -> AnyRedis:
-    """A client for `url` (redis://, rediss://, redis+cluster://, rediss+cluster://)."""
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-    }
-    for cluster_scheme, plain_scheme in (
-        ("redis+cluster://", "redis://"),
-        ("rediss+cluster://", "rediss://"),
-    ):
-        if url.startswith(cluster_scheme):
-            return RedisCluster.from_url(plain_scheme + url[len(cluster_scheme) :], **options)
-    if url.startswith(("redis://", "rediss://")):
-        # No retries: the pool reconnects on the next call anyway. No socket timeout: every
-        # call on this client already runs under an asyncio timeout of `timeout`
-        # (RedisLimiter._guard), and redis-py would add a timer to every write and read.
-        options["socket_timeout"] = None
-        return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
-    raise ValueError(f"not a Redis URL: {url!r}")
 
 
 class _Command:
@@ -147,11 +129,13 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: AnyRedis,
+        storage: StorageRedis,
         timeout: float,
         on_storage_error: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._storage = storage
+        client: AnyRedis = storage.client
         self._client = client
         self._timeout = timeout
         self._on_storage_error = on_storage_error
@@ -168,7 +152,13 @@ class RedisLimiter:
         self._pipeline: ScriptPipeline | None = None
         self._direct: _DirectHits | None = None
         if isinstance(client, Redis):
-            self._pipeline = ScriptPipeline(client, (HIT_SCRIPT, REFUND.text), timeout)
+            self._pipeline = ScriptPipeline(
+                client,
+                (HIT_SCRIPT, REFUND.text),
+                timeout,
+                storage.address,
+                recheck_address_every=MASTER_RECHECK_SECONDS if storage.master_moves else None,
+            )
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
@@ -179,7 +169,9 @@ class RedisLimiter:
     def from_config(
         cls, storage: StorageConfig, on_storage_error: Callable[[str], None] | None = None
     ) -> RedisLimiter:
-        return cls(connect(storage.url, storage.timeout), storage.timeout, on_storage_error)
+        return cls(
+            open_storage_redis(storage.url, storage.timeout), storage.timeout, on_storage_error
+        )
 
     async def hit(
         self,
@@ -423,7 +415,7 @@ class RedisLimiter:
             await asyncio.gather(*list(self._registering), return_exceptions=True)
         if self._pipeline is not None:
             await self._pipeline.close()
-        await self._client.aclose()
+        await self._storage.aclose()
 
     async def _guard(
         self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from ssl import SSLContext
 from typing import Any
 
@@ -49,11 +49,26 @@ class ScriptPipeline:
     """Runs packed EVALSHA commands of the given scripts on one lazily opened connection, each
     call bounded by `timeout` from the end of the tick it was made in."""
 
-    def __init__(self, client: Redis, scripts: Sequence[str], timeout: float) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        scripts: Sequence[str],
+        timeout: float,
+        address: Callable[[], Awaitable[tuple[str, int]]],
+        recheck_address_every: float | None = None,
+    ) -> None:
+        """`address` says where to connect, asked on every (re)connection: behind Sentinel
+        the master moves, and a lost connection is the sign to ask again. A lost connection
+        is not the only sign: after a failover ordered while the old master is alive, that
+        master goes on accepting writes until the Sentinels get round to demoting it (up to
+        their 10 s INFO period), and what it takes then is lost. So, with
+        `recheck_address_every`, a connected pipeline asks again that often, and leaves a
+        master that is no longer the one named."""
+        self._address = address
+        self._recheck_every = recheck_address_every
+        self._rechecking: asyncio.Task[None] | None = None
         # A connection object that is never connected: redis-py's reading of the URL.
         settings = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        self._host: str = settings.host
-        self._port: int = settings.port
         self._ssl: SSLContext | None = (
             settings.ssl_context.get() if isinstance(settings, SSLConnection) else None
         )
@@ -115,10 +130,12 @@ class ScriptPipeline:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout_at(self._waiting[0][1]):
+                address = await self._address()
+                host, port = address
                 _, connection = await loop.create_connection(
                     lambda: _Connection(loop, self._script_loads),
-                    self._host,
-                    self._port,
+                    host,
+                    port,
                     ssl=self._ssl,
                 )
                 if self._handshake:
@@ -143,6 +160,24 @@ class ScriptPipeline:
         waiting, self._waiting = self._waiting, []
         for calls, deadline in waiting:
             connection.send(calls, deadline)
+        if self._recheck_every is not None:
+            if self._rechecking is not None:
+                self._rechecking.cancel()
+            self._rechecking = loop.create_task(self._recheck(connection, address))
+
+    async def _recheck(self, connection: _Connection, address: tuple[str, int]) -> None:
+        assert self._recheck_every is not None
+        while connection.alive:
+            await asyncio.sleep(self._recheck_every)
+            try:
+                async with asyncio.timeout(self._timeout * 4):
+                    now = await self._address()
+            except Exception:
+                continue
+            if now != address:
+                # Calls in flight fail (503 at worst); the next one connects to `now`.
+                connection.close(RedisConnectionError(f"the master moved to {now[0]}:{now[1]}"))
+                return
 
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, []
@@ -153,9 +188,10 @@ class ScriptPipeline:
         closed = RedisConnectionError("the limiter was closed")
         queued, self._queue = self._queue, []
         _fail(queued, closed)
-        if self._connecting is not None:
-            self._connecting.cancel()
-            await asyncio.gather(self._connecting, return_exceptions=True)
+        for task in (self._connecting, self._rechecking):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(closed)
@@ -203,6 +239,7 @@ class _Connection(asyncio.Protocol):
         pending = self._pending
         retries: list[_Call] = []
         answered = 0
+        demoted = False
         try:
             while (reply := reader.gets()) is not False:
                 future, packed = pending.popleft()
@@ -217,9 +254,15 @@ class _Connection(asyncio.Protocol):
                     # The script did not run: after loading it, running it again is safe.
                     retries.append((future, packed))
                 else:
+                    # READONLY: the master this connection reached is a replica now.
+                    demoted = demoted or str(reply).startswith("READONLY")
                     future.set_exception(reply)
         except Exception as exc:  # a reply nobody asked for, or bytes that are not RESP
             self.abort(RedisConnectionError(f"unexpected data from Redis: {exc!r}"))
+            return
+        if demoted:
+            # Dropped so that the next call reconnects to wherever the master is now.
+            self.abort(RedisConnectionError("the master became a replica"))
             return
         self._answered += answered
         batches = self._batches

