@@ -37,6 +37,11 @@ class StorageRedis:
         self._sentinel = sentinel
 
     @property
+    def master_moves(self) -> bool:
+        """Whether the master's address may change under a running gateway (Sentinel)."""
+        return self._sentinel is not None
+
+    @property
     def is_cluster(self) -> bool:
         return isinstance(self.client, RedisCluster)
 
