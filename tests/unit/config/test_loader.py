@@ -500,10 +500,10 @@ def test_sentinel_url_parts(url: str, expected: SentinelUrl) -> None:
 
 
 def test_sentinel_url_from_the_environment(tmp_path: Path) -> None:
-    path = write_config(tmp_path, "server: {workers: 2}\n")
+    path = write_config_file(tmp_path, "server: {workers: 2}\n")
     url = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
     assert load_config(path, env={"GATEWAY_REDIS_URL": url}).storage.url == url
-    path = write_config(tmp_path, "storage: {url: memory://}\n")
+    path = write_config_file(tmp_path, "storage: {url: memory://}\n")
     assert issues_of(path, env={"GATEWAY_REDIS_URL": "redis+sentinel://10.0.0.1/a/b/c"}) == [
         "GATEWAY_REDIS_URL: storage.url: has more than /MASTER/DB after the Sentinels"
     ]

@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 from gateway.config.yamltree import MappingNode, Node, ScalarNode, SequenceNode, compose_tree
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = sorted([*(ROOT / "config").glob("*.yaml"), *(ROOT / "tests" / "config").glob("*.yaml")])
+SAMPLES = sorted(
+    [*(REPO_ROOT / "config").glob("*.yaml"), *(REPO_ROOT / "tests" / "config").glob("*.yaml")]
+)
 
 
 def shape_of_pyyaml(node: yaml.Node, seen: dict[int, int]) -> object:

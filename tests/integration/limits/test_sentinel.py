@@ -22,9 +22,11 @@ import redis
 from gateway.config import RateRule, StorageConfig
 from gateway.limits import Limiter, StorageError, create_limiter
 from gateway.limits.redis import rate_key
+from tests.support.config import server_yaml
 from tests.support.operations import ThreadedUpstream, call, serving_workers, wait_for
-from tests.support.processes import GatewayProcess, free_ports, server_yaml
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisSentinelGroup
+from tests.support.sockets import free_ports
 
 RATE = RateRule(limit=100_000, window=60.0, per="minute")
 # From the promotion until a hit is admitted again: a reconnection asks the Sentinels (who
