@@ -1,20 +1,23 @@
 """Reading and validating a config in a child process: the serving process gets a `Config`.
 
 Why a process and not a thread: parsing and validating 10,000 keys is about a second of CPU
-held under the GIL (libyaml's parser does not let go of it while it runs), and requests would
-wait for it. A child process parses on the other core, and its memory (the node tree of a big
-file is several times the size of the result) goes back to the system when it exits instead
-of staying in the serving process's heap. The child sends back the pickled `Config` or the
-list of issues; unpickling is a fraction of the parse and happens in a thread, in bytecode
-that hands the GIL back every few milliseconds.
+under the GIL. In a thread of a worker, the event loop gets the GIL back only every few
+milliseconds (the interpreter's switch interval) for that whole second, so every request in
+flight waits a little, again and again (measured: the loop's worst delay was 40 ms; with
+`yaml.compose`, whose C composer never lets go of the GIL, 230 ms). A child process parses
+on the other core, below the workers' priority, and its memory (the node tree of a big file is
+several times the size of the result) goes back to the system when it exits instead of
+staying in the serving process's heap. The child sends back the pickled `Config` or the list
+of issues; unpickling is a fraction of the parse and happens in a thread.
+
+The child is forked when this process has a single thread (a gateway starting, the
+supervisor): it starts at once with everything imported. A worker, which has threads, starts
+a new Python instead (`python -m gateway.config`, a quarter to half a second more).
 
 A small config (under `CHILD_FROM_BYTES` of YAML, a couple of thousand keys) is read in
-this process instead, in a thread when asked from the event loop: starting a Python child
-costs more (a quarter to half a second) than the parse, and the parse is bytecode between
-short libyaml calls, so the loop gets the GIL back every few milliseconds (measured with
-10,000 keys: the loop's worst delay was 40 ms in a thread, 230 ms with `yaml.compose`, whose
-C composer keeps the GIL for the whole file). When no child can be started, the config is
-read in this process too: slower, but never a failed reload for that reason.
+this process instead, in a thread when asked from the event loop: there the parse is shorter
+than starting a child. When no child can be started, the config is read in this process too:
+slower, but never a failed reload for that reason.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +44,9 @@ _INVALID = "invalid"
 # The folder that holds the `gateway` package, so that the child imports this very copy.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 CHILD_FROM_BYTES = 256 * 1024
+# Below the workers that serve requests: when the CPUs are busy, requests go first and the
+# reload waits, not the other way round.
+CHILD_NICENESS = 10
 _FAILURES = (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError)
 
 
@@ -89,24 +97,61 @@ def read_answer_isolated(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> bytes:
     """The answer for `path`, computed in a child process for a big config (blocking)."""
+    environment = os.environ if env is None else env
     if not _worth_a_child(path):
-        return answer_for(path, os.environ if env is None else env)
+        return answer_for(path, environment)
     try:
-        done = subprocess.run(
-            _child_command(os.fspath(path)),
-            env=_child_env(env),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise OSError(_describe(done.returncode, done.stderr))
+        if hasattr(os, "fork") and threading.active_count() == 1:
+            answer = _answer_from_fork(path, environment)
+        else:
+            answer = _answer_from_new_python(path, env)
         # A garbled answer (a crash halfway through writing) is caught here, not later.
         with contextlib.suppress(ConfigError):
-            config_from_answer(done.stdout)
+            config_from_answer(answer)
     except _FAILURES as exc:
         log.warning("reading the config in a child process failed (%s); reading it here", exc)
-        return answer_for(path, os.environ if env is None else env)
+        return answer_for(path, environment)
+    return answer
+
+
+def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
+    """A forked child computes the answer: it starts at once, with everything imported.
+    Only for a process with one thread (a starting gateway, the supervisor), where a fork
+    copies no lock that another thread holds."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, write, leave without running the parent's cleanup
+        code = 1
+        try:
+            os.close(reader)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)  # the parent's handlers are not ours
+            os.nice(CHILD_NICENESS)
+            answer = answer_for(path, env)
+            with os.fdopen(writer, "wb") as sink:
+                sink.write(answer)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as source:
+        answer = source.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"the child exited with {os.waitstatus_to_exitcode(status)}")
+    return answer
+
+
+def _answer_from_new_python(path: str | os.PathLike[str], env: Mapping[str, str] | None) -> bytes:
+    done = subprocess.run(
+        _child_command(os.fspath(path)),
+        env=_child_env(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise OSError(_describe(done.returncode, done.stderr))
     return done.stdout
 
 

@@ -51,6 +51,19 @@ def test_a_big_config_read_in_a_child_equals_one_read_here(tmp_path: Path) -> No
     assert load_config_isolated(path, env={}) == load_config(path, env={})
 
 
+def test_a_process_with_threads_starts_a_new_python_rather_than_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = big_config(tmp_path, 3_000)
+
+    def no_fork() -> int:
+        raise AssertionError("forked with threads around")
+
+    monkeypatch.setattr("gateway.config.isolated.threading.active_count", lambda: 2)
+    monkeypatch.setattr("gateway.config.isolated.os.fork", no_fork)
+    assert load_config_isolated(path, env={}) == load_config(path, env={})
+
+
 def test_a_big_invalid_config_reports_the_same_issues(tmp_path: Path) -> None:
     path = big_config(tmp_path, 3_000, broken_at=2_500)
     with pytest.raises(ConfigError) as here:
@@ -68,6 +81,11 @@ def test_without_a_child_the_config_is_read_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = big_config(tmp_path, 3_000)
+
+    def no_fork() -> int:
+        raise OSError("no fork here")
+
+    monkeypatch.setattr("gateway.config.isolated.os.fork", no_fork)
     monkeypatch.setattr("gateway.config.isolated.sys.executable", str(tmp_path / "no-python"))
     with caplog.at_level(logging.WARNING, logger="gateway.config"):
         assert load_config_isolated(path, env={}) == load_config(path, env={})
