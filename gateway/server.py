@@ -31,7 +31,7 @@ from gateway import accesslog
 from gateway.config import ConfigError
 from gateway.config.isolated import config_from_answer, read_answer_isolated, save_answer
 from gateway.config.model import Address, Config
-from gateway.reload import POLL_INTERVAL, Reloader
+from gateway.reload import POLL_INTERVAL, Reloader, freeze_long_lived
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -331,6 +331,7 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
     loop = asyncio.get_running_loop()
     worker = Worker(config_path, config, supervised=handover is not None, handover=handover)
     await worker.start()
+    freeze_long_lived()  # the config and its snapshot: see gateway.reload
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -7,10 +7,9 @@ stdout; the parent turns it back into a `Config` or a `ConfigError`.
 import os
 import sys
 
-from gateway.config.isolated import CHILD_NICENESS, answer_for
+from gateway.config.isolated import answer_for
 
 if len(sys.argv) != 2:
     sys.exit("usage: python -m gateway.config PATH")
-os.nice(CHILD_NICENESS)  # below the workers that serve requests
 sys.stdout.buffer.write(answer_for(sys.argv[1], os.environ))
 sys.stdout.buffer.flush()

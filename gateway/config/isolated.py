@@ -5,7 +5,7 @@ under the GIL. In a thread of a worker, the event loop gets the GIL back only ev
 milliseconds (the interpreter's switch interval) for that whole second, so every request in
 flight waits a little, again and again (measured: the loop's worst delay was 40 ms; with
 `yaml.compose`, whose C composer never lets go of the GIL, 230 ms). A child process parses
-on the other core, below the workers' priority, and its memory (the node tree of a big file is
+on the other core, and its memory (the node tree of a big file is
 several times the size of the result) goes back to the system when it exits instead of
 staying in the serving process's heap. The child sends back the pickled `Config` or the list
 of issues; unpickling is a fraction of the parse and happens in a thread.
@@ -44,9 +44,6 @@ _INVALID = "invalid"
 # The folder that holds the `gateway` package, so that the child imports this very copy.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 CHILD_FROM_BYTES = 256 * 1024
-# Below the workers that serve requests: when the CPUs are busy, requests go first and the
-# reload waits, not the other way round.
-CHILD_NICENESS = 10
 _FAILURES = (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError)
 
 
@@ -126,7 +123,6 @@ def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> b
             os.close(reader)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)  # the parent's handlers are not ours
-            os.nice(CHILD_NICENESS)
             answer = answer_for(path, env)
             with os.fdopen(writer, "wb") as sink:
                 sink.write(answer)
