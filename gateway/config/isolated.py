@@ -23,6 +23,7 @@ slower, but never a failed reload for that reason.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -32,10 +33,12 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from gateway.config.loader import load_config
-from gateway.config.model import Config
+from gateway.config.model import Config, TlsConfig
 from gateway.config.yamlnodes import ConfigError, ConfigIssue
+from gateway.http.tls import TlsFileError, server_context
 
 log = logging.getLogger("gateway.config")
 
@@ -74,15 +77,41 @@ def answer_for(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
     """What the child writes: the pickled `Config`, or the issues that make it invalid."""
     answer: tuple[str, Config | tuple[ConfigIssue, ...]]
     try:
-        answer = (_OK, load_config(path, env=env))
+        config = load_config(path, env=env)
     except ConfigError as exc:
-        answer = (_INVALID, exc.issues)
-    return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((_INVALID, exc.issues), protocol=pickle.HIGHEST_PROTOCOL)
+    answer = (_OK, config)
+    if config.server.tls is None:
+        return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+    # Rare enough to afford a Python hook per pickled object (see _TlsPickler).
+    output = io.BytesIO()
+    _TlsPickler(output, protocol=pickle.HIGHEST_PROTOCOL).dump(answer)
+    return output.getvalue()
+
+
+class _TlsPickler(pickle.Pickler):
+    """An SSLContext cannot be pickled: a `TlsConfig` travels as its two file names, and
+    the context is built again from them where it is unpickled (files validated a moment
+    before; if they went missing meanwhile, the answer is a config error naming them)."""
+
+    def reducer_override(self, obj: object) -> Any:
+        if type(obj) is TlsConfig:
+            return _tls_config_from_files, (obj.cert, obj.key)
+        return NotImplemented
+
+
+def _tls_config_from_files(cert: str, key: str) -> TlsConfig:
+    return TlsConfig(cert, key, server_context(cert, key))
 
 
 def config_from_answer(answer: bytes) -> Config:
     """The `Config` of an answer; `ConfigError` for the answer of an invalid config."""
-    kind, payload = pickle.loads(answer)
+    try:
+        kind, payload = pickle.loads(answer)
+    except TlsFileError as exc:
+        raise ConfigError(
+            [ConfigIssue(str(exc).split(" ", 1)[0], None, f"server.tls.{exc.role}", str(exc))]
+        ) from exc
     if kind == _INVALID:
         raise ConfigError(payload)
     if kind != _OK or not isinstance(payload, Config):

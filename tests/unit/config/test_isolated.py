@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 import time
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import pytest
 from gateway.config import ConfigError, load_config
 from gateway.config.isolated import (
     CHILD_FROM_BYTES,
+    answer_for,
+    config_from_answer,
     load_config_isolated,
     load_config_off_loop,
 )
+from tests.support.certificates import make_certificate
 
 PRODUCTS = """\
 products:
@@ -115,3 +119,36 @@ async def test_reading_a_big_config_leaves_the_event_loop_free(tmp_path: Path) -
     # Loose for a busy 2-core machine; the loop still went round many times meanwhile.
     assert max(delays) < 0.25, (max(delays), took)
     assert len(delays) > took / 0.05
+
+
+@pytest.mark.parametrize("keys", [1, 3_000], ids=["in-process", "child"])
+def test_a_tls_config_crosses_over_with_a_context_built_from_its_files(
+    tmp_path: Path, keys: int
+) -> None:
+    """An SSLContext cannot be pickled: it is built again from the files on arrival."""
+    certificate = make_certificate(tmp_path / "tls")
+    path = big_config(tmp_path / "config", keys) if keys > 1 else tmp_path / "config"
+    path.mkdir(exist_ok=True)
+    (path / "api.yaml").write_text(PRODUCTS)
+    (path / "server.yaml").write_text(
+        f"server: {{tls: {{cert: {certificate.cert}, key: {certificate.key}}}}}\n"
+    )
+    config = load_config_isolated(path, env={})
+    assert config == load_config(path, env={})
+    assert config.server.tls is not None
+    assert isinstance(config.server.tls.context, ssl.SSLContext)
+
+
+def test_a_tls_context_that_cannot_be_built_again_is_a_config_error(tmp_path: Path) -> None:
+    certificate = make_certificate(tmp_path / "tls")
+    path = tmp_path / "config"
+    path.mkdir()
+    (path / "api.yaml").write_text(PRODUCTS)
+    (path / "server.yaml").write_text(
+        f"server: {{tls: {{cert: {certificate.cert}, key: {certificate.key}}}}}\n"
+    )
+    answer = answer_for(path, {})
+    certificate.key.unlink()  # gone between the check and the arrival of the answer
+    with pytest.raises(ConfigError) as missing:
+        config_from_answer(answer)
+    assert [issue.path for issue in missing.value.issues] == ["server.tls.key"]
