@@ -34,6 +34,7 @@ from gateway.config.model import Address, Config
 from gateway.reload import POLL_INTERVAL, Reloader, freeze_long_lived
 
 if TYPE_CHECKING:
+    from gateway.keys import KeyIndex
     from gateway.http.server import HttpServer
 
 log = logging.getLogger("gateway.server")
@@ -280,8 +281,9 @@ class Worker:
         accesslog.start_batching(loop)
         self._batching = True
 
-    def apply_config(self, config: Config) -> None:
-        self.runtime.apply(config)
+    def apply_config(self, config: Config, keys: KeyIndex | None = None) -> None:
+        """Serve `config` from now on; `keys`: its key index, when built beforehand."""
+        self.runtime.apply(config, keys)
         self._renew_certificate(config)
 
     def _renew_certificate(self, config: Config) -> None:
@@ -301,11 +303,16 @@ class Worker:
         """Index the keys in a thread (bytecode: the loop gets the GIL back every few ms);
         what is left on the loop is building the snapshot around the index and the swap."""
         keys = await asyncio.to_thread(self.runtime.index_keys, config)
-        return functools.partial(self.runtime.apply, config, keys)
+        return functools.partial(self.apply_config, config, keys)
 
     def reload(self) -> None:
+        """Start a reload (for the SIGHUP handler, which cannot wait for one)."""
         if self.reloader is not None:
             self.reloader.request_reload()
+
+    async def reload_now(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.reload_off_loop()
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
@@ -336,7 +343,12 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
-    # A supervised worker is forked with SIGHUP blocked; one that came meanwhile runs now.
+    # A supervised worker is forked with SIGHUP blocked. One that came meanwhile is taken off
+    # here and its reload awaited, so that the worker says it serves once it serves that
+    # config (the handler would only start the reload, which finishes a moment later).
+    if signal.SIGHUP in signal.sigpending():
+        signal.sigtimedwait({signal.SIGHUP}, 0)
+        await worker.reload_now()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     log.info(
         "worker %d serving %s (admin %s)",
