@@ -63,7 +63,9 @@ class StorageRedis:
             await self.client.aclose()
         finally:
             if self._sentinel is not None:
-                await self._sentinel.aclose()
+                # One by one: Sentinel.aclose is recent in redis-py; its clients' is not.
+                for sentinel_client in self._sentinel.sentinels:
+                    await sentinel_client.aclose()
 
 
 def open_storage_redis(url: str, timeout: float) -> StorageRedis:
