@@ -1,0 +1,96 @@
+"""Reloading a big config (one a child process reads: see gateway.config.isolated) in a
+`gateway run` with two workers: the supervisor reads it once, both workers serve the edit, and
+requests go on being answered meanwhile."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+from gateway.config.isolated import CHILD_FROM_BYTES
+from tests.support.config import server_yaml
+from tests.support.operations import ThreadedUpstream, call, serving_workers, wait_for
+from tests.support.processes import GatewayProcess
+from tests.support.redis_servers import RedisServer
+from tests.support.sockets import free_ports
+
+KEYS = 3_000
+# From the edit to both workers serving it: two polls (0.5 s), a parse of a fraction of a
+# second, the hand-over; loose for a busy 2-core machine.
+APPLIED_WITHIN = 10.0
+
+
+def write_keys(path: Path, extra: str = "") -> None:
+    lines = ["keys:", "  - {name: probe, key: probe-secret, plans: {shop: open}}"]
+    for index in range(KEYS):
+        digest = hashlib.sha256(f"secret-{index}".encode()).hexdigest()
+        lines += [
+            f"  - name: customer-{index}",
+            f"    key_sha256: {digest}",
+            "    plans: {shop: open}",
+        ]
+    partial = path.with_suffix(".partial")
+    partial.write_text("\n".join([*lines, extra]) + "\n")
+    partial.replace(path)
+
+
+def test_two_workers_reload_a_big_config_while_answering(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(
+        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
+    )
+    with ThreadedUpstream() as upstream:
+        (config / "10-api.yaml").write_text(
+            "products:\n"
+            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
+            "    routes:\n      - path: /shop/{rest:path}\n"
+            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
+        )
+        keys_file = config / "20-keys.yaml"
+        write_keys(keys_file)
+        assert keys_file.stat().st_size >= CHILD_FROM_BYTES
+        gateway = GatewayProcess(config)
+        try:
+            gateway.start(proxy_port, admin_port)
+            serving_workers(gateway, 2)
+
+            def status(key: str) -> int:
+                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+            assert status("probe-secret") == 200
+            assert status("added-secret") == 401
+            answers: list[int] = []
+            stop = threading.Event()
+
+            def keep_asking() -> None:
+                while not stop.is_set():
+                    answers.append(status("probe-secret"))
+                    time.sleep(0.02)
+
+            asker = threading.Thread(target=keep_asking)
+            asker.start()
+            try:
+                write_keys(keys_file, "  - {name: added, key: added-secret, plans: {shop: open}}")
+
+                def both_serve_it() -> bool:
+                    # New connections: the kernel spreads them over both workers.
+                    return all(status("added-secret") == 200 for _ in range(20))
+
+                wait_for(both_serve_it, APPLIED_WITHIN, "both workers serve the added key")
+            finally:
+                stop.set()
+                asker.join()
+            assert answers and set(answers) == {200}
+            assert "reading the config in a child process failed" not in gateway.stderr()
+            # The supervisor read the edit once and counted it once; the workers took its
+            # result (each logs the reload it applied).
+            assert gateway.stderr().count("config reloaded from") == 3
+        finally:
+            gateway.stop()
+            gateway.close()
