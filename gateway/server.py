@@ -34,8 +34,8 @@ from gateway.config.model import Address, Config
 from gateway.reload import POLL_INTERVAL, Reloader, freeze_long_lived
 
 if TYPE_CHECKING:
-    from gateway.keys import KeyIndex
     from gateway.http.server import HttpServer
+    from gateway.keys import KeyIndex
 
 log = logging.getLogger("gateway.server")
 

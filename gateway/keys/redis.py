@@ -1,4 +1,5 @@
-"""API keys in Redis or Redis Cluster, shared by every gateway process using that storage.
+"""API keys in Redis, Redis Cluster or a Sentinel-watched Redis, shared by every gateway
+process using that storage (clients from `gateway.limits.redis_clients`, as the limiter's).
 
 Layout: every key of the store carries the hash tag `{gw:keys}`, so on a cluster they all
 live in one slot and `write.lua` can change them together:
@@ -30,8 +31,7 @@ from redis.exceptions import NoScriptError
 
 from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
 from gateway.limits.base import StorageError
-from gateway.limits.redis import connect
-from gateway.limits.redis_layout import AnyRedis
+from gateway.limits.redis_clients import StorageRedis, open_storage_redis
 
 WRITE_SCRIPT = files("gateway.keys").joinpath("write.lua").read_text(encoding="utf-8")
 WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode("utf-8")).hexdigest()
@@ -51,11 +51,12 @@ class RedisKeyBackend:
 
     def __init__(
         self,
-        client: AnyRedis,
+        storage: StorageRedis,
         timeout: float,
         on_storage_error: Callable[[str], None] | None = None,
     ) -> None:
-        self._client = client
+        self._storage = storage
+        client = self._client = storage.client
         self._timeout = timeout
         self._on_storage_error = on_storage_error
         self._is_cluster = isinstance(client, RedisCluster)
@@ -66,7 +67,7 @@ class RedisKeyBackend:
     ) -> RedisKeyBackend:
         """`on_storage_error(operation)` counts failures (operations: key_write, key_read,
         key_version, key_load, key_subscribe)."""
-        return cls(connect(url, timeout), timeout, on_storage_error)
+        return cls(open_storage_redis(url, timeout), timeout, on_storage_error)
 
     async def write(self, write: KeyWrite) -> int:
         args: tuple[str | int, ...] = (
@@ -146,7 +147,7 @@ class RedisKeyBackend:
         return Redis(connection_pool=pool)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._storage.aclose()
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
