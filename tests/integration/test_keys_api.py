@@ -355,7 +355,7 @@ async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
             edited = API.format(upstream=upstream.url).replace("  production: {}\n", "")
             edited += "  - {name: acme, key: acme-file-secret, plans: {weather: trial}}\n"
             (config_dir / "10-api.yaml").write_text(edited)
-            worker.reload()
+            await worker.reload_now()  # a reload is read off the event loop: await it
 
             # The file's key of that name wins; the API key is not served meanwhile.
             status, problem = await rig.proxy(secret)
@@ -368,7 +368,7 @@ async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
             (config_dir / "10-api.yaml").write_text(
                 API.format(upstream=upstream.url).replace("  production: {}\n", "")
             )
-            worker.reload()
+            await worker.reload_now()  # a reload is read off the event loop: await it
             assert (await rig.proxy(secret))[0] == 200
             status, problem = await rig.proxy(secret, "/weather/x")
             assert status == 403 and "no plan for the product 'weather'" in problem["detail"]

@@ -19,15 +19,17 @@ from gateway.keys.backend import WriteRefused
 from gateway.keys.records import PreviousSecret
 from gateway.keys.redis import CHANNEL, RECORDS_KEY, VERSION_KEY
 from gateway.keys.store import CHECK_INTERVAL
-from tests.support.redis_servers import RedisClusterNodes, RedisServer
+from tests.support.redis_servers import RedisClusterNodes, RedisSentinelGroup, RedisServer
 
 HONOURED_WITHIN = 1.0
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
 def storage_url(request: pytest.FixtureRequest) -> str:
-    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
-    server: RedisServer | RedisClusterNodes = request.getfixturevalue(fixture)
+    fixture = {"redis": "redis_server", "cluster": "redis_cluster"}.get(
+        request.param, "redis_sentinel"
+    )
+    server: RedisServer | RedisClusterNodes | RedisSentinelGroup = request.getfixturevalue(fixture)
     return server.url
 
 
