@@ -287,7 +287,7 @@ def show_start(label: str, start: Start) -> None:
     print(f"  {label}: {start.seconds:.1f} s to the first 200; RSS MiB per process: {per_process}")
 
 
-def bench_size(procs: Procs, base: Setup, keys: int, probe_reload: bool) -> None:
+def bench_size(procs: Procs, base: Setup, keys: int, probe_reload: bool, api: bool) -> None:
     setup = Setup(
         base.directory / f"keys-{keys}",
         free_port(),
@@ -313,9 +313,11 @@ def bench_size(procs: Procs, base: Setup, keys: int, probe_reload: bool) -> None
                 f"({result.probes} probes, {result.failed} not 200)",
                 flush=True,
             )
-        created = create_api_keys(setup, keys)
+        created = create_api_keys(setup, keys) if api else None
     finally:
         procs.stop(child)
+    if not api:
+        return
     if created is None:
         print("  keys from the API: skipped (POST /admin/keys answered 404: no keys API here)")
         return
@@ -333,6 +335,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="10000,100000", help="key counts (10000,100000)")
     parser.add_argument("--workers", type=int, default=2, help="gateway workers (2)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    parser.add_argument("--no-api", action="store_true", help="skip the keys made through the API")
+    parser.add_argument(
+        "--reload-probe-all", action="store_true", help="probe a reload at every size"
+    )
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
     require_tools(["nginx", "redis-server"])
@@ -347,7 +353,8 @@ def main() -> int:
         start_redis(procs, tmp, redis_port)
         base = Setup(tmp, 0, 0, args.workers, f"redis://127.0.0.1:{redis_port}/0", upstream_port)
         for keys in sizes:
-            bench_size(procs, base, keys, probe_reload=keys == sizes[0])
+            probe = args.reload_probe_all or keys == sizes[0]
+            bench_size(procs, base, keys, probe_reload=probe, api=not args.no_api)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
