@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
+from tests.support.operations import serving_workers
 from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
 from tests.support.sockets import free_ports
@@ -394,6 +395,8 @@ async def test_each_of_two_workers_admits_its_local_share(
         gateway = GatewayProcess(config, workers=2)
         try:
             await asyncio.to_thread(gateway.start, proxy_port, admin_port)
+            # Both must listen before the count: start() returns once the first one answers.
+            await asyncio.to_thread(serving_workers, gateway, 2)
             # A new connection per request, so that the kernel spreads them over both workers.
             connector = aiohttp.TCPConnector(force_close=True)
             async with aiohttp.ClientSession(connector=connector) as http:
