@@ -50,7 +50,7 @@ from gateway.limits.base import (
     subject_order,
 )
 from gateway.limits.periods import PeriodCache
-from gateway.limits.redis_clients import StorageRedis, open_storage_redis
+from gateway.limits.redis_clients import MASTER_RECHECK_SECONDS, StorageRedis, open_storage_redis
 from gateway.limits.redis_layout import (
     CREDIT,
     HIT,
@@ -79,9 +79,6 @@ _QUOTA_GRACE_SECONDS = 60.0
 # matters across reloads that retire many keys.
 _MAX_COMMANDS = 10_000
 _new_tuple = tuple.__new__
-# Behind Sentinel, how often a connected hits pipeline asks where the master is (see
-# ScriptPipeline): the longest a forced failover may leave it writing to the old master.
-MASTER_RECHECK_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,12 @@ This is the one place that turns a storage URL into connections (the URL grammar
 `gateway.config.storage_url`):
 
 - `client`: a redis-py client for every call that is not a request's hit (usage, reset,
-  ping, and any other state kept in the storage). For a Sentinel URL it is a client of the
-  master, whose pool asks the Sentinels for the master's address on each new connection and
-  drops its connections when a server answers as a replica: it follows a failover.
+  ping, the key store). For a Sentinel URL it is a client of the master, whose pool asks the
+  Sentinels for the master's address on each new connection and drops its connections when a
+  server answers as a replica. That alone misses a failover ordered while the old master is
+  alive: the old master goes on taking writes until the Sentinels demote it (up to about
+  10 s), so `StorageRedis` also asks the Sentinels every `MASTER_RECHECK_SECONDS` and has the
+  pool drop its idle connections when the master moved.
 - `address()`: where the master is now, for a connection of one's own (the limiter's hits
   connection, `gateway.limits.resp`). For a Sentinel URL it asks the Sentinels each time, so
   a caller that reconnects after an error finds the promoted master.
@@ -14,6 +17,9 @@ This is the one place that turns a storage URL into connections (the URL grammar
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -28,13 +34,38 @@ AnyRedis = Redis | RedisCluster
 
 _CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
 
+# How often a connection to a Sentinel-named master checks that it is still the one named.
+MASTER_RECHECK_SECONDS = 0.5
+
+log = logging.getLogger(__name__)
+
 
 class StorageRedis:
-    """The clients of one storage URL; `aclose` closes all of them."""
+    """The clients of one storage URL; `aclose` closes all of them.
 
-    def __init__(self, client: AnyRedis, sentinel: Sentinel | None = None) -> None:
+    Made on a running event loop with a Sentinel URL, it follows the master in the background
+    (see the module's docstring) until `aclose`.
+    """
+
+    def __init__(
+        self, client: AnyRedis, sentinel: Sentinel | None = None, timeout: float = 0.25
+    ) -> None:
         self.client = client
         self._sentinel = sentinel
+        self._timeout = timeout
+        self._follower: asyncio.Task[None] | None = None
+        if sentinel is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to follow with
+                self._follower = asyncio.get_running_loop().create_task(self._follow_master())
+
+    async def _follow_master(self) -> None:
+        while True:
+            await asyncio.sleep(MASTER_RECHECK_SECONDS)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self.address()  # drops the pool's idle connections if it moved
+            except Exception as exc:  # Sentinels away: the next round asks again
+                log.debug("asking the Sentinels for the master failed: %s", exc)
 
     @property
     def master_moves(self) -> bool:
@@ -59,6 +90,11 @@ class StorageRedis:
         return str(settings.get("host", "localhost")), int(settings.get("port", 6379))
 
     async def aclose(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         try:
             await self.client.aclose()
         finally:
@@ -109,7 +145,7 @@ def open_storage_redis(url: str, timeout: float) -> StorageRedis:
             ssl=parts.tls,
             **options,
         )
-        return StorageRedis(cast(Redis, master), sentinel)
+        return StorageRedis(cast(Redis, master), sentinel, timeout)
     if url.startswith(("redis://", "rediss://")):
         return StorageRedis(Redis.from_url(url, **options))
     raise ValueError(f"not a Redis URL: {url!r}")

@@ -22,6 +22,7 @@ import redis
 from gateway.config import RateRule, StorageConfig
 from gateway.limits import Limiter, StorageError, create_limiter
 from gateway.limits.redis import rate_key
+from gateway.limits.redis_clients import open_storage_redis
 from tests.support.config import server_yaml
 from tests.support.operations import ThreadedUpstream, call, serving_workers, wait_for
 from tests.support.processes import GatewayProcess
@@ -96,6 +97,38 @@ async def test_limiter_follows_sentinel_failover(fresh_redis_sentinel: RedisSent
         await limiter.ping()
     finally:
         await limiter.close()
+
+
+async def test_storage_client_leaves_the_old_master_after_a_forced_failover(
+    fresh_redis_sentinel: RedisSentinelGroup,
+) -> None:
+    """The redis-py client (usage, credit, the key store) follows a failover ordered while the
+    old master lives, without waiting for the Sentinels to demote it."""
+    group = fresh_redis_sentinel
+    storage = open_storage_redis(group.url, 0.25)
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+
+    def on_master() -> int:
+        with redis.Redis(port=group.master_port(), socket_timeout=5) as master:
+            return int(master.get(name) or 0)
+
+    try:
+        await storage.client.incr(name)  # an idle pooled connection to the master, from now
+        assert on_master() == 1
+        old_port = group.master_port()
+        promoted = await asyncio.to_thread(group.failover)
+        assert promoted.port != old_port
+        deadline = time.monotonic() + LEFT_THE_OLD_MASTER_WITHIN
+        while True:
+            before = on_master()
+            with contextlib.suppress(Exception):
+                await storage.client.incr(name)
+            if on_master() == before + 1:
+                break
+            assert time.monotonic() < deadline, "writes never reached the new master"
+            await asyncio.sleep(0.05)
+    finally:
+        await storage.aclose()
 
 
 async def test_limiter_follows_the_promotion_after_the_master_dies(
