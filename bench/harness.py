@@ -288,8 +288,18 @@ def write_gateway_config(
     return path
 
 
+# The checkout whose gateway is measured: this one, or another one with its own .venv
+# (GATEWAY_BENCH_CHECKOUT=DIR), to compare two versions in one sitting under the same harness.
+GATEWAY_CHECKOUT = Path(os.environ.get("GATEWAY_BENCH_CHECKOUT") or REPO).resolve()
+
+
+def gateway_python() -> str:
+    other = GATEWAY_CHECKOUT / ".venv" / "bin" / "python"
+    return str(other) if REPO.resolve() != GATEWAY_CHECKOUT and other.exists() else sys.executable
+
+
 def gateway_argv(config: Path, core: int = 0) -> list[str]:
-    return [*pinned(core), sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    return [*pinned(core), gateway_python(), "-m", "gateway", "run", "--config", str(config)]
 
 
 def start_log_reader(procs: Procs, name: str, log: Path, core: int = 1) -> tuple[Child, int]:
@@ -318,7 +328,9 @@ def start_gateway(
     Its stdout (the access log) goes to `stdout`, a file descriptor, or else to its log."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(GATEWAY_CHECKOUT), os.environ.get("PYTHONPATH")])
+        ),
         "GATEWAY_ACCESS_LOG": "on" if access_log else "off",
     }
     env.pop("GATEWAY_REDIS_URL", None)  # the generated config decides the storage

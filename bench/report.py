@@ -13,6 +13,7 @@ from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from harness import GATEWAY_CHECKOUT
 from peers import ENVOY as ENVOY_NAME
 from rss_stream import RssResult
 from rss_stream import report_lines as rss_lines
@@ -288,6 +289,20 @@ def latency_section(report: Report) -> list[str]:
     return out
 
 
+def measured_checkout() -> str:
+    """Which code the gateway rows ran: the checkout and its commit (dirty if edited)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(GATEWAY_CHECKOUT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown commit"
+    return f"{GATEWAY_CHECKOUT} at {commit}"
+
+
 def render(report: Report) -> str:
     out = [
         "# Gateway benchmark results",
@@ -295,6 +310,7 @@ def render(report: Report) -> str:
         f"- date: {report.started:%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- versions: {versions(report.peer_versions)}",
+        f"- gateway measured: {measured_checkout()}",
         f"- load average (1, 5, 15 min) at the start: {report.load_at_start}; other work on the "
         "machine shows up as a wide min..max",
         f"- run: `{report.command_line}`: {report.rounds} interleaved round(s) of "
