@@ -98,9 +98,16 @@ class HttpClient:
             if connection is None:
                 connection = await self._connect()
             try:
-                return await connection.exchange(
+                waiter = connection.exchange(
                     head, body, chunked, method == "HEAD", on_interim, upgrade
                 )
+                try:
+                    return await waiter
+                except BaseException:
+                    connection.abort()
+                    raise
+                finally:
+                    connection.exchange_ended()
             except StaleConnection:
                 # The upstream closed a kept-alive connection as the request went out. Only
                 # a request that can be sent again unchanged and harmlessly is: no body to
