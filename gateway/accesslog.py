@@ -51,20 +51,29 @@ def set_access_log_enabled(enabled: bool) -> None:
 
 
 # Most lines of a busy second share their date and time; formatting that once per second is
-# cheaper than strftime per request.
+# cheaper than strftime per request. Under load several requests also share their millisecond
+# (a loop turn answers many): the whole text of the last one is kept too (bench/PROFILE.md,
+# "Session 3").
 _cached_second = -1
 _cached_prefix = ""
+_cached_millisecond = -1
+_cached_time = ""
 
 
 def format_time(unix_time: float) -> str:
     """RFC 3339 in UTC with milliseconds, e.g. 2025-05-01T12:00:00.123Z."""
-    global _cached_second, _cached_prefix
+    global _cached_second, _cached_prefix, _cached_millisecond, _cached_time
     # Scaling first keeps e.g. .3 from becoming 299 ms through the float's representation error.
-    second, millis = divmod(int(unix_time * 1000), 1000)
+    millisecond = int(unix_time * 1000)
+    if millisecond == _cached_millisecond:
+        return _cached_time
+    second, millis = divmod(millisecond, 1000)
     if second != _cached_second:
         _cached_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _cached_second = second
-    return f"{_cached_prefix}.{millis:03d}Z"
+    _cached_millisecond = millisecond
+    _cached_time = f"{_cached_prefix}.{millis:03d}Z"
+    return _cached_time
 
 
 # The C string encoder json.dumps itself uses (ASCII-only output); building the object's text
@@ -127,7 +136,7 @@ def write_access_log(record: RequestRecord) -> None:
     if not _enabled:
         return
     line = format_access_log(record) + "\n"
-    if _batch.active:
+    if _batch.users:  # batching (`_Batch.active`, spelled out: this runs per request)
         _batch.add(line)
     else:
         _write(line.encode())
