@@ -123,11 +123,14 @@ class HttpClient:
         headers: Sequence[tuple[bytes, bytes]],
         has_body: bool,
     ) -> tuple[bytes, bool]:
+        # The lines joined in C (map of bytes.join) rather than concatenated line by line in
+        # Python: ~30% fewer instructions per head (bench/PROFILE.md, "Session 3").
         parts = [
             method.encode("ascii") + b" " + target.encode("utf-8", "surrogateescape"),
             b" HTTP/1.1\r\n",
         ]
-        parts += [name + b": " + value + b"\r\n" for name, value in headers]
+        if headers:
+            parts += (b"\r\n".join(map(b": ".join, headers)), b"\r\n")
         chunked = False
         if has_body or method not in _BODILESS:
             # Only these need to know whether the client gave a length.
