@@ -98,16 +98,9 @@ class HttpClient:
             if connection is None:
                 connection = await self._connect()
             try:
-                waiter = connection.exchange(
+                return await connection.exchange(
                     head, body, chunked, method == "HEAD", on_interim, upgrade
                 )
-                try:
-                    return await waiter
-                except BaseException:
-                    connection.abort()
-                    raise
-                finally:
-                    connection.exchange_ended()
             except StaleConnection:
                 # The upstream closed a kept-alive connection as the request went out. Only
                 # a request that can be sent again unchanged and harmlessly is: no body to

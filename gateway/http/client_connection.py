@@ -285,7 +285,7 @@ class HttpConnection(asyncio.Protocol):
 
     # --- one exchange -------------------------------------------------------------------
 
-    def exchange(
+    async def exchange(
         self,
         head: bytes,
         body: AsyncIterable[bytes] | None,
@@ -293,14 +293,11 @@ class HttpConnection(asyncio.Protocol):
         head_only: bool,
         on_interim: InterimHook | None = None,
         upgrade: bool = False,
-    ) -> asyncio.Future[HttpReply]:
-        """Send one request; returns the future of its answer, done once the head is in.
+    ) -> HttpReply:
+        """Send one request and return its answer once the head is in.
 
-        The caller awaits it, and must `abort` the connection if its wait is cancelled. A plain
-        method rather than a coroutine: one coroutine fewer to create and resume per request
-        (bench/PROFILE.md, "Session 3"). `on_interim` is told of interim answers before it;
-        with `upgrade` the request asks to switch protocols, and a 101 answer hands the
-        connection to `switch_protocols`.
+        `on_interim` is told of interim answers before it; with `upgrade` the request asks to
+        switch protocols, and a 101 answer hands the connection to `switch_protocols`.
         """
         transport = self.transport
         if transport is None or self.closed:
@@ -319,15 +316,12 @@ class HttpConnection(asyncio.Protocol):
                 self._start_head_timer()
             else:
                 self._upload = self._loop.create_task(self._send_body(body, chunked))
+            return await head_waiter
         except BaseException:
-            self._head = None
             self.abort()
             raise
-        return head_waiter
-
-    def exchange_ended(self) -> None:
-        """The caller's wait for the head is over (with the head or without)."""
-        self._head = None
+        finally:
+            self._head = None
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         # Whatever stops the upload early leaves a request half sent: the connection is spent.
