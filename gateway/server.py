@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -99,6 +100,23 @@ def _install_uvloop() -> None:
 _FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
+def _end_with_the_supervisor() -> None:
+    """In a forked worker: get SIGTERM (and so drain) when the supervisor dies, however it
+    dies. A supervisor killed outright would otherwise leave its workers serving the port
+    for ever, unsupervised. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.warning("workers will not end with a killed supervisor: %s", exc)
+        return
+    if os.getppid() == 1:  # the supervisor died before the prctl: end now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _supervise(config_path: str, config: Config, count: int, answer: bytes) -> int:
     # The config the workers are to serve, as the supervisor read it (see Reloader).
     handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
@@ -125,6 +143,7 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         try:
             pid = os.fork()
             if pid == 0:
+                _end_with_the_supervisor()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})

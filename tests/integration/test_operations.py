@@ -23,6 +23,7 @@ from tests.support.operations import (
     ThreadedUpstream,
     call,
     connection_refused,
+    parent_of,
     serving_workers,
     wait_for,
 )
@@ -112,6 +113,30 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
             started = time.monotonic()
             slow_request_survives_sigterm(gateway, upstream)
             assert time.monotonic() - started < 5
+        finally:
+            gateway.close()
+
+
+def test_workers_end_when_the_supervisor_is_killed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it: they
+    must not go on serving the port unsupervised."""
+    storage = request.getfixturevalue("redis_server").url
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
+        gateway = GatewayProcess(tmp_path / "config", workers=2)
+        try:
+            gateway.start(proxy_port, admin_port)
+            workers = serving_workers(gateway, 2)
+            gateway.signal(signal.SIGKILL)
+            wait_for(
+                lambda: all(parent_of(pid) is None for pid in workers) or None,
+                15,
+                "both workers gone after the supervisor was killed",
+            )
         finally:
             gateway.close()
 
