@@ -447,3 +447,24 @@ async def test_an_api_key_has_its_own_limits_too(rig: Rig) -> None:
         problem = await response.json(content_type=None)
         assert response.status == 400
         assert "plans.soccer.quota.limit: must be at least 1" in problem["detail"]
+
+
+async def test_round_trips_one_per_request_two_when_refunded(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """One EVALSHA per admitted request; a refunded one adds exactly one more (the refund)."""
+    if not rig.worker.config.storage.url.startswith("redis://"):
+        pytest.skip("round trips are counted on a single Redis")
+    redis_client = request.getfixturevalue("redis_server").client()
+    await rig.get("bill", "/soccer/warm-up")  # the subscription's first admission of the day
+    await rig.used_becomes("bill", 1)
+    redis_client.config_resetstat()
+    for _ in range(10):
+        assert (await rig.get("bill", "/soccer/status/200"))[0] == 200
+    for _ in range(10):
+        assert (await rig.get("bill", "/soccer/status/500"))[0] == 500
+    await rig.used_becomes("bill", 11)  # the ten 500s given back
+    stats = redis_client.info("commandstats")
+    evalsha = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    assert evalsha == 10 + 10 * 2, stats
+    redis_client.close()
