@@ -27,11 +27,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
 from gateway.keys.api import KeysAccess, add_key_routes
 from gateway.limits.base import (
@@ -367,7 +367,7 @@ async def _quota_usage(state: AdminState, subject: str, quota: QuotaRule) -> dic
         "timezone": quota.timezone.key,
         "used": usage.used,
         "remaining": usage.remaining,
-        "reset": _rfc3339(usage.reset_at),
+        "reset": format_instant(usage.reset_at),
         "reset_seconds": max(0, math.ceil(usage.reset_at - state.clock())),
     }
 
@@ -376,8 +376,3 @@ def _rate_json(plan: Plan) -> dict[str, Any] | None:
     if plan.rate is None:
         return None
     return {"limit": plan.rate.limit, "per": plan.rate.per, "window_seconds": plan.rate.window}
-
-
-def _rfc3339(unix_time: float) -> str:
-    moment = datetime.fromtimestamp(unix_time, UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from gateway.config import ConfigError
 from gateway.config.isolated import (
-    config_from_answer,
     load_answer_file_off_loop,
     load_config_off_loop,
-    read_answer_isolated,
+    read_config_isolated,
     save_answer,
 )
 from gateway.config.loader import config_files
@@ -114,9 +113,8 @@ class Reloader:
     def reload(self) -> bool:
         """Load and apply now, waiting for it: for the supervisor, which serves no requests."""
         self._fingerprint = self._seen = config_fingerprint(self._path)
-        answer = read_answer_isolated(self._path, env=self._environment())
         try:
-            config = config_from_answer(answer)
+            answer, config = read_config_isolated(self._path, env=self._environment())
         except ConfigError as exc:
             return self._rejected(exc)
         if self._hand_over_in is not None:

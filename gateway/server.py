@@ -30,7 +30,7 @@ from aiohttp import web
 
 from gateway import accesslog
 from gateway.config import ConfigError
-from gateway.config.isolated import config_from_answer, read_answer_isolated, save_answer
+from gateway.config.isolated import read_config_isolated, save_answer
 from gateway.config.model import Address, Config
 from gateway.reload import POLL_INTERVAL, Reloader, freeze_long_lived
 
@@ -57,8 +57,7 @@ def serve(config_path: str, workers: int | None = None) -> int:
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
         # this process share only the result.
-        answer = read_answer_isolated(config_path)
-        config = config_from_answer(answer)
+        answer, config = read_config_isolated(config_path)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)

@@ -33,7 +33,7 @@ _RATE_KEYS = ("limit", "per")
 _QUOTA_KEYS = ("limit", "per", "timezone", "refund_on")
 _OVERRIDE_KEYS = ("plan", "rate", "quota")
 _KEY_KEYS = ("name", "key", "key_sha256", "plans", "disabled", "expires")
-_SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
+SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 _RATE_PER_HINT = (
     f"must be one of {', '.join(RATE_PERIOD_SECONDS)} or {DURATION_HINT.removeprefix('must be ')}"
 )
@@ -203,7 +203,7 @@ class KeysReader:
             w.report(fields.node, path, "needs key_sha256 (or key, for demos and tests)")
             return None
         digest = w.required(fields, "key_sha256", w.string)
-        if digest is not None and not _SHA256_HEX.fullmatch(digest):
+        if digest is not None and not SHA256_HEX.fullmatch(digest):
             message = "must be 64 hexadecimal characters (see `gateway hash-key`)"
             w.report(fields.value("key_sha256"), fields.at("key_sha256"), message)
             return None

@@ -22,7 +22,6 @@ slower, but never a failed reload for that reason.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -35,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.config.loader import load_config
+from gateway.config.loader import config_files, load_config
 from gateway.config.model import Config, TlsConfig
 from gateway.config.yamlnodes import ConfigError, ConfigIssue
 from gateway.http.tls import TlsFileError, server_context
@@ -52,10 +51,9 @@ _FAILURES = (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError)
 
 def _worth_a_child(path: str | os.PathLike[str]) -> bool:
     """Whether the YAML at `path` (a file, or a folder's *.yaml) is big enough for a child."""
-    root = Path(path)
     try:
-        files = list(root.glob("*.yaml")) if root.is_dir() else [root]
-        return sum(file.stat().st_size for file in files) >= CHILD_FROM_BYTES
+        files = config_files(Path(path))
+        return sum(os.stat(file).st_size for file in files) >= CHILD_FROM_BYTES
     except OSError:
         return False  # the loader reports what is missing, with the file's name
 
@@ -119,25 +117,25 @@ def config_from_answer(answer: bytes) -> Config:
     return payload
 
 
-def read_answer_isolated(
+def read_config_isolated(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
-) -> bytes:
-    """The answer for `path`, computed in a child process for a big config (blocking)."""
+) -> tuple[bytes, Config]:
+    """The config at `path`, read in a child process when it is big (blocking), and its
+    answer: the bytes a supervisor hands its workers. Raises `ConfigError` as `load_config`
+    does. The answer is unpickled once, here."""
     environment = os.environ if env is None else env
-    if not _worth_a_child(path):
-        return answer_for(path, environment)
-    try:
-        if hasattr(os, "fork") and threading.active_count() == 1:
-            answer = _answer_from_fork(path, environment)
-        else:
-            answer = _answer_from_new_python(path, env)
-        # A garbled answer (a crash halfway through writing) is caught here, not later.
-        with contextlib.suppress(ConfigError):
-            config_from_answer(answer)
-    except _FAILURES as exc:
-        log.warning("reading the config in a child process failed (%s); reading it here", exc)
-        return answer_for(path, environment)
-    return answer
+    if _worth_a_child(path):
+        try:
+            if hasattr(os, "fork") and threading.active_count() == 1:
+                answer = _answer_from_fork(path, environment)
+            else:
+                answer = _answer_from_new_python(path, env)
+            # A garbled answer (a crash halfway through writing) fails here: read it here.
+            return answer, config_from_answer(answer)
+        except _FAILURES as exc:
+            log.warning("reading the config in a child process failed (%s); reading it here", exc)
+    answer = answer_for(path, environment)
+    return answer, config_from_answer(answer)
 
 
 def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
@@ -184,7 +182,7 @@ def load_config_isolated(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> Config:
     """`load_config` in a child process; raises `ConfigError` as `load_config` does."""
-    return config_from_answer(read_answer_isolated(path, env))
+    return read_config_isolated(path, env)[1]
 
 
 async def load_config_off_loop(

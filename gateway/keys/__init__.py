@@ -24,8 +24,8 @@ def create_key_store(
     if storage.is_memory:
         from gateway.keys.backend import MemoryKeyBackend
 
-        return KeyStore(MemoryKeyBackend(), storage.timeout)
+        return KeyStore(MemoryKeyBackend())
     from gateway.keys.redis import RedisKeyBackend
 
     backend = RedisKeyBackend.from_url(storage.url, storage.timeout, on_storage_error)
-    return KeyStore(backend, storage.timeout)
+    return KeyStore(backend)

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import heapq
 import json
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from gateway.config.access import validate_key_plans
+from gateway.config.access import SHA256_HEX, validate_key_plans
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
 from gateway.config.model import ApiKey, Config
@@ -58,7 +57,6 @@ T = TypeVar("T")
 _CREATE_FIELDS = ("name", "plans", "disabled", "expires", "key_sha256")
 _PATCH_FIELDS = ("plans", "disabled", "expires")
 _ROTATE_FIELDS = ("grace", "key_sha256")
-_SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 _DEFAULT_PAGE, _MAX_PAGE = 100, 1000
 # 32 random bytes: as hard to guess as the SHA-256 that stands for them.
 _SECRET_BYTES = 32
@@ -303,7 +301,7 @@ def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:
     """(the new secret to show once, its digest); no secret when the body brings a digest."""
     if "key_sha256" in data:
         digest = data["key_sha256"]
-        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise BadRequest("key_sha256: must be 64 hexadecimal characters (a SHA-256)")
         return None, digest.lower()
     secret = secrets.token_urlsafe(_SECRET_BYTES)

@@ -115,13 +115,15 @@ class KeyIndex:
         return principal
 
     def _api_principal(self, key: ApiKey, product: str) -> Principal:
+        # Cached first: a principal is only kept for this very key object, whose plan for the
+        # product (an override builds a new Plan each time) was found with this index's plans.
+        cached = self._api_principals.get((key.name, product))
+        if cached is not None and cached.key is key:
+            return cached
         plan = key.plan_for(product, self._plans)
         if plan is None:
             # Also an API key whose plan a later config no longer declares.
             raise Forbidden(f"The API key '{key.name}' has no plan for the product '{product}'.")
-        cached = self._api_principals.get((key.name, product))
-        if cached is not None and cached.key is key:
-            return cached
         if len(self._api_principals) >= _MAX_LAZY_PRINCIPALS:
             self._api_principals.clear()
         principal = Principal(key, plan, f"{key.name}:{product}")

@@ -18,23 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from importlib.resources import files
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
 from gateway.limits.base import StorageError
 from gateway.limits.redis_clients import StorageRedis, open_storage_redis
+from gateway.limits.redis_layout import Script, run_script
 
-WRITE_SCRIPT = files("gateway.keys").joinpath("write.lua").read_text(encoding="utf-8")
-WRITE_SCRIPT_SHA = hashlib.sha1(WRITE_SCRIPT.encode("utf-8")).hexdigest()
+WRITE = Script("write.lua", "gateway.keys")
 
 RECORDS_KEY = "gw:{gw:keys}:records"
 OWNERS_KEY = "gw:{gw:keys}:owners"
@@ -56,10 +53,10 @@ class RedisKeyBackend:
         on_storage_error: Callable[[str], None] | None = None,
     ) -> None:
         self._storage = storage
-        client = self._client = storage.client
+        self._client = storage.client
         self._timeout = timeout
         self._on_storage_error = on_storage_error
-        self._is_cluster = isinstance(client, RedisCluster)
+        self._is_cluster = storage.is_cluster
 
     @classmethod
     def from_url(
@@ -81,15 +78,9 @@ class RedisKeyBackend:
         )
         keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY)
 
-        async def run() -> Any:
-            try:
-                return await self._client.evalsha(WRITE_SCRIPT_SHA, len(keys), *keys, *args)
-            except NoScriptError:
-                # NOSCRIPT means nothing ran: loading the script and running it again is safe.
-                await self._client.script_load(WRITE_SCRIPT)
-                return await self._client.evalsha(WRITE_SCRIPT_SHA, len(keys), *keys, *args)
-
-        version, outcome = await self._guard("key_write", run)
+        version, outcome = await self._guard(
+            "key_write", lambda: run_script(self._client, WRITE, keys, args)
+        )
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome != "ok":
             reason: RefusalReason = next(

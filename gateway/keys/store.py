@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
@@ -38,22 +38,14 @@ T = TypeVar("T")
 
 
 class KeyStore:
-    def __init__(
-        self, backend: KeyBackend, timeout: float, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, backend: KeyBackend) -> None:
         self.table = ApiKeyTable()
         self.known_version = 0
         self._backend = backend
-        self._timeout = timeout
-        self._clock = clock
         self._pending: dict[int, Change] = {}
         self._reading = False  # a full read is under way: changes wait until it is done
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
-
-    @property
-    def shared(self) -> bool:
-        return self._backend.shared
 
     async def start(self) -> None:
         """Start following; returns once the keys are loaded, or the first try has failed
@@ -78,14 +70,14 @@ class KeyStore:
 
     async def read(self, name: str) -> KeyRecord | None:
         """The key as stored now (not as this process last heard of it)."""
-        text = await self._call(self._backend.read(name))
+        text = await self._backend.read(name)
         return None if text is None else KeyRecord.from_json(text)
 
     async def create(self, record: KeyRecord) -> KeyRecord:
         """Store a new key; WriteRefused("name_taken" or "secret_taken")."""
         text = record.to_json()
         write = KeyWrite(record.name, None, text, add_digests=record.digests())
-        self.receive(Change(await self._call(self._backend.write(write)), record.name, text))
+        self.receive(Change(await self._backend.write(write), record.name, text))
         return record
 
     async def update(
@@ -96,7 +88,7 @@ class KeyStore:
         Should another process change the key in between, the change is made again on the
         newer record rather than overwriting it."""
         for _attempt in range(_WRITE_ATTEMPTS):
-            current_text = await self._call(self._backend.read(name))
+            current_text = await self._backend.read(name)
             if current_text is None:
                 raise WriteRefused("not_found")
             current = KeyRecord.from_json(current_text)
@@ -111,7 +103,7 @@ class KeyStore:
                 remove_digests=tuple(sorted(old_digests - new_digests)),
             )
             try:
-                version = await self._call(self._backend.write(write))
+                version = await self._backend.write(write)
             except WriteRefused as refused:
                 if refused.reason == "changed":
                     continue
@@ -122,13 +114,13 @@ class KeyStore:
 
     async def delete(self, name: str) -> KeyRecord:
         for _attempt in range(_WRITE_ATTEMPTS):
-            current_text = await self._call(self._backend.read(name))
+            current_text = await self._backend.read(name)
             if current_text is None:
                 raise WriteRefused("not_found")
             current = KeyRecord.from_json(current_text)
             write = KeyWrite(name, current_text, None, remove_digests=current.digests())
             try:
-                version = await self._call(self._backend.write(write))
+                version = await self._backend.write(write)
             except WriteRefused as refused:
                 if refused.reason == "changed":
                     continue
@@ -193,7 +185,7 @@ class KeyStore:
                     self.receive(change)
                 continue
             next_check = time.monotonic() + CHECK_INTERVAL
-            stored = await self._call(self._backend.version())
+            stored = await self._backend.version()
             lost = ahead_at_last_check is not None and ahead_at_last_check > self.known_version
             if stored < self.known_version or lost:
                 log.warning(
@@ -210,7 +202,7 @@ class KeyStore:
         """Replace the table by a full read of the storage (subscribed already)."""
         self._reading = True
         try:
-            version = await self._call(self._backend.version())
+            version = await self._backend.version()
             # Filled one batch at a time, the event loop serving requests between batches,
             # then swapped in: 100,000 keys do not stall traffic while they are read.
             fresh = ApiKeyTable()
@@ -227,10 +219,3 @@ class KeyStore:
             self._reading = False
         self._apply_pending()
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
-
-    async def _call(self, call: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await call
-        except TimeoutError as exc:
-            raise StorageError("key storage: timed out") from exc

@@ -67,10 +67,6 @@ class Refunds:
             return
         self._count(product, receipt.plan, "ok", receipt.cost)
 
-    @property
-    def pending(self) -> int:
-        return len(self._running)
-
     async def drain(self) -> None:
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)

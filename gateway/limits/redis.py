@@ -46,6 +46,7 @@ from gateway.limits.base import (
     Receipt,
     StorageError,
     WindowState,
+    day_of,
     make_decision,
     subject_order,
 )
@@ -66,8 +67,6 @@ from gateway.limits.redis_layout import (
 )
 from gateway.limits.resp import ScriptPipeline, pack
 
-HIT_SCRIPT, HIT_SCRIPT_SHA = HIT.text, HIT.sha
-_HIT_SCRIPT_SHA_BYTES = HIT_SCRIPT_SHA.encode("ascii")
 # History days read per pipeline by history and export.
 _READ_BATCH = 500
 
@@ -83,6 +82,11 @@ _new_tuple = tuple.__new__
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _quota_expire_ms(start: float, end: float) -> int:
+    """When a quota counter of the period [start, end) may vanish, in unix milliseconds."""
+    return round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
 
 
 class _Command:
@@ -108,17 +112,6 @@ class _Command:
 # (rate limit, rate window, quota limit, period start, period end, day, plan): what a command
 # follows from.
 _Shape = tuple[int, float, int, float, float, int, str]
-
-
-class _DirectHits:
-    """One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the calls of
-    one tick mostly go to different nodes anyway."""
-
-    def __init__(self, client: AnyRedis) -> None:
-        self._client = client
-
-    async def run(self, command: _Command, cost: int) -> Any:
-        return await run_script(self._client, HIT, command.keys, (*command.args, cost))
 
 
 class RedisLimiter:
@@ -147,11 +140,10 @@ class RedisLimiter:
         # own, each batch under the storage timeout already; on a cluster each hit is its
         # own redis-py call under _guard.
         self._pipeline: ScriptPipeline | None = None
-        self._direct: _DirectHits | None = None
         if isinstance(client, Redis):
             self._pipeline = ScriptPipeline(
                 client,
-                (HIT_SCRIPT, REFUND.text),
+                (HIT.text, REFUND.text),
                 timeout,
                 storage.address,
                 recheck_address_every=MASTER_RECHECK_SECONDS if storage.master_moves else None,
@@ -159,8 +151,6 @@ class RedisLimiter:
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
-        else:
-            self._direct = _DirectHits(client)
 
     @classmethod
     def from_config(
@@ -179,7 +169,7 @@ class RedisLimiter:
         plan: str = "",
     ) -> Decision:
         now = self._clock()
-        day = int(now // DAY_SECONDS)
+        day = day_of(now)
         if quota is not None:
             start, end = self._periods.period(now, quota.per, quota.timezone)
         else:
@@ -205,8 +195,11 @@ class RedisLimiter:
             except Exception as exc:
                 raise self._storage_error("hit", exc) from exc
         else:
-            direct = cast(_DirectHits, self._direct)
-            reply = await self._guard("hit", lambda: direct.run(command, cost))
+            # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
+            # calls of one tick mostly go to different nodes anyway.
+            reply = await self._guard(
+                "hit", lambda: run_script(self._client, HIT, command.keys, (*command.args, cost))
+            )
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day = reply
         if code == 0 and (new_day or subject not in self._registered):
@@ -252,7 +245,7 @@ class RedisLimiter:
     def _command(self, subject: str, shape: _Shape) -> _Command:
         rate_limit, rate_window, quota_limit, start, end, day, plan = shape
         window_us = round(rate_window * 1_000_000)  # 0 without a rate
-        quota_expire_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        quota_expire_ms = _quota_expire_ms(start, end)
         day_expire_ms = (day + 1 + HISTORY_DAYS) * DAY_SECONDS * 1000
         args = (rate_limit, window_us, quota_limit, quota_expire_ms, day_expire_ms, plan)
         keys = (rate_key(subject), quota_key(subject, start), day_key(subject, day))
@@ -260,17 +253,20 @@ class RedisLimiter:
         if self._pipeline is not None:
             # Once per subject, quota period and day, so the plain packer is fast enough. The
             # count of arguments includes the cost, appended per hit.
-            encoding, errors = self._encoding, self._encoding_errors
-            whole = pack(
-                b"EVALSHA",
-                _HIT_SCRIPT_SHA_BYTES,
-                b"3",
-                *(key.encode(encoding, errors) for key in keys),
-                *(str(arg).encode(encoding, errors) for arg in args),
-                b"",
-            )
+            whole = self._pack_evalsha(HIT.sha, keys, (*args, ""))
             packed = whole[: -len(b"$0\r\n\r\n")]
         return _Command(shape, keys, args, packed)
+
+    def _pack_evalsha(self, sha: str, keys: tuple[str, ...], args: tuple[int | str, ...]) -> bytes:
+        """EVALSHA of a script as RESP, for the hits' own connection."""
+        encoding, errors = self._encoding, self._encoding_errors
+        return pack(
+            b"EVALSHA",
+            sha.encode("ascii"),
+            str(len(keys)).encode("ascii"),
+            *(key.encode(encoding, errors) for key in keys),
+            *(str(arg).encode(encoding, errors) for arg in args),
+        )
 
     def _register(self, subject: str) -> None:
         """Add `subject` to SUBSCRIPTIONS_KEY: once per process, and again on the first
@@ -314,22 +310,14 @@ class RedisLimiter:
             return int(returned)
         # On the hits' connection: it notices a restarted Redis as soon as the loop does,
         # where a pooled redis-py connection would send into the dead one first.
-        encoding, errors = self._encoding, self._encoding_errors
-        packed = pack(
-            b"EVALSHA",
-            REFUND.sha.encode("ascii"),
-            b"2",
-            *(key.encode(encoding, errors) for key in keys),
-            *(str(arg).encode(encoding, errors) for arg in args),
-        )
         try:
-            return int(await pipeline.run(packed))
+            return int(await pipeline.run(self._pack_evalsha(REFUND.sha, keys, args)))
         except Exception as exc:
             raise self._storage_error("refund", exc) from exc
 
     async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
-        expire_ms = round((end + min(_QUOTA_GRACE_SECONDS, end - start)) * 1000)
+        expire_ms = _quota_expire_ms(start, end)
         keys = (quota_key(subject, start),)
         used, credit = await self._guard(
             "credit", lambda: run_script(self._client, CREDIT, keys, (amount, expire_ms))

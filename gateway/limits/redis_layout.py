@@ -26,10 +26,10 @@ AnyRedis = Redis | RedisCluster
 
 
 class Script:
-    """A Lua script of this package and its SHA1, for EVALSHA."""
+    """A Lua script shipped in a package of the gateway, and its SHA1, for EVALSHA."""
 
-    def __init__(self, name: str) -> None:
-        self.text = files("gateway.limits").joinpath(name).read_text(encoding="utf-8")
+    def __init__(self, name: str, package: str = "gateway.limits") -> None:
+        self.text = files(package).joinpath(name).read_text(encoding="utf-8")
         self.sha = hashlib.sha1(self.text.encode("utf-8")).hexdigest()
 
 
