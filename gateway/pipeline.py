@@ -208,8 +208,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         metrics.observe_units(ex.product, plan.name, cost)
         return None
     outcome = decision.outcome
-    ex.limit_outcome = outcome
-    metrics.observe_limit_decision(ex.product, plan.name, outcome)
+    _decided(ex, plan.name, outcome)
     headers = limit_headers(decision)
     ex.response_headers.update(headers)
     if outcome == "allowed":
@@ -221,9 +220,18 @@ async def apply_limits(ex: Exchange) -> Answer | None:
             f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
             headers=headers,
         )
-    raise Throttled(
-        f"More than the {plan.name} plan's rate for '{ex.product}'; slow down.",
-        headers=headers,
+    raise _throttled(ex, plan.name, headers)
+
+
+def _decided(ex: Exchange, plan: str, outcome: metrics.LimitDecision) -> None:
+    """The limit step's outcome, on the request's record and in the metrics."""
+    ex.limit_outcome = outcome
+    metrics.observe_limit_decision(ex.product, plan, outcome)
+
+
+def _throttled(ex: Exchange, plan: str, headers: dict[str, str]) -> Throttled:
+    return Throttled(
+        f"More than the {plan} plan's rate for '{ex.product}'; slow down.", headers=headers
     )
 
 
@@ -238,8 +246,7 @@ async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
     if storage.on_error == "local":
         rate = plan.rate
         if rate is None:  # the quota is not checked while the storage is away
-            ex.limit_outcome = "local_allowed"
-            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
+            _decided(ex, plan.name, "local_allowed")
             return None
         # The local share of this plan's rate; the quota is not checked, nothing is counted.
         decision = await ex.runtime.local_limiter.hit(
@@ -248,17 +255,11 @@ async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
         headers = limit_headers(decision)
         ex.response_headers.update(headers)
         if decision.allowed:
-            ex.limit_outcome = "local_allowed"
-            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
+            _decided(ex, plan.name, "local_allowed")
             return None
-        ex.limit_outcome = "local_throttled"
-        metrics.observe_limit_decision(ex.product, plan.name, "local_throttled")
-        raise Throttled(
-            f"More than the {plan.name} plan's rate for '{ex.product}'; slow down.",
-            headers=headers,
-        )
-    ex.limit_outcome = "storage_error"
-    metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
+        _decided(ex, plan.name, "local_throttled")
+        raise _throttled(ex, plan.name, headers)
+    _decided(ex, plan.name, "storage_error")
     if storage.on_error == "allow":
         return None
     raise StorageUnavailable() from error
