@@ -10,6 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,13 +119,20 @@ async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[R
         url = request.getfixturevalue("redis_server").url
     elif request.param == "cluster":
         url = request.getfixturevalue("redis_cluster").url
+    # A generous storage timeout: the first calls to a cluster open a connection each.
+    async with _running_rig(tmp_path, storage_url=url, storage_timeout="2s") as rig:
+        yield rig
+
+
+@asynccontextmanager
+async def _running_rig(tmp_path: Path, **server: str) -> AsyncIterator[Rig]:
+    """An upstream and an in-process gateway serving API with `server` settings."""
     run = uuid.uuid4().hex[:8]
     async with running_upstream() as upstream:
-        # A generous storage timeout: the first calls to a cluster open a connection each.
         config = write_config(
             tmp_path / "c",
             API.format(upstream=upstream.url, run=run),
-            server=worker_server_yaml(storage_url=url, storage_timeout="2s"),
+            server=worker_server_yaml(**server),
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
             yield Rig(worker, upstream, run, http)
@@ -296,41 +304,31 @@ async def test_history_and_csv_refuse_bad_dates(rig: Rig) -> None:
 async def test_storage_away_with_on_error_local(
     tmp_path: Path, fresh_redis_server: RedisServer
 ) -> None:
-    run = uuid.uuid4().hex[:8]
-    async with running_upstream() as upstream:
-        config = write_config(
-            tmp_path / "c",
-            API.format(upstream=upstream.url, run=run),
-            server=worker_server_yaml(storage_url=fresh_redis_server.url, on_error="local"),
-        )
-        # local_fraction 0.5 of a rate of 5 per 10 s: 3 per window in this process.
-        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
-            rig = Rig(worker, upstream, run, http)
-            before = await rig.metrics()
-            assert [(await rig.get("local", "/soccer/a"))[0] for _ in range(2)] == [200, 200]
-            fresh_redis_server.stop()
-            answers = [await rig.get("local", "/soccer/a") for _ in range(6)]
-            local = math.ceil(5 * 0.5)
-            assert [status for status, _, _ in answers] == [200] * local + [429] * (6 - local)
-            assert answers[-1][2]["code"] == "throttled"
-            assert answers[0][1]["X-RateLimit-Limit"] == str(local)
-            samples = await rig.metrics()
-            for decision, count in (("local_allowed", local), ("local_throttled", 6 - local)):
-                labels = frozenset(
-                    {("product", "soccer"), ("plan", "local"), ("decision", decision)}
-                )
-                series = ("gateway_limit_decisions_total", labels)
-                assert samples[series] - before.get(series, 0) == count
-            # A plan with a quota is not checked against it meanwhile.
-            assert (await rig.get("count", "/soccer/a"))[0] == 200
+    # local_fraction 0.5 of a rate of 5 per 10 s: 3 per window in this process.
+    async with _running_rig(tmp_path, storage_url=fresh_redis_server.url, on_error="local") as rig:
+        before = await rig.metrics()
+        assert [(await rig.get("local", "/soccer/a"))[0] for _ in range(2)] == [200, 200]
+        fresh_redis_server.stop()
+        answers = [await rig.get("local", "/soccer/a") for _ in range(6)]
+        local = math.ceil(5 * 0.5)
+        assert [status for status, _, _ in answers] == [200] * local + [429] * (6 - local)
+        assert answers[-1][2]["code"] == "throttled"
+        assert answers[0][1]["X-RateLimit-Limit"] == str(local)
+        samples = await rig.metrics()
+        for decision, count in (("local_allowed", local), ("local_throttled", 6 - local)):
+            labels = frozenset({("product", "soccer"), ("plan", "local"), ("decision", decision)})
+            series = ("gateway_limit_decisions_total", labels)
+            assert samples[series] - before.get(series, 0) == count
+        # A plan with a quota is not checked against it meanwhile.
+        assert (await rig.get("count", "/soccer/a"))[0] == 200
 
-            fresh_redis_server.start()
-            # The shared limit again, at once: its window starts empty (the restarted Redis
-            # kept nothing), and it is the plan's whole limit.
-            await eventually(lambda: _status(rig, "local"), 200)
-            statuses = [(await rig.get("local", "/soccer/a"))[0] for _ in range(5)]
-            assert statuses == [200] * 4 + [429]
-            assert (await rig.get("local", "/soccer/a"))[1]["X-RateLimit-Limit"] == "5"
+        fresh_redis_server.start()
+        # The shared limit again, at once: its window starts empty (the restarted Redis
+        # kept nothing), and it is the plan's whole limit.
+        await eventually(lambda: _status(rig, "local"), 200)
+        statuses = [(await rig.get("local", "/soccer/a"))[0] for _ in range(5)]
+        assert statuses == [200] * 4 + [429]
+        assert (await rig.get("local", "/soccer/a"))[1]["X-RateLimit-Limit"] == "5"
 
 
 async def _status(rig: Rig, key: str) -> int:
@@ -340,38 +338,32 @@ async def _status(rig: Rig, key: str) -> int:
 async def test_refunds_after_a_redis_restart_neither_go_negative_nor_twice(
     tmp_path: Path, fresh_redis_server: RedisServer
 ) -> None:
-    run = uuid.uuid4().hex[:8]
-    async with running_upstream() as upstream:
-        config = write_config(
-            tmp_path / "c",
-            API.format(upstream=upstream.url, run=run),
-            server=worker_server_yaml(storage_url=fresh_redis_server.url, storage_timeout="2s"),
+    async with _running_rig(
+        tmp_path, storage_url=fresh_redis_server.url, storage_timeout="2s"
+    ) as rig:
+        # Three failures in flight, their units taken...
+        failing = [
+            asyncio.create_task(rig.get("refund", "/soccer/slow?for=0.25&status=500"))
+            for _ in range(3)
+        ]
+        await eventually(lambda: _slow_in_flight(rig.upstream), 3)
+        assert await rig.used("refund") == 3
+        # ...when Redis restarts and loses them; their refunds come after.
+        fresh_redis_server.stop()
+        fresh_redis_server.start()
+        assert sorted(status for status, _, _ in await asyncio.gather(*failing)) == [500] * 3
+        # Nothing to give back to: no negative count, and a request admitted now counts.
+        await eventually(lambda: _status(rig, "refund"), 200)
+        await asyncio.sleep(0.1)  # time for any (wrong) refund to land
+        assert await rig.used("refund") == 1
+        samples = await rig.metrics()
+        ok = (
+            "gateway_quota_refunds_total",
+            frozenset({("product", "soccer"), ("plan", "refunding"), ("result", "ok")}),
         )
-        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
-            rig = Rig(worker, upstream, run, http)
-            # Three failures in flight, their units taken...
-            failing = [
-                asyncio.create_task(rig.get("refund", "/soccer/slow?for=0.25&status=500"))
-                for _ in range(3)
-            ]
-            await eventually(lambda: _slow_in_flight(upstream), 3)
-            assert await rig.used("refund") == 3
-            # ...when Redis restarts and loses them; their refunds come after.
-            fresh_redis_server.stop()
-            fresh_redis_server.start()
-            assert sorted(status for status, _, _ in await asyncio.gather(*failing)) == [500] * 3
-            # Nothing to give back to: no negative count, and a request admitted now counts.
-            await eventually(lambda: _status(rig, "refund"), 200)
-            await asyncio.sleep(0.1)  # time for any (wrong) refund to land
-            assert await rig.used("refund") == 1
-            samples = await rig.metrics()
-            ok = (
-                "gateway_quota_refunds_total",
-                frozenset({("product", "soccer"), ("plan", "refunding"), ("result", "ok")}),
-            )
-            error = (ok[0], frozenset({*ok[1] - {("result", "ok")}, ("result", "error")}))
-            # Each refund was tried once: taken (finding nothing) or failed, never repeated.
-            assert samples.get(ok, 0) + samples.get(error, 0) >= 3
+        error = (ok[0], frozenset({*ok[1] - {("result", "ok")}, ("result", "error")}))
+        # Each refund was tried once: taken (finding nothing) or failed, never repeated.
+        assert samples.get(ok, 0) + samples.get(error, 0) >= 3
 
 
 async def _slow_in_flight(upstream: Upstream) -> int:

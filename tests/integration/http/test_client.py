@@ -153,16 +153,15 @@ async def test_204_and_304_have_no_body(answer: bytes) -> None:
     assert up.connections == 1
 
 
-async def test_connection_close_from_the_upstream_is_not_reused() -> None:
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-    async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        assert await _get(client) == (200, b"ok")
-    assert up.connections == 2
-
-
-async def test_http_1_0_answer_without_keep_alive_is_not_reused() -> None:
-    answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["connection-close", "http-1.0-without-keep-alive"],
+)
+async def test_an_answer_that_ends_the_connection_is_not_reused(answer: bytes) -> None:
     async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
         assert await _get(client) == (200, b"ok")
         assert await _get(client) == (200, b"ok")
