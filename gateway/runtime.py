@@ -84,11 +84,20 @@ def build_snapshot(
 def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     """The runtime of one worker; `await runtime.key_store.start()` before serving."""
     upstreams = UpstreamPool()
-    key_store = create_key_store(config.storage, on_storage_error=metrics.count_storage_error)
+    storage = config.storage
+    count = metrics.count_storage_error
+    # One set of Redis clients (and one Sentinel watch) per worker, for the key store and the
+    # limiter alike; each closes its share.
+    redis = None
+    if not storage.is_memory:
+        # Imported here so that a memory-only gateway never loads the Redis client.
+        from gateway.limits.redis_clients import open_storage_redis
+
+        redis = open_storage_redis(storage.url, storage.timeout)
+    key_store = create_key_store(storage, count, redis)
     return Runtime(
         snapshot=build_snapshot(config, upstreams, key_store.table),
-        limiter=limiter
-        or create_limiter(config.storage, on_storage_error=metrics.count_storage_error),
+        limiter=limiter or create_limiter(storage, count, redis),
         upstreams=upstreams,
         key_store=key_store,
     )

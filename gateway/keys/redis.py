@@ -52,7 +52,7 @@ class RedisKeyBackend:
         timeout: float,
         on_storage_error: Callable[[str], None] | None = None,
     ) -> None:
-        self._storage = storage
+        self._storage = storage.share()
         self._client = storage.client
         self._timeout = timeout
         self._on_storage_error = on_storage_error
@@ -60,11 +60,16 @@ class RedisKeyBackend:
 
     @classmethod
     def from_url(
-        cls, url: str, timeout: float, on_storage_error: Callable[[str], None] | None = None
+        cls,
+        url: str,
+        timeout: float,
+        on_storage_error: Callable[[str], None] | None = None,
+        redis: StorageRedis | None = None,
     ) -> RedisKeyBackend:
         """`on_storage_error(operation)` counts failures (operations: key_write, key_read,
-        key_version, key_load, key_subscribe)."""
-        return cls(open_storage_redis(url, timeout), timeout, on_storage_error)
+        key_version, key_load, key_subscribe); `redis`: the worker's clients of `url`, shared
+        with its limiter."""
+        return cls(redis or open_storage_redis(url, timeout), timeout, on_storage_error)
 
     async def write(self, write: KeyWrite) -> int:
         args: tuple[str | int, ...] = (

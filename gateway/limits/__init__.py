@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.config.model import StorageConfig
 from gateway.limits.base import Decision, Limiter, QuotaUsage, StorageError, WindowState
+
+if TYPE_CHECKING:
+    from gateway.limits.redis_clients import StorageRedis
 
 __all__ = [
     "Decision",
@@ -22,7 +26,9 @@ __all__ = [
 
 
 def create_limiter(
-    storage: StorageConfig, on_storage_error: Callable[[str], None] | None = None
+    storage: StorageConfig,
+    on_storage_error: Callable[[str], None] | None = None,
+    redis: StorageRedis | None = None,
 ) -> Limiter:
     """The limiter for `storage.url`; `on_storage_error(operation)` counts storage failures.
 
@@ -35,4 +41,4 @@ def create_limiter(
     # Imported here so that a memory-only gateway never loads the Redis client.
     from gateway.limits.redis import RedisLimiter
 
-    return RedisLimiter.from_config(storage, on_storage_error)
+    return RedisLimiter.from_config(storage, on_storage_error, redis)

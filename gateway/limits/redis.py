@@ -124,7 +124,7 @@ class RedisLimiter:
         on_storage_error: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._storage = storage
+        self._storage = storage.share()
         client: AnyRedis = storage.client
         self._client = client
         self._timeout = timeout
@@ -154,10 +154,16 @@ class RedisLimiter:
 
     @classmethod
     def from_config(
-        cls, storage: StorageConfig, on_storage_error: Callable[[str], None] | None = None
+        cls,
+        storage: StorageConfig,
+        on_storage_error: Callable[[str], None] | None = None,
+        redis: StorageRedis | None = None,
     ) -> RedisLimiter:
+        """`redis`: the worker's clients of `storage.url`, shared with its key store."""
         return cls(
-            open_storage_redis(storage.url, storage.timeout), storage.timeout, on_storage_error
+            redis or open_storage_redis(storage.url, storage.timeout),
+            storage.timeout,
+            on_storage_error,
         )
 
     async def hit(

@@ -41,10 +41,12 @@ log = logging.getLogger(__name__)
 
 
 class StorageRedis:
-    """The clients of one storage URL; `aclose` closes all of them.
+    """The clients of one storage URL; the last `aclose` closes all of them.
 
-    Made on a running event loop with a Sentinel URL, it follows the master in the background
-    (see the module's docstring) until `aclose`.
+    One worker opens them once and hands them to the limiter and the key store, each of which
+    calls `share()` to take its part and `aclose()` when it is done with it. Made on a running
+    event loop with a Sentinel URL, it follows the master in the background (see the module's
+    docstring) until closed.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class StorageRedis:
         self.client = client
         self._sentinel = sentinel
         self._timeout = timeout
+        self._users = 0  # holders that have not closed their part yet (see share)
         self._follower: asyncio.Task[None] | None = None
         if sentinel is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to follow with
@@ -89,7 +92,15 @@ class StorageRedis:
         settings = pool.connection_kwargs
         return str(settings.get("host", "localhost")), int(settings.get("port", 6379))
 
+    def share(self) -> StorageRedis:
+        """Take a part in these clients; each part is given back by one `aclose`."""
+        self._users += 1
+        return self
+
     async def aclose(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return  # another holder still uses them
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()
