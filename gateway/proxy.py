@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from gateway.config.model import Product, Upstream
-from gateway.http.client import HttpClient, PendingReply
+from gateway.http.client import HttpClient
 from gateway.http.client_connection import HttpReply
 from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
 from gateway.http.headers import (
@@ -33,15 +32,7 @@ from gateway.http.headers import (
 from gateway.http.request import Request
 from gateway.http.tunnel import switch_and_relay
 
-__all__ = [
-    "AnswerHook",
-    "Cancellable",
-    "Destination",
-    "ForwardCallback",
-    "ForwardResult",
-    "UpstreamPool",
-    "forward",
-]
+__all__ = ["AnswerHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
 
 log = logging.getLogger(__name__)
 
@@ -211,29 +202,18 @@ class UpstreamPool:
             await client.close()
 
 
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-# Told how forwarding ended: its result, or what stopped it (see `forward`).
-ForwardCallback = Callable[["ForwardResult | None", "BaseException | None"], None]
-
-
-def forward(
+async def forward(
     request: Request,
     destination: Destination,
     drop: frozenset[bytes],
     key_query_param: str | None,
     request_id: str,
     body_timeout: float,
-    extra_response_headers: Mapping[str, str] | None,
-    on_answered: AnswerHook | None,
-    then: ForwardCallback,
+    extra_response_headers: Mapping[str, str] | None = None,
+    on_answered: AnswerHook | None = None,
     tunnel_idle: float | None = None,
-) -> Cancellable:
-    """Forward `request` to `destination` and stream its answer to the client; `then` hears
-    how it ended, from a callback of the event loop. Cancelling the returned handle gives up
-    (the client went away): `then` may still be called, with CancelledError.
+) -> ForwardResult:
+    """Forward `request` to `destination` and stream its answer to the client.
 
     With `tunnel_idle` the request is a WebSocket upgrade the route lets through: it asks the
     upstream to switch too, and after its 101 bytes flow both ways until either side closes or
@@ -241,17 +221,13 @@ def forward(
     of the upstream are passed on before the final one.
 
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
-    the key header), `key_query_param` the query parameter that carries the key. `then` gets
-    an `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when
-    the request body stalls longer than `body_timeout` before that (or whatever else the body
-    raised), and a `ConnectionError` when the client went away while being written to. Once
+    the key header), `key_query_param` the query parameter that carries the key. Raises an
+    `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
+    request body stalls longer than `body_timeout` before that (or whatever else the body
+    raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
+    (client gone while being written to) through after closing the upstream connection. Once
     the head is sent, failures are reported in `ForwardResult.error` instead, and the client
     connection is aborted.
-
-    The common request, without a body or a protocol switch, runs in callbacks alone: its
-    head goes out on a kept-alive connection and an answer that is complete when its head is
-    parsed is sent from there. A body to upload or stream, a connection to open, or a tunnel
-    runs in a task (bench/PROFILE.md, "Session 4": no task woken per request).
     """
     path, query = request.raw_path, request.query_string
     if query:
@@ -262,143 +238,41 @@ def forward(
     headers = upstream_header_lines(
         request.raw_headers, drop, destination.host, request.remote, request.scheme, request_id
     )
-    forwarding = _Forwarding(
-        request, destination, request_id, body_timeout, extra_response_headers, on_answered, then
-    )
-    if tunnel_idle is None and not request.body_exists:
-        forwarding.pending = destination.client.send_soon(
-            request.method,
-            target,
-            headers,
-            forwarding.head_in,
-            on_interim=request.connection.relay_interim,
+    # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
+    started = time.perf_counter()
+    interim = request.connection.relay_interim
+    if tunnel_idle is not None:
+        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them.
+        upgrade = request.header(b"upgrade") or "websocket"
+        headers += ((b"Connection", b"Upgrade"), (b"Upgrade", upgrade.encode("latin-1")))
+        reply = await destination.client.send(
+            request.method, target, headers, None, on_interim=interim, upgrade=True
         )
+        if reply.status == 101:
+            upstream_seconds = time.perf_counter() - started
+            switched = switching_protocols_head(
+                reply.reason, reply.raw_headers, extra_response_headers
+            )
+            tunnel = await switch_and_relay(request, switched, reply, tunnel_idle)
+            return ForwardResult(
+                101, upstream_seconds, tunnel.bytes_down, None, tunnel.bytes_up, tunnel.idle
+            )
+    elif request.body_exists:
+        reply = await _send_with_body(request, destination, target, headers, body_timeout)
     else:
-        forwarding.run(forwarding.exchange(target, headers, tunnel_idle))
-    return forwarding
-
-
-class _Forwarding:
-    """One request on its way to the upstream and its answer on the way back."""
-
-    __slots__ = (
-        "body_timeout",
-        "destination",
-        "extra_response_headers",
-        "on_answered",
-        "pending",
-        "request",
-        "request_id",
-        "started",
-        "task",
-        "then",
-    )
-
-    def __init__(
-        self,
-        request: Request,
-        destination: Destination,
-        request_id: str,
-        body_timeout: float,
-        extra_response_headers: Mapping[str, str] | None,
-        on_answered: AnswerHook | None,
-        then: ForwardCallback,
-    ) -> None:
-        self.request = request
-        self.destination = destination
-        self.request_id = request_id
-        self.body_timeout = body_timeout
-        self.extra_response_headers = extra_response_headers
-        self.on_answered = on_answered
-        self.then = then
-        self.pending: PendingReply | None = None
-        self.task: asyncio.Task[ForwardResult] | None = None
-        # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
-        self.started = time.perf_counter()
-
-    def cancel(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.cancel()
-        if self.task is not None:
-            self.task.cancel()
-
-    def head_in(self, reply: HttpReply | None, error: BaseException | None) -> None:
-        """The answer head of a request sent by `send_soon` (or what kept it away)."""
-        self.pending = None
-        if reply is None:
-            self.then(None, error)
-            return
-        try:
-            result = self.answer_whole(reply)
-        except BaseException as exc:
-            self.then(None, exc)
-            return
-        if result is not None:
-            self.then(result, None)
-        else:
-            self.run(self.stream(reply))
-
-    def run(self, coroutine: Coroutine[Any, Any, ForwardResult]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self.task = task
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[ForwardResult]) -> None:
-        self.task = None
-        if task.cancelled():
-            self.then(None, asyncio.CancelledError())
-        elif (error := task.exception()) is not None:
-            self.then(None, error)
-        else:
-            self.then(task.result(), None)
-
-    def answer_whole(self, reply: HttpReply) -> ForwardResult | None:
-        """Answer at once when the whole answer is in hand; None when its body must stream."""
-        upstream_seconds = time.perf_counter() - self.started
-        head = client_response_head(reply.raw_headers, self.extra_response_headers)
-        return _answer_whole(self.request, reply, head, upstream_seconds, self.on_answered)
-
-    async def stream(self, reply: HttpReply) -> ForwardResult:
-        upstream_seconds = time.perf_counter() - self.started
-        head = client_response_head(reply.raw_headers, self.extra_response_headers)
-        return await _stream_body(
-            self.request, self.destination.product, reply, head.block, head.content_length,
-            self.request_id, self.body_timeout, upstream_seconds, self.on_answered,
-        )  # fmt: skip
-
-    async def exchange(
-        self, target: str, headers: list[tuple[bytes, bytes]], tunnel_idle: float | None
-    ) -> ForwardResult:
-        """Forwarding in a task: a body to upload, or a protocol switch to ask for."""
-        request, destination = self.request, self.destination
-        interim = request.connection.relay_interim
-        if tunnel_idle is not None:
-            # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them.
-            upgrade = request.header(b"upgrade") or "websocket"
-            headers += ((b"Connection", b"Upgrade"), (b"Upgrade", upgrade.encode("latin-1")))
-            reply = await destination.client.send(
-                request.method, target, headers, None, on_interim=interim, upgrade=True
-            )
-            if reply.status == 101:
-                upstream_seconds = time.perf_counter() - self.started
-                switched = switching_protocols_head(
-                    reply.reason, reply.raw_headers, self.extra_response_headers
-                )
-                tunnel = await switch_and_relay(request, switched, reply, tunnel_idle)
-                return ForwardResult(
-                    101, upstream_seconds, tunnel.bytes_down, None, tunnel.bytes_up, tunnel.idle
-                )
-        elif request.body_exists:
-            reply = await _send_with_body(request, destination, target, headers, self.body_timeout)
-        else:
-            reply = await destination.client.send(
-                request.method, target, headers, None, on_interim=interim
-            )
-        result = self.answer_whole(reply)
-        if result is not None:
-            return result
-        return await self.stream(reply)
+        reply = await destination.client.send(
+            request.method, target, headers, None, on_interim=interim
+        )
+    upstream_seconds = time.perf_counter() - started
+    head = client_response_head(reply.raw_headers, extra_response_headers)
+    # Most answers are complete by now: answered without another coroutine.
+    whole = _answer_whole(request, reply, head, upstream_seconds, on_answered)
+    if whole is not None:
+        return whole
+    return await _stream_body(
+        request, destination.product, reply, head.block, head.content_length, request_id,
+        body_timeout, upstream_seconds, on_answered,
+    )  # fmt: skip
 
 
 async def _send_with_body(

@@ -47,7 +47,7 @@ class Runtime:
     key_store: KeyStore  # the API keys, followed from the storage; outlives snapshots
     # In-process limits for storage.on_error: local, and the refunds under way; both outlive
     # snapshots, like the limiter (README, "Metering").
-    local_limiter: MemoryLimiter = field(default_factory=lambda: MemoryLimiter(keep_history=False))
+    local_limiter: Limiter = field(default_factory=lambda: MemoryLimiter(keep_history=False))
     refunds: Refunds = field(default_factory=lambda: Refunds(metrics.count_refund))
 
     def apply(self, config: Config, keys: KeyIndex | None = None) -> None:

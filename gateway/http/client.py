@@ -9,11 +9,10 @@ Here a request is one head encoded from pre-encoded parts and written to a poole
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Sequence
 
 from gateway.config.model import Upstream
 from gateway.http.client_connection import (
@@ -24,10 +23,7 @@ from gateway.http.client_connection import (
 )
 from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
 
-__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "InterimHook", "PendingReply", "ReplyCallback"]
-
-# Where `HttpClient.send_soon` sends the answer head: the reply, or what `send` would raise.
-ReplyCallback = Callable[[HttpReply | None, BaseException | None], None]
+__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "InterimHook"]
 
 KEEPALIVE_SECONDS = 30.0
 
@@ -112,50 +108,6 @@ class HttpClient:
                 if not retry:
                     raise ServerDisconnected("connection closed without an answer") from None
                 retry, connection = False, None
-
-    def send_soon(
-        self,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        then: ReplyCallback,
-        *,
-        on_interim: InterimHook | None = None,
-    ) -> PendingReply:
-        """`send` of a request without a body, for a caller that is a callback: `then` hears of
-        the answer head (or of what `send` would raise) from a callback of the event loop.
-
-        On a kept-alive connection nothing else runs until the head is parsed; without one
-        (or when the kept one turns out stale and the method may be retried) `send` runs in a
-        task. `PendingReply.cancel` gives up on the answer, as cancelling `send` would.
-        """
-        pending = PendingReply(then)
-        connection = self._idle_connection()
-        if connection is not None:
-            head, _ = self._encode_head(method, target, headers, False)
-            pending.retry = functools.partial(
-                self._send_in_task, pending, method, target, headers, on_interim
-            ) if method in _IDEMPOTENT else None  # fmt: skip
-            pending.connection = connection
-            connection.send_head(head, method == "HEAD", on_interim, pending)
-        else:
-            self._send_in_task(pending, method, target, headers, on_interim)
-        return pending
-
-    def _send_in_task(
-        self,
-        pending: PendingReply,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        on_interim: InterimHook | None,
-    ) -> None:
-        pending.connection = None
-        task = self.loop.create_task(
-            self.send(method, target, headers, None, on_interim=on_interim)
-        )
-        pending.task = task
-        task.add_done_callback(pending.task_done)
 
     def _encode_head(
         self,
@@ -271,64 +223,3 @@ class HttpClient:
         for connection in self._idle:
             connection.abort()
         self._idle.clear()
-
-
-class PendingReply:
-    """An answer head on its way to a callback (see `HttpClient.send_soon`)."""
-
-    __slots__ = ("_done", "_then", "connection", "retry", "task")
-
-    def __init__(self, then: ReplyCallback) -> None:
-        self._then = then
-        self._done = False
-        self.connection: HttpConnection | None = None  # the kept-alive one it went out on
-        self.task: asyncio.Task[HttpReply] | None = None  # or the task running `send`
-        self.retry: Callable[[], None] | None = None  # sends it again, once, in a task
-
-    def cancel(self) -> None:
-        """Give up on the answer: the exchange cannot be finished, so its connection goes."""
-        if self._done:
-            return
-        self._done = True
-        if self.connection is not None:
-            self.connection.abort()
-        if self.task is not None:
-            self.task.cancel()
-
-    # --- as the connection's HeadWaiter ---------------------------------------------------
-
-    def done(self) -> bool:
-        return self._done or self.task is not None
-
-    def set_result(self, reply: HttpReply) -> None:
-        self._done = True
-        self._then(reply, None)
-
-    def set_exception(self, exception: BaseException) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            connection.abort()
-        retry, self.retry = self.retry, None
-        if isinstance(exception, StaleConnection):
-            # The upstream closed the kept-alive connection as the request went out.
-            if retry is not None:
-                retry()
-                return
-            exception = ServerDisconnected("connection closed without an answer")
-        self._done = True
-        self._then(None, exception)
-
-    # --- as the done-callback of `send`'s task ---------------------------------------------
-
-    def task_done(self, task: asyncio.Task[HttpReply]) -> None:
-        if self._done:
-            if not task.cancelled() and task.exception() is None:
-                task.result().abort()  # an answer nobody waits for any more
-            return
-        self._done = True
-        if task.cancelled():
-            self._then(None, asyncio.CancelledError())
-        elif (error := task.exception()) is not None:
-            self._then(None, error)
-        else:
-            self._then(task.result(), None)

@@ -41,17 +41,6 @@ class StaleConnection(Exception):
     """A reused connection ended before any byte of the answer: the upstream had closed it."""
 
 
-class HeadWaiter(Protocol):
-    """Where an exchange's final answer head goes: the future `exchange` awaits, or a
-    callback's stand-in (`client.PendingReply`), which answers without waking a task."""
-
-    def done(self) -> bool: ...
-
-    def set_result(self, reply: HttpReply, /) -> None: ...
-
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-
 class ConnectionOwner(Protocol):
     """What a connection needs of the pool it belongs to."""
 
@@ -146,10 +135,7 @@ class HttpConnection(asyncio.Protocol):
         self.exchanges = 0  # requests sent on this connection
         self.idle_since = 0.0
         self._reply: HttpReply | None = None  # the answer being parsed, until it is complete
-        self._head: HeadWaiter | None = None  # until the final head arrives
-        # The final head parsed in this read: told to `_head` once the parser has returned,
-        # so that whoever hears of it sees all of the answer that came with it.
-        self._head_in: HttpReply | None = None
+        self._head: asyncio.Future[HttpReply] | None = None  # until the final head arrives
         self._head_watched = False  # the pool's head deadline applies (see watch_head)
         self.head_deadline = 0.0
         self._received = False  # any byte of the current answer arrived
@@ -202,13 +188,6 @@ class HttpConnection(asyncio.Protocol):
                 self._after_switch.append(rest)
         except httptools.HttpParserError:
             self._fail(MalformedResponse("invalid HTTP response"))
-        reply = self._head_in
-        if reply is not None:
-            self._head_in = None
-            head = self._head
-            if head is not None and not head.done():
-                self._head = None
-                head.set_result(reply)
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -278,7 +257,9 @@ class HttpConnection(asyncio.Protocol):
         reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
         self._stop_head_timer()
-        self._head_in = reply
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(reply)
         if reply.head_only:
             # llhttp cannot know the request was HEAD and would wait for the announced body;
             # a fresh parser starts clean for the next exchange, and the old one's further
@@ -318,8 +299,17 @@ class HttpConnection(asyncio.Protocol):
         `on_interim` is told of interim answers before it; with `upgrade` the request asks to
         switch protocols, and a 101 answer hands the connection to `switch_protocols`.
         """
+        transport = self.transport
+        if transport is None or self.closed:
+            raise StaleConnection
+        self.exchanges += 1
+        self._on_interim = on_interim
+        self._upgrade = upgrade
+        reply = HttpReply(self, head_only)
+        self._reply = reply
+        self._received = False
         head_waiter: asyncio.Future[HttpReply] = self._loop.create_future()
-        transport = self._begin(head_only, on_interim, upgrade, head_waiter)
+        self._head = head_waiter
         try:
             transport.write(head)
             if body is None:
@@ -332,37 +322,6 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             self._head = None
-
-    def send_head(
-        self,
-        head: bytes,
-        head_only: bool,
-        on_interim: InterimHook | None,
-        waiter: HeadWaiter,
-    ) -> None:
-        """`exchange` of a request without a body, for a caller that is a callback: the answer
-        head (or the failure) goes to `waiter`, which must abort the connection on a failure."""
-        transport = self._begin(head_only, on_interim, False, waiter)
-        transport.write(head)
-        self._start_head_timer()
-
-    def _begin(
-        self,
-        head_only: bool,
-        on_interim: InterimHook | None,
-        upgrade: bool,
-        waiter: HeadWaiter,
-    ) -> asyncio.Transport:
-        transport = self.transport
-        if transport is None or self.closed:
-            raise StaleConnection
-        self.exchanges += 1
-        self._on_interim = on_interim
-        self._upgrade = upgrade
-        self._reply = HttpReply(self, head_only)
-        self._received = False
-        self._head = waiter
-        return transport
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         # Whatever stops the upload early leaves a request half sent: the connection is spent.

@@ -3,10 +3,9 @@
 aiohttp's server costs about as much per request as all of nginx does to proxy one (request
 and response objects, header multidicts, a writer, a router); the gateway needs little of
 that. Here each client connection is a `ServerConnection`: httptools (llhttp) parses the
-requests, each request head becomes a `Request` handed to the handler right in the protocol's
-callback (no task per request or per connection; a handler makes tasks only for what must
-wait in one), and answers are written straight to the transport, a head together with its
-body in one write when the body is in hand.
+requests, each request head becomes a `Request` and one handler task, and answers are
+written straight to the transport, a head together with its body in one write when the body
+is in hand.
 
 What it adds to plain HTTP/1.1 keep-alive (README, "HTTP on the proxy port"):
 
@@ -16,8 +15,7 @@ What it adds to plain HTTP/1.1 keep-alive (README, "HTTP on the proxy port"):
 - `keepalive`: an idle connection is closed after this long (swept once a second or so).
 - A request the parser rejects is answered through `on_request_error` (the gateway says 400)
   and the connection closed.
-- A client that goes away is reported to its request's handler (`when_gone`; the pipeline
-  records 499).
+- A client that goes away cancels its request's handler (the pipeline records 499).
 - Pipelined requests are answered in order, one handler at a time.
 - `shutdown`: idle connections close at once, busy ones after their answer, the rest are
   cut at the deadline.
@@ -28,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.http.errors import RequestError
 from gateway.http.request import Request
@@ -38,8 +35,7 @@ from gateway.http.tls import CertificateSwitch
 
 __all__ = ["Handler", "HttpServer", "RequestErrorAnswer"]
 
-# Starts answering a request; the turn ends when it calls `request.connection.end_turn`.
-Handler = Callable[[Request], None]
+Handler = Callable[[Request], Awaitable[None]]
 # The complete answer (status line, headers, body) to a request no handler saw because it
 # could not be read: told the error and when (time.time()) its head began.
 RequestErrorAnswer = Callable[[RequestError, float], bytes]
@@ -110,11 +106,9 @@ class HttpServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._emptied.wait()
-        cut = [connection for connection in self.connections if connection.busy]
+        cut = [c._task for c in self.connections if c._task is not None and not c._task.done()]
         for connection in list(self.connections):
-            connection.cut()
-        # connection_lost tells their handlers a loop turn from now; let them record their
-        # 499s (a handler with a task of its own ends its turn once the task has unwound).
-        give_up = time.monotonic() + 1.0
-        while any(connection.busy for connection in cut) and time.monotonic() < give_up:
-            await asyncio.sleep(0.005)
+            connection.abort()
+        if cut:
+            # connection_lost cancels them a loop turn from now; let them record their 499s.
+            await asyncio.wait(cut, timeout=1.0)

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -72,9 +71,9 @@ class ServerConnection(asyncio.Protocol):
         self._body_paused = False
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
-        self._busy = False  # a handler is running: its turn ends with `end_turn`
-        self._starting = False  # in `_run_turns`
-        self._on_gone: Callable[[], None] | None = None  # see `when_gone`
+        self._task: asyncio.Task[None] | None = None  # see _serve
+        self._waker: asyncio.Future[None] | None = None  # the task waits for a request
+        self._busy = False  # a handler is running
         self.idle_since: float | None = None
         self._closing = False  # close once the current answer is done
         # The answer being written.
@@ -118,16 +117,12 @@ class ServerConnection(asyncio.Protocol):
             self._stop_reading()
         except httptools.HttpParserError as exc:
             self._protocol_error(self._error_detail or str(exc) or "malformed request")
-            if self._waiting and not self._busy:
-                self._run_turns()  # those parsed before it are answered, then it closes
             return
         if self._in_head and self._heads == head:
             # httptools buffers an unfinished header line before any callback sees it.
             self._head_received += len(data)
             if self._head_received > HEAD_LIMIT:
                 self._protocol_error(_HEAD_TOO_LARGE)
-                if self._waiting and not self._busy:
-                    self._run_turns()
                 return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
@@ -135,8 +130,6 @@ class ServerConnection(asyncio.Protocol):
             self._head_timer = self._loop.call_later(
                 self._server.head_timeout, self._head_timed_out
             )
-        if self._waiting and not self._busy:
-            self._run_turns()
 
     def eof_received(self) -> bool:
         if self._tunnel is not None:
@@ -155,10 +148,9 @@ class ServerConnection(asyncio.Protocol):
         gone = ConnectionResetError("the client closed the connection")
         if self._parsing is not None:
             self._parsing.content.fail(gone)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
         self._writes.fail(gone)
-        on_gone, self._on_gone = self._on_gone, None
-        if on_gone is not None and self._busy:
-            on_gone()
 
     def pause_writing(self) -> None:
         if self._tunnel is not None:
@@ -231,8 +223,15 @@ class ServerConnection(asyncio.Protocol):
             request.upgrade = True
         self._parsing = request
         self._waiting.append(request)
-        # Its handler starts once the parser has returned (see data_received).
-        if len(self._waiting) > _MAX_WAITING and self.transport is not None:
+        if not self._busy:
+            self._begin_turn()
+            waker = self._waker
+            if waker is not None:
+                self._waker = None
+                waker.set_result(None)
+            elif self._task is None or self._task.done():
+                self._task = self._loop.create_task(self._serve())
+        elif len(self._waiting) > _MAX_WAITING and self.transport is not None:
             self._pause_reading()
 
     def on_body(self, body: bytes) -> None:
@@ -252,58 +251,44 @@ class ServerConnection(asyncio.Protocol):
 
     # --- handlers -----------------------------------------------------------------------
 
-    def _run_turns(self) -> None:
-        """Start the handler of the first request in line, and of the next one whenever a
-        handler ends its turn before returning (as one answering at once does).
+    def _begin_turn(self) -> None:
+        """The request first in line gets the handler: a fresh answer state."""
+        self._busy = True
+        self._answered = False
+        self._answer_open = False
+        self._head = None
+        self._close_after = False
 
-        The handler is called right here, in the protocol's callback: no task is made or
-        woken for a request. It answers (or hands its work to callbacks and tasks of its own)
-        and ends the turn with `end_turn`; a client that goes away is reported to the hook
-        given to `when_gone`.
+    async def _serve(self) -> None:
+        """The connection's one task: runs the handler for each request in turn.
+
+        One task per connection rather than per request: creating a task costs more than
+        waking one (asyncio registers every new task in a WeakSet). A client that goes away
+        cancels it, which is how its request's handler learns of it.
         """
-        if self._starting:
-            return  # called from inside a handler: the loop below goes on
-        self._starting = True
-        try:
-            waiting = self._waiting
-            while waiting and not self._busy and self.transport is not None:
-                request = waiting[0]
-                self._busy = True
-                self._answered = False
-                self._answer_open = False
-                self._head = None
-                self._close_after = False
-                self._on_gone = None
-                try:
-                    self._server.handler(request)
-                except Exception:
-                    # Handlers answer their own failures; this is a bug, not a bad request.
-                    log.exception("unhandled error while answering a request")
-                    if self._busy and self._waiting and self._waiting[0] is request:
-                        self.end_turn(request)
-        finally:
-            self._starting = False
-
-    def when_gone(self, hook: Callable[[], None] | None) -> None:
-        """Call `hook` if the client goes away before the current turn ends (once)."""
-        self._on_gone = hook
-
-    def end_turn(self, request: Request) -> None:
-        """The handler of `request` is done with it: go on to the next request, or close."""
-        if not self._busy or not self._waiting or self._waiting[0] is not request:
-            raise RuntimeError("the turn of another request")
-        self._on_gone = None
-        if self._next_turn() and self._waiting:
-            if self._starting:
+        handler = self._server.handler
+        waiting = self._waiting
+        while True:
+            request = waiting[0]
+            try:
+                await handler(request)
+            except asyncio.CancelledError:
+                return  # the client went away (or was cut at shutdown); recorded as 499
+            except ConnectionError:
+                pass  # the same, noticed while writing
+            except Exception:
+                log.exception("unhandled error while answering a request")
+            if not self._next_turn():
                 return
-            # A pipelined request waited behind this one. Started from the loop rather than
-            # from inside the handler that ends its turn here, whose stack would grow.
-            self._loop.call_soon(self._run_turns)
-
-    @property
-    def busy(self) -> bool:
-        """A request's handler has not ended its turn yet."""
-        return self._busy
+            if not waiting:
+                waker: asyncio.Future[None] = self._loop.create_future()
+                self._waker = waker
+                try:
+                    await waker
+                except asyncio.CancelledError:
+                    return
+                finally:
+                    self._waker = None
 
     def _next_turn(self) -> bool:
         """After an answer: whether the connection goes on to serve another request."""
@@ -321,6 +306,7 @@ class ServerConnection(asyncio.Protocol):
             transport.close()
             return False
         if waiting:
+            self._begin_turn()
             if len(waiting) <= _MAX_WAITING and not self._body_paused:
                 self._resume_reading()
         elif not self._in_head:
@@ -429,15 +415,6 @@ class ServerConnection(asyncio.Protocol):
         self.end_answer(b"" if request.method == "HEAD" else body)
 
     def abort(self) -> None:
-        """Cut the connection, as the handler's way to tell the client an answer is broken
-        off: the handler knows, so the `when_gone` hook is not called for it."""
-        self._on_gone = None
-        if self.transport is not None:
-            self.transport.abort()
-
-    def cut(self) -> None:
-        """Cut the connection from outside (shutdown): the handler hears of it as of a client
-        that went away."""
         if self.transport is not None:
             self.transport.abort()
 
@@ -529,7 +506,7 @@ class ServerConnection(asyncio.Protocol):
             # The client is still there: its handler answers (a ConnectionError would say it
             # left, and the upload would wait for a body that cannot come).
             self._parsing.content.fail(error)
-        if not self._busy and not self._waiting and self.transport is not None:
+        if not self._busy and self.transport is not None:
             self._answer_alone(error)
 
     def _answer_alone(self, error: RequestError) -> None:

@@ -8,7 +8,7 @@ nothing. Storage failures are raised as `StorageError`; the request path decides
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import date
 from typing import Literal, NamedTuple, Protocol
@@ -98,11 +98,6 @@ class DayUsage:
     units: int  # quota units kept after refunds
 
 
-# Where `Limiter.hit_soon` sends a decision that was not ready at once: the decision, or the
-# error `hit` would have raised (a StorageError, TimeoutError), never both.
-HitCallback = Callable[["Decision | None", "BaseException | None"], None]
-
-
 class Limiter(Protocol):
     async def hit(
         self,
@@ -115,20 +110,6 @@ class Limiter(Protocol):
         """Check both limits of `subject`; only if both admit, take one request of the rate
         and `cost` units of the quota, and count the request in the day's history under
         `plan`. A quota with fewer than `cost` units left refuses."""
-        ...
-
-    def hit_soon(
-        self,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int,
-        plan: str,
-        then: HitCallback,
-    ) -> Decision | None:
-        """`hit` for a caller that is a callback, not a coroutine: the decision when it is
-        known at once (and `then` is never called), else None and `then` hears of it later,
-        from a callback of the event loop. Errors `hit` would raise go to `then` either way."""
         ...
 
     async def refund(self, subject: str, receipt: Receipt) -> int:

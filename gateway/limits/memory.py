@@ -21,7 +21,6 @@ from gateway.limits.base import (
     HISTORY_DAYS,
     DayUsage,
     Decision,
-    HitCallback,
     Outcome,
     QuotaUsage,
     Receipt,
@@ -101,28 +100,6 @@ class MemoryLimiter:
         cost: int = 1,
         plan: str = "",
     ) -> Decision:
-        return self.decide(subject, rate, quota, cost, plan)
-
-    def hit_soon(
-        self,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int,
-        plan: str,
-        then: HitCallback,
-    ) -> Decision:
-        return self.decide(subject, rate, quota, cost, plan)
-
-    def decide(
-        self,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int = 1,
-        plan: str = "",
-    ) -> Decision:
-        """`hit`, which never waits for anything here."""
         # The request path's hottest storage call: written out in one function, with the
         # results built by tuple.__new__ (see base.py), it costs a third of the plain version.
         now = self._clock()

@@ -25,7 +25,6 @@ reconnect by themselves on a later call once Redis is back.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -42,7 +41,6 @@ from gateway.limits.base import (
     HISTORY_DAYS,
     DayUsage,
     Decision,
-    HitCallback,
     Outcome,
     QuotaUsage,
     Receipt,
@@ -176,51 +174,6 @@ class RedisLimiter:
         cost: int = 1,
         plan: str = "",
     ) -> Decision:
-        now, start, end, day, command = self._prepare(subject, rate, quota, plan)
-        pipeline = self._pipeline
-        if pipeline is not None:
-            packed = PACKED_COSTS.get(cost) or packed_cost(cost)
-            try:
-                reply = await pipeline.run(command.packed + packed)
-            except Exception as exc:
-                raise self._storage_error("hit", exc) from exc
-        else:
-            # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
-            # calls of one tick mostly go to different nodes anyway.
-            reply = await self._guard(
-                "hit", lambda: run_script(self._client, HIT, command.keys, (*command.args, cost))
-            )
-        return self._decide(reply, subject, rate, quota, cost, plan, now, start, end, day)
-
-    def hit_soon(
-        self,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int,
-        plan: str,
-        then: HitCallback,
-    ) -> None:
-        pipeline = self._pipeline
-        if pipeline is None:
-            # A cluster's calls go through redis-py, which needs a coroutine.
-            task = asyncio.get_running_loop().create_task(
-                self.hit(subject, rate, quota, cost, plan)
-            )
-            task.add_done_callback(functools.partial(_hit_done, then))
-            return None
-        now, start, end, day, command = self._prepare(subject, rate, quota, plan)
-        packed = PACKED_COSTS.get(cost) or packed_cost(cost)
-        pipeline.run_into(
-            command.packed + packed,
-            _HitReply(self, then, (subject, rate, quota, cost, plan, now, start, end, day)),
-        )
-        return None
-
-    def _prepare(
-        self, subject: str, rate: RateRule | None, quota: QuotaRule | None, plan: str
-    ) -> tuple[float, float, float, int, _Command]:
-        """The first half of a hit: the period and day it falls in, and its command."""
         now = self._clock()
         day = day_of(now)
         if quota is not None:
@@ -239,22 +192,20 @@ class RedisLimiter:
         command = self._commands.get(subject)
         if command is None or command.shape != shape:
             command = self._remember_command(subject, shape)
-        return now, start, end, day, command
 
-    def _decide(
-        self,
-        reply: Any,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int,
-        plan: str,
-        now: float,
-        start: float,
-        end: float,
-        day: int,
-    ) -> Decision:
-        """The second half: hit.lua's reply as a decision."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            packed = PACKED_COSTS.get(cost) or packed_cost(cost)
+            try:
+                reply = await pipeline.run(command.packed + packed)
+            except Exception as exc:
+                raise self._storage_error("hit", exc) from exc
+        else:
+            # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
+            # calls of one tick mostly go to different nodes anyway.
+            reply = await self._guard(
+                "hit", lambda: run_script(self._client, HIT, command.keys, (*command.args, cost))
+            )
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day = reply
         if code == 0 and (new_day or subject not in self._registered):
@@ -502,42 +453,3 @@ def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUs
     return QuotaUsage(
         limit=limit, used=used, remaining=max(0, limit - used), reset_at=reset_at, credit=credit
     )
-
-
-class _HitReply:
-    """Where the hits' pipeline puts the reply of one `hit_soon`: made into a decision and
-    handed to the caller's callback, straight from the Redis connection's `data_received`."""
-
-    __slots__ = ("_args", "_done", "_limiter", "_then")
-
-    def __init__(self, limiter: RedisLimiter, then: HitCallback, args: tuple[Any, ...]) -> None:
-        self._limiter = limiter
-        self._then = then
-        self._args = args
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, reply: Any) -> None:
-        self._done = True
-        try:
-            decision = self._limiter._decide(reply, *self._args)
-        except Exception as exc:  # a reply of the wrong shape: a storage that misbehaves
-            self._then(None, self._limiter._storage_error("hit", exc))
-            return
-        self._then(decision, None)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._done = True
-        error = exc if not isinstance(exc, Exception) else self._limiter._storage_error("hit", exc)
-        self._then(None, error)
-
-
-def _hit_done(then: HitCallback, task: asyncio.Task[Decision]) -> None:
-    if task.cancelled():
-        then(None, asyncio.CancelledError())
-    elif (error := task.exception()) is not None:
-        then(None, error)
-    else:
-        then(task.result(), None)

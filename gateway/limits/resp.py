@@ -5,8 +5,7 @@ asyncio path (a task per batch, a shielded pool release, a layered read per repl
 StreamWriter's write and drain) cost about 3 µs of CPU per request beyond the in-memory
 limiter. Here the calls of one event-loop tick become one `transport.write` on one
 `asyncio.Protocol`, and `data_received` hands each reply, parsed by hiredis, to the next
-waiting future (or `ReplyWaiter`, which may run the rest of a request there and then): no
-task, timer or coroutine per batch or per reply.
+waiting future: no task, timer or coroutine per batch or per reply.
 
 Replies come back in the order of the calls, so a connection that missed a deadline is
 aborted (its late replies would answer the wrong calls) and the next call reconnects. One
@@ -22,7 +21,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from ssl import SSLContext
-from typing import Any, Protocol
+from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
@@ -30,21 +29,9 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-
-class ReplyWaiter(Protocol):
-    """Where one call's reply goes: an asyncio future, or anything that takes a reply alike
-    (the limiter's hits hand the reply to a callback without waking a task)."""
-
-    def done(self) -> bool: ...
-
-    def set_result(self, result: Any, /) -> None: ...
-
-    def set_exception(self, exception: BaseException, /) -> None: ...
-
-
 # A call: where its reply goes (None: a reply nobody waits for) and its packed command,
 # empty once the call may not be retried.
-_Call = tuple["ReplyWaiter | None", bytes]
+_Call = tuple["asyncio.Future[Any] | None", bytes]
 # uvloop rounds timers to the millisecond and may fire that much early.
 _TIMER_SLACK = 0.001
 # Hits of one tick beyond this many go out in another write. Measured in the bench (one core
@@ -111,23 +98,16 @@ class ScriptPipeline:
             # Kept: asking for the running loop costs a getpid() system call on Python 3.11.
             loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.run_into(packed, future)
-        return future
-
-    def run_into(self, packed: bytes, waiter: ReplyWaiter) -> None:
-        """`run`, with the reply (or the failure) given to `waiter` when it comes."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
         queue = self._queue
         if not queue:
             loop.call_soon(self._flush)
-        queue.append((waiter, packed))
+        queue.append((future, packed))
         if len(queue) >= MAX_BATCH:
             # Written now rather than at the end of the tick: Redis starts on these while
             # the gateway prepares the rest. One batch of a whole busy tick left both sides
             # waiting on each other in turns (14% idle on the gateway's core in the bench).
             self._flush()
+        return future
 
     def _flush(self) -> None:
         calls, self._queue = self._queue, []

@@ -23,9 +23,9 @@ from gateway.http.errors import HttpError
 from gateway.http.headers import request_drop_set
 from gateway.http.request import Request
 from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
-from gateway.proxy import ForwardResult, UpstreamPool
+from gateway.proxy import ForwardResult, UpstreamPool, forward
 from tests.support.apps import serving_app
-from tests.support.front import answer_problem, as_problem, forwarded, serving
+from tests.support.front import answer_problem, as_problem, serving
 from tests.support.raw_upstream import Peer, Script, keep_answering, raw_upstream
 from tests.support.sockets import closed_port, unaccepting_port
 
@@ -194,7 +194,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
     async def handle(request: Request) -> None:
         assert front is not None
         try:
-            result = await forwarded(
+            result = await forward(
                 request,
                 pool.destination(front.product),
                 drop,
@@ -202,7 +202,6 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
                 REQUEST_ID,
                 front.body_timeout,
                 EXTRA_HEADERS,
-                None,
             )
         except (GatewayProblem, HttpError) as error:
             problem = as_problem(error)

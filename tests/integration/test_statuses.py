@@ -261,7 +261,7 @@ async def test_malformed_request_gets_problem_json(gateway: Worker) -> None:
 class BrokenLimiter(MemoryLimiter):
     """A limiter with a bug in it: what a 500 looks like from the outside."""
 
-    def decide(
+    async def hit(
         self,
         subject: str,
         rate: RateRule | None,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from gateway.http.errors import HttpError
 from gateway.http.request import Request
@@ -13,58 +12,16 @@ from gateway.http.server import Handler, HttpServer
 from gateway.http.wire import encode_header_block
 from gateway.pipeline import answer_request_error
 from gateway.problems import GatewayProblem, problem_from_http_error, render_problem
-from gateway.proxy import ForwardResult, forward
-
-AsyncHandler = Callable[[Request], Awaitable[None]]
-
-
-def in_task(handler: AsyncHandler) -> Handler:
-    """A handler written as a coroutine, as the server's: each request runs in a task of its
-    own, cancelled when the client goes away, and its turn ends when the task does."""
-
-    def start(request: Request) -> None:
-        connection = request.connection
-        task = asyncio.get_running_loop().create_task(handler(request))
-        connection.when_gone(task.cancel)
-
-        def done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled():
-                task.exception()  # retrieved: a failed handler shows as a cut connection
-            connection.end_turn(request)
-
-        task.add_done_callback(done)
-
-    return start
-
-
-async def forwarded(request: Request, *args: Any) -> ForwardResult:
-    """`forward` awaited: its result, or what it ended with raised (cancelled with the task)."""
-    outcome: asyncio.Future[ForwardResult] = asyncio.get_running_loop().create_future()
-
-    def then(result: ForwardResult | None, error: BaseException | None) -> None:
-        if outcome.done():
-            return
-        if result is not None:
-            outcome.set_result(result)
-        else:
-            outcome.set_exception(error or AssertionError("no result"))
-
-    forwarding = forward(request, *args, then)
-    try:
-        return await outcome
-    except asyncio.CancelledError:
-        forwarding.cancel()
-        raise
 
 
 @asynccontextmanager
 async def http_server(
-    handler: AsyncHandler, *, head_timeout: float = 10.0, keepalive_timeout: float = 30.0
+    handler: Handler, *, head_timeout: float = 10.0, keepalive_timeout: float = 30.0
 ) -> AsyncIterator[tuple[HttpServer, int]]:
     """Serve `handler` on a free loopback port, the server's own request errors answered as
     the gateway answers them; yields the server and its port."""
     server = HttpServer(
-        in_task(handler),
+        handler,
         on_request_error=answer_request_error,
         head_timeout=head_timeout,
         keepalive_timeout=keepalive_timeout,
@@ -78,7 +35,7 @@ async def http_server(
 
 
 @asynccontextmanager
-async def serving(handler: AsyncHandler) -> AsyncIterator[int]:
+async def serving(handler: Handler) -> AsyncIterator[int]:
     """`http_server` with the default timeouts; yields the port."""
     async with http_server(handler) as (_, port):
         yield port
