@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
 from gateway.limits.base import StorageError
-from gateway.limits.redis_clients import StorageRedis, open_storage_redis
+from gateway.limits.redis_clients import StorageGuard, StorageRedis, open_storage_redis
 from gateway.limits.redis_layout import Script, run_script
 
 WRITE = Script("write.lua", "gateway.keys")
@@ -39,8 +39,6 @@ VERSION_KEY = "gw:{gw:keys}:version"
 CHANNEL = "gw:{gw:keys}:changes"
 _LOAD_BATCH = 500  # records per HSCAN: the event loop serves requests between batches
 _REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
-
-T = TypeVar("T")
 
 
 class RedisKeyBackend:
@@ -55,8 +53,7 @@ class RedisKeyBackend:
         self._storage = storage.share()
         self._client = storage.client
         self._timeout = timeout
-        self._on_storage_error = on_storage_error
-        self._is_cluster = storage.is_cluster
+        self._guard = StorageGuard(self._client, timeout, "key store", on_storage_error)
 
     @classmethod
     def from_url(
@@ -144,21 +141,6 @@ class RedisKeyBackend:
 
     async def close(self) -> None:
         await self._storage.aclose()
-
-    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                if self._is_cluster:
-                    # Learn the slot map first, as the limiter does (see RedisLimiter._guard).
-                    await cast(RedisCluster, self._client).initialize()
-                return await call()
-        except WriteRefused:
-            raise
-        except Exception as exc:
-            if self._on_storage_error is not None:
-                self._on_storage_error(operation)
-            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
-            raise StorageError(f"{operation}: {reason}") from exc
 
 
 async def _subscribed(pubsub: PubSub) -> None:

@@ -27,13 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits.base import (
@@ -51,7 +48,12 @@ from gateway.limits.base import (
     subject_order,
 )
 from gateway.limits.periods import PeriodCache
-from gateway.limits.redis_clients import MASTER_RECHECK_SECONDS, StorageRedis, open_storage_redis
+from gateway.limits.redis_clients import (
+    MASTER_RECHECK_SECONDS,
+    StorageGuard,
+    StorageRedis,
+    open_storage_redis,
+)
 from gateway.limits.redis_layout import (
     CREDIT,
     HIT,
@@ -80,8 +82,6 @@ _MAX_COMMANDS = 10_000
 _new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _quota_expire_ms(start: float, end: float) -> int:
@@ -127,12 +127,13 @@ class RedisLimiter:
         self._storage = storage.share()
         client: AnyRedis = storage.client
         self._client = client
-        self._timeout = timeout
-        self._on_storage_error = on_storage_error
+        # Every call but the single Redis's hits and refunds (on their pipeline) runs under
+        # it; those raise its `error` too.
+        self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
+        self._storage_error = self._guard.error
         self._clock = clock
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
-        self._is_cluster = isinstance(client, RedisCluster)
         # Subjects this process has put in SUBSCRIPTIONS_KEY.
         self._registered: set[str] = set()
         self._registering: set[asyncio.Task[None]] = set()  # those calls under way
@@ -407,45 +408,6 @@ class RedisLimiter:
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._storage.aclose()
-
-    async def _guard(
-        self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False
-    ) -> T:
-        """Run one storage call within the timeout; any failure becomes StorageError.
-
-        A `repeatable` call (one that does the same when run twice: a read, SADD, HDEL) is
-        run once more within the same timeout when its connection turns out to be dead: a
-        pooled connection to a Redis that restarted fails its first command, and the pool
-        only notices then."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                if self._is_cluster:
-                    # Commands sent before the client knows the slot map are routed to an
-                    # arbitrary node, and the reinitialisation their MOVED replies trigger
-                    # closes connections under concurrent calls (redis-py 8 raises
-                    # AttributeError there). Learning the map first avoids both; it is a
-                    # no-op once the map is known.
-                    await cast(RedisCluster, self._client).initialize()
-                try:
-                    return await call()
-                except RedisConnectionError:
-                    if not repeatable:
-                        raise
-                    return await call()
-        except Exception as exc:
-            raise self._storage_error(operation, exc) from exc
-
-    def _storage_error(self, operation: str, exc: Exception) -> StorageError:
-        """Count the failure; whatever the client raised, from its own errors to the odd
-        internal one under a broken connection, the request path must see StorageError."""
-        if self._on_storage_error is not None:
-            self._on_storage_error(operation)
-        reason = (
-            "timed out"
-            if isinstance(exc, TimeoutError | RedisTimeoutError)
-            else str(exc) or type(exc).__name__
-        )
-        return StorageError(f"limit storage {operation}: {reason}")
 
 
 def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUsage:

@@ -20,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.storage_url import SENTINEL_SCHEMES, parse_sentinel_url
+from gateway.limits.base import StorageError
 
 AnyRedis = Redis | RedisCluster
 
@@ -38,6 +42,8 @@ _CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss
 MASTER_RECHECK_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StorageRedis:
@@ -75,10 +81,6 @@ class StorageRedis:
         """Whether the master's address may change under a running gateway (Sentinel)."""
         return self._sentinel is not None
 
-    @property
-    def is_cluster(self) -> bool:
-        return isinstance(self.client, RedisCluster)
-
     async def address(self) -> tuple[str, int]:
         """The master's host and port now (a single Redis: the URL's)."""
         client = self.client
@@ -115,11 +117,74 @@ class StorageRedis:
                     await sentinel_client.aclose()
 
 
+class StorageGuard:
+    """Runs the storage calls of one user of a client (the limiter, the key store): each within
+    the storage timeout, and every failure counted and raised as `StorageError`.
+
+    `label` starts the failures' messages ("limit storage"); `on_error(operation)` counts
+    them (gateway_storage_errors_total).
+    """
+
+    __slots__ = ("_client", "_is_cluster", "_label", "_on_error", "_timeout")
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        timeout: float,
+        label: str,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._is_cluster = isinstance(client, RedisCluster)
+        self._timeout = timeout
+        self._label = label
+        self._on_error = on_error
+
+    async def __call__(
+        self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False
+    ) -> T:
+        """Run one storage call within the timeout; any failure becomes StorageError.
+
+        A `repeatable` call (one that does the same when run twice: a read, SADD, HDEL) is
+        run once more within the same timeout when its connection turns out to be dead: a
+        pooled connection to a Redis that restarted fails its first command, and the pool
+        only notices then."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._is_cluster:
+                    # Commands sent before the client knows the slot map are routed to an
+                    # arbitrary node, and the reinitialisation their MOVED replies trigger
+                    # closes connections under concurrent calls (redis-py 8 raises
+                    # AttributeError there). Learning the map first avoids both; it is a
+                    # no-op once the map is known.
+                    await cast(RedisCluster, self._client).initialize()
+                try:
+                    return await call()
+                except RedisConnectionError:
+                    if not repeatable:
+                        raise
+                    return await call()
+        except Exception as exc:
+            raise self.error(operation, exc) from exc
+
+    def error(self, operation: str, exc: Exception) -> StorageError:
+        """Count the failure; whatever the client raised, from its own errors to the odd
+        internal one under a broken connection, the caller must see StorageError."""
+        if self._on_error is not None:
+            self._on_error(operation)
+        reason = (
+            "timed out"
+            if isinstance(exc, TimeoutError | RedisTimeoutError)
+            else str(exc) or type(exc).__name__
+        )
+        return StorageError(f"{self._label} {operation}: {reason}")
+
+
 def open_storage_redis(url: str, timeout: float) -> StorageRedis:
     """The clients for `url` (any Redis scheme of the storage URL); nothing connects yet.
 
-    Every call on them is expected to run under an asyncio timeout of `timeout` (the
-    limiter's `_guard`): redis-py's own socket timeout would add a timer to every read and
+    Every call on them is expected to run under an asyncio timeout of `timeout` (a
+    `StorageGuard`): redis-py's own socket timeout would add a timer to every read and
     write, and its retries would stretch a failing call past the storage timeout.
     """
     for cluster_scheme, plain_scheme in _CLUSTER_SCHEMES.items():
