@@ -83,7 +83,20 @@ class KeyStore:
     async def update(
         self, name: str, change: Callable[[KeyRecord], KeyRecord]
     ) -> tuple[KeyRecord, KeyRecord]:
-        """Replace the key by `change(current)`; (old, new). WriteRefused("not_found", ...).
+        """Replace the key by `change(current)`; (old, new). WriteRefused("not_found", ...)."""
+        current, new = await self._rewrite(name, change)
+        assert new is not None  # `change` always makes a record
+        return current, new
+
+    async def delete(self, name: str) -> KeyRecord:
+        """Remove the key; the record it had. WriteRefused("not_found")."""
+        current, _ = await self._rewrite(name, lambda _current: None)
+        return current
+
+    async def _rewrite(
+        self, name: str, change: Callable[[KeyRecord], KeyRecord | None]
+    ) -> tuple[KeyRecord, KeyRecord | None]:
+        """Replace the key by `change(current)`, or delete it when that is None; (old, new).
 
         Should another process change the key in between, the change is made again on the
         newer record rather than overwriting it."""
@@ -93,8 +106,9 @@ class KeyStore:
                 raise WriteRefused("not_found")
             current = KeyRecord.from_json(current_text)
             new = change(current)
-            new_text = new.to_json()
-            old_digests, new_digests = set(current.digests()), set(new.digests())
+            new_text = None if new is None else new.to_json()
+            old_digests = set(current.digests())
+            new_digests = set() if new is None else set(new.digests())
             write = KeyWrite(
                 name,
                 current_text,
@@ -110,23 +124,6 @@ class KeyStore:
                 raise
             self.receive(Change(version, name, new_text))
             return current, new
-        raise StorageError(f"key {name!r} kept changing during {_WRITE_ATTEMPTS} attempts")
-
-    async def delete(self, name: str) -> KeyRecord:
-        for _attempt in range(_WRITE_ATTEMPTS):
-            current_text = await self._backend.read(name)
-            if current_text is None:
-                raise WriteRefused("not_found")
-            current = KeyRecord.from_json(current_text)
-            write = KeyWrite(name, current_text, None, remove_digests=current.digests())
-            try:
-                version = await self._backend.write(write)
-            except WriteRefused as refused:
-                if refused.reason == "changed":
-                    continue
-                raise
-            self.receive(Change(version, name, None))
-            return current
         raise StorageError(f"key {name!r} kept changing during {_WRITE_ATTEMPTS} attempts")
 
     # --- following ------------------------------------------------------------------------
