@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits import Limiter, create_limiter
-from gateway.limits.base import DayUsage, Receipt, day_of
+from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, day_of
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.periods import quota_period
 from tests.support.redis_servers import RedisServer
@@ -131,6 +131,37 @@ async def test_history_counts_requests_and_units_kept(limiter: Limiter) -> None:
         DayUsage(today, f"{key}:weather", "free", 1, 2),
     ]
     assert await limiter.history(key, today - 3, today - 1) == []
+
+
+async def test_history_of_the_days_kept_is_read_in_one_round_trip(
+    fresh_redis_server: RedisServer,
+) -> None:
+    limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=2.0))
+    admin = fresh_redis_server.client()
+    try:
+        key = new_key()
+        for product in ("soccer", "weather"):
+            await limiter.hit(f"{key}:{product}", None, None, 2, "pro")
+        today = day_of(time.time())
+        # Connected, and the subscriptions recorded, before the measurement.
+        await limiter.history(key, today, today)
+        stats = admin.info("stats")
+        if "total_reads_processed" not in stats:
+            pytest.skip("this redis-server does not count its reads")
+        reads_before = stats["total_reads_processed"]
+        history = await limiter.history(key, today - HISTORY_DAYS, today)
+        reads = admin.info("stats")["total_reads_processed"] - reads_before
+    finally:
+        admin.close()
+        await limiter.close()
+    assert history == [
+        DayUsage(today, f"{key}:soccer", "pro", 1, 2),
+        DayUsage(today, f"{key}:weather", "pro", 1, 2),
+    ]
+    # Redis reads a client's socket once per arrival of commands: the subscriptions, the
+    # 802 day reads (about 50 kB, so a few reads of its 16 kB buffer) and the second INFO.
+    # A round trip per day would be over 400.
+    assert reads <= 20, reads
 
 
 async def test_export_is_sorted_by_day_key_product(tmp_path: Path) -> None:
