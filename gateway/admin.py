@@ -38,6 +38,7 @@ from gateway.limits.base import (
     HISTORY_DAYS,
     DayUsage,
     Limiter,
+    QuotaUsage,
     StorageError,
     day_number,
     day_of,
@@ -176,8 +177,12 @@ async def _get_usage(request: web.Request) -> web.Response:
     return web.json_response(await _usage_of(state, key))
 
 
-async def _usage_of(state: AdminState, key: ApiKey) -> dict[str, Any]:
-    """The key's plan, rate and quota use on each of its products (limits with overrides)."""
+async def _usage_of(
+    state: AdminState, key: ApiKey, known: dict[str, QuotaUsage] | None = None
+) -> dict[str, Any]:
+    """The key's plan, rate and quota use on each of its products (limits with overrides);
+    `known`: the quota use of some products (by product) as a storage call just answered it,
+    not asked again."""
     config = state.get_config()
     products: dict[str, Any] = {}
     for product in sorted(key.plans):
@@ -186,7 +191,12 @@ async def _usage_of(state: AdminState, key: ApiKey) -> dict[str, Any]:
             continue
         quota: dict[str, Any] | None = None
         if plan.quota is not None:
-            quota = await _quota_usage(state, f"{key.name}:{product}", plan.quota)
+            usage = (known or {}).get(product)
+            if usage is None:
+                usage = await _within_storage_timeout(
+                    state, state.limiter.usage(f"{key.name}:{product}", plan.quota)
+                )
+            quota = _quota_json(state, plan.quota, usage)
         products[product] = {"plan": plan.name, "rate": _rate_json(plan), "quota": quota}
     return {"key": key.name, "disabled": key.disabled, "products": products}
 
@@ -213,8 +223,8 @@ async def _add_credit(request: web.Request) -> web.Response:
     if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_CREDIT:
         raise BadRequest(f"amount: must be a whole number from 1 to {_MAX_CREDIT}.")
     subject = f"{key.name}:{product}"
-    await _within_storage_timeout(state, state.limiter.credit(subject, quota, amount))
-    return web.json_response(await _usage_of(state, key))
+    usage = await _within_storage_timeout(state, state.limiter.credit(subject, quota, amount))
+    return web.json_response(await _usage_of(state, key, {product: usage}))
 
 
 def _key_quota(
@@ -358,8 +368,7 @@ async def _within_storage_timeout(state: AdminState, call: Awaitable[_T]) -> _T:
         raise StorageUnavailable() from exc
 
 
-async def _quota_usage(state: AdminState, subject: str, quota: QuotaRule) -> dict[str, Any]:
-    usage = await _within_storage_timeout(state, state.limiter.usage(subject, quota))
+def _quota_json(state: AdminState, quota: QuotaRule, usage: QuotaUsage) -> dict[str, Any]:
     return {
         "limit": usage.limit,
         "credit": usage.credit,

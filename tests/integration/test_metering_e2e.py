@@ -464,3 +464,24 @@ async def test_round_trips_one_per_request_two_when_refunded(
     evalsha = stats.get("cmdstat_evalsha", {}).get("calls", 0)
     assert evalsha == 10 + 10 * 2, stats
     redis_client.close()
+
+
+async def test_credit_answers_with_the_usage_it_made(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """The credit's own reply is the answer's quota: no usage read after it."""
+    if not rig.worker.config.storage.url.startswith("redis://"):
+        pytest.skip("round trips are counted on a single Redis")
+    redis_client = request.getfixturevalue("redis_server").client()
+    assert (await rig.get("vip", "/soccer/x"))[0] == 200
+    redis_client.config_resetstat()
+    credit_url = rig.admin(f"/admin/usage/vip-{rig.run}/soccer/credit")
+    async with rig.http.post(credit_url, json={"amount": 4}) as response:
+        assert response.status == 200
+        quota = (await response.json())["products"]["soccer"]["quota"]
+    stats = redis_client.info("commandstats")
+    redis_client.close()
+    assert (quota["limit"], quota["used"], quota["credit"]) == (7, 1, 4)
+    # The credit script ran (its HINCRBY); no HMGET of the quota's hash came after it.
+    assert stats["cmdstat_hincrby"]["calls"] == 1, stats
+    assert stats.get("cmdstat_hmget", {}).get("calls", 0) == 0, stats
