@@ -10,6 +10,7 @@ could give the units back twice, so it is logged and counted instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -25,10 +26,14 @@ RefundCounter = Callable[[str, str, Literal["ok", "error"], int], None]
 _PARTS = 1_000_000
 
 
+# Rules come from the config, so few distinct ones: this bound only matters across reloads.
+@functools.lru_cache(maxsize=1024)
 def local_rate(rate: RateRule, fraction: float) -> RateRule:
     """The share of `rate` one process admits on its own: ceil(limit * fraction), at least 1.
 
-    Whole-number arithmetic, so that 10 * 0.3 is 3 and not the 4 that float rounding gives."""
+    Asked on every request while the storage is away, so each share is made once (rules are
+    frozen). Whole-number arithmetic, so that 10 * 0.3 is 3 and not the 4 that float
+    rounding gives."""
     parts = round(fraction * _PARTS)
     limit = max(1, -(-rate.limit * parts // _PARTS))
     return RateRule(limit, rate.window, rate.per)

@@ -14,3 +14,10 @@ from gateway.limits.metering import local_rate
 )
 def test_local_share_of_a_rate_is_rounded_up(limit: int, fraction: float, local: int) -> None:
     assert local_rate(RateRule(limit, 2.0, "2s"), fraction) == RateRule(local, 2.0, "2s")
+
+
+def test_the_local_share_is_made_once_per_rule_and_fraction() -> None:
+    rate = RateRule(10, 2.0, "2s")
+    share = local_rate(rate, 0.3)
+    assert local_rate(RateRule(10, 2.0, "2s"), 0.3) is share
+    assert local_rate(rate, 0.5) == RateRule(5, 2.0, "2s")
