@@ -1,0 +1,244 @@
+"""When forwarding fails, over real sockets: 502 and 504 before the answer's head, an answer
+cut short after it, and the client's own faults (gone, not reading, stalling, malformed body)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.problems import PROBLEM_CONTENT_TYPE, GatewayProblem
+from gateway.proxy import ForwardResult
+from tests.support.forwarding import MB, Front, UpstreamState
+from tests.support.raw_upstream import Peer, Script, raw_upstream
+from tests.support.sockets import closed_port, unaccepting_port
+
+# ---------------------------------------------------------------------------- 502/504
+
+
+async def _problem(client: aiohttp.ClientSession, url: URL) -> tuple[int, dict[str, Any]]:
+    async with client.get(url) as response:
+        assert response.headers["Content-Type"] == PROBLEM_CONTENT_TYPE
+        return response.status, await response.json()
+
+
+async def test_refused_connection_is_bad_gateway(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    port = closed_port()
+    front.use(port)
+    status, problem = await _problem(client, front.url / "x")
+    assert (status, problem["code"]) == (502, "bad_gateway")
+    assert "soccer" in problem["detail"]
+    assert "refused" in problem["detail"]
+    # Neither internals nor the upstream's address reach the client.
+    assert "Traceback" not in problem["detail"]
+    assert str(port) not in problem["detail"]
+
+
+async def _close_at_once(peer: Peer) -> None:
+    await peer.head()
+    peer.writer.close()
+
+
+async def _reset(peer: Peer) -> None:
+    await peer.head()
+    sock = peer.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.writer.transport.abort()
+
+
+async def _garbage(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"SSH-2.0-OpenSSH_9.6\r\nnot http at all\r\n\r\n")
+    await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize("behaviour", [_close_at_once, _reset, _garbage])
+async def test_broken_upstream_is_bad_gateway(
+    front: Front, client: aiohttp.ClientSession, behaviour: Script
+) -> None:
+    async with raw_upstream(behaviour) as up:
+        front.use(up.port)
+        status, problem = await _problem(client, front.url / "x")
+    assert (status, problem["code"]) == (502, "bad_gateway")
+    assert "soccer" in problem["detail"]
+
+
+async def test_no_connection_in_time_is_gateway_timeout(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    with unaccepting_port() as port:
+        front.use(port, connect_timeout=0.2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, problem = await _problem(client, front.url / "x")
+        elapsed = loop.time() - started
+    assert (status, problem["code"]) == (504, "gateway_timeout")
+    assert "connection" in problem["detail"].lower()
+    assert elapsed < 1.5
+
+
+async def test_slow_response_head_is_gateway_timeout(
+    front: Front, client: aiohttp.ClientSession, upstream: UpstreamState
+) -> None:
+    front.use(upstream.port, timeout=0.2)
+    status, problem = await _problem(client, front.url.with_path("/slow").with_query({"for": 3}))
+    assert (status, problem["code"]) == (504, "gateway_timeout")
+    # The gateway gave up on the request: the upstream sees its connection go.
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
+
+
+async def test_upstream_not_taking_the_body_is_gateway_timeout(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async def never_read(peer: Peer) -> None:
+        await peer.head()
+        await asyncio.sleep(10)
+
+    async def endless() -> AsyncIterator[bytes]:
+        chunk = b"x" * 65536
+        for _ in range(2048):
+            yield chunk
+
+    async with raw_upstream(never_read) as up:
+        front.use(up.port, timeout=0.3)
+        async with client.post(front.url / "upload", data=endless()) as response:
+            assert response.status == 504
+            problem = await response.json()
+    assert "request body" in problem["detail"]
+
+
+# -------------------------------------------------------------- after the head: cut short
+
+
+async def _dies_mid_length(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+
+
+async def _dies_mid_chunks(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"a" * 100 + b"\r\n"
+    )
+
+
+async def _stalls_mid_body(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+    await asyncio.sleep(10)
+
+
+@pytest.mark.parametrize("behaviour", [_dies_mid_length, _dies_mid_chunks, _stalls_mid_body])
+async def test_upstream_failing_mid_body_cuts_the_answer_short(
+    front: Front, client: aiohttp.ClientSession, behaviour: Script
+) -> None:
+    async with raw_upstream(behaviour) as up:
+        front.use(up.port, timeout=0.3)
+        async with client.get(front.url / "x", timeout=aiohttp.ClientTimeout(total=3)) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        result = await front.outcome()
+    assert isinstance(result, ForwardResult)
+    assert result.status == 200
+    assert result.error is not None
+    assert "soccer" in result.error
+    assert result.bytes_sent == 100
+
+
+# --------------------------------------------------------------------- client's fault
+
+
+async def test_client_leaving_cancels_the_upstream_request(
+    front: Front, client: aiohttp.ClientSession, upstream: UpstreamState
+) -> None:
+    url = front.url.with_path("/slow").with_query({"for": 5})
+    with pytest.raises(asyncio.TimeoutError):
+        await client.get(url, timeout=aiohttp.ClientTimeout(total=0.3))
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
+    assert isinstance(await front.outcome(), asyncio.CancelledError)
+
+
+async def test_client_leaving_mid_answer_closes_the_upstream_connection(
+    front: Front, client: aiohttp.ClientSession, upstream: UpstreamState
+) -> None:
+    response = await client.get(front.url / "drip")
+    assert await response.content.readline() == b"drip\n"
+    response.close()
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
+    outcome = await front.outcome()
+    assert isinstance(outcome, asyncio.CancelledError | ConnectionError)
+
+
+async def test_client_not_reading_the_answer_is_cut_off(
+    front: Front, upstream: UpstreamState
+) -> None:
+    front.body_timeout = 0.3
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (front.url.host, front.url.port))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(f"GET /download?size={100 * MB} HTTP/1.1\r\nHost: front\r\n\r\n".encode())
+        await writer.drain()
+        result = await front.outcome()
+    finally:
+        writer.close()
+    assert isinstance(result, ForwardResult)
+    assert result.error is not None and "stopped reading" in result.error
+    assert result.bytes_sent < 100 * MB
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
+
+
+async def test_stalled_request_body_is_request_timeout(
+    front: Front, upstream: UpstreamState
+) -> None:
+    front.body_timeout = 0.2
+    reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: front\r\nContent-Length: 100\r\n\r\n" + b"b" * 10
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        rest = await asyncio.wait_for(reader.read(), 3)  # the gateway closes the connection
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(rest)["code"] == "request_timeout"
+    # What the upstream had of the body is abandoned with its connection.
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)
+
+
+async def test_malformed_request_body_is_bad_request(front: Front, upstream: UpstreamState) -> None:
+    reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+    try:
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: front\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the body is on its way upstream when it turns bad
+        writer.write(b"zz\r\n")  # not a chunk size
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        rest = await asyncio.wait_for(reader.read(), 3)  # the gateway closes the connection
+    finally:
+        writer.close()
+    # The client is still there: it is told what was wrong (not cut off, nor logged as gone).
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(rest)["code"] == "bad_request"
+    assert isinstance(await front.outcome(), GatewayProblem)
+    await asyncio.wait_for(upstream.cancelled.wait(), 2)

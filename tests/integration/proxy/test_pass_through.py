@@ -1,0 +1,164 @@
+"""What passes through `UpstreamPool.forward` unharmed, over real sockets: statuses, headers
+(cleaned both ways), kept-alive upstream connections, and answers framed byte by byte upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.proxy import ForwardResult
+from tests.support.forwarding import REQUEST_ID, Front, UpstreamState, named, raw_lines
+from tests.support.raw_upstream import Peer, keep_answering, raw_upstream
+
+
+@pytest.mark.parametrize("status", [200, 304, 404, 500])
+async def test_status_headers_and_body_pass_through(
+    front: Front, client: aiohttp.ClientSession, status: int
+) -> None:
+    async with client.get(front.url / f"status/{status}") as response:
+        body = await response.read()
+        assert response.status == status
+        assert response.headers["ETag"] == '"v1"'
+        assert response.headers["X-Upstream"] == "yes"
+        assert response.headers["X-Request-ID"] == REQUEST_ID
+        assert response.headers["X-RateLimit-Limit"] == "10"
+    if status == 304:
+        assert body == b""
+    else:
+        assert response.reason == "Custom Reason"
+        assert body == f"body-{status}".encode()
+        assert response.headers["Content-Length"] == str(len(body))
+    result = await front.outcome()
+    assert isinstance(result, ForwardResult)
+    assert (result.status, result.bytes_sent, result.error) == (status, len(body), None)
+    assert 0 < result.upstream_seconds < 2
+
+
+async def test_head_answer_keeps_its_content_length(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async with client.head(front.url / "status/200") as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == str(len(b"body-200"))
+        assert await response.read() == b""
+
+
+async def test_request_headers_reach_the_upstream_cleaned(
+    front: Front, client: aiohttp.ClientSession, upstream: UpstreamState
+) -> None:
+    headers = [
+        ("X-API-Key", "secret"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "drop me"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Upgrade", "h2c"),
+        ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Request-ID", "client-id"),
+        ("X-Custom", "one"),
+        ("X-Custom", "two"),
+        ("Accept", "application/json"),
+    ]
+    target = URL(
+        f"{front.url}/echo/a%2Fb/../c?x=1&api_key=secret&y=%20+&API_KEY=keep&api%5Fkey=s2&z",
+        encoded=True,
+    )
+    # The test client adds no User-Agent, so none may appear upstream either.
+    async with client.get(target, headers=headers, skip_auto_headers=["User-Agent"]) as response:
+        assert response.status == 200
+        echoed = await response.json()
+    assert echoed["raw_path"] == "/base/echo/a%2Fb/../c?x=1&y=%20+&API_KEY=keep&z"
+    seen = echoed["headers"]
+    names = {name.lower() for name, _ in seen}
+    for dropped in (
+        "x-api-key", "connection", "x-hop", "keep-alive", "proxy-connection", "te", "trailer",
+        "upgrade", "proxy-authorization", "user-agent", "content-type", "content-length",
+        "transfer-encoding",
+    ):  # fmt: skip
+        assert dropped not in names, dropped
+    assert named(seen, "Host") == [f"127.0.0.1:{upstream.port}"]
+    assert named(seen, "X-Forwarded-For") == ["10.0.0.1, 127.0.0.1"]
+    assert named(seen, "X-Forwarded-Proto") == ["http"]
+    assert named(seen, "X-Forwarded-Host") == [f"127.0.0.1:{front.url.port}"]
+    assert named(seen, "X-Request-ID") == [REQUEST_ID]
+    assert named(seen, "X-Custom") == ["one", "two"]
+    assert named(seen, "Accept") == ["application/json"]
+    assert echoed["body_exists"] is False
+
+
+async def test_response_headers_reach_the_client_cleaned(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(front.url / "cookies") as response:
+        assert await response.text() == "cookies"
+        lines = raw_lines(response.raw_headers)
+    assert named(lines, "Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert named(lines, "Cache-Control") == ["no-cache", "private"]
+    assert named(lines, "X-Request-ID") == [REQUEST_ID]
+    names = {name.lower() for name, _ in lines}
+    assert not names & {"x-hop", "keep-alive", "proxy-authenticate", "transfer-encoding"}
+    assert named(lines, "Connection") in ([], ["keep-alive"])
+
+
+async def test_upstream_connections_are_kept_alive(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    ports = []
+    for _ in range(3):
+        async with client.get(front.url / "echo") as response:
+            ports.append((await response.json())["peer_port"])
+    assert len(set(ports)) == 1
+
+
+# ------------------------------------------------ framing chosen byte by byte upstream
+
+
+async def test_chunked_answer_reaches_the_client_reframed(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(b"6\r\n world\r\n0\r\n\r\n")
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up:
+        front.use(up.port)
+        async with client.get(front.url / "x") as response:
+            assert response.status == 200
+            assert "Content-Length" not in response.headers
+            assert await response.read() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "status", "body"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", 200, b""),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n', 304, b""),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    ],
+)
+async def test_answers_without_and_with_a_body_reach_the_client(
+    front: Front,
+    client: aiohttp.ClientSession,
+    method: str,
+    answer: bytes,
+    status: int,
+    body: bytes,
+) -> None:
+    async with raw_upstream(keep_answering(answer)) as up:
+        front.use(up.port)
+        async with client.request(method, front.url / "x") as response:
+            assert response.status == status
+            assert await response.read() == body
+            if method == "HEAD":
+                assert response.headers["Content-Length"] == "1234"
