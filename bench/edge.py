@@ -19,11 +19,9 @@ import argparse
 import asyncio
 import base64
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from harness import (
     BenchError,
     GatewayPorts,
     Procs,
+    bench_workspace,
     free_port,
     gateway_argv,
     pinned,
@@ -218,63 +217,63 @@ def main() -> int:
         args.duration, args.rounds = 3, 1
     require_tools(["nginx", "wrk", "taskset"])
     raise_on_sigterm()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-edge-"))
-    procs = Procs(tmp)
-    try:
-        cert, key = make_certificate(tmp)
-        upstream_port, nginx_tls_port, echo_port = free_port(), free_port(), free_port()
-        start_upstream(procs, tmp, upstream_port)
-        start_nginx(
-            procs, tmp, "nginx-tls", "nginx-tls-proxy.conf.tmpl", 0,
-            port=nginx_tls_port, upstream_port=upstream_port, cert=cert, key=key,
-        )  # fmt: skip
-        https_ports = GatewayPorts(free_port(), free_port())
-        config = gateway_config(
-            tmp, "gateway-tls", https_ports, upstream_port, tls={"cert": str(cert), "key": str(key)}
-        )
-        start_gateway(procs, "gateway-tls", config, https_ports.proxy)
-        echo = procs.start(
-            "echo", [*pinned(1), sys.executable, "-c", ECHO_UPSTREAM, str(echo_port)]
-        )
-        wait_until_serving(echo, echo_port)
-        ws_ports = GatewayPorts(free_port(), free_port())
-        ws_config = write_gateway_config(tmp / "gateway-ws.yaml", ws_ports, "memory://", echo_port)
-        loaded = yaml.safe_load(ws_config.read_text())
-        loaded["products"]["bench"]["routes"].append(
-            {"path": "/live/{rest:path}", "websocket": True}
-        )
-        ws_config.write_text(yaml.safe_dump(loaded, sort_keys=False))
-        start_gateway(procs, "gateway-ws", ws_config, ws_ports.proxy)
+    with bench_workspace("gateway-edge-", args.keep) as procs:
+        tmp = procs.logs
+        try:
+            cert, key = make_certificate(tmp)
+            upstream_port, nginx_tls_port, echo_port = free_port(), free_port(), free_port()
+            start_upstream(procs, tmp, upstream_port)
+            start_nginx(
+                procs, tmp, "nginx-tls", "nginx-tls-proxy.conf.tmpl", 0,
+                port=nginx_tls_port, upstream_port=upstream_port, cert=cert, key=key,
+            )  # fmt: skip
+            https_ports = GatewayPorts(free_port(), free_port())
+            config = gateway_config(
+                tmp,
+                "gateway-tls",
+                https_ports,
+                upstream_port,
+                tls={"cert": str(cert), "key": str(key)},
+            )
+            start_gateway(procs, "gateway-tls", config, https_ports.proxy)
+            echo = procs.start(
+                "echo", [*pinned(1), sys.executable, "-c", ECHO_UPSTREAM, str(echo_port)]
+            )
+            wait_until_serving(echo, echo_port)
+            ws_ports = GatewayPorts(free_port(), free_port())
+            ws_config = write_gateway_config(
+                tmp / "gateway-ws.yaml", ws_ports, "memory://", echo_port
+            )
+            loaded = yaml.safe_load(ws_config.read_text())
+            loaded["products"]["bench"]["routes"].append(
+                {"path": "/live/{rest:path}", "websocket": True}
+            )
+            ws_config.write_text(yaml.safe_dump(loaded, sort_keys=False))
+            start_gateway(procs, "gateway-ws", ws_config, ws_ports.proxy)
 
-        results: dict[str, list[float]] = {}
-        conns, sockets, window = args.connections, args.sockets, args.window
-        targets = [
-            (NGINX_TLS, lambda s: wrk_https(nginx_tls_port, s, conns)),
-            (GATEWAY_TLS, lambda s: wrk_https(https_ports.proxy, s, conns)),
-            (WS_DIRECT, lambda s: websocket_rate(echo_port, sockets, window, s)),
-            (WS_GATEWAY, lambda s: websocket_rate(ws_ports.proxy, sockets, window, s)),
-        ]
-        for _ in range(args.rounds):
-            for name, measure in targets:
-                measure(1)  # warm-up
-                results.setdefault(name, []).append(measure(args.duration))
-        print(f"{args.rounds} round(s) of {args.duration} s; median (min, max)")
-        for name, values in results.items():
-            unit = "req/s" if name.startswith("HTTPS") else "msg/s"
-            print(summary(name, values, unit))
-        median = {name: statistics.median(values) for name, values in results.items()}
-        https = median[GATEWAY_TLS] / median[NGINX_TLS]
-        ws = median[WS_GATEWAY] / median[WS_DIRECT]
-        print(f"  HTTPS gateway / nginx: {https:.2f}; WebSocket gateway / direct: {ws:.2f}")
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            results: dict[str, list[float]] = {}
+            conns, sockets, window = args.connections, args.sockets, args.window
+            targets = [
+                (NGINX_TLS, lambda s: wrk_https(nginx_tls_port, s, conns)),
+                (GATEWAY_TLS, lambda s: wrk_https(https_ports.proxy, s, conns)),
+                (WS_DIRECT, lambda s: websocket_rate(echo_port, sockets, window, s)),
+                (WS_GATEWAY, lambda s: websocket_rate(ws_ports.proxy, sockets, window, s)),
+            ]
+            for _ in range(args.rounds):
+                for name, measure in targets:
+                    measure(1)  # warm-up
+                    results.setdefault(name, []).append(measure(args.duration))
+            print(f"{args.rounds} round(s) of {args.duration} s; median (min, max)")
+            for name, values in results.items():
+                unit = "req/s" if name.startswith("HTTPS") else "msg/s"
+                print(summary(name, values, unit))
+            median = {name: statistics.median(values) for name, values in results.items()}
+            https = median[GATEWAY_TLS] / median[NGINX_TLS]
+            ws = median[WS_GATEWAY] / median[WS_DIRECT]
+            print(f"  HTTPS gateway / nginx: {https:.2f}; WebSocket gateway / direct: {ws:.2f}")
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

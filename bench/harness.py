@@ -2,7 +2,8 @@
 
 Every child gets its own session (so a Ctrl-C reaches only the benchmark, which then stops the
 children in order) and a parent-death signal (so not even a SIGKILL of the benchmark leaves them
-running). `Procs.stop_all` is registered with atexit as well as called from `finally`.
+running). `Procs.stop_all` is registered with atexit as well as called on leaving
+`bench_workspace`, the temp dir and children of one benchmark run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -140,6 +144,22 @@ class Procs:
     def stop_all(self) -> None:
         for child in reversed(list(self.children)):
             self.stop(child)
+
+
+@contextmanager
+def bench_workspace(prefix: str, keep: bool = False) -> Iterator[Procs]:
+    """A fresh temp dir (`procs.logs`: configs, certificates and the children's logs) and the
+    children started in it. On leaving, however it is left, every child is stopped and the dir
+    removed, or kept (and named) with `keep`."""
+    procs = Procs(Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        if keep:
+            print(f"logs kept in {procs.logs}")
+        else:
+            shutil.rmtree(procs.logs, ignore_errors=True)
 
 
 class _ignore_gone:

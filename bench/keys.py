@@ -23,10 +23,8 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from harness import (
     BenchError,
     Child,
     Procs,
+    bench_workspace,
     free_port,
     raise_on_sigterm,
     require_tools,
@@ -343,27 +342,22 @@ def main() -> int:
     sizes = sorted(int(size) for size in args.sizes.split(","))
     require_tools(["nginx", "redis-server"])
     raise_on_sigterm()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-keys-"))
-    procs = Procs(tmp)
     load = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(f"load average at start: {load} on {os.cpu_count()} CPUs", flush=True)
-    try:
-        upstream_port, redis_port = free_port(), free_port()
-        start_upstream(procs, tmp, upstream_port)
-        start_redis(procs, tmp, redis_port)
-        base = Setup(tmp, 0, 0, args.workers, f"redis://127.0.0.1:{redis_port}/0", upstream_port)
-        for keys in sizes:
-            probe = args.reload_probe_all or keys == sizes[0]
-            bench_size(procs, base, keys, probe_reload=probe, api=not args.no_api)
-    except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with bench_workspace("gateway-bench-keys-", args.keep) as procs:
+        tmp = procs.logs
+        try:
+            upstream_port, redis_port = free_port(), free_port()
+            start_upstream(procs, tmp, upstream_port)
+            start_redis(procs, tmp, redis_port)
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            base = Setup(tmp, 0, 0, args.workers, redis_url, upstream_port)
+            for keys in sizes:
+                probe = args.reload_probe_all or keys == sizes[0]
+                bench_size(procs, base, keys, probe_reload=probe, api=not args.no_api)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from harness import (
     BenchError,
     GatewayPorts,
     Procs,
+    bench_workspace,
     free_port,
     raise_on_sigterm,
     require_tools,
@@ -147,19 +146,12 @@ def main() -> int:
     args = parser.parse_args()
     require_tools(["nginx", "taskset"])
     raise_on_sigterm()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-rss-"))
-    procs = Procs(tmp)
-    try:
-        result = measure_rss(procs, tmp, args.mb)
-    except BenchError as exc:
-        print(f"rss_stream: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with bench_workspace("gateway-rss-", args.keep) as procs:
+        try:
+            result = measure_rss(procs, procs.logs, args.mb)
+        except BenchError as exc:
+            print(f"rss_stream: {exc}", file=sys.stderr)
+            return 1
     print("\n".join(report_lines(result)))
     verdict = "PASS" if result.growth_mb < 32 else "FAIL"
     print(f"{verdict}: RSS growth while proxying {result.size_mb} MiB < 32 MiB")

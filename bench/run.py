@@ -16,10 +16,8 @@ import math
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from harness import (
     BenchError,
     GatewayPorts,
     Procs,
+    bench_workspace,
     expect,
     free_port,
     gateway_argv,
@@ -441,22 +440,16 @@ def main() -> int:
     peers = install_peers(args.peers_dir, wanted=not args.no_peers)
     for name, why in peers.missing.items():
         print(f"{name}: left out: {why}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    bench = Bench(args, tmp, Procs(tmp), peers)
-    try:
-        report = render(run(bench, started))
-    except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bench.procs.stop_all()
-        if args.keep:
-            print(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with bench_workspace("gateway-bench-", args.keep) as procs:
+        bench = Bench(args, procs.logs, procs, peers)
+        try:
+            report = render(run(bench, started))
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
     print("\n" + report)
     if args.results is not None:
         args.results.write_text(report)
