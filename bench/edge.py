@@ -39,9 +39,12 @@ from harness import (
     require_tools,
     start_nginx,
     start_upstream,
+    use_python,
     wait_until_serving,
     write_gateway_config,
 )
+from interpreter import fastest_python
+from peers import default_peers_dir
 from run import parse_wrk
 
 PATH = "/bench/ok"
@@ -217,6 +220,9 @@ def main() -> int:
         args.duration, args.rounds = 3, 1
     require_tools(["nginx", "wrk", "taskset"])
     raise_on_sigterm()
+    python = fastest_python(default_peers_dir().parent, None)
+    use_python(python.path)
+    print(f"gateway's interpreter: {python.describe()}", flush=True)
     with bench_workspace("gateway-edge-", args.keep) as procs:
         tmp = procs.logs
         try:

@@ -313,13 +313,25 @@ def write_gateway_config(
 GATEWAY_CHECKOUT = Path(os.environ.get("GATEWAY_BENCH_CHECKOUT") or REPO).resolve()
 
 
+# The interpreter the gateway runs under, when a script chose one (see interpreter.py).
+_chosen_python: str | None = None
+
+
+def use_python(python: str) -> None:
+    global _chosen_python
+    _chosen_python = python
+
+
 def gateway_python() -> str:
+    if _chosen_python is not None:
+        return _chosen_python
     other = GATEWAY_CHECKOUT / ".venv" / "bin" / "python"
     return str(other) if REPO.resolve() != GATEWAY_CHECKOUT and other.exists() else sys.executable
 
 
-def gateway_argv(config: Path, core: int = 0) -> list[str]:
-    return [*pinned(core), gateway_python(), "-m", "gateway", "run", "--config", str(config)]
+def gateway_argv(config: Path, core: int = 0, python: str | None = None) -> list[str]:
+    python = python or gateway_python()
+    return [*pinned(core), python, "-m", "gateway", "run", "--config", str(config)]
 
 
 def start_log_reader(procs: Procs, name: str, log: Path, core: int = 1) -> tuple[Child, int]:
@@ -343,9 +355,11 @@ def start_gateway(
     port: int,
     access_log: bool = False,
     stdout: int | None = None,
+    python: str | None = None,
 ) -> Child:
-    """Start the gateway and wait until it answers; check that it admits the key and only it.
-    Its stdout (the access log) goes to `stdout`, a file descriptor, or else to its log."""
+    """Start the gateway (under `python`, else `gateway_python()`) and wait until it answers;
+    check that it admits the key and only it. Its stdout (the access log) goes to `stdout`, a
+    file descriptor, or else to its log."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -356,7 +370,7 @@ def start_gateway(
     env.pop("GATEWAY_REDIS_URL", None)  # the generated config decides the storage
     # One worker keeps its metrics in memory unless told to use shared files: measure that.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    child = procs.start(name, gateway_argv(config), env=env, stdout=stdout)
+    child = procs.start(name, gateway_argv(config, python=python), env=env, stdout=stdout)
     try:
         wait_until_serving(child, port)
         expect(port, "/bench/ok", KEY_HEADER, 200, f"{name} with the key")

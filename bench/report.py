@@ -21,6 +21,9 @@ from rss_stream import report_lines as rss_lines
 DIRECT, NGINX = "direct (upstream nginx)", "nginx proxy_pass"
 GW_SHIPPED = "gateway, redis, access log to a pipe (shipped defaults)"
 GW_REDIS, GW_MEMORY = "gateway, redis, access log off", "gateway, memory, access log off"
+# The shipped defaults again, under the interpreter running the bench when it is not the one
+# the gateway rows run under (interpreter.py): what a slower CPython build costs.
+GW_OWN_PYTHON = "gateway, shipped defaults, under the bench's own Python"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class Report:
     peer_versions: dict[str, str] = field(default_factory=dict)  # peer -> "envoy 1.40.0"
     missing_peers: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
     access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
+    gateway_python: str = ""  # the interpreter the gateway rows ran under, described
+    own_python: str = ""  # the bench's own, when the GW_OWN_PYTHON row ran
 
     @property
     def peers(self) -> list[str]:
@@ -289,6 +294,12 @@ def latency_section(report: Report) -> list[str]:
     return out
 
 
+def own_python(report: Report) -> str:
+    if not report.own_python:
+        return ""
+    return f"; the bench's own (row '{GW_OWN_PYTHON}'): {report.own_python}"
+
+
 def measured_checkout() -> str:
     """Which code the gateway rows ran: the checkout and its commit (dirty if edited)."""
     try:
@@ -311,6 +322,7 @@ def render(report: Report) -> str:
         f"- machine: {machine()}",
         f"- versions: {versions(report.peer_versions)}",
         f"- gateway measured: {measured_checkout()}",
+        f"- gateway's interpreter: {report.gateway_python}{own_python(report)}",
         f"- load average (1, 5, 15 min) at the start: {report.load_at_start}; other work on the "
         "machine shows up as a wide min..max",
         f"- run: `{report.command_line}`: {report.rounds} interleaved round(s) of "

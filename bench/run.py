@@ -48,8 +48,10 @@ from harness import (
     start_nginx_proxy,
     start_redis,
     start_upstream,
+    use_python,
     write_gateway_config,
 )
+from interpreter import Interpreter, fastest_python, running_python
 from peers import (
     ENVOY,
     Peers,
@@ -61,6 +63,7 @@ from peers import (
 from report import (
     DIRECT,
     GW_MEMORY,
+    GW_OWN_PYTHON,
     GW_REDIS,
     GW_SHIPPED,
     NGINX,
@@ -99,6 +102,7 @@ class Bench:
     redis_usage: RedisUsage = field(default_factory=RedisUsage)
     access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
     last_log_lines: int = 0  # what the last shipped gateway wrote to its stdout
+    python: Interpreter | None = None  # what the gateway runs under (None: the bench's own)
 
     store: redis.Redis = field(init=False)
 
@@ -155,7 +159,8 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
     GATEWAY_ACCESS_LOG=off.
     """
     storage = "memory://" if name == GW_MEMORY else f"redis://127.0.0.1:{bench.redis_port}/0"
-    access_log = name == GW_SHIPPED
+    access_log = name in (GW_SHIPPED, GW_OWN_PYTHON)
+    python = sys.executable if name == GW_OWN_PYTHON else None
     slug = name.split(" (")[0].replace(", ", "-").replace(" ", "-")
     log = bench.tmp / f"{slug}-access.log"
     for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -167,7 +172,7 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
         )
         env = f"GATEWAY_ACCESS_LOG={'on' if access_log else 'off'}"
         redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}" if access_log else ""
-        bench.note(f"gateway ({name})", gateway_argv(config), env, redirect)
+        bench.note(f"gateway ({name})", gateway_argv(config, python=python), env, redirect)
         if storage != "memory://":
             bench.store.flushall()  # every run starts from the same (empty) counters
         reader, stdout = None, None
@@ -175,7 +180,7 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
             reader, stdout = start_log_reader(bench.procs, f"{slug}-reader", log)
         try:
             child = start_gateway(
-                bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout
+                bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout, python
             )
         except BenchError:
             if reader is not None:
@@ -245,6 +250,8 @@ def targets(bench: Bench) -> dict[str, Callable[[], WrkRun]]:
         found[name] = partial(run_fixture, bench, name, port)
     for name in (GW_SHIPPED, GW_REDIS, GW_MEMORY):
         found[name] = partial(run_gateway, bench, name)
+    if bench.python is not None and bench.python.path != sys.executable:
+        found[GW_OWN_PYTHON] = partial(run_gateway, bench, GW_OWN_PYTHON)
     return found
 
 
@@ -357,6 +364,11 @@ def parse_args() -> argparse.Namespace:
         help="venv for Envoy and Traefik (default ~/.cache/gateway-bench/peers)",
     )
     parser.add_argument("--no-peers", action="store_true", help="nginx only; no Envoy, Traefik")
+    parser.add_argument(
+        "--python",
+        help="the Python to run the gateway under (default: the fastest 3.11+ found; see "
+        "interpreter.py)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds = 3, 1
@@ -429,6 +441,8 @@ def run(bench: Bench, started: datetime) -> Report:
         peer_versions=bench.peers.versions,
         missing_peers=bench.peers.missing,
         access_log=bench.access_log,
+        gateway_python=bench.python.describe() if bench.python else "",
+        own_python=running_python().describe() if GW_OWN_PYTHON in throughput else "",
     )
 
 
@@ -442,6 +456,9 @@ def main() -> int:
         print(f"{name}: left out: {why}", flush=True)
     with bench_workspace("gateway-bench-", args.keep) as procs:
         bench = Bench(args, procs.logs, procs, peers)
+        bench.python = fastest_python(args.peers_dir.parent, args.python)
+        use_python(bench.python.path)
+        print(f"gateway's interpreter: {bench.python.describe()}", flush=True)
         try:
             report = render(run(bench, started))
         except BenchError as exc:
