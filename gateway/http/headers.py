@@ -178,10 +178,18 @@ def client_response_head(
         parts.append(encode_header_block(extra))
     if not dated:
         parts.append(date_line())
-    return ResponseHead(b"".join(parts), int(length) if length is not None else None)
+    # tuple.__new__ skips the named tuple's own __new__, a Python function: half the cost.
+    return _new_tuple(ResponseHead, (b"".join(parts), int(length) if length is not None else None))
+
+
+_new_tuple = tuple.__new__
+# What nearly every upstream's Connection line says; none of them names another header.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def _connection_listed_raw(value: bytes, into: set[bytes] | None) -> set[bytes] | None:
+    if value in _PLAIN_CONNECTION:
+        return into
     for token in value.split(b","):
         token = token.strip().lower()
         if token and token not in _HOP_BY_HOP_RAW and token not in _NEVER_CONNECTION_LISTED_RAW:

@@ -48,6 +48,10 @@ def status_line(status: int, reason: str) -> bytes:
 
 def encode_header_block(headers: Mapping[str, str]) -> bytes:
     """Header lines for the gateway's own headers (ASCII by construction)."""
-    return "".join([f"{name}: {value}\r\n" for name, value in headers.items()]).encode(
+    if not headers:
+        return b""
+    # Joined in C (map of str.join) rather than one f-string per line: 20% less time for the
+    # nine headers of a proxied answer (bench/PROFILE.md, "Session 4").
+    return ("\r\n".join(map(": ".join, headers.items())) + "\r\n").encode(
         "utf-8", "surrogateescape"
     )
