@@ -25,11 +25,17 @@ from urllib.parse import quote
 from gateway import accesslog, metrics
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
+from gateway.http.headers import ExtraHeaders
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.keys.index import Principal
 from gateway.limits.base import Receipt, StorageError
-from gateway.limits.headers import limit_headers
+from gateway.limits.headers import (
+    header_dict,
+    limit_header_lines,
+    limit_header_names,
+    limit_headers,
+)
 from gateway.limits.metering import local_rate
 from gateway.params import check_path_params, check_query
 from gateway.problems import (
@@ -65,6 +71,8 @@ class Exchange(RequestRecord):
     __slots__ = (
         "counted",
         "key",
+        "limit_lines",
+        "limit_names",
         "match",
         "principal",
         "receipt",
@@ -84,6 +92,9 @@ class Exchange(RequestRecord):
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
         self.response_headers: dict[str, str] = {"X-Request-ID": request_id}
+        # An admission's limit headers, as header lines and their names (see apply_limits).
+        self.limit_lines = ""
+        self.limit_names: tuple[str, ...] = ()
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
@@ -96,6 +107,21 @@ class Exchange(RequestRecord):
             self.counted = True
             self.duration = time.perf_counter() - self.started
             metrics.observe_request(self)
+
+    def own_headers(self) -> dict[str, str]:
+        """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
+        of a request the limits admitted (README, "Headers")."""
+        if not self.limit_lines:
+            return self.response_headers
+        return {**self.response_headers, **header_dict(self.limit_lines)}
+
+    def upstream_answer_headers(self) -> ExtraHeaders:
+        """The gateway's headers for the upstream's answer: the same, as lines."""
+        headers = self.response_headers
+        return ExtraHeaders(
+            tuple(headers) + self.limit_names,
+            encode_header_block(headers) + self.limit_lines.encode(),
+        )
 
     def answered_by_upstream(self, status: int, upstream_seconds: float, bytes_sent: int) -> None:
         self.status, self.code = status, "upstream"
@@ -209,12 +235,16 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         return None
     outcome = decision.outcome
     _decided(ex, plan.name, outcome)
-    headers = limit_headers(decision)
-    ex.response_headers.update(headers)
     if outcome == "allowed":
+        # Rendered as lines at once (what the proxied answer carries); a dict of them only if
+        # the gateway ends up answering itself (Exchange.own_headers).
+        ex.limit_lines = limit_header_lines(decision)
+        ex.limit_names = limit_header_names(decision)
         metrics.observe_units(ex.product, plan.name, cost)
         ex.receipt = decision.receipt
         return None
+    headers = limit_headers(decision)
+    ex.response_headers.update(headers)
     if outcome == "quota_exceeded":
         raise QuotaExceeded(
             f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
@@ -281,7 +311,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         config.auth.query_param,
         ex.request_id,
         config.server.timeouts.client_body,
-        ex.response_headers,
+        ex.upstream_answer_headers(),
         ex.answered_by_upstream,
         tunnel_idle,
     )
@@ -355,7 +385,7 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
             if isinstance(error, GatewayProblem)
             else problem_from_http_error(error, ex.product)
         )
-        own = _problem_answer(problem, ex.request_id, ex.response_headers)
+        own = _problem_answer(problem, ex.request_id, ex.own_headers())
         record.status, record.code = problem.status, problem.code
     except (asyncio.CancelledError, ConnectionError):
         # The client went away: nobody will read an answer, but the log and metrics should.
@@ -364,8 +394,8 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
     except Exception:
         log.exception("unexpected error while handling request %s", ex.request_id)
         internal = InternalError("The gateway failed to handle this request.")
-        # ex.response_headers: a request that got past the limits keeps its limit headers.
-        own = _problem_answer(internal, ex.request_id, ex.response_headers)
+        # A request that got past the limits keeps its limit headers.
+        own = _problem_answer(internal, ex.request_id, ex.own_headers())
         record.status, record.code = internal.status, internal.code
     finally:
         metrics.INFLIGHT.dec()

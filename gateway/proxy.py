@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
@@ -23,6 +23,7 @@ from gateway.http.client import HttpClient
 from gateway.http.client_connection import HttpReply
 from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
 from gateway.http.headers import (
+    ExtraHeaders,
     ResponseHead,
     client_response_head,
     strip_query_param,
@@ -209,7 +210,7 @@ async def forward(
     key_query_param: str | None,
     request_id: str,
     body_timeout: float,
-    extra_response_headers: Mapping[str, str] | None = None,
+    extra_response_headers: ExtraHeaders | None = None,
     on_answered: AnswerHook | None = None,
     tunnel_idle: float | None = None,
 ) -> ForwardResult:

@@ -30,72 +30,94 @@ _NO_LIMIT = -1
 _ceil = math.ceil
 
 
-def limit_headers(decision: Decision) -> dict[str, str]:
-    """The limit headers for `decision`, in the same order whatever the outcome."""
-    # Once per request: each case is written out with its dict built in one literal and
-    # whole_seconds inlined, which halves the cost of building the dict key by key.
+# The names each kind of plan's headers have, in order (Retry-After only on a refusal).
+RATE_AND_QUOTA_NAMES = (
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "RateLimit-Policy", "RateLimit",
+)  # fmt: skip
+RATE_NAMES = (
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "RateLimit-Policy", "RateLimit",
+)  # fmt: skip
+QUOTA_NAMES = (
+    "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "RateLimit-Policy", "RateLimit",
+)  # fmt: skip
+
+
+def limit_header_names(decision: Decision) -> tuple[str, ...]:
+    """The names of `limit_header_lines(decision)` of an admission, in order."""
+    if decision.rate is not None:
+        return RATE_AND_QUOTA_NAMES if decision.quota is not None else RATE_NAMES
+    return QUOTA_NAMES if decision.quota is not None else ()
+
+
+def limit_header_lines(decision: Decision) -> str:
+    """The limit headers for `decision` as header lines ("Name: value\r\n" each), in the same
+    order whatever the outcome: what an admitted request's answer carries."""
+    # Once per request: each case is one f-string with whole_seconds inlined. Rendering the
+    # lines at once costs half of building a dict and encoding it line by line
+    # (bench/PROFILE.md, "Session 4").
     outcome, rate, quota, retry_after, _ = decision
-    headers: dict[str, str]
     if rate is not None and quota is not None:
-        rate_limit, rate_remaining, rate_reset, rate_window = rate
-        quota_limit, quota_remaining, quota_reset, quota_window = quota
+        rate_limit, rate_left, rate_reset, rate_window = rate
+        quota_limit, quota_left, quota_reset, quota_window = quota
         key = (rate_limit, rate_window, quota_limit, quota_window)
         fixed = _fixed_parts.get(key)
         if fixed is None:
             fixed = _remember_fixed_parts(key, rate, quota)
-        rate_left = str(rate_remaining)
         seconds = _ceil(rate_reset - 1e-9)
-        rate_reset_text = str(seconds) if seconds > 0 else "0"
-        quota_left = str(quota_remaining)
+        rate_reset_in = seconds if seconds > 0 else 0
         seconds = _ceil(quota_reset - 1e-9)
-        quota_reset_text = str(seconds) if seconds > 0 else "0"
-        headers = {
-            "X-RateLimit-Limit": fixed[1],
-            "X-RateLimit-Remaining": rate_left,
-            "X-RateLimit-Reset": rate_reset_text,
-            "X-Quota-Limit": fixed[2],
-            "X-Quota-Remaining": quota_left,
-            "X-Quota-Reset": quota_reset_text,
-            "RateLimit-Policy": fixed[0],
-            "RateLimit": f'"rate";r={rate_left};t={rate_reset_text}, '
-            f'"quota";r={quota_left};t={quota_reset_text}',
-        }
+        quota_reset_in = seconds if seconds > 0 else 0
+        lines = (
+            f"X-RateLimit-Limit: {fixed[1]}\r\nX-RateLimit-Remaining: {rate_left}\r\n"
+            f"X-RateLimit-Reset: {rate_reset_in}\r\nX-Quota-Limit: {fixed[2]}\r\n"
+            f"X-Quota-Remaining: {quota_left}\r\nX-Quota-Reset: {quota_reset_in}\r\n"
+            f"RateLimit-Policy: {fixed[0]}\r\n"
+            f'RateLimit: "rate";r={rate_left};t={rate_reset_in}, '
+            f'"quota";r={quota_left};t={quota_reset_in}\r\n'
+        )
     elif rate is not None:
         key = (rate.limit, rate.window, _NO_LIMIT, 0.0)
         fixed = _fixed_parts.get(key)
         if fixed is None:
             fixed = _remember_fixed_parts(key, rate, None)
-        rate_left = str(rate.remaining)
         seconds = _ceil(rate.reset - 1e-9)
-        rate_reset_text = str(seconds) if seconds > 0 else "0"
-        headers = {
-            "X-RateLimit-Limit": fixed[1],
-            "X-RateLimit-Remaining": rate_left,
-            "X-RateLimit-Reset": rate_reset_text,
-            "RateLimit-Policy": fixed[0],
-            "RateLimit": f'"rate";r={rate_left};t={rate_reset_text}',
-        }
+        rate_reset_in = seconds if seconds > 0 else 0
+        lines = (
+            f"X-RateLimit-Limit: {fixed[1]}\r\nX-RateLimit-Remaining: {rate.remaining}\r\n"
+            f"X-RateLimit-Reset: {rate_reset_in}\r\nRateLimit-Policy: {fixed[0]}\r\n"
+            f'RateLimit: "rate";r={rate.remaining};t={rate_reset_in}\r\n'
+        )
     elif quota is not None:
         key = (_NO_LIMIT, 0.0, quota.limit, quota.window)
         fixed = _fixed_parts.get(key)
         if fixed is None:
             fixed = _remember_fixed_parts(key, None, quota)
-        quota_left = str(quota.remaining)
         seconds = _ceil(quota.reset - 1e-9)
-        quota_reset_text = str(seconds) if seconds > 0 else "0"
-        headers = {
-            "X-Quota-Limit": fixed[2],
-            "X-Quota-Remaining": quota_left,
-            "X-Quota-Reset": quota_reset_text,
-            "RateLimit-Policy": fixed[0],
-            "RateLimit": f'"quota";r={quota_left};t={quota_reset_text}',
-        }
+        quota_reset_in = seconds if seconds > 0 else 0
+        lines = (
+            f"X-Quota-Limit: {fixed[2]}\r\nX-Quota-Remaining: {quota.remaining}\r\n"
+            f"X-Quota-Reset: {quota_reset_in}\r\nRateLimit-Policy: {fixed[0]}\r\n"
+            f'RateLimit: "quota";r={quota.remaining};t={quota_reset_in}\r\n'
+        )
     else:
-        headers = {}
+        lines = ""
     if outcome != "allowed":
         seconds = _ceil(retry_after - 1e-9)
-        headers["Retry-After"] = str(seconds) if seconds > 1 else "1"
-    return headers
+        lines += f"Retry-After: {seconds if seconds > 1 else 1}\r\n"
+    return lines
+
+
+def limit_headers(decision: Decision) -> dict[str, str]:
+    """`limit_header_lines` as a dict, in the same order: for the gateway's own answers (a
+    refusal's problem+json, a failure after the limits)."""
+    return header_dict(limit_header_lines(decision))
+
+
+def header_dict(lines: str) -> dict[str, str]:
+    """Header lines ("Name: value\r\n" each, as `limit_header_lines` writes) as a dict."""
+    return dict(line.split(": ", 1) for line in lines.split("\r\n") if line)
 
 
 def _remember_fixed_parts(

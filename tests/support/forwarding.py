@@ -17,7 +17,7 @@ from yarl import URL
 
 from gateway.config.model import AuthConfig, Product, Upstream
 from gateway.http.errors import HttpError
-from gateway.http.headers import request_drop_set
+from gateway.http.headers import extra_headers, request_drop_set
 from gateway.http.request import Request
 from gateway.problems import GatewayProblem
 from gateway.proxy import ForwardResult, UpstreamPool, forward
@@ -196,7 +196,7 @@ async def running_front(upstream_port: int) -> AsyncIterator[Front]:
                 auth.query_param,
                 REQUEST_ID,
                 front.body_timeout,
-                EXTRA_HEADERS,
+                extra_headers(EXTRA_HEADERS),
             )
         except (GatewayProblem, HttpError) as error:
             problem = as_problem(error)

@@ -9,6 +9,7 @@ from gateway.http.headers import (
     HOP_BY_HOP,
     client_response_head,
     decoded_lines,
+    extra_headers,
     interim_head,
     request_drop_set,
     strip_query_param,
@@ -80,7 +81,8 @@ def client_response_headers(
     lines: list[tuple[str, str]], extra: dict[str, str] | None = None
 ) -> CIMultiDict[str]:
     """client_response_head's block as a multidict, without the Date line it adds."""
-    head = client_response_head([(n.encode(), v.encode()) for n, v in lines], extra)
+    extra_lines = extra_headers(extra) if extra else None
+    head = client_response_head([(n.encode(), v.encode()) for n, v in lines], extra_lines)
     parsed = CIMultiDict[str]()
     for line in head.block.decode().split("\r\n")[:-1]:
         name, _, value = line.partition(": ")
@@ -191,7 +193,9 @@ def test_switching_protocols_head_says_what_it_switched_to() -> None:
         (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         (b"Date", b"Tue, 01 Dec 2026 10:00:00 GMT"),
     ]
-    head = switching_protocols_head("Switching Protocols", lines, {"X-Request-ID": "abc"})
+    head = switching_protocols_head(
+        "Switching Protocols", lines, extra_headers({"X-Request-ID": "abc"})
+    )
     assert head == (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
