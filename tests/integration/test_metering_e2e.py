@@ -9,7 +9,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -445,13 +445,19 @@ async def test_an_api_key_has_its_own_limits_too(rig: Rig) -> None:
         assert "plans.soccer.quota.limit: must be at least 1" in problem["detail"]
 
 
-async def test_round_trips_one_per_request_two_when_refunded(
-    rig: Rig, request: pytest.FixtureRequest
-) -> None:
-    """One EVALSHA per admitted request; a refunded one adds exactly one more (the refund)."""
+@pytest.fixture
+def single_redis(rig: Rig, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A client of the rig's Redis, for its command counts: a single Redis only."""
     if not rig.worker.config.storage.url.startswith("redis://"):
         pytest.skip("round trips are counted on a single Redis")
-    redis_client = request.getfixturevalue("redis_server").client()
+    client = request.getfixturevalue("redis_server").client()
+    yield client
+    client.close()
+
+
+async def test_round_trips_one_per_request_two_when_refunded(rig: Rig, single_redis: Any) -> None:
+    """One EVALSHA per admitted request; a refunded one adds exactly one more (the refund)."""
+    redis_client = single_redis
     await rig.get("bill", "/soccer/warm-up")  # the subscription's first admission of the day
     await rig.used_becomes("bill", 1)
     redis_client.config_resetstat()
@@ -463,16 +469,11 @@ async def test_round_trips_one_per_request_two_when_refunded(
     stats = redis_client.info("commandstats")
     evalsha = stats.get("cmdstat_evalsha", {}).get("calls", 0)
     assert evalsha == 10 + 10 * 2, stats
-    redis_client.close()
 
 
-async def test_credit_answers_with_the_usage_it_made(
-    rig: Rig, request: pytest.FixtureRequest
-) -> None:
+async def test_credit_answers_with_the_usage_it_made(rig: Rig, single_redis: Any) -> None:
     """The credit's own reply is the answer's quota: no usage read after it."""
-    if not rig.worker.config.storage.url.startswith("redis://"):
-        pytest.skip("round trips are counted on a single Redis")
-    redis_client = request.getfixturevalue("redis_server").client()
+    redis_client = single_redis
     assert (await rig.get("vip", "/soccer/x"))[0] == 200
     redis_client.config_resetstat()
     credit_url = rig.admin(f"/admin/usage/vip-{rig.run}/soccer/credit")
@@ -480,7 +481,6 @@ async def test_credit_answers_with_the_usage_it_made(
         assert response.status == 200
         quota = (await response.json())["products"]["soccer"]["quota"]
     stats = redis_client.info("commandstats")
-    redis_client.close()
     assert (quota["limit"], quota["used"], quota["credit"]) == (7, 1, 4)
     # The credit script ran (its HINCRBY); no HMGET of the quota's hash came after it.
     assert stats["cmdstat_hincrby"]["calls"] == 1, stats
