@@ -103,7 +103,14 @@ def fastest_python(cache: Path, chosen: str | None = None) -> Interpreter:
     base, (version, loop_us) = min(probed.items(), key=lambda item: item[1][1])
     if base == own.base:
         return own
-    return Interpreter(str(_venv_for(base, cache)), base, version, loop_us)
+    try:
+        return Interpreter(str(_venv_for(base, cache)), base, version, loop_us)
+    except BenchError as exc:
+        if chosen:
+            raise
+        # The bench still runs, under its own interpreter, and says why.
+        print(f"{exc}\nthe gateway runs under {own.describe()} instead", flush=True)
+        return own
 
 
 def _venv_for(base: str, cache: Path) -> Path:
