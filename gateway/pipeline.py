@@ -234,7 +234,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         metrics.observe_units(ex.product, plan.name, cost)
         return None
     outcome = decision.outcome
-    _decided(ex, plan.name, outcome)
+    metrics.observe_limit_decision(ex.product, plan.name, outcome)
     if outcome == "allowed":
         # Rendered as lines at once (what the proxied answer carries); a dict of them only if
         # the gateway ends up answering itself (Exchange.own_headers).
@@ -251,12 +251,6 @@ async def apply_limits(ex: Exchange) -> Answer | None:
             headers=headers,
         )
     raise _throttled(ex, plan.name, headers)
-
-
-def _decided(ex: Exchange, plan: str, outcome: metrics.LimitDecision) -> None:
-    """The limit step's outcome, on the request's record and in the metrics."""
-    ex.limit_outcome = outcome
-    metrics.observe_limit_decision(ex.product, plan, outcome)
 
 
 def _throttled(ex: Exchange, plan: str, headers: dict[str, str]) -> Throttled:
@@ -276,7 +270,7 @@ async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
     if storage.on_error == "local":
         rate = plan.rate
         if rate is None:  # the quota is not checked while the storage is away
-            _decided(ex, plan.name, "local_allowed")
+            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
             return None
         # The local share of this plan's rate; the quota is not checked, nothing is counted.
         decision = await ex.runtime.local_limiter.hit(
@@ -285,11 +279,11 @@ async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
         headers = limit_headers(decision)
         ex.response_headers.update(headers)
         if decision.allowed:
-            _decided(ex, plan.name, "local_allowed")
+            metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
             return None
-        _decided(ex, plan.name, "local_throttled")
+        metrics.observe_limit_decision(ex.product, plan.name, "local_throttled")
         raise _throttled(ex, plan.name, headers)
-    _decided(ex, plan.name, "storage_error")
+    metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
     if storage.on_error == "allow":
         return None
     raise StorageUnavailable() from error

@@ -20,8 +20,6 @@ class RequestRecord:
     route: str = ""  # the route's template, "" when no route matched
     key_name: str = ""
     plan: str = ""
-    # allowed | throttled | quota_exceeded | storage_error | local_allowed | local_throttled | ""
-    limit_outcome: str = ""
     duration: float = 0.0  # seconds from head to the last byte sent
     upstream_duration: float | None = None  # seconds from sending upstream to its response head
     bytes_sent: int = 0

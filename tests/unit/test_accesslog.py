@@ -41,7 +41,6 @@ def proxied_record() -> RequestRecord:
         route="/soccer/v4/{lang}/competitions/{competition_id}/info.json",
         key_name="acme-trial",
         plan="trial",
-        limit_outcome="allowed",
         duration=0.0123456,
         upstream_duration=0.0101,
         bytes_sent=512,
