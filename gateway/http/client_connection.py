@@ -206,8 +206,13 @@ class HttpConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.connection_lost()
             return
-        reason = "connection closed without an answer" if exc is None else "connection reset"
-        self._fail(ServerDisconnected(reason), closed=True)
+        if exc is None:
+            # Closed cleanly: before the head there was no answer; after it, the body the
+            # framing announced did not all come.
+            error = ServerDisconnected("connection closed without an answer")
+            self._fail(error, closed=True, cut="invalid or incomplete body")
+        else:
+            self._fail(ServerDisconnected("connection reset"), closed=True)
         self._writes.fail(ConnectionResetError("upstream connection lost"))
 
     def pause_writing(self) -> None:
@@ -385,8 +390,10 @@ class HttpConnection(asyncio.Protocol):
         if reply is not None:
             reply._end()
 
-    def _fail(self, error: UpstreamError, *, closed: bool = False) -> None:
-        """The exchange cannot go on: tell whoever waits, and never reuse this connection."""
+    def _fail(self, error: UpstreamError, *, closed: bool = False, cut: str | None = None) -> None:
+        """The exchange cannot go on: tell whoever waits, and never reuse this connection.
+        `error` goes to a caller still waiting for the head; a body under way is cut, told
+        `cut` (else the error's own words)."""
         self.reusable = False
         self._stop_head_timer()
         reply, self._reply = self._reply, None
@@ -397,10 +404,7 @@ class HttpConnection(asyncio.Protocol):
             else:
                 head.set_exception(error)
         elif reply is not None:
-            reason = str(error)
-            if isinstance(error, ServerDisconnected) and reason.startswith("connection closed"):
-                reason = "invalid or incomplete body"
-            reply._end(f"broke off its answer ({reason})")
+            reply._end(f"broke off its answer ({cut or error})")
         if not closed and self.transport is not None:
             self.transport.abort()
 
