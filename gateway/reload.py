@@ -16,7 +16,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from gateway.config import ConfigError
@@ -26,7 +26,7 @@ from gateway.config.isolated import (
     read_config_isolated,
     save_answer,
 )
-from gateway.config.loader import config_files
+from gateway.config.loader import collector_paused, config_files
 from gateway.config.model import Config
 
 log = logging.getLogger("gateway.reload")
@@ -49,21 +49,13 @@ def config_fingerprint(path: str) -> Fingerprint:
     return tuple(fingerprint)
 
 
-@contextlib.asynccontextmanager
-async def _collector_paused() -> AsyncIterator[None]:
+def _collector_paused() -> contextlib.AbstractContextManager[None]:
     """No cyclic garbage collection while a config is unpickled and indexed, then the heap's
     survivors frozen (see `freeze_long_lived`): a new config is a hundred thousand objects
     for 10,000 keys, and without this their arrival sets off a full collection, which walks
     the whole heap on whichever thread allocates next, the event loop's as likely as not
     (measured: 15-30 ms with 10,000 keys, growing with the number of keys)."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            freeze_long_lived()
-            gc.enable()
+    return collector_paused(then_freeze=True)
 
 
 def freeze_long_lived() -> None:
@@ -124,19 +116,20 @@ class Reloader:
     async def reload_off_loop(self) -> bool:
         """Load without holding up the event loop, then apply; one reload at a time, in the
         order they were asked for (a later one may have been asked for a later edit)."""
-        async with self._one_at_a_time, _collector_paused():
-            self._fingerprint = self._seen = config_fingerprint(self._path)
-            try:
-                if self._handed_over_in is not None:
-                    config = await load_answer_file_off_loop(self._handed_over_in)
-                else:
-                    config = await load_config_off_loop(self._path, env=self._environment())
-            except ConfigError as exc:
-                return self._rejected(exc)
-            if self._prepare is None:
-                return self._accepted(config)
-            swap = await self._prepare(config)
-            return self._accepted(config, swap)
+        async with self._one_at_a_time:
+            with _collector_paused():
+                self._fingerprint = self._seen = config_fingerprint(self._path)
+                try:
+                    if self._handed_over_in is not None:
+                        config = await load_answer_file_off_loop(self._handed_over_in)
+                    else:
+                        config = await load_config_off_loop(self._path, env=self._environment())
+                except ConfigError as exc:
+                    return self._rejected(exc)
+                if self._prepare is None:
+                    return self._accepted(config)
+                swap = await self._prepare(config)
+                return self._accepted(config, swap)
 
     def request_reload(self) -> None:
         """Start a reload in the background (a SIGHUP handler cannot wait for one)."""

@@ -6,11 +6,12 @@ lists all of them; `ConfigError` carries them as `file:line: path: message` issu
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,22 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     # The node tree of a big file is a million small objects without a cycle among them;
     # the cyclic collector would walk them again and again as they pile up (a fifth of the
     # time for 100,000 keys), for nothing.
+    with collector_paused():
+        return _load(path, env)
+
+
+@contextlib.contextmanager
+def collector_paused(*, then_freeze: bool = False) -> Iterator[None]:
+    """No cyclic garbage collection inside (if it was on); with `then_freeze`, what is alive
+    at the end is left out of later full collections (`gc.freeze`) before it resumes."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load(path, env)
+        yield
     finally:
         if collecting:
+            if then_freeze:
+                gc.freeze()
             gc.enable()
 
 
