@@ -178,13 +178,6 @@ def _answer_from_new_python(path: str | os.PathLike[str], env: Mapping[str, str]
     return done.stdout
 
 
-def load_config_isolated(
-    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
-) -> Config:
-    """`load_config` in a child process; raises `ConfigError` as `load_config` does."""
-    return read_config_isolated(path, env)[1]
-
-
 async def load_config_off_loop(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> Config:

@@ -8,7 +8,7 @@ costs no storage call to find its key, and a made-up key costs none either.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from gateway.config.model import ApiKey
 from gateway.keys.records import KeyRecord
@@ -51,13 +51,6 @@ class ApiKeyTable:
     def remove(self, name: str) -> None:
         self._forget(name)
         self._sorted_names = None
-
-    def replace_all(self, records: Iterable[KeyRecord]) -> None:
-        """Start over from a full read of the storage."""
-        fresh = ApiKeyTable()
-        for record in records:
-            fresh.put(record)
-        self.take(fresh)
 
     def take(self, fresh: ApiKeyTable) -> None:
         """Serve what `fresh` holds from now on: a table filled bit by bit off to the side

@@ -16,8 +16,8 @@ from gateway.config.isolated import (
     CHILD_FROM_BYTES,
     answer_for,
     config_from_answer,
-    load_config_isolated,
     load_config_off_loop,
+    read_config_isolated,
 )
 from tests.support.certificates import make_certificate
 
@@ -52,7 +52,7 @@ def big_config(directory: Path, keys: int, *, broken_at: int | None = None) -> P
 
 def test_a_big_config_read_in_a_child_equals_one_read_here(tmp_path: Path) -> None:
     path = big_config(tmp_path, 3_000)
-    assert load_config_isolated(path, env={}) == load_config(path, env={})
+    assert read_config_isolated(path, env={})[1] == load_config(path, env={})
 
 
 def test_a_process_with_threads_starts_a_new_python_rather_than_fork(
@@ -65,7 +65,7 @@ def test_a_process_with_threads_starts_a_new_python_rather_than_fork(
 
     monkeypatch.setattr("gateway.config.isolated.threading.active_count", lambda: 2)
     monkeypatch.setattr("gateway.config.isolated.os.fork", no_fork)
-    assert load_config_isolated(path, env={}) == load_config(path, env={})
+    assert read_config_isolated(path, env={})[1] == load_config(path, env={})
 
 
 def test_a_big_invalid_config_reports_the_same_issues(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_a_big_invalid_config_reports_the_same_issues(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as here:
         load_config(path, env={})
     with pytest.raises(ConfigError) as isolated:
-        load_config_isolated(path, env={})
+        read_config_isolated(path, env={})[1]
     assert isolated.value.issues == here.value.issues
     # The bad key's plan is on line 1 + 3 * 2500 + 3 of keys.yaml.
     assert [str(issue) for issue in isolated.value.issues] == [
@@ -92,7 +92,7 @@ def test_without_a_child_the_config_is_read_here(
     monkeypatch.setattr("gateway.config.isolated.os.fork", no_fork)
     monkeypatch.setattr("gateway.config.isolated.sys.executable", str(tmp_path / "no-python"))
     with caplog.at_level(logging.WARNING, logger="gateway.config"):
-        assert load_config_isolated(path, env={}) == load_config(path, env={})
+        assert read_config_isolated(path, env={})[1] == load_config(path, env={})
     assert "reading the config in a child process failed" in caplog.text
 
 
@@ -133,7 +133,7 @@ def test_a_tls_config_crosses_over_with_a_context_built_from_its_files(
     (path / "server.yaml").write_text(
         f"server: {{tls: {{cert: {certificate.cert}, key: {certificate.key}}}}}\n"
     )
-    config = load_config_isolated(path, env={})
+    config = read_config_isolated(path, env={})[1]
     assert config == load_config(path, env={})
     assert config.server.tls is not None
     assert isinstance(config.server.tls.context, ssl.SSLContext)
