@@ -40,6 +40,7 @@ from harness import (
 )
 from interpreter import fastest_python
 from peers import default_peers_dir
+from run import parse_wrk
 
 
 class _Upstream(asyncio.Protocol):
@@ -151,19 +152,15 @@ def serve_relay(port: int, upstream_port: int) -> None:
     uvloop.run(main())
 
 
-def _wrk(url: str, seconds: float, headers: list[str]) -> int:
-    args = [*pinned(1), "wrk", "-t1", "-c50", f"-d{seconds:g}s", *headers, url]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    return int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
-
-
 def _measure(pid: int, url: str, seconds: float, headers: list[str]) -> tuple[float, float]:
     """(req/s, CPU µs per request of the process tree led by `pid`) over one wrk run."""
-    _wrk(url, 1, headers)  # warm-up: connections open, caches warm
+    argv = [*pinned(1), "wrk", "-t1", "-c50", *headers, url]
+    subprocess.run([*argv, "-d1s"], capture_output=True, check=True)  # warm-up
     before = session_cpu_seconds(pid)
-    requests = _wrk(url, seconds, headers)
-    used = session_cpu_seconds(pid) - before
-    return requests / seconds, used / requests * 1e6
+    done = subprocess.run([*argv, f"-d{seconds:g}s"], capture_output=True, text=True, check=True)
+    run = parse_wrk(done.stdout, session_cpu_seconds(pid) - before)
+    assert run.cpu_us is not None
+    return run.requests / seconds, run.cpu_us
 
 
 def main() -> None:
