@@ -200,11 +200,17 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         metrics.mark_worker_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
+            if code != 0:  # one killed by a signal before its handlers were in place: no loss
+                log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
             exit_code = exit_code or (code if code > 0 else 0)
             continue
         log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
         time.sleep(0.5)  # a worker that dies at once should not spin the machine
         spawn(index)
+    # The interpreter's exit puts the default action back in place of a Python handler, so
+    # a SIGTERM repeated in that moment would kill the supervisor with -15; ignored instead.
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
     return exit_code
 
 
@@ -375,5 +381,25 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
         config.server.admin_listen,
     )
     await stop.wait()
+    _ignore_further_stops(loop)
     log.info("worker %d draining", os.getpid())
     await worker.drain()
+
+
+def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
+    """Once the drain has begun, a repeated SIGTERM or SIGINT (a runtime that sends it again, a
+    second Ctrl-C) is ignored, and so is SIGHUP (a reload is moot now): the drain is bounded by
+    drain_timeout, and SIGKILL still ends it.
+
+    Why not leave the loop's handlers in place: closing the loop puts the default actions
+    back, and a SIGTERM arriving between that and the process's exit would kill it with -15
+    (seen in CI). Removing the loop's handler also sets the default action, so the signals are
+    held in this thread until SIG_IGN is in place; the interpreter's exit leaves SIG_IGN be."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    try:
+        for sig in _FORWARDED:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        # A pending one is ignored, so dropped, when it is unblocked.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)

@@ -5,6 +5,7 @@ README, "The admin port" and "Operating it", end to end on real processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -115,6 +116,35 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
             assert time.monotonic() - started < 5
         finally:
             gateway.close()
+
+
+@pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "two-workers"])
+def test_sigterm_repeated_until_the_end_still_exits_0(
+    tmp_path: Path, request: pytest.FixtureRequest, workers: int | None
+) -> None:
+    """A runtime may send SIGTERM again while the gateway stops. Sent every few milliseconds
+    from the first to the exit, it reaches every stage of the stop: the drain, the closed event
+    loop (which puts the default action back) and the interpreter's exit. None may kill it."""
+    storage = request.getfixturevalue("redis_server").url if workers else "memory://"
+    proxy_port, admin_port = write_config_on_free_ports(
+        tmp_path / "config", "http://127.0.0.1:9", storage
+    )
+    gateway = GatewayProcess(tmp_path / "config", workers=workers)
+    try:
+        gateway.start(proxy_port, admin_port)
+        pids = serving_workers(gateway, workers) if workers else []
+        assert gateway.proc is not None
+        deadline = time.monotonic() + 20
+        while gateway.proc.poll() is None and time.monotonic() < deadline:
+            gateway.signal(signal.SIGTERM)
+            for pid in pids:  # the workers too, as `kill` of a whole process group does
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.002)
+        assert gateway.proc.returncode == 0, gateway.stderr()
+        assert "while stopping" not in gateway.stderr()  # no worker killed either
+    finally:
+        gateway.close()
 
 
 def test_workers_end_when_the_supervisor_is_killed(
