@@ -334,15 +334,20 @@ def percentile(ordered: list[int], pct: float) -> float:
     return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
-def measure_latency(bench: Bench, rate: float) -> list[Latency]:
-    results = [
-        h2load_latency(bench, DIRECT, bench.upstream_port, rate),
-        h2load_latency(bench, NGINX, bench.nginx_port, rate),
-    ]
+def measure_latency(bench: Bench, rate: float) -> list[list[Latency]]:
+    """Per round: the upstream direct, nginx, the gateway as shipped, one after the other."""
+    rounds = []
     with running_gateway(bench, GW_SHIPPED) as port:
         bench.wrk(GW_SHIPPED, port, 1)
-        results.append(h2load_latency(bench, GW_SHIPPED, port, rate))
-    return results
+        for _round in range(bench.args.rounds):
+            rounds.append(
+                [
+                    h2load_latency(bench, DIRECT, bench.upstream_port, rate),
+                    h2load_latency(bench, NGINX, bench.nginx_port, rate),
+                    h2load_latency(bench, GW_SHIPPED, port, rate),
+                ]
+            )
+    return rounds
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -435,7 +440,7 @@ def run(bench: Bench, started: datetime) -> Report:
         connections=args.connections,
         throughput=throughput,
         redis=bench.redis_usage,
-        latency=latency,
+        latency_rounds=latency,
         rss=rss,
         commands=bench.commands,
         peer_versions=bench.peers.versions,
