@@ -91,6 +91,12 @@ def settle() -> None:
 
 
 def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> None:
+    def every_worker_serves(prefix: str) -> bool:
+        """Whether requests over new connections, enough for each worker to answer some, all
+        see `prefix` served. Each worker swaps in a reload on its own, a moment apart: that
+        one worker serves the new config says nothing yet of the other."""
+        return all(gw.serves(prefix) for _ in range(12 if workers else 1))
+
     def all_serve(*expected: str, absent: str) -> None:
         """Over new connections, so that with workers every one of them answers some."""
         before = [requests_counted_by_worker(pid, scratch) for pid in workers or []]
@@ -107,7 +113,7 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
     # An edit is picked up by the watch within 2 s, in every worker, and counted once.
     started = time.monotonic()
     gw.write("shop", "alpha")
-    wait_for(lambda: gw.serves("alpha"), 2.0, "the edited config serves")
+    wait_for(lambda: every_worker_serves("alpha"), 2.0, "the edited config serves")
     assert time.monotonic() - started < 2.0
     all_serve("shop", "alpha", absent="beta")
     settle()
@@ -117,7 +123,7 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
     gw.write("shop", "omega", keep_stat=True)
     started = time.monotonic()
     gw.process.signal(signal.SIGHUP)
-    wait_for(lambda: gw.serves("omega"), 1.0, "SIGHUP loaded the edit")
+    wait_for(lambda: every_worker_serves("omega"), 1.0, "SIGHUP loaded the edit")
     assert time.monotonic() - started < 1.0
     all_serve("shop", "omega", absent="alpha")
     assert gw.reloads() == {("ok",): 2}
@@ -125,7 +131,7 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
     # A visible edit with a SIGHUP right after it is one reload, not one for each.
     gw.write("shop", "omega", "beta")
     gw.process.signal(signal.SIGHUP)
-    wait_for(lambda: gw.serves("beta"), 1.0, "SIGHUP loaded the edit")
+    wait_for(lambda: every_worker_serves("beta"), 1.0, "SIGHUP loaded the edit")
     settle()
     assert gw.reloads() == {("ok",): 3}
 

@@ -152,15 +152,20 @@ async def test_window_slides_instead_of_resetting(limiter: Limiter, subject: str
     rate = rate_rule(4, 1.0)
     start = time.monotonic()
     assert all(d.allowed for d in await hits(limiter, subject, 2, rate=rate))
+    first_pair_in = time.monotonic()  # they were admitted after `start` and before this
     await asyncio.sleep(0.5)
     assert all(d.allowed for d in await hits(limiter, subject, 2, rate=rate))
     second_pair_in = time.monotonic()  # they were admitted before this
     full = await limiter.hit(subject, rate, None)
+    full_answered = time.monotonic()
     assert full.outcome == "throttled"
-    # Room frees when the first pair leaves, about half a window from now.
-    assert 0.2 < full.retry_after <= 0.55
+    # Room frees when the first pair leaves, a window after it came in (about half a window
+    # from now, or less if the sleep woke late), give or take the clocks' resolution.
+    assert start + 1.0 - full_answered - 0.02 <= full.retry_after
+    assert full.retry_after <= first_pair_in + 1.0 - second_pair_in + 0.02
 
-    await asyncio.sleep(start + 1.2 - time.monotonic())
+    # Until the first pair has surely left the window (the second is in it for ~0.5 s more).
+    await asyncio.sleep(first_pair_in + 1.05 - time.monotonic())
     # The first pair has left the window, the second is still in it: a fixed window would
     # have started afresh and admitted four.
     asked = time.monotonic()
