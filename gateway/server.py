@@ -200,7 +200,10 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         metrics.mark_worker_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
-            if code != 0:  # one killed by a signal before its handlers were in place: no loss
+            if code != 0:
+                # Said, so that an operator sees it; a worker killed by a signal (a negative
+                # code) before its handlers were in place had nothing to lose and leaves the
+                # exit code 0, an error code of a worker's own is passed on.
                 log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
             exit_code = exit_code or (code if code > 0 else 0)
             continue
