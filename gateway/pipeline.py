@@ -29,7 +29,7 @@ from gateway.http.headers import ExtraHeaders
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.keys.index import Principal
-from gateway.limits.base import Receipt, StorageError
+from gateway.limits.base import Decision, Receipt, StorageError
 from gateway.limits.headers import (
     header_dict,
     limit_header_lines,
@@ -41,6 +41,7 @@ from gateway.params import check_path_params, check_query
 from gateway.problems import (
     CLIENT_CLOSED_CODE,
     CLIENT_CLOSED_STATUS,
+    REQUEST_ID_HEADER,
     GatewayProblem,
     Gone,
     InternalError,
@@ -77,7 +78,6 @@ class Exchange(RequestRecord):
         "principal",
         "receipt",
         "request",
-        "response_headers",
         "runtime",
         "snapshot",
         "started",
@@ -91,8 +91,7 @@ class Exchange(RequestRecord):
         self.request = request
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
-        self.response_headers: dict[str, str] = {"X-Request-ID": request_id}
-        # An admission's limit headers, as header lines and their names (see apply_limits).
+        # An admission's limit headers, as header lines and their names (`admit`).
         self.limit_lines = ""
         self.limit_names: tuple[str, ...] = ()
         self.match: RouteMatch | None = None
@@ -108,19 +107,24 @@ class Exchange(RequestRecord):
             self.duration = time.perf_counter() - self.started
             metrics.observe_request(self)
 
+    def admit(self, decision: Decision) -> None:
+        """Keep the limit headers of an admission for the answer: rendered as lines at once
+        (what a proxied answer carries), a dict of them only if the gateway ends up answering
+        itself (`own_headers`)."""
+        self.limit_lines = limit_header_lines(decision)
+        self.limit_names = limit_header_names(decision)
+
     def own_headers(self) -> dict[str, str]:
         """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
         of a request the limits admitted (README, "Headers")."""
-        if not self.limit_lines:
-            return self.response_headers
-        return {**self.response_headers, **header_dict(self.limit_lines)}
+        return {REQUEST_ID_HEADER: self.request_id, **header_dict(self.limit_lines)}
 
     def upstream_answer_headers(self) -> ExtraHeaders:
         """The gateway's headers for the upstream's answer: the same, as lines."""
-        headers = self.response_headers
         return ExtraHeaders(
-            tuple(headers) + self.limit_names,
-            encode_header_block(headers) + self.limit_lines.encode(),
+            (REQUEST_ID_HEADER, *self.limit_names),
+            # ASCII: a request id is the client's only if it is sane (_request_id).
+            f"{REQUEST_ID_HEADER}: {self.request_id}\r\n{self.limit_lines}".encode(),
         )
 
     def answered_by_upstream(self, status: int, upstream_seconds: float, bytes_sent: int) -> None:
@@ -165,7 +169,7 @@ def match_route(ex: Exchange) -> Answer | None:
             target += "?" + request.query_string
         status = 301 if route.redirect.permanent else 302
         ex.code = "redirect"
-        headers = {**ex.response_headers, "Location": target}
+        headers = {REQUEST_ID_HEADER: ex.request_id, "Location": target}
         return Answer(status, headers)
     return None
 
@@ -236,15 +240,12 @@ async def apply_limits(ex: Exchange) -> Answer | None:
     outcome = decision.outcome
     metrics.observe_limit_decision(ex.product, plan.name, outcome)
     if outcome == "allowed":
-        # Rendered as lines at once (what the proxied answer carries); a dict of them only if
-        # the gateway ends up answering itself (Exchange.own_headers).
-        ex.limit_lines = limit_header_lines(decision)
-        ex.limit_names = limit_header_names(decision)
+        ex.admit(decision)
         metrics.observe_units(ex.product, plan.name, cost)
         ex.receipt = decision.receipt
         return None
+    # A refusal carries its limit headers in the problem it raises.
     headers = limit_headers(decision)
-    ex.response_headers.update(headers)
     if outcome == "quota_exceeded":
         raise QuotaExceeded(
             f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
@@ -276,13 +277,12 @@ async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
         decision = await ex.runtime.local_limiter.hit(
             ex.principal.subject, local_rate(rate, storage.local_fraction), None
         )
-        headers = limit_headers(decision)
-        ex.response_headers.update(headers)
         if decision.allowed:
+            ex.admit(decision)
             metrics.observe_limit_decision(ex.product, plan.name, "local_allowed")
             return None
         metrics.observe_limit_decision(ex.product, plan.name, "local_throttled")
-        raise _throttled(ex, plan.name, headers)
+        raise _throttled(ex, plan.name, limit_headers(decision))
     metrics.observe_limit_decision(ex.product, plan.name, "storage_error")
     if storage.on_error == "allow":
         return None

@@ -159,6 +159,10 @@ class GatewayTimeout(GatewayProblem):
     status, title, code = 504, "Gateway Timeout", "gateway_timeout"
 
 
+# Every answer of the gateway's says which request it answers (README, "Headers").
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
 def render_problem(
     problem: GatewayProblem, request_id: str, headers: Mapping[str, str] | None = None
 ) -> tuple[dict[str, str], bytes]:
@@ -167,7 +171,7 @@ def render_problem(
     merged = {**headers} if headers else {}
     merged.update(problem.headers)
     merged["Content-Type"] = PROBLEM_CONTENT_TYPE
-    merged["X-Request-ID"] = request_id
+    merged[REQUEST_ID_HEADER] = request_id
     return merged, problem.body(request_id)
 
 
