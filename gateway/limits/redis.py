@@ -130,7 +130,6 @@ class RedisLimiter:
         # Every call but the single Redis's hits and refunds (on their pipeline) runs under
         # it; those raise its `error` too.
         self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
-        self._storage_error = self._guard.error
         self._clock = clock
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
@@ -200,7 +199,7 @@ class RedisLimiter:
             try:
                 reply = await pipeline.run(command.packed + packed)
             except Exception as exc:
-                raise self._storage_error("hit", exc) from exc
+                raise self._guard.error("hit", exc) from exc
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
             # calls of one tick mostly go to different nodes anyway.
@@ -295,7 +294,7 @@ class RedisLimiter:
                 try:
                     await pipeline.run(packed)
                 except Exception as exc:
-                    raise self._storage_error("register", exc) from exc
+                    raise self._guard.error("register", exc) from exc
             else:
                 await self._guard(
                     "register",
@@ -320,7 +319,7 @@ class RedisLimiter:
         try:
             return int(await pipeline.run(self._pack_evalsha(REFUND.sha, keys, args)))
         except Exception as exc:
-            raise self._storage_error("refund", exc) from exc
+            raise self._guard.error("refund", exc) from exc
 
     async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
