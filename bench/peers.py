@@ -27,10 +27,15 @@ from harness import (
     Procs,
     expect,
     pinned,
+    start_log_reader,
     wait_until_serving,
 )
 
 ENVOY, TRAEFIK = "Envoy, local rate limit per key", "Traefik, Redis rate limit per key"
+# Envoy again, with what the gateway's shipped defaults have and Envoy's do not: a JSON line per
+# request on stdout, read through a pipe. A row of its own, not a column: the targets compare
+# with Envoy as it ships.
+ENVOY_LOGGED = "Envoy, local rate limit per key, JSON access log to a pipe"
 
 # Pinned, so that runs on different days compare the same peers; raise them together with a
 # note in RESULTS.md.
@@ -110,6 +115,11 @@ def _version(binary: Path) -> str | None:
     return f"{binary.name} {found.group(1)}" if done.returncode == 0 and found else None
 
 
+def _envoy_access_log() -> str:
+    fragment = (BENCH_DIR / "envoy-access-log.yaml.frag").read_text()
+    return "".join(line for line in fragment.splitlines(keepends=True) if not line.startswith("#"))
+
+
 def _write(template: str, target: Path, **values: Any) -> Path:
     target.write_text(Template((BENCH_DIR / template).read_text()).substitute(**values))
     return target
@@ -129,22 +139,40 @@ def _wait_until_answering(child: Child, port: int, what: str, timeout: float = 2
             time.sleep(0.1)
 
 
-def start_envoy(procs: Procs, tmp: Path, binary: Path, port: int, upstream_port: int) -> Child:
-    """One worker thread (`--concurrency 1`), like the one nginx worker and gateway process."""
+def start_envoy(
+    procs: Procs,
+    tmp: Path,
+    binary: Path,
+    port: int,
+    upstream_port: int,
+    log: Path | None = None,
+) -> Child:
+    """One worker thread (`--concurrency 1`), like the one nginx worker and gateway process.
+    With `log`, Envoy writes an access log line per request to stdout, a pipe that `cat` on
+    core 1 copies into `log` (as the gateway's shipped defaults are measured)."""
+    name = "envoy-logged" if log is not None else "envoy"
     config = _write(
         "envoy.yaml.tmpl",
-        tmp / "envoy.yaml",
+        tmp / f"{name}.yaml",
         port=port,
         upstream_port=upstream_port,
         api_key=API_KEY,
         limit=PEER_LIMIT,
+        access_log=_envoy_access_log() if log is not None else "",
     )
     argv = [
         *pinned(0), str(binary), "-c", str(config), "--concurrency", "1",
         "--disable-hot-restart", "--log-level", "error",
     ]  # fmt: skip
-    child = procs.start("envoy", argv)
-    _wait_until_answering(child, port, ENVOY)
+    if log is None:
+        child = procs.start(name, argv)
+    else:
+        _reader, stdout = start_log_reader(procs, f"{name}-reader", log)
+        try:
+            child = procs.start(name, argv, stdout=stdout)
+        finally:
+            os.close(stdout)  # Envoy holds the pipe's only write end now
+    _wait_until_answering(child, port, ENVOY_LOGGED if log is not None else ENVOY)
     return child
 
 

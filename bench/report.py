@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness import GATEWAY_CHECKOUT
 from peers import ENVOY as ENVOY_NAME
+from peers import ENVOY_LOGGED
 from rss_stream import RssResult
 from rss_stream import report_lines as rss_lines
 
@@ -192,6 +193,11 @@ def verdicts(report: Report) -> list[str]:
                           f"limiter: {shipped / envoy:.2f} of it"))  # fmt: skip
     else:
         lines.append("- NOT RUN: shipped defaults ahead of Envoy's local rate limiter (no Envoy)")
+    if ENVOY_LOGGED in report.throughput:
+        # Not a target: the same comparison with an access log on both sides.
+        logged = report.throughput[ENVOY_LOGGED].median
+        lines.append(f"- INFO: like for like, shipped defaults against Envoy with a JSON access "
+                     f"log to a pipe: {shipped / logged:.2f} of it")  # fmt: skip
     lines += [
         line(log_off >= 0.45 * nginx, f"access log off (Redis) >= 0.45 of nginx proxy_pass: "
              f"{log_off / nginx:.2f}"),
@@ -263,6 +269,13 @@ def throughput_section(report: Report) -> list[str]:
         summary.append(
             f"Gateway CPU per request: {shipped.cpu_us:.1f} µs shipped, {log_off.cpu_us:.1f} µs "
             f"with the access log off (the log costs {shipped.cpu_us - log_off.cpu_us:.1f} µs)."
+        )
+    envoy, logged = (report.throughput.get(n) for n in (ENVOY_NAME, ENVOY_LOGGED))
+    if envoy and logged and envoy.cpu_us is not None and logged.cpu_us is not None:
+        summary.append(
+            f"Envoy CPU per request: {envoy.cpu_us:.1f} µs as it ships (no access log), "
+            f"{logged.cpu_us:.1f} µs with a JSON access log to a pipe (the log costs "
+            f"{logged.cpu_us - envoy.cpu_us:.1f} µs)."
         )
     for peer, why in report.missing_peers.items():
         summary.append(f"{peer}: not in this run: {why}.")

@@ -54,6 +54,7 @@ from harness import (
 from interpreter import Interpreter, fastest_python, running_python
 from peers import (
     ENVOY,
+    ENVOY_LOGGED,
     Peers,
     default_peers_dir,
     install_peers,
@@ -110,6 +111,8 @@ class Bench:
         self.store = redis.Redis(port=self.redis_port, decode_responses=True, socket_timeout=30)
         for name in self.peers.binaries:
             self.peer_ports[name] = free_port()
+            if name == ENVOY:
+                self.peer_ports[ENVOY_LOGGED] = free_port()  # the same binary, logging
 
     def note(self, label: str, argv: list[str], env: str = "", redirect: str = "") -> None:
         line = " ".join(filter(None, [env, shlex.join(argv), redirect]))
@@ -394,10 +397,15 @@ def start_fixtures(bench: Bench) -> None:
     expect(bench.nginx_port, PATH, KEY_HEADER, 200, "nginx proxy_pass")
     peers = bench.peers
     for name, port in list(bench.peer_ports.items()):
-        binary = peers.binaries[name]
+        binary = peers.binaries[ENVOY if name == ENVOY_LOGGED else name]
+        redirect = ""
         try:
             if name == ENVOY:
                 child = start_envoy(procs, tmp, binary, port, bench.upstream_port)
+            elif name == ENVOY_LOGGED:
+                log = tmp / "envoy-access.log"
+                child = start_envoy(procs, tmp, binary, port, bench.upstream_port, log)
+                redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}"
             else:
                 child = start_traefik(
                     procs, tmp, binary, port, bench.upstream_port, bench.redis_port
@@ -407,7 +415,7 @@ def start_fixtures(bench: Bench) -> None:
             peers.missing[name] = f"does not serve: {str(exc).splitlines()[0]}"
             del bench.peer_ports[name]
             continue
-        bench.note(name, child.argv)
+        bench.note(name, child.argv, redirect=redirect)
         bench.leaders[name] = child.popen.pid
 
 
