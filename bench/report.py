@@ -137,6 +137,8 @@ class Report:
     access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
     gateway_python: str = ""  # the interpreter the gateway rows ran under, described
     own_python: str = ""  # the bench's own, when the GW_OWN_PYTHON row ran
+    neighbour_cpu: float = 0.0  # CPU s of the idle core-0 proxies during measurements
+    neighbour_wall: float = 0.0  # s of those measurements
 
     @property
     def latency(self) -> list[Latency]:
@@ -279,6 +281,13 @@ def throughput_section(report: Report) -> list[str]:
         )
     for peer, why in report.missing_peers.items():
         summary.append(f"{peer}: not in this run: {why}.")
+    if report.neighbour_wall:
+        share = report.neighbour_cpu / report.neighbour_wall
+        summary.append(
+            f"The proxies waiting on core 0 while another target was measured (throughput and "
+            f"latency) used {report.neighbour_cpu:.2f} s of CPU in {report.neighbour_wall:.0f} s "
+            f"({share:.1%} of the core): {'negligible' if share < 0.01 else 'NOT negligible'}."
+        )
     return [*out, "", *(f"- {text}" for text in summary)]
 
 

@@ -104,6 +104,11 @@ class Bench:
     access_log: AccessLogCheck = field(default_factory=AccessLogCheck)
     last_log_lines: int = 0  # what the last shipped gateway wrote to its stdout
     python: Interpreter | None = None  # what the gateway runs under (None: the bench's own)
+    # CPU the proxies that run all along on core 0 (nginx, the peers) spent while another
+    # target was measured, and how long those measurements took: an idle proxy that wakes
+    # (as Traefik did for every access log write) takes turns with the one measured.
+    neighbour_cpu: float = 0.0
+    neighbour_wall: float = 0.0
 
     store: redis.Redis = field(init=False)
 
@@ -128,11 +133,24 @@ class Bench:
             self.note(f"wrk ({label}; after a 1 s warm-up)", argv)
         leader = self.leaders.get(label)
         cpu_before = session_cpu_seconds(leader) if leader else 0.0
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        with self.watching_neighbours(label, seconds):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
         cpu = session_cpu_seconds(leader) - cpu_before if leader else None
         if done.returncode != 0:
             raise BenchError(f"wrk against {label} failed:\n{done.stdout}{done.stderr}")
         return parse_wrk(done.stdout, cpu)
+
+    @contextmanager
+    def watching_neighbours(self, target: str, seconds: float) -> Iterator[None]:
+        """Add what the other core-0 fixtures spent during a measurement of `target`."""
+        if seconds != self.args.duration:  # a warm-up
+            yield
+            return
+        pids = [self.leaders[name] for name in (NGINX, *self.peer_ports) if name != target]
+        before = sum(session_cpu_seconds(pid) for pid in pids)
+        yield
+        self.neighbour_cpu += sum(session_cpu_seconds(pid) for pid in pids) - before
+        self.neighbour_wall += seconds
 
 
 def parse_wrk(text: str, cpu_seconds: float | None = None) -> WrkRun:
@@ -313,7 +331,8 @@ def h2load_latency(bench: Bench, name: str, port: int, rate: float) -> Latency:
         f"--log-file={log}", "-H", f"X-API-Key: {API_KEY}", f"http://127.0.0.1:{port}{PATH}",
     ]  # fmt: skip
     bench.note(f"h2load ({name}; --rps is per connection)", argv)
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    with bench.watching_neighbours(name, bench.args.duration):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
     finished = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", done.stdout)
     if done.returncode != 0 or not log.exists() or finished is None:
         raise BenchError(f"h2load against {name} failed:\n{done.stdout}{done.stderr}")
@@ -455,6 +474,8 @@ def run(bench: Bench, started: datetime) -> Report:
         missing_peers=bench.peers.missing,
         access_log=bench.access_log,
         gateway_python=bench.python.describe() if bench.python else "",
+        neighbour_cpu=bench.neighbour_cpu,
+        neighbour_wall=bench.neighbour_wall,
         own_python=running_python().describe() if GW_OWN_PYTHON in throughput else "",
     )
 
