@@ -139,6 +139,7 @@ class Report:
     own_python: str = ""  # the bench's own, when the GW_OWN_PYTHON row ran
     neighbour_cpu: float = 0.0  # CPU s of the idle core-0 proxies during measurements
     neighbour_wall: float = 0.0  # s of those measurements
+    envoy_log_lines: int | None = None  # what the Envoy row with an access log wrote
 
     @property
     def latency(self) -> list[Latency]:
@@ -278,6 +279,13 @@ def throughput_section(report: Report) -> list[str]:
             f"Envoy CPU per request: {envoy.cpu_us:.1f} µs as it ships (no access log), "
             f"{logged.cpu_us:.1f} µs with a JSON access log to a pipe (the log costs "
             f"{logged.cpu_us - envoy.cpu_us:.1f} µs)."
+        )
+    if logged and report.envoy_log_lines is not None:
+        counted = sum(run.requests for run in logged.runs)
+        summary.append(
+            f"Envoy's access log holds {report.envoy_log_lines:,} lines for the {counted:,} "
+            f"requests of its measured runs (and their warm-ups, not counted): "
+            f"{'one per request' if report.envoy_log_lines >= counted else 'LINES MISSING'}."
         )
     for peer, why in report.missing_peers.items():
         summary.append(f"{peer}: not in this run: {why}.")

@@ -109,6 +109,7 @@ class Bench:
     # (as Traefik did for every access log write) takes turns with the one measured.
     neighbour_cpu: float = 0.0
     neighbour_wall: float = 0.0
+    envoy_log: Path | None = None  # where the Envoy row with an access log writes it
 
     store: redis.Redis = field(init=False)
 
@@ -422,7 +423,7 @@ def start_fixtures(bench: Bench) -> None:
             if name == ENVOY:
                 child = start_envoy(procs, tmp, binary, port, bench.upstream_port)
             elif name == ENVOY_LOGGED:
-                log = tmp / "envoy-access.log"
+                log = bench.envoy_log = tmp / "envoy-access.log"
                 child = start_envoy(procs, tmp, binary, port, bench.upstream_port, log)
                 redirect = f"| {shlex.join([*pinned(1), 'cat'])} > {log}"
             else:
@@ -436,6 +437,16 @@ def start_fixtures(bench: Bench) -> None:
             continue
         bench.note(name, child.argv, redirect=redirect)
         bench.leaders[name] = child.popen.pid
+
+
+def envoy_log_lines(bench: Bench) -> int | None:
+    """The lines Envoy's access log holds by now (its buffer is flushed every second, and the
+    latency and memory steps ran since its last measurement): a row named for its log must
+    have written one per request."""
+    if bench.envoy_log is None or not bench.envoy_log.exists():
+        return None
+    with bench.envoy_log.open("rb") as log:
+        return sum(1 for _line in log)
 
 
 def run(bench: Bench, started: datetime) -> Report:
@@ -476,6 +487,7 @@ def run(bench: Bench, started: datetime) -> Report:
         gateway_python=bench.python.describe() if bench.python else "",
         neighbour_cpu=bench.neighbour_cpu,
         neighbour_wall=bench.neighbour_wall,
+        envoy_log_lines=envoy_log_lines(bench),
         own_python=running_python().describe() if GW_OWN_PYTHON in throughput else "",
     )
 
