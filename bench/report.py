@@ -105,6 +105,7 @@ def median_latency(rounds: list[Latency]) -> Latency:
 @dataclass
 class RedisUsage:
     calls: Counter[str] = field(default_factory=Counter)  # INFO commandstats over the wrk runs
+    usec: Counter[str] = field(default_factory=Counter)  # Redis's time in them, µs
     requests: int = 0  # what wrk counted in those runs
     sample_requests: int = 0  # sequential requests watched with MONITOR
     sample_client: Counter[str] = field(default_factory=Counter)  # sent by the gateway
@@ -308,21 +309,35 @@ def redis_section(usage: RedisUsage) -> list[str]:
         "Redis counts the commands a Lua script runs as well; which ones the gateway sent itself "
         f"was seen with `MONITOR` over {usage.sample_requests} sequential requests.",
         "",
-        "| command | calls | per request | sent by |",
-        "|---|---:|---:|---|",
+        "| command | calls | per request | µs in Redis per call | sent by |",
+        "|---|---:|---:|---:|---|",
     ]
     for command, calls in usage.calls.most_common():
         sender = "gateway" if command in usage.sample_client else "Lua script"
         if command not in usage.sample_client and command not in usage.sample_script:
             sender = "not in the MONITOR sample"
-        out.append(f"| {command} | {calls:,} | {usage.per_request(calls):.3f} | {sender} |")
+        micros = usage.usec[command] / max(calls, 1)
+        out.append(
+            f"| {command} | {calls:,} | {usage.per_request(calls):.3f} | {micros:.1f} | {sender} |"
+        )
     sent = ", ".join(f"{cmd} {n}" for cmd, n in usage.sample_client.most_common())
-    return [
+    lines = [
         *out,
         "",
         f"Sent by the gateway in the MONITOR sample: {sent or 'nothing'} "
         f"= {usage.round_trips:.3f} per request.",
     ]
+    hits = usage.calls.get("evalsha", 0)
+    if hits:
+        # An EVALSHA's time is its whole script's, the commands inside included.
+        micros = usage.usec["evalsha"] / hits
+        lines += [
+            "",
+            f"Redis spends {micros:.1f} µs on each limiter hit (the EVALSHA with its script): "
+            f"one Redis, single-threaded, runs at most about {1e6 / micros:,.0f} hits a second on "
+            "this machine, for all the gateways that share it.",
+        ]
+    return lines
 
 
 def latency_section(report: Report) -> list[str]:

@@ -285,6 +285,7 @@ def count_redis_commands(bench: Bench, requests: int) -> None:
         command = key.removeprefix("cmdstat_")
         if not command.startswith(OWN_REDIS_COMMANDS):
             bench.redis_usage.calls[command] += int(values["calls"])
+            bench.redis_usage.usec[command] += int(values["usec"])
     bench.redis_usage.requests += requests
 
 
