@@ -49,15 +49,6 @@ def config_fingerprint(path: str) -> Fingerprint:
     return tuple(fingerprint)
 
 
-def _collector_paused() -> contextlib.AbstractContextManager[None]:
-    """No cyclic garbage collection while a config is unpickled and indexed, then the heap's
-    survivors frozen (see `freeze_long_lived`): a new config is a hundred thousand objects
-    for 10,000 keys, and without this their arrival sets off a full collection, which walks
-    the whole heap on whichever thread allocates next, the event loop's as likely as not
-    (measured: 15-30 ms with 10,000 keys, growing with the number of keys)."""
-    return collector_paused(then_freeze=True)
-
-
 def freeze_long_lived() -> None:
     """Leave what is alive now (the config, its snapshot) out of future full collections.
 
@@ -116,8 +107,13 @@ class Reloader:
     async def reload_off_loop(self) -> bool:
         """Load without holding up the event loop, then apply; one reload at a time, in the
         order they were asked for (a later one may have been asked for a later edit)."""
+        # No cyclic collection while a config is unpickled and indexed, then its survivors
+        # frozen (`freeze_long_lived`): a new config is a hundred thousand objects for 10,000
+        # keys, and without this their arrival sets off a full collection, which walks the
+        # whole heap on whichever thread allocates next, the event loop's as likely as not
+        # (measured: 15-30 ms with 10,000 keys, growing with the number of keys).
         async with self._one_at_a_time:
-            with _collector_paused():
+            with collector_paused(then_freeze=True):
                 self._fingerprint = self._seen = config_fingerprint(self._path)
                 try:
                     if self._handed_over_in is not None:
