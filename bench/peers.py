@@ -115,11 +115,6 @@ def _version(binary: Path) -> str | None:
     return f"{binary.name} {found.group(1)}" if done.returncode == 0 and found else None
 
 
-def _envoy_access_log() -> str:
-    fragment = (BENCH_DIR / "envoy-access-log.yaml.frag").read_text()
-    return "".join(line for line in fragment.splitlines(keepends=True) if not line.startswith("#"))
-
-
 def _write(template: str, target: Path, **values: Any) -> Path:
     target.write_text(Template((BENCH_DIR / template).read_text()).substitute(**values))
     return target
@@ -151,6 +146,8 @@ def start_envoy(
     With `log`, Envoy writes an access log line per request to stdout, a pipe that `cat` on
     core 1 copies into `log` (as the gateway's shipped defaults are measured)."""
     name = "envoy-logged" if log is not None else "envoy"
+    # The fragment's comment lines stay: YAML takes them wherever they land.
+    access_log = (BENCH_DIR / "envoy-access-log.yaml.frag").read_text() if log is not None else ""
     config = _write(
         "envoy.yaml.tmpl",
         tmp / f"{name}.yaml",
@@ -158,7 +155,7 @@ def start_envoy(
         upstream_port=upstream_port,
         api_key=API_KEY,
         limit=PEER_LIMIT,
-        access_log=_envoy_access_log() if log is not None else "",
+        access_log=access_log,
     )
     argv = [
         *pinned(0), str(binary), "-c", str(config), "--concurrency", "1",

@@ -143,10 +143,8 @@ class Bench:
 
     @contextmanager
     def watching_neighbours(self, target: str, seconds: float) -> Iterator[None]:
-        """Add what the other core-0 fixtures spent during a measurement of `target`."""
-        if seconds != self.args.duration:  # a warm-up
-            yield
-            return
+        """Add what the other core-0 fixtures spent during a run against `target` (warm-ups
+        included: the neighbours should be idle then too)."""
         pids = [self.leaders[name] for name in (NGINX, *self.peer_ports) if name != target]
         before = sum(session_cpu_seconds(pid) for pid in pids)
         yield
