@@ -230,7 +230,10 @@ class MemoryLimiter:
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
         counter = self._quotas.get(subject)
         if counter is not None:
+            # A new incarnation too: refunds of requests admitted before the reset then leave
+            # it alone instead of taking from requests admitted since.
             counter.used = 0
+            counter.stamp = next(self._stamps)
 
     async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
         prefix = key_name + ":"

@@ -59,6 +59,7 @@ from gateway.limits.redis_layout import (
     HIT,
     PACKED_COSTS,
     REFUND,
+    RESET,
     SUBSCRIPTIONS_KEY,
     AnyRedis,
     day_key,
@@ -340,10 +341,12 @@ class RedisLimiter:
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
         start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
-        # `born` stays, so that refunds of requests admitted before still find their hash
-        # (and stop at zero); the credit stays too.
-        key = quota_key(subject, start)
-        await self._guard("reset", lambda: self._client.hdel(key, "used"), repeatable=True)
+        # A new `born` as well: refunds of requests admitted before the reset then leave the
+        # counter alone instead of taking from requests admitted since (reset.lua).
+        keys = (quota_key(subject, start),)
+        await self._guard(
+            "reset", lambda: run_script(self._client, RESET, keys, ()), repeatable=True
+        )
 
     async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
         prefix = key_name + ":"

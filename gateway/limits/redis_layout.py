@@ -36,6 +36,7 @@ class Script:
 HIT = Script("hit.lua")
 REFUND = Script("refund.lua")
 CREDIT = Script("credit.lua")
+RESET = Script("reset.lua")
 # The set of every "<key>:<product>" with history, for the export.
 SUBSCRIPTIONS_KEY = "gw:subscriptions"
 

@@ -94,6 +94,29 @@ async def test_refund_gives_back_once_and_never_below_zero(limiter: Limiter) -> 
     assert (await limiter.hit(subject, None, quota(100, refund=False), 1, "pro")).receipt is None
 
 
+async def test_a_refund_from_before_a_reset_takes_nothing_admitted_since(
+    limiter: Limiter,
+) -> None:
+    key = new_key()
+    subject = f"{key}:soccer"
+    rule = quota(100)
+    before = await limiter.hit(subject, None, rule, 10, "pro")
+    await limiter.reset_quota(subject, rule)
+    since = [await limiter.hit(subject, None, rule, 1, "pro") for _ in range(5)]
+    assert all(decision.allowed for decision in since)
+    # The reset took the ten units already: its refund finds a counter that is not its own.
+    assert before.receipt is not None
+    assert await limiter.refund(subject, before.receipt) == 0
+    assert (await limiter.usage(subject, rule)).used == 5
+    # The day's history, which no reset touches, still gives the ten back: 6 requests, 5 kept.
+    today = day_of(time.time())
+    assert await limiter.history(key, today, today) == [DayUsage(today, subject, "pro", 6, 5)]
+    # Admissions since the reset are refunded from the counter as it is now.
+    assert since[0].receipt is not None
+    assert await limiter.refund(subject, since[0].receipt) == 1
+    assert (await limiter.usage(subject, rule)).used == 4
+
+
 async def test_credit_adds_to_this_period_and_shows_in_the_limit(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rule = quota(2, refund=False)
