@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 RefundCounter = Callable[[str, str, Literal["ok", "error"], int], None]
 
 _PARTS = 1_000_000
+# How many storage timeouts a refund may take before `Refunds` gives up on it.
+_BACKSTOP = 2
 
 
 # Rules come from the config, so few distinct ones: this bound only matters across reloads.
@@ -59,14 +61,17 @@ class Refunds:
         self, limiter: Limiter, subject: str, receipt: Receipt, product: str, within: float
     ) -> None:
         try:
-            async with asyncio.timeout(within):
+            # The storage bounds the call by `within` itself and counts a miss as a storage
+            # error (gateway_storage_errors_total{operation="refund"}); this later deadline
+            # only keeps `drain` from waiting on a storage that would not.
+            async with asyncio.timeout(within * _BACKSTOP):
                 await limiter.refund(subject, receipt)
         except (StorageError, TimeoutError) as exc:
             log.warning(
                 "could not give back %d units of %s (%s); not retried, so never twice",
                 receipt.cost,
                 subject,
-                exc,
+                exc or "timed out",
             )
             self._count(product, receipt.plan, "error", receipt.cost)
             return

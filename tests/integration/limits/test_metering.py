@@ -18,6 +18,7 @@ from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits import Limiter, create_limiter
 from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, day_of
 from gateway.limits.memory import MemoryLimiter
+from gateway.limits.metering import Refunds
 from gateway.limits.periods import quota_period
 from tests.support.redis_servers import RedisServer
 
@@ -233,6 +234,35 @@ async def test_refund_after_a_restart_neither_goes_negative_nor_takes_new_units(
         assert await limiter.refund(subject, after.receipt) == 0
         assert (await limiter.usage(subject, rule)).used == 0
     finally:
+        await limiter.close()
+
+
+async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """Counted twice, as the README lists it: a refund that failed
+    (gateway_quota_refunds_total{result="error"}) and a storage call that failed
+    (gateway_storage_errors_total{operation="refund"})."""
+    storage_errors: list[str] = []
+    refunds: list[tuple[str, str, str, int]] = []
+    timeout = 0.25
+    limiter = create_limiter(
+        StorageConfig(url=fresh_redis_server.url, timeout=timeout), storage_errors.append
+    )
+    settle = Refunds(lambda *counted: refunds.append(counted))
+    try:
+        subject = f"{new_key()}:soccer"
+        decision = await limiter.hit(subject, None, quota(100), 3, "pro")
+        assert decision.receipt is not None
+        fresh_redis_server.pause()
+        started = time.monotonic()
+        settle.start(limiter, subject, decision.receipt, "soccer", timeout)
+        await settle.drain()
+        assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
+        assert refunds == [("soccer", "pro", "error", 3)]
+        assert [error for error in storage_errors if error != "register"] == ["refund"]
+    finally:
+        fresh_redis_server.resume()
         await limiter.close()
 
 
