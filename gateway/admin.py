@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from gateway.admin_json import json_object, only_fields
 from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
 from gateway.keys.api import KeysAccess, add_key_routes
@@ -215,11 +216,8 @@ _MAX_CREDIT = 10**12
 async def _add_credit(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
     key, product, quota = _key_quota(request, state, "to credit")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadRequest('The body must be JSON like {"amount": 100}.') from None
-    amount = body.get("amount") if isinstance(body, dict) else None
+    body = only_fields(await json_object(request, required=True), ("amount",))
+    amount = body.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_CREDIT:
         raise BadRequest(f"amount: must be a whole number from 1 to {_MAX_CREDIT}.")
     subject = f"{key.name}:{product}"

@@ -18,7 +18,6 @@ import bisect
 import dataclasses
 import hashlib
 import heapq
-import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
+from gateway.admin_json import json_object, only_fields
 from gateway.config.access import SHA256_HEX, validate_key_plans
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
@@ -83,7 +83,7 @@ class _KeysApi:
     async def create(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         config, index = snapshot.config, snapshot.keys
-        data = _fields(await _body(request, required=True), _CREATE_FIELDS)
+        data = only_fields(await json_object(request, required=True), _CREATE_FIELDS)
         if "name" not in data:
             raise BadRequest("name: is required")
         name = _name(data["name"])
@@ -137,7 +137,7 @@ class _KeysApi:
     async def patch(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
-        data = _fields(await _body(request, required=True), _PATCH_FIELDS)
+        data = only_fields(await json_object(request, required=True), _PATCH_FIELDS)
         changes: dict[str, Any] = {}
         if "plans" in data:
             changes["plans"] = _plans(data["plans"], snapshot.config)
@@ -170,7 +170,7 @@ class _KeysApi:
     async def rotate(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
-        data = _fields(await _body(request, required=False), _ROTATE_FIELDS)
+        data = only_fields(await json_object(request, required=False), _ROTATE_FIELDS)
         grace = _grace(data.get("grace", 0))
         secret, digest = _new_secret(data)
         _refuse_file_secret(snapshot.keys, digest)
@@ -232,26 +232,6 @@ class _KeysApi:
 
 
 # --- reading the request ------------------------------------------------------------------
-
-
-async def _body(request: web.Request, *, required: bool) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip() and not required:
-        return {}
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadRequest("body: must be a JSON object")
-    return data
-
-
-def _fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
-    for name in data:
-        if name not in allowed:
-            raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed)})")
-    return data
 
 
 def _name(value: object) -> str:

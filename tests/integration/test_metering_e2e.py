@@ -272,14 +272,16 @@ async def test_overrides_and_credit(rig: Rig) -> None:
         ({"amount": "5"}, "amount"),
         ({"amount": True}, "amount"),
         ({}, "amount"),
-        ([1], "amount"),
+        ([1], "body"),
+        ({"amount": 5, "units": 5}, "units"),
     ):
         async with rig.http.post(credit_url, json=body) as response:
             problem = await response.json(content_type=None)
             assert (response.status, problem["code"]) == (400, "bad_request")
             assert problem["detail"].startswith(f"{field}:")
     async with rig.http.post(credit_url, data=b"{not json") as response:
-        assert response.status == 400
+        problem = await response.json(content_type=None)
+        assert response.status == 400 and problem["detail"].startswith("body: not valid JSON")
     async with rig.http.post(
         rig.admin("/admin/usage/nobody/soccer/credit"), json={"amount": 1}
     ) as r:

@@ -1,0 +1,34 @@
+"""The JSON body of an admin call, read the one way every admin endpoint reads it: a mistake is
+a 400 whose detail starts with the field it is about (`body` for the body as a whole), and a
+field the endpoint does not know is a mistake, not something silently ignored."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.problems import BadRequest
+
+
+async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}` unless `required`."""
+    raw = await request.read()
+    if not raw.strip() and not required:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body: must be a JSON object")
+    return data
+
+
+def only_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """`data`, once every field in it is one of `allowed`."""
+    for name in data:
+        if name not in allowed:
+            raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed)})")
+    return data
