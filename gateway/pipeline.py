@@ -166,7 +166,8 @@ def match_route(ex: Exchange) -> Answer | None:
         for name, value in match.params.items():
             target = target.replace("{" + name + "}", quote(value, safe="/:@!$&'()*+,;=-._~"))
         if request.query_string:
-            target += "?" + request.query_string
+            # A target with a query of its own keeps it, the request's joining after it.
+            target += ("&" if "?" in target else "?") + request.query_string
         status = 301 if route.redirect.permanent else 302
         ex.code = "redirect"
         headers = {REQUEST_ID_HEADER: ex.request_id, "Location": target}

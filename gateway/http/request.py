@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from gateway.http.flow import HIGH_WATER, ChunkQueue
 from gateway.http.headers import decode, decoded_lines
+from gateway.http.paths import normal_path
 
 if TYPE_CHECKING:
     from gateway.http.server_connection import ServerConnection
@@ -106,11 +107,12 @@ class Request:
         self.target = decode(target)
         if target[:1] == b"/":
             raw_path, _, query = self.target.partition("?")
-            self.raw_path = raw_path
             self.query_string = query.partition("#")[0]
         else:
             # Absolute-form (`GET http://host/path`), or anything the routes will not match.
-            self.raw_path, self.query_string = _split_absolute(target)
+            raw_path, self.query_string = _split_absolute(target)
+        # Normalised (gateway/http/paths.py): the routes and the upstream read the same path.
+        self.raw_path = normal_path(raw_path) if raw_path[:1] == "/" else raw_path
         self.raw_headers = raw_headers
         self.version = version
         self.keep_alive = keep_alive

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from gateway import accesslog
 from gateway.config.model import QuotaRule, RateRule
@@ -43,6 +44,8 @@ products:
         redirect: {{to: "/soccer/v4/{{rest}}", permanent: false}}
       - path: /soccer/old/{{rest:path}}
         redirect: {{to: "/soccer/v4/{{rest}}", permanent: true}}
+      - path: /soccer/moved/{{rest:path}}
+        redirect: {{to: "/soccer/v4/{{rest}}?from=moved"}}
   refused:
     upstream: {{url: "http://127.0.0.1:{closed_port}"}}
     routes: [{{path: "/refused/{{rest:path}}"}}]
@@ -174,6 +177,42 @@ async def test_redirect_keeps_rest_and_query(
         assert r.status == status
         assert r.headers["Location"] == INFO + "?limit=3"
         assert "X-Request-ID" in r.headers
+
+
+async def test_redirect_to_a_target_with_a_query_joins_the_queries(
+    gateway: Worker, client: aiohttp.ClientSession
+) -> None:
+    path = "/soccer/moved/en/competitions/sr:competition:17/info.json?limit=3"
+    async with client.get(url(gateway, path), allow_redirects=False) as r:
+        assert r.status == 302
+        assert r.headers["Location"] == INFO + "?from=moved&limit=3"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/soccer/v%33/anything",  # an escaped unreserved character
+        "/soccer/v5/../v3/anything",  # a dot segment
+        "/soccer/v5/%2E%2E/v3/anything",  # an escaped one
+        "/soccer//v3/anything",  # an empty segment
+    ],
+)
+async def test_a_retired_route_cannot_be_reached_by_another_spelling(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession, path: str
+) -> None:
+    async with client.get(URL(url(gateway, path), encoded=True), headers=KEY) as r:
+        assert r.status == 410
+    assert upstream.seen == []
+
+
+async def test_the_upstream_gets_the_path_the_routes_read(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    path = "/soccer/v5/%7e%41b/./x/../c%2fd%20e"
+    async with client.get(URL(url(gateway, path), encoded=True), headers=KEY) as r:
+        assert r.status == 200
+    (seen,) = upstream.seen
+    assert seen.raw_path == "/base/soccer/v5/~Ab/c%2Fd%20e"
 
 
 @pytest.mark.parametrize("status", [304, 404, 500, 503])

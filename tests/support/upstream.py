@@ -19,6 +19,7 @@ class SeenRequest:
     path_qs: str
     headers: list[tuple[str, str]]
     body_size: int
+    raw_path: str = ""  # the path as it came, escapes and all
 
 
 @dataclass
@@ -50,6 +51,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             request.path_qs,
             [(k.decode(), v.decode()) for k, v in request.raw_headers],
             size,
+            request.raw_path,
         )
     )
     path = request.path
