@@ -53,6 +53,32 @@ def open_listener(address: Address) -> socket.socket:
     return sock
 
 
+def taken_address(config: Config) -> str | None:
+    """Why this gateway cannot listen where its config says (None: it can).
+
+    Workers bind with SO_REUSEPORT to share their ports, and that alone would let a second,
+    unrelated gateway started on the same ports join a running one without a word, each then
+    answering part of the traffic with its own config (and, with memory://, its own limits).
+    A socket bound without SO_REUSEPORT cannot share a port with any listener: one such bind,
+    closed at once, tells whether anything, a gateway or another program, listens there now.
+    """
+    for name, address in (
+        ("server.listen", config.server.listen),
+        ("server.admin_listen", config.server.admin_listen),
+    ):
+        if address.port == 0:
+            continue  # any free port: nothing to collide with
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address.host, address.port))
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                return f"{name}: cannot listen on {address}: {reason}"
+    return None
+
+
 def serve(config_path: str, workers: int | None = None) -> int:
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
@@ -61,6 +87,10 @@ def serve(config_path: str, workers: int | None = None) -> int:
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
+        return 1
+    taken = taken_address(config)
+    if taken is not None:
+        print(f"{config_path}: {taken}", file=sys.stderr)
         return 1
     count = workers if workers is not None else config.server.workers
     if count == 0:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -250,3 +251,34 @@ def test_a_public_admin_port_without_a_token_refuses_to_start(tmp_path: Path) ->
 
     with_token = gateway_command("check", "--config", config, token=TOKEN)
     assert (with_token.returncode, with_token.stdout) == (0, "ok\n"), with_token.stdout
+
+
+# --- ports ---------------------------------------------------------------------------------
+
+
+def test_a_second_gateway_on_the_same_ports_refuses_to_start(tmp_path: Path) -> None:
+    """Workers share their ports with SO_REUSEPORT; another gateway must not join them."""
+    config = tmp_path / "config"
+    proxy_port, admin_port = write_config_on_free_ports(config, "http://127.0.0.1:9", "memory://")
+    first = GatewayProcess(config)
+    first.start(proxy_port, admin_port)
+    try:
+        second = gateway_command("run", "--config", str(config), token=None)
+        assert second.returncode == 1
+        assert re.search(
+            rf"server\.listen: cannot listen on 127\.0\.0\.1:{proxy_port}: Address already in use",
+            second.stderr,
+        ), second.stderr
+        # The first goes on serving, alone.
+        assert call(proxy_port, "/soccer/x", headers={}).status == 401
+    finally:
+        assert first.stop() == 0
+
+    # Another program on the admin port: the same clear answer, not a traceback.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", admin_port))
+        other.listen()
+        run = gateway_command("run", "--config", str(config), token=None)
+    assert run.returncode == 1
+    assert f"server.admin_listen: cannot listen on 127.0.0.1:{admin_port}" in run.stderr
+    assert "Traceback" not in run.stderr
