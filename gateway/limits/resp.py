@@ -82,6 +82,11 @@ class ScriptPipeline:
             handshake.append(pack(b"CLIENT", b"SETNAME", settings.client_name.encode()))
         if settings.db:
             handshake.append(pack(b"SELECT", str(settings.db).encode()))
+        # Hits go out only once Redis has answered on the new connection. The kernel accepts
+        # connections for a Redis that is stalled (a slow command, a frozen process), and
+        # hits written into one would run when Redis wakes, long after their requests were
+        # answered 503: units and rate taken for requests that were refused.
+        handshake.append(pack(b"PING"))
         self._handshake = handshake
         self._script_loads = [pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts]
         self._timeout = timeout
@@ -138,13 +143,12 @@ class ScriptPipeline:
                     port,
                     ssl=self._ssl,
                 )
-                if self._handshake:
-                    replies = [loop.create_future() for _ in self._handshake]
-                    handshake: list[_Call] = list(zip(replies, self._handshake, strict=True))
-                    connection.send(handshake, self._waiting[0][1])
-                    for reply in await asyncio.gather(*replies, return_exceptions=True):
-                        if isinstance(reply, BaseException):
-                            raise reply
+                replies = [loop.create_future() for _ in self._handshake]
+                handshake: list[_Call] = list(zip(replies, self._handshake, strict=True))
+                connection.send(handshake, self._waiting[0][1])
+                for reply in await asyncio.gather(*replies, return_exceptions=True):
+                    if isinstance(reply, BaseException):
+                        raise reply
         except BaseException as exc:
             if connection is not None:
                 connection.abort(RedisConnectionError("the handshake failed"))

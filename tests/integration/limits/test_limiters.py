@@ -417,6 +417,32 @@ async def test_frozen_redis_times_out_and_recovers(
         await limiter.close()
 
 
+async def test_hits_refused_while_redis_is_frozen_are_not_taken_when_it_wakes(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    """A frozen Redis's kernel still accepts connections. Hits written into them would run
+    when Redis wakes, charging requests that were answered 503; they wait for a PING instead."""
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed
+        fresh_redis_server.pause()
+        # The first was written before the freeze was noticed: Redis will run it. The others
+        # each found the connection aborted and opened a new one.
+        for _ in range(3):
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(subject, None, quota)
+        fresh_redis_server.resume()
+        after = await limiter.hit(subject, None, quota)
+        assert after.allowed
+        await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
+        assert (await limiter.usage(subject, quota)).used == 3
+    finally:
+        fresh_redis_server.resume()
+        await limiter.close()
+
+
 def server_stats(client: redis.Redis) -> dict[str, int]:
     stats = client.info("stats")
     commands = client.info("commandstats")
