@@ -381,6 +381,10 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
         )
         own = _problem_answer(problem, ex.request_id, ex.own_headers())
         record.status, record.code = problem.status, problem.code
+        # Held here, the raised problem and this frame (in its traceback) would hold each
+        # other: a cycle only the collector frees, and one a reload's collector pause can
+        # freeze for good, old config and all (`reload.freeze_long_lived`).
+        del problem
     except (asyncio.CancelledError, ConnectionError):
         # The client went away: nobody will read an answer, but the log and metrics should.
         record.status, record.code = CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE

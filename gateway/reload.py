@@ -56,7 +56,9 @@ def freeze_long_lived() -> None:
     cycles, so reference counting frees it when it is replaced; the cyclic collector has
     nothing to find in it, yet a full collection walks all of it. No collection first: it
     would walk the new config just the same (200-330 ms for 100,000 keys); what little
-    cyclic garbage is alive now stays frozen with it.
+    cyclic garbage is alive now stays frozen with it. That is why a request must leave no
+    cycle that holds it (and through it the config it was served with): one made during a
+    reload would keep that old config alive for good (tested in test_statuses.py).
     """
     gc.freeze()
 

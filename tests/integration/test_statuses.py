@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -295,6 +296,34 @@ async def test_malformed_request_gets_problem_json(gateway: Worker) -> None:
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"400"  # HTTP/1.0: the version was unreadable
     assert b"application/problem+json" in head
     assert json.loads(body)["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("path", "key"), [("/nowhere", None), (INFO, None), (INFO, "wrong"), ("/soccer/v3/x", None)]
+)
+async def test_a_refused_request_leaves_no_cycle_holding_it(
+    gateway: Worker, client: aiohttp.ClientSession, path: str, key: str | None
+) -> None:
+    """The gateway's own answers leave no reference cycle with the request (and its config
+    snapshot) in it: only the collector would free one, and a reload pauses the collector,
+    then freezes what is alive, so such a cycle made during a reload would keep the whole
+    old config for good."""
+    headers = {} if key is None else {"X-API-Key": key}
+    async with client.get(url(gateway, path), headers=headers) as r:  # warm: lazy imports
+        assert r.status >= 400
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        async with client.get(url(gateway, path), headers=headers) as r:
+            assert r.status >= 400
+            await r.read()
+        gc.collect()
+        kept = [type(thing).__name__ for thing in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    for kind in ("Exchange", "Request", "frame", "traceback"):
+        assert kind not in kept, kept
 
 
 class BrokenLimiter(MemoryLimiter):
