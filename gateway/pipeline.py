@@ -135,6 +135,11 @@ class Exchange(RequestRecord):
         # keep this 200: the answer was complete as far as the gateway could tell.
         self.count()
 
+    def cut_by_client(self, upstream_seconds: float, bytes_sent: int) -> None:
+        # A 499 (handle_request says so) that had its upstream's answer under way.
+        self.upstream_duration = upstream_seconds
+        self.bytes_sent = bytes_sent
+
 
 @dataclass(slots=True)
 class Answer:
@@ -309,6 +314,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         ex.upstream_answer_headers(),
         ex.answered_by_upstream,
         tunnel_idle,
+        ex.cut_by_client,
     )
     if result.status == 101:
         # A WebSocket, over now: recorded (and counted, by handle_request) as it ends.

@@ -33,13 +33,16 @@ from gateway.http.headers import (
 from gateway.http.request import Request
 from gateway.http.tunnel import switch_and_relay
 
-__all__ = ["AnswerHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
+__all__ = ["AnswerHook", "CutHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
 
 log = logging.getLogger(__name__)
 
 # Told (status, upstream seconds, body bytes) just before the bytes that complete the answer go
 # out: once the client has its whole answer, a metrics scrape must already count it.
 AnswerHook = Callable[[int, float, int], None]
+# Told (upstream seconds, body bytes written) when a streamed answer ends early because the
+# client went away: the request is then a 499 whose log line still says how far it got.
+CutHook = Callable[[float, int], None]
 
 
 @dataclass(slots=True)
@@ -213,6 +216,7 @@ async def forward(
     extra_response_headers: ExtraHeaders | None = None,
     on_answered: AnswerHook | None = None,
     tunnel_idle: float | None = None,
+    on_cut: CutHook | None = None,
 ) -> ForwardResult:
     """Forward `request` to `destination` and stream its answer to the client.
 
@@ -272,7 +276,7 @@ async def forward(
         return whole
     return await _stream_body(
         request, destination.product, reply, head.block, head.content_length, request_id,
-        body_timeout, upstream_seconds, on_answered,
+        body_timeout, upstream_seconds, on_answered, on_cut,
     )  # fmt: skip
 
 
@@ -360,6 +364,7 @@ async def _stream_body(
     body_timeout: float,
     upstream_seconds: float,
     on_answered: AnswerHook | None,
+    on_cut: CutHook | None,
 ) -> ForwardResult:
     """An answer whose body is still arriving: relayed chunk by chunk as it comes."""
     connection = request.connection
@@ -408,6 +413,11 @@ async def _stream_body(
             answering(sent)  # a chunked answer ends with the terminator
             connection.end_answer()
             completed = True
+    except BaseException:
+        # The client went away (cancelled, or noticed in a write) before the answer was done.
+        if on_cut is not None and not completed:
+            on_cut(upstream_seconds, sent)
+        raise
     finally:
         if completed:
             reply.finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -42,4 +43,10 @@ async def test_client_leaving_mid_answer_logs_no_error(
                     await asyncio.sleep(0.1)
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == []
-    assert capsys.readouterr().out.count('"status":499') == 5
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cut = [line for line in lines if line["status"] == 499]
+    assert len(cut) == 5
+    for line in cut:
+        # How far the answer got: its upstream had answered, and its bytes were under way.
+        assert line["upstream_ms"] is not None
+        assert line["bytes_sent"] >= 50_000
