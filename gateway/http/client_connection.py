@@ -122,13 +122,23 @@ class HttpReply(ChunkQueue):
             self.fail(ResponseBodyError(error))
 
 
+class _Closed:
+    """The protocol of `_CLOSED_PARSER`: it has no callbacks, and is never fed."""
+
+
+# As for the server's connections (server_connection._CLOSED_PARSER): a lost connection lets go
+# of its parser, the other half of a reference cycle, so reference counting frees it.
+_CLOSED_PARSER = httptools.HttpResponseParser(_Closed())
+
+
 class HttpConnection(asyncio.Protocol):
     """One TCP connection to the upstream, carrying one exchange at a time."""
 
     def __init__(self, client: ConnectionOwner) -> None:
         self._client = client
         self._loop = client.loop
-        self._parser = httptools.HttpResponseParser(self)
+        # Made once connected: one that never connects (refused) is then no cycle either.
+        self._parser = _CLOSED_PARSER
         self.transport: asyncio.Transport | None = None
         self.closed = False  # lost, or EOF seen: never to be used again
         self.reusable = True  # false once the upstream said close or misbehaved
@@ -159,6 +169,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        self._parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -203,6 +214,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
+        self._parser = _CLOSED_PARSER  # nothing more is parsed; see _CLOSED_PARSER
         if self._tunnel is not None:
             self._tunnel.connection_lost()
             return
@@ -327,6 +339,10 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             self._head = None
+            # A failed future keeps the exception it raised, whose traceback keeps this frame,
+            # which keeps the future: a cycle that would hold the request (and its config)
+            # until the cyclic collector came by (see gateway.reload.freeze_long_lived).
+            del head_waiter
 
     async def _send_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         # Whatever stops the upload early leaves a request half sent: the connection is spent.
