@@ -130,7 +130,7 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
         self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
-        self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
+        self.config_reloads = _reload_counter()
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
         self._units: dict[tuple[str, str], list[int]] = {}
@@ -278,7 +278,7 @@ class MultiprocessMetrics:
         self.limit_decisions = cast(Counter, LIMIT_DECISIONS.client_metric())
         self.storage_errors = cast(Counter, STORAGE_ERRORS.client_metric())
         self.inflight = cast(Gauge, INFLIGHT_REQUESTS.client_metric())
-        self.config_reloads = cast(Counter, CONFIG_RELOADS.client_metric())
+        self.config_reloads = _reload_counter()
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self.quota_units = cast(Counter, QUOTA_UNITS.client_metric())
         self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
@@ -330,6 +330,15 @@ class MultiprocessMetrics:
 
     def unregister(self) -> None:
         return None  # never registered
+
+
+def _reload_counter() -> Counter:
+    """gateway_config_reloads_total, both results shown from the start (at 0): an alert on
+    `increase(...{result="error"}[5m])` needs the series before the first failure."""
+    counter = cast(Counter, CONFIG_RELOADS.client_metric())
+    for result in ("ok", "error"):
+        counter.labels(result)
+    return counter
 
 
 def _multiprocess_dir_from_env() -> str | None:

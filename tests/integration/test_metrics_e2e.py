@@ -228,7 +228,8 @@ def test_limit_decisions_storage_errors_and_histograms(mix: Mix) -> None:
     # Only answers the upstream gave have an upstream duration: not the 502, not the 499.
     assert s.series("gateway_upstream_duration_seconds_count", "product") == {("soccer",): 4}
     assert s.series("gateway_inflight_requests") == {(): 0}
-    assert s.series("gateway_config_reloads_total", "result") == {}
+    # No reload yet: both results shown, at 0, so that an alert has a series from the start.
+    assert s.series("gateway_config_reloads_total", "result") == {("ok",): 0, ("error",): 0}
     # The +Inf bucket holds every observation.
     buckets = s.series("gateway_request_duration_seconds_bucket", "product", "route", "le")
     assert buckets[("soccer", ROUTE, "+Inf")] == 11

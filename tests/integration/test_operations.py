@@ -276,6 +276,7 @@ def test_a_second_gateway_on_the_same_ports_refuses_to_start(tmp_path: Path) -> 
 
     # Another program on the admin port: the same clear answer, not a traceback.
     with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the first's TIME_WAIT
         other.bind(("127.0.0.1", admin_port))
         other.listen()
         run = gateway_command("run", "--config", str(config), token=None)

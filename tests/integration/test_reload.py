@@ -79,7 +79,9 @@ class Gateway:
         return self.status(prefix) == 410
 
     def reloads(self) -> dict[tuple[str, ...], float]:
-        return scrape(self.admin_port).series("gateway_config_reloads_total", "result")
+        """The reloads counted so far, by result (both are shown at 0 from the start)."""
+        series = scrape(self.admin_port).series("gateway_config_reloads_total", "result")
+        return {result: count for result, count in series.items() if count}
 
     def requests_counted(self) -> float:
         return scrape(self.admin_port).total("gateway_requests_total")

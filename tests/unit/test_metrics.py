@@ -90,6 +90,14 @@ def test_every_metric_of_the_readme_with_its_type_and_labels() -> None:
         assert sample_labels - {"le"} == labels, name
 
 
+def test_reload_results_are_shown_at_zero_before_any_reload() -> None:
+    registry = CollectorRegistry()
+    metrics.GatewayMetrics(registry)
+    text = generate_latest(registry).decode()
+    assert 'gateway_config_reloads_total{result="ok"} 0.0' in text
+    assert 'gateway_config_reloads_total{result="error"} 0.0' in text
+
+
 def test_observed_requests_show_up_in_counts_durations_and_buckets() -> None:
     registry = CollectorRegistry()
     gateway_metrics = metrics.GatewayMetrics(registry)
