@@ -128,9 +128,10 @@ def children_of(pid: int) -> list[int]:
 
 
 def metrics_dir_of(pid: int) -> Path:
-    """The PROMETHEUS_MULTIPROC_DIR a worker writes into, from the files it has mapped."""
+    """The PROMETHEUS_MULTIPROC_DIR a worker writes into, from its own counter file among the
+    files it has mapped (a forked worker also maps its supervisor's until it counts)."""
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        found = re.search(r"(/\S+)/counter_\d+\.db$", line)
+        found = re.search(rf"(/\S+)/counter_{pid}\.db$", line)
         if found:
             return Path(found.group(1))
     raise AssertionError(f"worker {pid} has mapped no counter file (has it counted anything?)")
