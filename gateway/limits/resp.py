@@ -45,6 +45,9 @@ def pack(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
 
 
+_PING = pack(b"PING")
+
+
 class ScriptPipeline:
     """Runs packed EVALSHA commands of the given scripts on one lazily opened connection, each
     call bounded by `timeout` from the end of the tick it was made in."""
@@ -86,7 +89,7 @@ class ScriptPipeline:
         # connections for a Redis that is stalled (a slow command, a frozen process), and
         # hits written into one would run when Redis wakes, long after their requests were
         # answered 503: units and rate taken for requests that were refused.
-        handshake.append(pack(b"PING"))
+        handshake.append(_PING)
         self._handshake = handshake
         self._script_loads = [pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts]
         self._timeout = timeout
@@ -146,8 +149,12 @@ class ScriptPipeline:
                 replies = [loop.create_future() for _ in self._handshake]
                 handshake: list[_Call] = list(zip(replies, self._handshake, strict=True))
                 connection.send(handshake, self._waiting[0][1])
-                for reply in await asyncio.gather(*replies, return_exceptions=True):
-                    if isinstance(reply, BaseException):
+                answers = await asyncio.gather(*replies, return_exceptions=True)
+                for packed, reply in zip(self._handshake, answers, strict=True):
+                    # Any answer to the PING will do, an ACL's refusal too: it only shows
+                    # that Redis is reading.
+                    refused_ping = packed is _PING and isinstance(reply, ResponseError)
+                    if isinstance(reply, BaseException) and not refused_ping:
                         raise reply
         except BaseException as exc:
             if connection is not None:

@@ -513,7 +513,8 @@ async def test_the_url_credentials_database_and_client_name_are_used(
     """The hits go over a connection of their own (gateway.limits.resp): it must say what
     the URL says, as redis-py does for every other call."""
     admin = fresh_redis_server.client()
-    admin.execute_command("ACL", "SETUSER", "gw", "on", ">s3cret", "~*", "+@all")
+    # Without PING: the connection's PING (gateway.limits.resp) needs an answer, not a pong.
+    admin.execute_command("ACL", "SETUSER", "gw", "on", ">s3cret", "~*", "+@all", "-ping")
     admin.config_set("requirepass", "admin-secret")  # no more unauthenticated commands
     port = fresh_redis_server.port
     good = Backend("redis", f"redis://gw:s3cret@127.0.0.1:{port}/5?client_name=gw-limiter")
