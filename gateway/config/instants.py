@@ -10,6 +10,10 @@ import math
 from datetime import UTC, date, datetime
 
 INSTANT_HINT = "must be an RFC 3339 time with an offset, like 2027-01-01T00:00:00Z"
+# The instants every part of the gateway can show and compare (a datetime ends in year 9999).
+EARLIEST = 0.0
+LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+RANGE_HINT = "must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
 
 
 def parse_instant(value: object) -> float:
@@ -34,13 +38,19 @@ def parse_instant(value: object) -> float:
         raise ValueError(INSTANT_HINT)
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(INSTANT_HINT)
-    seconds = moment.timestamp()
+    try:
+        seconds = moment.timestamp()
+    except (OverflowError, ValueError):  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(RANGE_HINT) from None
     if not math.isfinite(seconds):
         raise ValueError(INSTANT_HINT)
+    if not EARLIEST <= seconds <= LATEST:
+        raise ValueError(RANGE_HINT)
     return seconds
 
 
 def format_instant(unix_time: float) -> str:
     """`2027-01-01T00:00:00Z`: whole seconds, UTC, as the admin API shows every time."""
-    moment = datetime.fromtimestamp(unix_time, UTC)
+    # Clamped: a time stored before the range was enforced must not make every listing fail.
+    moment = datetime.fromtimestamp(min(max(unix_time, EARLIEST), LATEST), UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -270,11 +270,18 @@ def _expires(value: object) -> float | None:
         raise BadRequest(f"expires: {exc}") from None
 
 
+# A rotation's old secret may keep working for at most this long.
+_MAX_GRACE = 366 * 24 * 3600.0
+
+
 def _grace(value: object) -> float:
     try:
-        return parse_duration(value)
+        grace = parse_duration(value)
     except ValueError as exc:
         raise BadRequest(f"grace: {exc}") from None
+    if grace > _MAX_GRACE:
+        raise BadRequest("grace: must be at most 8784h (366 days)")
+    return grace
 
 
 def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:

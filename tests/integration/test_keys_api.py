@@ -248,6 +248,9 @@ async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -
         ({"name": "x", "expires": "tomorrow"}, "expires: must be an RFC 3339 time"),
         ({"name": "x", "expires": "2027-01-01T00:00:00"}, "expires: must be an RFC 3339 time"),
         ({"name": "x", "expires": 1798761600}, "expires: must be an RFC 3339 time"),
+        ({"name": "x", "expires": "9999-12-31T23:59:59-12:00"}, "expires: must be between"),
+        ({"name": "x", "expires": "0001-01-01T00:00:00+01:00"}, "expires: must be between"),
+        ({"name": "x", "expires": "1969-12-31T23:59:59Z"}, "expires: must be between"),
         ({"name": "x", "disabled": "yes"}, "disabled: must be true or false"),
         ({"name": "x", "key_sha256": "abc"}, "key_sha256: must be 64 hexadecimal characters"),
         ({"name": "x", "key": "mine"}, "key: unknown field (allowed: name, plans,"),
@@ -287,12 +290,16 @@ async def test_patch_and_rotate_refuse_bad_fields(rig: Rig) -> None:
         ("PATCH", "/admin/keys/acme", {"plans": {"soccer": "gold"}}, "plans.soccer: unknown plan"),
         ("POST", "/admin/keys/acme/rotate", {"grace": "forever"}, "grace: must be a duration"),
         ("POST", "/admin/keys/acme/rotate", {"grace": -1}, "grace: must be a duration"),
+        ("POST", "/admin/keys/acme/rotate", {"grace": "99999999999999h"}, "grace: must be at most"),
     ]
     for method, path, body, detail in cases:
         status, problem, _ = await rig.call(method, path, body)
         assert status == 400 and problem["detail"].startswith(detail), (body, problem)
     status, problem, _ = await rig.call("GET", "/admin/keys?limit=0")
     assert status == 400 and problem["detail"].startswith("limit: must be an integer")
+    # Nothing of those was stored: the key still reads, and so does the list.
+    assert (await rig.call("GET", "/admin/keys/acme"))[0] == 200
+    assert (await rig.call("GET", "/admin/keys"))[0] == 200
 
 
 async def test_conflicts_are_409(rig: Rig) -> None:

@@ -51,3 +51,17 @@ def test_parse_instant_refuses(written: object) -> None:
 def test_format_instant_is_utc_whole_seconds() -> None:
     assert format_instant(NEW_YEAR_2027 + 0.75) == "2027-01-01T00:00:00Z"
     assert parse_instant(format_instant(NEW_YEAR_2027)) == NEW_YEAR_2027
+
+
+@pytest.mark.parametrize(
+    "text", ["9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+01:00", "1969-12-31T23:59:59Z"]
+)
+def test_an_instant_outside_what_can_be_shown_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="must be between"):
+        parse_instant(text)
+
+
+def test_a_stored_time_out_of_range_is_shown_clamped() -> None:
+    # Stored before the range was enforced: shown, not an error that breaks a listing.
+    assert format_instant(1e18) == "9999-12-31T23:59:59Z"
+    assert format_instant(-1e18) == "1970-01-01T00:00:00Z"
