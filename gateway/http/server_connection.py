@@ -197,6 +197,10 @@ class ServerConnection(asyncio.Protocol):
             self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked body's trailer fields: never merged into the head the request was
+            # judged by (RFC 9110, 6.5.1), so neither a key nor a header can arrive there.
+            return
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:

@@ -343,6 +343,28 @@ async def test_an_answered_request_leaves_no_cycle(gateway: Worker, path: str, s
     assert kept == []
 
 
+async def test_trailer_fields_are_no_headers(gateway: Worker, upstream: Upstream) -> None:
+    """A chunked body's trailer can carry neither the key nor a header for the upstream."""
+
+    async def post(head_key: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(  # in one write, so the trailer is parsed in the same read as the head
+            b"POST /soccer/v5/x HTTP/1.1\r\nHost: t\r\n%bTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n"
+            b"X-API-Key: secret-1\r\nX-Injected: evil\r\n\r\n" % head_key
+        )
+        raw = await read_all(reader)
+        writer.close()
+        return raw.split(b"\r\n", 1)[0]
+
+    assert b" 401 " in await post(b"")
+    assert upstream.seen == []
+    assert b" 200 " in await post(b"X-API-Key: secret-1\r\n")
+    (seen,) = upstream.seen
+    assert "x-injected" not in {name.lower() for name, _ in seen.headers}
+    assert seen.body_size == 5
+
+
 class BrokenLimiter(MemoryLimiter):
     """A limiter with a bug in it: what a 500 looks like from the outside."""
 
