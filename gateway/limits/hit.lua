@@ -58,7 +58,9 @@ else
             -- the counter of a new period: it vanishes on its own soon after the period ends
             quota_born = now
             redis.call('HSET', KEYS[2], 'born', now)
-            redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+            -- Never in the past on Redis's clock: a gateway whose clock lags would otherwise
+            -- see its counter deleted at once, and every hit would find it empty.
+            redis.call('PEXPIREAT', KEYS[2], math.max(tonumber(ARGV[4]), math.floor(now / 1000) + 60000))
         end
     end
     if rate_limit >= 0 then

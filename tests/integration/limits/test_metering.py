@@ -20,6 +20,8 @@ from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, day_of
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
 from gateway.limits.periods import quota_period
+from gateway.limits.redis import RedisLimiter
+from gateway.limits.redis_clients import open_storage_redis
 from tests.support.redis_servers import RedisServer
 
 UTC = ZoneInfo("UTC")
@@ -264,6 +266,24 @@ async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
     finally:
         fresh_redis_server.resume()
         await limiter.close()
+
+
+async def test_a_gateway_whose_clock_lags_redis_still_counts(redis_server: RedisServer) -> None:
+    """Its period ends (by its own clock) before Redis's now: the counter it creates must not
+    expire at once, or every hit would find it empty and the quota would not hold."""
+    lag = 200.0  # past a minute's end and its 60 s of grace
+    lagging = RedisLimiter(
+        open_storage_redis(redis_server.url, 2.0), 2.0, clock=lambda: time.time() - lag
+    )
+    try:
+        subject = f"{new_key()}:soccer"
+        rule = QuotaRule(2, "minute", UTC, frozenset())  # type: ignore[arg-type]
+        outcomes = [(await lagging.hit(subject, None, rule, 1, "pro")).outcome for _ in range(4)]
+        assert outcomes == ["allowed", "allowed", "quota_exceeded", "quota_exceeded"]
+        credited = await lagging.credit(subject, rule, 1)
+        assert (credited.used, credited.limit) == (2, 3)
+    finally:
+        await lagging.close()
 
 
 async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> object:
