@@ -26,6 +26,7 @@ from gateway import accesslog, metrics
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.headers import ExtraHeaders
+from gateway.http.paths import hides_dot_segment
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.keys.index import Principal
@@ -42,6 +43,7 @@ from gateway.problems import (
     CLIENT_CLOSED_CODE,
     CLIENT_CLOSED_STATUS,
     REQUEST_ID_HEADER,
+    BadRequest,
     GatewayProblem,
     Gone,
     InternalError,
@@ -158,6 +160,9 @@ Step = Callable[[Exchange], Answer | None] | Callable[[Exchange], Awaitable[Answ
 def match_route(ex: Exchange) -> Answer | None:
     """1: 404 Invalid route, 405, 410, 301/302; none of these needs a key."""
     request = ex.request
+    if hides_dot_segment(request.raw_path):
+        # Routed as it reads here, it could reach another route behind some upstreams.
+        raise BadRequest("The path hides a dot segment behind %2F, %5C, a backslash or ';'.")
     match = ex.snapshot.routes.match(request.method, request.raw_path)
     ex.match = match
     route = match.route

@@ -1,4 +1,4 @@
-"""The request path in its normal form (RFC 3986, section 6.2.2), before anything reads it.
+r"""The request path in its normal form (RFC 3986, section 6.2.2), before anything reads it.
 
 Routing decides by the path (which route, hence the cost, `gone`, the precedence of literal
 segments), and the upstream serves by it. If the two read one path differently, a client can
@@ -12,7 +12,10 @@ it comes in, and both the routes and the upstream get the normal form:
 - the dot segments `.` and `..` are resolved (never above the root);
 - empty segments are merged (`//` -> `/`), as nginx does by default.
 
-Other escapes stay as they are: decoding `%2F` or `%3F` would change the path's meaning.
+Other escapes stay as they are: decoding `%2F` or `%3F` would change the path's meaning. That
+leaves dot segments some upstreams find where the router sees none: `..%2F` (decoded, then
+resolved, by nginx and many file servers), `..;` (Tomcat's path parameters), `..\` (IIS).
+`hides_dot_segment` finds those, for the caller to refuse.
 """
 
 from __future__ import annotations
@@ -46,3 +49,19 @@ def normal_path(path: str) -> str:
 def _unescape(escape: re.Match[str]) -> str:
     code = int(escape.group()[1:], 16)
     return chr(code) if code in _UNRESERVED else escape.group().upper()
+
+
+# What some servers take for a segment's end besides "/".
+_OTHER_SEPARATORS = re.compile(r"%2[Ff]|%5[Cc]|\\|;")
+
+
+def hides_dot_segment(path: str) -> bool:
+    """Whether `path` (normal) holds a `.` or `..` segment behind an escaped slash, a
+    backslash or a `;`, one that an upstream could resolve where routing did not."""
+    if "%" not in path and "\\" not in path and ";" not in path:
+        return False
+    return any(
+        piece in (".", "..")
+        for segment in path.split("/")
+        for piece in _OTHER_SEPARATORS.split(segment)
+    )

@@ -206,6 +206,19 @@ async def test_a_retired_route_cannot_be_reached_by_another_spelling(
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize(
+    "path", ["/soccer/v5/..%2Fv3/anything", "/soccer/v5/..;/v3/anything", "/soccer/v5/..%5cv3/x"]
+)
+async def test_a_dot_segment_hidden_from_routing_is_400(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession, path: str
+) -> None:
+    async with client.get(URL(url(gateway, path), encoded=True), headers=KEY) as r:
+        assert r.status == 400
+        body = await problem_of(r)
+    assert "dot segment" in str(body["detail"])
+    assert upstream.seen == []
+
+
 async def test_the_upstream_gets_the_path_the_routes_read(
     gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:

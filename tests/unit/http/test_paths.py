@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.http.paths import normal_path
+from gateway.http.paths import hides_dot_segment, normal_path
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,22 @@ from gateway.http.paths import normal_path
 def test_normal_path(path: str, normal: str) -> None:
     assert normal_path(path) == normal
     assert normal_path(normal) == normal  # normal already
+
+
+@pytest.mark.parametrize(
+    ("path", "hides"),
+    [
+        ("/p/cheap/..%2F..%2Fp/old/x", True),
+        ("/p/cheap/..%2freports/x", True),
+        ("/p/cheap/..;/old/x", True),
+        ("/p/cheap/..\\old\\x", True),
+        ("/p/cheap/..%5Cold", True),
+        ("/p/cheap/.%2Fx", True),
+        ("/p/group%2Fproject/info", False),  # an escaped slash inside a name is fine
+        ("/p/items;v=1/x", False),
+        ("/p/a..b%2Fc/..x;y", False),
+        ("/p/plain/path", False),
+    ],
+)
+def test_hides_dot_segment(path: str, hides: bool) -> None:
+    assert hides_dot_segment(normal_path(path)) is hides
