@@ -25,7 +25,7 @@ from urllib.parse import quote
 from gateway import accesslog, metrics
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
-from gateway.http.headers import ExtraHeaders
+from gateway.http.headers import ExtraHeaders, strip_query_param
 from gateway.http.paths import hides_dot_segment
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
@@ -175,9 +175,11 @@ def match_route(ex: Exchange) -> Answer | None:
         target = route.redirect.to
         for name, value in match.params.items():
             target = target.replace("{" + name + "}", quote(value, safe="/:@!$&'()*+,;=-._~"))
-        if request.query_string:
+        # The request's query is kept, but never its key: `to` may name another host.
+        query = strip_query_param(request.query_string, ex.snapshot.config.auth.query_param)
+        if query:
             # A target with a query of its own keeps it, the request's joining after it.
-            target += ("&" if "?" in target else "?") + request.query_string
+            target += ("&" if "?" in target else "?") + query
         status = 301 if route.redirect.permanent else 302
         ex.code = "redirect"
         headers = {REQUEST_ID_HEADER: ex.request_id, "Location": target}

@@ -187,6 +187,9 @@ async def test_redirect_to_a_target_with_a_query_joins_the_queries(
     async with client.get(url(gateway, path), allow_redirects=False) as r:
         assert r.status == 302
         assert r.headers["Location"] == INFO + "?from=moved&limit=3"
+    # Never the key, which the target (perhaps another host's) has no business seeing.
+    async with client.get(url(gateway, path + "&api_key=secret-1"), allow_redirects=False) as r:
+        assert r.headers["Location"] == INFO + "?from=moved&limit=3"
 
 
 @pytest.mark.parametrize(
