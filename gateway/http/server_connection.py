@@ -52,6 +52,21 @@ class _Closed:
 _CLOSED_PARSER = httptools.HttpRequestParser(_Closed())
 
 
+class _BodyApart:
+    """The protocol of a parser that reads one body on its own (`_read_body_apart`)."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self._connection = connection
+
+    def on_body(self, body: bytes) -> None:
+        self._connection.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._connection.body_apart_complete()
+
+
 class ServerConnection(asyncio.Protocol):
     """One client connection: parses its requests, runs their handlers, writes the answers."""
 
@@ -122,12 +137,17 @@ class ServerConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            if self._body_behind_upgrade:
+                self._read_body_apart(data[upgrade.args[0] :])
+                return
             # The request asking to switch protocols was parsed; whatever follows is not HTTP
             # the gateway can read. Its handler either switches (see `switch_protocols`) or
             # gives an ordinary answer, after which the connection closes.
             self._after_upgrade = data[upgrade.args[0] :]
             self._stop_reading()
         except httptools.HttpParserError as exc:
+            if self._stopped_reading:
+                return  # bytes after the last request this connection reads: not ours
             self._protocol_error(self._error_detail or str(exc) or "malformed request")
             return
         if self._in_head and self._heads == head:
@@ -188,6 +208,7 @@ class ServerConnection(asyncio.Protocol):
         self._has_body = False
         self._expect_continue = False
         self._request_id: bytes | None = None
+        self._body_behind_upgrade = False
         self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
@@ -237,7 +258,13 @@ class ServerConnection(asyncio.Protocol):
             self._request_id,
         )
         if parser.should_upgrade():
-            request.upgrade = True
+            if self._has_body:
+                # A body rules the switch out (a WebSocket handshake has none; any other
+                # upgrade a server may ignore, RFC 9110 7.8), and it must reach the upstream.
+                # httptools takes it for the new protocol's bytes: it is read apart.
+                self._body_behind_upgrade = True
+            else:
+                request.upgrade = True
         self._parsing = request
         self._waiting.append(request)
         if not self._busy:
@@ -258,6 +285,8 @@ class ServerConnection(asyncio.Protocol):
             self._pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._body_behind_upgrade:
+            return  # only the head: the body is still to be read (`_read_body_apart`)
         request = self._parsing
         if request is not None:
             request.content.end()
@@ -265,6 +294,26 @@ class ServerConnection(asyncio.Protocol):
         if self._body_paused:
             # Nothing more of that body can come: a pause for it would outlast its request.
             self.resume_body()
+
+    def _read_body_apart(self, rest: bytes) -> None:
+        """Read the body of a request that asked to upgrade, from `rest` on, with a parser of
+        its own framed as the request's head says. The connection ends after this request:
+        what follows its body was meant for the protocol it asked for."""
+        request = self._parsing
+        assert request is not None
+        self._closing = True
+        framing = b"".join(
+            b"%b: %b\r\n" % (name, value)
+            for name, value in request.raw_headers
+            if name.lower() in (b"content-length", b"transfer-encoding")
+        )
+        self._parser = httptools.HttpRequestParser(_BodyApart(self))
+        self.data_received(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
+
+    def body_apart_complete(self) -> None:
+        self._body_behind_upgrade = False
+        self.on_message_complete()
+        self._stop_reading()
 
     # --- handlers -----------------------------------------------------------------------
 

@@ -359,6 +359,38 @@ async def test_an_answered_request_leaves_no_cycle(gateway: Worker, path: str, s
     assert kept == []
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "body-later"])
+async def test_a_body_reaches_the_upstream_when_the_request_also_asks_to_upgrade(
+    gateway: Worker, upstream: Upstream, framing: str, split: bool
+) -> None:
+    """`curl --http2 -d ...` over http:// asks for h2c with a body: the upgrade is ignored,
+    the body is not (a parser stops at an upgrade request's head)."""
+    if framing == "chunked":
+        head_framing, body = b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"
+    else:
+        head_framing, body = b"Content-Length: 5\r\n", b"hello"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    head = (
+        b"POST /soccer/v5/x HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-1\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n" + head_framing + b"\r\n"
+    )
+    if split:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(body)
+    else:
+        writer.write(head + body)
+    raw = await asyncio.wait_for(read_all(reader), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    (seen,) = upstream.seen
+    assert seen.body_size == 5
+    assert "upgrade" not in {name.lower() for name, _ in seen.headers}
+
+
 async def test_trailer_fields_are_no_headers(gateway: Worker, upstream: Upstream) -> None:
     """A chunked body's trailer can carry neither the key nor a header for the upstream."""
 
