@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
 from gateway.http.client import HttpClient
-from gateway.http.client_connection import HttpReply
 from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
 from gateway.http.headers import (
     ExtraHeaders,
@@ -30,6 +29,7 @@ from gateway.http.headers import (
     switching_protocols_head,
     upstream_header_lines,
 )
+from gateway.http.reply import HttpReply
 from gateway.http.request import Request
 from gateway.http.tunnel import switch_and_relay
 

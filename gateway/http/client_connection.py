@@ -17,19 +17,19 @@ from collections.abc import AsyncIterable, Callable
 from typing import Protocol, cast
 
 import httptools
-from multidict import CIMultiDictProxy
 
 from gateway.config.model import Upstream
 from gateway.http.errors import (
     MalformedResponse,
     RequestBodyFailed,
-    ResponseBodyError,
     ResponseTimeout,
     ServerDisconnected,
     UpstreamError,
 )
-from gateway.http.flow import HIGH_WATER, ChunkQueue, WriteGate
-from gateway.http.headers import decode, decoded_lines
+from gateway.http.flow import WriteGate
+from gateway.http.headers import decode
+from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT
+from gateway.http.reply import HttpReply, announces_body, body_ends_at_close
 from gateway.http.tunnel import TunnelEnd
 from gateway.http.wire import CHUNK_END, LAST_CHUNK
 
@@ -57,78 +57,10 @@ class ConnectionOwner(Protocol):
         """The head arrived, or the exchange ended otherwise."""
 
 
-class HttpReply(ChunkQueue):
-    """One upstream answer: its head, and its body as a queue of chunks from the parser."""
-
-    __slots__ = ("_connection", "_headers", "head_only", "raw_headers", "reason", "status")
-
-    def __init__(self, connection: HttpConnection, head_only: bool) -> None:
-        ChunkQueue.__init__(self)
-        self._connection = connection
-        self.head_only = head_only  # an answer to HEAD: no body, whatever its headers say
-        self.status = 0
-        self.reason = ""
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDictProxy[str] | None = None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The header lines decoded into a multidict, built when first asked for."""
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = decoded_lines(self.raw_headers)
-        return headers
-
-    def take_body(self) -> bytes:
-        """The whole body of a complete answer, at once (a single chunk is not copied)."""
-        assert self.done
-        chunks = self._chunks
-        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._queued = 0
-        self._connection.resume()
-        return body
-
-    @property
-    def at_eof(self) -> bool:
-        return self.done and not self._chunks
-
-    def _drained(self) -> None:
-        self._connection.resume()
-
-    async def _more(self) -> None:
-        await self._connection.wait_for_body(self)
-
-    def finish(self) -> None:
-        self._connection.release(self)
-
-    def switch_protocols(self, end: TunnelEnd) -> bytes:
-        """After a 101: the connection goes to `end` of a tunnel (see the connection's)."""
-        return self._connection.switch_protocols(end)
-
-    def abort(self) -> None:
-        self._connection.abort()
-
-    # Called by the connection.
-
-    def _feed(self, chunk: bytes) -> None:
-        if self.push(chunk) > HIGH_WATER:
-            self._connection.pause()
-
-    def _end(self, error: str | None = None) -> None:
-        if error is None:
-            self.end()
-        else:
-            self.fail(ResponseBodyError(error))
-
-
-class _Closed:
-    """The protocol of `_CLOSED_PARSER`: it has no callbacks, and is never fed."""
-
-
-# As for the server's connections (server_connection._CLOSED_PARSER): a lost connection lets go
-# of its parser, the other half of a reference cycle, so reference counting frees it.
-_CLOSED_PARSER = httptools.HttpResponseParser(_Closed())
+_HEAD_TOO_LARGE = f"its response head is larger than {HEAD_LIMIT // 1024} KiB"
+# Interim answers (103 Early Hints, ...) passed on per exchange; later ones are read and dropped,
+# so that an upstream sending them without end cannot fill a client that does not read.
+MAX_INTERIM = 8
 
 
 class HttpConnection(asyncio.Protocol):
@@ -138,7 +70,7 @@ class HttpConnection(asyncio.Protocol):
         self._client = client
         self._loop = client.loop
         # Made once connected: one that never connects (refused) is then no cycle either.
-        self._parser = _CLOSED_PARSER
+        self._parser = CLOSED_RESPONSE_PARSER
         self.transport: asyncio.Transport | None = None
         self.closed = False  # lost, or EOF seen: never to be used again
         self.reusable = True  # false once the upstream said close or misbehaved
@@ -153,7 +85,12 @@ class HttpConnection(asyncio.Protocol):
         self._writes = WriteGate(self._loop)
         self._upload: asyncio.Task[None] | None = None
         self._interim = False  # parsing a 1xx answer, which is not the final one
+        self._interims = 0  # interim answers of this exchange
         self._on_interim: InterimHook | None = None
+        self._in_head = False  # a response head has begun and is not complete
+        self._head_size = 0  # its status line and header lines so far
+        self._head_read = 0  # bytes of reads that continued it without completing it
+        self._head_too_large = False
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
         # connection belongs to it: bytes after the head wait in `_after_switch` (reading
         # paused) until the tunnel end takes over every event.
@@ -187,6 +124,7 @@ class HttpConnection(asyncio.Protocol):
                 self.abort()
             return
         self._received = True
+        continued_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -198,7 +136,14 @@ class HttpConnection(asyncio.Protocol):
             if rest:
                 self._after_switch.append(rest)
         except httptools.HttpParserError:
-            self._fail(MalformedResponse("invalid HTTP response"))
+            detail = _HEAD_TOO_LARGE if self._head_too_large else "invalid HTTP response"
+            self._fail(MalformedResponse(detail))
+            return
+        if continued_head and self._in_head:
+            # httptools buffers an unfinished header line before any callback sees it.
+            self._head_read += len(data)
+            if self._head_read > HEAD_LIMIT:
+                self._fail(MalformedResponse(_HEAD_TOO_LARGE))
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -214,7 +159,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        self._parser = _CLOSED_PARSER  # nothing more is parsed; see _CLOSED_PARSER
+        self._parser = CLOSED_RESPONSE_PARSER  # nothing more is parsed; see http/parsing.py
         if self._tunnel is not None:
             self._tunnel.connection_lost()
             return
@@ -242,14 +187,29 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._header_lines = []
         self._reason = b""
+        self._in_head = True
+        self._head_size = 0
+        self._head_read = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        self._head_size += len(status)
+        if self._head_size > HEAD_LIMIT:
+            self._stop_head()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_lines.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > HEAD_LIMIT:
+            self._stop_head()
+
+    def _stop_head(self) -> None:
+        # Raised inside a parser callback, so httptools stops; data_received answers 502.
+        self._head_too_large = True
+        raise ValueError(_HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101 and self._upgrade and self._reply is not None:
@@ -262,8 +222,9 @@ class HttpConnection(asyncio.Protocol):
                 # An interim answer: passed on (103 Early Hints, ...) but 100 Continue, which
                 # is between the gateway and the upstream; a 101 not asked for fails below.
                 self._interim = True
+                self._interims += 1
                 hook = self._on_interim
-                if hook is not None and status not in (100, 101):
+                if hook is not None and status not in (100, 101) and self._interims <= MAX_INTERIM:
                     hook(status, self._reason, self._header_lines)
                 return
         reply = self._reply
@@ -281,8 +242,9 @@ class HttpConnection(asyncio.Protocol):
             # llhttp cannot know the request was HEAD and would wait for the announced body;
             # a fresh parser starts clean for the next exchange, and the old one's further
             # callbacks (bytes that should not be there) find no reply and spoil the
-            # connection.
-            keep_alive = self._parser.should_keep_alive()
+            # connection. Bytes of that body arriving in a later read, though, would be read
+            # as the next exchange's answer: a head that announces a body ends the connection.
+            keep_alive = self._parser.should_keep_alive() and not announces_body(self._header_lines)
             self._parser = httptools.HttpResponseParser(self)
             self._complete(keep_alive)
 
@@ -320,6 +282,7 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or self.closed:
             raise StaleConnection
         self.exchanges += 1
+        self._interims = 0
         self._on_interim = on_interim
         self._upgrade = upgrade
         reply = HttpReply(self, head_only)
@@ -493,12 +456,3 @@ class HttpConnection(asyncio.Protocol):
             upload.cancel()
         if self.transport is not None:
             self.transport.abort()
-
-
-def body_ends_at_close(reply: HttpReply) -> bool:
-    if reply.head_only or reply.status in (204, 304):
-        return False
-    coding = reply.headers.get("Transfer-Encoding")
-    if coding is not None:
-        return not coding.rstrip().lower().endswith("chunked")
-    return "Content-Length" not in reply.headers

@@ -18,6 +18,7 @@ import httptools
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
 from gateway.http.flow import WriteGate
 from gateway.http.headers import interim_head
+from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A request head (request line and header lines) may not be larger than this: llhttp itself
-# has no bound, and a client must not be able to make the gateway buffer without end.
-HEAD_LIMIT = 64 * 1024
 _HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
@@ -38,33 +36,6 @@ _MAX_WAITING = 16
 # Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
 # checking the length of every name is cheaper than lower-casing every name.
 _NOTED_LENGTHS = frozenset({6, 12, 14, 17})
-
-
-class _Closed:
-    """The protocol of `_CLOSED_PARSER`: it has no callbacks, and is never fed."""
-
-
-# A parser holds its protocol's callbacks and the protocol its parser: a reference cycle, which
-# only the cyclic collector would free once the connection is gone. A reload pauses the
-# collector and then freezes what is alive (gateway/reload.py), so every connection closed
-# during a reload would stay for good (17 objects, ~4 KB each). A closed connection lets go of
-# its parser for this one instead, and is freed by reference counting.
-_CLOSED_PARSER = httptools.HttpRequestParser(_Closed())
-
-
-class _BodyApart:
-    """The protocol of a parser that reads one body on its own (`_read_body_apart`)."""
-
-    __slots__ = ("_connection",)
-
-    def __init__(self, connection: ServerConnection) -> None:
-        self._connection = connection
-
-    def on_body(self, body: bytes) -> None:
-        self._connection.on_body(body)
-
-    def on_message_complete(self) -> None:
-        self._connection.body_apart_complete()
 
 
 class ServerConnection(asyncio.Protocol):
@@ -170,7 +141,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._parser = _CLOSED_PARSER  # nothing more is parsed; see _CLOSED_PARSER
+        self._parser = CLOSED_REQUEST_PARSER  # nothing more is parsed; see http/parsing.py
         self._stop_head_timer()
         self._server.forget(self)
         tunnel = self._tunnel
@@ -307,7 +278,7 @@ class ServerConnection(asyncio.Protocol):
             for name, value in request.raw_headers
             if name.lower() in (b"content-length", b"transfer-encoding")
         )
-        self._parser = httptools.HttpRequestParser(_BodyApart(self))
+        self._parser = httptools.HttpRequestParser(BodyOnly(self.on_body, self.body_apart_complete))
         self.data_received(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     def body_apart_complete(self) -> None:

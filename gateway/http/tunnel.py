@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.http.client_connection import HttpReply
+    from gateway.http.reply import HttpReply
     from gateway.http.request import Request
 
 __all__ = ["CLOSE_GRACE", "Tunnel", "TunnelEnd", "TunnelResult", "switch_and_relay"]

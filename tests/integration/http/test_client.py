@@ -16,6 +16,7 @@ import pytest
 
 from gateway.config.model import Upstream
 from gateway.http.client import HttpClient
+from gateway.http.client_connection import MAX_INTERIM
 from gateway.http.errors import (
     ConnectError,
     ConnectTimeout,
@@ -118,8 +119,14 @@ async def test_body_without_length_ends_with_the_connection() -> None:
 async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
     full = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def script(peer: Peer) -> None:
+        while True:
+            asked = await peer.head()
+            await peer.send(head if asked.startswith(b"HEAD") else full)
+
     async with (
-        raw_upstream(keep_answering(head, full)) as up,
+        raw_upstream(script) as up,
         client_for(up.port, timeout=0.5) as client,
     ):
         reply = await client.send("HEAD", "/x", HOST, None)
@@ -127,9 +134,52 @@ async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
         assert reply.headers["Content-Length"] == "1234"
         assert await _body(reply) == []
         reply.finish()
-        # The same connection parses the next answer from its start.
+        # The next answer is parsed from its start, on a new connection: bytes of the body
+        # that head announced could still come on the old one (see the next test).
         assert await _get(client) == (200, b"ok")
-    assert up.connections == 1
+    assert up.connections == 2
+
+
+async def test_a_late_body_after_a_head_answer_is_never_the_next_answer() -> None:
+    """An upstream that sends HEAD a body anyway, a moment later: on a reused connection it
+    would be read as the answer to whoever's request came next."""
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-Smuggled: yes\r\n\r\nSMUGGLE"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+    honest = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def script(peer: Peer) -> None:
+        first = await peer.head()
+        if first.startswith(b"HEAD"):
+            await peer.send(head)
+            await asyncio.sleep(0.1)
+            await peer.send(smuggled)
+            await peer.head()  # a request on this connection would get the smuggled answer
+        await peer.send(honest)
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port, timeout=0.5) as client:
+        reply = await client.send("HEAD", "/x", HOST, None)
+        reply.finish()
+        await asyncio.sleep(0.2)  # the late bytes have come
+        reply = await client.send("GET", "/x", HOST, None)
+        assert "X-Smuggled" not in reply.headers
+        assert await _body(reply) == [b"ok"]
+        reply.finish()
+
+
+@pytest.mark.parametrize("shape", ["many-lines", "one-endless-line"])
+async def test_a_response_head_over_64_kib_is_bad_gateway(shape: str) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(200):  # 200 KiB, in reads of 1 KiB
+            line = b"X-Pad: " + b"a" * 1000 + b"\r\n" if shape == "many-lines" else b"a" * 1024
+            await peer.send(line)
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        with pytest.raises(MalformedResponse, match="larger than 64 KiB"):
+            await client.send("GET", "/x", HOST, None)
 
 
 @pytest.mark.parametrize(
@@ -266,6 +316,25 @@ async def test_retry_happens_once_only() -> None:
 
 
 # -------------------------------------------------------------------------- failures
+
+
+async def test_interim_answers_passed_on_are_bounded() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        for _ in range(MAX_INTERIM * 5):
+            await peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await peer.reader.read()
+
+    told: list[int] = []
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        reply = await client.send(
+            "GET", "/x", HOST, None, on_interim=lambda status, reason, lines: told.append(status)
+        )
+        assert reply.status == 200
+        reply.finish()
+        # A second exchange on the connection is told of its own again.
+    assert told == [103] * MAX_INTERIM
 
 
 async def test_garbage_is_bad_gateway() -> None:

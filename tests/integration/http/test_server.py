@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.http.parsing import HEAD_LIMIT
 from gateway.http.request import Request
-from gateway.http.server_connection import HEAD_LIMIT
 from gateway.problems import Unauthorized
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.front import answer_problem, http_server

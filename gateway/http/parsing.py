@@ -1,0 +1,37 @@
+"""What both connections (the server's, to clients; the client's, to upstreams) need around
+httptools: the bound on a head, and the parsers a connection keeps when it has no use for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httptools
+
+# A head (request or status line, header lines) may not be larger than this: llhttp itself has
+# no bound, and neither a client nor an upstream may make the gateway buffer without end.
+HEAD_LIMIT = 64 * 1024
+
+
+class _NoCallbacks:
+    """The protocol of the closed parsers: it has no callbacks, and they are never fed."""
+
+
+# A parser holds its protocol's callbacks and the protocol its parser: a reference cycle, which
+# only the cyclic collector would free once the connection is gone. A reload pauses the
+# collector and then freezes what is alive (gateway/reload.py), so every connection closed
+# during a reload would stay for good (17 objects, ~4 KB each). A closed connection (and one
+# not yet connected) holds one of these instead, and is freed by reference counting.
+CLOSED_REQUEST_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+CLOSED_RESPONSE_PARSER = httptools.HttpResponseParser(_NoCallbacks())
+
+
+class BodyOnly:
+    """The protocol of a parser that reads one request body on its own: what the server's
+    connection does for a body httptools left unread after an upgrade request's head."""
+
+    __slots__ = ("on_body", "on_message_complete")
+
+    def __init__(self, on_body: Callable[[bytes], None], on_complete: Callable[[], None]) -> None:
+        self.on_body = on_body
+        self.on_message_complete = on_complete
