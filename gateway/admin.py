@@ -341,7 +341,14 @@ def _day_range(request: web.Request) -> tuple[int, int]:
         raise BadRequest("from: must not be after to.")
     last = min(days.get("to", today), today)
     first = days.get("from", day_number(day_text(last)[:8] + "01"))
-    return max(first, today - HISTORY_DAYS), last
+    if first > last:
+        raise BadRequest(f"from: must not be after to (by default today, {day_text(today)}).")
+    oldest = today - HISTORY_DAYS
+    if last < oldest:
+        raise BadRequest(
+            f"to: history is kept for {HISTORY_DAYS} days, from {day_text(oldest)} on."
+        )
+    return max(first, oldest), last
 
 
 def _find_key(state: AdminState, config: Config, name: str) -> ApiKey:

@@ -297,6 +297,8 @@ async def test_history_and_csv_refuse_bad_dates(rig: Rig) -> None:
         ("from=2026-13-01", "from"),
         ("to=yesterday", "to"),
         ("from=2026-12-02&to=2026-12-01", "from"),
+        ("from=2099-01-01", "from"),  # after today, where `to` is by default
+        ("from=2000-01-01&to=2000-01-31", "to"),  # before the days kept
     ):
         for path in (f"/admin/usage/refund-{rig.run}/history", "/admin/usage.csv"):
             async with rig.http.get(rig.admin(f"{path}?{query}")) as response:
