@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, cast
@@ -35,7 +36,9 @@ _MAX_WAITING = 16
 
 # Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
 # checking the length of every name is cheaper than lower-casing every name.
-_NOTED_LENGTHS = frozenset({6, 12, 14, 17})
+_NOTED_LENGTHS = frozenset({4, 6, 12, 14, 17})
+# A Host value: a host name, an IPv4 address or an [IPv6] literal, and a port (RFC 3986 3.2.2).
+_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*")
 
 
 class ServerConnection(asyncio.Protocol):
@@ -180,13 +183,14 @@ class ServerConnection(asyncio.Protocol):
         self._expect_continue = False
         self._request_id: bytes | None = None
         self._body_behind_upgrade = False
+        self._hosts = 0  # Host lines in the head
         self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url)
         if self._head_size > HEAD_LIMIT:
-            self._head_too_large()
+            self._refuse_head(_HEAD_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -196,27 +200,39 @@ class ServerConnection(asyncio.Protocol):
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
-            self._head_too_large()
+            self._refuse_head(_HEAD_TOO_LARGE)
         if len(name) in _NOTED_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
                 self._has_body = True
+                if value.strip().lower() != b"chunked":
+                    # Another coding would reach the upstream de-chunked but still coded, with
+                    # nothing to say so (RFC 9112 6.1: refuse what is not understood).
+                    self._refuse_head("it has a Transfer-Encoding other than chunked")
+            elif lowered == b"host":
+                self._hosts += 1
+                if _HOST.fullmatch(value) is None:
+                    self._refuse_head("its Host header is not a host")
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
             elif lowered == b"x-request-id" and self._request_id is None:
                 self._request_id = value
 
-    def _head_too_large(self) -> None:
+    def _refuse_head(self, detail: str) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 400.
-        self._error_detail = _HEAD_TOO_LARGE
-        raise ValueError(_HEAD_TOO_LARGE)
+        self._error_detail = detail
+        raise ValueError(detail)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()
         parser = self._parser
+        if self._hosts != 1 and (self._hosts or parser.get_http_version() == "1.1"):
+            # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
+            # hosts a request is for is a question the upstream might answer differently.
+            self._refuse_head("it must have exactly one Host header")
         content = RequestBody(self, self._expect_continue) if self._has_body else NO_BODY
         request = Request(
             self,

@@ -252,6 +252,41 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         assert await read_to_eof(reader) == b""
 
 
+@pytest.mark.parametrize(
+    ("head", "detail"),
+    [
+        (b"GET /a HTTP/1.1\r\n\r\n", "exactly one Host header"),
+        (b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "exactly one Host header"),
+        (b"GET /a HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "exactly one Host header"),
+        (b'GET /a HTTP/1.1\r\nHost: evil.com/a?b#c@d"<x>\r\n\r\n', "Host header is not a host"),
+        (
+            b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "Transfer-Encoding other than chunked",
+        ),
+    ],
+    ids=["no-host", "two-hosts", "two-hosts-1.0", "not-a-host", "gzip-coding"],
+)
+async def test_a_head_the_upstream_could_read_otherwise_is_400(head: bytes, detail: str) -> None:
+    """RFC 9112: one Host, and only the chunked coding (another would reach the upstream
+    de-chunked but still coded, with nothing to say so)."""
+    async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+        writer.write(head)
+        reply = await read_reply(reader)
+        assert reply.status == 400
+        assert detail in problem(reply)["detail"]
+        assert await read_to_eof(reader) == b""
+
+
+async def test_hosts_that_are_hosts_and_http_1_0_without_one_are_served() -> None:
+    for host in (b"Host: example.com:8080\r\n", b"Host: [::1]:80\r\n", b"Host: 10.0.0.1\r\n"):
+        async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+            writer.write(b"GET /a HTTP/1.1\r\n" + host + b"\r\n")
+            assert (await read_reply(reader)).status == 200
+    async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+        writer.write(b"GET /a HTTP/1.0\r\n\r\n")
+        assert (await read_reply(reader)).status == 200
+
+
 async def test_400_after_a_trickled_head_is_timed_from_its_own_head(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
