@@ -43,7 +43,9 @@ class TunnelEnd:
     __slots__ = ("_tunnel", "lost", "peer", "received_bytes", "transport")
 
     def __init__(self, tunnel: Tunnel) -> None:
-        self._tunnel = tunnel
+        # None once the tunnel is done (`Tunnel.check_done`): tunnel and ends would otherwise
+        # hold each other, a cycle only the cyclic collector frees (see gateway/reload.py).
+        self._tunnel: Tunnel | None = tunnel
         self.transport: asyncio.Transport | None = None
         self.peer: TunnelEnd | None = None
         self.received_bytes = 0
@@ -51,7 +53,9 @@ class TunnelEnd:
 
     def data_received(self, data: bytes) -> None:
         self.received_bytes += len(data)
-        self._tunnel.last_activity = self._tunnel.loop.time()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.last_activity = tunnel.loop.time()
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.write(data)
@@ -64,19 +68,27 @@ class TunnelEnd:
                 peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not self._tunnel.ending:
+        peer, tunnel = self.peer, self._tunnel
+        if peer is not None and peer.transport is not None and tunnel and not tunnel.ending:
             with contextlib.suppress(RuntimeError):
                 peer.transport.resume_reading()
 
     def eof_received(self) -> None:
-        self._tunnel.end()
+        if self._tunnel is not None:
+            self._tunnel.end()
 
     def connection_lost(self) -> None:
         self.lost = True
         self.transport = None
-        self._tunnel.end()
-        self._tunnel.check_done()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.end()
+            tunnel.check_done()
+
+    def detach(self) -> None:
+        """The tunnel is done: let go of it and of the other end."""
+        self._tunnel = None
+        self.peer = None
 
 
 class Tunnel:
@@ -160,6 +172,8 @@ class Tunnel:
                 self.client.received_bytes, self.upstream.received_bytes, self._idle
             )
             self.done.set_result(result)
+            self.client.detach()
+            self.upstream.detach()
 
 
 async def switch_and_relay(

@@ -4,6 +4,7 @@ aiohttp WebSocket client, with keys and limits on the handshake and bytes both w
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -282,3 +283,30 @@ async def test_shutdown_closes_websockets_after_the_drain_period(tmp_path: Path)
             assert time.monotonic() - started >= 0.3
             await drain
             await ws.close()
+
+
+async def test_an_ended_tunnel_leaves_no_cycle(tmp_path: Path) -> None:
+    """Nothing of a WebSocket is left for the cyclic collector once it has ended: a reload
+    pauses that collector and freezes what is alive (gateway.reload.freeze_long_lived)."""
+    ours = {"Tunnel", "TunnelEnd", "TunnelResult", "ServerConnection", "HttpConnection"}
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret")) as ws:
+            await ws.send_str("warm")
+            assert await ws.receive_str() == "warm"
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-secret")) as ws:
+                await ws.send_str("hi")
+                assert await ws.receive_str() == "hi"
+            for _ in range(100):  # until the gateway has seen both sides go
+                if len(upstream.ws_closed) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            gc.collect()
+            kept = {type(thing).__name__ for thing in gc.garbage} & ours
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert kept == set()
