@@ -370,6 +370,8 @@ async def _within_storage_timeout(state: AdminState, call: Awaitable[_T]) -> _T:
         async with asyncio.timeout(state.get_config().storage.timeout):
             return await call
     except (StorageError, TimeoutError) as exc:
+        # The 503 says only "try again"; what the storage said is for the operator.
+        log.warning("admin API: %s", exc or "the storage did not answer in time")
         raise StorageUnavailable() from exc
 
 

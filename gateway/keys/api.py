@@ -18,6 +18,7 @@ import bisect
 import dataclasses
 import hashlib
 import heapq
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,6 +54,7 @@ class KeysAccess:
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _CREATE_FIELDS = ("name", "plans", "disabled", "expires", "key_sha256")
 _PATCH_FIELDS = ("plans", "disabled", "expires")
@@ -330,6 +332,9 @@ async def _storing(call: Awaitable[T]) -> T:
     try:
         return await call
     except StorageError as exc:
+        # The 503 says only "try again"; what the storage said (OOM, NOREPLICAS, a timeout)
+        # is for the operator.
+        log.warning("admin keys API: %s", exc)
         raise StorageUnavailable() from exc
 
 

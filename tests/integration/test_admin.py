@@ -221,15 +221,18 @@ async def test_unknown_keys_and_products_are_404_not_found(
 
 
 async def test_a_failing_storage_makes_the_usage_api_503(
-    serve: Serve, http: aiohttp.ClientSession
+    serve: Serve, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     base = await serve(DownStorage())
 
     for method, path in (("GET", "/admin/usage/acme"), ("DELETE", "/admin/usage/acme/soccer")):
+        caplog.clear()
         async with http.request(method, f"{base}{path}") as response:
             assert response.status == 503, path
             assert (await response.json())["code"] == "storage_unavailable"
             assert response.headers["Retry-After"] == "1"
+        # The client is told to retry; the operator is told why.
+        assert any("admin API:" in r.getMessage() for r in caplog.records), path
 
 
 async def test_a_wrong_method_is_405_with_allow(serve: Serve, http: aiohttp.ClientSession) -> None:

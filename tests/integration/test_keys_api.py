@@ -386,7 +386,7 @@ async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
 
 
 async def test_keys_are_served_from_memory_while_redis_is_away(
-    tmp_path: Path, fresh_redis_server: RedisServer
+    tmp_path: Path, fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_upstream() as upstream:
         config = write_config(
@@ -404,6 +404,8 @@ async def test_keys_are_served_from_memory_while_redis_is_away(
             assert (await rig.proxy("made-up"))[0] == 401
             status, problem, _ = await rig.call("POST", "/admin/keys", {"name": "later"})
             assert status == 503 and problem["code"] == "storage_unavailable"
+            # The client is told to retry; the operator is told why.
+            assert any("admin keys API:" in r.getMessage() for r in caplog.records)
             status, problem, _ = await rig.call("PATCH", "/admin/keys/acme", {"disabled": True})
             assert status == 503 and problem["code"] == "storage_unavailable"
             # Listing is served from memory too.
