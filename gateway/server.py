@@ -170,6 +170,11 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         # its default action kills: a reload during a worker's start is neither fatal nor lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         try:
+            if stopping:
+                # A SIGTERM came first (during a crashed worker's restart nap, say): it went to
+                # the workers there were, and a new one would never hear of it, serving on
+                # while the supervisor waited for it.
+                return
             pid = os.fork()
             if pid == 0:
                 _end_with_the_supervisor()
@@ -223,7 +228,9 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         if pid == 0:
             # Awake for the next poll, not a fixed nap after it: naps of 0.2 s made the polls
             # 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to be loaded.
-            time.sleep(min(0.2, max(0.0, next_poll - time.monotonic())))
+            # Stopping, there is no poll to wait for: the nap only paces waitpid.
+            until_poll = next_poll - time.monotonic()
+            time.sleep(0.2 if stopping else min(0.2, max(0.0, until_poll)))
             if not stopping and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()

@@ -172,6 +172,68 @@ def test_workers_end_when_the_supervisor_is_killed(
             gateway.close()
 
 
+def test_sigterm_during_a_crashed_workers_restart_still_stops_everything(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The supervisor naps before restarting a crashed worker: a SIGTERM in that nap must not
+    leave a new worker serving on, unsignalled, with the supervisor waiting for it."""
+    storage = request.getfixturevalue("redis_server").url
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
+        gateway = GatewayProcess(tmp_path / "config", workers=2)
+        try:
+            gateway.start(proxy_port, admin_port)
+            crashed, survivor = serving_workers(gateway, 2)
+            os.kill(crashed, signal.SIGKILL)
+            # Signalled in the 0.5 s the supervisor naps between noticing and restarting.
+            wait_for(lambda: "starting a new one" in gateway.stderr(), 5, "the crash noticed")
+            gateway.signal(signal.SIGTERM)
+            assert gateway.proc is not None
+            assert gateway.proc.wait(timeout=15) == 0, gateway.stderr()
+            assert parent_of(survivor) is None
+            assert connection_refused(proxy_port)
+        finally:
+            gateway.close()
+
+
+def test_a_stopping_supervisor_waits_idle(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """While its workers drain, the supervisor sleeps between looks at them: it used to spin,
+    ~15% of a core for the whole drain."""
+    storage = request.getfixturevalue("redis_server").url
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
+        gateway = GatewayProcess(tmp_path / "config", workers=2)
+        try:
+            gateway.start(proxy_port, admin_port)
+            serving_workers(gateway, 2)
+            assert gateway.proc is not None
+            supervisor = gateway.proc.pid
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(
+                    call, proxy_port, "/soccer/x/slow?for=1.6", headers={"X-API-Key": SECRET}
+                )
+                wait_for(upstream.started_slow.is_set, 5, "the slow request reached the upstream")
+                gateway.signal(signal.SIGTERM)
+                before = cpu_seconds(supervisor)
+                time.sleep(1.0)  # the drain of the slow request, which has 0.6 s more to go
+                spent = cpu_seconds(supervisor) - before
+                assert slow.result(timeout=10).status == 200
+            assert gateway.proc.wait(timeout=15) == 0
+            assert spent < 0.06, f"the stopping supervisor used {spent:.2f} s of CPU in 1 s"
+        finally:
+            gateway.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- the admin port and its token -------------------------------------------------------
 
 
