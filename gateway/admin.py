@@ -141,7 +141,10 @@ def _authorize(request: web.Request, token: bytes | None) -> None:
     if token is None:
         return
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token):
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: encoded back as they came,
+    # they compare (unequal) instead of raising.
+    presented = credentials.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() == "bearer" and hmac.compare_digest(presented, token):
         return
     raise Unauthorized(
         "The admin API needs 'Authorization: Bearer <token>' with the admin token.",

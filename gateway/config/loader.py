@@ -38,6 +38,7 @@ from gateway.http.tls import TlsFileError, server_context
 
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
+_MAX_TOKEN = 4096
 
 SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
 _SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout", "tls")
@@ -250,9 +251,26 @@ class _Builder:
 
     # -- server, storage, auth ------------------------------------------------------------
 
+    def _admin_token(self) -> str | None:
+        """The admin token from the environment, without the spaces a shell or a secrets
+        file may leave around it (the credentials presented are compared stripped too)."""
+        raw = self.env.get(ENV_ADMIN_TOKEN)
+        if raw is None or raw == "":
+            return None
+        token = raw.strip()
+        if not token:
+            self.issues.append(ConfigIssue(ENV_ADMIN_TOKEN, None, "", "is blank"))
+            return None
+        if len(token) > _MAX_TOKEN:
+            # Longer than aiohttp takes a header line: no request could ever present it.
+            self.issues.append(
+                ConfigIssue(ENV_ADMIN_TOKEN, None, "", f"is longer than {_MAX_TOKEN} characters")
+            )
+        return token
+
     def _server(self, storage: StorageConfig) -> ServerConfig:
         defaults = ServerConfig()
-        token = self.env.get(ENV_ADMIN_TOKEN) or None
+        token = self._admin_token()
         found = self._fields("server", _SERVER_KEYS)
         if found is None:
             return ServerConfig(admin_token=token)

@@ -249,6 +249,16 @@ def test_admin_token_guards_admin_api_but_not_probes_or_metrics(tmp_path: Path) 
         refused = call(admin_port, usage)
         problem(refused, 401, "unauthorized")
         assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        # Credentials that are not even UTF-8 are refused like any wrong ones.
+        with socket.create_connection(("127.0.0.1", admin_port), timeout=5) as raw:
+            raw.sendall(
+                b"GET %b HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \xff\xfe\r\n"
+                b"Connection: close\r\n\r\n" % usage.encode()
+            )
+            reply = b""
+            while chunk := raw.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 401 ") and b"application/problem+json" in reply
         problem(
             call(admin_port, usage, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized"
         )

@@ -518,6 +518,13 @@ def test_admin_token_from_the_environment(tmp_path: Path) -> None:
     config = load_config(path, env={"GATEWAY_ADMIN_TOKEN": "t0ken"})
     assert config.server.admin_token == "t0ken"
     assert config.server.admin_listen == Address("::", 9090)
+    # The spaces a shell or a secrets file leaves around it are not part of it...
+    assert load_config(path, env={"GATEWAY_ADMIN_TOKEN": " t0ken \n"}).server.admin_token == "t0ken"
+    # ... and a token no request could present is refused at the start.
+    assert "GATEWAY_ADMIN_TOKEN: is blank" in issues_of(path, env={"GATEWAY_ADMIN_TOKEN": "   "})
+    assert issues_of(path, env={"GATEWAY_ADMIN_TOKEN": "t" * 5000}) == [
+        "GATEWAY_ADMIN_TOKEN: is longer than 4096 characters"
+    ]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "localhost", "[::1]"])
