@@ -34,18 +34,20 @@ log = logging.getLogger("gateway.reload")
 POLL_INTERVAL = 0.25
 
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 def config_fingerprint(path: str) -> Fingerprint:
-    """What changes when the config is edited: each config file's name, mtime and size."""
+    """What changes when the config is edited: each config file's name, mtime and size, and
+    which file it is (device and inode, through symlinks): a symlink turned to another file
+    of the same size and mtime (`cp -p`, `rsync -a`, a deploy tool's releases) is a change."""
     fingerprint = []
     for file in config_files(Path(path)):
         try:
             stat = os.stat(file)
         except OSError:
             continue
-        fingerprint.append((file, stat.st_mtime_ns, stat.st_size))
+        fingerprint.append((file, stat.st_mtime_ns, stat.st_size, stat.st_dev, stat.st_ino))
     return tuple(fingerprint)
 
 

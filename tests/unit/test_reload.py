@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gateway.reload import config_fingerprint
@@ -13,10 +14,24 @@ def test_the_fingerprint_ignores_dotfiles_as_the_loader_does(tmp_path: Path) -> 
     dotfile.write_text("plans: {}\n")
 
     before = config_fingerprint(str(tmp_path))
-    assert [Path(file).name for file, _mtime, _size in before] == ["a.yaml"]
+    assert [Path(entry[0]).name for entry in before] == ["a.yaml"]
 
     dotfile.write_text("plans: {edited: {}}\n")
     assert config_fingerprint(str(tmp_path)) == before
 
     (tmp_path / "a.yaml").write_text("products: {edited: {}}\n")
     assert config_fingerprint(str(tmp_path)) != before
+
+
+def test_a_symlink_turned_to_a_file_of_the_same_size_and_mtime_is_a_change(tmp_path: Path) -> None:
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("quota: 2001\n")
+    two.write_text("quota: 2002\n")
+    for release in (one, two):
+        os.utime(release, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    current = tmp_path / "current.yaml"
+    current.symlink_to(one)
+    before = config_fingerprint(str(current))
+    current.unlink()
+    current.symlink_to(two)  # what a deploy that switches releases does
+    assert config_fingerprint(str(current)) != before
