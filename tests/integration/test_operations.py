@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,11 +149,12 @@ def test_sigterm_repeated_until_the_end_still_exits_0(
         gateway.close()
 
 
-def test_workers_end_when_the_supervisor_is_killed(
+@contextlib.contextmanager
+def two_workers(
     tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it: they
-    must not go on serving the port unsupervised."""
+) -> Iterator[tuple[GatewayProcess, ThreadedUpstream, int]]:
+    """A `gateway run` with two workers on Redis, both serving: the gateway, its upstream and
+    its proxy port."""
     storage = request.getfixturevalue("redis_server").url
     with ThreadedUpstream() as upstream:
         proxy_port, admin_port = write_config_on_free_ports(
@@ -161,15 +163,24 @@ def test_workers_end_when_the_supervisor_is_killed(
         gateway = GatewayProcess(tmp_path / "config", workers=2)
         try:
             gateway.start(proxy_port, admin_port)
-            workers = serving_workers(gateway, 2)
-            gateway.signal(signal.SIGKILL)
-            wait_for(
-                lambda: all(parent_of(pid) is None for pid in workers) or None,
-                15,
-                "both workers gone after the supervisor was killed",
-            )
+            yield gateway, upstream, proxy_port
         finally:
             gateway.close()
+
+
+def test_workers_end_when_the_supervisor_is_killed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its workers with it: they
+    must not go on serving the port unsupervised."""
+    with two_workers(tmp_path, request) as (gateway, _, _):
+        workers = serving_workers(gateway, 2)
+        gateway.signal(signal.SIGKILL)
+        wait_for(
+            lambda: all(parent_of(pid) is None for pid in workers) or None,
+            15,
+            "both workers gone after the supervisor was killed",
+        )
 
 
 def test_sigterm_during_a_crashed_workers_restart_still_stops_everything(
@@ -177,55 +188,37 @@ def test_sigterm_during_a_crashed_workers_restart_still_stops_everything(
 ) -> None:
     """The supervisor naps before restarting a crashed worker: a SIGTERM in that nap must not
     leave a new worker serving on, unsignalled, with the supervisor waiting for it."""
-    storage = request.getfixturevalue("redis_server").url
-    with ThreadedUpstream() as upstream:
-        proxy_port, admin_port = write_config_on_free_ports(
-            tmp_path / "config", upstream.url, storage
-        )
-        gateway = GatewayProcess(tmp_path / "config", workers=2)
-        try:
-            gateway.start(proxy_port, admin_port)
-            crashed, survivor = serving_workers(gateway, 2)
-            os.kill(crashed, signal.SIGKILL)
-            # Signalled in the 0.5 s the supervisor naps between noticing and restarting.
-            wait_for(lambda: "starting a new one" in gateway.stderr(), 5, "the crash noticed")
-            gateway.signal(signal.SIGTERM)
-            assert gateway.proc is not None
-            assert gateway.proc.wait(timeout=15) == 0, gateway.stderr()
-            assert parent_of(survivor) is None
-            assert connection_refused(proxy_port)
-        finally:
-            gateway.close()
+    with two_workers(tmp_path, request) as (gateway, _, proxy_port):
+        crashed, survivor = serving_workers(gateway, 2)
+        os.kill(crashed, signal.SIGKILL)
+        # Signalled in the 0.5 s the supervisor naps between noticing and restarting.
+        wait_for(lambda: "starting a new one" in gateway.stderr(), 5, "the crash noticed")
+        gateway.signal(signal.SIGTERM)
+        assert gateway.proc is not None
+        assert gateway.proc.wait(timeout=15) == 0, gateway.stderr()
+        assert parent_of(survivor) is None
+        assert connection_refused(proxy_port)
 
 
 def test_a_stopping_supervisor_waits_idle(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """While its workers drain, the supervisor sleeps between looks at them: it used to spin,
     ~15% of a core for the whole drain."""
-    storage = request.getfixturevalue("redis_server").url
-    with ThreadedUpstream() as upstream:
-        proxy_port, admin_port = write_config_on_free_ports(
-            tmp_path / "config", upstream.url, storage
-        )
-        gateway = GatewayProcess(tmp_path / "config", workers=2)
-        try:
-            gateway.start(proxy_port, admin_port)
-            serving_workers(gateway, 2)
-            assert gateway.proc is not None
-            supervisor = gateway.proc.pid
-            with ThreadPoolExecutor(1) as pool:
-                slow = pool.submit(
-                    call, proxy_port, "/soccer/x/slow?for=1.6", headers={"X-API-Key": SECRET}
-                )
-                wait_for(upstream.started_slow.is_set, 5, "the slow request reached the upstream")
-                gateway.signal(signal.SIGTERM)
-                before = cpu_seconds(supervisor)
-                time.sleep(1.0)  # the drain of the slow request, which has 0.6 s more to go
-                spent = cpu_seconds(supervisor) - before
-                assert slow.result(timeout=10).status == 200
-            assert gateway.proc.wait(timeout=15) == 0
-            assert spent < 0.06, f"the stopping supervisor used {spent:.2f} s of CPU in 1 s"
-        finally:
-            gateway.close()
+    with two_workers(tmp_path, request) as (gateway, upstream, proxy_port):
+        serving_workers(gateway, 2)
+        assert gateway.proc is not None
+        supervisor = gateway.proc.pid
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(
+                call, proxy_port, "/soccer/x/slow?for=1.6", headers={"X-API-Key": SECRET}
+            )
+            wait_for(upstream.started_slow.is_set, 5, "the slow request reached the upstream")
+            gateway.signal(signal.SIGTERM)
+            before = cpu_seconds(supervisor)
+            time.sleep(1.0)  # the drain of the slow request, which has 0.6 s more to go
+            spent = cpu_seconds(supervisor) - before
+            assert slow.result(timeout=10).status == 200
+        assert gateway.proc.wait(timeout=15) == 0
+        assert spent < 0.06, f"the stopping supervisor used {spent:.2f} s of CPU in 1 s"
 
 
 def cpu_seconds(pid: int) -> float:
