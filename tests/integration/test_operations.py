@@ -26,6 +26,7 @@ from tests.support.operations import (
     ThreadedUpstream,
     call,
     connection_refused,
+    cpu_seconds,
     parent_of,
     serving_workers,
     wait_for,
@@ -219,12 +220,6 @@ def test_a_stopping_supervisor_waits_idle(tmp_path: Path, request: pytest.Fixtur
             assert slow.result(timeout=10).status == 200
         assert gateway.proc.wait(timeout=15) == 0
         assert spent < 0.06, f"the stopping supervisor used {spent:.2f} s of CPU in 1 s"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the admin port and its token -------------------------------------------------------

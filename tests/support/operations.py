@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import re
 import shutil
 import socket
@@ -107,15 +108,25 @@ def serving_workers(gateway: GatewayProcess, count: int, timeout: float = 15.0) 
     return wait_for(alive_children, timeout, f"{count} workers serving")[-count:]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...); the name in
+    parentheses may hold spaces, the fields after it do not. OSError once the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def parent_of(pid: int) -> int | None:
     """The parent of a running process; None once it has exited (a zombie included)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state, parent = _stat_fields(pid)[:2]
     except OSError:
         return None
-    # The command name in parentheses may hold spaces; the fields after it do not.
-    state, parent = stat.rsplit(")", 1)[1].split()[:2]
     return None if state in ("Z", "X") else int(parent)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_of(pid: int) -> list[int]:
