@@ -282,7 +282,7 @@ def _grace(value: object) -> float:
     except ValueError as exc:
         raise BadRequest(f"grace: {exc}") from None
     if grace > _MAX_GRACE:
-        raise BadRequest("grace: must be at most 8784h (366 days)")
+        raise BadRequest(f"grace: must be at most {_MAX_GRACE / 3600:.0f}h (366 days)")
     return grace
 
 
