@@ -1,6 +1,6 @@
-"""One client connection of the proxy port: parsing, turns of handlers, and writing answers.
-
-The server around it (accepting, the keep-alive sweep, shutdown) is `server.py`.
+"""One client connection of the proxy port: parsing its requests and running their handlers in
+turn. Writing the answers is `answer.py`; the server around it (accepting, the keep-alive
+sweep, shutdown) is `server.py`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.http.answer import AnswerWriter
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
-from gateway.http.flow import WriteGate
 from gateway.http.headers import interim_head
 from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
-from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -41,8 +40,9 @@ _NOTED_LENGTHS = frozenset({4, 6, 12, 14, 17})
 _HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*")
 
 
-class ServerConnection(asyncio.Protocol):
-    """One client connection: parses its requests, runs their handlers, writes the answers."""
+class ServerConnection(AnswerWriter, asyncio.Protocol):
+    """One client connection: parses its requests and runs their handlers in turn; its
+    answers are written by the `AnswerWriter` calls it inherits."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -77,13 +77,7 @@ class ServerConnection(asyncio.Protocol):
         self._busy = False  # a handler is running
         self.idle_since: float | None = None
         self._closing = False  # close once the current answer is done
-        # The answer being written.
-        self._head: bytes | None = None  # a head waiting to leave with the first body bytes
-        self._chunked = False
-        self._answer_open = False
-        self._answered = False
-        self._close_after = False
-        self._writes = WriteGate(self._loop)
+        self._init_answers(self._loop)  # the answer being written: see http/answer.py
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -307,10 +301,7 @@ class ServerConnection(asyncio.Protocol):
     def _begin_turn(self) -> None:
         """The request first in line gets the handler: a fresh answer state."""
         self._busy = True
-        self._answered = False
-        self._answer_open = False
-        self._head = None
-        self._close_after = False
+        self._new_answer()
 
     async def _serve(self) -> None:
         """The connection's one task: runs the handler for each request in turn.
@@ -373,108 +364,7 @@ class ServerConnection(asyncio.Protocol):
                 )
         return True
 
-    # --- answers (for the request whose handler is running) -----------------------------
-
-    def begin_answer(
-        self,
-        request: Request,
-        status: int,
-        reason: str,
-        header_block: bytes,
-        *,
-        chunked: bool = False,
-        close_delimited: bool = False,
-        close: bool = False,
-    ) -> None:
-        """Prepare an answer's head; it leaves with the first body bytes or with `end_answer`.
-
-        `header_block` holds every header line, Content-Length included when the body has
-        one. `chunked`: the body will be framed in chunks here (an HTTP/1.0 client gets it
-        `close_delimited` instead: pass both and this picks). `close`: close the connection
-        after this answer.
-        """
-        if self._answered or (self._answer_open and self._head is None):
-            raise RuntimeError("the request already has an answer")
-        # An answer begun but not one byte of it sent may still be replaced (by a 500).
-        if chunked and request.version == "1.0":
-            chunked, close_delimited = False, True
-        keep_alive = (
-            request.keep_alive
-            and not close
-            and not close_delimited
-            and not self._closing
-            and request.content.done
-        )
-        head = status_line(status, reason) + header_block
-        if chunked:
-            head += b"Transfer-Encoding: chunked\r\n"
-        if not keep_alive:
-            head += CLOSE
-            self._close_after = True
-        elif request.version == "1.0":
-            head += KEEP_ALIVE
-        self._head = head + b"\r\n"
-        self._chunked = chunked
-        self._answer_open = True
-
-    async def write_body(self, chunk: bytes) -> None:
-        """Send a piece of the body (with the head, the first time); waits while the client
-        is not reading. Raises ConnectionResetError when the client has gone."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
-        if not chunk:
-            return  # in chunked framing an empty chunk would end the body
-        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
-        head = self._head
-        if head is not None:
-            self._head = None
-            data = head + data
-        transport.write(data)
-        if self._writes.paused:
-            await self._writes.drained()
-
-    def end_answer(self, last: bytes = b"") -> None:
-        """Send `last` (may be empty) and whatever ends the answer, in one write."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
-        if self._chunked:
-            data = (b"%x\r\n%b\r\n" % (len(last), last) if last else b"") + LAST_CHUNK
-        else:
-            data = last
-        head = self._head
-        if head is not None:
-            self._head = None
-            data = head + data
-        if data:
-            transport.write(data)
-        self._answer_open = False
-        self._answered = True
-
-    def respond(
-        self,
-        request: Request,
-        status: int,
-        reason: str,
-        header_block: bytes,
-        body: bytes,
-        *,
-        close: bool = False,
-    ) -> None:
-        """A complete answer of the gateway's own, in one write."""
-        header_block += date_line() + b"Content-Length: %d\r\n" % len(body)
-        self.begin_answer(request, status, reason, header_block, close=close)
-        self.end_answer(b"" if request.method == "HEAD" else body)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def answer_started(self) -> bool:
-        """Some of the answer may have left: a problem can no longer be sent instead."""
-        return self._answered or (self._answer_open and self._head is None)
+    # --- protocol switches and interim answers -----------------------------------------
 
     def switch_protocols(self, request: Request, head: bytes, end: TunnelEnd) -> bytes:
         """Answer the upgrade `request` with `head` (a complete 101 head) and hand the connection
@@ -495,10 +385,6 @@ class ServerConnection(asyncio.Protocol):
         end.transport = transport
         transport.write(head)
         return pending
-
-    def send_interim(self, data: bytes) -> None:
-        if self.transport is not None and not self._answer_open and not self._answered:
-            self.transport.write(data)
 
     def relay_interim(self, status: int, reason: bytes, lines: list[tuple[bytes, bytes]]) -> None:
         """Pass an upstream's interim answer (103 Early Hints, ...) on to the client whose

@@ -1,0 +1,146 @@
+"""Writing the answers of one client connection, one request at a time.
+
+The half of `ServerConnection` that writes: an answer's head is held back to leave with its
+first body bytes (one write for a whole answer), the body is framed in chunks or not, and the
+connection is kept alive or marked to close. Reading requests and running their handlers is
+`server_connection.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from gateway.http.flow import WriteGate
+from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
+
+if TYPE_CHECKING:
+    from gateway.http.request import Request
+
+
+class AnswerWriter:
+    """The answer state of a connection and the calls that write it; a base of
+    `ServerConnection`, which owns the transport and decides when a new answer begins."""
+
+    transport: asyncio.Transport | None
+    _closing: bool  # close once the current answer is done (set by the connection)
+
+    def _init_answers(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._head: bytes | None = None  # a head waiting to leave with the first body bytes
+        self._chunked = False
+        self._answer_open = False
+        self._answered = False
+        self._close_after = False
+        self._writes = WriteGate(loop)
+
+    def _new_answer(self) -> None:
+        """The next request in line is being answered: nothing of its answer exists yet."""
+        self._answered = False
+        self._answer_open = False
+        self._head = None
+        self._close_after = False
+
+    def begin_answer(
+        self,
+        request: Request,
+        status: int,
+        reason: str,
+        header_block: bytes,
+        *,
+        chunked: bool = False,
+        close_delimited: bool = False,
+        close: bool = False,
+    ) -> None:
+        """Prepare an answer's head; it leaves with the first body bytes or with `end_answer`.
+
+        `header_block` holds every header line, Content-Length included when the body has
+        one. `chunked`: the body will be framed in chunks here (an HTTP/1.0 client gets it
+        `close_delimited` instead: pass both and this picks). `close`: close the connection
+        after this answer.
+        """
+        if self._answered or (self._answer_open and self._head is None):
+            raise RuntimeError("the request already has an answer")
+        # An answer begun but not one byte of it sent may still be replaced (by a 500).
+        if chunked and request.version == "1.0":
+            chunked, close_delimited = False, True
+        keep_alive = (
+            request.keep_alive
+            and not close
+            and not close_delimited
+            and not self._closing
+            and request.content.done
+        )
+        head = status_line(status, reason) + header_block
+        if chunked:
+            head += b"Transfer-Encoding: chunked\r\n"
+        if not keep_alive:
+            head += CLOSE
+            self._close_after = True
+        elif request.version == "1.0":
+            head += KEEP_ALIVE
+        self._head = head + b"\r\n"
+        self._chunked = chunked
+        self._answer_open = True
+
+    async def write_body(self, chunk: bytes) -> None:
+        """Send a piece of the body (with the head, the first time); waits while the client
+        is not reading. Raises ConnectionResetError when the client has gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if not chunk:
+            return  # in chunked framing an empty chunk would end the body
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        transport.write(data)
+        if self._writes.paused:
+            await self._writes.drained()
+
+    def end_answer(self, last: bytes = b"") -> None:
+        """Send `last` (may be empty) and whatever ends the answer, in one write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        if self._chunked:
+            data = (b"%x\r\n%b\r\n" % (len(last), last) if last else b"") + LAST_CHUNK
+        else:
+            data = last
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data:
+            transport.write(data)
+        self._answer_open = False
+        self._answered = True
+
+    def respond(
+        self,
+        request: Request,
+        status: int,
+        reason: str,
+        header_block: bytes,
+        body: bytes,
+        *,
+        close: bool = False,
+    ) -> None:
+        """A complete answer of the gateway's own, in one write."""
+        header_block += date_line() + b"Content-Length: %d\r\n" % len(body)
+        self.begin_answer(request, status, reason, header_block, close=close)
+        self.end_answer(b"" if request.method == "HEAD" else body)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def answer_started(self) -> bool:
+        """Some of the answer may have left: a problem can no longer be sent instead."""
+        return self._answered or (self._answer_open and self._head is None)
+
+    def send_interim(self, data: bytes) -> None:
+        if self.transport is not None and not self._answer_open and not self._answered:
+            self.transport.write(data)
