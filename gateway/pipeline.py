@@ -173,8 +173,10 @@ def match_route(ex: Exchange) -> Answer | None:
         raise Gone("This route has been retired.", headers=headers)
     if route.redirect is not None:
         target = route.redirect.to
-        for name, value in match.params.items():
-            target = target.replace("{" + name + "}", quote(value, safe="/:@!$&'()*+,;=-._~"))
+        for name, value in match.raw_params.items():
+            # Escapes are kept as they are (`%` is safe); anything else a path may not hold
+            # unescaped is escaped.
+            target = target.replace("{" + name + "}", quote(value, safe="/%:@!$&'()*+,;=-._~"))
         # The request's query is kept, but never its key: `to` may name another host.
         query = strip_query_param(request.query_string, ex.snapshot.config.auth.query_param)
         if query:

@@ -28,6 +28,9 @@ class RouteMatch:
     route: Route
     product: Product
     params: Mapping[str, str]  # percent-decoded values of the template's parameters
+    # The same values as the path has them, escapes kept: what a redirect's target gets, so
+    # that an escaped slash (`group%2Fproject`) stays one segment there too.
+    raw_params: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +112,9 @@ class RouteTable:
                 continue
             methods = entry.route.methods
             if methods is None or method in methods or (method == "HEAD" and "GET" in methods):
-                params = {name: unquote(value) for name, value in found.groupdict().items()}
-                return RouteMatch(entry.route, entry.product, params)
+                raw = found.groupdict()
+                params = {name: unquote(value) for name, value in raw.items()}
+                return RouteMatch(entry.route, entry.product, params, raw)
             allowed.update(methods)
             if "GET" in methods:
                 allowed.add("HEAD")

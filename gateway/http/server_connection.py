@@ -191,6 +191,10 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # A chunked body's trailer fields: never merged into the head the request was
             # judged by (RFC 9110, 6.5.1), so neither a key nor a header can arrive there.
             return
+        # llhttp drops the whitespace before a value, not the whitespace after it, which is no
+        # more part of the value (RFC 9110 5.5): a key or a request id followed by a space is
+        # still that key or that id.
+        value = value.rstrip(b" \t")
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:

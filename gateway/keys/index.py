@@ -77,7 +77,9 @@ class KeyIndex:
             if auth.query_param is not None:
                 where += f" or the {auth.query_param} query parameter"
             raise Unauthorized(f"An API key is required in {where}.")
-        digest = hashlib.sha256(presented.encode()).hexdigest()
+        # Header values are decoded with surrogateescape: hashing the bytes the client sent,
+        # a key that is not UTF-8 is unknown (401), like any other.
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).hexdigest()
         key = self._by_hash.get(digest)
         if key is None:
             key = self._api_key(digest)

@@ -413,6 +413,44 @@ async def test_trailer_fields_are_no_headers(gateway: Worker, upstream: Upstream
     assert seen.body_size == 5
 
 
+async def raw_status(gateway: Worker, head: bytes) -> bytes:
+    """The status code the gateway answers a request head sent as these bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(head)
+    raw = await read_all(reader)
+    writer.close()
+    return raw.split(b"\r\n", 1)[0].split(b" ")[1]
+
+
+async def test_a_key_that_is_not_utf8_is_unknown(gateway: Worker) -> None:
+    """401, as any unknown key; it was a 500 with a traceback, free for anyone to cause."""
+    head = b"GET %b HTTP/1.1\r\nHost: t\r\nX-API-Key: secr\xe9t-1\r\nConnection: close\r\n\r\n"
+    assert await raw_status(gateway, head % INFO.encode()) == b"401"
+
+
+@pytest.mark.parametrize("after", [b" ", b"\t", b" \t "])
+async def test_whitespace_after_a_key_or_request_id_is_not_part_of_it(
+    gateway: Worker, upstream: Upstream, after: bytes
+) -> None:
+    head = (
+        b"GET %b HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-1%b\r\n"
+        b"X-Request-ID: mine-42%b\r\nConnection: close\r\n\r\n"
+    ) % (INFO.encode(), after, after)
+    assert await raw_status(gateway, head) == b"200"
+    (seen,) = upstream.seen
+    assert ("X-Request-ID", "mine-42") in seen.headers
+
+
+async def test_a_redirect_keeps_an_escaped_slash_escaped(
+    gateway: Worker, client: aiohttp.ClientSession
+) -> None:
+    """`group%2Fproject` is one segment; the target must not make it two."""
+    path = "/soccer/latest/en/group%2Fproject/a%20b?limit=3"
+    async with client.get(url(gateway, path), allow_redirects=False) as r:
+        assert r.status == 302
+        assert r.headers["Location"] == "/soccer/v4/en/group%2Fproject/a%20b?limit=3"
+
+
 class BrokenLimiter(MemoryLimiter):
     """A limiter with a bug in it: what a 500 looks like from the outside."""
 
