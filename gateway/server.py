@@ -129,10 +129,11 @@ def _install_uvloop() -> None:
 _FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
-def _end_with_the_supervisor() -> None:
-    """In a forked worker: get SIGTERM (and so drain) when the supervisor dies, however it
-    dies. A supervisor killed outright would otherwise leave its workers serving the port
-    for ever, unsupervised. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+def _end_with_the_supervisor(supervisor: int) -> None:
+    """In a forked worker: get SIGTERM (and so drain) when the supervisor (pid `supervisor`)
+    dies, however it dies. A supervisor killed outright would otherwise leave its workers
+    serving the port for ever, unsupervised. Linux only (prctl PR_SET_PDEATHSIG); elsewhere
+    nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -142,7 +143,9 @@ def _end_with_the_supervisor() -> None:
     except (OSError, AttributeError) as exc:
         log.warning("workers will not end with a killed supervisor: %s", exc)
         return
-    if os.getppid() == 1:  # the supervisor died before the prctl: end now
+    if os.getppid() != supervisor:
+        # The supervisor died before the prctl: its orphan was handed to another parent. (Not
+        # "the parent is pid 1": in a container the supervisor itself is pid 1.)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -175,9 +178,10 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
                 # the workers there were, and a new one would never hear of it, serving on
                 # while the supervisor waited for it.
                 return
+            supervisor = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _end_with_the_supervisor()
+                _end_with_the_supervisor(supervisor)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -235,7 +239,12 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()
             continue
-        index = children.pop(pid)
+        index = children.pop(pid, None)
+        if index is None:
+            # Not a worker: a child the process had before it became the gateway (`sh -c
+            # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
+            # Collecting it is all there is to do (pid 1 must, or zombies pile up).
+            continue
         metrics.mark_worker_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:

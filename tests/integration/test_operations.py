@@ -25,6 +25,7 @@ from tests.support.operations import (
     Answer,
     ThreadedUpstream,
     call,
+    children_of,
     connection_refused,
     cpu_seconds,
     parent_of,
@@ -182,6 +183,64 @@ def test_workers_end_when_the_supervisor_is_killed(
             15,
             "both workers gone after the supervisor was killed",
         )
+
+
+def serves_steadily(gateway: GatewayProcess, proxy_port: int, seconds: float) -> None:
+    """Requests keep being answered for `seconds`, and no worker is restarted meanwhile."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert call(proxy_port, "/soccer/x", headers={"X-API-Key": SECRET}).status == 200
+        time.sleep(0.05)
+    assert "starting a new one" not in gateway.stderr(), gateway.stderr()
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-pf", "--mount-proc", "true"], check=False).returncode != 0,
+    reason="needs unshare(1) and the right to make a pid namespace",
+)
+def test_workers_serve_when_the_supervisor_is_pid_1(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """In a container the gateway is pid 1, so its workers' parent is pid 1 too: they took
+    that for an orphaned worker's and ended at once, restarted in a loop, serving nothing."""
+    storage = request.getfixturevalue("redis_server").url
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
+        # --kill-child: a SIGTERM to unshare reaches the gateway as one.
+        prefix = ["unshare", "-pf", "--mount-proc", "--kill-child=SIGTERM"]
+        gateway = GatewayProcess(tmp_path / "config", workers=2, prefix=prefix)
+        try:
+            gateway.start(proxy_port, admin_port)
+            serves_steadily(gateway, proxy_port, 1.5)
+        finally:
+            gateway.close()
+
+
+def test_a_child_that_is_no_worker_ending_does_not_end_the_supervisor(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`sh -c 'tool & exec gateway run ...'` leaves the gateway a child of its own, and pid 1
+    adopts orphans: collecting one ended the supervisor with a KeyError, and the workers."""
+    storage = request.getfixturevalue("redis_server").url
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, storage
+        )
+        prefix = ["sh", "-c", 'sleep 0.3 & exec "$0" "$@"']
+        gateway = GatewayProcess(tmp_path / "config", workers=2, prefix=prefix)
+        try:
+            gateway.start(proxy_port, admin_port)
+            assert gateway.proc is not None
+            supervisor = gateway.proc.pid
+            # Its children: the two workers and the sleep, then (the sleep over and
+            # collected, not left a zombie) the two workers.
+            wait_for(lambda: len(children_of(supervisor)) == 2 or None, 5, "the sleep collected")
+            serves_steadily(gateway, proxy_port, 0.5)
+            assert gateway.stop() == 0, gateway.stderr()
+        finally:
+            gateway.close()
 
 
 def test_sigterm_during_a_crashed_workers_restart_still_stops_everything(

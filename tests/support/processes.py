@@ -32,8 +32,10 @@ class GatewayProcess:
         workers: int | None = None,
         env: dict[str, str] | None = None,
         stdout_pipe: bool = False,
+        prefix: list[str] | None = None,
     ) -> None:
         self.config_dir = config_dir
+        self.prefix = prefix or []  # a command the gateway's command line is given to
         self.workers = workers
         self.extra_env = env or {}
         self.stdout_pipe = stdout_pipe
@@ -51,7 +53,10 @@ class GatewayProcess:
     ) -> None:
         """Start and wait until both ports answer; `tls`: the proxy port speaks HTTPS and
         this client context trusts its certificate."""
-        command = [sys.executable, "-m", "gateway", "run", "--config", str(self.config_dir)]
+        command = [
+            *self.prefix,
+            *(sys.executable, "-m", "gateway", "run", "--config", str(self.config_dir)),
+        ]
         if self.workers is not None:
             command += ["--workers", str(self.workers)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
