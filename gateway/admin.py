@@ -48,6 +48,7 @@ from gateway.limits.base import (
 from gateway.metrics import render_metrics
 from gateway.problems import (
     BadRequest,
+    Conflict,
     GatewayProblem,
     MethodNotAllowed,
     NotFound,
@@ -214,18 +215,35 @@ async def _reset_usage(request: web.Request) -> web.Response:
 
 # Credit is a count of units; a bound keeps it a number every storage holds exactly.
 _MAX_CREDIT = 10**12
+# An idempotency key: what payment APIs accept (Stripe's up to 255 characters), printable
+# ASCII so that it is safe inside a Redis key name and a log line.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 async def _add_credit(request: web.Request) -> web.Response:
+    """A credit answered 503 may still be applied later (the storage may run a command it got
+    after the gateway stopped waiting): a retry with the same `Idempotency-Key` adds it once."""
     state = request.app[ADMIN_STATE]
     key, product, quota = _key_quota(request, state, "to credit")
+    once = request.headers.get("Idempotency-Key")
+    if once is not None and _IDEMPOTENCY_KEY.fullmatch(once) is None:
+        raise BadRequest("Idempotency-Key: must be 1 to 255 visible ASCII characters.")
     body = only_fields(await json_object(request, required=True), ("amount",))
     amount = body.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_CREDIT:
         raise BadRequest(f"amount: must be a whole number from 1 to {_MAX_CREDIT}.")
     subject = f"{key.name}:{product}"
-    usage = await _within_storage_timeout(state, state.limiter.credit(subject, quota, amount))
-    return web.json_response(await _usage_of(state, key, {product: usage}))
+    credited = await _within_storage_timeout(
+        state, state.limiter.credit(subject, quota, amount, once)
+    )
+    if credited.replayed and credited.amount != amount:
+        raise Conflict(
+            f"Idempotency-Key '{once}' was used for a credit of {credited.amount} units,"
+            f" not {amount}."
+        )
+    headers = {"Idempotent-Replayed": "true"} if credited.replayed else None
+    usage = await _usage_of(state, key, {product: credited.usage})
+    return web.json_response(usage, headers=headers)
 
 
 def _key_quota(

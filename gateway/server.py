@@ -239,8 +239,8 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()
             continue
-        index = children.pop(pid, None)
-        if index is None:
+        index = children.pop(pid, -1)
+        if index < 0:
             # Not a worker: a child the process had before it became the gateway (`sh -c
             # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
             # Collecting it is all there is to do (pid 1 must, or zombies pile up).

@@ -87,6 +87,20 @@ class QuotaUsage:
     credit: int = 0
 
 
+# How long a credit's idempotency key is remembered: a retry within this is applied at most
+# once (a day, as payment APIs keep theirs).
+CREDIT_KEY_TTL = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Credited:
+    """What a credit call did."""
+
+    usage: QuotaUsage  # the quota after it
+    amount: int  # the units credited under its idempotency key (the first call's, if replayed)
+    replayed: bool = False  # its idempotency key was used before: nothing was added this time
+
+
 @dataclass(frozen=True, slots=True)
 class DayUsage:
     """One line of the usage history: a subscription's admitted requests on one UTC day."""
@@ -117,8 +131,11 @@ class Limiter(Protocol):
         below zero; the units actually returned to the quota (0 when its counter is gone)."""
         ...
 
-    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
-        """Add `amount` units to the current period's allowance."""
+    async def credit(
+        self, subject: str, quota: QuotaRule, amount: int, once: str | None = None
+    ) -> Credited:
+        """Add `amount` units to the current period's allowance. With `once` (an idempotency
+        key), only if no credit of `subject` used that key in the last `CREDIT_KEY_TTL`."""
         ...
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage: ...

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 from gateway.config.model import QuotaRule, RateRule
 from gateway.limits.base import (
+    CREDIT_KEY_TTL,
     DAY_SECONDS,
     HISTORY_DAYS,
+    Credited,
     DayUsage,
     Decision,
     Outcome,
@@ -91,6 +93,8 @@ class MemoryLimiter:
         self._next_due = 0.0
         self._periods = PeriodCache()
         self._stamps = itertools.count(1)
+        # Idempotency keys of credits: (subject, key) -> (units, forgotten at), oldest first.
+        self._credit_keys: dict[tuple[str, str], tuple[int, float]] = {}
 
     async def hit(
         self,
@@ -211,10 +215,24 @@ class MemoryLimiter:
                 counts[1] -= min(receipt.cost, counts[1])
         return returned
 
-    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
-        counter = self._current(subject, quota, self._clock())
+    async def credit(
+        self, subject: str, quota: QuotaRule, amount: int, once: str | None = None
+    ) -> Credited:
+        now = self._clock()
+        if once is not None:
+            kept = self._credit_keys
+            while kept:  # forget the expired, oldest first (insertion order)
+                oldest = next(iter(kept))
+                if kept[oldest][1] > now:
+                    break
+                del kept[oldest]
+            earlier = kept.get((subject, once))
+            if earlier is not None:
+                return Credited(await self.usage(subject, quota), earlier[0], replayed=True)
+            kept[(subject, once)] = (amount, now + CREDIT_KEY_TTL)
+        counter = self._current(subject, quota, now)
         counter.credit += amount
-        return await self.usage(subject, quota)
+        return Credited(await self.usage(subject, quota), amount)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)

@@ -34,8 +34,10 @@ from redis.asyncio import Redis
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits.base import (
+    CREDIT_KEY_TTL,
     DAY_SECONDS,
     HISTORY_DAYS,
+    Credited,
     DayUsage,
     Decision,
     Outcome,
@@ -62,6 +64,7 @@ from gateway.limits.redis_layout import (
     RESET,
     SUBSCRIPTIONS_KEY,
     AnyRedis,
+    credit_once_key,
     day_key,
     packed_cost,
     quota_key,
@@ -322,14 +325,23 @@ class RedisLimiter:
         except Exception as exc:
             raise self._guard.error("refund", exc) from exc
 
-    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> QuotaUsage:
+    async def credit(
+        self, subject: str, quota: QuotaRule, amount: int, once: str | None = None
+    ) -> Credited:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         expire_ms = _quota_expire_ms(start, end)
-        keys = (quota_key(subject, start),)
-        used, credit = await self._guard(
-            "credit", lambda: run_script(self._client, CREDIT, keys, (amount, expire_ms))
+        keys: tuple[str, ...] = (quota_key(subject, start),)
+        args: tuple[int, ...] = (amount, expire_ms)
+        if once is not None:
+            keys += (credit_once_key(subject, once),)
+            args += (int(CREDIT_KEY_TTL * 1000),)
+        used, credit, earlier = await self._guard(
+            "credit", lambda: run_script(self._client, CREDIT, keys, args)
         )
-        return _usage(quota, int(used), int(credit), end)
+        usage = _usage(quota, int(used), int(credit), end)
+        if int(earlier) >= 0:
+            return Credited(usage, int(earlier), replayed=True)
+        return Credited(usage, amount)
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)

@@ -6,6 +6,8 @@ so that all of them live in one Redis Cluster slot and one script may touch them
     gw:{<subject>}:rate                 sorted set: admission times in the rate window
     gw:{<subject>}:q:<period start>     hash: used, credit, born (the quota of one period)
     gw:{<subject>}:d:<YYYY-MM-DD>       hash: born, r:<plan>, u:<plan> (one UTC day's history)
+    gw:{<subject>}:credit:<key>         string: the units a credit with that idempotency key
+                                        added (kept a day)
 
 `gw:subscriptions`, a set of the subjects with history, is the one key outside them.
 """
@@ -47,6 +49,10 @@ def rate_key(subject: str) -> str:
 
 def quota_key(subject: str, period_start: float) -> str:
     return f"gw:{{{subject}}}:q:{int(period_start)}"
+
+
+def credit_once_key(subject: str, idempotency_key: str) -> str:
+    return f"gw:{{{subject}}}:credit:{idempotency_key}"
 
 
 def day_key(subject: str, day: int) -> str:

@@ -44,7 +44,9 @@ def make_config() -> Config:
 class DownStorage(MemoryLimiter):
     """Every metering call fails, as an unreachable Redis does once translated."""
 
-    async def credit(self, subject: str, quota: QuotaRule, amount: int) -> Any:
+    async def credit(
+        self, subject: str, quota: QuotaRule, amount: int, once: str | None = None
+    ) -> Any:
         raise StorageError("connection refused")
 
     async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:

@@ -244,6 +244,42 @@ async def test_cost_history_and_csv(rig: Rig, request: pytest.FixtureRequest) ->
     assert after[refunded] - before.get(refunded, 0) == 10
 
 
+async def test_a_credit_answered_503_and_retried_with_its_idempotency_key_counts_once(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    """A frozen Redis gets the credit command and runs it when it thaws, after the gateway
+    answered 503: the retry the 503 invites must not add the units a second time."""
+    async with _running_rig(tmp_path, storage_url=fresh_redis_server.url) as rig:
+        key = f"bill-{rig.run}"
+        credit_url = rig.admin(f"/admin/usage/{key}/soccer/credit")
+        once = {"Idempotency-Key": "invoice-2026-12-0001"}
+        assert await rig.used("bill") == 0  # the storage's connections are open
+        fresh_redis_server.pause()
+        try:
+            async with rig.http.post(credit_url, json={"amount": 7}, headers=once) as r:
+                assert r.status == 503
+        finally:
+            fresh_redis_server.resume()
+        # The thawed Redis runs the first command and the retries, in an order of its own:
+        # one of them adds the units, the others are told they were added.
+        answers = []
+        for amount in (7, 7, 8):
+            async with rig.http.post(credit_url, json={"amount": amount}, headers=once) as r:
+                body = await r.json(content_type=None)
+                answers.append((r.status, r.headers.get("Idempotent-Replayed")))
+        assert answers[1:] == [(200, "true"), (409, None)]
+        assert answers[0] in ((200, "true"), (200, None))
+        assert body["detail"].startswith("Idempotency-Key 'invoice-2026-12-0001' was used")
+        async with rig.http.get(rig.admin(f"/admin/usage/{key}")) as response:
+            quota = (await response.json())["products"]["soccer"]["quota"]
+        assert (quota["credit"], quota["limit"]) == (7, 107)
+        async with rig.http.post(
+            credit_url, json={"amount": 1}, headers={"Idempotency-Key": "two words"}
+        ) as r:
+            problem = await r.json(content_type=None)
+            assert r.status == 400 and problem["detail"].startswith("Idempotency-Key:")
+
+
 async def test_overrides_and_credit(rig: Rig) -> None:
     key = f"vip-{rig.run}"
     decided = [await rig.get("vip", "/soccer/x") for _ in range(4)]

@@ -128,15 +128,32 @@ async def test_credit_adds_to_this_period_and_shows_in_the_limit(limiter: Limite
         "allowed",
         "quota_exceeded",
     ]
-    usage = await limiter.credit(subject, rule, 3)
+    usage = (await limiter.credit(subject, rule, 3)).usage
     assert (usage.limit, usage.used, usage.remaining, usage.credit) == (5, 2, 3, 3)
     decisions = [await limiter.hit(subject, None, rule, 1, "p") for _ in range(4)]
     assert [d.outcome for d in decisions] == ["allowed"] * 3 + ["quota_exceeded"]
     assert decisions[0].quota is not None and decisions[0].quota.limit == 5
     # Credit on a period nobody has used yet.
     fresh = f"{new_key()}:soccer"
-    usage = await limiter.credit(fresh, rule, 4)
+    usage = (await limiter.credit(fresh, rule, 4)).usage
     assert (usage.limit, usage.used, usage.credit) == (6, 0, 4)
+
+
+async def test_a_credit_with_an_idempotency_key_is_added_once(limiter: Limiter) -> None:
+    subject = f"{new_key()}:soccer"
+    rule = quota(2, refund=False)
+    first = await limiter.credit(subject, rule, 3, once="order-17")
+    assert (first.usage.credit, first.amount, first.replayed) == (3, 3, False)
+    again = await limiter.credit(subject, rule, 3, once="order-17")
+    assert (again.usage.credit, again.amount, again.replayed) == (3, 3, True)
+    # The first call's amount is told, whatever the retry says.
+    other = await limiter.credit(subject, rule, 9, once="order-17")
+    assert (other.usage.credit, other.amount, other.replayed) == (3, 3, True)
+    # Another key, another subscription with the same key, or no key: added.
+    assert (await limiter.credit(subject, rule, 1, once="order-18")).usage.credit == 4
+    assert (await limiter.credit(subject, rule, 1)).usage.credit == 5
+    elsewhere = f"{new_key()}:soccer"
+    assert (await limiter.credit(elsewhere, rule, 2, once="order-17")).usage.credit == 2
 
 
 async def test_history_counts_requests_and_units_kept(limiter: Limiter) -> None:
@@ -280,7 +297,7 @@ async def test_a_gateway_whose_clock_lags_redis_still_counts(redis_server: Redis
         rule = QuotaRule(2, "minute", UTC, frozenset())  # type: ignore[arg-type]
         outcomes = [(await lagging.hit(subject, None, rule, 1, "pro")).outcome for _ in range(4)]
         assert outcomes == ["allowed", "allowed", "quota_exceeded", "quota_exceeded"]
-        credited = await lagging.credit(subject, rule, 1)
+        credited = (await lagging.credit(subject, rule, 1)).usage
         assert (credited.used, credited.limit) == (2, 3)
     finally:
         await lagging.close()
