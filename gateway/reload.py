@@ -104,6 +104,8 @@ class Reloader:
             answer, config = read_config_isolated(self._path, env=self._environment())
         except ConfigError as exc:
             return self._rejected(exc)
+        except Exception:
+            return self._failed()
         if self._hand_over_in is not None:
             save_answer(answer, self._hand_over_in)
         return self._accepted(config)
@@ -126,6 +128,8 @@ class Reloader:
                         config = await load_config_off_loop(self._path, env=self._environment())
                 except ConfigError as exc:
                     return self._rejected(exc)
+                except Exception:
+                    return self._failed()
                 if self._prepare is None:
                     return self._accepted(config)
                 swap = await self._prepare(config)
@@ -143,6 +147,14 @@ class Reloader:
     def _rejected(self, exc: ConfigError) -> bool:
         for issue in exc.issues:
             log.error("config reload rejected, keeping the running config: %s", issue)
+        if self._count is not None:
+            self._count(False)
+        return False
+
+    def _failed(self) -> bool:
+        # A bug of the loader's, not of the config: the running config stays all the same, and
+        # the watch goes on (a reload that raised used to end it without a word).
+        log.exception("config reload failed, keeping the running config")
         if self._count is not None:
             self._count(False)
         return False

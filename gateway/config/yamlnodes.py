@@ -71,11 +71,15 @@ def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
                 yaml.compose(text, Loader=yaml.SafeLoader)
             except yaml.MarkedYAMLError as pure_python_error:
                 error = pure_python_error
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
+                # RecursionError: PyYAML's own parser recurses per level, where libyaml stops
+                # at 1,000 levels with a message of its own, which is kept.
                 pass
         return None, _syntax_issue(error, file)
     except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         return None, ConfigIssue(file, None, "", str(exc))
+    except RecursionError:  # PyYAML without libyaml, whose parser recurses per level
+        return None, ConfigIssue(file, None, "", "nested too deeply to be read")
 
 
 def _syntax_issue(exc: yaml.MarkedYAMLError, file: str) -> ConfigIssue:

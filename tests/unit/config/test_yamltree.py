@@ -49,7 +49,11 @@ def both(text: str) -> tuple[object, object]:
     return shape_of_pyyaml(expected, {}), shape_of_tree(got, {})
 
 
-@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.name != "bad_yaml_syntax.yaml"])
+# Not compared: a syntax error, and a nesting PyYAML's own parser cannot read (it recurses).
+_UNREADABLE = {"bad_yaml_syntax.yaml", "bad_yaml_too_deep.yaml"}
+
+
+@pytest.mark.parametrize("sample", [s for s in SAMPLES if s.name not in _UNREADABLE])
 def test_the_same_tree_as_pyyaml_for_every_sample_config(sample: Path) -> None:
     text = sample.read_text()
     try:
