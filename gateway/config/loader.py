@@ -50,7 +50,7 @@ _AUTH_KEYS = ("header", "query_param")
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
 ADDRESS_HINT = "must be host:port or [ipv6]:port"
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_WILDCARD_HOSTS = ("0.0.0.0", "::")
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +163,10 @@ def _read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, _Se
     return sections
 
 
+# A host that can only mean an IPv4 address, right or wrong (`256.1.1.1`).
+_DOTTED_DIGITS = re.compile(r"[0-9]+(\.[0-9]+){3}")
+
+
 def parse_address(text: str) -> Address:
     """`host:port` or `[ipv6]:port`; `ValueError` with a message otherwise."""
     match = _ADDRESS.fullmatch(text.strip())
@@ -177,7 +181,13 @@ def parse_address(text: str) -> Address:
         except ValueError:
             raise ValueError(f"{match['ipv6']!r} is not an IPv6 address") from None
         return Address(match["ipv6"], port)
-    return Address(match["host"], port)
+    host = match["host"]
+    if _DOTTED_DIGITS.fullmatch(host) is not None:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    return Address(host, port)
 
 
 def is_loopback(host: str) -> bool:
@@ -205,9 +215,22 @@ def _fraction(w: Walker, node: Node, path: str) -> float | None:
 
 
 def _listens_clash(a: Address, b: Address) -> bool:
+    """Whether two listen addresses could be one socket's: the same port on the same host,
+    however spelled (`localhost`, `127.0.0.1`; `::1`, `0:0:0:0:0:0:0:1`), or on every host."""
     if a.port != b.port or a.port == 0:
         return False
-    return a.host == b.host or a.host in _WILDCARD_HOSTS or b.host in _WILDCARD_HOSTS
+    ours, theirs = _spellings(a.host), _spellings(b.host)
+    return not ours.isdisjoint(theirs) or not _WILDCARD_HOSTS.isdisjoint(ours | theirs)
+
+
+def _spellings(host: str) -> set[str]:
+    """The addresses `host` stands for, as far as they are known without asking a resolver."""
+    if host.lower() == "localhost":
+        return {"127.0.0.1", "::1"}
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        return {host.lower()}
 
 
 class _Builder:
