@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
+from gateway.http.answer import AnswerWriter
 from gateway.http.client import HttpClient
 from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
 from gateway.http.headers import (
@@ -60,16 +61,23 @@ class ForwardResult:
 
 
 class _WriteWatch:
-    """Cancels the current task when one write to the client stays blocked for `seconds`.
+    """Cancels the current task when the client reads nothing of the answer for `seconds`.
 
     asyncio.timeout would need a timer rescheduled twice per chunk; this keeps one timer per
     answer, notes when the current write began, and when the timer fires during a write that
-    is still young (or between writes) sets it again for the rest of the allowance.
+    is still young (or between writes) sets it again for the rest of the allowance. A write
+    blocked for the whole allowance is forgiven, for another, if the client received bytes
+    meanwhile: a slow reader behind a send queue of megabytes may wait that long for room (the
+    kernel wakes a writer when half the queue is free) while it reads all along.
     """
 
-    __slots__ = ("_cancelling", "_expired", "_loop", "_seconds", "_since", "_task", "_timer")
+    __slots__ = (
+        "_cancelling", "_connection", "_expired", "_loop", "_seconds", "_since", "_task",
+        "_timer",
+    )  # fmt: skip
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, connection: AnswerWriter) -> None:
+        self._connection = connection
         self._loop = asyncio.get_running_loop()
         task = asyncio.current_task(self._loop)
         assert task is not None
@@ -101,10 +109,15 @@ class _WriteWatch:
         now = self._loop.time()
         since = self._since
         if since is not None and now - since >= self._seconds:
-            self._timer = None
-            self._expired = True
-            self._task.cancel()
-            return
+            connection = self._connection
+            unsent = connection.unsent_bytes()
+            if unsent >= connection.unsent_at_block:
+                self._timer = None
+                self._expired = True
+                self._task.cancel()
+                return
+            connection.unsent_at_block = unsent
+            since = self._since = now
         due = since + self._seconds if since is not None else now + self._seconds
         self._timer = self._loop.call_at(due, self._check)
 
@@ -386,7 +399,7 @@ async def _stream_body(
     )
     try:
         # A client that stops reading would otherwise pin an upstream connection for ever.
-        stall = _WriteWatch(body_timeout)
+        stall = _WriteWatch(body_timeout, connection)
         try:
             while chunk := await reply.read():
                 stall.writing()

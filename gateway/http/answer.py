@@ -9,6 +9,9 @@ connection is kept alive or marked to close. Reading requests and running their 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 from typing import TYPE_CHECKING
 
 from gateway.http.flow import WriteGate
@@ -16,6 +19,9 @@ from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_l
 
 if TYPE_CHECKING:
     from gateway.http.request import Request
+
+# Linux's ioctl for the bytes of a socket's send queue the peer has not acknowledged yet.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 class AnswerWriter:
@@ -32,6 +38,9 @@ class AnswerWriter:
         self._answered = False
         self._close_after = False
         self._writes = WriteGate(loop)
+        # `unsent_bytes` when a write last had to wait for the client: whether it has read
+        # anything since then tells a slow reader from one that stopped.
+        self.unsent_at_block = 0
 
     def _new_answer(self) -> None:
         """The next request in line is being answered: nothing of its answer exists yet."""
@@ -97,6 +106,7 @@ class AnswerWriter:
             data = head + data
         transport.write(data)
         if self._writes.paused:
+            self.unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
             await self._writes.drained()
 
     def end_answer(self, last: bytes = b"") -> None:
@@ -140,6 +150,24 @@ class AnswerWriter:
     def answer_started(self) -> bool:
         """Some of the answer may have left: a problem can no longer be sent instead."""
         return self._answered or (self._answer_open and self._head is None)
+
+    def unsent_bytes(self) -> int:
+        """Bytes written for the client that it has not received yet: the transport's buffer
+        and, where the system tells, the socket's send queue. While it shrinks, the client is
+        reading, however slowly; a kernel queue of megabytes may take a slow reader longer to
+        make room in than any write timeout, while it reads all along."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        queued = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if _OUTQ is not None and sock is not None:
+            try:
+                answer = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+            except OSError:
+                return queued
+            queued += struct.unpack("i", answer)[0]
+        return queued
 
     def send_interim(self, data: bytes) -> None:
         if self.transport is not None and not self._answer_open and not self._answered:

@@ -200,6 +200,34 @@ async def test_client_not_reading_the_answer_is_cut_off(
     await asyncio.wait_for(upstream.cancelled.wait(), 2)
 
 
+async def test_client_reading_slowly_but_steadily_is_not_cut_off(
+    front: Front, upstream: UpstreamState
+) -> None:
+    """It reads all along, but the kernel's send queue (megabytes on loopback) takes it longer
+    than the timeout to empty by half, which a blocked write waits for: not a stall."""
+    front.body_timeout = 0.4
+    size = 8 * MB
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (front.url.host, front.url.port))
+    try:
+        request = f"GET /download?size={size} HTTP/1.1\r\nHost: front\r\n\r\n".encode()
+        await loop.sock_sendall(sock, request)
+        received = 0
+        while piece := await loop.sock_recv(sock, 64 * 1024):  # ~3 MB/s at most
+            received += len(piece)
+            if received >= size:
+                break
+            await asyncio.sleep(0.02)
+        result = await front.outcome()
+    finally:
+        sock.close()
+    assert isinstance(result, ForwardResult)
+    assert result.error is None
+    assert result.bytes_sent == size
+
+
 async def test_stalled_request_body_is_request_timeout(
     front: Front, upstream: UpstreamState
 ) -> None:
