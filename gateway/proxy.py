@@ -29,6 +29,7 @@ from gateway.http.headers import (
     strip_query_param,
     switching_protocols_head,
     upstream_header_lines,
+    without_length,
 )
 from gateway.http.reply import HttpReply
 from gateway.http.request import Request
@@ -342,7 +343,10 @@ def _answer_whole(
         # The head is the whole answer (llhttp has seen to it that no body follows).
         if on_answered is not None:
             on_answered(status, upstream_seconds, 0)
-        connection.begin_answer(request, status, reply.reason, head.block)
+        block = head.block
+        if status == 204 and length is not None:
+            block = without_length(block)
+        connection.begin_answer(request, status, reply.reason, block)
         try:
             connection.end_answer()
         finally:
@@ -384,6 +388,7 @@ async def _stream_body(
     status = reply.status
     sent = 0
     error: str | None = None
+    failure: ResponseBodyError | None = None
     completed = False
 
     def answering(body_bytes: int) -> None:
@@ -416,6 +421,7 @@ async def _stream_body(
                 sent += len(chunk)
         except ResponseBodyError as exc:
             error = f"The upstream of {product.name} {exc}"
+            failure = exc
         except asyncio.CancelledError:
             if not stall.caught_its_own():
                 raise
@@ -436,6 +442,10 @@ async def _stream_body(
             reply.finish()
         else:
             reply.abort()
+    if failure is not None and not connection.answer_started:
+        # Not a byte of the answer left (its head waits for the first body bytes): the client
+        # can still be told, with a 502 in its place, instead of a closed connection.
+        raise failure
     if error is not None:
         # Sending the chunked terminator (or nothing more under a Content-Length) would
         # make a cut answer look complete; an abort makes the client see the truncation.

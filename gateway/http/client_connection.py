@@ -90,7 +90,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False  # a response head has begun and is not complete
         self._head_size = 0  # its status line and header lines so far
         self._head_read = 0  # bytes of reads that continued it without completing it
-        self._head_too_large = False
+        self._refusal: str | None = None  # why a callback stopped the parser
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
         # connection belongs to it: bytes after the head wait in `_after_switch` (reading
         # paused) until the tunnel end takes over every event.
@@ -136,7 +136,7 @@ class HttpConnection(asyncio.Protocol):
             if rest:
                 self._after_switch.append(rest)
         except httptools.HttpParserError:
-            detail = _HEAD_TOO_LARGE if self._head_too_large else "invalid HTTP response"
+            detail = self._refusal or "invalid HTTP response"
             self._fail(MalformedResponse(detail))
             return
         if continued_head and self._in_head:
@@ -202,15 +202,27 @@ class HttpConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
             self._stop_head()
+        if (
+            len(name) == 17
+            and name.lower() == b"transfer-encoding"
+            and value.strip().lower() != b"chunked"
+        ):
+            # Another coding (`gzip`, `gzip, chunked`) would reach the client unannounced: the
+            # answer is re-framed, and a client cannot be told of a transfer coding it did not
+            # ask for (RFC 9112 6.1).
+            self._stop_head("it has a Transfer-Encoding other than chunked")
 
-    def _stop_head(self) -> None:
+    def _stop_head(self, refusal: str = _HEAD_TOO_LARGE) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 502.
-        self._head_too_large = True
-        raise ValueError(_HEAD_TOO_LARGE)
+        self._refusal = refusal
+        raise ValueError(refusal)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # RFC 9110 15: three digits, 1xx to 5xx; a client may not know what else means.
+            self._stop_head(f"its status {status} is not one of 100 to 599")
         if status < 200:
             if status == 101 and self._upgrade and self._reply is not None:
                 # The switch that was asked for: this head is the final answer, and the

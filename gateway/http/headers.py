@@ -250,14 +250,15 @@ def strip_query_param(query_string: str, name: str | None) -> str:
 
 def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> bytes:
     """An upstream's interim (1xx) answer as the client gets it: its status line and its
-    header lines but the hop-by-hop ones (and those its Connection header names)."""
+    header lines but the hop-by-hop ones (and those its Connection header names) and any
+    Content-Length, which a 1xx may not have (RFC 9110 8.6)."""
     listed: set[bytes] | None = None
     kept: list[tuple[bytes, bytes]] = []
     for name, value in upstream_lines:
         lowered = name.lower()
         if lowered == b"connection":
             listed = _connection_listed_raw(value, listed)
-        elif lowered not in _HOP_BY_HOP_RAW:
+        elif lowered not in _HOP_BY_HOP_RAW and lowered != b"content-length":
             kept.append((lowered, name + b": " + value + b"\r\n"))
     lines = [line for lowered, line in kept if listed is None or lowered not in listed]
     if not reason:
@@ -267,6 +268,16 @@ def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> 
 
 
 _PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus if status.value < 200}
+
+
+def without_length(block: bytes) -> bytes:
+    """A header block without its Content-Length line: for a 204, which may not have one
+    (RFC 9110 8.6), though an upstream sent it. Rare, so plain."""
+    return b"".join(
+        line + b"\r\n"
+        for line in block.split(b"\r\n")[:-1]
+        if line[:15].lower() != b"content-length:"
+    )
 
 
 def switching_protocols_head(

@@ -72,6 +72,56 @@ async def test_broken_upstream_is_bad_gateway(
     assert "soccer" in problem["detail"]
 
 
+def _answers(head: bytes) -> Script:
+    async def answer(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(head)
+        await asyncio.sleep(0.5)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        # A chunk size past any length: the body fails before one byte of it is read, so the
+        # client can still get a 502 (it got an empty reply, logged as a 200).
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"FFFFFFFFFFFFFFFFFFFF1\r\nhello\r\n",
+            "invalid",
+        ),
+        (b"HTTP/1.1 099 X\r\nContent-Length: 2\r\n\r\nok", "status 99 is not one of"),
+        (b"HTTP/1.1 600 X\r\nContent-Length: 2\r\n\r\nok", "status 600 is not one of"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzzzz",
+            "Transfer-Encoding other than chunked",
+        ),
+    ],
+    ids=["bad-first-chunk", "status-99", "status-600", "gzip-coding"],
+)
+async def test_an_answer_the_client_could_misread_is_bad_gateway(
+    front: Front, client: aiohttp.ClientSession, answer: bytes, detail: str
+) -> None:
+    async with raw_upstream(_answers(answer)) as up:
+        front.use(up.port, timeout=1.0)
+        status, problem = await _problem(client, front.url / "x")
+    assert (status, problem["code"]) == (502, "bad_gateway")
+    assert detail in problem["detail"]
+
+
+async def test_a_204_loses_the_content_length_its_upstream_gave_it(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\nhello"
+    async with raw_upstream(_answers(answer)) as up:
+        front.use(up.port)
+        async with client.get(front.url / "x") as response:
+            assert response.status == 204
+            assert "Content-Length" not in response.headers
+            assert response.headers["X-Kept"] == "yes"
+
+
 async def test_no_connection_in_time_is_gateway_timeout(
     front: Front, client: aiohttp.ClientSession
 ) -> None:
