@@ -49,7 +49,9 @@ from gateway.metrics import render_metrics
 from gateway.problems import (
     BadRequest,
     Conflict,
+    ContentTooLarge,
     GatewayProblem,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
@@ -98,7 +100,7 @@ def build_admin_app(
     if token == "":
         # "Bearer " with nothing after it must not open the admin API.
         raise ValueError("the admin token must not be empty")
-    app = web.Application(middlewares=[_problems_and_auth])
+    app = web.Application(middlewares=[_problems_and_auth], client_max_size=_MAX_BODY)
     app[ADMIN_STATE] = AdminState(
         get_config=get_config,
         limiter=limiter,
@@ -119,6 +121,10 @@ def build_admin_app(
     return app
 
 
+# The largest body an admin call may send: a key, a credit, a list of plans fit many times over.
+_MAX_BODY = 1024 * 1024
+
+
 @web.middleware
 async def _problems_and_auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,6 +142,16 @@ async def _problems_and_auth(
         return _problem_response(
             MethodNotAllowed(f"{request.method} is not allowed here.", headers={"Allow": allow})
         )
+    except web.HTTPRequestEntityTooLarge:
+        return _problem_response(
+            ContentTooLarge(f"body: over the {_MAX_BODY} bytes an admin call may send")
+        )
+    except web.HTTPException:
+        raise
+    except Exception:
+        # A bug: told as a problem like every other answer, with its traceback in the log only.
+        log.exception("admin API: failed to answer %s %s", request.method, request.path)
+        return _problem_response(InternalError("The gateway failed to handle this call."))
 
 
 def _authorize(request: web.Request, token: bytes | None) -> None:

@@ -19,7 +19,9 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
         return {}
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise BadRequest("body: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
         raise BadRequest(f"body: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")

@@ -11,6 +11,7 @@
     ├── Conflict                        409 Conflict             conflict (admin API)
     ├── RequestTimeout                  408 Request Timeout      request_timeout
     ├── Gone                            410 Gone                 gone
+    ├── ContentTooLarge                 413 Content Too Large    content_too_large (admin API)
     ├── QuotaExceeded                   429 Quota Exceeded       quota_exceeded
     ├── Throttled                       429 Throttled            throttled
     ├── InternalError                   500 Internal Server Error internal_error
@@ -119,6 +120,12 @@ class RequestTimeout(GatewayProblem):
 
 class Gone(GatewayProblem):
     status, title, code = 410, "Gone", "gone"
+
+
+class ContentTooLarge(GatewayProblem):
+    """The admin API's: a body over the size an admin call may have."""
+
+    status, title, code = 413, "Content Too Large", "content_too_large"
 
 
 class QuotaExceeded(GatewayProblem):

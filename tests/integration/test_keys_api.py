@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -272,6 +273,9 @@ async def test_create_refuses_with_the_field_named(
         (b"{not json", "body: not valid JSON"),
         (b"[1]", "body: must be a JSON object"),
         (b"", "body: not valid JSON"),
+        # Past what Python's json reads: a RecursionError and a ValueError, once 500s.
+        (b"[" * 100_000 + b"]" * 100_000, "body: nested too deeply"),
+        (b'{"name": "big", "expires": ' + b"9" * 5000 + b"}", "body: not valid JSON"),
     ],
 )
 async def test_a_body_that_is_not_a_json_object_is_400(rig: Rig, raw: bytes, detail: str) -> None:
@@ -280,6 +284,15 @@ async def test_a_body_that_is_not_a_json_object_is_400(rig: Rig, raw: bytes, det
     await create(rig, "acme")
     status, problem, _ = await rig.call("PATCH", "/admin/keys/acme", raw=raw)
     assert status == 400 and problem["detail"].startswith(detail)
+
+
+async def test_a_body_over_a_mebibyte_is_413_problem(rig: Rig) -> None:
+    body = io.BytesIO(b" " * (1024 * 1024 + 1))
+    async with rig.session.post(rig.admin("/admin/keys"), data=body) as response:
+        assert response.headers["Content-Type"] == "application/problem+json"
+        problem = await response.json(content_type=None)
+    assert (response.status, problem["code"]) == (413, "content_too_large")
+    assert problem["detail"].startswith("body: over the 1048576 bytes")
 
 
 async def test_patch_and_rotate_refuse_bad_fields(rig: Rig) -> None:
