@@ -7,9 +7,15 @@ on where the gateway runs is a surprise nobody wants. A bare date means its midn
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, date, datetime
 
 INSTANT_HINT = "must be an RFC 3339 time with an offset, like 2027-01-01T00:00:00Z"
+# RFC 3339's date-time (section 5.6), or a bare full-date.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))?"
+)
 # The instants every part of the gateway can show and compare (a datetime ends in year 9999).
 EARLIEST = 0.0
 LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
@@ -25,6 +31,10 @@ def parse_instant(value: object) -> float:
         moment = datetime(value.year, value.month, value.day, tzinfo=UTC)
     elif isinstance(value, str) and value.strip():
         text = value.strip()
+        if _RFC3339.fullmatch(text) is None:
+            # fromisoformat alone takes more of ISO 8601: week dates (`2027-W01-1`), the basic
+            # format (`20270101T000000Z`), offsets like `+02` or `+0200`.
+            raise ValueError(INSTANT_HINT)
         try:
             if len(text) == 10:
                 parsed_date = date.fromisoformat(text)

@@ -38,6 +38,12 @@ def test_parse_instant(written: object) -> None:
         "",
         "2027-13-01T00:00:00Z",
         1798761600,  # a unix time is not an RFC 3339 time
+        # ISO 8601 that RFC 3339 is not, which datetime.fromisoformat takes on its own
+        "2027-W01-1",
+        "20270101T000000Z",
+        "2027-01-01T00:00:00+02",
+        "2027-01-01T00:00:00+0200",
+        "2027-01-01T00:00Z",
         True,
         None,
     ],
