@@ -111,7 +111,13 @@ class _KeysApi:
         return web.json_response(body, status=201, headers=headers)
 
     async def list_keys(self, request: web.Request) -> web.Response:
+        """From the key index: the keys this process enforces (while the storage is away, as
+        it last told them). Before it has ever been read there is no list to give: a list of
+        the file's keys alone would tell a client that every API key is gone."""
         index = self._access.get_snapshot().keys
+        if not index.api_keys.loaded:
+            log.warning("admin keys API: the API keys are not loaded from the storage yet")
+            raise StorageUnavailable()
         after = request.query.get("after", "")
         limit = _page_size(request.query.get("limit"))
         names = _names_after(index, after, limit + 1)

@@ -21,6 +21,7 @@ from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import closed_port
 from tests.support.upstream import running_upstream
 
 API = """
@@ -424,3 +425,18 @@ async def test_keys_are_served_from_memory_while_redis_is_away(
             # Listing is served from memory too.
             status, listed, _ = await rig.call("GET", "/admin/keys")
             assert status == 200 and "acme" in [key["name"] for key in listed["keys"]]
+
+
+async def test_no_list_before_the_api_keys_were_ever_read(tmp_path: Path) -> None:
+    """With the storage away since the start, a list of the file's keys alone would say that
+    every API key is gone: 503 instead, until they have been read."""
+    storage_url = f"redis://127.0.0.1:{closed_port()}/0"
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config",
+            API.format(upstream=upstream.url),
+            server=worker_server_yaml(storage_url=storage_url, storage_timeout="200ms"),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            status, problem, _ = await Rig(worker, session).call("GET", "/admin/keys")
+    assert (status, problem["code"]) == (503, "storage_unavailable")
