@@ -82,6 +82,7 @@ class AdminState:
     token: bytes | None
     clock: Clock
     keys: KeysAccess | None  # None: no keys API (the usage API serves the file's keys)
+    draining: Callable[[], bool]  # the process is stopping: not ready for new traffic
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
@@ -94,6 +95,7 @@ def build_admin_app(
     token: str | None,
     clock: Clock = time.time,
     keys: KeysAccess | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     """The admin application of one worker; `token` is GATEWAY_ADMIN_TOKEN (None: no auth);
     `keys` adds the keys API."""
@@ -107,6 +109,7 @@ def build_admin_app(
         token=token.encode() if token is not None else None,
         clock=clock,
         keys=keys,
+        draining=draining,
     )
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -186,6 +189,10 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
+    if state.draining():
+        # The proxy port has stopped accepting: a load balancer should look elsewhere now,
+        # not after its connections are refused.
+        raise NotReady("The gateway is shutting down.")
     await _within_storage_timeout(state, state.limiter.ping())
     if state.keys is not None and not state.keys.store.table.loaded:
         raise NotReady("The API keys are not loaded from the storage yet.")

@@ -306,6 +306,7 @@ class Worker:
         self.proxy_port = 0
         self.admin_port = 0
         self._batching = False  # whether this worker gathers access log lines into batches
+        self._draining = False  # /readyz answers 503 from the start of the drain
 
     async def start(self) -> None:
         from gateway import metrics
@@ -336,6 +337,7 @@ class Worker:
             runtime.limiter,
             token=server_config.admin_token,
             keys=KeysAccess(lambda: runtime.snapshot, runtime.key_store),
+            draining=lambda: self._draining,
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None)
         await self._admin_runner.setup()
@@ -391,6 +393,7 @@ class Worker:
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
+        self._draining = True
         if self.reloader is not None:
             await self.reloader.stop()
         from gateway.runtime import close_runtime

@@ -86,8 +86,11 @@ def slow_request_survives_sigterm(gateway: GatewayProcess, upstream: Upstream) -
         wait_for(upstream.started_slow.is_set, 5, "the slow request reached the upstream")
         gateway.signal(signal.SIGTERM)
 
-        # It stops accepting at once, while the slow request is still being answered.
+        # It stops accepting at once, while the slow request is still being answered, and
+        # tells a load balancer so on /readyz.
         wait_for(lambda: connection_refused(port), 1.0, "new connections refused")
+        readyz = call(gateway.admin_port, "/readyz")
+        assert (readyz.status, json.loads(readyz.body)["code"]) == (503, "not_ready")
         assert not in_flight.done()
         answer = in_flight.result(timeout=10)
 
