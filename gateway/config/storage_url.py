@@ -99,7 +99,7 @@ def storage_url_problem(url: str) -> str | None:
     if parts.scheme not in STORAGE_SCHEMES or not text.startswith(f"{parts.scheme}://"):
         return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
     if parts.scheme == "memory":
-        return None
+        return None if text == "memory://" else "memory:// takes nothing after it"
     if parts.scheme in SENTINEL_SCHEMES:
         try:
             parse_sentinel_url(text)
@@ -112,4 +112,14 @@ def storage_url_problem(url: str) -> str | None:
         return "has an invalid port"
     if not parts.hostname:
         return f"needs a host, e.g. {parts.scheme}://127.0.0.1:6379"
+    if parts.query or parts.fragment:
+        # redis-py would take ?options as connection settings, and fail on any it does not
+        # know only when the gateway starts; the timeout is storage.timeout.
+        return "takes no ?options (the timeout is storage.timeout)"
+    database = parts.path.strip("/")
+    if database:
+        if not database.isascii() or not database.isdigit():
+            return f"database {database!r} must be a number, e.g. {parts.scheme}://host:6379/0"
+        if "cluster" in parts.scheme and int(database) != 0:
+            return "Redis Cluster has only database 0"
     return None
