@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "hash-key":
-        print(hashlib.sha256(args.key.encode()).hexdigest())
+        # The bytes given, as the proxy hashes the bytes a client sends (argv is decoded with
+        # surrogateescape: a key that is not UTF-8 comes back as it was).
+        print(hashlib.sha256(os.fsencode(args.key)).hexdigest())
         return 0
     if args.command == "check":
         from gateway.config import ConfigError, load_config
@@ -66,10 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from gateway.config.loader import MAX_WORKERS
     from gateway.server import serve
 
-    if args.workers is not None and args.workers < 0:
-        print("--workers: must be 0 or more", file=sys.stderr)
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        print(f"--workers: must be 0 to {MAX_WORKERS}", file=sys.stderr)
         return 2
     return serve(args.config, args.workers)
 

@@ -69,6 +69,9 @@ def read_plans(w: Walker, node: Node) -> tuple[dict[str, Plan], set[str] | None]
     return plans, set(fields.entries)
 
 
+_LONGEST_RATE_WINDOW = 366 * 24 * 3600.0
+
+
 def _rate(w: Walker, node: Node, path: str) -> RateRule | None:
     fields = w.mapping(node, path, _RATE_KEYS)
     if fields is None:
@@ -89,6 +92,10 @@ def _rate_window(w: Walker, node: Node, path: str) -> tuple[float, str] | None:
         seconds = 0.0
     if seconds <= 0:
         w.report(node, path, _RATE_PER_HINT)
+        return None
+    if seconds > _LONGEST_RATE_WINDOW:
+        # Longer is a quota's job; the window's timestamps must stay exact in Redis's Lua.
+        w.report(node, path, "must be at most 366 days (8784h); a longer limit is a quota")
         return None
     return seconds, str(value)
 

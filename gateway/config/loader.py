@@ -39,6 +39,9 @@ from gateway.http.tls import TlsFileError, server_context
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 _MAX_TOKEN = 4096
+# More processes than any one machine runs usefully: a typo (80000 for 8) must not fork away the
+# machine's memory before anything notices.
+MAX_WORKERS = 256
 
 SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
 _SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout", "tls")
@@ -91,6 +94,9 @@ def collector_paused(*, then_freeze: bool = False) -> Iterator[None]:
 
 
 def _load(path: str | os.PathLike[str], env: Mapping[str, str]) -> Config:
+    if not os.fspath(path).strip():
+        # Path("") is the working directory: its *.yaml files, whatever they are.
+        raise ConfigError([ConfigIssue("--config", None, "", "is empty (or GATEWAY_CONFIG is)")])
     issues: list[ConfigIssue] = []
     files = _config_files(Path(path), issues)
     sections = _read_sections(files, issues)
@@ -116,7 +122,10 @@ def config_files(path: Path) -> list[str]:
     return sorted(
         str(child)
         for child in path.iterdir()
-        if child.suffix == ".yaml" and not child.name.startswith(".") and child.is_file()
+        if child.suffix == ".yaml"
+        and not child.name.startswith(".")
+        # A symlink to nothing is kept, to be reported unreadable, not skipped in silence.
+        and (child.is_file() or (child.is_symlink() and not child.exists()))
     )
 
 
@@ -322,7 +331,9 @@ class _Builder:
                 "server.admin_listen",
                 f"is not a loopback address, so {ENV_ADMIN_TOKEN} must be set",
             )
-        workers = w.optional(fields, "workers", lambda n, p: w.integer(n, p, minimum=0), 1)
+        workers = w.optional(
+            fields, "workers", lambda n, p: w.integer(n, p, minimum=0, maximum=MAX_WORKERS), 1
+        )
         if workers == 0:
             workers = os.cpu_count() or 1
         if workers > 1 and storage.is_memory:

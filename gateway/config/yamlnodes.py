@@ -60,6 +60,11 @@ def join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+# The largest limit or cost: counts the Redis scripts keep exact (Lua numbers are doubles,
+# exact to 2**53) with room for a period's sum of them; 10**12 is also the largest credit.
+MAX_COUNT = 10**12
+
+
 def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
     """Parse one file into its node tree, or describe why it is not YAML."""
     try:
@@ -235,7 +240,9 @@ class Walker:
             return None
         return value
 
-    def integer(self, node: Node, path: str, minimum: int | None = None) -> int | None:
+    def integer(
+        self, node: Node, path: str, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         value = self.scalar(node)
         if isinstance(value, bool) or not isinstance(value, int):
             self.report(node, path, "must be an integer")
@@ -243,10 +250,14 @@ class Walker:
         if minimum is not None and value < minimum:
             self.report(node, path, f"must be at least {minimum}")
             return None
+        if maximum is not None and value > maximum:
+            self.report(node, path, f"must be at most {maximum}")
+            return None
         return value
 
     def positive(self, node: Node, path: str) -> int | None:
-        return self.integer(node, path, minimum=1)
+        """A count of requests or units: 1 to MAX_COUNT."""
+        return self.integer(node, path, minimum=1, maximum=MAX_COUNT)
 
     def boolean(self, node: Node, path: str) -> bool | None:
         value = self.scalar(node)

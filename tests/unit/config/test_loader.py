@@ -567,3 +567,14 @@ keys:
     config = load_config(path, env={})
     new_year = 1798761600.0
     assert [key.expires for key in config.keys] == [new_year, new_year, None]
+
+
+def test_a_symlink_to_nothing_in_the_folder_is_reported_not_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "config"
+    folder.mkdir()
+    write_config_file(folder, "")
+    (folder / "zz.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(ConfigError) as raised:
+        load_config(folder, env={})
+    assert [issue.file for issue in raised.value.issues] == [str(folder / "zz.yaml")]
+    assert "cannot be read" in str(raised.value.issues[0])
