@@ -31,6 +31,9 @@ NAME_HINT = "must match [A-Za-z0-9_.-]+"
 _PRODUCT_KEYS = ("upstream", "maintenance", "routes")
 _UPSTREAM_KEYS = ("url", "connect_timeout", "timeout")
 _MAINTENANCE_KEYS = ("retry_after", "message")
+# What a URL may hold as written (RFC 3986 characters, `{}` for placeholders): no controls,
+# spaces or bytes outside ASCII.
+_URL_TEXT = re.compile(r"[\x21-\x7e]+")
 _ROUTE_KEYS = ("path", "methods", "params", "query", "gone", "redirect", "websocket", "cost")
 _PATH_RULE_KEYS = ("enum", "pattern")
 _QUERY_RULE_KEYS = ("type", "min", "max", "required", "enum", "pattern")
@@ -381,6 +384,13 @@ class ProductsReader:
         to_node, to_path = redirect.value("to"), redirect.at("to")
         if not to.startswith(("/", "http://", "https://")):
             self.w.report(to_node, to_path, "must be a path starting with / or an http(s):// URL")
+            return None
+        if _URL_TEXT.fullmatch(to) is None:
+            # It becomes a Location header as written: a line break would start another
+            # header, and bytes outside ASCII are not a URL (percent-encode them).
+            self.w.report(
+                to_node, to_path, "must be visible ASCII without spaces (percent-encode others)"
+            )
             return None
         if "{" in _PLACEHOLDER.sub("", to) or "}" in _PLACEHOLDER.sub("", to):
             self.w.report(to_node, to_path, "has an unbalanced { or }")
