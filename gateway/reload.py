@@ -203,3 +203,31 @@ class Reloader:
             await asyncio.sleep(POLL_INTERVAL)
             if self.settled_edit():
                 await self.reload_off_loop()
+
+
+# What a reload cannot change in a running process: sockets, processes and the clients of the
+# storage are made once, at the start. Everything else (products, routes, plans, keys, auth,
+# client_body, websocket_idle, on_error, local_fraction, a renewed certificate) is swapped;
+# TLS switched on or off is told by the worker (`Worker._renew_certificate`).
+_NEEDS_A_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("server.listen", lambda c: c.server.listen),
+    ("server.admin_listen", lambda c: c.server.admin_listen),
+    ("server.workers", lambda c: c.server.workers),
+    ("server.timeouts.client_header", lambda c: c.server.timeouts.client_header),
+    ("server.timeouts.keepalive", lambda c: c.server.timeouts.keepalive),
+    ("server.drain_timeout", lambda c: c.server.drain_timeout),
+    ("storage.url", lambda c: c.storage.url),
+    ("storage.timeout", lambda c: c.storage.timeout),
+)
+
+
+def warn_of_restart_only_changes(running: Config, reloaded: Config) -> None:
+    """Log the settings a reload changed in the files but not in the process: the reload is
+    accepted, and an operator must not take those for applied."""
+    changed = [name for name, read in _NEEDS_A_RESTART if read(running) != read(reloaded)]
+    if changed:
+        log.warning(
+            "config reloaded, but %s only change%s at the next start",
+            ", ".join(changed),
+            "s" if len(changed) == 1 else "",
+        )

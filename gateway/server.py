@@ -32,7 +32,12 @@ from gateway import accesslog
 from gateway.config import ConfigError
 from gateway.config.isolated import read_config_isolated, save_answer
 from gateway.config.model import Address, Config
-from gateway.reload import POLL_INTERVAL, Reloader, freeze_long_lived
+from gateway.reload import (
+    POLL_INTERVAL,
+    Reloader,
+    freeze_long_lived,
+    warn_of_restart_only_changes,
+)
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -205,6 +210,7 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
     # The supervisor validates reloads and counts them once, not once per worker.
     def hand_to_workers(reloaded: Config) -> None:
         nonlocal latest
+        warn_of_restart_only_changes(latest, reloaded)
         latest = reloaded
         forward(signal.SIGHUP, None)
 
@@ -360,6 +366,8 @@ class Worker:
 
     def apply_config(self, config: Config, keys: KeyIndex | None = None) -> None:
         """Serve `config` from now on; `keys`: its key index, when built beforehand."""
+        if not self._supervised:  # else the supervisor says it, once for all its workers
+            warn_of_restart_only_changes(self.runtime.snapshot.config, config)
         self.runtime.apply(config, keys)
         self._renew_certificate(config)
 

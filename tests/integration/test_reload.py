@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.support.config import API_FILE, server_yaml, write_config
+from tests.support.config import API_FILE, SERVER_FILE, server_yaml, write_config
 from tests.support.operations import (
     call,
     children_of,
@@ -137,6 +137,16 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
     settle()
     assert gw.reloads() == {("ok",): 3}
 
+    # A setting only a restart applies: the reload is accepted, and the log says what it did
+    # not apply, once (the supervisor says it for all its workers).
+    server_file = gw.api_file.parent / SERVER_FILE
+    server_file.write_text(server_file.read_text().replace("timeout: 250ms", "timeout: 300ms"))
+    wait_for(lambda: gw.reloads().get(("ok",)) == 4, 2.0, "the server edit reloaded")
+    settle()
+    warning = "config reloaded, but storage.timeout only changes at the next start"
+    assert gw.process.stderr().count(warning) == 1, gw.process.stderr()
+    all_serve("shop", "omega", "beta", absent="alpha")
+
     # An invalid value: logged with file and line, counted, and the running config stays.
     gw.write("shop", "gamma", plan="rate: {limit: 5, per: fortnight}")
     wait_for(lambda: gw.reloads().get(("error",)) == 1, 2.0, "the bad edit counted")
@@ -150,7 +160,7 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
     gw.process.signal(signal.SIGHUP)
     wait_for(lambda: gw.reloads().get(("error",)) == 2, 1.0, "the broken YAML counted")
     settle()
-    assert gw.reloads() == {("ok",): 3, ("error",): 2}
+    assert gw.reloads() == {("ok",): 4, ("error",): 2}
     all_serve("shop", "omega", "beta", absent="gamma")
 
     # Counters survived every reload: each request sent so far is counted.
@@ -192,7 +202,7 @@ def test_two_workers_reload_together_and_the_supervisor_counts_once(
         # The dead worker's counts are still in the sum; only its in-flight gauge went.
         assert gw.requests_counted() == gw.sent
         assert scrape(gw.admin_port).series("gateway_inflight_requests") == {(): 0}
-        assert gw.reloads() == {("ok",): 3, ("error",): 2}
+        assert gw.reloads() == {("ok",): 4, ("error",): 2}
     finally:
         assert gw.process.stop() == 0, gw.process.stderr()
         gw.process.close()
