@@ -227,7 +227,12 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._in_head = False
         self._stop_head_timer()
         parser = self._parser
-        if self._hosts != 1 and (self._hosts or parser.get_http_version() == "1.1"):
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp reads `GET /path` as HTTP/0.9 and takes HTTP/2.0 in a request line; this
+            # server speaks neither, and an upstream would be told HTTP/1.1 either way.
+            self._refuse_head(f"HTTP/{version} is not spoken here (HTTP/1.1 or 1.0)")
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
             # hosts a request is for is a question the upstream might answer differently.
             self._refuse_head("it must have exactly one Host header")
@@ -237,7 +242,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             parser.get_method().decode("ascii", "surrogateescape"),
             self._url,
             self._header_lines,
-            parser.get_http_version(),
+            version,
             parser.should_keep_alive(),
             content,
             self._request_id,

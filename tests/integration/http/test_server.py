@@ -263,8 +263,10 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
             b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             "Transfer-Encoding other than chunked",
         ),
+        (b"GET /a?api_key=k\r\n\r\n", "HTTP/0.9 is not spoken here"),
+        (b"GET /a HTTP/2.0\r\nHost: a\r\n\r\n", "HTTP/2.0 is not spoken here"),
     ],
-    ids=["no-host", "two-hosts", "two-hosts-1.0", "not-a-host", "gzip-coding"],
+    ids=["no-host", "two-hosts", "two-hosts-1.0", "not-a-host", "gzip-coding", "0.9", "2.0"],
 )
 async def test_a_head_the_upstream_could_read_otherwise_is_400(head: bytes, detail: str) -> None:
     """RFC 9112: one Host, and only the chunked coding (another would reach the upstream
