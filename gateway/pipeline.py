@@ -48,6 +48,7 @@ from gateway.problems import (
     Gone,
     InternalError,
     Maintenance,
+    MethodNotAllowed,
     QuotaExceeded,
     StorageUnavailable,
     Throttled,
@@ -163,7 +164,12 @@ def match_route(ex: Exchange) -> Answer | None:
     if hides_dot_segment(request.raw_path):
         # Routed as it reads here, it could reach another route behind some upstreams.
         raise BadRequest("The path hides a dot segment behind %2F, %5C, a backslash or ';'.")
-    match = ex.snapshot.routes.match(request.method, request.raw_path)
+    try:
+        match = ex.snapshot.routes.match(request.method, request.raw_path)
+    except MethodNotAllowed as refused:
+        # The path is a route's: counted and logged under it, as any other answer of it.
+        ex.product, ex.route = refused.product, refused.route
+        raise
     ex.match = match
     route = match.route
     ex.product = route.product

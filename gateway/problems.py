@@ -103,6 +103,14 @@ class NotFound(GatewayProblem):
 class MethodNotAllowed(GatewayProblem):
     status, title, code = 405, "Method Not Allowed", "method_not_allowed"
 
+    def __init__(
+        self, detail: str, *, headers: Mapping[str, str], product: str = "", route: str = ""
+    ) -> None:
+        super().__init__(detail, headers=headers)
+        # The route whose path matched (its product and template), for metrics and the log.
+        self.product = product
+        self.route = route
+
 
 class Conflict(GatewayProblem):
     """The admin API's: a name or secret is taken, or the key belongs to the config file."""

@@ -106,10 +106,12 @@ class RouteTable:
         first = raw_path[1:].split("/", 1)[0]
         candidates = self._by_first.get(first, self._any_first)
         allowed: set[str] = set()
+        best: _CompiledRoute | None = None  # the best route whose path matched
         for entry in candidates:
             found = entry.regex.fullmatch(raw_path)
             if found is None:
                 continue
+            best = best or entry
             methods = entry.route.methods
             if methods is None or method in methods or (method == "HEAD" and "GET" in methods):
                 raw = found.groupdict()
@@ -118,10 +120,12 @@ class RouteTable:
             allowed.update(methods)
             if "GET" in methods:
                 allowed.add("HEAD")
-        if allowed:
+        if allowed and best is not None:
             allow = ", ".join(sorted(allowed))
             raise MethodNotAllowed(
                 f"{method} is not allowed on this route; allowed: {allow}",
                 headers={"Allow": allow},
+                product=best.product.name,
+                route=best.route.path,
             )
         raise InvalidRoute(f"No route matches {unquote(raw_path)}")

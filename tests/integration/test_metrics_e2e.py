@@ -197,8 +197,8 @@ def test_requests_total_has_exactly_the_mix(mix: Mix) -> None:
         ("soccer", ROUTE, "GET", "401", "unauthorized"): 2,
         # The startup probe of GatewayProcess and the mix's own request.
         ("", "", "GET", "404", "invalid_route"): 2,
-        # A path that matches only with another method is not a route match either.
-        ("", "", "POST", "405", "method_not_allowed"): 1,
+        # A path that matches only with another method is counted under the route it matched.
+        ("soccer", ROUTE, "POST", "405", "method_not_allowed"): 1,
         ("broken", BROKEN_ROUTE, "GET", "502", "bad_gateway"): 1,
         ("soccer", ROUTE, "GET", "499", "client_closed"): 1,
         ("soccer", ROUTE, "GET", "503", "storage_unavailable"): 1,
@@ -221,8 +221,8 @@ def test_limit_decisions_storage_errors_and_histograms(mix: Mix) -> None:
     # Besides: the key store's own calls to the stopped Redis, as it retries following it.
     assert all(operation.startswith("key_") for (operation,) in errors), errors
     assert s.series("gateway_request_duration_seconds_count", "product", "route") == {
-        ("soccer", ROUTE): 11,
-        ("", ""): 3,
+        ("soccer", ROUTE): 12,  # the 405 too
+        ("", ""): 2,
         ("broken", BROKEN_ROUTE): 1,
     }
     # Only answers the upstream gave have an upstream duration: not the 502, not the 499.
@@ -232,7 +232,7 @@ def test_limit_decisions_storage_errors_and_histograms(mix: Mix) -> None:
     assert s.series("gateway_config_reloads_total", "result") == {("ok",): 0, ("error",): 0}
     # The +Inf bucket holds every observation.
     buckets = s.series("gateway_request_duration_seconds_bucket", "product", "route", "le")
-    assert buckets[("soccer", ROUTE, "+Inf")] == 11
+    assert buckets[("soccer", ROUTE, "+Inf")] == 12
 
 
 def test_no_key_or_key_name_appears_in_the_scrape(mix: Mix) -> None:
