@@ -463,5 +463,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         started = self._head_started if self._in_head and self._head_started else time.time()
-        transport.write(self._server.on_request_error(error, started))
+        method = path = ""
+        if self._in_head and self._url:
+            # The request line was read (a slow or bad head after it): the record says which
+            # request this was, without its query, where a key may be.
+            method = self._parser.get_method().decode("ascii", "replace")
+            path = self._url.partition(b"?")[0].decode("utf-8", "surrogateescape")
+        transport.write(self._server.on_request_error(error, started, method, path))
         transport.close()

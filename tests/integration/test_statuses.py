@@ -276,9 +276,11 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(-1), 3)
 
 
-async def test_408_when_the_head_is_slow(gateway: Worker) -> None:
+async def test_408_when_the_head_is_slow(
+    gateway: Worker, capsys: pytest.CaptureFixture[str]
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-    writer.write(b"GET /soccer/v5/x HTTP/1.1\r\nHost: t\r\n")  # the head never ends
+    writer.write(b"GET /soccer/v5/x?api_key=secret-1 HTTP/1.1\r\nHost: t\r\n")  # no end
     await writer.drain()
     raw = await read_all(reader)  # read(-1) returns only once the gateway closed
     writer.close()
@@ -286,6 +288,12 @@ async def test_408_when_the_head_is_slow(gateway: Worker) -> None:
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"application/problem+json" in head
     assert json.loads(body)["code"] == "request_timeout"
+    # Logged as the request it was (its line had arrived), without the query.
+    accesslog.flush_access_log()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("GET", "/soccer/v5/x", 408)
+    ]
 
 
 async def test_408_when_the_body_stalls(gateway: Worker, upstream: Upstream) -> None:
