@@ -442,7 +442,7 @@ def _settle(ex: Exchange, receipt: Receipt) -> None:
     "Metering"); in a task of its own, as a cancelled request cannot wait for it."""
     assert ex.principal is not None
     quota = ex.principal.plan.quota
-    if quota is not None and quota.refunds(ex.status):
+    if quota is not None and quota.refunds(ex.status, ex.code == CLIENT_CLOSED_CODE):
         runtime = ex.runtime
         runtime.refunds.start(
             runtime.limiter,

@@ -178,11 +178,13 @@ class QuotaRule:
     timezone: ZoneInfo
     refund_on: frozenset[RefundOutcome] = frozenset()
 
-    def refunds(self, status: int) -> bool:
-        """Whether a request that ended with `status` gets its units back."""
+    def refunds(self, status: int, client_gone: bool) -> bool:
+        """Whether a request that ended with `status` gets its units back; `client_gone`: the
+        499 is the gateway's record of a client that left (an upstream's own 499 is an answer
+        like any other, and the client has it whole)."""
         if 500 <= status <= 599:
             return "5xx" in self.refund_on
-        return status == 499 and "499" in self.refund_on
+        return status == 499 and client_gone and "499" in self.refund_on
 
 
 @dataclass(frozen=True, slots=True)

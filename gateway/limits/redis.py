@@ -203,13 +203,19 @@ class RedisLimiter:
             try:
                 reply = await pipeline.run(command.packed + packed)
             except Exception as exc:
+                self._unanswered(subject)
                 raise self._guard.error("hit", exc) from exc
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
             # calls of one tick mostly go to different nodes anyway.
-            reply = await self._guard(
-                "hit", lambda: run_script(self._client, HIT, command.keys, (*command.args, cost))
-            )
+            try:
+                reply = await self._guard(
+                    "hit",
+                    lambda: run_script(self._client, HIT, command.keys, (*command.args, cost)),
+                )
+            except StorageError:
+                self._unanswered(subject)
+                raise
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day = reply
         if code == 0 and (new_day or subject not in self._registered):
@@ -277,6 +283,12 @@ class RedisLimiter:
             *(key.encode(encoding, errors) for key in keys),
             *(str(arg).encode(encoding, errors) for arg in args),
         )
+
+    def _unanswered(self, subject: str) -> None:
+        """A hit whose reply never came may still have run (a stalled Redis runs it when it
+        wakes), and been the first admission of a day, the one that says to register the
+        subject: registered again on its next admission, since that one will not say so."""
+        self._registered.discard(subject)
 
     def _register(self, subject: str) -> None:
         """Add `subject` to SUBSCRIPTIONS_KEY: once per process, and again on the first

@@ -190,10 +190,12 @@ async def test_a_504_and_a_499_are_given_back(rig: Rig) -> None:
     finally:
         writer.transport.abort()
     await rig.used_becomes("refund", 0)
-    # A 4xx of the upstream's is an answer: it counts.
+    # A 4xx of the upstream's is an answer: it counts. So does an upstream's own 499: the
+    # client has it whole (only the gateway's record of a client that left is given back).
     assert (await rig.get("refund", "/soccer/status/404"))[0] == 404
+    assert (await rig.get("refund", "/soccer/status/499"))[0] == 499
     await asyncio.sleep(0.05)
-    assert await rig.used("refund") == 1
+    assert await rig.used("refund") == 2
 
 
 async def test_the_rate_is_not_given_back(rig: Rig) -> None:
@@ -278,6 +280,32 @@ async def test_a_credit_answered_503_and_retried_with_its_idempotency_key_counts
         ) as r:
             problem = await r.json(content_type=None)
             assert r.status == 400 and problem["detail"].startswith("Idempotency-Key:")
+
+
+async def test_a_subscription_whose_registering_hit_was_lost_is_registered_again(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    """Redis lost its data, and the day's first hit then ran in a stalled Redis after the
+    gateway gave up on it: its reply, the one that says to register the subscription for the
+    export, never came. The next admission must register it, or the day is never billed."""
+    async with _running_rig(tmp_path, storage_url=fresh_redis_server.url) as rig:
+        assert (await rig.get("bill", "/soccer/x"))[0] == 200
+        fresh_redis_server.client().flushall()
+        fresh_redis_server.pause()
+        try:
+            assert (await rig.get("bill", "/soccer/x"))[0] == 503
+        finally:
+            fresh_redis_server.resume()
+        assert (await rig.get("bill", "/soccer/x"))[0] == 200
+        today = datetime.now(UTC).date().isoformat()
+        async with rig.http.get(rig.admin(f"/admin/usage.csv?from={today}")) as response:
+            lines = (await response.text()).splitlines()
+    # The day is there: both admissions, the one answered 503 included when it ran in the
+    # thawed Redis (README, "When Redis fails").
+    assert lines[1:] in (
+        [f"{today},bill-{rig.run},soccer,billing,2,2"],
+        [f"{today},bill-{rig.run},soccer,billing,1,1"],
+    )
 
 
 async def test_overrides_and_credit(rig: Rig) -> None:
