@@ -2,8 +2,9 @@
 
 It answers every path with a small JSON document describing the request it received, so the
 README's curl lines show what the gateway forwarded (and what it removed). A few paths behave
-differently to demonstrate pass-through: `.../missing...` answers 404, a matching
-`If-None-Match` answers 304, and `?sleep=SECONDS` waits before answering. A WebSocket upgrade
+differently to demonstrate pass-through: `.../missing...` answers 404, `.../broken...` answers
+503 (a failing upstream, for the README's refund example), a matching `If-None-Match` answers
+304, and `?sleep=SECONDS` waits before answering. A WebSocket upgrade
 to `/base/soccer/v4/live/MATCH` is accepted: it sends one `kick-off` message, then echoes.
 """
 
@@ -23,6 +24,8 @@ async def answer(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(min(float(sleep), 60.0))
     if "missing" in request.path:
         return web.json_response({"error": "no such thing upstream"}, status=404)
+    if "broken" in request.path:
+        return web.json_response({"error": "the upstream is failing"}, status=503)
     document = {
         "upstream": "example",
         "method": request.method,
