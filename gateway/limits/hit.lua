@@ -11,10 +11,14 @@
 -- ARGV[5]  unix milliseconds at which the day's history may vanish
 -- ARGV[6]  the plan's name
 -- ARGV[7]  cost: the quota units this request takes
+-- ARGV[8]  the Redis time (microseconds) after which the gateway no longer waits for this
+--          reply, or 0: a hit that runs later (a stalled Redis waking up) takes nothing,
+--          since its request was answered 503 meanwhile
 --
 -- Returns {outcome, quota used, quota credit, rate entries in window, microseconds until the
--- rate frees room, quota born, day born, 1 if this admission began the day's history}
--- where outcome is 0 allowed, 1 throttled, 2 quota exceeded. `born` is the Redis time at
+-- rate frees room, quota born, day born, 1 if this admission began the day's history, the
+-- Redis time} where outcome is 0 allowed, 1 throttled, 2 quota exceeded, 3 too late (nothing
+-- was looked at or taken). `born` is the Redis time at
 -- which a hash was created: a refund names it, and does nothing to a hash born since (after
 -- a restart that lost it, or a new period), so units are never given back twice or to
 -- requests that did not take them.
@@ -29,6 +33,11 @@ local cost = tonumber(ARGV[7])
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+
+local deadline = tonumber(ARGV[8])
+if deadline > 0 and now > deadline then
+    return {3, 0, 0, 0, 0, 0, 0, 0, now}
+end
 
 local used, credit, quota_born = 0, 0, 0
 if quota_limit >= 0 then
@@ -98,4 +107,4 @@ if rate_limit >= 0 and in_window > 0 then
     wait = tonumber(entry[2]) + window - now
 end
 
-return {outcome, used, credit, in_window, wait, quota_born, day_born, new_day}
+return {outcome, used, credit, in_window, wait, quota_born, day_born, new_day, now}

@@ -300,8 +300,8 @@ async def test_a_subscription_whose_registering_hit_was_lost_is_registered_again
         today = datetime.now(UTC).date().isoformat()
         async with rig.http.get(rig.admin(f"/admin/usage.csv?from={today}")) as response:
             lines = (await response.text()).splitlines()
-    # The day is there: both admissions, the one answered 503 included when it ran in the
-    # thawed Redis (README, "When Redis fails").
+    # The day is there, with the one admission answered 200: the hit answered 503 ran in the
+    # thawed Redis after its deadline and took nothing (had it run in time: 2 and 2).
     assert lines[1:] in (
         [f"{today},bill-{rig.run},soccer,billing,2,2"],
         [f"{today},bill-{rig.run},soccer,billing,1,1"],
