@@ -114,12 +114,23 @@ def _encode_labels(labels: tuple[str, str, str, str, str]) -> str:
     return text
 
 
+def _readable(path: str) -> str:
+    """`path` with the bytes that are not UTF-8 percent-encoded again: the HTTP layer keeps them
+    as lone surrogates (surrogateescape), which JSON can write but a reader of the log cannot
+    decode. Rare: only for a path that is not ASCII."""
+    return "".join(
+        f"%{ord(char) - 0xDC00:02X}" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in path
+    )
+
+
 def format_access_log(record: RequestRecord) -> str:
     """The JSON line for one request, without its newline."""
     path = record.path
     if "?" in path:
         # The record should never hold a query string; if one slipped in, it may hold a key.
         path = path.split("?", 1)[0]
+    if not path.isascii():
+        path = _readable(path)
     labels = (record.code, record.product, record.route, record.key_name, record.plan)
     label_fields = _label_fields.get(labels) or _encode_labels(labels)
     upstream = record.upstream_duration

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.admin_json import json_object, only_fields
 from gateway.config.instants import format_instant
@@ -114,7 +115,9 @@ def build_admin_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/admin/usage.csv", _usage_csv)
+    # No HEAD: the export streams, and a HEAD would run it all for a head that cannot say its
+    # length (aiohttp's automatic HEAD also sent the body).
+    app.router.add_get("/admin/usage.csv", _usage_csv, allow_head=False)
     app.router.add_get("/admin/usage/{key_name}", _get_usage)
     app.router.add_delete("/admin/usage/{key_name}/{product}", _reset_usage)
     app.router.add_post("/admin/usage/{key_name}/{product}/credit", _add_credit)
@@ -123,6 +126,35 @@ def build_admin_app(
         add_key_routes(app, keys)
     return app
 
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs at ERROR, with a traceback, what is the client's doing:
+    - a request it cannot parse, quoting the offending line (an `Authorization` header with a
+      bad byte put the admin token in the log): one line at INFO, naming only its kind;
+    - a client that left before its answer (a long export): one line at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if isinstance(error, HttpProcessingError):
+            record.msg = "admin port: refused a request from %s that is not valid HTTP (%s)"
+            level = logging.INFO
+        elif isinstance(error, ConnectionError):
+            record.msg = "admin port: the client at %s left before its answer (%s)"
+            level = logging.DEBUG
+        else:
+            return True
+        record.args = (remote, type(error).__name__)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        # Logged at ERROR, so it passed the logger's level: now told at its own, it must pass it
+        # again (the handlers would show a DEBUG line on an INFO logger).
+        return level >= logging.getLogger(record.name).getEffectiveLevel()
+
+
+# aiohttp's server logger for the admin port (`AppRunner(..., logger=ADMIN_HTTP_LOG)`).
+ADMIN_HTTP_LOG = logging.getLogger("gateway.admin.http")
+ADMIN_HTTP_LOG.addFilter(_ClientFaults())
 
 # The largest body an admin call may send: a key, a credit, a list of plans fit many times over.
 _MAX_BODY = 1024 * 1024
@@ -149,8 +181,8 @@ async def _problems_and_auth(
         return _problem_response(
             ContentTooLarge(f"body: over the {_MAX_BODY} bytes an admin call may send")
         )
-    except web.HTTPException:
-        raise
+    except (web.HTTPException, ConnectionError):
+        raise  # ConnectionError: the client left (a long export); nothing to answer or log
     except Exception:
         # A bug: told as a problem like every other answer, with its traceback in the log only.
         log.exception("admin API: failed to answer %s %s", request.method, request.path)
@@ -415,7 +447,7 @@ async def _within_storage_timeout(state: AdminState, call: Awaitable[_T]) -> _T:
             return await call
     except (StorageError, TimeoutError) as exc:
         # The 503 says only "try again"; what the storage said is for the operator.
-        log.warning("admin API: %s", exc or "the storage did not answer in time")
+        log.warning("admin API: %s", str(exc) or "the storage did not answer in time")
         raise StorageUnavailable() from exc
 
 

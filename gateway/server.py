@@ -316,7 +316,7 @@ class Worker:
 
     async def start(self) -> None:
         from gateway import metrics
-        from gateway.admin import build_admin_app
+        from gateway.admin import ADMIN_HTTP_LOG, build_admin_app
         from gateway.keys.api import KeysAccess
         from gateway.runtime import build_proxy_server
 
@@ -345,7 +345,7 @@ class Worker:
             keys=KeysAccess(lambda: runtime.snapshot, runtime.key_store),
             draining=lambda: self._draining,
         )
-        self._admin_runner = web.AppRunner(admin_app, access_log=None)
+        self._admin_runner = web.AppRunner(admin_app, access_log=None, logger=ADMIN_HTTP_LOG)
         await self._admin_runner.setup()
         admin_socket = open_listener(server_config.admin_listen)
         self.admin_port = admin_socket.getsockname()[1]

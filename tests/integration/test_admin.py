@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
-from gateway.admin import build_admin_app
+from gateway.admin import ADMIN_HTTP_LOG, build_admin_app
 from gateway.config.model import (
     ApiKey,
     AuthConfig,
@@ -26,10 +29,12 @@ from gateway.config.model import (
     ServerConfig,
     StorageConfig,
 )
-from gateway.limits.base import Limiter, StorageError
+from gateway.limits.base import DayUsage, Limiter, StorageError
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
 from tests.support.apps import serving_app
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 
 TOKEN = "admin-s3cret"
 PROBLEM = "application/problem+json"
@@ -322,3 +327,62 @@ async def test_metrics_serves_the_prometheus_text_with_observed_requests(
     ]
     assert len(counted) == 1 and counted[0].value >= 1
     assert counted[0].labels["status"] == "418"
+
+
+async def test_a_request_that_is_not_http_is_one_line_in_the_log_without_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logged it at ERROR with a traceback quoting the bad line: here, the token."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "s3cret-admin")
+    api = """
+products:
+  shop:
+    upstream: {url: "http://127.0.0.1:9"}
+    routes: [{path: "/shop/{rest:path}"}]
+"""
+    config = write_config(tmp_path / "config", api, server=worker_server_yaml())
+    async with running_gateway(config) as worker:
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
+        writer.write(
+            b"GET /admin/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-admin\x01\r\n\r\n"
+        )
+        status_line = await reader.readline()
+        writer.close()
+    assert status_line.split()[1] == b"400"
+    assert not any("s3cret" in r.getMessage() or r.exc_info for r in caplog.records)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert any("that is not valid HTTP (" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class SlowExport(MemoryLimiter):
+        async def export(
+            self, first_day: int, last_day: int
+        ) -> AsyncGenerator[list[DayUsage], None]:
+            await asyncio.sleep(0.3)
+            yield [DayUsage(first_day, "acme:soccer", "trial", 1, 1)]
+
+    # As the worker serves it: a handler goes on when its client hangs up.
+    app = build_admin_app(make_config, SlowExport(), token=None)
+    runner = web.AppRunner(app, access_log=None, logger=ADMIN_HTTP_LOG)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        # A HEAD would run the whole export for a head that cannot tell its length (aiohttp's
+        # own HEAD sent the body, and broke the connection's next answer).
+        url = f"http://127.0.0.1:{port}/admin/usage.csv"
+        async with aiohttp.ClientSession() as http, http.head(url) as response:
+            assert (response.status, response.headers["Allow"]) == (405, "GET")
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /admin/usage.csv HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        writer.close()  # before the first line is ready
+        await asyncio.sleep(0.6)
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -91,6 +91,16 @@ def test_a_query_string_never_reaches_the_log() -> None:
     assert json.loads(line)["path"] == "/soccer/v4/en/info.json"
 
 
+def test_bytes_of_a_path_that_are_not_utf8_are_logged_percent_encoded() -> None:
+    """The HTTP layer keeps them as lone surrogates: JSON could write those, but no reader of
+    the log could decode them (jq and Node make them U+FFFD)."""
+    record = proxied_record()
+    record.path = b"/weather/x\xffy/caf\xc3\xa9".decode("utf-8", "surrogateescape")
+    line = accesslog.format_access_log(record)
+    line.encode("utf-8")  # no lone surrogate left
+    assert json.loads(line)["path"] == "/weather/x%FFy/café"
+
+
 @pytest.mark.parametrize(
     ("unix_time", "expected"),
     [
