@@ -35,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.admin_json import json_object, only_fields
 from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, Config, Plan, QuotaRule
+from gateway.config.yamlnodes import MAX_COUNT
 from gateway.keys.api import KeysAccess, add_key_routes
 from gateway.limits.base import (
     HISTORY_DAYS,
@@ -135,19 +136,21 @@ class _ClientFaults(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
         if isinstance(error, HttpProcessingError):
             record.msg = "admin port: refused a request from %s that is not valid HTTP (%s)"
             level = logging.INFO
         elif isinstance(error, ConnectionError):
-            record.msg = "admin port: the client at %s left before its answer (%s)"
+            # Only the client's leaving reaches aiohttp as one (the middleware answers others).
+            record.msg = "admin port: %s left before its answer (%s)"
             level = logging.DEBUG
         else:
             return True
+        level = min(level, record.levelno)  # never louder than aiohttp made it
         record.args = (remote, type(error).__name__)
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = level, logging.getLevelName(level)
-        # Logged at ERROR, so it passed the logger's level: now told at its own, it must pass it
+        # It passed the logger's level at the level aiohttp gave it: at its own, it must pass it
         # again (the handlers would show a DEBUG line on an INFO logger).
         return level >= logging.getLogger(record.name).getEffectiveLevel()
 
@@ -181,9 +184,16 @@ async def _problems_and_auth(
         return _problem_response(
             ContentTooLarge(f"body: over the {_MAX_BODY} bytes an admin call may send")
         )
-    except (web.HTTPException, ConnectionError):
-        raise  # ConnectionError: the client left (a long export); nothing to answer or log
-    except Exception:
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            raise  # the client left (a long export): nothing to answer (_ClientFaults logs it)
+        if request.writer.output_size > 0:
+            # An answer (an export) has begun: a problem now would land inside its body. Let
+            # aiohttp log it and drop the connection, so the client sees the answer cut short.
+            raise
         # A bug: told as a problem like every other answer, with its traceback in the log only.
         log.exception("admin API: failed to answer %s %s", request.method, request.path)
         return _problem_response(InternalError("The gateway failed to handle this call."))
@@ -268,8 +278,8 @@ async def _reset_usage(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-# Credit is a count of units; a bound keeps it a number every storage holds exactly.
-_MAX_CREDIT = 10**12
+# Credit is a count of units, bounded like every limit and cost of the config.
+_MAX_CREDIT = MAX_COUNT
 # An idempotency key: what payment APIs accept (Stripe's up to 255 characters), printable
 # ASCII so that it is safe inside a Redis key name and a log line.
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")

@@ -103,8 +103,21 @@ async def test_a_storage_that_does_not_answer_is_503(serve: Serve) -> None:
                 assert response.headers["Retry-After"] == "1"
 
 
-async def test_an_export_that_fails_midway_is_cut_short(serve: Serve) -> None:
-    base = await serve(BreakingStorage())
+class BuggyExport(MemoryLimiter):
+    """An export with a bug that shows after the first batch."""
+
+    async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
+        yield [DayUsage(first_day, "acme:soccer", "trial", 3, 3)]
+        raise KeyError("a bug")
+
+
+@pytest.mark.parametrize("storage", [BreakingStorage, BuggyExport], ids=["storage", "bug"])
+async def test_an_export_that_fails_midway_is_cut_short(
+    serve: Serve, storage: type[MemoryLimiter]
+) -> None:
+    """Cut: no final chunk, so the client knows it is incomplete (a 500 problem written after
+    the first lines would land inside the CSV)."""
+    base = await serve(storage())
     async with aiohttp.ClientSession() as http, http.get(base + "/admin/usage.csv") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
