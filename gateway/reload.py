@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -206,10 +207,11 @@ class Reloader:
 
 
 # What a reload cannot change in a running process: sockets, processes and the clients of the
-# storage are made once, at the start. Everything else (products, routes, plans, keys, auth,
-# client_body, websocket_idle, on_error, local_fraction, a renewed certificate) is swapped;
-# TLS switched on or off is told by the worker (`Worker._renew_certificate`).
+# storage are made once, at the start (`keep_restart_only` keeps them as they started).
+# Everything else (products, routes, plans, keys, auth, client_body, websocket_idle, on_error,
+# local_fraction, a renewed certificate) is swapped.
 _NEEDS_A_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("server.tls (on or off)", lambda c: c.server.tls is None),
     ("server.listen", lambda c: c.server.listen),
     ("server.admin_listen", lambda c: c.server.admin_listen),
     ("server.workers", lambda c: c.server.workers),
@@ -219,6 +221,30 @@ _NEEDS_A_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("storage.url", lambda c: c.storage.url),
     ("storage.timeout", lambda c: c.storage.timeout),
 )
+
+
+def keep_restart_only(running: Config, reloaded: Config) -> Config:
+    """`reloaded` with what only a restart applies taken from `running`, the config the process
+    started with: every part of the process then agrees on one storage, one set of addresses
+    and timeouts, a worker restarted after the reload included."""
+    server, started = reloaded.server, running.server
+    # A renewed certificate is taken; TLS switched on or off is not.
+    tls = server.tls if (server.tls is None) == (started.tls is None) else started.tls
+    timeouts = dataclasses.replace(
+        started.timeouts,
+        client_body=server.timeouts.client_body,
+        websocket_idle=server.timeouts.websocket_idle,
+    )
+    storage = dataclasses.replace(
+        running.storage,
+        on_error=reloaded.storage.on_error,
+        local_fraction=reloaded.storage.local_fraction,
+    )
+    return dataclasses.replace(
+        reloaded,
+        server=dataclasses.replace(started, timeouts=timeouts, tls=tls),
+        storage=storage,
+    )
 
 
 def warn_of_restart_only_changes(running: Config, reloaded: Config) -> None:

@@ -36,6 +36,7 @@ from gateway.reload import (
     POLL_INTERVAL,
     Reloader,
     freeze_long_lived,
+    keep_restart_only,
     warn_of_restart_only_changes,
 )
 
@@ -170,7 +171,9 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
 
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
-    latest = config  # a worker started after a reload must start from the reloaded config
+    # A worker started after a reload must start from the reloaded config, with what only a
+    # restart applies as the others have it (`keep_restart_only`).
+    latest = config
 
     def spawn(index: int) -> None:
         # Until the new worker is in `children`, a signal to forward would miss it: hold them.
@@ -210,8 +213,8 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
     # The supervisor validates reloads and counts them once, not once per worker.
     def hand_to_workers(reloaded: Config) -> None:
         nonlocal latest
-        warn_of_restart_only_changes(latest, reloaded)
-        latest = reloaded
+        warn_of_restart_only_changes(config, reloaded)
+        latest = keep_restart_only(config, reloaded)
         forward(signal.SIGHUP, None)
 
     reloader = Reloader(
@@ -367,21 +370,17 @@ class Worker:
     def apply_config(self, config: Config, keys: KeyIndex | None = None) -> None:
         """Serve `config` from now on; `keys`: its key index, when built beforehand."""
         if not self._supervised:  # else the supervisor says it, once for all its workers
-            warn_of_restart_only_changes(self.runtime.snapshot.config, config)
+            warn_of_restart_only_changes(self.config, config)
+        config = keep_restart_only(self.config, config)
         self.runtime.apply(config, keys)
         self._renew_certificate(config)
 
     def _renew_certificate(self, config: Config) -> None:
         # The loader has read the certificate and key again and built a context from them:
-        # new handshakes use it, open connections keep theirs. Switching TLS on or off needs
-        # a new listener, which only a restart makes.
+        # new handshakes use it, open connections keep theirs. (Switching TLS on or off needs
+        # a new listener, which only a restart makes: `keep_restart_only` has kept it as it was.)
         server, tls = self._proxy_server, config.server.tls
-        if server is None:
-            return
-        if (server.listener_ssl is None) != (tls is None):
-            state = "on" if tls is not None else "off"
-            log.warning("server.tls was switched %s: that takes effect at the next start", state)
-        elif tls is not None:
+        if server is not None and tls is not None and server.listener_ssl is not None:
             server.renew_certificate(tls.context)
 
     async def prepare_config(self, config: Config) -> Callable[[], None]:

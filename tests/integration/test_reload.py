@@ -139,11 +139,14 @@ def check_reloads(gw: Gateway, *, workers: list[int] | None, scratch: Path) -> N
 
     # A setting only a restart applies: the reload is accepted, and the log says what it did
     # not apply, once (the supervisor says it for all its workers).
+    # Here: a storage that does not answer, which every worker must go on ignoring, one
+    # started after the reload included.
     server_file = gw.api_file.parent / SERVER_FILE
-    server_file.write_text(server_file.read_text().replace("timeout: 250ms", "timeout: 300ms"))
+    dead = f"url: redis://127.0.0.1:{gw.closed}/0"
+    server_file.write_text(re.sub(r"url: \S+", dead, server_file.read_text()))
     wait_for(lambda: gw.reloads().get(("ok",)) == 4, 2.0, "the server edit reloaded")
     settle()
-    warning = "config reloaded, but storage.timeout only changes at the next start"
+    warning = "config reloaded, but storage.url only changes at the next start"
     assert gw.process.stderr().count(warning) == 1, gw.process.stderr()
     all_serve("shop", "omega", "beta", absent="alpha")
 
@@ -203,6 +206,16 @@ def test_two_workers_reload_together_and_the_supervisor_counts_once(
         assert gw.requests_counted() == gw.sent
         assert scrape(gw.admin_port).series("gateway_inflight_requests") == {(): 0}
         assert gw.reloads() == {("ok",): 4, ("error",): 2}
+
+        # Every worker, the replacement too, still limits on the Redis it started with, not the
+        # dead one the files name since the reload: a rated route gets past the limits to the
+        # (closed) upstream, 502, where the dead storage would make it 503.
+        rated = gw.api_text("shop", "omega", "beta", plan="rate: {limit: 100000, per: second}")
+        gw.api_file.write_text(rated.replace("routes:\n", 'routes:\n      - {path: "/live/x"}\n'))
+        wait_for(lambda: gw.reloads().get(("ok",)) == 5, 2.0, "the rated route reloaded")
+        settle()
+        key = {"X-API-Key": "reload-secret"}
+        assert {call(gw.proxy_port, "/live/x", headers=key).status for _ in range(12)} == {502}
     finally:
         assert gw.process.stop() == 0, gw.process.stderr()
         gw.process.close()
