@@ -77,10 +77,7 @@ from gateway.limits.resp import ScriptPipeline, pack
 _READ_BATCH = 500
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
-_TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline
-_NO_DEADLINE = b"$1\r\n0\r\n"  # packed: no deadline yet
-# How long the best sample of Redis's clock is trusted before a newer one replaces it.
-_OFFSET_KEPT_SECONDS = 10.0
+_TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -138,12 +135,7 @@ class RedisLimiter:
         # Every call but the single Redis's hits and refunds (on their pipeline) runs under
         # it; those raise its `error` too.
         self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
-        self._timeout = timeout
         self._clock = clock
-        # Redis's clock minus time.monotonic(), in seconds, as the hits' replies tell it (see
-        # _deadline); None until the first reply.
-        self._redis_offset: float | None = None
-        self._offset_until = 0.0
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
         # Subjects this process has put in SUBSCRIPTIONS_KEY.
@@ -210,11 +202,11 @@ class RedisLimiter:
         if pipeline is not None:
             packed = PACKED_COSTS.get(cost) or packed_cost(cost)
             try:
-                reply = await pipeline.run(command.packed + packed + self._deadline())
+                reply = await pipeline.run(b"".join((command.packed, packed, pipeline.deadline())))
             except Exception as exc:
                 self._unanswered(subject)
                 raise self._guard.error("hit", exc) from exc
-            self._learn_offset(reply[8], reply[0] == _TOO_LATE)
+            pipeline.learn_redis_time(reply[8])
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
             # calls of one tick mostly go to different nodes anyway. No deadline: the nodes'
@@ -230,7 +222,9 @@ class RedisLimiter:
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day, _ = reply
         if code == _TOO_LATE:
-            raise self._guard.error("hit", TimeoutError("it ran after its deadline; nothing taken"))
+            # Redis ran it after the deadline the pipeline gave it: nothing was taken.
+            late = StorageError("it ran after its deadline on Redis's clock; nothing was taken")
+            raise self._guard.error("hit", late)
         if code == 0 and (new_day or subject not in self._registered):
             self._register(subject)
 
@@ -281,8 +275,7 @@ class RedisLimiter:
         packed = b""  # redis-py packs each call of a cluster itself
         if self._pipeline is not None:
             # Once per subject, quota period and day, so the plain packer is fast enough. The
-            # count of arguments includes the cost, appended per hit.
-            # ... and the deadline, appended per hit too.
+            # count of arguments includes the cost and the deadline, appended per hit.
             whole = self._pack_evalsha(HIT.sha, keys, (*args, "", ""))
             packed = whole[: -len(b"$0\r\n\r\n") * 2]
         return _Command(shape, keys, args, packed)
@@ -297,33 +290,6 @@ class RedisLimiter:
             *(key.encode(encoding, errors) for key in keys),
             *(str(arg).encode(encoding, errors) for arg in args),
         )
-
-    def _deadline(self) -> bytes:
-        """The hit's deadline on Redis's clock, packed as its last argument: the moment the
-        gateway stops waiting for the reply, after which the script takes nothing. A stalled
-        Redis (a slow command, a frozen process) runs the hits written to it when it wakes, long
-        after their requests were answered 503; without this they were charged all the same.
-        Redis's clock is learnt from the replies (`_learn_offset`), so the gateway's own clock
-        may differ from it by any amount."""
-        offset = self._redis_offset
-        if offset is None:
-            return _NO_DEADLINE
-        deadline = b"%d" % ((time.monotonic() + self._timeout + offset) * 1_000_000)
-        return b"$%d\r\n%b\r\n" % (len(deadline), deadline)
-
-    def _learn_offset(self, redis_now_us: int, too_late: bool) -> None:
-        """Redis's time minus ours, from a reply's Redis time. The reply is read a moment after
-        the script ran, so each sample is at most the true offset, short by that moment: the
-        largest recent sample is the best (deadlines err early: the script refuses a little
-        before the gateway gives up, and the request is a 503 either way). Samples are kept for
-        a while, as clocks are adjusted; a hit refused as late takes its own sample at once,
-        in case Redis's clock jumped (a failover to a master whose clock is ahead)."""
-        now = time.monotonic()
-        sample = redis_now_us / 1_000_000 - now
-        offset = self._redis_offset
-        if offset is None or sample > offset or too_late or now > self._offset_until:
-            self._redis_offset = sample
-            self._offset_until = now + _OFFSET_KEPT_SECONDS
 
     def _unanswered(self, subject: str) -> None:
         """A hit whose reply never came may still have run (a stalled Redis runs it when it

@@ -46,6 +46,17 @@ def pack(*args: bytes) -> bytes:
 
 
 _PING = pack(b"PING")
+_TIME = pack(b"TIME")
+# A call's deadline as the last argument of its script, when Redis's clock is not known yet.
+_NO_DEADLINE = pack(b"0")[len(b"*1\r\n") :]
+# How long the best sample of Redis's clock is trusted before a newer one may replace it
+# (clocks are adjusted).
+_CLOCK_SAMPLE_KEPT = 10.0
+# The share of the timeout a script is given: the rest is for its reply to come back. A Redis
+# that wakes from a stall runs its backlog and writes the replies of a read only after running
+# all of it (~60 µs a hit here): a hit run at its very deadline was answered too late, and a
+# request answered 503 was charged (measured: 6-157 of them per stall at 150 connections).
+_DEADLINE_SHARE = 0.8
 
 
 class ScriptPipeline:
@@ -90,7 +101,11 @@ class ScriptPipeline:
         # hits written into one would run when Redis wakes, long after their requests were
         # answered 503: units and rate taken for requests that were refused.
         handshake.append(_PING)
+        # And Redis's clock, for the deadlines of the calls on this server (see `deadline`).
+        handshake.append(_TIME)
         self._handshake = handshake
+        self._redis_offset: float | None = None  # Redis's clock minus loop.time(), in seconds
+        self._offset_until = 0.0
         self._script_loads = [pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts]
         self._timeout = timeout
         self._queue: list[_Call] = []
@@ -116,6 +131,37 @@ class ScriptPipeline:
             # waiting on each other in turns (14% idle on the gateway's core in the bench).
             self._flush()
         return future
+
+    def deadline(self) -> bytes:
+        """A deadline for a call made now, on Redis's clock, in microseconds and packed as a
+        script argument (0 while Redis's clock is unknown): `_DEADLINE_SHARE` of the timeout,
+        so that a reply to a call run before it is back before this pipeline stops waiting. A
+        script given it can refuse to act after it: a stalled Redis (a slow command, a frozen
+        process) runs the calls written to it when it wakes, long after their requests were
+        answered without them. Redis's clock is learnt (`learn_redis_time`), so the gateway's
+        own may differ from it by any amount."""
+        offset = self._redis_offset
+        loop = self._loop
+        if offset is None or loop is None:
+            return _NO_DEADLINE
+        at = b"%d" % int((loop.time() + self._timeout * _DEADLINE_SHARE + offset) * 1_000_000)
+        return b"$%d\r\n%b\r\n" % (len(at), at)
+
+    def learn_redis_time(self, redis_us: int, new_server: bool = False) -> None:
+        """A reply's Redis time (microseconds). It is read a moment after Redis stamped it, so
+        each sample is at most the true offset, short by that moment: the largest recent one
+        is the best (deadlines err early: a call may be refused a little before the gateway
+        would have given up, never after). A new connection (perhaps to another server, after
+        a failover) starts afresh."""
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        sample = redis_us / 1_000_000 - now
+        offset = self._redis_offset
+        if new_server or offset is None or sample > offset or now > self._offset_until:
+            self._redis_offset = sample
+            self._offset_until = now + _CLOCK_SAMPLE_KEPT
 
     def _flush(self) -> None:
         calls, self._queue = self._queue, []
@@ -152,10 +198,16 @@ class ScriptPipeline:
                 answers = await asyncio.gather(*replies, return_exceptions=True)
                 for packed, reply in zip(self._handshake, answers, strict=True):
                     # Any answer to the PING will do, an ACL's refusal too: it only shows
-                    # that Redis is reading.
-                    refused_ping = packed is _PING and isinstance(reply, ResponseError)
-                    if isinstance(reply, BaseException) and not refused_ping:
+                    # that Redis is reading. TIME refused (an ACL) leaves calls without a
+                    # deadline until a script's reply tells the time.
+                    refused = packed in (_PING, _TIME) and isinstance(reply, ResponseError)
+                    if isinstance(reply, BaseException) and not refused:
                         raise reply
+                    if packed is _TIME and not isinstance(reply, BaseException):
+                        seconds, microseconds = reply
+                        self.learn_redis_time(
+                            int(seconds) * 1_000_000 + int(microseconds), new_server=True
+                        )
         except BaseException as exc:
             if connection is not None:
                 connection.abort(RedisConnectionError("the handshake failed"))
