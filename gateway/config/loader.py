@@ -11,6 +11,7 @@ import gc
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,12 +201,15 @@ def parse_address(text: str) -> Address:
 
 
 def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether every address `host` stands for is a loopback one (a name other than
+    `localhost` is not known to be)."""
+    for spelled in _spellings(host):
+        try:
+            if not ipaddress.ip_address(spelled).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
@@ -233,13 +237,22 @@ def _listens_clash(a: Address, b: Address) -> bool:
 
 
 def _spellings(host: str) -> set[str]:
-    """The addresses `host` stands for, as far as they are known without asking a resolver."""
-    if host.lower() == "localhost":
+    """The addresses `host` stands for, as far as they are known without asking a resolver:
+    `localhost` (with its root dot, in any case), IPv4 shorthands (`127.1`), IPv4 mapped into
+    IPv6 (`::ffff:127.0.0.1`)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost":
         return {"127.0.0.1", "::1"}
     try:
-        return {str(ipaddress.ip_address(host))}
+        address = ipaddress.ip_address(name)
     except ValueError:
-        return {host.lower()}
+        try:
+            return {socket.inet_ntoa(socket.inet_aton(name))}  # what the system would bind
+        except OSError:
+            return {name}
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return {str(address.ipv4_mapped)}
+    return {str(address)}
 
 
 class _Builder:

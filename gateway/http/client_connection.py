@@ -198,6 +198,10 @@ class HttpConnection(asyncio.Protocol):
             self._stop_head()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked body's trailer fields: not the answer's head (which may have left
+            # already), and never passed on as if they were (RFC 9110 6.5.1).
+            return
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:

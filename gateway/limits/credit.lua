@@ -17,7 +17,6 @@ if #KEYS > 1 then
         local now = redis.call('HMGET', KEYS[1], 'used', 'credit')
         return {tonumber(now[1] or 0), tonumber(now[2] or 0), tonumber(earlier)}
     end
-    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 end
 local credit = redis.call('HINCRBY', KEYS[1], 'credit', ARGV[1])
 if redis.call('HEXISTS', KEYS[1], 'born') == 0 then
@@ -25,5 +24,10 @@ if redis.call('HEXISTS', KEYS[1], 'born') == 0 then
     redis.call('HSET', KEYS[1], 'born', tonumber(clock[1]) * 1000000 + tonumber(clock[2]))
     -- never in the past on Redis's clock (see hit.lua)
     redis.call('PEXPIREAT', KEYS[1], math.max(tonumber(ARGV[2]), tonumber(clock[1]) * 1000 + 60000))
+end
+-- Recorded only once the credit is in: a script is not rolled back, and a key recorded
+-- before a failing HINCRBY would make every retry "replay" a credit never added.
+if #KEYS > 1 then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 end
 return {tonumber(redis.call('HGET', KEYS[1], 'used') or 0), credit, -1}

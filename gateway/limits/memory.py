@@ -227,7 +227,9 @@ class MemoryLimiter:
                     break
                 del kept[oldest]
             earlier = kept.get((subject, once))
-            if earlier is not None:
+            # (Checked too: the pruning stops at the first live entry, and one behind it may be
+            # past its time if the clock stepped back.)
+            if earlier is not None and earlier[1] > now:
                 return Credited(await self.usage(subject, quota), earlier[0], replayed=True)
             kept[(subject, once)] = (amount, now + CREDIT_KEY_TTL)
         counter = self._current(subject, quota, now)

@@ -122,6 +122,22 @@ async def test_a_204_loses_the_content_length_its_upstream_gave_it(
             assert response.headers["X-Kept"] == "yes"
 
 
+async def test_an_upstreams_trailer_fields_are_not_headers(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    """Read in the same read as the head, they were passed on as header lines."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nTransfer-Encoding: gzip\r\n\r\n"
+    )
+    async with raw_upstream(_answers(answer)) as up:
+        front.use(up.port)
+        async with client.get(front.url / "x") as response:
+            assert response.status == 200
+            assert "X-Trailer" not in response.headers
+            assert await response.read() == b"hello"
+
+
 async def test_no_connection_in_time_is_gateway_timeout(
     front: Front, client: aiohttp.ClientSession
 ) -> None:
