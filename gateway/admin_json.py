@@ -22,6 +22,8 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
     except RecursionError:
         raise BadRequest("body: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        if not isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+            raise BadRequest("body: a number in it is too long") from None
         raise BadRequest(f"body: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")

@@ -93,6 +93,10 @@ def _rate_window(w: Walker, node: Node, path: str) -> tuple[float, str] | None:
     if seconds <= 0:
         w.report(node, path, _RATE_PER_HINT)
         return None
+    if seconds < 0.001:
+        # Windows are kept in microseconds; below a millisecond no request could be counted.
+        w.report(node, path, "must be at least 1ms")
+        return None
     if seconds > _LONGEST_RATE_WINDOW:
         # Longer is a quota's job; the window's timestamps must stay exact in Redis's Lua.
         w.report(node, path, "must be at most 366 days (8784h); a longer limit is a quota")

@@ -125,8 +125,9 @@ def config_files(path: Path) -> list[str]:
         for child in path.iterdir()
         if child.suffix == ".yaml"
         and not child.name.startswith(".")
-        # A symlink to nothing is kept, to be reported unreadable, not skipped in silence.
-        and (child.is_file() or (child.is_symlink() and not child.exists()))
+        # A symlink to nothing, or a folder so named, is kept, to be reported unreadable, not
+        # skipped in silence.
+        and (child.is_file() or child.is_dir() or (child.is_symlink() and not child.exists()))
     )
 
 
@@ -348,7 +349,7 @@ class _Builder:
             fields, "workers", lambda n, p: w.integer(n, p, minimum=0, maximum=MAX_WORKERS), 1
         )
         if workers == 0:
-            workers = os.cpu_count() or 1
+            workers = min(os.cpu_count() or 1, MAX_WORKERS)
         if workers > 1 and storage.is_memory:
             w.report(
                 fields.value("workers"),

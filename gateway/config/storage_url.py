@@ -115,7 +115,7 @@ def storage_url_problem(url: str) -> str | None:
     if parts.query or parts.fragment:
         # redis-py would take ?options as connection settings, and fail on any it does not
         # know only when the gateway starts; the timeout is storage.timeout.
-        return "takes no ?options (the timeout is storage.timeout)"
+        return "takes no ?options or #fragment (the timeout is storage.timeout)"
     database = parts.path.strip("/")
     if database:
         if not database.isascii() or not database.isdigit():

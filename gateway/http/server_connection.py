@@ -464,7 +464,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         assert transport is not None
         started = self._head_started if self._in_head and self._head_started else time.time()
         method = path = ""
-        if self._in_head and self._url:
+        if self._url:  # reset as each message begins: this one's
             # The request line was read (a slow or bad head after it): the record says which
             # request this was, without its query, where a key may be.
             method = self._parser.get_method().decode("ascii", "replace")

@@ -358,12 +358,17 @@ products:
 async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    ended = asyncio.Event()  # the export was closed: the handler's write failed, or it ended
+
     class SlowExport(MemoryLimiter):
         async def export(
             self, first_day: int, last_day: int
         ) -> AsyncGenerator[list[DayUsage], None]:
-            await asyncio.sleep(0.3)
-            yield [DayUsage(first_day, "acme:soccer", "trial", 1, 1)]
+            try:
+                await asyncio.sleep(0.3)
+                yield [DayUsage(first_day, "acme:soccer", "trial", 1, 1)]
+            finally:
+                ended.set()
 
     # As the worker serves it: a handler goes on when its client hangs up.
     app = build_admin_app(make_config, SlowExport(), token=None)
@@ -382,7 +387,8 @@ async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
         writer.write(b"GET /admin/usage.csv HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
         writer.close()  # before the first line is ready
-        await asyncio.sleep(0.6)
+        await asyncio.wait_for(ended.wait(), 10)
+        await asyncio.sleep(0.05)  # for the handler to finish after its failed write
     finally:
         await runner.cleanup()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

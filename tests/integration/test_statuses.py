@@ -302,11 +302,15 @@ async def test_408_when_the_head_is_slow(
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"application/problem+json" in head
     assert json.loads(body)["code"] == "request_timeout"
-    # Logged as the request it was (its line had arrived), without the query.
+    # Logged as the request it was (its line had arrived), without the query; so is a head
+    # refused once complete (two Host lines).
+    two_hosts = b"POST /soccer/v5/y HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    assert await raw_status(gateway, two_hosts) == b"400"
     accesslog.flush_access_log()
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
     assert [(line["method"], line["path"], line["status"]) for line in lines] == [
-        ("GET", "/soccer/v5/x", 408)
+        ("GET", "/soccer/v5/x", 408),
+        ("POST", "/soccer/v5/y", 400),
     ]
 
 

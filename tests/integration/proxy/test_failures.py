@@ -271,7 +271,7 @@ async def test_client_reading_slowly_but_steadily_is_not_cut_off(
 ) -> None:
     """It reads all along, but the kernel's send queue (megabytes on loopback) takes it longer
     than the timeout to empty by half, which a blocked write waits for: not a stall."""
-    front.body_timeout = 0.4
+    front.body_timeout = 0.5
     size = 8 * MB
     loop = asyncio.get_running_loop()
     sock = socket.socket()

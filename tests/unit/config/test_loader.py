@@ -569,11 +569,15 @@ keys:
     assert [key.expires for key in config.keys] == [new_year, new_year, None]
 
 
-def test_a_symlink_to_nothing_in_the_folder_is_reported_not_skipped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["symlink-to-nothing", "folder"])
+def test_a_yaml_entry_that_is_no_file_is_reported_not_skipped(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / "config"
     folder.mkdir()
     write_config_file(folder, "")
-    (folder / "zz.yaml").symlink_to(tmp_path / "gone.yaml")
+    if kind == "folder":
+        (folder / "zz.yaml").mkdir()
+    else:
+        (folder / "zz.yaml").symlink_to(tmp_path / "gone.yaml")
     with pytest.raises(ConfigError) as raised:
         load_config(folder, env={})
     assert [issue.file for issue in raised.value.issues] == [str(folder / "zz.yaml")]
