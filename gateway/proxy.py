@@ -110,15 +110,12 @@ class _WriteWatch:
         now = self._loop.time()
         since = self._since
         if since is not None and now - since >= self._seconds:
-            connection = self._connection
-            unsent = connection.unsent_bytes()
-            if unsent >= connection.unsent_at_block:
+            if not self._connection.read_since_blocked():
                 self._timer = None
                 self._expired = True
                 self._task.cancel()
                 return
-            connection.unsent_at_block = unsent
-            since = self._since = now
+            since = self._since = now  # it reads: another allowance from here
         due = since + self._seconds if since is not None else now + self._seconds
         self._timer = self._loop.call_at(due, self._check)
 

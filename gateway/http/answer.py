@@ -38,9 +38,9 @@ class AnswerWriter:
         self._answered = False
         self._close_after = False
         self._writes = WriteGate(loop)
-        # `unsent_bytes` when a write last had to wait for the client: whether it has read
-        # anything since then tells a slow reader from one that stopped.
-        self.unsent_at_block = 0
+        # `unsent_bytes` when a write last had to wait for the client (or it was last seen to
+        # read): whether it has read anything since tells a slow reader from one that stopped.
+        self._unsent_at_block = 0
 
     def _new_answer(self) -> None:
         """The next request in line is being answered: nothing of its answer exists yet."""
@@ -106,7 +106,7 @@ class AnswerWriter:
             data = head + data
         transport.write(data)
         if self._writes.paused:
-            self.unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
+            self._unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
             await self._writes.drained()
 
     def end_answer(self, last: bytes = b"") -> None:
@@ -150,6 +150,15 @@ class AnswerWriter:
     def answer_started(self) -> bool:
         """Some of the answer may have left: a problem can no longer be sent instead."""
         return self._answered or (self._answer_open and self._head is None)
+
+    def read_since_blocked(self) -> bool:
+        """Whether the client received any of the answer since a write last had to wait for it
+        (or since the last time this said yes)."""
+        unsent = self.unsent_bytes()
+        if unsent < self._unsent_at_block:
+            self._unsent_at_block = unsent
+            return True
+        return False
 
     def unsent_bytes(self) -> int:
         """Bytes written for the client that it has not received yet: the transport's buffer
