@@ -254,7 +254,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                 # httptools takes it for the new protocol's bytes: it is read apart.
                 self._body_behind_upgrade = True
             else:
-                request.upgrade = True
+                # HTTP/1.0 has no protocol switch (and no 101 to tell it): an ordinary answer.
+                request.upgrade = version == "1.1"
         self._parsing = request
         self._waiting.append(request)
         if not self._busy:

@@ -180,6 +180,22 @@ async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(
         assert upstream.seen[0].path_qs == "/ws/nows/echo"
 
 
+async def test_an_http_1_0_client_is_not_switched(tmp_path: Path) -> None:
+    """HTTP/1.0 knows no 101: the handshake gets an ordinary answer, and the connection ends."""
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(
+            b"GET /ws/echo?api_key=ws-secret HTTP/1.0\r\nHost: live\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the close
+        writer.close()
+    assert not answer.startswith(b"HTTP/1.1 101 ")
+    headers = {name.lower() for name, _ in upstream.seen[0].headers}
+    assert "upgrade" not in headers
+
+
 async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None:
     async with gateway_and_upstream(tmp_path) as (gateway, _, session):
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
