@@ -29,6 +29,8 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway.limits.redis_clock import RedisClock
+
 # A call: where its reply goes (None: a reply nobody waits for) and its packed command,
 # empty once the call may not be retried.
 _Call = tuple["asyncio.Future[Any] | None", bytes]
@@ -49,14 +51,6 @@ _PING = pack(b"PING")
 _TIME = pack(b"TIME")
 # A call's deadline as the last argument of its script, when Redis's clock is not known yet.
 _NO_DEADLINE = pack(b"0")[len(b"*1\r\n") :]
-# How long the best sample of Redis's clock is trusted before a newer one may replace it
-# (clocks are adjusted).
-_CLOCK_SAMPLE_KEPT = 10.0
-# The share of the timeout a script is given: the rest is for its reply to come back. A Redis
-# that wakes from a stall runs its backlog and writes the replies of a read only after running
-# all of it (~60 µs a hit here): a hit run at its very deadline was answered too late, and a
-# request answered 503 was charged (measured: 6-157 of them per stall at 150 connections).
-_DEADLINE_SHARE = 0.8
 
 
 class ScriptPipeline:
@@ -104,8 +98,7 @@ class ScriptPipeline:
         # And Redis's clock, for the deadlines of the calls on this server (see `deadline`).
         handshake.append(_TIME)
         self._handshake = handshake
-        self._redis_offset: float | None = None  # Redis's clock minus loop.time(), in seconds
-        self._offset_until = 0.0
+        self._redis_clock = RedisClock()
         self._script_loads = [pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts]
         self._timeout = timeout
         self._queue: list[_Call] = []
@@ -133,35 +126,22 @@ class ScriptPipeline:
         return future
 
     def deadline(self) -> bytes:
-        """A deadline for a call made now, on Redis's clock, in microseconds and packed as a
-        script argument (0 while Redis's clock is unknown): `_DEADLINE_SHARE` of the timeout,
-        so that a reply to a call run before it is back before this pipeline stops waiting. A
-        script given it can refuse to act after it: a stalled Redis (a slow command, a frozen
-        process) runs the calls written to it when it wakes, long after their requests were
-        answered without them. Redis's clock is learnt (`learn_redis_time`), so the gateway's
-        own may differ from it by any amount."""
-        offset = self._redis_offset
-        loop = self._loop
-        if offset is None or loop is None:
-            return _NO_DEADLINE
-        at = b"%d" % int((loop.time() + self._timeout * _DEADLINE_SHARE + offset) * 1_000_000)
-        return b"$%d\r\n%b\r\n" % (len(at), at)
-
-    def learn_redis_time(self, redis_us: int, new_server: bool = False) -> None:
-        """A reply's Redis time (microseconds). It is read a moment after Redis stamped it, so
-        each sample is at most the true offset, short by that moment: the largest recent one
-        is the best (deadlines err early: a call may be refused a little before the gateway
-        would have given up, never after). A new connection (perhaps to another server, after
-        a failover) starts afresh."""
+        """The deadline of a call made now on Redis's clock (see `limits/redis_clock.py`),
+        packed as a script's last argument; 0 while Redis's clock is unknown."""
         loop = self._loop
         if loop is None:
-            return
-        now = loop.time()
-        sample = redis_us / 1_000_000 - now
-        offset = self._redis_offset
-        if new_server or offset is None or sample > offset or now > self._offset_until:
-            self._redis_offset = sample
-            self._offset_until = now + _CLOCK_SAMPLE_KEPT
+            return _NO_DEADLINE
+        at = self._redis_clock.deadline_us(loop.time(), self._timeout)
+        if not at:
+            return _NO_DEADLINE
+        text = b"%d" % at
+        return b"$%d\r\n%b\r\n" % (len(text), text)
+
+    def learn_redis_time(self, redis_us: int, new_server: bool = False) -> None:
+        """A time Redis stamped (a reply's, or TIME's on a new connection), in microseconds."""
+        loop = self._loop
+        if loop is not None:
+            self._redis_clock.learn(redis_us, loop.time(), new_server)
 
     def _flush(self) -> None:
         calls, self._queue = self._queue, []

@@ -25,7 +25,12 @@ from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
 from gateway.limits.periods import quota_period
 from gateway.limits.redis_layout import quota_key, rate_key
-from tests.support.redis_servers import RedisSentinelGroup, RedisServer, redis_server_binary
+from tests.support.redis_servers import (
+    RedisClusterNodes,
+    RedisSentinelGroup,
+    RedisServer,
+    redis_server_binary,
+)
 from tests.support.sockets import free_port
 
 UTC = ZoneInfo("UTC")
@@ -443,6 +448,34 @@ async def test_hits_refused_while_redis_is_frozen_are_not_taken_when_it_wakes(
     finally:
         fresh_redis_server.resume()
         await limiter.close()
+
+
+async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
+    tmp_path: Path, subject: str
+) -> None:
+    """The same on a Redis Cluster, where the deadline is on the clock of the node that holds
+    the subject."""
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    cluster.start()
+    backend = Backend("cluster", cluster.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed  # the node's clock is learnt
+        for node in cluster.nodes:
+            node.pause()
+        try:
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(subject, None, quota)
+        finally:
+            for node in cluster.nodes:
+                node.resume()
+        assert (await limiter.hit(subject, None, quota)).allowed
+        await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
+        assert (await limiter.usage(subject, quota)).used == 2  # the first and the last
+    finally:
+        await limiter.close()
+        cluster.stop()
 
 
 def server_stats(client: redis.Redis) -> dict[str, int]:
