@@ -180,15 +180,20 @@ async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(
         assert upstream.seen[0].path_qs == "/ws/nows/echo"
 
 
+def raw_handshake(version: bytes) -> bytes:
+    """A WebSocket handshake for /ws/echo, as bytes (RFC 6455's sample key)."""
+    return (
+        b"GET /ws/echo?api_key=ws-secret HTTP/%b\r\nHost: live\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    ) % version
+
+
 async def test_an_http_1_0_client_is_not_switched(tmp_path: Path) -> None:
     """HTTP/1.0 knows no 101: the handshake gets an ordinary answer, and the connection ends."""
     async with gateway_and_upstream(tmp_path) as (gateway, upstream, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-        writer.write(
-            b"GET /ws/echo?api_key=ws-secret HTTP/1.0\r\nHost: live\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(raw_handshake(b"1.0"))
         answer = await asyncio.wait_for(reader.read(), 5)  # to the close
         writer.close()
     assert not answer.startswith(b"HTTP/1.1 101 ")
@@ -211,11 +216,7 @@ async def test_client_vanishing_ends_the_upstream_side_and_is_logged(
 ) -> None:
     async with gateway_and_upstream(tmp_path) as (gateway, upstream, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-        writer.write(
-            b"GET /ws/echo?api_key=ws-secret HTTP/1.1\r\nHost: live\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(raw_handshake(b"1.1"))
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
