@@ -28,7 +28,7 @@ from gateway.config.isolated import (
     save_answer,
 )
 from gateway.config.loader import collector_paused, config_files
-from gateway.config.model import Config
+from gateway.config.model import Config, ServerConfig, StorageConfig, Timeouts
 
 log = logging.getLogger("gateway.reload")
 
@@ -207,20 +207,9 @@ class Reloader:
 
 
 # What a reload cannot change in a running process: sockets, processes and the clients of the
-# storage are made once, at the start (`keep_restart_only` keeps them as they started).
-# Everything else (products, routes, plans, keys, auth, client_body, websocket_idle, on_error,
-# local_fraction, a renewed certificate) is swapped.
-_NEEDS_A_RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("server.tls (on or off)", lambda c: c.server.tls is None),
-    ("server.listen", lambda c: c.server.listen),
-    ("server.admin_listen", lambda c: c.server.admin_listen),
-    ("server.workers", lambda c: c.server.workers),
-    ("server.timeouts.client_header", lambda c: c.server.timeouts.client_header),
-    ("server.timeouts.keepalive", lambda c: c.server.timeouts.keepalive),
-    ("server.drain_timeout", lambda c: c.server.drain_timeout),
-    ("storage.url", lambda c: c.storage.url),
-    ("storage.timeout", lambda c: c.storage.timeout),
-)
+# storage are made once, at the start. `keep_restart_only` is the one list of what a reload
+# swaps (products, routes, plans, keys, auth, client_body, websocket_idle, on_error,
+# local_fraction, a renewed certificate); the rest stays as the process started with it.
 
 
 def keep_restart_only(running: Config, reloaded: Config) -> Config:
@@ -248,12 +237,37 @@ def keep_restart_only(running: Config, reloaded: Config) -> Config:
 
 
 def warn_of_restart_only_changes(running: Config, reloaded: Config) -> None:
-    """Log the settings a reload changed in the files but not in the process: the reload is
-    accepted, and an operator must not take those for applied."""
-    changed = [name for name, read in _NEEDS_A_RESTART if read(running) != read(reloaded)]
+    """Log the settings a reload changed in the files but not in the process (those
+    `keep_restart_only` kept): the reload is accepted, and an operator must not take those for
+    applied."""
+    kept = keep_restart_only(running, reloaded)
+    changed = [
+        *_differences("server", kept.server, reloaded.server),
+        *_differences("storage", kept.storage, reloaded.storage),
+    ]
     if changed:
         log.warning(
             "config reloaded, but %s only change%s at the next start",
             ", ".join(changed),
             "s" if len(changed) == 1 else "",
         )
+
+
+# What `_differences` looks into; anything else is one setting.
+_SECTIONS = (ServerConfig, StorageConfig, Timeouts)
+
+
+def _differences(path: str, ours: object, theirs: object) -> list[str]:
+    """The dotted paths of the settings in which two configs' sections differ (an address, a
+    TLS config, is one setting)."""
+    if ours == theirs:
+        return []
+    if type(ours) is not type(theirs) or not isinstance(ours, _SECTIONS):
+        return [path]
+    return [
+        changed
+        for field in dataclasses.fields(ours)
+        for changed in _differences(
+            f"{path}.{field.name}", getattr(ours, field.name), getattr(theirs, field.name)
+        )
+    ]
