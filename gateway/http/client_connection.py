@@ -28,7 +28,7 @@ from gateway.http.errors import (
 )
 from gateway.http.flow import WriteGate
 from gateway.http.headers import decode
-from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT
+from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT, OTHER_CODING, only_chunked
 from gateway.http.reply import HttpReply, announces_body, body_ends_at_close
 from gateway.http.tunnel import TunnelEnd
 from gateway.http.wire import CHUNK_END, LAST_CHUNK
@@ -206,15 +206,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
             self._stop_head()
-        if (
-            len(name) == 17
-            and name.lower() == b"transfer-encoding"
-            and value.strip().lower() != b"chunked"
-        ):
-            # Another coding (`gzip`, `gzip, chunked`) would reach the client unannounced: the
-            # answer is re-framed, and a client cannot be told of a transfer coding it did not
-            # ask for (RFC 9112 6.1).
-            self._stop_head("it has a Transfer-Encoding other than chunked")
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and not only_chunked(value):
+            self._stop_head(OTHER_CODING)
 
     def _stop_head(self, refusal: str = _HEAD_TOO_LARGE) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 502.

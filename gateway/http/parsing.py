@@ -13,6 +13,17 @@ import httptools
 HEAD_LIMIT = 64 * 1024
 
 
+# Why a head whose Transfer-Encoding is not `only_chunked` is refused, either way.
+OTHER_CODING = "it has a Transfer-Encoding other than chunked"
+
+
+def only_chunked(coding: bytes) -> bool:
+    """Whether a Transfer-Encoding value is `chunked` alone. Another coding (`gzip`,
+    `gzip, chunked`) would reach the other side de-chunked but still coded, with nothing to say
+    so: the gateway re-frames bodies and cannot pass a coding on (RFC 9112 6.1)."""
+    return coding.strip().lower() == b"chunked"
+
+
 class _NoCallbacks:
     """The protocol of the closed parsers: it has no callbacks, and they are never fed."""
 

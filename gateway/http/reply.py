@@ -83,12 +83,12 @@ class HttpReply(ChunkQueue):
 
 
 def body_ends_at_close(reply: HttpReply) -> bool:
+    """Whether the answer's body runs to the connection's close: no length, and no chunks (a
+    Transfer-Encoding other than chunked never gets this far: see `only_chunked`)."""
     if reply.head_only or reply.status in (204, 304):
         return False
-    coding = reply.headers.get("Transfer-Encoding")
-    if coding is not None:
-        return not coding.rstrip().lower().endswith("chunked")
-    return "Content-Length" not in reply.headers
+    headers = reply.headers
+    return "Transfer-Encoding" not in headers and "Content-Length" not in headers
 
 
 def announces_body(lines: list[tuple[bytes, bytes]]) -> bool:

@@ -19,7 +19,13 @@ import httptools
 from gateway.http.answer import AnswerWriter
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
 from gateway.http.headers import interim_head
-from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
+from gateway.http.parsing import (
+    CLOSED_REQUEST_PARSER,
+    HEAD_LIMIT,
+    OTHER_CODING,
+    BodyOnly,
+    only_chunked,
+)
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
 
@@ -205,10 +211,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
                 self._has_body = True
-                if value.strip().lower() != b"chunked":
-                    # Another coding would reach the upstream de-chunked but still coded, with
-                    # nothing to say so (RFC 9112 6.1: refuse what is not understood).
-                    self._refuse_head("it has a Transfer-Encoding other than chunked")
+                if not only_chunked(value):
+                    self._refuse_head(OTHER_CODING)
             elif lowered == b"host":
                 self._hosts += 1
                 if _HOST.fullmatch(value) is None:
