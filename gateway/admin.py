@@ -34,8 +34,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.admin_json import json_object, only_fields
 from gateway.config.instants import format_instant
-from gateway.config.model import ApiKey, Config, Plan, QuotaRule
-from gateway.config.yamlnodes import MAX_COUNT
+from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule
 from gateway.keys.api import KeysAccess, add_key_routes
 from gateway.limits.base import (
     HISTORY_DAYS,

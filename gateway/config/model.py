@@ -15,6 +15,10 @@ from zoneinfo import ZoneInfo
 
 OnError = Literal["deny", "allow", "local"]
 ON_ERROR_CHOICES: tuple[OnError, ...] = ("deny", "allow", "local")
+# The largest limit or cost: counts the Redis scripts keep exact (Lua numbers are doubles,
+# exact to 2**53) with room for a period's sum of them; 10**12 is also the largest credit.
+MAX_COUNT = 10**12
+
 # What a plan's `quota.refund_on` may list.
 RefundOutcome = Literal["5xx", "499"]
 REFUND_OUTCOMES: tuple[RefundOutcome, ...] = ("5xx", "499")

@@ -17,6 +17,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from gateway.config.durations import DURATION_HINT, parse_duration
+from gateway.config.model import MAX_COUNT
 from gateway.config.yamltree import MappingNode, Node, ScalarNode, SequenceNode, compose_tree
 
 T = TypeVar("T")
@@ -58,11 +59,6 @@ def line_of(node: Node) -> int:
 
 def join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-# The largest limit or cost: counts the Redis scripts keep exact (Lua numbers are doubles,
-# exact to 2**53) with room for a period's sum of them; 10**12 is also the largest credit.
-MAX_COUNT = 10**12
 
 
 def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
