@@ -32,9 +32,9 @@ from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
 from gateway.keys.index import Principal
 from gateway.limits.base import Decision, Receipt, StorageError
 from gateway.limits.headers import (
+    LIMIT_HEADER_NAMES,
     header_dict,
     limit_header_lines,
-    limit_header_names,
     limit_headers,
 )
 from gateway.limits.metering import local_rate
@@ -66,6 +66,8 @@ log = logging.getLogger("gateway")
 
 # A client's own request id is kept only when it cannot upset a log line or a header.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# The upstream's lines of these names never reach the client: the gateway's replace them.
+_REPLACED_IN_UPSTREAM_ANSWERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
 
 
 class Exchange(RequestRecord):
@@ -76,7 +78,6 @@ class Exchange(RequestRecord):
         "counted",
         "key",
         "limit_lines",
-        "limit_names",
         "match",
         "principal",
         "receipt",
@@ -94,9 +95,8 @@ class Exchange(RequestRecord):
         self.request = request
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
-        # An admission's limit headers, as header lines and their names (`admit`).
+        # An admission's limit headers, as header lines (`admit`).
         self.limit_lines = ""
-        self.limit_names: tuple[str, ...] = ()
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
@@ -115,7 +115,6 @@ class Exchange(RequestRecord):
         (what a proxied answer carries), a dict of them only if the gateway ends up answering
         itself (`own_headers`)."""
         self.limit_lines = limit_header_lines(decision)
-        self.limit_names = limit_header_names(decision)
 
     def own_headers(self) -> dict[str, str]:
         """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
@@ -123,9 +122,11 @@ class Exchange(RequestRecord):
         return {REQUEST_ID_HEADER: self.request_id, **header_dict(self.limit_lines)}
 
     def upstream_answer_headers(self) -> ExtraHeaders:
-        """The gateway's headers for the upstream's answer: the same, as lines."""
+        """The gateway's headers for the upstream's answer: the same, as lines. They replace
+        the upstream's lines of every limit header name, whatever this plan limits: the
+        upstream's own limits are not the client's (README, "Headers")."""
         return ExtraHeaders(
-            (REQUEST_ID_HEADER, *self.limit_names),
+            _REPLACED_IN_UPSTREAM_ANSWERS,
             # ASCII: a request id is the client's only if it is sane (_request_id).
             f"{REQUEST_ID_HEADER}: {self.request_id}\r\n{self.limit_lines}".encode(),
         )

@@ -30,25 +30,12 @@ _NO_LIMIT = -1
 _ceil = math.ceil
 
 
-# The names each kind of plan's headers have, in order (Retry-After only on a refusal).
-RATE_AND_QUOTA_NAMES = (
+# Every limit header name: a proxied answer carries the gateway's lines of these, never the
+# upstream's, whatever the plan limits (a plan without a quota sends no X-Quota-* at all).
+LIMIT_HEADER_NAMES = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
     "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "RateLimit-Policy", "RateLimit",
 )  # fmt: skip
-RATE_NAMES = (
-    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-    "RateLimit-Policy", "RateLimit",
-)  # fmt: skip
-QUOTA_NAMES = (
-    "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "RateLimit-Policy", "RateLimit",
-)  # fmt: skip
-
-
-def limit_header_names(decision: Decision) -> tuple[str, ...]:
-    """The names of `limit_header_lines(decision)` of an admission, in order."""
-    if decision.rate is not None:
-        return RATE_AND_QUOTA_NAMES if decision.quota is not None else RATE_NAMES
-    return QUOTA_NAMES if decision.quota is not None else ()
 
 
 def limit_header_lines(decision: Decision) -> str:

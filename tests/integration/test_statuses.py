@@ -22,7 +22,7 @@ from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.sockets import closed_port
-from tests.support.upstream import Upstream, running_upstream
+from tests.support.upstream import UPSTREAM_LIMIT_HEADERS, Upstream, running_upstream
 
 API = """
 products:
@@ -52,13 +52,20 @@ products:
     routes: [{{path: "/refused/{{rest:path}}"}}]
 plans:
   open: {{}}
+  rated: {{rate: {{limit: 100, per: second}}}}
 keys:
   - name: tester
     key: secret-1
     plans: {{soccer: open, refused: open}}
+  - name: rated
+    key: secret-rated
+    plans: {{soccer: rated}}
 """
 
 KEY = {"X-API-Key": "secret-1"}
+UPSTREAM_LIMIT_HEADERS_LOWER = {
+    name.lower(): value for name, value in UPSTREAM_LIMIT_HEADERS.items()
+}
 
 
 @pytest.fixture
@@ -253,6 +260,35 @@ async def test_upstream_answers_pass_through(
     async with client.get(url(gateway, f"/soccer/v5/status/{status}"), headers=KEY) as r:
         assert r.status == status
         assert r.headers.get("Content-Type") != "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    ("key", "gateway_names"),
+    [
+        ("secret-1", set()),
+        ("secret-rated", {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}),
+    ],
+    ids=["no-limits", "rate-only"],
+)
+async def test_an_upstreams_limit_headers_never_reach_the_client(
+    gateway: Worker, client: aiohttp.ClientSession, key: str, gateway_names: set[str]
+) -> None:
+    # The upstream's limits are the gateway's own use of it, shared by every client: a plan
+    # that does not limit something must not pass the upstream's figure off as the client's.
+    path = url(gateway, "/soccer/v5/limit-headers")
+    async with client.get(path, headers={"X-API-Key": key}) as r:
+        assert r.status == 200
+        assert r.headers["X-Upstream"] == "yes"
+        sent = {name.lower() for name in r.headers} & {n.lower() for n in UPSTREAM_LIMIT_HEADERS}
+        assert sent == gateway_names | (
+            {"ratelimit-policy", "ratelimit"} if gateway_names else set()
+        )
+        for name in gateway_names:
+            assert r.headers.getall(name) != [UPSTREAM_LIMIT_HEADERS_LOWER[name]]
+            assert len(r.headers.getall(name)) == 1
+        if gateway_names:
+            assert r.headers["X-RateLimit-Limit"] == "100"
+            assert r.headers["RateLimit-Policy"] == '"rate";q=100;w=1'
 
 
 async def test_502_when_upstream_refuses(gateway: Worker, client: aiohttp.ClientSession) -> None:

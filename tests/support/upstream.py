@@ -40,6 +40,19 @@ class Upstream:
         return f"http://127.0.0.1:{self.port}"
 
 
+# What `/limit-headers` answers with: every limit header name the gateway sends.
+UPSTREAM_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": "5000",
+    "X-RateLimit-Remaining": "4999",
+    "X-RateLimit-Reset": "3600",
+    "X-Quota-Limit": "7",
+    "X-Quota-Remaining": "6",
+    "X-Quota-Reset": "60",
+    "RateLimit-Policy": '"upstream";q=5000;w=3600',
+    "RateLimit": '"upstream";r=4999;t=3600',
+}
+
+
 async def _handle(request: web.Request) -> web.StreamResponse:
     upstream: Upstream = request.app[UPSTREAM]
     size = 0
@@ -74,6 +87,11 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         if not body:
             return web.Response(status=status)
         return web.Response(status=status, body=body, content_type="application/json")
+    if path.endswith("/limit-headers"):
+        # An upstream with limits of its own, which describe the gateway's use of it.
+        return web.json_response(
+            {"limited": True}, headers={**UPSTREAM_LIMIT_HEADERS, "X-Upstream": "yes"}
+        )
     if path.endswith("/big"):
         total = int(request.query.get("bytes", str(10 * 1024 * 1024)))
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
