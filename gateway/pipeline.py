@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from gateway import accesslog, metrics
+from gateway.auth import presented_key
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.headers import ExtraHeaders, strip_query_param
@@ -197,14 +198,10 @@ def match_route(ex: Exchange) -> Answer | None:
 
 
 def identify_key(ex: Exchange) -> Answer | None:
-    """2: 401 without a known key."""
-    request = ex.request
+    """2: 401 without a known key (or with two different ones)."""
     snapshot = ex.snapshot
     auth = snapshot.config.auth
-    presented = request.header(snapshot.key_header)
-    if not presented and auth.query_param is not None and request.query_string:
-        presented = request.query.get(auth.query_param)
-    ex.key = snapshot.keys.identify(auth, presented)
+    ex.key = snapshot.keys.identify(auth, presented_key(ex.request, auth, snapshot.key_header))
     ex.key_name = ex.key.name
     return None
 
