@@ -32,7 +32,6 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits.base import (
@@ -51,6 +50,7 @@ from gateway.limits.base import (
     make_decision,
     subject_order,
 )
+from gateway.limits.cluster_clocks import ClusterClocks
 from gateway.limits.periods import PeriodCache
 from gateway.limits.redis_clients import (
     MASTER_RECHECK_SECONDS,
@@ -58,7 +58,6 @@ from gateway.limits.redis_clients import (
     StorageRedis,
     open_storage_redis,
 )
-from gateway.limits.redis_clock import RedisClock
 from gateway.limits.redis_layout import (
     CREDIT,
     HIT,
@@ -139,9 +138,6 @@ class RedisLimiter:
         # it; those raise its `error` too.
         self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
         self._clock = clock
-        self._timeout = timeout
-        # On a Redis Cluster, each node's clock, by node name (see limits/redis_clock.py).
-        self._node_clocks: dict[str, RedisClock] = {}
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
         # Subjects this process has put in SUBSCRIPTIONS_KEY.
@@ -162,6 +158,9 @@ class RedisLimiter:
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
+        self._cluster_clocks: ClusterClocks | None = None
+        if isinstance(client, RedisCluster):
+            self._cluster_clocks = ClusterClocks(client, self._guard, timeout)
 
     @classmethod
     def from_config(
@@ -215,13 +214,12 @@ class RedisLimiter:
             pipeline.learn_redis_time(reply[8])
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
-            # calls of one tick mostly go to different nodes anyway. Each node has a clock of
-            # its own: the deadline is on the clock of the one that holds the subject.
+            # calls of one tick mostly go to different nodes anyway. The deadline is on the
+            # clock of the node that holds the subject (limits/cluster_clocks.py).
             cluster = cast(RedisCluster, self._client)
-            node = _node_of(cluster, command.keys[0])
-            clock = self._node_clocks.get(node) if node is not None else None
-            loop = asyncio.get_running_loop()
-            deadline = clock.deadline_us(loop.time(), self._timeout) if clock else 0
+            clocks = self._cluster_clocks
+            assert clocks is not None
+            deadline = await clocks.deadline_us(command.keys[0])
             try:
                 reply = await self._guard(
                     "hit",
@@ -230,13 +228,7 @@ class RedisLimiter:
             except StorageError:
                 self._unanswered(subject)
                 raise
-            node = node or _node_of(cluster, command.keys[0])  # the slot map is known now
-            if node is not None:
-                if clock is None:
-                    if len(self._node_clocks) >= _MAX_COMMANDS:
-                        self._node_clocks.clear()
-                    clock = self._node_clocks[node] = RedisClock()
-                clock.learn(reply[8], loop.time())
+            clocks.learn(command.keys[0], reply[8])
         # Integer replies: redis-py hands them over as ints already.
         code, used, credit, in_window, wait_us, quota_born, day_born, new_day, _ = reply
         if code == _TOO_LATE:
@@ -464,16 +456,6 @@ class RedisLimiter:
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._storage.aclose()
-
-
-def _node_of(cluster: RedisCluster, key: str) -> str | None:
-    """The name of the node that holds `key`, or None while the client has no slot map yet
-    (or the slot is not covered: the call itself will say what is wrong)."""
-    try:
-        node = cluster.get_node_from_key(key)
-    except (RedisError, RedisClusterException):
-        return None
-    return None if node is None else str(node.name)
 
 
 def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUsage:

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 import redis.cluster
+import redis.crc
 
 from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
@@ -461,7 +462,7 @@ async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
     limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
     quota = quota_rule(100)
     try:
-        assert (await limiter.hit(subject, None, quota)).allowed  # the node's clock is learnt
+        assert (await limiter.hit(subject, None, quota)).allowed
         for node in cluster.nodes:
             node.pause()
         try:
@@ -473,6 +474,45 @@ async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
         assert (await limiter.hit(subject, None, quota)).allowed
         await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
         assert (await limiter.usage(subject, quota)).used == 2  # the first and the last
+    finally:
+        await limiter.close()
+        cluster.stop()
+
+
+def node_holding(subject: str, nodes: int) -> int:
+    """Which of `RedisClusterNodes`'s nodes holds a subject's keys (they share one hash tag)."""
+    slot = redis.crc.key_slot(rate_key(subject).encode())
+    return min(slot // (redis.crc.REDIS_CLUSTER_HASH_SLOTS // nodes), nodes - 1)
+
+
+async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
+    tmp_path: Path, subject: str
+) -> None:
+    """A node's clock is learnt from its TIME before any check is sent to it: a process's
+    first check of a node that is frozen is not left to run when the node wakes."""
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    cluster.start()
+    limiter = Backend("cluster", cluster.url).limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    frozen = cluster.nodes[node_holding(subject, len(cluster.nodes))]
+    elsewhere = next(
+        other
+        for other in (f"{subject}-{i}" for i in range(100))
+        if cluster.nodes[node_holding(other, len(cluster.nodes))] is not frozen
+    )
+    try:
+        # The slot map is known, and another node's clock; not the frozen node's.
+        assert (await limiter.hit(elsewhere, None, quota)).allowed
+        frozen.pause()
+        try:
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(subject, None, quota)
+        finally:
+            frozen.resume()
+        await asyncio.sleep(0.2)  # for anything buffered in the node's sockets to run
+        assert (await limiter.usage(subject, quota)).used == 0
+        assert (await limiter.hit(subject, None, quota)).allowed
+        assert (await limiter.usage(subject, quota)).used == 1
     finally:
         await limiter.close()
         cluster.stop()
