@@ -252,7 +252,13 @@ async def forward(
     if query:
         target = f"{target}?{query}"
     headers = upstream_header_lines(
-        request.raw_headers, drop, destination.host, request.remote, request.scheme, request_id
+        request.raw_headers,
+        drop,
+        destination.host,
+        request.remote,
+        request.scheme,
+        request_id,
+        request.authority,
     )
     # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
     started = time.perf_counter()

@@ -62,12 +62,15 @@ def upstream_header_lines(
     client_ip: str | None,
     client_proto: str,
     request_id: str,
+    target_host: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The header lines to send upstream, as bytes: the client's raw lines, cleaned.
 
     Hop-by-hop headers and the API key header (`drop`, from `request_drop_set`) go; Host
     becomes the upstream's; X-Forwarded-For gets the peer appended; X-Forwarded-Proto,
     X-Forwarded-Host and X-Request-ID are the gateway's own view, whatever the client claimed.
+    X-Forwarded-Host is the client's Host, or `target_host` (the host an absolute-form target
+    names) when given, since that one wins (RFC 9112 3.2.2).
     The client's lines are passed on as they came, so nothing is decoded or re-encoded.
     """
     kept: list[tuple[bytes, bytes]] = []
@@ -93,6 +96,8 @@ def upstream_header_lines(
     if forwarded_for:
         kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
     kept.append((b"X-Forwarded-Proto", client_proto.encode("ascii")))
+    if target_host is not None:
+        client_host = target_host
     if client_host is not None:
         kept.append((b"X-Forwarded-Host", client_host))
     kept.append((b"X-Request-ID", request_id.encode("ascii")))

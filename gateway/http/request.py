@@ -75,6 +75,7 @@ class Request:
         "_headers",
         "_path",
         "_query",
+        "authority",
         "body_exists",
         "connection",
         "content",
@@ -105,12 +106,15 @@ class Request:
         self.connection = connection
         self.method = method
         self.target = decode(target)
+        # The host the request names in its target (absolute-form), which wins over its Host
+        # header (RFC 9112 3.2.2); None in the usual origin-form.
+        self.authority: bytes | None = None
         if target[:1] == b"/":
             raw_path, _, query = self.target.partition("?")
             self.query_string = query.partition("#")[0]
         else:
             # Absolute-form (`GET http://host/path`), or anything the routes will not match.
-            raw_path, self.query_string = _split_absolute(target)
+            raw_path, self.query_string, self.authority = _split_absolute(target)
         # Normalised (gateway/http/paths.py): the routes and the upstream read the same path.
         self.raw_path = normal_path(raw_path) if raw_path[:1] == "/" else raw_path
         self.raw_headers = raw_headers
@@ -159,9 +163,15 @@ class Request:
         return path
 
 
-def _split_absolute(target: bytes) -> tuple[str, str]:
+def _split_absolute(target: bytes) -> tuple[str, str, bytes | None]:
+    """An absolute-form target's path, query and authority (host, and port when given)."""
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
-        return decode(target), ""
-    return decode(url.path or b"/"), decode(url.query or b"")
+        return decode(target), "", None
+    authority = url.host
+    if authority and b":" in authority:
+        authority = b"[%b]" % authority  # an IPv6 literal, which httptools unbrackets
+    if authority and url.port is not None:
+        authority += b":%d" % url.port
+    return decode(url.path or b"/"), decode(url.query or b""), authority or None

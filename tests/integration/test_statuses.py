@@ -531,6 +531,28 @@ async def raw_status(gateway: Worker, head: bytes) -> bytes:
     return raw.split(b"\r\n", 1)[0].split(b" ")[1]
 
 
+@pytest.mark.parametrize(
+    ("target", "forwarded_host"),
+    [
+        (b"http://shop.example:8443/soccer/v5/x", "shop.example:8443"),
+        (b"http://shop.example/soccer/v5/x", "shop.example"),
+        (b"http://[::1]:8080/soccer/v5/x", "[::1]:8080"),
+        (b"/soccer/v5/x", "front.example"),
+    ],
+    ids=["absolute-with-port", "absolute", "ipv6", "origin-form"],
+)
+async def test_x_forwarded_host_is_the_host_the_request_named(
+    gateway: Worker, upstream: Upstream, target: bytes, forwarded_host: str
+) -> None:
+    # In absolute-form the target's host wins over the Host header (RFC 9112 3.2.2).
+    head = b"GET %b HTTP/1.1\r\nHost: front.example\r\nX-API-Key: secret-1\r\n"
+    head += b"Connection: close\r\n\r\n"
+    assert await raw_status(gateway, head % target) == b"200"
+    (seen,) = upstream.seen
+    assert seen.path_qs == "/base/soccer/v5/x"
+    assert [v for n, v in seen.headers if n.lower() == "x-forwarded-host"] == [forwarded_host]
+
+
 async def test_a_key_that_is_not_utf8_is_unknown(gateway: Worker) -> None:
     """401, as any unknown key; it was a 500 with a traceback, free for anyone to cause."""
     head = b"GET %b HTTP/1.1\r\nHost: t\r\nX-API-Key: secr\xe9t-1\r\nConnection: close\r\n\r\n"
