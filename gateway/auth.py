@@ -1,39 +1,52 @@
-"""The API key a request presents: in the key header, else in the key query parameter.
+"""Step 2: the API key a request presents, in the key header, else in the key query parameter.
 
 A request that presents two different keys is refused (401) rather than charged to one of them:
 which one the client meant cannot be known, and a proxy or cache in front may have read the
-other. The same key sent twice is one key.
+other. Two secrets of one key (the old and the new during a rotation's grace) are one key, as
+is the same secret sent twice.
 """
 
 from __future__ import annotations
 
-from gateway.config.model import AuthConfig
+from gateway.config.model import ApiKey, AuthConfig
 from gateway.http.headers import decode
 from gateway.http.request import Request
+from gateway.keys.index import KeyIndex
 from gateway.problems import Unauthorized
 
 
-def presented_key(request: Request, auth: AuthConfig, key_header: bytes) -> str | None:
-    """The key `request` presents, None when it presents none; raises Unauthorized when it
-    presents different keys. `key_header` is `auth.header` lower-cased, as bytes."""
-    from_header: bytes | None = None
+def identify_presented(
+    request: Request, auth: AuthConfig, key_header: bytes, keys: KeyIndex
+) -> ApiKey:
+    """The key `request` presents, or Unauthorized (none, unknown, expired, or two different
+    keys). `key_header` is `auth.header` lower-cased, as bytes."""
+    from_header: list[bytes] = []
     for name, value in request.raw_headers:
-        if value and name.lower() == key_header:
-            if from_header is None:
-                from_header = value
-            elif value != from_header:
-                raise Unauthorized(f"The {auth.header} header was sent with different keys.")
-    param = auth.query_param
+        if value and name.lower() == key_header and value not in from_header:
+            from_header.append(value)
     from_query: list[str] = []
-    if param is not None and request.query_string:
+    param = auth.query_param
+    query = request.query_string
+    # Names are compared decoded (as the parameter is removed before forwarding): one that
+    # is spelt plainly or escaped; parsing the query costs more than the rest of this step.
+    if param is not None and query and (param in query or "%" in query or "+" in query):
         from_query = [value for value in request.query.getall(param, ()) if value]
-        if len(set(from_query)) > 1:
-            raise Unauthorized(f"The {param} query parameter was sent with different keys.")
-    if from_header is None:
-        return from_query[0] if from_query else None
-    presented = decode(from_header)
-    if from_query and from_query[0] != presented:
-        raise Unauthorized(
-            f"Different keys were sent in the {auth.header} header and the {param} query parameter."
-        )
-    return presented
+    presented = [decode(value) for value in from_header] + from_query
+    key = keys.identify(auth, presented[0] if presented else None)
+    for other in set(presented[1:]):
+        if other != presented[0] and not _same_key(keys, auth, other, key):
+            if not from_query:
+                where = f"the {auth.header} header"
+            elif not from_header:
+                where = f"the {param} query parameter"
+            else:
+                where = f"the {auth.header} header and the {param} query parameter"
+            raise Unauthorized(f"Different API keys were sent in {where}.")
+    return key
+
+
+def _same_key(keys: KeyIndex, auth: AuthConfig, secret: str, key: ApiKey) -> bool:
+    try:
+        return keys.identify(auth, secret).name == key.name
+    except Unauthorized:
+        return False  # unknown or expired: a different key all the same

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from gateway import accesslog, metrics
-from gateway.auth import presented_key
+from gateway.auth import identify_presented
 from gateway.config.model import ApiKey
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.headers import ExtraHeaders, strip_query_param
@@ -201,7 +201,7 @@ def identify_key(ex: Exchange) -> Answer | None:
     """2: 401 without a known key (or with two different ones)."""
     snapshot = ex.snapshot
     auth = snapshot.config.auth
-    ex.key = snapshot.keys.identify(auth, presented_key(ex.request, auth, snapshot.key_header))
+    ex.key = identify_presented(ex.request, auth, snapshot.key_header, snapshot.keys)
     ex.key_name = ex.key.name
     return None
 
