@@ -15,7 +15,6 @@ import asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.limits.redis_clients import StorageGuard
 from gateway.limits.redis_clock import RedisClock
 
 # Node names remembered at most: nodes come and go over a long life (failovers, resharding).
@@ -25,30 +24,26 @@ _MAX_NODES = 1024
 class ClusterClocks:
     """The clocks of a cluster's nodes, by node name."""
 
-    __slots__ = ("_clocks", "_cluster", "_guard", "_waited")
+    __slots__ = ("_clocks", "_cluster", "_waited")
 
-    def __init__(self, cluster: RedisCluster, guard: StorageGuard, waited: float) -> None:
+    def __init__(self, cluster: RedisCluster, waited: float) -> None:
         self._cluster = cluster
-        self._guard = guard  # the limiter's: a node that does not answer fails the check
         self._waited = waited  # how long the limiter waits for a check (the storage timeout)
         self._clocks: dict[str, RedisClock] = {}
 
-    async def deadline_us(self, key: str) -> int:
-        """The deadline of a check of `key` sent now, on the clock of the node that holds
-        `key`. Raises StorageError when that node cannot tell its time within the storage
-        timeout: the check would fare no better."""
+    async def deadline_us(self, key: str, sent: float) -> int:
+        """The deadline of a check of `key` sent at loop time `sent`, on the clock of the node
+        that holds `key` (0, none, for a slot no node covers: that check fails anyway). The
+        caller runs this and the check under one storage timeout: a node that cannot tell its
+        time within it would fare no better with the check."""
         cluster = self._cluster
         node = node_of(cluster, key)
         if node is None:
-            # No slot map yet (the limiter's first call): learn it, as the check would.
-            await self._guard("hit", cluster.initialize)
-            node = node_of(cluster, key)
-            if node is None:
-                return 0  # a slot no node covers: the check itself will say so
+            return 0
         clock = self._clocks.get(node)
         if clock is None:
-            clock = await self._learn_time(node)
-        return clock.deadline_us(asyncio.get_running_loop().time(), self._waited)
+            clock = await self._learn_time(cluster, node)
+        return clock.deadline_us(sent, self._waited)
 
     def learn(self, key: str, server_us: int) -> None:
         """The time (microseconds) a reply to a check of `key` carried."""
@@ -57,14 +52,12 @@ class ClusterClocks:
             clock = self._clocks.get(node) or self._remember(node)
             clock.learn(server_us, asyncio.get_running_loop().time())
 
-    async def _learn_time(self, node: str) -> RedisClock:
-        cluster = self._cluster
+    async def _learn_time(self, cluster: RedisCluster, node: str) -> RedisClock:
+        # Several first checks of a node at once each ask: a few round trips, once.
         target = cluster.get_node(node_name=node)
         if target is None:
-            return RedisClock()  # gone from the slot map meanwhile: no deadline this time
-        seconds, micros = await self._guard(
-            "hit", lambda: cluster.execute_command("TIME", target_nodes=target)
-        )
+            return RedisClock()  # not in the slot map node_of just read: cannot happen
+        seconds, micros = await cluster.execute_command("TIME", target_nodes=target)
         clock = self._remember(node)
         now = asyncio.get_running_loop().time()
         clock.learn(int(seconds) * 1_000_000 + int(micros), now, new_server=True)

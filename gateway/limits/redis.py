@@ -160,7 +160,7 @@ class RedisLimiter:
             self._encoding_errors: str = encoder.encoding_errors
         self._cluster_clocks: ClusterClocks | None = None
         if isinstance(client, RedisCluster):
-            self._cluster_clocks = ClusterClocks(client, self._guard, timeout)
+            self._cluster_clocks = ClusterClocks(client, timeout)
 
     @classmethod
     def from_config(
@@ -219,12 +219,15 @@ class RedisLimiter:
             cluster = cast(RedisCluster, self._client)
             clocks = self._cluster_clocks
             assert clocks is not None
-            deadline = await clocks.deadline_us(command.keys[0])
+            sent = asyncio.get_running_loop().time()
+
+            async def check() -> Any:
+                # The node's TIME, the first time, and the check share one storage timeout.
+                deadline = await clocks.deadline_us(command.keys[0], sent)
+                return await run_script(cluster, HIT, command.keys, (*command.args, cost, deadline))
+
             try:
-                reply = await self._guard(
-                    "hit",
-                    lambda: run_script(cluster, HIT, command.keys, (*command.args, cost, deadline)),
-                )
+                reply = await self._guard("hit", check)
             except StorageError:
                 self._unanswered(subject)
                 raise
