@@ -30,11 +30,14 @@ _NO_LIMIT = -1
 _ceil = math.ceil
 
 
-# Every limit header name: a proxied answer carries the gateway's lines of these, never the
-# upstream's, whatever the plan limits (a plan without a quota sends no X-Quota-* at all).
+# Every limit header name the gateway sends, and the other spellings upstreams use for the
+# same figures (earlier drafts of the IETF headers, GitHub's X-RateLimit-Used): a proxied
+# answer carries the gateway's lines of these, never the upstream's, whatever the plan limits
+# (a plan without a quota sends no X-Quota-* at all).
 LIMIT_HEADER_NAMES = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
     "X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset", "RateLimit-Policy", "RateLimit",
+    "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-RateLimit-Used",
 )  # fmt: skip
 
 

@@ -50,6 +50,10 @@ UPSTREAM_LIMIT_HEADERS = {
     "X-Quota-Reset": "60",
     "RateLimit-Policy": '"upstream";q=5000;w=3600',
     "RateLimit": '"upstream";r=4999;t=3600',
+    "RateLimit-Limit": "5000",
+    "RateLimit-Remaining": "4999",
+    "RateLimit-Reset": "3600",
+    "X-RateLimit-Used": "1",
 }
 
 
