@@ -20,24 +20,34 @@ def identify_presented(
 ) -> ApiKey:
     """The key `request` presents, or Unauthorized (none, unknown, expired, or two different
     keys). `key_header` is `auth.header` lower-cased, as bytes."""
-    from_header: list[bytes] = []
+    first: bytes | None = None  # the first key header line's value
+    from_header: list[bytes] | None = None  # all its values, once there are different ones
     for name, value in request.raw_headers:
-        if value and name.lower() == key_header and value not in from_header:
-            from_header.append(value)
-    from_query: list[str] = []
+        if value and name.lower() == key_header:
+            if first is None:
+                first = value
+            elif value != first:
+                from_header = from_header or [first]
+                if value not in from_header:
+                    from_header.append(value)
     param = auth.query_param
     query = request.query_string
     # Names are compared decoded (as the parameter is removed before forwarding): one that
     # is spelt plainly or escaped; parsing the query costs more than the rest of this step.
-    if param is not None and query and (param in query or "%" in query or "+" in query):
+    if param is None or not query or not (param in query or "%" in query or "+" in query):
+        if from_header is None:  # the usual request: one key header line, or none
+            return keys.identify(auth, None if first is None else decode(first))
+        from_query: list[str] = []
+    else:
         from_query = [value for value in request.query.getall(param, ()) if value]
-    presented = [decode(value) for value in from_header] + from_query
+    sent = from_header or ([first] if first is not None else [])
+    presented = [decode(value) for value in sent] + from_query
     key = keys.identify(auth, presented[0] if presented else None)
     for other in set(presented[1:]):
         if other != presented[0] and not _same_key(keys, auth, other, key):
             if not from_query:
                 where = f"the {auth.header} header"
-            elif not from_header:
+            elif not sent:
                 where = f"the {param} query parameter"
             else:
                 where = f"the {auth.header} header and the {param} query parameter"
