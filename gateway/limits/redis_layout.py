@@ -73,11 +73,11 @@ PACKED_COSTS: dict[int, bytes] = {cost: packed_cost(cost) for cost in range(1, 1
 async def run_script(
     client: AnyRedis, script: Script, keys: tuple[str, ...], args: tuple[int | str, ...]
 ) -> Any:
-    """EVALSHA, loading the script first when the node does not know it."""
+    """EVALSHA, or EVAL when the node does not know the script (which it then keeps)."""
     try:
         return await client.evalsha(script.sha, len(keys), *keys, *args)
     except NoScriptError:
         # The node lost its script cache (restart, failover): NOSCRIPT means the script did
-        # not run, so running it again after loading is safe.
-        await client.script_load(script.text)
-        return await client.evalsha(script.sha, len(keys), *keys, *args)
+        # not run, so running it again is safe. EVAL goes to the node of the keys alone,
+        # where a SCRIPT LOAD on a cluster goes to every master, and fails while any is down.
+        return await client.eval(script.text, len(keys), *keys, *args)

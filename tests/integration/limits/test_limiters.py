@@ -521,6 +521,33 @@ async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
         cluster.stop()
 
 
+async def test_a_cluster_node_that_forgot_the_script_runs_it_while_another_is_down(
+    tmp_path: Path, subject: str
+) -> None:
+    """NOSCRIPT is answered by running the script on that node alone: loading it on every
+    master failed (503) while any master was down, for subjects on the healthy ones."""
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    cluster.start()
+    limiter = Backend("cluster", cluster.url).limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    holder = cluster.nodes[node_holding(subject, len(cluster.nodes))]
+    other = next(node for node in cluster.nodes if node is not holder)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed
+        admin = holder.client()
+        admin.script_flush()
+        admin.close()
+        other.pause()
+        try:
+            assert (await limiter.hit(subject, None, quota)).allowed
+        finally:
+            other.resume()
+        assert (await limiter.usage(subject, quota)).used == 2
+    finally:
+        await limiter.close()
+        cluster.stop()
+
+
 def server_stats(client: redis.Redis) -> dict[str, int]:
     stats = client.info("stats")
     commands = client.info("commandstats")
