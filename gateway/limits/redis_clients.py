@@ -148,24 +148,42 @@ class StorageGuard:
         A `repeatable` call (one that does the same when run twice: a read, SADD, HDEL) is
         run once more within the same timeout when its connection turns out to be dead: a
         pooled connection to a Redis that restarted fails its first command, and the pool
-        only notices then."""
+        only notices then.
+
+        The call runs as a task of its own, left behind (cancelled, not waited for) when the
+        timeout passes: the cluster client cleans up after some errors by closing every
+        node's connections and pausing before it gives up, and a caller waiting for that was
+        kept more than five times the timeout (a failover audit measured 1.4 s against
+        250 ms while a master restarted)."""
+        task = asyncio.ensure_future(self._run(call, repeatable))
         try:
-            async with asyncio.timeout(self._timeout):
-                if self._is_cluster:
-                    # Commands sent before the client knows the slot map are routed to an
-                    # arbitrary node, and the reinitialisation their MOVED replies trigger
-                    # closes connections under concurrent calls (redis-py 8 raises
-                    # AttributeError there). Learning the map first avoids both; it is a
-                    # no-op once the map is known.
-                    await cast(RedisCluster, self._client).initialize()
-                try:
-                    return await call()
-                except RedisConnectionError:
-                    if not repeatable:
-                        raise
-                    return await call()
-        except Exception as exc:
-            raise self.error(operation, exc) from exc
+            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_left_behind)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_left_behind)
+            raise self.error(operation, TimeoutError())
+        failure = task.exception()
+        if isinstance(failure, Exception):
+            raise self.error(operation, failure) from failure
+        return task.result()
+
+    async def _run(self, call: Callable[[], Awaitable[T]], repeatable: bool) -> T:
+        if self._is_cluster:
+            # Commands sent before the client knows the slot map are routed to an arbitrary
+            # node, and the reinitialisation their MOVED replies trigger closes connections
+            # under concurrent calls (redis-py 8 raises AttributeError there). Learning the
+            # map first avoids both; it is a no-op once the map is known.
+            await cast(RedisCluster, self._client).initialize()
+        try:
+            return await call()
+        except RedisConnectionError:
+            if not repeatable:
+                raise
+            return await call()
 
     def error(self, operation: str, exc: Exception) -> StorageError:
         """Count the failure; whatever the client raised, from its own errors to the odd
@@ -178,6 +196,13 @@ class StorageGuard:
             else str(exc) or type(exc).__name__
         )
         return StorageError(f"{self._label} {operation}: {reason}")
+
+
+def _left_behind(task: asyncio.Task[Any]) -> None:
+    # Its caller has moved on (a timeout reported, or cancelled): taking its failure keeps
+    # asyncio from logging it as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 def _without_maint_notifications() -> dict[str, Any]:
