@@ -6,8 +6,11 @@ so the table in memory is the storage as of `known_version`. A change that arriv
 process's own write, or one overtaking another) waits in `_pending` for the ones before it.
 Two things repair what announcements can lose: any failure of the subscription starts over
 with a fresh full read, and every `CHECK_INTERVAL` the storage's version is compared with
-ours; when it is still ahead at the next check (an announcement was lost, not merely in
-flight) or behind (the storage was emptied), the keys are read afresh.
+ours. When it is behind (the storage was emptied) the keys are read afresh; when it is ahead,
+it is compared again `RECHECK_AHEAD` later (an announcement in flight arrives within
+milliseconds), and still ahead means one was lost: following starts over, on a new
+subscription (the old one may be dead without knowing it) with a fresh full read. A change is
+thus honoured within about half a second even when its announcement is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from gateway.limits.base import StorageError
 
 log = logging.getLogger("gateway.keys")
 
-CHECK_INTERVAL = 1.0
+CHECK_INTERVAL = 0.4
+RECHECK_AHEAD = 0.1
 # A restart of following after a failure waits this long at first, doubling up to the max.
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # More early changes than this waiting for a missing one: stop waiting, read afresh.
@@ -172,6 +176,8 @@ class KeyStore:
                 delay = min(delay * 2, _RETRY_MAX)
 
     async def _listen(self, subscription: Subscription) -> None:
+        """Apply the announced changes and check the version; returns when an announcement
+        was lost, for `_follow` to start over."""
         ahead_at_last_check: int | None = None
         next_check = time.monotonic() + CHECK_INTERVAL
         while True:
@@ -181,7 +187,6 @@ class KeyStore:
                 if change is not None:
                     self.receive(change)
                 continue
-            next_check = time.monotonic() + CHECK_INTERVAL
             stored = await self._backend.version()
             lost = ahead_at_last_check is not None and ahead_at_last_check > self.known_version
             if stored < self.known_version or lost:
@@ -190,10 +195,14 @@ class KeyStore:
                     stored,
                     self.known_version,
                 )
+                if lost:
+                    return  # on a new subscription, with a full read
                 await self.read_all()
                 ahead_at_last_check = None
             else:
                 ahead_at_last_check = stored if stored > self.known_version else None
+            again = CHECK_INTERVAL if ahead_at_last_check is None else RECHECK_AHEAD
+            next_check = time.monotonic() + again
 
     async def read_all(self) -> None:
         """Replace the table by a full read of the storage (subscribed already)."""
