@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway import accesslog
+from gateway import accesslog, listen_claim
 from gateway.config import ConfigError
 from gateway.config.isolated import read_config_isolated, save_answer
 from gateway.config.model import Address, Config
@@ -94,7 +94,11 @@ def serve(config_path: str, workers: int | None = None) -> int:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
-    taken = taken_address(config)
+    addresses = (
+        ("server.listen", config.server.listen),
+        ("server.admin_listen", config.server.admin_listen),
+    )
+    taken = listen_claim.claim(addresses) or taken_address(config)
     if taken is not None:
         print(f"{config_path}: {taken}", file=sys.stderr)
         return 1
@@ -189,6 +193,7 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
             supervisor = os.getpid()
             pid = os.fork()
             if pid == 0:
+                listen_claim.release()  # the supervisor's to hold
                 _end_with_the_supervisor(supervisor)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
@@ -206,6 +211,7 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            listen_claim.release()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -442,6 +448,7 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
         config.server.admin_listen,
     )
     await stop.wait()
+    listen_claim.release()  # a single-process gateway's own (a worker holds none)
     _ignore_further_stops(loop)
     log.info("worker %d draining", os.getpid())
     await worker.drain()

@@ -33,6 +33,7 @@ from tests.support.operations import (
     wait_for,
 )
 from tests.support.processes import GatewayProcess
+from tests.support.redis_servers import RedisServer
 from tests.support.sockets import free_ports
 from tests.support.upstream import Upstream
 
@@ -412,3 +413,48 @@ def test_a_second_gateway_on_the_same_ports_refuses_to_start(tmp_path: Path) -> 
     assert run.returncode == 1
     assert f"server.admin_listen: cannot listen on 127.0.0.1:{admin_port}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_of_two_gateways_started_together_on_the_same_ports_one_serves(
+    tmp_path: Path, redis_server: RedisServer, workers: int
+) -> None:
+    """Both would pass the port check before either bound (the workers bind once the keys are
+    read), then share the ports, each answering part of the traffic: one must refuse."""
+    config = tmp_path / "config"
+    storage = "memory://" if workers == 1 else redis_server.url
+    proxy_port, _ = write_config_on_free_ports(config, "http://127.0.0.1:9", storage)
+    command = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    command += ["--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
+    both = [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while all(each.poll() is None for each in both) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = [each for each in both if each.poll() is not None]
+        assert len(refused) == 1, "both gateways serve the same ports"
+        assert refused[0].returncode == 1
+        assert refused[0].stderr is not None
+        assert "Address already in use" in refused[0].stderr.read().decode()
+        serving = next(each for each in both if each is not refused[0])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                assert call(proxy_port, "/soccer/x", headers={}).status == 401
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the other gateway does not serve")
+        serving.send_signal(signal.SIGTERM)
+        assert serving.wait(timeout=30) == 0
+    finally:
+        for each in both:
+            if each.poll() is None:
+                each.kill()
+                each.wait()
+            if each.stderr is not None:
+                each.stderr.close()

@@ -1,0 +1,47 @@
+"""A gateway's claim on its listen addresses, from before it checks them until it drains.
+
+`server.taken_address` refuses to start a gateway on ports something listens on, but two
+gateways started together both pass that check before either binds (their workers bind with
+SO_REUSEPORT once the keys are read, seconds later with many keys), and then share the ports,
+each answering part of the traffic with its own config. The claim closes that window: a name
+in Linux's abstract namespace of Unix sockets per address, which only one socket can hold and
+which, like a port, belongs to the network namespace. It is given up when the drain begins, so
+that a new gateway may start while the old one finishes its requests (its ports closed by then).
+Where the abstract namespace does not exist (not Linux), the port check alone remains.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable
+
+from gateway.config.model import Address
+
+# The claims this process holds (the supervisor's, or a single-process gateway's).
+_held: list[socket.socket] = []
+
+
+def claim(addresses: Iterable[tuple[str, Address]]) -> str | None:
+    """Claim each (config path, address); why not, when another gateway holds one."""
+    for name, address in addresses:
+        if address.port == 0:
+            continue  # any free port: nothing to collide with
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0gateway-listen {address.host.lower()} {address.port}")
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                continue  # no abstract namespace here
+            release()
+            return f"{name}: cannot listen on {address}: Address already in use"
+        _held.append(sock)
+    return None
+
+
+def release() -> None:
+    """Give the claims up: a drain begins, or, in a forked worker, the copies it inherited go
+    (its supervisor holds the claims, and gives them up when it drains)."""
+    while _held:
+        _held.pop().close()
