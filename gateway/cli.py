@@ -68,13 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A PROMETHEUS_MULTIPROC_DIR from the environment (another program's, another gateway's)
+    # is not this gateway's to read or empty: taken out before the metrics module reads it,
+    # it becomes where this gateway makes a folder of its own (README, "Metrics").
+    metrics_in = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from gateway.config.loader import MAX_WORKERS
     from gateway.server import serve
 
     if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
         print(f"--workers: must be 0 to {MAX_WORKERS}", file=sys.stderr)
         return 2
-    return serve(args.config, args.workers)
+    return serve(args.config, args.workers, metrics_in=metrics_in)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -355,18 +355,22 @@ def multiprocess_dir() -> str | None:
     return _multiprocess_dir
 
 
-def prepare_multiprocess_dir(path: str | None = None) -> str:
+def prepare_multiprocess_dir(path: str | None = None, *, within: str | None = None) -> str:
     """Switch this process to multiprocess metrics; call in the master before forking workers.
 
-    `path` defaults to an existing PROMETHEUS_MULTIPROC_DIR, else a new temporary folder. Files
-    left by an earlier run are removed: their counts belong to processes that no longer exist.
-    Returns the folder in use.
+    `path`: the folder to use; files an earlier run left there are removed, their counts
+    belonging to processes that no longer exist. Without it, a new folder of this process's
+    own, made in `within` (default: the system's temporary folder), which no other process
+    reads or empties. Returns the folder in use.
     """
     global _current, _multiprocess_dir
-    directory = path or _multiprocess_dir_from_env() or tempfile.mkdtemp(prefix="gateway-metrics-")
-    os.makedirs(directory, exist_ok=True)
-    for stale in glob.glob(os.path.join(directory, "*.db")):
-        os.remove(stale)
+    if path is None:
+        directory = tempfile.mkdtemp(prefix="gateway-metrics-", dir=within)
+    else:
+        directory = path
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(stale)
     os.environ[MULTIPROC_ENV] = directory
     # A fresh value class also drops file handles opened in another folder by an earlier call.
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]

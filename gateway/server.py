@@ -85,7 +85,9 @@ def taken_address(config: Config) -> str | None:
     return None
 
 
-def serve(config_path: str, workers: int | None = None) -> int:
+def serve(config_path: str, workers: int | None = None, metrics_in: str | None = None) -> int:
+    """Run the gateway until it has drained; its exit code. `metrics_in`: the folder in which
+    to make the workers' metrics folder (default: the system's temporary folder)."""
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
         # this process share only the result.
@@ -117,13 +119,11 @@ def serve(config_path: str, workers: int | None = None) -> int:
         return _run_worker_process(config_path, config, handover=None)
     from gateway import metrics
 
-    created = not os.environ.get(metrics.MULTIPROC_ENV)
-    directory = metrics.prepare_multiprocess_dir(None)
+    directory = metrics.prepare_multiprocess_dir(None, within=metrics_in)
     try:
         return _supervise(config_path, config, count, answer)
     finally:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _install_uvloop() -> None:

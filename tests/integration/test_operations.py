@@ -458,3 +458,42 @@ def test_of_two_gateways_started_together_on_the_same_ports_one_serves(
                 each.wait()
             if each.stderr is not None:
                 each.stderr.close()
+
+
+def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR from the environment may be another gateway's: a gateway with
+    workers makes a folder of its own inside it, and leaves the other files alone."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    foreign = shared / "counter_4242.db"
+    foreign.write_bytes(b"another program's counts")
+    config = tmp_path / "config"
+    proxy_port, admin_port = write_config_on_free_ports(
+        config, "http://127.0.0.1:9", redis_server.url
+    )
+    command = [sys.executable, "-m", "gateway", "run", "--config", str(config), "--workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+    gateway = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if call(proxy_port, "/nowhere", headers={}).status == 404:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the gateway does not serve")
+        own = [folder for folder in shared.iterdir() if folder.is_dir()]
+        assert len(own) == 1 and any(own[0].glob("*.db"))
+        assert foreign.read_bytes() == b"another program's counts"
+        scrape = call(admin_port, "/metrics", headers={})
+        assert scrape.status == 200 and b'code="invalid_route"' in scrape.body
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=30) == 0
+        assert gateway.stderr is not None
+        gateway.stderr.close()
+    assert [path.name for path in shared.iterdir()] == ["counter_4242.db"]  # its own is gone
