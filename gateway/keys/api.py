@@ -352,4 +352,8 @@ async def _updating(
     except WriteRefused as refused:
         if refused.reason == "not_found":
             raise NotFound(f"No key is named '{name}'.") from None
+        if refused.reason == "changed":
+            raise Conflict(
+                f"The key '{name}' kept being changed by other calls meanwhile; try again."
+            ) from None
         raise Conflict("key_sha256: another key has this secret") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,7 +25,6 @@ from typing import TypeVar
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
 from gateway.keys.records import KeyRecord
 from gateway.keys.table import ApiKeyTable
-from gateway.limits.base import StorageError
 
 log = logging.getLogger("gateway.keys")
 
@@ -34,8 +34,10 @@ RECHECK_AHEAD = 0.1
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # More early changes than this waiting for a missing one: stop waiting, read afresh.
 _MAX_PENDING = 10_000
-# An admin write that keeps meeting concurrent changes of the same key gives up after this.
-_WRITE_ATTEMPTS = 5
+# An admin write that keeps meeting concurrent changes of the same key gives up after this
+# many attempts (409), each after a random pause of up to this many seconds per attempt made.
+_WRITE_ATTEMPTS = 10
+_WRITE_BACKOFF = 0.002
 _CLOSE_WAIT = 2.0
 
 T = TypeVar("T")
@@ -104,7 +106,7 @@ class KeyStore:
 
         Should another process change the key in between, the change is made again on the
         newer record rather than overwriting it."""
-        for _attempt in range(_WRITE_ATTEMPTS):
+        for attempt in range(_WRITE_ATTEMPTS):
             current_text = await self._backend.read(name)
             if current_text is None:
                 raise WriteRefused("not_found")
@@ -123,12 +125,15 @@ class KeyStore:
             try:
                 version = await self._backend.write(write)
             except WriteRefused as refused:
-                if refused.reason == "changed":
-                    continue
-                raise
+                if refused.reason != "changed":
+                    raise
+                # Writers that met each other would meet again at once: spread them out.
+                await asyncio.sleep(random.uniform(0, _WRITE_BACKOFF * (attempt + 1)))
+                continue
             self.receive(Change(version, name, new_text))
             return current, new
-        raise StorageError(f"key {name!r} kept changing during {_WRITE_ATTEMPTS} attempts")
+        # Not a storage failure (a 503 would blame it): the key is that busy.
+        raise WriteRefused("changed")
 
     # --- following ------------------------------------------------------------------------
 

@@ -152,6 +152,36 @@ async def test_concurrent_changes_of_one_key_are_both_kept(storage_url: str) -> 
         )
 
 
+async def test_a_busy_key_is_never_a_storage_failure_and_loses_no_change(
+    storage_url: str,
+) -> None:
+    """Many writers of one key, in three processes: each change is kept or refused as
+    "changed" (409), never a storage failure (503, which would send the operator looking at
+    Redis), and none is lost."""
+    async with (
+        started_store(storage_url) as one,
+        started_store(storage_url) as two,
+        started_store(storage_url) as three,
+    ):
+        name = unique("busy")
+        await one.create(record(name, plans={}))
+
+        def adding(plan: str) -> Callable[[KeyRecord], KeyRecord]:
+            return lambda current: replace(current, plans={**current.plans, plan: "trial"})
+
+        stores = (one, two, three) * 5
+        outcomes = await asyncio.gather(
+            *(store.update(name, adding(f"p{i}")) for i, store in enumerate(stores)),
+            return_exceptions=True,
+        )
+        refused = [o for o in outcomes if isinstance(o, BaseException)]
+        assert all(isinstance(o, WriteRefused) and o.reason == "changed" for o in refused)
+        final = await one.read(name)
+        assert final is not None
+        kept = {f"p{i}" for i, o in enumerate(outcomes) if not isinstance(o, BaseException)}
+        assert set(final.plans) == kept
+
+
 async def test_a_lost_announcement_is_repaired_by_the_version_check(
     fresh_redis_server: RedisServer,
 ) -> None:
