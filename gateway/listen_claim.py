@@ -5,9 +5,10 @@ gateways started together both pass that check before either binds (their worker
 SO_REUSEPORT once the keys are read, seconds later with many keys), and then share the ports,
 each answering part of the traffic with its own config. The claim closes that window: a name
 in Linux's abstract namespace of Unix sockets per address, which only one socket can hold and
-which, like a port, belongs to the network namespace. It is given up when the drain begins, so
-that a new gateway may start while the old one finishes its requests (its ports closed by then).
-Where the abstract namespace does not exist (not Linux), the port check alone remains.
+which, like a port, belongs to the network namespace. It is given up when the drain begins:
+from then on the port check speaks for the addresses (the admin port stays open until the
+process exits). Where the abstract namespace does not exist (not Linux), the port check alone
+remains.
 """
 
 from __future__ import annotations
