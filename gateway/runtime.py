@@ -22,9 +22,11 @@ from gateway.http.server import HttpServer
 from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
+from gateway.limits.headers import LIMIT_HEADER_NAMES
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
 from gateway.pipeline import answer_request_error, handle_request
+from gateway.problems import REQUEST_ID_HEADER
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
 
@@ -103,6 +105,13 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     )
 
 
+# The headers that are the gateway's to say, which no upstream line may pass off as its own:
+# dropped from the upstream's interim answers too (its final one gets the gateway's lines).
+_GATEWAY_OWNED_NAMES = frozenset(
+    name.lower().encode() for name in (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
+)
+
+
 def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
     """The protocol factory of the proxy port; every request goes through the pipeline."""
     return HttpServer(
@@ -111,6 +120,7 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
         head_timeout=server.timeouts.client_header,
         keepalive_timeout=server.timeouts.keepalive,
         tls=None if server.tls is None else server.tls.context,
+        interim_drop=_GATEWAY_OWNED_NAMES,
     )
 
 

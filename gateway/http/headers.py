@@ -253,10 +253,16 @@ def strip_query_param(query_string: str, name: str | None) -> str:
     return "&".join(kept)
 
 
-def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> bytes:
+def interim_head(
+    status: int,
+    reason: bytes,
+    upstream_lines: RawHeaderLines,
+    drop: frozenset[bytes] = frozenset(),
+) -> bytes:
     """An upstream's interim (1xx) answer as the client gets it: its status line and its
-    header lines but the hop-by-hop ones (and those its Connection header names) and any
-    Content-Length, which a 1xx may not have (RFC 9110 8.6)."""
+    header lines but the hop-by-hop ones (and those its Connection header names), any
+    Content-Length, which a 1xx may not have (RFC 9110 8.6), and those named in `drop`
+    (lower-case)."""
     listed: set[bytes] | None = None
     kept: list[tuple[bytes, bytes]] = []
     for name, value in upstream_lines:
@@ -264,7 +270,8 @@ def interim_head(status: int, reason: bytes, upstream_lines: RawHeaderLines) -> 
         if lowered == b"connection":
             listed = _connection_listed_raw(value, listed)
         elif lowered not in _HOP_BY_HOP_RAW and lowered != b"content-length":
-            kept.append((lowered, name + b": " + value + b"\r\n"))
+            if lowered not in drop:
+                kept.append((lowered, name + b": " + value + b"\r\n"))
     lines = [line for lowered, line in kept if listed is None or lowered not in listed]
     if not reason:
         # HTTP/1.1 lets a reason be empty; the client's status line should still say one.

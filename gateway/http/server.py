@@ -53,6 +53,7 @@ class HttpServer:
         head_timeout: float,
         keepalive_timeout: float,
         tls: ssl.SSLContext | None = None,
+        interim_drop: frozenset[bytes] = frozenset(),
     ):
         self.loop = asyncio.get_running_loop()
         # With TLS the listener is created with `listener_ssl`; `renew_certificate` changes
@@ -63,6 +64,8 @@ class HttpServer:
         self.on_request_error = on_request_error
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
+        # Header names (lower-case) an upstream's interim answer loses on its way to the client.
+        self.interim_drop = interim_drop
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self._emptied: asyncio.Event | None = None

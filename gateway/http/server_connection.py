@@ -405,7 +405,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         request is being answered, before the final answer; HTTP/1.0 knows no 1xx."""
         waiting = self._waiting
         if waiting and waiting[0].version != "1.0":
-            self.send_interim(interim_head(status, reason, lines))
+            self.send_interim(interim_head(status, reason, lines, self._server.interim_drop))
 
     # --- flow control and closing -------------------------------------------------------
 

@@ -31,6 +31,9 @@ INTERIM = (
     b"Link: </app.js>; rel=preload; as=script\r\n"
     b"Connection: X-Hop\r\n"
     b"X-Hop: dropped\r\n"
+    # The gateway's to say, in the final answer: never the upstream's, not even in a hint.
+    b"X-RateLimit-Remaining: 4999\r\n"
+    b"x-request-id: the-upstream's\r\n"
     b"\r\n"
 )
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nLink: </style.css>; rel=preload\r\n\r\nhello"
