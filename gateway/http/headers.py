@@ -269,9 +269,10 @@ def interim_head(
         lowered = name.lower()
         if lowered == b"connection":
             listed = _connection_listed_raw(value, listed)
-        elif lowered not in _HOP_BY_HOP_RAW and lowered != b"content-length":
-            if lowered not in drop:
-                kept.append((lowered, name + b": " + value + b"\r\n"))
+        elif (
+            lowered not in _HOP_BY_HOP_RAW and lowered != b"content-length" and lowered not in drop
+        ):
+            kept.append((lowered, name + b": " + value + b"\r\n"))
     lines = [line for lowered, line in kept if listed is None or lowered not in listed]
     if not reason:
         # HTTP/1.1 lets a reason be empty; the client's status line should still say one.
