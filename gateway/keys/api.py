@@ -38,7 +38,7 @@ from gateway.keys.index import KeyIndex
 from gateway.keys.records import KEY_NAME, KEY_NAME_HINT, KeyRecord, PreviousSecret
 from gateway.keys.store import KeyStore
 from gateway.limits.base import StorageError
-from gateway.problems import BadRequest, Conflict, NotFound, StorageUnavailable
+from gateway.problems import BadRequest, Conflict, GatewayProblem, NotFound, StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.runtime import Snapshot
@@ -171,8 +171,8 @@ class _KeysApi:
         name = self._api_key_name(snapshot, request)
         try:
             await _storing(self._store.delete(name))
-        except WriteRefused:
-            raise NotFound(f"No key is named '{name}'.") from None
+        except WriteRefused as refused:
+            raise _refusal(name, refused) from None
         return web.Response(status=204)
 
     async def rotate(self, request: web.Request) -> web.Response:
@@ -350,10 +350,13 @@ async def _updating(
     try:
         return await _storing(store.update(name, change))
     except WriteRefused as refused:
-        if refused.reason == "not_found":
-            raise NotFound(f"No key is named '{name}'.") from None
-        if refused.reason == "changed":
-            raise Conflict(
-                f"The key '{name}' kept being changed by other calls meanwhile; try again."
-            ) from None
-        raise Conflict("key_sha256: another key has this secret") from None
+        raise _refusal(name, refused) from None
+
+
+def _refusal(name: str, refused: WriteRefused) -> GatewayProblem:
+    """The answer to a refused change of the key `name` (PATCH, rotate, DELETE)."""
+    if refused.reason == "not_found":
+        return NotFound(f"No key is named '{name}'.")
+    if refused.reason == "changed":
+        return Conflict(f"The key '{name}' kept being changed by other calls meanwhile; try again.")
+    return Conflict("key_sha256: another key has this secret")

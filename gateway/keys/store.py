@@ -127,8 +127,9 @@ class KeyStore:
             except WriteRefused as refused:
                 if refused.reason != "changed":
                     raise
-                # Writers that met each other would meet again at once: spread them out.
-                await asyncio.sleep(random.uniform(0, _WRITE_BACKOFF * (attempt + 1)))
+                if attempt + 1 < _WRITE_ATTEMPTS:
+                    # Writers that met each other would meet again at once: spread them out.
+                    await asyncio.sleep(random.uniform(0, _WRITE_BACKOFF * (attempt + 1)))
                 continue
             self.receive(Change(version, name, new_text))
             return current, new
