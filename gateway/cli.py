@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A PROMETHEUS_MULTIPROC_DIR from the environment (another program's, another gateway's)
     # is not this gateway's to read or empty: taken out before the metrics module reads it,
     # it becomes where this gateway makes a folder of its own (README, "Metrics").
-    metrics_in = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    metrics_in = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) or None
     from gateway.config.loader import MAX_WORKERS
     from gateway.server import serve
 

@@ -14,7 +14,9 @@ remains.
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import struct
 from collections.abc import Iterable
 
 from gateway.config.model import Address
@@ -28,17 +30,43 @@ def claim(addresses: Iterable[tuple[str, Address]]) -> str | None:
     for name, address in addresses:
         if address.port == 0:
             continue  # any free port: nothing to collide with
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        label = f"\0gateway-listen {address.host.lower()} {address.port}"
         try:
-            sock.bind(f"\0gateway-listen {address.host.lower()} {address.port}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no Unix sockets here: the port check alone
+        try:
+            sock.bind(label)
+            sock.listen(1)  # so that a gateway that finds it taken can ask who holds it
         except OSError as exc:
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 continue  # no abstract namespace here
-            release()
-            return f"{name}: cannot listen on {address}: Address already in use"
+            holder = _holder(label)
+            if holder is None:
+                continue  # not a gateway's claim (a name any user can bind): the port decides
+            return (
+                f"{name}: cannot listen on {address}: Address already in use "
+                f"(gateway pid {holder} is starting or serving there)"
+            )
         _held.append(sock)
     return None
+
+
+def _holder(label: str) -> int | None:
+    """The pid of the process holding the claim `label`, when it is this user's or root's:
+    abstract names have no permissions, and another user's must not keep a gateway out of a
+    port that user could not take."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(label)
+            credentials = probe.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+        except OSError:
+            return None
+    pid, uid, _gid = struct.unpack("3i", credentials)
+    return pid if uid in (0, os.getuid()) else None
 
 
 def release() -> None:

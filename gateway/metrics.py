@@ -365,6 +365,8 @@ def prepare_multiprocess_dir(path: str | None = None, *, within: str | None = No
     """
     global _current, _multiprocess_dir
     if path is None:
+        if within is not None:
+            os.makedirs(within, exist_ok=True)
         directory = tempfile.mkdtemp(prefix="gateway-metrics-", dir=within)
     else:
         directory = path

@@ -100,10 +100,19 @@ def serve(config_path: str, workers: int | None = None, metrics_in: str | None =
         ("server.listen", config.server.listen),
         ("server.admin_listen", config.server.admin_listen),
     )
-    taken = listen_claim.claim(addresses) or taken_address(config)
-    if taken is not None:
-        print(f"{config_path}: {taken}", file=sys.stderr)
-        return 1
+    try:
+        taken = listen_claim.claim(addresses) or taken_address(config)
+        if taken is not None:
+            print(f"{config_path}: {taken}", file=sys.stderr)
+            return 1
+        return _serve_claimed(config_path, config, answer, workers, metrics_in)
+    finally:
+        listen_claim.release()  # given up at the drain already; here on every other way out
+
+
+def _serve_claimed(
+    config_path: str, config: Config, answer: bytes, workers: int | None, metrics_in: str | None
+) -> int:
     count = workers if workers is not None else config.server.workers
     if count == 0:
         count = os.cpu_count() or 1
@@ -119,7 +128,16 @@ def serve(config_path: str, workers: int | None = None, metrics_in: str | None =
         return _run_worker_process(config_path, config, handover=None)
     from gateway import metrics
 
-    directory = metrics.prepare_multiprocess_dir(None, within=metrics_in)
+    try:
+        directory = metrics.prepare_multiprocess_dir(None, within=metrics_in)
+    except OSError as exc:
+        where = metrics_in or tempfile.gettempdir()
+        print(
+            f"PROMETHEUS_MULTIPROC_DIR: cannot make the workers' metrics folder in {where}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         return _supervise(config_path, config, count, answer)
     finally:

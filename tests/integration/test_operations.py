@@ -460,15 +460,20 @@ def test_of_two_gateways_started_together_on_the_same_ports_one_serves(
                 each.stderr.close()
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["shared-folder", "missing-folder"])
 def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, exists: bool
 ) -> None:
     """PROMETHEUS_MULTIPROC_DIR from the environment may be another gateway's: a gateway with
-    workers makes a folder of its own inside it, and leaves the other files alone."""
-    shared = tmp_path / "metrics"
-    shared.mkdir()
+    workers makes a folder of its own inside it (and the folder, if missing), and leaves the
+    other files alone."""
+    shared = tmp_path / "metrics" / "workers"
+    shared.mkdir(parents=True)
     foreign = shared / "counter_4242.db"
     foreign.write_bytes(b"another program's counts")
+    if not exists:
+        foreign.unlink()
+        shared.rmdir()
     config = tmp_path / "config"
     proxy_port, admin_port = write_config_on_free_ports(
         config, "http://127.0.0.1:9", redis_server.url
@@ -488,7 +493,8 @@ def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
             raise AssertionError("the gateway does not serve")
         own = [folder for folder in shared.iterdir() if folder.is_dir()]
         assert len(own) == 1 and any(own[0].glob("*.db"))
-        assert foreign.read_bytes() == b"another program's counts"
+        if exists:
+            assert foreign.read_bytes() == b"another program's counts"
         scrape = call(admin_port, "/metrics", headers={})
         assert scrape.status == 200 and b'code="invalid_route"' in scrape.body
     finally:
@@ -496,4 +502,5 @@ def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
         assert gateway.wait(timeout=30) == 0
         assert gateway.stderr is not None
         gateway.stderr.close()
-    assert [path.name for path in shared.iterdir()] == ["counter_4242.db"]  # its own is gone
+    # Its own folder is gone, the rest is as it was.
+    assert [path.name for path in shared.iterdir()] == (["counter_4242.db"] if exists else [])
