@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -155,14 +156,22 @@ class StorageGuard:
         node's connections and pausing before it gives up, and a caller waiting for that was
         kept more than five times the timeout (a failover audit measured 1.4 s against
         250 ms while a master restarted)."""
-        task = asyncio.ensure_future(self._run(call, repeatable))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(call, repeatable))
+        # One future woken by whichever comes first, the call's end or the timeout: half the
+        # cost of asyncio.wait, which every call on a Redis Cluster (each hit) pays.
+        woken = loop.create_future()
+        task.add_done_callback(functools.partial(_wake, woken))
+        timer = loop.call_later(self._timeout, _wake, woken, None)
         try:
-            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+            await woken
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_left_behind)
             raise
-        if not done:
+        finally:
+            timer.cancel()
+        if not task.done():
             task.cancel()
             task.add_done_callback(_left_behind)
             raise self.error(operation, TimeoutError())
@@ -196,6 +205,11 @@ class StorageGuard:
             else str(exc) or type(exc).__name__
         )
         return StorageError(f"{self._label} {operation}: {reason}")
+
+
+def _wake(woken: asyncio.Future[None], _task: object) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 def _left_behind(task: asyncio.Task[Any]) -> None:
