@@ -508,7 +508,7 @@ async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
             started = time.monotonic()
             with pytest.raises(StorageError, match="timed out"):
                 await limiter.hit(subject, None, quota)
-            # The node's TIME and the check share one storage timeout.
+            # Answered within the storage timeout, its TIME included.
             assert time.monotonic() - started < STORAGE_TIMEOUT + MARGIN
         finally:
             frozen.resume()
