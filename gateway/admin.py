@@ -277,8 +277,6 @@ async def _reset_usage(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-# Credit is a count of units, bounded like every limit and cost of the config.
-_MAX_CREDIT = MAX_COUNT
 # An idempotency key: what payment APIs accept (Stripe's up to 255 characters), printable
 # ASCII so that it is safe inside a Redis key name and a log line.
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -294,8 +292,8 @@ async def _add_credit(request: web.Request) -> web.Response:
         raise BadRequest("Idempotency-Key: must be 1 to 255 visible ASCII characters.")
     body = only_fields(await json_object(request, required=True), ("amount",))
     amount = body.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= _MAX_CREDIT:
-        raise BadRequest(f"amount: must be a whole number from 1 to {_MAX_CREDIT}.")
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 1 <= amount <= MAX_COUNT:
+        raise BadRequest(f"amount: must be a whole number from 1 to {MAX_COUNT}.")
     subject = f"{key.name}:{product}"
     credited = await _within_storage_timeout(
         state, state.limiter.credit(subject, quota, amount, once)

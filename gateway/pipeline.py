@@ -67,8 +67,9 @@ log = logging.getLogger("gateway")
 
 # A client's own request id is kept only when it cannot upset a log line or a header.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-# The upstream's lines of these names never reach the client: the gateway's replace them.
-_REPLACED_IN_UPSTREAM_ANSWERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
+# The headers that are the gateway's to say: an upstream's lines of these names never reach the
+# client (the gateway's replace them in the final answer; an interim answer loses them).
+GATEWAY_OWNED_HEADERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
 
 
 class Exchange(RequestRecord):
@@ -127,7 +128,7 @@ class Exchange(RequestRecord):
         the upstream's lines of every limit header name, whatever this plan limits: the
         upstream's own limits are not the client's (README, "Headers")."""
         return ExtraHeaders(
-            _REPLACED_IN_UPSTREAM_ANSWERS,
+            GATEWAY_OWNED_HEADERS,
             # ASCII: a request id is the client's only if it is sane (_request_id).
             f"{REQUEST_ID_HEADER}: {self.request_id}\r\n{self.limit_lines}".encode(),
         )

@@ -22,11 +22,9 @@ from gateway.http.server import HttpServer
 from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
-from gateway.limits.headers import LIMIT_HEADER_NAMES
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
-from gateway.pipeline import answer_request_error, handle_request
-from gateway.problems import REQUEST_ID_HEADER
+from gateway.pipeline import GATEWAY_OWNED_HEADERS, answer_request_error, handle_request
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
 
@@ -105,11 +103,8 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     )
 
 
-# The headers that are the gateway's to say, which no upstream line may pass off as its own:
-# dropped from the upstream's interim answers too (its final one gets the gateway's lines).
-_GATEWAY_OWNED_NAMES = frozenset(
-    name.lower().encode() for name in (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
-)
+# As the HTTP layer compares header names: lower-case bytes.
+_INTERIM_DROP = frozenset(name.lower().encode() for name in GATEWAY_OWNED_HEADERS)
 
 
 def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
@@ -120,7 +115,7 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
         head_timeout=server.timeouts.client_header,
         keepalive_timeout=server.timeouts.keepalive,
         tls=None if server.tls is None else server.tls.context,
-        interim_drop=_GATEWAY_OWNED_NAMES,
+        interim_drop=_INTERIM_DROP,
     )
 
 

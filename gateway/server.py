@@ -59,6 +59,14 @@ def open_listener(address: Address) -> socket.socket:
     return sock
 
 
+def listen_addresses(config: Config) -> tuple[tuple[str, Address], ...]:
+    """The addresses the gateway listens on, each with the setting that names it."""
+    return (
+        ("server.listen", config.server.listen),
+        ("server.admin_listen", config.server.admin_listen),
+    )
+
+
 def taken_address(config: Config) -> str | None:
     """Why this gateway cannot listen where its config says (None: it can).
 
@@ -68,10 +76,7 @@ def taken_address(config: Config) -> str | None:
     A socket bound without SO_REUSEPORT cannot share a port with any listener: one such bind,
     closed at once, tells whether anything, a gateway or another program, listens there now.
     """
-    for name, address in (
-        ("server.listen", config.server.listen),
-        ("server.admin_listen", config.server.admin_listen),
-    ):
+    for name, address in listen_addresses(config):
         if address.port == 0:
             continue  # any free port: nothing to collide with
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -96,12 +101,8 @@ def serve(config_path: str, workers: int | None = None, metrics_in: str | None =
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
-    addresses = (
-        ("server.listen", config.server.listen),
-        ("server.admin_listen", config.server.admin_listen),
-    )
     try:
-        taken = listen_claim.claim(addresses) or taken_address(config)
+        taken = listen_claim.claim(listen_addresses(config)) or taken_address(config)
         if taken is not None:
             print(f"{config_path}: {taken}", file=sys.stderr)
             return 1

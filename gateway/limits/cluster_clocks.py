@@ -15,7 +15,7 @@ import asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.limits.redis_clock import RedisClock
+from gateway.limits.redis_clock import RedisClock, time_reply_us
 
 # Node names remembered at most: nodes come and go over a long life (failovers, resharding).
 _MAX_NODES = 1024
@@ -57,10 +57,9 @@ class ClusterClocks:
         target = cluster.get_node(node_name=node)
         if target is None:
             return RedisClock()  # not in the slot map node_of just read: cannot happen
-        seconds, micros = await cluster.execute_command("TIME", target_nodes=target)
+        reply = await cluster.execute_command("TIME", target_nodes=target)
         clock = self._remember(node)
-        now = asyncio.get_running_loop().time()
-        clock.learn(int(seconds) * 1_000_000 + int(micros), now, new_server=True)
+        clock.learn(time_reply_us(reply), asyncio.get_running_loop().time(), new_server=True)
         return clock
 
     def _remember(self, node: str) -> RedisClock:

@@ -10,6 +10,8 @@ time each reply carries.
 
 from __future__ import annotations
 
+from typing import Any
+
 # How long the best sample of a server's clock is trusted before a newer one may replace it
 # (clocks are adjusted).
 _SAMPLE_KEPT = 10.0
@@ -19,6 +21,13 @@ _SAMPLE_KEPT = 10.0
 # late, and a request answered 503 was charged (measured: 6-157 of them per stall at 150
 # connections).
 DEADLINE_SHARE = 0.8
+
+
+def time_reply_us(reply: Any) -> int:
+    """Redis's answer to `TIME` (seconds and microseconds, as bytes or numbers), in
+    microseconds."""
+    seconds, microseconds = reply
+    return int(seconds) * 1_000_000 + int(microseconds)
 
 
 class RedisClock:

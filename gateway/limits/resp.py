@@ -29,7 +29,7 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.limits.redis_clock import RedisClock
+from gateway.limits.redis_clock import RedisClock, time_reply_us
 
 # A call: where its reply goes (None: a reply nobody waits for) and its packed command,
 # empty once the call may not be retried.
@@ -184,10 +184,7 @@ class ScriptPipeline:
                     if isinstance(reply, BaseException) and not refused:
                         raise reply
                     if packed is _TIME and not isinstance(reply, BaseException):
-                        seconds, microseconds = reply
-                        self.learn_redis_time(
-                            int(seconds) * 1_000_000 + int(microseconds), new_server=True
-                        )
+                        self.learn_redis_time(time_reply_us(reply), new_server=True)
         except BaseException as exc:
             if connection is not None:
                 connection.abort(RedisConnectionError("the handshake failed"))
