@@ -63,6 +63,34 @@ class TargetResult:
         return statistics.median(found) if found else None
 
 
+@dataclass(frozen=True)
+class CoreLoad:
+    """What core 1 (wrk, the upstream, Redis, the log's reader) spent during one measured run
+    of a target on core 0: its processes' CPU time and the core's busy time from /proc/stat
+    (the kernel's share for loopback traffic included), in seconds, for `requests`."""
+
+    requests: int
+    busy: float
+    wrk: float
+    upstream: float
+    redis: float
+    reader: float
+
+    def per_request(self, seconds: float) -> float:
+        return seconds * 1e6 / max(self.requests, 1)
+
+    @property
+    def ceiling(self) -> float:
+        """Requests a second core 1 could carry at this cost per request, were it all theirs."""
+        return self.requests / self.busy if self.busy > 0 else float("inf")
+
+
+def median_core_load(runs: list[CoreLoad]) -> CoreLoad:
+    """The run of median busy time per request: one real run, its parts adding up."""
+    ordered = sorted(runs, key=lambda run: run.busy / max(run.requests, 1))
+    return ordered[len(ordered) // 2]
+
+
 @dataclass
 class AccessLogCheck:
     """Lines the shipped gateways of the throughput rounds wrote to their stdout pipe, against
@@ -141,6 +169,7 @@ class Report:
     neighbour_cpu: float = 0.0  # CPU s of the idle core-0 proxies during measurements
     neighbour_wall: float = 0.0  # s of those measurements
     envoy_log_lines: int | None = None  # what the Envoy row with an access log wrote
+    core_loads: dict[str, list[CoreLoad]] = field(default_factory=dict)  # target -> its runs
 
     @property
     def latency(self) -> list[Latency]:
@@ -207,6 +236,7 @@ def verdicts(report: Report) -> list[str]:
         logged = report.throughput[ENVOY_LOGGED].median
         lines.append(f"- INFO: like for like, shipped defaults against Envoy with a JSON access "
                      f"log to a pipe: {shipped / logged:.2f} of it")  # fmt: skip
+    lines += core_verdicts(report)
     lines += [
         line(log_off >= 0.45 * nginx, f"access log off (Redis) >= 0.45 of nginx proxy_pass: "
              f"{log_off / nginx:.2f}"),
@@ -233,6 +263,65 @@ def verdicts(report: Report) -> list[str]:
         text = f"RSS growth while proxying {report.rss.size_mb} MiB < 32 MiB: {growth:.1f} MiB"
         lines.append(line(growth < 32, text))
     return lines
+
+
+def core_verdicts(report: Report) -> list[str]:
+    """What core 1's load allows any gateway in this layout, beside the ratio targets: at
+    the cost per request measured in the gateway's runs, and at the least it could be, with
+    wrk, the upstream and their kernel work as cheap per request as in nginx's run (where
+    the rate is highest and each wake-up serves the most requests) plus Redis and the log's
+    reader as measured."""
+    nginx = report.throughput[NGINX].median
+    nginx_runs = report.core_loads.get(NGINX)
+    out = []
+    for name, target in ((GW_SHIPPED, 0.35), (GW_REDIS, 0.45)):
+        runs = report.core_loads.get(name)
+        if not runs or not nginx_runs:
+            continue
+        load = median_core_load(runs)
+        cheapest = median_core_load(nginx_runs)
+        least_us = cheapest.per_request(cheapest.busy) + load.per_request(load.redis + load.reader)
+        least_cap = 1e6 / least_us
+        verdict = "above" if least_cap >= target * nginx else "BELOW"
+        out.append(
+            f"- INFO: core 1 (wrk, the upstream, Redis, the log's reader, their kernel work) caps "
+            f"{name} at about {load.ceiling:,.0f} req/s ({load.ceiling / nginx:.2f} of nginx) at "
+            f"this run's cost per request, and at {least_cap:,.0f} ({least_cap / nginx:.2f}) at "
+            f"the least it could cost ({least_us:.1f} µs): {verdict} the {target:.2f} target, "
+            "whatever the gateway spends on core 0"
+        )
+    return out
+
+
+def core_section(report: Report) -> list[str]:
+    """Core 1's side of the gateway's runs: what its processes spent per request."""
+    if not report.core_loads:
+        return []
+    nginx = report.throughput[NGINX].median
+    out = [
+        "## What core 1 carries",
+        "",
+        "Each measured run of these targets also read the CPU time of core 1's processes and "
+        "the core's busy time (`/proc/stat`, the kernel's work for loopback traffic included), "
+        "per request wrk counted; the round with the median busy time is shown. A target on "
+        "core 0 can go no faster than core 1 serves it: the last columns are the rate at which "
+        "core 1 would be busy all the time at this cost per request (an estimate: wrk's and "
+        "the upstream's cost per request falls a little as batches grow; Redis's script time "
+        "does not).",
+        "",
+        "| target | wrk µs | upstream µs | Redis µs | log reader µs | core 1 busy µs "
+        "| core 1 caps at req/s | to nginx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in report.core_loads.items():
+        load = median_core_load(runs)
+        us = load.per_request
+        out.append(
+            f"| {name} | {us(load.wrk):.1f} | {us(load.upstream):.1f} | {us(load.redis):.1f} "
+            f"| {us(load.reader):.1f} | {us(load.busy):.1f} | {load.ceiling:,.0f} "
+            f"| {load.ceiling / nginx:.2f} |"
+        )
+    return out
 
 
 def _short(peer: str) -> str:
@@ -412,6 +501,8 @@ def render(report: Report) -> str:
         "",
         *redis_section(report.redis),
     ]
+    if report.core_loads:
+        out += ["", *core_section(report)]
     if report.latency_rounds:
         out += ["", *latency_section(report)]
     if report.rss is not None:

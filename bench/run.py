@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -69,6 +70,7 @@ from report import (
     GW_SHIPPED,
     NGINX,
     AccessLogCheck,
+    CoreLoad,
     Latency,
     RedisUsage,
     Report,
@@ -110,6 +112,9 @@ class Bench:
     neighbour_cpu: float = 0.0
     neighbour_wall: float = 0.0
     envoy_log: Path | None = None  # where the Envoy row with an access log writes it
+    redis_pid: int = 0
+    reader_pid: int = 0  # the running gateway's log reader, if it logs
+    core_loads: dict[str, list[CoreLoad]] = field(default_factory=dict)  # see CoreLoad
 
     store: redis.Redis = field(init=False)
 
@@ -134,12 +139,34 @@ class Bench:
             self.note(f"wrk ({label}; after a 1 s warm-up)", argv)
         leader = self.leaders.get(label)
         cpu_before = session_cpu_seconds(leader) if leader else 0.0
+        core_before = self._core_one()
         with self.watching_neighbours(label, seconds):
             done = subprocess.run(argv, capture_output=True, text=True, check=False)
         cpu = session_cpu_seconds(leader) - cpu_before if leader else None
+        core_after = self._core_one()
         if done.returncode != 0:
             raise BenchError(f"wrk against {label} failed:\n{done.stdout}{done.stderr}")
-        return parse_wrk(done.stdout, cpu)
+        run = parse_wrk(done.stdout, cpu)
+        if seconds == self.args.duration:
+            spent = [after - before for before, after in zip(core_before, core_after, strict=True)]
+            load = CoreLoad(run.requests, *spent)
+            self.core_loads.setdefault(label, []).append(load)
+        return run
+
+    def _core_one(self) -> tuple[float, float, float, float, float]:
+        """Core 1's busy time and its processes' CPU times, in seconds, as CoreLoad orders
+        them: wrk's from the children this process has waited for (wrk is the only one)."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        upstream = session_cpu_seconds(self.leaders[DIRECT])
+        redis_cpu = session_cpu_seconds(self.redis_pid)
+        reader = session_cpu_seconds(self.reader_pid) if self.reader_pid else 0.0
+        return (
+            core_busy_seconds(1),
+            children.ru_utime + children.ru_stime,
+            upstream,
+            redis_cpu,
+            reader,
+        )
 
     @contextmanager
     def watching_neighbours(self, target: str, seconds: float) -> Iterator[None]:
@@ -150,6 +177,16 @@ class Bench:
         yield
         self.neighbour_cpu += sum(session_cpu_seconds(pid) for pid in pids) - before
         self.neighbour_wall += seconds
+
+
+def core_busy_seconds(core: int) -> float:
+    """The time `core` has spent on anything but idling, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            ticks = [int(word) for word in line.split()[1:]]
+            # user nice system idle iowait irq softirq steal (guest time is in user already)
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    raise BenchError(f"no cpu{core} in /proc/stat")
 
 
 def parse_wrk(text: str, cpu_seconds: float | None = None) -> WrkRun:
@@ -198,6 +235,7 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
         reader, stdout = None, None
         if access_log:
             reader, stdout = start_log_reader(bench.procs, f"{slug}-reader", log)
+            bench.reader_pid = reader.popen.pid
         try:
             child = start_gateway(
                 bench.procs, bench.tmp, slug, config, ports.proxy, access_log, stdout, python
@@ -223,6 +261,7 @@ def running_gateway(bench: Bench, name: str) -> Iterator[int]:
     try:
         yield ports.proxy
     finally:
+        bench.reader_pid = 0
         bench.procs.stop(child)
         if child.popen.returncode != 0:
             print(f"  {name} exited with {child.popen.returncode}:\n{child.tail()}")
@@ -412,6 +451,7 @@ def start_fixtures(bench: Bench) -> None:
     for label, child in (("upstream nginx", upstream), (NGINX, nginx), ("redis", redis_server)):
         bench.note(label, child.argv)
     bench.leaders[DIRECT], bench.leaders[NGINX] = upstream.popen.pid, nginx.popen.pid
+    bench.redis_pid = redis_server.popen.pid
     expect(bench.upstream_port, PATH, KEY_HEADER, 200, "upstream nginx")
     expect(bench.nginx_port, PATH, KEY_HEADER, 200, "nginx proxy_pass")
     peers = bench.peers
@@ -488,6 +528,7 @@ def run(bench: Bench, started: datetime) -> Report:
         neighbour_wall=bench.neighbour_wall,
         envoy_log_lines=envoy_log_lines(bench),
         own_python=running_python().describe() if GW_OWN_PYTHON in throughput else "",
+        core_loads=bench.core_loads,
     )
 
 
