@@ -32,6 +32,7 @@ from harness import (
     BENCH_DIR,
     KEY_HEADER,
     BenchError,
+    Child,
     GatewayPorts,
     Procs,
     bench_workspace,
@@ -113,6 +114,7 @@ class Bench:
     neighbour_wall: float = 0.0
     envoy_log: Path | None = None  # where the Envoy row with an access log writes it
     redis_pid: int = 0
+    peer_children: list[Child] = field(default_factory=list)  # Envoy's, Traefik's processes
     reader_pid: int = 0  # the running gateway's log reader, if it logs
     core_loads: dict[str, list[CoreLoad]] = field(default_factory=dict)  # see CoreLoad
 
@@ -476,6 +478,7 @@ def start_fixtures(bench: Bench) -> None:
             continue
         bench.note(name, child.argv, redirect=redirect)
         bench.leaders[name] = child.popen.pid
+        bench.peer_children.append(child)
 
 
 def envoy_log_lines(bench: Bench) -> int | None:
@@ -499,6 +502,11 @@ def run(bench: Bench, started: datetime) -> Report:
             throughput[name].runs.append(result)
             cpu = "" if result.cpu_us is None else f" {result.cpu_us:7.1f} CPU µs/request"
             print(f"round {round_number}: {name:55} {result.rps:10,.0f} req/s{cpu}", flush=True)
+    # The peers are measured only for throughput. Left idle on core 0 they still wake (each
+    # Envoy ~36 times a second) and take turns with whichever target is timed; the latency
+    # phase times only the upstream, nginx and the gateway, so the peers stop first.
+    for child in bench.peer_children:
+        bench.procs.stop(child)
     print("which Redis commands the gateway sends (MONITOR) ...", flush=True)
     sample_redis_commands(bench)
     rate = throughput[GW_SHIPPED].median / 2
