@@ -19,6 +19,7 @@ import socket
 import struct
 from collections.abc import Iterable
 
+from gateway.config.loader import WILDCARD_HOSTS, host_spellings
 from gateway.config.model import Address
 
 # The claims this process holds (the supervisor's, or a single-process gateway's).
@@ -26,30 +27,45 @@ _held: list[socket.socket] = []
 
 
 def claim(addresses: Iterable[tuple[str, Address]]) -> str | None:
-    """Claim each (config path, address); why not, when another gateway holds one."""
+    """Claim each (config path, address); why not, when another gateway holds one.
+
+    An address is claimed under every spelling of its host (`localhost` is `127.0.0.1` and
+    `::1`, `127.1` is `127.0.0.1`), and every wildcard host (`0.0.0.0`, `::`) under one name,
+    since each of those pairs would share a port through SO_REUSEPORT. A wildcard and a host
+    of its own on one port are not told apart until one of them listens (the port check)."""
     for name, address in addresses:
         if address.port == 0:
             continue  # any free port: nothing to collide with
-        label = f"\0gateway-listen {address.host.lower()} {address.port}"
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError:
-            continue  # no Unix sockets here: the port check alone
-        try:
-            sock.bind(label)
-            sock.listen(1)  # so that a gateway that finds it taken can ask who holds it
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                continue  # no abstract namespace here
-            holder = _holder(label)
-            if holder is None:
-                continue  # not a gateway's claim (a name any user can bind): the port decides
-            return (
-                f"{name}: cannot listen on {address}: Address already in use "
-                f"(gateway pid {holder} is starting or serving there)"
-            )
-        _held.append(sock)
+        hosts = host_spellings(address.host)
+        if not WILDCARD_HOSTS.isdisjoint(hosts):
+            hosts = {"*"}
+        for host in sorted(hosts):
+            holder = _claim(f"\0gateway-listen {host} {address.port}")
+            if holder is not None:
+                return (
+                    f"{name}: cannot listen on {address}: Address already in use "
+                    f"(gateway pid {holder} is starting or serving there)"
+                )
+    return None
+
+
+def _claim(label: str) -> int | None:
+    """Hold the abstract name `label`, or say which gateway holds it (None: held now, or not
+    a gateway's to hold, or no such namespace here: the port check decides)."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return None  # no Unix sockets here: the port check alone
+    try:
+        sock.bind(label)
+        sock.listen(1)  # so that a gateway that finds it taken can ask who holds it
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            return None  # no abstract namespace here
+        # None: not a gateway's claim (a name any user can bind): the port decides.
+        return _holder(label)
+    _held.append(sock)
     return None
 
 

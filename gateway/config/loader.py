@@ -54,7 +54,7 @@ _AUTH_KEYS = ("header", "query_param")
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
 ADDRESS_HINT = "must be host:port or [ipv6]:port"
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +204,7 @@ def parse_address(text: str) -> Address:
 def is_loopback(host: str) -> bool:
     """Whether every address `host` stands for is a loopback one (a name other than
     `localhost` is not known to be)."""
-    for spelled in _spellings(host):
+    for spelled in host_spellings(host):
         try:
             if not ipaddress.ip_address(spelled).is_loopback:
                 return False
@@ -233,11 +233,11 @@ def _listens_clash(a: Address, b: Address) -> bool:
     however spelled (`localhost`, `127.0.0.1`; `::1`, `0:0:0:0:0:0:0:1`), or on every host."""
     if a.port != b.port or a.port == 0:
         return False
-    ours, theirs = _spellings(a.host), _spellings(b.host)
-    return not ours.isdisjoint(theirs) or not _WILDCARD_HOSTS.isdisjoint(ours | theirs)
+    ours, theirs = host_spellings(a.host), host_spellings(b.host)
+    return not ours.isdisjoint(theirs) or not WILDCARD_HOSTS.isdisjoint(ours | theirs)
 
 
-def _spellings(host: str) -> set[str]:
+def host_spellings(host: str) -> set[str]:
     """The addresses `host` stands for, as far as they are known without asking a resolver:
     `localhost` (with its root dot, in any case), IPv4 shorthands (`127.1`), IPv4 mapped into
     IPv6 (`::ffff:127.0.0.1`)."""
