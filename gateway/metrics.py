@@ -61,6 +61,7 @@ from gateway.metric_families import (
     LimitDecision,
     RefundResult,
 )
+from gateway.metrics_folders import FOLDER_PREFIX, hold_owner_lock, remove_abandoned_folders
 from gateway.record import RequestRecord
 
 __all__ = [
@@ -367,7 +368,9 @@ def prepare_multiprocess_dir(path: str | None = None, *, within: str | None = No
     if path is None:
         if within is not None:
             os.makedirs(within, exist_ok=True)
-        directory = tempfile.mkdtemp(prefix="gateway-metrics-", dir=within)
+        remove_abandoned_folders(within or tempfile.gettempdir())
+        directory = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=within)
+        hold_owner_lock(directory)
     else:
         directory = path
         os.makedirs(directory, exist_ok=True)

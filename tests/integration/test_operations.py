@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -466,14 +467,18 @@ def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
 ) -> None:
     """PROMETHEUS_MULTIPROC_DIR from the environment may be another gateway's: a gateway with
     workers makes a folder of its own inside it (and the folder, if missing), and leaves the
-    other files alone."""
+    other files alone, but for the folders killed gateways left there."""
     shared = tmp_path / "metrics" / "workers"
     shared.mkdir(parents=True)
     foreign = shared / "counter_4242.db"
     foreign.write_bytes(b"another program's counts")
+    # A killed gateway's folder: its owner file is there, and nobody holds it locked.
+    abandoned = shared / "gateway-metrics-killed"
+    abandoned.mkdir()
+    (abandoned / ".owner").write_bytes(b"")
+    (abandoned / "counter_4343.db").write_bytes(b"a dead worker's counts")
     if not exists:
-        foreign.unlink()
-        shared.rmdir()
+        shutil.rmtree(shared)
     config = tmp_path / "config"
     proxy_port, admin_port = write_config_on_free_ports(
         config, "http://127.0.0.1:9", redis_server.url
@@ -493,6 +498,7 @@ def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
             raise AssertionError("the gateway does not serve")
         own = [folder for folder in shared.iterdir() if folder.is_dir()]
         assert len(own) == 1 and any(own[0].glob("*.db"))
+        assert not abandoned.exists()
         if exists:
             assert foreign.read_bytes() == b"another program's counts"
         scrape = call(admin_port, "/metrics", headers={})
