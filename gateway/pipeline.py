@@ -281,12 +281,11 @@ def _throttled(ex: Exchange, plan: str, headers: dict[str, str]) -> Throttled:
 
 
 async def _storage_away(ex: Exchange, error: Exception) -> Answer | None:
-    """Step 6 when the storage did not answer: 503, or admit (on_error: allow, or a plan with
-    nothing to enforce), or each process enforces the rate on its own (on_error: local)."""
+    """Step 6 when the storage did not answer: 503, or admit (on_error: allow), or each
+    process enforces the rate on its own (on_error: local). A plan with no limit is no
+    exception: its requests are billed from the history, which cannot count them now."""
     assert ex.principal is not None
     plan = ex.principal.plan
-    if plan.rate is None and plan.quota is None:
-        return None  # nothing to enforce; only its history is lost (and the error counted)
     storage = ex.snapshot.config.storage
     if storage.on_error == "local":
         rate = plan.rate

@@ -22,6 +22,7 @@ from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import free_port
 from tests.support.upstream import Upstream, running_upstream
 
 STORAGE_TIMEOUT = 0.25
@@ -292,3 +293,39 @@ async def test_allow_keeps_admitting_while_redis_is_down(
         assert answer.latency <= STORAGE_TIMEOUT + LATENCY_MARGIN
         assert not answer.limit_headers  # admitted without a limit decision
     check_readyz(run)
+
+
+UNLIMITED_API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}/base"}}
+    routes:
+      - path: /soccer/{{rest:path}}
+plans:
+  pay-as-you-go: {{}}
+keys:
+  - name: payg
+    key: secret-payg
+    plans: {{soccer: pay-as-you-go}}
+"""
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("deny", 503), ("allow", 200), ("local", 200)])
+async def test_a_plan_without_limits_still_needs_the_storage_under_deny(
+    tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession, on_error: str, status: int
+) -> None:
+    """Step 6 holds for every plan: a plan with nothing to enforce still has its requests
+    counted in the history, so `deny` refuses them while the storage is away rather than
+    admitting requests it cannot bill."""
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    server = worker_server_yaml(storage_url=closed, on_error=on_error)
+    config = write_config(tmp_path, UNLIMITED_API.format(upstream=upstream.url), server=server)
+    async with running_gateway(config) as gateway:
+        url = f"http://127.0.0.1:{gateway.proxy_port}/soccer/v1/items"
+        async with http.get(url, headers={"X-API-Key": "secret-payg"}) as response:
+            body = await response.read()
+            assert response.status == status, body
+            if status == 503:
+                assert json.loads(body)["code"] == "storage_unavailable"
+                assert response.headers["Retry-After"]
+    assert len(upstream.seen) == (1 if status == 200 else 0)
