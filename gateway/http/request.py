@@ -110,8 +110,8 @@ class Request:
         # header (RFC 9112 3.2.2); None in the usual origin-form.
         self.authority: bytes | None = None
         if target[:1] == b"/":
-            raw_path, _, query = self.target.partition("?")
-            self.query_string = query.partition("#")[0]
+            # No '#' here: the server refuses a target with a fragment.
+            raw_path, _, self.query_string = self.target.partition("?")
         else:
             # Absolute-form (`GET http://host/path`), or anything the routes will not match.
             raw_path, self.query_string, self.authority = _split_absolute(target)

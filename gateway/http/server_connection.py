@@ -236,6 +236,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # llhttp reads `GET /path` as HTTP/0.9 and takes HTTP/2.0 in a request line; this
             # server speaks neither, and an upstream would be told HTTP/1.1 either way.
             self._refuse_head(f"HTTP/{version} is not spoken here (HTTP/1.1 or 1.0)")
+        if b"#" in self._url:
+            # No request-target has a fragment (RFC 9112 3.2). Routing would read it as part
+            # of the path (`/old#` matching `/{rest:path}`, not a retired `/old`) where an
+            # upstream drops it, so the two would read different paths.
+            self._refuse_head("its target holds a '#' (a fragment is never sent to a server)")
         if self._hosts != 1 and (self._hosts or version == "1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
             # hosts a request is for is a question the upstream might answer differently.

@@ -265,12 +265,28 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         ),
         (b"GET /a?api_key=k\r\n\r\n", "HTTP/0.9 is not spoken here"),
         (b"GET /a HTTP/2.0\r\nHost: a\r\n\r\n", "HTTP/2.0 is not spoken here"),
+        (b"GET /old# HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
+        (b"GET /a?b=c#d HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
+        (b"GET http://a/old#x HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
     ],
-    ids=["no-host", "two-hosts", "two-hosts-1.0", "not-a-host", "gzip-coding", "0.9", "2.0"],
+    ids=[
+        "no-host",
+        "two-hosts",
+        "two-hosts-1.0",
+        "not-a-host",
+        "gzip-coding",
+        "0.9",
+        "2.0",
+        "fragment-in-path",
+        "fragment-in-query",
+        "fragment-absolute",
+    ],
 )
 async def test_a_head_the_upstream_could_read_otherwise_is_400(head: bytes, detail: str) -> None:
     """RFC 9112: one Host, and only the chunked coding (another would reach the upstream
-    de-chunked but still coded, with nothing to say so)."""
+    de-chunked but still coded, with nothing to say so); no fragment in the target (RFC 9112
+    3.2), which the routes would read as part of the path where an upstream drops it: `/old#`
+    would pass a retired `/old` as a `/{rest:path}` route."""
     async with http_server(echo) as (_, port), connected(port) as (reader, writer):
         writer.write(head)
         reply = await read_reply(reader)
