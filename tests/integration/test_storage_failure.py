@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -329,3 +330,45 @@ async def test_a_plan_without_limits_still_needs_the_storage_under_deny(
                 assert json.loads(body)["code"] == "storage_unavailable"
                 assert response.headers["Retry-After"]
     assert len(upstream.seen) == (1 if status == 200 else 0)
+
+
+async def test_admin_calls_the_storage_times_out_are_counted(
+    tmp_path: Path,
+    upstream: Upstream,
+    fresh_redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """gateway_storage_errors_total counts the admin port's storage calls that time out, as it
+    counts those refused: the admin's own bound on a call must not cut in before the
+    storage's, which counts."""
+    server = worker_server_yaml(storage_url=fresh_redis_server.url)
+    config = write_config(tmp_path, API.format(upstream=upstream.url), server=server)
+    async with running_gateway(config) as gateway:
+        admin = f"http://127.0.0.1:{gateway.admin_port}"
+        calls = [
+            ("GET", "/readyz", "ping"),
+            ("GET", "/admin/usage/tester", "usage"),
+            ("DELETE", "/admin/usage/tester/soccer", "reset"),
+        ]
+        async with http.get(admin + "/readyz") as ready:
+            assert ready.status == 200
+        async with http.get(admin + "/metrics") as response:
+            before = storage_errors(await response.text())
+        fresh_redis_server.pause()
+        try:
+            for method, path, _ in calls:
+                async with http.request(method, admin + path) as response:
+                    assert response.status == 503, path
+        finally:
+            fresh_redis_server.resume()
+        async with http.get(admin + "/metrics") as response:
+            after = storage_errors(await response.text())
+    # (The registry is the test process's: earlier tests' errors are in `before`.)
+    for _, _, operation in calls:
+        assert after.get(operation, 0) - before.get(operation, 0) == 1, operation
+
+
+def storage_errors(scrape: str) -> dict[str, float]:
+    """gateway_storage_errors_total by operation, from a scrape."""
+    found = re.findall(r'^gateway_storage_errors_total\{operation="([^"]+)"\} (\S+)$', scrape, re.M)
+    return {operation: float(value) for operation, value in found}
