@@ -20,6 +20,7 @@ unknown key or product, 400 "Bad Request" naming the field of a bad body or quer
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
 import math
@@ -48,6 +49,7 @@ from gateway.limits.base import (
 )
 from gateway.metrics import render_metrics
 from gateway.problems import (
+    REQUEST_ID_HEADER,
     BadRequest,
     Conflict,
     ContentTooLarge,
@@ -60,7 +62,7 @@ from gateway.problems import (
     Unauthorized,
     render_problem,
 )
-from gateway.record import new_request_id
+from gateway.record import request_id_for
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ def build_admin_app(
         # "Bearer " with nothing after it must not open the admin API.
         raise ValueError("the admin token must not be empty")
     app = web.Application(middlewares=[_problems_and_auth], client_max_size=_MAX_BODY)
+    app.on_response_prepare.append(_tag_request_id)
     app[ADMIN_STATE] = AdminState(
         get_config=get_config,
         limiter=limiter,
@@ -166,23 +169,25 @@ _MAX_BODY = 1024 * 1024
 async def _problems_and_auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    request_id = _request_id(request)
     try:
         if request.path == "/admin" or request.path.startswith("/admin/"):
             _authorize(request, request.app[ADMIN_STATE].token)
         return await handler(request)
     except GatewayProblem as problem:
-        return _problem_response(problem)
+        return _problem_response(problem, request_id)
     except web.HTTPNotFound:
-        return _problem_response(NotFound(f"Nothing is served at {request.path} on this port."))
+        missing = NotFound(f"Nothing is served at {request.path} on this port.")
+        return _problem_response(missing, request_id)
     except web.HTTPMethodNotAllowed as exc:
         allow = ", ".join(sorted(exc.allowed_methods))
-        return _problem_response(
-            MethodNotAllowed(f"{request.method} is not allowed here.", headers={"Allow": allow})
+        refused = MethodNotAllowed(
+            f"{request.method} is not allowed here.", headers={"Allow": allow}
         )
+        return _problem_response(refused, request_id)
     except web.HTTPRequestEntityTooLarge:
-        return _problem_response(
-            ContentTooLarge(f"body: over the {_MAX_BODY} bytes an admin call may send")
-        )
+        too_large = ContentTooLarge(f"body: over the {_MAX_BODY} bytes an admin call may send")
+        return _problem_response(too_large, request_id)
     except web.HTTPException:
         raise
     except Exception as exc:
@@ -195,7 +200,8 @@ async def _problems_and_auth(
             raise
         # A bug: told as a problem like every other answer, with its traceback in the log only.
         log.exception("admin API: failed to answer %s %s", request.method, request.path)
-        return _problem_response(InternalError("The gateway failed to handle this call."))
+        failed = InternalError("The gateway failed to handle this call.")
+        return _problem_response(failed, request_id)
 
 
 def _authorize(request: web.Request, token: bytes | None) -> None:
@@ -213,9 +219,30 @@ def _authorize(request: web.Request, token: bytes | None) -> None:
     )
 
 
-def _problem_response(problem: GatewayProblem) -> web.Response:
-    headers, body = render_problem(problem, new_request_id())
+def _problem_response(problem: GatewayProblem, request_id: str) -> web.Response:
+    headers, body = render_problem(problem, request_id)
     return web.Response(status=problem.status, body=body, headers=headers)
+
+
+# The id of the call being answered: set by the middleware in the call's own task (aiohttp
+# runs each in one), read when its answer's head is sent, a streamed one's included.
+_CALL_ID: contextvars.ContextVar[str] = contextvars.ContextVar("admin_call_id")
+
+
+def _request_id(request: web.Request) -> str:
+    """The call's X-Request-ID (the client's, if sane, else a new one), as on the proxy port:
+    every answer carries it, a problem's body too."""
+    request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+    _CALL_ID.set(request_id)
+    return request_id
+
+
+async def _tag_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    found = _CALL_ID.get("")
+    # Used up: an answer aiohttp makes itself later on the same connection (a request it
+    # cannot parse never reaches the middleware) must not carry this call's id.
+    _CALL_ID.set("")
+    response.headers.setdefault(REQUEST_ID_HEADER, found or request_id_for(None))
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from gateway.problems import (
     render_problem,
 )
 from gateway.proxy import forward
-from gateway.record import RequestRecord, new_request_id
+from gateway.record import RequestRecord, new_request_id, request_id_for
 from gateway.routing import RouteMatch
 
 if TYPE_CHECKING:
@@ -65,8 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-# A client's own request id is kept only when it cannot upset a log line or a header.
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # The headers that are the gateway's to say: an upstream's lines of these names never reach the
 # client (the gateway's replace them in the final answer; an interim answer loses them).
 GATEWAY_OWNED_HEADERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
@@ -491,8 +488,4 @@ def answer_request_error(error: RequestError, started: float, method: str, path:
 
 def _request_id(request: Request) -> str:
     raw = request.request_id_header
-    if raw:
-        given = raw.decode("latin-1")
-        if _SANE_REQUEST_ID.fullmatch(given):
-            return given
-    return new_request_id()
+    return request_id_for(raw.decode("latin-1")) if raw else new_request_id()

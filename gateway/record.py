@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -44,3 +45,15 @@ class _RequestIds:
 
 new_request_id = _RequestIds()
 """A new request id: the one generator for the proxy port, its protocol errors and the admin."""
+
+
+# A client's own request id is kept only when it cannot upset a log line or a header.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def request_id_for(given: str | None) -> str:
+    """The id of a request that sent `given` as its X-Request-ID: that, if it is sane, or a
+    new one."""
+    if given and _SANE_REQUEST_ID.fullmatch(given):
+        return given
+    return new_request_id()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -223,6 +224,41 @@ async def test_unknown_keys_and_products_are_404_not_found(
         body = await response.json()
     assert (body["title"], body["code"], body["status"]) == ("Not Found", "not_found", 404)
     assert body["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/healthz", 200),
+        ("GET", "/readyz", 200),
+        ("GET", "/metrics", 200),
+        ("GET", "/admin/usage/acme", 200),
+        ("GET", "/admin/usage/nobody", 404),
+        ("GET", "/admin/usage.csv", 200),
+    ],
+)
+async def test_every_answer_carries_the_callers_request_id_or_a_new_one(
+    serve: Serve, http: aiohttp.ClientSession, method: str, path: str, status: int
+) -> None:
+    """As on the proxy port (README, "Headers"): the client's X-Request-ID if it is sane, else
+    a new one; a problem's body names the same id."""
+    base = await serve(MemoryLimiter())
+    seen = set()
+    for sent in ("call-42", "not sane!", None):
+        headers = {"X-Request-ID": sent} if sent is not None else {}
+        async with http.request(method, f"{base}{path}", headers=headers) as response:
+            assert response.status == status
+            given = response.headers["X-Request-ID"]
+            if status >= 400:
+                assert (await response.json())["request_id"] == given
+            else:
+                await response.read()
+        if sent == "call-42":
+            assert given == "call-42"
+        else:
+            assert given != sent and re.fullmatch("[0-9a-f]{32}", given)
+        seen.add(given)
+    assert len(seen) == 3
 
 
 async def test_a_failing_storage_makes_the_usage_api_503(
