@@ -42,6 +42,16 @@ class Change(NamedTuple):
     record: str | None  # None: deleted
 
 
+class Missed(NamedTuple):
+    """What a follower at some version missed: the storage's version and epoch (a store
+    emptied and begun again has a new one), and the keys changed since, oldest change first;
+    None when the storage's log of recent changes does not reach back that far."""
+
+    version: int
+    epoch: str
+    names: list[str] | None
+
+
 class Subscription(Protocol):
     async def next(self, within: float) -> Change | None:
         """The next announced change, or None when none came within `within` seconds."""
@@ -58,6 +68,16 @@ class KeyBackend(Protocol):
     async def read(self, name: str) -> str | None: ...
 
     async def version(self) -> int: ...
+
+    async def state(self) -> tuple[int, str]:
+        """The storage's version and epoch."""
+        ...
+
+    async def missed(self, after: int) -> Missed:
+        """What changed after version `after`."""
+        ...
+
+    async def read_many(self, names: list[str]) -> list[str | None]: ...
 
     def load(self) -> AsyncIterator[list[tuple[str, str]]]:
         """Every stored record, in batches of (name, record)."""
@@ -106,6 +126,15 @@ class MemoryKeyBackend:
 
     async def version(self) -> int:
         return self._version
+
+    async def state(self) -> tuple[int, str]:
+        return self._version, ""
+
+    async def missed(self, after: int) -> Missed:
+        return Missed(self._version, "", None)  # nobody follows a store of one process
+
+    async def read_many(self, names: list[str]) -> list[str | None]:
+        return [self._records.get(name) for name in names]
 
     async def load(self) -> AsyncIterator[list[tuple[str, str]]]:
         yield list(self._records.items())

@@ -7,6 +7,8 @@ live in one slot and `write.lua` can change them together:
     gw:{gw:keys}:records   hash  key name -> the key's record (JSON)
     gw:{gw:keys}:owners    hash  secret digest -> key name (a secret belongs to one key)
     gw:{gw:keys}:version   string, bumped by every change
+    gw:{gw:keys}:log       sorted set, the newest 10,000 changes: "VERSION\\nNAME" by version
+    gw:{gw:keys}:epoch     string, set when the version starts at 1 (a new or emptied store)
 
 and each change is announced on the channel `gw:{gw:keys}:changes` as
 "VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion). On a cluster PUBLISH reaches every
@@ -26,16 +28,26 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.keys.backend import Change, KeyWrite, RefusalReason, Subscription, WriteRefused
+from gateway.keys.backend import (
+    Change,
+    KeyWrite,
+    Missed,
+    RefusalReason,
+    Subscription,
+    WriteRefused,
+)
 from gateway.limits.base import StorageError
 from gateway.limits.redis_clients import StorageGuard, StorageRedis, open_storage_redis
 from gateway.limits.redis_layout import Script, run_script
 
 WRITE = Script("write.lua", "gateway.keys")
+CHANGES = Script("changes.lua", "gateway.keys")
 
 RECORDS_KEY = "gw:{gw:keys}:records"
 OWNERS_KEY = "gw:{gw:keys}:owners"
 VERSION_KEY = "gw:{gw:keys}:version"
+LOG_KEY = "gw:{gw:keys}:log"
+EPOCH_KEY = "gw:{gw:keys}:epoch"
 CHANNEL = "gw:{gw:keys}:changes"
 _LOAD_BATCH = 500  # records per HSCAN: the event loop serves requests between batches
 _REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
@@ -78,7 +90,7 @@ class RedisKeyBackend:
             *write.add_digests,
             *write.remove_digests,
         )
-        keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY)
+        keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY, LOG_KEY, EPOCH_KEY)
 
         version, outcome = await self._guard(
             "key_write", lambda: run_script(self._client, WRITE, keys, args)
@@ -98,6 +110,38 @@ class RedisKeyBackend:
     async def version(self) -> int:
         raw = await self._guard("key_version", lambda: self._client.get(VERSION_KEY))
         return int(raw or 0)
+
+    async def state(self) -> tuple[int, str]:
+        async def read() -> tuple[Any, Any]:
+            return await self._client.get(VERSION_KEY), await self._client.get(EPOCH_KEY)
+
+        version, epoch = await self._guard("key_version", read, repeatable=True)
+        return int(version or 0), "" if epoch is None else _text(epoch)
+
+    async def missed(self, after: int) -> Missed:
+        keys = (VERSION_KEY, EPOCH_KEY, LOG_KEY)
+        reply = await self._guard(
+            "key_version", lambda: run_script(self._client, CHANGES, keys, (after,))
+        )
+        version, epoch = int(reply[0]), _text(reply[1])
+        names: list[str] = []
+        for expected, entry in enumerate(reply[2:], start=after + 1):
+            logged, name = _text(entry).split("\n", 1)
+            if int(logged) != expected:
+                return Missed(version, epoch, None)  # trimmed, or written without a log
+            names.append(name)
+        if version > after and after + len(names) != version:
+            return Missed(version, epoch, None)
+        return Missed(version, epoch, names)
+
+    async def read_many(self, names: list[str]) -> list[str | None]:
+        found: list[str | None] = []
+        for start in range(0, len(names), _LOAD_BATCH):
+            batch = names[start : start + _LOAD_BATCH]
+            read = functools.partial(self._client.hmget, RECORDS_KEY, batch)
+            records: list[Any] = await self._guard("key_read", read, repeatable=True)
+            found += [None if raw is None else _text(raw) for raw in records]
+        return found
 
     async def load(self) -> AsyncIterator[list[tuple[str, str]]]:
         cursor = 0

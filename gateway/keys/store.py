@@ -4,13 +4,16 @@ Following: the process subscribes to the storage's change announcements, then re
 and the version they are at; from then on each announced change is applied in version order,
 so the table in memory is the storage as of `known_version`. A change that arrives early (this
 process's own write, or one overtaking another) waits in `_pending` for the ones before it.
-Two things repair what announcements can lose: any failure of the subscription starts over
-with a fresh full read, and every `CHECK_INTERVAL` the storage's version is compared with
-ours. When it is behind (the storage was emptied) the keys are read afresh; when it is ahead,
-it is compared again `RECHECK_AHEAD` later (an announcement in flight arrives within
-milliseconds), and still ahead means one was lost: following starts over, on a new
-subscription (the old one may be dead without knowing it) with a fresh full read. A change is
-thus honoured within about half a second even when its announcement is lost.
+Two things repair what announcements can lose: any failure of the subscription starts over,
+and every `CHECK_INTERVAL` the storage's version is compared with ours. When it is behind (the
+storage was emptied) the keys are read afresh; when it is ahead, it is compared again
+`RECHECK_AHEAD` later (an announcement in flight arrives within milliseconds), and still ahead
+means one was lost: following starts over, on a new subscription (the old one may be dead
+without knowing it). Starting over catches up (`catch_up`): the storage logs which key each
+of its newest 10,000 changes touched, so only those keys are read again, unless the log does
+not reach back to our version or the store is not the one we read (its epoch changed: it was
+emptied and begun again), when every key is. A change is thus honoured within about half a
+second even when its announcement is lost, at 100,000 keys as at ten.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class KeyStore:
         self.known_version = 0
         self._backend = backend
         self._pending: dict[int, Change] = {}
-        self._reading = False  # a full read is under way: changes wait until it is done
+        self._reading = False  # a read is under way: changes wait until it is done
+        self._epoch: str | None = None  # the storage's, at our last full read (None: none yet)
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
 
@@ -168,7 +172,7 @@ class KeyStore:
         while True:
             try:
                 async with self._backend.subscribe() as subscription:
-                    await self.read_all()
+                    await self.catch_up()
                     delay = _RETRY_FIRST
                     self._first_attempt.set()
                     await self._listen(subscription)
@@ -193,16 +197,24 @@ class KeyStore:
                 if change is not None:
                     self.receive(change)
                 continue
-            stored = await self._backend.version()
-            lost = ahead_at_last_check is not None and ahead_at_last_check > self.known_version
-            if stored < self.known_version or lost:
+            stored, epoch = await self._backend.state()
+            if ahead_at_last_check is not None and ahead_at_last_check > self.known_version:
                 log.warning(
-                    "API keys: storage at version %d, this process at %d; reading all keys",
+                    "API keys: storage at version %d, this process at %d: an announcement was "
+                    "lost; following again",
                     stored,
                     self.known_version,
                 )
-                if lost:
-                    return  # on a new subscription, with a full read
+                return  # on a new subscription, catching up
+            # Another epoch: the store was emptied and begun again (FLUSHALL, a restart without
+            # persistence) while we listened; its versions may have passed ours already.
+            if stored < self.known_version or epoch != self._epoch:
+                log.warning(
+                    "API keys: storage emptied or replaced (version %d, this process at %d); "
+                    "reading all keys",
+                    stored,
+                    self.known_version,
+                )
                 await self.read_all()
                 ahead_at_last_check = None
             else:
@@ -210,11 +222,41 @@ class KeyStore:
             again = CHECK_INTERVAL if ahead_at_last_check is None else RECHECK_AHEAD
             next_check = time.monotonic() + again
 
+    async def catch_up(self) -> None:
+        """Bring the table to the storage's version (subscribed already): by reading again the
+        keys the changes since ours touched, or everything when that cannot be known."""
+        if self._epoch is None:
+            await self.read_all()
+            return
+        self._reading = True
+        try:
+            missed = await self._backend.missed(self.known_version)
+            names = missed.names
+            if missed.epoch != self._epoch or missed.version < self.known_version:
+                names = None  # another store, or this one emptied: nothing known holds
+            if names is not None:
+                touched = list(dict.fromkeys(names))  # each key once, the last write wins
+                texts = await self._backend.read_many(touched)
+                for name, text in zip(touched, texts, strict=True):
+                    self._apply(Change(missed.version, name, text))
+                self.known_version = max(self.known_version, missed.version)
+                self._pending = {v: c for v, c in self._pending.items() if v > self.known_version}
+        finally:
+            self._reading = False
+        if names is None:
+            await self.read_all()
+            return
+        self._apply_pending()
+        if names:
+            log.info(
+                "API keys: caught up on %d changes (storage version %d)", len(names), missed.version
+            )
+
     async def read_all(self) -> None:
         """Replace the table by a full read of the storage (subscribed already)."""
         self._reading = True
         try:
-            version = await self._backend.version()
+            version, epoch = await self._backend.state()
             # Filled one batch at a time, the event loop serving requests between batches,
             # then swapped in: 100,000 keys do not stall traffic while they are read.
             fresh = ApiKeyTable()
@@ -226,6 +268,7 @@ class KeyStore:
                         log.error("key %r: unreadable record, ignored: %s", name, exc)
             self.table.take(fresh)
             self.known_version = version
+            self._epoch = epoch
             self._pending = {v: c for v, c in self._pending.items() if v > version}
         finally:
             self._reading = False

@@ -1,5 +1,7 @@
--- One change of the key store, atomic on the server: check, write, bump the version, announce.
--- KEYS[1] records (hash name -> record), KEYS[2] owners (hash digest -> name), KEYS[3] version
+-- One change of the key store, atomic on the server: check, write, bump the version, log it,
+-- announce it.
+-- KEYS[1] records (hash name -> record), KEYS[2] owners (hash digest -> name), KEYS[3] version,
+-- KEYS[4] log (sorted set of the recent changes), KEYS[5] epoch
 -- ARGV[1] channel, ARGV[2] name, ARGV[3] expected record ("" = the name must be free),
 -- ARGV[4] new record ("" = delete), ARGV[5] number of digests to add, then those digests,
 -- then the digests to remove.
@@ -27,5 +29,17 @@ else
   redis.call('HSET', KEYS[1], name, ARGV[4])
 end
 local version = redis.call('INCR', KEYS[3])
+if version == 1 then
+  -- A new store, or one emptied since: its versions are not those of before, and a follower
+  -- that knew the old one tells them apart by this.
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[5], now[1] .. '.' .. now[2])
+end
+-- Which key each recent version changed: a follower that missed announcements reads those
+-- keys again instead of every key (changes.lua). The newest 10,000 are kept.
+redis.call('ZADD', KEYS[4], version, version .. '\n' .. name)
+if version % 100 == 0 then
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -10001)
+end
 redis.call('PUBLISH', ARGV[1], version .. '\n' .. name .. '\n' .. ARGV[4])
 return {version, 'ok'}
