@@ -264,10 +264,15 @@ async def apply_limits(ex: Exchange) -> Answer | None:
     # A refusal carries its limit headers in the problem it raises.
     headers = limit_headers(decision)
     if outcome == "quota_exceeded":
-        raise QuotaExceeded(
-            f"The {plan.name} plan's quota for '{ex.product}' is used up until the period ends.",
-            headers=headers,
+        whole = decision.quota.limit if decision.quota is not None else cost
+        detail = (
+            f"This route costs {cost} units, more than the whole quota of the {plan.name} "
+            f"plan for '{ex.product}' ({whole}): no period admits it without more credit."
+            if cost > whole
+            else f"The {plan.name} plan's quota for '{ex.product}' is used up until the period "
+            "ends."
         )
+        raise QuotaExceeded(detail, headers=headers)
     raise _throttled(ex, plan.name, headers)
 
 

@@ -553,3 +553,22 @@ async def test_credit_answers_with_the_usage_it_made(rig: Rig, single_redis: Any
     # The credit script ran (its HINCRBY); no HMGET of the quota's hash came after it.
     assert stats["cmdstat_hincrby"]["calls"] == 1, stats
     assert stats.get("cmdstat_hmget", {}).get("calls", 0) == 0, stats
+
+
+async def test_a_route_costing_more_than_the_whole_quota_says_so(rig: Rig) -> None:
+    """Retrying after the period cannot help: the detail says why rather than "used up"."""
+    status, headers, body = await rig.get("count", "/soccer/heavy/x")
+    assert (status, body["code"]) == (429, "quota_exceeded")
+    assert body["detail"] == (
+        "This route costs 10 units, more than the whole quota of the counting plan for "
+        "'soccer' (5): no period admits it without more credit."
+    )
+    assert headers["X-Quota-Remaining"] == "5"
+    assert await rig.used("count") == 0
+    status, _, body = await rig.get("count", "/soccer/light")
+    assert status == 200
+    for _ in range(4):
+        await rig.get("count", "/soccer/light")
+    status, _, body = await rig.get("count", "/soccer/light")
+    assert (status, body["code"]) == (429, "quota_exceeded")
+    assert "is used up until the period ends" in body["detail"]
