@@ -50,6 +50,13 @@ _TIMEOUT_KEYS = ("client_header", "client_body", "keepalive", "websocket_idle")
 _TLS_KEYS = ("cert", "key")
 _STORAGE_KEYS = ("url", "timeout", "on_error", "local_fraction")
 _AUTH_KEYS = ("header", "query_param")
+_NOT_A_KEY_HEADER = frozenset(
+    {
+        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+        "te", "trailer", "expect", "proxy-connection", "proxy-authorization",
+        "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+    }
+)  # fmt: skip
 
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
 ADDRESS_HINT = "must be host:port or [ipv6]:port"
@@ -447,6 +454,11 @@ class _Builder:
             text = w.string(node, path)
             if text is not None and not _HEADER_TOKEN.fullmatch(text):
                 w.report(node, path, "must be an HTTP header name")
+                return None
+            if text is not None and text.lower() in _NOT_A_KEY_HEADER:
+                # HTTP's own (framing, hop-by-hop: never forwarded, or needed as they are) or
+                # the gateway's (set by it on the way up): a key there could not be one.
+                w.report(node, path, f"must not be {text}: HTTP or the gateway uses that header")
                 return None
             return text
 
