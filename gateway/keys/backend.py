@@ -67,8 +67,6 @@ class KeyBackend(Protocol):
 
     async def read(self, name: str) -> str | None: ...
 
-    async def version(self) -> int: ...
-
     async def state(self) -> tuple[int, str]:
         """The storage's version and epoch."""
         ...
@@ -123,9 +121,6 @@ class MemoryKeyBackend:
 
     async def read(self, name: str) -> str | None:
         return self._records.get(name)
-
-    async def version(self) -> int:
-        return self._version
 
     async def state(self) -> tuple[int, str]:
         return self._version, ""

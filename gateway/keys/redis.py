@@ -107,10 +107,6 @@ class RedisKeyBackend:
         raw = await self._guard("key_read", lambda: self._client.hget(RECORDS_KEY, name))
         return None if raw is None else _text(raw)
 
-    async def version(self) -> int:
-        raw = await self._guard("key_version", lambda: self._client.get(VERSION_KEY))
-        return int(raw or 0)
-
     async def state(self) -> tuple[int, str]:
         async def read() -> tuple[Any, Any]:
             return await self._client.get(VERSION_KEY), await self._client.get(EPOCH_KEY)

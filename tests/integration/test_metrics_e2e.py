@@ -91,6 +91,7 @@ class Mix:
     answers: list[tuple[str, int]]  # (what, status) of each answered request, in order
     scrape: Scrape  # right after the mix
     access_log: list[dict[str, Any]]  # right after the mix
+    redis: RedisServer  # stopped at the end of the mix
 
 
 def expect(answer: Answer, status: int, code: str | None = None) -> Answer:
@@ -179,7 +180,7 @@ def mix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
                 return lines if len(lines) >= len(answers) else None
 
             logged = wait_for(all_logged, 3, "every request of the mix logged")
-            yield Mix(gateway, answers, after, logged)
+            yield Mix(gateway, answers, after, logged, redis)
         finally:
             gateway.close()
             redis.stop()
@@ -292,8 +293,14 @@ def test_no_key_material_anywhere_in_stdout(mix: Mix) -> None:
 
 def test_a_scrape_counts_every_request_answered_before_it(mix: Mix) -> None:
     port, admin_port = mix.gateway.proxy_port, mix.gateway.admin_port
-    # What still works with the storage down: routes and keys before the limits, and a plan
-    # without limits, proxied.
+    # The mix ended with the storage down: with it back, proxied answers (counted before they
+    # are complete) as well as the gateway's own.
+    mix.redis.start()
+    wait_for(
+        lambda: call(port, "/soccer/d", headers=key("open-user")).status == 200 or None,
+        5,
+        "the storage answering again",
+    )
     requests = [
         ("/soccer/d", key("open-user"), 200),
         ("/nowhere", {}, 404),
