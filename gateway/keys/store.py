@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from gateway.config.loader import collector_paused
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
 from gateway.keys.records import KeyRecord
 from gateway.keys.table import ApiKeyTable
@@ -42,6 +43,9 @@ _MAX_PENDING = 10_000
 _WRITE_ATTEMPTS = 10
 _WRITE_BACKOFF = 0.002
 _CLOSE_WAIT = 2.0
+# Records parsed between two turns of the event loop during a full read: a few milliseconds.
+_PARSE_SLICE = 100
+_FREE_SLICE = 2_000  # and records of a replaced table freed between two turns
 
 T = TypeVar("T")
 
@@ -257,16 +261,21 @@ class KeyStore:
         self._reading = True
         try:
             version, epoch = await self._backend.state()
-            # Filled one batch at a time, the event loop serving requests between batches,
-            # then swapped in: 100,000 keys do not stall traffic while they are read.
+            # Filled a slice at a time, the event loop serving requests in between, then
+            # swapped in: 100,000 keys do not stall traffic while they are read. Without the
+            # cyclic collector meanwhile (records hold no cycles; full collections walking the
+            # growing table stalled the loop 80-140 ms each), and left out of later ones.
             fresh = ApiKeyTable()
-            async for batch in self._backend.load():
-                for name, text in batch:
-                    try:
-                        fresh.put(KeyRecord.from_json(text))
-                    except ValueError as exc:
-                        log.error("key %r: unreadable record, ignored: %s", name, exc)
-            self.table.take(fresh)
+            with collector_paused(then_freeze=True):
+                async for batch in self._backend.load():
+                    for start in range(0, len(batch), _PARSE_SLICE):
+                        for name, text in batch[start : start + _PARSE_SLICE]:
+                            try:
+                                fresh.put(KeyRecord.from_json(text))
+                            except ValueError as exc:
+                                log.error("key %r: unreadable record, ignored: %s", name, exc)
+                        await asyncio.sleep(0)
+                given_up = self.table.take(fresh)
             self.known_version = version
             self._epoch = epoch
             self._pending = {v: c for v, c in self._pending.items() if v > version}
@@ -274,3 +283,10 @@ class KeyStore:
             self._reading = False
         self._apply_pending()
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
+        # The old table let go of a slice at a time: freeing 100,000 records at once held the
+        # event loop 35 ms.
+        for container in given_up:
+            while container:
+                for _ in range(min(len(container), _FREE_SLICE)):
+                    container.popitem()
+                await asyncio.sleep(0)

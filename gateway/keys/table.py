@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
+from typing import Any
 
 from gateway.config.model import ApiKey
 from gateway.keys.records import KeyRecord
@@ -52,14 +53,17 @@ class ApiKeyTable:
         self._forget(name)
         self._sorted_names = None
 
-    def take(self, fresh: ApiKeyTable) -> None:
+    def take(self, fresh: ApiKeyTable) -> list[dict[Any, Any]]:
         """Serve what `fresh` holds from now on: a table filled bit by bit off to the side
-        (between reads of the storage) and swapped in at once."""
+        (between reads of the storage) and swapped in at once. Returns the containers given
+        up, for the caller to empty at its pace (freeing them is not free)."""
+        given_up: list[dict[Any, Any]] = [self.records, self._secrets, self._shared_plans]
         self.records = fresh.records
         self._secrets = fresh._secrets
         self._shared_plans = fresh._shared_plans
         self._sorted_names = None
         self.loaded = True
+        return given_up
 
     def names_after(self, after: str, limit: int) -> list[str]:
         """Up to `limit` names that sort after `after`, in order."""
