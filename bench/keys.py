@@ -8,7 +8,11 @@ For each size it writes a config of that many keys (in keys.yaml) and prints:
 - start: from `gateway run` to the first 200 for a key of the file, and the RSS of every
   gateway process then (the supervisor and each worker);
 - with keys from the admin API (`POST /admin/keys`) instead of the file: the same start
-  figures after a restart; skipped, saying so, where the admin API has no keys endpoint.
+  figures after a restart; skipped, saying so, where the admin API has no keys endpoint. Then
+  every process's subscription to key changes is dropped (CLIENT KILL TYPE pubsub, as a
+  network blip would) and a key is created and another deleted, under a probe: how long until
+  every process honours both, catching up from the storage's log of changes, and again with
+  that log gone, reading every key.
 For the smallest size, a probe sends a request every 20 ms while keys.yaml is edited (one key
 added): the worst probe latency around the reload (the goal is under 100 ms) and how long after
 the edit the new key answered 200.
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import yaml
 from harness import (
     REPO,
@@ -281,6 +286,77 @@ def create_api_keys(setup: Setup, keys: int) -> float | None:
     return time.monotonic() - started
 
 
+@dataclass
+class FollowResult:
+    honoured_after: float  # the new key answered 200 and the deleted one 401
+    worst_ms: float
+    median_ms: float
+    probes: int
+
+
+def follow_under_probe(setup: Setup, keys: int, full_read: bool) -> FollowResult:
+    """Drop every gateway process's subscription to the key changes (as a network blip
+    would), then create a key and delete another through the admin API while probing: how
+    long until every process honours both. With `full_read`, the log of recent changes is
+    deleted right after, so the processes read every key again instead of catching up."""
+    store = redis.Redis.from_url(setup.redis_url)
+    probe = Probe(setup.proxy_port)
+    probe.start()
+    admin = http.client.HTTPConnection("127.0.0.1", setup.admin_port, timeout=30)
+    try:
+        time.sleep(1.0)  # a baseline
+        tag = "full" if full_read else "catch-up"
+        new_secret, doomed = f"followed-{tag}", f"api-{keys - 2 if full_read else keys - 3:06d}"
+        doomed_secret = f"api-{secret(keys - 2 if full_read else keys - 3)}"
+        if get(setup.proxy_port, PROBE_PATH, doomed_secret) != 200:
+            raise BenchError(f"{doomed} does not answer before its deletion")
+        store.client_kill_filter(_type="pubsub")
+        changed = time.monotonic()
+        digest = hashlib.sha256(new_secret.encode()).hexdigest()
+        body = json.dumps(
+            {"name": f"followed-{tag}", "key_sha256": digest, "plans": {"bench": "free"}}
+        )
+        for method, path, payload in (
+            ("POST", "/admin/keys", body),
+            ("DELETE", f"/admin/keys/{doomed}", None),
+        ):
+            admin.request(method, path, payload, headers={"Content-Type": "application/json"})
+            response = admin.getresponse()
+            response.read()
+            if response.status not in (201, 204):
+                raise BenchError(f"{method} {path}: {response.status}")
+        if full_read:
+            # Gone before the processes subscribe again (0.1 s after losing it), as if trimmed.
+            store.delete("gw:{gw:keys}:log")
+        deadline = changed + 60
+        # Both honoured ten times in a row, each on a new connection that the kernel gives to
+        # any worker: then every worker has them, all but surely; timed to the first of ten.
+        streak, first = 0, 0.0
+        while streak < 10:
+            if time.monotonic() > deadline:
+                raise BenchError("the changes were never honoured")
+            if (
+                get(setup.proxy_port, PROBE_PATH, new_secret) == 200
+                and get(setup.proxy_port, PROBE_PATH, doomed_secret) == 401
+            ):
+                first = first if streak else time.monotonic()
+                streak += 1
+            else:
+                streak = 0
+                time.sleep(0.01)
+        honoured = first - changed
+        time.sleep(1.0)
+    finally:
+        admin.close()
+        store.close()
+        probe.stopping.set()
+        probe.join()
+    latencies = sorted(seconds for _, seconds, _ in probe.samples)
+    return FollowResult(
+        honoured, latencies[-1] * 1000, latencies[len(latencies) // 2] * 1000, len(latencies)
+    )
+
+
 def show_start(label: str, start: Start) -> None:
     per_process = ", ".join(f"{rss:.0f}" for rss in start.rss_mib.values())
     print(f"  {label}: {start.seconds:.1f} s to the first 200; RSS MiB per process: {per_process}")
@@ -325,8 +401,20 @@ def bench_size(procs: Procs, base: Setup, keys: int, probe_reload: bool, api: bo
     # Timed to the first 200 for the last key created: every API key is loaded by then.
     last = f"api-{secret(keys - 1)}"
     child, start = start_gateway(procs, setup, f"gateway-{keys}-api", last)
-    procs.stop(child)
-    show_start("start, keys from the API", start)
+    try:
+        show_start("start, keys from the API", start)
+        for full_read in (False, True):
+            followed = follow_under_probe(setup, keys, full_read)
+            how = "a full read (no log of changes)" if full_read else "catching up from the log"
+            print(
+                f"  subscriptions dropped, then a key created and one deleted, {how}: honoured by "
+                f"every process after {followed.honoured_after:.2f} s; probe latency worst "
+                f"{followed.worst_ms:.1f} ms, median {followed.median_ms:.1f} ms "
+                f"({followed.probes} probes)",
+                flush=True,
+            )
+    finally:
+        procs.stop(child)
 
 
 def main() -> int:
