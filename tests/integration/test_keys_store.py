@@ -4,6 +4,7 @@ sharing the storage; what one writes, the other serves from memory within a seco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -219,11 +220,8 @@ async def test_a_dropped_subscription_catches_up_on_the_changed_keys_only(
         assert doomed.name in follower.table.records
         caplog.clear()
         caplog.set_level("INFO", logger="gateway.keys")
-        admin = fresh_redis_server.client()
-        try:
+        with contextlib.closing(fresh_redis_server.client()) as admin:
             assert admin.client_kill_filter(_type="pubsub") >= 2
-        finally:
-            admin.close()
         added = record(unique("added"))
         started = time.monotonic()
         await writer.delete(doomed.name)
@@ -249,13 +247,10 @@ async def test_a_log_that_does_not_reach_back_means_a_full_read(
     async with started_store(url) as writer, started_store(url) as follower:
         await writer.create(record("first"))
         await until(lambda: "first" in follower.table.records, HONOURED_WITHIN, "first")
-        admin = fresh_redis_server.client()
-        try:
+        with contextlib.closing(fresh_redis_server.client()) as admin:
             admin.client_kill_filter(_type="pubsub")
             await writer.create(record("second"))
             admin.delete(LOG_KEY)  # as if trimmed past the follower's version
-        finally:
-            admin.close()
         await until(lambda: "second" in follower.table.records, HONOURED_WITHIN, "second")
         assert "first" in follower.table.records
 
@@ -269,11 +264,8 @@ async def test_a_store_emptied_and_refilled_while_followed_is_read_afresh(
     async with started_store(url) as writer, started_store(url) as follower:
         await writer.create(record("old"))
         await until(lambda: "old" in follower.table.records, HONOURED_WITHIN, "old")
-        admin = fresh_redis_server.client()
-        try:
+        with contextlib.closing(fresh_redis_server.client()) as admin:
             admin.flushall()
-        finally:
-            admin.close()
         for name in ("new-1", "new-2", "new-3"):
             await writer.create(record(name))
         await until(

@@ -43,10 +43,14 @@ plans:
   metered:
     rate: {{limit: 100000, per: second}}
     quota: {{limit: 1000000, per: day}}
+  pay-as-you-go: {{}}
 keys:
   - name: tester
     key: secret-1
     plans: {{soccer: metered}}
+  - name: payg
+    key: secret-payg
+    plans: {{soccer: pay-as-you-go}}
 """
 KEY = {"X-API-Key": "secret-1"}
 LIMIT_HEADERS = ("RateLimit", "RateLimit-Policy", "X-RateLimit-Limit", "X-Quota-Limit")
@@ -296,21 +300,6 @@ async def test_allow_keeps_admitting_while_redis_is_down(
     check_readyz(run)
 
 
-UNLIMITED_API = """
-products:
-  soccer:
-    upstream: {{url: "{upstream}/base"}}
-    routes:
-      - path: /soccer/{{rest:path}}
-plans:
-  pay-as-you-go: {{}}
-keys:
-  - name: payg
-    key: secret-payg
-    plans: {{soccer: pay-as-you-go}}
-"""
-
-
 @pytest.mark.parametrize(("on_error", "status"), [("deny", 503), ("allow", 200), ("local", 200)])
 async def test_a_plan_without_limits_still_needs_the_storage_under_deny(
     tmp_path: Path, upstream: Upstream, http: aiohttp.ClientSession, on_error: str, status: int
@@ -320,7 +309,7 @@ async def test_a_plan_without_limits_still_needs_the_storage_under_deny(
     admitting requests it cannot bill."""
     closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     server = worker_server_yaml(storage_url=closed, on_error=on_error)
-    config = write_config(tmp_path, UNLIMITED_API.format(upstream=upstream.url), server=server)
+    config = write_config(tmp_path, API.format(upstream=upstream.url), server=server)
     async with running_gateway(config) as gateway:
         url = f"http://127.0.0.1:{gateway.proxy_port}/soccer/v1/items"
         async with http.get(url, headers={"X-API-Key": "secret-payg"}) as response:
