@@ -314,7 +314,10 @@ async def _add_credit(request: web.Request) -> web.Response:
     after the gateway stopped waiting): a retry with the same `Idempotency-Key` adds it once."""
     state = request.app[ADMIN_STATE]
     key, product, quota = _key_quota(request, state, "to credit")
-    once = request.headers.get("Idempotency-Key")
+    given = request.headers.getall("Idempotency-Key", [])
+    if len(given) > 1:
+        raise BadRequest("Idempotency-Key: given twice; send one.")
+    once = given[0] if given else None
     if once is not None and _IDEMPOTENCY_KEY.fullmatch(once) is None:
         raise BadRequest("Idempotency-Key: must be 1 to 255 visible ASCII characters.")
     body = only_fields(await json_object(request, required=True), ("amount",))

@@ -18,7 +18,9 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
     if not raw.strip() and not required:
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=_no_field_twice)
+    except _FieldTwice as twice:
+        raise BadRequest(f"{twice.name}: given twice") from None
     except RecursionError:
         raise BadRequest("body: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
@@ -28,6 +30,23 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
     return data
+
+
+class _FieldTwice(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _no_field_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a field comes twice: which one counts is every parser's own
+    choice (the last, here), so a body that says two things is a mistake to name."""
+    found: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in found:
+            raise _FieldTwice(name)
+        found[name] = value
+    return found
 
 
 def only_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:

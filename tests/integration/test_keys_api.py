@@ -277,6 +277,9 @@ async def test_create_refuses_with_the_field_named(
         # Past what Python's json reads: a RecursionError and a ValueError, once 500s.
         (b"[" * 100_000 + b"]" * 100_000, "body: nested too deeply"),
         (b'{"name": "big", "expires": ' + b"9" * 5000 + b"}", "body: a number in it is too long"),
+        # Which of two values counts is each parser's own choice: a body saying both is refused.
+        (b'{"name": "d1", "name": "d2"}', "name: given twice"),
+        (b'{"plans": {"soccer": "trial", "soccer": "pro"}}', "soccer: given twice"),
     ],
 )
 async def test_a_body_that_is_not_a_json_object_is_400(rig: Rig, raw: bytes, detail: str) -> None:

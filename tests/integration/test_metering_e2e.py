@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server import Worker
@@ -280,6 +281,13 @@ async def test_a_credit_answered_503_and_retried_with_its_idempotency_key_counts
         ) as r:
             problem = await r.json(content_type=None)
             assert r.status == 400 and problem["detail"].startswith("Idempotency-Key:")
+        # Two keys: which one names the credit would be a guess.
+        two = CIMultiDict([("Idempotency-Key", "invoice-a"), ("Idempotency-Key", "invoice-b")])
+        async with rig.http.post(credit_url, json={"amount": 1}, headers=two) as r:
+            problem = await r.json(content_type=None)
+            assert (r.status, problem["detail"]) == (400, "Idempotency-Key: given twice; send one.")
+        async with rig.http.get(rig.admin(f"/admin/usage/{key}")) as response:
+            assert (await response.json())["products"]["soccer"]["quota"]["credit"] == 7
 
 
 async def test_a_subscription_whose_registering_hit_was_lost_is_registered_again(
