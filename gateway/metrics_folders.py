@@ -38,8 +38,8 @@ def hold_owner_lock(directory: str) -> None:
 
 def remove_abandoned_folders(within: str) -> list[str]:
     """Remove the metrics folders in `within` that killed gateways left (a stopped one removes
-    its own): each file holds mmap'd counts that nobody reads any more, a megabyte or so per
-    worker, and a restart loop under SIGKILL would fill the disk with them. Only folders with
+    its own): each holds a few mmap'd files of counts (64 KiB each, sparse) that nobody reads
+    any more, and a restart loop under SIGKILL would pile them up without end. Only folders with
     an owner file that nobody holds locked go; those without one (an older gateway's, or one
     being made) stay. Returns the folders removed."""
     removed = []

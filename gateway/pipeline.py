@@ -264,7 +264,8 @@ async def apply_limits(ex: Exchange) -> Answer | None:
     # A refusal carries its limit headers in the problem it raises.
     headers = limit_headers(decision)
     if outcome == "quota_exceeded":
-        whole = decision.quota.limit if decision.quota is not None else cost
+        assert decision.quota is not None  # a quota refused it
+        whole = decision.quota.limit
         detail = (
             f"This route costs {cost} units, more than the whole quota of the {plan.name} "
             f"plan for '{ex.product}' ({whole}): no period admits it without more credit."

@@ -35,6 +35,7 @@ from gateway.config.products import ProductsReader
 from gateway.config.storage_url import storage_url_problem
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
 from gateway.config.yamltree import MappingNode, Node
+from gateway.http.headers import HOP_BY_HOP, SET_BY_PROXY
 from gateway.http.tls import TlsFileError, server_context
 
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
@@ -50,13 +51,9 @@ _TIMEOUT_KEYS = ("client_header", "client_body", "keepalive", "websocket_idle")
 _TLS_KEYS = ("cert", "key")
 _STORAGE_KEYS = ("url", "timeout", "on_error", "local_fraction")
 _AUTH_KEYS = ("header", "query_param")
-_NOT_A_KEY_HEADER = frozenset(
-    {
-        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
-        "te", "trailer", "expect", "proxy-connection", "proxy-authorization",
-        "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
-    }
-)  # fmt: skip
+# Where a key could not be: a header that is never forwarded as sent (hop-by-hop, or set by
+# the gateway on the way up), the body's framing, or the standard form of the X-Forwarded-*.
+_NOT_A_KEY_HEADER = HOP_BY_HOP | SET_BY_PROXY | {"content-length", "forwarded"}
 
 _ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
 ADDRESS_HINT = "must be host:port or [ipv6]:port"

@@ -39,9 +39,10 @@ _NEVER_CONNECTION_LISTED: frozenset[str] = frozenset({"content-length", "content
 
 
 # Request headers a proxy sets itself, whatever the client sent.
-_GATEWAY_OWNED: frozenset[bytes] = frozenset(
-    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+SET_BY_PROXY: frozenset[str] = frozenset(
+    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 )
+_GATEWAY_OWNED: frozenset[bytes] = frozenset(name.encode() for name in SET_BY_PROXY)
 _REQUEST_DROP: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP) | _GATEWAY_OWNED
 _NEVER_CONNECTION_LISTED_RAW: frozenset[bytes] = frozenset(
     name.encode() for name in _NEVER_CONNECTION_LISTED

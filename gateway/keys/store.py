@@ -242,8 +242,7 @@ class KeyStore:
                 texts = await self._backend.read_many(touched)
                 for name, text in zip(touched, texts, strict=True):
                     self._apply(Change(missed.version, name, text))
-                self.known_version = max(self.known_version, missed.version)
-                self._pending = {v: c for v, c in self._pending.items() if v > self.known_version}
+                self._now_at(missed.version)
         finally:
             self._reading = False
         if names is None:
@@ -254,6 +253,11 @@ class KeyStore:
             log.info(
                 "API keys: caught up on %d changes (storage version %d)", len(names), missed.version
             )
+
+    def _now_at(self, version: int) -> None:
+        """The table is the storage as of `version`: the changes up to it that wait are done."""
+        self.known_version = version
+        self._pending = {v: c for v, c in self._pending.items() if v > version}
 
     async def read_all(self) -> None:
         """Replace the table by a full read of the storage (subscribed already)."""
@@ -277,9 +281,8 @@ class KeyStore:
             # storage client's) open for good, which hung a test run's loop at its close.
             # So a full collection during a 100,000-key read still takes 80-140 ms.
             given_up = self.table.take(fresh)
-            self.known_version = version
+            self._now_at(version)
             self._epoch = epoch
-            self._pending = {v: c for v, c in self._pending.items() if v > version}
         finally:
             self._reading = False
         self._apply_pending()
