@@ -108,8 +108,9 @@ class RedisKeyBackend:
         return None if raw is None else _text(raw)
 
     async def state(self) -> tuple[int, str]:
-        # One round trip: the two keys share the store's slot, so MGET works on a cluster too.
-        read = functools.partial(self._client.mget, VERSION_KEY, EPOCH_KEY)
+        async def read() -> tuple[Any, Any]:
+            return await self._client.get(VERSION_KEY), await self._client.get(EPOCH_KEY)
+
         version, epoch = await self._guard("key_version", read, repeatable=True)
         return int(version or 0), "" if epoch is None else _text(epoch)
 
