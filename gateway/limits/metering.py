@@ -3,8 +3,9 @@ on its own while the storage is away (README "Metering").
 
 Refunds run as tasks of their own, after the request's outcome is known: a request whose
 client went away is being cancelled and can no longer await anything. Each refund is tried
-once: a storage call that failed or timed out may still have been applied, and trying it again
-could give the units back twice, so it is logged and counted instead.
+once: a storage call whose reply was lost may still have been applied, and trying it again
+could give the units back twice, so it is logged and counted instead. (One that timed out was
+not: the storage gives nothing back after the refund's deadline.)
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ _READ_BATCH = 500
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
+_REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -346,16 +347,34 @@ class RedisLimiter:
         args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
-            returned = await self._guard(
-                "refund", lambda: run_script(self._client, REFUND, keys, args)
+            cluster = cast(RedisCluster, self._client)
+            clocks = self._cluster_clocks
+            assert clocks is not None
+            sent = asyncio.get_running_loop().time()
+
+            async def give_back() -> Any:
+                # With a deadline on the clock of the node that holds the subject, as a hit.
+                deadline = await clocks.deadline_us(keys[0], sent)
+                return await run_script(cluster, REFUND, keys, (*args, deadline))
+
+            returned = int(await self._guard("refund", give_back))
+        else:
+            # On the hits' connection: it notices a restarted Redis as soon as the loop does,
+            # where a pooled redis-py connection would send into the dead one first.
+            packed = self._pack_evalsha(REFUND.sha, keys, (*args, ""))
+            packed = packed[: -len(b"$0\r\n\r\n")] + pipeline.deadline()
+            try:
+                returned = int(await pipeline.run(packed))
+            except Exception as exc:
+                raise self._guard.error("refund", exc) from exc
+        if returned == _REFUND_TOO_LATE:
+            # A stalled Redis ran it after the gateway gave up on it: nothing was given back,
+            # as the refund's count of errors then says.
+            late = StorageError(
+                "it ran after its deadline on Redis's clock; nothing was given back"
             )
-            return int(returned)
-        # On the hits' connection: it notices a restarted Redis as soon as the loop does,
-        # where a pooled redis-py connection would send into the dead one first.
-        try:
-            return int(await pipeline.run(self._pack_evalsha(REFUND.sha, keys, args)))
-        except Exception as exc:
-            raise self._guard.error("refund", exc) from exc
+            raise self._guard.error("refund", late)
+        return returned
 
     async def credit(
         self, subject: str, quota: QuotaRule, amount: int, once: str | None = None

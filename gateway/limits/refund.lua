@@ -6,11 +6,23 @@
 -- ARGV[2]  `born` of the quota hash when the units were taken (0: the plan had no quota)
 -- ARGV[3]  `born` of the day's history hash then
 -- ARGV[4]  the plan's name
+-- ARGV[5]  the Redis time (microseconds) after which the gateway no longer waits for this
+--          reply, or 0: a refund that runs later (a stalled Redis waking up) gives nothing
+--          back, so that one the gateway counted as failed has truly not been applied
 --
 -- A hash whose `born` differs is not the one the units went into (Redis restarted and lost
 -- it, or it expired and was created again): it is left alone, so a refund can neither make a
 -- count negative nor take units from requests admitted since. Nothing goes below zero.
--- Returns the units given back to the quota.
+-- Returns the units given back to the quota, or -1 when it ran after its deadline (nothing
+-- was looked at or given back).
+
+local deadline = tonumber(ARGV[5])
+if deadline > 0 then
+    local clock = redis.call('TIME')
+    if tonumber(clock[1]) * 1000000 + tonumber(clock[2]) > deadline then
+        return -1
+    end
+end
 
 local cost = tonumber(ARGV[1])
 local returned = 0

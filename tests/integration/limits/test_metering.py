@@ -16,13 +16,13 @@ import pytest
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits import Limiter, create_limiter
-from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, day_of
+from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, StorageError, day_of
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
 from gateway.limits.periods import quota_period
 from gateway.limits.redis import RedisLimiter
 from gateway.limits.redis_clients import open_storage_redis
-from tests.support.redis_servers import RedisServer
+from tests.support.redis_servers import RedisClusterNodes, RedisServer
 
 UTC = ZoneInfo("UTC")
 REFUND_5XX: frozenset[str] = frozenset({"5xx"})
@@ -261,7 +261,9 @@ async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
 ) -> None:
     """Counted twice, as the README lists it: a refund that failed
     (gateway_quota_refunds_total{result="error"}) and a storage call that failed
-    (gateway_storage_errors_total{operation="refund"})."""
+    (gateway_storage_errors_total{operation="refund"}). And what it counts holds: the refund
+    was written before the freeze was noticed, so Redis runs it when it wakes, after its
+    deadline, and gives nothing back."""
     storage_errors: list[str] = []
     refunds: list[tuple[str, str, str, int]] = []
     timeout = 0.25
@@ -280,9 +282,46 @@ async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
         assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
         assert refunds == [("soccer", "pro", "error", 3)]
         assert [error for error in storage_errors if error != "register"] == ["refund"]
+        fresh_redis_server.resume()
+        await asyncio.sleep(0.2)  # for the refund buffered in Redis's socket to run
+        await _hit_when_back(limiter, subject, quota(100))  # 4 units, once Redis answers
+        assert (await limiter.usage(subject, quota(100))).used == 3 + 4
     finally:
         fresh_redis_server.resume()
         await limiter.close()
+
+
+async def test_a_refund_a_frozen_cluster_node_runs_late_gives_nothing_back(
+    tmp_path: Path,
+) -> None:
+    """The same on a Redis Cluster, where the deadline is on the clock of the node that holds
+    the subject."""
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    cluster.start()
+    limiter = create_limiter(StorageConfig(url=cluster.url, timeout=0.25))
+    try:
+        subject = f"{new_key()}:soccer"
+        # One refund that goes through first, so the node has the script: a late EVALSHA of a
+        # script it lacks would take nothing whatever the deadline.
+        loaded = await limiter.hit(subject, None, quota(100), 3, "pro")
+        assert loaded.receipt is not None
+        assert await limiter.refund(subject, loaded.receipt) == 3
+        decision = await limiter.hit(subject, None, quota(100), 3, "pro")
+        assert decision.receipt is not None
+        for node in cluster.nodes:
+            node.pause()
+        try:
+            with pytest.raises(StorageError):
+                await limiter.refund(subject, decision.receipt)
+        finally:
+            for node in cluster.nodes:
+                node.resume()
+        await asyncio.sleep(0.2)  # for the refund buffered in the node's socket to run
+        await _hit_when_back(limiter, subject, quota(100))  # 4 units, once the node answers
+        assert (await limiter.usage(subject, quota(100))).used == 3 + 4
+    finally:
+        await limiter.close()
+        cluster.stop()
 
 
 async def test_a_gateway_whose_clock_lags_redis_still_counts(redis_server: RedisServer) -> None:
