@@ -108,10 +108,10 @@ class RedisKeyBackend:
         return None if raw is None else _text(raw)
 
     async def state(self) -> tuple[int, str]:
-        async def read() -> tuple[Any, Any]:
-            return await self._client.get(VERSION_KEY), await self._client.get(EPOCH_KEY)
-
-        version, epoch = await self._guard("key_version", read, repeatable=True)
+        # One round trip: the two keys share a hash tag, so a Cluster's MGET takes them too.
+        version, epoch = await self._guard(
+            "key_version", lambda: self._client.mget(VERSION_KEY, EPOCH_KEY), repeatable=True
+        )
         return int(version or 0), "" if epoch is None else _text(epoch)
 
     async def missed(self, after: int) -> Missed:

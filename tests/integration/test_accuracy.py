@@ -318,5 +318,6 @@ async def test_one_evalsha_per_admitted_request(rig: Rig) -> None:
     assert result.admitted == len(result.answers) > 100
     assert stats["evalsha"] == result.admitted
     # Besides the script, the gateways sent at most the handshakes of new pool connections
-    # and the key store's periodic GET of the keys' version (README, "Keys as data").
-    assert set(stats) - SCRIPT_COMMANDS <= {"evalsha", "hello", "client", "get"}
+    # and the key store's periodic MGET of the keys' version and epoch (README, "Keys as
+    # data").
+    assert set(stats) - SCRIPT_COMMANDS <= {"evalsha", "hello", "client", "mget"}
