@@ -71,7 +71,9 @@ class GatewayProblem(Exception):
             },
             ensure_ascii=False,
             separators=(", ", ": "),
-        ).encode()
+            # A detail may quote a client's text, lone surrogates and all (a JSON field name
+            # like "\ud800"): written back as the same JSON escape, not an encoding error.
+        ).encode("utf-8", "backslashreplace")
 
 
 class BadRequest(GatewayProblem):

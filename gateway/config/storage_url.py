@@ -67,7 +67,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         raise ValueError("has more than /MASTER/DB after the Sentinels")
     db = 0
     if len(segments) == 2:
-        if not segments[1].isdigit():
+        if not (segments[1].isascii() and segments[1].isdigit()):
             raise ValueError(f"database {segments[1]!r} must be a number, e.g. /mymaster/0")
         db = int(segments[1])
     return SentinelUrl(

@@ -311,7 +311,8 @@ def _refuse_file_secret(index: KeyIndex, digest: str) -> None:
 def _page_size(value: str | None) -> int:
     if value is None:
         return _DEFAULT_PAGE
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_PAGE:
+    # isascii: str.isdigit() is also true of '²' and other digits int() does not take.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MAX_PAGE:
         raise BadRequest(f"limit: must be an integer from 1 to {_MAX_PAGE}")
     return int(value)
 

@@ -280,6 +280,8 @@ async def test_create_refuses_with_the_field_named(
         # Which of two values counts is each parser's own choice: a body saying both is refused.
         (b'{"name": "d1", "name": "d2"}', "name: given twice"),
         (b'{"plans": {"soccer": "trial", "soccer": "pro"}}', "soccer: given twice"),
+        # A lone surrogate, which JSON can say and UTF-8 cannot: quoted back, not a 500.
+        (b'{"\\ud800": 1}', "\ud800: unknown field"),
     ],
 )
 async def test_a_body_that_is_not_a_json_object_is_400(rig: Rig, raw: bytes, detail: str) -> None:
@@ -312,8 +314,10 @@ async def test_patch_and_rotate_refuse_bad_fields(rig: Rig) -> None:
     for method, path, body, detail in cases:
         status, problem, _ = await rig.call(method, path, body)
         assert status == 400 and problem["detail"].startswith(detail), (body, problem)
-    status, problem, _ = await rig.call("GET", "/admin/keys?limit=0")
-    assert status == 400 and problem["detail"].startswith("limit: must be an integer")
+    # '²' and a fullwidth '1' are digits to str.isdigit(), not to the API.
+    for limit in ("0", "%C2%B2", "%EF%BC%91", "1001"):
+        status, problem, _ = await rig.call("GET", f"/admin/keys?limit={limit}")
+        assert status == 400 and problem["detail"].startswith("limit: must be an integer")
     # Nothing of those was stored: the key still reads, and so does the list.
     assert (await rig.call("GET", "/admin/keys/acme"))[0] == 200
     assert (await rig.call("GET", "/admin/keys"))[0] == 200
