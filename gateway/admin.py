@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.admin_json import json_object, only_fields
+from gateway.admin_json import BODY_TIMEOUT, json_object, only_fields
 from gateway.config.instants import format_instant
 from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule
 from gateway.keys.api import KeysAccess, add_key_routes
@@ -107,6 +107,7 @@ def build_admin_app(
         raise ValueError("the admin token must not be empty")
     app = web.Application(middlewares=[_problems_and_auth], client_max_size=_MAX_BODY)
     app.on_response_prepare.append(_tag_request_id)
+    app[BODY_TIMEOUT] = lambda: get_config().server.timeouts.client_body
     app[ADMIN_STATE] = AdminState(
         get_config=get_config,
         limiter=limiter,
@@ -221,7 +222,10 @@ def _authorize(request: web.Request, token: bytes | None) -> None:
 
 def _problem_response(problem: GatewayProblem, request_id: str) -> web.Response:
     headers, body = render_problem(problem, request_id)
-    return web.Response(status=problem.status, body=body, headers=headers)
+    response = web.Response(status=problem.status, body=body, headers=headers)
+    if problem.close_connection:
+        response.force_close()  # the rest of a stalled body may still come
+    return response
 
 
 # The id of the call being answered: set by the middleware in the call's own task (aiohttp

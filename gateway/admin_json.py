@@ -4,17 +4,35 @@ field the endpoint does not know is a mistake, not something silently ignored.""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from gateway.problems import BadRequest
+from gateway.problems import BadRequest, RequestTimeout, UnsupportedMediaType
+
+# The running config's `server.timeouts.client_body`: the most a body may take to arrive.
+BODY_TIMEOUT: web.AppKey[Callable[[], float]] = web.AppKey("admin_body_timeout")
 
 
 async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]:
     """The body as a JSON object; an empty body is `{}` unless `required`."""
-    raw = await request.read()
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        # The admin port does not decode bodies (aiohttp's auto_decompress is off): a body
+        # that is not as it says failed inside aiohttp, with a 500 or a plain-text 400.
+        raise UnsupportedMediaType(
+            f"Content-Encoding: an admin call's body is taken as it is, not {coding!r}",
+            headers={"Accept-Encoding": "identity"},
+        )
+    within = request.app[BODY_TIMEOUT]()
+    try:
+        async with asyncio.timeout(within):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"body: did not arrive within {within:g}s (client_body)") from None
     if not raw.strip() and not required:
         return {}
     try:

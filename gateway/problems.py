@@ -138,6 +138,12 @@ class ContentTooLarge(GatewayProblem):
     status, title, code = 413, "Content Too Large", "content_too_large"
 
 
+class UnsupportedMediaType(GatewayProblem):
+    """The admin API's: a body in a content coding it does not take."""
+
+    status, title, code = 415, "Unsupported Media Type", "unsupported_media_type"
+
+
 class QuotaExceeded(GatewayProblem):
     status, title, code = 429, "Quota Exceeded", "quota_exceeded"
 

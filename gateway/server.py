@@ -373,7 +373,18 @@ class Worker:
             keys=KeysAccess(lambda: runtime.snapshot, runtime.key_store),
             draining=lambda: self._draining,
         )
-        self._admin_runner = web.AppRunner(admin_app, access_log=None, logger=ADMIN_HTTP_LOG)
+        self._admin_runner = web.AppRunner(
+            admin_app,
+            access_log=None,
+            logger=ADMIN_HTTP_LOG,
+            # Bodies are taken as they are (admin_json.json_object refuses a coding): aiohttp's
+            # own decoding failed as a 500, or as a plain-text 400 for codings it lacks.
+            auto_decompress=False,
+            # aiohttp's one timer for a connection that has not sent a whole request head, the
+            # first or the next: so a head must arrive within client_header, as on the proxy
+            # port, and an idle connection is closed after as long (README, "Admin API").
+            keepalive_timeout=server_config.timeouts.client_header,
+        )
         await self._admin_runner.setup()
         admin_socket = open_listener(server_config.admin_listen)
         self.admin_port = admin_socket.getsockname()[1]

@@ -428,3 +428,56 @@ async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
     finally:
         await runner.cleanup()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_slow_or_encoded_body_and_a_slow_head_get_clear_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on the proxy port: a body must arrive within client_body (408), a head within
+    client_header (the connection closed: aiohttp has no 408 of its own for it). A body in a
+    content coding is refused by name, where aiohttp's decoding answered a 500 for a gzip body
+    that was not gzip and a plain-text 400 for brotli."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
+    api = """
+products:
+  shop:
+    upstream: {url: "http://127.0.0.1:9"}
+    routes: [{path: "/shop/{rest:path}"}]
+plans:
+  trial: {quota: {limit: 10, per: day}}
+keys:
+  - {name: acme, key: acme-secret, plans: {shop: trial}}
+"""
+    server = worker_server_yaml(client_header="300ms", client_body="300ms")
+    config = write_config(tmp_path / "config", api, server=server)
+    credit = "/admin/usage/acme/shop/credit"
+    async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{worker.admin_port}{credit}"
+        for coding in ("gzip", "br", "bogus"):
+            headers = {**bearer(TOKEN), "Content-Encoding": coding}
+            async with http.post(url, data=b"not encoded", headers=headers) as response:
+                problem = await response.json(content_type=PROBLEM)
+            assert (response.status, problem["code"]) == (415, "unsupported_media_type"), coding
+            assert problem["detail"].startswith("Content-Encoding: ")
+            assert response.headers["Accept-Encoding"] == "identity"
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
+        writer.write(
+            f"POST {credit} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Length: 20\r\n\r\n{".encode()
+        )
+        started = time.monotonic()
+        # The whole answer (its body is one JSON object); aiohttp then reads what is left of
+        # the body for a while before it closes, so that the client is not sent a reset.
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b'"detail": "body: did not arrive within 0.3s (client_body)"' in answer
+        assert time.monotonic() - started < 5  # loose: a busy CI box
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert time.monotonic() - started < 5
