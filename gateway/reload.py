@@ -42,8 +42,14 @@ def config_fingerprint(path: str) -> Fingerprint:
     """What changes when the config is edited: each config file's name, mtime and size, and
     which file it is (device and inode, through symlinks): a symlink turned to another file
     of the same size and mtime (`cp -p`, `rsync -a`, a deploy tool's releases) is a change."""
+    try:
+        files = config_files(Path(path))
+    except OSError as exc:
+        # The folder cannot be listed (renamed away for a moment, no descriptor left): a state
+        # of its own, so that the reload that follows says why, and the watch goes on.
+        return ((path, -1, -1, -1, exc.errno or 0),)
     fingerprint = []
-    for file in config_files(Path(path)):
+    for file in files:
         try:
             stat = os.stat(file)
         except OSError:
@@ -202,8 +208,12 @@ class Reloader:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
-            if self.settled_edit():
-                await self.reload_off_loop()
+            try:
+                if self.settled_edit():
+                    await self.reload_off_loop()
+            except Exception:
+                # A watch that ended here would leave every later edit unread, in silence.
+                log.exception("watching the config failed; watching on")
 
 
 # What a reload cannot change in a running process: sockets, processes and the clients of the

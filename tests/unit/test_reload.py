@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 from gateway.reload import config_fingerprint
@@ -35,3 +36,20 @@ def test_a_symlink_turned_to_a_file_of_the_same_size_and_mtime_is_a_change(tmp_p
     current.unlink()
     current.symlink_to(two)  # what a deploy that switches releases does
     assert config_fingerprint(str(current)) != before
+
+
+def test_a_folder_that_cannot_be_listed_is_a_change_not_an_error(tmp_path: Path) -> None:
+    """Out of descriptors (or the folder renamed away for a moment), listing it fails: the
+    watch must go on, and see the edit once the folder can be listed again."""
+    (tmp_path / "a.yaml").write_text("products: {}\n")
+    before = config_fingerprint(str(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no descriptor left
+    try:
+        unlisted = config_fingerprint(str(tmp_path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert unlisted != before
+    assert config_fingerprint(str(tmp_path)) == before
