@@ -4,6 +4,7 @@ httptools: the bound on a head, and the parsers a connection keeps when it has n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import httptools
@@ -35,6 +36,21 @@ class _NoCallbacks:
 # not yet connected) holds one of these instead, and is freed by reference counting.
 CLOSED_REQUEST_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 CLOSED_RESPONSE_PARSER = httptools.HttpResponseParser(_NoCallbacks())
+
+
+@functools.lru_cache(maxsize=256)
+def parser_knows_method(method: str) -> bool:
+    """Whether a request with `method` gets past the parser at all: llhttp knows a fixed set
+    (the standard methods, WebDAV's and the like) and refuses any other token, `GETT` too,
+    before a route is looked at."""
+    parser = httptools.HttpRequestParser(_NoCallbacks())
+    try:
+        parser.feed_data(method.encode("ascii") + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    except httptools.HttpParserUpgrade:
+        return True  # CONNECT: the parser hands the connection over
+    except (httptools.HttpParserError, UnicodeEncodeError):
+        return False
+    return True
 
 
 class BodyOnly:
