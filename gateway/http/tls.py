@@ -10,7 +10,6 @@ handshake to the newest context. Connections already open keep the certificate t
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 
 __all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
 
@@ -25,11 +24,19 @@ class TlsFileError(Exception):
         self.role = role
 
 
+# A certificate chain or a key is a few KiB: a file far larger is not one (`/dev/zero` was
+# read until memory ran out).
+_MAX_PEM_BYTES = 1024 * 1024
+
+
 def _read(path: str, role: str, marker: bytes, what: str) -> None:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(_MAX_PEM_BYTES + 1)
     except OSError as exc:
         raise TlsFileError(role, f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_PEM_BYTES:
+        raise TlsFileError(role, f"{path} is over {_MAX_PEM_BYTES} bytes: not a PEM {what}")
     if b"-----BEGIN " not in data or marker not in data:
         raise TlsFileError(role, f"{path} is not a PEM {what}")
 
