@@ -65,6 +65,19 @@ class ApiKeyTable:
         self.loaded = True
         return given_up
 
+    def plans_missing(self, plans: Mapping[str, object]) -> dict[str, int]:
+        """The plan names API keys hold that `plans` lacks, each with how many keys hold it
+        (a key holding one on two products counts twice). The distinct plan mappings are few,
+        so the keys are only walked when one is missing."""
+        if all(name in plans for shared in self._shared_plans.values() for name in shared.values()):
+            return {}
+        missing: dict[str, int] = {}
+        for record in self.records.values():
+            for name in record.plan_names().values():
+                if name not in plans:
+                    missing[name] = missing.get(name, 0) + 1
+        return missing
+
     def names_after(self, after: str, limit: int) -> list[str]:
         """Up to `limit` names that sort after `after`, in order."""
         if self._sorted_names is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -364,7 +365,9 @@ async def test_unknown_keys_are_404(rig: Rig) -> None:
         assert status == 404 and problem["code"] == "not_found", (method, problem)
 
 
-async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
+async def test_a_reload_is_applied_to_api_keys_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with running_upstream() as upstream:
         config_dir = write_config(
             tmp_path / "config", API.format(upstream=upstream.url), server=worker_server_yaml()
@@ -396,7 +399,13 @@ async def test_a_reload_is_applied_to_api_keys_too(tmp_path: Path) -> None:
             (config_dir / "10-api.yaml").write_text(
                 API.format(upstream=upstream.url).replace("  production: {}\n", "")
             )
+            caplog.clear()
             await worker.reload_now()  # a reload is read off the event loop: await it
+            # Taken, since API keys are data, but said: their customers would find it first.
+            said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(
+                "1 product entries of API keys name the plan 'production'" in m for m in said
+            )
             assert (await rig.proxy(secret))[0] == 200
             status, problem = await rig.proxy(secret, "/weather/x")
             assert status == 403 and "no plan for the product 'weather'" in problem["detail"]
