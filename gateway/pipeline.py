@@ -238,6 +238,11 @@ async def apply_limits(ex: Exchange) -> Answer | None:
     """6 and 7: the storage must answer (or on_error says otherwise), then rate and quota in
     one step, which also counts the request in the day's history (README, "Metering")."""
     assert ex.principal is not None and ex.match is not None
+    broken = ex.request.content.error
+    if isinstance(broken, HttpError):
+        # The parser refused the body already (bad chunk framing that came with the head):
+        # the request was never valid HTTP, so it is answered without being charged.
+        raise broken
     principal = ex.principal
     plan = principal.plan
     cost = ex.match.route.cost

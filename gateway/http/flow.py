@@ -72,6 +72,11 @@ class ChunkQueue:
         self._error: BaseException | None = None  # why the rest will never come
         self.done = False  # the whole body has arrived
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the rest will never come, when that is known already."""
+        return self._error
+
     def push(self, chunk: bytes) -> int:
         """Queue a chunk; the bytes queued now."""
         self._chunks.append(chunk)

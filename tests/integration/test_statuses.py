@@ -63,6 +63,7 @@ keys:
 """
 
 KEY = {"X-API-Key": "secret-1"}
+RATED = {"X-API-Key": "secret-rated"}
 UPSTREAM_LIMIT_HEADERS_LOWER = {
     name.lower(): value for name, value in UPSTREAM_LIMIT_HEADERS.items()
 }
@@ -672,3 +673,28 @@ async def test_500_after_the_limit_step_keeps_the_limit_headers(
             assert r.headers["X-RateLimit-Remaining"] == "4"
             assert r.headers["RateLimit"].startswith('"rate";r=4;')
     assert "internal detail" not in json.dumps(body)
+
+
+async def test_a_body_refused_with_its_head_is_400_and_charged_nothing(
+    gateway: Worker, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """Bad chunk framing in the same write as the head: the parser refuses the body before
+    the limits are reached, so the request was never valid HTTP and takes nothing (it was
+    charged and half sent upstream)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    try:
+        writer.write(
+            b"POST /soccer/v5/upload HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-rated\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)  # it closes after the 400
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"x-ratelimit-remaining" not in head.lower()
+    assert json.loads(body)["code"] == "bad_request"
+    async with client.get(url(gateway, "/soccer/v5/next"), headers=RATED) as response:
+        assert response.status == 200
+        assert response.headers["X-RateLimit-Remaining"] == "99"  # its own request only
+    assert [seen.path_qs for seen in upstream.seen] == ["/base/soccer/v5/next"]
