@@ -29,7 +29,11 @@ class AnswerWriter:
     `ServerConnection`, which owns the transport and decides when a new answer begins."""
 
     transport: asyncio.Transport | None
-    _closing: bool  # close once the current answer is done (set by the connection)
+    _closing: bool  # close once the requests read so far are answered (set by the connection)
+
+    def _more_to_answer(self) -> bool:
+        """Whether requests already read wait behind the one being answered."""
+        return False
 
     def _init_answers(self, loop: asyncio.AbstractEventLoop) -> None:
         self._head: bytes | None = None  # a head waiting to leave with the first body bytes
@@ -76,7 +80,8 @@ class AnswerWriter:
             request.keep_alive
             and not close
             and not close_delimited
-            and not self._closing
+            # Closing, the connection still answers the requests it has read, the last says so.
+            and (not self._closing or self._more_to_answer())
             and request.content.done
         )
         head = status_line(status, reason) + header_block

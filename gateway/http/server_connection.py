@@ -82,7 +82,9 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._waker: asyncio.Future[None] | None = None  # the task waits for a request
         self._busy = False  # a handler is running
         self.idle_since: float | None = None
-        self._closing = False  # close once the current answer is done
+        self._closing = False  # close once the requests read so far are answered
+        # A bad head read behind a request still being answered: answered in its turn.
+        self._head_error: RequestError | None = None
         self._init_answers(self._loop)  # the answer being written: see http/answer.py
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -245,7 +247,9 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
             # hosts a request is for is a question the upstream might answer differently.
             self._refuse_head("it must have exactly one Host header")
-        content = RequestBody(self, self._expect_continue) if self._has_body else NO_BODY
+        # An HTTP/1.0 client's Expect is ignored (RFC 9110 10.1.1): it knows no 100 Continue.
+        expect_continue = self._expect_continue and version == "1.1"
+        content = RequestBody(self, expect_continue) if self._has_body else NO_BODY
         request = Request(
             self,
             parser.get_method().decode("ascii", "surrogateescape"),
@@ -365,13 +369,16 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # No answer, or one cut short: only closing the connection tells the client.
             transport.abort()
             return False
-        if self._close_after or self._closing:
+        if self._close_after or (self._closing and not waiting):
             transport.close()
             return False
         if waiting:
             self._begin_turn()
             if len(waiting) <= _MAX_WAITING and not self._body_paused:
                 self._resume_reading()
+        elif self._head_error is not None:
+            self._answer_alone(self._head_error)
+            return False
         elif not self._in_head:
             self.idle_since = self._loop.time()
         else:
@@ -413,6 +420,9 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self.send_interim(interim_head(status, reason, lines, self._server.interim_drop))
 
     # --- flow control and closing -------------------------------------------------------
+
+    def _more_to_answer(self) -> bool:
+        return len(self._waiting) > 1  # the first is the request being answered
 
     def resume_body(self) -> None:
         if self._body_paused:
@@ -458,14 +468,22 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
 
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()
-        self._stop_reading()
         error = MalformedRequest(f"not valid HTTP: {detail}")
         if self._parsing is not None:
-            # The client is still there: its handler answers (a ConnectionError would say it
-            # left, and the upload would wait for a body that cannot come).
+            # In a body: the client is still there, and its handler answers (a ConnectionError
+            # would say it left, and the upload would wait for a body that cannot come).
+            self._stop_reading()
             self._parsing.content.fail(error)
-        if not self._busy and self.transport is not None:
-            self._answer_alone(error)
+        elif self._busy:
+            # In a head pipelined behind the requests being answered: they are answered as
+            # if nothing had happened, then this 400, then the connection closes.
+            self._stopped_reading = True
+            self._pause_reading()
+            self._head_error = error
+        else:
+            self._stop_reading()
+            if self.transport is not None:
+                self._answer_alone(error)
 
     def _answer_alone(self, error: RequestError) -> None:
         """An answer to no request a handler saw (a slow head, a bad one): the server's

@@ -155,6 +155,30 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         assert bodies == [b"/1", b"/2", b"/3"]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /x HTTP/9.9\r\nHost: t\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nNoColon\r\n\r\n",
+    ],
+    ids=["version", "garbage", "header"],
+)
+async def test_a_bad_head_pipelined_behind_good_ones_gets_its_400_in_turn(bad: bytes) -> None:
+    """The requests before it are answered as if nothing had happened (keep-alive: more
+    answers follow), then its 400, then the close; it was dropped without a word."""
+    async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+        writer.write(get("/1") + get("/2") + bad)
+        for path in ("/1", "/2"):
+            reply = await read_reply(reader)
+            assert (reply.status, reply.body) == (200, f"GET {path} ".encode())
+            assert "connection" not in reply.headers
+        reply = await read_reply(reader)
+        assert reply.status == 400 and problem(reply)["code"] == "bad_request"
+        assert reply.headers["connection"] == "close"
+        assert await read_to_eof(reader) == b""
+
+
 async def test_idle_connection_is_closed_after_keepalive_timeout() -> None:
     served = http_server(echo, keepalive_timeout=0.2)
     async with served as (_, port), connected(port) as (reader, writer):
@@ -343,6 +367,16 @@ async def test_100_continue_is_sent_only_once_the_handler_reads_the_body() -> No
         assert "connection" not in reply.headers  # the body was read: the connection goes on
 
 
+async def test_an_http10_expect_is_ignored() -> None:
+    """RFC 9110 10.1.1: an HTTP/1.0 client knows no 100 Continue; it sends its body anyway."""
+    async with http_server(echo) as (_, port), connected(port) as (reader, writer):
+        writer.write(EXPECTING_5_BYTES.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        await asyncio.sleep(0.1)  # what a 1.0 client with an Expect does: waits a little
+        writer.write(b"hello")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n"), 2)
+        assert first == b"HTTP/1.1 200 OK\r\n"  # the final answer, no interim one
+
+
 async def test_100_continue_is_not_sent_when_the_handler_answers_without_the_body() -> None:
     async def refuse(request: Request) -> None:
         answer_problem(request, Unauthorized("no key"), "rid")
@@ -514,6 +548,31 @@ async def test_shutdown_lets_a_request_in_flight_finish_with_connection_close() 
         assert reply.headers["connection"] == "close"
         assert await read_to_eof(reader) == b""
         await asyncio.wait_for(shutdown, 1)  # done once the last connection went
+
+
+async def test_shutdown_answers_the_pipelined_requests_already_read() -> None:
+    """Read before the shutdown began, they are in flight as much as the first: each is
+    answered, the last one says close (they were dropped unanswered)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def first_waits(request: Request) -> None:
+        if request.raw_path == "/1":
+            started.set()
+            await release.wait()
+        request.connection.respond(request, 200, "OK", TEXT, request.raw_path.encode())
+
+    async with http_server(first_waits) as (server, port), connected(port) as (reader, writer):
+        writer.write(get("/1") + get("/2") + get("/3"))
+        await asyncio.wait_for(started.wait(), 2)
+        await asyncio.sleep(0.05)  # for the other two heads to be read
+        shutdown = asyncio.create_task(server.shutdown(2.0))
+        await asyncio.sleep(0.05)
+        release.set()
+        replies = [await read_reply(reader) for _ in range(3)]
+        assert [reply.body for reply in replies] == [b"/1", b"/2", b"/3"]
+        assert [reply.headers.get("connection") for reply in replies] == [None, None, "close"]
+        assert await read_to_eof(reader) == b""
+        await asyncio.wait_for(shutdown, 1)
 
 
 async def test_shutdown_cuts_a_request_that_outlasts_the_grace() -> None:
