@@ -25,6 +25,9 @@ T = TypeVar("T")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
+# YAML 1.1, which PyYAML reads, takes `010` for 8 (octal) and `1:30` for 90 (base 60): an
+# integer written like that is refused rather than read as a number nobody meant.
+_SURPRISING_INTEGER = re.compile(r"[-+]?0[0-9_]+|.*:.*")
 # A file this small is parsed again by PyYAML's pure-Python parser when libyaml rejects it:
 # its messages say what it found ("expected ',' or '}', but got '{'"), libyaml's do not.
 _REPARSE_FOR_MESSAGE_BELOW = 256 * 1024
@@ -242,6 +245,14 @@ class Walker:
         value = self.scalar(node)
         if isinstance(value, bool) or not isinstance(value, int):
             self.report(node, path, "must be an integer")
+            return None
+        if isinstance(node, ScalarNode) and _SURPRISING_INTEGER.fullmatch(node.value):
+            self.report(
+                node,
+                path,
+                f"{node.value} would be read as {value} (YAML 1.1 octal or base 60): write the"
+                " number in decimal, without leading zeros",
+            )
             return None
         if minimum is not None and value < minimum:
             self.report(node, path, f"must be at least {minimum}")
