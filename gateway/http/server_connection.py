@@ -76,6 +76,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._after_upgrade = b""
         self._tunnel: TunnelEnd | None = None
         self._body_paused = False
+        # A chunked body's trailer section: httptools reports its lines only once each is
+        # whole, so its bytes are counted per read (see on_chunk_header) against HEAD_LIMIT.
+        self._after_chunk_header = False  # no body byte since the last chunk header
+        self._chunk_header_in_read = False  # that header came in the read being parsed
+        self._trailer_received = 0
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None  # see _serve
@@ -110,6 +115,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                 self._tunnel.data_received(data)
             return
         head = self._heads if self._in_head else -1  # the head this read may continue
+        self._chunk_header_in_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -131,6 +137,13 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._head_received += len(data)
             if self._head_received > HEAD_LIMIT:
                 self._protocol_error(_HEAD_TOO_LARGE)
+                return
+        if self._after_chunk_header and not self._chunk_header_in_read:
+            # A whole read after a chunk header without a body byte: the last chunk's
+            # trailer section (a chunk of data would have given body bytes at once).
+            self._trailer_received += len(data)
+            if self._trailer_received > HEAD_LIMIT:
+                self._protocol_error(f"its trailer section is over {HEAD_LIMIT} bytes")
                 return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
@@ -282,13 +295,20 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         elif len(self._waiting) > _MAX_WAITING and self.transport is not None:
             self._pause_reading()
 
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+        self._chunk_header_in_read = True
+        self._trailer_received = 0
+
     def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
         request = self._parsing
         if request is not None and request.content.feed(body) and self.transport is not None:
             self._body_paused = True
             self._pause_reading()
 
     def on_message_complete(self) -> None:
+        self._after_chunk_header = False
         if self._body_behind_upgrade:
             return  # only the head: the body is still to be read (`_read_body_apart`)
         request = self._parsing

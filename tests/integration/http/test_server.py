@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.http.errors import HttpError
 from gateway.http.parsing import HEAD_LIMIT
 from gateway.http.request import Request
 from gateway.problems import Unauthorized
 from tests.support.config import worker_server_yaml, write_config
-from tests.support.front import answer_problem, http_server
+from tests.support.front import answer_problem, as_problem, http_server
 from tests.support.gateway import running_gateway
 
 TEXT = b"Content-Type: text/plain\r\n"
@@ -411,6 +412,37 @@ async def test_body_sent_in_pieces_reaches_the_handler_whole(
         assert reply.body == b"POST /up hello world"
         writer.write(get("/after"))  # the body's end was found exactly: the next request parses
         assert (await read_reply(reader)).body == b"GET /after "
+
+
+async def test_a_trailer_section_over_64_kib_is_400() -> None:
+    """The trailer is bounded as the head is: its lines are only reported once whole, so an
+    endless one was read for as long as client_body let it, then called a stall (408)."""
+
+    async def reads_body(request: Request) -> None:
+        try:
+            while await request.content.read():
+                pass
+        except HttpError as error:
+            answer_problem(request, as_problem(error), "rid")
+            return
+        request.connection.respond(request, 200, "OK", TEXT, b"read")
+
+    async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"  # a trailer within bounds: read
+        )
+        assert (await read_reply(reader)).body == b"read"
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Endless: "
+        )
+        for _ in range(10):
+            await asyncio.sleep(0.01)  # reads of their own, as a trickling client sends
+            writer.write(b"a" * 8192)
+        reply = await read_reply(reader)
+        assert reply.status == 400
+        assert "trailer section is over 65536 bytes" in str(problem(reply)["detail"])
 
 
 async def test_connection_goes_on_after_a_large_body_the_handler_left_unread() -> None:
