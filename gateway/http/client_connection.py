@@ -86,6 +86,7 @@ class HttpConnection(asyncio.Protocol):
         self._upload: asyncio.Task[None] | None = None
         self._interim = False  # parsing a 1xx answer, which is not the final one
         self._interims = 0  # interim answers of this exchange
+        self._interim_said_close = False  # one of them had `Connection: close`
         self._on_interim: InterimHook | None = None
         self._in_head = False  # a response head has begun and is not complete
         self._head_size = 0  # its status line and header lines so far
@@ -185,6 +186,8 @@ class HttpConnection(asyncio.Protocol):
     # --- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._interim_said_close:
+            self._parser.set_dangerous_leniencies(lenient_keep_alive=False)
         self._header_lines = []
         self._reason = b""
         self._in_head = True
@@ -232,6 +235,12 @@ class HttpConnection(asyncio.Protocol):
                 # is between the gateway and the upstream; a 101 not asked for fails below.
                 self._interim = True
                 self._interims += 1
+                if not self._parser.should_keep_alive():
+                    # `Connection: close` on an interim answer: llhttp would refuse the final
+                    # answer that must follow as data after a close. Read on, for this message
+                    # only; the connection is not reused after the exchange.
+                    self._parser.set_dangerous_leniencies(lenient_keep_alive=True)
+                    self._interim_said_close = True
                 hook = self._on_interim
                 if hook is not None and status not in (100, 101) and self._interims <= MAX_INTERIM:
                     hook(status, self._reason, self._header_lines)
@@ -253,7 +262,11 @@ class HttpConnection(asyncio.Protocol):
             # callbacks (bytes that should not be there) find no reply and spoil the
             # connection. Bytes of that body arriving in a later read, though, would be read
             # as the next exchange's answer: a head that announces a body ends the connection.
-            keep_alive = self._parser.should_keep_alive() and not announces_body(self._header_lines)
+            keep_alive = (
+                self._parser.should_keep_alive()
+                and not self._interim_said_close
+                and not announces_body(self._header_lines)
+            )
             self._parser = httptools.HttpResponseParser(self)
             self._complete(keep_alive)
 
@@ -269,7 +282,7 @@ class HttpConnection(asyncio.Protocol):
             self._interim = False
             return
         if self._reply is not None and not self._switched:
-            self._complete(self._parser.should_keep_alive())
+            self._complete(self._parser.should_keep_alive() and not self._interim_said_close)
 
     # --- one exchange -------------------------------------------------------------------
 

@@ -248,6 +248,35 @@ async def test_interim_answers_are_skipped() -> None:
         reply.finish()
 
 
+async def test_an_interim_answer_saying_close_is_followed_by_the_final_one() -> None:
+    """llhttp took the 103's `Connection: close` as the end of the connection and the 200
+    after it for data after the close: a 502. The connection is not reused afterwards."""
+
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: close\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        await peer.reader.read()
+
+    told: list[int] = []
+    async with raw_upstream(script) as up, client_for(up.port) as client:
+        for _ in range(2):
+            reply = await client.send(
+                "GET",
+                "/x",
+                HOST,
+                None,
+                on_interim=lambda status, reason, lines: told.append(status),
+            )
+            assert reply.status == 200
+            assert await _body(reply) == [b"ok"]
+            reply.finish()
+    assert told == [103, 103]
+    assert up.connections == 2  # the upstream said it would close
+
+
 async def test_switching_protocols_is_bad_gateway() -> None:
     answer = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
