@@ -10,6 +10,7 @@ handshake to the newest context. Connections already open keep the certificate t
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 __all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
 
@@ -52,17 +53,41 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(_ALPN)
     try:
-        context.load_cert_chain(cert, key)
+        # A password callback, even one that refuses: without it OpenSSL asks for an encrypted
+        # key's passphrase on the terminal, and a gateway (or its reload) waits there for good.
+        context.load_cert_chain(cert, key, password=_no_passphrase(key))
+    except TlsFileError:
+        raise
     except ssl.SSLError as exc:
         reason = exc.reason or ""
         if "KEY_VALUES_MISMATCH" in reason:
             raise TlsFileError("key", f"{key} does not belong to the certificate {cert}") from exc
-        if "KEY" in reason or "BAD_DECRYPT" in reason:
-            raise TlsFileError("key", f"{key} is not a usable private key ({reason})") from exc
-        raise TlsFileError("cert", f"{cert} is not a usable certificate ({reason})") from exc
+        if "KEY" in reason or "BAD_DECRYPT" in reason or _certificate_reads(cert):
+            # OpenSSL's "PEM lib" errors carry no reason: the certificate read alone tells
+            # which of the two files it was.
+            detail = f" ({reason})" if reason else ""
+            raise TlsFileError("key", f"{key} is not a usable private key{detail}") from exc
+        detail = f" ({reason})" if reason else ""
+        raise TlsFileError("cert", f"{cert} is not a usable certificate{detail}") from exc
     except OSError as exc:  # removed or replaced between the checks and the load
         raise TlsFileError("cert", f"{cert} cannot be read: {exc.strerror or exc}") from exc
     return context
+
+
+def _no_passphrase(key: str) -> Callable[[], bytes]:
+    def refuse() -> bytes:
+        raise TlsFileError("key", f"{key} is encrypted: the gateway takes a key without passphrase")
+
+    return refuse
+
+
+def _certificate_reads(cert: str) -> bool:
+    """Whether `cert` holds certificates OpenSSL can read (into a throwaway context)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
 
 
 class CertificateSwitch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,40 @@ def test_unreadable_key_is_named(tmp_path: Path) -> None:
         server_context(str(made.cert), str(tmp_path))
     assert caught.value.role == "key"
     assert str(caught.value) == f"{tmp_path} cannot be read: Is a directory"
+
+
+def test_an_encrypted_key_is_named_and_never_prompts_for(tmp_path: Path) -> None:
+    """OpenSSL asks a terminal for the passphrase (a gateway started with one waited there for
+    good), or, without one, failed in a way that named the certificate."""
+    made = make_certificate(tmp_path)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(made.key), "-aes256", "-passout", "pass:abc",
+         "-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(made.cert), str(encrypted))
+    assert caught.value.role == "key"
+    assert (
+        str(caught.value) == f"{encrypted} is encrypted: the gateway takes a key without passphrase"
+    )
+
+
+@pytest.mark.parametrize("cut", ["cert", "key"])
+def test_a_cut_file_is_the_one_named(tmp_path: Path, cut: str) -> None:
+    """Cut after its PEM header: OpenSSL's error has no reason then, and a cut key was blamed
+    on the certificate."""
+    made = make_certificate(tmp_path)
+    broken = tmp_path / f"cut.{cut}"
+    broken.write_bytes((made.cert if cut == "cert" else made.key).read_bytes()[:100])
+    cert, key = (broken, made.key) if cut == "cert" else (made.cert, broken)
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(cert), str(key))
+    assert caught.value.role == cut
+    assert str(caught.value).startswith(f"{broken} is not a usable ")
+    assert not str(caught.value).endswith("()")
 
 
 def test_config_resolves_relative_paths_against_its_own_folder(tmp_path: Path) -> None:
