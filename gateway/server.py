@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.server")
 
+# Seconds a TLS connection being closed waits for the client's close_notify before its socket
+# goes: nginx does not wait at all; a client that answers does so within a round trip.
+TLS_SHUTDOWN_TIMEOUT = 1.0
+
 
 def open_listener(address: Address) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -364,6 +368,9 @@ class Worker:
             ssl_handshake_timeout=(
                 server_config.timeouts.client_header if server_config.tls is not None else None
             ),
+            # How long a closing TLS connection waits for the client's close_notify; asyncio's
+            # 30 s held every idle keep-alive client's connection (and so a drain) that long.
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if server_config.tls is not None else None,
         )
         runtime = self.runtime
         admin_app = build_admin_app(

@@ -144,3 +144,27 @@ def test_sighup_renews_the_certificate_and_open_connections_stay(tmp_path: Path)
             assert _request(kept, "/nowhere") == b"HTTP/1.1 404 Invalid route"
     finally:
         process.close()
+
+
+async def test_a_drain_does_not_wait_on_idle_tls_clients(tmp_path: Path) -> None:
+    """An idle keep-alive client (a connection pool) does not answer the close_notify of a
+    closing connection: asyncio waited 30 s for it, and a drain with it."""
+    made = make_certificate(tmp_path / "certs")
+    async with running_upstream() as upstream:
+        server = worker_server_yaml(tls=(made.cert, made.key))
+        config = write_config(tmp_path / "conf", API.format(url=upstream.url), server=server)
+        async with running_gateway(config) as gateway:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1",
+                gateway.proxy_port,
+                ssl=made.client_context(),
+                server_hostname="localhost",
+            )
+            writer.write(b"GET /shop/x HTTP/1.1\r\nHost: a\r\nX-API-Key: tls-secret\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            writer.transport.pause_reading()  # idle in a pool: nothing read until reused
+            started = time.monotonic()
+        drained = time.monotonic() - started
+        writer.close()
+    assert drained < 10  # loose: a busy CI box; it took the whole 30 s
