@@ -9,10 +9,15 @@ handshake to the newest context. Connections already open keep the certificate t
 
 from __future__ import annotations
 
+import logging
 import ssl
+import sys
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
+
+log = logging.getLogger("gateway.http.tls")
 
 _ALPN = ["http/1.1"]
 
@@ -98,6 +103,7 @@ class CertificateSwitch:
         self.listener_context = initial
         self.current = initial
         initial.sni_callback = self._choose
+        _quiet_undecodable_server_names()
 
     def use(self, context: ssl.SSLContext) -> None:
         self.current = context
@@ -108,3 +114,28 @@ class CertificateSwitch:
         current = self.current
         if current is not ctx:
             ssl_object.context = current
+
+
+def _quiet_undecodable_server_names() -> None:
+    """Python decodes a ClientHello's server name as ASCII before any server-name callback
+    sees it; a name that is not (anyone can send one) fails the handshake there, as it should,
+    but also writes a traceback to stderr through `sys.unraisablehook`, once per handshake.
+    Those go to the log at DEBUG instead; every other unraisable error goes where it went."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_server_names", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if (
+            isinstance(error, UnicodeDecodeError)
+            and error.encoding == "ascii"
+            and unraisable.object is not None
+            and unraisable.object == error.object
+        ):
+            log.debug("TLS: refused a handshake whose server name is not ASCII: %r", error.object)
+            return
+        previous(unraisable)
+
+    hook.quiets_server_names = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

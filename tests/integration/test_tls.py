@@ -4,6 +4,7 @@ certificate renewed under a running `gateway run` by SIGHUP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -168,3 +169,42 @@ async def test_a_drain_does_not_wait_on_idle_tls_clients(tmp_path: Path) -> None
         drained = time.monotonic() - started
         writer.close()
     assert drained < 10  # loose: a busy CI box; it took the whole 30 s
+
+
+def _client_hello(server_name: bytes) -> bytes:
+    """A real ClientHello whose SNI is `server_name`, whatever its bytes: Python's client sends
+    only ASCII names, so one of the same length is put in its place in the bytes on the wire."""
+    stand_in = b"x" * len(server_name)
+    client = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=stand_in.decode()
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    assert hello.count(stand_in) == 1
+    return hello.replace(stand_in, server_name)
+
+
+async def test_a_server_name_that_is_not_ascii_is_refused_quietly(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Python decodes the name before the gateway's server-name callback sees it; a name that
+    is not ASCII failed there with a traceback on stderr for each handshake, which anyone could
+    send."""
+    made = make_certificate(tmp_path / "certs")
+    server = worker_server_yaml(tls=(made.cert, made.key))
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
+    async with running_gateway(config) as gateway:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(_client_hello("bäd.example".encode()))
+            async with asyncio.timeout(5):
+                answer = await reader.read()  # the handshake is refused: closed
+            writer.close()
+            assert b"HTTP/" not in answer
+        # And the gateway still serves a good handshake.
+        serial = await asyncio.to_thread(
+            _serial_of_new_connection, gateway.proxy_port, made.client_context()
+        )
+        assert serial == made.serial
+    assert "Traceback" not in capfd.readouterr().err
