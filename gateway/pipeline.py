@@ -115,6 +115,20 @@ class Exchange(RequestRecord):
         itself (`own_headers`)."""
         self.limit_lines = limit_header_lines(decision)
 
+    def decided_after_leaving(self, decision: Decision) -> None:
+        """What the storage decided for this request after its client left, while the check
+        was on its way: counted as any decision, and what it took settled as the 499 it is
+        (given back under `refund_on: [499]`)."""
+        assert self.principal is not None and self.match is not None
+        plan, cost = self.principal.plan, self.match.route.cost
+        if plan.rate is not None or plan.quota is not None:
+            metrics.observe_limit_decision(self.product, plan.name, decision.outcome)
+            if decision.outcome != "allowed":
+                return
+        metrics.observe_units(self.product, plan.name, cost)
+        if decision.receipt is not None:
+            _settle(self, decision.receipt)
+
     def own_headers(self) -> dict[str, str]:
         """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
         of a request the limits admitted (README, "Headers")."""
@@ -251,7 +265,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         # (RedisLimiter does, the memory one never waits), and a third timer per request
         # costs measurable time on the hot path.
         decision = await ex.runtime.limiter.hit(
-            principal.subject, plan.rate, plan.quota, cost, plan.name
+            principal.subject, plan.rate, plan.quota, cost, plan.name, ex.decided_after_leaving
         )
     except (StorageError, TimeoutError) as exc:
         return await _storage_away(ex, exc)

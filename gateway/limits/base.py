@@ -8,7 +8,7 @@ nothing. Storage failures are raised as `StorageError`; the request path decides
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Literal, NamedTuple, Protocol
@@ -78,6 +78,10 @@ def make_decision(
     return Decision(outcome, rate, quota, retry_after, None)
 
 
+# Told what the storage decided for a check whose caller was cancelled (Limiter.hit).
+Abandoned = Callable[[Decision], None]
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaUsage:
     limit: int  # the plan's limit plus this period's credit
@@ -120,10 +124,15 @@ class Limiter(Protocol):
         quota: QuotaRule | None,
         cost: int = 1,
         plan: str = "",
+        abandoned: Abandoned | None = None,
     ) -> Decision:
         """Check both limits of `subject`; only if both admit, take one request of the rate
         and `cost` units of the quota, and count the request in the day's history under
-        `plan`. A quota with fewer than `cost` units left refuses."""
+        `plan`. A quota with fewer than `cost` units left refuses.
+
+        `abandoned` is told what the storage decided for a caller that was cancelled while
+        the check was on its way (its client left): the storage still decides, and what it
+        took must be settled like any admission's."""
         ...
 
     async def refund(self, subject: str, receipt: Receipt) -> int:

@@ -20,6 +20,7 @@ from gateway.limits.base import (
     CREDIT_KEY_TTL,
     DAY_SECONDS,
     HISTORY_DAYS,
+    Abandoned,
     Credited,
     DayUsage,
     Decision,
@@ -103,6 +104,7 @@ class MemoryLimiter:
         quota: QuotaRule | None,
         cost: int = 1,
         plan: str = "",
+        abandoned: Abandoned | None = None,  # never needed: this check never waits
     ) -> Decision:
         # The request path's hottest storage call: written out in one function, with the
         # results built by tuple.__new__ (see base.py), it costs a third of the plain version.

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -38,16 +39,14 @@ from gateway.limits.base import (
     CREDIT_KEY_TTL,
     DAY_SECONDS,
     HISTORY_DAYS,
+    Abandoned,
     Credited,
     DayUsage,
     Decision,
-    Outcome,
     QuotaUsage,
     Receipt,
     StorageError,
-    WindowState,
     day_of,
-    make_decision,
     subject_order,
 )
 from gateway.limits.cluster_clocks import ClusterClocks
@@ -73,13 +72,16 @@ from gateway.limits.redis_layout import (
     rate_key,
     run_script,
 )
+from gateway.limits.redis_replies import decision_from_reply
 from gateway.limits.resp import ScriptPipeline, pack
 
 # Subscriptions read per pipeline by the export, for one day.
 _READ_BATCH = 500
 
-_OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
+# A check's arguments as `_decide` takes them: subject, rate, quota, cost, plan, period start
+# and end, and the time it was made.
+_HitRequest = tuple[str, RateRule | None, QuotaRule | None, int, str, float, float, float]
 _REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
@@ -87,7 +89,6 @@ _QUOTA_GRACE_SECONDS = 60.0
 # Subjects whose EVALSHA is kept ready; subjects come from the config, so this bound only
 # matters across reloads that retire many keys.
 _MAX_COMMANDS = 10_000
-_new_tuple = tuple.__new__
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class RedisLimiter:
         quota: QuotaRule | None,
         cost: int = 1,
         plan: str = "",
+        abandoned: Abandoned | None = None,
     ) -> Decision:
         now = self._clock()
         day = day_of(now)
@@ -204,11 +206,19 @@ class RedisLimiter:
         if command is None or command.shape != shape:
             command = self._remember_command(subject, shape)
 
+        # What decides once the reply is in: for this caller, or for `abandoned` when the
+        # caller was cancelled (its client left) while the check was on its way.
+        request = (subject, rate, quota, cost, plan, start, end, now)
         pipeline = self._pipeline
         if pipeline is not None:
             packed = PACKED_COSTS.get(cost) or packed_cost(cost)
+            future = pipeline.run(b"".join((command.packed, packed, pipeline.deadline())))
             try:
-                reply = await pipeline.run(b"".join((command.packed, packed, pipeline.deadline())))
+                reply = await future
+            except asyncio.CancelledError:
+                if abandoned is not None:
+                    pipeline.when_answered(future, partial(self._late, abandoned, request))
+                raise
             except Exception as exc:
                 self._unanswered(subject)
                 raise self._guard.error("hit", exc) from exc
@@ -227,51 +237,57 @@ class RedisLimiter:
                 deadline = await clocks.deadline_us(command.keys[0], sent)
                 return await run_script(cluster, HIT, command.keys, (*command.args, cost, deadline))
 
+            # A task, so that a caller cancelled meanwhile leaves it to finish for `abandoned`
+            # (redis-py drops a connection whose command is cancelled, reply and all).
+            checking = asyncio.ensure_future(self._guard("hit", check))
             try:
-                reply = await self._guard("hit", check)
+                reply = await asyncio.shield(checking)
+            except asyncio.CancelledError:
+                if abandoned is not None:
+                    checking.add_done_callback(partial(self._late_task, abandoned, request))
+                raise
             except StorageError:
                 self._unanswered(subject)
                 raise
             clocks.learn(command.keys[0], reply[8])
-        # Integer replies: redis-py hands them over as ints already.
-        code, used, credit, in_window, wait_us, quota_born, day_born, new_day, _ = reply
+        return self._decide(reply, *request)
+
+    def _late(self, abandoned: Abandoned, request: _HitRequest, reply: Any) -> None:
+        """The reply of a check whose caller was cancelled: what Redis decided, for
+        `abandoned` (nothing when it ran after its deadline and took nothing)."""
+        if reply[0] == _TOO_LATE:
+            return
+        try:
+            abandoned(self._decide(reply, *request))
+        except Exception:
+            log.exception("could not settle a limit check whose request had gone")
+
+    def _late_task(
+        self, abandoned: Abandoned, request: _HitRequest, checking: asyncio.Future[Any]
+    ) -> None:
+        if not checking.cancelled() and checking.exception() is None:
+            self._late(abandoned, request, checking.result())
+
+    def _decide(
+        self,
+        reply: Any,
+        subject: str,
+        rate: RateRule | None,
+        quota: QuotaRule | None,
+        cost: int,
+        plan: str,
+        start: float,
+        end: float,
+        now: float,
+    ) -> Decision:
+        code = reply[0]
         if code == _TOO_LATE:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
             late = StorageError("it ran after its deadline on Redis's clock; nothing was taken")
             raise self._guard.error("hit", late)
-        if code == 0 and (new_day or subject not in self._registered):
+        if code == 0 and (reply[7] or subject not in self._registered):  # 7: a new day began
             self._register(subject)
-
-        rate_state = None
-        if rate is not None:
-            limit = rate.limit
-            rate_state = _new_tuple(
-                WindowState,
-                (
-                    limit,
-                    limit - in_window if in_window < limit else 0,
-                    wait_us / 1_000_000 if wait_us > 0 else 0.0,
-                    rate.window,
-                ),
-            )
-        quota_state = None
-        receipt = None
-        if quota is not None:
-            limit = quota.limit + credit
-            quota_state = _new_tuple(
-                WindowState,
-                (
-                    limit,
-                    limit - used if used < limit else 0,
-                    end - now if end > now else 0.0,
-                    end - start,
-                ),
-            )
-            if code == 0 and quota.refund_on:
-                receipt = Receipt(cost, plan, start, quota_born, day, day_born)
-        if code == 0:
-            return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0, receipt))
-        return make_decision(_OUTCOMES[code], rate_state, quota_state)
+        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
         if len(self._commands) >= _MAX_COMMANDS:

@@ -106,6 +106,8 @@ class ScriptPipeline:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
+        # Replies still wanted of calls whose callers stopped waiting (`when_answered`).
+        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
 
     def run(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to `packed`; error replies and failures come as its exception."""
@@ -124,6 +126,19 @@ class ScriptPipeline:
             # waiting on each other in turns (14% idle on the gateway's core in the bench).
             self._flush()
         return future
+
+    def when_answered(self, future: asyncio.Future[Any], late: Callable[[Any], None]) -> None:
+        """`late` gets the reply to the call of `future`, whose caller stopped waiting (it was
+        cancelled) while the call was on its way; a call that fails gets nothing."""
+        if not future.done():
+            future.cancel()  # stays so: the reply goes to `late`
+        elif not future.cancelled():
+            # Answered already, before the caller could take it (cancelled in that turn):
+            # told once the caller has finished unwinding, as a later reply would be.
+            if future.exception() is None:
+                future.get_loop().call_soon(late, future.result())
+            return
+        self._late[future] = late
 
     def deadline(self) -> bytes:
         """The deadline of a call made now on Redis's clock (see `limits/redis_clock.py`),
@@ -167,7 +182,7 @@ class ScriptPipeline:
                 address = await self._address()
                 host, port = address
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._script_loads),
+                    lambda: _Connection(loop, self._script_loads, self._late),
                     host,
                     port,
                     ssl=self._ssl,
@@ -222,12 +237,12 @@ class ScriptPipeline:
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, []
         for calls, _ in waiting:
-            _fail(calls, error)
+            _fail(calls, error, self._late)
 
     async def close(self) -> None:
         closed = RedisConnectionError("the limiter was closed")
         queued, self._queue = self._queue, []
-        _fail(queued, closed)
+        _fail(queued, closed, self._late)
         for task in (self._connecting, self._rechecking):
             if task is not None:
                 task.cancel()
@@ -241,9 +256,15 @@ class ScriptPipeline:
 class _Connection(asyncio.Protocol):
     """One Redis connection: calls written in batches, replies matched to them in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, script_loads: list[bytes]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        script_loads: list[bytes],
+        late: dict[asyncio.Future[Any], Callable[[Any], None]],
+    ) -> None:
         self._loop = loop
         self._script_loads = script_loads
+        self._late = late  # the pipeline's: see ScriptPipeline.when_answered
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Call] = deque()
@@ -264,7 +285,7 @@ class _Connection(asyncio.Protocol):
     def send(self, calls: list[_Call], deadline: float) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():  # lost since it was last looked at
-            _fail(calls, RedisConnectionError("connection to Redis lost"))
+            _fail(calls, RedisConnectionError("connection to Redis lost"), self._late)
             return
         transport.write(b"".join([packed for _, packed in calls]))
         self._pending.extend(calls)
@@ -287,7 +308,9 @@ class _Connection(asyncio.Protocol):
                 if future is None:
                     self._loading -= 1
                 elif future.done():  # its caller stopped waiting
-                    pass
+                    late = self._late.pop(future, None) if self._late else None
+                    if late is not None and type(reply) is not ResponseError:
+                        late(reply)
                 elif type(reply) is not ResponseError:
                     future.set_result(reply)
                 elif packed and str(reply).startswith("NOSCRIPT"):
@@ -364,10 +387,18 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         pending, self._pending = self._pending, deque()
         self._batches.clear()
-        _fail(pending, error)
+        _fail(pending, error, self._late)
 
 
-def _fail(calls: list[_Call] | deque[_Call], error: Exception) -> None:
+def _fail(
+    calls: list[_Call] | deque[_Call],
+    error: Exception,
+    late: dict[asyncio.Future[Any], Callable[[Any], None]],
+) -> None:
     for future, _ in calls:
-        if future is not None and not future.done():
+        if future is None:
+            continue
+        if not future.done():
             future.set_exception(error)
+        elif late:
+            late.pop(future, None)  # no reply will come

@@ -580,3 +580,66 @@ async def test_a_route_costing_more_than_the_whole_quota_says_so(rig: Rig) -> No
     status, _, body = await rig.get("count", "/soccer/light")
     assert (status, body["code"]) == (429, "quota_exceeded")
     assert "is used up until the period ends" in body["detail"]
+
+
+# Keeps a Redis busy for ARGV[1] microseconds of its own clock: what a slow command does to
+# the calls queued behind it.
+_SPIN = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat
+    t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1])
+"""
+
+
+async def test_a_client_gone_while_its_check_waits_on_redis_is_settled(
+    rig: Rig, request: pytest.FixtureRequest
+) -> None:
+    """Redis is busy; a client sends a request and leaves while its check waits in Redis's
+    queue, well within the storage timeout. Redis then runs the check and takes the units: it
+    was charged and never given back, and no metric counted the admission."""
+    url = rig.worker.config.storage.url
+    if url.startswith("memory://"):
+        pytest.skip("the memory storage decides at once: no check is ever on its way")
+    if url.startswith("redis+cluster://"):
+        nodes = request.getfixturevalue("redis_cluster").nodes
+    else:
+        nodes = [request.getfixturevalue("redis_server")]
+    await rig.get("refund", "/soccer/warm-up")  # the connections and the script are ready
+    await rig.used_becomes("refund", 1)
+    before = await rig.metrics()
+    clients = [node.client() for node in nodes]
+    try:
+        busy = [asyncio.to_thread(client.eval, _SPIN, 0, 400_000) for client in clients]
+        spinning = asyncio.gather(*busy)
+        await asyncio.sleep(0.1)  # the scripts have begun
+        _, writer = await asyncio.open_connection("127.0.0.1", rig.worker.proxy_port)
+        key = f"refund-{rig.run}"
+        writer.write(f"GET /soccer/gone HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the check is in Redis's queue
+        writer.transport.abort()
+        await spinning
+    finally:
+        for client in clients:
+            client.close()
+    await rig.used_becomes("refund", 1)  # taken when Redis ran the check, then given back
+    labels = frozenset({("product", "soccer"), ("plan", "refunding")})
+
+    def grew(name: str, extra: tuple[str, str]) -> float:
+        sample = (name, labels | {extra})
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    after = await rig.metrics()
+    deadline = time.monotonic() + 5
+    while grew("gateway_quota_refunds_total", ("result", "ok")) < 1:
+        assert time.monotonic() < deadline, "the refund was never counted"
+        await asyncio.sleep(0.02)
+        after = await rig.metrics()
+    assert grew("gateway_limit_decisions_total", ("decision", "allowed")) == 1
+    assert grew("gateway_quota_refunds_total", ("result", "ok")) == 1
+    assert (
+        after[("gateway_quota_units_total", labels)] - before[("gateway_quota_units_total", labels)]
+        == 1
+    )
