@@ -243,8 +243,7 @@ class RedisLimiter:
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
-                if abandoned is not None:
-                    checking.add_done_callback(partial(self._late_task, abandoned, request))
+                checking.add_done_callback(partial(self._late_task, abandoned, request))
                 raise
             except StorageError:
                 self._unanswered(subject)
@@ -263,10 +262,12 @@ class RedisLimiter:
             log.exception("could not settle a limit check whose request had gone")
 
     def _late_task(
-        self, abandoned: Abandoned, request: _HitRequest, checking: asyncio.Future[Any]
+        self, abandoned: Abandoned | None, request: _HitRequest, checking: asyncio.Future[Any]
     ) -> None:
-        if not checking.cancelled() and checking.exception() is None:
-            self._late(abandoned, request, checking.result())
+        # The exception is taken in any case: a task's error nobody asked for is logged.
+        if checking.cancelled() or checking.exception() is not None or abandoned is None:
+            return
+        self._late(abandoned, request, checking.result())
 
     def _decide(
         self,
