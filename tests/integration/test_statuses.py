@@ -16,7 +16,7 @@ from yarl import URL
 
 from gateway import accesslog
 from gateway.config.model import QuotaRule, RateRule
-from gateway.limits.base import Decision, QuotaUsage
+from gateway.limits.base import Abandoned, Decision, QuotaUsage
 from gateway.limits.memory import MemoryLimiter
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
@@ -583,6 +583,7 @@ class BrokenLimiter(MemoryLimiter):
         quota: QuotaRule | None,
         cost: int = 1,
         plan: str = "",
+        abandoned: Abandoned | None = None,
     ) -> Decision:
         raise KeyError("internal detail that must not leak")
 
