@@ -206,9 +206,6 @@ class RedisLimiter:
         if command is None or command.shape != shape:
             command = self._remember_command(subject, shape)
 
-        # What decides once the reply is in: for this caller, or for `abandoned` when the
-        # caller was cancelled (its client left) while the check was on its way.
-        request = (subject, rate, quota, cost, plan, start, end, now)
         pipeline = self._pipeline
         if pipeline is not None:
             packed = PACKED_COSTS.get(cost) or packed_cost(cost)
@@ -216,7 +213,10 @@ class RedisLimiter:
             try:
                 reply = await future
             except asyncio.CancelledError:
+                # Its client left while the check was on its way: what Redis decides goes to
+                # `abandoned` (the arguments gathered only now, off the common path).
                 if abandoned is not None:
+                    request = (subject, rate, quota, cost, plan, start, end, now)
                     pipeline.when_answered(future, partial(self._late, abandoned, request))
                 raise
             except Exception as exc:
@@ -243,13 +243,14 @@ class RedisLimiter:
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
+                request = (subject, rate, quota, cost, plan, start, end, now)
                 checking.add_done_callback(partial(self._late_task, abandoned, request))
                 raise
             except StorageError:
                 self._unanswered(subject)
                 raise
             clocks.learn(command.keys[0], reply[8])
-        return self._decide(reply, *request)
+        return self._decide(reply, subject, rate, quota, cost, plan, start, end, now)
 
     def _late(self, abandoned: Abandoned, request: _HitRequest, reply: Any) -> None:
         """The reply of a check whose caller was cancelled: what Redis decided, for
