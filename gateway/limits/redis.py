@@ -79,9 +79,9 @@ from gateway.limits.resp import ScriptPipeline, pack
 _READ_BATCH = 500
 
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
-# A check's arguments as `_decide` takes them: subject, rate, quota, cost, plan, period start
+# A check's arguments as `decision_from_reply` takes them: rate, quota, cost, plan, period start
 # and end, and the time it was made.
-_HitRequest = tuple[str, RateRule | None, QuotaRule | None, int, str, float, float, float]
+_HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float]
 _REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
@@ -216,8 +216,9 @@ class RedisLimiter:
                 # Its client left while the check was on its way: what Redis decides goes to
                 # `abandoned` (the arguments gathered only now, off the common path).
                 if abandoned is not None:
-                    request = (subject, rate, quota, cost, plan, start, end, now)
-                    pipeline.when_answered(future, partial(self._late, abandoned, request))
+                    request = (rate, quota, cost, plan, start, end, now)
+                    late = partial(self._late, abandoned, subject, request)
+                    pipeline.when_answered(future, late)
                 raise
             except Exception as exc:
                 self._unanswered(subject)
@@ -243,45 +244,42 @@ class RedisLimiter:
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
-                request = (subject, rate, quota, cost, plan, start, end, now)
-                checking.add_done_callback(partial(self._late_task, abandoned, request))
+                request = (rate, quota, cost, plan, start, end, now)
+                checking.add_done_callback(partial(self._late_task, abandoned, subject, request))
                 raise
             except StorageError:
                 self._unanswered(subject)
                 raise
             clocks.learn(command.keys[0], reply[8])
-        return self._decide(reply, subject, rate, quota, cost, plan, start, end, now)
+        self._taken(reply, subject)
+        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now)
 
-    def _late(self, abandoned: Abandoned, request: _HitRequest, reply: Any) -> None:
+    def _late(self, abandoned: Abandoned, subject: str, request: _HitRequest, reply: Any) -> None:
         """The reply of a check whose caller was cancelled: what Redis decided, for
         `abandoned` (nothing when it ran after its deadline and took nothing)."""
         if reply[0] == _TOO_LATE:
             return
         try:
-            abandoned(self._decide(reply, *request))
+            self._taken(reply, subject)
+            abandoned(decision_from_reply(reply, *request))
         except Exception:
             log.exception("could not settle a limit check whose request had gone")
 
     def _late_task(
-        self, abandoned: Abandoned | None, request: _HitRequest, checking: asyncio.Future[Any]
+        self,
+        abandoned: Abandoned | None,
+        subject: str,
+        request: _HitRequest,
+        checking: asyncio.Future[Any],
     ) -> None:
         # The exception is taken in any case: a task's error nobody asked for is logged.
         if checking.cancelled() or checking.exception() is not None or abandoned is None:
             return
-        self._late(abandoned, request, checking.result())
+        self._late(abandoned, subject, request, checking.result())
 
-    def _decide(
-        self,
-        reply: Any,
-        subject: str,
-        rate: RateRule | None,
-        quota: QuotaRule | None,
-        cost: int,
-        plan: str,
-        start: float,
-        end: float,
-        now: float,
-    ) -> Decision:
+    def _taken(self, reply: Any, subject: str) -> None:
+        """What a check's reply asks of this process before its decision is read: nothing
+        taken after its deadline is an error; a first admission is registered."""
         code = reply[0]
         if code == _TOO_LATE:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
@@ -289,7 +287,6 @@ class RedisLimiter:
             raise self._guard.error("hit", late)
         if code == 0 and (reply[7] or subject not in self._registered):  # 7: a new day began
             self._register(subject)
-        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
         if len(self._commands) >= _MAX_COMMANDS:
