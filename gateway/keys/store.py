@@ -19,10 +19,11 @@ second even when its announcement is lost, at 100,000 keys as at ten.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
@@ -33,8 +34,10 @@ log = logging.getLogger("gateway.keys")
 
 CHECK_INTERVAL = 0.4
 RECHECK_AHEAD = 0.1
-# A restart of following after a failure waits this long at first, doubling up to the max.
-_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
+# A restart of following after a failure waits this long at first, doubling up to the max:
+# kept under a second, as a change must be honoured within one once the storage is back (at
+# 2 s, changes made just after a stall waited up to 1.9 s).
+_RETRY_FIRST, _RETRY_MAX = 0.1, 0.4
 # More early changes than this waiting for a missing one: stop waiting, read afresh.
 _MAX_PENDING = 10_000
 # An admin write that keeps meeting concurrent changes of the same key gives up after this
@@ -45,6 +48,7 @@ _CLOSE_WAIT = 2.0
 # Records parsed between two turns of the event loop during a full read: a few milliseconds.
 _PARSE_SLICE = 100
 _FREE_SLICE = 2_000  # and records of a replaced table freed between two turns
+_LISTEN_SLICE = 0.05  # seconds between two looks at whether a read taking changes is done
 
 T = TypeVar("T")
 
@@ -56,6 +60,10 @@ class KeyStore:
         self._backend = backend
         self._pending: dict[int, Change] = {}
         self._reading = False  # a read is under way: changes wait until it is done
+        # During a read, each announced change is also honoured at once on the table being
+        # served (a full read of 100,000 keys takes seconds): the newest version so applied,
+        # per key, so that one overtaken by an older announcement is not undone.
+        self._early: dict[str, int] = {}
         self._epoch: str | None = None  # the storage's, at our last full read (None: none yet)
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
@@ -155,8 +163,12 @@ class KeyStore:
             self._pending.clear()
         if not self._reading:
             self._apply_pending()
+        elif change.version > self._early.get(change.name, 0):
+            self._early[change.name] = change.version
+            self._apply(change)  # and again, in order, on the table the read makes
 
     def _apply_pending(self) -> None:
+        self._early.clear()
         while (change := self._pending.pop(self.known_version + 1, None)) is not None:
             self._apply(change)
             self.known_version = change.version
@@ -175,7 +187,7 @@ class KeyStore:
         while True:
             try:
                 async with self._backend.subscribe() as subscription:
-                    await self.catch_up()
+                    await self._while_listening(subscription, self.catch_up())
                     delay = _RETRY_FIRST
                     self._first_attempt.set()
                     await self._listen(subscription)
@@ -218,12 +230,28 @@ class KeyStore:
                     stored,
                     self.known_version,
                 )
-                await self.read_all()
+                await self._while_listening(subscription, self.read_all())
                 ahead_at_last_check = None
             else:
                 ahead_at_last_check = stored if stored > self.known_version else None
             again = CHECK_INTERVAL if ahead_at_last_check is None else RECHECK_AHEAD
             next_check = time.monotonic() + again
+
+    async def _while_listening(self, subscription: Subscription, reading: Awaitable[None]) -> None:
+        """Run `reading` (a read of many keys: seconds at 100,000) while still taking the
+        announced changes, each honoured at once on the table being served (`receive`)."""
+        task = asyncio.ensure_future(reading)
+        try:
+            while not task.done():
+                change = await subscription.next(_LISTEN_SLICE)
+                if change is not None:
+                    self.receive(change)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await task
 
     async def catch_up(self) -> None:
         """Bring the table to the storage's version (subscribed already): by reading again the

@@ -18,8 +18,16 @@ from gateway.config.model import StorageConfig
 from gateway.keys import KeyRecord, KeyStore, create_key_store
 from gateway.keys.backend import WriteRefused
 from gateway.keys.records import PreviousSecret
-from gateway.keys.redis import CHANNEL, LOG_KEY, RECORDS_KEY, VERSION_KEY
+from gateway.keys.redis import (
+    CHANNEL,
+    EPOCH_KEY,
+    LOG_KEY,
+    RECORDS_KEY,
+    VERSION_KEY,
+    RedisKeyBackend,
+)
 from gateway.keys.store import CHECK_INTERVAL, RECHECK_AHEAD
+from gateway.limits.redis_clients import open_storage_redis
 from tests.support.redis_servers import RedisClusterNodes, RedisSentinelGroup, RedisServer
 
 HONOURED_WITHIN = 1.0
@@ -345,3 +353,56 @@ async def test_changes_are_announced_on_the_documented_channel(redis_server: Red
     finally:
         pubsub.close()
         listener.close()
+
+
+class _GatedLoad(RedisKeyBackend):
+    """The real backend, whose full reads wait at a gate before their first batch: what a
+    read of 100,000 keys (seconds) looks like to a change that arrives meanwhile."""
+
+    def __init__(self, url: str) -> None:
+        storage = open_storage_redis(url, 1.0)
+        super().__init__(storage, 1.0)
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def load(self) -> AsyncIterator[list[tuple[str, str]]]:
+        self.reading.set()
+        await self.gate.wait()
+        async for batch in super().load():
+            yield batch
+
+
+async def test_a_change_during_a_full_read_is_honoured_at_once(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """Changes announced during a full read waited for its end (8-13 s at 100,000 keys, with
+    a machine busy) before any was honoured; each is now honoured on the table being served
+    at once, and again on the table the read makes."""
+    url = fresh_redis_server.url
+    backend = _GatedLoad(url)
+    backend.gate.set()  # the first read goes through
+    follower = KeyStore(backend)
+    await follower.start()
+    try:
+        async with started_store(url) as writer:
+            made = await writer.create(record("busy"))
+            await until(lambda: "busy" in follower.table.records, HONOURED_WITHIN, "created")
+            backend.gate.clear()
+            backend.reading.clear()
+            with contextlib.closing(fresh_redis_server.client()) as admin:
+                admin.set(EPOCH_KEY, "another")  # the next version check reads every key
+            await asyncio.wait_for(backend.reading.wait(), 5)
+            await writer.update("busy", lambda current: replace(current, disabled=True))
+            await until(
+                lambda: follower.table.records["busy"].disabled,
+                HONOURED_WITHIN,
+                "the change, while the read waits",
+            )
+            backend.gate.set()
+            await until(lambda: follower.table.loaded and backend.reading.is_set(), 5, "read")
+            await asyncio.sleep(0.1)  # the read's end, and the changes after it
+            assert follower.table.records["busy"].disabled
+            assert follower.table.secret(made.key_sha256) is not None
+    finally:
+        backend.gate.set()
+        await follower.close()
