@@ -24,6 +24,8 @@ from gateway.config.model import Address
 
 # The claims this process holds (the supervisor's, or a single-process gateway's).
 _held: list[socket.socket] = []
+# Connections of gateways asking who holds a claim, queued before the next is refused.
+_ASKING_QUEUE = 16
 
 
 def claim(addresses: Iterable[tuple[str, Address]]) -> str | None:
@@ -42,9 +44,12 @@ def claim(addresses: Iterable[tuple[str, Address]]) -> str | None:
         for host in sorted(hosts):
             holder = _claim(f"\0gateway-listen {host} {address.port}")
             if holder is not None:
+                # 0: a gateway whose pid cannot be told (another pid namespace, or its queue
+                # of such questions full).
+                who = f"gateway pid {holder}" if holder > 0 else "another gateway"
                 return (
                     f"{name}: cannot listen on {address}: Address already in use "
-                    f"(gateway pid {holder} is starting or serving there)"
+                    f"({who} is starting or serving there)"
                 )
     return None
 
@@ -58,7 +63,9 @@ def _claim(label: str) -> int | None:
         return None  # no Unix sockets here: the port check alone
     try:
         sock.bind(label)
-        sock.listen(1)  # so that a gateway that finds it taken can ask who holds it
+        # So that a gateway that finds it taken can ask who holds it. Nothing accepts: each
+        # asking connection stays queued, and once the queue is full the next is told so.
+        sock.listen(_ASKING_QUEUE)
     except OSError as exc:
         sock.close()
         if exc.errno != errno.EADDRINUSE:
@@ -74,11 +81,16 @@ def _holder(label: str) -> int | None:
     abstract names have no permissions, and another user's must not keep a gateway out of a
     port that user could not take."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Not blocking: a connect to a full queue waits until the holder accepts, which it
+        # never does (a third gateway started on a busy port hung there for good).
+        probe.setblocking(False)
         try:
             probe.connect(label)
             credentials = probe.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
             )
+        except BlockingIOError:
+            return 0  # held, by a gateway asked so often its queue is full: pid unknown
         except OSError:
             return None
     pid, uid, _gid = struct.unpack("3i", credentials)

@@ -4,6 +4,7 @@ first (the same as another gateway would, but for the pid it names)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -57,3 +58,23 @@ def test_a_released_claim_can_be_made_again() -> None:
 def test_port_zero_is_never_claimed() -> None:
     assert listen_claim.claim([("server.listen", Address("127.0.0.1", 0))]) is None
     assert listen_claim.claim([("server.listen", Address("127.0.0.1", 0))]) is None
+
+
+def test_a_claim_asked_about_again_and_again_still_answers() -> None:
+    """Nothing accepts the askers' connections: once the holder's queue was full, the next
+    gateway started on the port waited to connect for good (the third attempt hung)."""
+    port = free_port()
+    assert listen_claim.claim([("server.listen", Address("127.0.0.1", port))]) is None
+    answers: list[str | None] = []
+
+    def ask() -> None:
+        for _ in range(40):
+            answers.append(listen_claim.claim([("server.listen", Address("127.0.0.1", port))]))
+
+    asking = threading.Thread(target=ask, daemon=True)  # daemon: a hung connect must not
+    asking.start()  # keep the test run from ending
+    asking.join(10)
+    assert not asking.is_alive(), f"hung after {len(answers)} answers"
+    assert all(answer and "Address already in use" in answer for answer in answers)
+    assert f"(gateway pid {os.getpid()} is" in str(answers[0])
+    assert "(another gateway is starting or serving there)" in str(answers[-1])
