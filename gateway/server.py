@@ -97,6 +97,18 @@ def taken_address(config: Config) -> str | None:
 def serve(config_path: str, workers: int | None = None, metrics_in: str | None = None) -> int:
     """Run the gateway until it has drained; its exit code. `metrics_in`: the folder in which
     to make the workers' metrics folder (default: the system's temporary folder)."""
+    # Held from the start until the handlers that act on them are in place (the supervisor's,
+    # or a single worker's once it serves): a SIGTERM while the config is read or the keys
+    # load is then a stop with exit 0, and a SIGHUP a reload, where the default actions
+    # killed the process (143, 129), and where a container's pid 1 dropped them unseen.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    try:
+        return _serve(config_path, workers, metrics_in)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _serve(config_path: str, workers: int | None, metrics_in: str | None) -> int:
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
         # this process share only the result.
@@ -224,6 +236,10 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
                 code = 1
                 try:
                     code = _run_worker_process(config_path, latest, handover=handover)
+                except BaseException:
+                    # os._exit skips the interpreter's own report: without this the log said
+                    # only that the worker exited with 1.
+                    log.exception("worker %d failed", index)
                 finally:
                     os._exit(code)
             children[pid] = index
@@ -251,11 +267,15 @@ def _supervise_workers(config_path: str, config: Config, count: int, handover: s
     )
 
     def on_sighup(_sig: int, _frame: Any) -> None:
-        reloader.reload()
+        if not stopping:  # a reload during the drain is moot, as a worker's own is
+            reloader.reload()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, on_sighup)
+    # Held since `serve` began; one that came meanwhile is acted on now (spawn unblocks them
+    # too, which is where a SIGTERM that came during the start stops what it started).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     for index in range(count):
         spawn(index)
     log.info("supervising %d workers", count)
@@ -492,7 +512,9 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
     if signal.SIGHUP in signal.sigpending():
         signal.sigtimedwait({signal.SIGHUP}, 0)
         await worker.reload_now()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    # A single worker had them all held since `serve` began: a SIGTERM that came during the
+    # start now stops it, drained (there is nothing in flight) and with exit 0.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     log.info(
         "worker %d serving %s (admin %s)",
         os.getpid(),

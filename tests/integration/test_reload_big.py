@@ -5,13 +5,25 @@ requests go on being answered meanwhile."""
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from gateway.config.isolated import CHILD_FROM_BYTES
 from tests.support.config import server_yaml
-from tests.support.operations import ThreadedUpstream, call, serving_workers, wait_for
+from tests.support.operations import (
+    ThreadedUpstream,
+    call,
+    children_of,
+    serving_workers,
+    wait_for,
+)
 from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
 from tests.support.sockets import free_ports
@@ -94,3 +106,45 @@ def test_two_workers_reload_a_big_config_while_answering(
         finally:
             gateway.stop()
             gateway.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_config_is_read_is_not_fatal(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Before any handler was in place (while the config is read: seconds with many keys),
+    SIGTERM killed the gateway (143, not the exit 0 of a stop) and SIGHUP killed it (129); as
+    a container's pid 1 it dropped them unseen. They are held until they can be acted on."""
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(server_yaml(proxy_port, admin_port, "memory://"))
+    (config / "10-api.yaml").write_text(
+        "products:\n  shop:\n    upstream: {url: 'http://127.0.0.1:9'}\n"
+        "    routes:\n      - path: /shop/{rest:path}\n"
+        "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
+    )
+    write_keys(config / "20-keys.yaml")
+    command = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        try:
+            # The config's reader is a child forked inside `serve`: the gateway is starting.
+            wait_for(lambda: children_of(proc.pid), 15, "the config being read")
+            proc.send_signal(sig)
+            if sig == signal.SIGHUP:
+                wait_for(lambda: _answers(admin_port), 15, "serving after the SIGHUP")
+                proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read().decode()
+
+
+def _answers(admin_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/healthz", timeout=1):
+            return True
+    except OSError:
+        return False
