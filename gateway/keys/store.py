@@ -59,7 +59,9 @@ class KeyStore:
         self.known_version = 0
         self._backend = backend
         self._pending: dict[int, Change] = {}
-        self._reading = False  # a read is under way: changes wait until it is done
+        # A read is under way: changes wait for the table it makes (honoured meanwhile on the
+        # one served, see `_early`), applied in order once it is done.
+        self._reading = False
         # During a read, each announced change is also honoured at once on the table being
         # served (a full read of 100,000 keys takes seconds): the newest version so applied,
         # per key, so that one overtaken by an older announcement is not undone.
