@@ -38,6 +38,7 @@ from gateway.keys.backend import (
 )
 from gateway.limits.base import StorageError
 from gateway.limits.redis_clients import StorageGuard, StorageRedis, open_storage_redis
+from gateway.limits.redis_clock import RedisClock, time_reply_us
 from gateway.limits.redis_layout import Script, run_script
 
 WRITE = Script("write.lua", "gateway.keys")
@@ -66,6 +67,7 @@ class RedisKeyBackend:
         self._client = storage.client
         self._timeout = timeout
         self._guard = StorageGuard(self._client, timeout, "key store", on_storage_error)
+        self._redis_clock = RedisClock()  # of the server that holds the key store
 
     @classmethod
     def from_url(
@@ -81,21 +83,36 @@ class RedisKeyBackend:
         return cls(redis or open_storage_redis(url, timeout), timeout, on_storage_error)
 
     async def write(self, write: KeyWrite) -> int:
-        args: tuple[str | int, ...] = (
-            CHANNEL,
-            write.name,
-            write.expected or "",
-            write.record or "",
-            len(write.add_digests),
-            *write.add_digests,
-            *write.remove_digests,
-        )
         keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY, LOG_KEY, EPOCH_KEY)
+        loop = asyncio.get_running_loop()
 
-        version, outcome = await self._guard(
-            "key_write", lambda: run_script(self._client, WRITE, keys, args)
-        )
+        async def written() -> Any:
+            # A deadline on Redis's clock, as a limit check's: a write answered 503 (not
+            # waited for any more) must not be made later by a Redis that wakes from a stall,
+            # which made a created key whose secret nobody was given. Redis's clock is asked
+            # for first when not known yet (the first write of the process, or a stale one).
+            deadline = self._redis_clock.deadline_us(loop.time(), self._timeout)
+            if not deadline:
+                self._redis_clock.learn(time_reply_us(await self._client.time()), loop.time())
+                deadline = self._redis_clock.deadline_us(loop.time(), self._timeout)
+            args: tuple[str | int, ...] = (
+                CHANNEL,
+                write.name,
+                write.expected or "",
+                write.record or "",
+                deadline,
+                len(write.add_digests),
+                *write.add_digests,
+                *write.remove_digests,
+            )
+            return await run_script(self._client, WRITE, keys, args)
+
+        version, outcome, redis_us = await self._guard("key_write", written)
+        self._redis_clock.learn(int(redis_us), loop.time())
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        if outcome == "too_late":
+            late = StorageError("it ran after its deadline on Redis's clock; nothing was written")
+            raise self._guard.error("key_write", late)
         if outcome != "ok":
             reason: RefusalReason = next(
                 (known for known in _REFUSALS if known == outcome), "changed"

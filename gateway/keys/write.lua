@@ -3,26 +3,33 @@
 -- KEYS[1] records (hash name -> record), KEYS[2] owners (hash digest -> name), KEYS[3] version,
 -- KEYS[4] log (sorted set of the recent changes), KEYS[5] epoch
 -- ARGV[1] channel, ARGV[2] name, ARGV[3] expected record ("" = the name must be free),
--- ARGV[4] new record ("" = delete), ARGV[5] number of digests to add, then those digests,
--- then the digests to remove.
+-- ARGV[4] new record ("" = delete), ARGV[5] the Redis time (microseconds) after which the
+-- gateway no longer waits for this reply, or 0, ARGV[6] number of digests to add, then those
+-- digests, then the digests to remove.
+-- Returns {version or 0, outcome, the Redis time}. A write that runs after its deadline (a
+-- stalled Redis waking up) changes nothing: its caller was answered 503 meanwhile.
+local now = redis.call('TIME')
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local deadline = tonumber(ARGV[5])
+if deadline > 0 and now_us > deadline then return {0, 'too_late', now_us} end
 local name = ARGV[2]
 local current = redis.call('HGET', KEYS[1], name)
 if ARGV[3] == '' then
-  if current then return {0, 'name_taken'} end
+  if current then return {0, 'name_taken', now_us} end
 elseif not current then
-  return {0, 'not_found'}
+  return {0, 'not_found', now_us}
 elseif current ~= ARGV[3] then
-  return {0, 'changed'}
+  return {0, 'changed', now_us}
 end
-local last_add = 5 + tonumber(ARGV[5])
-for i = 6, last_add do
+local last_add = 6 + tonumber(ARGV[6])
+for i = 7, last_add do
   local owner = redis.call('HGET', KEYS[2], ARGV[i])
-  if owner and owner ~= name then return {0, 'secret_taken'} end
+  if owner and owner ~= name then return {0, 'secret_taken', now_us} end
 end
 for i = last_add + 1, #ARGV do
   if redis.call('HGET', KEYS[2], ARGV[i]) == name then redis.call('HDEL', KEYS[2], ARGV[i]) end
 end
-for i = 6, last_add do redis.call('HSET', KEYS[2], ARGV[i], name) end
+for i = 7, last_add do redis.call('HSET', KEYS[2], ARGV[i], name) end
 if ARGV[4] == '' then
   redis.call('HDEL', KEYS[1], name)
 else
@@ -32,7 +39,6 @@ local version = redis.call('INCR', KEYS[3])
 if version == 1 then
   -- A new store, or one emptied since: its versions are not those of before, and a follower
   -- that knew the old one tells them apart by this.
-  local now = redis.call('TIME')
   redis.call('SET', KEYS[5], now[1] .. '.' .. now[2])
 end
 -- Which key each recent version changed: a follower that missed announcements reads those
@@ -42,4 +48,4 @@ if version % 100 == 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -10001)
 end
 redis.call('PUBLISH', ARGV[1], version .. '\n' .. name .. '\n' .. ARGV[4])
-return {version, 'ok'}
+return {version, 'ok', now_us}

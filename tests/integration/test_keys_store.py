@@ -27,6 +27,7 @@ from gateway.keys.redis import (
     RedisKeyBackend,
 )
 from gateway.keys.store import CHECK_INTERVAL, RECHECK_AHEAD
+from gateway.limits.base import StorageError
 from gateway.limits.redis_clients import open_storage_redis
 from tests.support.redis_servers import RedisClusterNodes, RedisSentinelGroup, RedisServer
 
@@ -406,3 +407,29 @@ async def test_a_change_during_a_full_read_is_honoured_at_once(
     finally:
         backend.gate.set()
         await follower.close()
+
+
+async def test_a_write_answered_as_failed_is_not_made_later(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """A stalled Redis ran a write when it woke, after the admin call was answered 503: a
+    created key whose secret nobody was given, its name taken. Writes carry a deadline on
+    Redis's clock, as limit checks do."""
+    url = fresh_redis_server.url
+    store = create_key_store(StorageConfig(url=url, timeout=0.25))
+    await store.start()
+    try:
+        await store.create(record("first"))  # Redis's clock is learnt
+        fresh_redis_server.pause()
+        try:
+            with pytest.raises(StorageError):
+                await store.create(record("ghost"))
+            await asyncio.sleep(0.2)  # past the write's deadline on Redis's clock
+        finally:
+            fresh_redis_server.resume()
+        await asyncio.sleep(0.2)  # for the write buffered in Redis's socket to run
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            assert admin.hget(RECORDS_KEY, "first") is not None
+            assert admin.hget(RECORDS_KEY, "ghost") is None
+    finally:
+        await store.close()
