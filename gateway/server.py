@@ -6,14 +6,14 @@
         └── worker: uvloop, its own SO_REUSEPORT sockets on the proxy and admin ports, the
                     proxy and admin apps, graceful drain on SIGTERM, reload on SIGHUP
 
-With one worker the supervisor is skipped and the single process does everything.
+With one worker the supervisor is skipped and the single process does everything. The
+supervisor's own loop is `gateway.supervisor`; this module starts it, and is the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import os
@@ -22,23 +22,22 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway import accesslog, listen_claim
 from gateway.config import ConfigError
-from gateway.config.isolated import read_config_isolated, save_answer
+from gateway.config.isolated import read_config_isolated
 from gateway.config.model import Address, Config
 from gateway.reload import (
-    POLL_INTERVAL,
     Reloader,
     freeze_long_lived,
     keep_restart_only,
     warn_of_restart_only_changes,
 )
+from gateway.supervisor import FORWARDED_SIGNALS, supervise
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -101,7 +100,7 @@ def serve(config_path: str, workers: int | None = None, metrics_in: str | None =
     # or a single worker's once it serves): a SIGTERM while the config is read or the keys
     # load is then a stop with exit 0, and a SIGHUP a reload, where the default actions
     # killed the process (143, 129), and where a container's pid 1 dropped them unseen.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
         return _serve(config_path, workers, metrics_in)
     finally:
@@ -156,7 +155,7 @@ def _serve_claimed(
         )
         return 1
     try:
-        return _supervise(config_path, config, count, answer)
+        return supervise(config_path, config, count, answer, _run_worker_process)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -167,160 +166,6 @@ def _install_uvloop() -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps a dev box going
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-# --- supervisor -------------------------------------------------------------------------
-
-_FORWARDED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-
-
-def _end_with_the_supervisor(supervisor: int) -> None:
-    """In a forked worker: get SIGTERM (and so drain) when the supervisor (pid `supervisor`)
-    dies, however it dies. A supervisor killed outright would otherwise leave its workers
-    serving the port for ever, unsupervised. Linux only (prctl PR_SET_PDEATHSIG); elsewhere
-    nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError) as exc:
-        log.warning("workers will not end with a killed supervisor: %s", exc)
-        return
-    if os.getppid() != supervisor:
-        # The supervisor died before the prctl: its orphan was handed to another parent. (Not
-        # "the parent is pid 1": in a container the supervisor itself is pid 1.)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _supervise(config_path: str, config: Config, count: int, answer: bytes) -> int:
-    # The config the workers are to serve, as the supervisor read it (see Reloader).
-    handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
-    try:
-        handover = os.path.join(handover_dir, "config.pickle")
-        save_answer(answer, handover)
-        return _supervise_workers(config_path, config, count, handover)
-    finally:
-        shutil.rmtree(handover_dir, ignore_errors=True)
-
-
-def _supervise_workers(config_path: str, config: Config, count: int, handover: str) -> int:
-    from gateway import metrics
-
-    children: dict[int, int] = {}  # pid -> worker index
-    stopping = False
-    # A worker started after a reload must start from the reloaded config, with what only a
-    # restart applies as the others have it (`keep_restart_only`).
-    latest = config
-
-    def spawn(index: int) -> None:
-        # Until the new worker is in `children`, a signal to forward would miss it: hold them.
-        # SIGHUP stays held in the worker until its own handler is in place (see _worker), as
-        # its default action kills: a reload during a worker's start is neither fatal nor lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
-        try:
-            if stopping:
-                # A SIGTERM came first (during a crashed worker's restart nap, say): it went to
-                # the workers there were, and a new one would never hear of it, serving on
-                # while the supervisor waited for it.
-                return
-            supervisor = os.getpid()
-            pid = os.fork()
-            if pid == 0:
-                listen_claim.release()  # the supervisor's to hold
-                _end_with_the_supervisor(supervisor)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-                code = 1
-                try:
-                    code = _run_worker_process(config_path, latest, handover=handover)
-                except BaseException:
-                    # os._exit skips the interpreter's own report: without this the log said
-                    # only that the worker exited with 1.
-                    log.exception("worker %d failed", index)
-                finally:
-                    os._exit(code)
-            children[pid] = index
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
-
-    def forward(sig: int, _frame: Any) -> None:
-        nonlocal stopping
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-            listen_claim.release()
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    # The supervisor validates reloads and counts them once, not once per worker.
-    def hand_to_workers(reloaded: Config) -> None:
-        nonlocal latest
-        warn_of_restart_only_changes(config, reloaded)
-        latest = keep_restart_only(config, reloaded)
-        forward(signal.SIGHUP, None)
-
-    reloader = Reloader(
-        config_path, hand_to_workers, count=metrics.count_reload, hand_over_in=handover
-    )
-
-    def on_sighup(_sig: int, _frame: Any) -> None:
-        if not stopping:  # a reload during the drain is moot, as a worker's own is
-            reloader.reload()
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, on_sighup)
-    # Held since `serve` began; one that came meanwhile is acted on now (spawn unblocks them
-    # too, which is where a SIGTERM that came during the start stops what it started).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
-    for index in range(count):
-        spawn(index)
-    log.info("supervising %d workers", count)
-
-    exit_code = 0
-    next_poll = time.monotonic() + POLL_INTERVAL
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            # Awake for the next poll, not a fixed nap after it: naps of 0.2 s made the polls
-            # 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to be loaded.
-            # Stopping, there is no poll to wait for: the nap only paces waitpid.
-            until_poll = next_poll - time.monotonic()
-            time.sleep(0.2 if stopping else min(0.2, max(0.0, until_poll)))
-            if not stopping and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + POLL_INTERVAL
-                reloader.poll()
-            continue
-        index = children.pop(pid, -1)
-        if index < 0:
-            # Not a worker: a child the process had before it became the gateway (`sh -c
-            # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
-            # Collecting it is all there is to do (pid 1 must, or zombies pile up).
-            continue
-        metrics.mark_worker_dead(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            if code != 0:
-                # Said, so that an operator sees it; a worker killed by a signal (a negative
-                # code) before its handlers were in place had nothing to lose and leaves the
-                # exit code 0, an error code of a worker's own is passed on.
-                log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
-            exit_code = exit_code or (code if code > 0 else 0)
-            continue
-        log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-        time.sleep(0.5)  # a worker that dies at once should not spin the machine
-        spawn(index)
-    # The interpreter's exit puts the default action back in place of a Python handler, so
-    # a SIGTERM repeated in that moment would kill the supervisor with -15; ignored instead.
-    for sig in _FORWARDED:
-        signal.signal(sig, signal.SIG_IGN)
-    return exit_code
 
 
 # --- worker ---------------------------------------------------------------------------
@@ -514,7 +359,7 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
         await worker.reload_now()
     # A single worker had them all held since `serve` began: a SIGTERM that came during the
     # start now stops it, drained (there is nothing in flight) and with exit 0.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     log.info(
         "worker %d serving %s (admin %s)",
         os.getpid(),
@@ -537,11 +382,11 @@ def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
     back, and a SIGTERM arriving between that and the process's exit would kill it with -15
     (seen in CI). Removing the loop's handler also sets the default action, so the signals are
     held in this thread until SIG_IGN is in place; the interpreter's exit leaves SIG_IGN be."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        for sig in _FORWARDED:
+        for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
     finally:
         # A pending one is ignored, so dropped, when it is unblocked.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)

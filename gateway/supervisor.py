@@ -1,0 +1,188 @@
+"""The supervisor of a gateway with several workers: forks them, passes signals on, restarts
+one that dies, validates reloads once for all of them and hands each the result."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Protocol
+
+from gateway import listen_claim
+from gateway.config.isolated import save_answer
+from gateway.config.model import Config
+from gateway.reload import POLL_INTERVAL, Reloader, keep_restart_only, warn_of_restart_only_changes
+
+log = logging.getLogger("gateway.server")
+
+
+class RunWorker(Protocol):
+    """What a forked worker runs (`gateway.server`'s worker process); its exit code."""
+
+    def __call__(self, config_path: str, config: Config, *, handover: str | None) -> int: ...
+
+
+# The signals the supervisor passes on to its workers, and that a process holds while it
+# starts (see `gateway.server.serve`).
+FORWARDED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def _end_with_the_supervisor(supervisor: int) -> None:
+    """In a forked worker: get SIGTERM (and so drain) when the supervisor (pid `supervisor`)
+    dies, however it dies. A supervisor killed outright would otherwise leave its workers
+    serving the port for ever, unsupervised. Linux only (prctl PR_SET_PDEATHSIG); elsewhere
+    nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.warning("workers will not end with a killed supervisor: %s", exc)
+        return
+    if os.getppid() != supervisor:
+        # The supervisor died before the prctl: its orphan was handed to another parent. (Not
+        # "the parent is pid 1": in a container the supervisor itself is pid 1.)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def supervise(
+    config_path: str, config: Config, count: int, answer: bytes, run_worker: RunWorker
+) -> int:
+    """Run `count` workers (each `run_worker(config_path, config, handover=...)` in a forked
+    process) until they have drained; the exit code."""
+    # The config the workers are to serve, as the supervisor read it (see Reloader).
+    handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
+    try:
+        handover = os.path.join(handover_dir, "config.pickle")
+        save_answer(answer, handover)
+        return _supervise_workers(config_path, config, count, handover, run_worker)
+    finally:
+        shutil.rmtree(handover_dir, ignore_errors=True)
+
+
+def _supervise_workers(
+    config_path: str, config: Config, count: int, handover: str, run_worker: RunWorker
+) -> int:
+    from gateway import metrics
+
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+    # A worker started after a reload must start from the reloaded config, with what only a
+    # restart applies as the others have it (`keep_restart_only`).
+    latest = config
+
+    def spawn(index: int) -> None:
+        # Until the new worker is in `children`, a signal to forward would miss it: hold them.
+        # SIGHUP stays held in the worker until its own handler is in place (see _worker), as
+        # its default action kills: a reload during a worker's start is neither fatal nor lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        try:
+            if stopping:
+                # A SIGTERM came first (during a crashed worker's restart nap, say): it went to
+                # the workers there were, and a new one would never hear of it, serving on
+                # while the supervisor waited for it.
+                return
+            supervisor = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                listen_claim.release()  # the supervisor's to hold
+                _end_with_the_supervisor(supervisor)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+                code = 1
+                try:
+                    code = run_worker(config_path, latest, handover=handover)
+                except BaseException:
+                    # os._exit skips the interpreter's own report: without this the log said
+                    # only that the worker exited with 1.
+                    log.exception("worker %d failed", index)
+                finally:
+                    os._exit(code)
+            children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+            listen_claim.release()
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    # The supervisor validates reloads and counts them once, not once per worker.
+    def hand_to_workers(reloaded: Config) -> None:
+        nonlocal latest
+        warn_of_restart_only_changes(config, reloaded)
+        latest = keep_restart_only(config, reloaded)
+        forward(signal.SIGHUP, None)
+
+    reloader = Reloader(
+        config_path, hand_to_workers, count=metrics.count_reload, hand_over_in=handover
+    )
+
+    def on_sighup(_sig: int, _frame: Any) -> None:
+        if not stopping:  # a reload during the drain is moot, as a worker's own is
+            reloader.reload()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, on_sighup)
+    # Held since `serve` began; one that came meanwhile is acted on now (spawn unblocks them
+    # too, which is where a SIGTERM that came during the start stops what it started).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    for index in range(count):
+        spawn(index)
+    log.info("supervising %d workers", count)
+
+    exit_code = 0
+    next_poll = time.monotonic() + POLL_INTERVAL
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            # Awake for the next poll, not a fixed nap after it: naps of 0.2 s made the polls
+            # 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to be loaded.
+            # Stopping, there is no poll to wait for: the nap only paces waitpid.
+            until_poll = next_poll - time.monotonic()
+            time.sleep(0.2 if stopping else min(0.2, max(0.0, until_poll)))
+            if not stopping and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_INTERVAL
+                reloader.poll()
+            continue
+        index = children.pop(pid, -1)
+        if index < 0:
+            # Not a worker: a child the process had before it became the gateway (`sh -c
+            # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
+            # Collecting it is all there is to do (pid 1 must, or zombies pile up).
+            continue
+        metrics.mark_worker_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            if code != 0:
+                # Said, so that an operator sees it; a worker killed by a signal (a negative
+                # code) before its handlers were in place had nothing to lose and leaves the
+                # exit code 0, an error code of a worker's own is passed on.
+                log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
+            exit_code = exit_code or (code if code > 0 else 0)
+            continue
+        log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+        time.sleep(0.5)  # a worker that dies at once should not spin the machine
+        spawn(index)
+    # The interpreter's exit puts the default action back in place of a Python handler, so
+    # a SIGTERM repeated in that moment would kill the supervisor with -15; ignored instead.
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return exit_code
