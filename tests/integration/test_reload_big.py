@@ -20,7 +20,6 @@ from tests.support.config import server_yaml
 from tests.support.operations import (
     ThreadedUpstream,
     call,
-    children_of,
     serving_workers,
     wait_for,
 )
@@ -128,8 +127,9 @@ def test_a_signal_while_the_config_is_read_is_not_fatal(
     command = [sys.executable, "-m", "gateway", "run", "--config", str(config)]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         try:
-            # The config's reader is a child forked inside `serve`: the gateway is starting.
-            wait_for(lambda: children_of(proc.pid), 15, "the config being read")
+            # `serve` holds the signals from its first line until it can act on them: seen
+            # holding them, the gateway is starting (reading its 3,000 keys).
+            wait_for(lambda: _holds_stop_signals(proc.pid), 15, "the gateway starting")
             proc.send_signal(sig)
             if sig == signal.SIGHUP:
                 wait_for(lambda: _answers(admin_port), 15, "serving after the SIGHUP")
@@ -140,6 +140,20 @@ def test_a_signal_while_the_config_is_read_is_not_fatal(
                 proc.kill()
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read().decode()
+
+
+def _holds_stop_signals(pid: int) -> bool:
+    """Whether the process blocks SIGHUP, SIGINT and SIGTERM (its SigBlk mask in /proc)."""
+    held = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return all(mask & (1 << (sig - 1)) for sig in held)
+    return False
 
 
 def _answers(admin_port: int) -> bool:
