@@ -119,15 +119,19 @@ class Exchange(RequestRecord):
         """What the storage decided for this request after its client left, while the check
         was on its way: counted as any decision, and what it took settled as the 499 it is
         (given back under `refund_on: [499]`)."""
+        self.count_decision(decision)
+        if decision.receipt is not None:  # an admission whose units may come back
+            _settle(self, decision.receipt)
+
+    def count_decision(self, decision: Decision) -> None:
+        """The storage's decision in the metrics: the limits' verdict (a plan without limits
+        has none: its requests count in the history only) and an admission's units."""
         assert self.principal is not None and self.match is not None
-        plan, cost = self.principal.plan, self.match.route.cost
+        plan = self.principal.plan
         if plan.rate is not None or plan.quota is not None:
             metrics.observe_limit_decision(self.product, plan.name, decision.outcome)
-            if decision.outcome != "allowed":
-                return
-        metrics.observe_units(self.product, plan.name, cost)
-        if decision.receipt is not None:
-            _settle(self, decision.receipt)
+        if decision.outcome == "allowed":
+            metrics.observe_units(self.product, plan.name, self.match.route.cost)
 
     def own_headers(self) -> dict[str, str]:
         """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
@@ -269,15 +273,12 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         )
     except (StorageError, TimeoutError) as exc:
         return await _storage_away(ex, exc)
+    ex.count_decision(decision)
     if plan.rate is None and plan.quota is None:
-        # Counted in the history only: no limit decided anything, nothing to report.
-        metrics.observe_units(ex.product, plan.name, cost)
-        return None
+        return None  # no limit decided anything: no limit headers
     outcome = decision.outcome
-    metrics.observe_limit_decision(ex.product, plan.name, outcome)
     if outcome == "allowed":
         ex.admit(decision)
-        metrics.observe_units(ex.product, plan.name, cost)
         ex.receipt = decision.receipt
         return None
     # A refusal carries its limit headers in the problem it raises.
