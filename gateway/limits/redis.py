@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 from typing import Any, cast
 
@@ -65,6 +65,7 @@ from gateway.limits.redis_layout import (
     RESET,
     SUBSCRIPTIONS_KEY,
     AnyRedis,
+    Script,
     credit_once_key,
     day_key,
     packed_cost,
@@ -226,18 +227,8 @@ class RedisLimiter:
             pipeline.learn_redis_time(reply[8])
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
-            # calls of one tick mostly go to different nodes anyway. The deadline is on the
-            # clock of the node that holds the subject (limits/cluster_clocks.py).
-            cluster = cast(RedisCluster, self._client)
-            clocks = self._cluster_clocks
-            assert clocks is not None
-            sent = asyncio.get_running_loop().time()
-
-            async def check() -> Any:
-                # The node's TIME, the first time, and the check share one storage timeout.
-                deadline = await clocks.deadline_us(command.keys[0], sent)
-                return await run_script(cluster, HIT, command.keys, (*command.args, cost, deadline))
-
+            # calls of one tick mostly go to different nodes anyway.
+            check = self._on_node_clock(HIT, command.keys, (*command.args, cost))
             # A task, so that a caller cancelled meanwhile leaves it to finish for `abandoned`
             # (redis-py drops a connection whose command is cancelled, reply and all).
             checking = asyncio.ensure_future(self._guard("hit", check))
@@ -250,7 +241,8 @@ class RedisLimiter:
             except StorageError:
                 self._unanswered(subject)
                 raise
-            clocks.learn(command.keys[0], reply[8])
+            assert self._cluster_clocks is not None
+            self._cluster_clocks.learn(command.keys[0], reply[8])
         self._taken(reply, subject)
         return decision_from_reply(reply, rate, quota, cost, plan, start, end, now)
 
@@ -303,22 +295,43 @@ class RedisLimiter:
         keys = (rate_key(subject), quota_key(subject, start), day_key(subject, day))
         packed = b""  # redis-py packs each call of a cluster itself
         if self._pipeline is not None:
-            # Once per subject, quota period and day, so the plain packer is fast enough. The
-            # count of arguments includes the cost and the deadline, appended per hit.
-            whole = self._pack_evalsha(HIT.sha, keys, (*args, "", ""))
-            packed = whole[: -len(b"$0\r\n\r\n") * 2]
+            # Once per subject, quota period and day, so the plain packer is fast enough; the
+            # cost and the deadline are appended per hit.
+            packed = self._pack_evalsha(HIT.sha, keys, args, to_come=2)
         return _Command(shape, keys, args, packed)
 
-    def _pack_evalsha(self, sha: str, keys: tuple[str, ...], args: tuple[int | str, ...]) -> bytes:
-        """EVALSHA of a script as RESP, for the hits' own connection."""
+    def _pack_evalsha(
+        self, sha: str, keys: tuple[str, ...], args: tuple[int | str, ...], to_come: int = 0
+    ) -> bytes:
+        """EVALSHA of a script as RESP, for the hits' own connection; with `to_come`, the
+        count of arguments includes that many more, for the caller to append packed."""
         encoding, errors = self._encoding, self._encoding_errors
-        return pack(
+        whole = pack(
             b"EVALSHA",
             sha.encode("ascii"),
             str(len(keys)).encode("ascii"),
             *(key.encode(encoding, errors) for key in keys),
-            *(str(arg).encode(encoding, errors) for arg in args),
+            *(str(arg).encode(encoding, errors) for arg in (*args, *("",) * to_come)),
         )
+        # Each argument to come was packed empty, as `$0\r\n\r\n`: cut for the real one.
+        return whole[: len(whole) - len(b"$0\r\n\r\n") * to_come]
+
+    def _on_node_clock(
+        self, script: Script, keys: tuple[str, ...], args: tuple[int | str, ...]
+    ) -> Callable[[], Awaitable[Any]]:
+        """A call of `script` on a cluster, whose last argument is its deadline on the clock of
+        the node that holds `keys` (limits/cluster_clocks.py), for the storage guard to run:
+        that node's TIME, the first time, and the call share one storage timeout."""
+        cluster = cast(RedisCluster, self._client)
+        clocks = self._cluster_clocks
+        assert clocks is not None
+        sent = asyncio.get_running_loop().time()
+
+        async def call() -> Any:
+            deadline = await clocks.deadline_us(keys[0], sent)
+            return await run_script(cluster, script, keys, (*args, deadline))
+
+        return call
 
     def _unanswered(self, subject: str) -> None:
         """A hit whose reply never came may still have run (a stalled Redis runs it when it
@@ -362,22 +375,12 @@ class RedisLimiter:
         args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
-            cluster = cast(RedisCluster, self._client)
-            clocks = self._cluster_clocks
-            assert clocks is not None
-            sent = asyncio.get_running_loop().time()
-
-            async def give_back() -> Any:
-                # With a deadline on the clock of the node that holds the subject, as a hit.
-                deadline = await clocks.deadline_us(keys[0], sent)
-                return await run_script(cluster, REFUND, keys, (*args, deadline))
-
+            give_back = self._on_node_clock(REFUND, keys, args)
             returned = int(await self._guard("refund", give_back))
         else:
             # On the hits' connection: it notices a restarted Redis as soon as the loop does,
             # where a pooled redis-py connection would send into the dead one first.
-            packed = self._pack_evalsha(REFUND.sha, keys, (*args, ""))
-            packed = packed[: -len(b"$0\r\n\r\n")] + pipeline.deadline()
+            packed = self._pack_evalsha(REFUND.sha, keys, args, to_come=1) + pipeline.deadline()
             try:
                 returned = int(await pipeline.run(packed))
             except Exception as exc:
