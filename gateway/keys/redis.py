@@ -37,6 +37,7 @@ from gateway.keys.backend import (
     WriteRefused,
 )
 from gateway.limits.base import StorageError
+from gateway.limits.cluster_clocks import ClusterClocks
 from gateway.limits.redis_clients import StorageGuard, StorageRedis, open_storage_redis
 from gateway.limits.redis_clock import RedisClock, time_reply_us
 from gateway.limits.redis_layout import Script, run_script
@@ -67,7 +68,12 @@ class RedisKeyBackend:
         self._client = storage.client
         self._timeout = timeout
         self._guard = StorageGuard(self._client, timeout, "key store", on_storage_error)
-        self._redis_clock = RedisClock()  # of the server that holds the key store
+        # The clock of the server that holds the key store, for the writes' deadlines: on a
+        # cluster, of the node that holds its slot (asked as the limiter asks it).
+        self._redis_clock = RedisClock()
+        self._node_clocks = (
+            ClusterClocks(self._client, timeout) if isinstance(self._client, RedisCluster) else None
+        )
 
     @classmethod
     def from_url(
@@ -89,12 +95,8 @@ class RedisKeyBackend:
         async def written() -> Any:
             # A deadline on Redis's clock, as a limit check's: a write answered 503 (not
             # waited for any more) must not be made later by a Redis that wakes from a stall,
-            # which made a created key whose secret nobody was given. Redis's clock is asked
-            # for first when not known yet (the first write of the process, or a stale one).
-            deadline = self._redis_clock.deadline_us(loop.time(), self._timeout)
-            if not deadline:
-                self._redis_clock.learn(time_reply_us(await self._client.time()), loop.time())
-                deadline = self._redis_clock.deadline_us(loop.time(), self._timeout)
+            # which made a created key whose secret nobody was given.
+            deadline = await self._deadline(loop.time())
             args: tuple[str | int, ...] = (
                 CHANNEL,
                 write.name,
@@ -108,7 +110,10 @@ class RedisKeyBackend:
             return await run_script(self._client, WRITE, keys, args)
 
         version, outcome, redis_us = await self._guard("key_write", written)
-        self._redis_clock.learn(int(redis_us), loop.time())
+        if self._node_clocks is not None:
+            self._node_clocks.learn(RECORDS_KEY, int(redis_us))
+        else:
+            self._redis_clock.learn(int(redis_us), loop.time())
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome == "too_late":
             late = StorageError("it ran after its deadline on Redis's clock; nothing was written")
@@ -119,6 +124,17 @@ class RedisKeyBackend:
             )
             raise WriteRefused(reason)
         return int(version)
+
+    async def _deadline(self, sent: float) -> int:
+        """The deadline, on the key store's server's clock, of a write sent at loop time
+        `sent`; that clock is asked for (TIME) before the process's first write."""
+        if self._node_clocks is not None:
+            return await self._node_clocks.deadline_us(RECORDS_KEY, sent)
+        if not self._redis_clock.deadline_us(sent, self._timeout):
+            reply = await self._client.time()
+            loop_time = asyncio.get_running_loop().time()
+            self._redis_clock.learn(time_reply_us(reply), loop_time, new_server=True)
+        return self._redis_clock.deadline_us(sent, self._timeout)
 
     async def read(self, name: str) -> str | None:
         raw = await self._guard("key_read", lambda: self._client.hget(RECORDS_KEY, name))
