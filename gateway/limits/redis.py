@@ -81,8 +81,8 @@ _READ_BATCH = 500
 
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
 # A check's arguments as `decision_from_reply` takes them: rate, quota, cost, plan, period start
-# and end, and the time it was made.
-_HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float]
+# and end, the time it was made and its UTC day.
+_HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int]
 _REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
@@ -217,7 +217,7 @@ class RedisLimiter:
                 # Its client left while the check was on its way: what Redis decides goes to
                 # `abandoned` (the arguments gathered only now, off the common path).
                 if abandoned is not None:
-                    request = (rate, quota, cost, plan, start, end, now)
+                    request = (rate, quota, cost, plan, start, end, now, day)
                     late = partial(self._late, abandoned, subject, request)
                     pipeline.when_answered(future, late)
                 raise
@@ -235,7 +235,7 @@ class RedisLimiter:
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
-                request = (rate, quota, cost, plan, start, end, now)
+                request = (rate, quota, cost, plan, start, end, now, day)
                 checking.add_done_callback(partial(self._late_task, abandoned, subject, request))
                 raise
             except StorageError:
@@ -244,7 +244,7 @@ class RedisLimiter:
             assert self._cluster_clocks is not None
             self._cluster_clocks.learn(command.keys[0], reply[8])
         self._taken(reply, subject)
-        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now)
+        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day)
 
     def _late(self, abandoned: Abandoned, subject: str, request: _HitRequest, reply: Any) -> None:
         """The reply of a check whose caller was cancelled: what Redis decided, for

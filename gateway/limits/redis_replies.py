@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.config.model import QuotaRule, RateRule
-from gateway.limits.base import Decision, Outcome, Receipt, WindowState, day_of, make_decision
+from gateway.limits.base import Decision, Outcome, Receipt, WindowState, make_decision
 
 _OUTCOMES: tuple[Outcome, ...] = ("allowed", "throttled", "quota_exceeded")
 # Results built by tuple.__new__, as the memory limiter builds them (see base.py).
@@ -22,9 +22,10 @@ def decision_from_reply(
     start: float,
     end: float,
     now: float,
+    day: int,
 ) -> Decision:
-    """The decision of a check that ran in time (outcome 0, 1 or 2), made at `now` for the
-    quota period from `start` to `end`."""
+    """The decision of a check that ran in time (outcome 0, 1 or 2), made at `now` (UTC day
+    `day`) for the quota period from `start` to `end`."""
     # Integer replies: redis-py hands them over as ints already.
     code, used, credit, in_window, wait_us, quota_born, day_born, _, _ = reply
     rate_state = None
@@ -53,7 +54,7 @@ def decision_from_reply(
             ),
         )
         if code == 0 and quota.refund_on:
-            receipt = Receipt(cost, plan, start, quota_born, day_of(now), day_born)
+            receipt = Receipt(cost, plan, start, quota_born, day, day_born)
     if code == 0:
         return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0, receipt))
     return make_decision(_OUTCOMES[code], rate_state, quota_state)
