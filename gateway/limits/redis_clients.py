@@ -9,7 +9,9 @@ This is the one place that turns a storage URL into connections (the URL grammar
   server answers as a replica. That alone misses a failover ordered while the old master is
   alive: the old master goes on taking writes until the Sentinels demote it (up to about
   10 s), so `StorageRedis` also asks the Sentinels every `MASTER_RECHECK_SECONDS` and has the
-  pool drop its idle connections when the master moved.
+  pool drop its idle connections when the master moved. A connection that was in use at that
+  moment is dropped when it comes back to the pool (`_MasterFollowingPool`): left idle, it
+  would go on writing to the old master.
 - `address()`: where the master is now, for a connection of one's own (the limiter's hits
   connection, `gateway.limits.resp`). For a Sentinel URL it asks the Sentinels each time, so
   a caller that reconnects after an error finds the promoted master.
@@ -207,6 +209,27 @@ class StorageGuard:
         return StorageError(f"{self._label} {operation}: {reason}")
 
 
+class _MasterFollowingPool(SentinelConnectionPool):
+    """A Sentinel master's pool that never keeps a connection to a server other than the master
+    it last heard of.
+
+    redis-py drops only the idle connections when it learns that the master moved; one that a
+    call was using then came back to the pool still connected to the old master, and every
+    call that took it wrote there until the Sentinels demoted that server (CI saw the storage
+    client write to the old master for the whole 5 s its test allows)."""
+
+    async def release(self, connection: Any) -> None:
+        master = self.master_address
+        if (
+            self.is_master
+            and master is not None
+            and connection.is_connected
+            and (connection.host, connection.port) != (master[0], int(master[1]))
+        ):
+            await connection.disconnect()
+        await super().release(connection)
+
+
 def _wake(woken: asyncio.Future[None], _task: object) -> None:
     if not woken.done():
         woken.set_result(None)
@@ -275,6 +298,7 @@ def open_storage_redis(url: str, timeout: float) -> StorageRedis:
             username=parts.username,
             password=parts.password,
             ssl=parts.tls,
+            connection_pool_class=_MasterFollowingPool,
             **options,
         )
         return StorageRedis(cast(Redis, master), sentinel, timeout)

@@ -131,6 +131,31 @@ async def test_storage_client_leaves_the_old_master_after_a_forced_failover(
         await storage.aclose()
 
 
+async def test_a_connection_in_use_when_the_master_moves_is_not_kept(
+    fresh_redis_sentinel: RedisSentinelGroup,
+) -> None:
+    """A connection that a call holds while the storage client learns of a failover is dropped
+    when the call gives it back: kept, it would go on writing to the old master."""
+    group = fresh_redis_sentinel
+    storage = open_storage_redis(group.url, 0.25)
+    pool = storage.client.connection_pool
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+    try:
+        await storage.client.incr(name)
+        held = await pool.get_connection()  # as a call on its way holds it
+        promoted = await asyncio.to_thread(group.failover)
+        deadline = time.monotonic() + LEFT_THE_OLD_MASTER_WITHIN
+        while pool.master_address is None or int(pool.master_address[1]) != promoted.port:
+            assert time.monotonic() < deadline, "the client never heard of the new master"
+            await asyncio.sleep(0.02)
+        await pool.release(held)
+        assert await storage.client.incr(name) == 2  # the replica had the first one
+        with redis.Redis(port=promoted.port, socket_timeout=5) as master:
+            assert int(master.get(name) or 0) == 2
+    finally:
+        await storage.aclose()
+
+
 async def test_limiter_follows_the_promotion_after_the_master_dies(
     fresh_redis_sentinel: RedisSentinelGroup,
 ) -> None:
