@@ -32,6 +32,14 @@ class RunWorker(Protocol):
 # starts (see `gateway.server.serve`).
 FORWARDED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
+# A worker that dies is started again after RESTART_DELAY. One that dies within STEADY_AFTER
+# of its start is crash-looping (a bad host, memory it cannot get): each such death doubles
+# the wait, up to RESTART_DELAY_MAX, so that it neither spins the machine nor floods the log
+# with a traceback twice a second. A worker that lived longer starts the count again.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+STEADY_AFTER = 10.0
+
 
 def _end_with_the_supervisor(supervisor: int) -> None:
     """In a forked worker: get SIGTERM (and so drain) when the supervisor (pid `supervisor`)
@@ -74,6 +82,9 @@ def _supervise_workers(
     from gateway import metrics
 
     children: dict[int, int] = {}  # pid -> worker index
+    started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+    restart_delay: dict[int, float] = {}  # worker index -> its next wait after a quick death
+    restart_at: dict[int, float] = {}  # worker index -> when to start it again
     stopping = False
     # A worker started after a reload must start from the reloaded config, with what only a
     # restart applies as the others have it (`keep_restart_only`).
@@ -86,7 +97,7 @@ def _supervise_workers(
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         try:
             if stopping:
-                # A SIGTERM came first (during a crashed worker's restart nap, say): it went to
+                # A SIGTERM came first (while a crashed worker waited to restart, say): it went to
                 # the workers there were, and a new one would never hear of it, serving on
                 # while the supervisor waited for it.
                 return
@@ -108,6 +119,7 @@ def _supervise_workers(
                 finally:
                     os._exit(code)
             children[pid] = index
+            started[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
@@ -147,22 +159,34 @@ def _supervise_workers(
 
     exit_code = 0
     next_poll = time.monotonic() + POLL_INTERVAL
-    while children:
+    while children or (restart_at and not stopping):
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            break
+            if not restart_at:
+                break
+            pid, status = 0, 0  # no child left, but a restart to wait for
         if pid == 0:
-            # Awake for the next poll, not a fixed nap after it: naps of 0.2 s made the polls
-            # 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to be loaded.
-            # Stopping, there is no poll to wait for: the nap only paces waitpid.
-            until_poll = next_poll - time.monotonic()
-            time.sleep(0.2 if stopping else min(0.2, max(0.0, until_poll)))
-            if not stopping and time.monotonic() >= next_poll:
+            if stopping:
+                # The nap only paces waitpid: no poll, and no restart (spawn would refuse).
+                restart_at.clear()
+                time.sleep(0.2)
+                continue
+            now = time.monotonic()
+            for index, when in sorted(restart_at.items()):
+                if now >= when:
+                    del restart_at[index]
+                    spawn(index)
+            # Awake for the next poll or restart, not a fixed nap after it: naps of 0.2 s made
+            # the polls 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to load.
+            wake = min([next_poll, *restart_at.values()])
+            time.sleep(min(0.2, max(0.0, wake - time.monotonic())))
+            if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()
             continue
         index = children.pop(pid, -1)
+        lived = time.monotonic() - started.pop(pid, 0.0)
         if index < 0:
             # Not a worker: a child the process had before it became the gateway (`sh -c
             # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
@@ -178,9 +202,13 @@ def _supervise_workers(
                 log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
             exit_code = exit_code or (code if code > 0 else 0)
             continue
-        log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-        time.sleep(0.5)  # a worker that dies at once should not spin the machine
-        spawn(index)
+        delay = restart_delay.get(index, RESTART_DELAY) if lived < STEADY_AFTER else RESTART_DELAY
+        restart_delay[index] = min(delay * 2, RESTART_DELAY_MAX)
+        restart_at[index] = time.monotonic() + delay
+        log.error(
+            "worker %d (pid %d) exited with %d after %.1f s; starting a new one in %.1f s",
+            *(index, pid, code, lived, delay),
+        )
     # The interpreter's exit puts the default action back in place of a Python handler, so
     # a SIGTERM repeated in that moment would kill the supervisor with -15; ignored instead.
     for sig in FORWARDED_SIGNALS:

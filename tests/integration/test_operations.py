@@ -272,6 +272,35 @@ def test_sigterm_during_a_crashed_workers_restart_still_stops_everything(
         assert connection_refused(proxy_port)
 
 
+def test_a_crash_looping_worker_is_restarted_ever_more_slowly(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A worker that dies soon after its start waits twice as long before each new start
+    (0.5 s, 1 s, ...): a crash loop must not spin the machine or flood the log. The other
+    worker serves on meanwhile, and a SIGTERM during the wait still stops everything."""
+    with two_workers(tmp_path, request) as (gateway, _, proxy_port):
+        first, survivor = serving_workers(gateway, 2)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "starting a new one in 0.5 s" in gateway.stderr(), 5, "the first crash")
+        second = serving_workers(gateway, 2)[-1]
+        assert second not in (first, survivor)
+        os.kill(second, signal.SIGKILL)  # soon after its start: a crash loop
+        killed_at = time.monotonic()
+        wait_for(lambda: "starting a new one in 1.0 s" in gateway.stderr(), 5, "the second crash")
+        assert call(proxy_port, "/soccer/x", headers={"X-API-Key": SECRET}).status == 200
+        third = serving_workers(gateway, 2)[-1]
+        assert third not in (first, second, survivor)
+        waited = time.monotonic() - killed_at
+        assert waited >= 1.0, f"restarted {waited:.2f} s after the second quick death"
+        os.kill(third, signal.SIGKILL)
+        wait_for(lambda: "starting a new one in 2.0 s" in gateway.stderr(), 5, "the third crash")
+        gateway.signal(signal.SIGTERM)  # during the 2 s wait
+        assert gateway.proc is not None
+        assert gateway.proc.wait(timeout=15) == 0, gateway.stderr()
+        assert parent_of(survivor) is None
+        assert connection_refused(proxy_port)
+
+
 def test_a_stopping_supervisor_waits_idle(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """While its workers drain, the supervisor sleeps between looks at them: it used to spin,
     ~15% of a core for the whole drain."""
