@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.admin_json import BODY_TIMEOUT
+from gateway.admin_json import ADMIN_ROUTE, BODY_TIMEOUT
 from gateway.admin_state import (
     ADMIN_STATE,
     AdminState,
@@ -84,9 +84,9 @@ def build_admin_app(
         keys=keys,
         draining=draining,
     )
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics, **ADMIN_ROUTE)
+    app.router.add_get("/healthz", _healthz, **ADMIN_ROUTE)
+    app.router.add_get("/readyz", _readyz, **ADMIN_ROUTE)
     add_usage_routes(app)
     if keys is not None:
         add_key_routes(app, keys)

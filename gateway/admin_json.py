@@ -13,6 +13,22 @@ from aiohttp import web
 
 from gateway.problems import BadRequest, RequestTimeout, UnsupportedMediaType
 
+
+async def expect_continue(request: web.Request) -> None:
+    """The admin port's answer to `Expect`, as the proxy port's: an HTTP/1.1 `100-continue`
+    gets its `100 Continue` before the body is read; any other expectation is ignored (RFC 9110
+    lets a server do so), where aiohttp's own handler answered a plain-text 417 that no
+    middleware sees, the one admin answer that was not problem+json. Every admin route takes
+    it (`ADMIN_ROUTE`)."""
+    expected = request.headers.get("Expect", "").strip().lower()
+    if expected == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own bytes have not begun
+
+
+# Keyword arguments of every admin route (`app.router.add_get(path, handler, **ADMIN_ROUTE)`).
+ADMIN_ROUTE: dict[str, Any] = {"expect_handler": expect_continue}
+
 # The running config's `server.timeouts.client_body`: the most a body may take to arrive.
 BODY_TIMEOUT: web.AppKey[Callable[[], float]] = web.AppKey("admin_body_timeout")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin_json import json_object, only_fields
+from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields
 from gateway.admin_state import ADMIN_STATE, AdminState, within_storage_timeout
 from gateway.config.instants import format_instant
 from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule
@@ -38,11 +38,11 @@ log = logging.getLogger("gateway.admin")
 def add_usage_routes(app: web.Application) -> None:
     # No HEAD: the export streams, and a HEAD would run it all for a head that cannot say its
     # length (aiohttp's automatic HEAD also sent the body).
-    app.router.add_get("/admin/usage.csv", _usage_csv, allow_head=False)
-    app.router.add_get("/admin/usage/{key_name}", _get_usage)
-    app.router.add_delete("/admin/usage/{key_name}/{product}", _reset_usage)
-    app.router.add_post("/admin/usage/{key_name}/{product}/credit", _add_credit)
-    app.router.add_get("/admin/usage/{key_name}/history", _get_history)
+    app.router.add_get("/admin/usage.csv", _usage_csv, allow_head=False, **ADMIN_ROUTE)
+    app.router.add_get("/admin/usage/{key_name}", _get_usage, **ADMIN_ROUTE)
+    app.router.add_delete("/admin/usage/{key_name}/{product}", _reset_usage, **ADMIN_ROUTE)
+    app.router.add_post("/admin/usage/{key_name}/{product}/credit", _add_credit, **ADMIN_ROUTE)
+    app.router.add_get("/admin/usage/{key_name}/history", _get_history, **ADMIN_ROUTE)
 
 
 async def _get_usage(request: web.Request) -> web.Response:

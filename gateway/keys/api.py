@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from gateway.admin_json import json_object, only_fields
+from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields
 from gateway.config.access import SHA256_HEX, validate_key_plans
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
@@ -68,12 +68,12 @@ _NOT_CACHED = {"Cache-Control": "no-store"}
 
 def add_key_routes(app: web.Application, access: KeysAccess) -> None:
     api = _KeysApi(access)
-    app.router.add_post("/admin/keys", api.create)
-    app.router.add_get("/admin/keys", api.list_keys)
-    app.router.add_get("/admin/keys/{name}", api.get)
-    app.router.add_patch("/admin/keys/{name}", api.patch)
-    app.router.add_delete("/admin/keys/{name}", api.delete)
-    app.router.add_post("/admin/keys/{name}/rotate", api.rotate)
+    app.router.add_post("/admin/keys", api.create, **ADMIN_ROUTE)
+    app.router.add_get("/admin/keys", api.list_keys, **ADMIN_ROUTE)
+    app.router.add_get("/admin/keys/{name}", api.get, **ADMIN_ROUTE)
+    app.router.add_patch("/admin/keys/{name}", api.patch, **ADMIN_ROUTE)
+    app.router.add_delete("/admin/keys/{name}", api.delete, **ADMIN_ROUTE)
+    app.router.add_post("/admin/keys/{name}/rotate", api.rotate, **ADMIN_ROUTE)
 
 
 class _KeysApi:
