@@ -8,11 +8,10 @@ agree on the sliding window; the quota period is computed here because it needs 
 timezone, and the UTC day here too, so that every key a script touches is named in its KEYS.
 Every key of a subscription carries the subject as hash tag, so they live in one cluster slot.
 
-The billing export needs to know which subscriptions have history. A set of them,
-`gw:subscriptions`, lives in a slot of its own, so it cannot be written by the script on a
-cluster; each process adds a subscription to it after its first admission there (and again
-whenever the script reports that it began a day's history, e.g. after Redis lost its data), in
-the background.
+A key's history and the billing export need to know which subscriptions have history: sets of
+them (`gateway.limits.redis_registry`) live in slots of their own, so the script cannot write
+them on a cluster; each process records a subscription after its first admission there (and
+again whenever the script reports that it began a day's history), in the background.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
 pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
@@ -63,7 +62,6 @@ from gateway.limits.redis_layout import (
     PACKED_COSTS,
     REFUND,
     RESET,
-    SUBSCRIPTIONS_KEY,
     AnyRedis,
     Script,
     credit_once_key,
@@ -73,6 +71,7 @@ from gateway.limits.redis_layout import (
     rate_key,
     run_script,
 )
+from gateway.limits.redis_registry import SubscriptionRegistry
 from gateway.limits.redis_replies import decision_from_reply
 from gateway.limits.resp import ScriptPipeline, pack
 
@@ -143,9 +142,6 @@ class RedisLimiter:
         self._clock = clock
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
-        # Subjects this process has put in SUBSCRIPTIONS_KEY.
-        self._registered: set[str] = set()
-        self._registering: set[asyncio.Task[None]] = set()  # those calls under way
         # On a single Redis the hits of one tick go out together on a connection of their
         # own, each batch under the storage timeout already; on a cluster each hit is its
         # own redis-py call under _guard.
@@ -164,6 +160,7 @@ class RedisLimiter:
         self._cluster_clocks: ClusterClocks | None = None
         if isinstance(client, RedisCluster):
             self._cluster_clocks = ClusterClocks(client, timeout)
+        self._registry = SubscriptionRegistry(client, self._guard, self._pipeline, clock)
 
     @classmethod
     def from_config(
@@ -243,7 +240,7 @@ class RedisLimiter:
                 raise
             assert self._cluster_clocks is not None
             self._cluster_clocks.learn(command.keys[0], reply[8])
-        self._taken(reply, subject)
+        self._taken(reply, subject, day)
         return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day)
 
     def _late(self, abandoned: Abandoned, subject: str, request: _HitRequest, reply: Any) -> None:
@@ -252,7 +249,7 @@ class RedisLimiter:
         if reply[0] == _TOO_LATE:
             return
         try:
-            self._taken(reply, subject)
+            self._taken(reply, subject, request[7])
             abandoned(decision_from_reply(reply, *request))
         except Exception:
             log.exception("could not settle a limit check whose request had gone")
@@ -269,7 +266,7 @@ class RedisLimiter:
             return
         self._late(abandoned, subject, request, checking.result())
 
-    def _taken(self, reply: Any, subject: str) -> None:
+    def _taken(self, reply: Any, subject: str, day: int) -> None:
         """What a check's reply asks of this process before its decision is read: nothing
         taken after its deadline is an error; a first admission is registered."""
         code = reply[0]
@@ -277,8 +274,8 @@ class RedisLimiter:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
             late = StorageError("it ran after its deadline on Redis's clock; nothing was taken")
             raise self._guard.error("hit", late)
-        if code == 0 and (reply[7] or subject not in self._registered):  # 7: a new day began
-            self._register(subject)
+        if code == 0:
+            self._registry.after_admission(subject, day, bool(reply[7]))  # 7: a new day began
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
         if len(self._commands) >= _MAX_COMMANDS:
@@ -334,41 +331,8 @@ class RedisLimiter:
         return call
 
     def _unanswered(self, subject: str) -> None:
-        """A hit whose reply never came may still have run (a stalled Redis runs it when it
-        wakes), and been the first admission of a day, the one that says to register the
-        subject: registered again on its next admission, since that one will not say so."""
-        self._registered.discard(subject)
-
-    def _register(self, subject: str) -> None:
-        """Add `subject` to SUBSCRIPTIONS_KEY: once per process, and again on the first
-        admission of each day (Redis may have lost it). In the background, so that the
-        admission waits for nothing more; this process's history and export wait for it. A
-        failure is tried again on the subject's next admission."""
-        if len(self._registered) >= _MAX_COMMANDS:
-            self._registered.clear()
-        self._registered.add(subject)
-        task = asyncio.get_running_loop().create_task(self._add_subscription(subject))
-        self._registering.add(task)
-        task.add_done_callback(self._registering.discard)
-
-    async def _add_subscription(self, subject: str) -> None:
-        try:
-            pipeline = self._pipeline
-            if pipeline is not None:
-                packed = pack(b"SADD", SUBSCRIPTIONS_KEY.encode(), subject.encode())
-                try:
-                    await pipeline.run(packed)
-                except Exception as exc:
-                    raise self._guard.error("register", exc) from exc
-            else:
-                await self._guard(
-                    "register",
-                    lambda: self._client.sadd(SUBSCRIPTIONS_KEY, subject),
-                    repeatable=True,
-                )
-        except StorageError as exc:
-            self._registered.discard(subject)
-            log.warning("could not record %s for the usage export: %s", subject, exc)
+        """A hit whose reply never came may still have run and begun a day's history."""
+        self._registry.forget(subject)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         keys = (quota_key(subject, receipt.period_start), day_key(subject, receipt.day))
@@ -430,30 +394,21 @@ class RedisLimiter:
         )
 
     async def history(self, key_name: str, first_day: int, last_day: int) -> list[DayUsage]:
-        prefix = key_name + ":"
-        subjects = sorted(s for s in await self._subscriptions() if s.startswith(prefix))
+        subjects = await self._registry.of_key(key_name, first_day)
         days = [(day, subject) for day in range(first_day, last_day + 1) for subject in subjects]
         # Every day of the range in one pipeline (a few hundred small reads): one round
         # trip, where a call per day made up to HISTORY_DAYS of them.
         return await self._read_days(days)
 
     async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
-        subjects = sorted(await self._subscriptions(), key=subject_order)
+        subjects_of = await self._registry.of_days()
         for day in range(first_day, last_day + 1):
+            subjects = sorted(await subjects_of(day), key=subject_order)
             for begin in range(0, len(subjects), _READ_BATCH):
                 batch = subjects[begin : begin + _READ_BATCH]
                 lines = await self._read_days([(day, subject) for subject in batch])
                 if lines:
                     yield lines
-
-    async def _subscriptions(self) -> list[str]:
-        # Subscriptions this process is recording right now are part of the answer.
-        if self._registering:
-            await asyncio.gather(*list(self._registering), return_exceptions=True)
-        members = await self._guard(
-            "history", lambda: self._client.smembers(SUBSCRIPTIONS_KEY), repeatable=True
-        )
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
     async def _read_days(self, days: list[tuple[int, str]]) -> list[DayUsage]:
         """The history of each (day, subject) of `days`, in their order, by plan within each.
@@ -488,11 +443,7 @@ class RedisLimiter:
         await self._guard("ping", self._client.ping, repeatable=True)
 
     async def close(self) -> None:
-        # Recording subscriptions is best effort: a process that stops need not wait for it.
-        for task in list(self._registering):
-            task.cancel()
-        if self._registering:
-            await asyncio.gather(*list(self._registering), return_exceptions=True)
+        await self._registry.close()
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._storage.aclose()

@@ -9,7 +9,8 @@ so that all of them live in one Redis Cluster slot and one script may touch them
     gw:{<subject>}:credit:<key>         string: the units a credit with that idempotency key
                                         added (kept a day)
 
-`gw:subscriptions`, a set of the subjects with history, is the one key outside them.
+The sets that name the subscriptions with history live outside them
+(`gateway.limits.redis_registry`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ HIT = Script("hit.lua")
 REFUND = Script("refund.lua")
 CREDIT = Script("credit.lua")
 RESET = Script("reset.lua")
-# The set of every "<key>:<product>" with history, for the export.
-SUBSCRIPTIONS_KEY = "gw:subscriptions"
 
 
 def rate_key(subject: str) -> str:

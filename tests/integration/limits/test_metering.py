@@ -10,13 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway.config.model import QuotaRule, RateRule, StorageConfig
 from gateway.limits import Limiter, create_limiter
-from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, StorageError, day_of
+from gateway.limits.base import HISTORY_DAYS, DayUsage, Receipt, StorageError, day_of, day_text
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
 from gateway.limits.periods import quota_period
@@ -205,6 +206,75 @@ async def test_history_of_the_days_kept_is_read_in_one_round_trip(
     # 802 day reads (about 50 kB, so a few reads of its 16 kB buffer) and the second INFO.
     # A round trip per day would be over 400.
     assert reads <= 20, reads
+
+
+def _other_subscriptions(admin: Any, names: list[str], count: int) -> None:
+    """`count` subscriptions of other keys, each in every set named (as written by gateways
+    of either layout), so that reading one of those sets whole is megabytes."""
+    for begin in range(0, count, 20_000):
+        members = [f"other-{i:06d}.test:soccer" for i in range(begin, begin + 20_000)]
+        for name in names:
+            admin.sadd(name, *members)
+
+
+def _sent_by(admin: Any) -> int:
+    return int(admin.info("stats")["total_net_output_bytes"])
+
+
+async def test_history_and_export_read_what_they_answer_whatever_the_storage_holds(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """A key's history read the set of every subscription ever and kept the key's (at 250,000
+    subscriptions that took longer than storage.timeout: a 503), and the export read every
+    subscription for every day of its range. Now a key's history reads the key's own set, and
+    each day of the export that day's."""
+    limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=0.25))
+    admin = fresh_redis_server.client()
+    key = new_key()
+    today = day_of(time.time())
+    expected = [DayUsage(today, f"{key}:soccer", "pro", 1, 2)]
+    try:
+        await limiter.hit(f"{key}:soccer", None, None, 2, "pro")
+        assert await limiter.history(key, today, today) == expected  # recorded by now
+        # 300,000 subscriptions of other keys, of a day before the export's range, and in the
+        # set of every one.
+        _other_subscriptions(
+            admin, ["gw:subscriptions", f"gw:subs:day:{day_text(today - 40)}"], 300_000
+        )
+        before = _sent_by(admin)
+        assert await limiter.history(key, today - HISTORY_DAYS, today) == expected
+        assert _sent_by(admin) - before < 100_000
+        before = _sent_by(admin)
+        days = [line async for batch in limiter.export(today - 30, today) for line in batch]
+        assert days == expected
+        assert _sent_by(admin) - before < 100_000
+    finally:
+        admin.close()
+        await limiter.close()
+
+
+async def test_subscriptions_recorded_by_gateways_of_the_old_layout_are_found(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """A storage written by gateways that kept only the set of every subscription: the history
+    they recorded is still found, by a key's history and by the export."""
+    admin = fresh_redis_server.client()
+    today = day_of(time.time())
+    key = new_key()
+    admin.sadd("gw:subscriptions", f"{key}:soccer")  # as an older gateway recorded it
+    admin.hset(f"gw:{{{key}:soccer}}:d:{day_text(today)}", mapping={"r:pro": 3, "u:pro": 5})
+    expected = [DayUsage(today, f"{key}:soccer", "pro", 3, 5)]
+    limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=2.0))
+    try:
+        assert await limiter.history(key, today - 1, today) == expected
+        assert [line async for batch in limiter.export(today, today) for line in batch] == expected
+        # And what this gateway admits that day on is found too.
+        await limiter.hit(f"{key}:weather", None, None, 1, "pro")
+        weather = DayUsage(today, f"{key}:weather", "pro", 1, 1)
+        assert await limiter.history(key, today, today) == [*expected, weather]
+    finally:
+        admin.close()
+        await limiter.close()
 
 
 async def test_export_is_sorted_by_day_key_product(tmp_path: Path) -> None:

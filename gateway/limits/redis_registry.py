@@ -1,0 +1,186 @@
+"""Which subscriptions ("<key name>:<product>") have history in the Redis storage: what a key's
+usage history and the billing export read before the day hashes themselves.
+
+Three sets, written in the background by the process that admits a subscription's first
+request (its first in that process, and the first of each UTC day):
+
+    gw:subs:key:<key name>      the products of that key with history: a key's history
+    gw:subs:day:<YYYY-MM-DD>    the subscriptions with history that day: the export's day
+    gw:subscriptions            every subscription ever: the one set of gateways before the
+                                two above, still written for them, read only for days
+                                before `gw:subs:since`
+
+The first two expire with the last history they name (400 days after its day), so a key's
+history and a day of the export read only what they answer, however many subscriptions the
+storage has seen. With the one set alone, a key's history read every subscription ever (at
+250,000 of them that took longer than `storage.timeout`: a 503), and the export read every
+subscription for every day of its range.
+
+`gw:subs:since` is the first day the two sets are complete: 0 for a storage that never had the
+old set, else the day after a gateway that writes them first came. Until then gateways of the
+old layout (a rolling upgrade) may have recorded subscriptions in the old set alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.limits.base import DAY_SECONDS, HISTORY_DAYS, StorageError, day_of, day_text
+from gateway.limits.redis_clients import StorageGuard
+from gateway.limits.redis_layout import AnyRedis
+from gateway.limits.resp import ScriptPipeline, pack
+
+LEGACY_KEY = "gw:subscriptions"
+SINCE_KEY = "gw:subs:since"
+# Subjects remembered as recorded by this process; beyond it the memory starts afresh (and
+# each subject is recorded once more on its next admission).
+_MAX_REMEMBERED = 10_000
+
+log = logging.getLogger(__name__)
+
+
+def key_set(key_name: str) -> str:
+    return f"gw:subs:key:{key_name}"
+
+
+def day_set(day: int) -> str:
+    return f"gw:subs:day:{day_text(day)}"
+
+
+def _decoded(members: Any) -> list[str]:
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+
+class SubscriptionRegistry:
+    """Records subscriptions with history and finds them again (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        guard: StorageGuard,
+        pipeline: ScriptPipeline | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._client = client
+        self._guard = guard
+        self._pipeline = pipeline  # a single Redis's hits connection, which records too
+        self._clock = clock
+        self._since: int | None = None
+        self._recorded: set[str] = set()
+        self._recording: set[asyncio.Task[None]] = set()  # calls under way
+
+    def after_admission(self, subject: str, day: int, new_day: bool) -> None:
+        """An admission of `subject` on `day`; `new_day`: the script began that day's history.
+        Recorded once per process, and again on the first admission of each day (Redis may
+        have lost the sets), in the background: the admission waits for nothing more."""
+        if not new_day and subject in self._recorded:
+            return
+        if len(self._recorded) >= _MAX_REMEMBERED:
+            self._recorded.clear()
+        self._recorded.add(subject)
+        task = asyncio.get_running_loop().create_task(self._record(subject, day))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    def forget(self, subject: str) -> None:
+        """A check whose reply never came may still have run (a stalled Redis runs it when it
+        wakes) and begun a day: `subject` is recorded again on its next admission."""
+        self._recorded.discard(subject)
+
+    async def _record(self, subject: str, day: int) -> None:
+        key_name, _, product = subject.partition(":")
+        # The history of `day` is kept until this; the sets that name it, as long.
+        until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
+        commands = (
+            ("SADD", LEGACY_KEY, subject),
+            ("SADD", day_set(day), subject),
+            ("EXPIREAT", day_set(day), until),
+            ("SADD", key_set(key_name), product),
+            ("EXPIREAT", key_set(key_name), until),
+        )
+        try:
+            await self.since("register")  # fixed before this process first writes the old set
+            pipeline = self._pipeline
+            if pipeline is not None:
+                calls = [pipeline.run(pack(*(part.encode() for part in c))) for c in commands]
+                try:
+                    await asyncio.gather(*calls)
+                except Exception as exc:
+                    raise self._guard.error("register", exc) from exc
+            else:
+
+                async def record() -> None:
+                    pipe = self._client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
+
+                await self._guard("register", record, repeatable=True)
+        except StorageError as exc:
+            self._recorded.discard(subject)  # tried again on its next admission
+            log.warning("could not record %s for the usage history: %s", subject, exc)
+
+    async def settled(self) -> None:
+        """Until this process's recordings under way are done: they are part of the answer."""
+        if self._recording:
+            await asyncio.gather(*list(self._recording), return_exceptions=True)
+
+    async def since(self, operation: str = "history") -> int:
+        """The first day the per-key and per-day sets are complete (see the module docstring);
+        `operation` names a failure in gateway_storage_errors_total."""
+        if self._since is None:
+            client, guard = self._client, self._guard
+            since = await guard(operation, lambda: client.get(SINCE_KEY), repeatable=True)
+            if since is None:
+                had_old_set = await guard(
+                    operation, lambda: client.exists(LEGACY_KEY), repeatable=True
+                )
+                first = day_of(self._clock()) + 1 if had_old_set else 0
+                await guard(
+                    operation, lambda: client.set(SINCE_KEY, first, nx=True), repeatable=True
+                )
+                since = await guard(operation, lambda: client.get(SINCE_KEY), repeatable=True)
+            self._since = int(since or 0)
+        return self._since
+
+    async def of_key(self, key_name: str, first_day: int) -> list[str]:
+        """The subscriptions of `key_name` with history from `first_day` on (and maybe some
+        whose history is older), sorted."""
+        await self.settled()
+        products = await self._members(key_set(key_name))
+        subjects = {f"{key_name}:{product}" for product in products}
+        if first_day < await self.since():
+            prefix = key_name + ":"
+            subjects.update(s for s in await self._members(LEGACY_KEY) if s.startswith(prefix))
+        return sorted(subjects)
+
+    async def of_days(self) -> Callable[[int], Awaitable[list[str]]]:
+        """A reader of each day's subscriptions with history, for the export: `await
+        read(day)` gives them unsorted. The old set is read at most once."""
+        await self.settled()
+        since = await self.since()
+        old_set: list[str] | None = None
+
+        async def read(day: int) -> list[str]:
+            nonlocal old_set
+            if day >= since:
+                return await self._members(day_set(day))
+            if old_set is None:
+                old_set = await self._members(LEGACY_KEY)
+            return old_set
+
+        return read
+
+    async def _members(self, name: str) -> list[str]:
+        client = self._client
+        members = await self._guard("history", lambda: client.smembers(name), repeatable=True)
+        return _decoded(members)
+
+    async def close(self) -> None:
+        # Recording is best effort: a process that stops need not wait for it.
+        for task in list(self._recording):
+            task.cancel()
+        await self.settled()
