@@ -98,12 +98,15 @@ class _KeysApi:
         _refuse_file_secret(index, digest)
         now = self._clock()
         record = KeyRecord(name, digest, plans, disabled, expires, created=now, updated=now)
-        try:
-            await _storing(self._store.create(record))
-        except WriteRefused as refused:
-            if refused.reason == "name_taken":
-                raise Conflict(f"name: a key named '{name}' exists already") from None
-            raise Conflict("key_sha256: another key has this secret") from None
+        for retired_freed in (False, True):
+            try:
+                await _storing(self._store.create(record))
+                break
+            except WriteRefused as refused:
+                if refused.reason == "name_taken":
+                    raise Conflict(f"name: a key named '{name}' exists already") from None
+                if retired_freed or not await self._free_retired_secret(digest):
+                    raise Conflict("key_sha256: another key has this secret") from None
         body = self._api_json(record)
         if secret is not None:
             body["key"] = secret
@@ -162,7 +165,9 @@ class _KeysApi:
         _, new = await _updating(
             self._store,
             name,
-            lambda record: dataclasses.replace(record, **changes, updated=now),
+            lambda record: _without_retired(
+                dataclasses.replace(record, **changes, updated=now), now
+            ),
         )
         return web.json_response(self._api_json(new))
 
@@ -185,20 +190,46 @@ class _KeysApi:
         now = self._clock()
 
         def rotated(record: KeyRecord) -> KeyRecord:
+            # A secret whose grace is over is no longer this key's: it may come back.
+            record = _without_retired(record, now)
             if digest in record.digests():
                 raise Conflict("key_sha256: this key has this secret already")
-            previous = [old for old in record.previous if old.until > now]
+            previous = list(record.previous)
             if grace > 0:
                 previous.append(PreviousSecret(record.key_sha256, now + grace))
             return dataclasses.replace(
                 record, key_sha256=digest, previous=tuple(previous), updated=now
             )
 
-        _, new = await _updating(self._store, name, rotated)
+        for retired_freed in (False, True):
+            try:
+                _, new = await _storing(self._store.update(name, rotated))
+                break
+            except WriteRefused as refused:
+                # Another key's retired secret holds it until that key is written again.
+                if refused.reason != "secret_taken" or retired_freed:
+                    raise _refusal(name, refused) from None
+                if not await self._free_retired_secret(digest):
+                    raise _refusal(name, refused) from None
         body = self._api_json(new)
         if secret is not None:
             body["key"] = secret
         return web.json_response(body, headers=_NOT_CACHED)
+
+    async def _free_retired_secret(self, digest: str) -> bool:
+        """Whether the API key that holds `digest` held it only as a rotated-out secret whose
+        grace is over, and has been written without it (the storage lets a secret go only
+        when its key is written): then the secret may be given to a key again."""
+        found = self._access.get_snapshot().keys.api_keys.secret(digest)
+        now = self._clock()
+        if found is None or found[1] is None or found[1] > now:
+            return False
+        holder = found[0].name
+        try:
+            await _storing(self._store.update(holder, lambda record: _without_retired(record, now)))
+        except WriteRefused:
+            return False  # gone meanwhile, or busy: the caller's 409 stands
+        return True
 
     def _api_key_name(self, snapshot: Snapshot, request: web.Request) -> str:
         """The name in the path, unless it is a file key (which the API cannot change)."""
@@ -333,6 +364,13 @@ def _unique(names: Iterable[str]) -> Iterable[str]:
         if name != last:
             yield name
             last = name
+
+
+def _without_retired(record: KeyRecord, now: float) -> KeyRecord:
+    """`record` without the rotated-out secrets whose grace is over (written so, the storage
+    lets them go: another key, or this one again, may take them)."""
+    live = tuple(old for old in record.previous if old.until > now)
+    return record if live == record.previous else dataclasses.replace(record, previous=live)
 
 
 async def _storing(call: Awaitable[T]) -> T:

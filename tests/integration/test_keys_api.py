@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -217,6 +218,59 @@ async def test_rotation_keeps_the_old_secret_for_the_grace_only(rig: Rig) -> Non
     assert status == 200 and again["previous_key_valid_until"] is None
     assert (await rig.proxy(new))[0] == 401
     assert (await rig.proxy(again["key"]))[0] == 200
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig on memory://, or on the session's redis-server (whose write.lua keeps the
+    secrets' owners)."""
+    storage = "memory://"
+    if request.param == "redis":
+        storage = request.getfixturevalue("redis_server").url
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config",
+            API.format(upstream=upstream.url),
+            server=worker_server_yaml(storage_url=storage),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            yield Rig(worker, session)
+
+
+async def test_a_secret_whose_grace_is_over_may_be_used_again(any_rig: Rig) -> None:
+    """A rotated-out secret whose grace is over is no key's: it may go to another key, or
+    back to its own (both were refused, the latter with a 409 saying the key had it still)."""
+    rig = any_rig
+    suffix = uuid.uuid4().hex[:8]  # the session's Redis outlives the test
+    first, second, third = (f"{name}-{suffix}" for name in ("first", "second", "third"))
+    passed_on, own = f"passed-on-{suffix}", f"own-{suffix}"
+
+    await create(rig, first, key_sha256=hashlib.sha256(passed_on.encode()).hexdigest())
+    rotate = f"/admin/keys/{first}/rotate"
+    assert (await rig.call("POST", rotate, {"grace": "300ms"}))[0] == 200
+    body = {
+        "name": second,
+        "plans": {"soccer": "trial"},
+        "key_sha256": hashlib.sha256(passed_on.encode()).hexdigest(),
+    }
+    status, problem, _ = await rig.call("POST", "/admin/keys", body)
+    assert (status, problem["detail"]) == (409, "key_sha256: another key has this secret")
+    await asyncio.sleep(0.35)
+    assert (await rig.proxy(passed_on))[0] == 401
+    assert (await rig.call("POST", "/admin/keys", body))[0] == 201
+    assert (await rig.proxy(passed_on))[0] == 200
+    status, was_first, _ = await rig.call("GET", f"/admin/keys/{first}")
+    assert status == 200 and was_first["previous_key_valid_until"] is None
+
+    own_digest = {"key_sha256": hashlib.sha256(own.encode()).hexdigest()}
+    await create(rig, third, **own_digest)
+    rotate = f"/admin/keys/{third}/rotate"
+    assert (await rig.call("POST", rotate, {"grace": "300ms"}))[0] == 200
+    status, problem, _ = await rig.call("POST", rotate, own_digest)
+    assert (status, problem["detail"]) == (409, "key_sha256: this key has this secret already")
+    await asyncio.sleep(0.35)
+    assert (await rig.call("POST", rotate, own_digest))[0] == 200
+    assert (await rig.proxy(own))[0] == 200
 
 
 async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -> None:
