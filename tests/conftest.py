@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -62,4 +63,19 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """In-process gateways run on uvloop, as `gateway run` does: its transports differ."""
-    return {"uvloop": uvloop.new_event_loop}
+    return {"uvloop": LeakCheckingLoop}
+
+
+class LeakCheckingLoop(uvloop.Loop):
+    """uvloop warns of each handle a test left open before closing it, at the loop's close.
+    With warnings as errors the warning raised inside its C callback, the handle was never
+    closed, and `loop.close()` waited on its socket for good: one leaked connection hung the
+    whole run until pytest-timeout ended it. Here the handles are closed and the test fails."""
+
+    def close(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            super().close()
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        if leaked:
+            raise AssertionError(f"left open when the test's event loop closed: {leaked}")

@@ -213,6 +213,7 @@ class RedisKeyBackend:
         return Redis(connection_pool=pool)
 
     async def close(self) -> None:
+        await self._guard.settle()
         await self._storage.aclose()
 
 

@@ -446,6 +446,7 @@ class RedisLimiter:
         await self._registry.close()
         if self._pipeline is not None:
             await self._pipeline.close()
+        await self._guard.settle()
         await self._storage.aclose()
 
 

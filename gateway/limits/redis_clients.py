@@ -113,6 +113,12 @@ class StorageRedis:
                 await follower
         try:
             await self.client.aclose()
+            if isinstance(self.client, RedisCluster):
+                # Its aclose does nothing while the client is marked for initialising again,
+                # as it is after any connection error: its nodes' connections stayed open.
+                nodes = self.client.nodes_manager
+                await nodes.aclose()
+                await nodes.aclose("startup_nodes")
         finally:
             if self._sentinel is not None:
                 # One by one: Sentinel.aclose is recent in redis-py; its clients' is not.
@@ -128,7 +134,7 @@ class StorageGuard:
     them (gateway_storage_errors_total).
     """
 
-    __slots__ = ("_client", "_is_cluster", "_label", "_on_error", "_timeout")
+    __slots__ = ("_calls", "_client", "_is_cluster", "_label", "_on_error", "_timeout")
 
     def __init__(
         self,
@@ -142,6 +148,7 @@ class StorageGuard:
         self._timeout = timeout
         self._label = label
         self._on_error = on_error
+        self._calls: set[asyncio.Task[Any]] = set()  # under way, those left behind included
 
     async def __call__(
         self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False
@@ -160,6 +167,8 @@ class StorageGuard:
         250 ms while a master restarted)."""
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(call, repeatable))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
         # One future woken by whichever comes first, the call's end or the timeout: half the
         # cost of asyncio.wait, which every call on a Redis Cluster (each hit) pays.
         woken = loop.create_future()
@@ -181,6 +190,17 @@ class StorageGuard:
         if isinstance(failure, Exception):
             raise self.error(operation, failure) from failure
         return task.result()
+
+    async def settle(self) -> None:
+        """Cancel the calls still under way, those left behind by a timeout included, and wait
+        for them (at most the timeout), before the client is closed: a cluster call that the
+        close interrupts is retried by redis-py, which initialises the client again and
+        connects to every node after the close, for good (a test run hung on such sockets)."""
+        calls = list(self._calls)
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.wait(calls, timeout=self._timeout)
 
     async def _run(self, call: Callable[[], Awaitable[T]], repeatable: bool) -> T:
         if self._is_cluster:

@@ -139,7 +139,7 @@ async def test_never_more_than_the_limit_in_any_window(limiter: Limiter, subject
     # apart; since "sent" <= seen <= "answered", answered_j - sent_i can never be shorter.
     sent: list[float] = []
     answered: list[float] = []
-    deadline = time.monotonic() + 0.7
+    deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         before = time.monotonic()
         decision = await limiter.hit(subject, rate, None)
@@ -150,7 +150,8 @@ async def test_never_more_than_the_limit_in_any_window(limiter: Limiter, subject
             await asyncio.sleep(0)
     for i in range(len(sent) - limit):
         assert answered[i + limit] - sent[i] >= window
-    # ...and it does admit again as the window slides (3 windows and a half: 9 at least).
+    # ...and it does admit again as the window slides (5 windows: 15, and 9 at least even
+    # if a busy machine stalls the loop for a window or two).
     assert len(sent) >= 3 * limit
 
 

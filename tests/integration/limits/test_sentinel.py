@@ -142,6 +142,7 @@ async def test_a_connection_in_use_when_the_master_moves_is_not_kept(
     name = f"probe-{uuid.uuid4().hex[:8]}"
     try:
         await storage.client.incr(name)
+        await storage.client.execute_command("WAIT", 1, 5000)  # the replica has it too
         held = await pool.get_connection()  # as a call on its way holds it
         promoted = await asyncio.to_thread(group.failover)
         deadline = time.monotonic() + LEFT_THE_OLD_MASTER_WITHIN
