@@ -46,11 +46,12 @@ def compile_template(template: str) -> tuple[re.Pattern[str], int]:
     """The regex a raw request path must fully match, and the number of literal segments."""
     parts: list[str] = []
     literals = 0
-    for segment in template.strip("/").split("/") if template != "/" else []:
+    # A trailing "/" is kept (`/v1/items/` is not `/v1/items`), as a request path keeps it.
+    for segment in template[1:].split("/"):
         param = _PARAM.match(segment)
         if param is None:
             parts.append(re.escape(segment))
-            literals += 1
+            literals += 1 if segment else 0
         elif param.group(2) == "path":
             # The rest of the path, which may itself hold slashes (but not be empty).
             parts.append(f"(?P<{param.group(1)}>.+)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email.utils import format_datetime
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from gateway.config.model import (
     Gone,
@@ -24,6 +24,7 @@ from gateway.config.model import (
 from gateway.config.yamlnodes import Fields, Walker, line_of
 from gateway.config.yamltree import MappingNode, Node
 from gateway.http.parsing import parser_knows_method
+from gateway.http.paths import normal_path
 
 # Names end up in metrics labels, log lines and URLs of the admin API.
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -81,6 +82,8 @@ def parse_template(template: str) -> tuple[Template, list[str]]:
         if "{" not in segment and "}" not in segment:
             if segment == "" and not last:
                 problems.append("must not contain an empty segment (//)")
+            elif segment and (problem := _unmatchable_literal(segment)):
+                problems.append(problem)
             shape.append(segment)
             continue
         match = _PARAM.fullmatch(segment)
@@ -99,6 +102,25 @@ def parse_template(template: str) -> tuple[Template, list[str]]:
         names.append(name)
         shape.append("{:path}" if kind == "path" else "{}")
     return Template(tuple(names), "/" + "/".join(shape)), problems
+
+
+# Every visible ASCII character: what `quote` leaves as it is, for normal_path to judge.
+_VISIBLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
+
+
+def _unmatchable_literal(segment: str) -> str | None:
+    """Why a literal segment of a route path can never match: routes match a request's path
+    in its normal form (gateway.http.paths), which holds no dot segment, no raw space or
+    non-ASCII character, no escape of an unreserved character, no lower-case escape."""
+    if segment in (".", ".."):
+        return f"{segment!r}: a dot segment is resolved in every request path, never matched"
+    written = "/" + quote(segment, safe=_VISIBLE_ASCII)
+    normal = normal_path(written)
+    if normal == "/" + segment:
+        return None
+    return (
+        f"{segment!r} is never matched: request paths arrive in normal form; write {normal[1:]!r}"
+    )
 
 
 def _parameters_hint(params: tuple[str, ...]) -> str:

@@ -77,3 +77,14 @@ def test_remembered_paths_stay_bounded() -> None:
     for i in range(5000):
         routes.match("GET", f"/a/{i}")
     assert len(routes._known) <= 4096
+
+
+def test_a_trailing_slash_is_part_of_the_route() -> None:
+    """`/v1/items/` matched `/v1/items` (and never `/v1/items/`), taking its requests from the
+    route declared as `/v1/items`."""
+    routes = table(("/v1/items/", None), ("/v1/items", None), ("/v1/{x}/", None))
+    assert routes.match("GET", "/v1/items/").route.path == "/v1/items/"
+    assert routes.match("GET", "/v1/items").route.path == "/v1/items"
+    assert routes.match("GET", "/v1/other/").route.path == "/v1/{x}/"
+    with pytest.raises(InvalidRoute):
+        routes.match("GET", "/v1/other")
