@@ -274,8 +274,9 @@ class RedisLimiter:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
             late = StorageError("it ran after its deadline on Redis's clock; nothing was taken")
             raise self._guard.error("hit", late)
-        if code == 0:
-            self._registry.after_admission(subject, day, bool(reply[7]))  # 7: a new day began
+        # 7: a new day began. Tested here, not in the registry: every admission passes by.
+        if code == 0 and (reply[7] or subject not in self._registry.recorded):
+            self._registry.record(subject, day)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
         if len(self._commands) >= _MAX_COMMANDS:

@@ -69,18 +69,17 @@ class SubscriptionRegistry:
         self._pipeline = pipeline  # a single Redis's hits connection, which records too
         self._clock = clock
         self._since: int | None = None
-        self._recorded: set[str] = set()
+        self.recorded: set[str] = set()  # subjects recorded, or on their way
         self._recording: set[asyncio.Task[None]] = set()  # calls under way
 
-    def after_admission(self, subject: str, day: int, new_day: bool) -> None:
-        """An admission of `subject` on `day`; `new_day`: the script began that day's history.
-        Recorded once per process, and again on the first admission of each day (Redis may
-        have lost the sets), in the background: the admission waits for nothing more."""
-        if not new_day and subject in self._recorded:
-            return
-        if len(self._recorded) >= _MAX_REMEMBERED:
-            self._recorded.clear()
-        self._recorded.add(subject)
+    def record(self, subject: str, day: int) -> None:
+        """Record `subject` as having history on `day`, in the background: the admission that
+        asks for it waits for nothing more. The limiter asks once per process (`recorded`
+        holds those asked for) and again on the first admission of each day (Redis may have
+        lost the sets)."""
+        if len(self.recorded) >= _MAX_REMEMBERED:
+            self.recorded.clear()
+        self.recorded.add(subject)
         task = asyncio.get_running_loop().create_task(self._record(subject, day))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
@@ -88,7 +87,7 @@ class SubscriptionRegistry:
     def forget(self, subject: str) -> None:
         """A check whose reply never came may still have run (a stalled Redis runs it when it
         wakes) and begun a day: `subject` is recorded again on its next admission."""
-        self._recorded.discard(subject)
+        self.recorded.discard(subject)
 
     async def _record(self, subject: str, day: int) -> None:
         key_name, _, product = subject.partition(":")
@@ -120,7 +119,7 @@ class SubscriptionRegistry:
 
                 await self._guard("register", record, repeatable=True)
         except StorageError as exc:
-            self._recorded.discard(subject)  # tried again on its next admission
+            self.recorded.discard(subject)  # tried again on its next admission
             log.warning("could not record %s for the usage history: %s", subject, exc)
 
     async def settled(self) -> None:
