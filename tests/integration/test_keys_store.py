@@ -232,8 +232,8 @@ async def test_a_dropped_subscription_catches_up_on_the_changed_keys_only(
         with contextlib.closing(fresh_redis_server.client()) as admin:
             assert admin.client_kill_filter(_type="pubsub") >= 2
         added = record(unique("added"))
-        started = time.monotonic()
         await writer.delete(doomed.name)
+        started = time.monotonic()  # the first change is made: honoured within a second of it
         await writer.create(added)
         await until(
             lambda: (
