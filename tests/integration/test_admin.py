@@ -430,13 +430,8 @@ async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_expect_on_the_admin_port_is_answered_as_on_the_proxy_port(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`100-continue` gets its 100 before the body is sent; another expectation is ignored and
-    the call answered as usual (aiohttp answered it with a plain-text 417, no problem+json)."""
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
-    api = """
+# A product with a quota and a key on it, its upstream never reached: for admin calls.
+SHOP_WITH_QUOTA = """
 products:
   shop:
     upstream: {url: "http://127.0.0.1:9"}
@@ -446,7 +441,15 @@ plans:
 keys:
   - {name: acme, key: acme-secret, plans: {shop: trial}}
 """
-    config = write_config(tmp_path / "config", api, server=worker_server_yaml())
+
+
+async def test_expect_on_the_admin_port_is_answered_as_on_the_proxy_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`100-continue` gets its 100 before the body is sent; another expectation is ignored and
+    the call answered as usual (aiohttp answered it with a plain-text 417, no problem+json)."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
+    config = write_config(tmp_path / "config", SHOP_WITH_QUOTA, server=worker_server_yaml())
     body = b'{"amount": 5}'
     head = (
         f"POST /admin/usage/acme/shop/credit HTTP/1.1\r\nHost: x\r\n"
@@ -480,18 +483,8 @@ async def test_a_slow_or_encoded_body_and_a_slow_head_get_clear_answers(
     content coding is refused by name, where aiohttp's decoding answered a 500 for a gzip body
     that was not gzip and a plain-text 400 for brotli."""
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
-    api = """
-products:
-  shop:
-    upstream: {url: "http://127.0.0.1:9"}
-    routes: [{path: "/shop/{rest:path}"}]
-plans:
-  trial: {quota: {limit: 10, per: day}}
-keys:
-  - {name: acme, key: acme-secret, plans: {shop: trial}}
-"""
     server = worker_server_yaml(client_header="300ms", client_body="300ms")
-    config = write_config(tmp_path / "config", api, server=server)
+    config = write_config(tmp_path / "config", SHOP_WITH_QUOTA, server=server)
     credit = "/admin/usage/acme/shop/credit"
     async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{worker.admin_port}{credit}"
