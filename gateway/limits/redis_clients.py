@@ -292,6 +292,16 @@ def open_storage_redis(url: str, timeout: float) -> StorageRedis:
                     plain_scheme + url[len(cluster_scheme) :],
                     socket_timeout=timeout,
                     socket_connect_timeout=timeout,
+                    # A command whose connection failed is not sent again: a script that ran
+                    # before the failure (a hit, a refund, a key write) would run twice. An
+                    # audit moving a slot under load saw admissions charged twice and refunds
+                    # given back twice that way, nothing counted. Reads are repeated by
+                    # StorageGuard (`repeatable`) instead; MOVED and ASK, which say a command
+                    # did not run, are still followed.
+                    retry=Retry(NoBackoff(), 0),
+                    # MOVED moves the one slot in the client's map, rather than every fifth
+                    # closing the connections to every node, calls on their way included.
+                    reinitialize_steps=0,
                 )
             )
     options: dict[str, Any] = {

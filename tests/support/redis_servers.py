@@ -200,6 +200,29 @@ class RedisClusterNodes:
         for node in self.nodes:
             node.stop()
 
+    def owner_of(self, slot: int) -> int:
+        """The index of the node that serves `slot` as `start` shared them out."""
+        return min(slot // (CLUSTER_SLOTS // len(self.nodes)), len(self.nodes) - 1)
+
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Move `slot` and its keys from node `source` to node `target` (indexes), as a
+        resharding does: importing and migrating, a MIGRATE per batch of keys, then the new
+        owner told to every node."""
+        clients = [node.client() for node in self.nodes]
+        try:
+            ids = [client.execute_command("CLUSTER MYID") for client in clients]
+            src, dst = clients[source], clients[target]
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                port = self.nodes[target].port
+                src.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+            for client in (dst, src, *clients):
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        finally:
+            for client in clients:
+                client.close()
+
     def _wait_until_ok(self, clients: list[redis.Redis]) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:

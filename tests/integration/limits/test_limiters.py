@@ -24,8 +24,9 @@ import redis.crc
 
 from gateway.config.model import QuotaPeriod, QuotaRule, RateRule, StorageConfig
 from gateway.limits import Decision, Limiter, StorageError, create_limiter
+from gateway.limits.base import day_of
 from gateway.limits.periods import quota_period
-from gateway.limits.redis_layout import quota_key, rate_key
+from gateway.limits.redis_layout import day_key, quota_key, rate_key
 from tests.support.redis_servers import (
     RedisClusterNodes,
     RedisSentinelGroup,
@@ -518,6 +519,58 @@ async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
         assert (await limiter.hit(subject, None, quota)).allowed
         assert (await limiter.usage(subject, quota)).used == 1
     finally:
+        await limiter.close()
+        cluster.stop()
+
+
+async def test_each_check_runs_once_while_its_slot_moves(tmp_path: Path) -> None:
+    """A slot moved between masters under load (a resharding): redis-py closed every node's
+    connection on every fifth MOVED and sent again the scripts that were on their way, which
+    Redis had run already; an audit saw admissions charged twice and refunds given back twice,
+    nothing counted. A check runs at most once: its day's count of requests is at least the
+    admissions and at most the admissions and the failures."""
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    cluster.start()
+    limiter = create_limiter(StorageConfig(url=cluster.url, timeout=0.5))
+    moving = "moving-0.test:product"
+    others = [f"staying-{i}.test:product" for i in range(6)]
+    counts = {subject: [0, 0] for subject in (moving, *others)}  # admitted, failed
+    stopping = asyncio.Event()
+
+    async def keep_hitting(subject: str) -> None:
+        while not stopping.is_set():
+            try:
+                decision = await limiter.hit(subject, None, None, 1, "p")
+            except StorageError:
+                counts[subject][1] += 1
+            else:
+                counts[subject][0] += decision.allowed
+
+    slot = redis.crc.key_slot(moving.encode())
+    source = cluster.owner_of(slot)
+    target = (source + 1) % len(cluster.nodes)
+    hitters = [asyncio.create_task(keep_hitting(s)) for s in [moving] * 8 + others * 2]
+    try:
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            await asyncio.to_thread(cluster.move_slot, slot, source, target)
+            source, target = target, source
+        stopping.set()
+        await asyncio.gather(*hitters)
+        today = day_of(time.time())
+        inspector = redis.cluster.RedisCluster(
+            host="127.0.0.1", port=cluster.port, socket_timeout=5
+        )
+        try:
+            for subject, (admitted, failed) in counts.items():
+                ran = int(inspector.hget(day_key(subject, today), "r:p") or 0)
+                assert admitted <= ran <= admitted + failed, (subject, admitted, failed, ran)
+        finally:
+            inspector.close()
+        assert counts[moving][0] > 0
+    finally:
+        stopping.set()
+        await asyncio.gather(*hitters, return_exceptions=True)
         await limiter.close()
         cluster.stop()
 
