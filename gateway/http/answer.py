@@ -74,8 +74,10 @@ class AnswerWriter:
         if self._answered or (self._answer_open and self._head is None):
             raise RuntimeError("the request already has an answer")
         # An answer begun but not one byte of it sent may still be replaced (by a 500).
-        if chunked and request.version == "1.0":
-            chunked, close_delimited = False, True
+        if chunked:
+            # Chunks for HTTP/1.1, whose connection then stays open for the next request; the
+            # end of the connection for HTTP/1.0, which knows no chunks.
+            chunked, close_delimited = request.version != "1.0", request.version == "1.0"
         keep_alive = (
             request.keep_alive
             and not close

@@ -139,6 +139,45 @@ async def test_chunked_answer_reaches_the_client_reframed(
             assert await response.read() == b"hello world"
 
 
+async def test_a_streamed_answer_keeps_the_connection_for_the_next_request(
+    front: Front,
+) -> None:
+    """An answer sent on in chunks as it streamed from the upstream also said `Connection:
+    close` to an HTTP/1.1 client: every streamed answer cost a new connection, and requests
+    pipelined behind it were dropped unanswered. HTTP/1.0 still gets the end of the
+    connection as the end of the body."""
+
+    async def script(peer: Peer) -> None:
+        while await peer.head():
+            await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await asyncio.sleep(0.05)  # the head goes on before the body is whole
+            await peer.send(b"0\r\n\r\n")
+
+    async with raw_upstream(script) as up:
+        front.use(up.port)
+        reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+        request = b"GET /x HTTP/1.1\r\nHost: front\r\n\r\n"
+        writer.write(request * 2)  # pipelined
+        answers = []
+        try:
+            for _ in range(2):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+                answers.append((head, body))
+        finally:
+            writer.close()
+        for head, body in answers:
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+            assert b"Connection: close" not in head
+            assert body == b"5\r\nhello\r\n0\r\n\r\n"
+
+        reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+        writer.write(b"GET /x HTTP/1.0\r\nHost: front\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the end of the connection
+        writer.close()
+        assert b"Connection: close" in answer and answer.endswith(b"\r\n\r\nhello")
+
+
 @pytest.mark.parametrize(
     ("method", "answer", "status", "body"),
     [
