@@ -137,10 +137,16 @@ class Reloader:
                     return self._rejected(exc)
                 except Exception:
                     return self._failed()
-                if self._prepare is None:
-                    return self._accepted(config)
-                swap = await self._prepare(config)
-                return self._accepted(config, swap)
+                try:
+                    if self._prepare is None:
+                        return self._accepted(config)
+                    swap = await self._prepare(config)
+                    return self._accepted(config, swap)
+                except Exception:
+                    # Making the snapshot of a config that passed its checks failed: a bug of
+                    # ours, counted and logged as a failed reload (it ended the reload's task
+                    # with a traceback nobody read, uncounted).
+                    return self._failed()
 
     def request_reload(self) -> None:
         """Start a reload in the background (a SIGHUP handler cannot wait for one)."""

@@ -104,6 +104,17 @@ def parse_template(template: str) -> tuple[Template, list[str]]:
     return Template(tuple(names), "/" + "/".join(shape)), problems
 
 
+def _encodes_as_a_host_name(host: str) -> bool:
+    """Whether `host` can go in a Host header (as the upstream client sends it, IDNA-encoded):
+    `api..example` or a label over 63 characters cannot, and failed only once the gateway
+    began to serve the config."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 # Every visible ASCII character: what `quote` leaves as it is, for normal_path to judge.
 _VISIBLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
 
@@ -191,6 +202,8 @@ class ProductsReader:
             problem = "must not have a query or fragment (the request's own are appended)"
         elif parts.username is not None or parts.password is not None:
             problem = "must not carry credentials"
+        elif ":" not in parts.hostname and not _encodes_as_a_host_name(parts.hostname):
+            problem = f"host {parts.hostname!r} is not a valid host name (an empty or long label)"
         if problem is not None:
             self.w.report(url_node, fields.at("url"), problem)
             return None
