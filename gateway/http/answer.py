@@ -9,13 +9,18 @@ connection is kept alive or marked to close. Reading requests and running their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import socket
 import struct
 import termios
 from typing import TYPE_CHECKING
 
 from gateway.http.flow import WriteGate
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
+
+# SO_LINGER on, for 0 s: closing the socket then sends a reset (RST) and drops unsent bytes.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 if TYPE_CHECKING:
     from gateway.http.request import Request
@@ -150,8 +155,17 @@ class AnswerWriter:
         self.end_answer(b"" if request.method == "HEAD" else body)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """Drop the connection with a reset, not the FIN of a close: to a client that reads a
+        body to the connection's end (HTTP/1.0, a body without a length), an answer cut short
+        that ends in a FIN looks whole."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        transport.abort()
 
     @property
     def answer_started(self) -> bool:

@@ -221,6 +221,23 @@ async def test_upstream_failing_mid_body_cuts_the_answer_short(
     assert result.bytes_sent == 100
 
 
+async def test_an_answer_cut_short_is_a_reset_to_an_http_1_0_client(front: Front) -> None:
+    """An HTTP/1.0 client reads the body to the connection's end: the cut answer's
+    connection closed with a FIN, so the truncated body looked whole (curl exited 0)."""
+    async with raw_upstream(_dies_mid_length) as up:
+        front.use(up.port, timeout=0.3)
+        reader, writer = await asyncio.open_connection(front.url.host, front.url.port)
+        try:
+            writer.write(b"GET /x HTTP/1.0\r\nHost: front\r\n\r\n")
+            received = b""
+            with pytest.raises(ConnectionResetError):
+                while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                    received += chunk
+        finally:
+            writer.close()
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
 # --------------------------------------------------------------------- client's fault
 
 
