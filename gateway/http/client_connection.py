@@ -91,6 +91,11 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False  # a response head has begun and is not complete
         self._head_size = 0  # its status line and header lines so far
         self._head_read = 0  # bytes of reads that continued it without completing it
+        # A chunked body's trailer section, bounded as a head is: httptools reports its lines
+        # only once each is whole, so its bytes are counted per read (see on_chunk_header).
+        self._after_chunk_header = False  # no body byte since the last chunk header
+        self._chunk_header_in_read = False  # that header came in the read being parsed
+        self._trailer_received = 0
         self._refusal: str | None = None  # why a callback stopped the parser
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
         # connection belongs to it: bytes after the head wait in `_after_switch` (reading
@@ -126,6 +131,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._received = True
         continued_head = self._in_head
+        self._chunk_header_in_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -145,6 +151,12 @@ class HttpConnection(asyncio.Protocol):
             self._head_read += len(data)
             if self._head_read > HEAD_LIMIT:
                 self._fail(MalformedResponse(_HEAD_TOO_LARGE))
+        elif self._after_chunk_header and not self._chunk_header_in_read:
+            # A whole read after a chunk header without a body byte: the last chunk's
+            # trailer section (a chunk of data would have given body bytes at once).
+            self._trailer_received += len(data)
+            if self._trailer_received > HEAD_LIMIT:
+                self._fail(MalformedResponse(f"its trailer section is over {HEAD_LIMIT} bytes"))
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -270,7 +282,13 @@ class HttpConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._complete(keep_alive)
 
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+        self._chunk_header_in_read = True
+        self._trailer_received = 0
+
     def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
         reply = self._reply
         if reply is None or reply.head_only:
             self.reusable = False
@@ -278,6 +296,7 @@ class HttpConnection(asyncio.Protocol):
         reply._feed(body)
 
     def on_message_complete(self) -> None:
+        self._after_chunk_header = False
         if self._interim:
             self._interim = False
             return

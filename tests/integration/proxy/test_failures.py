@@ -221,6 +221,32 @@ async def test_upstream_failing_mid_body_cuts_the_answer_short(
     assert result.bytes_sent == 100
 
 
+async def _endless_trailer(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    for index in range(100):  # 100 KiB of trailer fields, in reads of their own
+        await peer.send(b"X-Trailer-%03d: %s\r\n" % (index, b"t" * 1000))
+        await asyncio.sleep(0.002)
+    await peer.send(b"\r\n")
+    await peer.reader.read()
+
+
+async def test_an_upstream_trailer_section_is_bounded_as_a_head_is(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    """Upstreams are held to what clients are: a trailer section over 64 KiB cuts the answer
+    (100 MB of trailer fields were read to the end, the connection then reused)."""
+    async with raw_upstream(_endless_trailer) as up:
+        front.use(up.port)
+        async with client.get(front.url / "x", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        result = await front.outcome()
+    assert isinstance(result, ForwardResult)
+    assert result.error is not None and "trailer section is over" in result.error
+
+
 async def test_an_answer_cut_short_is_a_reset_to_an_http_1_0_client(front: Front) -> None:
     """An HTTP/1.0 client reads the body to the connection's end: the cut answer's
     connection closed with a FIN, so the truncated body looked whole (curl exited 0)."""
