@@ -242,6 +242,12 @@ class HttpConnection(asyncio.Protocol):
                 self._switched = True
                 self.reusable = False
                 self.pause()
+            elif self._reply is None:
+                # After the final answer, nobody asked: never passed on as an interim answer
+                # of the exchange that already has its answer; the connection is spoilt.
+                self._interim = True
+                self.reusable = False
+                return
             else:
                 # An interim answer: passed on (103 Early Hints, ...) but 100 Continue, which
                 # is between the gateway and the upstream; a 101 not asked for fails below.

@@ -120,3 +120,36 @@ async def test_keep_alive_connection_serves_the_next_answer_after_hints(tmp_path
                     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"hello"
             finally:
                 writer.close()
+
+
+async def test_an_interim_answer_after_the_final_one_is_never_passed_on(tmp_path: Path) -> None:
+    """A 103 that follows a complete answer in the same read was no interim answer of that
+    exchange: it went to the client ahead of the 200, and the upstream connection, spoilt,
+    was used again."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(FINAL + b"HTTP/1.1 103 Early Hints\r\nLink: </late.css>\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
+        async with running_gateway(config) as gateway:
+            answers = [await exchange(gateway.proxy_port, "1.1") for _ in range(2)]
+    finally:
+        server.close()
+        await server.wait_closed()
+    for received in answers:
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"hello")
+        assert b"late.css" not in received
+    assert connections == 2
