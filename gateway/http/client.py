@@ -156,7 +156,14 @@ class HttpClient:
         except TimeoutError as exc:
             raise ConnectTimeout(upstream.connect_timeout) from exc
         except ssl.SSLError as exc:
-            raise ConnectError("TLS handshake failed") from exc
+            # Why, as Envoy says it too: "certificate verify failed: self-signed certificate"
+            # is what an operator needs to see (a private CA goes in SSL_CERT_FILE).
+            why = exc.reason or ""
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                why = f"certificate verify failed: {exc.verify_message}"
+            raise ConnectError(
+                f"TLS handshake failed ({why})" if why else "TLS handshake failed"
+            ) from exc
         except OSError as exc:
             raise ConnectError(_describe_os_error(exc)) from exc
         return connection

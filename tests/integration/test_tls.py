@@ -208,3 +208,31 @@ async def test_a_server_name_that_is_not_ascii_is_refused_quietly(
         )
         assert serial == made.serial
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_an_upstream_whose_certificate_is_not_trusted_is_a_502_saying_why(
+    tmp_path: Path,
+) -> None:
+    """An https:// upstream is checked against the system's CAs (SSL_CERT_FILE for a private
+    one): a self-signed one is a 502 that says why, where it said only "TLS handshake failed"."""
+    made = make_certificate(tmp_path / "certs")
+    upstream_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    upstream_tls.load_cert_chain(made.cert, made.key)
+
+    async def serve(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=upstream_tls)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        url = f"https://127.0.0.1:{port}"
+        config = write_config(tmp_path / "conf", API.format(url=url), server=worker_server_yaml())
+        async with running_gateway(config) as gateway, aiohttp.ClientSession() as http:
+            address = f"http://127.0.0.1:{gateway.proxy_port}/shop/x"
+            async with http.get(address, headers={"X-API-Key": "tls-secret"}) as response:
+                problem = await response.json(content_type=None)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert response.status == 502
+    assert "TLS handshake failed (certificate verify failed" in problem["detail"], problem
