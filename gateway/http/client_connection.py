@@ -91,6 +91,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False  # a response head has begun and is not complete
         self._head_size = 0  # its status line and header lines so far
         self._head_read = 0  # bytes of reads that continued it without completing it
+        self._began_in_read = False  # a message began in the read being parsed
         # A chunked body's trailer section, bounded as a head is: httptools reports its lines
         # only once each is whole, so its bytes are counted per read (see on_chunk_header).
         self._after_chunk_header = False  # no body byte since the last chunk header
@@ -131,7 +132,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._received = True
         continued_head = self._in_head
-        self._chunk_header_in_read = False
+        self._chunk_header_in_read = self._began_in_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -146,8 +147,10 @@ class HttpConnection(asyncio.Protocol):
             detail = self._refusal or "invalid HTTP response"
             self._fail(MalformedResponse(detail))
             return
-        if continued_head and self._in_head:
-            # httptools buffers an unfinished header line before any callback sees it.
+        if continued_head and self._in_head and not self._began_in_read:
+            # httptools buffers an unfinished header line before any callback sees it. (A read
+            # that ended one head, an interim answer's, and began the next is not counted:
+            # most of it may be the other head's.)
             self._head_read += len(data)
             if self._head_read > HEAD_LIMIT:
                 self._fail(MalformedResponse(_HEAD_TOO_LARGE))
@@ -205,6 +208,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._head_size = 0
         self._head_read = 0
+        self._began_in_read = True
 
     def on_status(self, status: bytes) -> None:
         self._reason += status

@@ -153,3 +153,39 @@ async def test_an_interim_answer_after_the_final_one_is_never_passed_on(tmp_path
         assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"hello")
         assert b"late.css" not in received
     assert connections == 2
+
+
+async def test_a_final_head_after_a_large_interim_one_is_measured_alone(tmp_path: Path) -> None:
+    """A read that ended a 40 KB 103 and began the 60 KB final head was counted whole against
+    the final head, which then passed for one over 64 KiB: a 502 for a valid answer."""
+    fill = b"".join(b"X-Fill-%04d: %s\r\n" % (i, b"f" * 86) for i in range(400))  # 40 KB
+    interim = b"HTTP/1.1 103 Early Hints\r\n" + fill + b"\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + fill + fill[: len(fill) // 2] + b"\r\n"
+    whole = interim + final + b"hello"
+    # The second read ends the 103 and holds half the final head, the third does not end it.
+    cuts = (30_000, len(interim) + 30_000, len(interim) + 56_000)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            for begin, end in zip((0, *cuts), (*cuts, len(whole)), strict=True):
+                writer.write(whole[begin:end])  # each a read of its own, most likely
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
+        async with running_gateway(config) as gateway:
+            received = await exchange(gateway.proxy_port, "1.1")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"\r\n\r\nHTTP/1.1 200 OK\r\n" in received, received[-300:]
+    assert received.endswith(b"\r\n\r\nhello")
