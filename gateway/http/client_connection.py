@@ -274,6 +274,14 @@ class HttpConnection(asyncio.Protocol):
         reply.status = status
         reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
+        if (
+            self._parser.get_http_version() == "1.0"
+            and self._parser.should_keep_alive()
+            and any(name.lower() == b"transfer-encoding" for name, _ in self._header_lines)
+        ):
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding must close its
+            # connection, whatever its Connection header says (its framing is in doubt).
+            self.reusable = False
         self._stop_head_timer()
         head = self._head
         if head is not None and not head.done():

@@ -139,6 +139,23 @@ async def test_chunked_answer_reaches_the_client_reframed(
             assert await response.read() == b"hello world"
 
 
+async def test_an_http_1_0_answer_with_transfer_encoding_is_not_kept_alive(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    """RFC 9112 6.1: such an answer must close its connection, `keep-alive` or not; it was
+    put back in the pool and used for the next request."""
+    answer = (
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    async with raw_upstream(keep_answering(answer, answer)) as up:
+        front.use(up.port)
+        for _ in range(2):
+            async with client.get(front.url / "x") as response:
+                assert await response.read() == b"hello"
+    assert up.connections == 2
+
+
 async def test_a_streamed_answer_keeps_the_connection_for_the_next_request(
     front: Front,
 ) -> None:
