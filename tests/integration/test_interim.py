@@ -5,8 +5,8 @@ clients."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from tests.support.config import worker_server_yaml, write_config
@@ -39,29 +39,50 @@ INTERIM = (
 FINAL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nLink: </style.css>; rel=preload\r\n\r\nhello"
 
 
-@asynccontextmanager
-async def raw_upstream() -> AsyncIterator[int]:
-    """Answers every request head with INTERIM, a pause, and FINAL, on the same connection."""
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+@asynccontextmanager
+async def serving(serve: Serve) -> AsyncIterator[int]:
+    """A raw upstream on loopback that runs `serve` on each connection; yields its port."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while await reader.readuntil(b"\r\n\r\n"):
-                writer.write(INTERIM)
-                await writer.drain()
-                await asyncio.sleep(0.05)  # the hints travel alone, ahead of the answer
-                writer.write(FINAL)
-                await writer.drain()
+            await serve(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def _hints_then_final(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every request head with INTERIM, a pause, and FINAL, on the same connection."""
+    while await reader.readuntil(b"\r\n\r\n"):
+        writer.write(INTERIM)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the hints travel alone, ahead of the answer
+        writer.write(FINAL)
+        await writer.drain()
+
+
+def raw_upstream() -> AbstractAsyncContextManager[int]:
+    return serving(_hints_then_final)
+
+
+async def answers_through_a_gateway(tmp_path: Path, serve: Serve, count: int = 1) -> list[bytes]:
+    """`count` HTTP/1.1 exchanges, each on a connection of its own, through a gateway in front
+    of an upstream that runs `serve`."""
+    async with serving(serve) as port:
+        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
+        async with running_gateway(config) as gateway:
+            return [await exchange(gateway.proxy_port, "1.1") for _ in range(count)]
 
 
 async def exchange(port: int, version: str) -> bytes:
@@ -131,24 +152,11 @@ async def test_an_interim_answer_after_the_final_one_is_never_passed_on(tmp_path
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        try:
-            while await reader.readuntil(b"\r\n\r\n"):
-                writer.write(FINAL + b"HTTP/1.1 103 Early Hints\r\nLink: </late.css>\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(FINAL + b"HTTP/1.1 103 Early Hints\r\nLink: </late.css>\r\n\r\n")
+            await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
-        async with running_gateway(config) as gateway:
-            answers = [await exchange(gateway.proxy_port, "1.1") for _ in range(2)]
-    finally:
-        server.close()
-        await server.wait_closed()
+    answers = await answers_through_a_gateway(tmp_path, serve, 2)
     for received in answers:
         assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"hello")
         assert b"late.css" not in received
@@ -166,26 +174,13 @@ async def test_a_final_head_after_a_large_interim_one_is_measured_alone(tmp_path
     cuts = (30_000, len(interim) + 30_000, len(interim) + 56_000)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            for begin, end in zip((0, *cuts), (*cuts, len(whole)), strict=True):
-                writer.write(whole[begin:end])  # each a read of its own, most likely
-                await writer.drain()
-                await asyncio.sleep(0.05)
-            await reader.read()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        for begin, end in zip((0, *cuts), (*cuts, len(whole)), strict=True):
+            writer.write(whole[begin:end])  # each a read of its own, most likely
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await reader.read()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        config = write_config(tmp_path, API.format(port=port), server=worker_server_yaml())
-        async with running_gateway(config) as gateway:
-            received = await exchange(gateway.proxy_port, "1.1")
-    finally:
-        server.close()
-        await server.wait_closed()
+    (received,) = await answers_through_a_gateway(tmp_path, serve)
     assert b"\r\n\r\nHTTP/1.1 200 OK\r\n" in received, received[-300:]
     assert received.endswith(b"\r\n\r\nhello")

@@ -203,9 +203,29 @@ async def _stalls_mid_body(peer: Peer) -> None:
     await asyncio.sleep(10)
 
 
-@pytest.mark.parametrize("behaviour", [_dies_mid_length, _dies_mid_chunks, _stalls_mid_body])
+async def _endless_trailer(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    for index in range(100):  # 100 KiB of trailer fields, in reads of their own
+        await peer.send(b"X-Trailer-%03d: %s\r\n" % (index, b"t" * 1000))
+        await asyncio.sleep(0.002)
+    await peer.send(b"\r\n")
+    await peer.reader.read()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "sent", "error"),
+    [
+        (_dies_mid_length, 100, "soccer"),
+        (_dies_mid_chunks, 100, "soccer"),
+        (_stalls_mid_body, 100, "soccer"),
+        # Upstreams are held to what clients are: a trailer section over 64 KiB cuts the
+        # answer (100 MB of trailer fields were read to the end, the connection then reused).
+        (_endless_trailer, 5, "trailer section is over"),
+    ],
+)
 async def test_upstream_failing_mid_body_cuts_the_answer_short(
-    front: Front, client: aiohttp.ClientSession, behaviour: Script
+    front: Front, client: aiohttp.ClientSession, behaviour: Script, sent: int, error: str
 ) -> None:
     async with raw_upstream(behaviour) as up:
         front.use(up.port, timeout=0.3)
@@ -217,34 +237,8 @@ async def test_upstream_failing_mid_body_cuts_the_answer_short(
     assert isinstance(result, ForwardResult)
     assert result.status == 200
     assert result.error is not None
-    assert "soccer" in result.error
-    assert result.bytes_sent == 100
-
-
-async def _endless_trailer(peer: Peer) -> None:
-    await peer.head()
-    await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
-    for index in range(100):  # 100 KiB of trailer fields, in reads of their own
-        await peer.send(b"X-Trailer-%03d: %s\r\n" % (index, b"t" * 1000))
-        await asyncio.sleep(0.002)
-    await peer.send(b"\r\n")
-    await peer.reader.read()
-
-
-async def test_an_upstream_trailer_section_is_bounded_as_a_head_is(
-    front: Front, client: aiohttp.ClientSession
-) -> None:
-    """Upstreams are held to what clients are: a trailer section over 64 KiB cuts the answer
-    (100 MB of trailer fields were read to the end, the connection then reused)."""
-    async with raw_upstream(_endless_trailer) as up:
-        front.use(up.port)
-        async with client.get(front.url / "x", timeout=aiohttp.ClientTimeout(total=5)) as response:
-            assert response.status == 200
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await response.read()
-        result = await front.outcome()
-    assert isinstance(result, ForwardResult)
-    assert result.error is not None and "trailer section is over" in result.error
+    assert error in result.error
+    assert result.bytes_sent == sent
 
 
 async def test_an_answer_cut_short_is_a_reset_to_an_http_1_0_client(front: Front) -> None:
