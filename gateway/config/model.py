@@ -124,6 +124,12 @@ class PathParamRule:
     pattern: re.Pattern[str] | None = None  # full match; a miss is 404 Wrong identifier
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+# Longer integers are not converted: int() of thousands of digits costs, and Python refuses
+# more than 4,300 (a query may hold 64 KiB of them).
+_MAX_DIGITS = 18
+
+
 @dataclass(frozen=True, slots=True)
 class QueryParamRule:
     name: str
@@ -133,6 +139,35 @@ class QueryParamRule:
     required: bool = False
     enum: frozenset[str] | None = None
     pattern: re.Pattern[str] | None = None
+
+    def refuses(self, value: str) -> str | None:
+        """Why `value` breaks this rule (the start of a 400's detail), or None."""
+        if self.type == "int":
+            # int() would also take " 7", "+7" and "1_000"; an API parameter should not.
+            if _INTEGER.fullmatch(value) is None:
+                return f"'{value}' is not an integer"
+            if len(value.lstrip("-")) > _MAX_DIGITS:
+                # Compared by its sign alone: past 18 digits it is past any bound an API has.
+                if value.startswith("-") and self.min is not None:
+                    return f"'{value[:20]}...' is less than the minimum {self.min}"
+                if not value.startswith("-") and self.max is not None:
+                    return f"'{value[:20]}...' is greater than the maximum {self.max}"
+            else:
+                number = int(value)
+                if self.min is not None and number < self.min:
+                    return f"{number} is less than the minimum {self.min}"
+                if self.max is not None and number > self.max:
+                    return f"{number} is greater than the maximum {self.max}"
+        else:
+            if self.min is not None and len(value) < self.min:
+                return f"'{value}' is shorter than {self.min} characters"
+            if self.max is not None and len(value) > self.max:
+                return f"'{value}' is longer than {self.max} characters"
+        if self.enum is not None and value not in self.enum:
+            return f"'{value}' is not one of {', '.join(sorted(self.enum))}"
+        if self.pattern is not None and self.pattern.fullmatch(value) is None:
+            return f"'{value}' does not match {self.pattern.pattern}"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

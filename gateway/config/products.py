@@ -373,7 +373,7 @@ class ProductsReader:
         if low is not None and high is not None and low > high:
             self.w.report(fields.value("max"), fields.at("max"), f"must be at least min ({low})")
         enum = self.w.optional(fields, "enum", self.w.words, None)
-        return QueryParamRule(
+        rule = QueryParamRule(
             name=name,
             type="int" if kind == "int" else "string",
             min=low,
@@ -382,6 +382,13 @@ class ProductsReader:
             enum=None if enum is None else frozenset(enum),
             pattern=self.w.optional(fields, "pattern", self.w.regex, None),
         )
+        for word in enum or ():
+            # A value the rule's other parts refuse can never be sent: every request is a 400.
+            problem = dataclasses.replace(rule, enum=None).refuses(word)
+            if problem is not None:
+                self.w.report(fields.value("enum"), fields.at("enum"), f"never accepted: {problem}")
+                break
+        return rule
 
     def _gone(self, node: Node, path: str) -> Gone | None:
         value = self.w.scalar(node)

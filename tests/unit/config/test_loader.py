@@ -196,7 +196,7 @@ products:
           lang: {enum: [en, 1, no], pattern: "[a-z0-9]+"}
         query:
           limit: {type: int, min: 1, max: 100, required: true}
-          q: {min: 2, enum: [a, b], pattern: "[ab]"}
+          q: {min: 2, enum: [ab, ba], pattern: "[ab]+"}
       - path: /soccer/v3/{rest:path}
         gone: {sunset: 2026-01-01}
       - path: /soccer/v2/{rest:path}
@@ -268,8 +268,8 @@ def expected_full(path: str) -> Config:
                                 2,
                                 None,
                                 False,
-                                frozenset({"a", "b"}),
-                                re.compile("[ab]"),
+                                frozenset({"ab", "ba"}),
+                                re.compile("[ab]+"),
                             ),
                         },
                         line=21,
