@@ -133,19 +133,16 @@ class Reloader:
                         config = await load_answer_file_off_loop(self._handed_over_in)
                     else:
                         config = await load_config_off_loop(self._path, env=self._environment())
-                except ConfigError as exc:
-                    return self._rejected(exc)
-                except Exception:
-                    return self._failed()
-                try:
                     if self._prepare is None:
                         return self._accepted(config)
                     swap = await self._prepare(config)
                     return self._accepted(config, swap)
+                except ConfigError as exc:
+                    return self._rejected(exc)
                 except Exception:
-                    # Making the snapshot of a config that passed its checks failed: a bug of
-                    # ours, counted and logged as a failed reload (it ended the reload's task
-                    # with a traceback nobody read, uncounted).
+                    # A bug of ours, in loading or in making the snapshot of a config that
+                    # passed its checks: counted and logged as a failed reload (the snapshot's
+                    # ended the reload's task with a traceback nobody read, uncounted).
                     return self._failed()
 
     def request_reload(self) -> None:
