@@ -98,15 +98,12 @@ class _KeysApi:
         _refuse_file_secret(index, digest)
         now = self._clock()
         record = KeyRecord(name, digest, plans, disabled, expires, created=now, updated=now)
-        for retired_freed in (False, True):
-            try:
-                await _storing(self._store.create(record))
-                break
-            except WriteRefused as refused:
-                if refused.reason == "name_taken":
-                    raise Conflict(f"name: a key named '{name}' exists already") from None
-                if retired_freed or not await self._free_retired_secret(digest):
-                    raise Conflict("key_sha256: another key has this secret") from None
+        try:
+            await self._giving_secret(digest, lambda: self._store.create(record))
+        except WriteRefused as refused:
+            if refused.reason == "name_taken":
+                raise Conflict(f"name: a key named '{name}' exists already") from None
+            raise Conflict("key_sha256: another key has this secret") from None
         body = self._api_json(record)
         if secret is not None:
             body["key"] = secret
@@ -201,20 +198,25 @@ class _KeysApi:
                 record, key_sha256=digest, previous=tuple(previous), updated=now
             )
 
-        for retired_freed in (False, True):
-            try:
-                _, new = await _storing(self._store.update(name, rotated))
-                break
-            except WriteRefused as refused:
-                # Another key's retired secret holds it until that key is written again.
-                if refused.reason != "secret_taken" or retired_freed:
-                    raise _refusal(name, refused) from None
-                if not await self._free_retired_secret(digest):
-                    raise _refusal(name, refused) from None
+        try:
+            _, new = await self._giving_secret(digest, lambda: self._store.update(name, rotated))
+        except WriteRefused as refused:
+            raise _refusal(name, refused) from None
         body = self._api_json(new)
         if secret is not None:
             body["key"] = secret
         return web.json_response(body, headers=_NOT_CACHED)
+
+    async def _giving_secret(self, digest: str, write: Callable[[], Awaitable[T]]) -> T:
+        """`write` (one that gives a key the secret `digest`), made once more if it was refused
+        for another key's retired secret: another key holds a rotated-out secret until that
+        key is written again, even after the grace is over (`_free_retired_secret`)."""
+        try:
+            return await _storing(write())
+        except WriteRefused as refused:
+            if refused.reason != "secret_taken" or not await self._free_retired_secret(digest):
+                raise
+        return await _storing(write())
 
     async def _free_retired_secret(self, digest: str) -> bool:
         """Whether the API key that holds `digest` held it only as a rotated-out secret whose
