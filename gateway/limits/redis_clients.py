@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.storage_url import SENTINEL_SCHEMES, parse_sentinel_url
 from gateway.limits.base import StorageError
+from gateway.limits.redis_cluster import ClusterClient
 
 AnyRedis = Redis | RedisCluster
 
@@ -112,13 +113,10 @@ class StorageRedis:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
         try:
-            await self.client.aclose()
-            if isinstance(self.client, RedisCluster):
-                # Its aclose does nothing while the client is marked for initialising again,
-                # as it is after any connection error: its nodes' connections stayed open.
-                nodes = self.client.nodes_manager
-                await nodes.aclose()
-                await nodes.aclose("startup_nodes")
+            if isinstance(self.client, ClusterClient):
+                await self.client.close_for_good()
+            else:
+                await self.client.aclose()
         finally:
             if self._sentinel is not None:
                 # One by one: Sentinel.aclose is recent in redis-py; its clients' is not.
@@ -288,7 +286,7 @@ def open_storage_redis(url: str, timeout: float) -> StorageRedis:
     for cluster_scheme, plain_scheme in _CLUSTER_SCHEMES.items():
         if url.startswith(cluster_scheme):
             return StorageRedis(
-                RedisCluster.from_url(
+                ClusterClient.from_url(
                     plain_scheme + url[len(cluster_scheme) :],
                     socket_timeout=timeout,
                     socket_connect_timeout=timeout,

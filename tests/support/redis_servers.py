@@ -151,7 +151,7 @@ def _answers_ping(port: int) -> bool:
 class RedisClusterNodes:
     """Three masters, each serving a third of the slots; no replicas."""
 
-    def __init__(self, directory: Path, size: int = 3) -> None:
+    def __init__(self, directory: Path, size: int = 3, *extra_args: str) -> None:
         self.nodes = [
             RedisServer(
                 directory / f"node{i}",
@@ -162,6 +162,7 @@ class RedisClusterNodes:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                *extra_args,
             )
             for i in range(size)
         ]

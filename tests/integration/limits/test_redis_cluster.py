@@ -1,0 +1,110 @@
+"""The cluster client (gateway/limits/redis_cluster.py) with one master of three down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.cluster import key_slot
+
+from gateway.limits.base import StorageError
+from gateway.limits.redis_clients import StorageGuard, open_storage_redis
+from gateway.limits.redis_cluster import RELEARN_SECONDS
+from tests.support.redis_servers import RedisClusterNodes
+
+TIMEOUT = 0.5
+DOWN = 2  # the index of the master the tests stop
+
+
+@pytest.fixture
+def partial_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
+    """A cluster of its own whose healthy masters go on serving while one is down."""
+    cluster = RedisClusterNodes(tmp_path, 3, "--cluster-require-full-coverage", "no")
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def key_on(cluster: RedisClusterNodes, node: int, prefix: str) -> str:
+    """A key whose slot `node` serves."""
+    return next(
+        key
+        for key in (f"{prefix}{i}" for i in range(10_000))
+        if cluster.owner_of(key_slot(key.encode())) == node
+    )
+
+
+def slot_map_reads(cluster: RedisClusterNodes) -> int:
+    """CLUSTER SLOTS (and other CLUSTER) commands the healthy masters served."""
+    total = 0
+    for node in cluster.nodes[:DOWN]:
+        client = node.client()
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        total += sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_cluster"))
+    return total
+
+
+def reset_stats(cluster: RedisClusterNodes) -> None:
+    for node in cluster.nodes[:DOWN]:
+        client = node.client()
+        try:
+            client.config_resetstat()
+        finally:
+            client.close()
+
+
+async def test_calls_to_a_down_master_fail_alone_and_relearn_the_map_at_a_bounded_rate(
+    partial_cluster: RedisClusterNodes,
+) -> None:
+    """redis-py relearned the whole cluster after each call that failed to connect, and every
+    call waited for that: 4,000 calls a second to a healthy master fell to 125 while others
+    kept calling the one that was down. Here each failure costs its own call only."""
+    storage = open_storage_redis(partial_cluster.url, TIMEOUT)
+    guard = StorageGuard(storage.client, TIMEOUT, "limit storage")
+    healthy = key_on(partial_cluster, 0, "healthy")
+    down = key_on(partial_cluster, DOWN, "down")
+    try:
+        assert await guard("set", lambda: storage.client.set(down, "1")) is True
+        partial_cluster.nodes[DOWN].stop()
+        reset_stats(partial_cluster)
+        started = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(StorageError):
+                await guard("incr", lambda: storage.client.incr(down))
+            await guard("incr", lambda: storage.client.incr(healthy))  # never a failure
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(RELEARN_SECONDS)  # the relearning the last failures asked for
+        relearnt = slot_map_reads(partial_cluster)
+        assert 1 <= relearnt <= 2 + elapsed / RELEARN_SECONDS, (relearnt, elapsed)
+    finally:
+        await storage.aclose()
+
+
+async def test_a_master_back_from_the_dead_is_served_again(
+    partial_cluster: RedisClusterNodes,
+) -> None:
+    storage = open_storage_redis(partial_cluster.url, TIMEOUT)
+    guard = StorageGuard(storage.client, TIMEOUT, "limit storage")
+    down = key_on(partial_cluster, DOWN, "down")
+    try:
+        assert await guard("incr", lambda: storage.client.incr(down)) == 1
+        partial_cluster.nodes[DOWN].stop()
+        with pytest.raises(StorageError):
+            await guard("incr", lambda: storage.client.incr(down))
+        partial_cluster.nodes[DOWN].start()  # on the same port; its keys were lost
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await guard("incr", lambda: storage.client.incr(down)) == 1
+                break
+            except StorageError:
+                assert time.monotonic() < deadline, "the master's slots were not served again"
+                await asyncio.sleep(0.05)
+    finally:
+        await storage.aclose()
