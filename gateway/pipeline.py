@@ -489,11 +489,17 @@ def _problem_answer(
     )
 
 
-def answer_request_error(error: RequestError, started: float, method: str, path: str) -> bytes:
+def answer_request_error(
+    error: RequestError, started: float, method: str, path: str, request_id_header: bytes | None
+) -> bytes:
     """The whole answer to a request the HTTP server could not read (400 for one that is not
     HTTP, 408 for a head too slow), recorded like any other; the connection closes after it."""
     problem = problem_from_http_error(error)
-    request_id = new_request_id()
+    request_id = (
+        request_id_for(request_id_header.decode("latin-1"))
+        if request_id_header
+        else new_request_id()
+    )
     headers, body = render_problem(problem, request_id)
     record = RequestRecord(request_id, method, path, started)
     record.status, record.code = problem.status, problem.code

@@ -326,6 +326,11 @@ class ProductsReader:
             if not _METHOD_TOKEN.fullmatch(word) or not parser_knows_method(word.upper()):
                 self.w.report(node, f"{path}[{index}]", f"{word!r} is not an HTTP method")
                 return None
+            if word.upper() == "CONNECT":
+                # Refused before routing (a 400): the gateway never opens a tunnel to a host
+                # its client names.
+                self.w.report(node, f"{path}[{index}]", "CONNECT is never proxied")
+                return None
         return frozenset(word.upper() for word in words)
 
     def _path_rules(self, fields: Fields, template: Template | None) -> dict[str, PathParamRule]:

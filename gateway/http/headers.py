@@ -40,7 +40,14 @@ _NEVER_CONNECTION_LISTED: frozenset[str] = frozenset({"content-length", "content
 
 # Request headers a proxy sets itself, whatever the client sent.
 SET_BY_PROXY: frozenset[str] = frozenset(
-    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+    {
+        "host",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    }
 )
 _GATEWAY_OWNED: frozenset[bytes] = frozenset(name.encode() for name in SET_BY_PROXY)
 _REQUEST_DROP: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP) | _GATEWAY_OWNED
@@ -68,15 +75,18 @@ def upstream_header_lines(
     """The header lines to send upstream, as bytes: the client's raw lines, cleaned.
 
     Hop-by-hop headers and the API key header (`drop`, from `request_drop_set`) go; Host
-    becomes the upstream's; X-Forwarded-For gets the peer appended; X-Forwarded-Proto,
-    X-Forwarded-Host and X-Request-ID are the gateway's own view, whatever the client claimed.
+    becomes the upstream's; X-Forwarded-For and Forwarded (RFC 7239) get the peer appended,
+    Forwarded with the host and protocol too; X-Forwarded-Proto, X-Forwarded-Host and
+    X-Request-ID are the gateway's own view, whatever the client claimed.
     X-Forwarded-Host is the client's Host, or `target_host` (the host an absolute-form target
-    names) when given, since that one wins (RFC 9112 3.2.2).
+    names) when given, since that one wins (RFC 9112 3.2.2). A client's X-Forwarded-For or
+    Forwarded that its Connection header names is hop-by-hop, and goes like any other.
     The client's lines are passed on as they came, so nothing is decoded or re-encoded.
     """
     kept: list[tuple[bytes, bytes]] = []
     client_host: bytes | None = None
     forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
     listed: set[bytes] | None = None
     for line in client_headers:
         name = line[0].lower()
@@ -87,18 +97,34 @@ def upstream_header_lines(
                 client_host = line[1]
         elif name == b"x-forwarded-for":
             forwarded_for.append(line[1])
+        elif name == b"forwarded":
+            forwarded.append(line[1])
         elif name == b"connection":
             listed = _connection_listed_raw(line[1], listed)
     if listed:
         kept = [line for line in kept if line[0].lower() not in listed]
+        if b"x-forwarded-for" in listed:
+            forwarded_for = []
+        if b"forwarded" in listed:
+            forwarded = []
     kept.append((b"Host", upstream_host))
-    if client_ip:
-        forwarded_for.append(client_ip.encode("ascii"))
-    if forwarded_for:
-        kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-    kept.append((b"X-Forwarded-Proto", client_proto.encode("ascii")))
+    proto = client_proto.encode("ascii")
     if target_host is not None:
         client_host = target_host
+    if client_ip:
+        peer = client_ip.encode("ascii")
+        forwarded_for.append(peer)
+        # RFC 7239 6: an IPv6 address is bracketed and quoted; a host with a port is quoted.
+        forwarded.append(b'for="[%b]"' % peer if b":" in peer else b"for=" + peer)
+    else:
+        forwarded.append(b"for=unknown")
+    if client_host:
+        forwarded[-1] += b';host="%b"' % client_host
+    forwarded[-1] += b";proto=" + proto
+    if forwarded_for:
+        kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    kept.append((b"Forwarded", b", ".join(forwarded)))
+    kept.append((b"X-Forwarded-Proto", proto))
     if client_host is not None:
         kept.append((b"X-Forwarded-Host", client_host))
     kept.append((b"X-Request-ID", request_id.encode("ascii")))

@@ -37,9 +37,9 @@ __all__ = ["Handler", "HttpServer", "RequestErrorAnswer"]
 
 Handler = Callable[[Request], Awaitable[None]]
 # The complete answer (status line, headers, body) to a request no handler saw because it
-# could not be read: told the error, when (time.time()) its head began, and its method and
-# path as far as they were read ("" if not).
-RequestErrorAnswer = Callable[[RequestError, float, str, str], bytes]
+# could not be read: told the error, when (time.time()) its head began, its method and
+# path as far as they were read ("" if not), and its first X-Request-ID line if one was read.
+RequestErrorAnswer = Callable[[RequestError, float, str, str, bytes | None], bytes]
 
 
 class HttpServer:

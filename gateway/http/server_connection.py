@@ -9,7 +9,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import socket
 import time
 from typing import TYPE_CHECKING, cast
@@ -27,6 +26,7 @@ from gateway.http.parsing import (
     only_chunked,
 )
 from gateway.http.request import NO_BODY, Request, RequestBody
+from gateway.http.targets import NOT_A_HOST, is_host, target_refusal
 from gateway.http.tunnel import TunnelEnd
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
+_TRAILER_TOO_LARGE = f"its trailer section is over {HEAD_LIMIT} bytes"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
 
@@ -42,8 +43,6 @@ _MAX_WAITING = 16
 # Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
 # checking the length of every name is cheaper than lower-casing every name.
 _NOTED_LENGTHS = frozenset({4, 6, 12, 14, 17})
-# A Host value: a host name, an IPv4 address or an [IPv6] literal, and a port (RFC 3986 3.2.2).
-_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*")
 
 
 class ServerConnection(AnswerWriter, asyncio.Protocol):
@@ -77,10 +76,12 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._tunnel: TunnelEnd | None = None
         self._body_paused = False
         # A chunked body's trailer section: httptools reports its lines only once each is
-        # whole, so its bytes are counted per read (see on_chunk_header) against HEAD_LIMIT.
+        # whole, so its bytes are counted per read (see on_chunk_header) against HEAD_LIMIT,
+        # and its whole lines apart (on_header), since the read that ends the body is not.
         self._after_chunk_header = False  # no body byte since the last chunk header
         self._chunk_header_in_read = False  # that header came in the read being parsed
         self._trailer_received = 0
+        self._trailer_fields = 0
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None  # see _serve
@@ -143,7 +144,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # trailer section (a chunk of data would have given body bytes at once).
             self._trailer_received += len(data)
             if self._trailer_received > HEAD_LIMIT:
-                self._protocol_error(f"its trailer section is over {HEAD_LIMIT} bytes")
+                self._protocol_error(_TRAILER_TOO_LARGE)
                 return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
@@ -211,6 +212,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         if not self._in_head:
             # A chunked body's trailer fields: never merged into the head the request was
             # judged by (RFC 9110, 6.5.1), so neither a key nor a header can arrive there.
+            # Counted here as well as by the reads (data_received), which miss the read that
+            # holds the last chunk's header: a 100 KB trailer sent at once got through.
+            self._trailer_fields += len(name) + len(value) + 4
+            if self._trailer_fields > HEAD_LIMIT:
+                self._refuse_head(_TRAILER_TOO_LARGE)
             return
         # llhttp drops the whitespace before a value, not the whitespace after it, which is no
         # more part of the value (RFC 9110 5.5): a key or a request id followed by a space is
@@ -230,8 +236,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                     self._refuse_head(OTHER_CODING)
             elif lowered == b"host":
                 self._hosts += 1
-                if _HOST.fullmatch(value) is None:
-                    self._refuse_head("its Host header is not a host")
+                if not is_host(value):
+                    self._refuse_head(NOT_A_HOST)
             elif lowered == b"expect":
                 self._expect_continue = value.strip().lower() == b"100-continue"
             elif lowered == b"x-request-id" and self._request_id is None:
@@ -260,12 +266,17 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
             # hosts a request is for is a question the upstream might answer differently.
             self._refuse_head("it must have exactly one Host header")
+        method = parser.get_method()
+        if method == b"CONNECT" or self._url[:1] != b"/":
+            refusal = target_refusal(method, self._url)
+            if refusal is not None:
+                self._refuse_head(refusal)
         # An HTTP/1.0 client's Expect is ignored (RFC 9110 10.1.1): it knows no 100 Continue.
         expect_continue = self._expect_continue and version == "1.1"
         content = RequestBody(self, expect_continue) if self._has_body else NO_BODY
         request = Request(
             self,
-            parser.get_method().decode("ascii", "surrogateescape"),
+            method.decode("ascii", "surrogateescape"),
             self._url,
             self._header_lines,
             version,
@@ -299,6 +310,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._after_chunk_header = True
         self._chunk_header_in_read = True
         self._trailer_received = 0
+        self._trailer_fields = 0
 
     def on_body(self, body: bytes) -> None:
         self._after_chunk_header = False
@@ -512,10 +524,13 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         assert transport is not None
         started = self._head_started if self._in_head and self._head_started else time.time()
         method = path = ""
+        request_id = None
         if self._url:  # reset as each message begins: this one's
             # The request line was read (a slow or bad head after it): the record says which
-            # request this was, without its query, where a key may be.
+            # request this was, without its query, where a key may be, and the answer carries
+            # the X-Request-ID the client sent, if one was read.
             method = self._parser.get_method().decode("ascii", "replace")
             path = self._url.partition(b"?")[0].decode("utf-8", "surrogateescape")
-        transport.write(self._server.on_request_error(error, started, method, path))
+            request_id = self._request_id
+        transport.write(self._server.on_request_error(error, started, method, path, request_id))
         transport.close()

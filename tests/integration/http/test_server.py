@@ -293,6 +293,21 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         (b"GET /old# HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
         (b"GET /a?b=c#d HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
         (b"GET http://a/old#x HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
+        # Hosts an upstream could split or read otherwise (an audit found them all served)
+        (b"GET /a HTTP/1.1\r\nHost: x:abc\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: a:1:2\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: [::1\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: a.example:99999\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: a.example,b.example\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: a.example;b\r\n\r\n", "Host header is not a host"),
+        # Targets that are neither a path nor an http(s) URL, and CONNECT in any form
+        (b"GET ftp://a.example/a HTTP/1.1\r\nHost: a\r\n\r\n", "neither a path nor"),
+        (b"GET http:///a HTTP/1.1\r\nHost: a\r\n\r\n", "target's host is not a host"),
+        (b"GET http://a,b/a HTTP/1.1\r\nHost: a\r\n\r\n", "target's host is not a host"),
+        (b"GET http://u@a/a HTTP/1.1\r\nHost: a\r\n\r\n", "target's host is not a host"),
+        (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", "only OPTIONS may have the target"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", "CONNECT is not"),
+        (b"CONNECT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", "CONNECT is not"),
     ],
     ids=[
         "no-host",
@@ -305,6 +320,19 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         "fragment-in-path",
         "fragment-in-query",
         "fragment-absolute",
+        "host-port-not-digits",
+        "host-two-ports",
+        "host-unclosed-ipv6",
+        "host-port-too-large",
+        "host-comma-list",
+        "host-semicolon",
+        "target-ftp",
+        "target-no-host",
+        "target-comma-host",
+        "target-userinfo",
+        "target-asterisk-not-options",
+        "connect-authority",
+        "connect-path",
     ],
 )
 async def test_a_head_the_upstream_could_read_otherwise_is_400(head: bytes, detail: str) -> None:
@@ -320,8 +348,70 @@ async def test_a_head_the_upstream_could_read_otherwise_is_400(head: bytes, deta
         assert await read_to_eof(reader) == b""
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /a HTTP/1.1\r\nHost: t\r\nX-Request-ID: mine-1\r\nHost: u\r\n\r\n", 400),
+        (
+            b"POST /a HTTP/1.1\r\nHost: t\r\nX-Request-ID: mine-1\r\n"
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        # stalls (a header line is read once the next one begins: obs-fold is refused)
+        (b"GET /a HTTP/1.1\r\nHost: t\r\nX-Request-ID: mine-1\r\nAccept: */*\r\n", 408),
+    ],
+    ids=["two-hosts", "length-and-chunked", "slow-head"],
+)
+async def test_a_refused_head_is_answered_with_the_clients_request_id(
+    head: bytes, status: int
+) -> None:
+    """Every answer carries the client's X-Request-ID when it sent a sane one (an audit found
+    the server's own 400s and 408s with a new one), and the access log records it."""
+    async with (
+        http_server(echo, head_timeout=0.3) as (_, port),
+        connected(port) as (reader, writer),
+    ):
+        writer.write(head)
+        reply = await read_reply(reader)
+        assert reply.status == status
+        assert reply.headers["x-request-id"] == "mine-1"
+        assert problem(reply)["request_id"] == "mine-1"
+
+
+async def test_a_trailer_section_over_64_kib_sent_at_once_gets_400() -> None:
+    """The read that holds the last chunk's header was not counted: 100 KB of trailer fields
+    written with it got through."""
+
+    async def reads_body(request: Request) -> None:
+        try:
+            while await request.content.read():
+                pass
+        except HttpError as error:
+            answer_problem(request, as_problem(error), "rid")
+            return
+        request.connection.respond(request, 200, "OK", TEXT, b"read")
+
+    async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
+        fields = b"".join(b"X-T%d: %b\r\n" % (i, b"a" * 1000) for i in range(100))
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n" + fields + b"\r\n"
+        )
+        reply = await read_reply(reader)
+        assert reply.status == 400
+        assert "trailer section is over 65536 bytes" in str(problem(reply)["detail"])
+
+
 async def test_hosts_that_are_hosts_and_http_1_0_without_one_are_served() -> None:
-    for host in (b"Host: example.com:8080\r\n", b"Host: [::1]:80\r\n", b"Host: 10.0.0.1\r\n"):
+    for host in (
+        b"Host: example.com:8080\r\n",
+        b"Host: [::1]:80\r\n",
+        b"Host: 10.0.0.1\r\n",
+        b"Host: [fe80::1%25eth0]\r\n",
+        b"Host: a.example:\r\n",  # an empty port (RFC 3986 3.2.3)
+        b"Host: \r\n",  # a target without an authority (RFC 9112 3.2)
+        b"Host: my_host.internal:65535\r\n",
+    ):
         async with http_server(echo) as (_, port), connected(port) as (reader, writer):
             writer.write(b"GET /a HTTP/1.1\r\n" + host + b"\r\n")
             assert (await read_reply(reader)).status == 200

@@ -61,6 +61,7 @@ async def test_request_headers_reach_the_upstream_cleaned(
         ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
         ("X-Forwarded-For", "10.0.0.1"),
         ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=10.0.0.1;proto=https"),
         ("X-Request-ID", "client-id"),
         ("X-Custom", "one"),
         ("X-Custom", "two"),
@@ -88,6 +89,9 @@ async def test_request_headers_reach_the_upstream_cleaned(
     assert named(seen, "X-Forwarded-For") == ["10.0.0.1, 127.0.0.1"]
     assert named(seen, "X-Forwarded-Proto") == ["http"]
     assert named(seen, "X-Forwarded-Host") == [f"127.0.0.1:{front.url.port}"]
+    assert named(seen, "Forwarded") == [
+        f'for=10.0.0.1;proto=https, for=127.0.0.1;host="127.0.0.1:{front.url.port}";proto=http'
+    ]
     assert named(seen, "X-Request-ID") == [REQUEST_ID]
     assert named(seen, "X-Custom") == ["one", "two"]
     assert named(seen, "Accept") == ["application/json"]

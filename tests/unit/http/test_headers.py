@@ -41,6 +41,7 @@ def test_request_drops_hop_by_hop_named_and_key_headers() -> None:
     assert {name.lower() for name in out} == {
         "accept",
         "host",
+        "forwarded",
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-request-id",
@@ -69,6 +70,31 @@ def test_request_without_host_or_peer_invents_neither() -> None:
     out = _to_upstream([("Accept", "*/*")], client_ip=None)
     assert "X-Forwarded-Host" not in out
     assert "X-Forwarded-For" not in out
+    assert out.getall("Forwarded") == ["for=unknown;proto=https"]
+
+
+def test_forwarded_gets_the_gateways_element_after_the_clients() -> None:
+    """RFC 7239: the client's elements stay (as X-Forwarded-For's do), and the gateway's own
+    comes last, where an upstream that trusts the gateway reads it; an audit found the
+    client's Forwarded passed on alone, its made-up `for` and `proto` the only ones there."""
+    out = _to_upstream([("Host", "api.example.com:8443"), ("Forwarded", "for=1.1.1.1;proto=https")])
+    assert out.getall("Forwarded") == [
+        'for=1.1.1.1;proto=https, for=192.0.2.7;host="api.example.com:8443";proto=https'
+    ]
+    ipv6 = _to_upstream([("Host", "a")], client_ip="2001:db8::1")
+    assert ipv6.getall("Forwarded") == ['for="[2001:db8::1]";host="a";proto=https']
+
+
+def test_forwarding_headers_the_client_calls_hop_by_hop_are_not_passed_on() -> None:
+    out = _to_upstream(
+        [
+            ("Connection", "X-Forwarded-For, Forwarded"),
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("Forwarded", "for=1.2.3.4"),
+        ]
+    )
+    assert out.getall("X-Forwarded-For") == ["192.0.2.7"]
+    assert out.getall("Forwarded") == ["for=192.0.2.7;proto=https"]
 
 
 def test_request_keeps_repeated_lines_in_order() -> None:
