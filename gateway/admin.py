@@ -136,6 +136,11 @@ async def _problems_and_auth(
     try:
         if request.path == "/admin" or request.path.startswith("/admin/"):
             _authorize(request, request.app[ADMIN_STATE].token)
+        length = request.content_length
+        if length is not None and length > _MAX_BODY:
+            # Refused whether or not the call reads a body: aiohttp's own check comes only as
+            # a body is read, and a DELETE with 2 MB went through.
+            raise web.HTTPRequestEntityTooLarge(max_size=_MAX_BODY, actual_size=length)
         return await handler(request)
     except GatewayProblem as problem:
         return _problem_response(problem, request_id)

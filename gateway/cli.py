@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        # Held before anything is imported for serving (aiohttp and the rest take ~0.4 s), as
+        # `gateway.server.serve` holds them until it can act on them: a SIGTERM or SIGHUP in
+        # that time killed the gateway (143, 129) where a stop or a reload is promised.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
     if args.command == "hash-key":
         # The bytes given, as the proxy hashes the bytes a client sends (argv is decoded with
         # surrogateescape: a key that is not UTF-8 comes back as it was).

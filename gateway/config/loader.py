@@ -136,13 +136,17 @@ def config_files(path: Path) -> list[str]:
 
 
 def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
-    if path.is_dir():
-        files = config_files(path)
-        if not files:
-            issues.append(ConfigIssue(str(path), None, "", "no *.yaml files in this folder"))
-        return files
-    if not path.exists():
-        issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))
+    try:
+        if path.is_dir():
+            files = config_files(path)
+            if not files:
+                issues.append(ConfigIssue(str(path), None, "", "no *.yaml files in this folder"))
+            return files
+        if not path.exists():
+            issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))
+            return []
+    except OSError as exc:  # a name too long, a folder we may not look into: a traceback
+        issues.append(ConfigIssue(str(path), None, "", f"cannot be read: {exc.strerror or exc}"))
         return []
     return [str(path)]
 

@@ -27,8 +27,9 @@ from gateway.http.parsing import parser_knows_method
 from gateway.http.paths import normal_path
 
 # Names end up in metrics labels, log lines and URLs of the admin API.
-NAME = re.compile(r"[A-Za-z0-9_.-]+")
-NAME_HINT = "must match [A-Za-z0-9_.-]+"
+# Not `.` or `..`: names appear in admin URLs' paths, where clients remove such segments.
+NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]+")
+NAME_HINT = "must match [A-Za-z0-9_.-]+ and not be '.' or '..'"
 
 _PRODUCT_KEYS = ("upstream", "maintenance", "routes")
 _UPSTREAM_KEYS = ("url", "connect_timeout", "timeout")

@@ -44,6 +44,11 @@ class SentinelUrl:
     password: str | None = None
 
 
+# Redis numbers its databases with a C int (`databases` in redis.conf, 16 by default): a larger
+# number passed `gateway check` and then made every storage call fail.
+MAX_DATABASE = 2**31 - 1
+
+
 def parse_sentinel_url(url: str) -> SentinelUrl:
     """The parts of a redis+sentinel:// URL; `ValueError` saying what is wrong otherwise."""
     scheme, separator, rest = url.strip().partition("://")
@@ -70,6 +75,8 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         if not (segments[1].isascii() and segments[1].isdigit()):
             raise ValueError(f"database {segments[1]!r} must be a number, e.g. /mymaster/0")
         db = int(segments[1])
+        if db > MAX_DATABASE:
+            raise ValueError(f"database {db} is larger than any Redis has ({MAX_DATABASE} at most)")
     return SentinelUrl(
         sentinels=sentinels,
         master=unquote(segments[0]),
@@ -95,7 +102,15 @@ def _sentinel_address(text: str) -> tuple[str, int]:
 def storage_url_problem(url: str) -> str | None:
     """Why `url` cannot be the limit storage, or None when it can."""
     text = url.strip()
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # urllib's "Invalid IPv6 URL": a '[' or ']' out of place
+        if text.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
+            try:
+                parse_sentinel_url(text)
+            except ValueError as exc:
+                return str(exc)
+        return "has a '[' or ']' out of place (an IPv6 host is written redis://[::1]:6379)"
     if parts.scheme not in STORAGE_SCHEMES or not text.startswith(f"{parts.scheme}://"):
         return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
     if parts.scheme == "memory":
@@ -120,6 +135,8 @@ def storage_url_problem(url: str) -> str | None:
     if database:
         if not database.isascii() or not database.isdigit():
             return f"database {database!r} must be a number, e.g. {parts.scheme}://host:6379/0"
+        if int(database) > MAX_DATABASE:
+            return f"database {database} is larger than any Redis has ({MAX_DATABASE} at most)"
         if "cluster" in parts.scheme and int(database) != 0:
             return "Redis Cluster has only database 0"
     return None

@@ -16,9 +16,10 @@ from gateway.config.access import validate_key_plans
 from gateway.config.model import ApiKey, PlanOverride
 from gateway.config.yamlnodes import ConfigError
 
-# Names of API keys: 1-64 characters, so that they fit labels, logs and URLs.
-KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KEY_NAME_HINT = "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+# Names of API keys: 1-64 characters, so that they fit labels, logs and URLs; not `.` or `..`,
+# which a client (curl, a browser) removes from a URL's path as dot-segments.
+KEY_NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9._-]{1,64}")
+KEY_NAME_HINT = "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', not '.' or '..'"
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,16 @@ _LISTEN_SLICE = 0.05  # seconds between two looks at whether a read taking chang
 T = TypeVar("T")
 
 
+class _Turn:
+    """The rewrites of one key by this process, one at a time."""
+
+    __slots__ = ("holders", "lock")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.holders = 0  # rewrites holding or waiting for the lock
+
+
 class KeyStore:
     def __init__(self, backend: KeyBackend) -> None:
         self.table = ApiKeyTable()
@@ -69,6 +79,7 @@ class KeyStore:
         self._epoch: str | None = None  # the storage's, at our last full read (None: none yet)
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
+        self._turns: dict[str, _Turn] = {}  # the keys being rewritten by this process
 
     async def start(self) -> None:
         """Start following; returns once the keys are loaded, or the first try has failed
@@ -122,7 +133,24 @@ class KeyStore:
         """Replace the key by `change(current)`, or delete it when that is None; (old, new).
 
         Should another process change the key in between, the change is made again on the
-        newer record rather than overwriting it."""
+        newer record rather than overwriting it. Within this process the writes of one key
+        take turns: left to meet each other in the storage, 30 concurrent PATCHes of one key
+        got 21 of 90 answered 409 where the memory storage, which has no such race, took all."""
+        turn = self._turns.get(name)
+        if turn is None:
+            turn = self._turns[name] = _Turn()
+        turn.holders += 1
+        try:
+            async with turn.lock:
+                return await self._rewrite_now(name, change)
+        finally:
+            turn.holders -= 1
+            if not turn.holders:
+                del self._turns[name]
+
+    async def _rewrite_now(
+        self, name: str, change: Callable[[KeyRecord], KeyRecord | None]
+    ) -> tuple[KeyRecord, KeyRecord | None]:
         for attempt in range(_WRITE_ATTEMPTS):
             current_text = await self._backend.read(name)
             if current_text is None:

@@ -297,6 +297,8 @@ async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -
         ({"name": ""}, "name: must be 1-64 characters"),
         ({"name": "a" * 65}, "name: must be 1-64 characters"),
         ({"name": "has space"}, "name: must be 1-64 characters"),
+        ({"name": "."}, "name: must be 1-64 characters"),
+        ({"name": ".."}, "name: must be 1-64 characters"),
         ({"name": 7}, "name: must be 1-64 characters"),
         ({"name": "x", "plans": {"cricket": "trial"}}, "plans.cricket: unknown product"),
         ({"name": "x", "plans": {"soccer": "gold"}}, "plans.soccer: unknown plan 'gold'"),
@@ -354,6 +356,17 @@ async def test_a_body_over_a_mebibyte_is_413_problem(rig: Rig) -> None:
         problem = await response.json(content_type=None)
     assert (response.status, problem["code"]) == (413, "content_too_large")
     assert problem["detail"].startswith("body: over the 1048576 bytes")
+
+
+async def test_a_body_over_a_mebibyte_is_413_on_calls_that_read_none(rig: Rig) -> None:
+    """The limit held only where a body was read: a DELETE with 2 MB deleted the key."""
+    await create(rig, "acme")
+    body = io.BytesIO(b" " * (2 * 1024 * 1024))
+    async with rig.session.delete(rig.admin("/admin/keys/acme"), data=body) as response:
+        problem = await response.json(content_type=None)
+    assert (response.status, problem["code"]) == (413, "content_too_large")
+    status, _, _ = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200  # still there
 
 
 async def test_patch_and_rotate_refuse_bad_fields(rig: Rig) -> None:

@@ -47,3 +47,35 @@ def test_too_many_workers_are_refused_before_anything_forks() -> None:
     done = gateway("run", "--config", str(config), "--workers", "100000")
     assert done.returncode == 2
     assert "--workers: must be 0 to 256" in done.stderr
+
+
+_PROBE = """
+import importlib.abc, signal, sys
+
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "gateway.server":
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            print(sorted(int(s) for s in held & {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}))
+            sys.exit(0)
+        return None
+
+sys.meta_path.insert(0, Probe())
+from gateway.cli import main
+main(["run", "--config", sys.argv[1]])
+"""
+
+
+def test_run_holds_stop_and_reload_signals_before_it_imports_the_server(tmp_path: Path) -> None:
+    """Importing what serving needs takes ~0.4 s; a SIGTERM or SIGHUP then killed the gateway
+    (143, 129) where the README promises a stop with exit 0 or a reload. The probe looks at the
+    signal mask as `gateway.server` begins to be imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1, 2, 15]"

@@ -439,6 +439,13 @@ def test_empty_folder_and_missing_path(tmp_path: Path) -> None:
     assert issues_of(missing) == [f"{missing}: no such file or folder"]
 
 
+def test_a_path_that_cannot_be_looked_at_is_a_config_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    too_long = tmp_path / ("a" * 300)
+    assert issues_of(too_long) == [f"{too_long}: cannot be read: File name too long"]
+
+
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_bytes(b"products: \xff\n")
