@@ -17,6 +17,7 @@ import httptools
 
 from gateway.http.answer import AnswerWriter
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
+from gateway.http.head_rules import NOT_A_HOST, head_refusal, is_host
 from gateway.http.headers import interim_head
 from gateway.http.parsing import (
     CLOSED_REQUEST_PARSER,
@@ -26,7 +27,6 @@ from gateway.http.parsing import (
     only_chunked,
 )
 from gateway.http.request import NO_BODY, Request, RequestBody
-from gateway.http.targets import NOT_A_HOST, is_host, target_refusal
 from gateway.http.tunnel import TunnelEnd
 
 if TYPE_CHECKING:
@@ -253,24 +253,10 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._stop_head_timer()
         parser = self._parser
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            # llhttp reads `GET /path` as HTTP/0.9 and takes HTTP/2.0 in a request line; this
-            # server speaks neither, and an upstream would be told HTTP/1.1 either way.
-            self._refuse_head(f"HTTP/{version} is not spoken here (HTTP/1.1 or 1.0)")
-        if b"#" in self._url:
-            # No request-target has a fragment (RFC 9112 3.2). Routing would read it as part
-            # of the path (`/old#` matching `/{rest:path}`, not a retired `/old`) where an
-            # upstream drops it, so the two would read different paths.
-            self._refuse_head("its target holds a '#' (a fragment is never sent to a server)")
-        if self._hosts != 1 and (self._hosts or version == "1.1"):
-            # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one before; which of two
-            # hosts a request is for is a question the upstream might answer differently.
-            self._refuse_head("it must have exactly one Host header")
         method = parser.get_method()
-        if method == b"CONNECT" or self._url[:1] != b"/":
-            refusal = target_refusal(method, self._url)
-            if refusal is not None:
-                self._refuse_head(refusal)
+        refusal = head_refusal(version, method, self._url, self._hosts)
+        if refusal is not None:
+            self._refuse_head(refusal)
         # An HTTP/1.0 client's Expect is ignored (RFC 9110 10.1.1): it knows no 100 Continue.
         expect_continue = self._expect_continue and version == "1.1"
         content = RequestBody(self, expect_continue) if self._has_body else NO_BODY
