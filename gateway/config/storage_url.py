@@ -2,12 +2,15 @@
 
     memory://
     redis://[user:password@]host:port[/db]          rediss:// for TLS
-    redis+cluster://host:port                       rediss+cluster:// for TLS; any node will do
+    redis+cluster://[user:password@]host:port[,host:port...]
+                                                    rediss+cluster:// for TLS; any node will do
     redis+sentinel://[user:password@]h1:26379,h2:26379/MASTER[/db]
                                                     rediss+sentinel:// for TLS
 
-A Sentinel URL names the Sentinels (a port left out is Sentinel's 26379) and the name of the
-master they watch; the gateway asks them where the master is, and asks again after losing it.
+A Cluster URL names one node or several: the gateway learns the cluster from the first that
+answers, so that it can start while a node it names is down. A Sentinel URL names the
+Sentinels (a port left out is Sentinel's 26379) and the name of the master they watch; the
+gateway asks them where the master is, and asks again after losing it.
 The user and password are those of the Redis servers, not of the Sentinels.
 """
 
@@ -27,11 +30,14 @@ STORAGE_SCHEMES = (
     "rediss+sentinel",
 )
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_PORT = 26379
+REDIS_PORT = 6379
 _HOST_PORT = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d*))?"
 )
 _SENTINEL_EXAMPLE = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster"
+_CLUSTER_EXAMPLE = "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +93,45 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    nodes: tuple[tuple[str, int], ...]  # where to learn the cluster from, in this order
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """The parts of a redis+cluster:// URL; `ValueError` saying what is wrong otherwise."""
+    scheme, separator, rest = url.strip().partition("://")
+    if scheme not in CLUSTER_SCHEMES or not separator:
+        raise ValueError(f"must start with {' or '.join(s + '://' for s in CLUSTER_SCHEMES)}")
+    location, _, path = rest.partition("/")
+    if "?" in rest or "#" in rest:
+        raise ValueError("takes no ?options or #fragment (the timeout is storage.timeout)")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError("Redis Cluster has only database 0")
+    userinfo, at, hosts = location.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes = tuple(_address(part, "node", REDIS_PORT, _CLUSTER_EXAMPLE) for part in hosts.split(","))
+    return ClusterUrl(nodes, scheme == "rediss+cluster", username, password)
+
+
 def _sentinel_address(text: str) -> tuple[str, int]:
+    return _address(text, "Sentinel", SENTINEL_PORT, _SENTINEL_EXAMPLE)
+
+
+def _address(text: str, what: str, default_port: int, example: str) -> tuple[str, int]:
     match = _HOST_PORT.fullmatch(text)
     if not text or match is None:
-        raise ValueError(
-            f"Sentinel {text!r} must be host:port or [ipv6]:port, e.g. {_SENTINEL_EXAMPLE}"
-        )
-    port = int(match["port"]) if match["port"] else SENTINEL_PORT
+        raise ValueError(f"{what} {text!r} must be host:port or [ipv6]:port, e.g. {example}")
+    port = int(match["port"]) if match["port"] else default_port
     if not 0 < port < 65536:
-        raise ValueError(f"Sentinel {text!r}: port must be between 1 and 65535")
+        raise ValueError(f"{what} {text!r}: port must be between 1 and 65535")
     return match["ipv6"] or match["host"], port
 
 
@@ -105,11 +141,15 @@ def storage_url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(text)
     except ValueError:  # urllib's "Invalid IPv6 URL": a '[' or ']' out of place
-        if text.startswith(tuple(f"{scheme}://" for scheme in SENTINEL_SCHEMES)):
-            try:
-                parse_sentinel_url(text)
-            except ValueError as exc:
-                return str(exc)
+        for schemes, parse in (
+            (SENTINEL_SCHEMES, parse_sentinel_url),
+            (CLUSTER_SCHEMES, parse_cluster_url),
+        ):
+            if text.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+                try:
+                    parse(text)
+                except ValueError as exc:
+                    return str(exc)
         return "has a '[' or ']' out of place (an IPv6 host is written redis://[::1]:6379)"
     if parts.scheme not in STORAGE_SCHEMES or not text.startswith(f"{parts.scheme}://"):
         return f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
@@ -118,6 +158,12 @@ def storage_url_problem(url: str) -> str | None:
     if parts.scheme in SENTINEL_SCHEMES:
         try:
             parse_sentinel_url(text)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if parts.scheme in CLUSTER_SCHEMES and "," in parts.netloc:
+        try:
+            parse_cluster_url(text)
         except ValueError as exc:
             return str(exc)
         return None

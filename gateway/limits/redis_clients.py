@@ -27,14 +27,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config.storage_url import SENTINEL_SCHEMES, parse_sentinel_url
+from gateway.config.storage_url import SENTINEL_SCHEMES, parse_cluster_url, parse_sentinel_url
 from gateway.limits.base import StorageError
 from gateway.limits.redis_cluster import ClusterClient
 
@@ -285,21 +285,32 @@ def open_storage_redis(url: str, timeout: float) -> StorageRedis:
     """
     for cluster_scheme, plain_scheme in _CLUSTER_SCHEMES.items():
         if url.startswith(cluster_scheme):
+            cluster_options: dict[str, Any] = {
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                # A command whose connection failed is not sent again: a script that ran
+                # before the failure (a hit, a refund, a key write) would run twice. An
+                # audit moving a slot under load saw admissions charged twice and refunds
+                # given back twice that way, nothing counted. Reads are repeated by
+                # StorageGuard (`repeatable`) instead; MOVED and ASK, which say a command
+                # did not run, are still followed.
+                "retry": Retry(NoBackoff(), 0),
+                # MOVED moves the one slot in the client's map, rather than every fifth
+                # closing the connections to every node, calls on their way included.
+                "reinitialize_steps": 0,
+            }
+            rest = url[len(cluster_scheme) :]
+            if "," not in rest.partition("/")[0]:
+                return StorageRedis(ClusterClient.from_url(plain_scheme + rest, **cluster_options))
+            # Several nodes named: the cluster is learnt from the first that answers.
+            seeds = parse_cluster_url(url)
             return StorageRedis(
-                ClusterClient.from_url(
-                    plain_scheme + url[len(cluster_scheme) :],
-                    socket_timeout=timeout,
-                    socket_connect_timeout=timeout,
-                    # A command whose connection failed is not sent again: a script that ran
-                    # before the failure (a hit, a refund, a key write) would run twice. An
-                    # audit moving a slot under load saw admissions charged twice and refunds
-                    # given back twice that way, nothing counted. Reads are repeated by
-                    # StorageGuard (`repeatable`) instead; MOVED and ASK, which say a command
-                    # did not run, are still followed.
-                    retry=Retry(NoBackoff(), 0),
-                    # MOVED moves the one slot in the client's map, rather than every fifth
-                    # closing the connections to every node, calls on their way included.
-                    reinitialize_steps=0,
+                ClusterClient(
+                    startup_nodes=[ClusterNode(host, port) for host, port in seeds.nodes],
+                    username=seeds.username,
+                    password=seeds.password,
+                    ssl=seeds.tls,
+                    **cluster_options,
                 )
             )
     options: dict[str, Any] = {

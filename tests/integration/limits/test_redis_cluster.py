@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 from redis.cluster import key_slot
 
+from gateway.config.model import StorageConfig
+from gateway.limits import create_limiter
 from gateway.limits.base import StorageError
 from gateway.limits.redis_clients import StorageGuard, open_storage_redis
 from gateway.limits.redis_cluster import RELEARN_SECONDS
 from tests.support.redis_servers import RedisClusterNodes
+from tests.support.sockets import free_port
 
 TIMEOUT = 0.5
 DOWN = 2  # the index of the master the tests stop
@@ -108,3 +111,41 @@ async def test_a_master_back_from_the_dead_is_served_again(
                 await asyncio.sleep(0.05)
     finally:
         await storage.aclose()
+
+
+async def test_a_url_naming_several_nodes_learns_the_cluster_from_one_that_answers(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """With one node named, a gateway could not start while that node was down."""
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{redis_cluster.port}"
+    storage = open_storage_redis(url, TIMEOUT)
+    guard = StorageGuard(storage.client, TIMEOUT, "limit storage")
+    key = key_on(redis_cluster, DOWN, "seeded")
+    try:
+        assert await guard("set", lambda: storage.client.set(key, "1")) is True
+        assert await guard("get", lambda: storage.client.get(key)) == b"1"
+    finally:
+        await storage.aclose()
+
+
+async def test_readiness_fails_while_the_cluster_refuses_commands(tmp_path: Path) -> None:
+    """A cluster that lost a master (and requires full coverage, Redis's default) answers PING
+    on every node and CLUSTERDOWN to every command with a key: the probe must see the latter."""
+    cluster = RedisClusterNodes(tmp_path)
+    cluster.start()
+    limiter = create_limiter(StorageConfig(url=cluster.url, timeout=TIMEOUT))
+    try:
+        await limiter.ping()
+        cluster.nodes[DOWN].stop()
+        deadline = time.monotonic() + 15  # the node timeout (2 s) and the gossip after it
+        while True:
+            try:
+                await limiter.ping()
+            except StorageError as error:
+                assert "cluster_state" in str(error) or "state is" in str(error), error
+                break
+            assert time.monotonic() < deadline, "the probe never saw the cluster down"
+            await asyncio.sleep(0.1)
+    finally:
+        await limiter.close()
+        cluster.stop()

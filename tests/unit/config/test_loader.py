@@ -36,7 +36,12 @@ from gateway.config import (
     parse_duration,
 )
 from gateway.config.products import parse_template
-from gateway.config.storage_url import SentinelUrl, parse_sentinel_url
+from gateway.config.storage_url import (
+    ClusterUrl,
+    SentinelUrl,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 from tests.support.paths import REPO_ROOT
 
 FIXTURES = REPO_ROOT / "tests" / "config"
@@ -504,6 +509,30 @@ def test_bad_redis_url_in_the_environment_names_the_variable(tmp_path: Path) -> 
 )
 def test_sentinel_url_parts(url: str, expected: SentinelUrl) -> None:
     assert parse_sentinel_url(url) == expected
+
+
+def test_a_cluster_url_may_name_several_nodes(tmp_path: Path) -> None:
+    """So that a gateway can start while the one node its URL named is down (an audit: every
+    request 503 after a restart, the cluster healthy)."""
+    url = "rediss+cluster://app:s%40cret@10.0.0.1:7000,[::1]:7001,redis-c/0"
+    assert parse_cluster_url(url) == ClusterUrl(
+        (("10.0.0.1", 7000), ("::1", 7001), ("redis-c", 6379)),
+        tls=True,
+        username="app",
+        password="s@cret",
+    )
+    path = write_config_file(tmp_path, "server: {workers: 2}\n")
+    assert load_config(path, env={"GATEWAY_REDIS_URL": url}).storage.url == url
+    path = write_config_file(tmp_path, "")
+    for bad, problem in (
+        ("redis+cluster://10.0.0.1:7000,bad host", "node 'bad host' must be host:port"),
+        ("redis+cluster://10.0.0.1:7000,10.0.0.2:0", "node '10.0.0.2:0': port must be"),
+        ("redis+cluster://10.0.0.1:7000,10.0.0.2/1", "Redis Cluster has only database 0"),
+        ("redis+cluster://10.0.0.1:7000,10.0.0.2?x=1", "takes no ?options"),
+        ("redis+cluster://10.0.0.1:7000,[::1", "node '[::1' must be host:port"),
+    ):
+        [issue] = issues_of(path, env={"GATEWAY_REDIS_URL": bad})
+        assert issue.startswith(f"GATEWAY_REDIS_URL: storage.url: {problem}"), issue
 
 
 def test_sentinel_url_from_the_environment(tmp_path: Path) -> None:
