@@ -325,6 +325,16 @@ async def test_create_refuses_with_the_field_named(
     assert (await rig.call("GET", "/admin/keys/x"))[0] == 404
 
 
+async def test_many_mistakes_are_named_up_to_twenty_and_the_rest_counted(rig: Rig) -> None:
+    """40,000 unknown products in a body under 1 MiB made a 2.6 MB answer."""
+    plans = {f"p{i}": "trial" for i in range(5000)}
+    status, problem, _ = await rig.call("POST", "/admin/keys", {"name": "x", "plans": plans})
+    assert status == 400
+    named = problem["detail"].split("; ")
+    assert len(named) == 21 and named[0].startswith("plans.p0: unknown product")
+    assert named[-1] == "and 4980 more"
+
+
 @pytest.mark.parametrize(
     ("raw", "detail"),
     [
