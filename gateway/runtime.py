@@ -68,16 +68,19 @@ def build_snapshot(
     api_keys: ApiKeyTable,
     keys: KeyIndex | None = None,
 ) -> Snapshot:
-    """`api_keys` is the key store's table, shared by every snapshot of the process."""
+    """`api_keys` is the key store's table, shared by every snapshot of the process. The
+    upstreams' clients no longer named are retired (`UpstreamPool.keep_only`)."""
+    destinations = {
+        name: upstreams.destination(product) for name, product in config.products.items()
+    }
+    upstreams.keep_only(destinations.values())
     return Snapshot(
         config=config,
         routes=RouteTable(config.products.values()),
         keys=keys if keys is not None else KeyIndex(config.keys, config.plans, api_keys),
         key_header=config.auth.header.lower().encode("latin-1"),
         request_drop=request_drop_set(config.auth.header),
-        destinations={
-            name: upstreams.destination(product) for name, product in config.products.items()
-        },
+        destinations=destinations,
     )
 
 

@@ -187,6 +187,10 @@ class HttpClient:
 
     def unwatch_head(self, connection: HttpConnection) -> None:
         self._heads.discard(connection)
+        if self._closed and not self._heads and self._head_timer is not None:
+            # Retired (or closed) with nothing left to time: its timer would hold it.
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _check_heads(self) -> None:
         self._head_timer = None
@@ -213,6 +217,21 @@ class HttpClient:
         if kept:
             next_expiry = kept[0].idle_since + self._keepalive - self.loop.time()
             self._sweeper = self.loop.call_later(max(next_expiry, 0.05), self._sweep)
+
+    def retire(self) -> None:
+        """No longer the client of a config being served: requests under way finish, their
+        timeouts still running, and each connection is closed as it comes back (`keep`); the
+        idle ones now. Nothing is left for the client to hold once those requests are done."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if not self._heads and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        for connection in self._idle:
+            connection.abort()
+        self._idle.clear()
 
     async def close(self) -> None:
         self._closed = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 
 
 class WriteGate:
@@ -103,7 +104,10 @@ class ChunkQueue:
             if self.done:
                 return b""
             if self._error is not None:
-                raise self._error
+                # A copy: the one kept here, once raised, would hold its traceback, whose
+                # frames hold this queue (a cycle only the cyclic collector frees, which a
+                # reload's gc.freeze made permanent, body chunks and connection with it).
+                raise copy.copy(self._error)
             await self._more()
 
     def _drained(self) -> None:

@@ -353,27 +353,34 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         """
         handler = self._server.handler
         waiting = self._waiting
-        while True:
-            request = waiting[0]
-            try:
-                await handler(request)
-            except asyncio.CancelledError:
-                return  # the client went away (or was cut at shutdown); recorded as 499
-            except ConnectionError:
-                pass  # the same, noticed while writing
-            except Exception:
-                log.exception("unhandled error while answering a request")
-            if not self._next_turn():
-                return
-            if not waiting:
-                waker: asyncio.Future[None] = self._loop.create_future()
-                self._waker = waker
+        try:
+            while True:
+                request = waiting[0]
                 try:
-                    await waker
+                    await handler(request)
                 except asyncio.CancelledError:
+                    return  # the client went away (or was cut at shutdown); recorded as 499
+                except ConnectionError:
+                    pass  # the same, noticed while writing
+                except Exception:
+                    log.exception("unhandled error while answering a request")
+                if not self._next_turn():
                     return
-                finally:
-                    self._waker = None
+                if not waiting:
+                    waker: asyncio.Future[None] = self._loop.create_future()
+                    self._waker = waker
+                    try:
+                        await waker
+                    except asyncio.CancelledError:
+                        return
+                    finally:
+                        self._waker = None
+        finally:
+            # The connection serves no more: the requests still queued on it point back at it
+            # (request.connection), a cycle only the cyclic collector frees, and a reload's
+            # gc.freeze made such cycles permanent (a soak audit: ~40 MB an hour per worker).
+            waiting.clear()
+            self._parsing = None
 
     def _next_turn(self) -> bool:
         """After an answer: whether the connection goes on to serve another request."""

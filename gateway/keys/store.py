@@ -38,6 +38,7 @@ RECHECK_AHEAD = 0.1
 # kept under a second, as a change must be honoured within one once the storage is back (at
 # 2 s, changes made just after a stall waited up to 1.9 s).
 _RETRY_FIRST, _RETRY_MAX = 0.1, 0.4
+_TELL_EVERY = 30.0  # seconds between two warnings while following keeps failing
 # More early changes than this waiting for a missing one: stop waiting, read afresh.
 _MAX_PENDING = 10_000
 # An admin write that keeps meeting concurrent changes of the same key gives up after this
@@ -214,18 +215,31 @@ class KeyStore:
 
     async def _follow(self) -> None:
         delay = _RETRY_FIRST
+        failing_since: float | None = None  # the first failure of those in a row
+        told_at = 0.0
         while True:
             try:
                 async with self._backend.subscribe() as subscription:
                     await self._while_listening(subscription, self.catch_up())
                     delay = _RETRY_FIRST
                     self._first_attempt.set()
+                    if failing_since is not None:
+                        down = time.monotonic() - failing_since
+                        log.info("API keys: following the storage again, after %.1fs", down)
+                        failing_since = None
                     await self._listen(subscription)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Whatever broke, the keys already loaded keep being served meanwhile.
-                log.warning("API keys: following the storage failed (%s); retrying", exc)
+                # Whatever broke, the keys already loaded keep being served meanwhile. Told
+                # once, and again every _TELL_EVERY while it lasts: a retry every 0.4 s made
+                # ~10 warnings a second for two workers while Redis was down.
+                now = time.monotonic()
+                if failing_since is None or now - told_at >= _TELL_EVERY:
+                    log.warning("API keys: following the storage failed (%s); retrying", exc)
+                    told_at = now
+                if failing_since is None:
+                    failing_since = now
                 self._first_attempt.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
@@ -242,6 +256,10 @@ class KeyStore:
                 if change is not None:
                     self.receive(change)
                 continue
+            # Ours before asking: our own writes, and announcements, may move it on while the
+            # storage answers, and a storage seen behind that newer version is not one that was
+            # emptied (a soak audit: 11 needless full reads in 40 minutes of key churn).
+            known = self.known_version
             stored, epoch = await self._backend.state()
             if ahead_at_last_check is not None and ahead_at_last_check > self.known_version:
                 log.warning(
@@ -253,7 +271,7 @@ class KeyStore:
                 return  # on a new subscription, catching up
             # Another epoch: the store was emptied and begun again (FLUSHALL, a restart without
             # persistence) while we listened; its versions may have passed ours already.
-            if stored < self.known_version or epoch != self._epoch:
+            if stored < known or epoch != self._epoch:
                 log.warning(
                     "API keys: storage emptied or replaced (version %d, this process at %d); "
                     "reading all keys",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -347,6 +348,29 @@ async def test_a_storage_down_at_start_answers_later(
         assert failed[:1] == ["key_subscribe"]  # counted (gateway_storage_errors_total)
         server.start()
         await until(lambda: store.table.loaded, 5.0, "loaded once Redis is up")
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_a_storage_that_stays_down_is_told_once_then_its_return(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retried every 0.1-0.4 s, each failure was a warning: ~10 a second for two workers
+    while Redis was down (a soak audit)."""
+    caplog.set_level(logging.INFO, logger="gateway.keys")
+    server = RedisServer(tmp_path_factory.mktemp("down-redis"))
+    store = create_key_store(StorageConfig(url=server.url, timeout=0.2))
+    try:
+        await asyncio.wait_for(store.start(), 5)
+        await asyncio.sleep(0.8)  # several tries: 0.1, 0.2, 0.4 s apart
+        server.start()
+
+        def told(what: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if what in r.getMessage()]
+
+        await until(lambda: bool(told("following the storage again")), 5.0, "its return told")
+        assert len(told("following the storage failed")) == 1, told("")
     finally:
         await store.close()
         server.stop()
