@@ -26,14 +26,25 @@ NOT_A_HOST = "its Host header is not a host (and port)"
 CONNECT_REFUSED = "CONNECT is not served here (the gateway is a reverse proxy, not a tunnel)"
 
 
+# Hosts judged lately: a gateway's clients send the same few Host values again and again, and a
+# dict lookup costs a tenth of the regular expression (1.1 us, bench/PROFILE.md, "Session 13").
+# Bounded: dropped whole when full, which costs a stream of made-up hosts nothing but inserts.
+_judged: dict[bytes, bool] = {}
+_MAX_JUDGED = 256
+
+
 def is_host(value: bytes) -> bool:
     """Whether `value` is a host and an optional port (at most 65535), as Host carries it; an
     empty value is one (RFC 9112 3.2: a target without an authority)."""
+    judged = _judged.get(value)
+    if judged is not None:
+        return judged
     found = _HOST.fullmatch(value)
-    if found is None:
-        return False
-    port = found[1]
-    return not port or int(port) <= 65535
+    judged = found is not None and (not found[1] or int(found[1]) <= 65535)
+    if len(_judged) >= _MAX_JUDGED:
+        _judged.clear()
+    _judged[value] = judged
+    return judged
 
 
 def head_refusal(version: str, method: bytes, target: bytes, hosts: int) -> str | None:
