@@ -57,6 +57,7 @@ class KeyIndex:
                 subject = f"{key.name}:{product}"
                 self._principals[key.name, product] = Principal(key, plan, subject)
         self._api_principals: dict[tuple[str, str], Principal] = {}
+        self._removals_seen = self.api_keys.removals
 
     def file_digest_owner(self, digest: str) -> str | None:
         key = self._by_hash.get(digest)
@@ -126,8 +127,12 @@ class KeyIndex:
         if plan is None:
             # Also an API key whose plan a later config no longer declares.
             raise Forbidden(f"The API key '{key.name}' has no plan for the product '{product}'.")
-        if len(self._api_principals) >= _MAX_LAZY_PRINCIPALS:
+        removals = self.api_keys.removals
+        if removals != self._removals_seen or len(self._api_principals) >= _MAX_LAZY_PRINCIPALS:
+            # Keys were deleted since: theirs go (a soak audit saw a deleted key's principal,
+            # and its key, kept until the cap of 200,000).
             self._api_principals.clear()
+            self._removals_seen = removals
         principal = Principal(key, plan, f"{key.name}:{product}")
         self._api_principals[key.name, product] = principal
         return principal

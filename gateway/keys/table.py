@@ -28,6 +28,9 @@ class ApiKeyTable:
         # 100,000 keys.
         self._shared_plans: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
         self._sorted_names: list[str] | None = None
+        # Counts removals (and whole replacements): a key index drops what it built for keys
+        # (their principals) when this moved, else a deleted key's stayed until its cache cap.
+        self.removals = 0
         # False until the storage has been read once: an unknown key may then be one the
         # process has not loaded yet rather than a made-up one.
         self.loaded = False
@@ -52,6 +55,7 @@ class ApiKeyTable:
     def remove(self, name: str) -> None:
         self._forget(name)
         self._sorted_names = None
+        self.removals += 1
 
     def take(self, fresh: ApiKeyTable) -> list[dict[Any, Any]]:
         """Serve what `fresh` holds from now on: a table filled bit by bit off to the side
@@ -63,6 +67,7 @@ class ApiKeyTable:
         self._shared_plans = fresh._shared_plans
         self._sorted_names = None
         self.loaded = True
+        self.removals += 1
         return given_up
 
     def plans_missing(self, plans: Mapping[str, object]) -> dict[str, int]:

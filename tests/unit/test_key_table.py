@@ -85,6 +85,21 @@ def test_index_prefers_the_file_key_of_a_name() -> None:
         index.authorize(own, "weather")
 
 
+def test_a_deleted_keys_principal_is_not_kept() -> None:
+    """Principals are made once per key and product, then reused; a deleted key's was kept
+    (and its key with it) until the cache held 200,000, which key churn reaches."""
+    table = ApiKeyTable()
+    index = KeyIndex([], PLANS, table)
+    for round_ in range(3):
+        table.put(record(f"churn-{round_}", f"secret-{round_}"))
+        key = index.identify(AUTH, f"secret-{round_}")
+        index.authorize(key, "soccer")
+        table.remove(f"churn-{round_}")
+    table.put(record("last", "last-secret"))
+    index.authorize(index.identify(AUTH, "last-secret"), "soccer")
+    assert [name for name, _ in index._api_principals] == ["last"]
+
+
 def test_unknown_key_before_the_first_load_is_503_not_401() -> None:
     table = ApiKeyTable()
     index = KeyIndex([], PLANS, table)
