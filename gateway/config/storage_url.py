@@ -64,12 +64,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     path, _, query = path.partition("?")
     if query:
         raise ValueError("takes no ?options")
-    userinfo, at, hosts = location.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    hosts, username, password = _hosts_and_credentials(location)
     sentinels = tuple(_sentinel_address(part) for part in hosts.split(","))
     segments = path.split("/") if path else []
     if not segments or not segments[0]:
@@ -111,14 +106,18 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         raise ValueError("takes no ?options or #fragment (the timeout is storage.timeout)")
     if path.strip("/") not in ("", "0"):
         raise ValueError("Redis Cluster has only database 0")
-    userinfo, at, hosts = location.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    hosts, username, password = _hosts_and_credentials(location)
     nodes = tuple(_address(part, "node", REDIS_PORT, _CLUSTER_EXAMPLE) for part in hosts.split(","))
     return ClusterUrl(nodes, scheme == "rediss+cluster", username, password)
+
+
+def _hosts_and_credentials(location: str) -> tuple[str, str | None, str | None]:
+    """`[user[:password]@]hosts`: the hosts, and the user and password percent-decoded."""
+    userinfo, at, hosts = location.rpartition("@")
+    if not at:
+        return hosts, None, None
+    user, colon, secret = userinfo.partition(":")
+    return hosts, unquote(user) or None, unquote(secret) if colon else None
 
 
 def _sentinel_address(text: str) -> tuple[str, int]:

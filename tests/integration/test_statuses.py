@@ -8,7 +8,7 @@ import gc
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -450,18 +450,27 @@ async def test_an_answered_request_leaves_no_cycle(gateway: Worker, path: str, s
 
     expected = b" %d " % status
     assert expected in await once(b"secret-1")  # warm: lazy imports, first connections
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+
+    async def twice() -> None:
         assert expected in await once(b"secret-1")
         assert (await once(b"wrong")).startswith(b"HTTP/1.1 4")  # 401, or the route's own 4xx
         await asyncio.sleep(0.05)  # the gateway's side of the closes
+
+    kept = await cyclic_garbage_of(twice)
+    assert kept == [], kept
+
+
+async def cyclic_garbage_of(action: Callable[[], Awaitable[None]]) -> list[str]:
+    """The types of what `action` left for the cyclic collector (and only it) to free."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await action()
         gc.collect()
-        kept = sorted({type(thing).__name__ for thing in gc.garbage})
+        return sorted({type(thing).__name__ for thing in gc.garbage})
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
-    assert kept == [], kept
 
 
 @pytest.mark.parametrize(
@@ -494,15 +503,7 @@ async def test_a_request_whose_client_left_leaves_no_cycle(gateway: Worker, head
         await asyncio.sleep(0.1)  # the gateway's side: the handler cancelled, recorded
 
     await leave_early()  # warm: lazy imports, first connections
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        await leave_early()
-        gc.collect()
-        kept = sorted({type(thing).__name__ for thing in gc.garbage})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    kept = await cyclic_garbage_of(leave_early)
     assert kept == [], kept
 
 

@@ -378,18 +378,21 @@ async def test_a_refused_head_is_answered_with_the_clients_request_id(
         assert problem(reply)["request_id"] == "mine-1"
 
 
+async def reads_body(request: Request) -> None:
+    """Reads the whole body, then answers 200 "read"; a failure is answered as the gateway
+    answers it."""
+    try:
+        while await request.content.read():
+            pass
+    except HttpError as error:
+        answer_problem(request, as_problem(error), "rid")
+        return
+    request.connection.respond(request, 200, "OK", TEXT, b"read")
+
+
 async def test_a_trailer_section_over_64_kib_sent_at_once_gets_400() -> None:
     """The read that holds the last chunk's header was not counted: 100 KB of trailer fields
     written with it got through."""
-
-    async def reads_body(request: Request) -> None:
-        try:
-            while await request.content.read():
-                pass
-        except HttpError as error:
-            answer_problem(request, as_problem(error), "rid")
-            return
-        request.connection.respond(request, 200, "OK", TEXT, b"read")
 
     async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
         fields = b"".join(b"X-T%d: %b\r\n" % (i, b"a" * 1000) for i in range(100))
@@ -507,15 +510,6 @@ async def test_body_sent_in_pieces_reaches_the_handler_whole(
 async def test_a_trailer_section_over_64_kib_is_400() -> None:
     """The trailer is bounded as the head is: its lines are only reported once whole, so an
     endless one was read for as long as client_body let it, then called a stall (408)."""
-
-    async def reads_body(request: Request) -> None:
-        try:
-            while await request.content.read():
-                pass
-        except HttpError as error:
-            answer_problem(request, as_problem(error), "rid")
-            return
-        request.connection.respond(request, 200, "OK", TEXT, b"read")
 
     async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
         writer.write(
