@@ -274,6 +274,9 @@ class HttpConnection(asyncio.Protocol):
         reply.status = status
         reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
+        # No interim answer comes after the final one: kept, the hook (the client connection's)
+        # would keep that connection alive for as long as this one waits in the pool.
+        self._on_interim = None
         if (
             self._parser.get_http_version() == "1.0"
             and self._parser.should_keep_alive()

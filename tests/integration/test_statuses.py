@@ -507,6 +507,27 @@ async def test_a_request_whose_client_left_leaves_no_cycle(gateway: Worker, head
     assert kept == [], kept
 
 
+async def test_a_pooled_upstream_connection_does_not_keep_its_last_client(
+    gateway: Worker,
+) -> None:
+    """An upstream connection back in the pool held its last request's interim-answer hook, a
+    method of that request's client connection: the client's connection object, long gone,
+    stayed alive until the upstream connection was used again or closed."""
+    server = gateway._proxy_server
+    assert server is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(b"GET %b HTTP/1.1\r\nHost: t\r\nX-API-Key: secret-1\r\n\r\n" % INFO.encode())
+    assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    [connection] = server.connections
+    gone = weakref.ref(connection)
+    del connection
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.05)  # the gateway's side of the close
+    gc.collect()
+    assert gone() is None
+
+
 async def test_a_reload_that_changes_an_upstream_retires_its_old_client(
     gateway: Worker, client: aiohttp.ClientSession
 ) -> None:
