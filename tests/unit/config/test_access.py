@@ -4,6 +4,7 @@ storage.on_error: local."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -79,6 +80,22 @@ def test_an_override_that_lists_refund_on_keeps_its_own() -> None:
     quota = overrides["soccer"].apply(base).quota
     assert quota is not None and quota.refund_on == frozenset()
     assert PlanOverride().apply(base) == base
+
+
+def test_reading_key_plans_as_data_leaves_nothing_for_the_cyclic_collector() -> None:
+    """Each admin write of a key reads its plans this way; a YAML dumper left referring to
+    itself was kept for good by the next reload's gc.freeze, with the nodes it made."""
+    validate_key_plans({"soccer": "trial"}, {"soccer"}, {"trial"})  # warm: lazy imports
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        validate_key_plans({"soccer": {"plan": "trial"}}, {"soccer"}, {"trial"})
+        gc.collect()
+        kept = sorted({type(thing).__name__ for thing in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert kept == [], kept
 
 
 def test_key_plans_as_data_give_the_file_messages_with_paths() -> None:
