@@ -234,14 +234,9 @@ class HttpClient:
         self._idle.clear()
 
     async def close(self) -> None:
-        self._closed = True
+        """`retire`, and no more timeouts for requests under way: the process is stopping.
+        Connections still carrying an answer are aborted when it is finished (see keep)."""
+        self.retire()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        # Connections still carrying an answer are aborted when it is finished (see keep).
-        for connection in self._idle:
-            connection.abort()
-        self._idle.clear()
