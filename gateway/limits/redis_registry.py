@@ -6,9 +6,10 @@ request (its first in that process, and the first of each UTC day):
 
     gw:subs:key:<key name>      the products of that key with history: a key's history
     gw:subs:day:<YYYY-MM-DD>    the subscriptions with history that day: the export's day
-    gw:subscriptions            every subscription ever: the one set of gateways before the
-                                two above, still written for them, read only for days
-                                before `gw:subs:since`
+    gw:subscriptions            every subscription: the one set of gateways before the two
+                                above, read only for days before `gw:subs:since`, and written
+                                only while gateways of that layout may still run beside
+                                this one (below)
 
 The first two expire with the last history they name (400 days after its day), so a key's
 history and a day of the export read only what they answer, however many subscriptions the
@@ -18,7 +19,12 @@ subscription for every day of its range.
 
 `gw:subs:since` is the first day the two sets are complete: 0 for a storage that never had the
 old set, else the day after a gateway that writes them first came. Until then gateways of the
-old layout (a rolling upgrade) may have recorded subscriptions in the old set alone.
+old layout (a rolling upgrade) may have recorded subscriptions in the old set alone. They read
+only the old set, so this process writes it too, but only up to `gw:subs:since` (the upgrade's
+day and the next, for an upgrade across midnight UTC): the old set has no expiry, and written
+for good it grew by every subscription at every key's churn, for nobody. A storage that never
+had the old set never gets it (going back to a gateway of the old layout then finds no history
+recorded by this one).
 """
 
 from __future__ import annotations
@@ -93,15 +99,16 @@ class SubscriptionRegistry:
         key_name, _, product = subject.partition(":")
         # The history of `day` is kept until this; the sets that name it, as long.
         until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
-        commands = (
-            ("SADD", LEGACY_KEY, subject),
+        commands: tuple[tuple[str, ...], ...] = (
             ("SADD", day_set(day), subject),
             ("EXPIREAT", day_set(day), until),
             ("SADD", key_set(key_name), product),
             ("EXPIREAT", key_set(key_name), until),
         )
         try:
-            await self.since("register")  # fixed before this process first writes the old set
+            # Fixed before this process first writes the old set (see the module docstring).
+            if day <= await self.since("register"):
+                commands = (("SADD", LEGACY_KEY, subject), *commands)
             pipeline = self._pipeline
             if pipeline is not None:
                 calls = [pipeline.run(pack(*(part.encode() for part in c))) for c in commands]

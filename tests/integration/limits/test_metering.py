@@ -236,6 +236,9 @@ async def test_history_and_export_read_what_they_answer_whatever_the_storage_hol
     try:
         await limiter.hit(f"{key}:soccer", None, None, 2, "pro")
         assert await limiter.history(key, today, today) == expected  # recorded by now
+        # A storage that never had the old layout's set of every subscription never gets it:
+        # it has no expiry, and nothing would read it.
+        assert not admin.exists("gw:subscriptions")
         # 300,000 subscriptions of other keys, of a day before the export's range, and in the
         # set of every one.
         _other_subscriptions(
@@ -272,6 +275,9 @@ async def test_subscriptions_recorded_by_gateways_of_the_old_layout_are_found(
         await limiter.hit(f"{key}:weather", None, None, 1, "pro")
         weather = DayUsage(today, f"{key}:weather", "pro", 1, 1)
         assert await limiter.history(key, today, today) == [*expected, weather]
+        # On the upgrade's day the old set is written too, for the older gateways still
+        # running, which read only it.
+        assert admin.sismember("gw:subscriptions", f"{key}:weather")
     finally:
         admin.close()
         await limiter.close()
