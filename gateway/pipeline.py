@@ -23,20 +23,14 @@ from urllib.parse import quote
 
 from gateway import accesslog, metrics
 from gateway.auth import identify_presented
-from gateway.config.model import ApiKey
+from gateway.exchange import Exchange
 from gateway.http.errors import HttpError, RequestError
-from gateway.http.headers import ExtraHeaders, strip_query_param
+from gateway.http.headers import strip_query_param
 from gateway.http.paths import hides_dot_segment
 from gateway.http.request import Request
 from gateway.http.wire import CLOSE, date_line, encode_header_block, status_line
-from gateway.keys.index import Principal
-from gateway.limits.base import Decision, Receipt, StorageError
-from gateway.limits.headers import (
-    LIMIT_HEADER_NAMES,
-    header_dict,
-    limit_header_lines,
-    limit_headers,
-)
+from gateway.limits.base import StorageError
+from gateway.limits.headers import limit_headers
 from gateway.limits.metering import local_rate
 from gateway.params import check_path_params, check_query
 from gateway.problems import (
@@ -57,109 +51,11 @@ from gateway.problems import (
 )
 from gateway.proxy import forward
 from gateway.record import RequestRecord, new_request_id, request_id_for
-from gateway.routing import RouteMatch
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime, Snapshot
+    from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
-
-# The headers that are the gateway's to say: an upstream's lines of these names never reach the
-# client (the gateway's replace them in the final answer; an interim answer loses them).
-GATEWAY_OWNED_HEADERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
-
-
-class Exchange(RequestRecord):
-    """What the steps learn about one request, in the order they learn it. It is the
-    request's record too (what metrics and the access log read): one object per request."""
-
-    __slots__ = (
-        "counted",
-        "key",
-        "limit_lines",
-        "match",
-        "principal",
-        "receipt",
-        "request",
-        "runtime",
-        "snapshot",
-        "started",
-    )
-
-    def __init__(self, request: Request, runtime: Runtime) -> None:
-        request_id = _request_id(request)
-        RequestRecord.__init__(self, request_id, request.method, request.path, time.time())
-        self.started = time.perf_counter()
-        self.counted = False
-        self.request = request
-        self.runtime = runtime
-        self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
-        # An admission's limit headers, as header lines (`admit`).
-        self.limit_lines = ""
-        self.match: RouteMatch | None = None
-        self.key: ApiKey | None = None
-        self.principal: Principal | None = None
-        self.receipt: Receipt | None = None  # an admission whose units may come back
-
-    def count(self) -> None:
-        """Count the request in the metrics, once, before the answer is complete: a scrape
-        that starts after the client has its answer (on any worker) must see it."""
-        if not self.counted:
-            self.counted = True
-            self.duration = time.perf_counter() - self.started
-            metrics.observe_request(self)
-
-    def admit(self, decision: Decision) -> None:
-        """Keep the limit headers of an admission for the answer: rendered as lines at once
-        (what a proxied answer carries), a dict of them only if the gateway ends up answering
-        itself (`own_headers`)."""
-        self.limit_lines = limit_header_lines(decision)
-
-    def decided_after_leaving(self, decision: Decision) -> None:
-        """What the storage decided for this request after its client left, while the check
-        was on its way: counted as any decision, and what it took settled as the 499 it is
-        (given back under `refund_on: [499]`)."""
-        self.count_decision(decision)
-        if decision.receipt is not None:  # an admission whose units may come back
-            _settle(self, decision.receipt)
-
-    def count_decision(self, decision: Decision) -> None:
-        """The storage's decision in the metrics: the limits' verdict (a plan without limits
-        has none: its requests count in the history only) and an admission's units."""
-        assert self.principal is not None and self.match is not None
-        plan = self.principal.plan
-        if plan.rate is not None or plan.quota is not None:
-            metrics.observe_limit_decision(self.product, plan.name, decision.outcome)
-        if decision.outcome == "allowed":
-            metrics.observe_units(self.product, plan.name, self.match.route.cost)
-
-    def own_headers(self) -> dict[str, str]:
-        """The gateway's headers for an answer of its own: X-Request-ID, and the limit headers
-        of a request the limits admitted (README, "Headers")."""
-        return {REQUEST_ID_HEADER: self.request_id, **header_dict(self.limit_lines)}
-
-    def upstream_answer_headers(self) -> ExtraHeaders:
-        """The gateway's headers for the upstream's answer: the same, as lines. They replace
-        the upstream's lines of every limit header name, whatever this plan limits: the
-        upstream's own limits are not the client's (README, "Headers")."""
-        return ExtraHeaders(
-            GATEWAY_OWNED_HEADERS,
-            # ASCII: a request id is the client's only if it is sane (_request_id).
-            f"{REQUEST_ID_HEADER}: {self.request_id}\r\n{self.limit_lines}".encode(),
-        )
-
-    def answered_by_upstream(self, status: int, upstream_seconds: float, bytes_sent: int) -> None:
-        self.status, self.code = status, "upstream"
-        self.upstream_duration = upstream_seconds
-        self.bytes_sent = bytes_sent
-        # Should the client vanish during the last write, the log says 499 and the metrics
-        # keep this 200: the answer was complete as far as the gateway could tell.
-        self.count()
-
-    def cut_by_client(self, upstream_seconds: float, bytes_sent: int) -> None:
-        # A 499 (handle_request says so) that had its upstream's answer under way.
-        self.upstream_duration = upstream_seconds
-        self.bytes_sent = bytes_sent
 
 
 @dataclass(slots=True)
@@ -441,7 +337,7 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
         metrics.INFLIGHT.dec()
         receipt = ex.receipt
         if receipt is not None:
-            _settle(ex, receipt)
+            ex.settle(receipt)
         if own is not None and request.method != "HEAD":
             record.bytes_sent = len(own[3])
         # Counted before the answer leaves (a proxied one already was), so a scrape after it
@@ -456,22 +352,6 @@ async def handle_request(runtime: Runtime, request: Request) -> None:
             connection.abort()  # part of another answer is out: only a cut can tell
         else:
             connection.respond(request, status, reason, block, body, close=close)
-
-
-def _settle(ex: Exchange, receipt: Receipt) -> None:
-    """9: give the units back when the plan's refund_on lists the outcome (README,
-    "Metering"); in a task of its own, as a cancelled request cannot wait for it."""
-    assert ex.principal is not None
-    quota = ex.principal.plan.quota
-    if quota is not None and quota.refunds(ex.status, ex.code == CLIENT_CLOSED_CODE):
-        runtime = ex.runtime
-        runtime.refunds.start(
-            runtime.limiter,
-            ex.principal.subject,
-            receipt,
-            ex.product,
-            ex.snapshot.config.storage.timeout,
-        )
 
 
 def _problem_answer(
@@ -516,8 +396,3 @@ def answer_request_error(
         + b"\r\n"
         + body
     )
-
-
-def _request_id(request: Request) -> str:
-    raw = request.request_id_header
-    return request_id_for(raw.decode("latin-1")) if raw else new_request_id()

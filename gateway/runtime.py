@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from gateway import metrics
 from gateway.config.model import Config, ServerConfig
+from gateway.exchange import GATEWAY_OWNED_HEADERS
 from gateway.http.headers import request_drop_set
 from gateway.http.server import HttpServer
 from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
@@ -24,7 +25,7 @@ from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.metering import Refunds
-from gateway.pipeline import GATEWAY_OWNED_HEADERS, answer_request_error, handle_request
+from gateway.pipeline import answer_request_error, handle_request
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
 
