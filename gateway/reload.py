@@ -12,7 +12,6 @@ of the two seconds the README promises to reading a big config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -29,10 +28,13 @@ from gateway.config.isolated import (
 )
 from gateway.config.loader import collector_paused, config_files
 from gateway.config.model import Config, ServerConfig, StorageConfig, Timeouts
+from gateway.tasks import stop_tasks
 
 log = logging.getLogger("gateway.reload")
 
 POLL_INTERVAL = 0.25
+# Bound on waiting for a reload under way (its config read in a thread) at a drain.
+STOP_TIMEOUT = 1.0
 
 
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
@@ -200,12 +202,7 @@ class Reloader:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        tasks = [*self._reloads, *([self._task] if self._task is not None else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks([*self._reloads, self._task], STOP_TIMEOUT, "a config reload")
         self._task = None
 
     async def _watch(self) -> None:

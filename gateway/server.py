@@ -22,8 +22,8 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ from gateway.reload import (
     warn_of_restart_only_changes,
 )
 from gateway.supervisor import FORWARDED_SIGNALS, supervise
+from gateway.tasks import stop_tasks
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -48,6 +49,12 @@ log = logging.getLogger("gateway.server")
 # Seconds a TLS connection being closed waits for the client's close_notify before its socket
 # goes: nginx does not wait at all; a client that answers does so within a round trip.
 TLS_SHUTDOWN_TIMEOUT = 1.0
+# After the drain (in-flight requests: server.drain_timeout), closing a worker (its storage,
+# upstream and admin connections, the tasks left at its exit) takes this long at most: a step
+# that takes longer is named in a warning and left behind, so that the process always exits.
+CLOSE_TIMEOUT = 5.0
+# What a step still gets when the closing has used up its time.
+_LAST_STEP = 0.1
 
 
 def open_listener(address: Address) -> socket.socket:
@@ -176,12 +183,51 @@ def _run_worker_process(config_path: str, config: Config, *, handover: str | Non
     _install_uvloop()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_worker(config_path, config, handover=handover))
+            _run_bounded(_worker(config_path, config, handover=handover))
     finally:
         # A worker that failed before its drain still writes the lines it gathered: a
         # supervised one leaves with os._exit, which skips every exit handler.
         accesslog.flush_access_log()
     return 0
+
+
+def _run_bounded(main: Coroutine[Any, Any, float | None]) -> None:
+    """`asyncio.run(main)`, but the tasks left when `main` ends are waited for within a bound:
+    `asyncio.run` cancels them and waits for good, and a task that lost its cancellation (see
+    `gateway.tasks`) kept the worker from exiting. `main` returns when its closing must end
+    (loop time; None: CLOSE_TIMEOUT from its return)."""
+    loop = asyncio.new_event_loop()  # uvloop's, by the policy installed
+    asyncio.set_event_loop(loop)
+    close_by: float | None = None
+    try:
+        close_by = loop.run_until_complete(main)
+    finally:
+        try:
+            if close_by is None:
+                close_by = loop.time() + CLOSE_TIMEOUT
+            left = asyncio.all_tasks(loop)
+            if left:
+                within = max(_LAST_STEP, close_by - loop.time())
+                loop.run_until_complete(stop_tasks(left, within, "tasks left at exit"))
+            closing = _bounded(loop.shutdown_asyncgens(), "closing generators", close_by)
+            loop.run_until_complete(closing)
+            threads = loop.shutdown_default_executor()
+            loop.run_until_complete(_bounded(threads, "the worker's threads", close_by))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+async def _bounded(step: Awaitable[object], what: str, close_by: float) -> None:
+    """Await `step` until `close_by` (loop time; at least _LAST_STEP); a warning names one that
+    takes longer."""
+    loop = asyncio.get_running_loop()
+    within = max(_LAST_STEP, close_by - loop.time())
+    try:
+        async with asyncio.timeout(within):
+            await step
+    except TimeoutError:
+        log.warning("%s did not finish within %.1fs; exiting without it", what, within)
 
 
 class Worker:
@@ -321,8 +367,10 @@ class Worker:
         if self.reloader is not None:
             await self.reloader.reload_off_loop()
 
-    async def drain(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to drain_timeout), close all."""
+    async def drain(self) -> float:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close all
+        (CLOSE_TIMEOUT at most); returns when the closing must end (loop time), for the
+        tasks left behind."""
         self._draining = True
         if self.reloader is not None:
             await self.reloader.stop()
@@ -330,19 +378,24 @@ class Worker:
 
         if self._proxy_listener is not None:
             self._proxy_listener.close()
+        loop = asyncio.get_running_loop()
+        close_by = loop.time() + CLOSE_TIMEOUT
         if self._proxy_server is not None:
             await self._proxy_server.shutdown(self.config.server.drain_timeout)
             self._proxy_server = None
-            await close_runtime(self.runtime)
+            close_by = loop.time() + CLOSE_TIMEOUT
+            closing = close_runtime(self.runtime)
+            await _bounded(closing, "closing the storage and upstream connections", close_by)
         if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+            await _bounded(self._admin_runner.cleanup(), "closing the admin port", close_by)
         if self._batching:
             # Every request has been answered (or cut off) and logged: write the last batch.
             accesslog.stop_batching()
             self._batching = False
+        return close_by
 
 
-async def _worker(config_path: str, config: Config, *, handover: str | None) -> None:
+async def _worker(config_path: str, config: Config, *, handover: str | None) -> float:
     loop = asyncio.get_running_loop()
     worker = Worker(config_path, config, supervised=handover is not None, handover=handover)
     await worker.start()
@@ -370,7 +423,7 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
     listen_claim.release()  # a single-process gateway's own (a worker holds none)
     _ignore_further_stops(loop)
     log.info("worker %d draining", os.getpid())
-    await worker.drain()
+    return await worker.drain()
 
 
 def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:

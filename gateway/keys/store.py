@@ -29,6 +29,7 @@ from typing import TypeVar
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
 from gateway.keys.records import KeyRecord
 from gateway.keys.table import ApiKeyTable
+from gateway.tasks import stop_tasks
 
 log = logging.getLogger("gateway.keys")
 
@@ -79,6 +80,7 @@ class KeyStore:
         self._early: dict[str, int] = {}
         self._epoch: str | None = None  # the storage's, at our last full read (None: none yet)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False  # ends `_follow` should its cancellation be lost
         self._first_attempt = asyncio.Event()
         self._turns: dict[str, _Turn] = {}  # the keys being rewritten by this process
 
@@ -92,13 +94,10 @@ class KeyStore:
         await self._first_attempt.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # Bounded, so that no storage trouble can hold up a worker's shutdown.
-            _, pending = await asyncio.wait({self._task}, timeout=_CLOSE_WAIT)
-            if pending:
-                log.warning("API keys: following the storage did not stop in %ss", _CLOSE_WAIT)
-            self._task = None
+        self._closing = True
+        # Bounded, so that no storage trouble can hold up a worker's shutdown.
+        await stop_tasks([self._task], _CLOSE_WAIT, "API keys: following the storage")
+        self._task = None
         await self._backend.close()
 
     # --- admin writes ---------------------------------------------------------------------
@@ -217,7 +216,8 @@ class KeyStore:
         delay = _RETRY_FIRST
         failing_since: float | None = None  # the first failure of those in a row
         told_at = 0.0
-        while True:
+        # Not `while True`: a cancellation can be lost in redis-py (see gateway.tasks).
+        while not self._closing:
             try:
                 async with self._backend.subscribe() as subscription:
                     await self._while_listening(subscription, self.catch_up())
@@ -249,7 +249,7 @@ class KeyStore:
         was lost, for `_follow` to start over."""
         ahead_at_last_check: int | None = None
         next_check = time.monotonic() + CHECK_INTERVAL
-        while True:
+        while not self._closing:
             wait = next_check - time.monotonic()
             if wait > 0:
                 change = await subscription.next(wait)

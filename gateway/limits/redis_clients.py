@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.config.storage_url import SENTINEL_SCHEMES, parse_cluster_url, parse_sentinel_url
 from gateway.limits.base import StorageError
 from gateway.limits.redis_cluster import ClusterClient
+from gateway.tasks import stop_tasks
 
 AnyRedis = Redis | RedisCluster
 
@@ -44,6 +45,8 @@ _CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss
 
 # How often a connection to a Sentinel-named master checks that it is still the one named.
 MASTER_RECHECK_SECONDS = 0.5
+# Bound on each step of closing the clients (a background task's end, a client's close).
+CLOSE_TIMEOUT = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,14 @@ class StorageRedis:
         self._timeout = timeout
         self._users = 0  # holders that have not closed their part yet (see share)
         self._follower: asyncio.Task[None] | None = None
+        self._closed = False  # ends `_follow_master` should its cancellation be lost
         if sentinel is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to follow with
                 self._follower = asyncio.get_running_loop().create_task(self._follow_master())
 
     async def _follow_master(self) -> None:
-        while True:
+        # Not `while True`: a Sentinel command can lose the cancellation (see gateway.tasks).
+        while not self._closed:
             await asyncio.sleep(MASTER_RECHECK_SECONDS)
             try:
                 async with asyncio.timeout(self._timeout):
@@ -107,21 +112,28 @@ class StorageRedis:
         self._users -= 1
         if self._users > 0:
             return  # another holder still uses them
+        self._closed = True
         follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        await stop_tasks([follower], CLOSE_TIMEOUT, "following the Sentinels' master")
+        # Each close bounded: a storage that hangs must not hold up a worker's exit.
         try:
             if isinstance(self.client, ClusterClient):
-                await self.client.close_for_good()
+                await _bounded(self.client.close_for_good(), "closing the storage client")
             else:
-                await self.client.aclose()
+                await _bounded(self.client.aclose(), "closing the storage client")
         finally:
             if self._sentinel is not None:
                 # One by one: Sentinel.aclose is recent in redis-py; its clients' is not.
                 for sentinel_client in self._sentinel.sentinels:
-                    await sentinel_client.aclose()
+                    await _bounded(sentinel_client.aclose(), "closing a Sentinel client")
+
+
+async def _bounded(closing: Awaitable[object], what: str) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await closing
+    except TimeoutError:
+        log.warning("%s took over %.1fs; left to the process's exit", what, CLOSE_TIMEOUT)
 
 
 class StorageGuard:

@@ -35,9 +35,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.limits.base import DAY_SECONDS, HISTORY_DAYS, StorageError, day_of, day_text
-from gateway.limits.redis_clients import StorageGuard
+from gateway.limits.redis_clients import CLOSE_TIMEOUT, StorageGuard
 from gateway.limits.redis_layout import AnyRedis
 from gateway.limits.resp import ScriptPipeline, pack
+from gateway.tasks import stop_tasks
 
 LEGACY_KEY = "gw:subscriptions"
 SINCE_KEY = "gw:subs:since"
@@ -187,6 +188,4 @@ class SubscriptionRegistry:
 
     async def close(self) -> None:
         # Recording is best effort: a process that stops need not wait for it.
-        for task in list(self._recording):
-            task.cancel()
-        await self.settled()
+        await stop_tasks(list(self._recording), CLOSE_TIMEOUT, "recording a subscription")

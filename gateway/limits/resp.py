@@ -30,12 +30,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.limits.redis_clock import RedisClock, time_reply_us
+from gateway.tasks import stop_tasks
 
 # A call: where its reply goes (None: a reply nobody waits for) and its packed command,
 # empty once the call may not be retried.
 _Call = tuple["asyncio.Future[Any] | None", bytes]
 # uvloop rounds timers to the millisecond and may fire that much early.
 _TIMER_SLACK = 0.001
+# Bound on each step of `close`: a background task's end, the connection's.
+CLOSE_TIMEOUT = 1.0
 # Hits of one tick beyond this many go out in another write. Measured in the bench (one core
 # for the gateway, Redis sharing the other with the load): 16 kept both busy; smaller batches
 # cost more writes than they saved, larger ones brought back the idle turns.
@@ -75,6 +78,7 @@ class ScriptPipeline:
         self._address = address
         self._recheck_every = recheck_address_every
         self._rechecking: asyncio.Task[None] | None = None
+        self._closed = False  # ends `_recheck` should its cancellation be lost
         # A connection object that is never connected: redis-py's reading of the URL.
         settings = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         self._ssl: SSLContext | None = (
@@ -211,6 +215,10 @@ class ScriptPipeline:
         finally:
             self._connecting = None
         assert connection is not None
+        if self._closed:  # closed meanwhile, its cancellation lost (see gateway.tasks)
+            connection.close(RedisConnectionError("the limiter was closed"))
+            self._fail_waiting(RedisConnectionError("the limiter was closed"))
+            return
         self._connection = connection
         waiting, self._waiting = self._waiting, []
         for calls, deadline in waiting:
@@ -222,13 +230,16 @@ class ScriptPipeline:
 
     async def _recheck(self, connection: _Connection, address: tuple[str, int]) -> None:
         assert self._recheck_every is not None
-        while connection.alive:
+        # `_closed` too: asking the Sentinels can lose the cancellation (see gateway.tasks).
+        while connection.alive and not self._closed:
             await asyncio.sleep(self._recheck_every)
             try:
                 async with asyncio.timeout(self._timeout * 4):
                     now = await self._address()
             except Exception:
                 continue
+            if self._closed:
+                return
             if now != address:
                 # Calls in flight fail (503 at worst); the next one connects to `now`.
                 connection.close(RedisConnectionError(f"the master moved to {now[0]}:{now[1]}"))
@@ -240,17 +251,19 @@ class ScriptPipeline:
             _fail(calls, error, self._late)
 
     async def close(self) -> None:
+        self._closed = True
         closed = RedisConnectionError("the limiter was closed")
         queued, self._queue = self._queue, []
         _fail(queued, closed, self._late)
-        for task in (self._connecting, self._rechecking):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        tasks = (self._connecting, self._rechecking)
+        await stop_tasks(tasks, CLOSE_TIMEOUT, "the limiter's connecting to Redis")
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(closed)
-            await connection.closed
+            # Bounded: a close waits for the write buffer to empty, into a Redis that may not read.
+            _, open_still = await asyncio.wait({connection.closed}, timeout=CLOSE_TIMEOUT)
+            if open_still:
+                connection.abort(closed)
 
 
 class _Connection(asyncio.Protocol):
