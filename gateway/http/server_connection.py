@@ -38,6 +38,10 @@ _HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
 _TRAILER_TOO_LARGE = f"its trailer section is over {HEAD_LIMIT} bytes"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
+# Bytes a client may send after an upgrade request while its answer is awaited (a WebSocket
+# client's first frames): kept for the tunnel. Reading goes on meanwhile, so that a client that
+# leaves is noticed (its request cancelled, recorded as 499); past this, reading pauses.
+_AFTER_UPGRADE_LIMIT = 64 * 1024
 
 
 # Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
@@ -52,7 +56,12 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._loop = server.loop
-        self._parser = httptools.HttpRequestParser(self)
+        # Made in connection_made: a parser holds its protocol, a cycle that connection_lost
+        # breaks. On a TLS listener the protocol is made when the connection is accepted, and
+        # one whose handshake fails (times out, plain HTTP, an old TLS version) never sees
+        # connection_made nor connection_lost: the cycle was left to the collector, and a
+        # reload's gc.freeze kept it for good.
+        self._parser = CLOSED_REQUEST_PARSER
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.scheme = server.scheme  # "https" on a TLS listener
@@ -73,6 +82,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         # After an upgrade request: the bytes that followed its head (not HTTP), kept in case
         # the protocol switch happens; then the tunnel end every event goes to.
         self._after_upgrade = b""
+        self._awaiting_switch = False  # an upgrade request's answer is awaited
         self._tunnel: TunnelEnd | None = None
         self._body_paused = False
         # A chunked body's trailer section: httptools reports its lines only once each is
@@ -98,6 +108,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        self._parser = httptools.HttpRequestParser(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.remote = str(peer[0])
@@ -114,6 +125,10 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         if self._stopped_reading:
             if self._tunnel is not None:
                 self._tunnel.data_received(data)
+            elif self._awaiting_switch:
+                self._after_upgrade += data
+                if len(self._after_upgrade) > _AFTER_UPGRADE_LIMIT:
+                    self._pause_reading()
             return
         head = self._heads if self._in_head else -1  # the head this read may continue
         self._chunk_header_in_read = False
@@ -127,7 +142,13 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # the gateway can read. Its handler either switches (see `switch_protocols`) or
             # gives an ordinary answer, after which the connection closes.
             self._after_upgrade = data[upgrade.args[0] :]
-            self._stop_reading()
+            # Not paused (unless the client sends too much): a client that goes away before
+            # the answer must be noticed, as for any other request.
+            self._stopped_reading = True
+            self._closing = True
+            self._awaiting_switch = True
+            if len(self._after_upgrade) > _AFTER_UPGRADE_LIMIT:
+                self._pause_reading()
         except httptools.HttpParserError as exc:
             if self._stopped_reading:
                 return  # bytes after the last request this connection reads: not ours
@@ -424,6 +445,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         if not request.upgrade or self.answer_started or self._waiting[0] is not request:
             raise RuntimeError("only an upgrade request without an answer can switch protocols")
         self._tunnel = end
+        self._awaiting_switch = False
+        self._pause_reading()  # until the tunnel starts
         self._answered = True
         self._answer_open = False
         self._head = None

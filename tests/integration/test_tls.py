@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import shutil
 import signal
 import socket
@@ -236,3 +237,31 @@ async def test_an_upstream_whose_certificate_is_not_trusted_is_a_502_saying_why(
         await listener.wait_closed()
     assert response.status == 502
     assert "TLS handshake failed (certificate verify failed" in problem["detail"], problem
+
+
+async def test_a_failed_handshake_leaves_no_cycle(tmp_path: Path) -> None:
+    """A TLS listener makes its connection's protocol when it accepts; a handshake that fails
+    (times out, plain HTTP, an old TLS version) never calls its connection_made nor its
+    connection_lost. The request parser it made at once held it in a cycle, which the collector
+    alone frees, and which a reload's gc.freeze (gateway.reload.freeze_long_lived) kept for
+    good: a scanner's or a load balancer's probes, during reloads, grew the worker."""
+    made = make_certificate(tmp_path / "certs")
+    server = worker_server_yaml(tls=(made.cert, made.key), client_header="300ms")
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
+    async with running_gateway(config) as gateway:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for first in (b"GET /shop/x HTTP/1.1\r\nHost: a\r\n\r\n", b""):  # or nothing at all
+                reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+                writer.write(first)
+                async with asyncio.timeout(5):
+                    await reader.read()  # refused, or timed out: closed
+                writer.close()
+            await asyncio.sleep(0.05)
+            gc.collect()
+            kept = {type(thing).__name__ for thing in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert "ServerConnection" not in kept

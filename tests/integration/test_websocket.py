@@ -4,6 +4,7 @@ aiohttp WebSocket client, with keys and limits on the handshake and bytes both w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -18,6 +19,7 @@ from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.operations import Scrape
+from tests.support.raw_upstream import Peer, raw_upstream
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -209,6 +211,51 @@ async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None
         # The connection answered so is not kept: what follows an upgrade request is not HTTP.
         assert refused.value.headers is not None
         assert refused.value.headers.get("Connection") == "close"
+
+
+async def test_a_client_gone_before_the_switch_is_a_499_and_cancels_the_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading from the client paused at its upgrade request, until the tunnel: a client that
+    left before the upstream's answer went unnoticed, the upstream request went on (up to the
+    upstream's timeout), and a 101 into a dead connection was recorded rather than a 499."""
+    asked = asyncio.Event()
+
+    async def slow_to_switch(peer: Peer) -> None:
+        await peer.head()
+        asked.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await peer.reader.read()  # the gateway gives the request up: closed
+                return
+        await peer.send(SWITCHED)
+
+    async with raw_upstream(slow_to_switch) as upstream:
+        url = f"http://127.0.0.1:{upstream.port}"
+        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
+        async with running_gateway(directory) as gateway:
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(raw_handshake(b"1.1"))
+            await asyncio.wait_for(asked.wait(), 5)
+            writer.close()  # gone before the 101
+            started = time.monotonic()
+            await asyncio.wait_for(upstream.closed.wait(), 15)
+            assert time.monotonic() - started < 5, "the upstream request was not cancelled"
+            lines = []
+            for _ in range(500):
+                out = capsys.readouterr().out
+                lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+                if lines:
+                    break
+                await asyncio.sleep(0.01)
+    (line,) = lines
+    assert (line["status"], line["code"]) == (499, "client_closed")
+
+
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
 
 
 async def test_client_vanishing_ends_the_upstream_side_and_is_logged(
