@@ -57,6 +57,12 @@ CLOSE_TIMEOUT = 5.0
 _LAST_STEP = 0.1
 
 
+# Connections the kernel completes and queues for a worker before it accepts them: a burst of
+# new clients beyond it has its handshakes dropped and retried a second or more later. uvloop's
+# create_server listens again with its own backlog (100), so it is given this one too.
+LISTEN_BACKLOG = 1024
+
+
 def open_listener(address: Address) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -64,7 +70,7 @@ def open_listener(address: Address) -> socket.socket:
     # Every worker binds its own socket to the same port; the kernel spreads connections.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host, address.port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -274,6 +280,7 @@ class Worker:
         self._proxy_listener = await loop.create_server(
             self._proxy_server,
             sock=proxy_socket,
+            backlog=LISTEN_BACKLOG,
             ssl=self._proxy_server.listener_ssl,
             # A handshake is part of the request head as far as a slow client is concerned.
             ssl_handshake_timeout=(

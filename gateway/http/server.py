@@ -29,6 +29,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from gateway.http.errors import RequestError
+from gateway.http.heap import release_free_memory
 from gateway.http.request import Request
 from gateway.http.server_connection import ServerConnection
 from gateway.http.tls import CertificateSwitch
@@ -40,6 +41,11 @@ Handler = Callable[[Request], Awaitable[None]]
 # could not be read: told the error, when (time.time()) its head began, its method and
 # path as far as they were read ("" if not), and its first X-Request-ID line if one was read.
 RequestErrorAnswer = Callable[[RequestError, float, str, str, bytes | None], bytes]
+# After this many connections accepted, the C heap's free memory is given back (see
+# `gateway.http.heap`), at most once per TRIM_EVERY seconds, until a trim finds that no
+# connection came since the one before: the burst is over and what it freed given back.
+TRIM_AFTER_CONNECTIONS = 500
+TRIM_EVERY = 5.0
 
 
 class HttpServer:
@@ -72,8 +78,12 @@ class HttpServer:
         interval = min(1.0, max(keepalive_timeout / 4, 0.01))
         self._sweep_interval = interval
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(interval, self._sweep)
+        self._accepted = 0  # connections since the heap was last trimmed
+        self._trims_due = False
+        self._trimmed_at = self.loop.time()
 
     def __call__(self) -> ServerConnection:
+        self._accepted += 1
         return ServerConnection(self)
 
     @property
@@ -90,6 +100,16 @@ class HttpServer:
         horizon = self.loop.time() - self.keepalive_timeout
         for connection in list(self.connections):
             connection.close_if_idle_since(horizon)
+        if self._accepted >= TRIM_AFTER_CONNECTIONS:
+            self._trims_due = True
+        now = self.loop.time()
+        if self._trims_due and now - self._trimmed_at >= TRIM_EVERY:
+            # A trim while the burst's connections are open gives little back: the trims go
+            # on until one comes after TRIM_EVERY without a new connection.
+            self._trims_due = self._accepted > 0
+            self._accepted = 0
+            self._trimmed_at = now
+            release_free_memory()
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
     def forget(self, connection: ServerConnection) -> None:

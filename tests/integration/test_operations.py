@@ -539,3 +539,35 @@ def test_an_inherited_metrics_folder_is_neither_read_nor_emptied(
         gateway.stderr.close()
     # Its own folder is gone, the rest is as it was.
     assert [path.name for path in shared.iterdir()] == (["counter_4242.db"] if exists else [])
+
+
+# --- the listener -------------------------------------------------------------------------
+
+# New clients at once: more than the 100 uvloop's create_server listened with, fewer than the
+# usual limit of 1,024 open files.
+BURST = 600
+
+
+def test_a_burst_of_new_clients_waits_in_the_queue_of_a_busy_worker(tmp_path: Path) -> None:
+    """The kernel completes new connections and queues them until the worker accepts them; uvloop
+    listened again with a queue of 100, so a burst of new clients past it while the worker was
+    busy had its handshakes dropped and retried a second later (the gateway asked for 1,024)."""
+    proxy_port, admin_port = write_config_on_free_ports(
+        tmp_path / "config", "http://127.0.0.1:9", "memory://"
+    )
+    gateway = GatewayProcess(tmp_path / "config")
+    burst: list[socket.socket] = []
+    try:
+        gateway.start(proxy_port, admin_port)
+        gateway.signal(signal.SIGSTOP)  # busy: accepts nothing
+        try:
+            for _ in range(BURST):
+                # A dropped handshake is retried after a second: no connect takes that long.
+                burst.append(socket.create_connection(("127.0.0.1", proxy_port), timeout=0.9))
+        finally:
+            gateway.signal(signal.SIGCONT)
+        assert len(burst) == BURST
+    finally:
+        for client in burst:
+            client.close()
+        gateway.close()
