@@ -39,6 +39,8 @@ _Call = tuple["asyncio.Future[Any] | None", bytes]
 _TIMER_SLACK = 0.001
 # Bound on each step of `close`: a background task's end, the connection's.
 CLOSE_TIMEOUT = 1.0
+# What a cancelled call's caller is told when no reply will come (see `_fail`).
+_NO_REPLY = object()
 # Hits of one tick beyond this many go out in another write. Measured in the bench (one core
 # for the gateway, Redis sharing the other with the load): 16 kept both busy; smaller batches
 # cost more writes than they saved, larger ones brought back the idle turns.
@@ -112,6 +114,9 @@ class ScriptPipeline:
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
         # Replies still wanted of calls whose callers stopped waiting (`when_answered`).
         self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
+        # What came of a cancelled call (its reply, or _NO_REPLY when it failed) before its
+        # caller could say where the reply goes: kept for one turn of the loop (`_unclaimed`).
+        self._unclaimed: dict[asyncio.Future[Any], Any] = {}
 
     def run(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to `packed`; error replies and failures come as its exception."""
@@ -141,6 +146,16 @@ class ScriptPipeline:
             # told once the caller has finished unwinding, as a later reply would be.
             if future.exception() is None:
                 future.get_loop().call_soon(late, future.result())
+            return
+        elif future in self._unclaimed:
+            # Cancelled, and its reply read (or the call failed) in the same turn, after the
+            # cancellation and before the caller could get here (a client's connection_lost
+            # and Redis's reply in one poll of the loop): no reply is to come, so none may be
+            # waited for. Held here, `late` (the request, and the config snapshot it was
+            # served with) stayed for good, and the admission was never settled.
+            reply = self._unclaimed.pop(future)
+            if reply is not _NO_REPLY and type(reply) is not ResponseError:
+                future.get_loop().call_soon(late, reply)
             return
         self._late[future] = late
 
@@ -186,7 +201,7 @@ class ScriptPipeline:
                 address = await self._address()
                 host, port = address
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._script_loads, self._late),
+                    lambda: _Connection(loop, self._script_loads, self._late, self._unclaimed),
                     host,
                     port,
                     ssl=self._ssl,
@@ -248,13 +263,13 @@ class ScriptPipeline:
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, []
         for calls, _ in waiting:
-            _fail(calls, error, self._late)
+            _fail(calls, error, self._late, self._unclaimed)
 
     async def close(self) -> None:
         self._closed = True
         closed = RedisConnectionError("the limiter was closed")
         queued, self._queue = self._queue, []
-        _fail(queued, closed, self._late)
+        _fail(queued, closed, self._late, self._unclaimed)
         tasks = (self._connecting, self._rechecking)
         await stop_tasks(tasks, CLOSE_TIMEOUT, "the limiter's connecting to Redis")
         connection, self._connection = self._connection, None
@@ -274,10 +289,12 @@ class _Connection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         script_loads: list[bytes],
         late: dict[asyncio.Future[Any], Callable[[Any], None]],
+        unclaimed: dict[asyncio.Future[Any], Any],
     ) -> None:
         self._loop = loop
         self._script_loads = script_loads
         self._late = late  # the pipeline's: see ScriptPipeline.when_answered
+        self._unclaimed = unclaimed  # the pipeline's too
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Call] = deque()
@@ -298,7 +315,8 @@ class _Connection(asyncio.Protocol):
     def send(self, calls: list[_Call], deadline: float) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():  # lost since it was last looked at
-            _fail(calls, RedisConnectionError("connection to Redis lost"), self._late)
+            lost = RedisConnectionError("connection to Redis lost")
+            _fail(calls, lost, self._late, self._unclaimed)
             return
         transport.write(b"".join([packed for _, packed in calls]))
         self._pending.extend(calls)
@@ -322,8 +340,11 @@ class _Connection(asyncio.Protocol):
                     self._loading -= 1
                 elif future.done():  # its caller stopped waiting
                     late = self._late.pop(future, None) if self._late else None
-                    if late is not None and type(reply) is not ResponseError:
-                        late(reply)
+                    if late is not None:
+                        if type(reply) is not ResponseError:
+                            late(reply)
+                    elif future.cancelled():
+                        _unclaimed(future, reply, self._unclaimed)
                 elif type(reply) is not ResponseError:
                     future.set_result(reply)
                 elif packed and str(reply).startswith("NOSCRIPT"):
@@ -400,18 +421,30 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         pending, self._pending = self._pending, deque()
         self._batches.clear()
-        _fail(pending, error, self._late)
+        _fail(pending, error, self._late, self._unclaimed)
 
 
 def _fail(
     calls: list[_Call] | deque[_Call],
     error: Exception,
     late: dict[asyncio.Future[Any], Callable[[Any], None]],
+    unclaimed: dict[asyncio.Future[Any], Any],
 ) -> None:
     for future, _ in calls:
         if future is None:
             continue
         if not future.done():
             future.set_exception(error)
-        elif late:
-            late.pop(future, None)  # no reply will come
+        elif (late.pop(future, None) if late else None) is None and future.cancelled():
+            _unclaimed(future, _NO_REPLY, unclaimed)  # no reply will come
+
+
+def _unclaimed(
+    future: asyncio.Future[Any], outcome: Any, unclaimed: dict[asyncio.Future[Any], Any]
+) -> None:
+    """What came of a call cancelled since the last turn, whose caller (a task being woken with
+    the CancelledError) has not said yet whether it wants the reply: it says so in that step
+    (`ScriptPipeline.when_answered`), which runs before anything called soon from here, so
+    `outcome` is kept until then, and no longer."""
+    unclaimed[future] = outcome
+    future.get_loop().call_soon(unclaimed.pop, future, None)

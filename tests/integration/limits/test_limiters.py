@@ -7,10 +7,12 @@ sleeps; timing assertions leave room for a busy two-core machine.
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import subprocess
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -749,3 +751,52 @@ async def test_close_fails_the_hits_in_flight(
             assert "closed" in str(outcome)
     finally:
         fresh_redis_server.resume()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sentinel"])
+async def test_a_check_answered_in_the_turn_its_caller_left_is_settled_and_let_go(
+    request: pytest.FixtureRequest, subject: str, kind: str
+) -> None:
+    """A client leaves in the very turn of the loop that reads its check's reply: its task is
+    cancelled first (the client's connection_lost), then the reply is read, for a call whose
+    caller had not yet said where its reply goes. The caller then asked for a reply that had
+    gone by: the pipeline held that request's settling for good, and through it the request
+    and the config snapshot it was served with (a soak with clients leaving and a reload every
+    10 s: a snapshot and ~120 requests a reload per worker, for good), and the admission was
+    never settled (not counted, not refunded under refund_on: [499])."""
+    limiter = redis_backend_of(request, kind).limiter()
+    quota = quota_rule(1000)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed  # the connection is open
+
+        class Leaving:
+            """Stands for the request whose client left (Exchange.decided_after_leaving)."""
+
+            def __init__(self) -> None:
+                self.told: list[Decision] = []
+
+            def settle(self, decision: Decision) -> None:
+                self.told.append(decision)
+
+        for _ in range(5):
+            leaving = Leaving()
+            gone = weakref.ref(leaving)
+            told = leaving.told
+            task = asyncio.ensure_future(
+                limiter.hit(subject, None, quota, 1, "plan", leaving.settle)
+            )
+            del leaving
+            for _ in range(3):
+                await asyncio.sleep(0)  # the check is made and written to Redis
+            # Redis answers meanwhile; the loop, held here on purpose, has not read it yet.
+            time.sleep(0.05)  # noqa: ASYNC251
+            task.cancel()  # before the loop reads the reply, in the same turn
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del task
+            await asyncio.sleep(0.05)
+            assert [decision.outcome for decision in told] == ["allowed"]
+            assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+        assert (await limiter.usage(subject, quota)).used == 6
+    finally:
+        await limiter.close()
