@@ -241,6 +241,11 @@ class HttpConnection(asyncio.Protocol):
             self._stop_head(f"its status {status} is not one of 100 to 599")
         if status < 200:
             if status == 101 and self._upgrade and self._reply is not None:
+                if not self._parser.should_upgrade():
+                    # RFC 9110 7.8: a 101 names the protocol (Upgrade) and makes that header
+                    # hop-by-hop (Connection: upgrade). Without them the parser reads on as
+                    # HTTP, and the client got a 101 that ended at once, logged as a success.
+                    self._stop_head("it answered 101 without Upgrade and Connection: upgrade")
                 # The switch that was asked for: this head is the final answer, and the
                 # connection is the tunnel's from now on (HttpParserUpgrade follows).
                 self._switched = True

@@ -213,6 +213,36 @@ async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None
         assert refused.value.headers.get("Connection") == "close"
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+    ],
+    ids=["no-connection", "no-upgrade"],
+)
+async def test_a_101_that_does_not_name_the_switch_is_a_502(tmp_path: Path, head: bytes) -> None:
+    """A 101 without Upgrade and Connection: upgrade (RFC 9110 7.8) went to the client as a 101
+    with headers the upstream never sent, then the connection ended: a broken WebSocket that
+    the log and the metrics counted as a successful switch."""
+
+    async def sloppy(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(head)
+        await peer.reader.read()
+
+    async with raw_upstream(sloppy) as upstream:
+        url = f"http://127.0.0.1:{upstream.port}"
+        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
+        async with running_gateway(directory) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(raw_handshake(b"1.1"))
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert b"without Upgrade and Connection: upgrade" in answer
+
+
 async def test_a_client_gone_before_the_switch_is_a_499_and_cancels_the_upstream(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
