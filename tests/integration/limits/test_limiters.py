@@ -372,6 +372,18 @@ STORAGE_TIMEOUT = 0.25
 MARGIN = 0.25
 
 
+async def admitted(limiter: Limiter, subject: str, quota: QuotaRule) -> bool:
+    """A hit that is not the one under test, with STORAGE_TIMEOUT: on a busy two-core machine
+    (three cluster nodes, the test, the suite) it may miss its deadline. Tried again then: a
+    hit that ran late took nothing, which these tests check themselves, so no count moves."""
+    for _ in range(5):
+        try:
+            return (await limiter.hit(subject, None, quota)).allowed
+        except StorageError:
+            await asyncio.sleep(0.05)
+    return (await limiter.hit(subject, None, quota)).allowed
+
+
 async def test_dead_redis_fails_fast_and_is_reconnected(
     fresh_redis_server: RedisServer, subject: str
 ) -> None:
@@ -466,7 +478,7 @@ async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
     limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
     quota = quota_rule(100)
     try:
-        assert (await limiter.hit(subject, None, quota)).allowed
+        assert await admitted(limiter, subject, quota)
         for node in cluster.nodes:
             node.pause()
         try:
@@ -475,7 +487,7 @@ async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
         finally:
             for node in cluster.nodes:
                 node.resume()
-        assert (await limiter.hit(subject, None, quota)).allowed
+        assert await admitted(limiter, subject, quota)
         await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
         assert (await limiter.usage(subject, quota)).used == 2  # the first and the last
     finally:
@@ -506,7 +518,7 @@ async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
     )
     try:
         # The slot map is known, and another node's clock; not the frozen node's.
-        assert (await limiter.hit(elsewhere, None, quota)).allowed
+        assert await admitted(limiter, elsewhere, quota)
         frozen.pause()
         try:
             started = time.monotonic()
@@ -518,7 +530,7 @@ async def test_the_first_check_sent_to_a_cluster_node_takes_nothing_if_run_late(
             frozen.resume()
         await asyncio.sleep(0.2)  # for anything buffered in the node's sockets to run
         assert (await limiter.usage(subject, quota)).used == 0
-        assert (await limiter.hit(subject, None, quota)).allowed
+        assert await admitted(limiter, subject, quota)
         assert (await limiter.usage(subject, quota)).used == 1
     finally:
         await limiter.close()
@@ -589,13 +601,13 @@ async def test_a_cluster_node_that_forgot_the_script_runs_it_while_another_is_do
     holder = cluster.nodes[node_holding(subject, len(cluster.nodes))]
     other = next(node for node in cluster.nodes if node is not holder)
     try:
-        assert (await limiter.hit(subject, None, quota)).allowed
+        assert await admitted(limiter, subject, quota)
         admin = holder.client()
         admin.script_flush()
         admin.close()
         other.pause()
         try:
-            assert (await limiter.hit(subject, None, quota)).allowed
+            assert await admitted(limiter, subject, quota)  # never waits on `other`
         finally:
             other.resume()
         assert (await limiter.usage(subject, quota)).used == 2
