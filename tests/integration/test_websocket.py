@@ -19,7 +19,7 @@ from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.operations import Scrape
-from tests.support.raw_upstream import Peer, raw_upstream
+from tests.support.raw_upstream import Peer, RawUpstream, Script, raw_upstream
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -213,6 +213,24 @@ async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None
         assert refused.value.headers.get("Connection") == "close"
 
 
+@asynccontextmanager
+async def handshake_before(
+    tmp_path: Path, script: Script
+) -> AsyncIterator[tuple[RawUpstream, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A gateway in front of an upstream that answers by `script`, and a client connection to
+    it that has sent a WebSocket handshake."""
+    async with raw_upstream(script) as upstream:
+        url = f"http://127.0.0.1:{upstream.port}"
+        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
+        async with running_gateway(directory) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(raw_handshake(b"1.1"))
+            try:
+                yield upstream, reader, writer
+            finally:
+                writer.close()
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -231,14 +249,8 @@ async def test_a_101_that_does_not_name_the_switch_is_a_502(tmp_path: Path, head
         await peer.send(head)
         await peer.reader.read()
 
-    async with raw_upstream(sloppy) as upstream:
-        url = f"http://127.0.0.1:{upstream.port}"
-        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
-        async with running_gateway(directory) as gateway:
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-            writer.write(raw_handshake(b"1.1"))
-            answer = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
+    async with handshake_before(tmp_path, sloppy) as (_, reader, _):
+        answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 502 "), answer
     assert b"without Upgrade and Connection: upgrade" in answer
 
@@ -260,24 +272,19 @@ async def test_a_client_gone_before_the_switch_is_a_499_and_cancels_the_upstream
                 return
         await peer.send(SWITCHED)
 
-    async with raw_upstream(slow_to_switch) as upstream:
-        url = f"http://127.0.0.1:{upstream.port}"
-        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
-        async with running_gateway(directory) as gateway:
-            _, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-            writer.write(raw_handshake(b"1.1"))
-            await asyncio.wait_for(asked.wait(), 5)
-            writer.close()  # gone before the 101
-            started = time.monotonic()
-            await asyncio.wait_for(upstream.closed.wait(), 15)
-            assert time.monotonic() - started < 5, "the upstream request was not cancelled"
-            lines = []
-            for _ in range(500):
-                out = capsys.readouterr().out
-                lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-                if lines:
-                    break
-                await asyncio.sleep(0.01)
+    async with handshake_before(tmp_path, slow_to_switch) as (upstream, _, writer):
+        await asyncio.wait_for(asked.wait(), 5)
+        writer.close()  # gone before the 101
+        started = time.monotonic()
+        await asyncio.wait_for(upstream.closed.wait(), 15)
+        assert time.monotonic() - started < 5, "the upstream request was not cancelled"
+        lines = []
+        for _ in range(500):
+            out = capsys.readouterr().out
+            lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            if lines:
+                break
+            await asyncio.sleep(0.01)
     (line,) = lines
     assert (line["status"], line["code"]) == (499, "client_closed")
 
