@@ -32,6 +32,7 @@ class Exchange(RequestRecord):
     request's record too (what metrics and the access log read): one object per request."""
 
     __slots__ = (
+        "began",
         "counted",
         "key",
         "limit_lines",
@@ -58,6 +59,8 @@ class Exchange(RequestRecord):
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
         self.receipt: Receipt | None = None  # an admission whose units may come back
+        # The status of an answer whose head reached the client before it left (cut_by_client).
+        self.began: int | None = None
 
     def count(self) -> None:
         """Count the request in the metrics, once, before the answer is complete: a scrape
@@ -114,17 +117,25 @@ class Exchange(RequestRecord):
         # keep this 200: the answer was complete as far as the gateway could tell.
         self.count()
 
-    def cut_by_client(self, upstream_seconds: float, bytes_sent: int) -> None:
+    def cut_by_client(self, upstream_seconds: float, bytes_sent: int, began: int | None) -> None:
         # A 499 (handle_request says so) that had its upstream's answer under way.
         self.upstream_duration = upstream_seconds
         self.bytes_sent = bytes_sent
+        self.began = began
 
     def settle(self, receipt: Receipt) -> None:
         """9: give the units back when the plan's refund_on lists the outcome (README,
         "Metering"); in a task of its own, as a cancelled request cannot wait for it."""
         assert self.principal is not None
         quota = self.principal.plan.quota
-        if quota is not None and quota.refunds(self.status, self.code == CLIENT_CLOSED_CODE):
+        if quota is None:
+            return
+        gone = self.code == CLIENT_CLOSED_CODE
+        # An answer cut short after its head was sent counts by the status it began with
+        # (README, "Metering"), a cut of its client's too: a 503 whose client left before its
+        # body was all there is still a 5xx under refund_on: [5xx].
+        began = self.began if gone else None
+        if quota.refunds(self.status, gone) or (began is not None and quota.refunds(began, False)):
             runtime = self.runtime
             runtime.refunds.start(
                 runtime.limiter,

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 # Told (status, upstream seconds, body bytes) just before the bytes that complete the answer go
 # out: once the client has its whole answer, a metrics scrape must already count it.
 AnswerHook = Callable[[int, float, int], None]
-# Told (upstream seconds, body bytes written) when a streamed answer ends early because the
-# client went away: the request is then a 499 whose log line still says how far it got.
-CutHook = Callable[[float, int], None]
+# Told (upstream seconds, body bytes written, the status of the answer whose head had left, or
+# None) when a streamed answer ends early because the client went away: the request is then a
+# 499 whose log line still says how far it got, and whose answer began with that status.
+CutHook = Callable[[float, int, int | None], None]
 
 
 @dataclass(slots=True)
@@ -457,7 +458,7 @@ async def _stream_body(
     except BaseException:
         # The client went away (cancelled, or noticed in a write) before the answer was done.
         if on_cut is not None and not completed:
-            on_cut(upstream_seconds, sent)
+            on_cut(upstream_seconds, sent, status if connection.answer_started else None)
         raise
     finally:
         if completed:

@@ -84,7 +84,12 @@ class MemoryLimiter:
         self._next_sweep = clock() + sweep_interval
         self._keep_history = keep_history
         self._rates: dict[str, _RateLog] = {}
-        self._quotas: dict[str, _QuotaCount] = {}
+        self._quotas: dict[str, _QuotaCount] = {}  # each subject's counter of the period in use
+        # Counters of periods that have not ended but are no longer the subject's (its quota's
+        # `per` or timezone changed): kept, as the storage keeps one per period, so that going
+        # back finds what was used (dropped, a month's count was forgotten by a switch to a
+        # daily quota and back, and the month admitted its limit once more).
+        self._set_aside: dict[tuple[str, float], _QuotaCount] = {}
         self._days: dict[int, dict[str, _Day]] = {}  # day -> subject -> counts
         # The current UTC day, its end, and its subjects: the hot path's way into _days.
         self._day = -1
@@ -127,7 +132,7 @@ class MemoryLimiter:
             start, end = self._periods.period(now, quota.per, quota.timezone)
             counter = self._quotas.get(subject)
             if counter is None or counter.start != start:
-                counter = self._quotas[subject] = _QuotaCount(start, end, next(self._stamps))
+                counter = self._switch(subject, counter, start, end, now)
 
         outcome: Outcome = "allowed"
         receipt = None
@@ -207,6 +212,8 @@ class MemoryLimiter:
     async def refund(self, subject: str, receipt: Receipt) -> int:
         returned = 0
         counter = self._quotas.get(subject)
+        if counter is None or counter.start != receipt.period_start:
+            counter = self._set_aside.get((subject, receipt.period_start))
         if counter is not None and counter.stamp == receipt.quota_stamp:
             returned = min(receipt.cost, counter.used)
             counter.used -= returned
@@ -241,6 +248,8 @@ class MemoryLimiter:
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         counter = self._quotas.get(subject)
+        if counter is None or counter.start != start:
+            counter = self._set_aside.get((subject, start))
         used = credit = 0
         if counter is not None and counter.start == start:
             used, credit = counter.used, counter.credit
@@ -250,7 +259,10 @@ class MemoryLimiter:
         )
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
+        start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
         counter = self._quotas.get(subject)
+        if counter is None or counter.start != start:
+            counter = self._set_aside.get((subject, start))  # this rule's period's, if any
         if counter is not None:
             # A new incarnation too: refunds of requests admitted before the reset then leave
             # it alone instead of taking from requests admitted since.
@@ -291,6 +303,8 @@ class MemoryLimiter:
             del self._rates[subject]
         for subject in [s for s, count in self._quotas.items() if count.end <= now]:
             del self._quotas[subject]
+        for aside in [a for a, count in self._set_aside.items() if count.end <= now]:
+            del self._set_aside[aside]
         oldest = day_of(now - HISTORY_DAYS * DAY_SECONDS)
         for day in [d for d in self._days if d < oldest]:
             del self._days[day]
@@ -304,8 +318,22 @@ class MemoryLimiter:
         start, end = self._periods.period(now, quota.per, quota.timezone)
         counter = self._quotas.get(subject)
         if counter is None or counter.start != start:
-            counter = self._quotas[subject] = _QuotaCount(start, end, next(self._stamps))
+            counter = self._switch(subject, counter, start, end, now)
         return counter
+
+    def _switch(
+        self, subject: str, counter: _QuotaCount | None, start: float, end: float, now: float
+    ) -> _QuotaCount:
+        """The subject's counter of the period [start, end), in place of `counter`: that of
+        another period, set aside while its period lasts (the rule changed, and may change
+        back), or of one that has ended."""
+        if counter is not None and counter.end > now:
+            self._set_aside[(subject, counter.start)] = counter
+        found = self._set_aside.pop((subject, start), None)
+        if found is None:
+            found = _QuotaCount(start, end, next(self._stamps))
+        self._quotas[subject] = found
+        return found
 
 
 def _lines(day: int, subjects: list[str], records: dict[str, _Day]) -> list[DayUsage]:

@@ -220,7 +220,7 @@ class RedisLimiter:
                     pipeline.when_answered(future, late)
                 raise
             except Exception as exc:
-                self._unanswered(subject)
+                self._unanswered(subject, day)
                 raise self._guard.error("hit", exc) from exc
             pipeline.learn_redis_time(reply[8])
         else:
@@ -237,7 +237,7 @@ class RedisLimiter:
                 checking.add_done_callback(partial(self._late_task, abandoned, subject, request))
                 raise
             except StorageError:
-                self._unanswered(subject)
+                self._unanswered(subject, day)
                 raise
             assert self._cluster_clocks is not None
             self._cluster_clocks.learn(command.keys[0], reply[8])
@@ -332,9 +332,9 @@ class RedisLimiter:
 
         return call
 
-    def _unanswered(self, subject: str) -> None:
+    def _unanswered(self, subject: str, day: int) -> None:
         """A hit whose reply never came may still have run and begun a day's history."""
-        self._registry.forget(subject)
+        self._registry.forget(subject, day)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         keys = (quota_key(subject, receipt.period_start), day_key(subject, receipt.day))

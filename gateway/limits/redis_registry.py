@@ -30,6 +30,7 @@ recorded by this one).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,9 @@ SINCE_KEY = "gw:subs:since"
 # Subjects remembered as recorded by this process; beyond it the memory starts afresh (and
 # each subject is recorded once more on its next admission).
 _MAX_REMEMBERED = 10_000
+# A recording that failed is tried again after this many seconds, doubled each time up to the
+# last: until it is in, the day's export does not know the subscription had history.
+_RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,11 @@ class SubscriptionRegistry:
         self._clock = clock
         self._since: int | None = None
         self.recorded: set[str] = set()  # subjects recorded, or on their way
-        self._recording: set[asyncio.Task[None]] = set()  # calls under way
+        self._recording: set[asyncio.Task[object]] = set()  # calls under way
+        # (subject, day) recordings that failed and are being tried again, and their tasks
+        # (apart: a history or export waits for the calls under way, never for these).
+        self._retrying: set[tuple[str, int]] = set()
+        self._retries: set[asyncio.Task[None]] = set()
 
     def record(self, subject: str, day: int) -> None:
         """Record `subject` as having history on `day`, in the background: the admission that
@@ -91,12 +99,38 @@ class SubscriptionRegistry:
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
-    def forget(self, subject: str) -> None:
+    def forget(self, subject: str, day: int) -> None:
         """A check whose reply never came may still have run (a stalled Redis runs it when it
-        wakes) and begun a day: `subject` is recorded again on its next admission."""
+        wakes) and begun a day, and its reply was what said so: `subject` is recorded for
+        `day` now, until that is in (a subscription with no history that day costs the export
+        nothing), and again on its next admission."""
         self.recorded.discard(subject)
+        self._record_until_in(subject, day)
 
-    async def _record(self, subject: str, day: int) -> None:
+    def _record_until_in(self, subject: str, day: int) -> None:
+        if (subject, day) in self._retrying:
+            return  # tried again already
+        self._retrying.add((subject, day))
+        task = asyncio.get_running_loop().create_task(self._retry(subject, day))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, subject: str, day: int) -> None:
+        """Records `subject` for `day` until that is in. Recording is idempotent (set adds and
+        expiries), so unlike a refund it is safe to try again: the day's only admission of a
+        subscription whose recording failed (a Redis stalled or restarting just then) was in
+        the history but never in the export, unless another admission in this process came
+        after it that day."""
+        try:
+            for attempt in itertools.count():
+                delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
+                await asyncio.sleep(delay)
+                if await self._record(subject, day, retried=True):
+                    return
+        finally:
+            self._retrying.discard((subject, day))
+
+    async def _record(self, subject: str, day: int, retried: bool = False) -> bool:
         key_name, _, product = subject.partition(":")
         # The history of `day` is kept until this; the sets that name it, as long.
         until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
@@ -127,8 +161,13 @@ class SubscriptionRegistry:
 
                 await self._guard("register", record, repeatable=True)
         except StorageError as exc:
-            self.recorded.discard(subject)  # tried again on its next admission
-            log.warning("could not record %s for the usage history: %s", subject, exc)
+            self.recorded.discard(subject)  # and on its next admission
+            if not retried:
+                # Once: while the storage is away every subject tries again, on its own.
+                log.warning("could not record %s for the usage history: %s", subject, exc)
+                self._record_until_in(subject, day)
+            return False
+        return True
 
     async def settled(self) -> None:
         """Until this process's recordings under way are done: they are part of the answer."""
@@ -188,4 +227,6 @@ class SubscriptionRegistry:
 
     async def close(self) -> None:
         # Recording is best effort: a process that stops need not wait for it.
-        await stop_tasks(list(self._recording), CLOSE_TIMEOUT, "recording a subscription")
+        await stop_tasks(
+            [*self._recording, *self._retries], CLOSE_TIMEOUT, "recording a subscription"
+        )

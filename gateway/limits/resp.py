@@ -7,9 +7,12 @@ limiter. Here the calls of one event-loop tick become one `transport.write` on o
 `asyncio.Protocol`, and `data_received` hands each reply, parsed by hiredis, to the next
 waiting future: no task, timer or coroutine per batch or per reply.
 
-Replies come back in the order of the calls, so a connection that missed a deadline is
-aborted (its late replies would answer the wrong calls) and the next call reconnects. One
-timer per connection watches the earliest deadline of the batches in flight. A NOSCRIPT
+Replies come back in the order of the calls. When a batch misses its deadline, its calls
+fail, the connection takes no new calls (the next call reconnects), and it goes on reading:
+the calls written after that batch wait for their own deadlines, since a stalled Redis that
+wakes runs them (each in its own time on Redis's clock) whether or not anyone reads the
+replies. Once every call on it is answered or past its deadline, it is dropped. One timer
+per connection watches the earliest deadline of the batches in flight. A NOSCRIPT
 reply (a restarted or flushed Redis) loads the scripts and runs those calls again on the
 same connection, where the load is sure to precede them. Everything else the limiter asks
 (usage, reset, ping) stays on redis-py, whose URL settings this module reuses.
@@ -110,6 +113,8 @@ class ScriptPipeline:
         self._queue: list[_Call] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connection: _Connection | None = None
+        # Connections that missed a deadline: no new calls, still reading (see `_Connection`).
+        self._retiring: set[_Connection] = set()
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
         # Replies still wanted of calls whose callers stopped waiting (`when_answered`).
@@ -189,6 +194,10 @@ class ScriptPipeline:
             connection.send(calls, deadline)
             return
         # Known dead (or never opened): reconnect before writing, within the same deadline.
+        if connection is not None and not connection.closed.done():
+            # Retired after a missed deadline: it still reads the replies of its later calls.
+            self._retiring.add(connection)
+            connection.closed.add_done_callback(lambda _: self._retiring.discard(connection))
         self._connection = None
         self._waiting.append((calls, deadline))
         if self._connecting is None:
@@ -272,6 +281,8 @@ class ScriptPipeline:
         _fail(queued, closed, self._late, self._unclaimed)
         tasks = (self._connecting, self._rechecking)
         await stop_tasks(tasks, CLOSE_TIMEOUT, "the limiter's connecting to Redis")
+        for retiring in list(self._retiring):
+            retiring.abort(closed)
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(closed)
@@ -303,18 +314,22 @@ class _Connection(asyncio.Protocol):
         self._batches: deque[tuple[float, int]] = deque()  # (deadline, end) of those unanswered
         self._timer: asyncio.TimerHandle | None = None
         self._loading = 0  # SCRIPT LOADs written and unanswered
+        # A batch missed its deadline: no new calls; dropped once the rest are answered or due.
+        self._retired = False
         self.closed: asyncio.Future[None] = loop.create_future()
 
     @property
     def alive(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
+        transport = self._transport
+        return transport is not None and not transport.is_closing() and not self._retired
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def send(self, calls: list[_Call], deadline: float) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():  # lost since it was last looked at
+        if transport is None or transport.is_closing() or self._retired:
+            # Lost since it was last looked at (or retired: see _check_deadline).
             lost = RedisConnectionError("connection to Redis lost")
             _fail(calls, lost, self._late, self._unclaimed)
             return
@@ -368,6 +383,9 @@ class _Connection(asyncio.Protocol):
             self._resend(retries, batches[-1][0])
         while batches and batches[0][1] <= self._answered:
             batches.popleft()
+        if self._retired and not batches:
+            # Every call on it is answered, or past its deadline (and so takes nothing now).
+            self.abort(RedisConnectionError("retired after a missed deadline"))
 
     def _resend(self, retries: list[_Call], deadline: float) -> None:
         calls: list[_Call] = []
@@ -389,14 +407,30 @@ class _Connection(asyncio.Protocol):
         batches = self._batches
         while batches and batches[0][1] <= self._answered:
             batches.popleft()
+        now = self._loop.time()
+        overdue = 0  # the end of the last batch past its deadline
+        while batches and batches[0][0] - now < _TIMER_SLACK:
+            overdue = batches.popleft()[1]
+        if overdue:
+            # Its calls fail now (503). The calls written after it are not failed with it:
+            # each carries its own deadline on Redis's clock, and a Redis that wakes within it
+            # runs it, whether or not the gateway still reads (aborting here answered them 503
+            # and Redis took their units all the same). So the connection takes no new calls
+            # and reads on, its replies still matched in order, each call failing at its own
+            # deadline at the latest.
+            self._retired = True
+            error = TimeoutError()
+            pending = self._pending
+            for index in range(overdue - self._answered):
+                future = pending[index][0]
+                if future is not None and not future.done():
+                    future.set_exception(error)
         if not batches:
+            if self._retired:
+                # Every call is answered or past its deadline: nothing more to read.
+                self.abort(TimeoutError())
             return
-        deadline = batches[0][0]
-        if deadline - self._loop.time() < _TIMER_SLACK:
-            # Replies after this would be taken for the answers to later calls.
-            self.abort(TimeoutError())
-        else:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        self._timer = self._loop.call_at(batches[0][0], self._check_deadline)
 
     def abort(self, error: Exception) -> None:
         self._fail(error)

@@ -97,8 +97,12 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             {"limited": True}, headers={**UPSTREAM_LIMIT_HEADERS, "X-Upstream": "yes"}
         )
     if path.endswith("/big"):
+        # ?bytes=N (default 10 MiB), ?status=CODE (default 200)
         total = int(request.query.get("bytes", str(10 * 1024 * 1024)))
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response = web.StreamResponse(
+            status=int(request.query.get("status", "200")),
+            headers={"Content-Type": "application/octet-stream"},
+        )
         response.content_length = total
         await response.prepare(request)
         chunk = b"x" * 65536

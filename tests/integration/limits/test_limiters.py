@@ -467,6 +467,35 @@ async def test_hits_refused_while_redis_is_frozen_are_not_taken_when_it_wakes(
         await limiter.close()
 
 
+async def test_a_hit_written_behind_one_that_timed_out_is_charged_only_if_admitted(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    """Redis freezes; a hit is written, and another on the same connection just before the
+    first one's deadline. The first times out; the second was failed with it, at once (its
+    request answered 503), though its own deadline on Redis's clock was still ahead: Redis
+    woke within it, ran it and took its units. A charge for a refused request (a soak: 1-3
+    per key per 3,000 requests with Redis frozen for 0.5 s now and then)."""
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed  # connected, Redis's clock known
+        fresh_redis_server.pause()
+        first = asyncio.ensure_future(limiter.hit(subject, None, quota))
+        await asyncio.sleep(STORAGE_TIMEOUT * 0.7)
+        second = asyncio.ensure_future(limiter.hit(subject, None, quota))
+        await asyncio.sleep(STORAGE_TIMEOUT * 0.5)  # the first is past its deadline
+        fresh_redis_server.resume()  # within the second's deadline on Redis's clock
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        assert isinstance(outcomes[0], StorageError)
+        admitted = sum(isinstance(o, Decision) and o.allowed for o in outcomes)
+        await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
+        assert (await limiter.usage(subject, quota)).used == 1 + admitted, outcomes
+    finally:
+        fresh_redis_server.resume()
+        await limiter.close()
+
+
 async def test_hits_a_frozen_cluster_node_runs_late_take_nothing(
     tmp_path: Path, subject: str
 ) -> None:

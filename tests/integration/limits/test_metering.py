@@ -256,6 +256,36 @@ async def test_history_and_export_read_what_they_answer_whatever_the_storage_hol
         await limiter.close()
 
 
+async def test_a_day_whose_recording_failed_is_exported_without_another_admission(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """The day's first admission of a subscription is recorded in the day's set in the
+    background; when that failed (a Redis stalled, restarting or failing over just then), it
+    was tried again only on the subscription's next admission in the same process. A key with
+    one request that day (or whose later requests went to other workers, which had recorded it
+    on an earlier day) had its history counted in Redis and was missing from the export."""
+    limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=0.25))
+    admin = fresh_redis_server.client()
+    key = new_key()
+    today = day_of(time.time())
+    day_set = f"gw:subs:day:{day_text(today)}"
+    expected = [DayUsage(today, f"{key}:soccer", "pro", 1, 2)]
+    admin.set(day_set, "not a set")  # the day's set cannot take the recording now
+    try:
+        await limiter.hit(f"{key}:soccer", None, None, 2, "pro")
+        await asyncio.sleep(0.2)  # the recording has failed
+        admin.delete(day_set)  # the storage is well again; no other admission comes
+        deadline = time.monotonic() + 5
+        while (
+            days := [line async for b in limiter.export(today, today) for line in b]
+        ) != expected:
+            assert time.monotonic() < deadline, days
+            await asyncio.sleep(0.1)
+    finally:
+        admin.close()
+        await limiter.close()
+
+
 async def test_subscriptions_recorded_by_gateways_of_the_old_layout_are_found(
     fresh_redis_server: RedisServer,
 ) -> None:

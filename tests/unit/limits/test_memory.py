@@ -97,3 +97,23 @@ async def test_usage_does_not_create_state(clock: Clock, limiter: MemoryLimiter)
     assert (usage.used, usage.remaining) == (0, 5)
     assert usage.reset_at == utc(2024, 4, 1)
     assert limiter.tracked_subjects == 0
+
+
+async def test_a_quota_whose_period_kind_changes_and_back_keeps_what_its_period_used(
+    clock: Clock, limiter: MemoryLimiter
+) -> None:
+    """A key's override went from a monthly quota to a daily one and back (keys API, PATCH):
+    the memory storage kept one counter per subject and dropped the month's for the day's, so
+    the month admitted its whole limit once more (a Redis storage keeps a counter per period)."""
+    utc_zone = ZoneInfo("UTC")
+    month = QuotaRule(limit=10, per="month", timezone=utc_zone)
+    day = QuotaRule(limit=10, per="day", timezone=utc_zone)
+    clock.now = START + 3600
+    for _ in range(8):
+        assert (await limiter.hit("k:p", None, month)).allowed
+    assert (await limiter.hit("k:p", None, day)).allowed
+    assert (await limiter.usage("k:p", month)).used == 8
+    outcomes = [(await limiter.hit("k:p", None, month)).outcome for _ in range(3)]
+    assert outcomes == ["allowed", "allowed", "quota_exceeded"]
+    assert (await limiter.usage("k:p", month)).used == 10
+    assert (await limiter.usage("k:p", day)).used == 1
