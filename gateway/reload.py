@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -60,14 +61,33 @@ def config_fingerprint(path: str) -> Fingerprint:
     return tuple(fingerprint)
 
 
+def collect_before_reload() -> None:
+    """Free the cyclic garbage made since the last reload, before the next one freezes what is
+    alive (`freeze_long_lived`). Cycles come from libraries the gateway does not control (an
+    aiohttp route answering an unknown admin path refers to itself; a traceback kept with an
+    error), and between two reloads they reach the oldest generation, which the collector
+    rarely walks: frozen, each stayed for good. Done before the new config arrives, this
+    walks only what is not frozen already (the old config is): the connections and requests of
+    the moment and the caches.
+    """
+    started = time.perf_counter()
+    found = gc.collect()
+    log.debug(
+        "collected %d objects before the reload in %.1f ms",
+        found,
+        (time.perf_counter() - started) * 1000,
+    )
+
+
 def freeze_long_lived() -> None:
     """Leave what is alive now (the config, its snapshot) out of future full collections.
 
     A config is built once and lives until the next reload, and it holds no reference
     cycles, so reference counting frees it when it is replaced; the cyclic collector has
-    nothing to find in it, yet a full collection walks all of it. No collection first: it
-    would walk the new config just the same (200-330 ms for 100,000 keys); what little
-    cyclic garbage is alive now stays frozen with it. That is why a request must leave no
+    nothing to find in it, yet a full collection walks all of it. No collection right before:
+    it would walk the new config just the same (200-330 ms for 100,000 keys); the garbage of
+    the time between reloads went before the new config came (`collect_before_reload`), and
+    what little was made since stays frozen. That is why a request must leave no
     cycle that holds it (and through it the config it was served with): one made during a
     reload would keep that old config alive for good (tested in test_statuses.py).
     """
@@ -128,6 +148,7 @@ class Reloader:
         # whole heap on whichever thread allocates next, the event loop's as likely as not
         # (measured: 15-30 ms with 10,000 keys, growing with the number of keys).
         async with self._one_at_a_time:
+            collect_before_reload()
             with collector_paused(then_freeze=True):
                 self._fingerprint = self._seen = config_fingerprint(self._path)
                 try:

@@ -72,7 +72,7 @@ class Refunds:
                 "could not give back %d units of %s (%s); not retried, so never twice",
                 receipt.cost,
                 subject,
-                exc or "timed out",
+                str(exc) or "timed out",  # a TimeoutError says nothing of itself
             )
             self._count(product, receipt.plan, "error", receipt.cost)
             return
