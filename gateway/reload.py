@@ -29,13 +29,11 @@ from gateway.config.isolated import (
 )
 from gateway.config.loader import collector_paused, config_files
 from gateway.config.model import Config, ServerConfig, StorageConfig, Timeouts
-from gateway.tasks import stop_tasks
+from gateway.tasks import STEP_TIMEOUT, stop_tasks
 
 log = logging.getLogger("gateway.reload")
 
 POLL_INTERVAL = 0.25
-# Bound on waiting for a reload under way (its config read in a thread) at a drain.
-STOP_TIMEOUT = 1.0
 
 
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
@@ -223,7 +221,7 @@ class Reloader:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        await stop_tasks([*self._reloads, self._task], STOP_TIMEOUT, "a config reload")
+        await stop_tasks([*self._reloads, self._task], STEP_TIMEOUT, "a config reload")
         self._task = None
 
     async def _watch(self) -> None:

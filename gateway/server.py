@@ -38,7 +38,7 @@ from gateway.reload import (
     warn_of_restart_only_changes,
 )
 from gateway.supervisor import FORWARDED_SIGNALS, supervise
-from gateway.tasks import stop_tasks
+from gateway.tasks import finish_within, stop_tasks
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -225,15 +225,9 @@ def _run_bounded(main: Coroutine[Any, Any, float | None]) -> None:
 
 
 async def _bounded(step: Awaitable[object], what: str, close_by: float) -> None:
-    """Await `step` until `close_by` (loop time; at least _LAST_STEP); a warning names one that
-    takes longer."""
-    loop = asyncio.get_running_loop()
-    within = max(_LAST_STEP, close_by - loop.time())
-    try:
-        async with asyncio.timeout(within):
-            await step
-    except TimeoutError:
-        log.warning("%s did not finish within %.1fs; exiting without it", what, within)
+    """Await `step` until `close_by` (loop time; at least _LAST_STEP)."""
+    within = max(_LAST_STEP, close_by - asyncio.get_running_loop().time())
+    await finish_within(step, within, what)
 
 
 class Worker:
@@ -385,12 +379,12 @@ class Worker:
 
         if self._proxy_listener is not None:
             self._proxy_listener.close()
-        loop = asyncio.get_running_loop()
-        close_by = loop.time() + CLOSE_TIMEOUT
-        if self._proxy_server is not None:
-            await self._proxy_server.shutdown(self.config.server.drain_timeout)
+        served = self._proxy_server
+        if served is not None:
+            await served.shutdown(self.config.server.drain_timeout)
             self._proxy_server = None
-            close_by = loop.time() + CLOSE_TIMEOUT
+        close_by = asyncio.get_running_loop().time() + CLOSE_TIMEOUT
+        if served is not None:
             closing = close_runtime(self.runtime)
             await _bounded(closing, "closing the storage and upstream connections", close_by)
         if self._admin_runner is not None:

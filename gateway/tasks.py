@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 log = logging.getLogger("gateway")
+
+# Bound on one step of closing a worker's parts (a background task's end, a client's close):
+# a storage that hangs must not hold up the exit.
+STEP_TIMEOUT = 1.0
 
 # After the first cancellation a task has this share of the bound to unwind (its own bounded
 # clean-up: a Redis connection closed, say) before it is cancelled again, then every
@@ -54,6 +58,18 @@ async def stop_tasks(
             )
             return False
         wait = _RECANCEL_EVERY
+
+
+async def finish_within(step: Awaitable[object], within: float, what: str) -> bool:
+    """Await `step` for `within` seconds at most; whether it finished. One that takes longer
+    is named in a warning and left behind."""
+    try:
+        async with asyncio.timeout(within):
+            await step
+    except TimeoutError:
+        log.warning("%s did not finish within %.1fs; going on without it", what, within)
+        return False
+    return True
 
 
 def _where(task: asyncio.Task[object]) -> str:

@@ -13,12 +13,9 @@ for that once many connections were accepted since it last did (`HttpServer`): 1
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Callable
 
 __all__ = ["release_free_memory"]
-
-log = logging.getLogger("gateway.http")
 
 
 def _malloc_trim() -> Callable[[], object] | None:

@@ -211,9 +211,7 @@ class MemoryLimiter:
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         returned = 0
-        counter = self._quotas.get(subject)
-        if counter is None or counter.start != receipt.period_start:
-            counter = self._set_aside.get((subject, receipt.period_start))
+        counter = self._counter_of(subject, receipt.period_start)
         if counter is not None and counter.stamp == receipt.quota_stamp:
             returned = min(receipt.cost, counter.used)
             counter.used -= returned
@@ -247,11 +245,9 @@ class MemoryLimiter:
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
-        counter = self._quotas.get(subject)
-        if counter is None or counter.start != start:
-            counter = self._set_aside.get((subject, start))
+        counter = self._counter_of(subject, start)
         used = credit = 0
-        if counter is not None and counter.start == start:
+        if counter is not None:
             used, credit = counter.used, counter.credit
         limit = quota.limit + credit
         return QuotaUsage(
@@ -260,9 +256,7 @@ class MemoryLimiter:
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
         start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
-        counter = self._quotas.get(subject)
-        if counter is None or counter.start != start:
-            counter = self._set_aside.get((subject, start))  # this rule's period's, if any
+        counter = self._counter_of(subject, start)  # this rule's period's, if any
         if counter is not None:
             # A new incarnation too: refunds of requests admitted before the reset then leave
             # it alone instead of taking from requests admitted since.
@@ -319,6 +313,13 @@ class MemoryLimiter:
         counter = self._quotas.get(subject)
         if counter is None or counter.start != start:
             counter = self._switch(subject, counter, start, end, now)
+        return counter
+
+    def _counter_of(self, subject: str, start: float) -> _QuotaCount | None:
+        """The subject's counter of the period that starts at `start`: in use, or set aside."""
+        counter = self._quotas.get(subject)
+        if counter is None or counter.start != start:
+            counter = self._set_aside.get((subject, start))
         return counter
 
     def _switch(

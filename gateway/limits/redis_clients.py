@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.config.storage_url import SENTINEL_SCHEMES, parse_cluster_url, parse_sentinel_url
 from gateway.limits.base import StorageError
 from gateway.limits.redis_cluster import ClusterClient
-from gateway.tasks import stop_tasks
+from gateway.tasks import STEP_TIMEOUT, finish_within, stop_tasks
 
 AnyRedis = Redis | RedisCluster
 
@@ -45,8 +45,6 @@ _CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss
 
 # How often a connection to a Sentinel-named master checks that it is still the one named.
 MASTER_RECHECK_SECONDS = 0.5
-# Bound on each step of closing the clients (a background task's end, a client's close).
-CLOSE_TIMEOUT = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +112,20 @@ class StorageRedis:
             return  # another holder still uses them
         self._closed = True
         follower, self._follower = self._follower, None
-        await stop_tasks([follower], CLOSE_TIMEOUT, "following the Sentinels' master")
+        await stop_tasks([follower], STEP_TIMEOUT, "following the Sentinels' master")
         # Each close bounded: a storage that hangs must not hold up a worker's exit.
         try:
             if isinstance(self.client, ClusterClient):
-                await _bounded(self.client.close_for_good(), "closing the storage client")
+                closing = self.client.close_for_good()
             else:
-                await _bounded(self.client.aclose(), "closing the storage client")
+                closing = self.client.aclose()
+            await finish_within(closing, STEP_TIMEOUT, "closing the storage client")
         finally:
             if self._sentinel is not None:
                 # One by one: Sentinel.aclose is recent in redis-py; its clients' is not.
                 for sentinel_client in self._sentinel.sentinels:
-                    await _bounded(sentinel_client.aclose(), "closing a Sentinel client")
-
-
-async def _bounded(closing: Awaitable[object], what: str) -> None:
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await closing
-    except TimeoutError:
-        log.warning("%s took over %.1fs; left to the process's exit", what, CLOSE_TIMEOUT)
+                    closing = sentinel_client.aclose()
+                    await finish_within(closing, STEP_TIMEOUT, "closing a Sentinel client")
 
 
 class StorageGuard:

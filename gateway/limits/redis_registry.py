@@ -36,18 +36,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.limits.base import DAY_SECONDS, HISTORY_DAYS, StorageError, day_of, day_text
-from gateway.limits.redis_clients import CLOSE_TIMEOUT, StorageGuard
+from gateway.limits.redis_clients import StorageGuard
 from gateway.limits.redis_layout import AnyRedis
 from gateway.limits.resp import ScriptPipeline, pack
-from gateway.tasks import stop_tasks
+from gateway.tasks import STEP_TIMEOUT, stop_tasks
 
 LEGACY_KEY = "gw:subscriptions"
 SINCE_KEY = "gw:subs:since"
 # Subjects remembered as recorded by this process; beyond it the memory starts afresh (and
 # each subject is recorded once more on its next admission).
 _MAX_REMEMBERED = 10_000
-# A recording that failed is tried again after this many seconds, doubled each time up to the
-# last: until it is in, the day's export does not know the subscription had history.
+# A recording that failed is tried again after these many seconds, then every last one: until
+# it is in, the day's export does not know the subscription had history.
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ class SubscriptionRegistry:
         self._since: int | None = None
         self.recorded: set[str] = set()  # subjects recorded, or on their way
         self._recording: set[asyncio.Task[object]] = set()  # calls under way
-        # (subject, day) recordings that failed and are being tried again, and their tasks
+        # Recordings of (subject, day) that failed, each tried again by a task of its own
         # (apart: a history or export waits for the calls under way, never for these).
-        self._retrying: set[tuple[str, int]] = set()
-        self._retries: set[asyncio.Task[None]] = set()
+        self._retries: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     def record(self, subject: str, day: int) -> None:
         """Record `subject` as having history on `day`, in the background: the admission that
@@ -108,12 +107,12 @@ class SubscriptionRegistry:
         self._record_until_in(subject, day)
 
     def _record_until_in(self, subject: str, day: int) -> None:
-        if (subject, day) in self._retrying:
+        recording = (subject, day)
+        if recording in self._retries:
             return  # tried again already
-        self._retrying.add((subject, day))
         task = asyncio.get_running_loop().create_task(self._retry(subject, day))
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
+        self._retries[recording] = task
+        task.add_done_callback(lambda _: self._retries.pop(recording, None))
 
     async def _retry(self, subject: str, day: int) -> None:
         """Records `subject` for `day` until that is in. Recording is idempotent (set adds and
@@ -121,14 +120,10 @@ class SubscriptionRegistry:
         subscription whose recording failed (a Redis stalled or restarting just then) was in
         the history but never in the export, unless another admission in this process came
         after it that day."""
-        try:
-            for attempt in itertools.count():
-                delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
-                await asyncio.sleep(delay)
-                if await self._record(subject, day, retried=True):
-                    return
-        finally:
-            self._retrying.discard((subject, day))
+        for attempt in itertools.count():
+            await asyncio.sleep(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)])
+            if await self._record(subject, day, retried=True):
+                return
 
     async def _record(self, subject: str, day: int, retried: bool = False) -> bool:
         key_name, _, product = subject.partition(":")
@@ -228,5 +223,5 @@ class SubscriptionRegistry:
     async def close(self) -> None:
         # Recording is best effort: a process that stops need not wait for it.
         await stop_tasks(
-            [*self._recording, *self._retries], CLOSE_TIMEOUT, "recording a subscription"
+            [*self._recording, *self._retries.values()], STEP_TIMEOUT, "recording a subscription"
         )

@@ -33,16 +33,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from gateway.limits.redis_clock import RedisClock, time_reply_us
-from gateway.tasks import stop_tasks
+from gateway.tasks import STEP_TIMEOUT, stop_tasks
 
 # A call: where its reply goes (None: a reply nobody waits for) and its packed command,
 # empty once the call may not be retried.
 _Call = tuple["asyncio.Future[Any] | None", bytes]
 # uvloop rounds timers to the millisecond and may fire that much early.
 _TIMER_SLACK = 0.001
-# Bound on each step of `close`: a background task's end, the connection's.
-CLOSE_TIMEOUT = 1.0
-# What a cancelled call's caller is told when no reply will come (see `_fail`).
+# What came of a call that failed: no reply (see `_Abandoned`).
 _NO_REPLY = object()
 # Hits of one tick beyond this many go out in another write. Measured in the bench (one core
 # for the gateway, Redis sharing the other with the load): 16 kept both busy; smaller batches
@@ -117,11 +115,8 @@ class ScriptPipeline:
         self._retiring: set[_Connection] = set()
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
-        # Replies still wanted of calls whose callers stopped waiting (`when_answered`).
-        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
-        # What came of a cancelled call (its reply, or _NO_REPLY when it failed) before its
-        # caller could say where the reply goes: kept for one turn of the loop (`_unclaimed`).
-        self._unclaimed: dict[asyncio.Future[Any], Any] = {}
+        # Calls whose callers stopped waiting, and where their replies go (`when_answered`).
+        self._abandoned = _Abandoned()
 
     def run(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to `packed`; error replies and failures come as its exception."""
@@ -152,17 +147,7 @@ class ScriptPipeline:
             if future.exception() is None:
                 future.get_loop().call_soon(late, future.result())
             return
-        elif future in self._unclaimed:
-            # Cancelled, and its reply read (or the call failed) in the same turn, after the
-            # cancellation and before the caller could get here (a client's connection_lost
-            # and Redis's reply in one poll of the loop): no reply is to come, so none may be
-            # waited for. Held here, `late` (the request, and the config snapshot it was
-            # served with) stayed for good, and the admission was never settled.
-            reply = self._unclaimed.pop(future)
-            if reply is not _NO_REPLY and type(reply) is not ResponseError:
-                future.get_loop().call_soon(late, reply)
-            return
-        self._late[future] = late
+        self._abandoned.wanted(future, late)
 
     def deadline(self) -> bytes:
         """The deadline of a call made now on Redis's clock (see `limits/redis_clock.py`),
@@ -210,7 +195,7 @@ class ScriptPipeline:
                 address = await self._address()
                 host, port = address
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._script_loads, self._late, self._unclaimed),
+                    lambda: _Connection(loop, self._script_loads, self._abandoned),
                     host,
                     port,
                     ssl=self._ssl,
@@ -272,22 +257,22 @@ class ScriptPipeline:
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, []
         for calls, _ in waiting:
-            _fail(calls, error, self._late, self._unclaimed)
+            _fail(calls, error, self._abandoned)
 
     async def close(self) -> None:
         self._closed = True
         closed = RedisConnectionError("the limiter was closed")
         queued, self._queue = self._queue, []
-        _fail(queued, closed, self._late, self._unclaimed)
+        _fail(queued, closed, self._abandoned)
         tasks = (self._connecting, self._rechecking)
-        await stop_tasks(tasks, CLOSE_TIMEOUT, "the limiter's connecting to Redis")
+        await stop_tasks(tasks, STEP_TIMEOUT, "the limiter's connecting to Redis")
         for retiring in list(self._retiring):
             retiring.abort(closed)
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close(closed)
             # Bounded: a close waits for the write buffer to empty, into a Redis that may not read.
-            _, open_still = await asyncio.wait({connection.closed}, timeout=CLOSE_TIMEOUT)
+            _, open_still = await asyncio.wait({connection.closed}, timeout=STEP_TIMEOUT)
             if open_still:
                 connection.abort(closed)
 
@@ -299,13 +284,11 @@ class _Connection(asyncio.Protocol):
         self,
         loop: asyncio.AbstractEventLoop,
         script_loads: list[bytes],
-        late: dict[asyncio.Future[Any], Callable[[Any], None]],
-        unclaimed: dict[asyncio.Future[Any], Any],
+        abandoned: _Abandoned,
     ) -> None:
         self._loop = loop
         self._script_loads = script_loads
-        self._late = late  # the pipeline's: see ScriptPipeline.when_answered
-        self._unclaimed = unclaimed  # the pipeline's too
+        self._abandoned = abandoned  # the pipeline's: see ScriptPipeline.when_answered
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Call] = deque()
@@ -327,12 +310,11 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def send(self, calls: list[_Call], deadline: float) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._retired:
-            # Lost since it was last looked at (or retired: see _check_deadline).
-            lost = RedisConnectionError("connection to Redis lost")
-            _fail(calls, lost, self._late, self._unclaimed)
+        if not self.alive:  # lost since it was last looked at (or retired: _check_deadline)
+            _fail(calls, RedisConnectionError("connection to Redis lost"), self._abandoned)
             return
+        transport = self._transport
+        assert transport is not None  # alive
         transport.write(b"".join([packed for _, packed in calls]))
         self._pending.extend(calls)
         self._sent += len(calls)
@@ -354,12 +336,7 @@ class _Connection(asyncio.Protocol):
                 if future is None:
                     self._loading -= 1
                 elif future.done():  # its caller stopped waiting
-                    late = self._late.pop(future, None) if self._late else None
-                    if late is not None:
-                        if type(reply) is not ResponseError:
-                            late(reply)
-                    elif future.cancelled():
-                        _unclaimed(future, reply, self._unclaimed)
+                    self._abandoned.settled(future, reply)
                 elif type(reply) is not ResponseError:
                     future.set_result(reply)
                 elif packed and str(reply).startswith("NOSCRIPT"):
@@ -455,30 +432,61 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: Exception) -> None:
         pending, self._pending = self._pending, deque()
         self._batches.clear()
-        _fail(pending, error, self._late, self._unclaimed)
+        _fail(pending, error, self._abandoned)
 
 
-def _fail(
-    calls: list[_Call] | deque[_Call],
-    error: Exception,
-    late: dict[asyncio.Future[Any], Callable[[Any], None]],
-    unclaimed: dict[asyncio.Future[Any], Any],
-) -> None:
+def _fail(calls: list[_Call] | deque[_Call], error: Exception, abandoned: _Abandoned) -> None:
     for future, _ in calls:
         if future is None:
             continue
         if not future.done():
             future.set_exception(error)
-        elif (late.pop(future, None) if late else None) is None and future.cancelled():
-            _unclaimed(future, _NO_REPLY, unclaimed)  # no reply will come
+        else:
+            abandoned.settled(future, _NO_REPLY)
 
 
-def _unclaimed(
-    future: asyncio.Future[Any], outcome: Any, unclaimed: dict[asyncio.Future[Any], Any]
-) -> None:
-    """What came of a call cancelled since the last turn, whose caller (a task being woken with
-    the CancelledError) has not said yet whether it wants the reply: it says so in that step
-    (`ScriptPipeline.when_answered`), which runs before anything called soon from here, so
-    `outcome` is kept until then, and no longer."""
-    unclaimed[future] = outcome
-    future.get_loop().call_soon(unclaimed.pop, future, None)
+class _Abandoned:
+    """Calls whose callers stopped waiting (cancelled: the client left), and what becomes of
+    what came of them (a reply, or _NO_REPLY for a failure): a reply goes to the callback the
+    caller named (`ScriptPipeline.when_answered`), and is told only if it is a result.
+
+    What comes in the turn of the cancellation, after it and before the caller (a task being
+    woken with the CancelledError) could name a callback, is kept for that one turn: the
+    caller names it in that step, which runs before anything called soon from here. (A
+    client's connection_lost and Redis's reply in one poll of the loop: the caller then waited
+    for a reply that had gone by, which held its request, and the config snapshot it was
+    served with, for good, and the admission was never settled.)
+    """
+
+    __slots__ = ("_late", "_unclaimed")
+
+    def __init__(self) -> None:
+        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
+        self._unclaimed: dict[asyncio.Future[Any], Any] = {}
+
+    def wanted(self, future: asyncio.Future[Any], late: Callable[[Any], None]) -> None:
+        """`late` gets what comes of the cancelled call of `future`, if it is a result."""
+        if future in self._unclaimed:
+            _tell_soon(future, late, self._unclaimed.pop(future))
+        else:
+            self._late[future] = late
+
+    def settled(self, future: asyncio.Future[Any], outcome: Any) -> None:
+        """What came of the call of `future`, whose caller stopped waiting."""
+        late = self._late.pop(future, None) if self._late else None
+        if late is not None:
+            if _is_result(outcome):
+                late(outcome)
+        elif future.cancelled():
+            unclaimed = self._unclaimed
+            unclaimed[future] = outcome
+            future.get_loop().call_soon(unclaimed.pop, future, None)
+
+
+def _is_result(outcome: Any) -> bool:
+    return outcome is not _NO_REPLY and type(outcome) is not ResponseError
+
+
+def _tell_soon(future: asyncio.Future[Any], late: Callable[[Any], None], outcome: Any) -> None:
+    if _is_result(outcome):
+        future.get_loop().call_soon(late, outcome)
