@@ -87,8 +87,8 @@ _REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
-# Subjects whose EVALSHA is kept ready; subjects come from the config, so this bound only
-# matters across reloads that retire many keys.
+# Subjects whose EVALSHA is kept ready, at most (about 1.7 KB each); they are also dropped
+# when a day ends (RedisLimiter._remember_command).
 _MAX_COMMANDS = 10_000
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class RedisLimiter:
         self._clock = clock
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
+        self._commands_day = 0  # the day the commands in _commands were made for
         # On a single Redis the hits of one tick go out together on a connection of their
         # own, each batch under the storage timeout already; on a cluster each hit is its
         # own redis-py call under _guard.
@@ -280,8 +281,12 @@ class RedisLimiter:
             self._registry.record(subject, day)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
-        if len(self._commands) >= _MAX_COMMANDS:
+        day = shape[5]
+        if day != self._commands_day or len(self._commands) >= _MAX_COMMANDS:
+            # A command names its day's key, so none made before today is used again: this
+            # drops a deleted key's (or one no longer called) at the latest when its day ends.
             self._commands.clear()
+            self._commands_day = day
         command = self._commands[subject] = self._command(subject, shape)
         return command
 

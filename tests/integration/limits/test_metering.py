@@ -448,6 +448,28 @@ async def test_a_gateway_whose_clock_lags_redis_still_counts(redis_server: Redis
         await lagging.close()
 
 
+async def test_prepared_checks_are_kept_for_the_subjects_of_the_current_day_only(
+    redis_server: RedisServer,
+) -> None:
+    """Each subject's check is prepared once and kept; a deleted key's is never used again,
+    so at the latest the day's end lets it go (it stayed until 10,000 were kept)."""
+    now = [time.time()]
+    limiter = RedisLimiter(open_storage_redis(redis_server.url, 2.0), 2.0, clock=lambda: now[0])
+    try:
+        rule = quota(100)
+        gone = [f"{new_key()}:soccer" for _ in range(3)]
+        for subject in gone:
+            assert (await limiter.hit(subject, None, rule)).allowed
+        assert set(limiter._commands) == set(gone)
+        now[0] += 86400
+        staying = f"{new_key()}:soccer"
+        assert (await limiter.hit(staying, None, rule)).allowed
+        assert set(limiter._commands) == {staying}
+        assert (await limiter.usage(staying, rule)).used == 1
+    finally:
+        await limiter.close()
+
+
 async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> object:
     deadline = time.monotonic() + 10
     while True:
