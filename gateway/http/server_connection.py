@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
 _TRAILER_TOO_LARGE = f"its trailer section is over {HEAD_LIMIT} bytes"
+_SIZE_LINE_TOO_LARGE = f"a chunk's size line is over {HEAD_LIMIT} bytes"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
 # Bytes a client may send after an upgrade request while its answer is awaited (a WebSocket
@@ -92,6 +93,13 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._chunk_header_in_read = False  # that header came in the read being parsed
         self._trailer_received = 0
         self._trailer_fields = 0
+        # A chunk's size line, extensions and all, is bounded as a head is: httptools reads
+        # extensions without a callback, so an endless one was read for as long as the client
+        # kept sending. Its whole reads are counted (the reads where it begins or ends are
+        # not, an error of at most two reads); set from the Transfer-Encoding line on, but
+        # counted from the first read after the head.
+        self._in_size_line = False
+        self._size_line_received = 0
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None  # see _serve
@@ -131,6 +139,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                     self._pause_reading()
             return
         head = self._heads if self._in_head else -1  # the head this read may continue
+        in_size_line = self._in_size_line
         self._chunk_header_in_read = False
         try:
             self._parser.feed_data(data)
@@ -166,6 +175,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._trailer_received += len(data)
             if self._trailer_received > HEAD_LIMIT:
                 self._protocol_error(_TRAILER_TOO_LARGE)
+                return
+        if in_size_line and head < 0 and self._in_size_line and not self._chunk_header_in_read:
+            self._size_line_received += len(data)
+            if self._size_line_received > HEAD_LIMIT:
+                self._protocol_error(_SIZE_LINE_TOO_LARGE)
                 return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
@@ -252,7 +266,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             if lowered == b"content-length":
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
-                self._has_body = True
+                self._has_body = self._in_size_line = True  # the first size line is next
+                self._size_line_received = 0
                 if not only_chunked(value):
                     self._refuse_head(OTHER_CODING)
             elif lowered == b"host":
@@ -314,10 +329,15 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._pause_reading()
 
     def on_chunk_header(self) -> None:
+        self._in_size_line = False
         self._after_chunk_header = True
         self._chunk_header_in_read = True
         self._trailer_received = 0
         self._trailer_fields = 0
+
+    def on_chunk_complete(self) -> None:
+        self._in_size_line = True  # the next chunk's (the last one's is followed by the end)
+        self._size_line_received = 0
 
     def on_body(self, body: bytes) -> None:
         self._after_chunk_header = False
@@ -327,7 +347,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._pause_reading()
 
     def on_message_complete(self) -> None:
-        self._after_chunk_header = False
+        self._after_chunk_header = self._in_size_line = False
         if self._body_behind_upgrade:
             return  # only the head: the body is still to be read (`_read_body_apart`)
         request = self._parsing
@@ -345,6 +365,9 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._closing = True
+        # That parser reports no chunk headers here: its size lines and trailer are not
+        # bounded (a rare path: an upgrade request with a body, which ends the connection).
+        self._in_size_line = False
         framing = b"".join(
             b"%b: %b\r\n" % (name, value)
             for name, value in request.raw_headers

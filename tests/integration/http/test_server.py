@@ -405,6 +405,29 @@ async def test_a_trailer_section_over_64_kib_sent_at_once_gets_400() -> None:
         assert "trailer section is over 65536 bytes" in str(problem(reply)["detail"])
 
 
+async def test_a_chunk_size_line_over_64_kib_is_400_and_chunks_of_any_size_are_read() -> None:
+    """httptools reads chunk extensions without a callback: an endless one was read for as
+    long as the client kept sending, never counted against anything."""
+
+    async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
+        chunk = b"x" * 70_000
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x;ext=1\r\n%b\r\n" % (len(chunk), chunk) for _ in range(20))
+            + b"0\r\n\r\n"
+        )
+        assert (await read_reply(reader)).body == b"read"  # 1.4 MB of chunks: no size line
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1;name="
+        )
+        for _ in range(10):  # 9 are over the bound; the 10th, if a read held two of them
+            await asyncio.sleep(0.01)  # reads of their own, as a trickling client sends
+            writer.write(b"a" * 8192)
+        reply = await read_reply(reader)
+        assert reply.status == 400
+        assert "a chunk's size line is over 65536 bytes" in str(problem(reply)["detail"])
+
+
 async def test_hosts_that_are_hosts_and_http_1_0_without_one_are_served() -> None:
     for host in (
         b"Host: example.com:8080\r\n",
