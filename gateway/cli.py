@@ -78,13 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is not this gateway's to read or empty: taken out before the metrics module reads it,
     # it becomes where this gateway makes a folder of its own (README, "Metrics").
     metrics_in = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) or None
-    from gateway.config.loader import MAX_WORKERS
+    from gateway.config.loader import ENV_WORKERS, MAX_WORKERS
     from gateway.server import serve
 
-    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
-        print(f"--workers: must be 0 to {MAX_WORKERS}", file=sys.stderr)
-        return 2
-    return serve(args.config, args.workers, metrics_in=metrics_in)
+    if args.workers is not None:
+        if not 0 <= args.workers <= MAX_WORKERS:
+            print(f"--workers: must be 0 to {MAX_WORKERS}", file=sys.stderr)
+            return 2
+        # Through the environment, so that every load of the config judges this count: a
+        # file's `workers: 2` on memory:// was refused though `--workers 1` was asked for.
+        os.environ[ENV_WORKERS] = str(args.workers)
+    return serve(args.config, metrics_in=metrics_in)
 
 
 if __name__ == "__main__":  # pragma: no cover

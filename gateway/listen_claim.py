@@ -19,7 +19,7 @@ import socket
 import struct
 from collections.abc import Iterable
 
-from gateway.config.loader import WILDCARD_HOSTS, host_spellings
+from gateway.config.addresses import WILDCARD_HOSTS, host_spellings
 from gateway.config.model import Address
 
 # The claims this process holds (the supervisor's, or a single-process gateway's).

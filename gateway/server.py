@@ -106,7 +106,7 @@ def taken_address(config: Config) -> str | None:
     return None
 
 
-def serve(config_path: str, workers: int | None = None, metrics_in: str | None = None) -> int:
+def serve(config_path: str, metrics_in: str | None = None) -> int:
     """Run the gateway until it has drained; its exit code. `metrics_in`: the folder in which
     to make the workers' metrics folder (default: the system's temporary folder)."""
     # Held from the start until the handlers that act on them are in place (the supervisor's,
@@ -115,12 +115,12 @@ def serve(config_path: str, workers: int | None = None, metrics_in: str | None =
     # killed the process (143, 129), and where a container's pid 1 dropped them unseen.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        return _serve(config_path, workers, metrics_in)
+        return _serve(config_path, metrics_in)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _serve(config_path: str, workers: int | None, metrics_in: str | None) -> int:
+def _serve(config_path: str, metrics_in: str | None) -> int:
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
         # this process share only the result.
@@ -134,24 +134,15 @@ def _serve(config_path: str, workers: int | None, metrics_in: str | None) -> int
         if taken is not None:
             print(f"{config_path}: {taken}", file=sys.stderr)
             return 1
-        return _serve_claimed(config_path, config, answer, workers, metrics_in)
+        return _serve_claimed(config_path, config, answer, metrics_in)
     finally:
         listen_claim.release()  # given up at the drain already; here on every other way out
 
 
-def _serve_claimed(
-    config_path: str, config: Config, answer: bytes, workers: int | None, metrics_in: str | None
-) -> int:
-    count = workers if workers is not None else config.server.workers
-    if count == 0:
-        count = os.cpu_count() or 1
-    if count > 1 and config.storage.is_memory:
-        print(
-            f"{config_path}: storage.url: memory:// keeps limits inside one process; "
-            f"{count} workers need Redis",
-            file=sys.stderr,
-        )
-        return 1
+def _serve_claimed(config_path: str, config: Config, answer: bytes, metrics_in: str | None) -> int:
+    # The count `--workers` asked for is the config's (config/loader.py, ENV_WORKERS), and so
+    # is the check that memory:// storage has one.
+    count = config.server.workers
     if count == 1:
         # One process needs no shared metrics files: the in-memory registry is faster.
         return _run_worker_process(config_path, config, handover=None)

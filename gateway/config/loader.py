@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import os
 import re
-import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config.access import KeysReader, read_plans
+from gateway.config.addresses import (
+    ADDRESS_HINT,
+    is_loopback,
+    listens_clash,
+    parse_address,
+)
 from gateway.config.model import (
     ON_ERROR_CHOICES,
     Address,
@@ -40,6 +44,9 @@ from gateway.http.tls import TlsFileError, server_context
 
 ENV_REDIS_URL = "GATEWAY_REDIS_URL"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
+# What `gateway run --workers N` sets: a count in place of server.workers, seen by every load
+# of the config (reloads included), so that what depends on the count judges that one.
+ENV_WORKERS = "GATEWAY_WORKERS"
 _MAX_TOKEN = 4096
 # More processes than any one machine runs usefully: a typo (80000 for 8) must not fork away the
 # machine's memory before anything notices.
@@ -54,11 +61,7 @@ _AUTH_KEYS = ("header", "query_param")
 # Where a key could not be: a header that is never forwarded as sent (hop-by-hop, or set by
 # the gateway on the way up), the body's framing, or the standard form of the X-Forwarded-*.
 _NOT_A_KEY_HEADER = HOP_BY_HOP | SET_BY_PROXY | {"content-length", "forwarded"}
-
-_ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]+)")
-ADDRESS_HINT = "must be host:port or [ipv6]:port"
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,45 +185,6 @@ def _read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, _Se
     return sections
 
 
-# A host that can only mean an IPv4 address, right or wrong (`256.1.1.1`).
-_DOTTED_DIGITS = re.compile(r"[0-9]+(\.[0-9]+){3}")
-
-
-def parse_address(text: str) -> Address:
-    """`host:port` or `[ipv6]:port`; `ValueError` with a message otherwise."""
-    match = _ADDRESS.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(ADDRESS_HINT)
-    port = int(match["port"])
-    if port > 65535:
-        raise ValueError("port must be between 0 and 65535")
-    if match["ipv6"] is not None:
-        try:
-            ipaddress.IPv6Address(match["ipv6"])
-        except ValueError:
-            raise ValueError(f"{match['ipv6']!r} is not an IPv6 address") from None
-        return Address(match["ipv6"], port)
-    host = match["host"]
-    if _DOTTED_DIGITS.fullmatch(host) is not None:
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv4 address") from None
-    return Address(host, port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address `host` stands for is a loopback one (a name other than
-    `localhost` is not known to be)."""
-    for spelled in host_spellings(host):
-        try:
-            if not ipaddress.ip_address(spelled).is_loopback:
-                return False
-        except ValueError:
-            return False
-    return True
-
-
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
     choice = w.choice(node, path, ON_ERROR_CHOICES)
     # The same string, taken from ON_ERROR_CHOICES so that it carries the Literal type.
@@ -234,34 +198,6 @@ def _fraction(w: Walker, node: Node, path: str) -> float | None:
         w.report(node, path, "must be a number above 0 and at most 1, e.g. 0.5")
         return None
     return float(value)
-
-
-def _listens_clash(a: Address, b: Address) -> bool:
-    """Whether two listen addresses could be one socket's: the same port on the same host,
-    however spelled (`localhost`, `127.0.0.1`; `::1`, `0:0:0:0:0:0:0:1`), or on every host."""
-    if a.port != b.port or a.port == 0:
-        return False
-    ours, theirs = host_spellings(a.host), host_spellings(b.host)
-    return not ours.isdisjoint(theirs) or not WILDCARD_HOSTS.isdisjoint(ours | theirs)
-
-
-def host_spellings(host: str) -> set[str]:
-    """The addresses `host` stands for, as far as they are known without asking a resolver:
-    `localhost` (with its root dot, in any case), IPv4 shorthands (`127.1`), IPv4 mapped into
-    IPv6 (`::ffff:127.0.0.1`)."""
-    name = host.lower().rstrip(".")
-    if name == "localhost":
-        return {"127.0.0.1", "::1"}
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        try:
-            return {socket.inet_ntoa(socket.inet_aton(name))}  # what the system would bind
-        except OSError:
-            return {name}
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return {str(address.ipv4_mapped)}
-    return {str(address)}
 
 
 class _Builder:
@@ -327,7 +263,7 @@ class _Builder:
         token = self._admin_token()
         found = self._fields("server", _SERVER_KEYS)
         if found is None:
-            return ServerConfig(admin_token=token)
+            return ServerConfig(admin_token=token, workers=self._workers(None, storage))
         w, fields = found
 
         def address(node: Node, path: str) -> Address | None:
@@ -343,7 +279,7 @@ class _Builder:
         listen = w.optional(fields, "listen", address, defaults.listen)
         admin = w.optional(fields, "admin_listen", address, defaults.admin_listen)
         admin_node = fields.value("admin_listen") or fields.value("listen")
-        if admin_node is not None and _listens_clash(listen, admin):
+        if admin_node is not None and listens_clash(listen, admin):
             w.report(
                 admin_node, "server.admin_listen", f"must differ from server.listen ({listen})"
             )
@@ -353,22 +289,10 @@ class _Builder:
                 "server.admin_listen",
                 f"is not a loopback address, so {ENV_ADMIN_TOKEN} must be set",
             )
-        workers = w.optional(
-            fields, "workers", lambda n, p: w.integer(n, p, minimum=0, maximum=MAX_WORKERS), 1
-        )
-        if workers == 0:
-            workers = min(os.cpu_count() or 1, MAX_WORKERS)
-        if workers > 1 and storage.is_memory:
-            w.report(
-                fields.value("workers"),
-                "server.workers",
-                f"memory:// storage lives inside one process; {workers} workers need "
-                f"redis:// storage (storage.url or {ENV_REDIS_URL})",
-            )
         return ServerConfig(
             listen=listen,
             admin_listen=admin,
-            workers=workers,
+            workers=self._workers(found, storage),
             timeouts=self._timeouts(w, fields),
             drain_timeout=w.optional(fields, "drain_timeout", w.duration, defaults.drain_timeout),
             admin_token=token,
@@ -410,6 +334,36 @@ class _Builder:
                 fields, "websocket_idle", w.duration, defaults.websocket_idle
             ),
         )
+
+    def _workers(self, found: tuple[Walker, Fields] | None, storage: StorageConfig) -> int:
+        """server.workers, or ENV_WORKERS in its place; 0 is one per CPU."""
+        workers = 1
+        if found is not None:
+            w, fields = found
+            workers = w.optional(
+                fields, "workers", lambda n, p: w.integer(n, p, minimum=0, maximum=MAX_WORKERS), 1
+            )
+        raw = self.env.get(ENV_WORKERS, "").strip()
+        where: tuple[Walker, Node] | None = None  # the file's line, unless ENV_WORKERS says
+        if raw and raw.isdecimal() and int(raw) <= MAX_WORKERS:
+            workers = int(raw)
+        elif raw:
+            problem = f"must be a whole number from 0 to {MAX_WORKERS}"
+            self.issues.append(ConfigIssue(ENV_WORKERS, None, "server.workers", problem))
+        elif found is not None and (node := found[1].value("workers")) is not None:
+            where = found[0], node
+        if workers == 0:
+            workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        if workers > 1 and storage.is_memory:
+            problem = (
+                f"memory:// storage lives inside one process; {workers} workers need "
+                f"redis:// storage (storage.url or {ENV_REDIS_URL})"
+            )
+            if where is not None:
+                where[0].report(where[1], "server.workers", problem)
+            else:
+                self.issues.append(ConfigIssue(ENV_WORKERS, None, "server.workers", problem))
+        return workers
 
     def _storage(self) -> StorageConfig:
         defaults = StorageConfig()

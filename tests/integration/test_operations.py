@@ -30,6 +30,7 @@ from tests.support.operations import (
     connection_refused,
     cpu_seconds,
     parent_of,
+    scrape,
     serving_workers,
     wait_for,
 )
@@ -571,3 +572,25 @@ def test_a_burst_of_new_clients_waits_in_the_queue_of_a_busy_worker(tmp_path: Pa
         for client in burst:
             client.close()
         gateway.close()
+
+
+def test_workers_on_the_command_line_win_over_the_file_and_its_reloads(tmp_path: Path) -> None:
+    """`--workers 1` on a file's `workers: 2` with memory:// storage: one worker, which serves
+    and reloads. The file's count was judged instead, and the gateway refused to start."""
+    config = tmp_path / "config"
+    proxy_port, admin_port = free_ports(2)
+    server = server_yaml(proxy_port, admin_port, "memory://", workers=2)
+    write_config(config, API.format(upstream="http://127.0.0.1:9", secret=SECRET), server=server)
+    gateway = GatewayProcess(config, workers=1)
+    try:
+        gateway.start(proxy_port, admin_port)
+        gateway.signal(signal.SIGHUP)
+        reloads = "gateway_config_reloads_total"
+        wait_for(lambda: scrape(admin_port).series(reloads, "result").get(("ok",)), 10, "reload")
+        assert scrape(admin_port).series(reloads, "result").get(("error",), 0) == 0
+        assert children_of(gateway.proc.pid if gateway.proc else 0) == []  # no supervisor
+    finally:
+        assert gateway.stop() == 0
+    refused = GatewayProcess(config, workers=3)
+    with pytest.raises(RuntimeError, match=r"GATEWAY_WORKERS: server\.workers: memory://"):
+        refused.start(proxy_port, admin_port)

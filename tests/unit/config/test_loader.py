@@ -476,6 +476,33 @@ def test_redis_url_from_the_environment_wins(tmp_path: Path) -> None:
     assert config.server.workers == 4
 
 
+def test_workers_from_the_environment_are_the_count_judged(tmp_path: Path) -> None:
+    """What `gateway run --workers N` sets: a file's `workers: 2` on memory:// was refused
+    though one worker was asked for."""
+    path = write_config_file(tmp_path, "server: {workers: 2}\nstorage: {url: memory://}\n")
+    assert load_config(path, env={"GATEWAY_WORKERS": "1"}).server.workers == 1
+    assert issues_of(path) == [
+        f"{path}:1: server.workers: memory:// storage lives inside one process; 2 workers need "
+        "redis:// storage (storage.url or GATEWAY_REDIS_URL)"
+    ]
+    alone = write_config_file(tmp_path, "")  # no server section: memory:// and one worker
+    assert issues_of(alone, env={"GATEWAY_WORKERS": "3"}) == [
+        "GATEWAY_WORKERS: server.workers: memory:// storage lives inside one process; 3 workers "
+        "need redis:// storage (storage.url or GATEWAY_REDIS_URL)"
+    ]
+    redis = {"GATEWAY_REDIS_URL": "redis://10.0.0.1"}
+    assert load_config(alone, env={**redis, "GATEWAY_WORKERS": " 3 "}).server.workers == 3
+    for bad in ("-1", "many", "257", "2.5"):
+        assert issues_of(alone, env={**redis, "GATEWAY_WORKERS": bad}) == [
+            "GATEWAY_WORKERS: server.workers: must be a whole number from 0 to 256"
+        ]
+    # The file's own value is still checked.
+    path.write_text("server: {workers: many}\n" + MINIMAL_PRODUCTS, encoding="utf-8")
+    assert issues_of(path, env={"GATEWAY_WORKERS": "1"}) == [
+        f"{path}:1: server.workers: must be an integer"
+    ]
+
+
 def test_bad_redis_url_in_the_environment_names_the_variable(tmp_path: Path) -> None:
     path = write_config_file(tmp_path, "storage: {url: memory://}\n")
     assert issues_of(path, env={"GATEWAY_REDIS_URL": "redis://:99999"}) == [
