@@ -127,13 +127,16 @@ class SubscriptionRegistry:
 
     async def _record(self, subject: str, day: int, retried: bool = False) -> bool:
         key_name, _, product = subject.partition(":")
-        # The history of `day` is kept until this; the sets that name it, as long.
+        # The history of `day` is kept until this; the sets that name it, as long. The key's
+        # set names its later days too: a retried recording of an earlier day must not
+        # shorten it, so it is kept as long as today's history (a day more at most).
         until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
+        key_until = str((max(day, day_of(self._clock())) + 1 + HISTORY_DAYS) * DAY_SECONDS)
         commands: tuple[tuple[str, ...], ...] = (
             ("SADD", day_set(day), subject),
             ("EXPIREAT", day_set(day), until),
             ("SADD", key_set(key_name), product),
-            ("EXPIREAT", key_set(key_name), until),
+            ("EXPIREAT", key_set(key_name), key_until),
         )
         try:
             # Fixed before this process first writes the old set (see the module docstring).

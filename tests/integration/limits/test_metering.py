@@ -286,6 +286,31 @@ async def test_a_day_whose_recording_failed_is_exported_without_another_admissio
         await limiter.close()
 
 
+async def test_a_late_recording_of_an_earlier_day_keeps_the_keys_history_as_long(
+    redis_server: RedisServer,
+) -> None:
+    """Each recording set the key's set of products to expire with its own day's history: one
+    retried after midnight for the day before shortened it by a day, and the key's history
+    lost its last day a day early."""
+    limiter = RedisLimiter(open_storage_redis(redis_server.url, 2.0), 2.0)
+    admin = redis_server.client()
+    key = new_key()
+    try:
+        await limiter.hit(f"{key}:soccer", None, None, 1, "pro")  # today's recording
+        await limiter._registry.settled()
+        kept = admin.pttl(f"gw:subs:key:{key}")
+        assert kept > (HISTORY_DAYS - 1) * 86_400_000
+        limiter._registry.forget(f"{key}:soccer", day_of(time.time()) - 1)  # yesterday's
+        deadline = time.monotonic() + 10
+        while limiter._registry._retries:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert admin.pttl(f"gw:subs:key:{key}") > kept - 60_000
+    finally:
+        admin.close()
+        await limiter.close()
+
+
 async def test_subscriptions_recorded_by_gateways_of_the_old_layout_are_found(
     fresh_redis_server: RedisServer,
 ) -> None:
