@@ -33,8 +33,10 @@ from gateway.config.isolated import read_config_isolated
 from gateway.config.model import Address, Config
 from gateway.reload import (
     Reloader,
+    StartingConfig,
     freeze_long_lived,
     keep_restart_only,
+    restart_only,
     warn_of_restart_only_changes,
 )
 from gateway.supervisor import FORWARDED_SIGNALS, supervise
@@ -129,23 +131,28 @@ def _serve(config_path: str, metrics_in: str | None) -> int:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
+    # From here on the config goes on in its box only: this frame lasts as long as the process.
+    starting = StartingConfig(config, answer)
+    del config, answer
     try:
-        taken = listen_claim.claim(listen_addresses(config)) or taken_address(config)
+        addresses = listen_addresses(starting.peek())
+        taken = listen_claim.claim(addresses) or taken_address(starting.peek())
         if taken is not None:
             print(f"{config_path}: {taken}", file=sys.stderr)
             return 1
-        return _serve_claimed(config_path, config, answer, metrics_in)
+        return _serve_claimed(config_path, starting, metrics_in)
     finally:
         listen_claim.release()  # given up at the drain already; here on every other way out
 
 
-def _serve_claimed(config_path: str, config: Config, answer: bytes, metrics_in: str | None) -> int:
+def _serve_claimed(config_path: str, starting: StartingConfig, metrics_in: str | None) -> int:
     # The count `--workers` asked for is the config's (config/loader.py, ENV_WORKERS), and so
     # is the check that memory:// storage has one.
-    count = config.server.workers
+    count = starting.peek().server.workers
     if count == 1:
         # One process needs no shared metrics files: the in-memory registry is faster.
-        return _run_worker_process(config_path, config, handover=None)
+        starting.take_answer()  # one process reads no handed-over config
+        return _run_worker_process(config_path, starting, handover=None)
     from gateway import metrics
 
     try:
@@ -159,7 +166,7 @@ def _serve_claimed(config_path: str, config: Config, answer: bytes, metrics_in: 
         )
         return 1
     try:
-        return supervise(config_path, config, count, answer, _run_worker_process)
+        return supervise(config_path, starting, count, _run_worker_process)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -175,12 +182,12 @@ def _install_uvloop() -> None:
 # --- worker ---------------------------------------------------------------------------
 
 
-def _run_worker_process(config_path: str, config: Config, *, handover: str | None) -> int:
+def _run_worker_process(config_path: str, starting: StartingConfig, *, handover: str | None) -> int:
     """`handover`: where a supervisor saves reloaded configs (None: not supervised)."""
     _install_uvloop()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _run_bounded(_worker(config_path, config, handover=handover))
+            _run_bounded(_worker(config_path, starting, handover=handover))
     finally:
         # A worker that failed before its drain still writes the lines it gathered: a
         # supervised one leaves with os._exit, which skips every exit handler.
@@ -234,7 +241,9 @@ class Worker:
     ) -> None:
         from gateway.runtime import build_runtime
 
-        self.config = config
+        # What only a restart changes, for the reloads (`keep_restart_only`); not the keys,
+        # which the first snapshot holds until a reload replaces them.
+        self.config = restart_only(config)
         self.runtime = build_runtime(config)
         self._config_path = config_path
         self._supervised = supervised
@@ -387,9 +396,11 @@ class Worker:
         return close_by
 
 
-async def _worker(config_path: str, config: Config, *, handover: str | None) -> float:
+async def _worker(config_path: str, starting: StartingConfig, *, handover: str | None) -> float:
     loop = asyncio.get_running_loop()
-    worker = Worker(config_path, config, supervised=handover is not None, handover=handover)
+    worker = Worker(
+        config_path, starting.take(), supervised=handover is not None, handover=handover
+    )
     await worker.start()
     freeze_long_lived()  # the config and its snapshot: see gateway.reload
     stop = asyncio.Event()
@@ -408,8 +419,8 @@ async def _worker(config_path: str, config: Config, *, handover: str | None) -> 
     log.info(
         "worker %d serving %s (admin %s)",
         os.getpid(),
-        config.server.listen,
-        config.server.admin_listen,
+        worker.config.server.listen,
+        worker.config.server.admin_listen,
     )
     await stop.wait()
     listen_claim.release()  # a single-process gateway's own (a worker holds none)

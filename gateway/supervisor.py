@@ -17,7 +17,14 @@ from typing import Any, Protocol
 from gateway import listen_claim
 from gateway.config.isolated import save_answer
 from gateway.config.model import Config
-from gateway.reload import POLL_INTERVAL, Reloader, keep_restart_only, warn_of_restart_only_changes
+from gateway.reload import (
+    POLL_INTERVAL,
+    Reloader,
+    StartingConfig,
+    keep_restart_only,
+    restart_only,
+    warn_of_restart_only_changes,
+)
 
 log = logging.getLogger("gateway.server")
 
@@ -25,7 +32,9 @@ log = logging.getLogger("gateway.server")
 class RunWorker(Protocol):
     """What a forked worker runs (`gateway.server`'s worker process); its exit code."""
 
-    def __call__(self, config_path: str, config: Config, *, handover: str | None) -> int: ...
+    def __call__(
+        self, config_path: str, starting: StartingConfig, *, handover: str | None
+    ) -> int: ...
 
 
 # The signals the supervisor passes on to its workers, and that a process holds while it
@@ -61,23 +70,21 @@ def _end_with_the_supervisor(supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def supervise(
-    config_path: str, config: Config, count: int, answer: bytes, run_worker: RunWorker
-) -> int:
-    """Run `count` workers (each `run_worker(config_path, config, handover=...)` in a forked
+def supervise(config_path: str, starting: StartingConfig, count: int, run_worker: RunWorker) -> int:
+    """Run `count` workers (each `run_worker(config_path, starting, handover=...)` in a forked
     process) until they have drained; the exit code."""
     # The config the workers are to serve, as the supervisor read it (see Reloader).
     handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
     try:
         handover = os.path.join(handover_dir, "config.pickle")
-        save_answer(answer, handover)
-        return _supervise_workers(config_path, config, count, handover, run_worker)
+        save_answer(starting.take_answer(), handover)
+        return _supervise_workers(config_path, starting, count, handover, run_worker)
     finally:
         shutil.rmtree(handover_dir, ignore_errors=True)
 
 
 def _supervise_workers(
-    config_path: str, config: Config, count: int, handover: str, run_worker: RunWorker
+    config_path: str, starting: StartingConfig, count: int, handover: str, run_worker: RunWorker
 ) -> int:
     from gateway import metrics
 
@@ -87,8 +94,11 @@ def _supervise_workers(
     restart_at: dict[int, float] = {}  # worker index -> when to start it again
     stopping = False
     # A worker started after a reload must start from the reloaded config, with what only a
-    # restart applies as the others have it (`keep_restart_only`).
-    latest = config
+    # restart applies as the others have it (`keep_restart_only`). A forked worker takes the
+    # config out of its copy of `latest` (see StartingConfig). Taken out of `starting` here,
+    # which the frames of this process hold: a reload then lets the started config go.
+    first = restart_only(starting.peek())
+    latest = StartingConfig(starting.take())
 
     def spawn(index: int) -> None:
         # Until the new worker is in `children`, a signal to forward would miss it: hold them.
@@ -135,8 +145,8 @@ def _supervise_workers(
     # The supervisor validates reloads and counts them once, not once per worker.
     def hand_to_workers(reloaded: Config) -> None:
         nonlocal latest
-        warn_of_restart_only_changes(config, reloaded)
-        latest = keep_restart_only(config, reloaded)
+        warn_of_restart_only_changes(first, reloaded)
+        latest = StartingConfig(keep_restart_only(first, reloaded))
         forward(signal.SIGHUP, None)
 
     reloader = Reloader(
