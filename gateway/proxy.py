@@ -276,9 +276,12 @@ async def forward(
     started = time.perf_counter()
     interim = request.connection.relay_interim
     if tunnel_idle is not None:
-        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them.
+        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them. The
+        # client's bytes as they came (decoding reversed): a value with a byte above 0x7f
+        # failed as Latin-1 (a 500 with a traceback, the request charged) or changed on its way.
         upgrade = request.header(b"upgrade") or "websocket"
-        headers += ((b"Connection", b"Upgrade"), (b"Upgrade", upgrade.encode("latin-1")))
+        upgrade_line = (b"Upgrade", upgrade.encode("utf-8", "surrogateescape"))
+        headers += ((b"Connection", b"Upgrade"), upgrade_line)
         reply = await destination.client.send(
             request.method, target, headers, None, on_interim=interim, upgrade=True
         )

@@ -411,3 +411,33 @@ async def test_an_ended_tunnel_leaves_no_cycle(tmp_path: Path) -> None:
             gc.set_debug(0)
             gc.garbage.clear()
     assert kept == set()
+
+
+@pytest.mark.parametrize(
+    "protocols", [b"websocket, x\xe2\x82\xac", b"websocket, caf\xc3\xa9", b"websocket, x\xff"]
+)
+async def test_an_upgrade_value_beyond_ascii_reaches_the_upstream_as_sent(
+    tmp_path: Path, protocols: bytes
+) -> None:
+    """The Upgrade line was re-encoded as Latin-1 from its decoded text: a character beyond it
+    (or a byte that is not UTF-8) was a 500 with a traceback after the limits had charged the
+    request, and one within it (`é`) reached the upstream as other bytes than the client's."""
+    seen: list[bytes] = []
+
+    async def switch(peer: Peer) -> None:
+        seen.append(await peer.head())
+        await peer.send(SWITCHED)
+        await peer.reader.read()
+
+    async with raw_upstream(switch) as upstream:
+        url = f"http://127.0.0.1:{upstream.port}"
+        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
+        async with running_gateway(directory) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(raw_handshake(b"1.1").replace(b"websocket", protocols))
+            try:
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            finally:
+                writer.close()
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    assert b"\r\nUpgrade: " + protocols + b"\r\n" in seen[0]
