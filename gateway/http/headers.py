@@ -359,7 +359,10 @@ def switching_protocols_head(
         if name.lower() == b"upgrade":
             protocol = value
             break
-    block = client_response_head(upstream_lines, extra).block
+    head = client_response_head(upstream_lines, extra)
+    # A 1xx may not carry a Content-Length (RFC 9110 8.6), as with the interim answers: a
+    # client could read that many bytes of the new protocol as the 101's body.
+    block = head.block if head.content_length is None else without_length(head.block)
     return (
         status_line(101, reason or "Switching Protocols")
         + block

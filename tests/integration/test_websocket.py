@@ -441,3 +441,22 @@ async def test_an_upgrade_value_beyond_ascii_reaches_the_upstream_as_sent(
                 writer.close()
     assert answer.startswith(b"HTTP/1.1 101 "), answer
     assert b"\r\nUpgrade: " + protocols + b"\r\n" in seen[0]
+
+
+async def test_a_101_reaches_the_client_without_the_upstreams_content_length(
+    tmp_path: Path,
+) -> None:
+    """README: a 1xx loses the Content-Length an upstream gave it. The 101 kept it, and a
+    client reading it would take the upstream's first frames for the 101's body."""
+
+    async def switch_with_length(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(SWITCHED.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello"))
+        await peer.reader.read()
+
+    async with handshake_before(tmp_path, switch_with_length) as (_, reader, _):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        first = await asyncio.wait_for(reader.readexactly(5), 5)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"content-length" not in head.lower()
+    assert first == b"hello"  # the new protocol's bytes, relayed as they came

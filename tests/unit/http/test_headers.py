@@ -229,3 +229,20 @@ def test_switching_protocols_head_says_what_it_switched_to() -> None:
         b"X-Request-ID: abc\r\n"
         b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
+
+
+def test_switching_protocols_head_loses_the_upstreams_content_length() -> None:
+    """A 1xx may not carry a Content-Length (RFC 9110 8.6): the interim answers lost theirs,
+    the 101 kept it, and a client could read that many bytes of the new protocol as its body."""
+    lines = [
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Content-Length", b"5"),
+        (b"Date", b"Tue, 01 Dec 2026 10:00:00 GMT"),
+    ]
+    head = switching_protocols_head("Switching Protocols", lines, None)
+    assert head == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Date: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
