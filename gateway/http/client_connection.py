@@ -201,6 +201,11 @@ class HttpConnection(asyncio.Protocol):
     # --- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._reply is None:
+            # A message begun after the answer, in the read that ended it: nobody asked for
+            # it. Only its start may be here (no error yet); kept in the pool, the connection
+            # gave its rest to the next request, as that request's answer.
+            self.reusable = False
         if self._interim_said_close:
             self._parser.set_dangerous_leniencies(lenient_keep_alive=False)
         self._header_lines = []

@@ -167,6 +167,32 @@ async def test_a_late_body_after_a_head_answer_is_never_the_next_answer() -> Non
         reply.finish()
 
 
+async def test_the_start_of_an_unasked_answer_after_an_answer_is_never_the_next_answer() -> None:
+    """Bytes after a complete answer, in the same read, that begin another one (no parse error
+    yet): the connection went back to the pool with that answer half-read, and the next
+    request, whoever's it was, got it whole once the upstream sent the rest."""
+    smuggled = b"X-Smuggled: yes\r\nContent-Length: 7\r\n\r\nSMUGGLE"
+    honest = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def script(peer: Peer) -> None:
+        first = await peer.head()
+        if first.startswith(b"GET /first "):
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 200 OK\r\n")
+            await peer.head()  # a request on this connection would get the smuggled answer
+            await peer.send(smuggled)
+        await peer.send(honest)
+        await peer.reader.read()
+
+    async with raw_upstream(script) as up, client_for(up.port, timeout=0.5) as client:
+        reply = await client.send("GET", "/first", HOST, None)
+        assert await _body(reply) == [b"abc"]
+        reply.finish()
+        reply = await client.send("GET", "/second", HOST, None)
+        assert "X-Smuggled" not in reply.headers
+        assert await _body(reply) == [b"ok"]
+        reply.finish()
+
+
 @pytest.mark.parametrize("shape", ["many-lines", "one-endless-line"])
 async def test_a_response_head_over_64_kib_is_bad_gateway(shape: str) -> None:
     async def script(peer: Peer) -> None:
