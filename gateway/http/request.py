@@ -11,7 +11,6 @@ import asyncio
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
-import httptools
 from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from gateway.http.flow import HIGH_WATER, ChunkQueue
@@ -164,14 +163,29 @@ class Request:
 
 
 def _split_absolute(target: bytes) -> tuple[str, str, bytes | None]:
-    """An absolute-form target's path, query and authority (host, and port when given)."""
-    try:
-        url = httptools.parse_url(target)
-    except httptools.HttpParserInvalidURLError:
-        return decode(target), "", None
-    authority = url.host
-    if authority and b":" in authority:
-        authority = b"[%b]" % authority  # an IPv6 literal, which httptools unbrackets
-    if authority and url.port is not None:
-        authority += b":%d" % url.port
-    return decode(url.path or b"/"), decode(url.query or b""), authority or None
+    """An absolute-form target's path, query and authority (host, and port when given).
+
+    Split here rather than by httptools' URL parser, which refuses hosts the server's head
+    rules let through (`my_service`, `a~b`, sub-delimiters, an empty port): the whole target
+    was then routed as a path, a 404 for a request whose path has a route."""
+    _, separator, rest = target.partition(b"://")
+    if not separator:
+        return decode(target), "", None  # `*`, or anything the routes will not match
+    end = len(rest)
+    for mark in (b"/", b"?"):
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    authority, remainder = rest[:end], rest[end:]
+    path, _, query = remainder.partition(b"?")
+    return decode(path or b"/"), decode(query), _normal_authority(authority) or None
+
+
+def _normal_authority(authority: bytes) -> bytes:
+    """`host[:port]` in its normal form (RFC 3986 6.2.3): no empty port, no leading zeros."""
+    host, colon, port = authority.rpartition(b":")
+    if not colon or b"]" in port:  # no port (an IPv6 literal's colons are inside brackets)
+        return authority
+    if not port.isdigit():
+        return host
+    return b"%b:%d" % (host, int(port))

@@ -630,8 +630,13 @@ async def raw_status(gateway: Worker, head: bytes) -> bytes:
         (b"http://shop.example/soccer/v5/x", "shop.example"),
         (b"http://[::1]:8080/soccer/v5/x", "[::1]:8080"),
         (b"/soccer/v5/x", "front.example"),
+        # Hosts httptools' URL parser refused, so that the whole target was routed (a 404).
+        (b"http://shop_api/soccer/v5/x", "shop_api"),
+        (b"http://shop~1.example/soccer/v5/x", "shop~1.example"),
+        (b"http://shop.example:/soccer/v5/x", "shop.example"),
+        (b"http://shop.example:08443/soccer/v5/x", "shop.example:8443"),
     ],
-    ids=["absolute-with-port", "absolute", "ipv6", "origin-form"],
+    ids=["with-port", "absolute", "ipv6", "origin", "underscore", "tilde", "empty-port", "zero"],
 )
 async def test_x_forwarded_host_is_the_host_the_request_named(
     gateway: Worker, upstream: Upstream, target: bytes, forwarded_host: str
