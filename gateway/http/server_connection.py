@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway.http.answer import AnswerWriter
+from gateway.http.chunks import ChunkBounds
 from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
 from gateway.http.head_rules import NOT_A_HOST, head_refusal, is_host
 from gateway.http.headers import interim_head
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
-_TRAILER_TOO_LARGE = f"its trailer section is over {HEAD_LIMIT} bytes"
-_SIZE_LINE_TOO_LARGE = f"a chunk's size line is over {HEAD_LIMIT} bytes"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
 # Bytes a client may send after an upgrade request while its answer is awaited (a WebSocket
@@ -86,20 +85,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._awaiting_switch = False  # an upgrade request's answer is awaited
         self._tunnel: TunnelEnd | None = None
         self._body_paused = False
-        # A chunked body's trailer section: httptools reports its lines only once each is
-        # whole, so its bytes are counted per read (see on_chunk_header) against HEAD_LIMIT,
-        # and its whole lines apart (on_header), since the read that ends the body is not.
-        self._after_chunk_header = False  # no body byte since the last chunk header
-        self._chunk_header_in_read = False  # that header came in the read being parsed
-        self._trailer_received = 0
-        self._trailer_fields = 0
-        # A chunk's size line, extensions and all, is bounded as a head is: httptools reads
-        # extensions without a callback, so an endless one was read for as long as the client
-        # kept sending. Its whole reads are counted (the reads where it begins or ends are
-        # not, an error of at most two reads); set from the Transfer-Encoding line on, but
-        # counted from the first read after the head.
-        self._in_size_line = False
-        self._size_line_received = 0
+        self._chunked = False  # the head being read says Transfer-Encoding: chunked
+        self._chunks: ChunkBounds | None = None  # from the end of a chunked body's head on
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None  # see _serve
@@ -139,8 +126,6 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
                     self._pause_reading()
             return
         head = self._heads if self._in_head else -1  # the head this read may continue
-        in_size_line = self._in_size_line
-        self._chunk_header_in_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -169,18 +154,10 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             if self._head_received > HEAD_LIMIT:
                 self._protocol_error(_HEAD_TOO_LARGE)
                 return
-        if self._after_chunk_header and not self._chunk_header_in_read:
-            # A whole read after a chunk header without a body byte: the last chunk's
-            # trailer section (a chunk of data would have given body bytes at once).
-            self._trailer_received += len(data)
-            if self._trailer_received > HEAD_LIMIT:
-                self._protocol_error(_TRAILER_TOO_LARGE)
-                return
-        if in_size_line and head < 0 and self._in_size_line and not self._chunk_header_in_read:
-            self._size_line_received += len(data)
-            if self._size_line_received > HEAD_LIMIT:
-                self._protocol_error(_SIZE_LINE_TOO_LARGE)
-                return
+        chunks = self._chunks
+        if chunks is not None and (refusal := chunks.read_ended(len(data))) is not None:
+            self._protocol_error(refusal)
+            return
         if self._in_head and self._head_timer is None and self.transport is not None:
             # The first bytes of a head that is not complete yet: from now on it must be.
             self._head_started = time.time()
@@ -230,7 +207,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._head_received = 0
         self._head_started = 0.0  # set if the head does not arrive in one read
         self._heads += 1
-        self._has_body = False
+        self._has_body = self._chunked = False
         self._expect_continue = False
         self._request_id: bytes | None = None
         self._body_behind_upgrade = False
@@ -249,9 +226,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # judged by (RFC 9110, 6.5.1), so neither a key nor a header can arrive there.
             # Counted here as well as by the reads (data_received), which miss the read that
             # holds the last chunk's header: a 100 KB trailer sent at once got through.
-            self._trailer_fields += len(name) + len(value) + 4
-            if self._trailer_fields > HEAD_LIMIT:
-                self._refuse_head(_TRAILER_TOO_LARGE)
+            chunks = self._chunks
+            if chunks is not None:
+                refusal = chunks.trailer_field(len(name) + len(value) + 4)
+                if refusal is not None:
+                    self._refuse_head(refusal)
             return
         # llhttp drops the whitespace before a value, not the whitespace after it, which is no
         # more part of the value (RFC 9110 5.5): a key or a request id followed by a space is
@@ -266,8 +245,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             if lowered == b"content-length":
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
-                self._has_body = self._in_size_line = True  # the first size line is next
-                self._size_line_received = 0
+                self._has_body = self._chunked = True
                 if not only_chunked(value):
                     self._refuse_head(OTHER_CODING)
             elif lowered == b"host":
@@ -286,6 +264,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._chunked:
+            self._chunks = ChunkBounds()
         self._stop_head_timer()
         parser = self._parser
         version = parser.get_http_version()
@@ -329,25 +309,23 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._pause_reading()
 
     def on_chunk_header(self) -> None:
-        self._in_size_line = False
-        self._after_chunk_header = True
-        self._chunk_header_in_read = True
-        self._trailer_received = 0
-        self._trailer_fields = 0
+        if self._chunks is not None:
+            self._chunks.chunk_header()
 
     def on_chunk_complete(self) -> None:
-        self._in_size_line = True  # the next chunk's (the last one's is followed by the end)
-        self._size_line_received = 0
+        if self._chunks is not None:
+            self._chunks.chunk_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._after_chunk_header = False
+        if self._chunks is not None:
+            self._chunks.body()
         request = self._parsing
         if request is not None and request.content.feed(body) and self.transport is not None:
             self._body_paused = True
             self._pause_reading()
 
     def on_message_complete(self) -> None:
-        self._after_chunk_header = self._in_size_line = False
+        self._chunks = None
         if self._body_behind_upgrade:
             return  # only the head: the body is still to be read (`_read_body_apart`)
         request = self._parsing
@@ -367,7 +345,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._closing = True
         # That parser reports no chunk headers here: its size lines and trailer are not
         # bounded (a rare path: an upgrade request with a body, which ends the connection).
-        self._in_size_line = False
+        self._chunks = None
         framing = b"".join(
             b"%b: %b\r\n" % (name, value)
             for name, value in request.raw_headers
