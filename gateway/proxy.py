@@ -283,7 +283,7 @@ async def forward(
         upgrade_line = (b"Upgrade", upgrade.encode("utf-8", "surrogateescape"))
         headers += ((b"Connection", b"Upgrade"), upgrade_line)
         reply = await destination.client.send(
-            request.method, target, headers, None, on_interim=interim, upgrade=True
+            request.method, target, headers, None, on_interim=interim, upgrade=upgrade_line[1]
         )
         if reply.status == 101:
             upstream_seconds = time.perf_counter() - started

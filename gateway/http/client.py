@@ -71,13 +71,14 @@ class HttpClient:
         body: AsyncIterable[bytes] | None,
         *,
         on_interim: InterimHook | None = None,
-        upgrade: bool = False,
+        upgrade: bytes | None = None,
     ) -> HttpReply:
         """Send one request; returns once the response head is in.
 
         `on_interim` hears of each interim answer (1xx but 100 and 101) before that. With
-        `upgrade` the request asks to switch protocols (its headers say to what): a 101 answer's
-        connection is then taken out of the pool with `HttpReply.switch_protocols`.
+        `upgrade` (its Upgrade value, which `headers` hold too) the request asks to switch
+        protocols: a 101 to one of them takes the connection out of the pool with
+        `HttpReply.switch_protocols`, and a 101 to another is a `MalformedResponse`.
 
         Raises `ConnectTimeout` or `ResponseTimeout` when no connection is made within the
         connect timeout or the upstream stays silent longer than its timeout after the request

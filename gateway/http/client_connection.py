@@ -27,7 +27,7 @@ from gateway.http.errors import (
     UpstreamError,
 )
 from gateway.http.flow import WriteGate
-from gateway.http.headers import decode
+from gateway.http.headers import decode, protocols
 from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT, OTHER_CODING, only_chunked
 from gateway.http.reply import HttpReply, announces_body, body_ends_at_close
 from gateway.http.tunnel import TunnelEnd
@@ -101,7 +101,7 @@ class HttpConnection(asyncio.Protocol):
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
         # connection belongs to it: bytes after the head wait in `_after_switch` (reading
         # paused) until the tunnel end takes over every event.
-        self._upgrade = False
+        self._upgrade: frozenset[bytes] | None = None  # the protocols the request asks for
         self._switched = False
         self._after_switch: list[bytes] = []
         self._tunnel: TunnelEnd | None = None
@@ -245,12 +245,17 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9110 15: three digits, 1xx to 5xx; a client may not know what else means.
             self._stop_head(f"its status {status} is not one of 100 to 599")
         if status < 200:
-            if status == 101 and self._upgrade and self._reply is not None:
+            if status == 101 and self._upgrade is not None and self._reply is not None:
                 if not self._parser.should_upgrade():
                     # RFC 9110 7.8: a 101 names the protocol (Upgrade) and makes that header
                     # hop-by-hop (Connection: upgrade). Without them the parser reads on as
                     # HTTP, and the client got a 101 that ended at once, logged as a success.
                     self._stop_head("it answered 101 without Upgrade and Connection: upgrade")
+                named = b",".join(v for n, v in self._header_lines if n.lower() == b"upgrade")
+                if not protocols(named) <= self._upgrade:
+                    # RFC 9110 7.8: a server may switch only to a protocol the request named;
+                    # the client would be handed a tunnel speaking another (h2c for websocket).
+                    self._stop_head("it answered 101 with a protocol the request did not ask for")
                 # The switch that was asked for: this head is the final answer, and the
                 # connection is the tunnel's from now on (HttpParserUpgrade follows).
                 self._switched = True
@@ -343,12 +348,13 @@ class HttpConnection(asyncio.Protocol):
         chunked: bool,
         head_only: bool,
         on_interim: InterimHook | None = None,
-        upgrade: bool = False,
+        upgrade: bytes | None = None,
     ) -> HttpReply:
         """Send one request and return its answer once the head is in.
 
-        `on_interim` is told of interim answers before it; with `upgrade` the request asks to
-        switch protocols, and a 101 answer hands the connection to `switch_protocols`.
+        `on_interim` is told of interim answers before it; with `upgrade` (its Upgrade value)
+        the request asks to switch protocols, and a 101 answer hands the connection to
+        `switch_protocols`.
         """
         transport = self.transport
         if transport is None or self.closed:
@@ -356,7 +362,7 @@ class HttpConnection(asyncio.Protocol):
         self.exchanges += 1
         self._interims = 0
         self._on_interim = on_interim
-        self._upgrade = upgrade
+        self._upgrade = None if upgrade is None else protocols(upgrade)
         reply = HttpReply(self, head_only)
         self._reply = reply
         self._received = False

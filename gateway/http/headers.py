@@ -348,6 +348,12 @@ def without_length(block: bytes) -> bytes:
     )
 
 
+def protocols(upgrade: bytes) -> frozenset[bytes]:
+    """The protocols an Upgrade value names (`websocket`, `h2c`, `foo/2`), lower-case: compared
+    case-insensitively (RFC 9110 7.8)."""
+    return frozenset(p for part in upgrade.split(b",") if (p := part.strip().lower()))
+
+
 def switching_protocols_head(
     reason: str, upstream_lines: RawHeaderLines, extra: ExtraHeaders | None
 ) -> bytes:

@@ -255,6 +255,30 @@ async def test_a_101_that_does_not_name_the_switch_is_a_502(tmp_path: Path, head
     assert b"without Upgrade and Connection: upgrade" in answer
 
 
+@pytest.mark.parametrize(
+    ("upgrade", "switched"),
+    [(b"h2c", False), (b"websocket, h2c", False), (b"WebSocket", True), (b" websocket ", True)],
+)
+async def test_a_101_to_a_protocol_not_asked_for_is_a_502(
+    tmp_path: Path, upgrade: bytes, switched: bool
+) -> None:
+    """RFC 9110 7.8: a server may switch only to a protocol the request named. A 101 to h2c for
+    a WebSocket handshake was relayed, and the client handed a tunnel speaking another one."""
+
+    async def other(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+        await peer.send(b"Upgrade: %b\r\n\r\n" % upgrade)
+        await peer.reader.read()
+
+    async with handshake_before(tmp_path, other) as (_, reader, _):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    if switched:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+    else:
+        assert head.startswith(b"HTTP/1.1 502 "), head
+
+
 async def test_a_client_gone_before_the_switch_is_a_499_and_cancels_the_upstream(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
