@@ -301,6 +301,14 @@ class Walker:
         except re.error as exc:
             self.report(node, path, f"invalid regular expression: {exc.msg} at position {exc.pos}")
             return None
+        # Not re.error, but the same mistake (`[0-9]{99999999999}`; groups nested a thousand
+        # deep): they went up as a traceback out of `gateway check` and the start.
+        except OverflowError as exc:
+            self.report(node, path, f"invalid regular expression: {exc}")
+            return None
+        except RecursionError:
+            self.report(node, path, "invalid regular expression: nested too deeply")
+            return None
 
     def words(self, node: Node, path: str) -> list[str] | None:
         """A non-empty list of values compared as text (an enum of `[1, 2]` means "1", "2")."""
