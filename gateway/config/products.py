@@ -190,7 +190,13 @@ class ProductsReader:
         if url is None:
             return None
         url_node = fields.value("url")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            # urllib's "Invalid IPv6 URL", which went up as a traceback out of `gateway check`.
+            misplaced = "has a '[' or ']' out of place (an IPv6 host is written http://[::1]:9000)"
+            self.w.report(url_node, fields.at("url"), misplaced)
+            return None
         try:
             port = parts.port
         except ValueError:
