@@ -246,13 +246,7 @@ class Walker:
         if isinstance(value, bool) or not isinstance(value, int):
             self.report(node, path, "must be an integer")
             return None
-        if isinstance(node, ScalarNode) and _SURPRISING_INTEGER.fullmatch(node.value):
-            self.report(
-                node,
-                path,
-                f"{node.value} would be read as {value} (YAML 1.1 octal or base 60): write the"
-                " number in decimal, without leading zeros",
-            )
+        if self._surprising_number(node, path, value):
             return None
         if minimum is not None and value < minimum:
             self.report(node, path, f"must be at least {minimum}")
@@ -261,6 +255,21 @@ class Walker:
             self.report(node, path, f"must be at most {maximum}")
             return None
         return value
+
+    def _surprising_number(self, node: Node, path: str, value: object) -> bool:
+        """Whether `value`, a number read from `node`, was written as YAML 1.1 octal or base 60
+        (reported, then)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if not isinstance(node, ScalarNode) or not _SURPRISING_INTEGER.fullmatch(node.value):
+            return False
+        self.report(
+            node,
+            path,
+            f"{node.value} would be read as {value} (YAML 1.1 octal or base 60): write the"
+            " number in decimal, without leading zeros",
+        )
+        return True
 
     def positive(self, node: Node, path: str) -> int | None:
         """A count of requests or units: 1 to MAX_COUNT."""
@@ -275,10 +284,14 @@ class Walker:
 
     def duration(self, node: Node, path: str) -> float | None:
         """A duration longer than zero."""
+        value = self.scalar(node)
         try:
-            seconds = parse_duration(self.scalar(node))
+            seconds = parse_duration(value)
         except ValueError:
             self.report(node, path, DURATION_HINT)
+            return None
+        # A plain number of seconds is an integer too: `drain_timeout: 030` was 24 seconds.
+        if self._surprising_number(node, path, value):
             return None
         if seconds <= 0:
             self.report(node, path, "must be longer than 0")
