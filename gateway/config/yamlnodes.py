@@ -80,7 +80,13 @@ def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
                 # at 1,000 levels with a message of its own, which is kept.
                 pass
         return None, _syntax_issue(error, file)
-    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+    except yaml.reader.ReaderError as exc:
+        # A character YAML refuses (a control character): PyYAML's own text has no line and
+        # runs over two lines ('in "<unicode string>", position 99'); said as file:line.
+        line = text.count("\n", 0, exc.position) + 1
+        message = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        return None, ConfigIssue(file, line, "", message)
+    except yaml.YAMLError as exc:
         return None, ConfigIssue(file, None, "", str(exc))
     except RecursionError:  # PyYAML without libyaml, whose parser recurses per level
         return None, ConfigIssue(file, None, "", "nested too deeply to be read")
