@@ -107,8 +107,10 @@ def parse_template(template: str) -> tuple[Template, list[str]]:
 
 def _encodes_as_a_host_name(host: str) -> bool:
     """Whether `host` can go in a Host header (as the upstream client sends it, IDNA-encoded):
-    `api..example` or a label over 63 characters cannot, and failed only once the gateway
-    began to serve the config."""
+    `api..example`, a label over 63 characters or a space cannot, and failed only once the
+    gateway began to serve the config."""
+    if any(char.isspace() or not char.isprintable() for char in host):
+        return False  # the IDNA codec lets them through
     try:
         host.encode("idna")
     except UnicodeError:
@@ -210,7 +212,10 @@ class ProductsReader:
         elif parts.username is not None or parts.password is not None:
             problem = "must not carry credentials"
         elif ":" not in parts.hostname and not _encodes_as_a_host_name(parts.hostname):
-            problem = f"host {parts.hostname!r} is not a valid host name (an empty or long label)"
+            problem = (
+                f"host {parts.hostname!r} is not a valid host name "
+                "(a space, an empty or long label)"
+            )
         if problem is not None:
             self.w.report(url_node, fields.at("url"), problem)
             return None
