@@ -544,10 +544,11 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         request_id = None
         if self._url:  # reset as each message begins: this one's
             # The request line was read (a slow or bad head after it): the record says which
-            # request this was, without its query, where a key may be, and the answer carries
-            # the X-Request-ID the client sent, if one was read.
+            # request this was, without its query or fragment, where a key may be, and the
+            # answer carries the X-Request-ID the client sent, if one was read.
             method = self._parser.get_method().decode("ascii", "replace")
-            path = self._url.partition(b"?")[0].decode("utf-8", "surrogateescape")
+            target = self._url.partition(b"?")[0].partition(b"#")[0]
+            path = target.decode("utf-8", "surrogateescape")
             request_id = self._request_id
         transport.write(self._server.on_request_error(error, started, method, path, request_id))
         transport.close()

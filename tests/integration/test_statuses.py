@@ -385,11 +385,17 @@ async def test_408_when_the_head_is_slow(
     # refused once complete (two Host lines).
     two_hosts = b"POST /soccer/v5/y HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
     assert await raw_status(gateway, two_hosts) == b"400"
+    # A fragment is refused, and is no more logged than a query is: a key may be there too.
+    fragment = b"GET /soccer/v5/z#api_key=secret-1 HTTP/1.1\r\nHost: t\r\n\r\n"
+    assert await raw_status(gateway, fragment) == b"400"
     accesslog.flush_access_log()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    out = capsys.readouterr().out
+    assert "secret-1" not in out
+    lines = [json.loads(line) for line in out.splitlines() if line]
     assert [(line["method"], line["path"], line["status"]) for line in lines] == [
         ("GET", "/soccer/v5/x", 408),
         ("POST", "/soccer/v5/y", 400),
+        ("GET", "/soccer/v5/z", 400),
     ]
 
 
