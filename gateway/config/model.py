@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 OnError = Literal["deny", "allow", "local"]
@@ -276,6 +277,16 @@ class ApiKey:
             return None
         override = self.overrides.get(product)
         return plan if override is None else override.apply(plan)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its fields in order: a slotted dataclass's own pickling calls
+        # `dataclasses.fields()` for every object, and a config of 100,000 keys is pickled by the
+        # process that read it and unpickled by the one that serves it (measured: 0.8 s to
+        # pickle and 0.55 s to unpickle 100,000 keys, 0.33 s and 0.2 s like this).
+        return ApiKey, _api_key_fields(self)
+
+
+_api_key_fields = attrgetter(*(f.name for f in fields(ApiKey)))
 
 
 @dataclass(frozen=True, slots=True)
