@@ -30,6 +30,7 @@ from aiohttp import web
 from gateway import accesslog, listen_claim
 from gateway.config import ConfigError
 from gateway.config.isolated import read_config_isolated
+from gateway.config.loader import collector_paused
 from gateway.config.model import Address, Config
 from gateway.reload import (
     Reloader,
@@ -125,8 +126,10 @@ def serve(config_path: str, metrics_in: str | None = None) -> int:
 def _serve(config_path: str, metrics_in: str | None) -> int:
     try:
         # In a child process: the parse's memory leaves with it, and the workers forked from
-        # this process share only the result.
-        answer, config = read_config_isolated(config_path)
+        # this process share only the result. Unpickled without the cyclic collector, which
+        # would walk the new keys again and again as they arrive, for nothing (no cycles).
+        with collector_paused():
+            answer, config = read_config_isolated(config_path)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -398,9 +401,10 @@ class Worker:
 
 async def _worker(config_path: str, starting: StartingConfig, *, handover: str | None) -> float:
     loop = asyncio.get_running_loop()
-    worker = Worker(
-        config_path, starting.take(), supervised=handover is not None, handover=handover
-    )
+    with collector_paused():  # the key index: as many objects again, and no cycles either
+        worker = Worker(
+            config_path, starting.take(), supervised=handover is not None, handover=handover
+        )
     await worker.start()
     freeze_long_lived()  # the config and its snapshot: see gateway.reload
     stop = asyncio.Event()
