@@ -5,6 +5,7 @@ storage.on_error: local."""
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -119,3 +120,85 @@ def test_key_plans_as_data_give_the_file_messages_with_paths() -> None:
     for not_a_mapping in ([1], "trial", None, 5):
         with pytest.raises(ConfigError, match="plans: must be a mapping"):
             validate_key_plans(not_a_mapping, None, None)
+
+
+# Keys written the usual way and every near miss of that way: `KeysReader._plain_key` reads the
+# first kind quickly and must leave every other to the full reading. H07 stands for a digest
+# (62 a's, then 07), U02 for the same in upper case as H02.
+KEYS_BOTH_WAYS_TEMPLATE = """\
+keys:
+  - {name: plain, key_sha256: H01, plans: {soccer: trial}}
+  - name: "quoted"
+    key_sha256: 'U02'
+    plans: {soccer: production, weather: trial}
+  - {name: !!str tagged, key_sha256: H03}
+  - {name: no-plans-at-all, key_sha256: H04, plans: {}}
+  - &shared {name: anchored, key_sha256: H05}
+  - *shared
+  - {name: plain, key_sha256: H06}
+  - {name: other, key_sha256: H02}
+  - {name: a b, key_sha256: H07}
+  - {name: 12, key_sha256: H08}
+  - {name: short, key_sha256: abc}
+  - {name: with-key, key: a-secret, plans: {soccer: trial}}
+  - {name: both, key: b, key_sha256: H09}
+  - {name: switched-off, key_sha256: H10, disabled: true}
+  - {name: ends, key_sha256: H11, expires: 2030-01-01}
+  - {name: p1, key_sha256: H12, plans: {nothing: trial}}
+  - {name: p2, key_sha256: H13, plans: {soccer: gold}}
+  - {name: p3, key_sha256: H14, plans: {soccer: " "}}
+  - {name: p4, key_sha256: H15, plans: {soccer: trial, soccer: production}}
+  - {name: p5, key_sha256: H16, plans: }
+  - {name: p6, key_sha256: H17, plans: {soccer: {plan: trial}}}
+  - {name: p7, key_sha256: H18, plans: {1: trial}}
+  - {name: p8, key_sha256: H19, plans: {soccer: 1}}
+  - {name: d1, name: d2, key_sha256: H20}
+  - {<<: {name: merged}, key_sha256: H21}
+  - {name: extra, key_sha256: H22, colour: red}
+  - {name: no-secret}
+  - {key_sha256: H23}
+  - [not, a, mapping]
+  - {name: last, key_sha256: H24, plans: {weather: production}}
+"""
+KEYS_BOTH_WAYS = re.sub(
+    "([HU])([0-9]{2})",
+    lambda m: ("a" if m[1] == "H" else "A") * 62 + m[2],
+    KEYS_BOTH_WAYS_TEMPLATE,
+)
+
+
+def test_plain_keys_are_read_as_the_full_reading_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.config.access import KeysReader
+
+    (tmp_path / "gateway.yaml").write_text(CONFIG.split("keys:")[0])
+    (tmp_path / "keys.yaml").write_text(KEYS_BOTH_WAYS)
+    plain_key = KeysReader._plain_key
+    read_plainly: list[str] = []
+
+    def counted(self: KeysReader, node: object, index: int) -> object:
+        key = plain_key(self, node, index)  # type: ignore[arg-type]
+        if key is not None:
+            read_plainly.append(key.name)
+        return key
+
+    def results() -> tuple[list[str], object]:
+        try:
+            return [], load_config(tmp_path, env={})
+        except ConfigError as exc:
+            return [str(issue) for issue in exc.issues], None
+
+    monkeypatch.setattr(KeysReader, "_plain_key", counted)
+    quick = results()
+    monkeypatch.setattr(KeysReader, "_plain_key", lambda *_: None)
+    assert results() == quick
+    assert read_plainly == ["plain", "quoted", "tagged", "no-plans-at-all", "anchored", "last"]
+    assert len(quick[0]) == 20, "\n".join(quick[0])
+    # And the keys themselves, with a config whose keys are all valid.
+    (tmp_path / "keys.yaml").write_text(KEYS_BOTH_WAYS.split("  - *shared")[0])
+    monkeypatch.setattr(KeysReader, "_plain_key", plain_key)
+    quick = results()
+    monkeypatch.setattr(KeysReader, "_plain_key", lambda *_: None)
+    assert results() == quick
+    assert quick[1] is not None
