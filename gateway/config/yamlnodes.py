@@ -83,7 +83,10 @@ def compose(text: str, file: str) -> tuple[Node | None, ConfigIssue | None]:
     except yaml.reader.ReaderError as exc:
         # A character YAML refuses (a control character): PyYAML's own text has no line and
         # runs over two lines ('in "<unicode string>", position 99'); said as file:line.
-        line = text.count("\n", 0, exc.position) + 1
+        # Its position is not an index into `text` with libyaml, which counts the bytes of
+        # the text as UTF-8; the character itself is, as the reader refuses the first one.
+        at = text.find(chr(exc.character))
+        line = text.count("\n", 0, exc.position if at < 0 else at) + 1
         message = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
         return None, ConfigIssue(file, line, "", message)
     except yaml.YAMLError as exc:
