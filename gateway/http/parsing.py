@@ -55,10 +55,38 @@ def parser_knows_method(method: str) -> bool:
 
 class BodyOnly:
     """The protocol of a parser that reads one request body on its own: what the server's
-    connection does for a body httptools left unread after an upgrade request's head."""
+    connection does for a body httptools left unread after an upgrade request's head. Its
+    own head is made up (the request's framing lines); of a chunked body it passes on the chunk
+    events and the trailer fields, which the connection bounds as for any other body."""
 
-    __slots__ = ("on_body", "on_message_complete")
+    __slots__ = (
+        "_in_body",
+        "_on_trailer",
+        "on_body",
+        "on_chunk_complete",
+        "on_chunk_header",
+        "on_message_complete",
+    )
 
-    def __init__(self, on_body: Callable[[bytes], None], on_complete: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        on_body: Callable[[bytes], None],
+        on_complete: Callable[[], None],
+        *,
+        on_chunk_header: Callable[[], None],
+        on_chunk_complete: Callable[[], None],
+        on_trailer: Callable[[bytes, bytes], None],
+    ) -> None:
         self.on_body = on_body
         self.on_message_complete = on_complete
+        self.on_chunk_header = on_chunk_header
+        self.on_chunk_complete = on_chunk_complete
+        self._on_trailer = on_trailer
+        self._in_body = False
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True  # the made-up head's lines are no trailer
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            self._on_trailer(name, value)

@@ -343,15 +343,22 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._closing = True
-        # That parser reports no chunk headers here: its size lines and trailer are not
-        # bounded (a rare path: an upgrade request with a body, which ends the connection).
-        self._chunks = None
+        # Bounded as any chunked body is: the client chooses this path (an Upgrade line is
+        # all it takes), and reading goes on until the body ends, however long that is.
+        self._chunks = ChunkBounds() if self._chunked else None
         framing = b"".join(
             b"%b: %b\r\n" % (name, value)
             for name, value in request.raw_headers
             if name.lower() in (b"content-length", b"transfer-encoding")
         )
-        self._parser = httptools.HttpRequestParser(BodyOnly(self.on_body, self.body_apart_complete))
+        body_only = BodyOnly(
+            self.on_body,
+            self.body_apart_complete,
+            on_chunk_header=self.on_chunk_header,
+            on_chunk_complete=self.on_chunk_complete,
+            on_trailer=self.on_header,  # out of the head: counted as a trailer field
+        )
+        self._parser = httptools.HttpRequestParser(body_only)
         self.data_received(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     def body_apart_complete(self) -> None:

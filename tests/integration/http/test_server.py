@@ -428,6 +428,37 @@ async def test_a_chunk_size_line_over_64_kib_is_400_and_chunks_of_any_size_are_r
         assert "a chunk's size line is over 65536 bytes" in str(problem(reply)["detail"])
 
 
+@pytest.mark.parametrize(
+    ("endless", "refusal"),
+    [
+        (b"1;name=", "a chunk's size line is over 65536 bytes"),
+        (b"1\r\nx\r\n0\r\nX-Endless: ", "trailer section is over 65536 bytes"),
+    ],
+    ids=["size-line", "trailer"],
+)
+async def test_a_chunked_body_behind_an_upgrade_request_is_bounded_too(
+    endless: bytes, refusal: str
+) -> None:
+    """An upgrade request's body is read by a parser of its own, which passed on no chunk
+    events: its size lines and trailer were read for as long as the client kept sending, and
+    an Upgrade line was all it took to get past either bound."""
+    head = (
+        b"POST /up HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\nConnection: Upgrade\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
+        writer.write(head + b"3;a=b\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")  # within bounds
+        assert (await read_reply(reader)).body == b"read"
+    async with http_server(reads_body) as (_, port), connected(port) as (reader, writer):
+        writer.write(head + b"3\r\nabc\r\n" + endless)
+        for _ in range(10):
+            await asyncio.sleep(0.01)  # reads of their own, as a trickling client sends
+            writer.write(b"a" * 8192)
+        reply = await read_reply(reader)
+        assert reply.status == 400
+        assert refusal in str(problem(reply)["detail"])
+
+
 async def test_hosts_that_are_hosts_and_http_1_0_without_one_are_served() -> None:
     for host in (
         b"Host: example.com:8080\r\n",
