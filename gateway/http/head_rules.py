@@ -35,12 +35,17 @@ _MAX_JUDGED = 256
 
 def is_host(value: bytes) -> bool:
     """Whether `value` is a host and an optional port (at most 65535), as Host carries it; an
-    empty value is one (RFC 9112 3.2: a target without an authority)."""
+    empty value is one (RFC 9112 3.2: a target without an authority), a port without a host is
+    not (RFC 9110 4.2.1)."""
     judged = _judged.get(value)
     if judged is not None:
         return judged
     found = _HOST.fullmatch(value)
-    judged = found is not None and (not found[1] or int(found[1]) <= 65535)
+    judged = (
+        found is not None
+        and not value.startswith(b":")
+        and (not found[1] or int(found[1]) <= 65535)
+    )
     if len(_judged) >= _MAX_JUDGED:
         _judged.clear()
     _judged[value] = judged

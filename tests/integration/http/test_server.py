@@ -300,6 +300,8 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         (b"GET /a HTTP/1.1\r\nHost: a.example:99999\r\n\r\n", "Host header is not a host"),
         (b"GET /a HTTP/1.1\r\nHost: a.example,b.example\r\n\r\n", "Host header is not a host"),
         (b"GET /a HTTP/1.1\r\nHost: a.example;b\r\n\r\n", "Host header is not a host"),
+        (b"GET /a HTTP/1.1\r\nHost: :80\r\n\r\n", "Host header is not a host"),
+        (b"GET http://:80/a HTTP/1.1\r\nHost: a\r\n\r\n", "target's host is not a host"),
         # Targets that are neither a path nor an http(s) URL, and CONNECT in any form
         (b"GET ftp://a.example/a HTTP/1.1\r\nHost: a\r\n\r\n", "neither a path nor"),
         (b"GET http:///a HTTP/1.1\r\nHost: a\r\n\r\n", "target's host is not a host"),
@@ -326,6 +328,8 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         "host-port-too-large",
         "host-comma-list",
         "host-semicolon",
+        "host-port-alone",
+        "target-port-alone",
         "target-ftp",
         "target-no-host",
         "target-comma-host",
