@@ -1,5 +1,6 @@
-"""The bounds of a chunked request body that httptools does not keep: each chunk's size line
-(extensions included) and the trailer section, each bounded as a head is (`HEAD_LIMIT`).
+"""The bounds of a chunked body that httptools does not keep, a client's request's or an
+upstream's answer's: each chunk's size line (extensions included) and the trailer section,
+each bounded as a head is (`HEAD_LIMIT`).
 
 httptools reports a chunk's extensions never and a trailer line only once it is whole, so an
 endless one was read for as long as the client kept sending. Their bytes are counted per read
@@ -17,7 +18,7 @@ SIZE_LINE_TOO_LARGE = f"a chunk's size line is over {HEAD_LIMIT} bytes"
 
 
 class ChunkBounds:
-    """One chunked body's count, from the end of its request's head (whose read is not
+    """One chunked body's count, from the end of its message's head (whose read is not
     counted: it began in the head) to the end of the body. Told of httptools' chunk events and
     of the end of every read; each returns the reason to refuse the request, or None."""
 

@@ -19,6 +19,7 @@ from typing import Protocol, cast
 import httptools
 
 from gateway.config.model import Upstream
+from gateway.http.chunks import ChunkBounds
 from gateway.http.errors import (
     MalformedResponse,
     RequestBodyFailed,
@@ -92,11 +93,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0  # its status line and header lines so far
         self._head_read = 0  # bytes of reads that continued it without completing it
         self._began_in_read = False  # a message began in the read being parsed
-        # A chunked body's trailer section, bounded as a head is: httptools reports its lines
-        # only once each is whole, so its bytes are counted per read (see on_chunk_header).
-        self._after_chunk_header = False  # no body byte since the last chunk header
-        self._chunk_header_in_read = False  # that header came in the read being parsed
-        self._trailer_received = 0
+        self._chunked = False  # the head being read says Transfer-Encoding: chunked
+        self._chunks: ChunkBounds | None = None  # an answer's chunked body, bounded as a head
         self._refusal: str | None = None  # why a callback stopped the parser
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
         # connection belongs to it: bytes after the head wait in `_after_switch` (reading
@@ -132,7 +130,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._received = True
         continued_head = self._in_head
-        self._chunk_header_in_read = self._began_in_read = False
+        self._began_in_read = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -154,12 +152,10 @@ class HttpConnection(asyncio.Protocol):
             self._head_read += len(data)
             if self._head_read > HEAD_LIMIT:
                 self._fail(MalformedResponse(_HEAD_TOO_LARGE))
-        elif self._after_chunk_header and not self._chunk_header_in_read:
-            # A whole read after a chunk header without a body byte: the last chunk's
-            # trailer section (a chunk of data would have given body bytes at once).
-            self._trailer_received += len(data)
-            if self._trailer_received > HEAD_LIMIT:
-                self._fail(MalformedResponse(f"its trailer section is over {HEAD_LIMIT} bytes"))
+                return
+        chunks = self._chunks
+        if chunks is not None and (refusal := chunks.read_ended(len(data))) is not None:
+            self._fail(MalformedResponse(refusal))
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -214,6 +210,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_read = 0
         self._began_in_read = True
+        self._chunked = False
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -224,14 +221,21 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             # A chunked body's trailer fields: not the answer's head (which may have left
-            # already), and never passed on as if they were (RFC 9110 6.5.1).
+            # already), and never passed on as if they were (RFC 9110 6.5.1); bounded.
+            chunks = self._chunks
+            if chunks is not None:
+                refusal = chunks.trailer_field(len(name) + len(value) + 4)
+                if refusal is not None:
+                    self._stop_head(refusal)
             return
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > HEAD_LIMIT:
             self._stop_head()
-        if len(name) == 17 and name.lower() == b"transfer-encoding" and not only_chunked(value):
-            self._stop_head(OTHER_CODING)
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            if not only_chunked(value):
+                self._stop_head(OTHER_CODING)
+            self._chunked = True
 
     def _stop_head(self, refusal: str = _HEAD_TOO_LARGE) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 502.
@@ -289,6 +293,8 @@ class HttpConnection(asyncio.Protocol):
         reply.status = status
         reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
+        if self._chunked and not reply.head_only:
+            self._chunks = ChunkBounds()
         # No interim answer comes after the final one: kept, the hook (the client connection's)
         # would keep that connection alive for as long as this one waits in the pool.
         self._on_interim = None
@@ -319,12 +325,16 @@ class HttpConnection(asyncio.Protocol):
             self._complete(keep_alive)
 
     def on_chunk_header(self) -> None:
-        self._after_chunk_header = True
-        self._chunk_header_in_read = True
-        self._trailer_received = 0
+        if self._chunks is not None:
+            self._chunks.chunk_header()
+
+    def on_chunk_complete(self) -> None:
+        if self._chunks is not None:
+            self._chunks.chunk_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._after_chunk_header = False
+        if self._chunks is not None:
+            self._chunks.body()
         reply = self._reply
         if reply is None or reply.head_only:
             self.reusable = False
@@ -332,7 +342,7 @@ class HttpConnection(asyncio.Protocol):
         reply._feed(body)
 
     def on_message_complete(self) -> None:
-        self._after_chunk_header = False
+        self._chunks = None
         if self._interim:
             self._interim = False
             return

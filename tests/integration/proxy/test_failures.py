@@ -213,6 +213,15 @@ async def _endless_trailer(peer: Peer) -> None:
     await peer.reader.read()
 
 
+async def _endless_chunk_extension(peer: Peer) -> None:
+    await peer.head()
+    await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;x=")
+    for _ in range(100):  # 100 KiB of one chunk's extension, in reads of their own
+        await peer.send(b"e" * 1000)
+        await asyncio.sleep(0.002)
+    await peer.reader.read()
+
+
 @pytest.mark.parametrize(
     ("behaviour", "sent", "error"),
     [
@@ -222,6 +231,7 @@ async def _endless_trailer(peer: Peer) -> None:
         # Upstreams are held to what clients are: a trailer section over 64 KiB cuts the
         # answer (100 MB of trailer fields were read to the end, the connection then reused).
         (_endless_trailer, 5, "trailer section is over"),
+        (_endless_chunk_extension, 5, "chunk's size line is over"),
     ],
 )
 async def test_upstream_failing_mid_body_cuts_the_answer_short(
