@@ -24,6 +24,8 @@ reconnect by themselves on a later call once Redis is back.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -47,7 +49,6 @@ from gateway.limits.base import (
     Receipt,
     StorageError,
     day_of,
-    subject_order,
 )
 from gateway.limits.cluster_clocks import ClusterClocks
 from gateway.limits.periods import PeriodCache
@@ -408,11 +409,20 @@ class RedisLimiter:
         return await self._read_days(days)
 
     async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
-        subjects_of = await self._registry.of_days()
+        read_day = await self._registry.of_days()
         for day in range(first_day, last_day + 1):
-            subjects = sorted(await subjects_of(day), key=subject_order)
-            for begin in range(0, len(subjects), _READ_BATCH):
-                batch = subjects[begin : begin + _READ_BATCH]
+            # Each page of the day's set sorted apart as it comes, and the pages merged as the
+            # lines are read: one sort of a day's 120,000 subscriptions (and its SMEMBERS)
+            # held the event loop for 0.5-1 s, the proxy's traffic with it.
+            seen: set[str] = set()
+            runs: list[list[str]] = []
+            async for page in read_day(day):
+                run = sorted({_in_order(subject) for subject in page}.difference(seen))
+                seen.update(run)
+                runs.append(run)
+            seen.clear()
+            merged = heapq.merge(*runs)
+            while batch := [_subject(s) for s in itertools.islice(merged, _READ_BATCH)]:
                 lines = await self._read_days([(day, subject) for subject in batch])
                 if lines:
                     yield lines
@@ -467,6 +477,16 @@ class RedisLimiter:
             await self._pipeline.close()
         await self._guard.settle()
         await self._storage.aclose()
+
+
+def _in_order(subject: str) -> str:
+    """`subject` ("<key name>:<product>") as a string that a plain sort puts in the order of
+    `base.subject_order` (key name, then product): a name has no character below NUL."""
+    return subject.replace(":", "\x00", 1)
+
+
+def _subject(in_order: str) -> str:
+    return in_order.replace("\x00", ":", 1)
 
 
 def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUsage:

@@ -32,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from gateway.limits.base import DAY_SECONDS, HISTORY_DAYS, StorageError, day_of, day_text
@@ -49,6 +50,8 @@ _MAX_REMEMBERED = 10_000
 # A recording that failed is tried again after these many seconds, then every last one: until
 # it is in, the day's export does not know the subscription had history.
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
+# Members of a day's set read per call by the export (SSCAN's COUNT, a hint to Redis).
+_PAGE = 1000
 
 log = logging.getLogger(__name__)
 
@@ -201,22 +204,40 @@ class SubscriptionRegistry:
             subjects.update(s for s in await self._members(LEGACY_KEY) if s.startswith(prefix))
         return sorted(subjects)
 
-    async def of_days(self) -> Callable[[int], Awaitable[list[str]]]:
-        """A reader of each day's subscriptions with history, for the export: `await
-        read(day)` gives them unsorted. The old set is read at most once."""
+    async def of_days(self) -> Callable[[int], AsyncIterator[list[str]]]:
+        """A reader of each day's subscriptions with history, for the export: `read(day)`
+        gives them a page at a time, each unsorted (a subscription may come in two pages), so
+        that a day of 100,000 subscriptions is neither read nor decoded in one go (that held
+        the event loop for half a second). The old set is read at most once."""
         await self.settled()
         since = await self.since()
         old_set: list[str] | None = None
 
-        async def read(day: int) -> list[str]:
+        async def read(day: int) -> AsyncIterator[list[str]]:
             nonlocal old_set
             if day >= since:
-                return await self._members(day_set(day))
+                async for page in self._pages(day_set(day)):
+                    yield page
+                return
             if old_set is None:
                 old_set = await self._members(LEGACY_KEY)
-            return old_set
+            for begin in range(0, len(old_set), _PAGE):
+                yield old_set[begin : begin + _PAGE]
+                await asyncio.sleep(0)  # the export sorts each page: traffic goes on between
 
         return read
+
+    async def _pages(self, name: str) -> AsyncIterator[list[str]]:
+        """The members of the set `name`, a page of about `_PAGE` at a time (SSCAN: one may
+        come again in a later page)."""
+        client = self._client
+        cursor = 0
+        while True:
+            scan = partial(client.sscan, name, cursor, count=_PAGE)
+            cursor, members = await self._guard("history", scan, repeatable=True)
+            yield _decoded(members)
+            if int(cursor) == 0:
+                return
 
     async def _members(self, name: str) -> list[str]:
         client = self._client
