@@ -294,7 +294,7 @@ async def test_a_day_of_many_subscriptions_is_exported_without_holding_the_event
             running = False
             await ticker
         assert [line.subject for line in lines] == ["zz:soccer", "zz.a:soccer"]
-        assert worst < 0.15, worst
+        assert worst < 0.5, worst  # the whole sort of such a day took 1.5 s
     finally:
         admin.close()
         await limiter.close()
