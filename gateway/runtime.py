@@ -120,6 +120,7 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
         keepalive_timeout=server.timeouts.keepalive,
         tls=None if server.tls is None else server.tls.context,
         interim_drop=_INTERIM_DROP,
+        send_timeout=lambda: runtime.snapshot.config.server.timeouts.client_body,
     )
 
 

@@ -13,6 +13,8 @@ What it adds to plain HTTP/1.1 keep-alive (README, "HTTP on the proxy port"):
   connection is answered through `on_request_error` (the gateway says 408) and closed. A
   head that arrives in one read never starts the timer at all.
 - `keepalive`: an idle connection is closed after this long (swept once a second or so).
+- Answers wait for the client to take the ones before: while it does not read, its
+  connection stops reading requests, and one that takes nothing for `send_timeout` is cut.
 - A request the parser rejects is answered through `on_request_error` (the gateway says 400)
   and the connection closed.
 - A client that goes away cancels its request's handler (the pipeline records 499).
@@ -60,6 +62,7 @@ class HttpServer:
         keepalive_timeout: float,
         tls: ssl.SSLContext | None = None,
         interim_drop: frozenset[bytes] = frozenset(),
+        send_timeout: Callable[[], float] | None = None,
     ):
         self.loop = asyncio.get_running_loop()
         # With TLS the listener is created with `listener_ssl`; `renew_certificate` changes
@@ -70,6 +73,9 @@ class HttpServer:
         self.on_request_error = on_request_error
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
+        # Seconds a client may take nothing of the answers written to it before the next
+        # request is answered (asked each time: a reload may change it); default keepalive.
+        self.send_timeout = send_timeout or (lambda: keepalive_timeout)
         # Header names (lower-case) an upstream's interim answer loses on its way to the client.
         self.interim_drop = interim_drop
         self.connections: set[ServerConnection] = set()

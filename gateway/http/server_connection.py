@@ -385,6 +385,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         try:
             while True:
                 request = waiting[0]
+                if self._writes.paused and not await self._answers_taken():
+                    return
                 try:
                     await handler(request)
                 except asyncio.CancelledError:
@@ -411,6 +413,33 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             waiting.clear()
             self._parsing = None
 
+    async def _answers_taken(self) -> bool:
+        """Before the next answer, while the client does not read the ones written so far:
+        wait, reading no more requests, until the transport takes more; False when the
+        client received nothing of them for the server's `send_timeout` (the connection is
+        then cut) or has gone.
+
+        An answer the gateway makes itself is written whole, without waiting: a client that
+        pipelined requests and read none of their answers (401s, 404s, ...) had them queued
+        in the worker's memory, megabytes a second for as long as it kept sending.
+        """
+        self._pause_reading()
+        writes = self._writes
+        self._unsent_at_block = self.unsent_bytes()
+        while writes.paused:
+            try:
+                async with asyncio.timeout(self._server.send_timeout()):
+                    await writes.drained()
+            except TimeoutError:
+                if not self.read_since_blocked():
+                    self.abort()
+                    return False
+            except ConnectionError:
+                return False
+        if len(self._waiting) <= _MAX_WAITING and not self._body_paused:
+            self._resume_reading()
+        return True
+
     def _next_turn(self) -> bool:
         """After an answer: whether the connection goes on to serve another request."""
         self._busy = False
@@ -428,7 +457,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             return False
         if waiting:
             self._begin_turn()
-            if len(waiting) <= _MAX_WAITING and not self._body_paused:
+            if len(waiting) <= _MAX_WAITING and not self._body_paused and not self._writes.paused:
                 self._resume_reading()
         elif self._head_error is not None:
             self._answer_alone(self._head_error)

@@ -16,7 +16,11 @@ from gateway.problems import GatewayProblem, problem_from_http_error, render_pro
 
 @asynccontextmanager
 async def http_server(
-    handler: Handler, *, head_timeout: float = 10.0, keepalive_timeout: float = 30.0
+    handler: Handler,
+    *,
+    head_timeout: float = 10.0,
+    keepalive_timeout: float = 30.0,
+    send_timeout: float = 30.0,
 ) -> AsyncIterator[tuple[HttpServer, int]]:
     """Serve `handler` on a free loopback port, the server's own request errors answered as
     the gateway answers them; yields the server and its port."""
@@ -25,6 +29,7 @@ async def http_server(
         on_request_error=answer_request_error,
         head_timeout=head_timeout,
         keepalive_timeout=keepalive_timeout,
+        send_timeout=lambda: send_timeout,
     )
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     try:

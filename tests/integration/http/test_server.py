@@ -180,6 +180,72 @@ async def test_a_bad_head_pipelined_behind_good_ones_gets_its_400_in_turn(bad: b
         assert await read_to_eof(reader) == b""
 
 
+async def pipeline_unread(writer: asyncio.StreamWriter, seconds: float) -> int:
+    """Pipeline requests for `seconds`, reading none of the answers; the bytes sent."""
+    batch = get() * 200
+    sent = 0
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(seconds):
+            while True:
+                writer.write(batch)
+                await writer.drain()  # returns only while the server reads on
+                sent += len(batch)
+    return sent
+
+
+async def test_pipelined_answers_the_client_does_not_read_are_not_queued_without_bound() -> None:
+    """Answers written whole (the gateway's own: 401, 404, ...) wait for the client to take
+    the ones before: the server stops reading its requests meanwhile. It read on and queued
+    every answer in memory, megabytes a second from one connection."""
+    answer = b"x" * 4096
+
+    async def own_answer(request: Request) -> None:
+        request.connection.respond(request, 200, "OK", TEXT, answer)
+
+    async with http_server(own_answer) as (server, port), connected(port) as (_, writer):
+        await pipeline_unread(writer, 1.0)
+        (connection,) = server.connections
+        assert connection.transport is not None
+        # The transport's high-water mark (64 KiB) and an answer or so above it, not MBs.
+        assert connection.transport.get_write_buffer_size() < 256 * 1024
+        writer.transport.abort()  # its unsent requests would hold the close
+
+
+async def test_a_client_that_reads_none_of_its_pipelined_answers_is_cut_after_send_timeout() -> (
+    None
+):
+    async def own_answer(request: Request) -> None:
+        request.connection.respond(request, 200, "OK", TEXT, b"x" * 4096)
+
+    served = http_server(own_answer, send_timeout=0.3)
+    async with served as (server, port), connected(port) as (_, writer):
+        await pipeline_unread(writer, 0.2)
+        started = time.monotonic()
+        while server.connections and time.monotonic() - started < 3:
+            await asyncio.sleep(0.05)
+        assert not server.connections
+        writer.transport.abort()
+
+
+async def test_a_slow_reader_of_pipelined_answers_gets_them_all() -> None:
+    """Reading all along, however slowly, is not taking nothing: the cut is for a client that
+    stopped reading, not for one whose answers take longer than `send_timeout` to leave."""
+
+    async def own_answer(request: Request) -> None:
+        request.connection.respond(request, 200, "OK", TEXT, b"x" * 4096)
+
+    served = http_server(own_answer, send_timeout=0.3)
+    async with served as (_, port), connected(port) as (reader, writer):
+        count = 3000  # 12 MB of answers, more than the socket buffers hold
+        writer.write(get() * count)
+        started = time.monotonic()
+        for n in range(count):
+            assert (await read_reply(reader)).status == 200
+            if n % 100 == 0:
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - started > 0.3  # longer than send_timeout, all the same
+
+
 async def test_idle_connection_is_closed_after_keepalive_timeout() -> None:
     served = http_server(echo, keepalive_timeout=0.2)
     async with served as (_, port), connected(port) as (reader, writer):
