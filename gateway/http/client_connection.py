@@ -93,7 +93,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0  # its status line and header lines so far
         self._head_read = 0  # bytes of reads that continued it without completing it
         self._began_in_read = False  # a message began in the read being parsed
-        self._chunked = False  # the head being read says Transfer-Encoding: chunked
+        self._body_chunked = False  # the head being read says Transfer-Encoding: chunked
         self._chunks: ChunkBounds | None = None  # an answer's chunked body, bounded as a head
         self._refusal: str | None = None  # why a callback stopped the parser
         # An exchange that asks to switch protocols; once the upstream's 101 is in, the
@@ -210,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._head_read = 0
         self._began_in_read = True
-        self._chunked = False
+        self._body_chunked = False
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -235,7 +235,7 @@ class HttpConnection(asyncio.Protocol):
         if len(name) == 17 and name.lower() == b"transfer-encoding":
             if not only_chunked(value):
                 self._stop_head(OTHER_CODING)
-            self._chunked = True
+            self._body_chunked = True
 
     def _stop_head(self, refusal: str = _HEAD_TOO_LARGE) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 502.
@@ -293,7 +293,7 @@ class HttpConnection(asyncio.Protocol):
         reply.status = status
         reply.reason = decode(self._reason)
         reply.raw_headers = self._header_lines
-        if self._chunked and not reply.head_only:
+        if self._body_chunked and not reply.head_only:
             self._chunks = ChunkBounds()
         # No interim answer comes after the final one: kept, the hook (the client connection's)
         # would keep that connection alive for as long as this one waits in the pool.

@@ -85,7 +85,8 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._awaiting_switch = False  # an upgrade request's answer is awaited
         self._tunnel: TunnelEnd | None = None
         self._body_paused = False
-        self._chunked = False  # the head being read says Transfer-Encoding: chunked
+        self._body_chunked = False  # the head being read says Transfer-Encoding: chunked (not
+        # AnswerWriter._chunked, the answer's own framing)
         self._chunks: ChunkBounds | None = None  # from the end of a chunked body's head on
         # Requests whose heads are in, oldest first; the first one's handler is running.
         self._waiting: collections.deque[Request] = collections.deque()
@@ -207,7 +208,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._head_received = 0
         self._head_started = 0.0  # set if the head does not arrive in one read
         self._heads += 1
-        self._has_body = self._chunked = False
+        self._has_body = self._body_chunked = False
         self._expect_continue = False
         self._request_id: bytes | None = None
         self._body_behind_upgrade = False
@@ -245,7 +246,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             if lowered == b"content-length":
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
-                self._has_body = self._chunked = True
+                self._has_body = self._body_chunked = True
                 if not only_chunked(value):
                     self._refuse_head(OTHER_CODING)
             elif lowered == b"host":
@@ -264,7 +265,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._chunked:
+        if self._body_chunked:
             self._chunks = ChunkBounds()
         self._stop_head_timer()
         parser = self._parser
@@ -345,7 +346,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self._closing = True
         # Bounded as any chunked body is: the client chooses this path (an Upgrade line is
         # all it takes), and reading goes on until the body ends, however long that is.
-        self._chunks = ChunkBounds() if self._chunked else None
+        self._chunks = ChunkBounds() if self._body_chunked else None
         framing = b"".join(
             b"%b: %b\r\n" % (name, value)
             for name, value in request.raw_headers

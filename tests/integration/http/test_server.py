@@ -180,6 +180,40 @@ async def test_a_bad_head_pipelined_behind_good_ones_gets_its_400_in_turn(bad: b
         assert await read_to_eof(reader) == b""
 
 
+@pytest.mark.parametrize("chunked_answer", [True, False])
+async def test_a_head_read_while_an_answer_streams_leaves_its_framing_alone(
+    chunked_answer: bool,
+) -> None:
+    """The parser's note that a request head says `Transfer-Encoding: chunked` and the answer's
+    own chunked framing were one attribute: a pipelined head read while an answer streamed
+    switched that answer's framing half-way (its next pieces framed or not framed anew)."""
+
+    async def streamed(request: Request) -> None:
+        connection = request.connection
+        if request.raw_path == "/2":
+            connection.respond(request, 200, "OK", TEXT, b"second")
+            return
+        length = b"" if chunked_answer else b"Content-Length: 6\r\n"
+        connection.begin_answer(request, 200, "OK", TEXT + length, chunked=chunked_answer)
+        await connection.write_body(b"abc")
+        await asyncio.sleep(0.2)  # the next head arrives meanwhile
+        await connection.write_body(b"def")
+        connection.end_answer()
+
+    second = (
+        b"POST /2 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        if not chunked_answer
+        else get("/2")
+    )
+    async with http_server(streamed) as (_, port), connected(port) as (reader, writer):
+        writer.write(get("/1"))
+        await asyncio.sleep(0.1)
+        writer.write(second)
+        first = await read_reply(reader)
+        assert (first.status, first.body) == (200, b"abcdef")
+        assert (await read_reply(reader)).body == b"second"
+
+
 async def pipeline_unread(writer: asyncio.StreamWriter, seconds: float) -> int:
     """Pipeline requests for `seconds`, reading none of the answers; the bytes sent."""
     batch = get() * 200
