@@ -73,6 +73,17 @@ def head_refusal(version: str, method: bytes, target: bytes, hosts: int) -> str 
     return None
 
 
+def split_authority(rest: bytes) -> tuple[bytes, bytes]:
+    """What follows `scheme://` in an absolute-form target, as its authority (up to the first
+    `/` or `?`) and the path and query after it: judged here, routed by `Request` alike."""
+    end = len(rest)
+    for mark in (b"/", b"?"):
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    return rest[:end], rest[end:]
+
+
 def target_refusal(method: bytes, target: bytes) -> str | None:
     """Why a request with this method and a target that is not a path is refused, or None."""
     if method == b"CONNECT":
@@ -82,7 +93,7 @@ def target_refusal(method: bytes, target: bytes) -> str | None:
     scheme, separator, rest = target.partition(b"://")
     if not separator or scheme.lower() not in (b"http", b"https"):
         return "its target is neither a path nor an http(s) URL"
-    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+    authority, _ = split_authority(rest)
     if not authority or not is_host(authority):
         return "its target's host is not a host (and port)"
     return None

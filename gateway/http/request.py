@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, unquote
 from multidict import CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from gateway.http.flow import HIGH_WATER, ChunkQueue
+from gateway.http.head_rules import split_authority
 from gateway.http.headers import decode, decoded_lines
 from gateway.http.paths import normal_path
 
@@ -171,12 +172,7 @@ def _split_absolute(target: bytes) -> tuple[str, str, bytes | None]:
     _, separator, rest = target.partition(b"://")
     if not separator:
         return decode(target), "", None  # `*`, or anything the routes will not match
-    end = len(rest)
-    for mark in (b"/", b"?"):
-        found = rest.find(mark)
-        if 0 <= found < end:
-            end = found
-    authority, remainder = rest[:end], rest[end:]
+    authority, remainder = split_authority(rest)
     path, _, query = remainder.partition(b"?")
     return decode(path or b"/"), decode(query), _normal_authority(authority) or None
 
