@@ -19,9 +19,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
-from gateway.http.answer import AnswerWriter
 from gateway.http.client import HttpClient
-from gateway.http.errors import BodyTimeout, RequestBodyFailed, ResponseBodyError, ResponseTimeout
+from gateway.http.errors import (
+    BodyTimeout,
+    RequestBodyFailed,
+    ResponseBodyError,
+    ResponseTimeout,
+    SendTimeout,
+)
 from gateway.http.headers import (
     ExtraHeaders,
     ResponseHead,
@@ -60,65 +65,6 @@ class ForwardResult:
     # counts those the upstream sent), and whether it ended for being idle.
     bytes_received: int | None = None
     idle: bool = False
-
-
-class _WriteWatch:
-    """Cancels the current task when the client reads nothing of the answer for `seconds`.
-
-    asyncio.timeout would need a timer rescheduled twice per chunk; this keeps one timer per
-    answer, notes when the current write began, and when the timer fires during a write that
-    is still young (or between writes) sets it again for the rest of the allowance. A write
-    blocked for the whole allowance is forgiven, for another, if the client received bytes
-    meanwhile: a slow reader behind a send queue of megabytes may wait that long for room (the
-    kernel wakes a writer when half the queue is free) while it reads all along.
-    """
-
-    __slots__ = (
-        "_cancelling", "_connection", "_expired", "_loop", "_seconds", "_since", "_task",
-        "_timer",
-    )  # fmt: skip
-
-    def __init__(self, seconds: float, connection: AnswerWriter) -> None:
-        self._connection = connection
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task(self._loop)
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._seconds = seconds
-        self._since: float | None = None
-        self._expired = False
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._loop.time() + seconds, self._check
-        )
-
-    def writing(self) -> None:
-        self._since = self._loop.time()
-
-    def written(self) -> None:
-        self._since = None
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def caught_its_own(self) -> bool:
-        """On CancelledError: whether it was this watch's doing (and nobody else's)."""
-        return self._expired and self._task.uncancel() <= self._cancelling
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        since = self._since
-        if since is not None and now - since >= self._seconds:
-            if not self._connection.read_since_blocked():
-                self._timer = None
-                self._expired = True
-                self._task.cancel()
-                return
-            since = self._since = now  # it reads: another allowance from here
-        due = since + self._seconds if since is not None else now + self._seconds
-        self._timer = self._loop.call_at(due, self._check)
 
 
 class _UploadWatch:
@@ -429,11 +375,8 @@ async def _stream_body(
         request, status, reply.reason, block, chunked=chunked, close_delimited=chunked
     )
     try:
-        # A client that stops reading would otherwise pin an upstream connection for ever.
-        stall = _WriteWatch(body_timeout, connection)
         try:
             while chunk := await reply.read():
-                stall.writing()
                 if reply.at_eof:
                     # The last chunk leaves with the end of the answer, in one write.
                     answering(sent + len(chunk))
@@ -442,18 +385,15 @@ async def _stream_body(
                 else:
                     if length is not None and sent + len(chunk) >= length:
                         answering(sent + len(chunk))
-                    await connection.write_body(chunk)
-                stall.written()
+                    # Bounded: a client that stops reading would otherwise pin an upstream
+                    # connection for ever.
+                    await connection.write_body(chunk, body_timeout)
                 sent += len(chunk)
         except ResponseBodyError as exc:
             error = f"The upstream of {product.name} {exc}"
             failure = exc
-        except asyncio.CancelledError:
-            if not stall.caught_its_own():
-                raise
+        except SendTimeout:
             error = f"The client stopped reading the answer for more than {body_timeout:g}s."
-        finally:
-            stall.stop()
         if error is None and not completed:
             answering(sent)  # a chunked answer ends with the terminator
             connection.end_answer()

@@ -1,9 +1,10 @@
 """Writing the answers of one client connection, one request at a time.
 
 The half of `ServerConnection` that writes: an answer's head is held back to leave with its
-first body bytes (one write for a whole answer), the body is framed in chunks or not, and the
-connection is kept alive or marked to close. Reading requests and running their handlers is
-`server_connection.py`.
+first body bytes (one write for a whole answer), the body is framed in chunks or not, the
+connection is kept alive or marked to close, and a client that takes nothing of its answers is
+told apart from one that reads slowly (`_until_taken`, the one place of that rule). Reading
+requests and running their handlers is `server_connection.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import struct
 import termios
 from typing import TYPE_CHECKING
 
+from gateway.http.errors import SendTimeout
 from gateway.http.flow import WriteGate
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 
@@ -35,6 +37,17 @@ class AnswerWriter:
 
     transport: asyncio.Transport | None
     _closing: bool  # close once the requests read so far are answered (set by the connection)
+    _loop: asyncio.AbstractEventLoop
+
+    # The send watch (`_until_taken`), class-level defaults: most connections never wait for
+    # their client. When the wait under way began (None: no wait is bounded), how long the
+    # client may take nothing, when the watch's one timer is due, and whether it judged that
+    # the client stopped.
+    _blocked_since: float | None = None
+    _send_timeout = 0.0
+    _stall_due = 0.0
+    _stall_timer: asyncio.TimerHandle | None = None
+    _stalled = False
 
     def _more_to_answer(self) -> bool:
         """Whether requests already read wait behind the one being answered."""
@@ -103,9 +116,10 @@ class AnswerWriter:
         self._chunked = chunked
         self._answer_open = True
 
-    async def write_body(self, chunk: bytes) -> None:
+    async def write_body(self, chunk: bytes, send_timeout: float | None = None) -> None:
         """Send a piece of the body (with the head, the first time); waits while the client
-        is not reading. Raises ConnectionResetError when the client has gone."""
+        is not reading. Raises ConnectionResetError when the client has gone, and with
+        `send_timeout`, SendTimeout when it took nothing for that long (see `_until_taken`)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
@@ -118,8 +132,64 @@ class AnswerWriter:
             data = head + data
         transport.write(data)
         if self._writes.paused:
-            self._unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
+            await self._until_taken(send_timeout)
+
+    async def _until_taken(self, seconds: float | None) -> None:
+        """Wait until the transport takes more of what was written for the client. With
+        `seconds`, the rule for a client that takes nothing of its answers: raise SendTimeout
+        once it received nothing of them for that long (the caller cuts the connection); one
+        that received bytes, however few, gets another allowance. A slow reader behind a send
+        queue of megabytes may wait that long for room (the kernel wakes a writer when half
+        the queue is free) while it reads all along.
+
+        One timer per connection, not one per wait: a streamed answer to a slow reader waits
+        before nearly every chunk, and asyncio.timeout would schedule and cancel a timer each
+        time. The timer judges the wait under way when it fires and sets itself again for the
+        rest of that wait's allowance; with no wait under way it lapses.
+        """
+        self._unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
+        if seconds is None:
             await self._writes.drained()
+            return
+        now = self._loop.time()
+        self._blocked_since = now
+        self._send_timeout = seconds
+        # A timer set for a longer allowance than this wait's would judge it too late.
+        if self._stall_timer is None or self._stall_due > now + seconds:
+            self._set_stall_timer(now + seconds)
+        try:
+            await self._writes.drained()
+        finally:
+            self._blocked_since = None
+        if self._stalled:
+            self._stalled = False
+            raise SendTimeout(seconds)
+
+    def _set_stall_timer(self, due: float) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+        self._stall_due = due
+        self._stall_timer = self._loop.call_at(due, self._judge_stall)
+
+    def _judge_stall(self) -> None:
+        self._stall_timer = None
+        since = self._blocked_since
+        if since is None:
+            return  # no write waits: the next one that must sets the timer again
+        # The writer is woken to raise, not its task cancelled: a cancellation says that the
+        # client went away, and telling this one apart took counting the task's cancels.
+        if self._loop.time() - since >= self._send_timeout:
+            if not self._read_since_blocked():
+                self._stalled = True
+                self._writes.wake()
+                return
+            since = self._blocked_since = self._loop.time()  # it reads: another allowance
+        self._set_stall_timer(since + self._send_timeout)
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def end_answer(self, last: bytes = b"") -> None:
         """Send `last` (may be empty) and whatever ends the answer, in one write."""
@@ -172,7 +242,7 @@ class AnswerWriter:
         """Some of the answer may have left: a problem can no longer be sent instead."""
         return self._answered or (self._answer_open and self._head is None)
 
-    def read_since_blocked(self) -> bool:
+    def _read_since_blocked(self) -> bool:
         """Whether the client received any of the answer since a write last had to wait for it
         (or since the last time this said yes)."""
         unsent = self.unsent_bytes()

@@ -5,6 +5,7 @@
     │   ├── MalformedRequest        not valid HTTP (or a head over the size limit)
     │   ├── HeadTimeout             the request head did not arrive in time
     │   └── BodyTimeout             the request body stalled
+    ├── SendTimeout                 the client took nothing of its answer in time
     └── UpstreamError               the server the client side talked to failed
         ├── ConnectError            refused, unresolvable, TLS handshake failed
         ├── ConnectTimeout          no connection in time
@@ -43,6 +44,15 @@ class HeadTimeout(RequestError):
 class BodyTimeout(RequestError):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the request body stalled for more than {seconds:g}s")
+        self.seconds = seconds
+
+
+class SendTimeout(HttpError):
+    """The client received nothing of what was written to it for `seconds`: it stopped
+    reading (one that reads slowly but steadily is never this)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the client took nothing of its answer for {seconds:g}s")
         self.seconds = seconds
 
 

@@ -33,6 +33,12 @@ class WriteGate:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def wake(self) -> None:
+        """Return a waiting `drained()` at once, still paused: its writer stops waiting."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def fail(self, error: BaseException) -> None:
         """The connection is gone: a writer waiting for room learns it."""
         waiter = self._waiter

@@ -17,7 +17,7 @@ import httptools
 
 from gateway.http.answer import AnswerWriter
 from gateway.http.chunks import ChunkBounds
-from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError
+from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError, SendTimeout
 from gateway.http.head_rules import NOT_A_HOST, head_refusal, is_host
 from gateway.http.headers import interim_head
 from gateway.http.parsing import (
@@ -175,6 +175,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self.transport = None
         self._parser = CLOSED_REQUEST_PARSER  # nothing more is parsed; see http/parsing.py
         self._stop_head_timer()
+        self._stop_stall_timer()
         self._server.forget(self)
         tunnel = self._tunnel
         if tunnel is not None:
@@ -425,16 +426,12 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         in the worker's memory, megabytes a second for as long as it kept sending.
         """
         self._pause_reading()
-        writes = self._writes
-        self._unsent_at_block = self.unsent_bytes()
-        while writes.paused:
+        while self._writes.paused:
             try:
-                async with asyncio.timeout(self._server.send_timeout()):
-                    await writes.drained()
-            except TimeoutError:
-                if not self.read_since_blocked():
-                    self.abort()
-                    return False
+                await self._until_taken(self._server.send_timeout())
+            except SendTimeout:
+                self.abort()
+                return False
             except ConnectionError:
                 return False
         if len(self._waiting) <= _MAX_WAITING and not self._body_paused:
