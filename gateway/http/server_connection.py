@@ -1,6 +1,6 @@
 """One client connection of the proxy port: parsing its requests and running their handlers in
-turn. Writing the answers is `answer.py`; the server around it (accepting, the keep-alive
-sweep, shutdown) is `server.py`.
+turn. Reading a request's head is `head_reading.py`, writing the answers `answer.py`; the
+server around it (accepting, the keep-alive sweep, shutdown) is `server.py`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,11 @@ import httptools
 
 from gateway.http.answer import AnswerWriter
 from gateway.http.chunks import ChunkBounds
-from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError, SendTimeout
-from gateway.http.head_rules import NOT_A_HOST, head_refusal, is_host
+from gateway.http.errors import MalformedRequest, RequestError, SendTimeout
+from gateway.http.head_reading import HEAD_TOO_LARGE, HeadReader
+from gateway.http.head_rules import head_refusal
 from gateway.http.headers import interim_head
-from gateway.http.parsing import (
-    CLOSED_REQUEST_PARSER,
-    HEAD_LIMIT,
-    OTHER_CODING,
-    BodyOnly,
-    only_chunked,
-)
+from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
 
@@ -35,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
 # Heads of pipelined requests waiting for their turn before reading from the client pauses.
 _MAX_WAITING = 16
 # Bytes a client may send after an upgrade request while its answer is awaited (a WebSocket
@@ -44,14 +38,10 @@ _MAX_WAITING = 16
 _AFTER_UPGRADE_LIMIT = 64 * 1024
 
 
-# Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
-# checking the length of every name is cheaper than lower-casing every name.
-_NOTED_LENGTHS = frozenset({4, 6, 12, 14, 17})
-
-
-class ServerConnection(AnswerWriter, asyncio.Protocol):
-    """One client connection: parses its requests and runs their handlers in turn; its
-    answers are written by the `AnswerWriter` calls it inherits."""
+class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
+    """One client connection: parses its requests and runs their handlers in turn; the
+    parser callbacks that read a head are `HeadReader`'s, and its answers are written by the
+    `AnswerWriter` calls it inherits."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -65,7 +55,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.scheme = server.scheme  # "https" on a TLS listener
-        # The request being parsed.
+        # The head being read (its callbacks: http/head_reading.py), the request parsed.
         self._url = b""
         self._header_lines: list[tuple[bytes, bytes]] = []
         self._head_size = 0
@@ -153,7 +143,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             # httptools buffers an unfinished header line before any callback sees it.
             self._head_received += len(data)
             if self._head_received > HEAD_LIMIT:
-                self._protocol_error(_HEAD_TOO_LARGE)
+                self._protocol_error(HEAD_TOO_LARGE)
                 return
         chunks = self._chunks
         if chunks is not None and (refusal := chunks.read_ended(len(data))) is not None:
@@ -199,70 +189,7 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._tunnel.resume_writing()
         self._writes.resume()
 
-    # --- httptools callbacks ------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._header_lines = []
-        self._head_size = 0
-        self._head_received = 0
-        self._head_started = 0.0  # set if the head does not arrive in one read
-        self._heads += 1
-        self._has_body = self._body_chunked = False
-        self._expect_continue = False
-        self._request_id: bytes | None = None
-        self._body_behind_upgrade = False
-        self._hosts = 0  # Host lines in the head
-        self.idle_since = None
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_size += len(url)
-        if self._head_size > HEAD_LIMIT:
-            self._refuse_head(_HEAD_TOO_LARGE)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            # A chunked body's trailer fields: never merged into the head the request was
-            # judged by (RFC 9110, 6.5.1), so neither a key nor a header can arrive there.
-            # Counted here as well as by the reads (data_received), which miss the read that
-            # holds the last chunk's header: a 100 KB trailer sent at once got through.
-            chunks = self._chunks
-            if chunks is not None:
-                refusal = chunks.trailer_field(len(name) + len(value) + 4)
-                if refusal is not None:
-                    self._refuse_head(refusal)
-            return
-        # llhttp drops the whitespace before a value, not the whitespace after it, which is no
-        # more part of the value (RFC 9110 5.5): a key or a request id followed by a space is
-        # still that key or that id.
-        value = value.rstrip(b" \t")
-        self._header_lines.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > HEAD_LIMIT:
-            self._refuse_head(_HEAD_TOO_LARGE)
-        if len(name) in _NOTED_LENGTHS:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                self._has_body = value.strip() not in (b"0", b"")
-            elif lowered == b"transfer-encoding":
-                self._has_body = self._body_chunked = True
-                if not only_chunked(value):
-                    self._refuse_head(OTHER_CODING)
-            elif lowered == b"host":
-                self._hosts += 1
-                if not is_host(value):
-                    self._refuse_head(NOT_A_HOST)
-            elif lowered == b"expect":
-                self._expect_continue = value.strip().lower() == b"100-continue"
-            elif lowered == b"x-request-id" and self._request_id is None:
-                self._request_id = value
-
-    def _refuse_head(self, detail: str) -> None:
-        # Raised inside a parser callback, so httptools stops; data_received answers 400.
-        self._error_detail = detail
-        raise ValueError(detail)
+    # --- httptools callbacks from the end of a head on -----------------------------------
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -538,17 +465,6 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
         if not self._busy and not self._in_head and self.transport is not None:
             self.transport.close()
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self._busy or self.transport is None or self.transport.is_closing():
-            return  # a pipelined head behind a running request: judged once it is done
-        self._answer_alone(HeadTimeout(self._server.head_timeout))
-
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()
         error = MalformedRequest(f"not valid HTTP: {detail}")
@@ -567,22 +483,3 @@ class ServerConnection(AnswerWriter, asyncio.Protocol):
             self._stop_reading()
             if self.transport is not None:
                 self._answer_alone(error)
-
-    def _answer_alone(self, error: RequestError) -> None:
-        """An answer to no request a handler saw (a slow head, a bad one): the server's
-        `on_request_error` writes it (and records it), then the connection ends."""
-        transport = self.transport
-        assert transport is not None
-        started = self._head_started if self._in_head and self._head_started else time.time()
-        method = path = ""
-        request_id = None
-        if self._url:  # reset as each message begins: this one's
-            # The request line was read (a slow or bad head after it): the record says which
-            # request this was, without its query or fragment, where a key may be, and the
-            # answer carries the X-Request-ID the client sent, if one was read.
-            method = self._parser.get_method().decode("ascii", "replace")
-            target = self._url.partition(b"?")[0].partition(b"#")[0]
-            path = target.decode("utf-8", "surrogateescape")
-            request_id = self._request_id
-        transport.write(self._server.on_request_error(error, started, method, path, request_id))
-        transport.close()
