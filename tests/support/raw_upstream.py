@@ -4,6 +4,7 @@ no HTTP library would produce."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -35,8 +36,17 @@ class RawUpstream:
 
 
 @asynccontextmanager
-async def raw_upstream(script: Script) -> AsyncIterator[RawUpstream]:
-    """Runs `script` once per accepted connection; the connection is closed after it."""
+async def raw_upstream(
+    script: Script, *, receive_buffer: int | None = None, max_segment: int | None = None
+) -> AsyncIterator[RawUpstream]:
+    """Runs `script` once per accepted connection; the connection is closed after it.
+
+    `receive_buffer` (SO_RCVBUF) and `max_segment` (TCP_MAXSEG) are set on the listening
+    socket, which its connections inherit: set before listen, a small receive buffer keeps
+    the kernel from taking a body the script reads slowly, and small segments keep the
+    sender's queue (sized from its segment size) from taking megabytes of it. The script's
+    reader then buffers no more than twice `receive_buffer` either (its limit).
+    """
     upstream = RawUpstream(port=0)
     tasks: set[asyncio.Task[None]] = set()
 
@@ -53,7 +63,18 @@ async def raw_upstream(script: Script) -> AsyncIterator[RawUpstream]:
             upstream.closed.set()
             tasks.discard(task)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    listener = socket.socket()
+    try:
+        if receive_buffer is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if max_segment is not None:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
+        listener.bind(("127.0.0.1", 0))
+        limit = receive_buffer if receive_buffer is not None else 2**16  # asyncio's default
+        server = await asyncio.start_server(serve, sock=listener, limit=limit)
+    except BaseException:
+        listener.close()
+        raise
     upstream.port = server.sockets[0].getsockname()[1]
     try:
         yield upstream
