@@ -24,7 +24,6 @@ from gateway.http.errors import (
     BodyTimeout,
     RequestBodyFailed,
     ResponseBodyError,
-    ResponseTimeout,
     SendTimeout,
 )
 from gateway.http.headers import (
@@ -67,46 +66,19 @@ class ForwardResult:
     idle: bool = False
 
 
-class _UploadWatch:
-    """Bounds how long the upstream may take to accept each chunk of the request body.
+class _ClientBody:
+    """The client's request body as an async iterable, each read bounded in time.
 
-    The body is pulled by the HTTP client's own writer task, but it is the forwarding task,
-    waiting for the response head, that must be cancelled; so the feeder arms and disarms
-    a timeout that the forwarding task entered. Time spent waiting for the *client* does
-    not count: that is bounded by the client body timeout instead.
+    How long the upstream may take to take each chunk is the HTTP client's to bound (by
+    `upstream.timeout`, renewed while it takes bytes); time spent here waiting for the
+    *client* is bounded by the client body timeout instead.
     """
 
-    __slots__ = ("_live", "_seconds", "_timeout")
+    __slots__ = ("_content", "_timeout", "failure")
 
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._timeout: asyncio.Timeout | None = None
-        self._live = False
-
-    def bind(self, timeout: asyncio.Timeout) -> None:
-        self._timeout, self._live = timeout, True
-
-    def unbind(self) -> None:
-        self._live = False
-
-    def arm(self) -> None:
-        if self._live and self._timeout is not None and not self._timeout.expired():
-            self._timeout.reschedule(asyncio.get_running_loop().time() + self._seconds)
-
-    def disarm(self) -> None:
-        if self._live and self._timeout is not None and not self._timeout.expired():
-            self._timeout.reschedule(None)
-
-
-class _ClientBody:
-    """The client's request body as an async iterable, each read bounded in time."""
-
-    __slots__ = ("_content", "_timeout", "_watch", "failure")
-
-    def __init__(self, request: Request, body_timeout: float, watch: _UploadWatch):
+    def __init__(self, request: Request, body_timeout: float):
         self._content = request.content
         self._timeout = body_timeout
-        self._watch = watch
         # Why the body could not be read; the HTTP client reports it only as a send failure.
         self.failure: Exception | None = None
 
@@ -115,7 +87,6 @@ class _ClientBody:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while True:
-            self._watch.disarm()
             try:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._content.read()
@@ -125,8 +96,6 @@ class _ClientBody:
             except Exception as exc:
                 self.failure = exc
                 raise
-            # From here the clock runs on the upstream taking the chunk (or the answer).
-            self._watch.arm()
             if not chunk:
                 return
             yield chunk
@@ -265,26 +234,11 @@ async def _send_with_body(
     headers: Sequence[tuple[bytes, bytes]],
     body_timeout: float,
 ) -> HttpReply:
-    upstream = destination.product.upstream
-    watch = _UploadWatch(upstream.timeout)
-    body = _ClientBody(request, body_timeout, watch)
+    body = _ClientBody(request, body_timeout)
     try:
-        async with asyncio.timeout(None) as upload_deadline:
-            watch.bind(upload_deadline)
-            try:
-                return await destination.client.send(
-                    request.method,
-                    target,
-                    headers,
-                    body,
-                    on_interim=request.connection.relay_interim,
-                )
-            finally:
-                watch.unbind()
-    except TimeoutError as exc:
-        if not upload_deadline.expired():
-            raise
-        raise ResponseTimeout(upstream.timeout, during_upload=True) from exc
+        return await destination.client.send(
+            request.method, target, headers, body, on_interim=request.connection.relay_interim
+        )
     except RequestBodyFailed as exc:
         # The HTTP client only saw its body source fail; the client is the one to blame.
         failure = body.failure

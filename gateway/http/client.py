@@ -54,10 +54,11 @@ class HttpClient:
         self._keepalive = keepalive
         self._idle: list[HttpConnection] = []  # most recently used last
         self._sweeper: asyncio.TimerHandle | None = None
-        # Connections waiting for an answer head, and one timer for the earliest deadline among
-        # them: a timer per request costs more to cancel (as nearly every one is) than this.
-        self._heads: set[HttpConnection] = set()
-        self._head_timer: asyncio.TimerHandle | None = None
+        # Connections waiting on their upstream (for an answer head, or to take more of a request
+        # body), and one timer for the earliest deadline among them: a timer per request costs
+        # more to cancel (as nearly every one is) than this.
+        self._waiting: set[HttpConnection] = set()
+        self._wait_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if upstream.scheme == "https" else None
@@ -81,12 +82,13 @@ class HttpClient:
         `HttpReply.switch_protocols`, and a 101 to another is a `MalformedResponse`.
 
         Raises `ConnectTimeout` or `ResponseTimeout` when no connection is made within the
-        connect timeout or the upstream stays silent longer than its timeout after the request
-        was sent, `ConnectError`, `ServerDisconnected` or `MalformedResponse` when the
-        connection is refused or reset or the answer is not HTTP, `RequestBodyFailed` when
-        `body` fails; lets `CancelledError` through after closing the connection. `target` is
-        the request target (percent-encoding untouched), `headers` the complete header lines,
-        Host included; a body without a Content-Length line is sent chunked.
+        connect timeout or the upstream neither answers nor takes any of the request body for
+        longer than its timeout (waiting for `body` itself is not counted), `ConnectError`,
+        `ServerDisconnected` or `MalformedResponse` when the connection is refused or reset or
+        the answer is not HTTP, `RequestBodyFailed` when `body` fails; lets `CancelledError`
+        through after closing the connection. `target` is the request target (percent-encoding
+        untouched), `headers` the complete header lines, Host included; a body without a
+        Content-Length line is sent chunked.
         """
         head, chunked = self._encode_head(method, target, headers, body is not None)
         retry = method in _IDEMPOTENT and body is None
@@ -180,30 +182,34 @@ class HttpClient:
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
 
-    def watch_head(self, connection: HttpConnection) -> None:
-        connection.head_deadline = self.loop.time() + self.upstream.timeout
-        self._heads.add(connection)
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_at(connection.head_deadline, self._check_heads)
+    def watch(self, connection: HttpConnection) -> None:
+        connection.deadline = self.loop.time() + self.upstream.timeout
+        self._waiting.add(connection)
+        if self._wait_timer is None:
+            self._wait_timer = self.loop.call_at(connection.deadline, self._check_waiting)
 
-    def unwatch_head(self, connection: HttpConnection) -> None:
-        self._heads.discard(connection)
-        if self._closed and not self._heads and self._head_timer is not None:
+    def unwatch(self, connection: HttpConnection) -> None:
+        self._waiting.discard(connection)
+        if self._closed and not self._waiting and self._wait_timer is not None:
             # Retired (or closed) with nothing left to time: its timer would hold it.
-            self._head_timer.cancel()
-            self._head_timer = None
+            self._wait_timer.cancel()
+            self._wait_timer = None
 
-    def _check_heads(self) -> None:
-        self._head_timer = None
+    def _check_waiting(self) -> None:
+        self._wait_timer = None
         # The loop's clock has millisecond steps: a timer may fire a hair before its time.
         now = self.loop.time() + 0.001
-        late = [connection for connection in self._heads if connection.head_deadline <= now]
+        late = [connection for connection in self._waiting if connection.deadline <= now]
         for connection in late:
-            self._heads.discard(connection)
-            connection.head_timed_out()
-        if self._heads:
-            earliest = min(connection.head_deadline for connection in self._heads)
-            self._head_timer = self.loop.call_at(earliest, self._check_heads)
+            if connection.took_more():
+                # It takes the request body, however slowly: not silent, another allowance.
+                connection.deadline = now + self.upstream.timeout
+            else:
+                self._waiting.discard(connection)
+                connection.timed_out()
+        if self._waiting:
+            earliest = min(connection.deadline for connection in self._waiting)
+            self._wait_timer = self.loop.call_at(earliest, self._check_waiting)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -227,9 +233,9 @@ class HttpClient:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if not self._heads and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if not self._waiting and self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
         for connection in self._idle:
             connection.abort()
         self._idle.clear()
@@ -238,6 +244,6 @@ class HttpClient:
         """`retire`, and no more timeouts for requests under way: the process is stopping.
         Connections still carrying an answer are aborted when it is finished (see keep)."""
         self.retire()
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None

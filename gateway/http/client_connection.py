@@ -27,7 +27,7 @@ from gateway.http.errors import (
     ServerDisconnected,
     UpstreamError,
 )
-from gateway.http.flow import WriteGate
+from gateway.http.flow import WriteGate, unsent_bytes
 from gateway.http.headers import decode, protocols
 from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT, OTHER_CODING, only_chunked
 from gateway.http.reply import HttpReply, announces_body, body_ends_at_close
@@ -51,11 +51,12 @@ class ConnectionOwner(Protocol):
     def keep(self, connection: HttpConnection) -> None:
         """Take back a connection whose exchange ended cleanly, for reuse."""
 
-    def watch_head(self, connection: HttpConnection) -> None:
-        """From now on the connection's answer head has `upstream.timeout` to arrive."""
+    def watch(self, connection: HttpConnection) -> None:
+        """From now on the upstream has `upstream.timeout` to answer (or to take more of the
+        request body, see `took_more`), else the connection is told `timed_out`."""
 
-    def unwatch_head(self, connection: HttpConnection) -> None:
-        """The head arrived, or the exchange ended otherwise."""
+    def unwatch(self, connection: HttpConnection) -> None:
+        """The head arrived, the body could be written on, or the exchange ended otherwise."""
 
 
 _HEAD_TOO_LARGE = f"its response head is larger than {HEAD_LIMIT // 1024} KiB"
@@ -79,8 +80,11 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self._reply: HttpReply | None = None  # the answer being parsed, until it is complete
         self._head: asyncio.Future[HttpReply] | None = None  # until the final head arrives
-        self._head_watched = False  # the pool's head deadline applies (see watch_head)
-        self.head_deadline = 0.0
+        self._watched = False  # the pool's deadline applies (see ConnectionOwner.watch)
+        self.deadline = 0.0
+        # While a request body is sent: its bytes the upstream had not taken when last looked
+        # at (see took_more). None without a body: then the upstream only has to answer.
+        self._unsent_seen: int | None = None
         self._received = False  # any byte of the current answer arrived
         self._reading_paused = False
         self._writes = WriteGate(self._loop)
@@ -306,7 +310,7 @@ class HttpConnection(asyncio.Protocol):
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding must close its
             # connection, whatever its Connection header says (its framing is in doubt).
             self.reusable = False
-        self._stop_head_timer()
+        self._stop_timer()
         head = self._head
         if head is not None and not head.done():
             head.set_result(reply)
@@ -373,6 +377,7 @@ class HttpConnection(asyncio.Protocol):
         self._interims = 0
         self._on_interim = on_interim
         self._upgrade = None if upgrade is None else protocols(upgrade)
+        self._unsent_seen = None
         reply = HttpReply(self, head_only)
         self._reply = reply
         self._received = False
@@ -381,7 +386,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             transport.write(head)
             if body is None:
-                self._start_head_timer()
+                self._start_timer()
             else:
                 self._upload = self._loop.create_task(self._send_body(body, chunked))
             return await head_waiter
@@ -410,7 +415,7 @@ class HttpConnection(asyncio.Protocol):
                 else:
                     transport.write(chunk)
                 if self._writes.paused:
-                    await self._writes.drained()
+                    await self._room_for_body(transport)
             if chunked and self.transport is not None:
                 self.transport.write(LAST_CHUNK)
         except ConnectionError:
@@ -427,22 +432,52 @@ class HttpConnection(asyncio.Protocol):
             self.reusable = False
             self._fail_head(RequestBodyFailed("the request body could not be read"))
             return
-        self._start_head_timer()
+        # The body's tail may wait in the socket's send queue: while the upstream takes it,
+        # waiting for its answer is no silence either.
+        if self.transport is not None:
+            self._unsent_seen = unsent_bytes(self.transport)
+        self._start_timer()
 
-    def _start_head_timer(self) -> None:
+    async def _room_for_body(self, transport: asyncio.Transport) -> None:
+        """Wait until the upstream has taken enough of the body to write on. Time spent
+        waiting for the body's source is not the upstream's: only this wait is timed."""
+        self._unsent_seen = unsent_bytes(transport)  # a system call, but only to wait
+        self._start_timer()
+        try:
+            await self._writes.drained()
+        finally:
+            self._stop_timer()
+
+    def took_more(self) -> bool:
+        """Whether the upstream took bytes of the request body since it was last looked at
+        (its deadline passed): one that reads an upload slowly but steadily is given
+        another allowance, as one that stopped reading (or never answers) is not."""
+        seen, transport = self._unsent_seen, self.transport
+        if seen is None or transport is None:
+            return False
+        unsent = unsent_bytes(transport)
+        if unsent < seen:
+            self._unsent_seen = unsent
+            return True
+        return False
+
+    def _start_timer(self) -> None:
         head = self._head
         if head is not None and not head.done():
-            self._head_watched = True
-            self._client.watch_head(self)
+            self._watched = True
+            self._client.watch(self)
 
-    def _stop_head_timer(self) -> None:
-        if self._head_watched:
-            self._head_watched = False
-            self._client.unwatch_head(self)
+    def _stop_timer(self) -> None:
+        if self._watched:
+            self._watched = False
+            self._client.unwatch(self)
 
-    def head_timed_out(self) -> None:
-        self._head_watched = False
-        self._fail_head(ResponseTimeout(self._client.upstream.timeout))
+    def timed_out(self) -> None:
+        self._watched = False
+        # Bytes of the body still unsent (took_more just looked): the upstream stopped taking
+        # them, which is what the client is told, rather than that it did not answer.
+        during_upload = bool(self._unsent_seen)
+        self._fail_head(ResponseTimeout(self._client.upstream.timeout, during_upload=during_upload))
 
     def _fail_head(self, exc: BaseException) -> None:
         head = self._head
@@ -462,7 +497,7 @@ class HttpConnection(asyncio.Protocol):
         `error` goes to a caller still waiting for the head; a body under way is cut, told
         `cut` (else the error's own words)."""
         self.reusable = False
-        self._stop_head_timer()
+        self._stop_timer()
         reply, self._reply = self._reply, None
         head = self._head
         if head is not None and not head.done():

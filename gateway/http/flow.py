@@ -4,6 +4,9 @@ Writing: asyncio calls `pause_writing` when a transport's buffer passes its high
 `resume_writing` when it drains; whoever streams a body waits on `WriteGate.drained()` between
 chunks so that a slow reader bounds the memory a fast writer can fill.
 
+A transport's `unsent_bytes` tell a slow reader from one that stopped: while they shrink, the
+peer is taking bytes, however slowly.
+
 Reading: a `ChunkQueue` holds body chunks as the parser handed them over (never joined or
 copied) until whoever relays them takes them; its owner pauses reading from the socket above
 its high-water mark and resumes below its low one.
@@ -14,6 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import fcntl
+import struct
+import termios
+
+# Linux's ioctl for the bytes of a socket's send queue the peer has not acknowledged yet.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 class WriteGate:
@@ -55,6 +64,22 @@ class WriteGate:
             await waiter
         finally:
             self._waiter = None
+
+
+def unsent_bytes(transport: asyncio.Transport) -> int:
+    """Bytes written to `transport` that its peer has not received yet: the transport's buffer
+    and, where the system tells, the socket's send queue (a system call). A kernel queue of
+    megabytes may take a slow reader longer to make room in than any write timeout, while
+    it reads all along."""
+    queued = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _OUTQ is not None and sock is not None:
+        try:
+            answer = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+        except OSError:
+            return queued
+        queued += struct.unpack("i", answer)[0]
+    return queued
 
 
 # A body queue holding more than HIGH_WATER bytes pauses reading from its source's socket;

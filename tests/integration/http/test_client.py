@@ -417,6 +417,31 @@ async def test_slow_head_is_gateway_timeout_and_the_connection_is_closed() -> No
         await asyncio.wait_for(up.closed.wait(), 2)
 
 
+async def test_an_upload_the_upstream_stops_taking_is_gateway_timeout() -> None:
+    """The client bounds an upload by itself: the upstream may take nothing of the body for
+    longer than its timeout (and time spent waiting for the body's source is not counted)."""
+
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        await peer.reader.readexactly(65536)  # a little, then no more
+        await asyncio.sleep(10)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    async with (
+        raw_upstream(script, receive_buffer=4096, max_segment=536) as up,
+        client_for(up.port, timeout=0.3) as client,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ResponseTimeout, match=r"did not accept the request body within 0\.3s"):
+            await asyncio.wait_for(client.send("POST", "/up", HOST, endless()), 5)
+        assert loop.time() - started < 3
+
+
 async def test_refused_connection_is_bad_gateway() -> None:
     async with client_for(closed_port()) as client:
         with pytest.raises(ConnectError, match="refused"):

@@ -182,6 +182,76 @@ async def test_upstream_not_taking_the_body_is_gateway_timeout(
     assert "request body" in problem["detail"]
 
 
+# Small kernel buffers on the upstream's side: a body read slowly is taken slowly.
+_SMALL_BUFFERS = {"receive_buffer": 4096, "max_segment": 536}
+
+
+def _reads_slowly(size: int, read_for: list[float]) -> Script:
+    """Reads the body 4 KiB at a time, one read every 20 ms (~200 KB/s at best); answers
+    with how much arrived once `size` bytes have. `read_for` gets how long that took."""
+
+    async def script(peer: Peer) -> None:
+        await peer.head()
+        loop = asyncio.get_running_loop()
+        started, received = loop.time(), 0
+        while received < size and (piece := await peer.reader.read(4096)):
+            received += len(piece)
+            await asyncio.sleep(0.02)
+        read_for.append(loop.time() - started)
+        body = b"%d" % received
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    return script
+
+
+async def _uploaded(size: int) -> AsyncIterator[bytes]:
+    for _ in range(size // 65536):
+        yield b"u" * 65536
+
+
+async def test_upstream_reading_the_body_slowly_but_steadily_is_not_cut_off(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    """The upload takes the upstream seconds, several times `upstream.timeout`, but it takes
+    bytes all along: only an upstream that takes nothing for that long is cut off."""
+    size, read_for = 384 * 1024, list[float]()
+    async with raw_upstream(_reads_slowly(size, read_for), **_SMALL_BUFFERS) as up:
+        front.use(up.port, timeout=0.5)
+        async with client.post(
+            front.url / "upload",
+            data=_uploaded(size),
+            headers={"Content-Length": str(size)},
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as response:
+            assert response.status == 200
+            assert await response.read() == b"%d" % size
+    assert read_for[0] > 1.0  # twice the timeout at least: the test tests what it says
+
+
+async def test_upstream_that_stops_reading_the_body_is_gateway_timeout(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    async def stops_reading(peer: Peer) -> None:
+        await peer.head()
+        for _ in range(16):  # 64 KiB, slowly, then no more
+            await peer.reader.read(4096)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(10)
+
+    async with raw_upstream(stops_reading, **_SMALL_BUFFERS) as up:
+        front.use(up.port, timeout=0.5)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with client.post(front.url / "upload", data=_uploaded(128 * MB)) as response:
+            assert response.status == 504
+            problem = await response.json()
+        elapsed = loop.time() - started
+    assert problem["code"] == "gateway_timeout"
+    assert "did not accept the request body within 0.5s" in problem["detail"]
+    # Its reads end after ~0.3 s; found out one or two allowances of 0.5 s later.
+    assert elapsed < 5
+
+
 # -------------------------------------------------------------- after the head: cut short
 
 
