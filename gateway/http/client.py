@@ -15,9 +15,10 @@ import ssl
 from collections.abc import AsyncIterable, Sequence
 
 from gateway.config.model import Upstream
-from gateway.http.client_connection import HttpConnection, InterimHook, StaleConnection
+from gateway.http.client_connection import HttpConnection, StaleConnection
 from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
 from gateway.http.reply import HttpReply
+from gateway.http.reply_reader import InterimHook
 
 __all__ = ["KEEPALIVE_SECONDS", "HttpClient", "InterimHook"]
 

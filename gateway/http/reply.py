@@ -1,6 +1,6 @@
 """One upstream answer as the gateway's HTTP client hands it on: its head, and its body as a
 queue of the parser's chunks (`HttpReply`); and what its head says of the body's framing.
-The connection that parses it is `client_connection.py`."""
+The connection that reads it is `client_connection.py`, its parser's callbacks `reply_reader.py`."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import pytest
 
 from gateway.config.model import Upstream
 from gateway.http.client import HttpClient
-from gateway.http.client_connection import MAX_INTERIM
 from gateway.http.errors import (
     ConnectError,
     ConnectTimeout,
@@ -25,6 +24,7 @@ from gateway.http.errors import (
     ResponseTimeout,
     ServerDisconnected,
 )
+from gateway.http.reply_reader import MAX_INTERIM
 from tests.support.raw_upstream import Peer, Script, keep_answering, raw_upstream
 from tests.support.sockets import closed_port, unaccepting_port
 
