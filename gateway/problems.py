@@ -2,6 +2,7 @@
 
     GatewayProblem                      (status, title, code)
     ├── BadRequest                      400 Bad Request          bad_request
+    │   └── PlainHttpToHttpsPort                                     plain_http_to_https_port
     ├── Unauthorized                    401 Unauthorized         unauthorized
     ├── Forbidden                       403 Forbidden            forbidden
     ├── InvalidRoute                    404 Invalid route        invalid_route
@@ -78,6 +79,10 @@ class GatewayProblem(Exception):
 
 class BadRequest(GatewayProblem):
     status, title, code = 400, "Bad Request", "bad_request"
+
+
+class PlainHttpToHttpsPort(BadRequest):
+    code = "plain_http_to_https_port"
 
 
 class Unauthorized(GatewayProblem):
@@ -202,6 +207,11 @@ def render_problem(
 # `{what}` is the upstream's product, `{reason}` the error's own words, `{error}` the error.
 _HTTP_ERROR_PROBLEMS: tuple[tuple[type[http_errors.HttpError], type[GatewayProblem], str], ...] = (
     (http_errors.MalformedRequest, BadRequest, "The request is {reason}."),
+    (
+        http_errors.PlainHttpOnTlsPort,
+        PlainHttpToHttpsPort,
+        "The plain HTTP request was sent to the HTTPS port: use https:// to reach it.",
+    ),
     (http_errors.HeadTimeout, RequestTimeout, "The request head did not arrive in time."),
     (
         http_errors.BodyTimeout,
@@ -222,8 +232,9 @@ def problem_from_http_error(error: http_errors.HttpError, product: str = "") -> 
     for error_type, problem_type, template in _HTTP_ERROR_PROBLEMS:
         if isinstance(error, error_type):
             detail = template.format(what=product or "this route", reason=error, error=error)
-            if problem_type is BadRequest:
-                # The rest of a request that is not HTTP cannot be read: the connection ends.
-                return BadRequest(detail, close_connection=True)
+            if issubclass(problem_type, BadRequest):
+                # The rest of a request that is not HTTP (or not TLS) cannot be read: the
+                # connection ends.
+                return problem_type(detail, close_connection=True)
             return problem_type(detail)
     raise AssertionError("HttpError is the last row")  # pragma: no cover

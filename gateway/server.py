@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.server")
 
-# Seconds a TLS connection being closed waits for the client's close_notify before its socket
-# goes: nginx does not wait at all; a client that answers does so within a round trip.
-TLS_SHUTDOWN_TIMEOUT = 1.0
 # After the drain (in-flight requests: server.drain_timeout), closing a worker (its storage,
 # upstream and admin connections, the tasks left at its exit) takes this long at most: a step
 # that takes longer is named in a warning and left behind, so that the process always exits.
@@ -278,14 +275,8 @@ class Worker:
             self._proxy_server,
             sock=proxy_socket,
             backlog=LISTEN_BACKLOG,
-            ssl=self._proxy_server.listener_ssl,
-            # A handshake is part of the request head as far as a slow client is concerned.
-            ssl_handshake_timeout=(
-                server_config.timeouts.client_header if server_config.tls is not None else None
-            ),
-            # How long a closing TLS connection waits for the client's close_notify; asyncio's
-            # 30 s held every idle keep-alive client's connection (and so a drain) that long.
-            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if server_config.tls is not None else None,
+            # No ssl: with server.tls the server starts TLS on each connection itself (see
+            # gateway/http/tls_port.py), the handshake within client_header of the accept.
         )
         runtime = self.runtime
         admin_app = build_admin_app(
@@ -353,7 +344,7 @@ class Worker:
         # new handshakes use it, open connections keep theirs. (Switching TLS on or off needs
         # a new listener, which only a restart makes: `keep_restart_only` has kept it as it was.)
         server, tls = self._proxy_server, config.server.tls
-        if server is not None and tls is not None and server.listener_ssl is not None:
+        if server is not None and tls is not None:
             server.renew_certificate(tls.context)
 
     async def prepare_config(self, config: Config) -> Callable[[], None]:

@@ -3,6 +3,7 @@
     HttpError
     ├── RequestError                the client's request could not be read
     │   ├── MalformedRequest        not valid HTTP (or a head over the size limit)
+    │   ├── PlainHttpOnTlsPort      plain HTTP sent to the port that speaks TLS
     │   ├── HeadTimeout             the request head did not arrive in time
     │   └── BodyTimeout             the request body stalled
     ├── SendTimeout                 the client took nothing of its answer in time
@@ -33,6 +34,11 @@ class RequestError(HttpError):
 
 class MalformedRequest(RequestError):
     pass
+
+
+class PlainHttpOnTlsPort(RequestError):
+    def __init__(self) -> None:
+        super().__init__("plain HTTP was sent to the port that speaks HTTPS")
 
 
 class HeadTimeout(RequestError):

@@ -35,6 +35,7 @@ from gateway.http.heap import release_free_memory
 from gateway.http.request import Request
 from gateway.http.server_connection import ServerConnection
 from gateway.http.tls import CertificateSwitch
+from gateway.http.tls_port import TlsPortConnection, loop_tls_protocol
 
 __all__ = ["Handler", "HttpServer", "RequestErrorAnswer"]
 
@@ -65,9 +66,13 @@ class HttpServer:
         send_timeout: Callable[[], float] | None = None,
     ):
         self.loop = asyncio.get_running_loop()
-        # With TLS the listener is created with `listener_ssl`; `renew_certificate` changes
-        # the certificate of handshakes from then on, open connections keep theirs.
+        # With TLS the listener is a plain one: each connection's first read decides between
+        # TLS and a 400 for plain HTTP (`TlsPortConnection`). `renew_certificate` changes the
+        # certificate of handshakes from then on, open connections keep theirs.
         self._certificates = CertificateSwitch(tls) if tls is not None else None
+        self.tls_protocol = loop_tls_protocol(self.loop)
+        # TLS port connections that have sent nothing yet, for `shutdown`.
+        self.undecided: set[TlsPortConnection] = set()
         self.scheme = "https" if tls is not None else "http"
         self.handler = handler
         self.on_request_error = on_request_error
@@ -88,14 +93,12 @@ class HttpServer:
         self._trims_due = False
         self._trimmed_at = self.loop.time()
 
-    def __call__(self) -> ServerConnection:
+    def __call__(self) -> asyncio.Protocol:
         self._accepted += 1
-        return ServerConnection(self)
-
-    @property
-    def listener_ssl(self) -> ssl.SSLContext | None:
-        """The context to create the listener with (None for plain HTTP)."""
-        return None if self._certificates is None else self._certificates.listener_context
+        certificates = self._certificates
+        if certificates is None:
+            return ServerConnection(self)
+        return TlsPortConnection(self, certificates.listener_context)
 
     def renew_certificate(self, context: ssl.SSLContext) -> None:
         """Serve new handshakes with `context` from now on (ignored without TLS)."""
@@ -130,6 +133,8 @@ class HttpServer:
             self._sweeper.cancel()
             self._sweeper = None
         self._emptied = asyncio.Event()
+        for undecided in list(self.undecided):
+            undecided.close()
         for connection in list(self.connections):
             connection.close_when_done()
         if self.connections:

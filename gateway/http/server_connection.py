@@ -47,8 +47,8 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
         self._server = server
         self._loop = server.loop
         # Made in connection_made: a parser holds its protocol, a cycle that connection_lost
-        # breaks. On a TLS listener the protocol is made when the connection is accepted, and
-        # one whose handshake fails (times out, plain HTTP, an old TLS version) never sees
+        # breaks. On the TLS port the protocol is made when a handshake begins (tls_port.py),
+        # and one whose handshake fails (times out, an old TLS version) never sees
         # connection_made nor connection_lost: the cycle was left to the collector, and a
         # reload's gc.freeze kept it for good.
         self._parser = CLOSED_REQUEST_PARSER

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import accesslog
 from tests.support.certificates import Certificate, make_certificate
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
@@ -24,6 +27,7 @@ from tests.support.processes import GatewayProcess
 from tests.support.sockets import free_ports
 from tests.support.upstream import running_upstream
 
+PLAIN_HTTP = "plain_http_to_https_port"
 API = """
 products:
   shop:
@@ -63,17 +67,81 @@ async def test_https_request_reaches_the_upstream_as_https(
     assert headers["X-Forwarded-Proto"] == "https"
 
 
-async def test_plain_http_to_the_https_port_is_closed_unanswered(tmp_path: Path) -> None:
+async def _requests_counted(http: aiohttp.ClientSession, admin_port: int, code: str) -> float:
+    async with http.get(f"http://127.0.0.1:{admin_port}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total" and sample.labels["code"] == code
+    )
+
+
+async def test_plain_http_to_the_https_port_is_answered_400(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`curl http://` to the HTTPS port, a common slip: it was closed without an answer (the
+    bytes fail the handshake). Told so in a 400 problem+json, as nginx tells it, logged and
+    counted as a request that cannot be read is; the connection closes."""
     made = make_certificate(tmp_path / "certs")
     server = worker_server_yaml(tls=(made.cert, made.key))
     config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
-    async with running_gateway(config) as gateway:
+    async with running_gateway(config) as gateway, aiohttp.ClientSession() as http:
+        before = await _requests_counted(http, gateway.admin_port, PLAIN_HTTP)
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
-        writer.write(b"GET /shop/x HTTP/1.1\r\nHost: a\r\n\r\n")
-        # Not a TLS handshake: the connection is closed without an HTTP answer.
+        writer.write(
+            b"GET /shop/x?api_key=tls-secret HTTP/1.1\r\nHost: a\r\nX-Request-ID: plain-1\r\n\r\n"
+        )
         async with asyncio.timeout(5):
-            assert b"HTTP/" not in await reader.read()
+            raw = await reader.read()  # to the end: the gateway closes the connection
         writer.close()
+        await writer.wait_closed()
+        counted = await _requests_counted(http, gateway.admin_port, PLAIN_HTTP) - before
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request"
+    assert b"Content-Type: application/problem+json" in lines
+    assert b"Connection: close" in lines
+    assert b"X-Request-ID: plain-1" in lines
+    problem = json.loads(body)
+    assert (problem["status"], problem["title"], problem["code"]) == (
+        400,
+        "Bad Request",
+        PLAIN_HTTP,
+    )
+    assert problem["detail"] == (
+        "The plain HTTP request was sent to the HTTPS port: use https:// to reach it."
+    )
+    assert counted == 1
+    accesslog.flush_access_log()
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert [
+        (line["method"], line["path"], line["status"], line["code"], line["request_id"])
+        for line in logged
+    ] == [("GET", "/shop/x", 400, PLAIN_HTTP, "plain-1")]  # no query: a key may be there
+
+
+@pytest.mark.parametrize("first", [b"", b"\x16\x03\x01"], ids=["nothing", "half-a-handshake"])
+async def test_a_client_that_does_not_finish_a_handshake_is_closed_after_client_header(
+    tmp_path: Path, first: bytes
+) -> None:
+    """The first bytes decide between TLS and plain HTTP: a client that sends none, or the
+    start of a handshake only, is still closed unanswered once client_header has passed."""
+    made = make_certificate(tmp_path / "certs")
+    server = worker_server_yaml(tls=(made.cert, made.key), client_header="300ms")
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
+    async with running_gateway(config) as gateway:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(first)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        took = time.monotonic() - started
+        writer.close()
+        await writer.wait_closed()
+    assert answer == b""
+    assert 0.25 <= took < 4  # loose above: a busy CI box
 
 
 def _serial_of_new_connection(port: int, trust: ssl.SSLContext) -> str:
@@ -241,8 +309,8 @@ async def test_an_upstream_whose_certificate_is_not_trusted_is_a_502_saying_why(
 
 
 async def test_a_failed_handshake_leaves_no_cycle(tmp_path: Path) -> None:
-    """A TLS listener makes its connection's protocol when it accepts; a handshake that fails
-    (times out, plain HTTP, an old TLS version) never calls its connection_made nor its
+    """The TLS port makes its connection's protocol when a handshake begins; a handshake that
+    fails (times out, is not TLS, an old TLS version) never calls its connection_made nor its
     connection_lost. The request parser it made at once held it in a cycle, which the collector
     alone frees, and which a reload's gc.freeze (gateway.reload.freeze_long_lived) kept for
     good: a scanner's or a load balancer's probes, during reloads, grew the worker."""
@@ -253,7 +321,8 @@ async def test_a_failed_handshake_leaves_no_cycle(tmp_path: Path) -> None:
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
-            for first in (b"GET /shop/x HTTP/1.1\r\nHost: a\r\n\r\n", b""):  # or nothing at all
+            # A handshake record that is not a ClientHello, one cut short (timed out), nothing.
+            for first in (b"\x16\x03\x01\x00\x04abcd", b"\x16\x03\x01", b""):
                 reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
                 writer.write(first)
                 async with asyncio.timeout(5):

@@ -1,0 +1,110 @@
+"""The proxy port's own server with TLS (gateway.http.tls_port), on each event loop it may run
+on: each connection's first read decides between TLS and a 400 for plain HTTP, and the TLS is
+started with the loop's own TLS protocol class, which neither loop offers as public API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.http.request import Request
+from gateway.http.server import HttpServer
+from gateway.http.tls import server_context
+from gateway.pipeline import answer_request_error
+from tests.conftest import LeakCheckingLoop
+from tests.support.certificates import make_certificate
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": LeakCheckingLoop,
+    "asyncio": asyncio.SelectorEventLoop,
+}
+
+
+async def answer_scheme(request: Request) -> None:
+    """200 whose body is the scheme the server says the request came with."""
+    request.connection.respond(
+        request, 200, "OK", b"Content-Type: text/plain\r\n", request.scheme.encode()
+    )
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The status line and the body of one answer framed by Content-Length."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    body = await asyncio.wait_for(reader.readexactly(length), 5)
+    return head.split(b"\r\n", 1)[0], body
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+async def serve_both(cert: Path, key: Path, trust: ssl.SSLContext) -> None:
+    server = HttpServer(
+        answer_scheme,
+        on_request_error=answer_request_error,
+        head_timeout=5.0,
+        keepalive_timeout=5.0,
+        tls=server_context(str(cert), str(key)),
+    )
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        # HTTPS: two requests on one kept-alive connection.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=trust, server_hostname="localhost"
+        )
+        try:
+            for _ in range(2):
+                writer.write(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert await read_answer(reader) == (b"HTTP/1.1 200 OK", b"https")
+            tls = writer.get_extra_info("ssl_object")
+            assert tls.selected_alpn_protocol() == "http/1.1"
+        finally:
+            await close(writer)
+
+        # Plain HTTP: a 400 in plain text, then the end of the connection.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            await close(writer)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert json.loads(body)["code"] == "plain_http_to_https_port"
+
+        # A client that has sent nothing yet is closed by a shutdown at once, as an idle one is.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await asyncio.sleep(0.05)  # accepted
+            listener.close()
+            await server.shutdown(5.0)
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+        finally:
+            await close(writer)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        await server.shutdown(0.5)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_https_and_plain_http_on_the_tls_port(tmp_path: Path, loop: str) -> None:
+    made = make_certificate(tmp_path)
+    trust = made.client_context()
+    trust.set_alpn_protocols(["h2", "http/1.1"])
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(serve_both(made.cert, made.key, trust))
