@@ -335,6 +335,7 @@ async def test_a_failed_handshake_leaves_no_cycle(tmp_path: Path) -> None:
             gc.set_debug(0)
             gc.garbage.clear()
     assert "ServerConnection" not in kept
+    assert "TlsPortConnection" not in kept
 
 
 # Connections per burst: well under the usual limit of 1,024 open files, on both sides.

@@ -89,7 +89,9 @@ async def serve_both(cert: Path, key: Path, trust: ssl.SSLContext) -> None:
         # A client that has sent nothing yet is closed by a shutdown at once, as an idle one is.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await asyncio.sleep(0.05)  # accepted
+            async with asyncio.timeout(5):
+                while not server.undecided:  # until the server has accepted it
+                    await asyncio.sleep(0.01)
             listener.close()
             await server.shutdown(5.0)
             assert await asyncio.wait_for(reader.read(), 2) == b""
