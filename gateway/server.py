@@ -398,6 +398,7 @@ async def _worker(config_path: str, starting: StartingConfig, *, handover: str |
         )
     await worker.start()
     freeze_long_lived()  # the config and its snapshot: see gateway.reload
+    worker.runtime.key_store.freeze_reads = True  # and each later full read of the keys
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
