@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # that time killed the gateway (143, 129) where a stop or a reload is promised.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
     if args.command == "hash-key":
+        if not args.key:
+            # An empty key is no key (a request that sends one has none): its digest in a key
+            # entry would never match, and `hash-key "$KEY"` with KEY unset printed it silently.
+            print("gateway hash-key: KEY is empty, and an empty key is no key", file=sys.stderr)
+            return 2
         # The bytes given, as the proxy hashes the bytes a client sends (argv is decoded with
         # surrogateescape: a key that is not UTF-8 comes back as it was).
         print(hashlib.sha256(os.fsencode(args.key)).hexdigest())

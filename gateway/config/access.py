@@ -36,6 +36,10 @@ _OVERRIDE_KEYS = ("plan", "rate", "quota")
 _KEY_KEYS = ("name", "key", "key_sha256", "plans", "disabled", "expires")
 _PLAIN = frozenset(("name", "key_sha256", "plans"))  # what `KeysReader._plain_key` reads
 SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
+# The digest of an empty key. An empty key is no key (a request that sends one has none), so a
+# key with this digest could never be presented: `gateway hash-key "$KEY"` with KEY unset.
+EMPTY_KEY_SHA256 = hashlib.sha256(b"").hexdigest()
+EMPTY_KEY_REFUSAL = "is the SHA-256 of an empty key, which no request can present"
 _RATE_PER_HINT = (
     f"must be one of {', '.join(RATE_PERIOD_SECONDS)} or {DURATION_HINT.removeprefix('must be ')}"
 )
@@ -214,7 +218,7 @@ class KeysReader:
         if not SHA256_HEX.fullmatch(secret.value):
             return None
         digest = secret.value.lower()
-        if digest in self._digests:
+        if digest in self._digests or digest == EMPTY_KEY_SHA256:
             return None
         chosen: dict[str, str] = {}
         plans = fields.get("plans")
@@ -288,6 +292,10 @@ class KeysReader:
         digest = w.required(fields, "key_sha256", w.string)
         if digest is not None and not SHA256_HEX.fullmatch(digest):
             message = "must be 64 hexadecimal characters (see `gateway hash-key`)"
+            w.report(fields.value("key_sha256"), fields.at("key_sha256"), message)
+            return None
+        if digest is not None and digest.lower() == EMPTY_KEY_SHA256:
+            message = f"{EMPTY_KEY_REFUSAL} (an empty key is no key)"
             w.report(fields.value("key_sha256"), fields.at("key_sha256"), message)
             return None
         return None if digest is None else digest.lower()

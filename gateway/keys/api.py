@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields
-from gateway.config.access import SHA256_HEX, validate_key_plans
+from gateway.config.access import (
+    EMPTY_KEY_REFUSAL,
+    EMPTY_KEY_SHA256,
+    SHA256_HEX,
+    validate_key_plans,
+)
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
 from gateway.config.model import ApiKey, Config
@@ -338,6 +343,8 @@ def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:
         digest = data["key_sha256"]
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise BadRequest("key_sha256: must be 64 hexadecimal characters (a SHA-256)")
+        if digest.lower() == EMPTY_KEY_SHA256:
+            raise BadRequest(f"key_sha256: {EMPTY_KEY_REFUSAL} (an empty key is no key)")
         return None, digest.lower()
     secret = secrets.token_urlsafe(_SECRET_BYTES)
     return secret, hashlib.sha256(secret.encode()).hexdigest()

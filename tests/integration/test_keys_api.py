@@ -26,6 +26,9 @@ from tests.support.redis_servers import RedisServer
 from tests.support.sockets import closed_port
 from tests.support.upstream import running_upstream
 
+# The digest of an empty key, which no request presents (an empty key is no key).
+EMPTY_KEY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 API = """
 products:
   soccer:
@@ -312,6 +315,7 @@ async def test_both_secrets_of_a_rotation_share_one_rate_limit(tmp_path: Path) -
         ({"name": "x", "expires": "1969-12-31T23:59:59Z"}, "expires: must be between"),
         ({"name": "x", "disabled": "yes"}, "disabled: must be true or false"),
         ({"name": "x", "key_sha256": "abc"}, "key_sha256: must be 64 hexadecimal characters"),
+        ({"name": "x", "key_sha256": EMPTY_KEY_SHA256}, "key_sha256: is the SHA-256 of an empty"),
         ({"name": "x", "key": "mine"}, "key: unknown field (allowed: name, plans,"),
     ],
 )

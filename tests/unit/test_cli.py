@@ -30,6 +30,15 @@ def test_hash_key_hashes_the_bytes_given_even_when_they_are_not_utf8() -> None:
     assert gateway("hash-key", "test").stdout.strip() == hashlib.sha256(b"test").hexdigest()
 
 
+def test_hash_key_refuses_an_empty_key() -> None:
+    """`gateway hash-key "$KEY"` with KEY unset printed the SHA-256 of nothing, which no request
+    can present (an empty key is no key): the key made from it was 401 for good, silently."""
+    done = gateway("hash-key", "")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "empty" in done.stderr
+
+
 def test_an_empty_config_path_is_an_error_not_the_working_directory(tmp_path: Path) -> None:
     (tmp_path / "stray.yaml").write_text("products: {}\n")
     for done in (
