@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
 import struct
-import termios
 from typing import TYPE_CHECKING
 
 from gateway.http.errors import SendTimeout
-from gateway.http.flow import WriteGate
+from gateway.http.flow import WriteGate, unsent_bytes
 from gateway.http.wire import CLOSE, KEEP_ALIVE, LAST_CHUNK, date_line, status_line
 
 # SO_LINGER on, for 0 s: closing the socket then sends a reset (RST) and drops unsent bytes.
@@ -26,9 +24,6 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 if TYPE_CHECKING:
     from gateway.http.request import Request
-
-# Linux's ioctl for the bytes of a socket's send queue the peer has not acknowledged yet.
-_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 class AnswerWriter:
@@ -147,7 +142,7 @@ class AnswerWriter:
         time. The timer judges the wait under way when it fires and sets itself again for the
         rest of that wait's allowance; with no wait under way it lapses.
         """
-        self._unsent_at_block = self.unsent_bytes()  # a system call, but only to wait
+        self._unsent_at_block = self._unsent_bytes()  # a system call, but only to wait
         if seconds is None:
             await self._writes.drained()
             return
@@ -245,29 +240,17 @@ class AnswerWriter:
     def _read_since_blocked(self) -> bool:
         """Whether the client received any of the answer since a write last had to wait for it
         (or since the last time this said yes)."""
-        unsent = self.unsent_bytes()
+        unsent = self._unsent_bytes()
         if unsent < self._unsent_at_block:
             self._unsent_at_block = unsent
             return True
         return False
 
-    def unsent_bytes(self) -> int:
-        """Bytes written for the client that it has not received yet: the transport's buffer
-        and, where the system tells, the socket's send queue. While it shrinks, the client is
-        reading, however slowly; a kernel queue of megabytes may take a slow reader longer to
-        make room in than any write timeout, while it reads all along."""
+    def _unsent_bytes(self) -> int:
+        """Bytes written for the client that it has not received yet (`flow.unsent_bytes`):
+        while they shrink, the client is reading, however slowly."""
         transport = self.transport
-        if transport is None:
-            return 0
-        queued = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if _OUTQ is not None and sock is not None:
-            try:
-                answer = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
-            except OSError:
-                return queued
-            queued += struct.unpack("i", answer)[0]
-        return queued
+        return 0 if transport is None else unsent_bytes(transport)
 
     def send_interim(self, data: bytes) -> None:
         if self.transport is not None and not self._answer_open and not self._answered:
