@@ -39,7 +39,9 @@ SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 # The digest of an empty key. An empty key is no key (a request that sends one has none), so a
 # key with this digest could never be presented: `gateway hash-key "$KEY"` with KEY unset.
 EMPTY_KEY_SHA256 = hashlib.sha256(b"").hexdigest()
-EMPTY_KEY_REFUSAL = "is the SHA-256 of an empty key, which no request can present"
+EMPTY_KEY_REFUSAL = (
+    "is the SHA-256 of an empty key, which no request can present (an empty key is no key)"
+)
 _RATE_PER_HINT = (
     f"must be one of {', '.join(RATE_PERIOD_SECONDS)} or {DURATION_HINT.removeprefix('must be ')}"
 )
@@ -295,8 +297,7 @@ class KeysReader:
             w.report(fields.value("key_sha256"), fields.at("key_sha256"), message)
             return None
         if digest is not None and digest.lower() == EMPTY_KEY_SHA256:
-            message = f"{EMPTY_KEY_REFUSAL} (an empty key is no key)"
-            w.report(fields.value("key_sha256"), fields.at("key_sha256"), message)
+            w.report(fields.value("key_sha256"), fields.at("key_sha256"), EMPTY_KEY_REFUSAL)
             return None
         return None if digest is None else digest.lower()
 

@@ -38,12 +38,11 @@ class WriteGate:
 
     def resume(self) -> None:
         self.paused = False
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
 
     def wake(self) -> None:
-        """Return a waiting `drained()` at once, still paused: its writer stops waiting."""
+        """Return a waiting `drained()` at once; `resume` does so after unpausing, the send watch
+        while still paused, so that its writer stops waiting."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

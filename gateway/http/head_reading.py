@@ -18,7 +18,7 @@ import httptools
 from gateway.http.chunks import ChunkBounds
 from gateway.http.errors import HeadTimeout, RequestError
 from gateway.http.head_rules import NOT_A_HOST, is_host
-from gateway.http.parsing import HEAD_LIMIT, OTHER_CODING, only_chunked
+from gateway.http.parsing import HEAD_LIMIT, OTHER_CODING, only_chunked, recorded_request_line
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpServer
@@ -146,9 +146,7 @@ class HeadReader:
             # The request line was read (a slow or bad head after it): the record says which
             # request this was, without its query or fragment, where a key may be, and the
             # answer carries the X-Request-ID the client sent, if one was read.
-            method = self._parser.get_method().decode("ascii", "replace")
-            target = self._url.partition(b"?")[0].partition(b"#")[0]
-            path = target.decode("utf-8", "surrogateescape")
+            method, path = recorded_request_line(self._parser, self._url)
             request_id = self._request_id
         transport.write(self._server.on_request_error(error, started, method, path, request_id))
         transport.close()

@@ -25,6 +25,14 @@ def only_chunked(coding: bytes) -> bool:
     return coding.strip().lower() == b"chunked"
 
 
+def recorded_request_line(parser: httptools.HttpRequestParser, url: bytes) -> tuple[str, str]:
+    """The method and path that the record of a request which could not be read names (its
+    request line was): the path without its query or fragment, where a key may be."""
+    method = parser.get_method().decode("ascii", "replace")
+    path = url.partition(b"?")[0].partition(b"#")[0].decode("utf-8", "surrogateescape")
+    return method, path
+
+
 class _NoCallbacks:
     """The protocol of the closed parsers: it has no callbacks, and they are never fed."""
 

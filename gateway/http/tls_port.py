@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway.http.errors import PlainHttpOnTlsPort
+from gateway.http.parsing import recorded_request_line
 from gateway.http.server_connection import ServerConnection
 
 if TYPE_CHECKING:
@@ -164,9 +165,7 @@ class TlsPortConnection(asyncio.Protocol):
             parser.feed_data(data)
         method = path = ""
         if line.url:
-            method = parser.get_method().decode("ascii", "replace")
-            target = line.url.partition(b"?")[0].partition(b"#")[0]
-            path = target.decode("utf-8", "surrogateescape")
+            method, path = recorded_request_line(parser, line.url)
         answer = self._server.on_request_error(
             PlainHttpOnTlsPort(), started, method, path, line.request_id
         )

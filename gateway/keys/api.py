@@ -344,7 +344,7 @@ def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise BadRequest("key_sha256: must be 64 hexadecimal characters (a SHA-256)")
         if digest.lower() == EMPTY_KEY_SHA256:
-            raise BadRequest(f"key_sha256: {EMPTY_KEY_REFUSAL} (an empty key is no key)")
+            raise BadRequest(f"key_sha256: {EMPTY_KEY_REFUSAL}")
         return None, digest.lower()
     secret = secrets.token_urlsafe(_SECRET_BYTES)
     return secret, hashlib.sha256(secret.encode()).hexdigest()
