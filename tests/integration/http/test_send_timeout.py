@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from gateway.http.errors import SendTimeout
 from gateway.http.request import Request
+from gateway.http.server_connection import ServerConnection
 from tests.support.front import http_server
 
 TEXT = b"Content-Type: text/plain\r\n"
@@ -36,6 +37,19 @@ async def small_window_client(port: int) -> AsyncIterator[socket.socket]:
         sock.close()
 
 
+async def write_until_cut(connection: ServerConnection, waited: asyncio.Future[float]) -> None:
+    """Stream pieces allowed 0.3 s each until the send watch cuts the client: `waited` says
+    how long the last wait took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        while True:
+            await connection.write_body(PIECE, 0.3)
+    except SendTimeout:
+        waited.set_result(loop.time() - started)
+        connection.abort()
+
+
 async def test_a_client_that_takes_nothing_of_a_streamed_answer_gets_send_timeout() -> None:
     loop = asyncio.get_running_loop()
     waited: asyncio.Future[float] = loop.create_future()
@@ -43,13 +57,7 @@ async def test_a_client_that_takes_nothing_of_a_streamed_answer_gets_send_timeou
     async def endless(request: Request) -> None:
         connection = request.connection
         connection.begin_answer(request, 200, "OK", TEXT + ENDLESS)
-        started = loop.time()
-        try:
-            while True:
-                await connection.write_body(PIECE, 0.3)
-        except SendTimeout:
-            waited.set_result(loop.time() - started)
-            connection.abort()
+        await write_until_cut(connection, waited)
 
     async with http_server(endless) as (_, port), small_window_client(port):
         # Not before its allowance; the upper bound is loose for a busy machine.
@@ -68,13 +76,7 @@ async def test_a_long_allowance_set_before_does_not_hold_back_a_shorter_one() ->
         connection.begin_answer(request, 200, "OK", TEXT + ENDLESS)
         for _ in range(first // len(PIECE)):
             await connection.write_body(PIECE, 30.0)
-        started = loop.time()
-        try:
-            while True:
-                await connection.write_body(PIECE, 0.3)
-        except SendTimeout:
-            waited.set_result(loop.time() - started)
-            connection.abort()
+        await write_until_cut(connection, waited)
 
     async with http_server(two_allowances) as (_, port), small_window_client(port) as sock:
         await asyncio.sleep(0.2)  # reads nothing at first: a write waits, the timer is set
