@@ -12,7 +12,7 @@ snapshots (counters and warm connections survive a reload), as do the local limi
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway import metrics
@@ -28,6 +28,7 @@ from gateway.limits.metering import Refunds
 from gateway.pipeline import answer_request_error, handle_request
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
+from gateway.tasks import finish_within
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +126,15 @@ def build_proxy_server(runtime: Runtime, server: ServerConfig) -> HttpServer:
 
 
 async def close_runtime(runtime: Runtime) -> None:
-    await runtime.upstreams.close()
-    await runtime.key_store.close()
-    await runtime.refunds.drain()
-    await runtime.limiter.close()
-    await runtime.local_limiter.close()
+    """Close the runtime's parts in turn. A step that fails is named in a warning and the next
+    still runs: the key store and the limiter share the storage's clients, which the last of
+    them closes. Each step bounds its own waits; the caller bounds them all (CLOSE_TIMEOUT)."""
+    steps: tuple[tuple[Callable[[], Awaitable[object]], str], ...] = (
+        (runtime.upstreams.close, "closing the upstream connections"),
+        (runtime.key_store.close, "closing the API key store"),
+        (runtime.refunds.drain, "settling the refunds under way"),
+        (runtime.limiter.close, "closing the limiter"),
+        (runtime.local_limiter.close, "closing the local limiter"),
+    )
+    for close, what in steps:
+        await finish_within(close(), None, what)

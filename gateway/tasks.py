@@ -60,16 +60,31 @@ async def stop_tasks(
         wait = _RECANCEL_EVERY
 
 
-async def finish_within(step: Awaitable[object], within: float, what: str) -> bool:
-    """Await `step` for `within` seconds at most; whether it finished. One that takes longer
-    is named in a warning and left behind."""
+async def finish_within(step: Awaitable[object], within: float | None, what: str) -> bool:
+    """Await `step` for `within` seconds at most (None: its own bounds only); whether it
+    finished. One that takes longer, or fails, is named in a warning and left behind.
+
+    A failure is one line, not a traceback: closing is best effort, and a storage client's
+    close fails for reasons of the storage's (redis-py raises its own TimeoutError when a
+    connection is slow to close; that ended a worker's drain with exit 1)."""
+    bound = asyncio.timeout(within)
     try:
-        async with asyncio.timeout(within):
+        async with bound:
             await step
-    except TimeoutError:
-        log.warning("%s did not finish within %.1fs; going on without it", what, within)
+    except Exception as exc:
+        if bound.expired():
+            log.warning("%s did not finish within %.1fs; going on without it", what, within)
+        else:
+            log.warning("%s failed (%s); going on without it", what, _why(exc))
         return False
     return True
+
+
+def _why(exc: BaseException) -> str:
+    """The exception's class and message, as one line."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    return f"{name}: {text}" if text else name
 
 
 def _where(task: asyncio.Task[object]) -> str:

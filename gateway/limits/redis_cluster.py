@@ -78,5 +78,9 @@ class ClusterClient(RedisCluster):
             relearning.cancel()
             await asyncio.gather(relearning, return_exceptions=True)
         self._initialize = True  # what redis-py reads as closed
-        await self.nodes_manager.aclose()
-        await self.nodes_manager.aclose("startup_nodes")
+        # The startup nodes' connections are closed even when closing the others failed
+        # (redis-py raises its TimeoutError when a connection is slow to close).
+        try:
+            await self.nodes_manager.aclose()
+        finally:
+            await self.nodes_manager.aclose("startup_nodes")
