@@ -118,6 +118,10 @@ class HeadReader:
             elif lowered == b"x-request-id" and self._request_id is None:
                 self._request_id = value
 
+    def _end_after_answer(self, transport: asyncio.Transport) -> None:
+        """Close after the last answer (the connection's, which may linger first)."""
+        raise NotImplementedError
+
     def _refuse_head(self, detail: str) -> None:
         # Raised inside a parser callback, so httptools stops; data_received answers 400.
         self._error_detail = detail
@@ -149,4 +153,4 @@ class HeadReader:
             method, path = recorded_request_line(self._parser, self._url)
             request_id = self._request_id
         transport.write(self._server.on_request_error(error, started, method, path, request_id))
-        transport.close()
+        self._end_after_answer(transport)

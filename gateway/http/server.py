@@ -19,8 +19,12 @@ What it adds to plain HTTP/1.1 keep-alive (README, "HTTP on the proxy port"):
   and the connection closed.
 - A client that goes away cancels its request's handler (the pipeline records 499).
 - Pipelined requests are answered in order, one handler at a time.
-- `shutdown`: idle connections close at once, busy ones after their answer, the rest are
-  cut at the deadline.
+- An answer that ends the connection while the client may still be sending (the rest of a
+  body it did not need, pipelined requests) is followed by a lingering close: the write
+  side shut, then what the client sends read and dropped, within bounds (`lingering.py`),
+  so that the close sends no reset that could cost the client its answer.
+- `shutdown`: idle connections close at once, busy ones after their answer (lingering ones
+  within their bounds), the rest are cut at the deadline.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.http.errors import RequestError
 from gateway.http.heap import release_free_memory
+from gateway.http.lingering import LINGER, LingerBounds
 from gateway.http.request import Request
 from gateway.http.server_connection import ServerConnection
 from gateway.http.tls import CertificateSwitch
@@ -64,6 +69,7 @@ class HttpServer:
         tls: ssl.SSLContext | None = None,
         interim_drop: frozenset[bytes] = frozenset(),
         send_timeout: Callable[[], float] | None = None,
+        linger: LingerBounds = LINGER,
     ):
         self.loop = asyncio.get_running_loop()
         # With TLS the listener is a plain one: each connection's first read decides between
@@ -83,6 +89,7 @@ class HttpServer:
         self.send_timeout = send_timeout or (lambda: keepalive_timeout)
         # Header names (lower-case) an upstream's interim answer loses on its way to the client.
         self.interim_drop = interim_drop
+        self.linger = linger  # bounds a client still sending after its last answer
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self._emptied: asyncio.Event | None = None

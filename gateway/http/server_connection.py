@@ -21,6 +21,7 @@ from gateway.http.errors import MalformedRequest, RequestError, SendTimeout
 from gateway.http.head_reading import HEAD_TOO_LARGE, HeadReader
 from gateway.http.head_rules import head_refusal
 from gateway.http.headers import interim_head
+from gateway.http.lingering import Lingering, linger
 from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
@@ -87,6 +88,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
         self._closing = False  # close once the requests read so far are answered
         # A bad head read behind a request still being answered: answered in its turn.
         self._head_error: RequestError | None = None
+        self._lingering: Lingering | None = None  # after the last answer: see _end_after_answer
         self._init_answers(self._loop)  # the answer being written: see http/answer.py
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -109,7 +111,9 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped_reading:
-            if self._tunnel is not None:
+            if self._lingering is not None:
+                self._lingering.discard(len(data))
+            elif self._tunnel is not None:
                 self._tunnel.data_received(data)
             elif self._awaiting_switch:
                 self._after_upgrade += data
@@ -166,6 +170,8 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
         self._parser = CLOSED_REQUEST_PARSER  # nothing more is parsed; see http/parsing.py
         self._stop_head_timer()
         self._stop_stall_timer()
+        if self._lingering is not None:
+            self._lingering.stop()
         self._server.forget(self)
         tunnel = self._tunnel
         if tunnel is not None:
@@ -378,7 +384,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
             transport.abort()
             return False
         if self._close_after or (self._closing and not waiting):
-            transport.close()
+            self._end_after_answer(transport)
             return False
         if waiting:
             self._begin_turn()
@@ -462,8 +468,25 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
 
     def close_when_done(self) -> None:
         self._closing = True
-        if not self._busy and not self._in_head and self.transport is not None:
+        if self._busy or self._in_head or self._lingering is not None:
+            return  # closed after its answer, or by the lingering close's own bounds
+        if self.transport is not None:
             self.transport.close()
+
+    def _end_after_answer(self, transport: asyncio.Transport) -> None:
+        """Close the connection after its last answer; while the client may still be sending
+        (the rest of a body, pipelined requests, bytes after a bad head or an upgrade
+        request), linger first: a close then would reset it under the answer (lingering.py).
+        A drain waits for lingering connections within its grace."""
+        if self._parsing is None and not (self._in_head or self._stopped_reading or self._waiting):
+            transport.close()
+            return
+        self._lingering = linger(transport, self._loop, self._server.linger)
+        if self._lingering is not None:
+            self._stopped_reading = True  # every read goes to the lingering close from now on
+            self._awaiting_switch = False
+            self._stop_head_timer()
+            self.idle_since = None  # not idle: the keep-alive sweep leaves it alone
 
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()

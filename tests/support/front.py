@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gateway.http.errors import HttpError
+from gateway.http.lingering import LINGER, LingerBounds
 from gateway.http.request import Request
 from gateway.http.server import Handler, HttpServer
 from gateway.http.wire import encode_header_block
@@ -21,6 +22,7 @@ async def http_server(
     head_timeout: float = 10.0,
     keepalive_timeout: float = 30.0,
     send_timeout: float = 30.0,
+    linger: LingerBounds = LINGER,
 ) -> AsyncIterator[tuple[HttpServer, int]]:
     """Serve `handler` on a free loopback port, the server's own request errors answered as
     the gateway answers them; yields the server and its port."""
@@ -30,6 +32,7 @@ async def http_server(
         head_timeout=head_timeout,
         keepalive_timeout=keepalive_timeout,
         send_timeout=lambda: send_timeout,
+        linger=linger,
     )
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     try:
