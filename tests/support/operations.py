@@ -23,10 +23,40 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.answers import Answer
+from tests.support.config import server_yaml, write_config
 from tests.support.processes import GatewayProcess
+from tests.support.sockets import free_ports
 from tests.support.upstream import Upstream, running_upstream
 
 T = TypeVar("T")
+
+SECRET = "ops-secret-key-0042"
+# A product whose routes pass anything under /soccer/ to `upstream`, and one key for it.
+OPERATIONS_API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}/base", timeout: 5s}}
+    routes:
+      - path: /soccer/{{rest:path}}
+plans:
+  open: {{}}
+keys:
+  - {{name: ops-user, key: {secret}, plans: {{soccer: open}}}}
+"""
+
+
+def write_config_on_free_ports(
+    directory: Path, upstream_url: str, storage_url: str
+) -> tuple[int, int]:
+    """The operations config in `directory`; returns the proxy and admin ports it names."""
+    proxy_port, admin_port = free_ports(2)
+    write_config(
+        directory,
+        OPERATIONS_API.format(upstream=upstream_url, secret=SECRET),
+        server=server_yaml(proxy_port, admin_port, storage_url),
+    )
+    return proxy_port, admin_port
+
 
 Labels = tuple[tuple[str, str], ...]
 
