@@ -11,8 +11,9 @@ live in one slot and `write.lua` can change them together:
     gw:{gw:keys}:epoch     string, set when the version starts at 1 (a new or emptied store)
 
 and each change is announced on the channel `gw:{gw:keys}:changes` as
-"VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion). On a cluster PUBLISH reaches every
-node, so a process subscribes on one of them (the one holding the key store).
+"VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion); a store in database N > 0 of its
+server announces on `gw:{gw:keys}:changes:N` (`changes_channel`). On a cluster PUBLISH reaches
+every node, so a process subscribes on one of them (the one holding the key store).
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ _LOAD_BATCH = 500  # records per HSCAN: the event loop serves requests between b
 _REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
 
 
+def changes_channel(database: int) -> str:
+    """The channel a store in `database` announces its changes on. Pub/sub ignores databases
+    (a PUBLISH reaches every subscriber of the server): on one channel, a process followed the
+    changes of a store in another database as its own, by their versions. Database 0 keeps
+    the channel it always had, so a gateway there and one of an earlier version still hear
+    each other during a rolling upgrade."""
+    return CHANNEL if database == 0 else f"{CHANNEL}:{database}"
+
+
 class RedisKeyBackend:
     shared = True
 
@@ -66,6 +76,7 @@ class RedisKeyBackend:
     ) -> None:
         self._storage = storage.share()
         self._client = storage.client
+        self._channel = changes_channel(_database_of(self._client))
         self._timeout = timeout
         self._guard = StorageGuard(self._client, timeout, "key store", on_storage_error)
         # The clock of the server that holds the key store, for the writes' deadlines: on a
@@ -98,7 +109,7 @@ class RedisKeyBackend:
             # which made a created key whose secret nobody was given.
             deadline = await self._deadline(loop.time())
             args: tuple[str | int, ...] = (
-                CHANNEL,
+                self._channel,
                 write.name,
                 write.expected or "",
                 write.record or "",
@@ -187,7 +198,7 @@ class RedisKeyBackend:
         subscriber = await self._subscriber()
         pubsub = subscriber.pubsub()
         try:
-            await self._guard("key_subscribe", lambda: _subscribed(pubsub))
+            await self._guard("key_subscribe", lambda: _subscribed(pubsub, self._channel))
             yield _RedisSubscription(pubsub)
         finally:
             # Bounded: closing must not hold up a worker's shutdown on a storage that hangs.
@@ -217,10 +228,18 @@ class RedisKeyBackend:
         await self._storage.aclose()
 
 
-async def _subscribed(pubsub: PubSub) -> None:
+def _database_of(client: Redis | RedisCluster) -> int:
+    """The database number a client's commands go to (a Sentinel's master too; a cluster has
+    only database 0)."""
+    if isinstance(client, RedisCluster):
+        return 0
+    return int(client.connection_pool.connection_kwargs.get("db") or 0)
+
+
+async def _subscribed(pubsub: PubSub, channel: str) -> None:
     """Subscribe and wait for the server's confirmation (the caller bounds the wait): a change
     made after it is announced to us, so reading the version after this misses nothing."""
-    await pubsub.subscribe(CHANNEL)
+    await pubsub.subscribe(channel)
     while True:
         message = await pubsub.get_message(timeout=None)
         if message is not None and message["type"] == "subscribe":

@@ -474,3 +474,39 @@ async def test_a_write_answered_as_failed_is_not_made_later(
             assert admin.hget(RECORDS_KEY, "ghost") is None
     finally:
         await store.close()
+
+
+async def test_a_store_in_another_database_of_the_same_redis_is_none_of_its_business(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """Pub/sub channels belong to the server, not to a database: two gateways on databases 1
+    and 2 of one Redis (staging and production, say) heard each other's announcements on one
+    channel. A process took the other store's changes whose versions came next for its own:
+    the other's keys were served (a staging secret let in on production), and its own change
+    of that version was then dropped as one it had, for good (201 on create, 401 ever after)."""
+    ours, theirs = f"{fresh_redis_server.url}/1", f"{fresh_redis_server.url}/2"
+    async with started_store(ours) as seed:
+        await seed.create(record("ours-1"))  # our store at version 1, its epoch set
+    async with (
+        started_store(ours) as store,
+        started_store(theirs) as other,
+        started_store(theirs) as other_follower,
+    ):
+        assert store.known_version == 1
+        await other.create(record("theirs-1"))  # their version 1: not after ours
+        await other.create(record("theirs-2"))  # their version 2: the one ours expects next
+        seen_theirs = False
+        started = time.monotonic()
+        while time.monotonic() - started < 0.2:
+            seen_theirs = seen_theirs or "theirs-2" in store.table.records
+            await asyncio.sleep(0.005)
+        await other.create(record("theirs-3"))
+        await until(lambda: "theirs-3" in other_follower.table.records, 1.0, "announced")
+        await asyncio.sleep(0.02)  # delivered to every subscriber of the channel by now
+        await store.create(record("ours-2"))
+        await store.create(record("ours-3"))
+
+        assert not seen_theirs, "a key of the other database was served"
+        await until(lambda: "ours-3" in store.table.records, 2 * CHECK_INTERVAL, "ours-3")
+        assert sorted(store.table.records) == ["ours-1", "ours-2", "ours-3"]
+        assert sorted(other_follower.table.records) == ["theirs-1", "theirs-2", "theirs-3"]
