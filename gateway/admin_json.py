@@ -1,6 +1,7 @@
-"""The JSON body of an admin call, read the one way every admin endpoint reads it: a mistake is
-a 400 whose detail starts with the field it is about (`body` for the body as a whole), and a
-field the endpoint does not know is a mistake, not something silently ignored."""
+"""The JSON body and the query parameters of an admin call, read the one way every admin
+endpoint reads them: a mistake is a 400 whose detail starts with the field or parameter it is
+about (`body` for the body as a whole), and one the endpoint does not know, or one given twice,
+is a mistake, not something silently ignored."""
 
 from __future__ import annotations
 
@@ -89,3 +90,16 @@ def only_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any
         if name not in allowed:
             raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed)})")
     return data
+
+
+def only_parameters(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """Refuses a query parameter that is not one of `allowed`, or is given twice: misspelt
+    (`form=`), one was left out and the answer was that of its default (a billing export of
+    another month), and of two the first counted."""
+    seen: set[str] = set()
+    for name, _value in request.query.items():  # every occurrence (keys() names each once)
+        if name not in allowed:
+            raise BadRequest(f"{name}: unknown parameter (allowed: {', '.join(allowed)})")
+        if name in seen:
+            raise BadRequest(f"{name}: given twice")
+        seen.add(name)

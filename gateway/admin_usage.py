@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields
+from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields, only_parameters
 from gateway.admin_state import ADMIN_STATE, AdminState, within_storage_timeout
 from gateway.config.instants import format_instant
 from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule
@@ -215,7 +215,9 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 def _day_range(request: web.Request) -> tuple[int, int]:
     """`from` and `to` (UTC dates, both included) within the history kept; by default `to` is
-    today and `from` the first of its month. 400 naming the parameter when it is not a date."""
+    today and `from` the first of its month. 400 naming the parameter when it is not a date,
+    or not one of these two, or given twice."""
+    only_parameters(request, ("from", "to"))
     today = day_of(request.app[ADMIN_STATE].clock())
     days: dict[str, int] = {}
     for name in ("from", "to"):
@@ -233,7 +235,10 @@ def _day_range(request: web.Request) -> tuple[int, int]:
     last = min(days.get("to", today), today)
     first = days.get("from", day_number(day_text(last)[:8] + "01"))
     if first > last:
-        raise BadRequest(f"from: must not be after to (by default today, {day_text(today)}).")
+        # `from` is not after `to` (checked above): after today, where a `to` ends anyway.
+        raise BadRequest(
+            f"from: must not be after today ({day_text(today)}), the last day with history."
+        )
     oldest = today - HISTORY_DAYS
     if last < oldest:
         raise BadRequest(

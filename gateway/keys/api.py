@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields
+from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields, only_parameters
 from gateway.config.access import (
     EMPTY_KEY_REFUSAL,
     EMPTY_KEY_SHA256,
@@ -119,6 +119,7 @@ class _KeysApi:
         """From the key index: the keys this process enforces (while the storage is away, as
         it last told them). Before it has ever been read there is no list to give: a list of
         the file's keys alone would tell a client that every API key is gone."""
+        only_parameters(request, ("after", "limit"))
         index = self._access.get_snapshot().keys
         if not index.api_keys.loaded:
             log.warning("admin keys API: the API keys are not loaded from the storage yet")

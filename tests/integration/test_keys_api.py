@@ -144,6 +144,22 @@ async def test_list_pages_by_name_over_file_and_api_keys(rig: Rig) -> None:
     assert all("key" not in key for key in everything["keys"])
 
 
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        # Misspelt, it was left out: the first page of every key, as if asked for.
+        ("?afer=b&limit=2", "afer: unknown parameter (allowed: after, limit)"),
+        ("?after=a&after=z", "after: given twice"),
+        ("?limit=1&limit=1000", "limit: given twice"),
+    ],
+)
+async def test_a_list_query_is_taken_as_it_says_or_refused(
+    rig: Rig, query: str, detail: str
+) -> None:
+    status, problem, _ = await rig.call("GET", f"/admin/keys{query}")
+    assert (status, problem["code"], problem["detail"]) == (400, "bad_request", detail)
+
+
 async def test_file_key_shows_its_expiry(rig: Rig) -> None:
     status, key, _ = await rig.call("GET", "/admin/keys/m-file-key")
     assert status == 200

@@ -404,6 +404,11 @@ async def test_history_and_csv_refuse_bad_dates(rig: Rig) -> None:
         ("from=2026-12-02&to=2026-12-01", "from"),
         ("from=2099-01-01", "from"),  # after today, where `to` is by default
         ("from=2000-01-01&to=2000-01-31", "to"),  # before the days kept
+        # A misspelt parameter left out silently answered the default range (a billing
+        # export of the wrong month), and of a parameter given twice the first counted.
+        ("form=2026-11-01&to=2026-11-30", "form"),
+        ("from=2026-11-01&from=2026-10-01", "from"),
+        ("to=2026-11-30&to=2026-10-31", "to"),
     ):
         for path in (f"/admin/usage/refund-{rig.run}/history", "/admin/usage.csv"):
             async with rig.http.get(rig.admin(f"{path}?{query}")) as response:
@@ -412,6 +417,15 @@ async def test_history_and_csv_refuse_bad_dates(rig: Rig) -> None:
                 assert problem["detail"].startswith(f"{field}:")
     async with rig.http.get(rig.admin("/admin/usage/nobody-at-all/history")) as response:
         assert response.status == 404
+    # `to` after today stands for today: a `from` after it is after today, not after `to`.
+    query = "from=2099-01-02&to=2099-01-03"
+    async with rig.http.get(rig.admin(f"/admin/usage.csv?{query}")) as response:
+        problem = await response.json(content_type=None)
+    today = datetime.now(UTC).date().isoformat()
+    assert (response.status, problem["detail"]) == (
+        400,
+        f"from: must not be after today ({today}), the last day with history.",
+    )
 
 
 async def test_storage_away_with_on_error_local(
