@@ -253,10 +253,14 @@ class _KeysApi:
             "created": None,
             "updated": None,
             "previous_key_valid_until": None,
+            "previous_keys_valid_until": [],
         }
 
     def _api_json(self, record: KeyRecord) -> dict[str, Any]:
         now = self._clock()
+        # In the order they were replaced. Rotated again within a grace, a key has several
+        # old secrets: the single time is the latest (until when any of them works), which
+        # is not the end of the one a shorter second grace just replaced.
         still_valid = [old.until for old in record.previous if old.until > now]
         return {
             **self._common_json(record.name, record.plans, record.disabled, record.expires),
@@ -264,6 +268,7 @@ class _KeysApi:
             "created": format_instant(record.created),
             "updated": format_instant(record.updated),
             "previous_key_valid_until": format_instant(max(still_valid)) if still_valid else None,
+            "previous_keys_valid_until": [format_instant(until) for until in still_valid],
         }
 
     def _common_json(

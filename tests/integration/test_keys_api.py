@@ -239,6 +239,35 @@ async def test_rotation_keeps_the_old_secret_for_the_grace_only(rig: Rig) -> Non
     assert (await rig.proxy(again["key"]))[0] == 200
 
 
+async def test_a_second_rotation_within_the_grace_tells_each_old_secrets_end(rig: Rig) -> None:
+    """Rotated again with a shorter grace, the answer said only the first old secret's end (the
+    latest): read as that of the secret just replaced, it promised its clients 50 minutes too
+    many."""
+    first = (await create(rig, "twice"))["key"]
+    before = time.time()
+    status, once, _ = await rig.call("POST", "/admin/keys/twice/rotate", {"grace": "1h"})
+    assert status == 200
+    status, again, _ = await rig.call("POST", "/admin/keys/twice/rotate", {"grace": "10m"})
+    after = time.time()
+    assert status == 200
+    hour, ten_minutes = once["previous_key_valid_until"], again["previous_keys_valid_until"][1]
+    assert format_instant(before + 3600) <= hour <= format_instant(after + 3600)
+    assert format_instant(before + 600) <= ten_minutes <= format_instant(after + 600)
+    # In the order the secrets were replaced: the last is the one this rotation replaced.
+    assert again["previous_keys_valid_until"] == [hour, ten_minutes]
+    assert again["previous_key_valid_until"] == hour  # until when any old secret works
+    status, read, _ = await rig.call("GET", "/admin/keys/twice")
+    assert read["previous_keys_valid_until"] == [hour, ten_minutes]
+    assert (await rig.proxy(first))[0] == 200 and (await rig.proxy(once["key"]))[0] == 200
+    # Without a grace nothing is added; the earlier old secrets keep theirs.
+    status, third, _ = await rig.call("POST", "/admin/keys/twice/rotate")
+    assert third["previous_keys_valid_until"] == [hour, ten_minutes]
+    assert (await rig.proxy(again["key"]))[0] == 401
+    status, listed, _ = await rig.call("GET", "/admin/keys?after=twh&limit=1")
+    assert listed["keys"][0]["previous_keys_valid_until"] == [hour, ten_minutes]
+    assert (await rig.call("GET", "/admin/keys/file-key"))[1]["previous_keys_valid_until"] == []
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def any_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
     """A rig on memory://, or on the session's redis-server (whose write.lua keeps the
