@@ -510,3 +510,24 @@ async def test_a_store_in_another_database_of_the_same_redis_is_none_of_its_busi
         await until(lambda: "ours-3" in store.table.records, 2 * CHECK_INTERVAL, "ours-3")
         assert sorted(store.table.records) == ["ours-1", "ours-2", "ours-3"]
         assert sorted(other_follower.table.records) == ["theirs-1", "theirs-2", "theirs-3"]
+
+
+@pytest.mark.parametrize(
+    ("url", "channel"),
+    [
+        ("redis://127.0.0.1:1", CHANNEL),
+        ("redis://127.0.0.1:1/0", CHANNEL),
+        ("rediss://127.0.0.1:1/4", f"{CHANNEL}:4"),
+        ("redis+sentinel://127.0.0.1:2/mymaster/3", f"{CHANNEL}:3"),
+        ("redis+cluster://127.0.0.1:3", CHANNEL),
+    ],
+)
+async def test_each_database_has_a_channel_of_its_own(url: str, channel: str) -> None:
+    """Database 0 keeps the channel every earlier version used (a rolling upgrade there goes on
+    hearing the older processes); a Sentinel's master is followed in the URL's database."""
+    storage = open_storage_redis(url, 0.25)
+    backend = RedisKeyBackend(storage, 0.25)
+    try:
+        assert backend._channel == channel
+    finally:
+        await backend.close()
