@@ -77,8 +77,10 @@ class HttpServer:
         # certificate of handshakes from then on, open connections keep theirs.
         self._certificates = CertificateSwitch(tls) if tls is not None else None
         self.tls_protocol = loop_tls_protocol(self.loop)
-        # TLS port connections that have sent nothing yet, for `shutdown`.
+        # TLS port connections that have sent nothing yet, and those lingering after the 400
+        # to plain HTTP, for `shutdown`.
         self.undecided: set[TlsPortConnection] = set()
+        self.refusals: set[TlsPortConnection] = set()
         self.scheme = "https" if tls is not None else "http"
         self.handler = handler
         self.on_request_error = on_request_error
@@ -130,7 +132,12 @@ class HttpServer:
 
     def forget(self, connection: ServerConnection) -> None:
         self.connections.discard(connection)
-        if not self.connections and self._emptied is not None:
+        if not self.connections and not self.refusals and self._emptied is not None:
+            self._emptied.set()
+
+    def forget_refusal(self, refusal: TlsPortConnection) -> None:
+        self.refusals.discard(refusal)
+        if not self.connections and not self.refusals and self._emptied is not None:
             self._emptied.set()
 
     async def shutdown(self, grace: float) -> None:
@@ -144,10 +151,12 @@ class HttpServer:
             undecided.close()
         for connection in list(self.connections):
             connection.close_when_done()
-        if self.connections:
+        if self.connections or self.refusals:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._emptied.wait()
+        for refusal in list(self.refusals):
+            refusal.close()
         cut = [c._task for c in self.connections if c._task is not None and not c._task.done()]
         for connection in list(self.connections):
             connection.abort()

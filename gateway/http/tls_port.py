@@ -11,7 +11,8 @@ listener is a plain one and each connection begins here:
   and is fed the bytes read so far. From then on the transport delivers to it directly, as on
   a TLS listener: a request on a kept-alive HTTPS connection takes the same path as before.
 - Anything else: a 400 written through the server's `on_request_error` (which records it) in
-  plain text, and the connection closed.
+  plain text, and the connection closed; while the client may still be sending (a request
+  body), after a lingering close (`lingering.py`), which a drain waits for.
 - Nothing at all: closed after `head_timeout`, as the handshake timeout did, which for a
   handshake still counts from the accept.
 """
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway.http.errors import PlainHttpOnTlsPort
+from gateway.http.lingering import Lingering, linger
 from gateway.http.parsing import recorded_request_line
 from gateway.http.server_connection import ServerConnection
 
@@ -65,11 +67,15 @@ def loop_tls_protocol(loop: asyncio.AbstractEventLoop) -> TlsProtocolClass:
 
 class _RequestLine:
     """The parser callbacks that keep what the record of a plain HTTP request says of it:
-    its target and its first X-Request-ID."""
+    its target and its first X-Request-ID; and whether the request was read to its end."""
 
     def __init__(self) -> None:
         self.url = b""
         self.request_id: bytes | None = None
+        self.complete = False
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -89,6 +95,7 @@ class TlsPortConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._lingering: Lingering | None = None  # after the 400 to plain HTTP
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport, only alike.
@@ -99,6 +106,10 @@ class TlsPortConnection(asyncio.Protocol):
         server.undecided.add(self)
 
     def data_received(self, data: bytes) -> None:
+        lingering = self._lingering
+        if lingering is not None:
+            lingering.discard(len(data))
+            return
         transport = self._transport
         if transport is None:
             return
@@ -110,11 +121,17 @@ class TlsPortConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
+        if self._lingering is not None:
+            self._lingering.stop()
+            self._server.forget_refusal(self)
         self._transport = None
 
     def close(self) -> None:
-        """Close a connection that has sent nothing yet (the server is shutting down)."""
+        """Close a connection that has sent nothing yet, or whose lingering close after its 400
+        outlasted a drain (the server is shutting down)."""
         self._forget()
+        if self._lingering is not None:
+            self._lingering.stop()
         if self._transport is not None:
             self._transport.close()
 
@@ -170,4 +187,12 @@ class TlsPortConnection(asyncio.Protocol):
             PlainHttpOnTlsPort(), started, method, path, line.request_id
         )
         transport.write(answer)
-        transport.close()
+        if line.complete:
+            transport.close()
+            return
+        # The client may still be sending (its body): closed with those bytes unread, the
+        # socket would reset the connection, and a client that reads only once its body is
+        # sent (Python's http.client, requests) reported "Connection reset by peer" instead.
+        self._lingering = linger(transport, self._server.loop, self._server.linger)
+        if self._lingering is not None:
+            self._server.refusals.add(self)

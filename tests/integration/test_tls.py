@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import http.client
 import json
 import os
 import shutil
@@ -120,6 +121,36 @@ async def test_plain_http_to_the_https_port_is_answered_400(
         (line["method"], line["path"], line["status"], line["code"], line["request_id"])
         for line in logged
     ] == [("GET", "/shop/x", 400, PLAIN_HTTP, "plain-1")]  # no query: a key may be there
+
+
+def _post_plainly(port: int, size: int) -> tuple[int, str | None, dict[str, object]]:
+    """Python's http.client posting `size` bytes in plain HTTP: it sends the whole body before
+    it reads; the status, the Connection header and the problem of the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/shop/upload", body=b"x" * size)
+        response = connection.getresponse()
+        return response.status, response.getheader("Connection"), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+async def test_plain_http_with_a_body_to_the_https_port_gets_its_400_not_a_reset(
+    tmp_path: Path,
+) -> None:
+    """The 400 was followed by a close with the body unread: the client's sends met a reset
+    ("Connection reset by peer", "Broken pipe") before it read the answer, for every upload
+    of a few MB on loopback. The connection closes as after any answer that leaves the client
+    still sending (a lingering close)."""
+    made = make_certificate(tmp_path / "certs")
+    server = worker_server_yaml(tls=(made.cert, made.key))
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
+    async with running_gateway(config) as gateway:
+        for _ in range(3):
+            status, connection, problem = await asyncio.to_thread(
+                _post_plainly, gateway.proxy_port, 4 * 1024 * 1024
+            )
+            assert (status, connection, problem["code"]) == (400, "close", PLAIN_HTTP)
 
 
 @pytest.mark.parametrize("first", [b"", b"\x16\x03\x01"], ids=["nothing", "half-a-handshake"])

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,3 +111,44 @@ def test_https_and_plain_http_on_the_tls_port(tmp_path: Path, loop: str) -> None
     trust.set_alpn_protocols(["h2", "http/1.1"])
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(serve_both(made.cert, made.key, trust))
+
+
+async def test_plain_http_still_sending_after_its_400_lingers_within_a_drain(
+    tmp_path: Path,
+) -> None:
+    """A plain HTTP request whose body is still coming is refused with a lingering close: the
+    400, the end of the server's side, then what the client sends read and dropped (a close
+    with those bytes unread would reset it). A drain waits for it up to its grace."""
+    made = make_certificate(tmp_path)
+    server = HttpServer(
+        answer_scheme,
+        on_request_error=answer_request_error,
+        head_timeout=5.0,
+        keepalive_timeout=5.0,
+        tls=server_context(str(made.cert), str(made.key)),
+    )
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 9000000\r\n\r\n")
+        writer.write(b"x" * 65536)
+        status, _ = await read_answer(reader)
+        assert status == b"HTTP/1.1 400 Bad Request"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server's side ended
+        for _ in range(32):  # 2 MiB more, well past the socket buffers: read, not reset
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        assert len(server.refusals) == 1
+        listener.close()
+        started = time.monotonic()
+        await server.shutdown(0.3)
+        assert 0.25 <= time.monotonic() - started < 2.5  # waited for it, up to its grace
+        async with asyncio.timeout(2):
+            while server.refusals:  # closed at the deadline: lost a loop turn later
+                await asyncio.sleep(0.01)
+    finally:
+        await close(writer)
+        listener.close()
+        await listener.wait_closed()
+        await server.shutdown(0.5)
