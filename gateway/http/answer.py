@@ -54,6 +54,8 @@ class AnswerWriter:
         self._answer_open = False
         self._answered = False
         self._close_after = False
+        # The last answer's body runs to the connection's end (set with `_close_after`).
+        self._close_delimited = False
         self._writes = WriteGate(loop)
         # `unsent_bytes` when a write last had to wait for the client (or it was last seen to
         # read): whether it has read anything since tells a slow reader from one that stopped.
@@ -105,6 +107,7 @@ class AnswerWriter:
         if not keep_alive:
             head += CLOSE
             self._close_after = True
+            self._close_delimited = close_delimited
         elif request.version == "1.0":
             head += KEEP_ALIVE
         self._head = head + b"\r\n"

@@ -20,8 +20,13 @@ was sent (http.client) gets the answer when what is left of its body is at most 
 than most API uploads, while the reading a refused client can cost the worker stays that of a
 16 MiB upload (a few milliseconds of CPU on loopback; memory: one read at a time).
 
-A TLS connection cannot shut its write side alone (its close_notify ends both): it is closed
-as before.
+A TLS connection cannot shut its write side alone (asyncio's TLS transports have no write_eof;
+their close, a close_notify, ends the connection, and the client's sends met a reset once its
+wait of 1 s for the client's close_notify was over): it lingers all the same, without the FIN.
+The client has the whole answer without it, as the answer is framed by its length; when the
+lingering ends, the connection is closed (its close_notify). An answer delimited by the
+connection's end (a body without a length, to an HTTP/1.0 client) cannot wait for that: on TLS,
+its connection is closed at once, as before.
 """
 
 from __future__ import annotations
@@ -46,11 +51,15 @@ LINGER = LingerBounds()  # the proxy port's
 
 
 def linger(
-    transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, bounds: LingerBounds
+    transport: asyncio.Transport,
+    loop: asyncio.AbstractEventLoop,
+    bounds: LingerBounds,
+    close_delimited: bool = False,
 ) -> Lingering | None:
-    """Begin the lingering close of `transport`, whose last answer was written; None (and
-    the transport closed) where the write side cannot be shut alone (TLS)."""
-    if not transport.can_write_eof():
+    """Begin the lingering close of `transport`, whose last answer was written (and ends at the
+    connection's end when `close_delimited`); None (and the transport closed) where the answer
+    needs the end of the connection and the write side cannot be shut alone (TLS)."""
+    if close_delimited and not transport.can_write_eof():
         transport.close()
         return None
     return Lingering(transport, loop, bounds)
@@ -75,8 +84,9 @@ class Lingering:
         self._deadline = now + bounds.total
         self._last_read = now
         self._left = bounds.size
-        # Once what was written has left (the answer), the client reads a FIN after it.
-        transport.write_eof()
+        if transport.can_write_eof():
+            # Once what was written has left (the answer), the client reads a FIN after it.
+            transport.write_eof()
         transport.resume_reading()
         # One timer, set again when it finds the client still sending, not one per read.
         self._timer: asyncio.TimerHandle | None = loop.call_at(

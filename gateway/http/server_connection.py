@@ -481,7 +481,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
         if self._parsing is None and not (self._in_head or self._stopped_reading or self._waiting):
             transport.close()
             return
-        self._lingering = linger(transport, self._loop, self._server.linger)
+        self._lingering = linger(transport, self._loop, self._server.linger, self._close_delimited)
         if self._lingering is not None:
             self._stopped_reading = True  # every read goes to the lingering close from now on
             self._awaiting_switch = False

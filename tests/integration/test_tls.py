@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -151,6 +152,44 @@ async def test_plain_http_with_a_body_to_the_https_port_gets_its_400_not_a_reset
                 _post_plainly, gateway.proxy_port, 4 * 1024 * 1024
             )
             assert (status, connection, problem["code"]) == (400, "close", PLAIN_HTTP)
+
+
+def _upload_slowly(port: int, trust: ssl.SSLContext, pieces: int) -> tuple[int, str | None]:
+    """Python's http.client posting `pieces` of 64 KiB over HTTPS, 60 ms apart (an upload over
+    a slow link), without a key: the status and the Connection header of the answer."""
+
+    def body() -> Iterator[bytes]:
+        for _ in range(pieces):
+            yield b"x" * 65536
+            time.sleep(0.06)
+
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=trust)
+    try:
+        headers = {"Content-Length": str(pieces * 65536)}
+        connection.request("POST", "/shop/upload", body=body(), headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("Connection")
+    finally:
+        connection.close()
+
+
+async def test_an_https_upload_refused_before_its_end_gets_the_answer_not_a_reset(
+    tmp_path: Path,
+) -> None:
+    """A 401 to an upload over HTTPS ended the connection at once: its close_notify waited 1 s
+    for the client's, then the connection was dropped under a client still sending, which
+    (reading only once its body is sent, as http.client and requests do) reported an EOF or a
+    reset instead of the answer. An upload taking more than a second, a few MB on a slow link,
+    never got its 401. The connection now lingers as a plain one does."""
+    made = make_certificate(tmp_path / "certs")
+    server = worker_server_yaml(tls=(made.cert, made.key))
+    config = write_config(tmp_path / "conf", API.format(url="http://127.0.0.1:9"), server=server)
+    async with running_gateway(config) as gateway:
+        answer = await asyncio.to_thread(
+            _upload_slowly, gateway.proxy_port, made.client_context(), 24
+        )
+    assert answer == (401, "close")
 
 
 @pytest.mark.parametrize("first", [b"", b"\x16\x03\x01"], ids=["nothing", "half-a-handshake"])

@@ -152,3 +152,46 @@ async def test_plain_http_still_sending_after_its_400_lingers_within_a_drain(
         listener.close()
         await listener.wait_closed()
         await server.shutdown(0.5)
+
+
+async def stream_before_the_body(request: Request) -> None:
+    """An answer whose body has no length, begun before the request's body was read: to an
+    HTTP/1.0 client it runs to the end of the connection."""
+    connection = request.connection
+    block = b"Content-Type: text/plain\r\n"
+    connection.begin_answer(request, 200, "OK", block, chunked=True, close_delimited=True)
+    await connection.write_body(b"streamed")
+    connection.end_answer()
+
+
+async def test_an_https_answer_delimited_by_the_close_is_not_held_by_a_lingering_close(
+    tmp_path: Path,
+) -> None:
+    """On TLS a lingering close cannot send the end of the server's side before it waits (no
+    close_notify without closing): an answer that ends only with the connection closes it at
+    once, as before, rather than leaving its client waiting for the lingering's bounds."""
+    made = make_certificate(tmp_path)
+    server = HttpServer(
+        stream_before_the_body,
+        on_request_error=answer_request_error,
+        head_timeout=5.0,
+        keepalive_timeout=5.0,
+        tls=server_context(str(made.cert), str(made.key)),
+    )
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=made.client_context(), server_hostname="localhost"
+        )
+        try:
+            writer.write(b"POST /a HTTP/1.0\r\nContent-Length: 9000000\r\n\r\n" + b"x" * 65536)
+            answer = await asyncio.wait_for(reader.read(), 3)  # the lingering waits 5 s
+        finally:
+            await close(writer)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answer.endswith(b"\r\n\r\nstreamed")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        await server.shutdown(0.5)
