@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
-from gateway.http.client import HttpClient
+from gateway.http.client import IDEMPOTENT, HttpClient, ReplayableBody
 from gateway.http.errors import (
     BodyTimeout,
     RequestBodyFailed,
@@ -71,7 +71,9 @@ class _ClientBody:
 
     How long the upstream may take to take each chunk is the HTTP client's to bound (by
     `upstream.timeout`, renewed while it takes bytes); time spent here waiting for the
-    *client* is bounded by the client body timeout instead.
+    *client* is bounded by the client body timeout instead. Each iteration goes on where the
+    one before stopped (it reads from the body's queue), so that the HTTP client can send
+    a request again (see `ReplayableBody`).
     """
 
     __slots__ = ("_content", "_timeout", "failure")
@@ -235,9 +237,13 @@ async def _send_with_body(
     body_timeout: float,
 ) -> HttpReply:
     body = _ClientBody(request, body_timeout)
+    method = request.method
+    # An idempotent request whose connection turns out stale is sent again (nginx does too):
+    # so its body, when small, is kept until the answer comes.
+    source = ReplayableBody(body) if method in IDEMPOTENT else body
     try:
         return await destination.client.send(
-            request.method, target, headers, body, on_interim=request.connection.relay_interim
+            method, target, headers, source, on_interim=request.connection.relay_interim
         )
     except RequestBodyFailed as exc:
         # The HTTP client only saw its body source fail; the client is the one to blame.

@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from gateway.config.model import Upstream
 from gateway.http.client_connection import HttpConnection, StaleConnection
@@ -20,13 +20,16 @@ from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
 from gateway.http.reply import HttpReply
 from gateway.http.reply_reader import InterimHook
 
-__all__ = ["KEEPALIVE_SECONDS", "HttpClient", "InterimHook"]
+__all__ = ["IDEMPOTENT", "KEEPALIVE_SECONDS", "HttpClient", "InterimHook", "ReplayableBody"]
 
 KEEPALIVE_SECONDS = 30.0
 
 # Methods a request may be retried with after a stale keep-alive connection: those RFC 9110
-# calls idempotent, as aiohttp's client does.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# calls idempotent, as aiohttp's client and nginx do.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# The most of a request body kept to send it again after a stale connection (`ReplayableBody`):
+# a JSON document of a PUT, not an upload.
+REPLAY_LIMIT = 64 * 1024
 # Methods whose requests carry no body by convention; the others say `Content-Length: 0`
 # when they have none, as some servers insist on a length for them.
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
@@ -40,6 +43,38 @@ def _describe_os_error(exc: BaseException | None) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return "connection failed"
+
+
+class ReplayableBody:
+    """A request body that can be sent again from its start, as long as no more than `limit`
+    bytes of it were taken: those are kept, and an iteration begun anew gives them first, then
+    the rest of `source`. `source` must go on from where an abandoned iteration stopped (each
+    `__aiter__` a fresh iterator over what it has not given yet), as a body read from a queue
+    does."""
+
+    __slots__ = ("_room", "_source", "_taken", "replayable")
+
+    def __init__(self, source: AsyncIterable[bytes], limit: int = REPLAY_LIMIT) -> None:
+        self._source = source
+        self._room = limit  # what may still be kept
+        self._taken: list[bytes] = []  # given so far, while within the limit
+        self.replayable = True
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        for chunk in tuple(self._taken):
+            yield chunk
+        async for chunk in self._source:
+            if self.replayable:
+                self._room -= len(chunk)
+                if self._room >= 0:
+                    self._taken.append(chunk)
+                else:
+                    self.replayable = False
+                    self._taken.clear()
+            yield chunk
 
 
 class HttpClient:
@@ -89,10 +124,12 @@ class HttpClient:
         the answer is not HTTP, `RequestBodyFailed` when `body` fails; lets `CancelledError`
         through after closing the connection. `target` is the request target (percent-encoding
         untouched), `headers` the complete header lines, Host included; a body without a
-        Content-Length line is sent chunked.
+        Content-Length line is sent chunked. An idempotent request whose kept-alive connection
+        turns out closed before any byte of the answer is sent again on a fresh one, once, if
+        it has no body or a `ReplayableBody` still replayable.
         """
         head, chunked = self._encode_head(method, target, headers, body is not None)
-        retry = method in _IDEMPOTENT and body is None
+        retry = method in IDEMPOTENT and (body is None or isinstance(body, ReplayableBody))
         connection = self._idle_connection()
         while True:
             if connection is None:
@@ -103,9 +140,10 @@ class HttpClient:
                 )
             except StaleConnection:
                 # The upstream closed a kept-alive connection as the request went out. Only
-                # a request that can be sent again unchanged and harmlessly is: no body to
-                # replay, an idempotent method; once, and then on a fresh connection.
-                if not retry:
+                # a request that can be sent again unchanged and harmlessly is: an idempotent
+                # method, and no body or one that can be replayed whole; once, and then on a
+                # fresh connection.
+                if not retry or (isinstance(body, ReplayableBody) and not body.replayable):
                     raise ServerDisconnected("connection closed without an answer") from None
                 retry, connection = False, None
 

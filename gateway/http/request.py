@@ -57,7 +57,10 @@ class RequestBody(ChunkQueue):
         try:
             await waiter
         finally:
-            self._waiter = None
+            # Only its own: a reader that gave up (a request sent again after a stale upstream
+            # connection abandons its first read) must not clear that of a reader after it.
+            if self._waiter is waiter:
+                self._waiter = None
 
     def feed(self, chunk: bytes) -> bool:
         """Queue a chunk (called by the connection); true when over the high-water mark."""
