@@ -58,6 +58,7 @@ class Runtime:
         `keys`: the config's key index when it was built beforehand, off the event loop
         (`index_keys`; for 10,000 keys it is tens of milliseconds of work)."""
         self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table, keys)
+        self.key_store.secret_clashes = self.snapshot.keys.secret_clashes
 
     def index_keys(self, config: Config) -> KeyIndex:
         """The key index of `config`; it only reads, so a thread may build it."""
@@ -100,8 +101,10 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
 
         redis = open_storage_redis(storage.url, storage.timeout)
     key_store = create_key_store(storage, count, redis)
+    snapshot = build_snapshot(config, upstreams, key_store.table)
+    key_store.secret_clashes = snapshot.keys.secret_clashes
     return Runtime(
-        snapshot=build_snapshot(config, upstreams, key_store.table),
+        snapshot=snapshot,
         limiter=limiter or create_limiter(storage, count, redis),
         upstreams=upstreams,
         key_store=key_store,

@@ -324,6 +324,8 @@ class Worker:
         self.runtime.apply(config, keys)
         self._renew_certificate(config)
         self._warn_of_plans_api_keys_lost(config)
+        # Each worker, as for the plans: the supervisor does not read the API keys.
+        self.runtime.snapshot.keys.secret_clashes.tell()
 
     def _warn_of_plans_api_keys_lost(self, config: Config) -> None:
         # The config file's keys cannot name a plan the file lacks (a config error), but API

@@ -4,6 +4,7 @@ Keys are looked up by the SHA-256 of what the client sent, so the config, the st
 process hold only hashes; the key a client sent is never logged, exported or forwarded. The
 file's keys are fixed per config; the API keys come from `ApiKeyTable`, which follows the
 storage. A name is the file's when both define it: the file is what the operator wrote last.
+So is a secret both hold (`gateway.keys.shadowing`, which also tells the operator).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, AuthConfig, Plan
+from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
 from gateway.problems import Forbidden, StorageUnavailable, Unauthorized
 
@@ -58,6 +60,8 @@ class KeyIndex:
                 self._principals[key.name, product] = Principal(key, plan, subject)
         self._api_principals: dict[tuple[str, str], Principal] = {}
         self._removals_seen = self.api_keys.removals
+        # Walks the file's secrets once: built with the index, off the event loop on a reload.
+        self.secret_clashes = SecretClashes(self._by_hash, self.api_keys, clock)
 
     def file_digest_owner(self, digest: str) -> str | None:
         key = self._by_hash.get(digest)

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
 from gateway.keys.records import KeyRecord
+from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
 from gateway.tasks import stop_tasks
 
@@ -92,6 +93,10 @@ class KeyStore:
         # collector (gateway.reload freezes each config too); off elsewhere, as in a test's
         # process, whose own live objects a freeze would keep from the collector for good.
         self.freeze_reads = False
+        # The file's keys of the config served now, against which each API key the storage
+        # brings is checked: a secret both hold is the file key's, and the operator is told.
+        # Set with each snapshot (`gateway.runtime`); None: no file to check against.
+        self.secret_clashes: SecretClashes | None = None
 
     async def start(self) -> None:
         """Start following; returns once the keys are loaded, or the first try has failed
@@ -217,9 +222,13 @@ class KeyStore:
             self.table.remove(change.name)
             return
         try:
-            self.table.put(KeyRecord.from_json(change.record))
+            record = KeyRecord.from_json(change.record)
         except ValueError as exc:
             log.error("key %r: unreadable record in the storage, ignored: %s", change.name, exc)
+            return
+        self.table.put(record)
+        if self.secret_clashes is not None:
+            self.secret_clashes.tell_record(record)
 
     async def _follow(self) -> None:
         delay = _RETRY_FIRST
@@ -378,6 +387,8 @@ class KeyStore:
         if self.freeze_reads:
             _freeze_collected()  # the read's last records
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
+        if self.secret_clashes is not None:
+            self.secret_clashes.tell_all()
         # The old table let go of a slice at a time: freeing 100,000 records at once held the
         # event loop 35 ms.
         for container in given_up:

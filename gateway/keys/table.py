@@ -8,7 +8,7 @@ costs no storage call to find its key, and a made-up key costs none either.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gateway.config.model import ApiKey
@@ -40,6 +40,19 @@ class ApiKeyTable:
 
     def secret(self, digest: str) -> Secret | None:
         return self._secrets.get(digest)
+
+    def secrets_among(self, digests: Mapping[str, object]) -> Iterator[tuple[str, Secret]]:
+        """The secrets the table holds of `digests`, by walking the fewer of the two. On the
+        event loop only: elsewhere the table may change during the walk."""
+        if len(digests) <= len(self._secrets):
+            for digest in digests:
+                found = self._secrets.get(digest)
+                if found is not None:
+                    yield digest, found
+        else:
+            for digest, found in self._secrets.items():
+                if digest in digests:
+                    yield digest, found
 
     def put(self, record: KeyRecord) -> None:
         self._forget(record.name)

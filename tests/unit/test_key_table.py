@@ -125,3 +125,64 @@ def test_records_survive_their_json_form() -> None:
         KeyRecord.from_json('{"name": "x"}')
     with pytest.raises(ValueError):
         KeyRecord.from_json("not json")
+
+
+def clash_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.keys"]
+
+
+def test_a_secret_in_both_is_the_file_keys_and_each_clash_is_told_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = time.time()
+    table = ApiKeyTable()
+    replace_all(
+        table,
+        [
+            record("api-current", "one"),
+            record("api-rotated", "new", previous=(PreviousSecret(digest("two"), now + 60),)),
+            record("api-retired", "newer", previous=(PreviousSecret(digest("three"), now - 1),)),
+            record("same-name", "four"),
+        ],
+    )
+    file_keys = [
+        ApiKey(f"file-{secret}", digest(secret), {"soccer": "trial"})
+        for secret in ("one", "two", "three")
+    ]
+    index = KeyIndex([*file_keys, ApiKey("same-name", digest("four"), {})], PLANS, table)
+    for secret in ("one", "two", "three"):
+        assert index.identify(AUTH, secret).name == f"file-{secret}"
+    assert index.identify(AUTH, "new").name == "api-rotated"
+
+    index.secret_clashes.tell()
+    said = clash_warnings(caplog)
+    # A retired secret is no key's, and a name in both is the name rule's: neither is told.
+    assert len(said) == 2, said
+    assert "the file key 'file-one' has the secret of the API key 'api-current'" in said[0]
+    assert "a rotated-out secret of the API key 'api-rotated' (accepted until" in said[1]
+
+    caplog.clear()
+    index.secret_clashes.tell()
+    index.secret_clashes.tell_all()
+    for each in table.records.values():
+        index.secret_clashes.tell_record(each)
+    assert clash_warnings(caplog) == []  # once for this config
+    # A new clash of the same config is told when the storage brings it.
+    table.put(record("api-current", "three"))
+    index.secret_clashes.tell_record(table.records["api-current"])
+    assert clash_warnings(caplog) == [
+        "API keys: the file key 'file-three' has the secret of the API key 'api-current'; "
+        "requests with it are served as the file key, never as 'api-current', until one of "
+        "them has another secret (POST /admin/keys/api-current/rotate, or change the file)"
+    ]
+
+
+def test_many_clashes_are_named_up_to_twenty_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = ApiKeyTable()
+    replace_all(table, (record(f"api-{n}", f"secret-{n}") for n in range(25)))
+    file_keys = (ApiKey(f"file-{n}", digest(f"secret-{n}"), {}) for n in range(25))
+    KeyIndex(file_keys, PLANS, table).secret_clashes.tell()
+    said = clash_warnings(caplog)
+    assert len(said) == 21 and said[-1].startswith("API keys: and 5 more secrets"), said
