@@ -174,13 +174,17 @@ class ResponseHead(NamedTuple):
 
     block: bytes  # "Name: value\r\n" lines: the upstream's cleaned, then the gateway's
     content_length: int | None  # the upstream's, None when it sent none (or chunked)
+    # The upstream's Keep-Alive value (its lines joined), None without one: hop-by-hop, never
+    # sent on, but its `timeout=N` is the connection pool's business (HttpReply.keep_alive).
+    keep_alive: bytes | None
 
 
 # What `client_response_head` does with a line, by its lower-cased name; any other is kept.
-_DROP, _TRANSFER_ENCODING, _CONNECTION, _LENGTH, _DATE = range(5)
+_DROP, _TRANSFER_ENCODING, _CONNECTION, _LENGTH, _DATE, _KEEP_ALIVE = range(6)
 _LINE_ACTIONS: dict[bytes, int] = {name.encode(): _DROP for name in HOP_BY_HOP} | {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"connection": _CONNECTION,
+    b"keep-alive": _KEEP_ALIVE,
     b"content-length": _LENGTH,
     b"date": _DATE,
 }
@@ -220,7 +224,8 @@ def client_response_head(
     order; `extra` (the gateway's X-Request-ID and rate-limit headers) replaces any line of
     the same name, since those describe the gateway's decision. A Date line is added when the
     upstream sent none (RFC 9110 §6.6.1). One dict lookup per line decides its fate: this
-    runs for every proxied answer.
+    runs for every proxied answer. The Keep-Alive value is noted on the way (for the pool:
+    looked for anywhere else, it would cost every answer another look at each line).
     """
     actions = _line_actions(extra.names) if extra else _LINE_ACTIONS
     parts: list[bytes] = []
@@ -228,6 +233,7 @@ def client_response_head(
     dated = False
     chunked = False
     listed: set[bytes] | None = None
+    keep_alive: bytes | None = None
     for name, value in upstream_lines:
         action = actions.get(name.lower())
         if action is None:
@@ -242,16 +248,20 @@ def client_response_head(
             chunked = True
         elif action == _CONNECTION:
             listed = _connection_listed_raw(value, listed)
+        elif action == _KEEP_ALIVE:
+            keep_alive = value if keep_alive is None else keep_alive + b"," + value
     if chunked or listed:
         # Rare: lines named by Connection go, and a length next to chunked coding is stale
         # (RFC 9112 §6.3) since the gateway re-frames the body.
-        return _drop_listed(parts, listed or set(), chunked, extra)
+        return _drop_listed(parts, listed or set(), chunked, extra, keep_alive)
     if extra:
         parts.append(extra.block)
     if not dated:
         parts.append(date_line())
     # tuple.__new__ skips the named tuple's own __new__, a Python function: half the cost.
-    return _new_tuple(ResponseHead, (b"".join(parts), int(length) if length is not None else None))
+    return _new_tuple(
+        ResponseHead, (b"".join(parts), int(length) if length is not None else None, keep_alive)
+    )
 
 
 _new_tuple = tuple.__new__
@@ -272,7 +282,11 @@ def _connection_listed_raw(value: bytes, into: set[bytes] | None) -> set[bytes] 
 
 
 def _drop_listed(
-    parts: list[bytes], dropped: set[bytes], chunked: bool, extra: ExtraHeaders | None
+    parts: list[bytes],
+    dropped: set[bytes],
+    chunked: bool,
+    extra: ExtraHeaders | None,
+    keep_alive: bytes | None,
 ) -> ResponseHead:
     if chunked:
         dropped.add(b"content-length")
@@ -286,7 +300,7 @@ def _drop_listed(
         kept.append(extra.block)
     if b"date" not in names:
         kept.append(date_line())
-    return ResponseHead(b"".join(kept), int(length) if length is not None else None)
+    return ResponseHead(b"".join(kept), int(length) if length is not None else None, keep_alive)
 
 
 _HOP_BY_HOP_RAW: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP)

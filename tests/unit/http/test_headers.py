@@ -165,6 +165,19 @@ def test_response_head_reports_the_length_and_adds_a_date_only_when_missing() ->
     assert dated.content_length is None
 
 
+def test_response_head_notes_the_keep_alive_it_drops() -> None:
+    """For the connection pool (its `timeout=N`), from the one look at each line there is;
+    lines joined, also when a Connection line has lines dropped the other way."""
+    lines = [(b"Keep-Alive", b"timeout=5"), (b"A", b"1"), (b"Keep-Alive", b"max=100")]
+    head = client_response_head(lines)
+    assert head.keep_alive == b"timeout=5,max=100"
+    assert head.block.startswith(b"A: 1\r\nDate: ")
+    listed = client_response_head([(b"Connection", b"X-Hop"), (b"X-Hop", b"1"), *lines])
+    assert listed.keep_alive == b"timeout=5,max=100"
+    assert listed.block.startswith(b"A: 1\r\nDate: ")
+    assert client_response_head([(b"A", b"1")]).keep_alive is None
+
+
 def test_response_connection_listed_date_is_dropped_and_replaced() -> None:
     head = client_response_head(
         [(b"Connection", b"Date"), (b"Date", b"Tue, 01 Jan 2030 00:00:00 GMT"), (b"A", b"1")]
