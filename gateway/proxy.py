@@ -219,6 +219,8 @@ async def forward(
         )
     upstream_seconds = time.perf_counter() - started
     head = client_response_head(reply.raw_headers, extra_response_headers)
+    if head.keep_alive is not None:
+        reply.keep_alive(head.keep_alive)
     # Most answers are complete by now: answered without another coroutine.
     whole = _answer_whole(request, reply, head, upstream_seconds, on_answered)
     if whole is not None:

@@ -17,12 +17,18 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from gateway.config.model import Upstream
 from gateway.http.client_connection import HttpConnection, StaleConnection
 from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
-from gateway.http.reply import HttpReply
+from gateway.http.reply import HttpReply, keep_alive_timeout
 from gateway.http.reply_reader import InterimHook
 
 __all__ = ["IDEMPOTENT", "KEEPALIVE_SECONDS", "HttpClient", "InterimHook", "ReplayableBody"]
 
 KEEPALIVE_SECONDS = 30.0
+# An upstream that says `Keep-Alive: timeout=N` closes a connection idle N seconds: one is not
+# reused after N less this, so that a request rarely crosses the upstream's close on the wire
+# (a 502 for one that cannot be sent again), as undici does (its keepAliveTimeoutThreshold).
+KEEP_ALIVE_MARGIN = 1.0
+# Keep-Alive values whose meaning a pool remembers: bounded, however many an upstream makes up.
+_LIFETIMES_KEPT = 16
 
 # Methods a request may be retried with after a stale keep-alive connection: those RFC 9110
 # calls idempotent, as aiohttp's client and nginx do.
@@ -81,7 +87,8 @@ class HttpClient:
     """The HTTP client of one upstream: a LIFO pool of keep-alive connections.
 
     The most recently used connection is reused first, so a burst's extra connections
-    age out; idle ones are closed after `keepalive` seconds.
+    age out; idle ones are closed after `keepalive` seconds, or sooner when the upstream's last
+    answer on one said it keeps it no longer (`Keep-Alive: timeout=N`, see KEEP_ALIVE_MARGIN).
     """
 
     def __init__(self, upstream: Upstream, *, keepalive: float = KEEPALIVE_SECONDS) -> None:
@@ -90,6 +97,7 @@ class HttpClient:
         self._keepalive = keepalive
         self._idle: list[HttpConnection] = []  # most recently used last
         self._sweeper: asyncio.TimerHandle | None = None
+        self._lifetimes: dict[bytes, float] = {}  # see _announced_lifetime
         # Connections waiting on their upstream (for an answer head, or to take more of a request
         # body), and one timer for the earliest deadline among them: a timer per request costs
         # more to cancel (as nearly every one is) than this.
@@ -179,7 +187,12 @@ class HttpClient:
         while idle:
             connection = idle.pop()
             if not connection.closed and connection.reusable:
-                return connection
+                if connection.reuse_until is None:
+                    return connection
+                # The sweep may come later than the end the upstream's Keep-Alive set.
+                if self.loop.time() < connection.reuse_until:
+                    connection.reuse_until = None  # its next answer says anew
+                    return connection
             connection.abort()
         return None
 
@@ -217,9 +230,34 @@ class HttpClient:
             connection.abort()
             return
         connection.idle_since = self.loop.time()
+        if connection.keep_alive is not None:
+            value, connection.keep_alive = connection.keep_alive, None  # its next answer says anew
+            lifetime = self._lifetimes.get(value)
+            if lifetime is None:
+                lifetime = self._announced_lifetime(value)
+            if lifetime < self._keepalive:
+                if lifetime <= 0:
+                    connection.abort()  # timeout=0 or 1: gone before it could be reused
+                    return
+                connection.reuse_until = connection.idle_since + lifetime
+                if self._sweeper is None:
+                    self._sweeper = self.loop.call_later(lifetime, self._sweep)
         self._idle.append(connection)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
+
+    def _announced_lifetime(self, value: bytes) -> float:
+        """How long a connection may wait idle by the Keep-Alive value of its last answer: its
+        `timeout=N` less KEEP_ALIVE_MARGIN, at most the pool's own limit; a value without a
+        readable timeout changes nothing. Remembered for a few values, as an upstream tends to
+        say the same on every answer."""
+        timeout = keep_alive_timeout(value)
+        lifetime = self._keepalive
+        if timeout is not None and timeout - KEEP_ALIVE_MARGIN < lifetime:
+            lifetime = timeout - KEEP_ALIVE_MARGIN
+        if len(self._lifetimes) < _LIFETIMES_KEPT:
+            self._lifetimes[value] = lifetime
+        return lifetime
 
     def watch(self, connection: HttpConnection) -> None:
         connection.deadline = self.loop.time() + self.upstream.timeout
@@ -252,17 +290,21 @@ class HttpClient:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        horizon = self.loop.time() - self._keepalive
+        now = self.loop.time()
         kept: list[HttpConnection] = []
+        next_expiry = now + self._keepalive
         for connection in self._idle:
-            if connection.closed or connection.idle_since <= horizon:
+            expiry = connection.reuse_until
+            if expiry is None:
+                expiry = connection.idle_since + self._keepalive
+            if connection.closed or expiry <= now:
                 connection.abort()
             else:
                 kept.append(connection)
+                next_expiry = min(next_expiry, expiry)
         self._idle = kept
         if kept:
-            next_expiry = kept[0].idle_since + self._keepalive - self.loop.time()
-            self._sweeper = self.loop.call_later(max(next_expiry, 0.05), self._sweep)
+            self._sweeper = self.loop.call_later(max(next_expiry - now, 0.05), self._sweep)
 
     def retire(self) -> None:
         """No longer the client of a config being served: requests under way finish, their

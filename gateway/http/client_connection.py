@@ -69,6 +69,12 @@ class HttpConnection(ReplyReader, asyncio.Protocol):
         self.reusable = True  # false once the upstream said close or misbehaved
         self.exchanges = 0  # requests sent on this connection
         self.idle_since = 0.0
+        # The Keep-Alive value of the answer just read, told by its reader (HttpReply.keep_alive)
+        # for the pool, which takes it when the connection comes back; and then, when that
+        # value has the upstream close it sooner than the pool would, the time from which the
+        # idle connection is not reused (client.KEEP_ALIVE_MARGIN). None: the pool's own limit.
+        self.keep_alive: bytes | None = None
+        self.reuse_until: float | None = None
         self._reply: HttpReply | None = None  # the answer being parsed, until it is complete
         self._head: asyncio.Future[HttpReply] | None = None  # until the final head arrives
         self._watched = False  # the pool's deadline applies (see ConnectionOwner.watch)

@@ -62,6 +62,12 @@ class HttpReply(ChunkQueue):
     def finish(self) -> None:
         self._connection.release(self)
 
+    def keep_alive(self, value: bytes) -> None:
+        """The answer's Keep-Alive value, told by whoever reads its header lines anyway (the
+        proxy: `client_response_head`), so that no second look at them is needed here: after
+        this answer the pool reuses the connection only as long as its `timeout=N` allows."""
+        self._connection.keep_alive = value
+
     def switch_protocols(self, end: TunnelEnd) -> bytes:
         """After a 101: the connection goes to `end` of a tunnel (see the connection's)."""
         return self._connection.switch_protocols(end)
@@ -100,3 +106,16 @@ def announces_body(lines: list[tuple[bytes, bytes]]) -> bool:
         if lowered == b"content-length" and value.strip() not in (b"0", b""):
             return True
     return False
+
+
+def keep_alive_timeout(value: bytes) -> int | None:
+    """The `timeout=N` of a Keep-Alive value (`timeout=5, max=1000`): the seconds the upstream
+    keeps an idle connection open. None when it names none, or not as a plain number of at most
+    nine digits: a value that cannot be read is as good as none."""
+    for parameter in value.split(b","):
+        name, equals, seconds = parameter.partition(b"=")
+        if equals and name.strip().lower() == b"timeout":
+            seconds = seconds.strip()
+            # bytes.isdigit is ASCII only; the length bound keeps int() cheap.
+            return int(seconds) if seconds.isdigit() and len(seconds) <= 9 else None
+    return None

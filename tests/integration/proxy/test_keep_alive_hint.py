@@ -1,0 +1,118 @@
+"""An upstream that answers `Keep-Alive: timeout=N` closes a connection idle N seconds (Node.js's
+keepAliveTimeout): the pool does not reuse one after N - 1 s idle, as undici does, so that a
+request does not cross that close on the wire, a 502 for one that cannot be sent again (see
+test_stale_connections). A value without a readable timeout, or one beyond the pool's own
+limit, changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import time
+
+import pytest
+
+from tests.support.forwarding import Front
+from tests.support.raw_upstream import Peer, Script, raw_upstream
+
+# What the upstream gives a connection idle with nothing on its way before it closes it outright,
+# beyond its announced timeout (see _closing_when_idle).
+LATE_CLOSE = 0.5
+
+
+def _closing_when_idle(keep_alive: bytes | None, idle_close: float) -> Script:
+    """Answers each request (its body framed by Content-Length) with `Keep-Alive: keep_alive`,
+    and keeps a connection open for `idle_close` seconds after an answer. A request whose first
+    byte comes later crossed the upstream's close on the wire: the connection ends without an
+    answer. That is the side of the race a real server's idle timer loses at random, made certain
+    (the close itself waits LATE_CLOSE longer, so that the gateway cannot have seen it first)."""
+    line = b"" if keep_alive is None else b"Keep-Alive: " + keep_alive + b"\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + line + b"\r\nok"
+
+    async def script(peer: Peer) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            answered = loop.time()
+            try:
+                async with asyncio.timeout(idle_close + LATE_CLOSE):
+                    first = await peer.reader.readexactly(1)
+            except TimeoutError:
+                return  # closed idle
+            if loop.time() - answered >= idle_close:
+                return  # closed as the request came: it is lost, unanswered
+            head = first + await peer.head()
+            length = 0
+            for header in head.split(b"\r\n"):
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await peer.reader.readexactly(length)
+            await peer.send(answer)
+
+    return script
+
+
+def _post_paced(port: int, pauses: list[float]) -> list[int]:
+    """POSTs on one client connection (Python's http.client), the first at once and each later
+    one `pause` seconds after the answer before it: the statuses."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    statuses = []
+    try:
+        for pause in [0.0, *pauses]:
+            time.sleep(pause)
+            connection.request("POST", "/x", body=b'{"order": 1}')
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        connection.close()
+    return statuses
+
+
+async def test_posts_paced_at_the_upstreams_close_all_succeed(front: Front) -> None:
+    """`timeout=1`: each POST comes as the upstream closes the connection the one before it
+    used. Reused (the pool kept connections 30 s, whatever the upstream said), the second
+    was a 502; a connection is not reused at all after such an answer."""
+    async with raw_upstream(_closing_when_idle(b"timeout=1", 1.0)) as up:
+        front.use(up.port)
+        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [1.0, 1.0])
+    assert statuses == [200, 200, 200]
+    assert up.connections == 3
+
+
+async def test_a_connection_is_reused_until_a_second_before_the_announced_timeout(
+    front: Front,
+) -> None:
+    """`timeout=2`: reused 0.2 s later, a fresh one 1.2 s later (past 2 - 1 s), though the
+    upstream would still have answered on the old one."""
+    async with raw_upstream(_closing_when_idle(b"timeout=2", 2.0)) as up:
+        front.use(up.port)
+        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [0.2, 1.2])
+    assert statuses == [200, 200, 200]
+    assert up.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "connections"),
+    [
+        (None, 1),
+        (b"max=100", 1),
+        (b"timeout=abc", 1),
+        (b"timeout=-3", 1),
+        (b"timeout=5s", 1),
+        (b"timeout=", 1),
+        (b"timeout=99999999999999999999", 1),
+        (b"timeout=5, max=1000", 1),
+        (b"timeout=0", 3),
+        (b"max=100, timeout=1", 3),
+    ],
+)
+async def test_what_a_keep_alive_value_changes(
+    front: Front, keep_alive: bytes | None, connections: int
+) -> None:
+    """POSTs at once one after the other: reused unless the value's timeout is 0 or 1 s."""
+    async with raw_upstream(_closing_when_idle(keep_alive, 10.0)) as up:
+        front.use(up.port)
+        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [0.0, 0.0])
+    assert statuses == [200, 200, 200]
+    assert up.connections == connections
