@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import http.client
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -235,3 +237,22 @@ def pattern(total: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
         yield part[:size]
         sent += size
         index += 1
+
+
+def statuses_on_one_connection(
+    port: int, method: str, body: bytes, pauses: list[float]
+) -> list[int]:
+    """Python's http.client sending the same request on one connection, at once and then
+    `pause` seconds after each answer: the statuses. Blocking: run it in a thread."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    statuses = []
+    try:
+        for pause in [0.0, *pauses]:
+            time.sleep(pause)
+            connection.request(method, "/x", body=body)
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        connection.close()
+    return statuses

@@ -7,19 +7,17 @@ limit, changes nothing."""
 from __future__ import annotations
 
 import asyncio
-import http.client
-import time
 
 import pytest
 
-from gateway.config.model import Upstream
 from gateway.http.client import KEEP_ALIVE_MARGIN, HttpClient
-from tests.support.forwarding import Front
+from tests.support.forwarding import Front, product_at, statuses_on_one_connection
 from tests.support.raw_upstream import Peer, Script, raw_upstream
 
 # What the upstream gives a connection idle with nothing on its way before it closes it outright,
 # beyond its announced timeout (see _closing_when_idle).
 LATE_CLOSE = 0.5
+ORDER = b'{"order": 1}'  # each POST's body
 
 
 def _closing_when_idle(keep_alive: bytes | None, idle_close: float) -> Script:
@@ -54,21 +52,11 @@ def _closing_when_idle(keep_alive: bytes | None, idle_close: float) -> Script:
     return script
 
 
-def _post_paced(port: int, pauses: list[float]) -> list[int]:
-    """POSTs on one client connection (Python's http.client), the first at once and each later
-    one `pause` seconds after the answer before it: the statuses."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    statuses = []
-    try:
-        for pause in [0.0, *pauses]:
-            time.sleep(pause)
-            connection.request("POST", "/x", body=b'{"order": 1}')
-            response = connection.getresponse()
-            response.read()
-            statuses.append(response.status)
-    finally:
-        connection.close()
-    return statuses
+async def _posts(front: Front, pauses: list[float]) -> list[int]:
+    """POSTs on one client connection, at once and then each `pause` after the answer before."""
+    return await asyncio.to_thread(
+        statuses_on_one_connection, front.url.port or 0, "POST", ORDER, pauses
+    )
 
 
 async def test_posts_paced_at_the_upstreams_close_all_succeed(front: Front) -> None:
@@ -78,7 +66,7 @@ async def test_posts_paced_at_the_upstreams_close_all_succeed(front: Front) -> N
     the second was a 502; a connection is not reused at all after such an answer."""
     async with raw_upstream(_closing_when_idle(b"timeout=1", 0.1)) as up:
         front.use(up.port)
-        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [0.15, 0.15])
+        statuses = await _posts(front, [0.15, 0.15])
     assert statuses == [200, 200, 200]
     assert up.connections == 3
 
@@ -90,10 +78,10 @@ async def test_a_connection_is_reused_within_a_second_less_than_the_announced_ti
     the answer (read from the pool rather than waited for: a second's wait per run)."""
     async with raw_upstream(_closing_when_idle(b"timeout=2", 2.0)) as up:
         front.use(up.port)
-        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [0.2])
+        statuses = await _posts(front, [0.2])
         assert statuses == [200, 200]
         assert up.connections == 1
-        client = HttpClient(_upstream(up.port))
+        client = HttpClient(product_at(up.port).upstream)
         try:
             reply = await client.send("GET", "/x", [(b"Host", b"upstream")], None)
             reply.keep_alive(b"timeout=2")  # as the proxy tells it, from the answer's head
@@ -105,18 +93,6 @@ async def test_a_connection_is_reused_within_a_second_less_than_the_announced_ti
             assert idle.reuse_until - idle.idle_since == pytest.approx(2 - KEEP_ALIVE_MARGIN)
         finally:
             await client.close()
-
-
-def _upstream(port: int) -> Upstream:
-    return Upstream(
-        url=f"http://127.0.0.1:{port}",
-        scheme="http",
-        host="127.0.0.1",
-        port=port,
-        base_path="",
-        connect_timeout=1.0,
-        timeout=2.0,
-    )
 
 
 @pytest.mark.parametrize(
@@ -140,6 +116,6 @@ async def test_what_a_keep_alive_value_changes(
     """POSTs at once one after the other: reused unless the value's timeout is 0 or 1 s."""
     async with raw_upstream(_closing_when_idle(keep_alive, 10.0)) as up:
         front.use(up.port)
-        statuses = await asyncio.to_thread(_post_paced, front.url.port or 0, [0.0, 0.0])
+        statuses = await _posts(front, [0.0, 0.0])
     assert statuses == [200, 200, 200]
     assert up.connections == connections

@@ -6,7 +6,6 @@ enough to be kept for it. Otherwise the client gets the 502."""
 from __future__ import annotations
 
 import asyncio
-import http.client
 from collections.abc import AsyncIterator, Iterable
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from gateway.config.model import Upstream
 from gateway.http.client import HttpClient, ReplayableBody
 from gateway.http.errors import ServerDisconnected
-from tests.support.forwarding import Front
+from tests.support.forwarding import Front, statuses_on_one_connection
 from tests.support.raw_upstream import Peer, Script, raw_upstream
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -52,21 +51,6 @@ def _stale_once(bodies: list[bytes], *, read_body: bool = False) -> Script:
     return script
 
 
-def _send_twice(port: int, method: str, body: bytes) -> list[int]:
-    """Python's http.client sending the same request twice on one connection: the statuses."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    statuses = []
-    try:
-        for _ in range(2):
-            connection.request(method, "/x", body=body)
-            response = connection.getresponse()
-            response.read()
-            statuses.append(response.status)
-    finally:
-        connection.close()
-    return statuses
-
-
 @pytest.mark.parametrize("method", ["PUT", "DELETE"])
 async def test_an_idempotent_request_with_a_body_is_sent_again_on_a_fresh_connection(
     front: Front, method: str
@@ -76,7 +60,9 @@ async def test_an_idempotent_request_with_a_body_is_sent_again_on_a_fresh_connec
     bodies: list[bytes] = []
     async with raw_upstream(_stale_once(bodies)) as up:
         front.use(up.port)
-        statuses = await asyncio.to_thread(_send_twice, front.url.port or 0, method, body)
+        statuses = await asyncio.to_thread(
+            statuses_on_one_connection, front.url.port or 0, method, body, [0.0]
+        )
     assert statuses == [200, 200]
     assert bodies == [body, body]  # the second whole, on the second connection
     assert up.connections == 2
@@ -89,7 +75,9 @@ async def test_a_request_that_is_not_idempotent_is_not_sent_again(
     bodies: list[bytes] = []
     async with raw_upstream(_stale_once(bodies)) as up:
         front.use(up.port)
-        statuses = await asyncio.to_thread(_send_twice, front.url.port or 0, method, b"{}")
+        statuses = await asyncio.to_thread(
+            statuses_on_one_connection, front.url.port or 0, method, b"{}", [0.0]
+        )
     assert statuses == [200, 502]
     assert up.connections == 1
 
