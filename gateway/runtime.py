@@ -51,18 +51,35 @@ class Runtime:
     # snapshots, like the limiter (README, "Metering").
     local_limiter: Limiter = field(default_factory=lambda: MemoryLimiter(keep_history=False))
     refunds: Refunds = field(default_factory=lambda: Refunds(metrics.count_refund))
+    # Whether each key index leaves the principals it makes out of full collections
+    # (`freeze_made_principals`).
+    freezes_principals: bool = False
 
     def apply(self, config: Config, keys: KeyIndex | None = None) -> None:
         """Serve `config` from now on (called on the event loop: the clients need it).
 
         `keys`: the config's key index when it was built beforehand, off the event loop
         (`index_keys`; for 10,000 keys it is tens of milliseconds of work)."""
+        if keys is None:
+            keys = self.index_keys(config)
         self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table, keys)
         self.key_store.secret_clashes = self.snapshot.keys.secret_clashes
 
     def index_keys(self, config: Config) -> KeyIndex:
         """The key index of `config`; it only reads, so a thread may build it."""
-        return KeyIndex(config.keys, config.plans, self.key_store.table)
+        return KeyIndex(
+            config.keys,
+            config.plans,
+            self.key_store.table,
+            freeze_made=self.freezes_principals,
+        )
+
+    def freeze_made_principals(self) -> None:
+        """From now on, the key indexes leave the principals they make out of full collections
+        (`KeyIndex.freeze_made`): for a gateway worker, which runs the process's collector; not
+        in a test's process, whose own live objects a freeze would keep from it for good."""
+        self.freezes_principals = True
+        self.snapshot.keys.freeze_made = True
 
 
 def build_snapshot(

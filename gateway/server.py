@@ -401,6 +401,7 @@ async def _worker(config_path: str, starting: StartingConfig, *, handover: str |
     await worker.start()
     freeze_long_lived()  # the config and its snapshot: see gateway.reload
     worker.runtime.key_store.freeze_reads = True  # and each later full read of the keys
+    worker.runtime.freeze_made_principals()  # and the principals made for requests
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import time
@@ -31,6 +30,7 @@ from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, Wri
 from gateway.keys.records import KeyRecord
 from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
+from gateway.reload import freeze_collected
 from gateway.tasks import stop_tasks
 
 log = logging.getLogger("gateway.keys")
@@ -372,7 +372,7 @@ class KeyStore:
                     await asyncio.sleep(0)
                 unfrozen += len(batch)
                 if self.freeze_reads and unfrozen >= _FREEZE_SLICE:
-                    _freeze_collected()
+                    freeze_collected()
                     unfrozen = 0
             # No collector pause, as a config has: it would span awaits, and a read abandoned
             # mid-way would leave the collector off for good. Without the freezes a full
@@ -385,7 +385,7 @@ class KeyStore:
             self._reading = False
         self._apply_pending()
         if self.freeze_reads:
-            _freeze_collected()  # the read's last records
+            freeze_collected()  # the read's last records
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
         if self.secret_clashes is not None:
             self.secret_clashes.tell_all()
@@ -396,12 +396,3 @@ class KeyStore:
                 for _ in range(min(len(container), _FREE_SLICE)):
                     container.popitem()
                 await asyncio.sleep(0)
-
-
-def _freeze_collected() -> None:
-    """Leave what is alive now out of later full collections (`gc.freeze`), after a full
-    collection, which is short while the rest is frozen already: cyclic garbage would be kept
-    for good once frozen, sockets and all (it hung a test run's loop at its close once).
-    Records hold no cycles and are freed by reference counting, frozen or not."""
-    gc.collect()
-    gc.freeze()
