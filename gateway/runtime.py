@@ -59,7 +59,7 @@ class Runtime:
         """Serve `config` from now on (called on the event loop: the clients need it).
 
         `keys`: the config's key index when it was built beforehand, off the event loop
-        (`index_keys`; for 10,000 keys it is tens of milliseconds of work)."""
+        (`index_keys`; for 100,000 keys it is tens of milliseconds of work)."""
         if keys is None:
             keys = self.index_keys(config)
         self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table, keys)
