@@ -9,7 +9,7 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -52,16 +52,31 @@ async def close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def serve_both(cert: Path, key: Path, trust: ssl.SSLContext) -> None:
+async def start_tls_listener(
+    handler: Callable[[Request], Awaitable[None]], cert: Path, key: Path
+) -> tuple[HttpServer, asyncio.Server, int]:
+    """An HTTPS server of `handler` listening on a free loopback port: the server, its listener
+    and the port. End it with `stop_tls_listener`."""
     server = HttpServer(
-        answer_scheme,
+        handler,
         on_request_error=answer_request_error,
         head_timeout=5.0,
         keepalive_timeout=5.0,
         tls=server_context(str(cert), str(key)),
     )
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    return server, listener, listener.sockets[0].getsockname()[1]
+
+
+async def stop_tls_listener(listener: asyncio.Server, server: HttpServer) -> None:
+    """The end of `start_tls_listener`'s, whatever the test closed or drained already."""
+    listener.close()
+    await listener.wait_closed()
+    await server.shutdown(0.5)
+
+
+async def serve_both(cert: Path, key: Path, trust: ssl.SSLContext) -> None:
+    server, listener, port = await start_tls_listener(answer_scheme, cert, key)
     try:
         # HTTPS: two requests on one kept-alive connection.
         reader, writer = await asyncio.open_connection(
@@ -99,9 +114,7 @@ async def serve_both(cert: Path, key: Path, trust: ssl.SSLContext) -> None:
         finally:
             await close(writer)
     finally:
-        listener.close()
-        await listener.wait_closed()
-        await server.shutdown(0.5)
+        await stop_tls_listener(listener, server)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -120,15 +133,7 @@ async def test_plain_http_still_sending_after_its_400_lingers_within_a_drain(
     400, the end of the server's side, then what the client sends read and dropped (a close
     with those bytes unread would reset it). A drain waits for it up to its grace."""
     made = make_certificate(tmp_path)
-    server = HttpServer(
-        answer_scheme,
-        on_request_error=answer_request_error,
-        head_timeout=5.0,
-        keepalive_timeout=5.0,
-        tls=server_context(str(made.cert), str(made.key)),
-    )
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    server, listener, port = await start_tls_listener(answer_scheme, made.cert, made.key)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 9000000\r\n\r\n")
@@ -149,9 +154,7 @@ async def test_plain_http_still_sending_after_its_400_lingers_within_a_drain(
                 await asyncio.sleep(0.01)
     finally:
         await close(writer)
-        listener.close()
-        await listener.wait_closed()
-        await server.shutdown(0.5)
+        await stop_tls_listener(listener, server)
 
 
 async def stream_before_the_body(request: Request) -> None:
@@ -171,15 +174,7 @@ async def test_an_https_answer_delimited_by_the_close_is_not_held_by_a_lingering
     close_notify without closing): an answer that ends only with the connection closes it at
     once, as before, rather than leaving its client waiting for the lingering's bounds."""
     made = make_certificate(tmp_path)
-    server = HttpServer(
-        stream_before_the_body,
-        on_request_error=answer_request_error,
-        head_timeout=5.0,
-        keepalive_timeout=5.0,
-        tls=server_context(str(made.cert), str(made.key)),
-    )
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    server, listener, port = await start_tls_listener(stream_before_the_body, made.cert, made.key)
     try:
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=made.client_context(), server_hostname="localhost"
@@ -192,6 +187,4 @@ async def test_an_https_answer_delimited_by_the_close_is_not_held_by_a_lingering
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
         assert answer.endswith(b"\r\n\r\nstreamed")
     finally:
-        listener.close()
-        await listener.wait_closed()
-        await server.shutdown(0.5)
+        await stop_tls_listener(listener, server)
