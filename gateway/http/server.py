@@ -132,11 +132,14 @@ class HttpServer:
 
     def forget(self, connection: ServerConnection) -> None:
         self.connections.discard(connection)
-        if not self.connections and not self.refusals and self._emptied is not None:
-            self._emptied.set()
+        self._note_if_emptied()
 
     def forget_refusal(self, refusal: TlsPortConnection) -> None:
         self.refusals.discard(refusal)
+        self._note_if_emptied()
+
+    def _note_if_emptied(self) -> None:
+        # A drain waits for the last open connection, of either kind, to be gone.
         if not self.connections and not self.refusals and self._emptied is not None:
             self._emptied.set()
 
