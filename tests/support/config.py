@@ -6,6 +6,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from gateway.config import ConfigError, load_config
+
 SERVER_FILE = "00-server.yaml"
 API_FILE = "10-api.yaml"
 
@@ -68,3 +72,27 @@ def server_yaml(
         f"  workers: {workers}\n"
         f"storage:\n  url: {storage_url}\n  timeout: 250ms\n  on_error: deny\n{extra}"
     )
+
+
+# The smallest products section a config file can load with (no plans, no keys).
+MINIMAL_PRODUCTS = """\
+products:
+  shop:
+    upstream: {url: "http://127.0.0.1:9000"}
+    routes:
+      - path: /shop
+"""
+
+
+def write_config_file(tmp_path: Path, text: str) -> Path:
+    """One config file: `text` with the minimal products that make it loadable."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text + MINIMAL_PRODUCTS, encoding="utf-8")
+    return path
+
+
+def issues_of(path: str | Path, env: dict[str, str] | None = None) -> list[str]:
+    """The issues, as `file:line: path: message` lines, of a config that must not load."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={} if env is None else env)
+    return [str(issue) for issue in caught.value.issues]
