@@ -1,5 +1,6 @@
 """The upstream HTTP client (gateway.http.client) against upstreams whose every byte the test
-chooses.
+chooses: framing, interim answers, the request it sends, flow control. Its failures (stale
+connections, timeouts, broken answers) are in test_client_failures.py.
 
 Each upstream here is a raw asyncio server: it reads request heads (and bodies, where a test
 sends one) and writes exactly the bytes under test, so framing, interim answers, closes and
@@ -10,62 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 
-from gateway.config.model import Upstream
-from gateway.http.client import HttpClient
 from gateway.http.errors import (
-    ConnectError,
-    ConnectTimeout,
     MalformedResponse,
-    ResponseBodyError,
-    ResponseTimeout,
-    ServerDisconnected,
 )
-from gateway.http.reply_reader import MAX_INTERIM
 from tests.support.raw_upstream import Peer, Script, keep_answering, raw_upstream
-from tests.support.sockets import closed_port, unaccepting_port
+from tests.support.upstream_client import HOST, body_chunks, client_for, fetch
 
-HOST = [(b"Host", b"upstream")]
 MB = 1024 * 1024
-
-
-def _upstream(port: int, **options: float) -> Upstream:
-    return Upstream(
-        url=f"http://127.0.0.1:{port}",
-        scheme="http",
-        host="127.0.0.1",
-        port=port,
-        base_path="",
-        connect_timeout=options.get("connect_timeout", 1.0),
-        timeout=options.get("timeout", 2.0),
-    )
-
-
-@asynccontextmanager
-async def client_for(port: int, **options: float) -> AsyncIterator[HttpClient]:
-    keepalive = options.pop("keepalive", 30.0)
-    client = HttpClient(_upstream(port, **options), keepalive=keepalive)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-async def _body(reply: object) -> list[bytes]:
-    chunks = []
-    while chunk := await reply.read():  # type: ignore[attr-defined]
-        chunks.append(chunk)
-    return chunks
-
-
-async def _get(client: HttpClient, method: str = "GET") -> tuple[int, bytes]:
-    reply = await client.send(method, "/x", HOST, None)
-    body = b"".join(await _body(reply))
-    reply.finish()
-    return reply.status, body
 
 
 # ------------------------------------------------------------------------------ framing
@@ -76,9 +31,9 @@ async def test_content_length_body_and_keep_alive() -> None:
     async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
         reply = await client.send("GET", "/x", HOST, None)
         assert (reply.status, reply.reason, reply.headers["X-Up"]) == (200, "OK", "1")
-        assert await _body(reply) == [b"hello"]
+        assert await body_chunks(reply) == [b"hello"]
         reply.finish()
-        assert await _get(client) == (200, b"hello")
+        assert await fetch(client) == (200, b"hello")
     assert up.connections == 1
 
 
@@ -98,9 +53,9 @@ async def test_chunked_body_is_dechunked_chunk_by_chunk() -> None:
         assert reply.headers["Transfer-Encoding"] == "chunked"
         assert not reply.done
         # The parser's pieces are handed on as they come, never joined.
-        assert await _body(reply) == [b"hello", b" world"]
+        assert await body_chunks(reply) == [b"hello", b" world"]
         reply.finish()
-        assert await _get(client) == (200, b"hello world")
+        assert await fetch(client) == (200, b"hello world")
     assert up.connections == 1
 
 
@@ -111,8 +66,8 @@ async def test_body_without_length_ends_with_the_connection() -> None:
         await peer.send(b"close")
 
     async with raw_upstream(script) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"until close")
-        assert await _get(client) == (200, b"until close")
+        assert await fetch(client) == (200, b"until close")
+        assert await fetch(client) == (200, b"until close")
     assert up.connections == 2  # such a connection cannot serve another request
 
 
@@ -132,11 +87,11 @@ async def test_head_answer_has_no_body_whatever_its_length_says() -> None:
         reply = await client.send("HEAD", "/x", HOST, None)
         assert reply.done
         assert reply.headers["Content-Length"] == "1234"
-        assert await _body(reply) == []
+        assert await body_chunks(reply) == []
         reply.finish()
         # The next answer is parsed from its start, on a new connection: bytes of the body
         # that head announced could still come on the old one (see the next test).
-        assert await _get(client) == (200, b"ok")
+        assert await fetch(client) == (200, b"ok")
     assert up.connections == 2
 
 
@@ -163,7 +118,7 @@ async def test_a_late_body_after_a_head_answer_is_never_the_next_answer() -> Non
         await asyncio.sleep(0.2)  # the late bytes have come
         reply = await client.send("GET", "/x", HOST, None)
         assert "X-Smuggled" not in reply.headers
-        assert await _body(reply) == [b"ok"]
+        assert await body_chunks(reply) == [b"ok"]
         reply.finish()
 
 
@@ -185,11 +140,11 @@ async def test_the_start_of_an_unasked_answer_after_an_answer_is_never_the_next_
 
     async with raw_upstream(script) as up, client_for(up.port, timeout=0.5) as client:
         reply = await client.send("GET", "/first", HOST, None)
-        assert await _body(reply) == [b"abc"]
+        assert await body_chunks(reply) == [b"abc"]
         reply.finish()
         reply = await client.send("GET", "/second", HOST, None)
         assert "X-Smuggled" not in reply.headers
-        assert await _body(reply) == [b"ok"]
+        assert await body_chunks(reply) == [b"ok"]
         reply.finish()
 
 
@@ -223,9 +178,9 @@ async def test_204_and_304_have_no_body(answer: bytes) -> None:
     ):
         reply = await client.send("GET", "/x", HOST, None)
         assert reply.done
-        assert await _body(reply) == []
+        assert await body_chunks(reply) == []
         reply.finish()
-        assert await _get(client) == (200, b"ok")
+        assert await fetch(client) == (200, b"ok")
     assert up.connections == 1
 
 
@@ -239,8 +194,8 @@ async def test_204_and_304_have_no_body(answer: bytes) -> None:
 )
 async def test_an_answer_that_ends_the_connection_is_not_reused(answer: bytes) -> None:
     async with raw_upstream(keep_answering(answer, answer)) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        assert await _get(client) == (200, b"ok")
+        assert await fetch(client) == (200, b"ok")
+        assert await fetch(client) == (200, b"ok")
     assert up.connections == 2
 
 
@@ -270,7 +225,7 @@ async def test_interim_answers_are_skipped() -> None:
         reply = await client.send("GET", "/x", HOST, None)
         assert reply.status == 201
         assert "Link" not in reply.headers
-        assert await _body(reply) == [b"done"]
+        assert await body_chunks(reply) == [b"done"]
         reply.finish()
 
 
@@ -297,7 +252,7 @@ async def test_an_interim_answer_saying_close_is_followed_by_the_final_one() -> 
                 on_interim=lambda status, reason, lines: told.append(status),
             )
             assert reply.status == 200
-            assert await _body(reply) == [b"ok"]
+            assert await body_chunks(reply) == [b"ok"]
             reply.finish()
     assert told == [103, 103]
     assert up.connections == 2  # the upstream said it would close
@@ -310,203 +265,6 @@ async def test_switching_protocols_is_bad_gateway() -> None:
     async with raw_upstream(keep_answering(answer)) as up, client_for(up.port) as client:
         with pytest.raises(MalformedResponse, match="switched protocols"):
             await client.send("GET", "/x", HOST, None)
-
-
-# ---------------------------------------------------------------- stale connections
-
-
-async def test_connection_closed_while_idle_is_not_used() -> None:
-    async def answer_once_then_close(peer: Peer) -> None:
-        await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    async with raw_upstream(answer_once_then_close) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        await asyncio.wait_for(up.closed.wait(), 2)
-        await asyncio.sleep(0.05)  # the client's loop sees the EOF
-        assert await _get(client) == (200, b"ok")
-    assert up.connections == 2
-
-
-async def _close_on_second_request(peer: Peer) -> None:
-    """Answers one request, then reads the next and closes without a byte of answer: the
-    race of an upstream's keep-alive timeout with a request already on its way."""
-    await peer.head()
-    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    await peer.head()
-
-
-async def test_idempotent_request_is_retried_once_on_a_fresh_connection() -> None:
-    async with raw_upstream(_close_on_second_request) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        # The stale connection swallows the request; a fresh one answers it.
-        assert await _get(client) == (200, b"ok")
-    assert up.connections == 2
-
-
-@pytest.mark.parametrize("method", ["POST", "PATCH"])
-async def test_non_idempotent_request_is_not_retried(method: str) -> None:
-    async with raw_upstream(_close_on_second_request) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        with pytest.raises(ServerDisconnected, match="closed without an answer"):
-            await client.send(method, "/x", HOST, None)
-    assert up.connections == 1
-
-
-async def test_retry_happens_once_only() -> None:
-    connections: list[Peer] = []
-
-    async def script(peer: Peer) -> None:
-        connections.append(peer)
-        if len(connections) == 1:
-            await _close_on_second_request(peer)
-        else:
-            await peer.head()  # and close without an answer, again
-
-    async with raw_upstream(script) as up, client_for(up.port) as client:
-        assert await _get(client) == (200, b"ok")
-        with pytest.raises(ServerDisconnected, match="closed without an answer"):
-            await client.send("GET", "/x", HOST, None)
-    assert up.connections == 2
-
-
-# -------------------------------------------------------------------------- failures
-
-
-async def test_interim_answers_passed_on_are_bounded() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        for _ in range(MAX_INTERIM * 5):
-            await peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await peer.reader.read()
-
-    told: list[int] = []
-    async with raw_upstream(script) as up, client_for(up.port) as client:
-        reply = await client.send(
-            "GET", "/x", HOST, None, on_interim=lambda status, reason, lines: told.append(status)
-        )
-        assert reply.status == 200
-        reply.finish()
-        # A second exchange on the connection is told of its own again.
-    assert told == [103] * MAX_INTERIM
-
-
-async def test_garbage_is_bad_gateway() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await peer.reader.read()
-
-    async with raw_upstream(script) as up, client_for(up.port) as client:
-        with pytest.raises(MalformedResponse, match="invalid HTTP response"):
-            await client.send("GET", "/x", HOST, None)
-
-
-async def test_slow_head_is_gateway_timeout_and_the_connection_is_closed() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.reader.read()  # returns once the client gives up
-
-    async with raw_upstream(script) as up, client_for(up.port, timeout=0.2) as client:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(ResponseTimeout, match=r"did not answer within 0\.2s"):
-            await client.send("GET", "/x", HOST, None)
-        assert loop.time() - started < 1.5
-        await asyncio.wait_for(up.closed.wait(), 2)
-
-
-async def test_an_upload_the_upstream_stops_taking_is_gateway_timeout() -> None:
-    """The client bounds an upload by itself: the upstream may take nothing of the body for
-    longer than its timeout (and time spent waiting for the body's source is not counted)."""
-
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.reader.readexactly(65536)  # a little, then no more
-        await asyncio.sleep(10)
-
-    async def endless() -> AsyncIterator[bytes]:
-        while True:
-            yield b"x" * 65536
-            await asyncio.sleep(0)
-
-    async with (
-        raw_upstream(script, receive_buffer=4096, max_segment=536) as up,
-        client_for(up.port, timeout=0.3) as client,
-    ):
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(ResponseTimeout, match=r"did not accept the request body within 0\.3s"):
-            await asyncio.wait_for(client.send("POST", "/up", HOST, endless()), 5)
-        assert loop.time() - started < 3
-
-
-async def test_refused_connection_is_bad_gateway() -> None:
-    async with client_for(closed_port()) as client:
-        with pytest.raises(ConnectError, match="refused"):
-            await client.send("GET", "/x", HOST, None)
-
-
-async def test_no_connection_in_time_is_gateway_timeout() -> None:
-    with unaccepting_port() as port:
-        async with client_for(port, connect_timeout=0.2) as client:
-            with pytest.raises(ConnectTimeout, match="no connection"):
-                await client.send("GET", "/x", HOST, None)
-
-
-async def test_truncated_body_is_a_body_error() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
-
-    async with raw_upstream(script) as up, client_for(up.port) as client:
-        reply = await client.send("GET", "/x", HOST, None)
-        assert await reply.read() == b"a" * 10
-        with pytest.raises(ResponseBodyError, match="incomplete"):
-            await reply.read()
-        reply.abort()
-
-
-async def test_body_stall_is_a_body_error() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
-        await peer.reader.read()
-
-    async with raw_upstream(script) as up, client_for(up.port, timeout=0.2) as client:
-        reply = await client.send("GET", "/x", HOST, None)
-        assert await reply.read() == b"a" * 10
-        with pytest.raises(ResponseBodyError, match="stalled"):
-            await reply.read()
-        reply.abort()
-        await asyncio.wait_for(up.closed.wait(), 2)
-
-
-async def test_cancellation_closes_the_connection_at_once() -> None:
-    async def script(peer: Peer) -> None:
-        await peer.head()
-        await peer.reader.read()
-
-    async with raw_upstream(script) as up, client_for(up.port) as client:
-        sending = asyncio.create_task(client.send("GET", "/x", HOST, None))
-        await asyncio.sleep(0.1)
-        sending.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await sending
-        await asyncio.wait_for(up.closed.wait(), 1)
-
-
-async def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    async with (
-        raw_upstream(keep_answering(answer)) as up,
-        client_for(up.port, keepalive=0.5) as client,
-    ):
-        assert await _get(client) == (200, b"ok")
-        await asyncio.sleep(0.1)  # however late this wakes on a busy machine, not 0.4 s late
-        assert not up.closed.is_set()
-        await asyncio.wait_for(up.closed.wait(), 2)
 
 
 # ---------------------------------------------------------------------- request side
@@ -585,7 +343,7 @@ async def test_early_answer_while_uploading_leaves_the_connection_unused() -> No
     async with raw_upstream(script) as up, client_for(up.port) as client:
         reply = await client.send("POST", "/up", HOST, endless())
         assert reply.status == 413
-        assert await _body(reply) == []
+        assert await body_chunks(reply) == []
         reply.finish()  # the request was not sent whole: the connection cannot be reused
         await asyncio.wait_for(up.closed.wait(), 2)
 
