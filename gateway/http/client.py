@@ -14,9 +14,9 @@ import socket
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
-from gateway.config.model import Upstream
 from gateway.http.client_connection import HttpConnection, StaleConnection
 from gateway.http.errors import ConnectError, ConnectTimeout, ServerDisconnected
+from gateway.http.origin import Origin
 from gateway.http.reply import HttpReply, keep_alive_timeout
 from gateway.http.reply_reader import InterimHook
 
@@ -91,7 +91,7 @@ class HttpClient:
     answer on one said it keeps it no longer (`Keep-Alive: timeout=N`, see KEEP_ALIVE_MARGIN).
     """
 
-    def __init__(self, upstream: Upstream, *, keepalive: float = KEEPALIVE_SECONDS) -> None:
+    def __init__(self, upstream: Origin, *, keepalive: float = KEEPALIVE_SECONDS) -> None:
         self.upstream = upstream
         self.loop = asyncio.get_running_loop()
         self._keepalive = keepalive

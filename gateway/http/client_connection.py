@@ -18,7 +18,6 @@ from typing import Protocol, cast
 
 import httptools
 
-from gateway.config.model import Upstream
 from gateway.http.errors import (
     MalformedResponse,
     RequestBodyFailed,
@@ -28,6 +27,7 @@ from gateway.http.errors import (
 )
 from gateway.http.flow import WriteGate, unsent_bytes
 from gateway.http.headers import protocols
+from gateway.http.origin import Origin
 from gateway.http.parsing import CLOSED_RESPONSE_PARSER, HEAD_LIMIT
 from gateway.http.reply import HttpReply, body_ends_at_close
 from gateway.http.reply_reader import HEAD_TOO_LARGE, InterimHook, ReplyReader
@@ -42,7 +42,7 @@ class StaleConnection(Exception):
 class ConnectionOwner(Protocol):
     """What a connection needs of the pool it belongs to."""
 
-    upstream: Upstream
+    upstream: Origin
     loop: asyncio.AbstractEventLoop
 
     def keep(self, connection: HttpConnection) -> None:
