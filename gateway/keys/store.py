@@ -131,7 +131,8 @@ class KeyStore:
     async def update(
         self, name: str, change: Callable[[KeyRecord], KeyRecord]
     ) -> tuple[KeyRecord, KeyRecord]:
-        """Replace the key by `change(current)`; (old, new). WriteRefused("not_found", ...)."""
+        """Replace the key by `change(current)`; (old, new). WriteRefused("not_found", ...).
+        A `change` that returns the very record it was given writes nothing."""
         current, new = await self._rewrite(name, change)
         assert new is not None  # `change` always makes a record
         return current, new
@@ -171,6 +172,9 @@ class KeyStore:
                 raise WriteRefused("not_found")
             current = KeyRecord.from_json(current_text)
             new = change(current)
+            if new is current:
+                # Nothing to change: no write, so no new version for every process to follow.
+                return current, new
             new_text = None if new is None else new.to_json()
             old_digests = set(current.digests())
             new_digests = set() if new is None else set(new.digests())
