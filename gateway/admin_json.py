@@ -88,7 +88,7 @@ def only_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any
     """`data`, once every field in it is one of `allowed`."""
     for name in data:
         if name not in allowed:
-            raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed)})")
+            raise BadRequest(f"{name}: unknown field (allowed: {', '.join(allowed) or 'none'})")
     return data
 
 

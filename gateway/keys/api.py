@@ -6,6 +6,7 @@
     PATCH  /admin/keys/{name}          change plans, disabled, expires
     DELETE /admin/keys/{name}          204
     POST   /admin/keys/{name}/rotate   a new secret; the old one keeps working for `grace`
+    DELETE /admin/keys/{name}/previous the old secrets' graces end now (200, the key)
 
 The file's keys are read-only here (409): the file is their source of truth, and a change
 made here would be undone by the next reload. Bodies are checked before anything is stored;
@@ -79,6 +80,7 @@ def add_key_routes(app: web.Application, access: KeysAccess) -> None:
     app.router.add_patch("/admin/keys/{name}", api.patch, **ADMIN_ROUTE)
     app.router.add_delete("/admin/keys/{name}", api.delete, **ADMIN_ROUTE)
     app.router.add_post("/admin/keys/{name}/rotate", api.rotate, **ADMIN_ROUTE)
+    app.router.add_delete("/admin/keys/{name}/previous", api.end_graces, **ADMIN_ROUTE)
 
 
 class _KeysApi:
@@ -212,6 +214,27 @@ class _KeysApi:
         if secret is not None:
             body["key"] = secret
         return web.json_response(body, headers=_NOT_CACHED)
+
+    async def end_graces(self, request: web.Request) -> web.Response:
+        """Every old secret still in a rotation's grace stops now (a leaked one, say); the
+        current secret is untouched. A key with none is answered as it is and nothing is
+        written: a retry after a lost answer, or a second operator, is no mistake."""
+        snapshot = self._access.get_snapshot()
+        name = self._api_key_name(snapshot, request)
+        only_fields(await json_object(request, required=False), ())
+        now = self._clock()
+
+        def ended(record: KeyRecord) -> KeyRecord:
+            if all(old.until <= now for old in record.previous):
+                return record
+            # Kept with their grace ending now rather than dropped: each is then 401 with the
+            # detail of a grace that ran out, and stays this key's until it is next written.
+            live = _without_retired(record, now).previous
+            previous = tuple(PreviousSecret(old.key_sha256, now) for old in live)
+            return dataclasses.replace(record, previous=previous, updated=now)
+
+        _, new = await _updating(self._store, name, ended)
+        return web.json_response(self._api_json(new))
 
     async def _giving_secret(self, digest: str, write: Callable[[], Awaitable[T]]) -> T:
         """`write` (one that gives a key the secret `digest`), made once more if it was refused

@@ -196,6 +196,36 @@ def test_created_disabled_rotated_expired_deleted_on_both_workers(rig: Rig) -> N
     assert body is not None and body["detail"] == "The API key is not valid."
 
 
+def test_ending_a_grace_early_is_honoured_by_both_workers(rig: Rig) -> None:
+    """`DELETE /admin/keys/NAME/previous`, answered by one worker, stops the key's old secrets
+    on both within a second, the current one still served."""
+    name = unique("leaked")
+    status, created = rig.admin("POST", "/admin/keys", {"name": name, "plans": {"soccer": "trial"}})
+    assert status == 201, created
+    rotate = f"/admin/keys/{name}/rotate"
+    old_secrets = [created["key"], rig.admin("POST", rotate, {"grace": "1h"})[1]["key"]]
+    since = time.monotonic()
+    status, rotated = rig.admin("POST", rotate, {"grace": "1h"})
+    assert status == 200 and len(rotated["previous_keys_valid_until"]) == 2
+    current = rotated["key"]
+    rig.honoured_by_both_workers(current, 200, since)
+    for old in old_secrets:
+        rig.honoured_by_both_workers(old, 200, since)
+
+    since = time.monotonic()
+    status, ended = rig.admin("DELETE", f"/admin/keys/{name}/previous")
+    assert status == 200 and ended["previous_keys_valid_until"] == [], ended
+    took = rig.honoured_by_both_workers(old_secrets[0], 401, since)
+    assert took < HONOURED_WITHIN
+    rig.honoured_by_both_workers(old_secrets[1], 401, since)
+    rig.honoured_by_both_workers(current, 200, since)
+    for old in old_secrets:
+        body = rig.proxy(old)[1]
+        assert body is not None and body["detail"] == (
+            f"The API key was replaced by a rotation; it was accepted until {ended['updated']}."
+        )
+
+
 def test_api_keys_are_still_there_after_a_restart(rig: Rig) -> None:
     name = unique("durable")
     status, created = rig.admin("POST", "/admin/keys", {"name": name, "plans": {"soccer": "trial"}})

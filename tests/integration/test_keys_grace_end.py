@@ -1,0 +1,191 @@
+"""Ending a rotation's grace early (`DELETE /admin/keys/{name}/previous`) on a real gateway
+worker, on memory:// and on the session's redis-server: the old secrets stop at once with the
+detail of a grace that ran out, the current one is untouched, and a key with no old secret in
+a grace is answered as it is without a write. (Every process honouring it within a second, on
+`gateway run` with two workers: tests/integration/test_keys_e2e.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.server import Worker
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.upstream import running_upstream
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/soccer/{{rest:path}}"}}]
+plans:
+  trial: {{rate: {{limit: 1000, per: second}}}}
+keys:
+  - {{name: file-key, key: file-secret, plans: {{soccer: trial}}}}
+"""
+
+# The detail of an old secret whose grace is over, however it came to be over.
+GRACE_OVER = "The API key was replaced by a rotation; it was accepted until {until}."
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    session: aiohttp.ClientSession
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any, Any]:
+        url = f"http://127.0.0.1:{self.worker.admin_port}{path}"
+        async with self.session.request(method, url, json=body) as response:
+            return response.status, await response.json(content_type=None), response.headers
+
+    async def proxy(self, secret: str) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.worker.proxy_port}/soccer/x"
+        async with self.session.get(url, headers={"X-API-Key": secret}) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def create(self, name: str, **fields: Any) -> dict[str, Any]:
+        body = {"name": name, "plans": {"soccer": "trial"}, **fields}
+        status, created, _ = await self.call("POST", "/admin/keys", body)
+        assert status == 201, created
+        return dict(created)
+
+    async def rotate(self, name: str, grace: str) -> dict[str, Any]:
+        status, rotated, _ = await self.call("POST", f"/admin/keys/{name}/rotate", {"grace": grace})
+        assert status == 200, rotated
+        return dict(rotated)
+
+    def known_version(self) -> int:
+        """The version of the key store this worker has applied: moved by each of its writes."""
+        return self.worker.runtime.key_store.known_version
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    storage = "memory://"
+    if request.param == "redis":
+        storage = request.getfixturevalue("redis_server").url
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config",
+            API.format(upstream=upstream.url),
+            server=worker_server_yaml(storage_url=storage),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            yield Rig(worker, session)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"  # the session's Redis outlives the test
+
+
+async def test_every_old_secret_stops_at_once_as_if_its_grace_had_run_out(rig: Rig) -> None:
+    name = unique("leaky")
+    first = (await rig.create(name))["key"]
+    second = (await rig.rotate(name, "1h"))["key"]
+    rotated = await rig.rotate(name, "10m")  # two old secrets in a grace
+    current = rotated["key"]
+    assert len(rotated["previous_keys_valid_until"]) == 2
+    for secret in (first, second, current):
+        assert (await rig.proxy(secret))[0] == 200
+
+    status, ended, headers = await rig.call("DELETE", f"/admin/keys/{name}/previous")
+
+    assert status == 200, ended
+    assert "key" not in ended and headers["Content-Type"].startswith("application/json")
+    assert ended["previous_keys_valid_until"] == [] and ended["previous_key_valid_until"] is None
+    assert ended["plans"] == {"soccer": "trial"} and ended["created"] == rotated["created"]
+    # The graces end at the time of the change, which is when the key was last updated.
+    for secret in (first, second):
+        status, problem = await rig.proxy(secret)
+        assert (status, problem["detail"]) == (401, GRACE_OVER.format(until=ended["updated"]))
+    assert (await rig.proxy(current))[0] == 200
+    assert (await rig.call("GET", f"/admin/keys/{name}"))[1] == ended
+
+    # The detail is the one a grace that runs out by itself gives.
+    natural = await rig.rotate(name, "200ms")
+    await asyncio.sleep(0.25)
+    status, problem = await rig.proxy(current)
+    until = natural["previous_key_valid_until"]
+    assert (status, problem["detail"]) == (401, GRACE_OVER.format(until=until))
+
+
+async def test_a_secret_whose_grace_was_ended_may_be_given_again(rig: Rig) -> None:
+    """As one whose grace ran out: it is no key's any more."""
+    leaked = unique("leaked")
+    digest = hashlib.sha256(leaked.encode()).hexdigest()
+    name, other = unique("was"), unique("now")
+    await rig.create(name, key_sha256=digest)
+    await rig.rotate(name, "1h")
+    status, problem, _ = await rig.call(
+        "POST", "/admin/keys", {"name": other, "plans": {"soccer": "trial"}, "key_sha256": digest}
+    )
+    assert (status, problem["detail"]) == (409, "key_sha256: another key has this secret")
+
+    assert (await rig.call("DELETE", f"/admin/keys/{name}/previous"))[0] == 200
+
+    await rig.create(other, key_sha256=digest)
+    assert (await rig.proxy(leaked))[0] == 200
+
+
+async def test_a_key_with_no_old_secret_in_a_grace_is_answered_as_it_is_without_a_write(
+    rig: Rig,
+) -> None:
+    """A retry after a lost answer, or a second operator ending the same leak, is no mistake
+    (DELETE is idempotent); and writing nothing spares every process a change to follow."""
+    name = unique("plain")
+    created = await rig.create(name)
+    del created["key"]
+    version = rig.known_version()
+
+    status, answered, _ = await rig.call("DELETE", f"/admin/keys/{name}/previous")
+
+    assert (status, answered) == (200, created)
+    assert rig.known_version() == version
+
+    # Twice in a row: the second call finds nothing left to end.
+    await rig.rotate(name, "1h")
+    assert (await rig.call("DELETE", f"/admin/keys/{name}/previous"))[0] == 200
+    version = rig.known_version()
+    assert (await rig.call("DELETE", f"/admin/keys/{name}/previous"))[0] == 200
+    assert rig.known_version() == version
+
+
+async def test_unknown_keys_file_keys_and_bodies_with_fields_are_refused(rig: Rig) -> None:
+    name = unique("acme")
+    await rig.create(name)
+    await rig.rotate(name, "1h")
+    cases = [
+        (f"/admin/keys/{unique('ghost')}/previous", None, 404, "not_found", "No key is named"),
+        (
+            "/admin/keys/file-key/previous",
+            None,
+            409,
+            "conflict",
+            "The key 'file-key' is defined in the config file; change it there.",
+        ),
+        (
+            f"/admin/keys/{name}/previous",
+            {"key_sha256": "0" * 64},
+            400,
+            "bad_request",
+            "key_sha256: unknown field (allowed: none)",
+        ),
+    ]
+    for path, body, status, code, detail in cases:
+        answered, problem, headers = await rig.call("DELETE", path, body)
+        assert (answered, problem["code"]) == (status, code), problem
+        assert problem["detail"].startswith(detail), problem
+        assert headers["Content-Type"] == "application/problem+json"
+    # Nothing of those was ended.
+    status, key, _ = await rig.call("GET", f"/admin/keys/{name}")
+    assert status == 200 and len(key["previous_keys_valid_until"]) == 1
+    assert (await rig.proxy("file-secret"))[0] == 200
