@@ -143,8 +143,7 @@ class KeyIndex:
             return cached
         plan = key.plan_for(product, self._plans)
         if plan is None:
-            # Also an API key whose plan a later config no longer declares.
-            raise Forbidden(f"The API key '{key.name}' has no plan for the product '{product}'.")
+            raise Forbidden(_no_plan_detail(key, product))
         principal = Principal(key, plan, f"{key.name}:{product}")
         if self.file_keys.get(key.name) is key:
             # A file key's first request for this product: kept as long as this index, whose
@@ -164,3 +163,15 @@ class KeyIndex:
                 self._made_unfrozen = 0
                 freeze_collected()
         return principal
+
+
+def _no_plan_detail(key: ApiKey, product: str) -> str:
+    name = key.plans.get(product)
+    if name is None:
+        return f"The API key '{key.name}' has no plan for the product '{product}'."
+    # An API key whose plan a reload took out of the config (API keys are data): "no plan"
+    # would send its customer to the wrong cause; the operator's log names it too.
+    return (
+        f"The API key '{key.name}' has the plan '{name}' for the product '{product}',"
+        " which this gateway no longer offers."
+    )

@@ -1,0 +1,143 @@
+"""API keys whose plan or product a reload took out of the config, on a real gateway and a
+real Redis: what requests, the keys API, the usage API, the history and the billing export
+make of them, and what comes back when the config does."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config.loader import load_config
+from gateway.config.yamlnodes import ConfigError
+from gateway.server import Worker
+from tests.support.config import API_FILE, worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.redis_servers import RedisServer
+from tests.support.upstream import running_upstream
+
+PRODUCTS = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/soccer/{{rest:path}}"}}]
+{weather}plans:
+  trial: {{rate: {{limit: 100, per: second}}}}
+{gold}"""
+WEATHER = """  weather:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/weather/{{rest:path}}"}}]
+"""
+GOLD = "  gold: {quota: {limit: 100, per: day}}\n"
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    session: aiohttp.ClientSession
+    config_dir: Path
+    upstream_url: str
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        url = f"http://127.0.0.1:{self.worker.admin_port}{path}"
+        async with self.session.request(method, url, json=body) as response:
+            if response.content_type == "text/csv":
+                return response.status, await response.text()
+            data = await response.json(content_type=None) if response.status != 204 else None
+            return response.status, data
+
+    async def proxy(self, secret: str, path: str) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.worker.proxy_port}{path}"
+        async with self.session.get(url, headers={"X-API-Key": secret}) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def reload(self, *, weather: bool = True, gold: bool = True) -> None:
+        (self.config_dir / API_FILE).write_text(config_text(self.upstream_url, weather, gold))
+        await self.worker.reload_now()  # a reload is read off the event loop: await it
+
+
+def config_text(upstream: str, weather: bool = True, gold: bool = True) -> str:
+    return PRODUCTS.format(
+        upstream=upstream,
+        weather=WEATHER.format(upstream=upstream) if weather else "",
+        gold=GOLD if gold else "",
+    )
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, fresh_redis_server: RedisServer) -> AsyncIterator[Rig]:
+    async with running_upstream() as upstream:
+        config_dir = write_config(
+            tmp_path / "config",
+            config_text(upstream.url),
+            server=worker_server_yaml(storage_url=fresh_redis_server.url, storage_timeout="2s"),
+        )
+        async with (
+            running_gateway(config_dir, watch=True) as worker,
+            aiohttp.ClientSession() as session,
+        ):
+            yield Rig(worker, session, config_dir, upstream.url)
+
+
+async def acme_on_gold(rig: Rig) -> str:
+    """The API key 'acme' with soccer on trial and weather on gold, 3 units of gold's quota
+    used and 10 credited; its secret."""
+    plans = {"soccer": "trial", "weather": "gold"}
+    status, created = await rig.call("POST", "/admin/keys", {"name": "acme", "plans": plans})
+    assert status == 201, created
+    for _ in range(3):
+        assert (await rig.proxy(created["key"], "/weather/x"))[0] == 200
+    status, _ = await rig.call("POST", "/admin/usage/acme/weather/credit", {"amount": 10})
+    assert status == 200
+    return str(created["key"])
+
+
+async def test_a_request_on_a_plan_taken_out_is_403_naming_it(rig: Rig) -> None:
+    secret = await acme_on_gold(rig)
+    await rig.reload(gold=False)
+
+    # Not a 500, and the customer is told why, not that the key has no plan.
+    status, problem = await rig.proxy(secret, "/weather/x")
+    assert (status, problem["code"]) == (403, "forbidden"), problem
+    assert problem["detail"] == (
+        "The API key 'acme' has the plan 'gold' for the product 'weather',"
+        " which this gateway no longer offers."
+    )
+    assert (await rig.proxy(secret, "/soccer/x"))[0] == 200
+
+
+async def test_the_plan_back_the_key_works_with_its_counters(rig: Rig) -> None:
+    secret = await acme_on_gold(rig)
+    await rig.reload(gold=False)
+    assert (await rig.proxy(secret, "/weather/x"))[0] == 403
+
+    await rig.reload()
+    assert (await rig.proxy(secret, "/weather/x"))[0] == 200
+    status, usage = await rig.call("GET", "/admin/usage/acme")
+    assert status == 200
+    quota = usage["products"]["weather"]["quota"]
+    assert (quota["used"], quota["credit"], quota["limit"]) == (4, 10, 110)
+
+
+async def test_history_and_export_keep_what_was_used_before(rig: Rig) -> None:
+    """They are the bill: read from the storage, not from the config."""
+    await acme_on_gold(rig)
+    await rig.reload(weather=False, gold=False)
+
+    status, history = await rig.call("GET", "/admin/usage/acme/history")
+    assert status == 200
+    days = [(d["product"], d["plan"], d["requests"], d["units"]) for d in history["days"]]
+    assert days == [("weather", "gold", 3, 3)]
+    status, csv = await rig.call("GET", "/admin/usage.csv")
+    assert status == 200 and ",acme,weather,gold,3,3\n" in csv
+
+
+def test_a_file_key_cannot_name_a_plan_the_config_lacks(tmp_path: Path) -> None:
+    text = config_text("http://127.0.0.1:1", gold=False)
+    text += "keys:\n  - {name: f, key: f-secret, plans: {weather: gold}}\n"
+    with pytest.raises(ConfigError, match="unknown plan 'gold'"):
+        load_config(write_config(tmp_path / "c", text, server=worker_server_yaml()), env={})
