@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any, Literal
@@ -287,6 +287,21 @@ class ApiKey:
 
 
 _api_key_fields = attrgetter(*(f.name for f in fields(ApiKey)))
+
+
+def not_in_config(
+    plan_names: Mapping[str, str], products: Collection[str], plans: Collection[str]
+) -> dict[str, str]:
+    """product -> "product" or "plan": the entries of a key's plans (product -> plan name)
+    whose product, else whose plan, the config does not declare. Only an API key has any: a
+    reload may take out what the storage's keys name, a file key's would be a config error."""
+    missing: dict[str, str] = {}
+    for product, plan in plan_names.items():
+        if product not in products:
+            missing[product] = "product"
+        elif plan not in plans:
+            missing[product] = "plan"
+    return missing
 
 
 @dataclass(frozen=True, slots=True)

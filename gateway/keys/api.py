@@ -37,7 +37,7 @@ from gateway.config.access import (
 )
 from gateway.config.durations import parse_duration
 from gateway.config.instants import format_instant, parse_instant
-from gateway.config.model import ApiKey, Config
+from gateway.config.model import ApiKey, Config, not_in_config
 from gateway.config.yamlnodes import ConfigError
 from gateway.keys.backend import WriteRefused
 from gateway.keys.index import KeyIndex
@@ -286,7 +286,9 @@ class _KeysApi:
         # is not the end of the one a shorter second grace just replaced.
         still_valid = [old.until for old in record.previous if old.until > now]
         return {
-            **self._common_json(record.name, record.plans, record.disabled, record.expires),
+            **self._common_json(
+                record.name, record.plans, record.disabled, record.expires, record.plan_names()
+            ),
             "source": "api",
             "created": format_instant(record.created),
             "updated": format_instant(record.updated),
@@ -295,11 +297,19 @@ class _KeysApi:
         }
 
     def _common_json(
-        self, name: str, plans: Any, disabled: bool, expires: float | None
+        self, name: str, plans: Any, disabled: bool, expires: float | None, names: Any = None
     ) -> dict[str, Any]:
+        """`names`: product -> plan name, when `plans` (as given, overrides and all) is not
+        that already."""
+        config = self._access.get_snapshot().config
         return {
             "name": name,
             "plans": dict(plans),
+            # The entries a reload left without their product or plan (an API key's only):
+            # kept as data, so that the operator sees what to change.
+            "not_in_config": not_in_config(
+                plans if names is None else names, config.products, config.plans
+            ),
             "disabled": disabled,
             "expires": None if expires is None else format_instant(expires),
             "expired": expires is not None and self._clock() >= expires,

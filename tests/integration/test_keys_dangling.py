@@ -136,6 +136,26 @@ async def test_history_and_export_keep_what_was_used_before(rig: Rig) -> None:
     assert status == 200 and ",acme,weather,gold,3,3\n" in csv
 
 
+async def test_the_keys_api_marks_the_entries_the_config_lacks(rig: Rig) -> None:
+    await acme_on_gold(rig)
+    await rig.reload(gold=False)
+
+    # The key keeps its plans, the entry that lost its plan marked.
+    status, shown = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and shown["plans"] == {"soccer": "trial", "weather": "gold"}
+    assert shown["not_in_config"] == {"weather": "plan"}
+    status, listed = await rig.call("GET", "/admin/keys")
+    assert status == 200 and listed["keys"] == [shown]
+
+    await rig.reload(weather=False, gold=False)
+    status, shown = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and shown["not_in_config"] == {"weather": "product"}
+
+    await rig.reload()
+    status, shown = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and shown["not_in_config"] == {}
+
+
 def test_a_file_key_cannot_name_a_plan_the_config_lacks(tmp_path: Path) -> None:
     text = config_text("http://127.0.0.1:1", gold=False)
     text += "keys:\n  - {name: f, key: f-secret, plans: {weather: gold}}\n"
