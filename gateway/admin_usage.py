@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields, only_parameters
 from gateway.admin_state import ADMIN_STATE, AdminState, within_storage_timeout
 from gateway.config.instants import format_instant
-from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule
+from gateway.config.model import MAX_COUNT, ApiKey, Config, Plan, QuotaRule, not_in_config
 from gateway.limits.base import (
     HISTORY_DAYS,
     DayUsage,
@@ -58,10 +58,21 @@ async def _usage_of(
     `known`: the quota use of some products (by product) as a storage call just answered it,
     not asked again."""
     config = state.get_config()
+    missing = not_in_config(key.plans, config.products, config.plans)
     products: dict[str, Any] = {}
     for product in sorted(key.plans):
         plan = key.plan_for(product, config.plans)
-        if plan is None:  # an API key's plan that the running config no longer declares
+        if plan is None:
+            # An API key's plan that a reload took out of the config: shown, marked, but
+            # without limits or use. Which quota counter holds its use depends on the plan's
+            # period, which only the plan says; the counter is left as it is for the plan's
+            # return, and the history and the export keep the use by day meanwhile.
+            products[product] = {
+                "plan": key.plans[product],
+                "not_in_config": "plan",
+                "rate": None,
+                "quota": None,
+            }
             continue
         quota: dict[str, Any] | None = None
         if plan.quota is not None:
@@ -71,7 +82,13 @@ async def _usage_of(
                     state, state.limiter.usage(f"{key.name}:{product}", plan.quota)
                 )
             quota = _quota_json(state, plan.quota, usage)
-        products[product] = {"plan": plan.name, "rate": _rate_json(plan), "quota": quota}
+        products[product] = {
+            "plan": plan.name,
+            # "product": a product a reload took out; its plan, and so its use, is still known.
+            "not_in_config": missing.get(product),
+            "rate": _rate_json(plan),
+            "quota": quota,
+        }
     return {"key": key.name, "disabled": key.disabled, "products": products}
 
 
@@ -125,6 +142,13 @@ def _key_quota(
     product = request.match_info["product"]
     plan = key.plan_for(product, config.plans)
     if plan is None:
+        name = key.plans.get(product)
+        if name is not None:
+            raise NotFound(
+                f"The plan '{name}' of key '{key.name}' for product '{product}' is not in the"
+                f" running config: its quota, and the counter of its period, are not known"
+                f" until it is back."
+            )
         raise NotFound(f"Key '{key.name}' has no plan for product '{product}'.")
     if plan.quota is None:
         raise NotFound(f"Plan '{plan.name}' of product '{product}' has no quota {purpose}.")

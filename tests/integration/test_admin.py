@@ -26,10 +26,12 @@ from gateway.config.model import (
     AuthConfig,
     Config,
     Plan,
+    Product,
     QuotaRule,
     RateRule,
     ServerConfig,
     StorageConfig,
+    Upstream,
 )
 from gateway.limits.base import DayUsage, Limiter, StorageError
 from gateway.limits.memory import MemoryLimiter
@@ -41,6 +43,11 @@ from tests.support.gateway import running_gateway
 TOKEN = "admin-s3cret"
 PROBLEM = "application/problem+json"
 DAILY = QuotaRule(limit=5, per="day", timezone=ZoneInfo("UTC"))
+
+
+def _product(name: str) -> Product:
+    upstream = Upstream("http://127.0.0.1:9", "http", "127.0.0.1", 9, "")
+    return Product(name, upstream, ())
 
 
 def make_config(storage_timeout: float = 0.25) -> Config:
@@ -56,7 +63,9 @@ def make_config(storage_timeout: float = 0.25) -> Config:
         server=ServerConfig(),
         storage=StorageConfig(timeout=storage_timeout),
         auth=AuthConfig(),
-        products={},  # the admin API reads plans and keys only
+        # The admin API reads which products there are (to mark a key's entry for one the
+        # config lacks), their plans and the keys.
+        products={name: _product(name) for name in ("soccer", "basket")},
         plans=plans,
         keys=keys,
     )
@@ -183,6 +192,7 @@ async def test_usage_reports_plan_rate_and_quota_per_product(
     assert abs(quota["reset_seconds"] - seconds_left) <= 2
     assert body["products"]["basket"] == {
         "plan": "unmetered",
+        "not_in_config": None,
         "rate": {"limit": 100, "per": "minute", "window_seconds": 60.0},
         "quota": None,
     }

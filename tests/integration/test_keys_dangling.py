@@ -156,6 +156,45 @@ async def test_the_keys_api_marks_the_entries_the_config_lacks(rig: Rig) -> None
     assert status == 200 and shown["not_in_config"] == {}
 
 
+async def test_the_usage_shows_a_product_whose_plan_was_taken_out(rig: Rig) -> None:
+    await acme_on_gold(rig)
+    await rig.reload(gold=False)
+
+    # The product and its plan, marked; its quota cannot be read without the plan's period,
+    # and is kept for when the plan is back.
+    status, usage = await rig.call("GET", "/admin/usage/acme")
+    assert status == 200
+    assert usage["products"]["weather"] == {
+        "plan": "gold",
+        "not_in_config": "plan",
+        "rate": None,
+        "quota": None,
+    }
+    assert usage["products"]["soccer"]["not_in_config"] is None
+    for method, path, body in (
+        ("POST", "/admin/usage/acme/weather/credit", {"amount": 1}),
+        ("DELETE", "/admin/usage/acme/weather", None),
+    ):
+        status, problem = await rig.call(method, path, body)
+        assert (status, problem["code"]) == (404, "not_found"), problem
+        assert problem["detail"].startswith(
+            "The plan 'gold' of key 'acme' for product 'weather' is not in the running config"
+        )
+
+
+async def test_a_product_taken_out_keeps_its_counters_in_the_usage(rig: Rig) -> None:
+    secret = await acme_on_gold(rig)
+    await rig.reload(weather=False)
+
+    # The product's routes went with it.
+    status, problem = await rig.proxy(secret, "/weather/x")
+    assert (status, problem["code"]) == (404, "invalid_route")
+    status, usage = await rig.call("GET", "/admin/usage/acme")
+    weather = usage["products"]["weather"]
+    assert weather["not_in_config"] == "product"
+    assert (weather["quota"]["used"], weather["quota"]["credit"]) == (3, 10)
+
+
 def test_a_file_key_cannot_name_a_plan_the_config_lacks(tmp_path: Path) -> None:
     text = config_text("http://127.0.0.1:1", gold=False)
     text += "keys:\n  - {name: f, key: f-secret, plans: {weather: gold}}\n"
