@@ -22,7 +22,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -156,7 +156,12 @@ class _KeysApi:
         data = only_fields(await json_object(request, required=True), _PATCH_FIELDS)
         changes: dict[str, Any] = {}
         if "plans" in data:
-            changes["plans"] = _plans(data["plans"], snapshot.config)
+            # Checked before the key is read, as it is in memory (a mistake is a 400 even for
+            # a key the storage lacks), and again on the stored record below.
+            held = snapshot.keys.api_keys.records.get(name)
+            changes["plans"] = _plans(
+                data["plans"], snapshot.config, kept=None if held is None else held.plans
+            )
         if "disabled" in data:
             changes["disabled"] = _boolean(data["disabled"], "disabled")
         if "expires" in data:
@@ -167,13 +172,14 @@ class _KeysApi:
                 raise NotFound(f"No key is named '{name}'.")
             return web.json_response(self._api_json(record))
         now = self._clock()
-        _, new = await _updating(
-            self._store,
-            name,
-            lambda record: _without_retired(
-                dataclasses.replace(record, **changes, updated=now), now
-            ),
-        )
+
+        def patched(record: KeyRecord) -> KeyRecord:
+            if "plans" in changes:
+                # The entries left as they are may be those the memory did not have yet.
+                _plans(changes["plans"], snapshot.config, kept=record.plans)
+            return _without_retired(dataclasses.replace(record, **changes, updated=now), now)
+
+        _, new = await _updating(self._store, name, patched)
         return web.json_response(self._api_json(new))
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -329,11 +335,20 @@ def _name(value: object) -> str:
 _MAX_ISSUES_TOLD = 20
 
 
-def _plans(value: object, config: Config) -> dict[str, Any]:
+def _plans(value: object, config: Config, kept: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `plans` of a key as the body gave them, once the config file's own rules accept
-    them; kept as given, so that the record holds any form the file accepts."""
+    them; kept as given, so that the record holds any form the file accepts.
+
+    `kept`: the key's plans as stored; an entry the body gives as it is there is not checked
+    again. A reload may have taken its product or plan out of the config, and an operator who
+    sends back the plans read with one of them changed is fixing something else (the key
+    keeps serving what it served); an entry that is new or changed must name what the config
+    has."""
+    checked = value
+    if kept and isinstance(value, dict):
+        checked = {p: v for p, v in value.items() if p not in kept or kept[p] != v}
     try:
-        validate_key_plans(value, config.products, config.plans)
+        validate_key_plans(checked, config.products, config.plans)
     except ConfigError as error:
         issues = [f"{issue.path}: {issue.message}" for issue in error.issues]
         if len(issues) > _MAX_ISSUES_TOLD:

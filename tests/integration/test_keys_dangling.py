@@ -195,6 +195,40 @@ async def test_a_product_taken_out_keeps_its_counters_in_the_usage(rig: Rig) -> 
     assert (weather["quota"]["used"], weather["quota"]["credit"]) == (3, 10)
 
 
+async def test_a_patch_keeps_an_entry_it_does_not_change(rig: Rig) -> None:
+    await acme_on_gold(rig)
+    await rig.reload(gold=False)
+
+    # The operator fixes something else: the entry that lost its plan is sent back as read.
+    status, patched = await rig.call("PATCH", "/admin/keys/acme", {"disabled": True})
+    assert status == 200 and patched["plans"]["weather"] == "gold"
+    plans = {"soccer": {"plan": "trial", "rate": {"limit": 5, "per": "second"}}, "weather": "gold"}
+    status, patched = await rig.call("PATCH", "/admin/keys/acme", {"plans": plans})
+    assert status == 200, patched
+    assert patched["plans"] == plans and patched["not_in_config"] == {"weather": "plan"}
+
+    # A plan the config lacks is still refused where the body sets it.
+    for body, field in (
+        ({"soccer": "gold", "weather": "gold"}, "plans.soccer"),
+        (
+            {"soccer": "trial", "weather": {"plan": "gold", "quota": {"limit": 5, "per": "day"}}},
+            "plans.weather.plan",
+        ),
+    ):
+        status, problem = await rig.call("PATCH", "/admin/keys/acme", {"plans": body})
+        assert status == 400, problem
+        assert problem["detail"].startswith(f"{field}: unknown plan 'gold'"), problem
+    status, problem = await rig.call(
+        "POST", "/admin/keys", {"name": "new", "plans": {"weather": "gold"}}
+    )
+    assert status == 400 and problem["detail"].startswith("plans.weather: unknown plan 'gold'")
+
+    # With the product gone too, the same.
+    await rig.reload(weather=False, gold=False)
+    status, patched = await rig.call("PATCH", "/admin/keys/acme", {"plans": plans})
+    assert status == 200 and patched["not_in_config"] == {"weather": "product"}
+
+
 def test_a_file_key_cannot_name_a_plan_the_config_lacks(tmp_path: Path) -> None:
     text = config_text("http://127.0.0.1:1", gold=False)
     text += "keys:\n  - {name: f, key: f-secret, plans: {weather: gold}}\n"
