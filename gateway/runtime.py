@@ -64,6 +64,7 @@ class Runtime:
             keys = self.index_keys(config)
         self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table, keys)
         self.key_store.secret_clashes = self.snapshot.keys.secret_clashes
+        self.key_store.config_names = (config.products, config.plans)
 
     def index_keys(self, config: Config) -> KeyIndex:
         """The key index of `config`; it only reads, so a thread may build it."""
@@ -120,6 +121,7 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     key_store = create_key_store(storage, count, redis)
     snapshot = build_snapshot(config, upstreams, key_store.table)
     key_store.secret_clashes = snapshot.keys.secret_clashes
+    key_store.config_names = (config.products, config.plans)
     return Runtime(
         snapshot=snapshot,
         limiter=limiter or create_limiter(storage, count, redis),

@@ -323,23 +323,12 @@ class Worker:
         config = keep_restart_only(self.config, config)
         self.runtime.apply(config, keys)
         self._renew_certificate(config)
-        self._warn_of_plans_api_keys_lost(config)
+        # The config file's keys cannot name a product or plan the file lacks (a config
+        # error), but API keys live in the storage: a reload that takes out what they name is
+        # taken, and said, so that it is not found by the customers.
+        self.runtime.key_store.tell_not_in_config()
         # Each worker, as for the plans: the supervisor does not read the API keys.
         self.runtime.snapshot.keys.secret_clashes.tell()
-
-    def _warn_of_plans_api_keys_lost(self, config: Config) -> None:
-        # The config file's keys cannot name a plan the file lacks (a config error), but API
-        # keys live in the storage: a reload that drops their plan is taken, and their
-        # requests are 403 from now on. Said here so that it is not found by the customers.
-        missing = self.runtime.key_store.table.plans_missing(config.plans)
-        for plan, count in sorted(missing.items()):
-            log.warning(
-                "API keys: %d product entries of API keys name the plan '%s', which the config"
-                " no longer has; those requests are 403 until the plan is back or the keys are"
-                " changed (PATCH /admin/keys/NAME)",
-                count,
-                plan,
-            )
 
     def _renew_certificate(self, config: Config) -> None:
         # The loader has read the certificate and key again and built a context from them:

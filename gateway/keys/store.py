@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
@@ -55,6 +55,8 @@ _FREE_SLICE = 2_000  # and records of a replaced table freed between two turns
 # Records of a full read frozen out of the cyclic collector at a time (`freeze_reads`): the
 # collection before each freeze walks about these and what else is not frozen yet.
 _FREEZE_SLICE = 5_000
+# Products and plans one warning of keys naming some the config lacks names at most.
+_NAMES_TOLD = 20
 _LISTEN_SLICE = 0.05  # seconds between two looks at whether a read taking changes is done
 
 T = TypeVar("T")
@@ -97,6 +99,36 @@ class KeyStore:
         # brings is checked: a secret both hold is the file key's, and the operator is told.
         # Set with each snapshot (`gateway.runtime`); None: no file to check against.
         self.secret_clashes: SecretClashes | None = None
+        # The products and plans of the config served now, also set with each snapshot: the
+        # API keys that name others are told after each full read and each reload. None:
+        # no config yet, nothing to tell.
+        self.config_names: tuple[Collection[str], Collection[str]] | None = None
+
+    def tell_not_in_config(self) -> None:
+        """One WARNING when API keys name a product or plan the config served now lacks (a
+        reload took it out, or the gateway started without it): their requests on those
+        products fail until the config has them again or the keys are changed."""
+        if self.config_names is None:
+            return
+        keys, named = self.table.not_in_config(*self.config_names)
+        if not keys:
+            return
+        # Products first: their entries are not counted under their plans.
+        told = sorted(named.items(), key=lambda item: (not item[0].startswith("product"), item))
+        listed = "; ".join(
+            f"{name}: {count} {'key' if count == 1 else 'keys'}"
+            for name, count in told[:_NAMES_TOLD]
+        )
+        if len(told) > _NAMES_TOLD:
+            listed += f"; and {len(told) - _NAMES_TOLD} more"
+        log.warning(
+            "API keys naming a product or plan the config no longer has: %d (%s); their"
+            " requests on those products are 403 (404 where the product is gone) until the"
+            " config has them again or the keys are changed (PATCH /admin/keys/NAME; GET"
+            " /admin/keys shows each key's entries under not_in_config)",
+            keys,
+            listed,
+        )
 
     async def start(self) -> None:
         """Start following; returns once the keys are loaded, or the first try has failed
@@ -393,6 +425,7 @@ class KeyStore:
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
         if self.secret_clashes is not None:
             self.secret_clashes.tell_all()
+        self.tell_not_in_config()
         # The old table let go of a slice at a time: freeing 100,000 records at once held the
         # event loop 35 ms.
         for container in given_up:

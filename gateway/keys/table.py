@@ -8,10 +8,10 @@ costs no storage call to find its key, and a made-up key costs none either.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from gateway.config.model import ApiKey
+from gateway.config.model import ApiKey, not_in_config
 from gateway.keys.records import KeyRecord
 
 # digest -> (the key, the time until which this digest is accepted; None: no end but the
@@ -83,18 +83,32 @@ class ApiKeyTable:
         self.removals += 1
         return given_up
 
-    def plans_missing(self, plans: Mapping[str, object]) -> dict[str, int]:
-        """The plan names API keys hold that `plans` lacks, each with how many keys hold it
-        (a key holding one on two products counts twice). The distinct plan mappings are few,
-        so the keys are only walked when one is missing."""
-        if all(name in plans for shared in self._shared_plans.values() for name in shared.values()):
-            return {}
-        missing: dict[str, int] = {}
+    def not_in_config(
+        self, products: Collection[str], plans: Collection[str]
+    ) -> tuple[int, dict[str, int]]:
+        """How many keys name a product or plan the config lacks, and for each such name
+        ("product 'x'", "plan 'y'") how many keys name it (an entry whose product is gone
+        counts for the product alone). The distinct plan mappings are few, so the keys are
+        only walked when one of them names something missing."""
+        shared = self._shared_plans.values()
+        if not any(not_in_config(names, products, plans) for names in shared):
+            return 0, {}
+        keys = 0
+        named: dict[str, int] = {}
         for record in self.records.values():
-            for name in record.plan_names().values():
-                if name not in plans:
-                    missing[name] = missing.get(name, 0) + 1
-        return missing
+            plan_names = record.plan_names()
+            missing = not_in_config(plan_names, products, plans)
+            if not missing:
+                continue
+            keys += 1
+            # A set: a key naming a missing plan on two products counts once for it.
+            names = {
+                f"plan '{plan_names[product]}'" if what == "plan" else f"product '{product}'"
+                for product, what in missing.items()
+            }
+            for name in names:
+                named[name] = named.get(name, 0) + 1
+        return keys, named
 
     def names_after(self, after: str, limit: int) -> list[str]:
         """Up to `limit` names that sort after `after`, in order."""

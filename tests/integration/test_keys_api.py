@@ -530,7 +530,9 @@ async def test_a_reload_is_applied_to_api_keys_too(
             # Taken, since API keys are data, but said: their customers would find it first.
             said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
             assert any(
-                "1 product entries of API keys name the plan 'production'" in m for m in said
+                "API keys naming a product or plan the config no longer has: 1"
+                " (plan 'production': 1 key)" in m
+                for m in said
             )
             assert (await rig.proxy(secret))[0] == 200
             status, problem = await rig.proxy(secret, "/weather/x")

@@ -4,6 +4,7 @@ make of them, and what comes back when the config does."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,50 @@ async def test_a_patch_keeps_an_entry_it_does_not_change(rig: Rig) -> None:
     await rig.reload(weather=False, gold=False)
     status, patched = await rig.call("PATCH", "/admin/keys/acme", {"plans": plans})
     assert status == 200 and patched["not_in_config"] == {"weather": "product"}
+
+
+async def test_a_reload_says_once_how_many_api_keys_lost_a_plan_or_product(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    await acme_on_gold(rig)
+    plans = {"soccer": "gold", "weather": "gold"}
+    status, _ = await rig.call("POST", "/admin/keys", {"name": "beta", "plans": plans})
+    assert status == 201
+    status, _ = await rig.call(
+        "POST", "/admin/keys", {"name": "gamma", "plans": {"soccer": "trial"}}
+    )
+    assert status == 201
+
+    caplog.clear()
+    await rig.reload(weather=False, gold=False)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    told = [m for m in said if "API keys" in m and "config" in m]
+    assert len(told) == 1, said
+    assert told[0].startswith(
+        "API keys naming a product or plan the config no longer has: 2"
+        " (product 'weather': 2 keys; plan 'gold': 1 key); their requests"
+    ), told
+
+    caplog.clear()
+    await rig.reload()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_gateway_started_without_the_plan_says_so_once_the_keys_are_read(
+    rig: Rig, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A restart is a reload too: the keys are read after the config."""
+    await acme_on_gold(rig)
+    storage = worker_server_yaml(storage_url=rig.worker.config.storage.url)
+    later_config = config_text(rig.upstream_url, gold=False)
+    caplog.clear()
+    async with running_gateway(write_config(tmp_path / "later", later_config, server=storage)):
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    told = [m for m in said if "config no longer has" in m]
+    assert len(told) == 1, said
+    assert told[0].startswith(
+        "API keys naming a product or plan the config no longer has: 1 (plan 'gold': 1 key);"
+    )
 
 
 def test_a_file_key_cannot_name_a_plan_the_config_lacks(tmp_path: Path) -> None:
