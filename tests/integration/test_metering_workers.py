@@ -100,10 +100,12 @@ async def test_two_workers_bill_what_the_usage_api_history_and_metrics_all_say(
     key = f"bill-{uuid.uuid4().hex[:8]}"
     proxy_port, admin_port = free_ports(2)
     async with running_upstream() as upstream:
+        server = server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
+        # A generous storage timeout: on a busy machine a check answered after 250 ms is a 503
+        # whose units Redis may still have taken, which no client-side count could tell apart.
+        server = server.replace("timeout: 250ms", "timeout: 2s")
         config = write_config(
-            tmp_path / "c",
-            API.format(upstream=upstream.url, key=key, limit=LIMIT),
-            server=server_yaml(proxy_port, admin_port, redis_server.url, workers=2),
+            tmp_path / "c", API.format(upstream=upstream.url, key=key, limit=LIMIT), server=server
         )
         gateway = GatewayProcess(config)
         # A new connection per request, so that the kernel spreads them over both workers.
