@@ -77,16 +77,6 @@ def collect_before_reload() -> None:
     )
 
 
-def freeze_collected() -> None:
-    """Leave what is alive now out of later full collections (`gc.freeze`), after a full
-    collection, which is short while the rest is frozen already: cyclic garbage would be kept
-    for good once frozen, sockets and all (it hung a test run's loop at its close once). For
-    what a worker makes between reloads and keeps (a full read of the API keys, the principals
-    a key index makes): objects without cycles, freed by reference counting, frozen or not."""
-    gc.collect()
-    gc.freeze()
-
-
 def freeze_long_lived() -> None:
     """Leave what is alive now (the config, its snapshot) out of future full collections.
 

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from gateway.collected import freeze_collected
 from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, AuthConfig, Plan
 from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
 from gateway.problems import Forbidden, StorageUnavailable, Unauthorized
-from gateway.reload import freeze_collected
 
 # Principals of API keys are made on first use; past this many the cache starts afresh, so
 # that keys deleted or changed long ago do not stay in memory.

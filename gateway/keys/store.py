@@ -26,11 +26,11 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
+from gateway.collected import freeze_collected
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
 from gateway.keys.records import KeyRecord
 from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
-from gateway.reload import freeze_collected
 from gateway.tasks import stop_tasks
 
 log = logging.getLogger("gateway.keys")
