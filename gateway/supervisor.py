@@ -21,7 +21,6 @@ from gateway.reload import (
     POLL_INTERVAL,
     Reloader,
     StartingConfig,
-    keep_restart_only,
     restart_only,
     warn_of_restart_only_changes,
 )
@@ -146,7 +145,8 @@ def _supervise_workers(
     def hand_to_workers(reloaded: Config) -> None:
         nonlocal latest
         warn_of_restart_only_changes(first, reloaded)
-        latest = StartingConfig(keep_restart_only(first, reloaded))
+        # Not kept here: a worker started from now on reads it where the running ones do.
+        latest = StartingConfig.saved(handover, first)
         forward(signal.SIGHUP, None)
 
     reloader = Reloader(
