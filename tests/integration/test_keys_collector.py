@@ -5,18 +5,25 @@ them out of later full collections, which walked every key's objects on the even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import time
 import uuid
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from gateway.config.model import StorageConfig
 from gateway.keys import KeyRecord, create_key_store
+from gateway.keys.redis import EPOCH_KEY, RECORDS_KEY, VERSION_KEY
 from gateway.keys.store import _FREEZE_SLICE
+from tests.support.config import server_yaml, write_config
+from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
+from tests.support.sockets import free_ports
 
 # More than one slice: frozen part-way through the read, and the rest at its end.
 KEYS = _FREEZE_SLICE + _FREEZE_SLICE // 2
@@ -91,3 +98,63 @@ async def test_a_full_read_leaves_its_keys_out_of_full_collections(
         assert garbage() is None, "cyclic garbage was frozen with the keys"
     finally:
         await follower.close()
+
+
+# Installed in a gateway process (as `sitecustomize`, through PYTHONPATH): at the start of each
+# full collection, how many API key records it is about to walk, one line each.
+_COUNT_WALKED_RECORDS = """\
+import gc, os
+
+def _count(phase, info):
+    if phase == "start" and info["generation"] == 2:
+        walked = sum(type(thing).__name__ == "KeyRecord" for thing in gc.get_objects())
+        with open(os.environ["WALKED_RECORDS_IN"], "a") as out:
+            out.write(f"{walked}\\n")
+
+gc.callbacks.append(_count)
+"""
+# Enough keys for the collector to start full collections of its own during a read left to it
+# (100,000 keys: four, of 30-87 ms, before the worker served).
+STARTING_KEYS = 30_000
+
+
+def test_a_workers_first_read_at_its_start_leaves_its_keys_out_as_it_goes(
+    fresh_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The read a worker makes before it serves freezes the keys every 5,000 records as later
+    reads do: left to the collector until the worker's freeze after its start, full
+    collections walked the keys read so far (four of 30-87 ms with 100,000 keys)."""
+    now = time.time()
+    with contextlib.closing(fresh_redis_server.client()) as admin:
+        writes = admin.pipeline(transaction=False)
+        for index in range(STARTING_KEYS):
+            name = f"customer-{index:06d}"
+            made = KeyRecord(name, uuid.uuid4().hex * 2, {"shop": "open"}, created=now, updated=now)
+            writes.hset(RECORDS_KEY, name, made.to_json())
+        writes.set(VERSION_KEY, 1).set(EPOCH_KEY, "written-by-the-test")
+        writes.execute()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_COUNT_WALKED_RECORDS)
+    walked_in = tmp_path / "walked-records"
+    proxy_port, admin_port = free_ports(2)
+    config = write_config(
+        tmp_path / "config",
+        "products:\n  shop:\n    upstream: {url: 'http://127.0.0.1:9'}\n"
+        "    routes:\n      - path: /shop/{rest:path}\n"
+        "plans:\n  open: {rate: {limit: 100000, per: second}}\n",
+        server=server_yaml(proxy_port, admin_port, fresh_redis_server.url),
+    )
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    gateway = GatewayProcess(config, env={"PYTHONPATH": path, "WALKED_RECORDS_IN": str(walked_in)})
+    try:
+        gateway.start(proxy_port, admin_port, timeout=60)
+        assert "30000 loaded" in gateway.stderr()
+    finally:
+        assert gateway.stop() == 0, gateway.stderr()
+        gateway.close()
+    walked = [int(line) for line in walked_in.read_text().split()]
+    # Each walks what was read since the last freeze: about a slice (a scan's batch is about
+    # _LOAD_BATCH records, at Redis's discretion), not everything read so far.
+    assert max(walked) <= 2 * _FREEZE_SLICE, walked
+    assert len(walked) >= STARTING_KEYS // _FREEZE_SLICE, walked  # the freezes' own
