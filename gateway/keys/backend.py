@@ -40,6 +40,9 @@ class Change(NamedTuple):
     version: int
     name: str
     record: str | None  # None: deleted
+    # The storage's epoch, when this change began the store (its version 1; see
+    # `KeyStore._apply_pending`).
+    begins: str | None = None
 
 
 class Missed(NamedTuple):
@@ -61,8 +64,9 @@ class Subscription(Protocol):
 class KeyBackend(Protocol):
     shared: bool  # False: the keys live in this process only (nothing to follow)
 
-    async def write(self, write: KeyWrite) -> int:
-        """Apply `write` atomically and return the storage's new version; WriteRefused."""
+    async def write(self, write: KeyWrite) -> tuple[int, str | None]:
+        """Apply `write` atomically; the storage's new version, and its epoch when this write
+        began the store (else None). WriteRefused."""
         ...
 
     async def read(self, name: str) -> str | None: ...
@@ -98,7 +102,7 @@ class MemoryKeyBackend:
         self._owners: dict[str, str] = {}  # digest -> key name
         self._version = 0
 
-    async def write(self, write: KeyWrite) -> int:
+    async def write(self, write: KeyWrite) -> tuple[int, str | None]:
         current = self._records.get(write.name)
         if write.expected is None and current is not None:
             raise WriteRefused("name_taken")
@@ -117,7 +121,7 @@ class MemoryKeyBackend:
         else:
             self._records[write.name] = write.record
         self._version += 1
-        return self._version
+        return self._version, None
 
     async def read(self, name: str) -> str | None:
         return self._records.get(name)

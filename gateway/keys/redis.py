@@ -11,8 +11,9 @@ live in one slot and `write.lua` can change them together:
     gw:{gw:keys}:epoch     string, set when the version starts at 1 (a new or emptied store)
 
 and each change is announced on the channel `gw:{gw:keys}:changes` as
-"VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion); a store in database N > 0 of its
-server announces on `gw:{gw:keys}:changes:N` (`changes_channel`). On a cluster PUBLISH reaches
+"VERSION\\nNAME\\nRECORD" (RECORD empty for a deletion), the one that begins the store
+(version 1) just after "0\\n\\nEPOCH"; a store in database N > 0 of its server announces on
+`gw:{gw:keys}:changes:N` (`changes_channel`). On a cluster PUBLISH reaches
 every node, so a process subscribes on one of them (the one holding the key store).
 """
 
@@ -99,7 +100,7 @@ class RedisKeyBackend:
         with its limiter."""
         return cls(redis or open_storage_redis(url, timeout), timeout, on_storage_error)
 
-    async def write(self, write: KeyWrite) -> int:
+    async def write(self, write: KeyWrite) -> tuple[int, str | None]:
         keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY, LOG_KEY, EPOCH_KEY)
         loop = asyncio.get_running_loop()
 
@@ -120,7 +121,8 @@ class RedisKeyBackend:
             )
             return await run_script(self._client, WRITE, keys, args)
 
-        version, outcome, redis_us = await self._guard("key_write", written)
+        # The epoch only on success (version 1): a refusal returns the first three.
+        version, outcome, redis_us, *begun = await self._guard("key_write", written)
         if self._node_clocks is not None:
             self._node_clocks.learn(RECORDS_KEY, int(redis_us))
         else:
@@ -134,7 +136,7 @@ class RedisKeyBackend:
                 (known for known in _REFUSALS if known == outcome), "changed"
             )
             raise WriteRefused(reason)
-        return int(version)
+        return int(version), _text(begun[0]) or None
 
     async def _deadline(self, sent: float) -> int:
         """The deadline, on the key store's server's clock, of a write sent at loop time
@@ -249,13 +251,18 @@ async def _subscribed(pubsub: PubSub, channel: str) -> None:
 class _RedisSubscription:
     def __init__(self, pubsub: PubSub) -> None:
         self._pubsub = pubsub
+        self._begun: str | None = None  # announced just before the change of version 1
 
     async def next(self, within: float) -> Change | None:
         message = await self._pubsub.get_message(timeout=within)
         if message is None or message["type"] != "message":
             return None
         version, name, record = _text(message["data"]).split("\n", 2)
-        return Change(int(version), name, record or None)
+        if version == "0":  # "0\n\nEPOCH": the store begins, its version 1 comes next
+            self._begun = record
+            return None
+        begun, self._begun = self._begun, None
+        return Change(int(version), name, record or None, begun if version == "1" else None)
 
 
 def _text(value: Any) -> str:

@@ -157,7 +157,8 @@ class KeyStore:
         """Store a new key; WriteRefused("name_taken" or "secret_taken")."""
         text = record.to_json()
         write = KeyWrite(record.name, None, text, add_digests=record.digests())
-        self.receive(Change(await self._backend.write(write), record.name, text))
+        version, begins = await self._backend.write(write)
+        self.receive(Change(version, record.name, text, begins))
         return record
 
     async def update(
@@ -218,7 +219,7 @@ class KeyStore:
                 remove_digests=tuple(sorted(old_digests - new_digests)),
             )
             try:
-                version = await self._backend.write(write)
+                version, begins = await self._backend.write(write)
             except WriteRefused as refused:
                 if refused.reason != "changed":
                     raise
@@ -226,7 +227,7 @@ class KeyStore:
                     # Writers that met each other would meet again at once: spread them out.
                     await asyncio.sleep(random.uniform(0, _WRITE_BACKOFF * (attempt + 1)))
                 continue
-            self.receive(Change(version, name, new_text))
+            self.receive(Change(version, name, new_text, begins))
             return current, new
         # Not a storage failure (a 503 would blame it): the key is that busy.
         raise WriteRefused("changed")
@@ -250,8 +251,20 @@ class KeyStore:
     def _apply_pending(self) -> None:
         self._early.clear()
         while (change := self._pending.pop(self.known_version + 1, None)) is not None:
+            if change.begins is not None and self._epoch == "" and not self.known_version:
+                self._take_epoch(change.begins)
             self._apply(change)
             self.known_version = change.version
+
+    def _take_epoch(self, begun: str) -> None:
+        """Take `begun`, the epoch of the store that the change applied next begins, for the
+        one read empty (version 0, no epoch yet): every store is empty before its first
+        change, so an empty table is that store as of version 0. Taken for another store's,
+        the first key made had every process read every key again, saying the storage was
+        emptied. A table not empty (a key the read found after it asked for the version) is
+        left to the version check, which then reads every key."""
+        if not len(self.table):
+            self._epoch = begun
 
     def _apply(self, change: Change) -> None:
         if change.record is None:

@@ -6,8 +6,9 @@
 -- ARGV[4] new record ("" = delete), ARGV[5] the Redis time (microseconds) after which the
 -- gateway no longer waits for this reply, or 0, ARGV[6] number of digests to add, then those
 -- digests, then the digests to remove.
--- Returns {version or 0, outcome, the Redis time}. A write that runs after its deadline (a
--- stalled Redis waking up) changes nothing: its caller was answered 503 meanwhile.
+-- Returns {version or 0, outcome, the Redis time, the epoch it began or ''}. A write that runs
+-- after its deadline (a stalled Redis waking up) changes nothing: its caller was answered 503
+-- meanwhile.
 local now = redis.call('TIME')
 local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local deadline = tonumber(ARGV[5])
@@ -36,10 +37,16 @@ else
   redis.call('HSET', KEYS[1], name, ARGV[4])
 end
 local version = redis.call('INCR', KEYS[3])
+local begun = ''
 if version == 1 then
   -- A new store, or one emptied since: its versions are not those of before, and a follower
   -- that knew the old one tells them apart by this.
-  redis.call('SET', KEYS[5], now[1] .. '.' .. now[2])
+  begun = now[1] .. '.' .. now[2]
+  redis.call('SET', KEYS[5], begun)
+  -- Announced as version 0, just before the change: a follower that read the store empty
+  -- takes this epoch for the one it read, and goes on without reading every key again
+  -- (gateway processes before this ignore a version 0 as one they have).
+  redis.call('PUBLISH', ARGV[1], '0\n\n' .. begun)
 end
 -- Which key each recent version changed: a follower that missed announcements reads those
 -- keys again instead of every key (changes.lua). The newest 10,000 are kept.
@@ -48,4 +55,4 @@ if version % 100 == 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -10001)
 end
 redis.call('PUBLISH', ARGV[1], version .. '\n' .. name .. '\n' .. ARGV[4])
-return {version, 'ok', now_us}
+return {version, 'ok', now_us, begun}

@@ -241,8 +241,6 @@ async def test_a_dropped_subscription_catches_up_on_the_changed_keys_only(
     async with started_store(url) as writer:
         await writer.create(kept)
         await writer.create(doomed)
-    # (Started on a store that exists: one that began after a follower read it empty is
-    # read once more in full, as its epoch is new to the follower.)
     async with started_store(url) as writer, started_store(url) as follower:
         assert doomed.name in follower.table.records
         caplog.clear()
@@ -280,6 +278,50 @@ async def test_a_log_that_does_not_reach_back_means_a_full_read(
             admin.delete(LOG_KEY)  # as if trimmed past the follower's version
         await until(lambda: "second" in follower.table.records, HONOURED_WITHIN, "second")
         assert "first" in follower.table.records
+
+
+async def test_the_first_key_of_an_empty_store_is_followed_as_any_change(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The write that begins a store sets its epoch, which a process that read it empty took
+    for another store's: every process read every key again at the first key made, saying at
+    WARNING that the storage was emptied. The epoch is announced with that change."""
+    url = fresh_redis_server.url
+    async with started_store(url) as writer, started_store(url) as follower:
+        caplog.clear()
+        caplog.set_level("INFO", logger="gateway.keys")
+        for name in ("first", "second"):
+            await writer.create(record(name))
+        await until(
+            lambda: {"first", "second"} <= set(follower.table.records), HONOURED_WITHIN, "both"
+        )
+        # Two version checks of each process at least (the full read came with the first).
+        await asyncio.sleep(2 * CHECK_INTERVAL + RECHECK_AHEAD)
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            epoch = admin.get(EPOCH_KEY)
+        assert epoch is not None and follower._epoch == writer._epoch == epoch.decode()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(" loaded (storage version" in m for m in messages), messages
+    assert not any("emptied" in m for m in messages), messages
+
+
+async def test_a_store_emptied_and_begun_again_after_its_first_key_is_read_afresh(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """Begun, emptied and begun again before a version check, at the version the follower is
+    at: the epoch it took from the first beginning is not the store's, so it reads it all."""
+    url = fresh_redis_server.url
+    async with started_store(url) as writer, started_store(url) as follower:
+        await writer.create(record("old"))
+        await until(lambda: "old" in follower.table.records, HONOURED_WITHIN, "old")
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            admin.flushall()
+        await writer.create(record("new"))  # version 1 again, of another epoch
+        await until(
+            lambda: set(follower.table.records) == {"new"},
+            3 * CHECK_INTERVAL + 1.0,
+            "the new store, and nothing of the old",
+        )
 
 
 async def test_a_store_emptied_and_refilled_while_followed_is_read_afresh(
@@ -388,6 +430,10 @@ async def test_changes_are_announced_on_the_documented_channel(redis_server: Red
             deadline = time.monotonic() + 2
             while message is None and time.monotonic() < deadline:
                 message = pubsub.get_message(timeout=0.1)
+                if message is not None and message["data"].startswith(b"0\n\n"):
+                    # The store's epoch, announced before its first change (version 1).
+                    assert store.known_version == 1
+                    message = None
         assert message is not None
         version, announced_name, text = message["data"].decode().split("\n", 2)
         assert int(version) == store.known_version
