@@ -58,6 +58,7 @@ _FREEZE_SLICE = 5_000
 # Products and plans one warning of keys naming some the config lacks names at most.
 _NAMES_TOLD = 20
 _LISTEN_SLICE = 0.05  # seconds between two looks at whether a read taking changes is done
+_LOST_NAMED = 20  # keys named in the error of an emptied storage; the rest counted
 
 T = TypeVar("T")
 
@@ -397,6 +398,21 @@ class KeyStore:
                 "API keys: caught up on %d changes (storage version %d)", len(names), missed.version
             )
 
+    def _lost_with_the_store(self, epoch: str, fresh: ApiKeyTable) -> list[str]:
+        """The keys served now that a store of another epoch (emptied and begun again: a
+        Redis restarted without persistence, a FLUSHALL) does not hold. They are dropped with
+        it, as every process sharing the storage drops them (one started later never knew
+        them), but not in silence: nothing else tells the operator that paying customers are
+        about to get 401."""
+        if self._epoch is None:
+            return []  # the first read
+        # A store with no epoch has never been written since it began: whatever we serve, it
+        # lost. One read empty (no epoch then) and begun since may be the same store, and a
+        # key it lacks may have been deleted in between: no alarm then.
+        if epoch and self._epoch in (epoch, ""):
+            return []  # the same store (or maybe): a key it lacks was deleted
+        return [name for name in self.table.records if name not in fresh.records]
+
     def _now_at(self, version: int) -> None:
         """The table is the storage as of `version`: the changes up to it that wait are done."""
         self.known_version = version
@@ -427,6 +443,7 @@ class KeyStore:
             # mid-way would leave the collector off for good. Without the freezes a full
             # collection walked the table (three objects a key) on the event loop: with
             # 100,000 keys up to 202 ms during a read, and 52-158 ms after it.
+            lost = self._lost_with_the_store(epoch, fresh)
             given_up = self.table.take(fresh)
             self._now_at(version)
             self._epoch = epoch
@@ -436,6 +453,8 @@ class KeyStore:
         if self.freeze_reads:
             freeze_collected()  # the read's last records
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
+        if lost:
+            _tell_lost(lost)
         if self.secret_clashes is not None:
             self.secret_clashes.tell_all()
         self.tell_not_in_config()
@@ -446,3 +465,16 @@ class KeyStore:
                 for _ in range(min(len(container), _FREE_SLICE)):
                     container.popitem()
                 await asyncio.sleep(0)
+
+
+def _tell_lost(names: list[str]) -> None:
+    shown = sorted(names)[:_LOST_NAMED]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    log.error(
+        "API keys: the storage was emptied (a Redis restarted without persistence, or a "
+        "FLUSHALL) and no longer holds %d API keys this process served; they are unknown (401) "
+        "from now on. Restore the storage from a backup to bring them back: %s%s",
+        len(names),
+        ", ".join(shown),
+        more,
+    )

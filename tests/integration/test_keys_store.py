@@ -344,11 +344,20 @@ async def test_a_store_emptied_and_refilled_while_followed_is_read_afresh(
         )
 
 
-async def test_following_survives_a_redis_restart(fresh_redis_server: RedisServer) -> None:
+async def test_following_survives_a_redis_restart(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.keys")
     url = fresh_redis_server.url
     async with started_store(url) as writer, started_store(url) as follower:
         await writer.create(record("before"))
         await until(lambda: "before" in follower.table.records, HONOURED_WITHIN, "before")
+        # (Begun after the follower read it empty: read once more, in full, to learn its epoch.)
+        await until(
+            lambda: any("reading all keys" in r.getMessage() for r in caplog.records),
+            3 * CHECK_INTERVAL + 1.0,
+            "the store begun read in full",
+        )
         fresh_redis_server.stop()
         fresh_redis_server.start()  # empty: nothing is persisted in these tests
 
@@ -362,8 +371,31 @@ async def test_following_survives_a_redis_restart(fresh_redis_server: RedisServe
 
         await asyncio.wait_for(create_after(), 10)
         await until(lambda: "after" in follower.table.records, 5.0, "followed after restart")
-        # The storage was emptied: the follower forgot "before" with it.
+        # The storage was emptied: the follower forgot "before" with it, and said so.
         await until(lambda: "before" not in follower.table.records, 5.0, "emptied storage")
+    lost = [r for r in caplog.records if "no longer holds" in r.getMessage()]
+    assert lost and all(r.levelno == logging.ERROR for r in lost)
+    assert all("no longer holds 1 API keys" in r.getMessage() for r in lost)
+    assert all(r.getMessage().endswith(": before") for r in lost)
+
+
+async def test_a_key_deleted_from_a_store_begun_after_an_empty_read_is_no_alarm(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A follower that read the store empty reads it in full once it has begun (a new epoch):
+    a key it lacks then was deleted, not lost with an emptied store."""
+    caplog.set_level(logging.INFO, logger="gateway.keys")
+    url = fresh_redis_server.url
+    async with started_store(url) as follower, started_store(url) as writer:
+        await writer.create(record("short-lived"))
+        await until(lambda: "short-lived" in follower.table.records, HONOURED_WITHIN, "created")
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            assert admin.client_kill_filter(_type="pubsub") >= 1
+        await writer.delete("short-lived")
+        await until(
+            lambda: "short-lived" not in follower.table.records, 3 * CHECK_INTERVAL + 1.0, "gone"
+        )
+    assert not [r for r in caplog.records if "no longer holds" in r.getMessage()]
 
 
 async def test_writes_after_a_redis_restart_all_succeed(fresh_redis_server: RedisServer) -> None:
