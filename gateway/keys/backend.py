@@ -60,6 +60,11 @@ class Subscription(Protocol):
         """The next announced change, or None when none came within `within` seconds."""
         ...
 
+    def moved(self) -> bool:
+        """Whether the server it listens on is no longer the storage's master (a Sentinel
+        failover left it on the old one): announcements no longer come, or come late."""
+        ...
+
 
 class KeyBackend(Protocol):
     shared: bool  # False: the keys live in this process only (nothing to follow)

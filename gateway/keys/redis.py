@@ -29,6 +29,7 @@ from typing import Any
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.keys.backend import (
     Change,
@@ -201,7 +202,7 @@ class RedisKeyBackend:
         pubsub = subscriber.pubsub()
         try:
             await self._guard("key_subscribe", lambda: _subscribed(pubsub, self._channel))
-            yield _RedisSubscription(pubsub)
+            yield _RedisSubscription(pubsub, subscriber.connection_pool)
         finally:
             # Bounded: closing must not hold up a worker's shutdown on a storage that hangs.
             with contextlib.suppress(Exception):
@@ -249,9 +250,26 @@ async def _subscribed(pubsub: PubSub, channel: str) -> None:
 
 
 class _RedisSubscription:
-    def __init__(self, pubsub: PubSub) -> None:
+    def __init__(self, pubsub: PubSub, pool: ConnectionPool) -> None:
         self._pubsub = pubsub
         self._begun: str | None = None  # announced just before the change of version 1
+        # A Sentinel master's pool learns where the master is (the storage's clients ask the
+        # Sentinels every 0.5 s); any other server does not move.
+        self._sentinel_pool = pool if isinstance(pool, SentinelConnectionPool) else None
+
+    def moved(self) -> bool:
+        # The subscription's connection is its own, never given back to the pool: the pool
+        # drops its connections to an old master, not this one. Left there after a
+        # failover ordered while the old master lives on (as a replica), it heard nothing
+        # until that replica had synced with the new master, and each change made meanwhile
+        # waited for the version check to find it.
+        if self._sentinel_pool is None:
+            return False
+        master = self._sentinel_pool.master_address
+        connection = self._pubsub.connection
+        if master is None or connection is None:
+            return False
+        return (connection.host, connection.port) != (master[0], int(master[1]))
 
     async def next(self, within: float) -> Change | None:
         message = await self._pubsub.get_message(timeout=within)

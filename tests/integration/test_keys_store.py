@@ -609,3 +609,34 @@ async def test_each_database_has_a_channel_of_its_own(url: str, channel: str) ->
         assert backend._channel == channel
     finally:
         await backend.close()
+
+
+async def test_the_subscription_follows_the_master_through_a_sentinel_failover(
+    fresh_redis_sentinel: RedisSentinelGroup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SENTINEL FAILOVER leaves the old master up, as a replica. A subscription left on it
+    heard no announcement until that replica had synced with the new master (seconds), and
+    each change made meanwhile waited for the version check, warned of as a lost
+    announcement. It moves to the new master as the storage's clients do."""
+    caplog.set_level(logging.INFO, logger="gateway.keys")
+    group = fresh_redis_sentinel
+    async with started_store(group.url) as writer, started_store(group.url) as follower:
+        await writer.create(record("before"))
+        await until(lambda: "before" in follower.table.records, HONOURED_WITHIN, "before")
+        promoted = await asyncio.to_thread(group.failover)
+
+        def subscribed_on_the_new_master() -> bool:
+            with redis.Redis(port=promoted.port, socket_timeout=5) as client:
+                return dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0) >= 2
+
+        # The storage's clients ask the Sentinels every 0.5 s; the key store looks at each of
+        # its version checks (0.4 s).
+        await until(subscribed_on_the_new_master, 5.0, "both subscribed on the new master")
+        caplog.clear()
+        await writer.create(record("after"))
+        waited = await until(
+            lambda: "after" in follower.table.records, HONOURED_WITHIN, "after the failover"
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("announcement was lost" in m for m in messages), messages
+    assert waited < CHECK_INTERVAL, waited  # announced, not found by a version check
