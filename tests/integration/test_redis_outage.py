@@ -1,6 +1,7 @@
 """What users live through when Redis goes away and comes back, with `gateway run` (two
-workers) under steady traffic: Redis killed (SIGKILL) and restarted empty on the same port, and
-one gateway cut off from a Redis that another gateway still writes to.
+workers) under steady traffic: Redis killed (SIGKILL) and restarted empty on the same port,
+one gateway cut off from a Redis that another gateway still writes to, and a Sentinel
+failover.
 
 Clients keep asking with a file key and an API key, each request on a new connection (the
 kernel spreads them over both workers), every answer timed; meanwhile the admin API is called.
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_py
 
+from gateway.keys.redis import CHANNEL
 from tests.support.config import server_yaml
 from tests.support.cuttable_relay import CuttableRelay
 from tests.support.operations import ThreadedUpstream, call, scrape, serving_workers, wait_for
 from tests.support.processes import GatewayProcess
-from tests.support.redis_servers import RedisServer
+from tests.support.redis_servers import RedisSentinelGroup, RedisServer
 from tests.support.sockets import free_ports
 
 STORAGE_TIMEOUT = 0.25
@@ -337,3 +340,66 @@ def test_a_gateway_cut_off_learns_what_it_missed_once_it_is_back(
     # From the storage's log of changes, not a read of every key; and no false alarm.
     assert "caught up on 2 changes" in follower_stderr, follower_stderr
     assert "no longer holds" not in follower_stderr, follower_stderr
+
+
+def test_key_changes_flow_through_a_sentinel_failover_under_traffic(
+    tmp_path: Path, upstream_url: str, fresh_redis_sentinel: RedisSentinelGroup
+) -> None:
+    """SENTINEL FAILOVER while a gateway serves: no request fails, and a key created and
+    one deleted through another gateway afterwards are announced to both its workers on the
+    new master, not found late by a version check."""
+    group = fresh_redis_sentinel
+    writer = start_gateway(tmp_path / "writer", upstream_url, group.url, "deny")
+    try:
+        server = start_gateway(tmp_path / "server", upstream_url, group.url, "deny")
+    except BaseException:
+        stop_gateway(writer)
+        raise
+    try:
+
+        def statuses(secret: str, count: int = 6) -> set[int]:
+            headers = {"X-API-Key": secret}
+            return {
+                call(server.proxy_port, "/soccer/x", headers=headers).status for _ in range(count)
+            }
+
+        def create(name: str) -> str:
+            body = {"name": name, "plans": {"soccer": "trial"}}
+            status, _, made = admin(writer.admin_port, "POST", "/admin/keys", body)
+            assert status == 201, made
+            secret: str = made["key"]
+            return secret
+
+        doomed = create("doomed")
+        wait_for(lambda: statuses(doomed) == {200}, 5, "the key served")
+        with Traffic(server.proxy_port, ("file-secret",)) as traffic:
+            promoted = group.failover()
+
+            def subscribed_on_the_new_master() -> bool:
+                with redis_py.Redis(port=promoted.port, socket_timeout=5) as client:
+                    found = dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0)
+                return found >= 4  # two workers of each gateway
+
+            wait_for(subscribed_on_the_new_master, 5, "every worker subscribed on the new master")
+        answers = [(a.status, a.code) for a in traffic.answers]
+        assert traffic.errors == [] and answers
+        # (The client asks faster than the plan's rate: 429 is the shared limit at work.)
+        assert set(answers) <= {(200, None), (429, "throttled"), (503, "storage_unavailable")}
+        failed = sum(1 for a in answers if a[0] == 503)
+        print(f"\nSENTINEL FAILOVER: {failed} of {len(answers)} requests answered 503")
+
+        newcomer = create("newcomer")
+        assert admin(writer.admin_port, "DELETE", "/admin/keys/doomed")[0] == 204
+        changed = time.monotonic()
+        wait_for(
+            lambda: statuses(newcomer) == {200} and statuses(doomed) == {401},
+            5,
+            "the changes after the failover",
+        )
+        took = time.monotonic() - changed
+        print(f"key changes after the failover honoured in {took:.3f}s")
+    finally:
+        stderr = stop_gateway(server)
+        stop_gateway(writer)
+    assert "Traceback" not in stderr, stderr
+    assert "announcement was lost" not in stderr, stderr
