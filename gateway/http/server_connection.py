@@ -205,7 +205,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
         parser = self._parser
         version = parser.get_http_version()
         method = parser.get_method()
-        refusal = head_refusal(version, method, self._url, self._hosts)
+        refusal = head_refusal(version, method, self._url, self._hosts, self._body_chunked)
         if refusal is not None:
             self._refuse_head(refusal)
         # An HTTP/1.0 client's Expect is ignored (RFC 9110 10.1.1): it knows no 100 Continue.

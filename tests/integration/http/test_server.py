@@ -390,6 +390,10 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
             b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             "Transfer-Encoding other than chunked",
         ),
+        (
+            b"POST /a HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.0 request may not have a Transfer-Encoding",
+        ),
         (b"GET /a?api_key=k\r\n\r\n", "HTTP/0.9 is not spoken here"),
         (b"GET /a HTTP/2.0\r\nHost: a\r\n\r\n", "HTTP/2.0 is not spoken here"),
         (b"GET /old# HTTP/1.1\r\nHost: a\r\n\r\n", "its target holds a '#'"),
@@ -419,6 +423,7 @@ async def test_malformed_request_line_gets_400_problem_and_close() -> None:
         "two-hosts-1.0",
         "not-a-host",
         "gzip-coding",
+        "chunked-on-1.0",
         "0.9",
         "2.0",
         "fragment-in-path",

@@ -1,0 +1,87 @@
+"""What a client can get through the gateway to the upstream, byte for byte: a real gateway in
+front of an upstream that records every byte it receives (an audit of request smuggling, the
+key's removal and routing). A paid API's gateway must never let a request reach the upstream
+that it did not itself check and meter, nor pass the caller's key on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.recording_upstream import Recording, recording_upstream
+
+API = """
+products:
+  api:
+    upstream: {{url: "http://127.0.0.1:{port}/base"}}
+    routes:
+      - path: /free/{{rest:path}}
+      - path: /paid/{{rest:path}}
+        cost: 100
+plans:
+  open: {{}}
+keys:
+  - {{name: client, key: secret-one, plans: {{api: open}}}}
+"""
+
+# A request the gateway must never pass on unless it read it as a request of its own.
+SMUGGLED = b"GET /paid/smuggled HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n\r\n"
+
+
+@dataclass
+class Setup:
+    proxy_port: int
+    upstream: Recording
+
+
+@asynccontextmanager
+async def gateway_before_recorder(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with recording_upstream() as upstream:
+        config = write_config(tmp_path, API.format(port=upstream.port), server=worker_server_yaml())
+        async with running_gateway(config) as worker:
+            yield Setup(worker.proxy_port, upstream)
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    """Send `raw` on one connection; everything the gateway answers until it closes (or goes
+    quiet for half a second: a kept-alive connection)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        answer = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while data := await asyncio.wait_for(reader.read(65536), 0.5):
+                answer += data
+        return answer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def statuses(answer: bytes) -> list[int]:
+    return [int(line[9:12]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+async def test_http_1_0_with_transfer_encoding_is_refused_before_the_upstream(
+    tmp_path: Path,
+) -> None:
+    """HTTP/1.0 has no Transfer-Encoding: a proxy in front that reads 1.0 framing sees no body,
+    then the chunks as a request of their own. RFC 9112 6.1 calls such framing faulty, and
+    nginx answers 400; read as chunked, the gateway let a kept-alive connection go on."""
+    chunked = b"%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"POST /free/a HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n"
+            b"X-API-Key: secret-one\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + SMUGGLED,
+        )
+        assert statuses(answer) == [400]
+        assert b"an HTTP/1.0 request may not have a Transfer-Encoding" in answer
+        assert setup.upstream.received == b""
