@@ -50,7 +50,27 @@ SET_BY_PROXY: frozenset[str] = frozenset(
     }
 )
 _GATEWAY_OWNED: frozenset[bytes] = frozenset(name.encode() for name in SET_BY_PROXY)
-_REQUEST_DROP: frozenset[bytes] = frozenset(name.encode() for name in HOP_BY_HOP) | _GATEWAY_OWNED
+# What upstream frameworks read as a proxy's view of the request (the client's address, the
+# scheme, port and path prefix it came in on: Rack takes `X-Forwarded-Ssl: on` for https over
+# X-Forwarded-Proto, Spring and ASP.NET take a prefix) or as the URL to serve in place of the
+# request's own (IIS' and old Symfony's X-Original-URL): a client that sends them would choose
+# what the gateway states or serve a path the routes never saw. Dropped, never replaced.
+CLIENT_MAY_NOT_CLAIM: frozenset[str] = frozenset(
+    {
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-path",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-original-url",
+        "x-rewrite-url",
+    }
+)
+_REQUEST_DROP: frozenset[bytes] = (
+    frozenset(name.encode() for name in HOP_BY_HOP | CLIENT_MAY_NOT_CLAIM) | _GATEWAY_OWNED
+)
 _NEVER_CONNECTION_LISTED_RAW: frozenset[bytes] = frozenset(
     name.encode() for name in _NEVER_CONNECTION_LISTED
 )
@@ -74,7 +94,8 @@ def upstream_header_lines(
 ) -> list[tuple[bytes, bytes]]:
     """The header lines to send upstream, as bytes: the client's raw lines, cleaned.
 
-    Hop-by-hop headers and the API key header (`drop`, from `request_drop_set`) go; Host
+    Hop-by-hop headers, those in CLIENT_MAY_NOT_CLAIM and the API key header (`drop`, from
+    `request_drop_set`) go; Host
     becomes the upstream's; X-Forwarded-For and Forwarded (RFC 7239) get the peer appended,
     Forwarded with the host and protocol too; X-Forwarded-Proto, X-Forwarded-Host and
     X-Request-ID are the gateway's own view, whatever the client claimed.

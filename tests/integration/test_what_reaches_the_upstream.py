@@ -85,3 +85,34 @@ async def test_http_1_0_with_transfer_encoding_is_refused_before_the_upstream(
         assert statuses(answer) == [400]
         assert b"an HTTP/1.0 request may not have a Transfer-Encoding" in answer
         assert setup.upstream.received == b""
+
+
+async def test_a_client_cannot_claim_what_a_proxy_states(tmp_path: Path) -> None:
+    """X-Forwarded-For is appended to, the rest of what a proxy states is the gateway's own
+    (README, "Headers"); the aliases upstream frameworks read for the same (the client's
+    address, scheme, port, prefix) or for the URL to serve instead reached the upstream as the
+    client wrote them: `X-Forwarded-Ssl: on` is https to Rack whatever X-Forwarded-Proto says,
+    and `X-Original-URL: /paid/...` is the path served by IIS' rewrite and old Symfony."""
+    claims = (
+        b"X-Real-IP: 6.6.6.6\r\nX-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /paid\r\n"
+        b"X-Forwarded-Path: /paid/x\r\nX-Forwarded-Server: evil\r\nX-Forwarded-Ssl: on\r\n"
+        b"X-Forwarded-Scheme: https\r\nX-Original-URL: /paid/x\r\nX-Rewrite-URL: /paid/x\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nX-Forwarded-For: 6.6.6.6\r\n"
+    )
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"GET /free/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n" + claims + b"\r\n",
+        )
+        assert statuses(answer) == [200]
+        head = bytes(setup.upstream.received).lower()
+    assert head.startswith(b"get /base/free/x http/1.1\r\n")
+    for name in (b"x-real-ip", b"x-forwarded-port", b"x-forwarded-prefix", b"x-forwarded-path"):
+        assert name not in head
+    for name in (b"x-forwarded-server", b"x-forwarded-ssl", b"x-forwarded-scheme"):
+        assert name not in head
+    assert b"x-original-url" not in head and b"x-rewrite-url" not in head
+    assert b"\r\nx-forwarded-for: 6.6.6.6, 127.0.0.1\r\n" in head
+    assert b"\r\nx-forwarded-proto: http\r\n" in head
+    assert b"\r\nx-forwarded-host: gw\r\n" in head
+    assert b"secret-one" not in head
