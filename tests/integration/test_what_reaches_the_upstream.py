@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
@@ -66,7 +69,9 @@ async def exchange(port: int, raw: bytes) -> bytes:
 
 
 def statuses(answer: bytes) -> list[int]:
-    return [int(line[9:12]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    """The status of each answer in `answer` (a problem's body is followed by the next head
+    without a line break)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)]
 
 
 async def test_http_1_0_with_transfer_encoding_is_refused_before_the_upstream(
@@ -116,3 +121,74 @@ async def test_a_client_cannot_claim_what_a_proxy_states(tmp_path: Path) -> None
     assert b"\r\nx-forwarded-proto: http\r\n" in head
     assert b"\r\nx-forwarded-host: gw\r\n" in head
     assert b"secret-one" not in head
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded"),
+    [
+        (b"/free/x?a=1&api_key=secret-one&b=%20+2", b"/base/free/x?a=1&b=%20+2"),
+        (b"/free/x?api_key=&api_key=secret-one&&c", b"/base/free/x?&c"),
+        (b"/free/x?%61pi_key=secret-one&z=%2f", b"/base/free/x?z=%2f"),
+        (b"/free/x?api%5Fkey=secret%2Done", b"/base/free/x"),
+        (b"http://gw/free/x?api_key=secret-one&q", b"/base/free/x?q"),
+    ],
+    ids=["plain", "twice-one-empty", "escaped-name", "escaped-value", "absolute-form"],
+)
+async def test_the_key_parameter_never_reaches_the_upstream(
+    tmp_path: Path, target: bytes, forwarded: bytes
+) -> None:
+    """However the parameter is spelt that the gateway reads as the key, it goes; the rest of
+    the query keeps every byte."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(setup.proxy_port, b"GET %b HTTP/1.1\r\nHost: gw\r\n\r\n" % target)
+        assert statuses(answer) == [200]
+        assert setup.upstream.request_lines() == [b"GET %b HTTP/1.1" % forwarded]
+        assert b"secret" not in setup.upstream.received
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"API_KEY=secret-one", b"api_key[]=secret-one", b"a=1;api_key=secret-one"],
+    ids=["other-case", "brackets", "semicolon"],
+)
+async def test_another_parameter_is_no_key(tmp_path: Path, query: bytes) -> None:
+    """A parameter the gateway does not read as the key is the upstream's, as sent (README,
+    `auth.query_param`): alone it is a 401, and nothing reaches the upstream."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        head = b"GET /free/x?%b HTTP/1.1\r\nHost: gw\r\n" % query
+        assert statuses(await exchange(setup.proxy_port, head + b"\r\n")) == [401]
+        answer = await exchange(setup.proxy_port, head + b"X-API-Key: secret-one\r\n\r\n")
+        assert statuses(answer) == [200]
+        assert setup.upstream.request_lines() == [b"GET /base/free/x?%b HTTP/1.1" % query]
+
+
+NEXT = b"GET /free/next HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n\r\n"
+
+
+def with_body(head: bytes, body: bytes) -> bytes:
+    return head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+@pytest.mark.parametrize(
+    ("first", "answers"),
+    [
+        (with_body(b"POST /free/a HTTP/1.1\r\nHost: gw\r\nX-API-Key: wrong\r\n", SMUGGLED), 401),
+        (with_body(b"POST /nowhere HTTP/1.1\r\nHost: gw\r\n", SMUGGLED), 404),
+        (
+            b"POST /free/a HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"%x\r\n%b\r\n0\r\nX-API-Key: secret-one\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+            401,
+        ),
+    ],
+    ids=["401-length", "404-length", "401-chunked-key-in-trailer"],
+)
+async def test_after_a_refused_request_the_next_is_read_from_the_right_byte(
+    tmp_path: Path, first: bytes, answers: int
+) -> None:
+    """The body of a request refused before the upstream (which holds a whole request) is
+    skipped as its framing says, and the request pipelined after it is the one served."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(setup.proxy_port, first + NEXT)
+        assert statuses(answer) == [answers, 200]
+        assert setup.upstream.request_lines() == [b"GET /base/free/next HTTP/1.1"]
+        assert b"smuggled" not in setup.upstream.received
