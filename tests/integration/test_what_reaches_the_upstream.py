@@ -28,12 +28,14 @@ products:
       - path: /paid/{{rest:path}}
         cost: 100
 plans:
-  open: {{}}
+  metered:
+    quota: {{limit: 100000, per: month}}
 keys:
-  - {{name: client, key: secret-one, plans: {{api: open}}}}
+  - {{name: client, key: secret-one, plans: {{api: metered}}}}
 """
 
 # A request the gateway must never pass on unless it read it as a request of its own.
+CLOSE = b"Connection: close\r\n"  # each test's last request: no wait for a kept-alive one
 SMUGGLED = b"GET /paid/smuggled HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n\r\n"
 
 
@@ -107,7 +109,10 @@ async def test_a_client_cannot_claim_what_a_proxy_states(tmp_path: Path) -> None
     async with gateway_before_recorder(tmp_path) as setup:
         answer = await exchange(
             setup.proxy_port,
-            b"GET /free/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n" + claims + b"\r\n",
+            b"GET /free/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n"
+            + claims
+            + CLOSE
+            + b"\r\n",
         )
         assert statuses(answer) == [200]
         head = bytes(setup.upstream.received).lower()
@@ -140,7 +145,9 @@ async def test_the_key_parameter_never_reaches_the_upstream(
     """However the parameter is spelt that the gateway reads as the key, it goes; the rest of
     the query keeps every byte."""
     async with gateway_before_recorder(tmp_path) as setup:
-        answer = await exchange(setup.proxy_port, b"GET %b HTTP/1.1\r\nHost: gw\r\n\r\n" % target)
+        answer = await exchange(
+            setup.proxy_port, b"GET %b HTTP/1.1\r\nHost: gw\r\n%b\r\n" % (target, CLOSE)
+        )
         assert statuses(answer) == [200]
         assert setup.upstream.request_lines() == [b"GET %b HTTP/1.1" % forwarded]
         assert b"secret" not in setup.upstream.received
@@ -155,14 +162,15 @@ async def test_another_parameter_is_no_key(tmp_path: Path, query: bytes) -> None
     """A parameter the gateway does not read as the key is the upstream's, as sent (README,
     `auth.query_param`): alone it is a 401, and nothing reaches the upstream."""
     async with gateway_before_recorder(tmp_path) as setup:
-        head = b"GET /free/x?%b HTTP/1.1\r\nHost: gw\r\n" % query
+        head = b"GET /free/x?%b HTTP/1.1\r\nHost: gw\r\n%b" % (query, CLOSE)
         assert statuses(await exchange(setup.proxy_port, head + b"\r\n")) == [401]
         answer = await exchange(setup.proxy_port, head + b"X-API-Key: secret-one\r\n\r\n")
         assert statuses(answer) == [200]
         assert setup.upstream.request_lines() == [b"GET /base/free/x?%b HTTP/1.1" % query]
 
 
-NEXT = b"GET /free/next HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n\r\n"
+# Last on its connection: the gateway closes it after the answer, the test need not wait.
+NEXT = b"GET /free/next HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\nConnection: close\r\n\r\n"
 
 
 def with_body(head: bytes, body: bytes) -> bytes:
@@ -192,3 +200,50 @@ async def test_after_a_refused_request_the_next_is_read_from_the_right_byte(
         assert statuses(answer) == [answers, 200]
         assert setup.upstream.request_lines() == [b"GET /base/free/next HTTP/1.1"]
         assert b"smuggled" not in setup.upstream.received
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded", "cost"),
+    [
+        (b"/free/../paid/x", b"/base/paid/x", 100),
+        (b"/free/%2e%2E/paid/x", b"/base/paid/x", 100),
+        (b"/free;/../paid/x", b"/base/paid/x", 100),
+        (b"//paid//x", b"/base/paid/x", 100),
+        (b"/%70aid/x", b"/base/paid/x", 100),
+        (b"http://gw/free/./../paid/x?q", b"/base/paid/x?q", 100),
+        (b"/free/a%2fb", b"/base/free/a%2Fb", 1),
+        (b"/free/x?a=/../../paid", b"/base/free/x?a=/../../paid", 1),
+    ],
+    ids=["dots", "escaped-dots", "semicolon-dots", "empty-segments", "escaped-letter",
+         "absolute-form", "escaped-slash", "dots-in-query"],
+)  # fmt: skip
+async def test_the_upstream_serves_the_path_that_was_routed_and_charged(
+    tmp_path: Path, target: bytes, forwarded: bytes, cost: int
+) -> None:
+    """Routing decides the cost; the upstream gets the very path routing read, so a request
+    charged as a cheap route can never reach an expensive route's path."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"GET %b HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n%b\r\n" % (target, CLOSE),
+        )
+        assert statuses(answer) == [200]
+        assert b"\r\nX-Quota-Remaining: %d\r\n" % (100000 - cost) in answer
+        assert setup.upstream.request_lines() == [b"GET %b HTTP/1.1" % forwarded]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/free/..%2Fpaid/x", b"/free/..%5cpaid/x", b"/free/..\\paid/x", b"/free/..;/paid/x"],
+    ids=["escaped-slash", "escaped-backslash", "backslash", "tomcat"],
+)
+async def test_a_dot_segment_some_upstream_would_see_is_refused(
+    tmp_path: Path, target: bytes
+) -> None:
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"GET %b HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n%b\r\n" % (target, CLOSE),
+        )
+        assert statuses(answer) == [400]
+        assert setup.upstream.received == b""
