@@ -104,6 +104,13 @@ class HeadReader:
         if len(name) in _NOTED_LENGTHS:
             lowered = name.lower()
             if lowered == b"content-length":
+                if value[:1] == b"0" and len(value) > 1 and value.isdigit():
+                    # The line goes upstream: in the form every parser reads alike (llhttp
+                    # let only digits through). `010` is 8 to a parser that takes a leading 0
+                    # for octal (C's strtol with base 0), and the last 2 bytes of the body then
+                    # begin the next request on that pooled connection; nginx sends `10` too.
+                    value = b"%d" % int(value)
+                    self._header_lines[-1] = (name, value)
                 self._has_body = value.strip() not in (b"0", b"")
             elif lowered == b"transfer-encoding":
                 self._has_body = self._body_chunked = True

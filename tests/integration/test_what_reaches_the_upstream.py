@@ -247,3 +247,20 @@ async def test_a_dot_segment_some_upstream_would_see_is_refused(
         )
         assert statuses(answer) == [400]
         assert setup.upstream.received == b""
+
+
+async def test_a_content_length_reaches_the_upstream_in_its_plain_form(tmp_path: Path) -> None:
+    """`010` is 10 to the gateway and 8 to a parser that reads a leading 0 as octal (C's strtol
+    with base 0): the body's last 2 bytes would begin the next request on that pooled
+    connection. The upstream gets the length as the gateway read it, as nginx sends it."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"POST /free/a HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n"
+            b"Content-Length: 010\r\n\r\n0123456789" + NEXT,
+        )
+        assert statuses(answer) == [200, 200]
+        received = bytes(setup.upstream.received)
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 10\r\n" in head + b"\r\n"
+    assert rest.startswith(b"0123456789GET /base/free/next HTTP/1.1\r\n")
