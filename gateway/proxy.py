@@ -52,6 +52,10 @@ AnswerHook = Callable[[int, float, int], None]
 CutHook = Callable[[float, int, int | None], None]
 
 
+# The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
+_ASK_FOR_WEBSOCKET = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
+
+
 @dataclass(slots=True)
 class ForwardResult:
     status: int  # the upstream's status, as sent to the client
@@ -193,14 +197,13 @@ async def forward(
     started = time.perf_counter()
     interim = request.connection.relay_interim
     if tunnel_idle is not None:
-        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them. The
-        # client's bytes as they came (decoding reversed): a value with a byte above 0x7f
-        # failed as Latin-1 (a 500 with a traceback, the request charged) or changed on its way.
-        upgrade = request.header(b"upgrade") or "websocket"
-        upgrade_line = (b"Upgrade", upgrade.encode("utf-8", "surrogateescape"))
-        headers += ((b"Connection", b"Upgrade"), upgrade_line)
+        # Hop-by-hop, so cleaned away above; asking the upstream to switch needs them. Only to
+        # the WebSocket the route allows, whatever else the client's Upgrade names: offered
+        # `websocket, h2c`, an upstream that speaks h2c switched to it, and the tunnel carried
+        # HTTP/2 requests for any path, none of them routed, checked or metered.
+        headers += _ASK_FOR_WEBSOCKET
         reply = await destination.client.send(
-            request.method, target, headers, None, on_interim=interim, upgrade=upgrade_line[1]
+            request.method, target, headers, None, on_interim=interim, upgrade=b"websocket"
         )
         if reply.status == 101:
             upstream_seconds = time.perf_counter() - started
