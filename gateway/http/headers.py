@@ -95,10 +95,9 @@ def upstream_header_lines(
     """The header lines to send upstream, as bytes: the client's raw lines, cleaned.
 
     Hop-by-hop headers, those in CLIENT_MAY_NOT_CLAIM and the API key header (`drop`, from
-    `request_drop_set`) go; Host
-    becomes the upstream's; X-Forwarded-For and Forwarded (RFC 7239) get the peer appended,
-    Forwarded with the host and protocol too; X-Forwarded-Proto, X-Forwarded-Host and
-    X-Request-ID are the gateway's own view, whatever the client claimed.
+    `request_drop_set`) go; Host becomes the upstream's; X-Forwarded-For and Forwarded (RFC
+    7239) get the peer appended, Forwarded with the host and protocol too; X-Forwarded-Proto,
+    X-Forwarded-Host and X-Request-ID are the gateway's own view, whatever the client claimed.
     X-Forwarded-Host is the client's Host, or `target_host` (the host an absolute-form target
     names) when given, since that one wins (RFC 9112 3.2.2). A client's X-Forwarded-For or
     Forwarded that its Connection header names is hop-by-hop, and goes like any other.
