@@ -144,7 +144,7 @@ def upstream_header_lines(
         kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
     kept.append((b"Forwarded", element))
     kept.append((b"X-Forwarded-Proto", proto))
-    if client_host is not None:
+    if client_host:  # an empty Host names no host: none is stated (nor in Forwarded)
         kept.append((b"X-Forwarded-Host", client_host))
     kept.append((b"X-Request-ID", request_id.encode("ascii")))
     return kept

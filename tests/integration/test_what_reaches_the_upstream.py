@@ -264,3 +264,17 @@ async def test_a_content_length_reaches_the_upstream_in_its_plain_form(tmp_path:
     head, _, rest = received.partition(b"\r\n\r\n")
     assert b"\r\nContent-Length: 10\r\n" in head + b"\r\n"
     assert rest.startswith(b"0123456789GET /base/free/next HTTP/1.1\r\n")
+
+
+async def test_an_empty_host_states_no_forwarded_host(tmp_path: Path) -> None:
+    """`Host:` with no value is served (a target without an authority, RFC 9112 3.2), but
+    names no host: the upstream got an empty X-Forwarded-Host line, where Forwarded had none."""
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            b"GET /free/x HTTP/1.1\r\nHost:\r\nX-API-Key: secret-one\r\n" + CLOSE + b"\r\n",
+        )
+        assert statuses(answer) == [200]
+        head = bytes(setup.upstream.received).lower()
+    assert b"x-forwarded-host" not in head
+    assert b"\r\nforwarded: for=127.0.0.1;proto=http\r\n" in head
