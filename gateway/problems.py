@@ -13,7 +13,6 @@
     ├── RequestTimeout                  408 Request Timeout      request_timeout
     ├── Gone                            410 Gone                 gone
     ├── ContentTooLarge                 413 Content Too Large    content_too_large (admin API)
-    ├── UriTooLong                      414 URI Too Long         uri_too_long
     ├── QuotaExceeded                   429 Quota Exceeded       quota_exceeded
     ├── Throttled                       429 Throttled            throttled
     ├── InternalError                   500 Internal Server Error internal_error
@@ -144,12 +143,6 @@ class ContentTooLarge(GatewayProblem):
     status, title, code = 413, "Content Too Large", "content_too_large"
 
 
-class UriTooLong(GatewayProblem):
-    """A request target longer than a whole head may be; the connection ends, as for a 400."""
-
-    status, title, code = 414, "URI Too Long", "uri_too_long"
-
-
 class UnsupportedMediaType(GatewayProblem):
     """The admin API's: a body in a content coding it does not take."""
 
@@ -213,7 +206,6 @@ def render_problem(
 # What each error of the HTTP layer means to the gateway's users, most specific first;
 # `{what}` is the upstream's product, `{reason}` the error's own words, `{error}` the error.
 _HTTP_ERROR_PROBLEMS: tuple[tuple[type[http_errors.HttpError], type[GatewayProblem], str], ...] = (
-    (http_errors.TargetTooLong, UriTooLong, "The request target is {reason}."),
     (http_errors.MalformedRequest, BadRequest, "The request is {reason}."),
     (
         http_errors.PlainHttpOnTlsPort,
@@ -236,11 +228,11 @@ _HTTP_ERROR_PROBLEMS: tuple[tuple[type[http_errors.HttpError], type[GatewayProbl
 
 
 def problem_from_http_error(error: http_errors.HttpError, product: str = "") -> GatewayProblem:
-    """The answer for an error of the HTTP layer: 400, 408, 414, 502 or 504."""
+    """The answer for an error of the HTTP layer: 400, 408, 502 or 504."""
     for error_type, problem_type, template in _HTTP_ERROR_PROBLEMS:
         if isinstance(error, error_type):
             detail = template.format(what=product or "this route", reason=error, error=error)
-            if issubclass(problem_type, (BadRequest, UriTooLong)):
+            if issubclass(problem_type, BadRequest):
                 # The rest of a request that is not HTTP (or not TLS) cannot be read: the
                 # connection ends.
                 return problem_type(detail, close_connection=True)

@@ -3,7 +3,6 @@
     HttpError
     ├── RequestError                the client's request could not be read
     │   ├── MalformedRequest        not valid HTTP (or a head over the size limit)
-    │   │   └── TargetTooLong       its target alone is over the head's size limit
     │   ├── PlainHttpOnTlsPort      plain HTTP sent to the port that speaks TLS
     │   ├── HeadTimeout             the request head did not arrive in time
     │   └── BodyTimeout             the request body stalled
@@ -35,10 +34,6 @@ class RequestError(HttpError):
 
 class MalformedRequest(RequestError):
     pass
-
-
-class TargetTooLong(MalformedRequest):
-    """A 414 rather than a 400 (RFC 9110 15.5.15): the client learns what to shorten."""
 
 
 class PlainHttpOnTlsPort(RequestError):

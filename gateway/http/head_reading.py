@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from gateway.http.chunks import ChunkBounds
-from gateway.http.errors import HeadTimeout, MalformedRequest, RequestError, TargetTooLong
+from gateway.http.errors import HeadTimeout, RequestError
 from gateway.http.head_rules import NOT_A_HOST, is_host
 from gateway.http.parsing import HEAD_LIMIT, OTHER_CODING, only_chunked, recorded_request_line
 
@@ -24,19 +24,10 @@ if TYPE_CHECKING:
     from gateway.http.server import HttpServer
 
 HEAD_TOO_LARGE = f"the request head is larger than {HEAD_LIMIT // 1024} KiB"
-TARGET_TOO_LONG = f"longer than a whole request head may be ({HEAD_LIMIT // 1024} KiB)"
 
 # Header names noted while parsing (framing, Expect, X-Request-ID), by their length first:
 # checking the length of every name is cheaper than lower-casing every name.
 _NOTED_LENGTHS = frozenset({4, 6, 12, 14, 17})
-
-
-def head_error(detail: str) -> MalformedRequest:
-    """The error a head refused for `detail` is answered as: a 414 for a target too long, else
-    a 400."""
-    if detail == TARGET_TOO_LONG:
-        return TargetTooLong(detail)
-    return MalformedRequest(f"not valid HTTP: {detail}")
 
 
 class HeadReader:
@@ -88,7 +79,7 @@ class HeadReader:
         self._url += url
         self._head_size += len(url)
         if self._head_size > HEAD_LIMIT:
-            self._refuse_head(TARGET_TOO_LONG)
+            self._refuse_head(HEAD_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:

@@ -17,8 +17,8 @@ import httptools
 
 from gateway.http.answer import AnswerWriter
 from gateway.http.chunks import ChunkBounds
-from gateway.http.errors import RequestError, SendTimeout
-from gateway.http.head_reading import HEAD_TOO_LARGE, HeadReader, head_error
+from gateway.http.errors import MalformedRequest, RequestError, SendTimeout
+from gateway.http.head_reading import HEAD_TOO_LARGE, HeadReader
 from gateway.http.head_rules import head_refusal
 from gateway.http.headers import interim_head
 from gateway.http.lingering import Lingering, linger
@@ -490,7 +490,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
 
     def _protocol_error(self, detail: str) -> None:
         self._stop_head_timer()
-        error = head_error(detail)
+        error = MalformedRequest(f"not valid HTTP: {detail}")
         if self._parsing is not None:
             # In a body: the client is still there, and its handler answers (a ConnectionError
             # would say it left, and the upload would wait for a body that cannot come).

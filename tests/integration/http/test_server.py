@@ -359,30 +359,6 @@ async def test_head_over_64_kib_gets_400_problem_and_close() -> None:
         assert recording.paths == []  # the handler never saw it
 
 
-@pytest.mark.parametrize("reads", [1, 3])
-async def test_a_target_over_64_kib_gets_414_problem_and_close(reads: int) -> None:
-    """RFC 9110 15.5.15: a target longer than the server will read is a 414, not a 400 (nginx
-    answers a long one so too), whether it comes in one read or in several."""
-    recording = Recording()
-    async with http_server(recording) as (_, port), connected(port) as (reader, writer):
-        target = b"/" + b"a" * (HEAD_LIMIT + 10)
-        writer.write(b"GET ")
-        step = len(target) // reads + 1
-        for start in range(0, len(target), step):
-            writer.write(target[start : start + step])
-            await writer.drain()
-            await asyncio.sleep(0.01)
-        writer.write(b" HTTP/1.1\r\nHost: t\r\n\r\n")
-        reply = await read_reply(reader)
-        assert reply.status == 414
-        assert reply.headers["connection"] == "close"
-        body = problem(reply)
-        assert (body["code"], body["title"]) == ("uri_too_long", "URI Too Long")
-        assert "64 KiB" in str(body["detail"])
-        assert await read_to_eof(reader) == b""
-        assert recording.paths == []
-
-
 async def test_head_over_64_kib_in_one_unfinished_header_line_gets_400() -> None:
     served = http_server(echo, head_timeout=0.5)
     async with served as (_, port), connected(port) as (reader, writer):
