@@ -224,9 +224,12 @@ class RedisClusterNodes:
         try:
             for node in self.nodes:
                 node.start()
+            self._form()
         except BaseException:
-            self.stop()  # leave no node of a half-started cluster behind
+            self.stop()  # leave no node of a half-started or unformed cluster behind
             raise
+
+    def _form(self) -> None:
         clients = [node.client() for node in self.nodes]
         try:
             share = CLUSTER_SLOTS // len(self.nodes)
