@@ -1,0 +1,24 @@
+"""The keys API tests run on one rig (tests.support.keys_api_rig): a gateway on memory://."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
+from tests.support.keys_api_rig import API, Rig
+from tests.support.upstream import running_upstream
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config", API.format(upstream=upstream.url), server=worker_server_yaml()
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            yield Rig(worker, session)

@@ -1,0 +1,64 @@
+"""The keys API tests' rig (tests/integration/keys/): a gateway serving API in front of an
+upstream, with calls to its admin keys API and requests on its proxy port, and a key created
+through the API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway.server import Worker
+
+API = """
+products:
+  soccer:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/soccer/{{rest:path}}"}}]
+  weather:
+    upstream: {{url: "{upstream}"}}
+    routes: [{{path: "/weather/{{rest:path}}"}}]
+plans:
+  trial: {{rate: {{limit: 100, per: second}}}}
+  production: {{}}
+keys:
+  - name: file-key
+    key: file-secret
+    plans: {{soccer: trial}}
+  - name: m-file-key
+    key: m-file-secret
+    plans: {{soccer: trial}}
+    expires: 2020-01-01T00:00:00Z
+"""
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    session: aiohttp.ClientSession
+
+    def admin(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.worker.admin_port}{path}"
+
+    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        async with self.session.request(method, self.admin(path), **kwargs) as response:
+            data = await response.json(content_type=None) if response.status != 204 else None
+            return response.status, data, response.headers
+
+    async def proxy(self, secret: str, path: str = "/soccer/x") -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.worker.proxy_port}{path}"
+        async with self.session.get(url, headers={"X-API-Key": secret}) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def create(rig: Rig, name: str, **fields: Any) -> dict[str, Any]:
+    status, body, headers = await rig.call(
+        "POST", "/admin/keys", {"name": name, "plans": {"soccer": "trial"}, **fields}
+    )
+    assert status == 201, body
+    assert headers["Location"] == f"/admin/keys/{name}"
+    assert headers["Cache-Control"] == "no-store"
+    return dict(body)
