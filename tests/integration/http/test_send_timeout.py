@@ -1,7 +1,7 @@
 """The send watch of the proxy port's server (`AnswerWriter.write_body` with a `send_timeout`),
 over real loopback sockets: a client that takes nothing of its answer for that long is told
 apart from one that reads. The proxy's streamed answers (tests/integration/proxy) and the
-pipelined answers the server writes whole (test_server.py) rely on it."""
+pipelined answers the server writes whole (test_server_keep_alive.py) rely on it."""
 
 from __future__ import annotations
 
