@@ -88,7 +88,7 @@ def freeze_long_lived() -> None:
     the time between reloads went before the new config came (`collect_before_reload`), and
     what little was made since stays frozen. That is why a request must leave no
     cycle that holds it (and through it the config it was served with): one made during a
-    reload would keep that old config alive for good (tested in test_statuses.py).
+    reload would keep that old config alive for good (tested in test_statuses_leaks.py).
     """
     gc.freeze()
 
