@@ -1,4 +1,5 @@
-"""The keys API tests run on one rig (tests.support.keys_api_rig): a gateway on memory://."""
+"""The keys API tests run on one rig (tests.support.keys_api_rig): a gateway on memory://; the
+key store's, on each kind of Redis (`storage_url`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 from tests.support.keys_api_rig import API, Rig
+from tests.support.redis_servers import RedisClusterNodes, RedisSentinelGroup, RedisServer
 from tests.support.upstream import running_upstream
 
 
@@ -22,3 +24,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
             yield Rig(worker, session)
+
+
+@pytest.fixture(params=["redis", "cluster", "sentinel"])
+def storage_url(request: pytest.FixtureRequest) -> str:
+    fixture = {"redis": "redis_server", "cluster": "redis_cluster"}.get(
+        request.param, "redis_sentinel"
+    )
+    server: RedisServer | RedisClusterNodes | RedisSentinelGroup = request.getfixturevalue(fixture)
+    return server.url
