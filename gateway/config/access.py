@@ -252,7 +252,7 @@ class KeysReader:
         if fields is None:
             return None
         line = line_of(node)
-        name = w.required(fields, "name", w.string)
+        name = w.required(fields, "name", w.name)
         if name is not None:
             if not NAME.fullmatch(name):
                 w.report(fields.value("name"), fields.at("name"), NAME_HINT)
@@ -350,7 +350,7 @@ def read_key_plans(
             quota = w.optional(entry, "quota", lambda n, p: _quota(w, n, p), None)
             override = PlanOverride(rate, quota, _writes_refund_on(entry.value("quota")))
             at = entry.at("plan")
-        plan = w.string(plan_node, at)
+        plan = w.name(plan_node, at)
         if plan is not None and plans is not None and plan not in plans:
             known = ", ".join(sorted(plans)) or "none are declared"
             w.report(plan_node, at, f"unknown plan {plan!r} (plans: {known})")
@@ -373,6 +373,10 @@ class _DataWalker(Walker):
 
     def report(self, where: Node | int | None, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(self.file, None, path, message))
+
+    def name(self, node: Node, path: str) -> str | None:
+        # JSON says what is text: `{"soccer": 1}` is a number, not the name of a plan.
+        return self.string(node, path)
 
 
 def validate_key_plans(

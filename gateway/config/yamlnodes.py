@@ -25,6 +25,8 @@ T = TypeVar("T")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
+# Tags YAML gives an unquoted word it reads as a number or a boolean (`2025`, `no`, `1.0`).
+_TYPED_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool"))
 # YAML 1.1, which PyYAML reads, takes `010` for 8 (octal) and `1:30` for 90 (base 60): an
 # integer written like that is refused rather than read as a number nobody meant.
 _SURPRISING_INTEGER = re.compile(r"[-+]?0[0-9_]+|.*:.*")
@@ -247,6 +249,17 @@ class Walker:
             self.report(node, path, "must not be empty")
             return None
         return value
+
+    def name(self, node: Node, path: str) -> str | None:
+        """A name (of a key, or of the plan a key uses) as it is written.
+
+        A mapping key is always read as written, so `plans:` may declare `2025:` or `no:`; a
+        value naming that plan (`shop: 2025`, `shop: no`) is read as written too, where YAML
+        alone made it a number or a boolean and "must be a string" of a plan that exists.
+        """
+        if isinstance(node, ScalarNode) and node.style is None and node.tag in _TYPED_PLAIN_TAGS:
+            return node.value
+        return self.string(node, path)
 
     def integer(
         self, node: Node, path: str, minimum: int | None = None, maximum: int | None = None
