@@ -1,4 +1,5 @@
-"""Durations as written in the YAML: `250ms`, `2s`, `5m`, `1h`, or a plain number of seconds."""
+"""Durations as written in the YAML: `250ms`, `2s`, `5m`, `1h`, several of those together
+(`1h30m`, as Go and the tools built with it write them), or a plain number of seconds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import re
 DURATION_HINT = "must be a duration like 250ms, 2s, 5m or 1h"
 
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(?P<amount>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>ms|s|m|h)?")
+_AMOUNT = r"[0-9]+(?:\.[0-9]+)?"
+_PART = re.compile(rf"(?P<amount>{_AMOUNT})\s*(?P<unit>ms|s|m|h)\s*")
+_DURATION = re.compile(rf"{_AMOUNT}|(?:{_PART.pattern})+")
 
 
 def parse_duration(value: object) -> float:
@@ -27,7 +30,16 @@ def parse_duration(value: object) -> float:
         return seconds
     if not isinstance(value, str):
         raise ValueError(DURATION_HINT)
-    match = _DURATION.fullmatch(value.strip())
-    if match is None:
+    text = value.strip()
+    if _DURATION.fullmatch(text) is None:
         raise ValueError(DURATION_HINT)
-    return float(match["amount"]) * _UNIT_SECONDS[match["unit"] or "s"]
+    if _PART.match(text) is None:
+        seconds = float(text)  # a plain number of seconds
+    else:
+        seconds = sum(
+            float(part["amount"]) * _UNIT_SECONDS[part["unit"]] for part in _PART.finditer(text)
+        )
+    # Four hundred digits are a float of inf, refused as `.inf` is.
+    if not math.isfinite(seconds):
+        raise ValueError(DURATION_HINT)
+    return seconds

@@ -37,3 +37,12 @@ keys:
         ("1.5", {"shop": "1.5"}),
     ]
 
+
+def test_a_duration_of_hours_and_minutes_together(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "server:\n  drain_timeout: 1h30m\n  timeouts: {keepalive: 1m 30s}\n" + MINIMAL_PRODUCTS,
+        encoding="utf-8",
+    )
+    server = load_config(path, env={}).server
+    assert (server.drain_timeout, server.timeouts.keepalive) == (5400.0, 90.0)

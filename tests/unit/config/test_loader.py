@@ -115,6 +115,9 @@ def test_config_error_message_lists_every_issue() -> None:
         (3, 3.0),
         (0.2, 0.2),
         ("0s", 0.0),
+        ("1h30m", 5400.0),
+        ("1m 30s", 90.0),
+        ("2m500ms", 120.5),
     ],
 )
 def test_parse_duration(written: object, seconds: float) -> None:
@@ -122,7 +125,11 @@ def test_parse_duration(written: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "written", ["2 days", "-1s", "1.5.2s", "", "ms", "1d", True, None, -3, float("inf"), [1]]
+    "written",
+    [
+        *("2 days", "-1s", "1.5.2s", "", "ms", "1d", True, None, -3, float("inf"), [1]),
+        *("1h30", "1hh", "1h-1m", "9" * 400 + "s", "9" * 400),
+    ],
 )
 def test_parse_duration_refuses(written: object) -> None:
     with pytest.raises(ValueError, match="must be a duration like 250ms, 2s, 5m or 1h"):
