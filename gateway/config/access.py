@@ -27,7 +27,14 @@ from gateway.config.model import (
 )
 from gateway.config.products import NAME, NAME_HINT
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, line_of
-from gateway.config.yamltree import STR_TAG, MappingNode, Node, ScalarNode, tree_of_pyyaml
+from gateway.config.yamltree import (
+    MAPPING_TAG,
+    STR_TAG,
+    MappingNode,
+    Node,
+    ScalarNode,
+    tree_of_pyyaml,
+)
 
 _PLAN_KEYS = ("rate", "quota")
 _RATE_KEYS = ("limit", "per")
@@ -205,7 +212,9 @@ class KeysReader:
         this takes 0.9 s. It must make exactly the key `_key` makes from the same node,
         and leave every key it does not accept to `_key` (test_access.py compares the two).
         """
-        if type(node) is not MappingNode or self.products is None or self.plans is None:
+        if type(node) is not MappingNode or node.tag != MAPPING_TAG:
+            return None
+        if self.products is None or self.plans is None:
             return None
         fields: dict[str, Node] = {}
         for key, value in node.value:
@@ -225,7 +234,7 @@ class KeysReader:
         chosen: dict[str, str] = {}
         plans = fields.get("plans")
         if plans is not None:
-            if type(plans) is not MappingNode:
+            if type(plans) is not MappingNode or plans.tag != MAPPING_TAG:
                 return None
             for product, plan in plans.value:
                 if not _is_text(product) or product.value not in self.products:

@@ -18,13 +18,28 @@ from yaml.constructor import SafeConstructor
 
 from gateway.config.durations import DURATION_HINT, parse_duration
 from gateway.config.model import MAX_COUNT
-from gateway.config.yamltree import MappingNode, Node, ScalarNode, SequenceNode, compose_tree
+from gateway.config.yamltree import (
+    MAPPING_TAG,
+    SEQUENCE_TAG,
+    MappingNode,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    compose_tree,
+)
 
 T = TypeVar("T")
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
+# The scalar types a config is written in, each read by PyYAML's safe constructor; any other
+# tag (`!!python/object:...`, `!!binary`, `!custom`) is refused by name: nothing of it is built.
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "timestamp")
+)
+_KNOWN_TAGS = _SCALAR_TAGS | {_STR_TAG, MAPPING_TAG, SEQUENCE_TAG, _MERGE_TAG}
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 # Tags YAML gives an unquoted word it reads as a number or a boolean (`2025`, `no`, `1.0`).
 _TYPED_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool"))
 # YAML 1.1, which PyYAML reads, takes `010` for 8 (octal) and `1:30` for 90 (base 60): an
@@ -108,6 +123,12 @@ def _syntax_issue(exc: yaml.MarkedYAMLError, file: str) -> ConfigIssue:
     return ConfigIssue(file, None if mark is None else mark.line + 1, "", message)
 
 
+def _tag_refusal(tag: str) -> str:
+    """`the tag !!python/object:x is not supported`, in the short form it is written in."""
+    written = f"!!{tag.removeprefix(_YAML_TAG_PREFIX)}" if tag.startswith(_YAML_TAG_PREFIX) else tag
+    return f"the tag {written} is not supported"
+
+
 @dataclass(frozen=True, slots=True)
 class Fields:
     """A mapping's entries by key name, each with its key node and value node."""
@@ -143,6 +164,9 @@ class Walker:
         self._constructor = SafeConstructor()
 
     def report(self, where: Node | int | None, path: str, message: str) -> None:
+        if isinstance(where, Node) and where.tag not in _KNOWN_TAGS:
+            # The tag is why the value could not be read ("must be an integer" of `!foo 3`).
+            message = f"{_tag_refusal(where.tag)}: write the value without it"
         line = where if where is None or isinstance(where, int) else line_of(where)
         self.issues.append(ConfigIssue(self.file, line, path, message))
 
@@ -150,7 +174,7 @@ class Walker:
 
     def mapping(self, node: Node, path: str, allowed: Sequence[str] | None = None) -> Fields | None:
         """The entries of a mapping; duplicate and unknown keys are reported and left out."""
-        if not isinstance(node, MappingNode):
+        if not isinstance(node, MappingNode) or node.tag != MAPPING_TAG:
             self.report(node, path, "must be a mapping")
             return None
         entries: dict[str, tuple[Node, Node]] = {}
@@ -214,7 +238,7 @@ class Walker:
                 yield inner_key, inner_value, True
 
     def sequence(self, node: Node, path: str) -> list[Node] | None:
-        if not isinstance(node, SequenceNode):
+        if not isinstance(node, SequenceNode) or node.tag != SEQUENCE_TAG:
             self.report(node, path, "must be a list")
             return None
         return list(node.value)
@@ -227,15 +251,17 @@ class Walker:
             return node
         if node.tag == _STR_TAG:
             return node.value
-        construct = SafeConstructor.yaml_constructors.get(node.tag)
-        if construct is None:
+        if node.tag not in _SCALAR_TAGS:
             return node  # an unknown `!tag`: no usable value, the typed reads say so
+        construct = SafeConstructor.yaml_constructors[node.tag]
         try:
             # Called directly rather than through construct_object, which would remember
             # every node it was given for the constructor's lifetime.
             return construct(self._constructor, node.as_pyyaml())
-        except (yaml.YAMLError, ValueError):
-            return node  # e.g. `!!int abc`
+        # `!!int abc`, `!!timestamp 2020-13-45`; `!!bool maybe` (KeyError) and `!!timestamp
+        # soon` (AttributeError) went up as a traceback out of `gateway check`.
+        except (yaml.YAMLError, ValueError, KeyError, AttributeError):
+            return node
 
     def is_null(self, node: Node) -> bool:
         return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
