@@ -129,6 +129,15 @@ def _tag_refusal(tag: str) -> str:
     return f"the tag {written} is not supported"
 
 
+def _merge_sources(merges: list[Node]) -> Iterator[Node]:
+    """What `<<` entries name: a mapping each, or a list of them."""
+    for merge in merges:
+        if isinstance(merge, SequenceNode):
+            yield from merge.value
+        else:
+            yield merge
+
+
 @dataclass(frozen=True, slots=True)
 class Fields:
     """A mapping's entries by key name, each with its key node and value node."""
@@ -194,8 +203,8 @@ class Walker:
                 self.report(key, join(path, name), message)
                 continue
             entries[name] = (key, value)
-        for merge in merges:
-            for key, value, _ in self._merged(merge, path):
+        if merges:
+            for key, value in self._merged(merges, node, path):
                 name = self._key_name(key, path, allowed)
                 if name is not None:
                     entries.setdefault(name, (key, value))
@@ -211,31 +220,41 @@ class Walker:
             return None
         return name
 
-    def _merged(self, merge: Node, path: str) -> Iterator[tuple[Node, Node, bool]]:
-        """The pairs one `<<` brings in: from a mapping, or from each of a list of them."""
-        sources = merge.value if isinstance(merge, SequenceNode) else [merge]
-        for source in sources:
-            if not isinstance(source, MappingNode):
-                self.report(source, path, "`<<` must name a mapping")
-                continue
-            yield from self._pairs(source, path)
-
-    def _pairs(self, node: MappingNode, path: str) -> Iterator[tuple[Node, Node, bool]]:
-        """The mapping's own pairs, then those merged in by `<<` (flagged True).
+    def _merged(
+        self, merges: list[Node], node: MappingNode, path: str
+    ) -> Iterator[tuple[Node, Node]]:
+        """The pairs the `<<` entries of `node` bring in, each source's own pairs and then
+        those it merges in itself, depth first.
 
         Since the first occurrence of a merged key wins, this order gives YAML's precedence:
         own keys over merged ones, a source's own keys over what it merged itself, and
-        earlier sources of `<<: [*a, *b]` over later ones.
+        earlier sources of `<<: [*a, *b]` over later ones. So a source met a second time
+        brings nothing new and is skipped: a mapping merging itself (`&a {<<: *a}`) went
+        round until a RecursionError, and nine levels of `<<: [*x, *x, ...]` made billions
+        of pairs out of a few lines. A stack, not recursion: a chain of merges has no depth
+        limit.
         """
-        merges: list[Node] = []
-        for key, value in node.value:
-            if key.tag == _MERGE_TAG:
-                merges.append(value)
-            else:
-                yield key, value, False
-        for value in merges:
-            for inner_key, inner_value, _ in self._merged(value, path):
-                yield inner_key, inner_value, True
+        seen = {id(node)}
+        pending: list[Iterator[Node]] = [_merge_sources(merges)]
+        while pending:
+            source = next(pending[-1], None)
+            if source is None:
+                pending.pop()
+                continue
+            if id(source) in seen:
+                continue
+            seen.add(id(source))
+            if not isinstance(source, MappingNode):
+                self.report(source, path, "`<<` must name a mapping")
+                continue
+            inner: list[Node] = []
+            for key, value in source.value:
+                if key.tag == _MERGE_TAG:
+                    inner.append(value)
+                else:
+                    yield key, value
+            if inner:
+                pending.append(_merge_sources(inner))
 
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, SequenceNode) or node.tag != SEQUENCE_TAG:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.config import load_config
-from tests.support.config import MINIMAL_PRODUCTS
+from tests.support.config import MINIMAL_PRODUCTS, issues_of
 
 
 def test_a_plan_or_key_named_like_a_number_or_boolean_is_referred_to_as_written(
@@ -46,3 +46,55 @@ def test_a_duration_of_hours_and_minutes_together(tmp_path: Path) -> None:
     )
     server = load_config(path, env={}).server
     assert (server.drain_timeout, server.timeouts.keepalive) == (5400.0, 90.0)
+
+
+def test_anchors_and_merge_keys_in_products_and_plans(tmp_path: Path) -> None:
+    """`<<: *base` fills what a mapping leaves out: its own keys win, then the first source's
+    own keys, then what that source merged itself, then the next source."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        """\
+products:
+  shop: &shop
+    upstream: &upstream {url: "http://127.0.0.1:9000", timeout: 5s}
+    routes: [{path: /shop}]
+    maintenance: {retry_after: 60}
+  outlet:
+    <<: *shop
+    upstream: {<<: *upstream, url: "http://127.0.0.1:9001"}
+    routes: [{path: /outlet}]
+plans:
+  slow: &slow {rate: {limit: 1, per: second}, quota: {limit: 10, per: day}}
+  daily: &daily {<<: *slow, quota: {limit: 20, per: day}}
+  mixed: {<<: [*daily, {rate: {limit: 3, per: second}}]}
+  own: {<<: [*daily, *slow], rate: {limit: 4, per: second}}
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path, env={})
+    outlet = config.products["outlet"]
+    assert (outlet.upstream.url, outlet.upstream.timeout) == ("http://127.0.0.1:9001", 5.0)
+    assert [route.path for route in outlet.routes] == ["/outlet"]
+    assert outlet.maintenance is not None and outlet.maintenance.retry_after == 60
+    limits = {
+        name: (plan.rate and plan.rate.limit, plan.quota and plan.quota.limit)
+        for name, plan in config.plans.items()
+    }
+    assert limits == {"slow": (1, 10), "daily": (1, 20), "mixed": (1, 20), "own": (4, 20)}
+
+
+def test_a_long_chain_of_merges_is_read_without_recursion(tmp_path: Path) -> None:
+    """Each merge was a level of recursion: 1,500 of them were a RecursionError."""
+    chain = ["  m0: &m0 {rate: {limit: 7, per: second}}"]
+    chain += [f"  m{i}: &m{i} {{<<: *m{i - 1}}}" for i in range(1, 1500)]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(MINIMAL_PRODUCTS + "plans:\n" + "\n".join(chain) + "\n", encoding="utf-8")
+    rate = load_config(path, env={}).plans["m1499"].rate
+    assert rate is not None and rate.limit == 7
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_any_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    text = MINIMAL_PRODUCTS + "plans:\n  trial: {rate: {limit: x, per: second}}\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert issues_of(path) == [f"{path}:7: plans.trial.rate.limit: must be an integer"]
