@@ -88,3 +88,38 @@ def test_run_holds_stop_and_reload_signals_before_it_imports_the_server(tmp_path
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1, 2, 15]"
+
+
+FIXTURES = Path(__file__).parents[1] / "config"
+
+
+def test_check_lists_every_issue_and_exits_1_without_a_traceback() -> None:
+    """The YAML that went up as a traceback (`!!bool maybe`, a mapping merging itself)."""
+    for name, issues in (("bad_tag_unreadable_scalar.yaml", 2), ("bad_merge_of_itself.yaml", 1)):
+        done = gateway("check", "--config", str(FIXTURES / name))
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        assert len(done.stdout.splitlines()) == issues
+        assert all(line.startswith(f"{FIXTURES / name}:") for line in done.stdout.splitlines())
+
+
+def test_run_with_a_config_that_fails_exits_at_once_saying_why_on_stderr(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for config, message in (
+        (FIXTURES / "bad_merge_of_itself.yaml", "plans.a.rate.limit: must be an integer"),
+        (tmp_path / "missing.yaml", "missing.yaml: no such file or folder"),
+        (tmp_path / "empty", "empty: no *.yaml files in this folder"),
+    ):
+        done = gateway("run", "--config", str(config))
+        assert done.returncode == 1
+        assert done.stdout == ""
+        assert message in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_bad_workers_and_unknown_flags_are_usage_errors(tmp_path: Path) -> None:
+    config = Path(__file__).parents[2] / "config"
+    for args in (("--workers", "abc"), ("--workers", "1.5"), ("--workers", "-1"), ("--bogus",)):
+        done = gateway("run", "--config", str(config), *args)
+        assert done.returncode == 2, args
+        assert done.stderr and "Traceback" not in done.stderr
