@@ -213,8 +213,16 @@ class _Builder:
         self.issues = issues
         self.files = files
 
-    def _fields(self, name: str, allowed: tuple[str, ...]) -> tuple[Walker, Fields] | None:
+    def _section(self, name: str) -> _Section | None:
+        """The section, unless it is absent or empty: `keys:` with every entry under it
+        commented out is no keys, as `keys: []` is, not "must be a list"."""
         section = self.sections.get(name)
+        if section is None or section.walker.is_null(section.value):
+            return None
+        return section
+
+    def _fields(self, name: str, allowed: tuple[str, ...]) -> tuple[Walker, Fields] | None:
+        section = self._section(name)
         if section is None:
             return None
         fields = section.walker.mapping(section.value, name, allowed)
@@ -439,13 +447,13 @@ class _Builder:
         return products, names
 
     def _plans(self) -> tuple[dict[str, Plan], set[str] | None]:
-        section = self.sections.get("plans")
+        section = self._section("plans")
         if section is None:
             return {}, set()
         return read_plans(section.walker, section.value)
 
     def _keys(self, products: set[str] | None, plans: set[str] | None) -> tuple[ApiKey, ...]:
-        section = self.sections.get("keys")
+        section = self._section("keys")
         if section is None:
             return ()
         return KeysReader(section.walker, products, plans).read(section.value)

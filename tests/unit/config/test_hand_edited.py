@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.config import load_config
+from gateway.config import AuthConfig, ServerConfig, StorageConfig, load_config
 from tests.support.config import MINIMAL_PRODUCTS, issues_of
 
 
@@ -98,3 +98,29 @@ def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_any_file(tmp_path: Pat
     text = MINIMAL_PRODUCTS + "plans:\n  trial: {rate: {limit: x, per: second}}\n"
     path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     assert issues_of(path) == [f"{path}:7: plans.trial.rate.limit: must be an integer"]
+
+
+def test_a_section_with_every_entry_commented_out_is_an_empty_one(tmp_path: Path) -> None:
+    """`keys:` over commented-out entries is null in YAML: it was "keys: must be a list"."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        MINIMAL_PRODUCTS
+        + """\
+server:
+  # listen: 0.0.0.0:8080
+storage:
+auth:
+plans:
+  # trial: {rate: {limit: 1, per: second}}
+keys:
+  # - {name: acme, key: secret, plans: {shop: trial}}
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path, env={})
+    assert (config.server, config.storage, config.auth) == (
+        ServerConfig(),
+        StorageConfig(),
+        AuthConfig(),
+    )
+    assert (config.plans, config.keys) == ({}, ())
