@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
@@ -76,7 +78,55 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
         raise TlsFileError("cert", f"{cert} is not a usable certificate{detail}") from exc
     except OSError as exc:  # removed or replaced between the checks and the load
         raise TlsFileError("cert", f"{cert} cannot be read: {exc.strerror or exc}") from exc
+    _refuse_expired(cert)
     return context
+
+
+def _refuse_expired(cert: str) -> None:
+    """An expired certificate fails every client's handshake that checks it: a config error
+    now rather than a gateway every client refuses (OpenSSL loads it without a word)."""
+    try:
+        with open(cert, encoding="ascii", errors="replace") as file:
+            pem = file.read(_MAX_PEM_BYTES)
+        start = pem.index("-----BEGIN CERTIFICATE-----")
+        end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+        not_after = _not_after(ssl.PEM_cert_to_DER_cert(pem[start:end]))
+    except (OSError, ValueError, IndexError):
+        return  # loaded by OpenSSL already: a date this reading cannot find is not refused
+    if not_after < time.time():
+        when = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise TlsFileError("cert", f"{cert} expired on {when}")
+
+
+def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
+    """The DER item at `at`: its tag, where its content starts and where it ends."""
+    tag, length = data[at], data[at + 1]
+    at += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(data[at : at + size], "big")
+        at += size
+    return tag, at, at + length
+
+
+def _not_after(der: bytes) -> float:
+    """The notAfter of an X.509 certificate (RFC 5280 4.1), as a Unix time."""
+    _, tbs, _ = _der_item(der, 0)  # Certificate
+    _, at, _ = _der_item(der, tbs)  # TBSCertificate
+    if der[at] == 0xA0:  # [0] version
+        at = _der_item(der, at)[2]
+    for _ in range(3):  # serialNumber, signature, issuer
+        at = _der_item(der, at)[2]
+    _, validity, _ = _der_item(der, at)
+    not_before_end = _der_item(der, validity)[2]
+    tag, start, end = _der_item(der, not_before_end)
+    text = der[start:end].decode("ascii")
+    # UTCTime has two digits for the year (RFC 5280 4.1.2.5.1: 50-99 are 19xx).
+    if tag == 0x17:
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    elif tag != 0x18:
+        raise ValueError("not a time")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def _no_passphrase(key: str) -> Callable[[], bytes]:

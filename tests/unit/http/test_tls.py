@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import ConfigError, load_config
 from gateway.http.tls import CertificateSwitch, TlsFileError, server_context
-from tests.support.certificates import make_certificate
+from tests.support.certificates import make_certificate, make_expired_certificate
 
 PRODUCTS = """
 products:
@@ -110,6 +110,21 @@ def test_config_names_the_key_that_does_not_match(tmp_path: Path) -> None:
     assert [str(issue) for issue in caught.value.issues] == [
         f"{config_file}:2: server.tls.key: {second.key} does not belong to the certificate "
         f"{first.cert}"
+    ]
+
+
+def test_config_names_an_expired_certificate(tmp_path: Path) -> None:
+    """OpenSSL loads an expired certificate without a word: the gateway started, or a renewal
+    was taken, and every client that checks certificates refused each handshake."""
+    expired = make_expired_certificate(tmp_path)
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(
+        f"server:\n  tls: {{cert: {expired.cert}, key: {expired.key}}}\n" + PRODUCTS
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file, env={})
+    assert [str(issue) for issue in caught.value.issues] == [
+        f"{config_file}:2: server.tls.cert: {expired.cert} expired on 2020-01-02 00:00:00 UTC"
     ]
 
 
