@@ -13,6 +13,8 @@ snapshot holds a `Destination` per product, made from it once.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -22,6 +24,7 @@ from gateway.config.model import Product, Upstream
 from gateway.http.client import IDEMPOTENT, HttpClient, ReplayableBody
 from gateway.http.errors import (
     BodyTimeout,
+    MalformedResponse,
     RequestBodyFailed,
     ResponseBodyError,
     SendTimeout,
@@ -54,6 +57,20 @@ CutHook = Callable[[float, int, int | None], None]
 
 # The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
 _ASK_FOR_WEBSOCKET = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
+# RFC 6455 4.2.2: Sec-WebSocket-Accept is base64(SHA-1(the request's key + this GUID)).
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _accepts_the_key(request: Request, reply: HttpReply) -> bool:
+    """Whether a 101's Sec-WebSocket-Accept answers the client's Sec-WebSocket-Key (RFC 6455
+    4.1: a client fails the WebSocket otherwise). A request without a key is the client's
+    business, and not checked here."""
+    key = next((v for n, v in request.raw_headers if n.lower() == b"sec-websocket-key"), None)
+    if key is None:
+        return True
+    expected = base64.b64encode(hashlib.sha1(key.strip() + _WEBSOCKET_GUID).digest())
+    accepts = [v.strip() for n, v in reply.raw_headers if n.lower() == b"sec-websocket-accept"]
+    return accepts == [expected]
 
 
 @dataclass(slots=True)
@@ -206,6 +223,13 @@ async def forward(
             request.method, target, headers, None, on_interim=interim, upgrade=b"websocket"
         )
         if reply.status == 101:
+            if not _accepts_the_key(request, reply):
+                # The client would fail the WebSocket at once (RFC 6455 4.1), and the tunnel be
+                # logged and counted as a switch that carried nothing: a 502 saying why.
+                reply.abort()
+                raise MalformedResponse(
+                    "it answered 101 without the Sec-WebSocket-Accept of the request's key"
+                )
             upstream_seconds = time.perf_counter() - started
             switched = switching_protocols_head(
                 reply.reason, reply.raw_headers, extra_response_headers

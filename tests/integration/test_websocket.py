@@ -268,6 +268,7 @@ async def test_a_101_to_a_protocol_not_asked_for_is_a_502(
     async def other(peer: Peer) -> None:
         await peer.head()
         await peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n")
+        await peer.send(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")
         await peer.send(b"Upgrade: %b\r\n\r\n" % upgrade)
         await peer.reader.read()
 
