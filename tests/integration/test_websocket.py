@@ -215,13 +215,14 @@ async def test_upstream_refusing_the_switch_is_passed_on(tmp_path: Path) -> None
 
 @asynccontextmanager
 async def handshake_before(
-    tmp_path: Path, script: Script
+    tmp_path: Path, script: Script, **config: str
 ) -> AsyncIterator[tuple[RawUpstream, asyncio.StreamReader, asyncio.StreamWriter]]:
-    """A gateway in front of an upstream that answers by `script`, and a client connection to
-    it that has sent a WebSocket handshake."""
+    """A gateway (`config`: worker_server_yaml's) in front of an upstream that answers by
+    `script`, and a client connection to it that has sent a WebSocket handshake."""
     async with raw_upstream(script) as upstream:
         url = f"http://127.0.0.1:{upstream.port}"
-        directory = write_config(tmp_path, API.format(url=url), server=worker_server_yaml())
+        server = worker_server_yaml(**config)
+        directory = write_config(tmp_path, API.format(url=url), server=server)
         async with running_gateway(directory) as gateway:
             reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
             writer.write(raw_handshake(b"1.1"))
