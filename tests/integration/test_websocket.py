@@ -41,6 +41,7 @@ plans:
 keys:
   - {{name: viewer, key: ws-secret, plans: {{live: open, plainws: open}}}}
   - {{name: counted, key: ws-counted, plans: {{live: two_a_day}}}}
+  - {{name: stopped, key: ws-off, disabled: true, plans: {{live: open}}}}
 """
 
 MIB = 1024 * 1024

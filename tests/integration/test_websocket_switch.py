@@ -7,9 +7,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.integration.test_websocket import SWITCHED, handshake_before
+from tests.integration.test_websocket import (
+    SWITCHED,
+    gateway_and_upstream,
+    handshake_before,
+    ws_url,
+)
 from tests.support.raw_upstream import Peer
 
 # What RFC 6455's sample key (the one `raw_handshake` sends) is answered with.
@@ -66,3 +72,54 @@ async def test_a_101_that_accepts_the_key_is_switched(tmp_path: Path, padding: b
         first = await asyncio.wait_for(reader.readexactly(4), 10)
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert first == b"\x81\x02hi"
+
+
+@pytest.mark.parametrize("status", [200, 404, 426])
+async def test_an_upstream_that_does_not_switch_is_an_ordinary_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """Whatever the upstream answers but 101 reaches the client as that answer, and the
+    connection then closes: what the client sends after an upgrade request is not HTTP."""
+
+    async def answer(peer: Peer) -> None:
+        await peer.head()
+        await peer.send(b"HTTP/1.1 %d Nope\r\nContent-Length: 7\r\n\r\nno here" % status)
+        await peer.reader.read()
+
+    async with handshake_before(tmp_path, answer) as (_, reader, _):
+        answered = await asyncio.wait_for(reader.read(), 10)  # to the close
+    head, _, body = answered.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answered
+    assert b"\r\nConnection: close" in head
+    assert body == b"no here"
+    statuses: list[int] = []
+    for _ in range(500):
+        out = capsys.readouterr().out
+        statuses += [json.loads(line)["status"] for line in out.splitlines() if line[:1] == "{"]
+        if statuses:
+            break
+        await asyncio.sleep(0.01)
+    assert statuses == [status]
+
+
+async def test_refused_handshakes_are_problem_json_and_the_switch_costs_once(
+    tmp_path: Path,
+) -> None:
+    async with gateway_and_upstream(tmp_path) as (gateway, upstream, session):
+        for query, status in (("", 401), ("?api_key=ws-nothing", 401), ("?api_key=ws-off", 403)):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(ws_url(gateway, "/ws/echo" + query))
+            assert refused.value.status == status
+            assert refused.value.headers is not None
+            assert refused.value.headers["Content-Type"] == "application/problem+json"
+        for _ in range(2):  # the quota: two a day
+            async with session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-counted")) as ws:
+                for number in range(3):
+                    await ws.send_str(str(number))
+                    assert await ws.receive_str() == str(number)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url(gateway, "/ws/echo?api_key=ws-counted"))
+        assert refused.value.status == 429
+        assert refused.value.headers is not None
+        assert refused.value.headers["Content-Type"] == "application/problem+json"
+        assert len(upstream.seen) == 2
