@@ -178,6 +178,9 @@ async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(
             await session.ws_connect(ws_url(gateway, "/nows/echo?api_key=ws-secret"))
         # The upstream was asked without Upgrade, so it refused as it would any plain GET.
         assert refused.value.status == 400
+        # Then the connection closes: what a client sends after an upgrade request is not HTTP.
+        assert refused.value.headers is not None
+        assert refused.value.headers.get("Connection") == "close"
         headers = {name.lower() for name, _ in upstream.seen[0].headers}
         assert "upgrade" not in headers
         assert upstream.seen[0].path_qs == "/ws/nows/echo"
