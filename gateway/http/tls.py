@@ -78,13 +78,16 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
         raise TlsFileError("cert", f"{cert} is not a usable certificate{detail}") from exc
     except OSError as exc:  # removed or replaced between the checks and the load
         raise TlsFileError("cert", f"{cert} cannot be read: {exc.strerror or exc}") from exc
-    _refuse_expired(cert)
+    _warn_if_expired(cert)
     return context
 
 
-def _refuse_expired(cert: str) -> None:
-    """An expired certificate fails every client's handshake that checks it: a config error
-    now rather than a gateway every client refuses (OpenSSL loads it without a word)."""
+def _warn_if_expired(cert: str) -> None:
+    """OpenSSL loads an expired certificate without a word, and every client that checks
+    certificates then refuses each handshake: said at WARNING at each load (start, reload,
+    `gateway check`). Not refused, as nginx and Envoy do not refuse it: a gateway whose
+    certificate ran out would otherwise not start again after a restart, nor take any other
+    change of its config, until the certificate is renewed, for clients that may not check it."""
     try:
         with open(cert, encoding="ascii", errors="replace") as file:
             pem = file.read(_MAX_PEM_BYTES)
@@ -92,10 +95,14 @@ def _refuse_expired(cert: str) -> None:
         end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
         not_after = _not_after(ssl.PEM_cert_to_DER_cert(pem[start:end]))
     except (OSError, ValueError, IndexError):
-        return  # loaded by OpenSSL already: a date this reading cannot find is not refused
+        return  # loaded by OpenSSL already: a date this reading cannot find is no warning
     if not_after < time.time():
         when = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        raise TlsFileError("cert", f"{cert} expired on {when}")
+        log.warning(
+            "the certificate %s expired on %s: clients that check certificates refuse it",
+            cert,
+            when,
+        )
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 import subprocess
 from pathlib import Path
@@ -113,19 +114,30 @@ def test_config_names_the_key_that_does_not_match(tmp_path: Path) -> None:
     ]
 
 
-def test_config_names_an_expired_certificate(tmp_path: Path) -> None:
-    """OpenSSL loads an expired certificate without a word: the gateway started, or a renewal
-    was taken, and every client that checks certificates refused each handshake."""
+def test_an_expired_certificate_is_loaded_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSL loads an expired certificate without a word, and every client that checks
+    certificates refuses each handshake: the load says so. It is not refused (nginx and Envoy
+    load it too): a gateway whose certificate ran out would not start again after a restart."""
     expired = make_expired_certificate(tmp_path)
     config_file = tmp_path / "gateway.yaml"
     config_file.write_text(
         f"server:\n  tls: {{cert: {expired.cert}, key: {expired.key}}}\n" + PRODUCTS
     )
-    with pytest.raises(ConfigError) as caught:
-        load_config(config_file, env={})
-    assert [str(issue) for issue in caught.value.issues] == [
-        f"{config_file}:2: server.tls.cert: {expired.cert} expired on 2020-01-02 00:00:00 UTC"
+    with caplog.at_level(logging.WARNING, logger="gateway.http.tls"):
+        config = load_config(config_file, env={})
+    assert config.server.tls is not None
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the certificate {expired.cert} expired on 2020-01-02 00:00:00 UTC: clients that "
+        "check certificates refuse it"
     ]
+    caplog.clear()
+    fresh = make_certificate(tmp_path, "fresh", serial=3)
+    config_file.write_text(f"server:\n  tls: {{cert: {fresh.cert}, key: {fresh.key}}}\n" + PRODUCTS)
+    with caplog.at_level(logging.WARNING, logger="gateway.http.tls"):
+        load_config(config_file, env={})
+    assert caplog.records == []
 
 
 def test_switch_hands_new_handshakes_the_newest_context(tmp_path: Path) -> None:
