@@ -19,12 +19,13 @@ import contextvars
 import hmac
 import logging
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.admin_json import ADMIN_ROUTE, BODY_TIMEOUT
+from gateway.admin_json import ADMIN_ROUTE, BODY_TIMEOUT, AdminRouter, awaits_continue
 from gateway.admin_state import (
     ADMIN_STATE,
     AdminState,
@@ -73,7 +74,15 @@ def build_admin_app(
     if token == "":
         # "Bearer " with nothing after it must not open the admin API.
         raise ValueError("the admin token must not be empty")
-    app = web.Application(middlewares=[_problems_and_auth], client_max_size=_MAX_BODY)
+    with warnings.catch_warnings():
+        # `router=` is deprecated for aiohttp 4 (the requirements keep it below 4), and the
+        # one way to answer `Expect` on the router's own 404 and 405 (`AdminRouter`).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        app = web.Application(
+            router=AdminRouter(),
+            middlewares=[_close_if_body_not_invited, _problems_and_auth],
+            client_max_size=_MAX_BODY,
+        )
     app.on_response_prepare.append(_tag_request_id)
     app[BODY_TIMEOUT] = lambda: get_config().server.timeouts.client_body
     app[ADMIN_STATE] = AdminState(
@@ -126,6 +135,20 @@ ADMIN_HTTP_LOG.addFilter(_ClientFaults())
 
 # The largest body an admin call may send: a key, a credit, a list of plans fit many times over.
 _MAX_BODY = 1024 * 1024
+
+
+@web.middleware
+async def _close_if_body_not_invited(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An answer to a client still waiting for its `100 Continue` (a call refused before its
+    body was read) says `Connection: close` (RFC 9110 10.1.1): the client may send the body
+    yet, or its next request, and which of them comes next on this connection no one can
+    tell."""
+    response = await handler(request)
+    if awaits_continue(request) and not request.content.is_eof() and not response.prepared:
+        response.force_close()
+    return response
 
 
 @web.middleware

@@ -7,24 +7,55 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import MatchInfoError, UrlMappingMatchInfo
 
 from gateway.problems import BadRequest, RequestTimeout, UnsupportedMediaType
 
 
 async def expect_continue(request: web.Request) -> None:
-    """The admin port's answer to `Expect`, as the proxy port's: an HTTP/1.1 `100-continue`
-    gets its `100 Continue` before the body is read; any other expectation is ignored (RFC 9110
-    lets a server do so), where aiohttp's own handler answered a plain-text 417 that no
-    middleware sees, the one admin answer that was not problem+json. Every admin route takes
-    it (`ADMIN_ROUTE`)."""
+    """The admin port's answer to `Expect`, as the proxy port's: nothing yet. An HTTP/1.1
+    `100-continue` gets its `100 Continue` when the call reads its body (`json_object`), so a
+    call refused before (401, 404, 405, 413) never has its body sent: it was invited before any
+    check, and a client without the token was asked for its megabyte. Any other expectation is
+    ignored (RFC 9110 lets a server do so), where aiohttp's own handler answered a plain-text
+    417 that no middleware sees. Every admin route takes it (`ADMIN_ROUTE`), and so do the
+    router's 404 and 405 (`AdminRouter`)."""
+
+
+def awaits_continue(request: web.Request) -> bool:
+    """Whether the client waits for a `100 Continue` before it sends the body."""
     expected = request.headers.get("Expect", "").strip().lower()
-    if expected == "100-continue" and request.version >= (1, 1):
+    return expected == "100-continue" and request.version >= (1, 1)
+
+
+async def _invite_body(request: web.Request) -> None:
+    if awaits_continue(request) and not request.content.is_eof():
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's own bytes have not begun
+
+
+class _RefusedMatch(MatchInfoError):
+    """The router's 404 or 405, taking `Expect` as the admin routes do."""
+
+    @property
+    def expect_handler(self) -> Callable[[web.Request], Awaitable[None]]:
+        return expect_continue
+
+
+class AdminRouter(web.UrlDispatcher):
+    """The admin port's router: its own 404 and 405 (a path or a method it does not serve)
+    answer `Expect` as the routes do, where aiohttp sent a `100 Continue` before them, or a
+    plain-text 417 for another expectation."""
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        found = await super().resolve(request)
+        if isinstance(found, MatchInfoError):
+            return _RefusedMatch(found.http_exception)
+        return found
 
 
 # Keyword arguments of every admin route (`app.router.add_get(path, handler, **ADMIN_ROUTE)`).
@@ -47,6 +78,7 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
     within = request.app[BODY_TIMEOUT]()
     try:
         async with asyncio.timeout(within):
+            await _invite_body(request)
             raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"body: did not arrive within {within:g}s (client_body)") from None

@@ -454,38 +454,6 @@ keys:
 """
 
 
-async def test_expect_on_the_admin_port_is_answered_as_on_the_proxy_port(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`100-continue` gets its 100 before the body is sent; another expectation is ignored and
-    the call answered as usual (aiohttp answered it with a plain-text 417, no problem+json)."""
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
-    config = write_config(tmp_path / "config", SHOP_WITH_QUOTA, server=worker_server_yaml())
-    body = b'{"amount": 5}'
-    head = (
-        f"POST /admin/usage/acme/shop/credit HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n"
-    )
-    async with running_gateway(config) as worker:
-        reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
-        writer.write(f"{head}Expect: 100-continue\r\n\r\n".encode())
-        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-        )
-        writer.write(body)
-        status = await asyncio.wait_for(reader.readline(), 10)
-        writer.close()
-        assert status.startswith(b"HTTP/1.1 200 "), status
-
-        for expectation, credit in (("the-moon", 10), ("100-continue, the-moon", 15)):
-            reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
-            writer.write(f"{head}Expect: {expectation}\r\n\r\n".encode() + body)
-            answer = await asyncio.wait_for(reader.readuntil(b"}}}"), 10)
-            writer.close()
-            assert answer.startswith(b"HTTP/1.1 200 "), answer
-            assert f'"credit": {credit},'.encode() in answer, answer
-
-
 async def test_a_slow_or_encoded_body_and_a_slow_head_get_clear_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,8 +11,12 @@ from gateway.server import Worker
 
 
 @asynccontextmanager
-async def running_gateway(config_dir: Path, *, watch: bool = False) -> AsyncIterator[Worker]:
-    config = load_config(config_dir, env={})
+async def running_gateway(
+    config_dir: Path, *, watch: bool = False, env: dict[str, str] | None = None
+) -> AsyncIterator[Worker]:
+    """`env`: what the config is loaded with in place of the environment (GATEWAY_ADMIN_TOKEN,
+    GATEWAY_REDIS_URL); none of the test process's own."""
+    config = load_config(config_dir, env=env or {})
     worker = Worker(str(config_dir) if watch else None, config, supervised=False)
     await worker.start()
     try:
