@@ -82,8 +82,11 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
             raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"body: did not arrive within {within:g}s (client_body)") from None
-    if not raw.strip() and not required:
-        return {}
+    if not raw.strip():
+        if not required:
+            return {}
+        # Said so, where json.loads told of a JSON value expected at line 1 column 1.
+        raise BadRequest("body: is required, a JSON object")
     try:
         data = json.loads(raw, object_pairs_hook=_no_field_twice)
     except _FieldTwice as twice:
