@@ -377,11 +377,10 @@ async def test_metrics_serves_the_prometheus_text_with_observed_requests(
 
 
 async def test_a_request_that_is_not_http_is_one_line_in_the_log_without_its_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiohttp logged it at ERROR with a traceback quoting the bad line: here, the token."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "s3cret-admin")
     api = """
 products:
   shop:
@@ -389,7 +388,11 @@ products:
     routes: [{path: "/shop/{rest:path}"}]
 """
     config = write_config(tmp_path / "config", api, server=worker_server_yaml())
-    async with running_gateway(config) as worker:
+    async with running_gateway(config, env={"GATEWAY_ADMIN_TOKEN": "s3cret-admin"}) as worker:
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
+        writer.write(b"GET /admin/keys HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).split()[1] == b"401"  # the token is in force
+        writer.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", worker.admin_port)
         writer.write(
             b"GET /admin/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-admin\x01\r\n\r\n"
@@ -455,18 +458,20 @@ keys:
 
 
 async def test_a_slow_or_encoded_body_and_a_slow_head_get_clear_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """As on the proxy port: a body must arrive within client_body (408), a head within
     client_header (the connection closed: aiohttp has no 408 of its own for it). A body in a
     content coding is refused by name, where aiohttp's decoding answered a 500 for a gzip body
     that was not gzip and a plain-text 400 for brotli."""
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     server = worker_server_yaml(client_header="300ms", client_body="300ms")
     config = write_config(tmp_path / "config", SHOP_WITH_QUOTA, server=server)
     credit = "/admin/usage/acme/shop/credit"
-    async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+    token = {"GATEWAY_ADMIN_TOKEN": TOKEN}
+    async with running_gateway(config, env=token) as worker, aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{worker.admin_port}{credit}"
+        async with http.post(url, json={"amount": 1}) as response:
+            assert response.status == 401  # the token is in force
         for coding in ("gzip", "br", "bogus"):
             headers = {**bearer(TOKEN), "Content-Encoding": coding}
             async with http.post(url, data=b"not encoded", headers=headers) as response:
