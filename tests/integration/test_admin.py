@@ -36,11 +36,11 @@ from gateway.config.model import (
 from gateway.limits.base import DayUsage, Limiter, StorageError
 from gateway.limits.memory import MemoryLimiter
 from gateway.record import RequestRecord
+from tests.support.admin_port import SHOP_WITH_QUOTA, TOKEN, bearer
 from tests.support.apps import serving_app
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 
-TOKEN = "admin-s3cret"
 PROBLEM = "application/problem+json"
 DAILY = QuotaRule(limit=5, per="day", timezone=ZoneInfo("UTC"))
 
@@ -113,10 +113,6 @@ async def serve() -> AsyncIterator[Serve]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def test_healthz_answers_ok(serve: Serve, http: aiohttp.ClientSession) -> None:
@@ -442,19 +438,6 @@ async def test_the_export_has_no_head_and_a_client_leaving_it_is_no_error(
     finally:
         await runner.cleanup()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-# A product with a quota and a key on it, its upstream never reached: for admin calls.
-SHOP_WITH_QUOTA = """
-products:
-  shop:
-    upstream: {url: "http://127.0.0.1:9"}
-    routes: [{path: "/shop/{rest:path}"}]
-plans:
-  trial: {quota: {limit: 10, per: day}}
-keys:
-  - {name: acme, key: acme-secret, plans: {shop: trial}}
-"""
 
 
 async def test_a_slow_or_encoded_body_and_a_slow_head_get_clear_answers(

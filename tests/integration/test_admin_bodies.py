@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 
 from gateway.server import Worker
+from tests.support.admin_port import TOKEN
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 
-TOKEN = "admin-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 API = """
 products:

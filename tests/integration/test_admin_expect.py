@@ -12,22 +12,10 @@ from pathlib import Path
 import pytest
 
 from gateway.server import Worker
+from tests.support.admin_port import SHOP_WITH_QUOTA, TOKEN
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 
-TOKEN = "admin-s3cret"
-
-# A product with a quota and a key on it, its upstream never reached: for admin calls.
-SHOP_WITH_QUOTA = """
-products:
-  shop:
-    upstream: {url: "http://127.0.0.1:9"}
-    routes: [{path: "/shop/{rest:path}"}]
-plans:
-  trial: {quota: {limit: 10, per: day}}
-keys:
-  - {name: acme, key: acme-secret, plans: {shop: trial}}
-"""
 CREDIT = "/admin/usage/acme/shop/credit"
 BODY = b'{"amount": 5}'
 
