@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -62,6 +63,8 @@ _AUTH_KEYS = ("header", "query_param")
 # the gateway on the way up), the body's framing, or the standard form of the X-Forwarded-*.
 _NOT_A_KEY_HEADER = HOP_BY_HOP | SET_BY_PROXY | {"content-length", "forwarded"}
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +145,22 @@ def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
     try:
         if path.is_dir():
             files = config_files(path)
+            # `.yml` is the other common ending: a file named so is not read, and said so
+            # rather than left out in silence (its plans or keys missing with no word why).
+            unread = sorted(
+                child.name
+                for child in path.iterdir()
+                if child.suffix == ".yml" and not child.name.startswith(".")
+            )
             if not files:
-                issues.append(ConfigIssue(str(path), None, "", "no *.yaml files in this folder"))
+                missing = "no *.yaml files in this folder"
+                if unread:
+                    missing += f" ({', '.join(unread)} not read: a folder's files end in .yaml)"
+                issues.append(ConfigIssue(str(path), None, "", missing))
+            elif unread:
+                log.warning(
+                    "%s: %s not read: only a folder's *.yaml files are", path, ", ".join(unread)
+                )
             return files
         if not path.exists():
             issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))

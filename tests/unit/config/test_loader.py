@@ -4,6 +4,7 @@ configuration turned into exactly the `Config` it describes."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -428,6 +429,11 @@ def test_syntax_errors_of_every_file_are_reported_and_nothing_else(tmp_path: Pat
 
 def test_empty_folder_and_missing_path(tmp_path: Path) -> None:
     assert issues_of(tmp_path) == [f"{tmp_path}: no *.yaml files in this folder"]
+    (tmp_path / "products.yml").write_text(MINIMAL_PRODUCTS, encoding="utf-8")
+    assert issues_of(tmp_path) == [
+        f"{tmp_path}: no *.yaml files in this folder (products.yml not read: a folder's files "
+        "end in .yaml)"
+    ]
     missing = tmp_path / "nope.yaml"
     assert issues_of(missing) == [f"{missing}: no such file or folder"]
 
@@ -480,3 +486,17 @@ def test_a_yaml_entry_that_is_no_file_is_reported_not_skipped(tmp_path: Path, ki
         load_config(folder, env={})
     assert [issue.file for issue in raised.value.issues] == [str(folder / "zz.yaml")]
     assert "cannot be read" in str(raised.value.issues[0])
+
+
+def test_a_yml_file_beside_the_yaml_files_is_said_to_be_unread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who names a file `keys.yml` finds its keys missing: the load says why."""
+    (tmp_path / "products.yaml").write_text(MINIMAL_PRODUCTS, encoding="utf-8")
+    (tmp_path / "keys.yml").write_text("keys: []\n", encoding="utf-8")
+    (tmp_path / ".#plans.yml").write_text("plans: {}\n", encoding="utf-8")  # an editor's
+    with caplog.at_level(logging.WARNING, logger="gateway.config.loader"):
+        load_config(tmp_path, env={})
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path}: keys.yml not read: only a folder's *.yaml files are"
+    ]
