@@ -65,10 +65,11 @@ def _accepts_the_key(request: Request, reply: HttpReply) -> bool:
     """Whether a 101's Sec-WebSocket-Accept answers the client's Sec-WebSocket-Key (RFC 6455
     4.1: a client fails the WebSocket otherwise). A request without a key is the client's
     business, and not checked here."""
-    key = next((v for n, v in request.raw_headers if n.lower() == b"sec-websocket-key"), None)
+    key = request.header(b"sec-websocket-key")
     if key is None:
         return True
-    expected = base64.b64encode(hashlib.sha1(key.strip() + _WEBSOCKET_GUID).digest())
+    raw_key = key.strip().encode("utf-8", "surrogateescape")  # the bytes as they came
+    expected = base64.b64encode(hashlib.sha1(raw_key + _WEBSOCKET_GUID).digest())
     accepts = [v.strip() for n, v in reply.raw_headers if n.lower() == b"sec-websocket-accept"]
     return accepts == [expected]
 
