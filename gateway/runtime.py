@@ -63,8 +63,7 @@ class Runtime:
         if keys is None:
             keys = self.index_keys(config)
         self.snapshot = build_snapshot(config, self.upstreams, self.key_store.table, keys)
-        self.key_store.secret_clashes = self.snapshot.keys.secret_clashes
-        self.key_store.config_names = (config.products, config.plans)
+        _show_key_store(self.key_store, config, self.snapshot)
 
     def index_keys(self, config: Config) -> KeyIndex:
         """The key index of `config`; it only reads, so a thread may build it."""
@@ -105,6 +104,14 @@ def build_snapshot(
     )
 
 
+def _show_key_store(key_store: KeyStore, config: Config, snapshot: Snapshot) -> None:
+    """What the API keys the store brings are checked against, for each snapshot served: the
+    file's secrets (a clash is the file key's, and told) and the products and plans (keys
+    naming others are told)."""
+    key_store.secret_clashes = snapshot.keys.secret_clashes
+    key_store.config_names = (config.products, config.plans)
+
+
 def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
     """The runtime of one worker; `await runtime.key_store.start()` before serving."""
     upstreams = UpstreamPool()
@@ -120,8 +127,7 @@ def build_runtime(config: Config, limiter: Limiter | None = None) -> Runtime:
         redis = open_storage_redis(storage.url, storage.timeout)
     key_store = create_key_store(storage, count, redis)
     snapshot = build_snapshot(config, upstreams, key_store.table)
-    key_store.secret_clashes = snapshot.keys.secret_clashes
-    key_store.config_names = (config.products, config.plans)
+    _show_key_store(key_store, config, snapshot)
     return Runtime(
         snapshot=snapshot,
         limiter=limiter or create_limiter(storage, count, redis),
