@@ -290,6 +290,12 @@ def test_redis_killed_and_restarted_empty_under_traffic(
     assert all(" ERROR " in line and "api-user" in line for line in lost), lost
 
 
+def key_statuses(port: int, secret: str, count: int = 6) -> set[int]:
+    """The statuses of `count` requests with `secret` to the proxy at `port` (both workers)."""
+    headers = {"X-API-Key": secret}
+    return {call(port, "/soccer/x", headers=headers).status for _ in range(count)}
+
+
 def test_a_gateway_cut_off_learns_what_it_missed_once_it_is_back(
     tmp_path: Path, upstream_url: str, fresh_redis_server: RedisServer
 ) -> None:
@@ -313,15 +319,11 @@ def test_a_gateway_cut_off_learns_what_it_missed_once_it_is_back(
             stop_gateway(writer)
             raise
         try:
-
-            def statuses(secret: str, count: int = 6) -> set[int]:
-                headers = {"X-API-Key": secret}
-                return {
-                    call(follower.proxy_port, "/soccer/x", headers=headers).status
-                    for _ in range(count)
-                }
-
-            wait_for(lambda: statuses(doomed["key"]) == {200}, 5, "the key served")
+            wait_for(
+                lambda: key_statuses(follower.proxy_port, doomed["key"]) == {200},
+                5,
+                "the key served",
+            )
             relay.cut(silent=True)
             assert admin(writer.admin_port, "DELETE", "/admin/keys/doomed")[0] == 204
             status, _, newcomer = admin(
@@ -332,13 +334,16 @@ def test_a_gateway_cut_off_learns_what_it_missed_once_it_is_back(
             )
             assert status == 201
             # Cut off, it serves what the storage last told it (on_error: local).
-            assert statuses(doomed["key"], 2) == {200}
-            assert statuses(newcomer["key"], 2) == {401}
+            assert key_statuses(follower.proxy_port, doomed["key"], 2) == {200}
+            assert key_statuses(follower.proxy_port, newcomer["key"], 2) == {401}
             assert admin(follower.admin_port, "GET", "/readyz")[0] == 503
             relay.mend()
             mended = time.monotonic()
             wait_for(
-                lambda: statuses(doomed["key"]) == {401} and statuses(newcomer["key"]) == {200},
+                lambda: (
+                    key_statuses(follower.proxy_port, doomed["key"]) == {401}
+                    and key_statuses(follower.proxy_port, newcomer["key"]) == {200}
+                ),
                 5,
                 "the changes made while cut off",
             )
@@ -370,12 +375,6 @@ def test_key_changes_flow_through_a_sentinel_failover_under_traffic(
         raise
     try:
 
-        def statuses(secret: str, count: int = 6) -> set[int]:
-            headers = {"X-API-Key": secret}
-            return {
-                call(server.proxy_port, "/soccer/x", headers=headers).status for _ in range(count)
-            }
-
         def create(name: str) -> str:
             body = {"name": name, "plans": {"soccer": "trial"}}
             status, _, made = admin(writer.admin_port, "POST", "/admin/keys", body)
@@ -384,7 +383,7 @@ def test_key_changes_flow_through_a_sentinel_failover_under_traffic(
             return secret
 
         doomed = create("doomed")
-        wait_for(lambda: statuses(doomed) == {200}, 5, "the key served")
+        wait_for(lambda: key_statuses(server.proxy_port, doomed) == {200}, 5, "the key served")
         with Traffic(server.proxy_port, ("file-secret",)) as traffic:
             promoted = group.failover()
 
@@ -405,7 +404,10 @@ def test_key_changes_flow_through_a_sentinel_failover_under_traffic(
         assert admin(writer.admin_port, "DELETE", "/admin/keys/doomed")[0] == 204
         changed = time.monotonic()
         wait_for(
-            lambda: statuses(newcomer) == {200} and statuses(doomed) == {401},
+            lambda: (
+                key_statuses(server.proxy_port, newcomer) == {200}
+                and key_statuses(server.proxy_port, doomed) == {401}
+            ),
             5,
             "the changes after the failover",
         )
