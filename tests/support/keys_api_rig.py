@@ -53,6 +53,15 @@ class Rig:
         async with self.session.get(url, headers={"X-API-Key": secret}) as response:
             return response.status, await response.json(content_type=None)
 
+    async def rotate(self, name: str, grace: str) -> dict[str, Any]:
+        status, rotated, _ = await self.call("POST", f"/admin/keys/{name}/rotate", {"grace": grace})
+        assert status == 200, rotated
+        return dict(rotated)
+
+    def known_version(self) -> int:
+        """The version of the key store this worker has applied: moved by each of its writes."""
+        return self.worker.runtime.key_store.known_version
+
 
 async def create(rig: Rig, name: str, **fields: Any) -> dict[str, Any]:
     status, body, headers = await rig.call(

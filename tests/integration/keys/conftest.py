@@ -33,3 +33,20 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     )
     server: RedisServer | RedisClusterNodes | RedisSentinelGroup = request.getfixturevalue(fixture)
     return server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    """A rig on memory://, or on the session's redis-server (whose write.lua keeps the
+    secrets' owners)."""
+    storage = "memory://"
+    if request.param == "redis":
+        storage = request.getfixturevalue("redis_server").url
+    async with running_upstream() as upstream:
+        config = write_config(
+            tmp_path / "config",
+            API.format(upstream=upstream.url),
+            server=worker_server_yaml(storage_url=storage),
+        )
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
+            yield Rig(worker, session)

@@ -9,12 +9,10 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gateway.config.instants import format_instant
 from tests.support.config import worker_server_yaml, write_config
@@ -119,23 +117,6 @@ async def test_a_second_rotation_within_the_grace_tells_each_old_secrets_end(rig
     status, listed, _ = await rig.call("GET", "/admin/keys?after=twh&limit=1")
     assert listed["keys"][0]["previous_keys_valid_until"] == [hour, ten_minutes]
     assert (await rig.call("GET", "/admin/keys/file-key"))[1]["previous_keys_valid_until"] == []
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def any_rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
-    """A rig on memory://, or on the session's redis-server (whose write.lua keeps the
-    secrets' owners)."""
-    storage = "memory://"
-    if request.param == "redis":
-        storage = request.getfixturevalue("redis_server").url
-    async with running_upstream() as upstream:
-        config = write_config(
-            tmp_path / "config",
-            API.format(upstream=upstream.url),
-            server=worker_server_yaml(storage_url=storage),
-        )
-        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
-            yield Rig(worker, session)
 
 
 async def test_a_secret_whose_grace_is_over_may_be_used_again(any_rig: Rig) -> None:

@@ -9,87 +9,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import aiohttp
-import pytest
-
-from gateway.server import Worker
-from tests.support.config import worker_server_yaml, write_config
-from tests.support.gateway import running_gateway
-from tests.support.upstream import running_upstream
-
-API = """
-products:
-  soccer:
-    upstream: {{url: "{upstream}"}}
-    routes: [{{path: "/soccer/{{rest:path}}"}}]
-plans:
-  trial: {{rate: {{limit: 1000, per: second}}}}
-keys:
-  - {{name: file-key, key: file-secret, plans: {{soccer: trial}}}}
-"""
+from tests.support.keys_api_rig import Rig, create
 
 # The detail of an old secret whose grace is over, however it came to be over.
 GRACE_OVER = "The API key was replaced by a rotation; it was accepted until {until}."
-
-
-@dataclass
-class Rig:
-    worker: Worker
-    session: aiohttp.ClientSession
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any, Any]:
-        url = f"http://127.0.0.1:{self.worker.admin_port}{path}"
-        async with self.session.request(method, url, json=body) as response:
-            return response.status, await response.json(content_type=None), response.headers
-
-    async def proxy(self, secret: str) -> tuple[int, Any]:
-        url = f"http://127.0.0.1:{self.worker.proxy_port}/soccer/x"
-        async with self.session.get(url, headers={"X-API-Key": secret}) as response:
-            return response.status, await response.json(content_type=None)
-
-    async def create(self, name: str, **fields: Any) -> dict[str, Any]:
-        body = {"name": name, "plans": {"soccer": "trial"}, **fields}
-        status, created, _ = await self.call("POST", "/admin/keys", body)
-        assert status == 201, created
-        return dict(created)
-
-    async def rotate(self, name: str, grace: str) -> dict[str, Any]:
-        status, rotated, _ = await self.call("POST", f"/admin/keys/{name}/rotate", {"grace": grace})
-        assert status == 200, rotated
-        return dict(rotated)
-
-    def known_version(self) -> int:
-        """The version of the key store this worker has applied: moved by each of its writes."""
-        return self.worker.runtime.key_store.known_version
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
-    storage = "memory://"
-    if request.param == "redis":
-        storage = request.getfixturevalue("redis_server").url
-    async with running_upstream() as upstream:
-        config = write_config(
-            tmp_path / "config",
-            API.format(upstream=upstream.url),
-            server=worker_server_yaml(storage_url=storage),
-        )
-        async with running_gateway(config) as worker, aiohttp.ClientSession() as session:
-            yield Rig(worker, session)
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"  # the session's Redis outlives the test
 
 
-async def test_every_old_secret_stops_at_once_as_if_its_grace_had_run_out(rig: Rig) -> None:
+async def test_every_old_secret_stops_at_once_as_if_its_grace_had_run_out(any_rig: Rig) -> None:
+    rig = any_rig
     name = unique("leaky")
-    first = (await rig.create(name))["key"]
+    first = (await create(rig, name))["key"]
     second = (await rig.rotate(name, "1h"))["key"]
     rotated = await rig.rotate(name, "10m")  # two old secrets in a grace
     current = rotated["key"]
@@ -118,12 +52,13 @@ async def test_every_old_secret_stops_at_once_as_if_its_grace_had_run_out(rig: R
     assert (status, problem["detail"]) == (401, GRACE_OVER.format(until=until))
 
 
-async def test_a_secret_whose_grace_was_ended_may_be_given_again(rig: Rig) -> None:
+async def test_a_secret_whose_grace_was_ended_may_be_given_again(any_rig: Rig) -> None:
+    rig = any_rig
     """As one whose grace ran out: it is no key's any more."""
     leaked = unique("leaked")
     digest = hashlib.sha256(leaked.encode()).hexdigest()
     name, other = unique("was"), unique("now")
-    await rig.create(name, key_sha256=digest)
+    await create(rig, name, key_sha256=digest)
     await rig.rotate(name, "1h")
     status, problem, _ = await rig.call(
         "POST", "/admin/keys", {"name": other, "plans": {"soccer": "trial"}, "key_sha256": digest}
@@ -132,17 +67,18 @@ async def test_a_secret_whose_grace_was_ended_may_be_given_again(rig: Rig) -> No
 
     assert (await rig.call("DELETE", f"/admin/keys/{name}/previous"))[0] == 200
 
-    await rig.create(other, key_sha256=digest)
+    await create(rig, other, key_sha256=digest)
     assert (await rig.proxy(leaked))[0] == 200
 
 
 async def test_a_key_with_no_old_secret_in_a_grace_is_answered_as_it_is_without_a_write(
-    rig: Rig,
+    any_rig: Rig,
 ) -> None:
+    rig = any_rig
     """A retry after a lost answer, or a second operator ending the same leak, is no mistake
     (DELETE is idempotent); and writing nothing spares every process a change to follow."""
     name = unique("plain")
-    created = await rig.create(name)
+    created = await create(rig, name)
     del created["key"]
     version = rig.known_version()
 
@@ -159,9 +95,10 @@ async def test_a_key_with_no_old_secret_in_a_grace_is_answered_as_it_is_without_
     assert rig.known_version() == version
 
 
-async def test_unknown_keys_file_keys_and_bodies_with_fields_are_refused(rig: Rig) -> None:
+async def test_unknown_keys_file_keys_and_bodies_with_fields_are_refused(any_rig: Rig) -> None:
+    rig = any_rig
     name = unique("acme")
-    await rig.create(name)
+    await create(rig, name)
     await rig.rotate(name, "1h")
     cases = [
         (f"/admin/keys/{unique('ghost')}/previous", None, 404, "not_found", "No key is named"),
