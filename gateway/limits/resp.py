@@ -32,6 +32,7 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from gateway.limits.abandoned_calls import NO_REPLY, AbandonedCalls
 from gateway.limits.redis_clock import RedisClock, time_reply_us
 from gateway.tasks import STEP_TIMEOUT, stop_tasks
 
@@ -40,8 +41,6 @@ from gateway.tasks import STEP_TIMEOUT, stop_tasks
 _Call = tuple["asyncio.Future[Any] | None", bytes]
 # uvloop rounds timers to the millisecond and may fire that much early.
 _TIMER_SLACK = 0.001
-# What came of a call that failed: no reply (see `_Abandoned`).
-_NO_REPLY = object()
 # Hits of one tick beyond this many go out in another write. Measured in the bench (one core
 # for the gateway, Redis sharing the other with the load): 16 kept both busy; smaller batches
 # cost more writes than they saved, larger ones brought back the idle turns.
@@ -116,7 +115,7 @@ class ScriptPipeline:
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
         # Calls whose callers stopped waiting, and where their replies go (`when_answered`).
-        self._abandoned = _Abandoned()
+        self._abandoned = AbandonedCalls()
 
     def run(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to `packed`; error replies and failures come as its exception."""
@@ -284,7 +283,7 @@ class _Connection(asyncio.Protocol):
         self,
         loop: asyncio.AbstractEventLoop,
         script_loads: list[bytes],
-        abandoned: _Abandoned,
+        abandoned: AbandonedCalls,
     ) -> None:
         self._loop = loop
         self._script_loads = script_loads
@@ -435,58 +434,11 @@ class _Connection(asyncio.Protocol):
         _fail(pending, error, self._abandoned)
 
 
-def _fail(calls: list[_Call] | deque[_Call], error: Exception, abandoned: _Abandoned) -> None:
+def _fail(calls: list[_Call] | deque[_Call], error: Exception, abandoned: AbandonedCalls) -> None:
     for future, _ in calls:
         if future is None:
             continue
         if not future.done():
             future.set_exception(error)
         else:
-            abandoned.settled(future, _NO_REPLY)
-
-
-class _Abandoned:
-    """Calls whose callers stopped waiting (cancelled: the client left), and what becomes of
-    what came of them (a reply, or _NO_REPLY for a failure): a reply goes to the callback the
-    caller named (`ScriptPipeline.when_answered`), and is told only if it is a result.
-
-    What comes in the turn of the cancellation, after it and before the caller (a task being
-    woken with the CancelledError) could name a callback, is kept for that one turn: the
-    caller names it in that step, which runs before anything called soon from here. (A
-    client's connection_lost and Redis's reply in one poll of the loop: the caller then waited
-    for a reply that had gone by, which held its request, and the config snapshot it was
-    served with, for good, and the admission was never settled.)
-    """
-
-    __slots__ = ("_late", "_unclaimed")
-
-    def __init__(self) -> None:
-        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
-        self._unclaimed: dict[asyncio.Future[Any], Any] = {}
-
-    def wanted(self, future: asyncio.Future[Any], late: Callable[[Any], None]) -> None:
-        """`late` gets what comes of the cancelled call of `future`, if it is a result."""
-        if future in self._unclaimed:
-            _tell_soon(future, late, self._unclaimed.pop(future))
-        else:
-            self._late[future] = late
-
-    def settled(self, future: asyncio.Future[Any], outcome: Any) -> None:
-        """What came of the call of `future`, whose caller stopped waiting."""
-        late = self._late.pop(future, None) if self._late else None
-        if late is not None:
-            if _is_result(outcome):
-                late(outcome)
-        elif future.cancelled():
-            unclaimed = self._unclaimed
-            unclaimed[future] = outcome
-            future.get_loop().call_soon(unclaimed.pop, future, None)
-
-
-def _is_result(outcome: Any) -> bool:
-    return outcome is not _NO_REPLY and type(outcome) is not ResponseError
-
-
-def _tell_soon(future: asyncio.Future[Any], late: Callable[[Any], None], outcome: Any) -> None:
-    if _is_result(outcome):
-        future.get_loop().call_soon(late, outcome)
+            abandoned.settled(future, NO_REPLY)
