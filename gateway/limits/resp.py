@@ -16,6 +16,12 @@ per connection watches the earliest deadline of the batches in flight. A NOSCRIP
 reply (a restarted or flushed Redis) loads the scripts and runs those calls again on the
 same connection, where the load is sure to precede them. Everything else the limiter asks
 (usage, reset, ping) stays on redis-py, whose URL settings this module reuses.
+
+A Redis that gives no answer at all (frozen, or cut off by a network partition that resets
+nothing) would make every call wait the whole timeout. Once an attempt to connect got no
+answer in time, calls fail at once instead, while one attempt at a time goes on trying to
+reach Redis (started by the calls themselves: no traffic, no attempts); the first that Redis
+answers ends it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def pack(*args: bytes) -> bytes:
 
 
 _PING = pack(b"PING")
+# An error made afresh for each batch: one instance raised again and again grows its traceback.
+_UNANSWERED = "Redis did not answer the last attempt to connect within the timeout; trying again"
 _TIME = pack(b"TIME")
 # A call's deadline as the last argument of its script, when Redis's clock is not known yet.
 _NO_DEADLINE = pack(b"0")[len(b"*1\r\n") :]
@@ -113,6 +121,9 @@ class ScriptPipeline:
         # Connections that missed a deadline: no new calls, still reading (see `_Connection`).
         self._retiring: set[_Connection] = set()
         self._connecting: asyncio.Task[None] | None = None
+        # The last attempt to connect got no answer within the timeout: calls fail at once
+        # until an attempt is answered (see the module docstring).
+        self._unanswered = False
         self._waiting: list[tuple[list[_Call], float]] = []  # batches (and deadlines) to send
         # Calls whose callers stopped waiting, and where their replies go (`when_answered`).
         self._abandoned = AbandonedCalls()
@@ -183,14 +194,22 @@ class ScriptPipeline:
             self._retiring.add(connection)
             connection.closed.add_done_callback(lambda _: self._retiring.discard(connection))
         self._connection = None
-        self._waiting.append((calls, deadline))
+        if self._unanswered:
+            # Redis left the last attempt unanswered: these would most likely wait the whole
+            # timeout for nothing. They fail now, and an attempt finds out if Redis is back.
+            _fail(calls, RedisConnectionError(_UNANSWERED), self._abandoned)
+        else:
+            self._waiting.append((calls, deadline))
         if self._connecting is None:
             self._connecting = loop.create_task(self._connect(loop))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         connection: _Connection | None = None
+        # The earliest deadline of the calls waiting for it; with none (calls failing at once
+        # while Redis does not answer), a timeout of its own.
+        deadline = self._waiting[0][1] if self._waiting else loop.time() + self._timeout
         try:
-            async with asyncio.timeout_at(self._waiting[0][1]):
+            async with asyncio.timeout_at(deadline):
                 address = await self._address()
                 host, port = address
                 _, connection = await loop.create_connection(
@@ -201,7 +220,7 @@ class ScriptPipeline:
                 )
                 replies = [loop.create_future() for _ in self._handshake]
                 handshake: list[_Call] = list(zip(replies, self._handshake, strict=True))
-                connection.send(handshake, self._waiting[0][1])
+                connection.send(handshake, deadline)
                 answers = await asyncio.gather(*replies, return_exceptions=True)
                 for packed, reply in zip(self._handshake, answers, strict=True):
                     # Any answer to the PING will do, an ACL's refusal too: it only shows
@@ -215,6 +234,8 @@ class ScriptPipeline:
         except BaseException as exc:
             if connection is not None:
                 connection.abort(RedisConnectionError("the handshake failed"))
+            # A refusal or a reset is quick to come back: only silence is worth failing fast for.
+            self._unanswered = isinstance(exc, TimeoutError)
             if isinstance(exc, Exception):
                 self._fail_waiting(exc)
                 return  # each waiting caller gets the error; the task has nothing to report
@@ -228,6 +249,7 @@ class ScriptPipeline:
             self._fail_waiting(RedisConnectionError("the limiter was closed"))
             return
         self._connection = connection
+        self._unanswered = False
         waiting, self._waiting = self._waiting, []
         for calls, deadline in waiting:
             connection.send(calls, deadline)

@@ -41,6 +41,19 @@ async def admitted(limiter: Limiter, subject: str, quota: QuotaRule) -> bool:
     return (await limiter.hit(subject, None, quota)).allowed
 
 
+async def first_hit_once_awake(limiter: Limiter, subject: str, quota: QuotaRule) -> Decision:
+    """The first hit that Redis answers after it woke: those before fail at once while the
+    attempt to connect under way waits for its PING's answer (a few milliseconds)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await limiter.hit(subject, None, quota)
+        except StorageError as failed:
+            assert "did not answer" in str(failed), failed
+            assert time.monotonic() < deadline, "no hit answered after Redis woke"
+            await asyncio.sleep(0.01)
+
+
 async def test_dead_redis_fails_fast_and_is_reconnected(
     fresh_redis_server: RedisServer, subject: str
 ) -> None:
@@ -96,6 +109,41 @@ async def test_frozen_redis_times_out_and_recovers(
         await limiter.close()
 
 
+async def test_hits_fail_at_once_while_redis_stays_silent_and_not_after(
+    fresh_redis_server: RedisServer, subject: str
+) -> None:
+    """A Redis that answers nothing (frozen here; a network partition looks the same) costs
+    the hits that meet it the whole timeout, until an attempt to connect again has gone
+    unanswered too; from then on hits fail at once (each would wait the timeout for nothing),
+    and the first hit after Redis answers again is admitted. None of the hits failed at once
+    was written, so none is charged when Redis wakes."""
+    backend = Backend("redis", fresh_redis_server.url)
+    limiter = backend.limiter(timeout=STORAGE_TIMEOUT)
+    quota = quota_rule(100)
+    try:
+        assert (await limiter.hit(subject, None, quota)).allowed
+        fresh_redis_server.pause()
+        # The first misses its deadline on the open connection; the second waits for a new
+        # connection's PING, which nobody answers either.
+        for _ in range(2):
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(subject, None, quota)
+        for _ in range(10):
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="did not answer"):
+                await limiter.hit(subject, None, quota)
+            # Far below the timeout: only a hit that waited for Redis could take that long.
+            assert time.monotonic() - started < STORAGE_TIMEOUT / 2
+        fresh_redis_server.resume()
+        assert (await first_hit_once_awake(limiter, subject, quota)).allowed
+        await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
+        # The first and the last: the one written before the freeze ran too late to take.
+        assert (await limiter.usage(subject, quota)).used == 2
+    finally:
+        fresh_redis_server.resume()
+        await limiter.close()
+
+
 async def test_hits_refused_while_redis_is_frozen_are_not_taken_when_it_wakes(
     fresh_redis_server: RedisServer, subject: str
 ) -> None:
@@ -110,13 +158,13 @@ async def test_hits_refused_while_redis_is_frozen_are_not_taken_when_it_wakes(
         assert (await limiter.hit(subject, None, quota)).allowed
         fresh_redis_server.pause()
         # The first was written before the freeze was noticed: Redis will run it, too late to
-        # take anything. The others each found the connection aborted and opened a new one.
-        for _ in range(3):
-            with pytest.raises(StorageError, match="timed out"):
+        # take anything. The second found the connection aborted and opened a new one, whose
+        # PING went unanswered; the third failed at once (the test above).
+        for expected in ("timed out", "timed out", "did not answer"):
+            with pytest.raises(StorageError, match=expected):
                 await limiter.hit(subject, None, quota)
         fresh_redis_server.resume()
-        after = await limiter.hit(subject, None, quota)
-        assert after.allowed
+        assert (await first_hit_once_awake(limiter, subject, quota)).allowed
         await asyncio.sleep(0.2)  # for any hit still buffered in Redis's sockets to run
         assert (await limiter.usage(subject, quota)).used == 2  # the first and the last
     finally:
