@@ -54,7 +54,10 @@ _GATEWAY_OWNED: frozenset[bytes] = frozenset(name.encode() for name in SET_BY_PR
 # scheme, port and path prefix it came in on: Rack takes `X-Forwarded-Ssl: on` for https over
 # X-Forwarded-Proto, Spring and ASP.NET take a prefix) or as the URL to serve in place of the
 # request's own (IIS' and old Symfony's X-Original-URL): a client that sends them would choose
-# what the gateway states or serve a path the routes never saw. Dropped, never replaced.
+# what the gateway states or serve a path the routes never saw. So are the method overrides
+# (Express's method-override, Laravel, Symfony, ASP.NET Core and OData read them, most on a
+# POST): `POST /docs/7` with `X-HTTP-Method-Override: DELETE` is a DELETE upstream, though the
+# route allowed only GET and POST there. Dropped, never replaced.
 CLIENT_MAY_NOT_CLAIM: frozenset[str] = frozenset(
     {
         "x-real-ip",
@@ -66,6 +69,9 @@ CLIENT_MAY_NOT_CLAIM: frozenset[str] = frozenset(
         "x-forwarded-scheme",
         "x-original-url",
         "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
     }
 )
 _REQUEST_DROP: frozenset[bytes] = (

@@ -27,6 +27,8 @@ products:
       - path: /free/{{rest:path}}
       - path: /paid/{{rest:path}}
         cost: 100
+      - path: /docs/{{id}}
+        methods: [GET, POST]
 plans:
   metered:
     quota: {{limit: 100000, per: month}}
@@ -92,6 +94,33 @@ async def test_http_1_0_with_transfer_encoding_is_refused_before_the_upstream(
         assert statuses(answer) == [400]
         assert b"an HTTP/1.0 request may not have a Transfer-Encoding" in answer
         assert setup.upstream.received == b""
+
+
+async def test_a_client_cannot_choose_a_method_the_route_refuses(tmp_path: Path) -> None:
+    """The route allows GET and POST on /docs/{id}, and a DELETE there is a 405. A POST with a
+    method override reached the upstream with it, and the frameworks that read one (Express's
+    method-override, Laravel, Symfony, ASP.NET Core, OData) serve that POST as a DELETE."""
+    overrides = (
+        b"X-HTTP-Method-Override: DELETE\r\nX-HTTP-Method: DELETE\r\nX-Method-Override: DELETE\r\n"
+    )
+    async with gateway_before_recorder(tmp_path) as setup:
+        refused = await exchange(
+            setup.proxy_port,
+            b"DELETE /docs/7 HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n" + CLOSE + b"\r\n",
+        )
+        assert statuses(refused) == [405]
+        answer = await exchange(
+            setup.proxy_port,
+            b"POST /docs/7 HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n"
+            + overrides
+            + b"Content-Length: 0\r\n"
+            + CLOSE
+            + b"\r\n",
+        )
+        assert statuses(answer) == [200]
+        head = bytes(setup.upstream.received).lower()
+    assert head.startswith(b"post /base/docs/7 http/1.1\r\n")
+    assert b"method" not in head and b"delete" not in head
 
 
 async def test_a_client_cannot_claim_what_a_proxy_states(tmp_path: Path) -> None:
