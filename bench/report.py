@@ -116,6 +116,7 @@ class Latency:
     p50_ms: float
     p99_ms: float
     not_ok: int  # answered with another status than 200, or failed
+    in_bursts: float  # the share of requests sent in bursts (run.burst_share)
 
 
 def median_latency(rounds: list[Latency]) -> Latency:
@@ -127,6 +128,7 @@ def median_latency(rounds: list[Latency]) -> Latency:
         p50_ms=statistics.median(r.p50_ms for r in rounds),
         p99_ms=statistics.median(r.p99_ms for r in rounds),
         not_ok=sum(r.not_ok for r in rounds),
+        in_bursts=statistics.median(r.in_bursts for r in rounds),
     )
 
 
@@ -444,17 +446,23 @@ def latency_section(report: Report) -> list[str]:
         "rounds (a p99 rests on the slowest 1% of one run, which a short stall of the machine "
         "decides), from h2load's per-request `--log-file`, every answered request included. "
         "nginx proxy_pass runs on the gateway's core: its p99 shows how much of a p99 comes from "
-        "the machine (scheduler, other processes) rather than from the proxy.",
+        "the machine (scheduler, other processes) rather than from the proxy. h2load runs "
+        "with real-time priority where it may (`chrt -f 10`; the command below says whether it "
+        "did): descheduled, it sends the requests of every late timer at once, and a proxy "
+        "serves such a burst one request after another. 'In bursts' is the share of requests "
+        "sent 10 or more together (each within 100 µs of the one before); when it passes 1%, "
+        "the p99 is about the burst's size times the proxy's CPU time per request.",
         "",
-        "| target | achieved req/s | p50 ms | p99 ms | not 200 |",
-        "|---|---:|---:|---:|---:|",
+        "| target | achieved req/s | p50 ms | p99 ms | not 200 | in bursts |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     out += [
-        f"| {r.name} | {r.achieved_rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.not_ok} |"
+        f"| {r.name} | {r.achieved_rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.not_ok} "
+        f"| {100 * r.in_bursts:.1f}% |"
         for r in report.latency
     ]
     added_p50 = gateway.p50_ms - first.p50_ms
-    out.append(f"| **added by the gateway** | | {added_p50:.2f} | {report.added_p99:.2f} | |")
+    out.append(f"| **added by the gateway** | | {added_p50:.2f} | {report.added_p99:.2f} | | |")
     rounds = ", ".join(f"{added:.2f}" for added in report.added_p99s)
     out += ["", f"The p99 added in each round, in order: {rounds} ms."]
     return out

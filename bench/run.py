@@ -12,6 +12,7 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
@@ -43,6 +44,7 @@ from harness import (
     pinned,
     raise_on_sigterm,
     read_access_log,
+    real_time,
     require_tools,
     session_cpu_seconds,
     start_gateway,
@@ -364,14 +366,18 @@ def h2load_latency(bench: Bench, name: str, port: int, rate: float) -> Latency:
     # sends a request every ~15 ms, far less often than it is answered, so a slow answer does
     # not postpone the next request. h2load fires each connection's request timer from the
     # moment it connected: opening them 1 ms apart (-r1) keeps them from firing all together,
-    # which would measure a queue of 50 simultaneous requests instead of the gateway.
+    # which would measure a queue of 50 simultaneous requests instead of the gateway; real-time
+    # priority keeps a stall of h2load from bringing them together again (harness.real_time).
     clients = bench.args.connections
     argv = [
-        *pinned(1), "h2load", "--h1", "-t1", f"-c{clients}", "-r1", "--rate-period=1ms",
+        *real_time(), *pinned(1),
+        "h2load", "--h1", "-t1", f"-c{clients}", "-r1", "--rate-period=1ms",
         f"--rps={rate / clients:.2f}", f"-n{round(rate * bench.args.duration)}",
         f"--log-file={log}", "-H", f"X-API-Key: {API_KEY}", f"http://127.0.0.1:{port}{PATH}",
     ]  # fmt: skip
     bench.note(f"h2load ({name}; --rps is per connection)", argv)
+    # h2load appends to a log that exists: each round of a target (same port) reads its own.
+    log.unlink(missing_ok=True)
     with bench.watching_neighbours(name, bench.args.duration):
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
     finished = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", done.stdout)
@@ -389,7 +395,23 @@ def h2load_latency(bench: Bench, name: str, port: int, rate: float) -> Latency:
         p50_ms=percentile(micros, 50) / 1000,
         p99_ms=percentile(micros, 99) / 1000,
         not_ok=sum(1 for _start, status, _elapsed in rows if status != "200"),
+        in_bursts=burst_share(sorted(int(start) for start, _status, _elapsed in rows)),
     )
+
+
+def burst_share(starts: list[int]) -> float:
+    """The share of requests h2load sent in bursts: 10 or more, each started within 100 µs of
+    the one before (its connections' timers fired together after h2load had been stalled;
+    see harness.real_time). A proxy serves such a burst one request after another."""
+    in_bursts, run = 0, 1
+    for before, start in itertools.pairwise(starts):
+        if start - before <= 100:
+            run += 1
+            continue
+        in_bursts += run if run >= 10 else 0
+        run = 1
+    in_bursts += run if run >= 10 else 0
+    return in_bursts / len(starts) if starts else 0.0
 
 
 def percentile(ordered: list[int], pct: float) -> float:
