@@ -246,8 +246,10 @@ class RedisClusterNodes:
                     node.start()
                 self._form()
                 return
-            except ClusterNotFormed as unformed:
-                reports.append(f"attempt {attempt + 1}: {unformed}")
+            except (ClusterNotFormed, PortTaken) as unformed:
+                # PortTaken: another process bound a node's port (or its bus port) between
+                # free_port's check and the node's start; new nodes get new ports.
+                reports.append(f"attempt {attempt + 1}: {type(unformed).__name__}: {unformed}")
                 self.stop()
             except BaseException:
                 self.stop()  # leave no node of a half-started cluster behind
