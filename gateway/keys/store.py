@@ -172,9 +172,18 @@ class KeyStore:
         assert new is not None  # `change` always makes a record
         return current, new
 
-    async def delete(self, name: str) -> KeyRecord:
-        """Remove the key; the record it had. WriteRefused("not_found")."""
-        current, _ = await self._rewrite(name, lambda _current: None)
+    async def delete(
+        self, name: str, check: Callable[[KeyRecord], None] | None = None
+    ) -> KeyRecord:
+        """Remove the key; the record it had. WriteRefused("not_found"). `check` is given the
+        record the delete would remove (on each try, as `update`'s `change` is) and may raise
+        to keep it: a condition on the key that no other write can slip past."""
+
+        def deleted(current: KeyRecord) -> None:
+            if check is not None:
+                check(current)
+
+        current, _ = await self._rewrite(name, deleted)
         return current
 
     async def _rewrite(
