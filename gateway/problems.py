@@ -12,6 +12,7 @@
     ├── Conflict                        409 Conflict             conflict (admin API)
     ├── RequestTimeout                  408 Request Timeout      request_timeout
     ├── Gone                            410 Gone                 gone
+    ├── PreconditionFailed              412 Precondition Failed  precondition_failed (admin API)
     ├── ContentTooLarge                 413 Content Too Large    content_too_large (admin API)
     ├── QuotaExceeded                   429 Quota Exceeded       quota_exceeded
     ├── Throttled                       429 Throttled            throttled
@@ -135,6 +136,12 @@ class RequestTimeout(GatewayProblem):
 
 class Gone(GatewayProblem):
     status, title, code = 410, "Gone", "gone"
+
+
+class PreconditionFailed(GatewayProblem):
+    """The admin API's: a key is no longer as the caller's `If-Match` says it read it."""
+
+    status, title, code = 412, "Precondition Failed", "precondition_failed"
 
 
 class ContentTooLarge(GatewayProblem):

@@ -8,6 +8,8 @@
     POST   /admin/keys/{name}/rotate   a new secret; the old one keeps working for `grace`
     DELETE /admin/keys/{name}/previous the old secrets' graces end now (200, the key)
 
+Each answer that gives one key carries its ETag, and PATCH, rotate and both DELETEs take
+`If-Match`: 412, with nothing written, when the key changed since (gateway.keys.etags).
 The file's keys are read-only here (409): the file is their source of truth, and a change
 made here would be undone by the next reload. Bodies are checked before anything is stored;
 a mistake is a 400 whose detail starts with the field it is about, e.g. `plans.soccer: ...`.
@@ -40,6 +42,7 @@ from gateway.config.instants import format_instant, parse_instant
 from gateway.config.model import ApiKey, Config, not_in_config
 from gateway.config.yamlnodes import ConfigError
 from gateway.keys.backend import WriteRefused
+from gateway.keys.etags import api_key_etag, check_if_match, file_key_etag, if_match
 from gateway.keys.index import KeyIndex
 from gateway.keys.records import KEY_NAME, KEY_NAME_HINT, KeyRecord, PreviousSecret
 from gateway.keys.store import KeyStore
@@ -111,11 +114,8 @@ class _KeysApi:
             if refused.reason == "name_taken":
                 raise Conflict(f"name: a key named '{name}' exists already") from None
             raise Conflict("key_sha256: another key has this secret") from None
-        body = self._api_json(record)
-        if secret is not None:
-            body["key"] = secret
         headers = {"Location": f"/admin/keys/{name}", **_NOT_CACHED}
-        return web.json_response(body, status=201, headers=headers)
+        return self._key_answer(record, secret, status=201, headers=headers)
 
     async def list_keys(self, request: web.Request) -> web.Response:
         """From the key index: the keys this process enforces (while the storage is away, as
@@ -144,15 +144,17 @@ class _KeysApi:
         name = request.match_info["name"]
         file_key = self._access.get_snapshot().keys.file_keys.get(name)
         if file_key is not None:
-            return web.json_response(self._file_json(file_key))
+            etag = file_key_etag(file_key)
+            return web.json_response(self._file_json(file_key), headers={"ETag": etag})
         record = await _storing(self._store.read(name))
         if record is None:
             raise NotFound(f"No key is named '{name}'.")
-        return web.json_response(self._api_json(record))
+        return self._key_answer(record)
 
     async def patch(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
+        condition = if_match(request)
         data = only_fields(await json_object(request, required=True), _PATCH_FIELDS)
         changes: dict[str, Any] = {}
         if "plans" in data:
@@ -170,23 +172,26 @@ class _KeysApi:
             record = await _storing(self._store.read(name))
             if record is None:
                 raise NotFound(f"No key is named '{name}'.")
-            return web.json_response(self._api_json(record))
+            check_if_match(condition, record)  # nothing to write: a read is as good
+            return self._key_answer(record)
         now = self._clock()
 
         def patched(record: KeyRecord) -> KeyRecord:
+            check_if_match(condition, record)
             if "plans" in changes:
                 # The entries left as they are may be those the memory did not have yet.
                 _plans(changes["plans"], snapshot.config, kept=record.plans)
             return _without_retired(dataclasses.replace(record, **changes, updated=now), now)
 
         _, new = await _updating(self._store, name, patched)
-        return web.json_response(self._api_json(new))
+        return self._key_answer(new)
 
     async def delete(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
+        condition = if_match(request)
         try:
-            await _storing(self._store.delete(name))
+            await _storing(self._store.delete(name, lambda old: check_if_match(condition, old)))
         except WriteRefused as refused:
             raise _refusal(name, refused) from None
         return web.Response(status=204)
@@ -194,6 +199,7 @@ class _KeysApi:
     async def rotate(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
+        condition = if_match(request)
         data = only_fields(await json_object(request, required=False), _ROTATE_FIELDS)
         grace = _grace(data.get("grace", 0))
         secret, digest = _new_secret(data)
@@ -201,6 +207,7 @@ class _KeysApi:
         now = self._clock()
 
         def rotated(record: KeyRecord) -> KeyRecord:
+            check_if_match(condition, record)
             # A secret whose grace is over is no longer this key's: it may come back.
             record = _without_retired(record, now)
             if digest in record.digests():
@@ -216,10 +223,7 @@ class _KeysApi:
             _, new = await self._giving_secret(digest, lambda: self._store.update(name, rotated))
         except WriteRefused as refused:
             raise _refusal(name, refused) from None
-        body = self._api_json(new)
-        if secret is not None:
-            body["key"] = secret
-        return web.json_response(body, headers=_NOT_CACHED)
+        return self._key_answer(new, secret, headers=_NOT_CACHED)
 
     async def end_graces(self, request: web.Request) -> web.Response:
         """Every old secret still in a rotation's grace stops now (a leaked one, say); the
@@ -227,10 +231,12 @@ class _KeysApi:
         written: a retry after a lost answer, or a second operator, is no mistake."""
         snapshot = self._access.get_snapshot()
         name = self._api_key_name(snapshot, request)
+        condition = if_match(request)
         only_fields(await json_object(request, required=False), ())
         now = self._clock()
 
         def ended(record: KeyRecord) -> KeyRecord:
+            check_if_match(condition, record)
             if all(old.until <= now for old in record.previous):
                 return record
             # Kept with their grace ending now rather than dropped: each is then 401 with the
@@ -240,7 +246,7 @@ class _KeysApi:
             return dataclasses.replace(record, previous=previous, updated=now)
 
         _, new = await _updating(self._store, name, ended)
-        return web.json_response(self._api_json(new))
+        return self._key_answer(new)
 
     async def _giving_secret(self, digest: str, write: Callable[[], Awaitable[T]]) -> T:
         """`write` (one that gives a key the secret `digest`), made once more if it was refused
@@ -274,6 +280,21 @@ class _KeysApi:
         if name in snapshot.keys.file_keys:
             raise Conflict(f"The key '{name}' is defined in the config file; change it there.")
         return name
+
+    def _key_answer(
+        self,
+        record: KeyRecord,
+        secret: str | None = None,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """The answer that gives one API key: its JSON (with `secret`, the new one to show
+        this once), and its ETag for a later `If-Match`."""
+        body = self._api_json(record)
+        if secret is not None:
+            body["key"] = secret
+        etag = {"ETag": api_key_etag(record)}
+        return web.json_response(body, status=status, headers={**(headers or {}), **etag})
 
     def _file_json(self, key: ApiKey) -> dict[str, Any]:
         return {

@@ -5,10 +5,12 @@ through the API.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 
 from gateway.server import Worker
 
@@ -42,8 +44,17 @@ class Rig:
     def admin(self, path: str) -> str:
         return f"http://127.0.0.1:{self.worker.admin_port}{path}"
 
-    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> Any:
+        """(status, JSON body, headers); `headers` as pairs: a name may come more than once."""
         kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        kwargs["headers"] = CIMultiDict(headers)
         async with self.session.request(method, self.admin(path), **kwargs) as response:
             data = await response.json(content_type=None) if response.status != 204 else None
             return response.status, data, response.headers
