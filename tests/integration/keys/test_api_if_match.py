@@ -254,3 +254,25 @@ async def test_every_answer_with_one_key_carries_its_etag(any_rig: Rig) -> None:
     # A file key's ETag: its entry in the file, the same on every read.
     first, again = await etag_of(rig, "file-key"), await etag_of(rig, "file-key")
     assert first == again and first != await etag_of(rig, "m-file-key")
+
+
+async def test_a_file_keys_etag_follows_its_entry_in_the_file(tmp_path: Path) -> None:
+    async with running_upstream() as upstream:
+        config_dir = write_config(
+            tmp_path / "config", API.format(upstream=upstream.url), server=worker_server_yaml()
+        )
+        async with (
+            running_gateway(config_dir, watch=True) as worker,
+            aiohttp.ClientSession() as session,
+        ):
+            rig = Rig(worker, session)
+            before, other = await etag_of(rig, "file-key"), await etag_of(rig, "m-file-key")
+            edited = API.format(upstream=upstream.url).replace(
+                "    key: file-secret\n", "    key: file-secret\n    disabled: true\n"
+            )
+            (config_dir / "10-api.yaml").write_text(edited)
+            await worker.reload_now()  # a reload is read off the event loop: await it
+            status, shown, headers = await rig.call("GET", "/admin/keys/file-key")
+            assert status == 200 and shown["disabled"] is True
+            assert headers["ETag"] != before
+            assert await etag_of(rig, "m-file-key") == other  # its entry is as it was
