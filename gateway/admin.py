@@ -10,7 +10,7 @@ With a token, `/admin/*` requires `Authorization: Bearer <token>` (401 `unauthor
 the probes and /metrics never do, so orchestrators and Prometheus need no secret. Errors are
 problem+json like the proxy's own; the admin API adds 404 "Not Found" `not_found` for an
 unknown key or product, 400 "Bad Request" naming the field of a bad body or query, and 409
-"Conflict" `conflict` in the keys API.
+"Conflict" `conflict` and 412 "Precondition Failed" `precondition_failed` in the keys API.
 """
 
 from __future__ import annotations
