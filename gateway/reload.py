@@ -271,7 +271,10 @@ class StartingConfig:
     def peek(self) -> Config:
         if self._config is None and self._saved is not None:
             (path, running), self._saved = self._saved, None
-            self._config = keep_restart_only(running, config_from_answer(Path(path).read_bytes()))
+            # The supervisor told the load's warnings when it read the files.
+            self._config = keep_restart_only(
+                running, config_from_answer(Path(path).read_bytes(), tell=False)
+            )
         if self._config is None:
             raise RuntimeError("the starting config was taken already")
         return self._config

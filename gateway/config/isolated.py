@@ -8,7 +8,10 @@ flight waits a little, again and again (measured: the loop's worst delay was 40 
 on the other core, and its memory (the node tree of a big file is
 several times the size of the result) goes back to the system when it exits instead of
 staying in the serving process's heap. The child sends back the pickled `Config` or the list
-of issues; unpickling is a fraction of the parse and happens in a thread.
+of issues, with the load's warnings (`gateway.config.load_warnings`); unpickling is a fraction
+of the parse and happens in a thread. The warnings are told where the answer is first read
+(`config_from_answer(..., tell=True)`), not where it is computed nor where a supervisor's
+workers read it again: once per load.
 
 The child is forked when this process has a single thread (a gateway starting, the
 supervisor): it starts at once with everything imported. A worker, which has threads, starts
@@ -22,6 +25,7 @@ slower, but never a failed reload for that reason.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -34,7 +38,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.config.loader import config_files, load_config
+from gateway.config.load_warnings import LoadWarning, tell_warnings
+from gateway.config.loader import config_files, load_config, load_config_gathering
 from gateway.config.model import Config, TlsConfig
 from gateway.config.yamlnodes import ConfigError, ConfigIssue
 from gateway.http.tls import TlsFileError, server_context
@@ -72,13 +77,16 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def answer_for(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
-    """What the child writes: the pickled `Config`, or the issues that make it invalid."""
-    answer: tuple[str, Config | tuple[ConfigIssue, ...]]
+    """What the child writes: the pickled `Config`, or the issues that make it invalid; and
+    the load's warnings, told by the reader of the answer, not here."""
+    answer: tuple[str, Config | tuple[ConfigIssue, ...], tuple[LoadWarning, ...]]
+    warnings: list[LoadWarning] = []
     try:
-        config = load_config(path, env=env)
+        config = load_config_gathering(path, env, warnings)
     except ConfigError as exc:
-        return pickle.dumps((_INVALID, exc.issues), protocol=pickle.HIGHEST_PROTOCOL)
-    answer = (_OK, config)
+        invalid = (_INVALID, exc.issues, tuple(warnings))
+        return pickle.dumps(invalid, protocol=pickle.HIGHEST_PROTOCOL)
+    answer = (_OK, config, tuple(warnings))
     if config.server.tls is None:
         return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
     # Rare enough to afford a Python hook per pickled object (see _TlsPickler).
@@ -102,14 +110,20 @@ def _tls_config_from_files(cert: str, key: str) -> TlsConfig:
     return TlsConfig(cert, key, server_context(cert, key))
 
 
-def config_from_answer(answer: bytes) -> Config:
-    """The `Config` of an answer; `ConfigError` for the answer of an invalid config."""
+def config_from_answer(answer: bytes, *, tell: bool) -> Config:
+    """The `Config` of an answer; `ConfigError` for the answer of an invalid config.
+
+    `tell`: log the load's warnings (which a valid and an invalid config alike may have). For
+    the first reader of the answer only: a supervisor's workers read it again (each, and one
+    started after a reload again), and a warning said by each was said 1 + N times."""
     try:
-        kind, payload = pickle.loads(answer)
+        kind, payload, warnings = pickle.loads(answer)
     except TlsFileError as exc:
         raise ConfigError(
             [ConfigIssue(str(exc).split(" ", 1)[0], None, f"server.tls.{exc.role}", str(exc))]
         ) from exc
+    if tell:
+        tell_warnings(warnings)
     if kind == _INVALID:
         raise ConfigError(payload)
     if kind != _OK or not isinstance(payload, Config):
@@ -122,7 +136,7 @@ def read_config_isolated(
 ) -> tuple[bytes, Config]:
     """The config at `path`, read in a child process when it is big (blocking), and its
     answer: the bytes a supervisor hands its workers. Raises `ConfigError` as `load_config`
-    does. The answer is unpickled once, here."""
+    does, and logs the load's warnings. The answer is unpickled once, here."""
     environment = os.environ if env is None else env
     if _worth_a_child(path):
         try:
@@ -131,11 +145,11 @@ def read_config_isolated(
             else:
                 answer = _answer_from_new_python(path, env)
             # A garbled answer (a crash halfway through writing) fails here: read it here.
-            return answer, config_from_answer(answer)
+            return answer, config_from_answer(answer, tell=True)
         except _FAILURES as exc:
             log.warning("reading the config in a child process failed (%s); reading it here", exc)
     answer = answer_for(path, environment)
-    return answer, config_from_answer(answer)
+    return answer, config_from_answer(answer, tell=True)
 
 
 def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
@@ -181,7 +195,8 @@ def _answer_from_new_python(path: str | os.PathLike[str], env: Mapping[str, str]
 async def load_config_off_loop(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> Config:
-    """`load_config` without holding up the event loop: in a child process, else a thread."""
+    """`load_config` without holding up the event loop: in a child process, else a thread.
+    The load's warnings are logged (a child's too, which were lost with its stderr)."""
     import asyncio  # here: the child process, which imports this module, needs no event loop
 
     if not _worth_a_child(path):
@@ -197,18 +212,19 @@ async def load_config_off_loop(
         output, errors = await child.communicate()
         if child.returncode != 0:
             raise OSError(_describe(child.returncode, errors))
-        return await asyncio.to_thread(config_from_answer, output)
+        return await asyncio.to_thread(functools.partial(config_from_answer, output, tell=True))
     except _FAILURES as exc:
         log.warning("reading the config in a child process failed (%s); reading it here", exc)
         return await asyncio.to_thread(load_config, path, os.environ if env is None else env)
 
 
 async def load_answer_file_off_loop(path: str) -> Config:
-    """The config of an answer another process saved in `path` (see `save_answer`)."""
+    """The config of an answer another process saved in `path` (see `save_answer`); that
+    process has told the load's warnings."""
     import asyncio
 
     def read() -> Config:
-        return config_from_answer(Path(path).read_bytes())
+        return config_from_answer(Path(path).read_bytes(), tell=False)
 
     return await asyncio.to_thread(read)
 

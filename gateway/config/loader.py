@@ -22,6 +22,7 @@ from gateway.config.addresses import (
     listens_clash,
     parse_address,
 )
+from gateway.config.load_warnings import LoadWarning, tell_warnings
 from gateway.config.model import (
     ON_ERROR_CHOICES,
     Address,
@@ -40,6 +41,7 @@ from gateway.config.products import ProductsReader
 from gateway.config.storage_url import storage_url_problem
 from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
 from gateway.config.yamltree import MappingNode, Node
+from gateway.http import tls
 from gateway.http.headers import HOP_BY_HOP, SET_BY_PROXY
 from gateway.http.tls import TlsFileError, server_context
 
@@ -79,14 +81,27 @@ class _Section:
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the configuration; raise `ConfigError` listing every mistake.
 
-    `env` supplies GATEWAY_REDIS_URL and GATEWAY_ADMIN_TOKEN (default: `os.environ`).
+    `env` supplies GATEWAY_REDIS_URL and GATEWAY_ADMIN_TOKEN (default: `os.environ`). The
+    load's warnings are logged (`gateway check` prints them so), whether it succeeds or not.
     """
+    warnings: list[LoadWarning] = []
+    try:
+        return load_config_gathering(path, env, warnings)
+    finally:
+        tell_warnings(warnings)
+
+
+def load_config_gathering(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None, warnings: list[LoadWarning]
+) -> Config:
+    """`load_config`, with the load's warnings added to `warnings` instead of logged: for a
+    load whose warnings another process tells (`gateway.config.load_warnings`)."""
     env = os.environ if env is None else env
     # The node tree of a big file is a million small objects without a cycle among them;
     # the cyclic collector would walk them again and again as they pile up (a fifth of the
     # time for 100,000 keys), for nothing.
     with collector_paused():
-        return _load(path, env)
+        return _load(path, env, warnings)
 
 
 @contextlib.contextmanager
@@ -104,18 +119,20 @@ def collector_paused(*, then_freeze: bool = False) -> Iterator[None]:
             gc.enable()
 
 
-def _load(path: str | os.PathLike[str], env: Mapping[str, str]) -> Config:
+def _load(
+    path: str | os.PathLike[str], env: Mapping[str, str], warnings: list[LoadWarning]
+) -> Config:
     if not os.fspath(path).strip():
         # Path("") is the working directory: its *.yaml files, whatever they are.
         raise ConfigError([ConfigIssue("--config", None, "", "is empty (or GATEWAY_CONFIG is)")])
     issues: list[ConfigIssue] = []
-    files = _config_files(Path(path), issues)
+    files = _config_files(Path(path), issues, warnings)
     sections = _read_sections(files, issues)
     # A file that could not be read or parsed makes the rest guesswork (a missing `products`
     # would be reported for the file that failed to parse), so stop at those errors.
     if not files or any(not issue.path for issue in issues):
         raise ConfigError(issues)
-    config = _Builder(sections, env, issues, files).build()
+    config = _Builder(sections, env, issues, files, warnings).build()
     if issues or config is None:
         order = {file: index for index, file in enumerate(files)}
         # Stable: issues in the same file and line keep the order they were found in.
@@ -141,7 +158,7 @@ def config_files(path: Path) -> list[str]:
     )
 
 
-def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
+def _config_files(path: Path, issues: list[ConfigIssue], warnings: list[LoadWarning]) -> list[str]:
     try:
         if path.is_dir():
             files = config_files(path)
@@ -158,9 +175,9 @@ def _config_files(path: Path, issues: list[ConfigIssue]) -> list[str]:
                     missing += f" ({', '.join(unread)} not read: a folder's files end in .yaml)"
                 issues.append(ConfigIssue(str(path), None, "", missing))
             elif unread:
-                log.warning(
-                    "%s: %s not read: only a folder's *.yaml files are", path, ", ".join(unread)
-                )
+                listed = ", ".join(unread)
+                unread_said = f"{path}: {listed} not read: only a folder's *.yaml files are"
+                warnings.append(LoadWarning(log.name, unread_said))
             return files
         if not path.exists():
             issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))
@@ -224,11 +241,13 @@ class _Builder:
         env: Mapping[str, str],
         issues: list[ConfigIssue],
         files: list[str],
+        warnings: list[LoadWarning],
     ) -> None:
         self.sections = sections
         self.env = env
         self.issues = issues
         self.files = files
+        self.warnings = warnings
 
     def _section(self, name: str) -> _Section | None:
         """The section, unless it is absent or empty: `keys:` with every entry under it
@@ -343,6 +362,8 @@ class _Builder:
         except TlsFileError as exc:
             w.report(fields.value(exc.role), fields.at(exc.role), str(exc))
             return None
+        said = tls.certificate_warnings(cert_path)
+        self.warnings.extend(LoadWarning(tls.log.name, message) for message in said)
         return TlsConfig(cert_path, key_path, context)
 
     def _timeouts(self, w: Walker, server: Fields) -> Timeouts:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["CertificateSwitch", "TlsFileError", "server_context"]
+__all__ = ["CertificateSwitch", "TlsFileError", "certificate_warnings", "server_context"]
 
 log = logging.getLogger("gateway.http.tls")
 
@@ -53,6 +53,8 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server context for HTTP/1.1 over TLS 1.2 or 1.3 from a PEM certificate chain and key.
 
     Raises `TlsFileError` naming the file that cannot be read, is not PEM, or does not match.
+    Says nothing of the certificate's dates: the config's load does (`certificate_warnings`),
+    once, where this is called again in every process that unpickles the config.
     """
     _read(cert, "cert", b"CERTIFICATE-----", "certificate")
     _read(key, "key", b"PRIVATE KEY-----", "private key")
@@ -78,12 +80,14 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
         raise TlsFileError("cert", f"{cert} is not a usable certificate{detail}") from exc
     except OSError as exc:  # removed or replaced between the checks and the load
         raise TlsFileError("cert", f"{cert} cannot be read: {exc.strerror or exc}") from exc
-    _warn_if_expired(cert)
     return context
 
 
-def _warn_if_expired(cert: str) -> None:
-    """OpenSSL loads an expired certificate without a word, and every client that checks
+def certificate_warnings(cert: str) -> list[str]:
+    """What is wrong with the dates of the certificate file `cert`, which `server_context`
+    has loaded: the warnings for the config's load to tell (logged as this module's).
+
+    OpenSSL loads an expired certificate without a word, and every client that checks
     certificates then refuses each handshake: said at WARNING at each load (start, reload,
     `gateway check`). Not refused, as nginx and Envoy do not refuse it: a gateway whose
     certificate ran out would otherwise not start again after a restart, nor take any other
@@ -95,14 +99,11 @@ def _warn_if_expired(cert: str) -> None:
         end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
         not_after = _not_after(ssl.PEM_cert_to_DER_cert(pem[start:end]))
     except (OSError, ValueError, IndexError):
-        return  # loaded by OpenSSL already: a date this reading cannot find is no warning
-    if not_after < time.time():
-        when = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        log.warning(
-            "the certificate %s expired on %s: clients that check certificates refuse it",
-            cert,
-            when,
-        )
+        return []  # loaded by OpenSSL already: a date this reading cannot find is no warning
+    if not_after >= time.time():
+        return []
+    when = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return [f"the certificate {cert} expired on {when}: clients that check certificates refuse it"]
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:

@@ -150,5 +150,5 @@ def test_a_tls_context_that_cannot_be_built_again_is_a_config_error(tmp_path: Pa
     answer = answer_for(path, {})
     certificate.key.unlink()  # gone between the check and the arrival of the answer
     with pytest.raises(ConfigError) as missing:
-        config_from_answer(answer)
+        config_from_answer(answer, tell=True)
     assert [issue.path for issue in missing.value.issues] == ["server.tls.key"]
