@@ -152,7 +152,7 @@ def _serve_claimed(config_path: str, starting: StartingConfig, metrics_in: str |
     if count == 1:
         # One process needs no shared metrics files: the in-memory registry is faster.
         starting.take_answer()  # one process reads no handed-over config
-        return _run_worker_process(config_path, starting, handover=None)
+        return _run_worker_process(config_path, starting, handover=None, index=0)
     from gateway import metrics
 
     try:
@@ -182,12 +182,15 @@ def _install_uvloop() -> None:
 # --- worker ---------------------------------------------------------------------------
 
 
-def _run_worker_process(config_path: str, starting: StartingConfig, *, handover: str | None) -> int:
-    """`handover`: where a supervisor saves reloaded configs (None: not supervised)."""
+def _run_worker_process(
+    config_path: str, starting: StartingConfig, *, handover: str | None, index: int
+) -> int:
+    """`handover`: where a supervisor saves reloaded configs (None: not supervised); `index`:
+    the worker's number (0 for a single process)."""
     _install_uvloop()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _run_bounded(_worker(config_path, starting, handover=handover))
+            _run_bounded(_worker(config_path, starting, handover=handover, index=index))
     finally:
         # A worker that failed before its drain still writes the lines it gathered: a
         # supervised one leaves with os._exit, which skips every exit handler.
@@ -238,13 +241,17 @@ class Worker:
         *,
         supervised: bool,
         handover: str | None = None,
+        tells_shared_warnings: bool = True,
     ) -> None:
+        """`tells_shared_warnings`: whether this worker tells what every worker would find
+        alike in the API keys (`KeyStore.tells_shared_warnings`): worker 0 of a supervisor's."""
         from gateway.runtime import build_runtime
 
         # What only a restart changes, for the reloads (`keep_restart_only`); not the keys,
         # which the first snapshot holds until a reload replaces them.
         self.config = restart_only(config)
         self.runtime = build_runtime(config)
+        self.runtime.key_store.tells_shared_warnings = tells_shared_warnings
         self._config_path = config_path
         self._supervised = supervised
         self._handover = handover
@@ -323,12 +330,14 @@ class Worker:
         config = keep_restart_only(self.config, config)
         self.runtime.apply(config, keys)
         self._renew_certificate(config)
-        # The config file's keys cannot name a product or plan the file lacks (a config
-        # error), but API keys live in the storage: a reload that takes out what they name is
-        # taken, and said, so that it is not found by the customers.
-        self.runtime.key_store.tell_not_in_config()
-        # Each worker, as for the plans: the supervisor does not read the API keys.
-        self.runtime.snapshot.keys.secret_clashes.tell()
+        # By one worker of a supervisor's, as the config's own warnings are by the supervisor
+        # alone: every worker reads the same API keys, the supervisor none (see KeyStore).
+        if self.runtime.key_store.tells_shared_warnings:
+            # The config file's keys cannot name a product or plan the file lacks (a config
+            # error), but API keys live in the storage: a reload that takes out what they name
+            # is taken, and said, so that it is not found by the customers.
+            self.runtime.key_store.tell_not_in_config()
+            self.runtime.snapshot.keys.secret_clashes.tell()
 
     def _renew_certificate(self, config: Config) -> None:
         # The loader has read the certificate and key again and built a context from them:
@@ -381,11 +390,17 @@ class Worker:
         return close_by
 
 
-async def _worker(config_path: str, starting: StartingConfig, *, handover: str | None) -> float:
+async def _worker(
+    config_path: str, starting: StartingConfig, *, handover: str | None, index: int
+) -> float:
     loop = asyncio.get_running_loop()
     with collector_paused():  # the key index: as many objects again, and no cycles either
         worker = Worker(
-            config_path, starting.take(), supervised=handover is not None, handover=handover
+            config_path,
+            starting.take(),
+            supervised=handover is not None,
+            handover=handover,
+            tells_shared_warnings=index == 0,
         )
     # The first full read of the API keys, at the start, freezes them as it goes as each later
     # one does: left to the collector, 100,000 keys set off four full collections of 30-87 ms

@@ -29,10 +29,11 @@ log = logging.getLogger("gateway.server")
 
 
 class RunWorker(Protocol):
-    """What a forked worker runs (`gateway.server`'s worker process); its exit code."""
+    """What a forked worker runs (`gateway.server`'s worker process); its exit code. `index`:
+    the worker's number, from 0, kept by the worker started in place of one that died."""
 
     def __call__(
-        self, config_path: str, starting: StartingConfig, *, handover: str | None
+        self, config_path: str, starting: StartingConfig, *, handover: str | None, index: int
     ) -> int: ...
 
 
@@ -70,8 +71,8 @@ def _end_with_the_supervisor(supervisor: int) -> None:
 
 
 def supervise(config_path: str, starting: StartingConfig, count: int, run_worker: RunWorker) -> int:
-    """Run `count` workers (each `run_worker(config_path, starting, handover=...)` in a forked
-    process) until they have drained; the exit code."""
+    """Run `count` workers (each `run_worker(config_path, starting, handover=..., index=...)`
+    in a forked process) until they have drained; the exit code."""
     # The config the workers are to serve, as the supervisor read it (see Reloader).
     handover_dir = tempfile.mkdtemp(prefix="gateway-config-")
     try:
@@ -120,7 +121,7 @@ def _supervise_workers(
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                 code = 1
                 try:
-                    code = run_worker(config_path, latest, handover=handover)
+                    code = run_worker(config_path, latest, handover=handover, index=index)
                 except BaseException:
                     # os._exit skips the interpreter's own report: without this the log said
                     # only that the worker exited with 1.

@@ -9,7 +9,8 @@ would settle only the first of these, and make a config's fate hang on what the 
 holds and answers at that moment (a restart would apply the config the reload refused); the
 file winning is the same in every order and every process. The file is what the operator
 wrote, and it is the operator who is told: a warning naming both keys, once per config a
-worker applies and once when the storage brings it an API key that clashes.
+worker applies and once when the storage brings it an API key that clashes (by worker 0 alone
+of a supervisor's workers, which all find the same: `KeyStore.tells_shared_warnings`).
 
 Requests never look here, and nothing here asks the storage: the clashes are found by walking
 the file's secrets once per config (in the thread that builds the key index: 1 ms for 10,000),

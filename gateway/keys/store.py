@@ -105,6 +105,13 @@ class KeyStore:
         # API keys that name others are told after each full read and each reload. None:
         # no config yet, nothing to tell.
         self.config_names: tuple[Collection[str], Collection[str]] | None = None
+        # Whether this process tells the two above: API keys naming what the config lacks, and
+        # secrets a file key shares with an API key. Every worker of a gateway reads the same
+        # keys from the same storage and so finds the same, and each telling it made one
+        # problem look like several; the supervisor, which would say it once, reads no API
+        # keys. So one worker tells them: worker 0 (`gateway.server.Worker`), whose number a
+        # restart keeps, and whose first read after one tells them again for what it serves.
+        self.tells_shared_warnings = True
 
     def tell_not_in_config(self) -> None:
         """One WARNING when API keys name a product or plan the config served now lacks (a
@@ -287,7 +294,7 @@ class KeyStore:
             log.error("key %r: unreadable record in the storage, ignored: %s", change.name, exc)
             return
         self.table.put(record)
-        if self.secret_clashes is not None:
+        if self.secret_clashes is not None and self.tells_shared_warnings:
             self.secret_clashes.tell_record(record)
 
     async def _follow(self) -> None:
@@ -469,9 +476,10 @@ class KeyStore:
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
         if lost:
             _tell_lost(lost)
-        if self.secret_clashes is not None:
-            self.secret_clashes.tell_all()
-        self.tell_not_in_config()
+        if self.tells_shared_warnings:
+            if self.secret_clashes is not None:
+                self.secret_clashes.tell_all()
+            self.tell_not_in_config()
         # The old table let go of a slice at a time: freeing 100,000 records at once held the
         # event loop 35 ms.
         for container in given_up:

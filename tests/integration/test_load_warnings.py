@@ -2,12 +2,15 @@
 "Operating it"): on real `gateway run` processes, their stderr counted line by line.
 
 The config's own warnings (an expired certificate, a `*.yml` file left unread) are the
-supervisor's to tell, or the single process's. Each was said by every process that touched
-the load: 1 + N times with N workers, or (a child's) not at all.
+supervisor's to tell, or the single process's; what only a worker sees, the API keys in the
+storage that the config does not fit, is worker 0's. Each was said by every process that
+touched the load: 1 + N times with N workers, or (a child's) not at all.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
 import ssl
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 
 from gateway.config.isolated import CHILD_FROM_BYTES
 from tests.support.certificates import make_expired_certificate
-from tests.support.config import API_FILE, SERVER_FILE, server_yaml
+from tests.support.config import API_FILE, SERVER_FILE, edit_for_sighup_alone, server_yaml
 from tests.support.operations import serving_workers, wait_for
 from tests.support.processes import GatewayProcess
 from tests.support.redis_servers import RedisServer
@@ -30,9 +33,11 @@ products:
 plans:
   trial: {{rate: {{limit: 100, per: second}}}}
 {gold}"""
+GOLD = "  gold: {quota: {limit: 100, per: day}}\n"
 
 UNREAD = "not read: only a folder's *.yaml files are"
 EXPIRED = "expired on 2020-01-02 00:00:00 UTC: clients that check certificates refuse it"
+NOT_IN_CONFIG = "API keys naming a product or plan the config no longer has"
 RELOADED = "config reloaded from"
 # A loaded 2-core box starts two workers and reloads them in far less.
 WITHIN = 20.0
@@ -119,3 +124,48 @@ def test_a_single_process_says_the_warnings_of_a_big_reload_read_by_a_child(
         code, stderr = gateway.stop(timeout=15), gateway.stderr()
         gateway.close()
     assert code == 0, stderr
+
+
+def test_api_keys_the_config_does_not_fit_are_said_once_by_two_workers(
+    tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    """Every worker reads the same API keys; worker 0 alone says that a reload took out the
+    plan one names, and so at a start without that plan."""
+    config = tmp_path / "config"
+    config.mkdir()
+    proxy_port, admin_port = free_ports(2)
+    server = server_yaml(proxy_port, admin_port, fresh_redis_server.url, workers=2)
+    (config / SERVER_FILE).write_text(server)
+    closed = closed_port()
+    api_file = config / API_FILE
+    api_file.write_text(API.format(closed=closed, gold=GOLD))
+    gateway = GatewayProcess(config)
+    try:
+        gateway.start(proxy_port, admin_port)
+        serving_workers(gateway, 2)
+        connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+        body = json.dumps({"name": "acme", "plans": {"shop": "gold"}})
+        connection.request("POST", "/admin/keys", body=body)
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == 201
+
+        edit_for_sighup_alone(api_file, API.format(closed=closed, gold=""))
+        reload_and_wait(gateway, processes=3)
+        assert lines_with(gateway, NOT_IN_CONFIG) == 1, gateway.stderr()
+    finally:
+        code, stderr = gateway.stop(timeout=15), gateway.stderr()
+        gateway.close()
+    assert code == 0, stderr
+
+    restarted = GatewayProcess(config)
+    try:
+        restarted.start(proxy_port, admin_port)
+        serving_workers(restarted, 2)  # each has read the keys before it serves
+        assert lines_with(restarted, NOT_IN_CONFIG) == 1, restarted.stderr()
+    finally:
+        code, stderr = restarted.stop(timeout=15), restarted.stderr()
+        restarted.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr

@@ -3,6 +3,7 @@ products, plans and keys."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -96,3 +97,17 @@ def issues_of(path: str | Path, env: dict[str, str] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={} if env is None else env)
     return [str(issue) for issue in caught.value.issues]
+
+
+def edit_for_sighup_alone(path: Path, text: str) -> None:
+    """Write `text` into the config file `path` so that the file watch cannot see the edit: the
+    same size (padded with a YAML comment) and the old mtime put back. Only a SIGHUP loads it,
+    and once: a watch that saw it too loaded it a second time (each warning of the load said
+    twice). `path` must be at least as long as `text` (give it a trailing comment for room)."""
+    before = path.stat()
+    room = before.st_size - len(text.encode())
+    assert room >= 0, f"{path} has {-room} bytes too few for the edit"
+    padding = "\n" if room == 1 else "" if room == 0 else "#" + " " * (room - 2) + "\n"
+    path.write_text(text + padding)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
