@@ -10,12 +10,15 @@ handshake to the newest context. Connections already open keep the certificate t
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from gateway.http.x509 import certificate_fields
 
 __all__ = ["CertificateSwitch", "TlsFileError", "certificate_warnings", "server_context"]
 
@@ -84,57 +87,49 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def certificate_warnings(cert: str) -> list[str]:
-    """What is wrong with the dates of the certificate file `cert`, which `server_context`
-    has loaded: the warnings for the config's load to tell (logged as this module's).
+    """What is wrong with the dates of the certificates in the file `cert`, which
+    `server_context` has loaded: the warnings for the config's load to tell (logged as this
+    module's), one for each certificate out of its dates, the leaf's and the intermediates'.
 
-    OpenSSL loads an expired certificate without a word, and every client that checks
-    certificates then refuses each handshake: said at WARNING at each load (start, reload,
-    `gateway check`). Not refused, as nginx and Envoy do not refuse it: a gateway whose
-    certificate ran out would otherwise not start again after a restart, nor take any other
-    change of its config, until the certificate is renewed, for clients that may not check it."""
+    OpenSSL loads an expired certificate without a word, or one not valid yet (a clock set
+    wrong, a certificate issued for later), and every client that checks certificates then
+    refuses each handshake; so it does when an intermediate of the chain ran out, however new
+    the leaf. Said at WARNING at each load (start, reload, `gateway check`). Not refused, as
+    nginx and Envoy do not refuse it: a gateway whose certificate ran out would otherwise not
+    start again after a restart, nor take any other change of its config, until the
+    certificate is renewed, for clients that may not check it."""
     try:
         with open(cert, encoding="ascii", errors="replace") as file:
             pem = file.read(_MAX_PEM_BYTES)
-        start = pem.index("-----BEGIN CERTIFICATE-----")
-        end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
-        not_after = _not_after(ssl.PEM_cert_to_DER_cert(pem[start:end]))
-    except (OSError, ValueError, IndexError):
-        return []  # loaded by OpenSSL already: a date this reading cannot find is no warning
-    if not_after >= time.time():
-        return []
-    when = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return [f"the certificate {cert} expired on {when}: clients that check certificates refuse it"]
+    except OSError:
+        return []  # loaded by OpenSSL already: a file this reading cannot see is no warning
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    now = time.time()
+    warnings = []
+    for place, block in enumerate(blocks, 1):
+        try:
+            fields = certificate_fields(ssl.PEM_cert_to_DER_cert(block))
+        except (ValueError, IndexError):
+            continue  # nor is a certificate whose dates it cannot find
+        named = "" if fields.common_name is None else f" (CN={fields.common_name})"
+        which = f"the certificate file {cert}: certificate {place} of {len(blocks)}{named}"
+        if fields.not_after < now:
+            said = f"{which} expired on {_utc(fields.not_after)}"
+        elif fields.not_before > now:
+            said = f"{which} is not valid until {_utc(fields.not_before)}"
+        else:
+            continue
+        warnings.append(f"{said}: clients that check certificates refuse it")
+    return warnings
 
 
-def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
-    """The DER item at `at`: its tag, where its content starts and where it ends."""
-    tag, length = data[at], data[at + 1]
-    at += 2
-    if length & 0x80:
-        size = length & 0x7F
-        length = int.from_bytes(data[at : at + size], "big")
-        at += size
-    return tag, at, at + length
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----", re.ASCII
+)
 
 
-def _not_after(der: bytes) -> float:
-    """The notAfter of an X.509 certificate (RFC 5280 4.1), as a Unix time."""
-    _, tbs, _ = _der_item(der, 0)  # Certificate
-    _, at, _ = _der_item(der, tbs)  # TBSCertificate
-    if der[at] == 0xA0:  # [0] version
-        at = _der_item(der, at)[2]
-    for _ in range(3):  # serialNumber, signature, issuer
-        at = _der_item(der, at)[2]
-    _, validity, _ = _der_item(der, at)
-    not_before_end = _der_item(der, validity)[2]
-    tag, start, end = _der_item(der, not_before_end)
-    text = der[start:end].decode("ascii")
-    # UTCTime has two digits for the year (RFC 5280 4.1.2.5.1: 50-99 are 19xx).
-    if tag == 0x17:
-        text = ("19" if int(text[:2]) >= 50 else "20") + text
-    elif tag != 0x18:
-        raise ValueError("not a time")
-    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
+def _utc(instant: float) -> str:
+    return datetime.fromtimestamp(instant, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _no_passphrase(key: str) -> Callable[[], bytes]:

@@ -94,7 +94,8 @@ def test_an_expired_certificate_and_an_unread_file_are_said_once_per_load_by_two
         reload_and_wait(gateway, processes=3)
         assert lines_with(gateway, UNREAD) == 2, gateway.stderr()
         assert lines_with(gateway, EXPIRED) == 2, gateway.stderr()
-        assert f"the certificate {certificate.cert} {EXPIRED}" in gateway.stderr()
+        named = f"the certificate file {certificate.cert}: certificate 1 of 1 (CN=localhost)"
+        assert f"{named} {EXPIRED}" in gateway.stderr()
     finally:
         code, stderr = gateway.stop(timeout=15), gateway.stderr()
         gateway.close()

@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.http.tls import CertificateSwitch, TlsFileError, server_context
-from tests.support.certificates import make_certificate, make_expired_certificate
+from gateway.http.tls import (
+    CertificateSwitch,
+    TlsFileError,
+    certificate_warnings,
+    server_context,
+)
+from tests.support.certificates import (
+    make_certificate,
+    make_chain,
+    make_expired_certificate,
+    make_signed_certificate,
+    valid_now,
+)
 
 PRODUCTS = """
 products:
@@ -129,8 +140,8 @@ def test_an_expired_certificate_is_loaded_with_a_warning_naming_it(
         config = load_config(config_file, env={})
     assert config.server.tls is not None
     assert [record.getMessage() for record in caplog.records] == [
-        f"the certificate {expired.cert} expired on 2020-01-02 00:00:00 UTC: clients that "
-        "check certificates refuse it"
+        f"the certificate file {expired.cert}: certificate 1 of 1 (CN=localhost) expired on "
+        "2020-01-02 00:00:00 UTC: clients that check certificates refuse it"
     ]
     caplog.clear()
     fresh = make_certificate(tmp_path, "fresh", serial=3)
@@ -138,6 +149,54 @@ def test_an_expired_certificate_is_loaded_with_a_warning_naming_it(
     with caplog.at_level(logging.WARNING, logger="gateway.http.tls"):
         load_config(config_file, env={})
     assert caplog.records == []
+
+
+def test_every_certificate_of_the_file_is_checked_the_intermediates_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain whose leaf is fine but whose intermediate ran out is refused by every client
+    that builds the chain, and a leaf dated in the future (a clock off, a certificate issued
+    for later) by every client that checks it: each is named, by its place and its CN."""
+    chain = make_chain(
+        tmp_path / "chain",
+        leaf=("20990101000000Z", "20990301000000Z"),  # GeneralizedTime, from 2050 on
+        intermediate=("20200101000000Z", "20200102000000Z"),
+    )
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(f"server:\n  tls: {{cert: {chain.cert}, key: {chain.key}}}\n" + PRODUCTS)
+    with caplog.at_level(logging.WARNING, logger="gateway.http.tls"):
+        config = load_config(config_file, env={})
+    assert config.server.tls is not None
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the certificate file {chain.cert}: certificate 1 of 3 (CN=localhost) is not valid "
+        "until 2099-01-01 00:00:00 UTC: clients that check certificates refuse it",
+        f"the certificate file {chain.cert}: certificate 2 of 3 (CN=Test Intermediate CA) "
+        "expired on 2020-01-02 00:00:00 UTC: clients that check certificates refuse it",
+    ]
+
+    caplog.clear()
+    fine = make_chain(tmp_path / "fine", leaf=valid_now(), intermediate=valid_now())
+    config_file.write_text(f"server:\n  tls: {{cert: {fine.cert}, key: {fine.key}}}\n" + PRODUCTS)
+    with caplog.at_level(logging.WARNING, logger="gateway.http.tls"):
+        load_config(config_file, env={})
+    assert caplog.records == []
+
+
+def test_a_certificate_is_named_by_its_place_alone_without_a_cn_and_by_a_cn_not_ascii(
+    tmp_path: Path,
+) -> None:
+    expired = ("20200101000000Z", "20200102000000Z")
+    nameless, _ = make_signed_certificate(tmp_path, "nameless", "/O=Example", None, expired)
+    named, _ = make_signed_certificate(
+        tmp_path, "named", "/O=Example/CN=Zürich Test CA", None, expired
+    )
+    both = tmp_path / "both.crt"
+    both.write_text(nameless.read_text() + named.read_text())
+    refused = "expired on 2020-01-02 00:00:00 UTC: clients that check certificates refuse it"
+    assert certificate_warnings(str(both)) == [
+        f"the certificate file {both}: certificate 1 of 2 {refused}",
+        f"the certificate file {both}: certificate 2 of 2 (CN=Zürich Test CA) {refused}",
+    ]
 
 
 def test_switch_hands_new_handshakes_the_newest_context(tmp_path: Path) -> None:
