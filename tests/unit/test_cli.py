@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.certificates import make_expired_certificate
+from tests.support.config import MINIMAL_PRODUCTS
+
 
 def gateway(
     *args: str | bytes, env: dict[str, str] | None = None
@@ -101,6 +104,23 @@ def test_check_lists_every_issue_and_exits_1_without_a_traceback() -> None:
         assert "Traceback" not in done.stdout + done.stderr
         assert len(done.stdout.splitlines()) == issues
         assert all(line.startswith(f"{FIXTURES / name}:") for line in done.stdout.splitlines())
+
+
+def test_check_prints_the_warnings_of_the_load_once_each(tmp_path: Path) -> None:
+    """The warnings a load gathers (gateway.config.load_warnings) are told by `check` too."""
+    expired = make_expired_certificate(tmp_path / "tls")
+    config = tmp_path / "config"
+    config.mkdir()
+    tls = f"server:\n  tls: {{cert: {expired.cert}, key: {expired.key}}}\n"
+    (config / "gateway.yaml").write_text(tls + MINIMAL_PRODUCTS)
+    (config / "plans.yml").write_text("plans: {}\n")
+    done = gateway("check", "--config", str(config))
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+    assert done.stderr.splitlines() == [
+        f"{config}: plans.yml not read: only a folder's *.yaml files are",
+        f"the certificate file {expired.cert}: certificate 1 of 1 (CN=localhost) expired on "
+        "2020-01-02 00:00:00 UTC: clients that check certificates refuse it",
+    ]
 
 
 def test_run_with_a_config_that_fails_exits_at_once_saying_why_on_stderr(tmp_path: Path) -> None:
