@@ -4,21 +4,28 @@
 -- KEYS[1]  sorted set: the admission times (microseconds, Redis clock) inside the rate window
 -- KEYS[2]  hash: the quota of the current calendar period: used, credit, born
 -- KEYS[3]  hash: the history of the current UTC day: born, r:<plan> (requests), u:<plan> (units)
+-- KEYS[4]  optional, with KEYS[5]: set, the subscriptions with history that UTC day
+-- KEYS[5]  set: the products with history of the subscription's key (redis_registry.py)
 -- ARGV[1]  rate limit, or -1 when the plan has no rate
 -- ARGV[2]  rate window in microseconds
 -- ARGV[3]  quota limit, or -1 when the plan has no quota
 -- ARGV[4]  unix milliseconds at which the quota hash may vanish (period end + grace)
--- ARGV[5]  unix milliseconds at which the day's history may vanish
+-- ARGV[5]  unix milliseconds at which the day's history may vanish, and the sets with it
 -- ARGV[6]  the plan's name
--- ARGV[7]  cost: the quota units this request takes
--- ARGV[8]  the Redis time (microseconds) after which the gateway no longer waits for this
+-- ARGV[7]  the subject, member of KEYS[4] (read only with KEYS[4])
+-- ARGV[8]  its product, member of KEYS[5] (read only with KEYS[5])
+-- ARGV[9]  cost: the quota units this request takes
+-- ARGV[10] the Redis time (microseconds) after which the gateway no longer waits for this
 --          reply, or 0: a hit that runs later (a stalled Redis waking up) takes nothing,
 --          since its request was answered 503 meanwhile
 --
 -- Returns {outcome, quota used, quota credit, rate entries in window, microseconds until the
--- rate frees room, quota born, day born, 1 if this admission began the day's history, the
--- Redis time} where outcome is 0 allowed, 1 throttled, 2 quota exceeded, 3 too late (nothing
--- was looked at or taken). `born` is the Redis time at
+-- rate frees room, quota born, day born, day begun, the Redis time} where outcome is 0
+-- allowed, 1 throttled, 2 quota exceeded, 3 too late (nothing was looked at or taken), and
+-- day begun is 0 when the day's history was there already, 1 when this admission began it
+-- and the sets were not written (no KEYS[4]: a cluster, where they live in other slots; or
+-- they could not be), 2 when it began it and the sets name the subscription. `born` is the
+-- Redis time at
 -- which a hash was created: a refund names it, and does nothing to a hash born since (after
 -- a restart that lost it, or a new period), so units are never given back twice or to
 -- requests that did not take them.
@@ -33,12 +40,23 @@
 local rate_limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local quota_limit = tonumber(ARGV[3])
-local cost = tonumber(ARGV[7])
+local cost = tonumber(ARGV[9])
+
+-- Adds `member` to the set `name`, kept as long as the day's history; false if Redis refused
+-- (a key of another type there): the admission stands, and the gateway writes the sets itself
+-- (and again until they are in), as on a cluster, instead of failing a counted admission.
+local function index(name, member)
+    if type(redis.pcall('SADD', name, member)) == 'table' then
+        return false
+    end
+    redis.call('PEXPIREAT', name, ARGV[5])
+    return true
+end
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 
-local deadline = tonumber(ARGV[8])
+local deadline = tonumber(ARGV[10])
 if deadline > 0 and now > deadline then
     return {3, 0, 0, 0, 0, 0, 0, 0, now}
 end
@@ -66,7 +84,7 @@ elseif rate_limit >= 0 and in_window >= rate_limit then
     outcome = 1
 else
     if quota_limit >= 0 then
-        used = redis.call('HINCRBY', KEYS[2], 'used', ARGV[7])
+        used = redis.call('HINCRBY', KEYS[2], 'used', ARGV[9])
         if quota_born == 0 then
             -- the counter of a new period: it vanishes on its own soon after the period ends
             quota_born = now
@@ -94,9 +112,14 @@ else
         new_day = 1
         redis.call('HSET', KEYS[3], 'born', now)
         redis.call('PEXPIREAT', KEYS[3], ARGV[5])
+        -- The export and a key's history find the day through these sets: written here, with
+        -- the counts, a worker killed right after the reply cannot leave the day unbilled.
+        if KEYS[5] and index(KEYS[4], ARGV[7]) and index(KEYS[5], ARGV[8]) then
+            new_day = 2
+        end
     end
     redis.call('HINCRBY', KEYS[3], 'r:' .. ARGV[6], '1')
-    redis.call('HINCRBY', KEYS[3], 'u:' .. ARGV[6], ARGV[7])
+    redis.call('HINCRBY', KEYS[3], 'u:' .. ARGV[6], ARGV[9])
 end
 
 local wait = 0

@@ -8,10 +8,9 @@ agree on the sliding window; the quota period is computed here because it needs 
 timezone, and the UTC day here too, so that every key a script touches is named in its KEYS.
 Every key of a subscription carries the subject as hash tag, so they live in one cluster slot.
 
-A key's history and the billing export need to know which subscriptions have history: sets of
-them (`gateway.limits.redis_registry`) live in slots of their own, so the script cannot write
-them on a cluster; each process records a subscription after its first admission there (and
-again whenever the script reports that it began a day's history), in the background.
+A key's history and the billing export find the subscriptions with history in sets
+(`gateway.limits.redis_registry`), which the script writes as it begins a day's history; on a
+cluster they live in slots of their own, and the registry writes them in the background.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
 pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
@@ -73,7 +72,7 @@ from gateway.limits.redis_layout import (
     rate_key,
     run_script,
 )
-from gateway.limits.redis_registry import SubscriptionRegistry
+from gateway.limits.redis_registry import SubscriptionRegistry, index_of
 from gateway.limits.redis_replies import decision_from_reply
 from gateway.limits.resp import ScriptPipeline, pack
 
@@ -81,6 +80,7 @@ from gateway.limits.resp import ScriptPipeline, pack
 _READ_BATCH = 500
 
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
+_DAY_INDEXED = 2  # hit.lua began the day's history and wrote the registry's sets itself
 # A check's arguments as `decision_from_reply` takes them: rate, quota, cost, plan, period start
 # and end, the time it was made and its UTC day.
 _HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int]
@@ -110,7 +110,7 @@ class _Command:
     def __init__(
         self,
         shape: _Shape,
-        keys: tuple[str, str, str],
+        keys: tuple[str, ...],
         args: tuple[int | str, ...],
         packed: bytes,
     ) -> None:
@@ -277,9 +277,10 @@ class RedisLimiter:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
             late = StorageError("it ran after its deadline on Redis's clock; nothing was taken")
             raise self._guard.error("hit", late)
-        # 7: a new day began. Tested here, not in the registry: every admission passes by.
+        # 7: a new day began (_DAY_INDEXED: its sets written already). Tested here, not in the
+        # registry: every admission passes by.
         if code == 0 and (reply[7] or subject not in self._registry.recorded):
-            self._registry.record(subject, day)
+            self._registry.record(subject, day, indexed=reply[7] == _DAY_INDEXED)
 
     def _remember_command(self, subject: str, shape: _Shape) -> _Command:
         day = shape[5]
@@ -296,14 +297,19 @@ class RedisLimiter:
         window_us = round(rate_window * 1_000_000)  # 0 without a rate
         quota_expire_ms = _quota_expire_ms(start, end)
         day_expire_ms = (day + 1 + HISTORY_DAYS) * DAY_SECONDS * 1000
-        args = (rate_limit, window_us, quota_limit, quota_expire_ms, day_expire_ms, plan)
         keys = (rate_key(subject), quota_key(subject, start), day_key(subject, day))
-        packed = b""  # redis-py packs each call of a cluster itself
-        if self._pipeline is not None:
-            # Once per subject, quota period and day, so the plain packer is fast enough; the
-            # cost and the deadline are appended per hit.
-            packed = self._pack_evalsha(HIT.sha, keys, args, to_come=2)
-        return _Command(shape, keys, args, packed)
+        args = (rate_limit, window_us, quota_limit, quota_expire_ms, day_expire_ms, plan)
+        if self._pipeline is None:
+            # On a cluster the registry's sets live in other slots: the script leaves them to
+            # the registry (its subject and product go empty). redis-py packs each call itself.
+            return _Command(shape, keys, (*args, "", ""), b"")
+        # The registry's sets, for the script to write as it begins the day: a few dozen bytes
+        # more per hit, their commands only on the day's first admission. Packed once per
+        # subject, quota period and day (the plain packer is fast enough); the cost and the
+        # deadline are appended per hit.
+        sets, members = index_of(subject, day)
+        packed = self._pack_evalsha(HIT.sha, (*keys, *sets), (*args, *members), to_come=2)
+        return _Command(shape, (*keys, *sets), (*args, *members), packed)
 
     def _pack_evalsha(
         self, sha: str, keys: tuple[str, ...], args: tuple[int | str, ...], to_come: int = 0

@@ -1,8 +1,15 @@
 """Which subscriptions ("<key name>:<product>") have history in the Redis storage: what a key's
 usage history and the billing export read before the day hashes themselves.
 
-Three sets, written in the background by the process that admits a subscription's first
-request (its first in that process, and the first of each UTC day):
+Three sets. On a single Redis (or Sentinel's) the hit script (`hit.lua`) adds a subscription
+to the first two itself when it begins the subscription's day history, atomically with its
+counts: written after the reply, a worker killed (or a Redis failing) in between left the
+subscription out of that day's export for good, though the day's hash counted its requests.
+On a Redis Cluster they live in slots other than the subscription's, so the script cannot
+write them: the process that admits a subscription's first request there (its first in that
+process, and the first of each UTC day) writes them in the background, and that window
+remains. The third is written in the background on either (`SubscriptionRegistry.record`
+says why):
 
     gw:subs:key:<key name>      the products of that key with history: a key's history
     gw:subs:day:<YYYY-MM-DD>    the subscriptions with history that day: the export's day
@@ -64,6 +71,13 @@ def day_set(day: int) -> str:
     return f"gw:subs:day:{day_text(day)}"
 
 
+def index_of(subject: str, day: int) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The day's set and the key's set that name `subject` with history on `day`, and the
+    members that name it there (the subject, its product), for the hit script."""
+    key_name, _, product = subject.partition(":")
+    return (day_set(day), key_set(key_name)), (subject, product)
+
+
 def _decoded(members: Any) -> list[str]:
     return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
@@ -89,15 +103,24 @@ class SubscriptionRegistry:
         # (apart: a history or export waits for the calls under way, never for these).
         self._retries: dict[tuple[str, int], asyncio.Task[None]] = {}
 
-    def record(self, subject: str, day: int) -> None:
+    def record(self, subject: str, day: int, indexed: bool = False) -> None:
         """Record `subject` as having history on `day`, in the background: the admission that
         asks for it waits for nothing more. The limiter asks once per process (`recorded`
         holds those asked for) and again on the first admission of each day (Redis may have
-        lost the sets)."""
+        lost the sets). `indexed`: the hit script wrote the day's and the key's set already.
+
+        The old set is left to this background write even then: for the script to write it,
+        every hit would carry two more keys (the old set and `gw:subs:since`) and the script
+        would repeat `since` (or a process could not admit before it knew `since`), for a set
+        written on an upgrade's two days alone. A worker that dies before this write leaves
+        the subscription out of the old set, which older gateways read on those days (and this
+        one for the days before `since`, the upgrade's day)."""
         if len(self.recorded) >= _MAX_REMEMBERED:
             self.recorded.clear()
         self.recorded.add(subject)
-        task = asyncio.get_running_loop().create_task(self._record(subject, day))
+        if indexed and self._since is not None and day > self._since:
+            return  # nothing left to write, and no task for it
+        task = asyncio.get_running_loop().create_task(self._record(subject, day, indexed))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
@@ -128,23 +151,30 @@ class SubscriptionRegistry:
             if await self._record(subject, day, retried=True):
                 return
 
-    async def _record(self, subject: str, day: int, retried: bool = False) -> bool:
+    async def _record(
+        self, subject: str, day: int, indexed: bool = False, retried: bool = False
+    ) -> bool:
         key_name, _, product = subject.partition(":")
-        # The history of `day` is kept until this; the sets that name it, as long. The key's
-        # set names its later days too: a retried recording of an earlier day must not
-        # shorten it, so it is kept as long as today's history (a day more at most).
+        # The history of `day` is kept until this; the sets that name it, as long (the hit
+        # script gives them the same expiry). The key's set names its later days too: a
+        # retried recording of an earlier day must not shorten it, so it is kept as long as
+        # today's history (a day more at most).
         until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
         key_until = str((max(day, day_of(self._clock())) + 1 + HISTORY_DAYS) * DAY_SECONDS)
-        commands: tuple[tuple[str, ...], ...] = (
-            ("SADD", day_set(day), subject),
-            ("EXPIREAT", day_set(day), until),
-            ("SADD", key_set(key_name), product),
-            ("EXPIREAT", key_set(key_name), key_until),
-        )
+        commands: tuple[tuple[str, ...], ...] = ()
+        if not indexed:
+            commands = (
+                ("SADD", day_set(day), subject),
+                ("EXPIREAT", day_set(day), until),
+                ("SADD", key_set(key_name), product),
+                ("EXPIREAT", key_set(key_name), key_until),
+            )
         try:
             # Fixed before this process first writes the old set (see the module docstring).
             if day <= await self.since("register"):
                 commands = (("SADD", LEGACY_KEY, subject), *commands)
+            if not commands:
+                return True
             pipeline = self._pipeline
             if pipeline is not None:
                 calls = [pipeline.run(pack(*(part.encode() for part in c))) for c in commands]

@@ -150,10 +150,12 @@ async def test_a_day_whose_recording_failed_is_exported_without_another_admissio
     fresh_redis_server: RedisServer,
 ) -> None:
     """The day's first admission of a subscription is recorded in the day's set in the
-    background; when that failed (a Redis stalled, restarting or failing over just then), it
-    was tried again only on the subscription's next admission in the same process. A key with
-    one request that day (or whose later requests went to other workers, which had recorded it
-    on an earlier day) had its history counted in Redis and was missing from the export."""
+    background (on a cluster; on one server when its check could not write the set itself, as
+    here); when that failed (a Redis stalled, restarting or failing over just then), it was
+    tried again only on the subscription's next admission in the same process. A key with one
+    request that day (or whose later requests went to other workers, which had recorded it on
+    an earlier day) had its history counted in Redis and was missing from the export. And a
+    day's set the check cannot write fails no admission."""
     limiter = create_limiter(StorageConfig(url=fresh_redis_server.url, timeout=0.25))
     admin = fresh_redis_server.client()
     key = new_key()
@@ -162,7 +164,7 @@ async def test_a_day_whose_recording_failed_is_exported_without_another_admissio
     expected = [DayUsage(today, f"{key}:soccer", "pro", 1, 2)]
     admin.set(day_set, "not a set")  # the day's set cannot take the recording now
     try:
-        await limiter.hit(f"{key}:soccer", None, None, 2, "pro")
+        assert (await limiter.hit(f"{key}:soccer", None, None, 2, "pro")).allowed
         await asyncio.sleep(0.2)  # the recording has failed
         admin.delete(day_set)  # the storage is well again; no other admission comes
         deadline = time.monotonic() + 5
@@ -216,8 +218,11 @@ async def test_subscriptions_recorded_by_gateways_of_the_old_layout_are_found(
     try:
         assert await limiter.history(key, today - 1, today) == expected
         assert [line async for batch in limiter.export(today, today) for line in batch] == expected
-        # And what this gateway admits that day on is found too.
+        # And what this gateway admits that day on is found too: in the day's and the key's
+        # sets as the check answers (the old set is written after it, below).
         await limiter.hit(f"{key}:weather", None, None, 1, "pro")
+        assert admin.sismember(f"gw:subs:day:{day_text(today)}", f"{key}:weather")
+        assert admin.sismember(f"gw:subs:key:{key}", "weather")
         weather = DayUsage(today, f"{key}:weather", "pro", 1, 1)
         assert await limiter.history(key, today, today) == [*expected, weather]
         # On the upgrade's day the old set is written too, for the older gateways still
