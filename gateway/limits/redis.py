@@ -27,7 +27,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from typing import Any, cast
 
@@ -49,7 +49,7 @@ from gateway.limits.base import (
     StorageError,
     day_of,
 )
-from gateway.limits.cluster_clocks import ClusterClocks
+from gateway.limits.cluster_calls import ClusterCalls
 from gateway.limits.periods import PeriodCache
 from gateway.limits.redis_clients import (
     MASTER_RECHECK_SECONDS,
@@ -64,7 +64,6 @@ from gateway.limits.redis_layout import (
     REFUND,
     RESET,
     AnyRedis,
-    Script,
     credit_once_key,
     day_key,
     packed_cost,
@@ -160,9 +159,9 @@ class RedisLimiter:
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
             self._encoding: str = encoder.encoding
             self._encoding_errors: str = encoder.encoding_errors
-        self._cluster_clocks: ClusterClocks | None = None
+        self._cluster_calls: ClusterCalls | None = None
         if isinstance(client, RedisCluster):
-            self._cluster_clocks = ClusterClocks(client, timeout)
+            self._cluster_calls = ClusterCalls(client, self._guard, timeout)
         self._registry = SubscriptionRegistry(client, self._guard, self._pipeline, clock)
 
     @classmethod
@@ -227,8 +226,11 @@ class RedisLimiter:
             pipeline.learn_redis_time(reply[8])
         else:
             # One EVALSHA per call: redis-py refuses EVALSHA in a cluster pipeline, and the
-            # calls of one tick mostly go to different nodes anyway.
-            check = self._on_node_clock(HIT, command.keys, (*command.args, cost))
+            # calls of one tick mostly go to different nodes anyway. Refused at once (never
+            # sent, so nothing to forget) while the subject's node answers nothing.
+            calls = self._cluster_calls
+            assert calls is not None
+            check = calls.script("hit", HIT, command.keys, (*command.args, cost))
             # A task, so that a caller cancelled meanwhile leaves it to finish for `abandoned`
             # (redis-py drops a connection whose command is cancelled, reply and all).
             checking = asyncio.ensure_future(self._guard("hit", check))
@@ -238,11 +240,11 @@ class RedisLimiter:
                 request = (rate, quota, cost, plan, start, end, now, day)
                 checking.add_done_callback(partial(self._late_task, abandoned, subject, request))
                 raise
-            except StorageError:
+            except StorageError as failed:
                 self._unanswered(subject, day)
+                calls.failed(command.keys[0], failed)
                 raise
-            assert self._cluster_clocks is not None
-            self._cluster_clocks.learn(command.keys[0], reply[8])
+            calls.learn(command.keys[0], reply[8])
         self._taken(reply, subject, day)
         return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day)
 
@@ -327,23 +329,6 @@ class RedisLimiter:
         # Each argument to come was packed empty, as `$0\r\n\r\n`: cut for the real one.
         return whole[: len(whole) - len(b"$0\r\n\r\n") * to_come]
 
-    def _on_node_clock(
-        self, script: Script, keys: tuple[str, ...], args: tuple[int | str, ...]
-    ) -> Callable[[], Awaitable[Any]]:
-        """A call of `script` on a cluster, whose last argument is its deadline on the clock of
-        the node that holds `keys` (limits/cluster_clocks.py), for the storage guard to run:
-        that node's TIME, the first time, and the call share one storage timeout."""
-        cluster = cast(RedisCluster, self._client)
-        clocks = self._cluster_clocks
-        assert clocks is not None
-        sent = asyncio.get_running_loop().time()
-
-        async def call() -> Any:
-            deadline = await clocks.deadline_us(keys[0], sent)
-            return await run_script(cluster, script, keys, (*args, deadline))
-
-        return call
-
     def _unanswered(self, subject: str, day: int) -> None:
         """A hit whose reply never came may still have run and begun a day's history."""
         self._registry.forget(subject, day)
@@ -353,8 +338,14 @@ class RedisLimiter:
         args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
-            give_back = self._on_node_clock(REFUND, keys, args)
-            returned = int(await self._guard("refund", give_back))
+            calls = self._cluster_calls
+            assert calls is not None
+            give_back = calls.script("refund", REFUND, keys, args)  # refused as a hit is
+            try:
+                returned = int(await self._guard("refund", give_back))
+            except StorageError as failed:
+                calls.failed(keys[0], failed)
+                raise
         else:
             # On the hits' connection: it notices a restarted Redis as soon as the loop does,
             # where a pooled redis-py connection would send into the dead one first.
@@ -463,7 +454,7 @@ class RedisLimiter:
         return lines
 
     async def ping(self) -> None:
-        if self._cluster_clocks is None:
+        if self._cluster_calls is None:
             await self._guard("ping", self._client.ping, repeatable=True)
         else:
             await self._guard("ping", self._cluster_serves, repeatable=True)
@@ -481,6 +472,8 @@ class RedisLimiter:
         await self._registry.close()
         if self._pipeline is not None:
             await self._pipeline.close()
+        if self._cluster_calls is not None:
+            await self._cluster_calls.close()
         await self._guard.settle()
         await self._storage.aclose()
 

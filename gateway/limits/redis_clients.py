@@ -187,7 +187,9 @@ class StorageGuard:
         if not task.done():
             task.cancel()
             task.add_done_callback(_left_behind)
-            raise self.error(operation, TimeoutError())
+            # As its cause, so that a caller can tell silence from a refusal (ClusterCalls).
+            timed_out = TimeoutError()
+            raise self.error(operation, timed_out) from timed_out
         failure = task.exception()
         if isinstance(failure, Exception):
             raise self.error(operation, failure) from failure

@@ -1,20 +1,24 @@
-"""The cluster client (gateway/limits/redis_cluster.py) with one master of three down."""
+"""The cluster client (gateway/limits/redis_cluster.py) with one master of three down, and the
+limiter's calls to a master that answers nothing (gateway/limits/cluster_calls.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from redis.cluster import key_slot
 
 from gateway.config.model import StorageConfig
-from gateway.limits import create_limiter
-from gateway.limits.base import StorageError
+from gateway.limits import Limiter, create_limiter
+from gateway.limits.base import Receipt, StorageError
 from gateway.limits.redis_clients import StorageGuard, open_storage_redis
 from gateway.limits.redis_cluster import RELEARN_SECONDS
+from gateway.limits.redis_layout import rate_key
+from tests.support.limiter_backends import Backend, quota_rule
 from tests.support.redis_servers import RedisClusterNodes
 from tests.support.sockets import free_port
 
@@ -37,6 +41,15 @@ def key_on(cluster: RedisClusterNodes, node: int, prefix: str) -> str:
         key
         for key in (f"{prefix}{i}" for i in range(10_000))
         if cluster.owner_of(key_slot(key.encode())) == node
+    )
+
+
+def subject_on(cluster: RedisClusterNodes, node: int, prefix: str) -> str:
+    """A subject whose keys (all sharing its hash tag) `node` serves."""
+    return next(
+        subject
+        for subject in (f"{prefix}-{i}.test:product" for i in range(10_000))
+        if cluster.owner_of(key_slot(rate_key(subject).encode())) == node
     )
 
 
@@ -149,3 +162,86 @@ async def test_readiness_fails_while_the_cluster_refuses_commands(tmp_path: Path
     finally:
         await limiter.close()
         cluster.stop()
+
+
+HIT_TIMEOUT = 0.25  # the default storage.timeout
+QUOTA = replace(quota_rule(100), refund_on=frozenset({"5xx"}))  # admissions carry a receipt
+
+
+async def admitted(limiter: Limiter, subject: str) -> Receipt:
+    """An admission on a master that answers: on a busy two-core machine one may miss its
+    deadline, and is tried again (one that ran late took nothing)."""
+    for attempt in range(5):
+        try:
+            decision = await limiter.hit(subject, None, QUOTA)
+        except StorageError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        assert decision.allowed and decision.receipt is not None
+        return decision.receipt
+    raise AssertionError("unreachable")
+
+
+async def test_calls_to_a_silent_master_fail_at_once_and_resume_when_it_answers(
+    partial_cluster: RedisClusterNodes,
+) -> None:
+    """A master that answers nothing (frozen here; a silent partition looks the same) cost
+    every hit for its slots the whole timeout. Once a hit to it and a PING after it have gone
+    unanswered, its hits and refunds fail at once while the other masters' are admitted, and
+    once it answers again its hits are admitted again. Nothing refused is charged: the hits
+    that timed out ran after their deadlines, and those failed at once were never sent."""
+    backend = Backend("cluster", partial_cluster.url)
+    limiter = backend.limiter(timeout=HIT_TIMEOUT)
+    silent = subject_on(partial_cluster, DOWN, "silent")
+    healthy = [subject_on(partial_cluster, node, f"healthy{node}") for node in range(DOWN)]
+    admissions = dict.fromkeys(healthy, 0)
+    frozen = partial_cluster.nodes[DOWN]
+    try:
+        receipt = await admitted(limiter, silent)  # the slot map and the node's clock known
+        frozen.pause()
+        try:
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(silent, None, QUOTA)
+            # The next may time out too, while the PING that the first started is on its way;
+            # from the PING's own timeout on, none waits (a loose bound for a busy machine).
+            waiting_ends = time.monotonic() + 8 * HIT_TIMEOUT
+            fast = 0
+            while fast < 10:
+                for subject in healthy:  # the other masters serve throughout
+                    await admitted(limiter, subject)
+                    admissions[subject] += 1
+                started = time.monotonic()
+                with pytest.raises(StorageError) as failed:
+                    await limiter.hit(silent, None, QUOTA)
+                if "did not answer" not in str(failed.value):
+                    assert "timed out" in str(failed.value), failed.value
+                    assert time.monotonic() < waiting_ends, "hits still wait for the silent node"
+                    continue
+                assert time.monotonic() - started < HIT_TIMEOUT / 2
+                fast += 1
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="did not answer"):
+                await limiter.refund(silent, receipt)
+            assert time.monotonic() - started < HIT_TIMEOUT / 2
+            assert backend.errors.count("refund") == 1  # counted, as every failed call is
+        finally:
+            frozen.resume()
+        resumed = time.monotonic()
+        while True:
+            try:
+                await limiter.hit(silent, None, QUOTA)
+                break
+            except StorageError:
+                # Refused until the PING under way (or one a refusal starts) is answered.
+                assert time.monotonic() - resumed < 4 * HIT_TIMEOUT, "the node is not used again"
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # for any hit still buffered in the node's sockets to run
+        # The first and the last: those that timed out ran too late to take anything.
+        assert (await limiter.usage(silent, QUOTA)).used == 2
+        for subject, count in admissions.items():
+            assert (await limiter.usage(subject, QUOTA)).used == count
+    finally:
+        frozen.resume()
+        await limiter.close()
