@@ -17,7 +17,10 @@ pipeline, on a connection of their own (`gateway.limits.resp`, which says why); 
 calls (usage, reset, ping) use redis-py. On a cluster each call is its own EVALSHA through
 redis-py, sent concurrently (redis-py refuses EVALSHA in a cluster pipeline). Every call is
 bounded by `storage.timeout`, and every failure leaves as `StorageError`; both connections
-reconnect by themselves on a later call once Redis is back.
+reconnect by themselves on a later call once Redis is back. A Redis that answers nothing costs
+the hits and refunds that meet it the timeout only until it is found silent; from then on they
+fail at once (a single Redis: `gateway.limits.resp`; each node of a cluster apart:
+`gateway.limits.cluster_calls`).
 """
 
 from __future__ import annotations
