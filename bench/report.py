@@ -154,6 +154,7 @@ class RedisUsage:
 class Report:
     started: datetime
     load_at_start: str
+    stolen: str  # the CPU time the hypervisor took from the machine during the run
     command_line: str
     rounds: int
     duration: int
@@ -499,6 +500,9 @@ def render(report: Report) -> str:
         f"- gateway's interpreter: {report.gateway_python}{own_python(report)}",
         f"- load average (1, 5, 15 min) at the start: {report.load_at_start}; other work on the "
         "machine shows up as a wide min..max",
+        f"- CPU time taken by the hypervisor (steal, /proc/stat) during the run: {report.stolen};"
+        " on a shared host that is time neither core could run, and a stall of whichever "
+        "process it fell on",
         f"- run: `{report.command_line}`: {report.rounds} interleaved round(s) of "
         f"{report.duration} s per target, wrk with {report.connections} keep-alive connections",
         "- pinning: the proxies (nginx proxy_pass, Envoy with one worker thread, Traefik, the "

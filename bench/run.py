@@ -20,6 +20,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -513,8 +514,15 @@ def envoy_log_lines(bench: Bench) -> int | None:
         return sum(1 for _line in log)
 
 
+def stolen_seconds() -> float:
+    """The CPU time the hypervisor has taken from this machine's cores (steal, /proc/stat)."""
+    ticks = Path("/proc/stat").read_text().splitlines()[0].split()
+    return int(ticks[8]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system idle ... steal
+
+
 def run(bench: Bench, started: datetime) -> Report:
     load_at_start = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    stolen_before, wall_before = stolen_seconds(), time.monotonic()
     start_fixtures(bench)
     measures = targets(bench)
     throughput = {name: TargetResult(name) for name in measures}
@@ -537,10 +545,13 @@ def run(bench: Bench, started: datetime) -> Report:
     print(f"streaming {bench.args.rss_mb} MiB through the gateway ...", flush=True)
     (bench.tmp / "rss").mkdir()
     rss = measure_rss(bench.procs, bench.tmp / "rss", bench.args.rss_mb)
+    stolen = stolen_seconds() - stolen_before
+    machine_seconds = (time.monotonic() - wall_before) * (os.cpu_count() or 1)
     args = bench.args
     return Report(
         started=started,
         load_at_start=load_at_start,
+        stolen=f"{stolen:.1f} s of {machine_seconds:.0f} CPU-s ({stolen / machine_seconds:.1%})",
         command_line=shlex.join(["python", "bench/run.py", *sys.argv[1:]]),
         rounds=args.rounds,
         duration=args.duration,
