@@ -40,31 +40,11 @@ def make_certificate(directory: Path, name: str = "tls", serial: int = 1) -> Cer
 
 
 def make_expired_certificate(directory: Path, name: str = "expired") -> Certificate:
-    """A self-signed certificate for localhost valid on 1 January 2020 only: `openssl ca`, as
-    `openssl req` (3.0) cannot date a certificate in the past."""
-    made = make_certificate(directory, f"{name}-request")
-    ca = directory / f"{name}-ca"
-    (ca / "newcerts").mkdir(parents=True)
-    (ca / "index.txt").write_text("")
-    (ca / "serial").write_text("01\n")
-    (ca / "ca.cnf").write_text(
-        f"[ca]\ndefault_ca = this\n[this]\ndir = {ca}\ndatabase = {ca}/index.txt\n"
-        f"new_certs_dir = {ca}/newcerts\nserial = {ca}/serial\ndefault_md = sha256\n"
-        "policy = any\n[any]\ncommonName = supplied\n"
-    )
-    request, cert = directory / f"{name}.csr", directory / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "req", "-new", "-key", str(made.key), "-subj", "/CN=localhost",
-         "-out", str(request)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        ["openssl", "ca", "-batch", "-config", str(ca / "ca.cnf"), "-selfsign",
-         "-keyfile", str(made.key), "-in", str(request), "-out", str(cert), "-notext",
-         "-startdate", "20200101000000Z", "-enddate", "20200102000000Z"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return Certificate(cert, made.key, "01")
+    """A self-signed certificate for localhost valid on 1 January 2020 only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dates = ("20200101000000Z", "20200102000000Z")
+    cert, key = make_signed_certificate(directory, name, "/CN=localhost", None, dates)
+    return Certificate(cert, key, "01")
 
 
 # A certificate's notBefore and notAfter as `openssl ca` takes them: YYYYMMDDHHMMSSZ.
