@@ -185,12 +185,8 @@ class KeyStore:
         """Remove the key; the record it had. WriteRefused("not_found"). `check` is given the
         record the delete would remove (on each try, as `update`'s `change` is) and may raise
         to keep it: a condition on the key that no other write can slip past."""
-
-        def deleted(current: KeyRecord) -> None:
-            if check is not None:
-                check(current)
-
-        current, _ = await self._rewrite(name, deleted)
+        # A change that returns None deletes: `check` itself is one.
+        current, _ = await self._rewrite(name, check or (lambda _current: None))
         return current
 
     async def _rewrite(
