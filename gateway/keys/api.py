@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import heapq
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,20 +29,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields, only_parameters
-from gateway.config.access import (
-    EMPTY_KEY_REFUSAL,
-    EMPTY_KEY_SHA256,
-    SHA256_HEX,
-    validate_key_plans,
+from gateway.config.instants import format_instant
+from gateway.config.model import ApiKey, not_in_config
+from gateway.keys.api_fields import (
+    new_secret,
+    read_boolean,
+    read_expires,
+    read_grace,
+    read_name,
+    read_page_size,
+    read_plans,
+    refuse_file_secret,
 )
-from gateway.config.durations import parse_duration
-from gateway.config.instants import format_instant, parse_instant
-from gateway.config.model import ApiKey, Config, not_in_config
-from gateway.config.yamlnodes import ConfigError
 from gateway.keys.backend import WriteRefused
 from gateway.keys.etags import api_key_etag, check_if_match, file_key_etag, if_match
 from gateway.keys.index import KeyIndex
-from gateway.keys.records import KEY_NAME, KEY_NAME_HINT, KeyRecord, PreviousSecret
+from gateway.keys.records import KeyRecord, PreviousSecret
 from gateway.keys.store import KeyStore
 from gateway.limits.base import StorageError
 from gateway.problems import BadRequest, Conflict, GatewayProblem, NotFound, StorageUnavailable
@@ -68,9 +68,6 @@ log = logging.getLogger(__name__)
 _CREATE_FIELDS = ("name", "plans", "disabled", "expires", "key_sha256")
 _PATCH_FIELDS = ("plans", "disabled", "expires")
 _ROTATE_FIELDS = ("grace", "key_sha256")
-_DEFAULT_PAGE, _MAX_PAGE = 100, 1000
-# 32 random bytes: as hard to guess as the SHA-256 that stands for them.
-_SECRET_BYTES = 32
 # An answer that carries a secret must not be kept by any cache on the way.
 _NOT_CACHED = {"Cache-Control": "no-store"}
 
@@ -98,14 +95,14 @@ class _KeysApi:
         data = only_fields(await json_object(request, required=True), _CREATE_FIELDS)
         if "name" not in data:
             raise BadRequest("name: is required")
-        name = _name(data["name"])
+        name = read_name(data["name"])
         if name in index.file_keys:
             raise Conflict(f"name: the key '{name}' is defined in the config file")
-        plans = _plans(data.get("plans", {}), config)
-        disabled = _boolean(data.get("disabled", False), "disabled")
-        expires = _expires(data.get("expires"))
-        secret, digest = _new_secret(data)
-        _refuse_file_secret(index, digest)
+        plans = read_plans(data.get("plans", {}), config)
+        disabled = read_boolean(data.get("disabled", False), "disabled")
+        expires = read_expires(data.get("expires"))
+        secret, digest = new_secret(data)
+        refuse_file_secret(index, digest)
         now = self._clock()
         record = KeyRecord(name, digest, plans, disabled, expires, created=now, updated=now)
         try:
@@ -127,7 +124,7 @@ class _KeysApi:
             log.warning("admin keys API: the API keys are not loaded from the storage yet")
             raise StorageUnavailable()
         after = request.query.get("after", "")
-        limit = _page_size(request.query.get("limit"))
+        limit = read_page_size(request.query.get("limit"))
         names = _names_after(index, after, limit + 1)
         page = names[:limit]
         keys = []
@@ -161,13 +158,13 @@ class _KeysApi:
             # Checked before the key is read, as it is in memory (a mistake is a 400 even for
             # a key the storage lacks), and again on the stored record below.
             held = snapshot.keys.api_keys.records.get(name)
-            changes["plans"] = _plans(
+            changes["plans"] = read_plans(
                 data["plans"], snapshot.config, kept=None if held is None else held.plans
             )
         if "disabled" in data:
-            changes["disabled"] = _boolean(data["disabled"], "disabled")
+            changes["disabled"] = read_boolean(data["disabled"], "disabled")
         if "expires" in data:
-            changes["expires"] = _expires(data["expires"])
+            changes["expires"] = read_expires(data["expires"])
         if not changes:
             record = await _storing(self._store.read(name))
             if record is None:
@@ -180,7 +177,7 @@ class _KeysApi:
             check_if_match(condition, record)
             if "plans" in changes:
                 # The entries left as they are may be those the memory did not have yet.
-                _plans(changes["plans"], snapshot.config, kept=record.plans)
+                read_plans(changes["plans"], snapshot.config, kept=record.plans)
             return _without_retired(dataclasses.replace(record, **changes, updated=now), now)
 
         _, new = await _updating(self._store, name, patched)
@@ -201,9 +198,9 @@ class _KeysApi:
         name = self._api_key_name(snapshot, request)
         condition = if_match(request)
         data = only_fields(await json_object(request, required=False), _ROTATE_FIELDS)
-        grace = _grace(data.get("grace", 0))
-        secret, digest = _new_secret(data)
-        _refuse_file_secret(snapshot.keys, digest)
+        grace = read_grace(data.get("grace", 0))
+        secret, digest = new_secret(data)
+        refuse_file_secret(snapshot.keys, digest)
         now = self._clock()
 
         def rotated(record: KeyRecord) -> KeyRecord:
@@ -341,102 +338,6 @@ class _KeysApi:
             "expires": None if expires is None else format_instant(expires),
             "expired": expires is not None and self._clock() >= expires,
         }
-
-
-# --- reading the request ------------------------------------------------------------------
-
-
-def _name(value: object) -> str:
-    if not isinstance(value, str) or not KEY_NAME.fullmatch(value):
-        raise BadRequest(f"name: {KEY_NAME_HINT}")
-    return value
-
-
-# The mistakes in a body's `plans` one answer names, the first ones; the rest are counted.
-_MAX_ISSUES_TOLD = 20
-
-
-def _plans(value: object, config: Config, kept: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The `plans` of a key as the body gave them, once the config file's own rules accept
-    them; kept as given, so that the record holds any form the file accepts.
-
-    `kept`: the key's plans as stored; an entry the body gives as it is there is not checked
-    again. A reload may have taken its product or plan out of the config, and an operator who
-    sends back the plans read with one of them changed is fixing something else (the key
-    keeps serving what it served); an entry that is new or changed must name what the config
-    has."""
-    checked = value
-    if kept and isinstance(value, dict):
-        checked = {p: v for p, v in value.items() if p not in kept or kept[p] != v}
-    try:
-        validate_key_plans(checked, config.products, config.plans)
-    except ConfigError as error:
-        issues = [f"{issue.path}: {issue.message}" for issue in error.issues]
-        if len(issues) > _MAX_ISSUES_TOLD:
-            # 40,000 unknown products in a body under 1 MiB made a 2.6 MB answer.
-            more = len(issues) - _MAX_ISSUES_TOLD
-            issues[_MAX_ISSUES_TOLD:] = [f"and {more} more"]
-        raise BadRequest("; ".join(issues)) from None
-    assert isinstance(value, dict)  # validated: a mapping
-    return value
-
-
-def _boolean(value: object, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{field}: must be true or false")
-    return value
-
-
-def _expires(value: object) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):  # a JSON number is no RFC 3339 time
-        raise BadRequest("expires: must be an RFC 3339 time with an offset, or null")
-    try:
-        return parse_instant(value)
-    except ValueError as exc:
-        raise BadRequest(f"expires: {exc}") from None
-
-
-# A rotation's old secret may keep working for at most this long.
-_MAX_GRACE = 366 * 24 * 3600.0
-
-
-def _grace(value: object) -> float:
-    try:
-        grace = parse_duration(value)
-    except ValueError as exc:
-        raise BadRequest(f"grace: {exc}") from None
-    if grace > _MAX_GRACE:
-        raise BadRequest(f"grace: must be at most {_MAX_GRACE / 3600:.0f}h (366 days)")
-    return grace
-
-
-def _new_secret(data: dict[str, Any]) -> tuple[str | None, str]:
-    """(the new secret to show once, its digest); no secret when the body brings a digest."""
-    if "key_sha256" in data:
-        digest = data["key_sha256"]
-        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
-            raise BadRequest("key_sha256: must be 64 hexadecimal characters (a SHA-256)")
-        if digest.lower() == EMPTY_KEY_SHA256:
-            raise BadRequest(f"key_sha256: {EMPTY_KEY_REFUSAL}")
-        return None, digest.lower()
-    secret = secrets.token_urlsafe(_SECRET_BYTES)
-    return secret, hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _refuse_file_secret(index: KeyIndex, digest: str) -> None:
-    if index.file_digest_owner(digest) is not None:
-        raise Conflict("key_sha256: a key of the config file has this secret")
-
-
-def _page_size(value: str | None) -> int:
-    if value is None:
-        return _DEFAULT_PAGE
-    # isascii: str.isdigit() is also true of '²' and other digits int() does not take.
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MAX_PAGE:
-        raise BadRequest(f"limit: must be an integer from 1 to {_MAX_PAGE}")
-    return int(value)
 
 
 def _names_after(index: KeyIndex, after: str, count: int) -> list[str]:
