@@ -4,6 +4,7 @@ starts with the field it is about (`plans.soccer: ...`), each value as the recor
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -50,7 +51,7 @@ def read_plans(
     has."""
     checked = value
     if kept and isinstance(value, dict):
-        checked = {p: v for p, v in value.items() if p not in kept or kept[p] != v}
+        checked = {p: v for p, v in value.items() if p not in kept or not _same(kept[p], v)}
     try:
         validate_key_plans(checked, config.products, config.plans)
     except ConfigError as error:
@@ -62,6 +63,13 @@ def read_plans(
         raise BadRequest("; ".join(issues)) from None
     assert isinstance(value, dict)  # validated: a mapping
     return value
+
+
+def _same(stored: object, given: object) -> bool:
+    """Whether `given` is `stored` as JSON tells them apart: to `==`, `5.0` is 5 and `true` is
+    1, and an entry sent back so was taken as unchanged and stored unchecked, with a limit the
+    key could not be served by (it was served the plan's)."""
+    return json.dumps(stored, sort_keys=True) == json.dumps(given, sort_keys=True)
 
 
 def read_boolean(value: object, field: str) -> bool:

@@ -168,3 +168,31 @@ async def test_unknown_keys_are_404(rig: Rig) -> None:
             method, path, {"disabled": True} if method == "PATCH" else None
         )
         assert status == 404 and problem["code"] == "not_found", (method, problem)
+
+
+@pytest.mark.parametrize(
+    ("limit", "sent_back"),
+    [(5, 5.0), (1, True)],
+)
+async def test_an_entry_sent_back_with_a_number_of_another_type_is_refused(
+    rig: Rig, limit: int, sent_back: object
+) -> None:
+    """A PATCH may send back a stored entry as read without its being checked again (a reload
+    may have taken its plan out), but `5.0` and `true` equal Python's 5 and 1: taken for the
+    entry as read, they were stored unchecked, the key's own limit could not be read back and
+    the key served the plan's rate (100) while the API showed its own."""
+    own = {"plan": "trial", "rate": {"limit": limit, "per": "second"}}
+    await create(rig, "acme", plans={"soccer": own})
+    sent = {"soccer": {"plan": "trial", "rate": {"limit": sent_back, "per": "second"}}}
+
+    status, problem, _ = await rig.call("PATCH", "/admin/keys/acme", {"plans": sent})
+
+    assert status == 400, problem
+    assert problem["detail"] == "plans.soccer.rate.limit: must be an integer"
+    status, key, _ = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and key["plans"] == {"soccer": own}
+    secret = (await rig.call("POST", "/admin/keys/acme/rotate"))[1]["key"]
+    url = f"http://127.0.0.1:{rig.worker.proxy_port}/soccer/x"
+    async with rig.session.get(url, headers={"X-API-Key": secret}) as response:
+        assert response.status == 200
+        assert response.headers["X-RateLimit-Limit"] == str(limit)
