@@ -134,7 +134,7 @@ def only_parameters(request: web.Request, allowed: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for name, _value in request.query.items():  # every occurrence (keys() names each once)
         if name not in allowed:
-            raise BadRequest(f"{name}: unknown parameter (allowed: {', '.join(allowed)})")
+            raise BadRequest(f"{name}: unknown parameter (allowed: {', '.join(allowed) or 'none'})")
         if name in seen:
             raise BadRequest(f"{name}: given twice")
         seen.add(name)

@@ -46,6 +46,7 @@ def add_usage_routes(app: web.Application) -> None:
 
 
 async def _get_usage(request: web.Request) -> web.Response:
+    only_parameters(request, ())
     state = request.app[ADMIN_STATE]
     key = _find_key(state, state.get_config(), request.match_info["key_name"])
     return web.json_response(await _usage_of(state, key))
@@ -93,8 +94,12 @@ async def _usage_of(
 
 
 async def _reset_usage(request: web.Request) -> web.Response:
+    only_parameters(request, ())
     state = request.app[ADMIN_STATE]
     key, product, quota = _key_quota(request, state, "to reset")
+    # A reset says nothing but its path: a field (a period, a product) is a mistake to name,
+    # not a reset of this period's use made as if it were not there.
+    only_fields(await json_object(request, required=False), ())
     await within_storage_timeout(state, state.limiter.reset_quota(f"{key.name}:{product}", quota))
     return web.Response(status=204)
 
@@ -107,6 +112,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 async def _add_credit(request: web.Request) -> web.Response:
     """A credit answered 503 may still be applied later (the storage may run a command it got
     after the gateway stopped waiting): a retry with the same `Idempotency-Key` adds it once."""
+    only_parameters(request, ())
     state = request.app[ADMIN_STATE]
     key, product, quota = _key_quota(request, state, "to credit")
     given = request.headers.getall("Idempotency-Key", [])

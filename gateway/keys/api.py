@@ -92,6 +92,7 @@ class _KeysApi:
     async def create(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
         config, index = snapshot.config, snapshot.keys
+        only_parameters(request, ())
         data = only_fields(await json_object(request, required=True), _CREATE_FIELDS)
         if "name" not in data:
             raise BadRequest("name: is required")
@@ -138,6 +139,7 @@ class _KeysApi:
         return web.json_response({"keys": keys, "next": next_after})
 
     async def get(self, request: web.Request) -> web.Response:
+        only_parameters(request, ())
         name = request.match_info["name"]
         file_key = self._access.get_snapshot().keys.file_keys.get(name)
         if file_key is not None:
@@ -150,6 +152,7 @@ class _KeysApi:
 
     async def patch(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
+        only_parameters(request, ())
         name = self._api_key_name(snapshot, request)
         condition = if_match(request)
         data = only_fields(await json_object(request, required=True), _PATCH_FIELDS)
@@ -185,8 +188,12 @@ class _KeysApi:
 
     async def delete(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
+        only_parameters(request, ())
         name = self._api_key_name(snapshot, request)
         condition = if_match(request)
+        # Nothing a body could say changes a delete: a field in one is a mistake to name (the
+        # caller meant something that would not happen), as it is for DELETE .../previous.
+        only_fields(await json_object(request, required=False), ())
         try:
             await _storing(self._store.delete(name, lambda old: check_if_match(condition, old)))
         except WriteRefused as refused:
@@ -195,6 +202,7 @@ class _KeysApi:
 
     async def rotate(self, request: web.Request) -> web.Response:
         snapshot = self._access.get_snapshot()
+        only_parameters(request, ())
         name = self._api_key_name(snapshot, request)
         condition = if_match(request)
         data = only_fields(await json_object(request, required=False), _ROTATE_FIELDS)
@@ -227,6 +235,7 @@ class _KeysApi:
         current secret is untouched. A key with none is answered as it is and nothing is
         written: a retry after a lost answer, or a second operator, is no mistake."""
         snapshot = self._access.get_snapshot()
+        only_parameters(request, ())
         name = self._api_key_name(snapshot, request)
         condition = if_match(request)
         only_fields(await json_object(request, required=False), ())

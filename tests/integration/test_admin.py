@@ -211,6 +211,33 @@ async def test_delete_resets_that_quota_only(serve: Serve, http: aiohttp.ClientS
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "body", "detail"),
+    [
+        # Last month's use is not what a reset resets: taken bare, this one reset this month's.
+        ("DELETE", "/admin/usage/acme/soccer?period=2026-11", None, "period: unknown parameter"),
+        ("DELETE", "/admin/usage/acme/soccer", b'{"period": "2026-11"}', "period: unknown field"),
+        ("DELETE", "/admin/usage/acme/soccer", b"all", "body: not valid JSON"),
+        ("POST", "/admin/usage/acme/soccer/credit?amount=9", b'{"amount": 1}', "amount: unknown"),
+        ("GET", "/admin/usage/acme?product=soccer", None, "product: unknown parameter"),
+    ],
+)
+async def test_a_query_or_body_a_usage_call_does_not_take_is_refused(
+    serve: Serve, http: aiohttp.ClientSession, method: str, path: str, body: Any, detail: str
+) -> None:
+    limiter = MemoryLimiter()
+    await limiter.hit("acme:soccer", None, DAILY)
+    base = await serve(limiter)
+
+    async with http.request(method, f"{base}{path}", data=body) as response:
+        problem = await response.json(content_type=None)
+    assert response.status == 400, problem
+    assert response.content_type == PROBLEM
+    assert problem["code"] == "bad_request" and problem["detail"].startswith(detail), problem
+    usage = await limiter.usage("acme:soccer", DAILY)
+    assert (usage.used, usage.credit) == (1, 0)  # neither reset nor credited
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [
         ("GET", "/admin/usage/nobody"),

@@ -196,3 +196,45 @@ async def test_an_entry_sent_back_with_a_number_of_another_type_is_refused(
     async with rig.session.get(url, headers={"X-API-Key": secret}) as response:
         assert response.status == 200
         assert response.headers["X-RateLimit-Limit"] == str(limit)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "detail"),
+    [
+        # The grace in the query: rotated with none, every client's secret was cut off at once.
+        ("POST", "/admin/keys/acme/rotate?grace=1h", None, "grace: unknown parameter"),
+        ("DELETE", "/admin/keys/acme?dry_run=true", None, "dry_run: unknown parameter"),
+        ("PATCH", "/admin/keys/acme?disabled=true", {}, "disabled: unknown parameter"),
+        ("GET", "/admin/keys/acme?fields=name", None, "fields: unknown parameter"),
+        ("DELETE", "/admin/keys/acme/previous?name=old", None, "name: unknown parameter"),
+        ("POST", "/admin/keys?name=other", {"name": "x"}, "name: unknown parameter"),
+        ("DELETE", "/admin/keys/acme", {"keep_usage": True}, "keep_usage: unknown field"),
+        ("DELETE", "/admin/keys/acme", b"acme", "body: not valid JSON"),
+        ("DELETE", "/admin/keys/acme", [], "body: must be a JSON object"),
+    ],
+)
+async def test_a_query_or_body_a_call_does_not_take_is_refused_and_nothing_changes(
+    rig: Rig, method: str, path: str, body: Any, detail: str
+) -> None:
+    """Taken without them, these were made as if sent bare: a rotation with no grace, a
+    delete."""
+    created = await create(rig, "acme")
+    raw = body if isinstance(body, bytes) else None
+
+    status, problem, headers = await rig.call(method, path, None if raw else body, raw=raw)
+
+    assert status == 400, problem
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["code"] == "bad_request" and problem["detail"].startswith(detail), problem
+    assert (await rig.proxy(created["key"]))[0] == 200  # neither rotated nor deleted
+    status, key, _ = await rig.call("GET", "/admin/keys/acme")
+    assert status == 200 and key["updated"] == created["updated"]
+    assert (await rig.call("GET", "/admin/keys/x"))[0] == 404
+
+
+async def test_a_delete_with_an_empty_body_or_object_is_made(rig: Rig) -> None:
+    for name, body in (("one", None), ("two", {})):
+        await create(rig, name)
+        status, _, _ = await rig.call("DELETE", f"/admin/keys/{name}", body)
+        assert status == 204
+        assert (await rig.call("GET", f"/admin/keys/{name}"))[0] == 404
