@@ -87,10 +87,9 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
             return {}
         # Said so, where json.loads told of a JSON value expected at line 1 column 1.
         raise BadRequest("body: is required, a JSON object")
+    repeated: list[_Repeated] = []
     try:
-        data = json.loads(raw, object_pairs_hook=_no_field_twice)
-    except _FieldTwice as twice:
-        raise BadRequest(f"{twice.name}: given twice") from None
+        data = json.loads(raw, object_pairs_hook=lambda pairs: _object(pairs, repeated))
     except RecursionError:
         raise BadRequest("body: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
@@ -99,24 +98,50 @@ async def json_object(request: web.Request, *, required: bool) -> dict[str, Any]
         raise BadRequest(f"body: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
+    if repeated:
+        # Which of two values counts is every parser's own choice (the last, here), so a body
+        # that says two things is a mistake to name, by its path as every other one is.
+        field = f"{_path_to(data, repeated[0])}.{repeated[0].twice}".removeprefix(".")
+        raise BadRequest(f"{field}: given twice")
     return data
 
 
-class _FieldTwice(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+class _Repeated(dict[str, Any]):
+    """A JSON object in which the field `twice` came more than once."""
+
+    twice = ""
 
 
-def _no_field_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refused when a field comes twice: which one counts is every parser's own
-    choice (the last, here), so a body that says two things is a mistake to name."""
+def _object(pairs: list[tuple[str, Any]], repeated: list[_Repeated]) -> dict[str, Any]:
+    """A JSON object as read; one with a field given twice is marked and noted in `repeated`
+    (the reader, making objects innermost first, cannot know yet where it sits)."""
     found: dict[str, Any] = {}
+    twice = None
     for name, value in pairs:
-        if name in found:
-            raise _FieldTwice(name)
+        if name in found and twice is None:
+            twice = name
         found[name] = value
-    return found
+    if twice is None:
+        return found
+    marked = _Repeated(found)
+    marked.twice = twice
+    repeated.append(marked)
+    return marked
+
+
+def _path_to(data: dict[str, Any], target: dict[str, Any]) -> str:
+    """Where `target` sits in `data`, as the config's paths say it (`.plans.soccer`, `[1]`);
+    walked without recursion, as deep as the reader went."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if value is target:
+            return path
+        if isinstance(value, dict):
+            pending.extend((f"{path}.{name}", item) for name, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return ""
 
 
 def only_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:

@@ -74,7 +74,15 @@ async def test_many_mistakes_are_named_up_to_twenty_and_the_rest_counted(rig: Ri
         (b'{"name": "big", "expires": ' + b"9" * 5000 + b"}", "body: a number in it is too long"),
         # Which of two values counts is each parser's own choice: a body saying both is refused.
         (b'{"name": "d1", "name": "d2"}', "name: given twice"),
-        (b'{"plans": {"soccer": "trial", "soccer": "pro"}}', "soccer: given twice"),
+        # Named by its path, as every other mistake in a body is: a bare `limit` could be the
+        # rate's or the quota's (or the list's parameter).
+        (b'{"plans": {"soccer": "trial", "soccer": "pro"}}', "plans.soccer: given twice"),
+        (
+            b'{"plans": {"soccer": {"plan": "trial", "quota": {"limit": 9, "per": "day"},'
+            b' "rate": {"limit": 1, "limit": 2, "per": "second"}}}}',
+            "plans.soccer.rate.limit: given twice",
+        ),
+        (b'{"plans": {"a": [1, {"b": {"c": 1, "c": 2}}]}}', "plans.a[1].b.c: given twice"),
         # A lone surrogate, which JSON can say and UTF-8 cannot: quoted back, not a 500.
         (b'{"\\ud800": 1}', "\ud800: unknown field"),
     ],
