@@ -7,6 +7,7 @@ one, and those a rotation left valid until their grace ends. Times are unix seco
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,10 +107,12 @@ class KeyRecord:
             self.key_sha256,
             self.plan_names() if plan_names is None else plan_names,
             self.disabled,
-            overrides=plan_overrides(self.plans),
+            overrides=plan_overrides(self.plans, self.name),
             expires=self.expires,
         )
 
+
+log = logging.getLogger("gateway.keys")
 
 # Keys with their own limits mostly share a few shapes of them: each shape is read once.
 _overrides_read: dict[str, Mapping[str, PlanOverride]] = {}
@@ -117,7 +120,7 @@ _MAX_OVERRIDE_SHAPES = 10_000
 _NO_OVERRIDES: Mapping[str, PlanOverride] = {}
 
 
-def plan_overrides(plans: Mapping[str, Any]) -> Mapping[str, PlanOverride]:
+def plan_overrides(plans: Mapping[str, Any], key_name: str = "") -> Mapping[str, PlanOverride]:
     """The key's own limits per product, from its `plans` as the admin API accepted them
     (entries `{plan: NAME, rate: ..., quota: ...}`; plain plan names have none)."""
     own = {product: plan for product, plan in plans.items() if isinstance(plan, dict)}
@@ -126,12 +129,33 @@ def plan_overrides(plans: Mapping[str, Any]) -> Mapping[str, PlanOverride]:
     shape = json.dumps(own, sort_keys=True)
     read = _overrides_read.get(shape)
     if read is None:
-        try:
-            # Checked against the config when the API accepted them; read here without it.
-            _, read = validate_key_plans(own, None, None)
-        except ConfigError:
-            read = _NO_OVERRIDES  # cannot happen for a record the API wrote
+        read = _read_overrides(own, key_name)
         if len(_overrides_read) >= _MAX_OVERRIDE_SHAPES:
             _overrides_read.clear()
         _overrides_read[shape] = read
+    return read
+
+
+def _read_overrides(own: Mapping[str, Any], key_name: str) -> Mapping[str, PlanOverride]:
+    try:
+        # Checked against the config when the API accepted them; read here without it.
+        return validate_key_plans(own, None, None)[1]
+    except ConfigError:
+        pass
+    # Only a record written before the API checked everything it stores: older gateways took
+    # a limit sent back in a PATCH as 5.0 or true (for a stored 5 or 1) unchecked. Each product's
+    # entry is read on its own, so one bad entry costs that product its own limits alone, and
+    # the operator is told which key to PATCH (once per shape and process, as it is cached).
+    read: dict[str, PlanOverride] = {}
+    for product, entry in own.items():
+        try:
+            read.update(validate_key_plans({product: entry}, None, None)[1])
+        except ConfigError as error:
+            log.warning(
+                "API key %r: its own limits for product %r cannot be read (%s); the plan's "
+                "limits apply until a PATCH of its plans sets them again",
+                key_name,
+                product,
+                "; ".join(f"{issue.path}: {issue.message}" for issue in error.issues),
+            )
     return read
