@@ -50,6 +50,9 @@ class Receipt(NamedTuple):
     quota_stamp: int
     day: int  # the UTC day (days since 1970-01-01) the request was counted on
     day_stamp: int
+    # The quota charged: its kind of period tells the period apart from one of another kind
+    # that began at the same instant (a day that begins a month).
+    quota: QuotaRule
 
 
 class Decision(NamedTuple):

@@ -55,6 +55,9 @@ class _RateLog:
 class _QuotaCount:
     start: float
     end: float
+    # Its kind of period: one of another kind may begin at the same instant (a day that begins
+    # a month), and has a count of its own.
+    per: str
     stamp: int  # this counter's incarnation, for refunds
     used: int = 0
     credit: int = 0
@@ -88,8 +91,9 @@ class MemoryLimiter:
         # Counters of periods that have not ended but are no longer the subject's (its quota's
         # `per` or timezone changed): kept, as the storage keeps one per period, so that going
         # back finds what was used (dropped, a month's count was forgotten by a switch to a
-        # daily quota and back, and the month admitted its limit once more).
-        self._set_aside: dict[tuple[str, float], _QuotaCount] = {}
+        # daily quota and back, and the month admitted its limit once more). By subject,
+        # period start and kind.
+        self._set_aside: dict[tuple[str, float, str], _QuotaCount] = {}
         self._days: dict[int, dict[str, _Day]] = {}  # day -> subject -> counts
         # The current UTC day, its end, and its subjects: the hot path's way into _days.
         self._day = -1
@@ -131,8 +135,8 @@ class MemoryLimiter:
         if quota is not None:
             start, end = self._periods.period(now, quota.per, quota.timezone)
             counter = self._quotas.get(subject)
-            if counter is None or counter.start != start:
-                counter = self._switch(subject, counter, start, end, now)
+            if counter is None or counter.start != start or counter.per != quota.per:
+                counter = self._switch(subject, counter, start, end, quota.per, now)
 
         outcome: Outcome = "allowed"
         receipt = None
@@ -160,7 +164,7 @@ class MemoryLimiter:
                 counts[1] += cost
                 if counter is not None and quota is not None and quota.refund_on:
                     receipt = Receipt(
-                        cost, plan, counter.start, counter.stamp, self._day, record.stamp
+                        cost, plan, counter.start, counter.stamp, self._day, record.stamp, quota
                     )
 
         rate_state = None
@@ -211,7 +215,7 @@ class MemoryLimiter:
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         returned = 0
-        counter = self._counter_of(subject, receipt.period_start)
+        counter = self._counter_of(subject, receipt.period_start, receipt.quota.per)
         if counter is not None and counter.stamp == receipt.quota_stamp:
             returned = min(receipt.cost, counter.used)
             counter.used -= returned
@@ -245,7 +249,7 @@ class MemoryLimiter:
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
-        counter = self._counter_of(subject, start)
+        counter = self._counter_of(subject, start, quota.per)
         used = credit = 0
         if counter is not None:
             used, credit = counter.used, counter.credit
@@ -256,7 +260,7 @@ class MemoryLimiter:
 
     async def reset_quota(self, subject: str, quota: QuotaRule) -> None:
         start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
-        counter = self._counter_of(subject, start)  # this rule's period's, if any
+        counter = self._counter_of(subject, start, quota.per)  # this rule's period's, if any
         if counter is not None:
             # A new incarnation too: refunds of requests admitted before the reset then leave
             # it alone instead of taking from requests admitted since.
@@ -311,28 +315,35 @@ class MemoryLimiter:
     def _current(self, subject: str, quota: QuotaRule, now: float) -> _QuotaCount:
         start, end = self._periods.period(now, quota.per, quota.timezone)
         counter = self._quotas.get(subject)
-        if counter is None or counter.start != start:
-            counter = self._switch(subject, counter, start, end, now)
+        if counter is None or counter.start != start or counter.per != quota.per:
+            counter = self._switch(subject, counter, start, end, quota.per, now)
         return counter
 
-    def _counter_of(self, subject: str, start: float) -> _QuotaCount | None:
-        """The subject's counter of the period that starts at `start`: in use, or set aside."""
+    def _counter_of(self, subject: str, start: float, per: str) -> _QuotaCount | None:
+        """The subject's counter of the period of kind `per` that starts at `start`: in use,
+        or set aside."""
         counter = self._quotas.get(subject)
-        if counter is None or counter.start != start:
-            counter = self._set_aside.get((subject, start))
+        if counter is None or counter.start != start or counter.per != per:
+            counter = self._set_aside.get((subject, start, per))
         return counter
 
     def _switch(
-        self, subject: str, counter: _QuotaCount | None, start: float, end: float, now: float
+        self,
+        subject: str,
+        counter: _QuotaCount | None,
+        start: float,
+        end: float,
+        per: str,
+        now: float,
     ) -> _QuotaCount:
-        """The subject's counter of the period [start, end), in place of `counter`: that of
-        another period, set aside while its period lasts (the rule changed, and may change
-        back), or of one that has ended."""
+        """The subject's counter of the period [start, end) of kind `per`, in place of
+        `counter`: that of another period, set aside while its period lasts (the rule changed,
+        and may change back), or of one that has ended."""
         if counter is not None and counter.end > now:
-            self._set_aside[(subject, counter.start)] = counter
-        found = self._set_aside.pop((subject, start), None)
+            self._set_aside[(subject, counter.start, counter.per)] = counter
+        found = self._set_aside.pop((subject, start, per), None)
         if found is None:
-            found = _QuotaCount(start, end, next(self._stamps))
+            found = _QuotaCount(start, end, per, next(self._stamps))
         self._quotas[subject] = found
         return found
 

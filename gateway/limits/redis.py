@@ -122,9 +122,9 @@ class _Command:
         self.packed = packed  # without the cost, which is the last argument
 
 
-# (rate limit, rate window, quota limit, period start, period end, day, plan): what a command
-# follows from.
-_Shape = tuple[int, float, int, float, float, int, str]
+# (rate limit, rate window, quota limit, period start, period end, day, plan, quota): what a
+# command follows from.
+_Shape = tuple[int, float, int, float, float, int, str, QuotaRule | None]
 
 
 class RedisLimiter:
@@ -204,6 +204,7 @@ class RedisLimiter:
             end,
             day,
             plan,
+            quota,
         )
         command = self._commands.get(subject)
         if command is None or command.shape != shape:
@@ -298,11 +299,13 @@ class RedisLimiter:
         return command
 
     def _command(self, subject: str, shape: _Shape) -> _Command:
-        rate_limit, rate_window, quota_limit, start, end, day, plan = shape
+        rate_limit, rate_window, quota_limit, start, end, day, plan, quota = shape
         window_us = round(rate_window * 1_000_000)  # 0 without a rate
         quota_expire_ms = _quota_expire_ms(start, end)
         day_expire_ms = (day + 1 + HISTORY_DAYS) * DAY_SECONDS * 1000
-        keys = (rate_key(subject), quota_key(subject, start), day_key(subject, day))
+        # Without a quota the script never reads its key: any name does.
+        quota_name = quota_key(subject, start, quota) if quota is not None else rate_key(subject)
+        keys = (rate_key(subject), quota_name, day_key(subject, day))
         args = (rate_limit, window_us, quota_limit, quota_expire_ms, day_expire_ms, plan)
         if self._pipeline is None:
             # On a cluster the registry's sets live in other slots: the script leaves them to
@@ -337,7 +340,10 @@ class RedisLimiter:
         self._registry.forget(subject, day)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
-        keys = (quota_key(subject, receipt.period_start), day_key(subject, receipt.day))
+        keys = (
+            quota_key(subject, receipt.period_start, receipt.quota),
+            day_key(subject, receipt.day),
+        )
         args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
@@ -371,7 +377,7 @@ class RedisLimiter:
     ) -> Credited:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
         expire_ms = _quota_expire_ms(start, end)
-        keys: tuple[str, ...] = (quota_key(subject, start),)
+        keys: tuple[str, ...] = (quota_key(subject, start, quota),)
         args: tuple[int, ...] = (amount, expire_ms)
         if once is not None:
             keys += (credit_once_key(subject, once),)
@@ -386,7 +392,7 @@ class RedisLimiter:
 
     async def usage(self, subject: str, quota: QuotaRule) -> QuotaUsage:
         start, end = self._periods.period(self._clock(), quota.per, quota.timezone)
-        key = quota_key(subject, start)
+        key = quota_key(subject, start, quota)
         used, credit = await self._guard(
             "usage", lambda: self._client.hmget(key, ["used", "credit"]), repeatable=True
         )
@@ -396,7 +402,7 @@ class RedisLimiter:
         start, _ = self._periods.period(self._clock(), quota.per, quota.timezone)
         # A new `born` as well: refunds of requests admitted before the reset then leave the
         # counter alone instead of taking from requests admitted since (reset.lua).
-        keys = (quota_key(subject, start),)
+        keys = (quota_key(subject, start, quota),)
         await self._guard(
             "reset", lambda: run_script(self._client, RESET, keys, ()), repeatable=True
         )

@@ -4,7 +4,9 @@ Every key of one subscription ("<key name>:<product>") carries the subject as it
 so that all of them live in one Redis Cluster slot and one script may touch them together:
 
     gw:{<subject>}:rate                 sorted set: admission times in the rate window
-    gw:{<subject>}:q:<period start>     hash: used, credit, born (the quota of one period)
+    gw:{<subject>}:q:<period start>     hash: used, credit, born (the quota of one period);
+                                        `:q:<period start>:<kind>` for a period that begins
+                                        together with a longer kind's (`quota_key`)
     gw:{<subject>}:d:<YYYY-MM-DD>       hash: born, r:<plan>, u:<plan> (one UTC day's history)
     gw:{<subject>}:credit:<key>         string: the units a credit with that idempotency key
                                         added (kept a day)
@@ -15,15 +17,19 @@ The sets that name the subscriptions with history live outside them
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from importlib.resources import files
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from gateway.config.model import QuotaPeriod, QuotaRule
 from gateway.limits.base import day_text
+from gateway.limits.periods import quota_period
 
 AnyRedis = Redis | RedisCluster
 
@@ -46,8 +52,40 @@ def rate_key(subject: str) -> str:
     return f"gw:{{{subject}}}:rate"
 
 
-def quota_key(subject: str, period_start: float) -> str:
-    return f"gw:{{{subject}}}:q:{int(period_start)}"
+def quota_key(subject: str, period_start: float, quota: QuotaRule) -> str:
+    """The counter of `quota`'s period that begins at `period_start`.
+
+    Periods of different kinds can begin at one instant (Monday the 1st at midnight begins a
+    month, a week, a day and an hour), and a subscription whose plan changes kind keeps a count
+    per period: so the longest of them has the plain name, and each shorter one its kind after
+    it. Only those periods are named apart, so that a gateway of the older layout (the plain
+    name for every kind) and this one count every other period in one counter: a rolling
+    upgrade starts no count afresh but on such an instant."""
+    suffix = _kind_suffix(period_start, quota.per, quota.timezone)
+    return f"gw:{{{subject}}}:q:{int(period_start)}{suffix}"
+
+
+# The kinds whose periods may begin when one of `kind` does, and are longer: a period that
+# begins with one of these begins with any longer kind's too (each begins on a boundary of
+# the next shorter kind), so these are the ones to look at.
+_NEXT_LONGER: dict[str, tuple[QuotaPeriod, ...]] = {
+    "second": ("minute",),
+    "minute": ("hour",),
+    "hour": ("day",),
+    "day": ("week", "month"),
+    "week": ("month",),
+    "month": (),
+}
+
+
+# Once per subscription and period on the request path (RedisLimiter caches its commands), and
+# the same few (start, kind, zone) for all subscriptions of a plan.
+@functools.lru_cache(maxsize=1024)
+def _kind_suffix(period_start: float, kind: QuotaPeriod, zone: ZoneInfo) -> str:
+    for longer in _NEXT_LONGER[kind]:
+        if quota_period(period_start, longer, zone)[0] == period_start:
+            return f":{kind}"
+    return ""
 
 
 def credit_once_key(subject: str, idempotency_key: str) -> str:

@@ -54,7 +54,7 @@ def decision_from_reply(
             ),
         )
         if code == 0 and quota.refund_on:
-            receipt = Receipt(cost, plan, start, quota_born, day, day_born)
+            receipt = Receipt(cost, plan, start, quota_born, day, day_born, quota)
     if code == 0:
         return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0, receipt))
     return make_decision(_OUTCOMES[code], rate_state, quota_state)

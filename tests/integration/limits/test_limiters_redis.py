@@ -44,12 +44,12 @@ async def test_keys_expire_on_their_own(
         start, end = quota_period(time.time(), "day", UTC)
         assert 0 < inspector.pttl(rate_key(subject)) <= 301
         # The quota counter outlives its period by a grace minute.
-        quota_ttl = inspector.pttl(quota_key(subject, start)) / 1000
+        quota_ttl = inspector.pttl(quota_key(subject, start, quota)) / 1000
         assert quota_ttl == pytest.approx(end + 60 - time.time(), abs=2)
         # Set when the period's counter is created; later hits leave it (one command fewer).
         await limiter.hit(subject, rate, quota)
-        assert inspector.hget(quota_key(subject, start), "used") in (b"2", "2")
-        quota_ttl = inspector.pttl(quota_key(subject, start)) / 1000
+        assert inspector.hget(quota_key(subject, start, quota), "used") in (b"2", "2")
+        quota_ttl = inspector.pttl(quota_key(subject, start, quota)) / 1000
         assert quota_ttl == pytest.approx(end + 60 - time.time(), abs=2)
         await asyncio.sleep(0.4)
         assert inspector.exists(rate_key(subject)) == 0
