@@ -26,7 +26,6 @@ fail at once (a single Redis: `gateway.limits.resp`; each node of a cluster apar
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import time
@@ -74,7 +73,7 @@ from gateway.limits.redis_layout import (
     rate_key,
     run_script,
 )
-from gateway.limits.redis_registry import SubscriptionRegistry, index_of
+from gateway.limits.redis_registry import SubscriptionRegistry, in_subject_order, index_of
 from gateway.limits.redis_replies import decision_from_reply
 from gateway.limits.resp import ScriptPipeline, pack
 
@@ -417,18 +416,8 @@ class RedisLimiter:
     async def export(self, first_day: int, last_day: int) -> AsyncGenerator[list[DayUsage], None]:
         read_day = await self._registry.of_days()
         for day in range(first_day, last_day + 1):
-            # Each page of the day's set sorted apart as it comes, and the pages merged as the
-            # lines are read: one sort of a day's 120,000 subscriptions (and its SMEMBERS)
-            # held the event loop for 0.5-1 s, the proxy's traffic with it.
-            seen: set[str] = set()
-            runs: list[list[str]] = []
-            async for page in read_day(day):
-                run = sorted({_in_order(subject) for subject in page}.difference(seen))
-                seen.update(run)
-                runs.append(run)
-            seen.clear()
-            merged = heapq.merge(*runs)
-            while batch := [_subject(s) for s in itertools.islice(merged, _READ_BATCH)]:
+            subjects = await in_subject_order(read_day(day))
+            while batch := list(itertools.islice(subjects, _READ_BATCH)):
                 lines = await self._read_days([(day, subject) for subject in batch])
                 if lines:
                     yield lines
@@ -485,16 +474,6 @@ class RedisLimiter:
             await self._cluster_calls.close()
         await self._guard.settle()
         await self._storage.aclose()
-
-
-def _in_order(subject: str) -> str:
-    """`subject` ("<key name>:<product>") as a string that a plain sort puts in the order of
-    `base.subject_order` (key name, then product): a name has no character below NUL."""
-    return subject.replace(":", "\x00", 1)
-
-
-def _subject(in_order: str) -> str:
-    return in_order.replace("\x00", ":", 1)
 
 
 def _usage(quota: QuotaRule, used: int, credit: int, reset_at: float) -> QuotaUsage:

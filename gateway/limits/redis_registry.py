@@ -37,9 +37,10 @@ recorded by this one).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -279,3 +280,29 @@ class SubscriptionRegistry:
         await stop_tasks(
             [*self._recording, *self._retries.values()], STEP_TIMEOUT, "recording a subscription"
         )
+
+
+async def in_subject_order(pages: AsyncIterator[list[str]]) -> Iterator[str]:
+    """The subscriptions of a day's pages (`SubscriptionRegistry.of_days`), each once, by key
+    name, then product (`base.subject_order`), as the billing export lists them.
+
+    Each page is sorted apart as it comes, and the pages merged as the lines are read: one
+    sort of a day's 120,000 subscriptions (and its SMEMBERS) held the event loop for 0.5-1 s,
+    the proxy's traffic with it."""
+    seen: set[str] = set()
+    runs: list[list[str]] = []
+    async for page in pages:
+        run = sorted({_in_order(subject) for subject in page}.difference(seen))
+        seen.update(run)
+        runs.append(run)
+    return (_subject(in_order) for in_order in heapq.merge(*runs))
+
+
+def _in_order(subject: str) -> str:
+    """`subject` ("<key name>:<product>") as a string that a plain sort puts in the order of
+    `base.subject_order` (key name, then product): a name has no character below NUL."""
+    return subject.replace(":", "\x00", 1)
+
+
+def _subject(in_order: str) -> str:
+    return in_order.replace("\x00", ":", 1)
