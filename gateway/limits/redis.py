@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -121,9 +122,10 @@ class _Command:
         self.packed = packed  # without the cost, which is the last argument
 
 
-# (rate limit, rate window, quota limit, period start, period end, day, plan, quota): what a
-# command follows from.
-_Shape = tuple[int, float, int, float, float, int, str, QuotaRule | None]
+# (rate limit, rate window, quota limit, period start, period end, day, plan, quota's kind of
+# period and time zone): what a command follows from. Plain values, not the rule itself: a
+# reload makes equal rules anew, and comparing those field by field on every hit cost more.
+_Shape = tuple[int, float, int, float, float, int, str, str, ZoneInfo | None]
 
 
 class RedisLimiter:
@@ -203,11 +205,12 @@ class RedisLimiter:
             end,
             day,
             plan,
-            quota,
+            quota.per if quota is not None else "",
+            quota.timezone if quota is not None else None,
         )
         command = self._commands.get(subject)
         if command is None or command.shape != shape:
-            command = self._remember_command(subject, shape)
+            command = self._remember_command(subject, shape, quota)
 
         pipeline = self._pipeline
         if pipeline is not None:
@@ -287,18 +290,18 @@ class RedisLimiter:
         if code == 0 and (reply[7] or subject not in self._registry.recorded):
             self._registry.record(subject, day, indexed=reply[7] == _DAY_INDEXED)
 
-    def _remember_command(self, subject: str, shape: _Shape) -> _Command:
+    def _remember_command(self, subject: str, shape: _Shape, quota: QuotaRule | None) -> _Command:
         day = shape[5]
         if day != self._commands_day or len(self._commands) >= _MAX_COMMANDS:
             # A command names its day's key, so none made before today is used again: this
             # drops a deleted key's (or one no longer called) at the latest when its day ends.
             self._commands.clear()
             self._commands_day = day
-        command = self._commands[subject] = self._command(subject, shape)
+        command = self._commands[subject] = self._command(subject, shape, quota)
         return command
 
-    def _command(self, subject: str, shape: _Shape) -> _Command:
-        rate_limit, rate_window, quota_limit, start, end, day, plan, quota = shape
+    def _command(self, subject: str, shape: _Shape, quota: QuotaRule | None) -> _Command:
+        rate_limit, rate_window, quota_limit, start, end, day, plan, _, _ = shape
         window_us = round(rate_window * 1_000_000)  # 0 without a rate
         quota_expire_ms = _quota_expire_ms(start, end)
         day_expire_ms = (day + 1 + HISTORY_DAYS) * DAY_SECONDS * 1000
