@@ -412,6 +412,11 @@ class RedisSentinelGroup:
             self.master.start()
             self.replica.extra_args = ("--replicaof", "127.0.0.1", str(self.master.port))
             self.replica.start()
+            # Sentinels find a replica through the master's INFO and look at its link through
+            # the replica's, each asked every 10 s after the first: a replica still syncing when
+            # they first ask costs 10-20 s more (a CI start once took over 30). Synced first, the
+            # Sentinels' first look finds it ready.
+            self._wait_until(self._replica_synced, "the replica to sync with the master")
             self.sentinels = [
                 SentinelServer(
                     self.directory / f"sentinel{i}", self.NAME, self.master.port, self.down_after_ms
@@ -464,6 +469,12 @@ class RedisSentinelGroup:
         with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as master:
             role = master.execute_command("ROLE")
         return bool(role) and role[0] in (b"master", "master")
+
+    def _replica_synced(self) -> bool:
+        with self.replica.client() as replica, self.master.client() as master:
+            link = replica.info("replication").get("master_link_status")
+            slaves = master.info("replication").get("connected_slaves", 0)
+        return link == "up" and int(slaves) >= 1
 
     def _ready_to_fail_over(self) -> bool:
         for sentinel in self.sentinels:
