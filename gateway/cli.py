@@ -46,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def answer(lines: Sequence[str], code: int) -> int:
+    """Print `lines` on stdout and return `code`, also when the reader has gone (`check | head
+    -1`, `| grep -q ok`): its BrokenPipeError was a traceback, and the shell reads the code."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered would fail again when the interpreter flushes at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
@@ -61,19 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         # The bytes given, as the proxy hashes the bytes a client sends (argv is decoded with
         # surrogateescape: a key that is not UTF-8 comes back as it was).
-        print(hashlib.sha256(os.fsencode(args.key)).hexdigest())
-        return 0
+        return answer([hashlib.sha256(os.fsencode(args.key)).hexdigest()], 0)
     if args.command == "check":
         from gateway.config import ConfigError, load_config
 
         try:
             load_config(args.config)
         except ConfigError as exc:
-            for issue in exc.issues:
-                print(issue)
-            return 1
-        print("ok")
-        return 0
+            return answer([str(issue) for issue in exc.issues], 1)
+        return answer(["ok"], 0)
     logging.basicConfig(
         level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

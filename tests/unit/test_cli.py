@@ -143,3 +143,29 @@ def test_bad_workers_and_unknown_flags_are_usage_errors(tmp_path: Path) -> None:
         done = gateway("run", "--config", str(config), *args)
         assert done.returncode == 2, args
         assert done.stderr and "Traceback" not in done.stderr
+
+
+def test_output_into_a_reader_that_left_is_no_traceback() -> None:
+    """`gateway check --config x | head -1` (or `| grep -q ...`) closes the pipe before the
+    rest is printed: Python's BrokenPipeError went up as a traceback on stderr, for `ok` and
+    `hash-key` as for the list of issues. The answer stays the exit code, as the shell reads it.
+    The reading end is closed before the command starts, so that every write meets it."""
+    for args, code in (
+        (("check", "--config", str(FIXTURES / "bad_several.yaml")), 1),
+        (("check", "--config", str(Path(__file__).parents[2] / "config")), 0),
+        (("hash-key", "test"), 0),
+    ):
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", *args],
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(writer)
+        assert (done.returncode, done.stderr) == (code, ""), args
