@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from gateway.config import ConfigError
+from gateway.config.files import config_files
 from gateway.config.isolated import (
     config_from_answer,
     load_answer_file_off_loop,
@@ -28,7 +29,7 @@ from gateway.config.isolated import (
     read_config_isolated,
     save_answer,
 )
-from gateway.config.loader import collector_paused, config_files
+from gateway.config.loader import collector_paused
 from gateway.config.model import Config, ServerConfig, StorageConfig, Timeouts
 from gateway.tasks import STEP_TIMEOUT, stop_tasks
 

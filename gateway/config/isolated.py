@@ -38,8 +38,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.config.files import config_files
 from gateway.config.load_warnings import LoadWarning, tell_warnings
-from gateway.config.loader import config_files, load_config, load_config_gathering
+from gateway.config.loader import load_config, load_config_gathering
 from gateway.config.model import Config, TlsConfig
 from gateway.config.yamlnodes import ConfigError, ConfigIssue
 from gateway.http.tls import TlsFileError, server_context

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config.access import KeysReader, read_plans
@@ -22,6 +21,7 @@ from gateway.config.addresses import (
     listens_clash,
     parse_address,
 )
+from gateway.config.files import Section, files_of, read_sections
 from gateway.config.load_warnings import LoadWarning, tell_warnings
 from gateway.config.model import (
     ON_ERROR_CHOICES,
@@ -39,8 +39,8 @@ from gateway.config.model import (
 )
 from gateway.config.products import ProductsReader
 from gateway.config.storage_url import storage_url_problem
-from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker, compose, line_of
-from gateway.config.yamltree import MappingNode, Node
+from gateway.config.yamlnodes import ConfigError, ConfigIssue, Fields, Walker
+from gateway.config.yamltree import Node
 from gateway.http import tls
 from gateway.http.headers import HOP_BY_HOP, SET_BY_PROXY
 from gateway.http.tls import TlsFileError, server_context
@@ -55,7 +55,6 @@ _MAX_TOKEN = 4096
 # machine's memory before anything notices.
 MAX_WORKERS = 256
 
-SECTIONS = ("server", "storage", "auth", "products", "plans", "keys")
 _SERVER_KEYS = ("listen", "admin_listen", "workers", "timeouts", "drain_timeout", "tls")
 _TIMEOUT_KEYS = ("client_header", "client_body", "keepalive", "websocket_idle")
 _TLS_KEYS = ("cert", "key")
@@ -67,15 +66,6 @@ _NOT_A_KEY_HEADER = HOP_BY_HOP | SET_BY_PROXY | {"content-length", "forwarded"}
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _Section:
-    """A top-level section: the file it was written in and its nodes."""
-
-    walker: Walker
-    key: Node
-    value: Node
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -126,8 +116,8 @@ def _load(
         # Path("") is the working directory: its *.yaml files, whatever they are.
         raise ConfigError([ConfigIssue("--config", None, "", "is empty (or GATEWAY_CONFIG is)")])
     issues: list[ConfigIssue] = []
-    files = _config_files(Path(path), issues, warnings)
-    sections = _read_sections(files, issues)
+    files = files_of(Path(path), issues, warnings)
+    sections = read_sections(files, issues)
     # A file that could not be read or parsed makes the rest guesswork (a missing `products`
     # would be reported for the file that failed to parse), so stop at those errors.
     if not files or any(not issue.path for issue in issues):
@@ -139,84 +129,6 @@ def _load(
         issues.sort(key=lambda issue: (order.get(issue.file, len(order)), issue.line or 0))
         raise ConfigError(issues)
     return config
-
-
-def config_files(path: Path) -> list[str]:
-    """The files a config at `path` is read from, in the order they are merged: the file
-    itself, or a folder's `*.yaml` files by name. Dotfiles are editor droppings
-    (`.#products.yaml`), not configuration. Reloads watch exactly these."""
-    if not path.is_dir():
-        return [str(path)]
-    return sorted(
-        str(child)
-        for child in path.iterdir()
-        if child.suffix == ".yaml"
-        and not child.name.startswith(".")
-        # A symlink to nothing, or a folder so named, is kept, to be reported unreadable, not
-        # skipped in silence.
-        and (child.is_file() or child.is_dir() or (child.is_symlink() and not child.exists()))
-    )
-
-
-def _config_files(path: Path, issues: list[ConfigIssue], warnings: list[LoadWarning]) -> list[str]:
-    try:
-        if path.is_dir():
-            files = config_files(path)
-            # `.yml` is the other common ending: a file named so is not read, and said so
-            # rather than left out in silence (its plans or keys missing with no word why).
-            unread = sorted(
-                child.name
-                for child in path.iterdir()
-                if child.suffix == ".yml" and not child.name.startswith(".")
-            )
-            if not files:
-                missing = "no *.yaml files in this folder"
-                if unread:
-                    missing += f" ({', '.join(unread)} not read: a folder's files end in .yaml)"
-                issues.append(ConfigIssue(str(path), None, "", missing))
-            elif unread:
-                listed = ", ".join(unread)
-                unread_said = f"{path}: {listed} not read: only a folder's *.yaml files are"
-                warnings.append(LoadWarning(log.name, unread_said))
-            return files
-        if not path.exists():
-            issues.append(ConfigIssue(str(path), None, "", "no such file or folder"))
-            return []
-    except OSError as exc:  # a name too long, a folder we may not look into: a traceback
-        issues.append(ConfigIssue(str(path), None, "", f"cannot be read: {exc.strerror or exc}"))
-        return []
-    return [str(path)]
-
-
-def _read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, _Section]:
-    sections: dict[str, _Section] = {}
-    for file in files:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            issues.append(ConfigIssue(file, None, "", f"cannot be read: {exc}"))
-            continue
-        root, problem = compose(text, file)
-        if problem is not None:
-            issues.append(problem)
-            continue
-        if root is None:  # empty, or only comments
-            continue
-        walker = Walker(file, issues)
-        if not isinstance(root, MappingNode):
-            walker.report(root, "", f"must be a mapping of sections ({', '.join(SECTIONS)})")
-            continue
-        fields = walker.mapping(root, "", SECTIONS)
-        if fields is None:
-            continue
-        for name, key, value in fields:
-            first = sections.get(name)
-            if first is not None:
-                where = f"{first.walker.file}:{line_of(first.key)}"
-                walker.report(key, name, f"already defined in {where}")
-                continue
-            sections[name] = _Section(walker, key, value)
-    return sections
 
 
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
@@ -237,7 +149,7 @@ def _fraction(w: Walker, node: Node, path: str) -> float | None:
 class _Builder:
     def __init__(
         self,
-        sections: dict[str, _Section],
+        sections: dict[str, Section],
         env: Mapping[str, str],
         issues: list[ConfigIssue],
         files: list[str],
@@ -249,7 +161,7 @@ class _Builder:
         self.files = files
         self.warnings = warnings
 
-    def _section(self, name: str) -> _Section | None:
+    def _section(self, name: str) -> Section | None:
         """The section, unless it is absent or empty: `keys:` with every entry under it
         commented out is no keys, as `keys: []` is, not "must be a list"."""
         section = self.sections.get(name)
