@@ -76,10 +76,9 @@ def files_of(path: Path, issues: list[ConfigIssue], warnings: list[LoadWarning])
 def read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, Section]:
     sections: dict[str, Section] = {}
     for file in files:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            issues.append(ConfigIssue(file, None, "", f"cannot be read: {exc}"))
+        text = read_text(file)
+        if isinstance(text, ConfigIssue):
+            issues.append(text)
             continue
         root, problem = compose(text, file)
         if problem is not None:
@@ -102,3 +101,20 @@ def read_sections(files: list[str], issues: list[ConfigIssue]) -> dict[str, Sect
                 continue
             sections[name] = Section(walker, key, value)
     return sections
+
+
+def read_text(file: str) -> str | ConfigIssue:
+    """A config file's text, or why it cannot be had: one that is not UTF-8 (saved as Latin-1)
+    is told by line and column, where the codec's own message gave a byte offset in the file."""
+    try:
+        data = Path(file).read_bytes()
+        return data.decode("utf-8")
+    except OSError as exc:
+        return ConfigIssue(file, None, "", f"cannot be read: {exc}")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        # What precedes the first bad byte was decoded, so the column counts characters.
+        column = len(data[line_start : exc.start].decode("utf-8")) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = f"byte 0x{data[exc.start]:02x} in column {column}"
+        return ConfigIssue(file, line, "", f"not UTF-8: {bad} (save the file as UTF-8)")
