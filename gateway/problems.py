@@ -86,8 +86,16 @@ class PlainHttpToHttpsPort(BadRequest):
     code = "plain_http_to_https_port"
 
 
+# RFC 9110, 15.5.2: a 401 carries a challenge. The scheme is Kong key-auth's; the admin port
+# gives its own (Bearer).
+_KEY_CHALLENGE = {"WWW-Authenticate": 'Key realm="gateway"'}
+
+
 class Unauthorized(GatewayProblem):
     status, title, code = 401, "Unauthorized", "unauthorized"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail, headers=_KEY_CHALLENGE if headers is None else headers)
 
 
 class Forbidden(GatewayProblem):

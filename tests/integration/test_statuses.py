@@ -71,6 +71,22 @@ async def test_two_different_keys_are_401(
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [[], [("X-API-Key", "made-up")], [("X-API-Key", "secret-1"), ("X-API-Key", "secret-rated")]],
+    ids=["no-key", "unknown-key", "two-keys"],
+)
+async def test_every_401_carries_a_challenge(
+    gateway: Worker, client: aiohttp.ClientSession, headers: list[tuple[str, str]]
+) -> None:
+    """RFC 9110, 15.5.2: a 401 MUST carry WWW-Authenticate. Kong's key-auth sends `Key` (a
+    bug fixed in Kong 3.6 where some of its 401s lacked it); the proxy's 401s had none."""
+    async with client.get(url(gateway, INFO), headers=headers) as r:
+        assert r.status == 401
+        assert r.headers.getall("WWW-Authenticate") == ['Key realm="gateway"']
+        assert (await r.json())["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
     ("lines", "query"),
     [
         (b"X-API-Key: secret-1\r\nx-api-key: secret-1\r\n", ""),
