@@ -118,6 +118,17 @@ def _encodes_as_a_host_name(host: str) -> bool:
     return True
 
 
+def _taken(earlier: frozenset[str] | None, later: frozenset[str] | None) -> frozenset[str] | None:
+    """Which of `later`'s methods a route taking `earlier` gets first (None: every method),
+    `GET` taking `HEAD` as routing does."""
+    if earlier is None:
+        return later
+    if later is None:
+        return frozenset()  # the rest of the methods are left to it
+    takes = earlier | {"HEAD"} if "GET" in earlier else earlier
+    return later & takes
+
+
 # Every visible ASCII character: what `quote` leaves as it is, for normal_path to judge.
 _VISIBLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
 
@@ -313,12 +324,15 @@ class ProductsReader:
     def _check_unique(
         self, template: Template, methods: frozenset[str] | None, fields: Fields
     ) -> None:
-        """A second route with the same shape and an overlapping method is never matched."""
-        line = line_of(fields.node)
+        """A route of the same shape as earlier ones gets only the methods they do not take
+        (routing: the first that accepts the method wins): never matched when they take all of
+        its methods, and told which are taken when they take some. Every method (no `methods`)
+        after some is the rest, the usual fallback, and fine."""
         for shape, other_path, other_line, other_methods in self._seen:
             if shape != template.shape:
                 continue
-            if methods is None or other_methods is None or methods & other_methods:
+            taken = _taken(other_methods, methods)
+            if taken is None or taken == methods:
                 self.w.report(
                     fields.value("path"),
                     fields.at("path"),
@@ -326,7 +340,15 @@ class ProductsReader:
                     "and methods",
                 )
                 return
-        self._seen.append((template.shape, fields.path, line, methods))
+            if taken:
+                self.w.report(
+                    fields.value("methods"),
+                    fields.at("methods"),
+                    f"{', '.join(sorted(taken))} never matched: {other_path} (line {other_line})"
+                    " has the same path and takes it first",
+                )
+                return
+        self._seen.append((template.shape, fields.path, line_of(fields.node), methods))
 
     def _methods(self, node: Node, path: str) -> frozenset[str] | None:
         words = self.w.words(node, path)

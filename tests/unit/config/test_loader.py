@@ -37,6 +37,7 @@ from gateway.config import (
     parse_duration,
 )
 from gateway.config.products import parse_template
+from gateway.routing import RouteTable
 from tests.support.config import MINIMAL_PRODUCTS, issues_of, write_config_file
 from tests.support.paths import REPO_ROOT
 
@@ -444,6 +445,28 @@ def test_a_path_that_cannot_be_looked_at_is_a_config_error_not_a_traceback(
 ) -> None:
     too_long = tmp_path / ("a" * 300)
     assert issues_of(too_long) == [f"{too_long}: cannot be read: File name too long"]
+
+
+def test_a_route_for_every_other_method_after_one_for_some_is_matched(tmp_path: Path) -> None:
+    """`POST` costs 10, every other method 1: the second route takes what the first does not
+    (among routes matching a path, the first that accepts the method wins). It was refused as
+    'never matched'."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "products:\n"
+        "  shop:\n"
+        "    upstream: {url: 'http://127.0.0.1:9000'}\n"
+        "    routes:\n"
+        "      - {path: '/upload/{rest:path}', methods: [POST], cost: 10}\n"
+        "      - {path: '/upload/{rest:path}'}\n"
+        "      - {path: '/items/{id}', methods: [GET]}\n"
+        "      - {path: '/items/{id}', methods: [DELETE], cost: 3}\n"
+    )
+    routes = RouteTable(load_config(path, env={}).products.values())
+    assert routes.match("POST", "/upload/a").route.cost == 10
+    assert routes.match("PUT", "/upload/a").route.cost == 1
+    assert routes.match("GET", "/upload/a").route.cost == 1
+    assert routes.match("DELETE", "/items/1").route.cost == 3
 
 
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
