@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key_as_given(argv: Sequence[str]) -> list[str]:
+    """`hash-key KEY` takes one argument, the key, whatever it begins with: one in 64 of the
+    admin API's secrets (`secrets.token_urlsafe`) begins with `-`, and argparse took it for an
+    option (a usage error) unless `--` came before it. `-h` and `--help` still ask for help."""
+    if len(argv) == 2 and argv[0] == "hash-key" and argv[1] not in ("-h", "--help", "--"):
+        return [argv[0], "--", argv[1]]
+    return list(argv)
+
+
 def answer(lines: Sequence[str], code: int) -> int:
     """Print `lines` on stdout and return `code`, also when the reader has gone (`check | head
     -1`, `| grep -q ok`): its BrokenPipeError was a traceback, and the shell reads the code."""
@@ -62,7 +71,7 @@ def answer(lines: Sequence[str], code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_key_as_given(sys.argv[1:] if argv is None else argv))
     if args.command == "run":
         # Held before anything is imported for serving (aiohttp and the rest take ~0.4 s), as
         # `gateway.server.serve` holds them until it can act on them: a SIGTERM or SIGHUP in

@@ -33,6 +33,20 @@ def test_hash_key_hashes_the_bytes_given_even_when_they_are_not_utf8() -> None:
     assert gateway("hash-key", "test").stdout.strip() == hashlib.sha256(b"test").hexdigest()
 
 
+def test_hash_key_hashes_a_key_that_begins_with_a_dash() -> None:
+    """The admin API's secrets are `secrets.token_urlsafe`, one in 64 of which begins with `-`:
+    `gateway hash-key -Xy...` was a usage error ('the following arguments are required: key')
+    for them, the key taken for an option."""
+    for key in ("-Xy3_k", "--Xy3_k", "-"):
+        done = gateway("hash-key", key)
+        assert (done.returncode, done.stderr) == (0, ""), key
+        assert done.stdout.strip() == hashlib.sha256(key.encode()).hexdigest()
+    assert gateway("hash-key", "--", "-Xy3_k").stdout.strip() == (
+        hashlib.sha256(b"-Xy3_k").hexdigest()
+    )
+    assert gateway("hash-key", "--help").stdout.startswith("usage: gateway hash-key")
+
+
 def test_hash_key_refuses_an_empty_key() -> None:
     """`gateway hash-key "$KEY"` with KEY unset printed the SHA-256 of nothing, which no request
     can present (an empty key is no key): the key made from it was 401 for good, silently."""
