@@ -11,6 +11,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+# What GATEWAY_LOG_LEVEL may name (in any case; logging also knows WARN, FATAL and NOTSET).
+_LEVELS = "debug, info, warning, error, critical"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -94,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             return answer([str(issue) for issue in exc.issues], 1)
         return answer(["ok"], 0)
+    asked_level = os.environ.get("GATEWAY_LOG_LEVEL", "").strip() or "INFO"
+    if asked_level.upper() not in logging.getLevelNamesMapping():
+        # logging.basicConfig's ValueError was a traceback.
+        print(f"GATEWAY_LOG_LEVEL: must be one of {_LEVELS}, not {asked_level!r}", file=sys.stderr)
+        return 1
     logging.basicConfig(
-        level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        level=asked_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -183,3 +183,20 @@ def test_output_into_a_reader_that_left_is_no_traceback() -> None:
         finally:
             os.close(writer)
         assert (done.returncode, done.stderr) == (code, ""), args
+
+
+def test_a_log_level_that_is_none_stops_the_start_saying_so(tmp_path: Path) -> None:
+    """GATEWAY_LOG_LEVEL=verbose was a ValueError traceback from logging.basicConfig."""
+    config = Path(__file__).parents[2] / "config"
+    done = gateway("run", "--config", str(config), env={"GATEWAY_LOG_LEVEL": "verbose"})
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "GATEWAY_LOG_LEVEL: must be one of debug, info, warning, error, critical, not 'verbose'"
+    ]
+    # A level in any case is taken: the start goes on to the config (here, one that is missing).
+    done = gateway(
+        "run", "--config", str(tmp_path / "missing.yaml"), env={"GATEWAY_LOG_LEVEL": "Warning"}
+    )
+    assert done.returncode == 1
+    assert "missing.yaml: no such file or folder" in done.stderr
+    assert "GATEWAY_LOG_LEVEL" not in done.stderr
