@@ -341,11 +341,12 @@ class ProductsReader:
                 )
                 return
             if taken:
+                them = "it" if len(taken) == 1 else "them"
                 self.w.report(
                     fields.value("methods"),
                     fields.at("methods"),
                     f"{', '.join(sorted(taken))} never matched: {other_path} (line {other_line})"
-                    " has the same path and takes it first",
+                    f" has the same path and takes {them} first",
                 )
                 return
         self._seen.append((template.shape, fields.path, line_of(fields.node), methods))
