@@ -61,6 +61,8 @@ def _key_as_given(argv: Sequence[str]) -> list[str]:
 def answer(lines: Sequence[str], code: int) -> int:
     """Print `lines` on stdout and return `code`, also when the reader has gone (`check | head
     -1`, `| grep -q ok`): its BrokenPipeError was a traceback, and the shell reads the code."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nothing to print to
+        return code
     try:
         for line in lines:
             print(line)

@@ -183,6 +183,15 @@ def test_output_into_a_reader_that_left_is_no_traceback() -> None:
         finally:
             os.close(writer)
         assert (done.returncode, done.stderr) == (code, ""), args
+        # Started with no stdout at all (`>&-`): Python's sys.stdout is None then.
+        closed = subprocess.run(
+            ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "gateway", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (closed.returncode, closed.stderr) == (code, ""), args
 
 
 def test_a_log_level_that_is_none_stops_the_start_saying_so(tmp_path: Path) -> None:
