@@ -311,7 +311,9 @@ class _Builder:
         elif found is not None and (node := found[1].value("workers")) is not None:
             where = found[0], node
         if workers == 0:
-            workers = min(os.cpu_count() or 1, MAX_WORKERS)
+            # The CPUs this process may run on (taskset, a container's cpuset), as nginx's
+            # `worker_processes auto` counts them: os.cpu_count() is every CPU of the host.
+            workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
         if workers > 1 and storage.is_memory:
             problem = (
                 f"memory:// storage lives inside one process; {workers} workers need "

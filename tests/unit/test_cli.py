@@ -209,3 +209,22 @@ def test_a_log_level_that_is_none_stops_the_start_saying_so(tmp_path: Path) -> N
     assert done.returncode == 1
     assert "missing.yaml: no such file or folder" in done.stderr
     assert "GATEWAY_LOG_LEVEL" not in done.stderr
+
+
+def test_workers_0_counts_the_cpus_the_gateway_may_run_on(tmp_path: Path) -> None:
+    """`workers: 0` is one worker per CPU the process may run on (`taskset`, a container's
+    cpuset), as nginx's `worker_processes auto` and Go's GOMAXPROCS count: os.cpu_count()
+    counted every CPU of the machine, so a gateway pinned to one CPU forked one worker per
+    host CPU onto it (and here, on memory://, was refused for needing Redis)."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server:\n  workers: 0\n" + MINIMAL_PRODUCTS)
+    one_cpu = min(os.sched_getaffinity(0))
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}),
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
