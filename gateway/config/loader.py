@@ -131,6 +131,15 @@ def _load(
     return config
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a container's cpuset), as nginx's
+    `worker_processes auto` counts them: os.cpu_count() is every CPU of the host, and all there
+    is where the system keeps no affinity (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _on_error(w: Walker, node: Node, path: str) -> OnError | None:
     choice = w.choice(node, path, ON_ERROR_CHOICES)
     # The same string, taken from ON_ERROR_CHOICES so that it carries the Literal type.
@@ -311,9 +320,7 @@ class _Builder:
         elif found is not None and (node := found[1].value("workers")) is not None:
             where = found[0], node
         if workers == 0:
-            # The CPUs this process may run on (taskset, a container's cpuset), as nginx's
-            # `worker_processes auto` counts them: os.cpu_count() is every CPU of the host.
-            workers = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+            workers = min(_usable_cpus(), MAX_WORKERS)
         if workers > 1 and storage.is_memory:
             problem = (
                 f"memory:// storage lives inside one process; {workers} workers need "
