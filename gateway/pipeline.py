@@ -46,6 +46,7 @@ from gateway.problems import (
     QuotaExceeded,
     StorageUnavailable,
     Throttled,
+    Unauthorized,
     problem_from_http_error,
     render_problem,
 )
@@ -113,7 +114,11 @@ def identify_key(ex: Exchange) -> Answer | None:
     """2: 401 without a known key (or with two different ones)."""
     snapshot = ex.snapshot
     auth = snapshot.config.auth
-    ex.key = identify_presented(ex.request, auth, snapshot.key_header, snapshot.keys)
+    try:
+        ex.key = identify_presented(ex.request, auth, snapshot.key_header, snapshot.keys)
+    except Unauthorized as refused:
+        ex.key_name = refused.key_name  # a known key no longer taken is named in the log
+        raise
     ex.key_name = ex.key.name
     return None
 

@@ -94,8 +94,14 @@ _KEY_CHALLENGE = {"WWW-Authenticate": 'Key realm="gateway"'}
 class Unauthorized(GatewayProblem):
     status, title, code = 401, "Unauthorized", "unauthorized"
 
-    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str, *, headers: Mapping[str, str] | None = None, key_name: str = ""
+    ) -> None:
         super().__init__(detail, headers=_KEY_CHALLENGE if headers is None else headers)
+        # The key the secret belongs to, when it is one the gateway knows but no longer takes
+        # (expired, or replaced by a rotation): for the access log, whose reader is the
+        # operator, not for the client.
+        self.key_name = key_name
 
 
 class Forbidden(GatewayProblem):

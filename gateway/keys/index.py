@@ -104,7 +104,8 @@ class KeyIndex:
             key = self._api_key(digest)
         if key.expires is not None and self._clock() >= key.expires:
             raise Unauthorized(
-                f"The API key '{key.name}' expired at {format_instant(key.expires)}."
+                f"The API key '{key.name}' expired at {format_instant(key.expires)}.",
+                key_name=key.name,
             )
         return key
 
@@ -119,7 +120,8 @@ class KeyIndex:
         if until is not None and self._clock() >= until:
             raise Unauthorized(
                 f"The API key was replaced by a rotation; it was accepted until "
-                f"{format_instant(until)}."
+                f"{format_instant(until)}.",
+                key_name=key.name,
             )
         if key.name in self.file_keys:
             # The file defines this name: its key wins, and this one is unknown.

@@ -126,3 +126,30 @@ def test_a_lone_line_is_written_within_a_second(tmp_path: Path) -> None:
             assert gateway.proc is not None and gateway.proc.poll() is None
         finally:
             gateway.close()
+
+
+def test_a_known_key_no_longer_taken_is_named_in_its_line(tmp_path: Path) -> None:
+    # The operator reading the log wants to know whose expired key is still calling; the
+    # client's 401 names it too. A key the gateway does not know stays unnamed.
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config(tmp_path / "config", upstream.url, "memory://")
+        with (tmp_path / "config" / "10-api.yaml").open("a") as api:
+            api.write("  - {name: old-user, key: old-secret, plans: {soccer: open},")
+            api.write(" expires: 2020-01-01T00:00:00Z}\n")
+        gateway = GatewayProcess(tmp_path / "config", stdout_pipe=True)
+        try:
+            gateway.start(proxy_port, admin_port)
+            for path, secret in (("/soccer/expired", "old-secret"), ("/soccer/unknown", "nope")):
+                assert call(proxy_port, path, headers={"X-API-Key": secret}).status == 401
+            lines: dict[str, dict[str, object]] = {}
+
+            def both_logged() -> bool:
+                lines.update((entry["path"], entry) for entry in gateway.access_log())
+                return {"/soccer/expired", "/soccer/unknown"} <= lines.keys()
+
+            wait_for(both_logged, 3.0, "the two 401s' lines on stdout")
+            assert lines["/soccer/expired"]["key"] == "old-user"
+            assert lines["/soccer/unknown"]["key"] == ""
+            assert lines["/soccer/expired"]["status"] == 401
+        finally:
+            gateway.close()
