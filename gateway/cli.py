@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is not this gateway's to read or empty: taken out before the metrics module reads it,
     # it becomes where this gateway makes a folder of its own (README, "Metrics").
     metrics_in = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) or None
-    from gateway.config.loader import ENV_WORKERS, MAX_WORKERS
+    from gateway.config.loader import ENV_WORKERS, ENV_WORKERS_GIVEN_AS, MAX_WORKERS
     from gateway.server import serve
 
     if args.workers is not None:
@@ -123,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Through the environment, so that every load of the config judges this count: a
         # file's `workers: 2` on memory:// was refused though `--workers 1` was asked for.
         os.environ[ENV_WORKERS] = str(args.workers)
+        os.environ[ENV_WORKERS_GIVEN_AS] = "--workers"
     return serve(args.config, metrics_in=metrics_in)
 
 

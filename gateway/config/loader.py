@@ -50,6 +50,9 @@ ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 # What `gateway run --workers N` sets: a count in place of server.workers, seen by every load
 # of the config (reloads included), so that what depends on the count judges that one.
 ENV_WORKERS = "GATEWAY_WORKERS"
+# Set by `gateway run --workers N` beside ENV_WORKERS, which carries the count to every load of
+# the config: a mistake in that count is then named as the user gave it (`--workers: ...`).
+ENV_WORKERS_GIVEN_AS = "GATEWAY_WORKERS_GIVEN_AS"
 _MAX_TOKEN = 4096
 # More processes than any one machine runs usefully: a typo (80000 for 8) must not fork away the
 # machine's memory before anything notices.
@@ -329,7 +332,8 @@ class _Builder:
             if where is not None:
                 where[0].report(where[1], "server.workers", problem)
             else:
-                self.issues.append(ConfigIssue(ENV_WORKERS, None, "server.workers", problem))
+                given_as = self.env.get(ENV_WORKERS_GIVEN_AS) or ENV_WORKERS
+                self.issues.append(ConfigIssue(given_as, None, "server.workers", problem))
         return workers
 
     def _storage(self) -> StorageConfig:

@@ -75,6 +75,19 @@ def test_too_many_workers_are_refused_before_anything_forks() -> None:
     assert "--workers: must be 0 to 256" in done.stderr
 
 
+def test_workers_given_on_the_command_line_are_named_so_in_an_error(tmp_path: Path) -> None:
+    """`--workers 2` on memory:// was refused as `GATEWAY_WORKERS: ...`, a variable the user
+    never set (the flag travels in it to every load of the config)."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(MINIMAL_PRODUCTS)
+    env = {"GATEWAY_REDIS_URL": "memory://"}
+    done = gateway("run", "--config", str(config), "--workers", "2", env=env)
+    assert done.returncode == 1
+    assert "--workers: server.workers: memory:// storage lives inside one process" in done.stderr
+    done = gateway("check", "--config", str(config), env={**env, "GATEWAY_WORKERS": "2"})
+    assert "GATEWAY_WORKERS: server.workers: memory:// storage" in done.stdout
+
+
 _PROBE = """
 import importlib.abc, signal, sys
 
