@@ -72,7 +72,9 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
         raise
     except ssl.SSLError as exc:
         reason = exc.reason or ""
-        if "KEY_VALUES_MISMATCH" in reason:
+        # NO_CERTIFICATE_ASSIGNED once the chain has loaded: the key is of another type than
+        # the certificate (RSA beside ECDSA), so OpenSSL filed it where no certificate is.
+        if "KEY_VALUES_MISMATCH" in reason or "NO_CERTIFICATE_ASSIGNED" in reason:
             raise TlsFileError("key", f"{key} does not belong to the certificate {cert}") from exc
         if "KEY" in reason or "BAD_DECRYPT" in reason or _certificate_reads(cert):
             # OpenSSL's "PEM lib" errors carry no reason: the certificate read alone tells

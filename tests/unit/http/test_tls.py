@@ -50,6 +50,26 @@ def test_key_of_another_certificate_is_named(tmp_path: Path) -> None:
     assert str(caught.value) == f"{second.key} does not belong to the certificate {first.cert}"
 
 
+@pytest.mark.parametrize("algorithm", ["RSA", "ED25519"])
+def test_a_key_of_another_type_than_the_certificate_is_named_as_not_belonging(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """An RSA (or Ed25519) key beside a P-256 certificate, as after a renewal that changed the
+    key type: OpenSSL files the key in another slot than the certificate and says
+    NO_CERTIFICATE_ASSIGNED, which was reported as a key that is "not a usable private key"."""
+    made = make_certificate(tmp_path)
+    other = tmp_path / f"{algorithm.lower()}.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", algorithm, "-out", str(other)],
+        check=True,
+        capture_output=True,
+    )
+    with pytest.raises(TlsFileError) as caught:
+        server_context(str(made.cert), str(other))
+    assert caught.value.role == "key"
+    assert str(caught.value) == f"{other} does not belong to the certificate {made.cert}"
+
+
 def test_key_and_certificate_swapped_are_named(tmp_path: Path) -> None:
     made = make_certificate(tmp_path)
     with pytest.raises(TlsFileError) as caught:
