@@ -10,8 +10,10 @@ handshake to the newest context. Connections already open keep the certificate t
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +44,12 @@ _MAX_PEM_BYTES = 1024 * 1024
 
 def _read(path: str, role: str, marker: bytes, what: str) -> None:
     try:
-        with open(path, "rb") as file:
+        # Without O_NONBLOCK, opening a named pipe waits for a writer: `gateway check`, a start
+        # or a reload (and every reload after it, waiting its turn) waited for good.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+            if stat.S_ISFIFO(os.fstat(file.fileno()).st_mode):
+                raise TlsFileError(role, f"{path} cannot be read: it is a named pipe, not a file")
+            os.set_blocking(file.fileno(), True)  # read as before, whatever else it is
             data = file.read(_MAX_PEM_BYTES + 1)
     except OSError as exc:
         raise TlsFileError(role, f"{path} cannot be read: {exc.strerror or exc}") from exc

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,38 @@ def test_a_key_of_another_type_than_the_certificate_is_named_as_not_belonging(
         server_context(str(made.cert), str(other))
     assert caught.value.role == "key"
     assert str(caught.value) == f"{other} does not belong to the certificate {made.cert}"
+
+
+@pytest.mark.parametrize("role", ["cert", "key"])
+def test_a_named_pipe_is_refused_rather_than_waited_on(tmp_path: Path, role: str) -> None:
+    """Opening a named pipe waits for a writer: `gateway check`, a start or a reload (and every
+    reload after it, which waits its turn) waited for good on one named as a certificate."""
+    made = make_certificate(tmp_path)
+    pipe = tmp_path / f"pipe.{role}"
+    os.mkfifo(pipe)
+    cert, key = (pipe, made.key) if role == "cert" else (made.cert, pipe)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            server_context(str(cert), str(key))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():
+        # A writer that opens and closes at once ends the wait (an empty read) of the reader.
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"opening the named pipe {pipe} as the {role} waited for a writer")
+    [error] = outcome
+    assert isinstance(error, TlsFileError)
+    assert error.role == role
+    assert str(error) == f"{pipe} cannot be read: it is a named pipe, not a file"
 
 
 def test_key_and_certificate_swapped_are_named(tmp_path: Path) -> None:
