@@ -154,9 +154,15 @@ def _supervise_workers(
         config_path, hand_to_workers, count=metrics.count_reload, hand_over_in=handover
     )
 
+    reload_asked = False
+
     def on_sighup(_sig: int, _frame: Any) -> None:
+        # Noted, and done by the loop below: a reload run here ran inside the one the signal
+        # interrupted (its child still reading the files), and that older reading, handed
+        # over last, replaced the newer one; the edit between them was never served.
+        nonlocal reload_asked
         if not stopping:  # a reload during the drain is moot, as a worker's own is
-            reloader.reload()
+            reload_asked = True
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -192,7 +198,10 @@ def _supervise_workers(
             # the polls 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to load.
             wake = min([next_poll, *restart_at.values()])
             time.sleep(min(0.2, max(0.0, wake - time.monotonic())))
-            if time.monotonic() >= next_poll:
+            if reload_asked and not stopping:
+                reload_asked = False
+                reloader.reload()
+            elif time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()
             continue

@@ -239,3 +239,59 @@ def _answers(admin_port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# Keys enough that reading them takes the supervisor's child most of a second, so that a second
+# SIGHUP comes while the first reload is still reading.
+SLOW_READ_KEYS = 10_000
+
+
+def test_a_sighup_during_a_reload_applies_the_edit_it_announces(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A deploy writes a file and sends SIGHUP, then writes another and sends SIGHUP again. The
+    supervisor's SIGHUP handler ran the second reload inside the first (whose child was still
+    reading the files): the second handed the workers the newest files, then the first, ending
+    last, handed them its older reading, and set nothing for the watch to see: the second edit
+    was never served. Reloads now run one after the other, the second reading the files anew."""
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(
+        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
+    )
+    with ThreadedUpstream() as upstream:
+        (config / "10-api.yaml").write_text(
+            "products:\n"
+            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
+            "    routes:\n      - path: /shop/{rest:path}\n"
+            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
+        )
+        keys_file = config / "20-keys.yaml"
+        write_keys(keys_file, keys=SLOW_READ_KEYS)
+        gateway = GatewayProcess(config)
+        try:
+            gateway.start(proxy_port, admin_port)
+            serving_workers(gateway, 2)
+
+            def status(key: str) -> int:
+                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+            first = "  - {name: first, key: first-secret, plans: {shop: open}}"
+            second = "  - {name: second, key: second-secret, plans: {shop: open}}"
+            write_keys(keys_file, first, keys=SLOW_READ_KEYS)
+            gateway.signal(signal.SIGHUP)
+            time.sleep(0.2)  # the first reload's child has read the files and is parsing them
+            write_keys(keys_file, f"{first}\n{second}", keys=SLOW_READ_KEYS)
+            gateway.signal(signal.SIGHUP)
+
+            def both_serve_both() -> bool:
+                return all(
+                    status("first-secret") == 200 and status("second-secret") == 200
+                    for _ in range(10)
+                )
+
+            wait_for(both_serve_both, APPLIED_WITHIN, "both workers serve both keys")
+        finally:
+            gateway.stop()
+            gateway.close()
