@@ -1,5 +1,6 @@
 """One client connection of the proxy port: parsing its requests and running their handlers in
-turn. Reading a request's head is `head_reading.py`, writing the answers `answer.py`; the
+turn. Reading a request's head is `head_reading.py`, its body `body_reading.py`, writing the
+answers `answer.py`; the
 server around it (accepting, the keep-alive sweep, shutdown) is `server.py`.
 """
 
@@ -16,13 +17,14 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from gateway.http.answer import AnswerWriter
+from gateway.http.body_reading import MAX_WAITING, BodyReader
 from gateway.http.chunks import ChunkBounds
 from gateway.http.errors import MalformedRequest, RequestError, SendTimeout
 from gateway.http.head_reading import HEAD_TOO_LARGE, HeadReader
 from gateway.http.head_rules import head_refusal
 from gateway.http.headers import interim_head
 from gateway.http.lingering import Lingering, linger
-from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT, BodyOnly
+from gateway.http.parsing import CLOSED_REQUEST_PARSER, HEAD_LIMIT
 from gateway.http.request import NO_BODY, Request, RequestBody
 from gateway.http.tunnel import TunnelEnd
 
@@ -31,18 +33,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Heads of pipelined requests waiting for their turn before reading from the client pauses.
-_MAX_WAITING = 16
 # Bytes a client may send after an upgrade request while its answer is awaited (a WebSocket
 # client's first frames): kept for the tunnel. Reading goes on meanwhile, so that a client that
 # leaves is noticed (its request cancelled, recorded as 499); past this, reading pauses.
 _AFTER_UPGRADE_LIMIT = 64 * 1024
 
 
-class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
+class ServerConnection(HeadReader, BodyReader, AnswerWriter, asyncio.Protocol):
     """One client connection: parses its requests and runs their handlers in turn; the
-    parser callbacks that read a head are `HeadReader`'s, and its answers are written by the
-    `AnswerWriter` calls it inherits."""
+    parser callbacks that read a head are `HeadReader`'s, those that read a body
+    `BodyReader`'s, and its answers are written by the `AnswerWriter` calls it inherits."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -240,66 +240,8 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
                 waker.set_result(None)
             elif self._task is None or self._task.done():
                 self._task = self._loop.create_task(self._serve())
-        elif len(self._waiting) > _MAX_WAITING and self.transport is not None:
+        elif len(self._waiting) > MAX_WAITING and self.transport is not None:
             self._pause_reading()
-
-    def on_chunk_header(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_header()
-
-    def on_chunk_complete(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self._chunks is not None:
-            self._chunks.body()
-        request = self._parsing
-        if request is not None and request.content.feed(body) and self.transport is not None:
-            self._body_paused = True
-            self._pause_reading()
-
-    def on_message_complete(self) -> None:
-        self._chunks = None
-        if self._body_behind_upgrade:
-            return  # only the head: the body is still to be read (`_read_body_apart`)
-        request = self._parsing
-        if request is not None:
-            request.content.end()
-            self._parsing = None
-        if self._body_paused:
-            # Nothing more of that body can come: a pause for it would outlast its request.
-            self.resume_body()
-
-    def _read_body_apart(self, rest: bytes) -> None:
-        """Read the body of a request that asked to upgrade, from `rest` on, with a parser of
-        its own framed as the request's head says. The connection ends after this request:
-        what follows its body was meant for the protocol it asked for."""
-        request = self._parsing
-        assert request is not None
-        self._closing = True
-        # Bounded as any chunked body is: the client chooses this path (an Upgrade line is
-        # all it takes), and reading goes on until the body ends, however long that is.
-        self._chunks = ChunkBounds() if self._body_chunked else None
-        framing = b"".join(
-            b"%b: %b\r\n" % (name, value)
-            for name, value in request.raw_headers
-            if name.lower() in (b"content-length", b"transfer-encoding")
-        )
-        body_only = BodyOnly(
-            self.on_body,
-            self.body_apart_complete,
-            on_chunk_header=self.on_chunk_header,
-            on_chunk_complete=self.on_chunk_complete,
-            on_trailer=self.on_header,  # out of the head: counted as a trailer field
-        )
-        self._parser = httptools.HttpRequestParser(body_only)
-        self.data_received(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
-
-    def body_apart_complete(self) -> None:
-        self._body_behind_upgrade = False
-        self.on_message_complete()
-        self._stop_reading()
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -367,7 +309,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
                 return False
             except ConnectionError:
                 return False
-        if len(self._waiting) <= _MAX_WAITING and not self._body_paused:
+        if len(self._waiting) <= MAX_WAITING and not self._body_paused:
             self._resume_reading()
         return True
 
@@ -388,7 +330,7 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
             return False
         if waiting:
             self._begin_turn()
-            if len(waiting) <= _MAX_WAITING and not self._body_paused and not self._writes.paused:
+            if len(waiting) <= MAX_WAITING and not self._body_paused and not self._writes.paused:
                 self._resume_reading()
         elif self._head_error is not None:
             self._answer_alone(self._head_error)
@@ -439,12 +381,6 @@ class ServerConnection(HeadReader, AnswerWriter, asyncio.Protocol):
 
     def _more_to_answer(self) -> bool:
         return len(self._waiting) > 1  # the first is the request being answered
-
-    def resume_body(self) -> None:
-        if self._body_paused:
-            self._body_paused = False
-            if len(self._waiting) <= _MAX_WAITING:
-                self._resume_reading()
 
     def _pause_reading(self) -> None:
         if self.transport is not None:
