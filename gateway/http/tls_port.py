@@ -13,6 +13,8 @@ listener is a plain one and each connection begins here:
 - Anything else: a 400 written through the server's `on_request_error` (which records it) in
   plain text, and the connection closed; while the client may still be sending (a request
   body), after a lingering close (`lingering.py`), which a drain waits for.
+- A handshake record whose ClientHello offers only TLS 1.0 or 1.1: a protocol_version alert,
+  then the close (`client_hello.py` says why the TLS library cannot send it).
 - Nothing at all: closed after `head_timeout`, as the handshake timeout did, which for a
   handshake still counts from the accept.
 """
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.http.client_hello import PROTOCOL_VERSION_ALERT, offers_only_old_versions
 from gateway.http.errors import PlainHttpOnTlsPort
 from gateway.http.lingering import Lingering, linger
 from gateway.http.parsing import recorded_request_line
@@ -115,6 +118,10 @@ class TlsPortConnection(asyncio.Protocol):
             return
         self._forget()
         if data[0] == _HANDSHAKE_RECORD:
+            if offers_only_old_versions(data):
+                transport.write(PROTOCOL_VERSION_ALERT)
+                transport.close()
+                return
             self._start_tls(transport, data)
         else:
             self._refuse_plain_http(transport, data)
