@@ -3,7 +3,6 @@ port reads them to refuse TLS 1.0 and 1.1 with their alert (gateway/http/client_
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 import warnings
 
@@ -19,8 +18,12 @@ def client_hello(lowest: ssl.TLSVersion, highest: ssl.TLSVersion) -> bytes:
         warnings.simplefilter("ignore", DeprecationWarning)
         context.minimum_version, context.maximum_version = lowest, highest
     client = context.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="x")
-    with contextlib.suppress(ssl.SSLWantReadError):
+    try:
         client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the ClientHello is out, the server's answer awaited
+    except ssl.SSLError as exc:  # an OpenSSL built without the old versions
+        pytest.skip(f"this OpenSSL offers no {lowest.name}-{highest.name}: {exc}")
     return out.read()
 
 
