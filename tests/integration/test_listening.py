@@ -319,6 +319,11 @@ def test_workers_on_the_command_line_win_over_the_file_and_its_reloads(tmp_path:
         assert children_of(gateway.proc.pid if gateway.proc else 0) == []  # no supervisor
     finally:
         assert gateway.stop() == 0
+        gateway.close()
     refused = GatewayProcess(config, workers=3)
-    with pytest.raises(RuntimeError, match=r"GATEWAY_WORKERS: server\.workers: memory://"):
-        refused.start(proxy_port, admin_port)
+    try:
+        # Named as the user gave the count: the flag, not the variable that carries it.
+        with pytest.raises(RuntimeError, match=r"\n--workers: server\.workers: memory://"):
+            refused.start(proxy_port, admin_port)
+    finally:
+        refused.close()
