@@ -22,6 +22,7 @@ from tests.support.operations import (
     ThreadedUpstream,
     call,
     children_of,
+    scrape,
     serving_workers,
     wait_for,
 )
@@ -294,4 +295,68 @@ def test_a_sighup_during_a_reload_applies_the_edit_it_announces(
             wait_for(both_serve_both, APPLIED_WITHIN, "both workers serve both keys")
         finally:
             gateway.stop()
+            gateway.close()
+
+
+# Keys enough that one process's load (a child reads them, the worker indexes them) lasts a
+# second or more, so that a burst of SIGHUPs, a few milliseconds long, comes within it.
+BURST_KEYS = 20_000
+BURST = 5
+# Longer than a load queued behind another takes to start its child on a busy machine.
+QUIET = 0.75
+
+
+def test_sighups_during_a_load_make_one_more_load_of_the_last_edit(tmp_path: Path) -> None:
+    """A deploy writes several files and signals after each. Each SIGHUP queued a whole load
+    in a single process (five of 8 s each with 100,000 keys, the last edit served 40 s late);
+    those that come during a load now make one more load after it, of the files as they are
+    then. The watch sees the same edits and joins in, not adding a load of its own."""
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(server_yaml(proxy_port, admin_port, "memory://"))
+    with ThreadedUpstream() as upstream:
+        (config / "10-api.yaml").write_text(
+            "products:\n"
+            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
+            "    routes:\n      - path: /shop/{rest:path}\n"
+            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
+        )
+        keys_file = config / "20-keys.yaml"
+        write_keys(keys_file, keys=BURST_KEYS)
+        gateway = GatewayProcess(config)
+        try:
+            gateway.start(proxy_port, admin_port, timeout=60)
+            assert gateway.proc is not None
+            process = gateway.proc.pid
+
+            def status(key: str) -> int:
+                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+            def reloads() -> dict[tuple[str, ...], float]:
+                series = scrape(admin_port).series("gateway_config_reloads_total", "result")
+                return {result: count for result, count in series.items() if count}
+
+            edits = [
+                f"  - {{name: edit-{n}, key: edit-{n}-secret, plans: {{shop: open}}}}"
+                for n in range(BURST)
+            ]
+            write_keys(keys_file, edits[0], keys=BURST_KEYS)
+            gateway.signal(signal.SIGHUP)
+            # The child reading the files: the first load is under way.
+            wait_for(lambda: children_of(process), 15, "the first load under way")
+            for n in range(1, BURST):
+                write_keys(keys_file, "\n".join(edits[: n + 1]), keys=BURST_KEYS)
+                gateway.signal(signal.SIGHUP)
+            assert reloads() == {}, "the burst came after the first load; no test"
+            wait_for(lambda: reloads().get(("ok",), 0) >= 2, 60, "two loads")
+            assert all(status(f"edit-{n}-secret") == 200 for n in range(BURST))
+            # A load queued behind those two would start at once, its child a moment later.
+            quiet_until = time.monotonic() + QUIET
+            while time.monotonic() < quiet_until:
+                assert not children_of(process), "a third load"
+                time.sleep(0.02)
+            assert reloads() == {("ok",): 2}
+        finally:
+            assert gateway.stop() == 0, gateway.stderr()
             gateway.close()
