@@ -32,6 +32,7 @@ from gateway.admin_json import ADMIN_ROUTE, json_object, only_fields, only_param
 from gateway.config.instants import format_instant
 from gateway.config.model import ApiKey, not_in_config
 from gateway.keys.api_fields import (
+    MAX_SECRETS_IN_GRACE,
     new_secret,
     read_boolean,
     read_expires,
@@ -219,6 +220,7 @@ class _KeysApi:
                 raise Conflict("key_sha256: this key has this secret already")
             previous = list(record.previous)
             if grace > 0:
+                _refuse_past_the_cap(name, previous)
                 previous.append(PreviousSecret(record.key_sha256, now + grace))
             return dataclasses.replace(
                 record, key_sha256=digest, previous=tuple(previous), updated=now
@@ -365,6 +367,21 @@ def _unique(names: Iterable[str]) -> Iterable[str]:
         if name != last:
             yield name
             last = name
+
+
+def _refuse_past_the_cap(name: str, in_grace: list[PreviousSecret]) -> None:
+    """Refuse a rotation with a grace of a key with MAX_SECRETS_IN_GRACE old secrets in one
+    already. Refused rather than ending the oldest grace to make room: a rotation job would
+    then cut off the clients still on that secret without a word, where a 409 stops the job
+    and says what to do. A rotation with no grace adds no old secret, and is not refused."""
+    if len(in_grace) < MAX_SECRETS_IN_GRACE:
+        return
+    first_end = format_instant(min(old.until for old in in_grace))
+    raise Conflict(
+        f"The key '{name}' has {len(in_grace)} old secrets in a rotation's grace, the most a "
+        f"key keeps. End their graces first (DELETE /admin/keys/{name}/previous), or rotate "
+        f"after {first_end}, when the first of them ends."
+    )
 
 
 def _without_retired(record: KeyRecord, now: float) -> KeyRecord:

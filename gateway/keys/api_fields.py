@@ -92,6 +92,13 @@ def read_expires(value: object) -> float | None:
 # A rotation's old secret may keep working for at most this long.
 _MAX_GRACE = 366 * 24 * 3600.0
 
+# The old secrets still in a grace a key may have: a rotation with a grace past them is refused
+# (409). Two, as Azure API Management's primary and secondary keys or AWS Secrets Manager's
+# AWSPREVIOUS keep one: one rotation's overlap, and room to rotate again within it (a new
+# secret that leaked, or was mistyped into a deploy). Without a cap an hourly rotation job with
+# a 30-day grace kept ~720 live secrets for a key, in its record and each announcement of it.
+MAX_SECRETS_IN_GRACE = 2
+
 
 def read_grace(value: object) -> float:
     try:

@@ -126,3 +126,47 @@ async def test_unknown_keys_file_keys_and_bodies_with_fields_are_refused(any_rig
     status, key, _ = await rig.call("GET", f"/admin/keys/{name}")
     assert status == 200 and len(key["previous_keys_valid_until"]) == 1
     assert (await rig.proxy("file-secret"))[0] == 200
+
+
+async def test_a_rotation_with_a_grace_past_two_old_secrets_in_one_is_refused(
+    any_rig: Rig,
+) -> None:
+    """An hourly rotation job with a 30-day grace kept ~720 live secrets for one key, each in its
+    record and in every announcement of it. Two old secrets in a grace are the most; the next
+    rotation with a grace is a 409 that says how to make room, and changes nothing: ending the
+    oldest grace in its place would cut off that secret's clients without a word."""
+    rig = any_rig
+    name = unique("hourly")
+    first = (await create(rig, name))["key"]
+    second = (await rig.rotate(name, "720h"))["key"]
+    rotated = await rig.rotate(name, "720h")
+    current = rotated["key"]
+    version = rig.known_version()
+
+    status, problem, headers = await rig.call("POST", f"/admin/keys/{name}/rotate", {"grace": "1h"})
+
+    assert (status, problem["code"]) == (409, "conflict"), problem
+    assert headers["Content-Type"] == "application/problem+json"
+    first_end = rotated["previous_keys_valid_until"][0]
+    assert problem["detail"] == (
+        f"The key '{name}' has 2 old secrets in a rotation's grace, the most a key keeps. End "
+        f"their graces first (DELETE /admin/keys/{name}/previous), or rotate after {first_end}, "
+        "when the first of them ends."
+    )
+    assert rig.known_version() == version  # nothing written
+    for secret in (first, second, current):
+        assert (await rig.proxy(secret))[0] == 200
+    del rotated["key"]
+    assert (await rig.call("GET", f"/admin/keys/{name}"))[1] == rotated
+
+    # Room is made by ending the graces, or by one running out.
+    assert (await rig.call("DELETE", f"/admin/keys/{name}/previous"))[0] == 200
+    await rig.rotate(name, "720h")
+    await rig.rotate(name, "200ms")
+    await asyncio.sleep(0.25)
+    full = await rig.rotate(name, "1h")
+    assert len(full["previous_keys_valid_until"]) == 2
+    # A rotation with no grace adds no old secret: never refused for them.
+    last = await rig.rotate(name, "0s")
+    assert last["previous_keys_valid_until"] == full["previous_keys_valid_until"]
+    assert (await rig.proxy(full["key"]))[0] == 401
