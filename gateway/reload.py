@@ -107,12 +107,15 @@ class Reloader:
         hand_over_in: str | None = None,
         handed_over_in: str | None = None,
         prepare: Callable[[Config], Awaitable[Callable[[], None]]] | None = None,
+        while_reading: Callable[[], None] | None = None,
     ) -> None:
         """`hand_over_in`: a supervisor saves each good config there for its workers before
         it signals them; `handed_over_in`: a supervised worker reads its config from there
         rather than parsing the files again (one parse per reload, not one per process).
         `prepare`: off the event loop, does the work of applying a config that can be done
-        beforehand and returns the swap that is left; without it, `apply` is called."""
+        beforehand and returns the swap that is left; without it, `apply` is called.
+        `while_reading`: what the supervisor does while `reload` waits for the files to be read
+        (see `read_config_isolated`'s `while_waiting`)."""
         self._path = path
         self._apply = apply
         self._count = count
@@ -120,6 +123,7 @@ class Reloader:
         self._hand_over_in = hand_over_in
         self._handed_over_in = handed_over_in
         self._prepare = prepare
+        self._while_reading = while_reading
         self._fingerprint = config_fingerprint(path)  # of what was loaded last
         self._seen = self._fingerprint  # at the last poll
         self._task: asyncio.Task[None] | None = None
@@ -131,7 +135,9 @@ class Reloader:
         """Load and apply now, waiting for it: for the supervisor, which serves no requests."""
         self._fingerprint = self._seen = config_fingerprint(self._path)
         try:
-            answer, config = read_config_isolated(self._path, env=self._environment())
+            answer, config = read_config_isolated(
+                self._path, env=self._environment(), while_waiting=self._while_reading
+            )
         except ConfigError as exc:
             return self._rejected(exc)
         except Exception:

@@ -150,8 +150,63 @@ def _supervise_workers(
         latest = StartingConfig.saved(handover, first)
         forward(signal.SIGHUP, None)
 
+    exit_code = 0
+
+    def collect(pid: int, status: int) -> None:
+        """A child that exited: a worker is started again (or, stopping, its code kept)."""
+        nonlocal exit_code
+        index = children.pop(pid, -1)
+        lived = time.monotonic() - started.pop(pid, 0.0)
+        if index < 0:
+            # Not a worker: a child the process had before it became the gateway (`sh -c
+            # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
+            # Collecting it is all there is to do (pid 1 must, or zombies pile up).
+            return
+        metrics.mark_worker_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            if code != 0:
+                # Said, so that an operator sees it; a worker killed by a signal (a negative
+                # code) before its handlers were in place had nothing to lose and leaves the
+                # exit code 0, an error code of a worker's own is passed on.
+                log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
+            exit_code = exit_code or (code if code > 0 else 0)
+            return
+        delay = restart_delay.get(index, RESTART_DELAY) if lived < STEADY_AFTER else RESTART_DELAY
+        restart_delay[index] = min(delay * 2, RESTART_DELAY_MAX)
+        restart_at[index] = time.monotonic() + delay
+        log.error(
+            "worker %d (pid %d) exited with %d after %.1f s; starting a new one in %.1f s",
+            *(index, pid, code, lived, delay),
+        )
+
+    def restart_due() -> None:
+        now = time.monotonic()
+        for index, when in sorted(restart_at.items()):
+            if now >= when:
+                del restart_at[index]
+                spawn(index)
+
+    def tend_workers_while_reading() -> None:
+        # A reload blocks the loop below for as long as its child reads the files (5-8 s for
+        # 100,000 keys), and a worker that died meanwhile was started again only after it.
+        # Each worker is waited for by its pid: waitpid(-1) would collect the reading child.
+        for pid in list(children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done:
+                collect(done, status)
+        if not stopping:
+            restart_due()
+
     reloader = Reloader(
-        config_path, hand_to_workers, count=metrics.count_reload, hand_over_in=handover
+        config_path,
+        hand_to_workers,
+        count=metrics.count_reload,
+        hand_over_in=handover,
+        while_reading=tend_workers_while_reading,
     )
 
     reload_asked = False
@@ -174,7 +229,6 @@ def _supervise_workers(
         spawn(index)
     log.info("supervising %d workers", count)
 
-    exit_code = 0
     next_poll = time.monotonic() + POLL_INTERVAL
     while children or (restart_at and not stopping):
         try:
@@ -189,11 +243,7 @@ def _supervise_workers(
                 restart_at.clear()
                 time.sleep(0.2)
                 continue
-            now = time.monotonic()
-            for index, when in sorted(restart_at.items()):
-                if now >= when:
-                    del restart_at[index]
-                    spawn(index)
+            restart_due()
             # Awake for the next poll or restart, not a fixed nap after it: naps of 0.2 s made
             # the polls 0.4 s apart, and an edit (seen on two polls) took up to 0.8 s to load.
             wake = min([next_poll, *restart_at.values()])
@@ -205,30 +255,7 @@ def _supervise_workers(
                 next_poll = time.monotonic() + POLL_INTERVAL
                 reloader.poll()
             continue
-        index = children.pop(pid, -1)
-        lived = time.monotonic() - started.pop(pid, 0.0)
-        if index < 0:
-            # Not a worker: a child the process had before it became the gateway (`sh -c
-            # 'tool & exec gateway ...'`), or, as a container's pid 1, an orphan it adopted.
-            # Collecting it is all there is to do (pid 1 must, or zombies pile up).
-            continue
-        metrics.mark_worker_dead(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            if code != 0:
-                # Said, so that an operator sees it; a worker killed by a signal (a negative
-                # code) before its handlers were in place had nothing to lose and leaves the
-                # exit code 0, an error code of a worker's own is passed on.
-                log.warning("worker %d (pid %d) exited with %d while stopping", index, pid, code)
-            exit_code = exit_code or (code if code > 0 else 0)
-            continue
-        delay = restart_delay.get(index, RESTART_DELAY) if lived < STEADY_AFTER else RESTART_DELAY
-        restart_delay[index] = min(delay * 2, RESTART_DELAY_MAX)
-        restart_at[index] = time.monotonic() + delay
-        log.error(
-            "worker %d (pid %d) exited with %d after %.1f s; starting a new one in %.1f s",
-            *(index, pid, code, lived, delay),
-        )
+        collect(pid, status)
     # The interpreter's exit puts the default action back in place of a Python handler, so
     # a SIGTERM repeated in that moment would kill the supervisor with -15; ignored instead.
     for sig in FORWARDED_SIGNALS:

@@ -30,13 +30,14 @@ import io
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gateway.config.files import config_files
 from gateway.config.load_warnings import LoadWarning, tell_warnings
@@ -53,6 +54,8 @@ _INVALID = "invalid"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 CHILD_FROM_BYTES = 256 * 1024
 _FAILURES = (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError)
+# How often `read_config_isolated`'s `while_waiting` is called while a child reads.
+WAITING_STEP = 0.2
 
 
 def _worth_a_child(path: str | os.PathLike[str]) -> bool:
@@ -133,16 +136,21 @@ def config_from_answer(answer: bytes, *, tell: bool) -> Config:
 
 
 def read_config_isolated(
-    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    while_waiting: Callable[[], None] | None = None,
 ) -> tuple[bytes, Config]:
     """The config at `path`, read in a child process when it is big (blocking), and its
     answer: the bytes a supervisor hands its workers. Raises `ConfigError` as `load_config`
-    does, and logs the load's warnings. The answer is unpickled once, here."""
+    does, and logs the load's warnings. The answer is unpickled once, here. `while_waiting`:
+    called every WAITING_STEP seconds while a forked child reads (the supervisor tends its
+    workers meanwhile); it must not reap that child."""
     environment = os.environ if env is None else env
     if _worth_a_child(path):
         try:
             if hasattr(os, "fork") and threading.active_count() == 1:
-                answer = _answer_from_fork(path, environment)
+                answer = _answer_from_fork(path, environment, while_waiting)
             else:
                 answer = _answer_from_new_python(path, env)
             # A garbled answer (a crash halfway through writing) fails here: read it here.
@@ -153,7 +161,11 @@ def read_config_isolated(
     return answer, config_from_answer(answer, tell=True)
 
 
-def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> bytes:
+def _answer_from_fork(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str],
+    while_waiting: Callable[[], None] | None = None,
+) -> bytes:
     """A forked child computes the answer: it starts at once, with everything imported.
     Only for a process with one thread (a starting gateway, the supervisor), where a fork
     copies no lock that another thread holds."""
@@ -173,11 +185,27 @@ def _answer_from_fork(path: str | os.PathLike[str], env: Mapping[str, str]) -> b
             os._exit(code)
     os.close(writer)
     with os.fdopen(reader, "rb") as source:
-        answer = source.read()
+        answer = source.read() if while_waiting is None else _read_all(source, while_waiting)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise OSError(f"the child exited with {os.waitstatus_to_exitcode(status)}")
     return answer
+
+
+def _read_all(source: BinaryIO, while_waiting: Callable[[], None]) -> bytes:
+    """What `source` (a pipe) gives until its end, calling `while_waiting` whenever it has
+    given nothing for WAITING_STEP seconds (the child writes its answer at the end of a parse
+    of up to several seconds)."""
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([source], [], [], WAITING_STEP)
+        if not ready:
+            while_waiting()
+            continue
+        chunk = os.read(source.fileno(), 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _answer_from_new_python(path: str | os.PathLike[str], env: Mapping[str, str] | None) -> bytes:

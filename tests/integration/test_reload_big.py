@@ -185,6 +185,67 @@ def test_the_supervisor_keeps_no_config_it_handed_over(
             gateway.close()
 
 
+def test_a_worker_that_dies_during_a_reload_is_started_again_during_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The supervisor waited for the child reading the files with its loop stopped (5-8 s for
+    100,000 keys): a worker that died meanwhile was started again only after the reload, one
+    worker short all that time. The reading child is held stopped here for as long as the test
+    needs: the dead worker's replacement must start while it is."""
+    proxy_port, admin_port = free_ports(2)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "00-server.yaml").write_text(
+        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
+    )
+    keys_file = config / "20-keys.yaml"
+    write_keys(keys_file, keys=SUPERVISOR_KEYS)
+    with ThreadedUpstream() as upstream:
+        (config / "10-api.yaml").write_text(
+            "products:\n"
+            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
+            "    routes:\n      - path: /shop/{rest:path}\n"
+            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
+        )
+        gateway = GatewayProcess(config)
+        try:
+            gateway.start(proxy_port, admin_port, timeout=60)
+            workers = serving_workers(gateway, 2, timeout=60)
+            assert gateway.proc is not None
+            supervisor = gateway.proc.pid
+
+            def status(key: str) -> int:
+                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+            def others(*known: int) -> list[int]:
+                return [pid for pid in children_of(supervisor) if pid not in known]
+
+            write_keys(
+                keys_file,
+                "  - {name: added, key: added-secret, plans: {shop: open}}",
+                keys=SUPERVISOR_KEYS,
+            )
+            gateway.signal(signal.SIGHUP)
+            reading = wait_for(lambda: others(*workers), 15, "the reload's child")[0]
+            os.kill(reading, signal.SIGSTOP)
+            try:
+                os.kill(workers[0], signal.SIGKILL)
+                wait_for(lambda: others(*workers, reading), 10, "a worker started meanwhile")
+            finally:
+                os.kill(reading, signal.SIGCONT)
+            # Started from the config before the reload, it is handed the reload with the other.
+            serving = serving_workers(gateway, 2, timeout=60)
+            assert workers[0] not in serving
+
+            def both_serve() -> bool:
+                return all(status("added-secret") == 200 for _ in range(20))
+
+            wait_for(both_serve, 30, "both workers serve the reload")
+        finally:
+            assert gateway.stop() == 0, gateway.stderr()
+            gateway.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_config_is_read_is_not_fatal(
     tmp_path: Path, sig: signal.Signals
