@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from gateway.collected import freeze_collected
 from gateway.keys.backend import Change, KeyBackend, KeyWrite, Subscription, WriteRefused
+from gateway.keys.operator_warnings import tell_lost, tell_not_in_config
 from gateway.keys.records import KeyRecord
 from gateway.keys.shadowing import SecretClashes
 from gateway.keys.table import ApiKeyTable
@@ -56,10 +57,7 @@ _FREE_SLICE = 2_000  # and records of a replaced table freed between two turns
 # Records of a full read frozen out of the cyclic collector at a time (`freeze_reads`): the
 # collection before each freeze walks about these and what else is not frozen yet.
 _FREEZE_SLICE = 5_000
-# Products and plans one warning of keys naming some the config lacks names at most.
-_NAMES_TOLD = 20
 _LISTEN_SLICE = 0.05  # seconds between two looks at whether a read taking changes is done
-_LOST_NAMED = 20  # keys named in the error of an emptied storage; the rest counted
 
 T = TypeVar("T")
 
@@ -117,27 +115,8 @@ class KeyStore:
         """One WARNING when API keys name a product or plan the config served now lacks (a
         reload took it out, or the gateway started without it): their requests on those
         products fail until the config has them again or the keys are changed."""
-        if self.config_names is None:
-            return
-        keys, named = self.table.not_in_config(*self.config_names)
-        if not keys:
-            return
-        # Products first: their entries are not counted under their plans.
-        told = sorted(named.items(), key=lambda item: (not item[0].startswith("product"), item))
-        listed = "; ".join(
-            f"{name}: {count} {'key' if count == 1 else 'keys'}"
-            for name, count in told[:_NAMES_TOLD]
-        )
-        if len(told) > _NAMES_TOLD:
-            listed += f"; and {len(told) - _NAMES_TOLD} more"
-        log.warning(
-            "API keys naming a product or plan the config no longer has: %d (%s); their"
-            " requests on those products are 403 (404 where the product is gone) until the"
-            " config has them again or the keys are changed (PATCH /admin/keys/NAME; GET"
-            " /admin/keys shows each key's entries under not_in_config)",
-            keys,
-            listed,
-        )
+        if self.config_names is not None:
+            tell_not_in_config(self.table, *self.config_names)
 
     async def start(self) -> None:
         """Start following; returns once the keys are loaded, or the first try has failed
@@ -471,7 +450,7 @@ class KeyStore:
             freeze_collected()  # the read's last records
         log.info("API keys: %d loaded (storage version %d)", len(self.table), version)
         if lost:
-            _tell_lost(lost)
+            tell_lost(lost)
         if self.tells_shared_warnings:
             if self.secret_clashes is not None:
                 self.secret_clashes.tell_all()
@@ -483,16 +462,3 @@ class KeyStore:
                 for _ in range(min(len(container), _FREE_SLICE)):
                     container.popitem()
                 await asyncio.sleep(0)
-
-
-def _tell_lost(names: list[str]) -> None:
-    shown = sorted(names)[:_LOST_NAMED]
-    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
-    log.error(
-        "API keys: the storage was emptied (a Redis restarted without persistence, or a "
-        "FLUSHALL) and no longer holds %d API keys this process served; they are unknown (401) "
-        "from now on. Restore the storage from a backup to bring them back: %s%s",
-        len(names),
-        ", ".join(shown),
-        more,
-    )
