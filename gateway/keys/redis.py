@@ -56,6 +56,13 @@ EPOCH_KEY = "gw:{gw:keys}:epoch"
 CHANNEL = "gw:{gw:keys}:changes"
 _LOAD_BATCH = 500  # records per HSCAN: the event loop serves requests between batches
 _REFUSALS: tuple[RefusalReason, ...] = ("name_taken", "secret_taken", "not_found", "changed")
+# How long an admin call's read or write of a key waits for the storage, at the least.
+# `storage.timeout` is sized for the proxy's hot path, where a request must not wait; an
+# operator's call is not latency-bound, and a 503 for a write that a busy moment delayed
+# (a loaded machine, a collection in the worker) costs a retry. The write stays safe: its
+# deadline on Redis's clock follows this wait (four fifths of it), so one that Redis runs after
+# the gateway gave up still changes nothing.
+ADMIN_WAIT = 1.0
 
 
 def changes_channel(database: int) -> str:
@@ -81,11 +88,17 @@ class RedisKeyBackend:
         self._channel = changes_channel(_database_of(self._client))
         self._timeout = timeout
         self._guard = StorageGuard(self._client, timeout, "key store", on_storage_error)
+        self._admin_wait = max(timeout, ADMIN_WAIT)
+        self._admin_guard = StorageGuard(
+            self._client, self._admin_wait, "key store", on_storage_error
+        )
         # The clock of the server that holds the key store, for the writes' deadlines: on a
         # cluster, of the node that holds its slot (asked as the limiter asks it).
         self._redis_clock = RedisClock()
         self._node_clocks = (
-            ClusterClocks(self._client, timeout) if isinstance(self._client, RedisCluster) else None
+            ClusterClocks(self._client, self._admin_wait)
+            if isinstance(self._client, RedisCluster)
+            else None
         )
 
     @classmethod
@@ -123,7 +136,7 @@ class RedisKeyBackend:
             return await run_script(self._client, WRITE, keys, args)
 
         # The epoch only on success (version 1): a refusal returns the first three.
-        version, outcome, redis_us, *begun = await self._guard("key_write", written)
+        version, outcome, redis_us, *begun = await self._admin_guard("key_write", written)
         if self._node_clocks is not None:
             self._node_clocks.learn(RECORDS_KEY, int(redis_us))
         else:
@@ -131,7 +144,7 @@ class RedisKeyBackend:
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         if outcome == "too_late":
             late = StorageError("it ran after its deadline on Redis's clock; nothing was written")
-            raise self._guard.error("key_write", late)
+            raise self._admin_guard.error("key_write", late)
         if outcome != "ok":
             reason: RefusalReason = next(
                 (known for known in _REFUSALS if known == outcome), "changed"
@@ -144,14 +157,16 @@ class RedisKeyBackend:
         `sent`; that clock is asked for (TIME) before the process's first write."""
         if self._node_clocks is not None:
             return await self._node_clocks.deadline_us(RECORDS_KEY, sent)
-        if not self._redis_clock.deadline_us(sent, self._timeout):
+        if not self._redis_clock.deadline_us(sent, self._admin_wait):
             reply = await self._client.time()
             loop_time = asyncio.get_running_loop().time()
             self._redis_clock.learn(time_reply_us(reply), loop_time, new_server=True)
-        return self._redis_clock.deadline_us(sent, self._timeout)
+        return self._redis_clock.deadline_us(sent, self._admin_wait)
 
     async def read(self, name: str) -> str | None:
-        raw = await self._guard("key_read", lambda: self._client.hget(RECORDS_KEY, name))
+        # An admin call's (GET, and the read before each rewrite): its wait, as a write's.
+        read = functools.partial(self._client.hget, RECORDS_KEY, name)
+        raw = await self._admin_guard("key_read", read)
         return None if raw is None else _text(raw)
 
     async def state(self) -> tuple[int, str]:
@@ -228,6 +243,7 @@ class RedisKeyBackend:
 
     async def close(self) -> None:
         await self._guard.settle()
+        await self._admin_guard.settle()
         await self._storage.aclose()
 
 

@@ -132,6 +132,30 @@ async def test_a_write_answered_as_failed_is_not_made_later(
         await store.close()
 
 
+async def test_an_admin_write_waits_out_a_busy_moment_longer_than_the_storage_timeout(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """`storage.timeout` bounds the proxy's hot path; an admin write held up by a busy moment
+    longer than that (an audit: 32-57 of 100,000 keys made at 32 at once) was answered 503
+    and had to be sent again. It waits up to ADMIN_WAIT, its deadline on Redis's clock with
+    it, so a stall of four storage timeouts delays it without failing it."""
+    store = create_key_store(StorageConfig(url=fresh_redis_server.url, timeout=0.1))
+    await store.start()
+    try:
+        await store.create(record("first"))  # Redis's clock is learnt
+        fresh_redis_server.pause()
+        try:
+            creating = asyncio.ensure_future(store.create(record("delayed")))
+            await asyncio.sleep(0.4)  # the busy moment
+        finally:
+            fresh_redis_server.resume()
+        await creating
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            assert admin.hget(RECORDS_KEY, "delayed") is not None
+    finally:
+        await store.close()
+
+
 async def test_a_store_in_another_database_of_the_same_redis_is_none_of_its_business(
     fresh_redis_server: RedisServer,
 ) -> None:
