@@ -338,6 +338,11 @@ class KeyStore:
             known = self.known_version
             stored, epoch = await self._backend.state()
             if ahead_at_last_check is not None and ahead_at_last_check > self.known_version:
+                # Announcements that arrived but were not read (the event loop held up past
+                # the recheck: a busy machine, a long collection) are not lost: taken first,
+                # else each such moment cost a new subscription and a catch-up.
+                await self._take_arrived(subscription, ahead_at_last_check)
+            if ahead_at_last_check is not None and ahead_at_last_check > self.known_version:
                 log.warning(
                     "API keys: storage at version %d, this process at %d: an announcement was "
                     "lost; following again",
@@ -360,6 +365,15 @@ class KeyStore:
                 ahead_at_last_check = stored if stored > self.known_version else None
             again = CHECK_INTERVAL if ahead_at_last_check is None else RECHECK_AHEAD
             next_check = time.monotonic() + again
+
+    async def _take_arrived(self, subscription: Subscription, version: int) -> None:
+        """Apply the announcements already received, up to `version`, without waiting for
+        more (they come in version order: that many at most)."""
+        for _ in range(version - self.known_version):
+            change = await subscription.next(0)
+            if change is None:
+                return
+            self.receive(change)
 
     async def _while_listening(self, subscription: Subscription, reading: Awaitable[None]) -> None:
         """Run `reading` (a read of many keys: seconds at 100,000) while still taking the

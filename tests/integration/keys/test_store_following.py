@@ -8,18 +8,26 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
 from gateway.config.model import StorageConfig
-from gateway.keys import create_key_store
+from gateway.keys import KeyStore, create_key_store
+from gateway.keys.backend import Change, Subscription
 from gateway.keys.redis import (
+    CHANNEL,
     EPOCH_KEY,
     LOG_KEY,
+    OWNERS_KEY,
     RECORDS_KEY,
     VERSION_KEY,
+    WRITE,
+    RedisKeyBackend,
 )
 from gateway.keys.store import CHECK_INTERVAL, RECHECK_AHEAD
+from gateway.limits.redis_clients import open_storage_redis
 from tests.support.key_store import HONOURED_WITHIN, record, started_store, unique, until
 from tests.support.redis_servers import RedisServer
 
@@ -260,3 +268,81 @@ async def test_a_storage_that_stays_down_is_told_once_then_its_return(
     finally:
         await store.close()
         server.stop()
+
+
+class _StallingBackend(RedisKeyBackend):
+    """The real backend, in a process that stalls (its event loop held, as by a busy machine or
+    a long collection) just after a version check found the storage ahead of it: the
+    announcements on their way then wait, unread in the subscription's socket, past the
+    recheck that would call them lost."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(open_storage_redis(url, 1.0), 1.0)
+        self.store: KeyStore | None = None
+        self.armed = False  # stall after the next check that finds the storage ahead
+        self.stalled = False
+        self.stall_now = False
+        self.checks_after_stall = 0
+
+    async def state(self) -> tuple[int, str]:
+        version, epoch = await super().state()
+        if self.stalled:
+            self.checks_after_stall += 1
+        elif self.armed and self.store is not None and version > self.store.known_version:
+            self.armed = False
+            self.stalled = self.stall_now = True  # the next look at the subscription stalls
+        return version, epoch
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        async with super().subscribe() as subscription:
+            yield _StallingSubscription(subscription, self)
+
+
+class _StallingSubscription:
+    def __init__(self, subscription: Subscription, backend: _StallingBackend) -> None:
+        self._subscription = subscription
+        self._backend = backend
+
+    async def next(self, within: float) -> Change | None:
+        if self._backend.stall_now:
+            self._backend.stall_now = False
+            time.sleep(2 * RECHECK_AHEAD)  # noqa: ASYNC251 - the loop held past the recheck
+        return await self._subscription.next(within)
+
+    def moved(self) -> bool:
+        return self._subscription.moved()
+
+
+async def test_announcements_held_up_in_a_stalled_process_are_not_taken_for_lost(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker held up (machine load 5-6, a long collection) read the announcements that
+    had arrived meanwhile only after its recheck of the version, which called one lost: a new
+    subscription and a catch-up each time (an audit creating 100,000 keys saw several). The
+    recheck takes what has arrived before it judges."""
+    async with started_store(fresh_redis_server.url) as writer:
+        await writer.create(record(unique("first")))  # the store begun: its epoch is read
+    backend = _StallingBackend(fresh_redis_server.url)
+    follower = KeyStore(backend)
+    backend.store = follower
+    await follower.start()
+    names = [unique("held-up") for _ in range(3)]
+    try:
+        with contextlib.closing(fresh_redis_server.client()) as admin:
+            subscribed = admin.info("commandstats")["cmdstat_subscribe"]["calls"]
+            caplog.set_level("INFO", logger="gateway.keys")
+            backend.armed = True
+            keys = (RECORDS_KEY, OWNERS_KEY, VERSION_KEY, LOG_KEY, EPOCH_KEY)
+            for name in names:  # written and announced as write.lua does, while the loop waits
+                made = record(name)
+                admin.eval(WRITE.text, 5, *keys, CHANNEL, name, "", made.to_json(), 0, 1,
+                              made.key_sha256)  # fmt: skip
+            time.sleep(CHECK_INTERVAL + RECHECK_AHEAD)  # noqa: ASYNC251 - the loop held
+            await until(lambda: backend.checks_after_stall > 0, 5 * CHECK_INTERVAL, "recheck")
+            assert all(name in follower.table.records for name in names)
+            lost = [r.getMessage() for r in caplog.records if "was lost" in r.getMessage()]
+            assert not lost
+            assert admin.info("commandstats")["cmdstat_subscribe"]["calls"] == subscribed
+    finally:
+        await follower.close()
