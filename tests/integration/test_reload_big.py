@@ -4,6 +4,7 @@ requests go on being answered meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -12,6 +13,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -125,12 +128,33 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def test_the_supervisor_keeps_no_config_it_handed_over(
-    tmp_path: Path, redis_server: RedisServer
-) -> None:
-    """It checks each reload and saves it for the workers; held on for a worker started later,
-    a reload of 100,000 file keys grew it from 77 to 118 MiB. A worker that dies after the
-    reload is replaced by one that reads the config where the running ones did."""
+@dataclass
+class Supervised:
+    """A `gateway run` of two workers (Redis) with SUPERVISOR_KEYS file keys, serving."""
+
+    gateway: GatewayProcess
+    proxy_port: int
+    keys_file: Path
+    supervisor: int
+    workers: list[int]
+
+    def status(self, key: str) -> int:
+        return call(self.proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+    def all_serve(self, key: str) -> bool:
+        # New connections: the kernel spreads them over both workers.
+        return all(self.status(key) == 200 for _ in range(20))
+
+    def add_a_key(self) -> None:
+        write_keys(
+            self.keys_file,
+            "  - {name: added, key: added-secret, plans: {shop: open}}",
+            keys=SUPERVISOR_KEYS,
+        )
+
+
+@contextlib.contextmanager
+def supervised(tmp_path: Path, redis_server: RedisServer) -> Iterator[Supervised]:
     proxy_port, admin_port = free_ports(2)
     config = tmp_path / "config"
     config.mkdir()
@@ -151,38 +175,35 @@ def test_the_supervisor_keeps_no_config_it_handed_over(
             gateway.start(proxy_port, admin_port, timeout=60)
             workers = serving_workers(gateway, 2, timeout=60)
             assert gateway.proc is not None
-            supervisor = gateway.proc.pid
-
-            def status(key: str) -> int:
-                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
-
-            def all_serve(key: str) -> bool:
-                # New connections: the kernel spreads them over both workers.
-                return all(status(key) == 200 for _ in range(20))
-
-            assert status("added-secret") == 401
-            started_with = rss_mib(supervisor)
-            write_keys(
-                keys_file,
-                "  - {name: added, key: added-secret, plans: {shop: open}}",
-                keys=SUPERVISOR_KEYS,
-            )
-            wait_for(lambda: all_serve("added-secret"), APPLIED_WITHIN, "the added key served")
-            grown = rss_mib(supervisor) - started_with
-            assert grown < SUPERVISOR_GROWTH_MIB, f"{grown:.1f} MiB more after the reload"
-
-            os.kill(workers[0], signal.SIGKILL)
-            wait_for(
-                lambda: [pid for pid in children_of(supervisor) if pid not in workers],
-                10,
-                "a replacement worker",
-            )
-            serving = serving_workers(gateway, 2, timeout=60)
-            assert workers[0] not in serving
-            assert all_serve("added-secret")
+            yield Supervised(gateway, proxy_port, keys_file, gateway.proc.pid, workers)
         finally:
             assert gateway.stop() == 0, gateway.stderr()
             gateway.close()
+
+
+def test_the_supervisor_keeps_no_config_it_handed_over(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """It checks each reload and saves it for the workers; held on for a worker started later,
+    a reload of 100,000 file keys grew it from 77 to 118 MiB. A worker that dies after the
+    reload is replaced by one that reads the config where the running ones did."""
+    with supervised(tmp_path, redis_server) as rig:
+        assert rig.status("added-secret") == 401
+        started_with = rss_mib(rig.supervisor)
+        rig.add_a_key()
+        wait_for(lambda: rig.all_serve("added-secret"), APPLIED_WITHIN, "the added key served")
+        grown = rss_mib(rig.supervisor) - started_with
+        assert grown < SUPERVISOR_GROWTH_MIB, f"{grown:.1f} MiB more after the reload"
+
+        os.kill(rig.workers[0], signal.SIGKILL)
+        wait_for(
+            lambda: [pid for pid in children_of(rig.supervisor) if pid not in rig.workers],
+            10,
+            "a replacement worker",
+        )
+        serving = serving_workers(rig.gateway, 2, timeout=60)
+        assert rig.workers[0] not in serving
+        assert rig.all_serve("added-secret")
 
 
 def test_a_worker_that_dies_during_a_reload_is_started_again_during_it(
@@ -192,58 +213,24 @@ def test_a_worker_that_dies_during_a_reload_is_started_again_during_it(
     100,000 keys): a worker that died meanwhile was started again only after the reload, one
     worker short all that time. The reading child is held stopped here for as long as the test
     needs: the dead worker's replacement must start while it is."""
-    proxy_port, admin_port = free_ports(2)
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "00-server.yaml").write_text(
-        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
-    )
-    keys_file = config / "20-keys.yaml"
-    write_keys(keys_file, keys=SUPERVISOR_KEYS)
-    with ThreadedUpstream() as upstream:
-        (config / "10-api.yaml").write_text(
-            "products:\n"
-            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
-            "    routes:\n      - path: /shop/{rest:path}\n"
-            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
-        )
-        gateway = GatewayProcess(config)
+    with supervised(tmp_path, redis_server) as rig:
+
+        def others(*known: int) -> list[int]:
+            return [pid for pid in children_of(rig.supervisor) if pid not in known]
+
+        rig.add_a_key()
+        rig.gateway.signal(signal.SIGHUP)
+        reading = wait_for(lambda: others(*rig.workers), 15, "the reload's child")[0]
+        os.kill(reading, signal.SIGSTOP)
         try:
-            gateway.start(proxy_port, admin_port, timeout=60)
-            workers = serving_workers(gateway, 2, timeout=60)
-            assert gateway.proc is not None
-            supervisor = gateway.proc.pid
-
-            def status(key: str) -> int:
-                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
-
-            def others(*known: int) -> list[int]:
-                return [pid for pid in children_of(supervisor) if pid not in known]
-
-            write_keys(
-                keys_file,
-                "  - {name: added, key: added-secret, plans: {shop: open}}",
-                keys=SUPERVISOR_KEYS,
-            )
-            gateway.signal(signal.SIGHUP)
-            reading = wait_for(lambda: others(*workers), 15, "the reload's child")[0]
-            os.kill(reading, signal.SIGSTOP)
-            try:
-                os.kill(workers[0], signal.SIGKILL)
-                wait_for(lambda: others(*workers, reading), 10, "a worker started meanwhile")
-            finally:
-                os.kill(reading, signal.SIGCONT)
-            # Started from the config before the reload, it is handed the reload with the other.
-            serving = serving_workers(gateway, 2, timeout=60)
-            assert workers[0] not in serving
-
-            def both_serve() -> bool:
-                return all(status("added-secret") == 200 for _ in range(20))
-
-            wait_for(both_serve, 30, "both workers serve the reload")
+            os.kill(rig.workers[0], signal.SIGKILL)
+            wait_for(lambda: others(*rig.workers, reading), 10, "a worker started meanwhile")
         finally:
-            assert gateway.stop() == 0, gateway.stderr()
-            gateway.close()
+            os.kill(reading, signal.SIGCONT)
+        # Started from the config before the reload, it is handed the reload with the other.
+        serving = serving_workers(rig.gateway, 2, timeout=60)
+        assert rig.workers[0] not in serving
+        wait_for(lambda: rig.all_serve("added-secret"), 30, "both workers serve the reload")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
