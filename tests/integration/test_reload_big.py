@@ -53,15 +53,47 @@ def write_keys(path: Path, extra: str = "", keys: int = KEYS) -> None:
     partial.replace(path)
 
 
-def test_two_workers_reload_a_big_config_while_answering(
-    tmp_path: Path, redis_server: RedisServer
-) -> None:
+@dataclass
+class BigConfig:
+    """A serving `gateway run` whose config holds `keys` file keys (see `big_config`)."""
+
+    gateway: GatewayProcess
+    proxy_port: int
+    admin_port: int
+    keys_file: Path
+    keys: int
+    process: int  # the supervisor, or the one process
+    workers: list[int]  # with a supervisor, its serving workers
+
+    def status(self, key: str) -> int:
+        return call(self.proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+
+    def all_serve(self, key: str, times: int = 20) -> bool:
+        # New connections: the kernel spreads them over the workers.
+        return all(self.status(key) == 200 for _ in range(times))
+
+    def write_keys(self, extra: str = "") -> None:
+        write_keys(self.keys_file, extra, keys=self.keys)
+
+    def add_a_key(self) -> None:
+        self.write_keys("  - {name: added, key: added-secret, plans: {shop: open}}")
+
+
+@contextlib.contextmanager
+def big_config(
+    tmp_path: Path, storage_url: str, keys: int, workers: int = 2
+) -> Iterator[BigConfig]:
+    """A gateway of `workers` (a supervisor when more than one) on `storage_url`, one product
+    before a ThreadedUpstream and `keys` file keys (plus `probe-secret`), started and serving;
+    stopped with exit code 0 at the end."""
     proxy_port, admin_port = free_ports(2)
     config = tmp_path / "config"
     config.mkdir()
     (config / "00-server.yaml").write_text(
-        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
+        server_yaml(proxy_port, admin_port, storage_url, workers=workers)
     )
+    keys_file = config / "20-keys.yaml"
+    write_keys(keys_file, keys=keys)
     with ThreadedUpstream() as upstream:
         (config / "10-api.yaml").write_text(
             "products:\n"
@@ -69,48 +101,52 @@ def test_two_workers_reload_a_big_config_while_answering(
             "    routes:\n      - path: /shop/{rest:path}\n"
             "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
         )
-        keys_file = config / "20-keys.yaml"
-        write_keys(keys_file)
-        assert keys_file.stat().st_size >= CHILD_FROM_BYTES
         gateway = GatewayProcess(config)
         try:
-            gateway.start(proxy_port, admin_port)
-            serving_workers(gateway, 2)
-
-            def status(key: str) -> int:
-                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
-
-            assert status("probe-secret") == 200
-            assert status("added-secret") == 401
-            answers: list[int] = []
-            stop = threading.Event()
-
-            def keep_asking() -> None:
-                while not stop.is_set():
-                    answers.append(status("probe-secret"))
-                    time.sleep(0.02)
-
-            asker = threading.Thread(target=keep_asking)
-            asker.start()
-            try:
-                write_keys(keys_file, "  - {name: added, key: added-secret, plans: {shop: open}}")
-
-                def both_serve_it() -> bool:
-                    # New connections: the kernel spreads them over both workers.
-                    return all(status("added-secret") == 200 for _ in range(20))
-
-                wait_for(both_serve_it, APPLIED_WITHIN, "both workers serve the added key")
-            finally:
-                stop.set()
-                asker.join()
-            assert answers and set(answers) == {200}
-            assert "reading the config in a child process failed" not in gateway.stderr()
-            # The supervisor read the edit once and counted it once; the workers took its
-            # result (each logs the reload it applied).
-            assert gateway.stderr().count("config reloaded from") == 3
+            gateway.start(proxy_port, admin_port, timeout=60)
+            serving = serving_workers(gateway, workers, timeout=60) if workers > 1 else []
+            assert gateway.proc is not None
+            yield BigConfig(
+                gateway, proxy_port, admin_port, keys_file, keys, gateway.proc.pid, serving
+            )
         finally:
-            gateway.stop()
+            assert gateway.stop() == 0, gateway.stderr()
             gateway.close()
+
+
+def test_two_workers_reload_a_big_config_while_answering(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    with big_config(tmp_path, redis_server.url, KEYS) as rig:
+        assert rig.keys_file.stat().st_size >= CHILD_FROM_BYTES
+        assert rig.status("probe-secret") == 200
+        assert rig.status("added-secret") == 401
+        answers: list[int] = []
+        stop = threading.Event()
+
+        def keep_asking() -> None:
+            while not stop.is_set():
+                answers.append(rig.status("probe-secret"))
+                time.sleep(0.02)
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            rig.add_a_key()
+            wait_for(
+                lambda: rig.all_serve("added-secret"),
+                APPLIED_WITHIN,
+                "both workers serve the added key",
+            )
+        finally:
+            stop.set()
+            asker.join()
+        assert answers and set(answers) == {200}
+        stderr = rig.gateway.stderr()
+        assert "reading the config in a child process failed" not in stderr
+        # The supervisor read the edit once and counted it once; the workers took its
+        # result (each logs the reload it applied).
+        assert stderr.count("config reloaded from") == 3
 
 
 # Keys enough for the supervisor's memory to tell a config held from one let go (about 12 MiB
@@ -128,76 +164,23 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-@dataclass
-class Supervised:
-    """A `gateway run` of two workers (Redis) with SUPERVISOR_KEYS file keys, serving."""
-
-    gateway: GatewayProcess
-    proxy_port: int
-    keys_file: Path
-    supervisor: int
-    workers: list[int]
-
-    def status(self, key: str) -> int:
-        return call(self.proxy_port, "/shop/x", headers={"X-API-Key": key}).status
-
-    def all_serve(self, key: str) -> bool:
-        # New connections: the kernel spreads them over both workers.
-        return all(self.status(key) == 200 for _ in range(20))
-
-    def add_a_key(self) -> None:
-        write_keys(
-            self.keys_file,
-            "  - {name: added, key: added-secret, plans: {shop: open}}",
-            keys=SUPERVISOR_KEYS,
-        )
-
-
-@contextlib.contextmanager
-def supervised(tmp_path: Path, redis_server: RedisServer) -> Iterator[Supervised]:
-    proxy_port, admin_port = free_ports(2)
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "00-server.yaml").write_text(
-        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
-    )
-    keys_file = config / "20-keys.yaml"
-    write_keys(keys_file, keys=SUPERVISOR_KEYS)
-    with ThreadedUpstream() as upstream:
-        (config / "10-api.yaml").write_text(
-            "products:\n"
-            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
-            "    routes:\n      - path: /shop/{rest:path}\n"
-            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
-        )
-        gateway = GatewayProcess(config)
-        try:
-            gateway.start(proxy_port, admin_port, timeout=60)
-            workers = serving_workers(gateway, 2, timeout=60)
-            assert gateway.proc is not None
-            yield Supervised(gateway, proxy_port, keys_file, gateway.proc.pid, workers)
-        finally:
-            assert gateway.stop() == 0, gateway.stderr()
-            gateway.close()
-
-
 def test_the_supervisor_keeps_no_config_it_handed_over(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """It checks each reload and saves it for the workers; held on for a worker started later,
     a reload of 100,000 file keys grew it from 77 to 118 MiB. A worker that dies after the
     reload is replaced by one that reads the config where the running ones did."""
-    with supervised(tmp_path, redis_server) as rig:
+    with big_config(tmp_path, redis_server.url, SUPERVISOR_KEYS) as rig:
         assert rig.status("added-secret") == 401
-        started_with = rss_mib(rig.supervisor)
+        started_with = rss_mib(rig.process)
         rig.add_a_key()
         wait_for(lambda: rig.all_serve("added-secret"), APPLIED_WITHIN, "the added key served")
-        grown = rss_mib(rig.supervisor) - started_with
+        grown = rss_mib(rig.process) - started_with
         assert grown < SUPERVISOR_GROWTH_MIB, f"{grown:.1f} MiB more after the reload"
 
         os.kill(rig.workers[0], signal.SIGKILL)
         wait_for(
-            lambda: [pid for pid in children_of(rig.supervisor) if pid not in rig.workers],
+            lambda: [pid for pid in children_of(rig.process) if pid not in rig.workers],
             10,
             "a replacement worker",
         )
@@ -213,10 +196,10 @@ def test_a_worker_that_dies_during_a_reload_is_started_again_during_it(
     100,000 keys): a worker that died meanwhile was started again only after the reload, one
     worker short all that time. The reading child is held stopped here for as long as the test
     needs: the dead worker's replacement must start while it is."""
-    with supervised(tmp_path, redis_server) as rig:
+    with big_config(tmp_path, redis_server.url, SUPERVISOR_KEYS) as rig:
 
         def others(*known: int) -> list[int]:
-            return [pid for pid in children_of(rig.supervisor) if pid not in known]
+            return [pid for pid in children_of(rig.process) if pid not in known]
 
         rig.add_a_key()
         rig.gateway.signal(signal.SIGHUP)
@@ -303,47 +286,22 @@ def test_a_sighup_during_a_reload_applies_the_edit_it_announces(
     reading the files): the second handed the workers the newest files, then the first, ending
     last, handed them its older reading, and set nothing for the watch to see: the second edit
     was never served. Reloads now run one after the other, the second reading the files anew."""
-    proxy_port, admin_port = free_ports(2)
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "00-server.yaml").write_text(
-        server_yaml(proxy_port, admin_port, redis_server.url, workers=2)
-    )
-    with ThreadedUpstream() as upstream:
-        (config / "10-api.yaml").write_text(
-            "products:\n"
-            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
-            "    routes:\n      - path: /shop/{rest:path}\n"
-            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
-        )
-        keys_file = config / "20-keys.yaml"
-        write_keys(keys_file, keys=SLOW_READ_KEYS)
-        gateway = GatewayProcess(config)
-        try:
-            gateway.start(proxy_port, admin_port)
-            serving_workers(gateway, 2)
+    with big_config(tmp_path, redis_server.url, SLOW_READ_KEYS) as rig:
+        first = "  - {name: first, key: first-secret, plans: {shop: open}}"
+        second = "  - {name: second, key: second-secret, plans: {shop: open}}"
+        rig.write_keys(first)
+        rig.gateway.signal(signal.SIGHUP)
+        time.sleep(0.2)  # the first reload's child has read the files and is parsing them
+        rig.write_keys(f"{first}\n{second}")
+        rig.gateway.signal(signal.SIGHUP)
 
-            def status(key: str) -> int:
-                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+        def both_serve_both() -> bool:
+            return all(
+                rig.status("first-secret") == 200 and rig.status("second-secret") == 200
+                for _ in range(10)
+            )
 
-            first = "  - {name: first, key: first-secret, plans: {shop: open}}"
-            second = "  - {name: second, key: second-secret, plans: {shop: open}}"
-            write_keys(keys_file, first, keys=SLOW_READ_KEYS)
-            gateway.signal(signal.SIGHUP)
-            time.sleep(0.2)  # the first reload's child has read the files and is parsing them
-            write_keys(keys_file, f"{first}\n{second}", keys=SLOW_READ_KEYS)
-            gateway.signal(signal.SIGHUP)
-
-            def both_serve_both() -> bool:
-                return all(
-                    status("first-secret") == 200 and status("second-secret") == 200
-                    for _ in range(10)
-                )
-
-            wait_for(both_serve_both, APPLIED_WITHIN, "both workers serve both keys")
-        finally:
-            gateway.stop()
-            gateway.close()
+        wait_for(both_serve_both, APPLIED_WITHIN, "both workers serve both keys")
 
 
 # Keys enough that one process's load (a child reads them, the worker indexes them) lasts a
@@ -363,64 +321,38 @@ def test_sighups_during_a_load_make_one_more_load_of_the_last_edit(
     those that come during a load now make one more load after it, of the files as they are
     then. The watch sees the same edits and joins in, not adding a load of its own. With two
     workers the supervisor loads as one process does, and each worker takes both loads."""
-    proxy_port, admin_port = free_ports(2)
-    config = tmp_path / "config"
-    config.mkdir()
     storage = "memory://" if workers == 1 else redis_server.url
-    (config / "00-server.yaml").write_text(
-        server_yaml(proxy_port, admin_port, storage, workers=workers)
-    )
-    with ThreadedUpstream() as upstream:
-        (config / "10-api.yaml").write_text(
-            "products:\n"
-            f"  shop:\n    upstream: {{url: '{upstream.url}'}}\n"
-            "    routes:\n      - path: /shop/{rest:path}\n"
-            "plans:\n  open: {rate: {limit: 100000, per: second}}\n"
-        )
-        keys_file = config / "20-keys.yaml"
-        write_keys(keys_file, keys=BURST_KEYS)
-        gateway = GatewayProcess(config)
-        try:
-            gateway.start(proxy_port, admin_port, timeout=60)
-            assert gateway.proc is not None
-            process = gateway.proc.pid
-            serving = serving_workers(gateway, workers, timeout=60) if workers > 1 else []
+    with big_config(tmp_path, storage, BURST_KEYS, workers) as rig:
 
-            def reading() -> list[int]:
-                """The child that reads the files for a load (a worker is no such child)."""
-                return [pid for pid in children_of(process) if pid not in serving]
+        def reading() -> list[int]:
+            """The child that reads the files for a load (a worker is no such child)."""
+            return [pid for pid in children_of(rig.process) if pid not in rig.workers]
 
-            def status(key: str) -> int:
-                return call(proxy_port, "/shop/x", headers={"X-API-Key": key}).status
+        def reloads() -> dict[tuple[str, ...], float]:
+            series = scrape(rig.admin_port).series("gateway_config_reloads_total", "result")
+            return {result: count for result, count in series.items() if count}
 
-            def reloads() -> dict[tuple[str, ...], float]:
-                series = scrape(admin_port).series("gateway_config_reloads_total", "result")
-                return {result: count for result, count in series.items() if count}
+        edits = [
+            f"  - {{name: edit-{n}, key: edit-{n}-secret, plans: {{shop: open}}}}"
+            for n in range(BURST)
+        ]
+        rig.write_keys(edits[0])
+        rig.gateway.signal(signal.SIGHUP)
+        wait_for(reading, 15, "the first load under way")
+        for n in range(1, BURST):
+            rig.write_keys("\n".join(edits[: n + 1]))
+            rig.gateway.signal(signal.SIGHUP)
+        assert reloads() == {}, "the burst came after the first load; no test"
+        wait_for(lambda: reloads().get(("ok",), 0) >= 2, 60, "two loads")
 
-            edits = [
-                f"  - {{name: edit-{n}, key: edit-{n}-secret, plans: {{shop: open}}}}"
-                for n in range(BURST)
-            ]
-            write_keys(keys_file, edits[0], keys=BURST_KEYS)
-            gateway.signal(signal.SIGHUP)
-            wait_for(reading, 15, "the first load under way")
-            for n in range(1, BURST):
-                write_keys(keys_file, "\n".join(edits[: n + 1]), keys=BURST_KEYS)
-                gateway.signal(signal.SIGHUP)
-            assert reloads() == {}, "the burst came after the first load; no test"
-            wait_for(lambda: reloads().get(("ok",), 0) >= 2, 60, "two loads")
+        def every_edit_served() -> bool:
+            # New connections: the kernel spreads them over the workers.
+            return all(rig.status(f"edit-{n % BURST}-secret") == 200 for n in range(10 * workers))
 
-            def every_edit_served() -> bool:
-                # New connections: the kernel spreads them over the workers.
-                return all(status(f"edit-{n % BURST}-secret") == 200 for n in range(10 * workers))
-
-            wait_for(every_edit_served, 30, "every edit served")
-            # A load queued behind those two would start at once, its child a moment later.
-            quiet_until = time.monotonic() + QUIET
-            while time.monotonic() < quiet_until:
-                assert not reading(), "a third load"
-                time.sleep(0.02)
-            assert reloads() == {("ok",): 2}
-        finally:
-            assert gateway.stop() == 0, gateway.stderr()
-            gateway.close()
+        wait_for(every_edit_served, 30, "every edit served")
+        # A load queued behind those two would start at once, its child a moment later.
+        quiet_until = time.monotonic() + QUIET
+        while time.monotonic() < quiet_until:
+            assert not reading(), "a third load"
+            time.sleep(0.02)
+        assert reloads() == {("ok",): 2}
