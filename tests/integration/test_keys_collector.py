@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.model import StorageConfig
-from gateway.keys import KeyRecord, create_key_store
+from gateway.keys import KeyRecord, KeyStore, create_key_store
 from gateway.keys.redis import EPOCH_KEY, RECORDS_KEY, VERSION_KEY
 from gateway.keys.store import _FREEZE_SLICE
 from tests.support.config import server_yaml, write_config
@@ -39,6 +39,26 @@ class _Cycle:
         self.itself = self
 
 
+async def create_keys(writer: KeyStore) -> None:
+    """KEYS API keys, WRITES_AT_ONCE at a time."""
+    now = time.time()
+    for start in range(0, KEYS, WRITES_AT_ONCE):
+        await asyncio.gather(
+            *(
+                writer.create(
+                    KeyRecord(
+                        f"customer-{index:06d}",
+                        uuid.uuid4().hex * 2,
+                        {"soccer": "trial"},
+                        created=now,
+                        updated=now,
+                    )
+                )
+                for index in range(start, min(start + WRITES_AT_ONCE, KEYS))
+            )
+        )
+
+
 @pytest.fixture
 def collector_unfrozen_after() -> Iterator[None]:
     """This test process's objects frozen by the read go back to the collector."""
@@ -56,22 +76,7 @@ async def test_a_full_read_leaves_its_keys_out_of_full_collections(
     writer = create_key_store(storage)
     await writer.start()
     try:
-        now = time.time()
-        for start in range(0, KEYS, WRITES_AT_ONCE):
-            await asyncio.gather(
-                *(
-                    writer.create(
-                        KeyRecord(
-                            f"customer-{index:06d}",
-                            uuid.uuid4().hex * 2,
-                            {"soccer": "trial"},
-                            created=now,
-                            updated=now,
-                        )
-                    )
-                    for index in range(start, min(start + WRITES_AT_ONCE, KEYS))
-                )
-            )
+        await create_keys(writer)
     finally:
         await writer.close()
 
@@ -178,22 +183,7 @@ async def test_keys_followed_change_by_change_are_left_out_of_full_collections_t
     writer = create_key_store(storage)
     await writer.start()
     try:
-        now = time.time()
-        for start in range(0, KEYS, WRITES_AT_ONCE):
-            await asyncio.gather(
-                *(
-                    writer.create(
-                        KeyRecord(
-                            f"customer-{index:06d}",
-                            uuid.uuid4().hex * 2,
-                            {"soccer": "trial"},
-                            created=now,
-                            updated=now,
-                        )
-                    )
-                    for index in range(start, min(start + WRITES_AT_ONCE, KEYS))
-                )
-            )
+        await create_keys(writer)
         await until(lambda: len(follower.table) == KEYS, HONOURED_WITHIN, "every key followed")
         walked = {id(thing) for thing in gc.get_objects()}  # what a full collection walks
         walked_still = sum(id(record) in walked for record in follower.table.records.values())
