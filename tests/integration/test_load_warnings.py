@@ -9,10 +9,12 @@ touched the load: 1 + N times with N workers, or (a child's) not at all.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,23 @@ NOT_IN_CONFIG = "API keys naming a product or plan the config no longer has"
 RELOADED = "config reloaded from"
 # A loaded 2-core box starts two workers and reloads them in far less.
 WITHIN = 20.0
+
+
+@contextlib.contextmanager
+def serving(
+    config: Path, proxy_port: int, admin_port: int, tls: ssl.SSLContext | None = None
+) -> Iterator[GatewayProcess]:
+    """`gateway run` on `config`, started; stopped at the end, with exit code 0 and no
+    traceback in its stderr."""
+    gateway = GatewayProcess(config)
+    try:
+        gateway.start(proxy_port, admin_port, tls=tls)
+        yield gateway
+    finally:
+        code, stderr = gateway.stop(timeout=15), gateway.stderr()
+        gateway.close()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
 
 
 def lines_with(gateway: GatewayProcess, text: str) -> int:
@@ -84,9 +103,7 @@ def test_an_expired_certificate_and_an_unread_file_are_said_once_per_load_by_two
     (config / "20-plans.yml").write_text("plans: {}\n")
     if read_in == "a child":
         (config / "30-padding.yaml").write_text("# padding\n" * (CHILD_FROM_BYTES // 10 + 1))
-    gateway = GatewayProcess(config)
-    try:
-        gateway.start(proxy_port, admin_port, tls=unverified())
+    with serving(config, proxy_port, admin_port, tls=unverified()) as gateway:
         serving_workers(gateway, 2)
         assert lines_with(gateway, UNREAD) == 1, gateway.stderr()
         assert lines_with(gateway, EXPIRED) == 1, gateway.stderr()
@@ -96,11 +113,6 @@ def test_an_expired_certificate_and_an_unread_file_are_said_once_per_load_by_two
         assert lines_with(gateway, EXPIRED) == 2, gateway.stderr()
         named = f"the certificate file {certificate.cert}: certificate 1 of 1 (CN=localhost)"
         assert f"{named} {EXPIRED}" in gateway.stderr()
-    finally:
-        code, stderr = gateway.stop(timeout=15), gateway.stderr()
-        gateway.close()
-    assert code == 0, stderr
-    assert "Traceback" not in stderr
 
 
 def test_a_single_process_says_the_warnings_of_a_big_reload_read_by_a_child(
@@ -115,16 +127,10 @@ def test_a_single_process_says_the_warnings_of_a_big_reload_read_by_a_child(
     (config / API_FILE).write_text(API.format(closed=closed_port(), gold=""))
     (config / "20-plans.yml").write_text("plans: {}\n")
     (config / "30-padding.yaml").write_text("# padding\n" * (CHILD_FROM_BYTES // 10 + 1))
-    gateway = GatewayProcess(config)
-    try:
-        gateway.start(proxy_port, admin_port)
+    with serving(config, proxy_port, admin_port) as gateway:
         assert lines_with(gateway, UNREAD) == 1, gateway.stderr()
         reload_and_wait(gateway, processes=1)
         assert lines_with(gateway, UNREAD) == 2, gateway.stderr()
-    finally:
-        code, stderr = gateway.stop(timeout=15), gateway.stderr()
-        gateway.close()
-    assert code == 0, stderr
 
 
 def test_api_keys_the_config_does_not_fit_are_said_once_by_two_workers(
@@ -140,9 +146,7 @@ def test_api_keys_the_config_does_not_fit_are_said_once_by_two_workers(
     closed = closed_port()
     api_file = config / API_FILE
     api_file.write_text(API.format(closed=closed, gold=GOLD))
-    gateway = GatewayProcess(config)
-    try:
-        gateway.start(proxy_port, admin_port)
+    with serving(config, proxy_port, admin_port) as gateway:
         serving_workers(gateway, 2)
         connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
         body = json.dumps({"name": "acme", "plans": {"shop": "gold"}})
@@ -155,18 +159,7 @@ def test_api_keys_the_config_does_not_fit_are_said_once_by_two_workers(
         edit_for_sighup_alone(api_file, API.format(closed=closed, gold=""))
         reload_and_wait(gateway, processes=3)
         assert lines_with(gateway, NOT_IN_CONFIG) == 1, gateway.stderr()
-    finally:
-        code, stderr = gateway.stop(timeout=15), gateway.stderr()
-        gateway.close()
-    assert code == 0, stderr
 
-    restarted = GatewayProcess(config)
-    try:
-        restarted.start(proxy_port, admin_port)
+    with serving(config, proxy_port, admin_port) as restarted:
         serving_workers(restarted, 2)  # each has read the keys before it serves
         assert lines_with(restarted, NOT_IN_CONFIG) == 1, restarted.stderr()
-    finally:
-        code, stderr = restarted.stop(timeout=15), restarted.stderr()
-        restarted.close()
-    assert code == 0, stderr
-    assert "Traceback" not in stderr
