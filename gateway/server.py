@@ -32,6 +32,7 @@ from gateway.config import ConfigError
 from gateway.config.isolated import read_config_isolated
 from gateway.config.loader import collector_paused
 from gateway.config.model import Address, Config
+from gateway.open_files import raise_open_files_limit
 from gateway.reload import (
     Reloader,
     StartingConfig,
@@ -115,6 +116,7 @@ def serve(config_path: str, metrics_in: str | None = None) -> int:
     # killed the process (143, 129), and where a container's pid 1 dropped them unseen.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
+        raise_open_files_limit()  # before the workers fork: they inherit it
         return _serve(config_path, metrics_in)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)

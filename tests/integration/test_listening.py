@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from tests.support.config import server_yaml, write_config
 from tests.support.operations import (
     OPERATIONS_API,
     SECRET,
+    ThreadedUpstream,
     call,
     children_of,
     scrape,
@@ -327,3 +329,65 @@ def test_workers_on_the_command_line_win_over_the_file_and_its_reloads(tmp_path:
             refused.start(proxy_port, admin_port)
     finally:
         refused.close()
+
+
+# --- open files -----------------------------------------------------------------------------
+
+# Started with a soft limit this low, the gateway would have room for a few dozen clients.
+LOW_SOFT_LIMIT = 64
+CLIENTS_AT_ONCE = 150
+_WITH_LOW_SOFT_LIMIT = (
+    "import os, resource, sys\n"
+    "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+    f"resource.setrlimit(resource.RLIMIT_NOFILE, ({LOW_SOFT_LIMIT}, hard))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no open files line")
+
+
+def test_the_soft_open_files_limit_is_raised_so_many_clients_are_served_at_once(
+    tmp_path: Path,
+) -> None:
+    """Started with a soft limit of 64 open files (where systemd and recent container runtimes
+    start processes at 1,024), the gateway raises it to the hard limit, and 150 clients
+    connected at once are all answered. Without that, the clients past the limit were accepted
+    and closed at once, unanswered."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4 * CLIENTS_AT_ONCE:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_config_on_free_ports(
+            tmp_path / "config", upstream.url, "memory://"
+        )
+        prefix = [sys.executable, "-c", _WITH_LOW_SOFT_LIMIT]
+        gateway = GatewayProcess(tmp_path / "config", prefix=prefix)
+        clients: list[socket.socket] = []
+        try:
+            gateway.start(proxy_port, admin_port)
+            assert gateway.proc is not None
+            soft, _ = _open_files_limits(gateway.proc.pid)
+            assert soft != str(LOW_SOFT_LIMIT)
+            for _ in range(CLIENTS_AT_ONCE):
+                clients.append(socket.create_connection(("127.0.0.1", proxy_port), timeout=10))
+            request = (
+                b"GET /soccer/many HTTP/1.1\r\nHost: t\r\nX-API-Key: %b\r\n\r\n" % SECRET.encode()
+            )
+            heads = []
+            for client in clients:  # all connected, each answered in turn
+                client.sendall(request)
+                heads.append(client.recv(64).split(b"\r\n", 1)[0])
+            assert heads == [b"HTTP/1.1 200 OK"] * CLIENTS_AT_ONCE
+        finally:
+            for client in clients:
+                client.close()
+            assert gateway.stop() == 0
+            err = gateway.stderr()
+            gateway.close()
+    assert f"open files: the limit was raised from {LOW_SOFT_LIMIT} to" in err
