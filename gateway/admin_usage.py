@@ -167,7 +167,16 @@ async def _get_history(request: web.Request) -> web.Response:
     first, last = _day_range(request)
     days = await within_storage_timeout(state, state.limiter.history(name, first, last))
     if not days and _key_named(state, state.get_config(), name) is None:
-        raise NotFound(f"No key is named '{name}', and none by that name has history.")
+        # A key deleted since, or taken out of the config, is still on the bill: a range
+        # without its use is an empty list, as for a key that exists. 404 is for a name with
+        # no day of use kept at all (one more read, only for such names).
+        today = day_of(state.clock())
+        kept = state.limiter.history(name, today - HISTORY_DAYS, today)
+        if not await within_storage_timeout(state, kept):
+            raise NotFound(
+                f"No key is named '{name}', and none by that name has history in the "
+                f"{HISTORY_DAYS} days kept."
+            )
     return web.json_response(
         {
             "key": name,

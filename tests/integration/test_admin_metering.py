@@ -142,3 +142,30 @@ async def test_default_range_is_this_month_and_history_is_kept_400_days(serve: S
         (day_number("2026-11-01"), day_number("2026-11-20")),
         (day_number("2026-12-15") - 400, day_number("2026-12-15")),
     ]
+
+
+async def test_a_deleted_keys_history_is_empty_in_a_range_without_use_not_404(
+    serve: Serve,
+) -> None:
+    """The history of a key no longer in the config (deleted) stays the business's record: a
+    month without use is an empty list, as for a key that exists, and 404 is for a name with
+    no history kept at all. A range without use was 404 "none by that name has history"."""
+    now = [datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    await limiter.hit("gone:soccer", None, DAILY, plan="trial")
+    now[0] = NOW
+    base = await serve(limiter)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/admin/usage/gone/history?from=2026-11-01") as response:
+            assert response.status == 200
+            days = (await response.json())["days"]
+            assert [(d["date"], d["requests"]) for d in days] == [("2026-11-10", 1)]
+        async with http.get(f"{base}/admin/usage/gone/history") as response:
+            assert response.status == 200  # December: nothing used
+            assert (await response.json())["days"] == []
+        async with http.get(f"{base}/admin/usage/never/history") as response:
+            assert response.status == 404
+            body = await response.json(content_type=None)
+            assert body["detail"] == (
+                "No key is named 'never', and none by that name has history in the 400 days kept."
+            )
