@@ -145,6 +145,7 @@ def _refund_on(w: Walker, node: Node, path: str) -> frozenset[RefundOutcome] | N
             w.report(item, f"{path}[{index}]", f"must be one of {', '.join(REFUND_OUTCOMES)}")
             return None
         chosen.add(outcome)
+    w.distinct(node, path, [str(item.value) for item in items], "outcome")
     return frozenset(chosen)
 
 

@@ -366,7 +366,10 @@ class ProductsReader:
                 # its client names.
                 self.w.report(node, f"{path}[{index}]", "CONNECT is never proxied")
                 return None
-        return frozenset(word.upper() for word in words)
+        methods = [word.upper() for word in words]
+        # Reported, and the set kept: what the route takes is clear, and so are its neighbours.
+        self.w.distinct(node, path, methods, "method")
+        return frozenset(methods)
 
     def _path_rules(self, fields: Fields, template: Template | None) -> dict[str, PathParamRule]:
         node = fields.value("params")
@@ -385,7 +388,7 @@ class ProductsReader:
             rule = self.w.mapping(value, path, _PATH_RULE_KEYS)
             if rule is None:
                 continue
-            enum = self.w.optional(rule, "enum", self.w.words, None)
+            enum = self.w.optional(rule, "enum", self.w.distinct_words, None)
             pattern = self.w.optional(rule, "pattern", self.w.regex, None)
             rules[name] = PathParamRule(name, None if enum is None else frozenset(enum), pattern)
         return rules
@@ -412,7 +415,7 @@ class ProductsReader:
             self.w.report(fields.value("min"), fields.at("min"), "a length must be at least 0")
         if low is not None and high is not None and low > high:
             self.w.report(fields.value("max"), fields.at("max"), f"must be at least min ({low})")
-        enum = self.w.optional(fields, "enum", self.w.words, None)
+        enum = self.w.optional(fields, "enum", self.w.distinct_words, None)
         rule = QueryParamRule(
             name=name,
             type="int" if kind == "int" else "string",

@@ -407,6 +407,31 @@ class Walker:
             words.append(str(item.value))
         return words
 
+    def distinct_words(self, node: Node, path: str) -> list[str] | None:
+        """`words` that are a set (an `enum`): one written twice is reported (`distinct`)."""
+        words = self.words(node, path)
+        if words is not None:
+            self.distinct(node, path, words, "value")
+        return words
+
+    def distinct(self, node: Node, path: str, values: Sequence[str], what: str) -> bool:
+        """Whether the list `node`, its items read as `values` (one each, in order), names each
+        value once; else the second of two is reported, with where the first one is. A set
+        that says one thing twice is a slip (`[5xx, 5xx]` for `[5xx, 499]`), and the loader
+        says so as it does of a key given twice in a mapping."""
+        if not isinstance(node, SequenceNode):
+            return True  # not a list: reported as such by the read of its values
+        first_at: dict[str, int] = {}
+        for index, value in enumerate(values):
+            first = first_at.setdefault(value, index)
+            if first != index:
+                item = node.value[index]
+                written = item.value if isinstance(item, ScalarNode) else value
+                where = f"first in {path}[{first}], line {line_of(node.value[first])}"
+                self.report(item, f"{path}[{index}]", f"duplicate {what} {written!r} ({where})")
+                return False
+        return True
+
     # -- fields of a mapping ----------------------------------------------------------------
 
     def optional(self, fields: Fields, name: str, read: Reader[T], default: T) -> T:
