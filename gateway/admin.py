@@ -11,6 +11,7 @@ the probes and /metrics never do, so orchestrators and Prometheus need no secret
 problem+json like the proxy's own; the admin API adds 404 "Not Found" `not_found` for an
 unknown key or product, 400 "Bad Request" naming the field of a bad body or query, and 409
 "Conflict" `conflict` and 412 "Precondition Failed" `precondition_failed` in the keys API.
+What aiohttp answers itself (a request its parser refuses) is a problem too (gateway.admin_http).
 """
 
 from __future__ import annotations

@@ -269,6 +269,7 @@ class Worker:
     async def start(self) -> None:
         from gateway import metrics
         from gateway.admin import ADMIN_HTTP_LOG, build_admin_app
+        from gateway.admin_http import AdminRunner
         from gateway.keys.api import KeysAccess
         from gateway.runtime import build_proxy_server
 
@@ -295,7 +296,7 @@ class Worker:
             keys=KeysAccess(lambda: runtime.snapshot, runtime.key_store),
             draining=lambda: self._draining,
         )
-        self._admin_runner = web.AppRunner(
+        self._admin_runner = AdminRunner(
             admin_app,
             access_log=None,
             logger=ADMIN_HTTP_LOG,

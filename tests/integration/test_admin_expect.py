@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.server import Worker
-from tests.support.admin_port import SHOP_WITH_QUOTA, TOKEN
+from tests.support.admin_port import SHOP_WITH_QUOTA, TOKEN, head
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
 
@@ -25,12 +25,6 @@ async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
     config = write_config(tmp_path / "config", SHOP_WITH_QUOTA, server=worker_server_yaml())
     async with running_gateway(config, env={"GATEWAY_ADMIN_TOKEN": TOKEN}) as running:
         yield running
-
-
-def head(method: str, path: str, *lines: str) -> bytes:
-    """A request head: the request line, `Host` and `lines`."""
-    request_line = f"{method} {path} HTTP/1.1"
-    return "".join(f"{line}\r\n" for line in (request_line, "Host: x", *lines, "")).encode()
 
 
 async def test_expect_on_the_admin_port_is_answered_as_on_the_proxy_port(worker: Worker) -> None:

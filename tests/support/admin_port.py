@@ -1,5 +1,5 @@
-"""What the admin port's tests share: a token, its header, and a config whose admin calls have a
-key and a quota to work on."""
+"""What the admin port's tests share: a token, its header, a config whose admin calls have a
+key and a quota to work on, and raw request heads."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ keys:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def head(method: str, path: str, *lines: str) -> bytes:
+    """A request head: the request line, `Host` and `lines`."""
+    request_line = f"{method} {path} HTTP/1.1"
+    return "".join(f"{line}\r\n" for line in (request_line, "Host: x", *lines, "")).encode()

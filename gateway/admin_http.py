@@ -1,0 +1,103 @@
+"""The admin port's HTTP server: aiohttp's, with its own answers told as problems too.
+
+A request aiohttp's parser refuses never reaches the admin app, its middleware included:
+aiohttp answered it itself, in plain text quoting the refused bytes. Among them is every
+method its parser (llhttp) does not know, `FOO` as well as `foo`: such a request has no path
+to route, so its answer is a 400, not the 404 or 405 a known method gets. Here each is a 400
+`bad_request` problem saying what is wrong, never quoting the bytes (an `Authorization` header
+with a bad byte holds the admin token), with a request id and the connection closed as before.
+
+aiohttp offers no setting for that answer: `RequestHandler.handle_error` makes it, and the
+runner's server makes the connections (`AdminRunner`, `_AdminServer`, `_AdminConnection`).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.problems import BadRequest, GatewayProblem, InternalError, render_problem
+from gateway.record import request_id_for
+
+# What is wrong with a request aiohttp's parser refused, by its error, most specific first.
+_NOT_HTTP: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (BadHttpMethod, "its method is not one this port knows"),
+    (BadStatusLine, "its request line is malformed"),
+    (InvalidURLError, "its target is malformed"),
+    (LineTooLong, "a line of its head is too long"),
+    (InvalidHeader, "a header is malformed"),
+    (PayloadEncodingError, "its body's framing is broken"),
+)
+
+
+def _refusal(status: int, error: BaseException | None) -> GatewayProblem | None:
+    """The problem for aiohttp's own answer with `status`; None for one it never gives."""
+    if status == 400:
+        what = next((said for kind, said in _NOT_HTTP if isinstance(error, kind)), None)
+        detail = f"The request is not valid HTTP: {what or 'its head cannot be read'}."
+        # The rest of what the client sent cannot be read either: the connection ends.
+        return BadRequest(detail, close_connection=True)
+    if status == 500:
+        # A failure the middleware did not answer (it answers every other).
+        return InternalError("The gateway failed to handle this call.")
+    return None
+
+
+class _AdminConnection(RequestHandler):
+    """One admin connection; aiohttp's own answers on it are problems."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own first: it logs the error (ADMIN_HTTP_LOG's filter makes that one line)
+        # and refuses to answer once an answer has begun. Its plain-text answer is replaced.
+        plain = super().handle_error(request, status, exc, message)
+        problem = _refusal(status, exc)
+        if problem is None:
+            return plain
+        # The request was never read: no X-Request-ID of its own to give back.
+        headers, body = render_problem(problem, request_id_for(None))
+        answer = web.Response(status=problem.status, body=body, headers=headers)
+        answer.force_close()  # as aiohttp's own answer did, whatever the problem
+        return answer
+
+
+class _AdminServer(web.Server):
+    """The admin app's server, making `_AdminConnection`s."""
+
+    def __call__(self) -> RequestHandler:
+        return _AdminConnection(self, loop=self._loop, **self._kwargs)
+
+
+class AdminRunner(web.AppRunner):
+    """`web.AppRunner` for the admin app (`build_admin_app`), with the connections of
+    `_AdminConnection`; takes what `web.AppRunner` takes."""
+
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        # The server aiohttp makes for the app (its startup run, its handler, its request
+        # factory, this runner's settings), remade as the admin port's kind.
+        made = await super()._make_server()
+        return _AdminServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
