@@ -170,8 +170,7 @@ async def _problems_and_auth(
         return _problem_response(problem, request_id)
     except web.HTTPNotFound as exc:
         _let_go(exc)
-        missing = NotFound(f"Nothing is served at {request.path} on this port.")
-        return _problem_response(missing, request_id)
+        return _problem_response(_nothing_at(request), request_id)
     except web.HTTPMethodNotAllowed as exc:
         _let_go(exc)
         allow = ", ".join(sorted(exc.allowed_methods))
@@ -196,6 +195,18 @@ async def _problems_and_auth(
         log.exception("admin API: failed to answer %s %s", request.method, request.path)
         failed = InternalError("The gateway failed to handle this call.")
         return _problem_response(failed, request_id)
+
+
+def _nothing_at(request: web.Request) -> NotFound:
+    """The router's 404, naming the target."""
+    if request.method == "CONNECT":
+        # Its target is a host and port, of which aiohttp's path keeps nothing; and a body it
+        # has (aiohttp reads none for CONNECT) would be read as the connection's next request.
+        return NotFound(
+            f"Nothing is served at {request.raw_path} on this port: it opens no tunnels.",
+            close_connection=True,
+        )
+    return NotFound(f"Nothing is served at {request.path} on this port.")
 
 
 def _let_go(refusal: web.HTTPException) -> None:

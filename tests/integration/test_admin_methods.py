@@ -1,6 +1,6 @@
 """Methods on the admin port (a real gateway worker, raw HTTP): one a path does not take is a
-405 with the path's `Allow`, one on a path not served a 404, and one the HTTP parser does not know
-(`FOO`) a 400; each a problem+json."""
+405 with the path's `Allow`, one on a path not served a 404, one the HTTP parser does not know
+(`FOO`) a 400, and `CONNECT` a 404 naming its target; each a problem+json."""
 
 from __future__ import annotations
 
@@ -128,3 +128,20 @@ async def test_a_request_the_parser_refuses_is_a_problem_400(
     problem = answer.problem()
     assert (problem["code"], problem["detail"]) == ("bad_request", detail)
     assert TOKEN.encode() not in answer.body
+
+
+async def test_connect_is_404_naming_its_target_and_ends_the_connection(worker: Worker) -> None:
+    """It named no target ("Nothing is served at  on this port."): aiohttp's path of an
+    authority-form target is empty. And aiohttp reads no body for CONNECT: the one sent here
+    was read as the connection's next request, and answered."""
+    smuggled = head("GET", "/healthz")
+    connect = head("CONNECT", "host:443", f"Content-Length: {len(smuggled)}") + smuggled
+    async with connected(worker.admin_port) as (reader, writer):
+        writer.write(connect)
+        answer = await read_answer(reader)
+        assert await ends_here(reader)
+    assert answer.status == 404
+    problem = answer.problem()
+    assert problem["code"] == "not_found"
+    assert problem["detail"] == "Nothing is served at host:443 on this port: it opens no tunnels."
+    assert answer.headers["connection"] == "close"
