@@ -77,7 +77,9 @@ def build_admin_app(
         raise ValueError("the admin token must not be empty")
     with warnings.catch_warnings():
         # `router=` is deprecated for aiohttp 4 (the requirements keep it below 4), and the
-        # one way to answer `Expect` on the router's own 404 and 405 (`AdminRouter`).
+        # one way to answer `Expect` on the router's own 404 and 405 (`AdminRouter`): aiohttp 3
+        # offers no replacement for it (aiohttp issue 11840 asks for one), and a catch-all
+        # route instead would have to redo the router's 405 and its `Allow`.
         warnings.simplefilter("ignore", DeprecationWarning)
         app = web.Application(
             router=AdminRouter(),
