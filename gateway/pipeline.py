@@ -241,9 +241,17 @@ async def forward_upstream(ex: Exchange) -> Answer:
     tunnel_idle = None
     if ex.match.route.websocket and request.upgrade and _asks_for_websocket(request):
         tunnel_idle = config.server.timeouts.websocket_idle
+    destination = snapshot.destinations[ex.product]
+    identity = None
+    if destination.product.upstream.identity_headers:
+        # Names are ASCII by their rule; the client's lines of these names were dropped.
+        identity = [
+            (b"X-Gateway-Key-Name", ex.key_name.encode("ascii")),
+            (b"X-Gateway-Plan", ex.plan.encode("ascii")),
+        ]
     result = await forward(
         request,
-        snapshot.destinations[ex.product],
+        destination,
         snapshot.request_drop,
         config.auth.query_param,
         ex.request_id,
@@ -252,6 +260,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         ex.answered_by_upstream,
         tunnel_idle,
         ex.cut_by_client,
+        identity,
     )
     if result.status == 101:
         # A WebSocket, over now: recorded (and counted, by handle_request) as it ends.

@@ -179,6 +179,7 @@ async def forward(
     on_answered: AnswerHook | None = None,
     tunnel_idle: float | None = None,
     on_cut: CutHook | None = None,
+    identity: list[tuple[bytes, bytes]] | None = None,
 ) -> ForwardResult:
     """Forward `request` to `destination` and stream its answer to the client.
 
@@ -188,7 +189,8 @@ async def forward(
     of the upstream are passed on before the final one.
 
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
-    the key header), `key_query_param` the query parameter that carries the key. Raises an
+    the key header), `key_query_param` the query parameter that carries the key; `identity`
+    holds header lines of the gateway's own to add (who called). Raises an
     `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
     request body stalls longer than `body_timeout` before that (or whatever else the body
     raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
@@ -211,6 +213,8 @@ async def forward(
         request_id,
         request.authority,
     )
+    if identity:
+        headers += identity
     # loop.time() has millisecond steps under uvloop: too coarse for a loopback upstream.
     started = time.perf_counter()
     interim = request.connection.relay_interim

@@ -102,6 +102,8 @@ class Upstream:
     base_path: str  # no trailing slash; "" for the root
     connect_timeout: float = 2.0
     timeout: float = 30.0
+    # X-Gateway-Key-Name and X-Gateway-Plan sent with each request (README, "Headers")
+    identity_headers: bool = False
 
     @property
     def host_header(self) -> str:

@@ -32,7 +32,7 @@ NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]+")
 NAME_HINT = "must match [A-Za-z0-9_.-]+ and not be '.' or '..'"
 
 _PRODUCT_KEYS = ("upstream", "maintenance", "routes")
-_UPSTREAM_KEYS = ("url", "connect_timeout", "timeout")
+_UPSTREAM_KEYS = ("url", "connect_timeout", "timeout", "identity_headers")
 _MAINTENANCE_KEYS = ("retry_after", "message")
 # What a URL may hold as written (RFC 3986 characters, `{}` for placeholders): no controls,
 # spaces or bytes outside ASCII.
@@ -200,6 +200,7 @@ class ProductsReader:
             fields, "connect_timeout", self.w.duration, _UPSTREAM_DEFAULTS["connect_timeout"]
         )
         timeout = self.w.optional(fields, "timeout", self.w.duration, _UPSTREAM_DEFAULTS["timeout"])
+        identity = self.w.optional(fields, "identity_headers", self.w.boolean, False)
         if url is None:
             return None
         url_node = fields.value("url")
@@ -239,6 +240,7 @@ class ProductsReader:
             base_path=parts.path.rstrip("/"),
             connect_timeout=connect_timeout,
             timeout=timeout,
+            identity_headers=identity,
         )
 
     def _maintenance(self, node: Node, path: str) -> Maintenance | None:

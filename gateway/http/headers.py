@@ -47,6 +47,9 @@ SET_BY_PROXY: frozenset[str] = frozenset(
         "x-forwarded-proto",
         "x-forwarded-host",
         "x-request-id",
+        # who called, for upstreams that ask (`upstream.identity_headers`); never the client's
+        "x-gateway-key-name",
+        "x-gateway-plan",
     }
 )
 _GATEWAY_OWNED: frozenset[bytes] = frozenset(name.encode() for name in SET_BY_PROXY)

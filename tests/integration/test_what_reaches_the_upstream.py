@@ -29,11 +29,15 @@ products:
         cost: 100
       - path: /docs/{{id}}
         methods: [GET, POST]
+  told:
+    upstream: {{url: "http://127.0.0.1:{port}/base", identity_headers: true}}
+    routes:
+      - path: /told/{{rest:path}}
 plans:
   metered:
     quota: {{limit: 100000, per: month}}
 keys:
-  - {{name: client, key: secret-one, plans: {{api: metered}}}}
+  - {{name: client, key: secret-one, plans: {{api: metered, told: metered}}}}
 """
 
 # A request the gateway must never pass on unless it read it as a request of its own.
@@ -307,3 +311,24 @@ async def test_an_empty_host_states_no_forwarded_host(tmp_path: Path) -> None:
         head = bytes(setup.upstream.received).lower()
     assert b"x-forwarded-host" not in head
     assert b"\r\nforwarded: for=127.0.0.1;proto=http\r\n" in head
+
+
+async def test_the_upstream_is_told_who_called_only_when_it_asks(tmp_path: Path) -> None:
+    """With `identity_headers: true` the key's name and plan go upstream as X-Gateway-Key-Name
+    and X-Gateway-Plan; what a client sends under those names never does, whether the product
+    asks or not: an upstream that trusts them would take a caller's word for who it is."""
+    claims = b"X-Gateway-Key-Name: someone-else\r\nX-Gateway-Plan: unlimited\r\n"
+    request = b"GET %b HTTP/1.1\r\nHost: gw\r\nX-API-Key: secret-one\r\n" + claims
+    async with gateway_before_recorder(tmp_path) as setup:
+        answer = await exchange(
+            setup.proxy_port,
+            request % b"/told/x" + b"\r\n" + request % b"/free/x" + CLOSE + b"\r\n",
+        )
+        assert statuses(answer) == [200, 200]
+        received = bytes(setup.upstream.received).lower()
+    asking, not_asking = received.split(b"get /base/free/x http/1.1\r\n")
+    assert asking.startswith(b"get /base/told/x http/1.1\r\n")
+    assert b"\r\nx-gateway-key-name: client\r\n" in asking
+    assert b"\r\nx-gateway-plan: metered\r\n" in asking
+    assert b"x-gateway" not in not_asking
+    assert b"someone-else" not in received and b"unlimited" not in received
