@@ -406,6 +406,11 @@ class _Builder:
             where = self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0])
             self.issues.append(ConfigIssue(where, None, "products", "is required"))
             return None, None
+        if section.walker.is_null(section.value):
+            # Every product commented out is an empty section, as for `keys:`; what is
+            # wrong with it is that it is empty, not that it is no mapping.
+            section.walker.report(section.value, "products", "must declare at least one product")
+            return None, None
         products, names = ProductsReader(section.walker).read(section.value)
         return products, names
 
