@@ -63,6 +63,7 @@ from gateway.metric_families import (
 )
 from gateway.metrics_folders import FOLDER_PREFIX, hold_owner_lock, remove_abandoned_folders
 from gateway.record import RequestRecord
+from gateway.worker_stats import WorkerStats
 
 __all__ = [
     "CONFIG_RELOADS",
@@ -394,11 +395,13 @@ def mark_worker_dead(pid: int) -> None:
 
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus text exposition of every worker's metrics, and its content type."""
+    workers = CollectorRegistry()
+    workers.register(WorkerStats(_multiprocess_dir))
     if _multiprocess_dir is None:
-        return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+        return generate_latest(REGISTRY) + generate_latest(workers), CONTENT_TYPE_PLAIN_0_0_4
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, _multiprocess_dir)  # type: ignore[no-untyped-call]
-    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+    return generate_latest(registry) + generate_latest(workers), CONTENT_TYPE_PLAIN_0_0_4
 
 
 def observe_request(record: RequestRecord) -> None:

@@ -24,6 +24,7 @@ from gateway.reload import (
     restart_only,
     warn_of_restart_only_changes,
 )
+from gateway.worker_stats import name_workers
 
 log = logging.getLogger("gateway.server")
 
@@ -48,6 +49,19 @@ FORWARDED_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 STEADY_AFTER = 10.0
+
+
+def _name_workers(children: dict[int, int]) -> None:
+    """Tell the scrapes which processes are workers (`gateway_worker_*` metrics)."""
+    from gateway import metrics
+
+    directory = metrics.multiprocess_dir()
+    if directory is None:
+        return
+    try:
+        name_workers(directory, children)
+    except OSError as exc:  # the folder gone or full: the metrics lack workers, serving goes on
+        log.warning("cannot name the workers for /metrics: %s", exc)
 
 
 def _end_with_the_supervisor(supervisor: int) -> None:
@@ -130,6 +144,7 @@ def _supervise_workers(
                     os._exit(code)
             children[pid] = index
             started[pid] = time.monotonic()
+            _name_workers(children)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
@@ -163,6 +178,7 @@ def _supervise_workers(
             # Collecting it is all there is to do (pid 1 must, or zombies pile up).
             return
         metrics.mark_worker_dead(pid)
+        _name_workers(children)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             if code != 0:

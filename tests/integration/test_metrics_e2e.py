@@ -9,8 +9,10 @@ scrape sums them, whichever worker answers it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -360,3 +362,52 @@ def test_two_workers_are_summed_in_every_scrape(tmp_path: Path, redis_server: Re
         finally:
             assert gateway.stop() == 0, gateway.stderr()
             gateway.close()
+
+
+def _open_files_soft_limit(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return float(line.split()[3])
+    raise AssertionError("no open files line")
+
+
+def test_each_worker_reports_its_open_files_memory_and_cpu(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """prometheus-client's multiprocess mode has no `process_*` metrics: with two workers an
+    operator could not see one nearing its limit of open files. Every scrape, whichever worker
+    answers it, reports both, by worker number; a worker started again in place of one that
+    died is reported under the same number."""
+    with ThreadedUpstream() as upstream:
+        proxy_port, admin_port = write_gateway_config(
+            tmp_path / "config", upstream, redis_server.url
+        )
+        gateway = GatewayProcess(tmp_path / "config", workers=2)
+        try:
+            gateway.start(proxy_port, admin_port)
+            first, _ = serving_workers(gateway, 2)
+            for _ in range(6):  # new connections: either worker may answer
+                found = scrape(admin_port)
+                assert set(found.series("gateway_worker_open_fds", "worker")) == {("0",), ("1",)}
+                assert all(n >= 3 for n in found.series("gateway_worker_open_fds").values())
+                limits = set(found.series("gateway_worker_max_fds").values())
+                assert limits == {_open_files_soft_limit(first)}
+                memory = found.series("gateway_worker_resident_memory_bytes").values()
+                assert all(n > 10 * 2**20 for n in memory)
+                assert len(found.series("gateway_worker_cpu_seconds_total", "worker")) == 2
+
+            os.kill(first, signal.SIGKILL)
+            wait_for(lambda: first not in serving_workers(gateway, 2) or None, 20, "a new worker")
+            found = scrape(admin_port)
+            assert set(found.series("gateway_worker_open_fds", "worker")) == {("0",), ("1",)}
+        finally:
+            assert gateway.stop() == 0, gateway.stderr()
+            gateway.close()
+
+
+def test_one_process_reports_itself_as_worker_0(mix: Mix) -> None:
+    found = scrape(mix.gateway.admin_port)
+    assert mix.gateway.proc is not None
+    pid = mix.gateway.proc.pid
+    assert found.series("gateway_worker_max_fds", "worker") == {("0",): _open_files_soft_limit(pid)}
+    assert found.series("gateway_worker_open_fds", "worker")[("0",)] >= 3
