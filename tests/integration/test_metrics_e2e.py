@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,7 +335,17 @@ def test_promtool_accepts_a_live_scrape(mix: Mix) -> None:
 # --- two workers --------------------------------------------------------------------------
 
 
-def test_two_workers_are_summed_in_every_scrape(tmp_path: Path, redis_server: RedisServer) -> None:
+@dataclass
+class TwoWorkers:
+    gateway: GatewayProcess
+    proxy_port: int
+    admin_port: int
+    workers: list[int]  # their pids, serving
+
+
+@contextmanager
+def two_workers(tmp_path: Path, redis_server: RedisServer) -> Iterator[TwoWorkers]:
+    """A gateway with two workers on Redis, both serving; stopped with exit 0 afterwards."""
     with ThreadedUpstream() as upstream:
         proxy_port, admin_port = write_gateway_config(
             tmp_path / "config", upstream, redis_server.url
@@ -342,26 +353,31 @@ def test_two_workers_are_summed_in_every_scrape(tmp_path: Path, redis_server: Re
         gateway = GatewayProcess(tmp_path / "config", workers=2)
         try:
             gateway.start(proxy_port, admin_port)
-            workers = serving_workers(gateway, 2)
-            sent = 1  # the startup probe
-            # New connections (call() closes each one) let the kernel spread them over both.
-            for i in range(40):
-                if i % 2:
-                    expect(call(proxy_port, "/soccer/e", headers=key("open-user")), 200)
-                else:
-                    expect(call(proxy_port, "/nowhere"), 404)
-                sent += 1
-                # Whichever worker answers the scrape, it sees both workers' counts.
-                assert scrape(admin_port).total("gateway_requests_total") == sent
-            for _ in range(6):
-                assert scrape(admin_port).total("gateway_requests_total") == sent
-            per_worker = [requests_counted_by_worker(pid, tmp_path) for pid in workers]
-            assert all(count > 0 for count in per_worker), per_worker
-            assert sum(per_worker) == sent
-            assert scrape(admin_port).series("gateway_inflight_requests") == {(): 0}
+            yield TwoWorkers(gateway, proxy_port, admin_port, serving_workers(gateway, 2))
         finally:
             assert gateway.stop() == 0, gateway.stderr()
             gateway.close()
+
+
+def test_two_workers_are_summed_in_every_scrape(tmp_path: Path, redis_server: RedisServer) -> None:
+    with two_workers(tmp_path, redis_server) as running:
+        proxy_port, admin_port = running.proxy_port, running.admin_port
+        sent = 1  # the startup probe
+        # New connections (call() closes each one) let the kernel spread them over both.
+        for i in range(40):
+            if i % 2:
+                expect(call(proxy_port, "/soccer/e", headers=key("open-user")), 200)
+            else:
+                expect(call(proxy_port, "/nowhere"), 404)
+            sent += 1
+            # Whichever worker answers the scrape, it sees both workers' counts.
+            assert scrape(admin_port).total("gateway_requests_total") == sent
+        for _ in range(6):
+            assert scrape(admin_port).total("gateway_requests_total") == sent
+        per_worker = [requests_counted_by_worker(pid, tmp_path) for pid in running.workers]
+        assert all(count > 0 for count in per_worker), per_worker
+        assert sum(per_worker) == sent
+        assert scrape(admin_port).series("gateway_inflight_requests") == {(): 0}
 
 
 def _open_files_soft_limit(pid: int) -> float:
@@ -378,31 +394,23 @@ def test_each_worker_reports_its_open_files_memory_and_cpu(
     operator could not see one nearing its limit of open files. Every scrape, whichever worker
     answers it, reports both, by worker number; a worker started again in place of one that
     died is reported under the same number."""
-    with ThreadedUpstream() as upstream:
-        proxy_port, admin_port = write_gateway_config(
-            tmp_path / "config", upstream, redis_server.url
-        )
-        gateway = GatewayProcess(tmp_path / "config", workers=2)
-        try:
-            gateway.start(proxy_port, admin_port)
-            first, _ = serving_workers(gateway, 2)
-            for _ in range(6):  # new connections: either worker may answer
-                found = scrape(admin_port)
-                assert set(found.series("gateway_worker_open_fds", "worker")) == {("0",), ("1",)}
-                assert all(n >= 3 for n in found.series("gateway_worker_open_fds").values())
-                limits = set(found.series("gateway_worker_max_fds").values())
-                assert limits == {_open_files_soft_limit(first)}
-                memory = found.series("gateway_worker_resident_memory_bytes").values()
-                assert all(n > 10 * 2**20 for n in memory)
-                assert len(found.series("gateway_worker_cpu_seconds_total", "worker")) == 2
-
-            os.kill(first, signal.SIGKILL)
-            wait_for(lambda: first not in serving_workers(gateway, 2) or None, 20, "a new worker")
-            found = scrape(admin_port)
+    with two_workers(tmp_path, redis_server) as running:
+        first = running.workers[0]
+        for _ in range(6):  # new connections: either worker may answer
+            found = scrape(running.admin_port)
             assert set(found.series("gateway_worker_open_fds", "worker")) == {("0",), ("1",)}
-        finally:
-            assert gateway.stop() == 0, gateway.stderr()
-            gateway.close()
+            assert all(n >= 3 for n in found.series("gateway_worker_open_fds").values())
+            limits = set(found.series("gateway_worker_max_fds").values())
+            assert limits == {_open_files_soft_limit(first)}
+            memory = found.series("gateway_worker_resident_memory_bytes").values()
+            assert all(n > 10 * 2**20 for n in memory)
+            assert len(found.series("gateway_worker_cpu_seconds_total", "worker")) == 2
+
+        os.kill(first, signal.SIGKILL)
+        gateway = running.gateway
+        wait_for(lambda: first not in serving_workers(gateway, 2) or None, 20, "a new worker")
+        found = scrape(running.admin_port)
+        assert set(found.series("gateway_worker_open_fds", "worker")) == {("0",), ("1",)}
 
 
 def test_one_process_reports_itself_as_worker_0(mix: Mix) -> None:
