@@ -13,6 +13,9 @@ runner's server makes the connections (`AdminRunner`, `_AdminServer`, `_AdminCon
 
 from __future__ import annotations
 
+import logging
+
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
@@ -27,6 +30,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.problems import BadRequest, GatewayProblem, InternalError, render_problem
 from gateway.record import request_id_for
+
+log = logging.getLogger("gateway.admin")
 
 # What is wrong with a request aiohttp's parser refused, by its error, most specific first.
 _NOT_HTTP: tuple[tuple[type[HttpProcessingError], str], ...] = (
@@ -93,7 +98,14 @@ class AdminRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         # The server aiohttp makes for the app (its startup run, its handler, its request
         # factory, this runner's settings), remade as the admin port's kind.
-        made = await super()._make_server()
+        return admin_server(await super()._make_server())
+
+
+def admin_server(made: web.Server) -> web.Server:
+    """`made` remade as `_AdminServer`; `made` itself should aiohttp's server no longer have
+    the (private) parts this reads: the admin port then serves as aiohttp made it, its refusals
+    in plain text, rather than the gateway failing to start after an aiohttp upgrade."""
+    try:
         return _AdminServer(
             made.request_handler,
             request_factory=made.request_factory,
@@ -101,3 +113,11 @@ class AdminRunner(web.AppRunner):
             loop=made._loop,
             **made._kwargs,
         )
+    except (AttributeError, TypeError) as exc:
+        log.warning(
+            "admin port: aiohttp %s's server is not as expected (%s): requests its parser "
+            "refuses are answered in its own plain text, not as problems",
+            aiohttp.__version__,
+            exc,
+        )
+        return made
