@@ -14,7 +14,7 @@ import collections
 
 import httptools
 
-from gateway.http.chunks import ChunkBounds
+from gateway.http.chunks import ChunkBounds, ChunkEvents
 from gateway.http.parsing import BodyOnly
 from gateway.http.request import Request
 
@@ -22,7 +22,7 @@ from gateway.http.request import Request
 MAX_WAITING = 16
 
 
-class BodyReader:
+class BodyReader(ChunkEvents):
     """The body state of a connection and the parser callbacks that feed it; a base of
     `ServerConnection`, which sets this state up (its one place of initial values) and owns
     the parser, the transport and the turns of the requests."""
@@ -56,14 +56,6 @@ class BodyReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         raise NotImplementedError
-
-    def on_chunk_header(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_header()
-
-    def on_chunk_complete(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._chunks is not None:

@@ -76,3 +76,19 @@ class ChunkBounds:
         """A whole trailer line of `size` bytes was read."""
         self._trailer_fields += size
         return TRAILER_TOO_LARGE if self._trailer_fields > HEAD_LIMIT else None
+
+
+class ChunkEvents:
+    """httptools' chunk callbacks, told to the message's `ChunkBounds` (`_chunks`, None while
+    no chunked body is read): the same for a request's body (`BodyReader`) and an answer's
+    (`ReplyReader`), whose `on_body` also tells it of body bytes."""
+
+    _chunks: ChunkBounds | None
+
+    def on_chunk_header(self) -> None:
+        if self._chunks is not None:
+            self._chunks.chunk_header()
+
+    def on_chunk_complete(self) -> None:
+        if self._chunks is not None:
+            self._chunks.chunk_complete()

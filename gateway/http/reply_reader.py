@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httptools
 
-from gateway.http.chunks import ChunkBounds
+from gateway.http.chunks import ChunkBounds, ChunkEvents
 from gateway.http.headers import decode, protocols
 from gateway.http.parsing import HEAD_LIMIT, OTHER_CODING, only_chunked
 from gateway.http.reply import HttpReply, announces_body
@@ -31,7 +31,7 @@ HEAD_TOO_LARGE = f"its response head is larger than {HEAD_LIMIT // 1024} KiB"
 MAX_INTERIM = 8
 
 
-class ReplyReader:
+class ReplyReader(ChunkEvents):
     """The state of the answer being read on an upstream connection, and the parser callbacks
     that build it; a base of `HttpConnection`, which owns the transport and the exchange."""
 
@@ -197,14 +197,6 @@ class ReplyReader:
             )
             self._parser = httptools.HttpResponseParser(self)
             self._complete(keep_alive)
-
-    def on_chunk_header(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_header()
-
-    def on_chunk_complete(self) -> None:
-        if self._chunks is not None:
-            self._chunks.chunk_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._chunks is not None:
