@@ -1,20 +1,23 @@
 """One request on its way through the request path (`gateway.pipeline`): what the steps learn
 about it, in the order they learn it, and what its record says for the metrics and the access
-log; and what it leaves to settle once it is answered (a refund).
+log; and what it leaves to settle once it is answered (a refund, or the cost its upstream
+reported).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from gateway import metrics
-from gateway.config.model import ApiKey
+from gateway.config.model import MAX_COUNT, ApiKey
 from gateway.http.headers import ExtraHeaders
 from gateway.http.request import Request
 from gateway.keys.index import Principal
 from gateway.limits.base import Decision, Receipt
 from gateway.limits.headers import LIMIT_HEADER_NAMES, header_dict, limit_header_lines
+from gateway.metric_families import CostReport
 from gateway.problems import CLIENT_CLOSED_CODE, REQUEST_ID_HEADER
 from gateway.record import RequestRecord, new_request_id, request_id_for
 from gateway.routing import RouteMatch
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 # The headers that are the gateway's to say: an upstream's lines of these names never reach the
 # client (the gateway's replace them in the final answer; an interim answer loses them).
 GATEWAY_OWNED_HEADERS = (REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES)
+_MAX_COUNT_DIGITS = len(str(MAX_COUNT))
+
+log = logging.getLogger("gateway")
 
 
 class Exchange(RequestRecord):
@@ -39,6 +45,7 @@ class Exchange(RequestRecord):
         "match",
         "principal",
         "receipt",
+        "reported",
         "request",
         "runtime",
         "snapshot",
@@ -61,6 +68,8 @@ class Exchange(RequestRecord):
         self.receipt: Receipt | None = None  # an admission whose units may come back
         # The status of an answer whose head reached the client before it left (cut_by_client).
         self.began: int | None = None
+        # The cost the upstream reported (the route's cost_header), once its answer came.
+        self.reported: int | None = None
 
     def count(self) -> None:
         """Count the request in the metrics, once, before the answer is complete: a scrape
@@ -123,26 +132,59 @@ class Exchange(RequestRecord):
         self.bytes_sent = bytes_sent
         self.began = began
 
+    def report_cost(self, value: bytes | None) -> None:
+        """What the upstream's answer said this request cost (the route's cost_header): a
+        whole number from 0 to the largest count, or the route's `cost` stands (README,
+        "Metering")."""
+        if value is None:
+            result: CostReport = "missing"
+        elif value.isdigit() and len(value) <= _MAX_COUNT_DIGITS and int(value) <= MAX_COUNT:
+            # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
+            self.reported = int(value)
+            result = "ok"
+        else:
+            result = "invalid"
+            log.warning(
+                "the upstream of %s reported a cost of %r on %s, not a whole number from 0 to "
+                "%d: the route's cost of %d stands",
+                self.product,
+                value.decode("latin-1")[:40],
+                self.route,
+                MAX_COUNT,
+                self.match.route.cost if self.match is not None else 1,
+                extra={"request_id": self.request_id},
+            )
+        metrics.count_cost_report(self.product, self.route, result)
+
     def settle(self, receipt: Receipt) -> None:
-        """9: give the units back when the plan's refund_on lists the outcome (README,
-        "Metering"); in a task of its own, as a cancelled request cannot wait for it."""
+        """9: give the units back when the plan's refund_on lists the outcome, else settle the
+        cost the upstream reported (README, "Metering"); in a task of its own, as a cancelled
+        request cannot wait for it."""
         assert self.principal is not None
         quota = self.principal.plan.quota
-        if quota is None:
+        runtime = self.runtime
+        subject, timeout = self.principal.subject, self.snapshot.config.storage.timeout
+        if quota is not None and quota.refund_on:
+            gone = self.code == CLIENT_CLOSED_CODE
+            # An answer cut short after its head was sent counts by the status it began with
+            # (README, "Metering"), a cut of its client's too: a 503 whose client left before
+            # its body was all there is still a 5xx under refund_on: [5xx].
+            began = self.began if gone else None
+            if quota.refunds(self.status, gone) or (
+                began is not None and quota.refunds(began, False)
+            ):
+                runtime.settlements.refund(runtime.limiter, subject, receipt, self.product, timeout)
+                return
+        reported = self.reported
+        if reported is None or reported == receipt.cost:
             return
-        gone = self.code == CLIENT_CLOSED_CODE
-        # An answer cut short after its head was sent counts by the status it began with
-        # (README, "Metering"), a cut of its client's too: a 503 whose client left before its
-        # body was all there is still a 5xx under refund_on: [5xx].
-        began = self.began if gone else None
-        if quota.refunds(self.status, gone) or (began is not None and quota.refunds(began, False)):
-            runtime = self.runtime
-            runtime.refunds.start(
-                runtime.limiter,
-                self.principal.subject,
-                receipt,
-                self.product,
-                self.snapshot.config.storage.timeout,
+        if reported < receipt.cost:
+            runtime.settlements.refund(
+                runtime.limiter, subject, receipt, self.product, timeout, receipt.cost - reported
+            )
+        else:
+            runtime.settlements.charge(
+                runtime.limiter, subject, receipt, self.product, timeout, reported - receipt.cost
             )
 
 

@@ -120,6 +120,20 @@ QUOTA_REFUNDS = Family(
     "Quota units given back after an outcome the plan refunds, by plan and result.",
     ("product", "plan", "result"),
 )
+QUOTA_CHARGES = Family(
+    "gateway_quota_charges_total",
+    "counter",
+    "Quota units taken after the answer, its upstream having reported a cost above the units "
+    "taken at admission, by plan and result.",
+    ("product", "plan", "result"),
+)
+COST_REPORTS = Family(
+    "gateway_cost_reports_total",
+    "counter",
+    "Answers on routes with a cost_header, by what the upstream's header said "
+    "(ok, missing, invalid).",
+    ("product", "route", "result"),
+)
 FAMILIES: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -127,6 +141,8 @@ FAMILIES: tuple[Family, ...] = (
     LIMIT_DECISIONS,
     QUOTA_UNITS,
     QUOTA_REFUNDS,
+    QUOTA_CHARGES,
+    COST_REPORTS,
     STORAGE_ERRORS,
     INFLIGHT_REQUESTS,
     CONFIG_RELOADS,
@@ -140,3 +156,4 @@ LimitDecision = Literal[
     "allowed", "throttled", "quota_exceeded", "storage_error", "local_allowed", "local_throttled"
 ]
 RefundResult = Literal["ok", "error"]
+CostReport = Literal["ok", "missing", "invalid"]

@@ -44,10 +44,12 @@ from prometheus_client.utils import floatToGoString
 
 from gateway.metric_families import (
     CONFIG_RELOADS,
+    COST_REPORTS,
     FAMILIES,
     INFLIGHT_REQUESTS,
     LATENCY_BUCKETS,
     LIMIT_DECISIONS,
+    QUOTA_CHARGES,
     QUOTA_REFUNDS,
     QUOTA_UNITS,
     REQUEST_DURATION,
@@ -57,6 +59,7 @@ from gateway.metric_families import (
     STORAGE_ERRORS,
     UPSTREAM_DURATION,
     WEBSOCKET_BYTES,
+    CostReport,
     Family,
     LimitDecision,
     RefundResult,
@@ -67,12 +70,14 @@ from gateway.worker_stats import WorkerStats
 
 __all__ = [
     "CONFIG_RELOADS",
+    "COST_REPORTS",
     "FAMILIES",
     "INFLIGHT",
     "INFLIGHT_REQUESTS",
     "LATENCY_BUCKETS",
     "LIMIT_DECISIONS",
     "MULTIPROC_ENV",
+    "QUOTA_CHARGES",
     "QUOTA_REFUNDS",
     "QUOTA_UNITS",
     "REQUESTS",
@@ -82,11 +87,14 @@ __all__ = [
     "STORAGE_ERRORS",
     "UPSTREAM_DURATION",
     "WEBSOCKET_BYTES",
+    "CostReport",
     "Family",
     "GatewayMetrics",
     "LimitDecision",
     "MultiprocessMetrics",
     "RefundResult",
+    "count_charge",
+    "count_cost_report",
     "count_refund",
     "count_reload",
     "count_storage_error",
@@ -135,6 +143,8 @@ class GatewayMetrics:
         self.config_reloads = _reload_counter()
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
+        self.quota_charges = cast(Counter, QUOTA_CHARGES.client_metric())
+        self.cost_reports = cast(Counter, COST_REPORTS.client_metric())
         self._units: dict[tuple[str, str], list[int]] = {}
         self.inflight = 0
         # One entry per label tuple of gateway_requests_total; each holds the histograms its
@@ -212,6 +222,8 @@ class GatewayMetrics:
         yield decisions
         yield units
         yield from self.quota_refunds.collect()
+        yield from self.quota_charges.collect()
+        yield from self.cost_reports.collect()
         yield from self.storage_errors.collect()
         yield inflight
         yield from self.config_reloads.collect()
@@ -284,6 +296,8 @@ class MultiprocessMetrics:
         self.websocket_bytes = cast(Counter, WEBSOCKET_BYTES.client_metric())
         self.quota_units = cast(Counter, QUOTA_UNITS.client_metric())
         self.quota_refunds = cast(Counter, QUOTA_REFUNDS.client_metric())
+        self.quota_charges = cast(Counter, QUOTA_CHARGES.client_metric())
+        self.cost_reports = cast(Counter, COST_REPORTS.client_metric())
         self._units: dict[tuple[str, str], Counter] = {}
         self._requests: dict[tuple[str, str, str, int, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
@@ -421,6 +435,17 @@ def observe_units(product: str, plan: str, units: int) -> None:
 def count_refund(product: str, plan: str, result: RefundResult, units: int) -> None:
     """Units of a refund: given back (`ok`, even when the counter was gone) or not (`error`)."""
     _current.quota_refunds.labels(product, plan, result).inc(units)
+
+
+def count_charge(product: str, plan: str, result: RefundResult, units: int) -> None:
+    """Units taken after an answer whose upstream reported a higher cost: taken (`ok`, even
+    when the counter was gone) or not (`error`)."""
+    _current.quota_charges.labels(product, plan, result).inc(units)
+
+
+def count_cost_report(product: str, route: str, result: CostReport) -> None:
+    """What an answer on a route with a cost_header said of its cost."""
+    _current.cost_reports.labels(product, route, result).inc()
 
 
 def count_storage_error(operation: str) -> None:

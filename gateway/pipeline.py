@@ -164,19 +164,30 @@ async def apply_limits(ex: Exchange) -> Answer | None:
         raise broken
     principal = ex.principal
     plan = principal.plan
-    cost = ex.match.route.cost
+    route = ex.match.route
+    cost = route.cost
     try:
         # No timeout of our own: a limiter bounds its calls by storage.timeout itself
         # (RedisLimiter does, the memory one never waits), and a third timer per request
-        # costs measurable time on the hot path.
+        # costs measurable time on the hot path. A route whose upstream reports the cost
+        # asks for a receipt, to settle it by.
         decision = await ex.runtime.limiter.hit(
-            principal.subject, plan.rate, plan.quota, cost, plan.name, ex.decided_after_leaving
+            principal.subject,
+            plan.rate,
+            plan.quota,
+            cost,
+            plan.name,
+            ex.decided_after_leaving,
+            route.cost_header is not None,
         )
     except (StorageError, TimeoutError) as exc:
         return await _storage_away(ex, exc)
     ex.count_decision(decision)
     if plan.rate is None and plan.quota is None:
-        return None  # no limit decided anything: no limit headers
+        # No limit decided anything: no limit headers; a reported cost still settles the
+        # day's units, which bill such a plan.
+        ex.receipt = decision.receipt
+        return None
     outcome = decision.outcome
     if outcome == "allowed":
         ex.admit(decision)
@@ -249,6 +260,12 @@ async def forward_upstream(ex: Exchange) -> Answer:
             (b"X-Gateway-Key-Name", ex.key_name.encode("ascii")),
             (b"X-Gateway-Plan", ex.plan.encode("ascii")),
         ]
+    cost_report = None
+    cost_header = ex.match.route.cost_header
+    if cost_header is not None and ex.receipt is not None:
+        # Read only when the limits took units to settle (a storage away took none); the
+        # raw lines are matched lower-cased.
+        cost_report = (cost_header.lower().encode("ascii"), ex.report_cost)
     result = await forward(
         request,
         destination,
@@ -261,6 +278,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         tunnel_idle,
         ex.cut_by_client,
         identity,
+        cost_report,
     )
     if result.status == 101:
         # A WebSocket, over now: recorded (and counted, by handle_request) as it ends.

@@ -42,7 +42,15 @@ from gateway.http.reply import HttpReply
 from gateway.http.request import Request
 from gateway.http.tunnel import switch_and_relay
 
-__all__ = ["AnswerHook", "CutHook", "Destination", "ForwardResult", "UpstreamPool", "forward"]
+__all__ = [
+    "AnswerHook",
+    "CostHook",
+    "CutHook",
+    "Destination",
+    "ForwardResult",
+    "UpstreamPool",
+    "forward",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,9 @@ AnswerHook = Callable[[int, float, int], None]
 # None) when a streamed answer ends early because the client went away: the request is then a
 # 499 whose log line still says how far it got, and whose answer began with that status.
 CutHook = Callable[[float, int, int | None], None]
+# Told the value of the line in which an upstream reports what a request cost (the route's
+# cost_header), or None when its final answer has none, once that answer's head is in hand.
+CostHook = Callable[[bytes | None], None]
 
 
 # The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
@@ -180,6 +191,7 @@ async def forward(
     tunnel_idle: float | None = None,
     on_cut: CutHook | None = None,
     identity: list[tuple[bytes, bytes]] | None = None,
+    cost_report: tuple[bytes, CostHook] | None = None,
 ) -> ForwardResult:
     """Forward `request` to `destination` and stream its answer to the client.
 
@@ -190,7 +202,8 @@ async def forward(
 
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
     the key header), `key_query_param` the query parameter that carries the key; `identity`
-    holds header lines of the gateway's own to add (who called). Raises an
+    holds header lines of the gateway's own to add (who called); `cost_report` the lower-cased
+    name of the answer header that states the request's cost, and whom to tell. Raises an
     `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
     request body stalls longer than `body_timeout` before that (or whatever else the body
     raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
@@ -236,6 +249,8 @@ async def forward(
                     "it answered 101 without the Sec-WebSocket-Accept of the request's key"
                 )
             upstream_seconds = time.perf_counter() - started
+            if cost_report is not None:
+                cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
             switched = switching_protocols_head(
                 reply.reason, reply.raw_headers, extra_response_headers
             )
@@ -250,6 +265,8 @@ async def forward(
             request.method, target, headers, None, on_interim=interim
         )
     upstream_seconds = time.perf_counter() - started
+    if cost_report is not None:
+        cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
     head = client_response_head(reply.raw_headers, extra_response_headers)
     if head.keep_alive is not None:
         reply.keep_alive(head.keep_alive)
@@ -261,6 +278,19 @@ async def forward(
         request, destination.product, reply, head.block, head.content_length, request_id,
         body_timeout, upstream_seconds, on_answered, on_cut,
     )  # fmt: skip
+
+
+def _reported_cost(lines: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of the answer's `name` line; lines that disagree give an empty value (no
+    cost can be read from it), as one line holding both values would."""
+    found: bytes | None = None
+    for line_name, value in lines:
+        if line_name.lower() == name:
+            value = value.strip()
+            if found is not None and value != found:
+                return b""
+            found = value
+    return found
 
 
 async def _send_with_body(

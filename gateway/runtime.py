@@ -24,7 +24,7 @@ from gateway.keys import ApiKeyTable, KeyIndex, KeyStore, create_key_store
 from gateway.limits import create_limiter
 from gateway.limits.base import Limiter
 from gateway.limits.memory import MemoryLimiter
-from gateway.limits.metering import Refunds
+from gateway.limits.metering import Settlements
 from gateway.pipeline import answer_request_error, handle_request
 from gateway.proxy import Destination, UpstreamPool
 from gateway.routing import RouteTable
@@ -47,10 +47,12 @@ class Runtime:
     limiter: Limiter
     upstreams: UpstreamPool
     key_store: KeyStore  # the API keys, followed from the storage; outlives snapshots
-    # In-process limits for storage.on_error: local, and the refunds under way; both outlive
-    # snapshots, like the limiter (README, "Metering").
+    # In-process limits for storage.on_error: local, and the refunds and charges under way;
+    # both outlive snapshots, like the limiter (README, "Metering").
     local_limiter: Limiter = field(default_factory=lambda: MemoryLimiter(keep_history=False))
-    refunds: Refunds = field(default_factory=lambda: Refunds(metrics.count_refund))
+    settlements: Settlements = field(
+        default_factory=lambda: Settlements(metrics.count_refund, metrics.count_charge)
+    )
     # Whether each key index leaves the principals it makes out of full collections
     # (`freeze_made_principals`).
     freezes_principals: bool = False
@@ -160,7 +162,7 @@ async def close_runtime(runtime: Runtime) -> None:
     steps: tuple[tuple[Callable[[], Awaitable[object]], str], ...] = (
         (runtime.upstreams.close, "closing the upstream connections"),
         (runtime.key_store.close, "closing the API key store"),
-        (runtime.refunds.drain, "settling the refunds under way"),
+        (runtime.settlements.drain, "settling the refunds and charges under way"),
         (runtime.limiter.close, "closing the limiter"),
         (runtime.local_limiter.close, "closing the local limiter"),
     )

@@ -195,6 +195,9 @@ class Route:
     redirect: Redirect | None = None
     websocket: bool = False  # WebSocket upgrades are proxied (else answered as plain requests)
     cost: int = 1  # quota units one admitted request uses (README "Metering")
+    # The upstream's answer header that states what a request cost, settled after the answer
+    # (README "Metering"); None: `cost` is the cost.
+    cost_header: str | None = None
     line: int = 0  # where it was declared, for messages
 
 

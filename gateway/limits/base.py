@@ -51,8 +51,9 @@ class Receipt(NamedTuple):
     day: int  # the UTC day (days since 1970-01-01) the request was counted on
     day_stamp: int
     # The quota charged: its kind of period tells the period apart from one of another kind
-    # that began at the same instant (a day that begins a month).
-    quota: QuotaRule
+    # that began at the same instant (a day that begins a month). None: the plan has no quota
+    # (the period and its stamp are then 0), and only the day's history is settled.
+    quota: QuotaRule | None
 
 
 class Decision(NamedTuple):
@@ -60,7 +61,8 @@ class Decision(NamedTuple):
     rate: WindowState | None
     quota: WindowState | None
     retry_after: float = 0.0  # seconds until one more request could be admitted; 0 if allowed
-    # Set on an admission whose quota has refund_on: what settling it needs.
+    # Set on an admission that may be settled (its quota has refund_on, or its route takes
+    # the cost its upstream reports): what settling it needs.
     receipt: Receipt | None = None
 
     @property
@@ -128,6 +130,7 @@ class Limiter(Protocol):
         cost: int = 1,
         plan: str = "",
         abandoned: Abandoned | None = None,
+        settles: bool = False,
     ) -> Decision:
         """Check both limits of `subject`; only if both admit, take one request of the rate
         and `cost` units of the quota, and count the request in the day's history under
@@ -135,12 +138,20 @@ class Limiter(Protocol):
 
         `abandoned` is told what the storage decided for a caller that was cancelled while
         the check was on its way (its client left): the storage still decides, and what it
-        took must be settled like any admission's."""
+        took must be settled like any admission's. An admission carries a receipt when its
+        quota refunds some outcomes, or when `settles` asks for one (its cost is settled
+        once the upstream reports it)."""
         ...
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
         """Give back the units of one admission, at most once per receipt's counters and never
         below zero; the units actually returned to the quota (0 when its counter is gone)."""
+        ...
+
+    async def charge(self, subject: str, receipt: Receipt, units: int) -> int:
+        """Take `units` more for one admission, in the counters its receipt names (the
+        quota's and the day's units), whatever the quota's limit: they were used already.
+        The units added to the quota (0 when its counter is gone or the plan has none)."""
         ...
 
     async def credit(

@@ -114,6 +114,7 @@ class MemoryLimiter:
         cost: int = 1,
         plan: str = "",
         abandoned: Abandoned | None = None,  # never needed: this check never waits
+        settles: bool = False,
     ) -> Decision:
         # The request path's hottest storage call: written out in one function, with the
         # results built by tuple.__new__ (see base.py), it costs a third of the plain version.
@@ -162,10 +163,13 @@ class MemoryLimiter:
                     counts = record.counts[plan] = [0, 0]
                 counts[0] += 1
                 counts[1] += cost
-                if counter is not None and quota is not None and quota.refund_on:
-                    receipt = Receipt(
-                        cost, plan, counter.start, counter.stamp, self._day, record.stamp, quota
-                    )
+                if counter is not None and quota is not None:
+                    if settles or quota.refund_on:
+                        receipt = Receipt(
+                            cost, plan, counter.start, counter.stamp, self._day, record.stamp, quota
+                        )
+                elif settles:
+                    receipt = Receipt(cost, plan, 0.0, 0, self._day, record.stamp, None)
 
         rate_state = None
         if admitted is not None and rate is not None:
@@ -214,17 +218,28 @@ class MemoryLimiter:
         self._today = today
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
-        returned = 0
-        counter = self._counter_of(subject, receipt.period_start, receipt.quota.per)
+        return self._settle(subject, receipt, -receipt.cost)
+
+    async def charge(self, subject: str, receipt: Receipt, units: int) -> int:
+        return self._settle(subject, receipt, units)
+
+    def _settle(self, subject: str, receipt: Receipt, change: int) -> int:
+        """Move the units of the counters `receipt` names by `change` (never below zero);
+        the units moved on the quota, as a positive number."""
+        moved = 0
+        quota = receipt.quota
+        counter = None
+        if quota is not None:
+            counter = self._counter_of(subject, receipt.period_start, quota.per)
         if counter is not None and counter.stamp == receipt.quota_stamp:
-            returned = min(receipt.cost, counter.used)
-            counter.used -= returned
+            moved = change if change > 0 else min(-change, counter.used)
+            counter.used += change if change > 0 else -moved
         record = self._days.get(receipt.day, {}).get(subject)
         if record is not None and record.stamp == receipt.day_stamp:
             counts = record.counts.get(receipt.plan)
             if counts is not None:
-                counts[1] -= min(receipt.cost, counts[1])
-        return returned
+                counts[1] += change if change > 0 else -min(-change, counts[1])
+        return moved
 
     async def credit(
         self, subject: str, quota: QuotaRule, amount: int, once: str | None = None

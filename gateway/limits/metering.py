@@ -1,11 +1,12 @@
 """What happens to an admission after the upstream has answered, and the limit a process keeps
 on its own while the storage is away (README "Metering").
 
-Refunds run as tasks of their own, after the request's outcome is known: a request whose
-client went away is being cancelled and can no longer await anything. Each refund is tried
-once: a storage call whose reply was lost may still have been applied, and trying it again
-could give the units back twice, so it is logged and counted instead. (One that timed out was
-not: the storage gives nothing back after the refund's deadline.)
+Refunds and charges (README "Metering": refund_on, and a cost the upstream reports) run as
+tasks of their own, after the request's outcome is known: a request whose client went away is
+being cancelled and can no longer await anything. Each is tried once: a storage call whose
+reply was lost may still have been applied, and trying it again could move the units twice, so
+it is logged and counted instead. (One that timed out was not: the storage moves nothing after
+the call's deadline.)
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal
 
 from gateway.config.model import RateRule
 from gateway.limits.base import Limiter, Receipt, StorageError
 
 log = logging.getLogger(__name__)
 
-# Told (product, plan, result, units) once per refund.
-RefundCounter = Callable[[str, str, Literal["ok", "error"], int], None]
+# Told (product, plan, result, units) once per refund, or once per charge.
+SettleCounter = Callable[[str, str, Literal["ok", "error"], int], None]
 
 _PARTS = 1_000_000
-# How many storage timeouts a refund may take before `Refunds` gives up on it.
+# How many storage timeouts a refund or charge may take before `Settlements` gives up on it.
 _BACKSTOP = 2
 
 
@@ -42,41 +43,92 @@ def local_rate(rate: RateRule, fraction: float) -> RateRule:
     return RateRule(limit, rate.window, rate.per)
 
 
-class Refunds:
-    """The refunds under way in one worker; `drain` waits for them before the storage closes."""
+class Settlements:
+    """The refunds and charges under way in one worker, each in a task of its own; `drain`
+    waits for them before the storage closes."""
 
-    def __init__(self, count: RefundCounter) -> None:
-        self._count = count
+    def __init__(self, count_refund: SettleCounter, count_charge: SettleCounter) -> None:
+        self._count_refund = count_refund
+        self._count_charge = count_charge
         self._running: set[asyncio.Task[None]] = set()
 
-    def start(
-        self, limiter: Limiter, subject: str, receipt: Receipt, product: str, within: float
+    def refund(
+        self,
+        limiter: Limiter,
+        subject: str,
+        receipt: Receipt,
+        product: str,
+        within: float,
+        units: int | None = None,
+    ) -> None:
+        """Give back `units` of an admission (all it took, by default)."""
+        given = receipt.cost if units is None else units
+        partial = receipt if given == receipt.cost else receipt._replace(cost=given)
+        self._start(
+            limiter.refund(subject, partial), "give back", given, subject, product, receipt,
+            within, self._count_refund,
+        )  # fmt: skip
+
+    def charge(
+        self,
+        limiter: Limiter,
+        subject: str,
+        receipt: Receipt,
+        product: str,
+        within: float,
+        units: int,
+    ) -> None:
+        """Take `units` more for an admission (its upstream reported a higher cost)."""
+        self._start(
+            limiter.charge(subject, receipt, units), "take", units, subject, product, receipt,
+            within, self._count_charge,
+        )  # fmt: skip
+
+    def _start(
+        self,
+        call: Coroutine[Any, Any, int],
+        verb: str,
+        units: int,
+        subject: str,
+        product: str,
+        receipt: Receipt,
+        within: float,
+        count: SettleCounter,
     ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._refund(limiter, subject, receipt, product, within)
+            self._settle(call, verb, units, subject, product, receipt.plan, within, count)
         )
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _refund(
-        self, limiter: Limiter, subject: str, receipt: Receipt, product: str, within: float
+    async def _settle(
+        self,
+        call: Coroutine[Any, Any, int],
+        verb: str,
+        units: int,
+        subject: str,
+        product: str,
+        plan: str,
+        within: float,
+        count: SettleCounter,
     ) -> None:
         try:
             # The storage bounds the call by `within` itself and counts a miss as a storage
-            # error (gateway_storage_errors_total{operation="refund"}); this later deadline
-            # only keeps `drain` from waiting on a storage that would not.
+            # error (gateway_storage_errors_total{operation="refund"} or "charge"); this later
+            # deadline only keeps `drain` from waiting on a storage that would not.
             async with asyncio.timeout(within * _BACKSTOP):
-                await limiter.refund(subject, receipt)
+                await call
         except (StorageError, TimeoutError) as exc:
             log.warning(
-                "could not give back %d units of %s (%s); not retried, so never twice",
-                receipt.cost,
+                "could not %s %d units of %s (%s); not retried, so never twice",
+                verb,
+                units,
                 subject,
                 str(exc) or "timed out",  # a TimeoutError says nothing of itself
             )
-            self._count(product, receipt.plan, "error", receipt.cost)
+            count(product, plan, "error", units)
             return
-        self._count(product, receipt.plan, "ok", receipt.cost)
+        count(product, plan, "ok", units)
 
     async def drain(self) -> None:
         while self._running:

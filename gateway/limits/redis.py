@@ -61,12 +61,14 @@ from gateway.limits.redis_clients import (
     open_storage_redis,
 )
 from gateway.limits.redis_layout import (
+    CHARGE,
     CREDIT,
     HIT,
     PACKED_COSTS,
     REFUND,
     RESET,
     AnyRedis,
+    Script,
     credit_once_key,
     day_key,
     packed_cost,
@@ -84,9 +86,9 @@ _READ_BATCH = 500
 _TOO_LATE = 3  # hit.lua's outcome for a hit that ran after its deadline (ScriptPipeline.deadline)
 _DAY_INDEXED = 2  # hit.lua began the day's history and wrote the registry's sets itself
 # A check's arguments as `decision_from_reply` takes them: rate, quota, cost, plan, period start
-# and end, the time it was made and its UTC day.
-_HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int]
-_REFUND_TOO_LATE = -1  # refund.lua's answer when it ran after its deadline
+# and end, the time it was made, its UTC day, and whether it settles.
+_HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int, bool]
+_SETTLED_TOO_LATE = -1  # refund.lua's and charge.lua's answer when run after their deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -141,7 +143,7 @@ class RedisLimiter:
         self._storage = storage.share()
         client: AnyRedis = storage.client
         self._client = client
-        # Every call but the single Redis's hits and refunds (on their pipeline) runs under
+        # Every call but the single Redis's hits, refunds and charges (on their pipeline) runs under
         # it; those raise its `error` too.
         self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
         self._clock = clock
@@ -155,7 +157,7 @@ class RedisLimiter:
         if isinstance(client, Redis):
             self._pipeline = ScriptPipeline(
                 client,
-                (HIT.text, REFUND.text),
+                (HIT.text, REFUND.text, CHARGE.text),
                 timeout,
                 storage.address,
                 recheck_address_every=MASTER_RECHECK_SECONDS if storage.master_moves else None,
@@ -190,6 +192,7 @@ class RedisLimiter:
         cost: int = 1,
         plan: str = "",
         abandoned: Abandoned | None = None,
+        settles: bool = False,
     ) -> Decision:
         now = self._clock()
         day = day_of(now)
@@ -222,7 +225,7 @@ class RedisLimiter:
                 # Its client left while the check was on its way: what Redis decides goes to
                 # `abandoned` (the arguments gathered only now, off the common path).
                 if abandoned is not None:
-                    request = (rate, quota, cost, plan, start, end, now, day)
+                    request = (rate, quota, cost, plan, start, end, now, day, settles)
                     late = partial(self._late, abandoned, subject, request)
                     pipeline.when_answered(future, late)
                 raise
@@ -243,7 +246,7 @@ class RedisLimiter:
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
-                request = (rate, quota, cost, plan, start, end, now, day)
+                request = (rate, quota, cost, plan, start, end, now, day, settles)
                 checking.add_done_callback(partial(self._late_task, abandoned, subject, request))
                 raise
             except StorageError as failed:
@@ -252,7 +255,7 @@ class RedisLimiter:
                 raise
             calls.learn(command.keys[0], reply[8])
         self._taken(reply, subject, day)
-        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day)
+        return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day, settles)
 
     def _late(self, abandoned: Abandoned, subject: str, request: _HitRequest, reply: Any) -> None:
         """The reply of a check whose caller was cancelled: what Redis decided, for
@@ -342,37 +345,46 @@ class RedisLimiter:
         self._registry.forget(subject, day)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
+        return await self._settle("refund", REFUND, subject, receipt, receipt.cost)
+
+    async def charge(self, subject: str, receipt: Receipt, units: int) -> int:
+        return await self._settle("charge", CHARGE, subject, receipt, units)
+
+    async def _settle(
+        self, operation: str, script: Script, subject: str, receipt: Receipt, units: int
+    ) -> int:
+        """Run `refund.lua` or `charge.lua` for the counters `receipt` names."""
+        quota = receipt.quota
         keys = (
-            quota_key(subject, receipt.period_start, receipt.quota),
+            # Without a quota the script never reads its key: any name of the slot does.
+            quota_key(subject, receipt.period_start, quota) if quota else rate_key(subject),
             day_key(subject, receipt.day),
         )
-        args = (receipt.cost, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
+        args = (units, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
             calls = self._cluster_calls
             assert calls is not None
-            give_back = calls.script("refund", REFUND, keys, args)  # refused as a hit is
+            settling = calls.script(operation, script, keys, args)  # refused as a hit is
             try:
-                returned = int(await self._guard("refund", give_back))
+                moved = int(await self._guard(operation, settling))
             except StorageError as failed:
                 calls.failed(keys[0], failed)
                 raise
         else:
             # On the hits' connection: it notices a restarted Redis as soon as the loop does,
             # where a pooled redis-py connection would send into the dead one first.
-            packed = self._pack_evalsha(REFUND.sha, keys, args, to_come=1) + pipeline.deadline()
+            packed = self._pack_evalsha(script.sha, keys, args, to_come=1) + pipeline.deadline()
             try:
-                returned = int(await pipeline.run(packed))
+                moved = int(await pipeline.run(packed))
             except Exception as exc:
-                raise self._guard.error("refund", exc) from exc
-        if returned == _REFUND_TOO_LATE:
-            # A stalled Redis ran it after the gateway gave up on it: nothing was given back,
-            # as the refund's count of errors then says.
-            late = StorageError(
-                "it ran after its deadline on Redis's clock; nothing was given back"
-            )
-            raise self._guard.error("refund", late)
-        return returned
+                raise self._guard.error(operation, exc) from exc
+        if moved == _SETTLED_TOO_LATE:
+            # A stalled Redis ran it after the gateway gave up on it: nothing was moved, as
+            # the count of errors then says.
+            late = StorageError("it ran after its deadline on Redis's clock; nothing was moved")
+            raise self._guard.error(operation, late)
+        return moved
 
     async def credit(
         self, subject: str, quota: QuotaRule, amount: int, once: str | None = None

@@ -44,6 +44,7 @@ class Script:
 
 HIT = Script("hit.lua")
 REFUND = Script("refund.lua")
+CHARGE = Script("charge.lua")
 CREDIT = Script("credit.lua")
 RESET = Script("reset.lua")
 

@@ -1,5 +1,5 @@
 """What a limit check's reply from Redis (`hit.lua`) means: the decision it makes, with the
-state of each limit for the headers and, for an admission that may be refunded, its receipt."""
+state of each limit for the headers and, for an admission that may be settled, its receipt."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ def decision_from_reply(
     end: float,
     now: float,
     day: int,
+    settles: bool = False,
 ) -> Decision:
     """The decision of a check that ran in time (outcome 0, 1 or 2), made at `now` (UTC day
-    `day`) for the quota period from `start` to `end`."""
+    `day`) for the quota period from `start` to `end`; an admission's receipt when its quota
+    refunds some outcomes or `settles` asks for one."""
     # Integer replies: redis-py hands them over as ints already.
     code, used, credit, in_window, wait_us, quota_born, day_born, _, _ = reply
     rate_state = None
@@ -53,8 +55,10 @@ def decision_from_reply(
                 end - start,
             ),
         )
-        if code == 0 and quota.refund_on:
+        if code == 0 and (settles or quota.refund_on):
             receipt = Receipt(cost, plan, start, quota_born, day, day_born, quota)
+    elif code == 0 and settles:
+        receipt = Receipt(cost, plan, 0.0, 0, day, day_born, None)
     if code == 0:
         return _new_tuple(Decision, ("allowed", rate_state, quota_state, 0.0, receipt))
     return make_decision(_OUTCOMES[code], rate_state, quota_state)

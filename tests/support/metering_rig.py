@@ -27,6 +27,11 @@ products:
     routes:
       - path: /soccer/heavy/{{rest:path}}
         cost: 10
+      - path: /soccer/metered/{{rest:path}}
+        cost: 10
+        cost_header: X-Units-Used
+      - path: /soccer/reported/{{rest:path}}
+        cost_header: x-units-used
       - path: /soccer/{{rest:path}}
   weather:
     upstream: {{url: "{upstream}/base"}}

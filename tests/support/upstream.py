@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from tests.support.apps import serving_app
 
@@ -91,6 +92,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         if not body:
             return web.Response(status=status)
         return web.Response(status=status, body=body, content_type="application/json")
+    if path.endswith("/reports"):
+        # An upstream that says what a call cost: one X-Units-Used line per ?cost=VALUE (none
+        # without), ?status=CODE (default 200).
+        lines = CIMultiDict(("X-Units-Used", value) for value in request.query.getall("cost", []))
+        return web.json_response(
+            {"reported": True}, status=int(request.query.get("status", "200")), headers=lines
+        )
     if path.endswith("/limit-headers"):
         # An upstream with limits of its own, which describe the gateway's use of it.
         return web.json_response(

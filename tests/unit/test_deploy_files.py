@@ -145,6 +145,8 @@ def test_the_dashboard_shows_what_operators_need() -> None:
         "gateway_config_reloads_total",
         "gateway_quota_units_total",
         "gateway_quota_refunds_total",
+        "gateway_quota_charges_total",
+        "gateway_cost_reports_total",
         'decision=~"local_allowed|local_throttled"',
     ):
         assert needle in exprs, needle
@@ -181,6 +183,8 @@ async def test_every_dashboard_metric_is_on_a_live_scrape() -> None:
     metrics.observe_limit_decision("deploy-test", "trial", "throttled")
     metrics.observe_units("deploy-test", "trial", 10)
     metrics.count_refund("deploy-test", "trial", "ok", 10)
+    metrics.count_charge("deploy-test", "trial", "ok", 10)
+    metrics.count_cost_report("deploy-test", "/deploy-test", "ok")
     metrics.count_storage_error("hit")
     metrics.count_reload(True)
     metrics.count_websocket_bytes("deploy-test", 1, 2)

@@ -27,6 +27,8 @@ README_METRICS = {
     "gateway_websocket_bytes": ("counter", {"product", "direction"}),
     "gateway_quota_units": ("counter", {"product", "plan"}),
     "gateway_quota_refunds": ("counter", {"product", "plan", "result"}),
+    "gateway_quota_charges": ("counter", {"product", "plan", "result"}),
+    "gateway_cost_reports": ("counter", {"product", "route", "result"}),
 }
 ROUTE = "/soccer/v4/{lang}/info.json"
 
@@ -79,6 +81,8 @@ def test_every_metric_of_the_readme_with_its_type_and_labels() -> None:
     gateway_metrics.websocket_bytes.labels("soccer", "up").inc(10)
     gateway_metrics.observe_units("soccer", "trial", 10)
     gateway_metrics.quota_refunds.labels("soccer", "trial", "ok").inc(10)
+    gateway_metrics.quota_charges.labels("soccer", "trial", "ok").inc(10)
+    gateway_metrics.cost_reports.labels("soccer", ROUTE, "ok").inc()
 
     families = {family.name: family for family in registry.collect()}
 

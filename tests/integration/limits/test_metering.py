@@ -108,6 +108,44 @@ async def test_a_refund_from_before_a_reset_takes_nothing_admitted_since(
     assert (await limiter.usage(subject, rule)).used == 4
 
 
+async def test_a_charge_takes_more_whatever_the_limit_and_only_from_its_own_counter(
+    limiter: Limiter,
+) -> None:
+    """What a cost the upstream reports above the hold does (README "Metering")."""
+    key = new_key()
+    subject = f"{key}:soccer"
+    rule = quota(5, refund=False)
+    held = await limiter.hit(subject, None, rule, 1, "pro", None, True)
+    assert held.receipt is not None  # asked for, though the quota refunds nothing
+    assert await limiter.charge(subject, held.receipt, 8) == 8
+    usage = await limiter.usage(subject, rule)
+    assert (usage.used, usage.remaining) == (9, 0)
+    assert (await limiter.hit(subject, None, rule, 1, "pro")).outcome == "quota_exceeded"
+    # A receipt from before a reset charges nothing the reset cleared; the day's units (the
+    # bill) take it all the same.
+    await limiter.reset_quota(subject, rule)
+    assert await limiter.charge(subject, held.receipt, 3) == 0
+    assert (await limiter.usage(subject, rule)).used == 0
+    today = day_of(time.time())
+    assert await limiter.history(key, today, today) == [DayUsage(today, subject, "pro", 1, 12)]
+
+
+async def test_a_plan_without_a_quota_settles_its_days_units(limiter: Limiter) -> None:
+    key = new_key()
+    subject = f"{key}:soccer"
+    rate = RateRule(100, 1.0, "second")
+    assert (await limiter.hit(subject, rate, None, 10, "payg")).receipt is None
+    decision = await limiter.hit(subject, rate, None, 10, "payg", None, True)
+    receipt = decision.receipt
+    assert receipt is not None and receipt.quota is None
+    assert await limiter.charge(subject, receipt, 30) == 0  # no quota to add to
+    assert await limiter.refund(subject, receipt._replace(cost=4)) == 0
+    today = day_of(time.time())
+    assert await limiter.history(key, today, today) == [
+        DayUsage(today, subject, "payg", 2, 10 + 10 + 30 - 4)
+    ]
+
+
 async def test_credit_adds_to_this_period_and_shows_in_the_limit(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rule = quota(2, refund=False)

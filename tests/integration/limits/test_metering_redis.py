@@ -15,7 +15,7 @@ import pytest
 from gateway.config.model import QuotaRule, StorageConfig
 from gateway.limits import Limiter, create_limiter
 from gateway.limits.base import DayUsage, StorageError, day_of
-from gateway.limits.metering import Refunds
+from gateway.limits.metering import Settlements
 from gateway.limits.redis import RedisLimiter
 from gateway.limits.redis_clients import open_storage_redis
 from tests.support.metering_quotas import UTC, new_key, quota
@@ -66,14 +66,14 @@ async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
     limiter = create_limiter(
         StorageConfig(url=fresh_redis_server.url, timeout=timeout), storage_errors.append
     )
-    settle = Refunds(lambda *counted: refunds.append(counted))
+    settle = Settlements(lambda *counted: refunds.append(counted), _never)
     try:
         subject = f"{new_key()}:soccer"
         decision = await limiter.hit(subject, None, quota(100), 3, "pro")
         assert decision.receipt is not None
         fresh_redis_server.pause()
         started = time.monotonic()
-        settle.start(limiter, subject, decision.receipt, "soccer", timeout)
+        settle.refund(limiter, subject, decision.receipt, "soccer", timeout)
         await settle.drain()
         assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
         assert refunds == [("soccer", "pro", "error", 3)]
@@ -82,6 +82,38 @@ async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
         await asyncio.sleep(0.2)  # for the refund buffered in Redis's socket to run
         await _hit_when_back(limiter, subject, quota(100))  # 4 units, once Redis answers
         assert (await limiter.usage(subject, quota(100))).used == 3 + 4
+    finally:
+        fresh_redis_server.resume()
+        await limiter.close()
+
+
+async def test_a_charge_the_storage_does_not_answer_is_counted_and_never_applied_late(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """As a refund: counted as a charge that failed and a storage error of `charge`, and
+    Redis, waking after the charge's deadline, takes nothing."""
+    storage_errors: list[str] = []
+    charges: list[tuple[str, str, str, int]] = []
+    timeout = 0.25
+    limiter = create_limiter(
+        StorageConfig(url=fresh_redis_server.url, timeout=timeout), storage_errors.append
+    )
+    settle = Settlements(_never, lambda *counted: charges.append(counted))
+    try:
+        subject = f"{new_key()}:soccer"
+        decision = await limiter.hit(subject, None, quota(100, refund=False), 3, "pro", None, True)
+        assert decision.receipt is not None
+        fresh_redis_server.pause()
+        started = time.monotonic()
+        settle.charge(limiter, subject, decision.receipt, "soccer", timeout, 20)
+        await settle.drain()
+        assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
+        assert charges == [("soccer", "pro", "error", 20)]
+        assert [error for error in storage_errors if error != "register"] == ["charge"]
+        fresh_redis_server.resume()
+        await asyncio.sleep(0.2)  # for the charge buffered in Redis's socket to run
+        await _hit_when_back(limiter, subject, quota(100, refund=False))  # 4 units
+        assert (await limiter.usage(subject, quota(100, refund=False))).used == 3 + 4
     finally:
         fresh_redis_server.resume()
         await limiter.close()
@@ -169,3 +201,7 @@ async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> obj
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def _never(*counted: object) -> None:
+    raise AssertionError(f"nothing of this kind was asked for, yet it was counted: {counted}")

@@ -1,0 +1,136 @@
+"""A cost the upstream reports (a route's cost_header), end to end: real requests through a
+gateway to a real upstream that answers with X-Units-Used, the usage API and the history on its
+admin port, for memory, a real redis-server and a real Redis Cluster (the rig fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from tests.support.metering_rig import Rig, eventually
+
+METERED = "/soccer/metered/reports"  # cost: 10 held at admission
+REPORTED = "/soccer/reported/reports"  # cost: 1 held at admission
+
+
+def reporting(path: str, *costs: str, status: int = 200) -> str:
+    query = "&".join(f"cost={cost}" for cost in costs)
+    return f"{path}?status={status}" + (f"&{query}" if query else "")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def labels(**pairs: str) -> frozenset[tuple[str, str]]:
+    return frozenset(pairs.items())
+
+
+async def counted_since(rig: Rig, before: Samples) -> Samples:
+    """What each series added since `before`: the rigs of one test run share the process's
+    metrics."""
+    return {name: value - before.get(name, 0.0) for name, value in (await rig.metrics()).items()}
+
+
+async def history(rig: Rig, key: str) -> list[dict[str, Any]]:
+    today = datetime.now(UTC).date().isoformat()
+    url = rig.admin(f"/admin/usage/{key}-{rig.run}/history?from={today}&to={today}")
+    async with rig.http.get(url) as response:
+        assert response.status == 200
+        days: list[dict[str, Any]] = (await response.json())["days"]
+        return days
+
+
+async def units_of(rig: Rig, key: str, product: str = "soccer") -> int:
+    return sum(day["units"] for day in await history(rig, key) if day["product"] == product)
+
+
+async def test_a_reported_cost_settles_the_request_both_ways(rig: Rig) -> None:
+    before = await rig.metrics()
+    # 3 of the 10 held: 7 come back; the client sees the upstream's line as it was.
+    status, headers, _ = await rig.get("bill", reporting(METERED, "3"))
+    assert status == 200
+    assert headers["X-Units-Used"] == "3"
+    assert headers["X-Quota-Remaining"] == "90"  # decided at admission: the hold
+    await rig.used_becomes("bill", 3)
+    # 25: 15 more than the hold are taken after the answer.
+    status, headers, _ = await rig.get("bill", reporting(METERED, "25"))
+    assert (status, headers["X-Quota-Remaining"]) == (200, "87")  # 100 - 3 - 10 held
+    await rig.used_becomes("bill", 28)
+    # 0: a call that used nothing gives the whole hold back.
+    assert (await rig.get("bill", reporting(METERED, "0")))[0] == 200
+    await rig.used_becomes("bill", 28)
+    await eventually(lambda: units_of(rig, "bill"), 28)
+    (day,) = await history(rig, "bill")
+    assert (day["requests"], day["units"], day["plan"]) == (3, 28, "billing")
+
+    added = await counted_since(rig, before)
+    plan = {"product": "soccer", "plan": "billing"}
+    assert added[("gateway_quota_units_total", labels(**plan))] == 30  # held at admission
+    assert added[("gateway_quota_refunds_total", labels(**plan, result="ok"))] == 7 + 10
+    assert added[("gateway_quota_charges_total", labels(**plan, result="ok"))] == 15
+    route = {"product": "soccer", "route": "/soccer/metered/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 3
+
+
+async def test_a_report_above_what_is_left_is_taken_and_the_quota_refuses_after(
+    rig: Rig,
+) -> None:
+    """The counting plan's quota is 5: one unit held, nine used, reported after the answer."""
+    assert (await rig.get("count", reporting(REPORTED, "9")))[0] == 200
+    await rig.used_becomes("count", 9)
+    async with rig.http.get(rig.admin(f"/admin/usage/count-{rig.run}")) as response:
+        quota = (await response.json())["products"]["soccer"]["quota"]
+    assert (quota["limit"], quota["used"], quota["remaining"]) == (5, 9, 0)
+    status, headers, body = await rig.get("count", reporting(REPORTED, "1"))
+    assert (status, body["code"], headers["X-Quota-Remaining"]) == (429, "quota_exceeded", "0")
+    # Credit covers the overrun and one more request's hold: 5 + 5 - 9 = 1 left.
+    credit = rig.admin(f"/admin/usage/count-{rig.run}/soccer/credit")
+    async with rig.http.post(credit, json={"amount": 5}) as response:
+        assert response.status == 200
+    assert (await rig.get("count", reporting(REPORTED, "1")))[0] == 200
+    await rig.used_becomes("count", 10)
+
+
+async def test_a_missing_or_unreadable_report_leaves_the_hold(rig: Rig) -> None:
+    before = await rig.metrics()
+    for costs in ((), ("12.5",), ("-3",), ("1e3",), ("4", "5"), (str(10**12 + 1),)):
+        assert (await rig.get("bill", reporting(METERED, *costs)))[0] == 200
+    # Lines that agree are one report.
+    assert (await rig.get("bill", reporting(METERED, "4", "4")))[0] == 200
+    await rig.used_becomes("bill", 6 * 10 + 4)
+    added = await counted_since(rig, before)
+    route = {"product": "soccer", "route": "/soccer/metered/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 1
+    assert added[("gateway_cost_reports_total", labels(**route, result="invalid"))] == 5
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
+
+
+async def test_a_refunded_outcome_gives_back_the_hold_whatever_was_reported(rig: Rig) -> None:
+    """The billing plan refunds 5xx: a 503 that reported a cost costs nothing; without
+    refund_on (the counting plan) a 503's report is its cost, as any answer's."""
+    assert (await rig.get("bill", reporting(METERED, "25", status=503)))[0] == 503
+    await rig.used_becomes("bill", 0)
+    assert (await rig.get("count", reporting(REPORTED, "3", status=503)))[0] == 503
+    await rig.used_becomes("count", 3)
+
+
+async def test_a_plan_without_a_quota_is_billed_the_reported_cost(rig: Rig) -> None:
+    """Pay as you go: the local plan has a rate and no quota; the day's units (the bill, in
+    the history and the export) are what the upstream reported."""
+    for cost in ("40", "2"):
+        assert (await rig.get("local", reporting(METERED, cost)))[0] == 200
+    await eventually(lambda: units_of(rig, "local"), 42)
+    today = datetime.now(UTC).date().isoformat()
+    async with rig.http.get(rig.admin(f"/admin/usage.csv?from={today}&to={today}")) as response:
+        lines = (await response.text()).splitlines()
+    assert f"{today},local-{rig.run},soccer,local,2,42" in lines
+
+
+async def test_only_a_route_with_a_cost_header_reads_one(rig: Rig) -> None:
+    """The same upstream line on a route without cost_header is an answer header like any."""
+    status, headers, _ = await rig.get("bill", "/soccer/plain/reports?cost=50")
+    assert (status, headers["X-Units-Used"]) == (200, "50")
+    await asyncio.sleep(0.1)  # anything settled would land by now
+    assert await rig.used("bill") == 1
