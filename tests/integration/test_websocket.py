@@ -34,13 +34,19 @@ products:
     upstream: {{url: "{url}/ws"}}
     routes:
       - path: /nows/{{rest:path}}
+  metered:
+    upstream: {{url: "{url}/ws"}}
+    routes:
+      - path: /metered/{{rest:path}}
+        websocket: true
+        cost_header: X-Units-Used
 plans:
   open: {{}}
   two_a_day:
     quota: {{limit: 2, per: day}}
 keys:
   - {{name: viewer, key: ws-secret, plans: {{live: open, plainws: open}}}}
-  - {{name: counted, key: ws-counted, plans: {{live: two_a_day}}}}
+  - {{name: counted, key: ws-counted, plans: {{live: two_a_day, metered: two_a_day}}}}
   - {{name: stopped, key: ws-off, disabled: true, plans: {{live: open}}}}
 """
 
@@ -168,6 +174,27 @@ async def test_handshake_walks_the_request_path_and_is_charged_once(tmp_path: Pa
         for status, count in (("101", 2), ("429", 1), ("401", 1)):
             key = ("/ws/{rest:path}", status)
             assert counted[key] - before.get(key, 0) == count
+
+
+async def test_a_websocket_costs_what_its_upstreams_101_reports(tmp_path: Path) -> None:
+    """A route's cost_header is read from the 101 (README "Metering"): the quota of two a
+    day is used up by one WebSocket that reported 2, and the next is refused."""
+    async with gateway_and_upstream(tmp_path) as (gateway, _, session):
+        url = ws_url(gateway, "/metered/echo?api_key=ws-counted&cost=2")
+        async with session.ws_connect(url) as ws:
+            await ws.send_str("hi")
+            assert await ws.receive_str() == "hi"
+        usage = f"http://127.0.0.1:{gateway.admin_port}/admin/usage/counted"
+        for _ in range(200):
+            async with session.get(usage) as answer:
+                used = (await answer.json())["products"]["metered"]["quota"]["used"]
+            if used == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert used == 2
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url)
+        assert refused.value.status == 429
 
 
 async def test_upgrade_on_a_route_without_websocket_is_answered_as_a_request(

@@ -105,11 +105,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             {"limited": True}, headers={**UPSTREAM_LIMIT_HEADERS, "X-Upstream": "yes"}
         )
     if path.endswith("/big"):
-        # ?bytes=N (default 10 MiB), ?status=CODE (default 200)
+        # ?bytes=N (default 10 MiB), ?status=CODE (default 200), ?cost=VALUE (X-Units-Used)
         total = int(request.query.get("bytes", str(10 * 1024 * 1024)))
+        headers = {"Content-Type": "application/octet-stream"}
+        if "cost" in request.query:
+            headers["X-Units-Used"] = request.query["cost"]
         response = web.StreamResponse(
-            status=int(request.query.get("status", "200")),
-            headers={"Content-Type": "application/octet-stream"},
+            status=int(request.query.get("status", "200")), headers=headers
         )
         response.content_length = total
         await response.prepare(request)
@@ -133,7 +135,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 async def _websocket(request: web.Request) -> web.StreamResponse:
     """`/ws/echo`: every message back as it came (`close <code>` closes with that code);
     `/ws/flood?bytes=N`: N bytes in 1 MiB binary messages, sent as fast as the peer takes them;
-    `/ws/refuse`: a plain 403 instead of the switch."""
+    `/ws/refuse`: a plain 403 instead of the switch; `?cost=VALUE` puts X-Units-Used in the 101."""
     upstream: Upstream = request.app[UPSTREAM]
     upstream.seen.append(
         SeenRequest(
@@ -146,6 +148,8 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     if request.path.endswith("/refuse"):
         return web.json_response({"refused": True}, status=403)
     ws = web.WebSocketResponse(max_msg_size=8 * 1024 * 1024, protocols=("chat", "feed"))
+    if "cost" in request.query:  # what the WebSocket costs, said in the 101
+        ws.headers["X-Units-Used"] = request.query["cost"]
     await ws.prepare(request)
     try:
         await _websocket_talk(upstream, request, ws)

@@ -128,6 +128,31 @@ async def test_a_plan_without_a_quota_is_billed_the_reported_cost(rig: Rig) -> N
     assert f"{today},local-{rig.run},soccer,local,2,42" in lines
 
 
+async def test_a_client_gone_during_a_reported_answer_pays_the_report_but_under_499(
+    rig: Rig,
+) -> None:
+    """The head said what the call cost; the client left during the body. A 499 is no
+    outcome the billing plan refunds: the report stands. The refunding plan lists 499: all of
+    the hold comes back."""
+    for key, path, used in (
+        ("bill", "/soccer/metered/big?bytes=50000000&cost=4", 4),
+        ("refund", "/soccer/reported/big?bytes=50000000&cost=3", 0),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.worker.proxy_port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}-{rig.run}\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await asyncio.wait_for(reader.readexactly(1000), 5)  # some of the body, not all
+        finally:
+            writer.transport.abort()
+        await rig.used_becomes(key, used)
+        await asyncio.sleep(0.1)  # nothing more lands later
+        assert await rig.used(key) == used
+
+
 async def test_only_a_route_with_a_cost_header_reads_one(rig: Rig) -> None:
     """The same upstream line on a route without cost_header is an answer header like any."""
     status, headers, _ = await rig.get("bill", "/soccer/plain/reports?cost=50")
