@@ -27,6 +27,9 @@ products:
     routes:
       - path: /soccer/heavy/{{rest:path}}
         cost: 3
+      - path: /soccer/metered/{{rest:path}}
+        cost: 2
+        cost_header: X-Units-Used
       - path: /soccer/{{rest:path}}
 plans:
   billed:
@@ -37,7 +40,8 @@ keys:
 LIMIT = 20
 CREDIT = 4
 # (path, cost, its answer unless the quota refuses it): kept; refunded as the upstream's 5xx;
-# kept although the upstream said 404; refunded as a 499 (the client leaves).
+# kept although the upstream said 404; refunded as a 499 (the client leaves); two of 2 units
+# held, settled at the 1 and the 3 their upstream reports.
 MIX = (
     ("/soccer/heavy/a", 3, 200),
     ("/soccer/heavy/status/503", 3, 503),
@@ -45,7 +49,10 @@ MIX = (
     ("/soccer/status/500", 1, 500),
     ("/soccer/status/404", 1, 404),
     ("/soccer/heavy/slow?for=10", 3, 499),
+    ("/soccer/metered/reports?cost=1", 1, 200),
+    ("/soccer/metered/reports?cost=3", 3, 200),
 )
+OVERRUN = 1  # what a request of the last kind takes beyond what it held at admission
 BURST = 36
 PLAN = ("soccer", "billed")
 
@@ -135,7 +142,13 @@ async def test_two_workers_bill_what_the_usage_api_history_and_metrics_all_say(
                     for (_, cost, _), status in zip(sent, statuses, strict=True)
                     if status in (200, 404)
                 )
-                assert 0 < kept <= LIMIT + CREDIT
+                # A report above the hold is taken whatever is left (README "Metering").
+                overruns = sum(
+                    1
+                    for (path, _, _), status in zip(sent, statuses, strict=True)
+                    if status == 200 and path == MIX[-1][0]
+                )
+                assert 0 < kept <= LIMIT + CREDIT + OVERRUN * overruns
                 assert 429 in statuses  # the burst wanted more than the quota holds
 
                 # Refunds land just after their answers, a 499's once the gateway notices the
@@ -146,6 +159,7 @@ async def test_two_workers_bill_what_the_usage_api_history_and_metrics_all_say(
                     admitted, units = await billing.history()
                     billed = (
                         grew(before, after, "gateway_quota_units_total")
+                        + grew(before, after, "gateway_quota_charges_total", "ok")
                         - grew(before, after, "gateway_quota_refunds_total", "ok"),
                         units,
                         (await billing.quota())[2],
@@ -157,6 +171,7 @@ async def test_two_workers_bill_what_the_usage_api_history_and_metrics_all_say(
                     assert time.monotonic() < deadline, (billed, (kept, kept, kept, BURST))
                     await asyncio.sleep(0.05)
                 assert grew(before, after, "gateway_quota_refunds_total", "error") == 0
+                assert grew(before, after, "gateway_quota_charges_total", "error") == 0
                 assert admitted == grew(before, after, "gateway_limit_decisions_total", "allowed")
                 # Every answer but a 429 was admitted; a client that left may have been or not.
                 answered = BURST - statuses.count(429) - statuses.count(499)
