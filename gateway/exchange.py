@@ -40,6 +40,7 @@ class Exchange(RequestRecord):
     __slots__ = (
         "began",
         "counted",
+        "decision",
         "key",
         "limit_lines",
         "match",
@@ -60,8 +61,9 @@ class Exchange(RequestRecord):
         self.request = request
         self.runtime = runtime
         self.snapshot: Snapshot = runtime.snapshot  # one config for the whole request
-        # An admission's limit headers, as header lines (`admit`).
+        # An admission's limit headers, as header lines, and its decision (`admit`).
         self.limit_lines = ""
+        self.decision: Decision | None = None
         self.match: RouteMatch | None = None
         self.key: ApiKey | None = None
         self.principal: Principal | None = None
@@ -84,6 +86,7 @@ class Exchange(RequestRecord):
         (what a proxied answer carries), a dict of them only if the gateway ends up answering
         itself (`own_headers`)."""
         self.limit_lines = limit_header_lines(decision)
+        self.decision = decision
 
     def decided_after_leaving(self, decision: Decision) -> None:
         """What the storage decided for this request after its client left, while the check
@@ -132,16 +135,19 @@ class Exchange(RequestRecord):
         self.bytes_sent = bytes_sent
         self.began = began
 
-    def report_cost(self, value: bytes | None) -> None:
+    def report_cost(self, value: bytes | None) -> ExtraHeaders | None:
         """What the upstream's answer said this request cost (the route's cost_header): a
         whole number from 0 to the largest count, or the route's `cost` stands (README,
-        "Metering")."""
+        "Metering"). Answers the gateway's header lines for that answer when the quota's
+        remaining units, as settled at that cost, differ from what the admission left."""
+        settled = None
         if value is None:
             result: CostReport = "missing"
         elif value.isdigit() and len(value) <= _MAX_COUNT_DIGITS and int(value) <= MAX_COUNT:
             # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
-            self.reported = int(value)
+            self.reported = reported = int(value)
             result = "ok"
+            settled = self._settled_headers(reported)
         else:
             result = "invalid"
             log.warning(
@@ -155,6 +161,24 @@ class Exchange(RequestRecord):
                 extra={"request_id": self.request_id},
             )
         metrics.count_cost_report(self.product, self.route, result)
+        return settled
+
+    def _settled_headers(self, reported: int) -> ExtraHeaders | None:
+        """The answer's headers with the quota's remaining units as the admission left them,
+        give or take what settling at `reported` moves."""
+        decision, match = self.decision, self.match
+        if decision is None or decision.quota is None or match is None:
+            return None
+        held = match.route.cost
+        if reported == held:
+            return None
+        quota = decision.quota
+        # At admission the hold fitted: `remaining` was the limit less the units used, exact.
+        remaining = max(0, min(quota.limit, quota.remaining + held - reported))
+        self.limit_lines = limit_header_lines(
+            decision._replace(quota=quota._replace(remaining=remaining))
+        )
+        return self.upstream_answer_headers()
 
     def settle(self, receipt: Receipt) -> None:
         """9: give the units back when the plan's refund_on lists the outcome, else settle the

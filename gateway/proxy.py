@@ -62,8 +62,9 @@ AnswerHook = Callable[[int, float, int], None]
 # 499 whose log line still says how far it got, and whose answer began with that status.
 CutHook = Callable[[float, int, int | None], None]
 # Told the value of the line in which an upstream reports what a request cost (the route's
-# cost_header), or None when its final answer has none, once that answer's head is in hand.
-CostHook = Callable[[bytes | None], None]
+# cost_header), or None when its final answer has none, once that answer's head is in hand;
+# answers the gateway's header lines for that answer when the report changed them.
+CostHook = Callable[[bytes | None], ExtraHeaders | None]
 
 
 # The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
@@ -203,7 +204,8 @@ async def forward(
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
     the key header), `key_query_param` the query parameter that carries the key; `identity`
     holds header lines of the gateway's own to add (who called); `cost_report` the lower-cased
-    name of the answer header that states the request's cost, and whom to tell. Raises an
+    name of the answer header that states the request's cost, and whom to tell (which may
+    answer new `extra_response_headers`). Raises an
     `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
     request body stalls longer than `body_timeout` before that (or whatever else the body
     raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
@@ -250,7 +252,9 @@ async def forward(
                 )
             upstream_seconds = time.perf_counter() - started
             if cost_report is not None:
-                cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+                settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+                if settled is not None:
+                    extra_response_headers = settled
             switched = switching_protocols_head(
                 reply.reason, reply.raw_headers, extra_response_headers
             )
@@ -266,7 +270,9 @@ async def forward(
         )
     upstream_seconds = time.perf_counter() - started
     if cost_report is not None:
-        cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+        settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+        if settled is not None:
+            extra_response_headers = settled
     head = client_response_head(reply.raw_headers, extra_response_headers)
     if head.keep_alive is not None:
         reply.keep_alive(head.keep_alive)

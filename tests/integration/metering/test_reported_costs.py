@@ -52,14 +52,17 @@ async def test_a_reported_cost_settles_the_request_both_ways(rig: Rig) -> None:
     status, headers, _ = await rig.get("bill", reporting(METERED, "3"))
     assert status == 200
     assert headers["X-Units-Used"] == "3"
-    assert headers["X-Quota-Remaining"] == "90"  # decided at admission: the hold
+    # The quota headers say what is left once the answer is settled, not the hold's 90.
+    assert headers["X-Quota-Remaining"] == "97"
+    assert '"quota";r=97;' in headers["RateLimit"]
     await rig.used_becomes("bill", 3)
     # 25: 15 more than the hold are taken after the answer.
     status, headers, _ = await rig.get("bill", reporting(METERED, "25"))
-    assert (status, headers["X-Quota-Remaining"]) == (200, "87")  # 100 - 3 - 10 held
+    assert (status, headers["X-Quota-Remaining"]) == (200, "72")  # 100 - 3 - 25
     await rig.used_becomes("bill", 28)
     # 0: a call that used nothing gives the whole hold back.
-    assert (await rig.get("bill", reporting(METERED, "0")))[0] == 200
+    status, headers, _ = await rig.get("bill", reporting(METERED, "0"))
+    assert (status, headers["X-Quota-Remaining"]) == (200, "72")
     await rig.used_becomes("bill", 28)
     await eventually(lambda: units_of(rig, "bill"), 28)
     (day,) = await history(rig, "bill")
@@ -78,7 +81,8 @@ async def test_a_report_above_what_is_left_is_taken_and_the_quota_refuses_after(
     rig: Rig,
 ) -> None:
     """The counting plan's quota is 5: one unit held, nine used, reported after the answer."""
-    assert (await rig.get("count", reporting(REPORTED, "9")))[0] == 200
+    status, headers, _ = await rig.get("count", reporting(REPORTED, "9"))
+    assert (status, headers["X-Quota-Remaining"]) == (200, "0")
     await rig.used_becomes("count", 9)
     async with rig.http.get(rig.admin(f"/admin/usage/count-{rig.run}")) as response:
         quota = (await response.json())["products"]["soccer"]["quota"]
@@ -95,8 +99,11 @@ async def test_a_report_above_what_is_left_is_taken_and_the_quota_refuses_after(
 
 async def test_a_missing_or_unreadable_report_leaves_the_hold(rig: Rig) -> None:
     before = await rig.metrics()
-    for costs in ((), ("12.5",), ("-3",), ("1e3",), ("4", "5"), (str(10**12 + 1),)):
-        assert (await rig.get("bill", reporting(METERED, *costs)))[0] == 200
+    for number, costs in enumerate(
+        ((), ("12.5",), ("-3",), ("1e3",), ("4", "5"), (str(10**12 + 1),))
+    ):
+        status, headers, _ = await rig.get("bill", reporting(METERED, *costs))
+        assert (status, headers["X-Quota-Remaining"]) == (200, str(90 - 10 * number))
     # Lines that agree are one report.
     assert (await rig.get("bill", reporting(METERED, "4", "4")))[0] == 200
     await rig.used_becomes("bill", 6 * 10 + 4)
