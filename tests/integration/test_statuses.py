@@ -317,6 +317,7 @@ class BrokenLimiter(MemoryLimiter):
         cost: int = 1,
         plan: str = "",
         abandoned: Abandoned | None = None,
+        settles: bool = False,
     ) -> Decision:
         raise KeyError("internal detail that must not leak")
 
