@@ -7,8 +7,13 @@ to route, so its answer is a 400, not the 404 or 405 a known method gets. Here e
 `bad_request` problem saying what is wrong, never quoting the bytes (an `Authorization` header
 with a bad byte holds the admin token), with a request id and the connection closed as before.
 
-aiohttp offers no setting for that answer: `RequestHandler.handle_error` makes it, and the
-runner's server makes the connections (`AdminRunner`, `_AdminServer`, `_AdminConnection`).
+A connection's last answer, given before its request's body has all come (a refusal of a call
+waiting for its `100 Continue`, a 408), is followed by the connection's end (FIN) at once, as
+on the proxy port: aiohttp sent it only after reading what was left of the body, up to 10 s.
+
+aiohttp offers no setting for either: `RequestHandler.handle_error` makes the answer, and
+`RequestHandler.finish_response` ends each one; the runner's server makes the connections
+(`AdminRunner`, `_AdminServer`, `_AdminConnection`).
 """
 
 from __future__ import annotations
@@ -80,6 +85,21 @@ class _AdminConnection(RequestHandler):
         answer = web.Response(status=problem.status, body=body, headers=headers)
         answer.force_close()  # as aiohttp's own answer did, whatever the problem
         return answer
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered, reset = await super().finish_response(request, resp, start_time)
+        if not reset and not answered.keep_alive and not request.content.is_eof():
+            # The connection's last answer, given before the body came (a 401 to a client
+            # waiting for its `100 Continue`, a 413, a 408): aiohttp now reads and drops the
+            # rest of the body, up to 10 s, so that a client still sending gets no reset, and
+            # only then closes. A client sending nothing more would see the end only then:
+            # the write side is shut now, as on the proxy port (FIN after the answer).
+            transport = self.transport
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()
+        return answered, reset
 
 
 class _AdminServer(web.Server):
