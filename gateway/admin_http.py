@@ -7,18 +7,24 @@ to route, so its answer is a 400, not the 404 or 405 a known method gets. Here e
 `bad_request` problem saying what is wrong, never quoting the bytes (an `Authorization` header
 with a bad byte holds the admin token), with a request id and the connection closed as before.
 
+Requests pipelined before one the parser refuses are answered first, in order, then the 400:
+aiohttp's parser dropped them when it met the refused one in the same read
+(`_OneRequestAtATime`).
+
 A connection's last answer, given before its request's body has all come (a refusal of a call
 waiting for its `100 Continue`, a 408), is followed by the connection's end (FIN) at once, as
 on the proxy port: aiohttp sent it only after reading what was left of the body, up to 10 s.
 
-aiohttp offers no setting for either: `RequestHandler.handle_error` makes the answer, and
-`RequestHandler.finish_response` ends each one; the runner's server makes the connections
-(`AdminRunner`, `_AdminServer`, `_AdminConnection`).
+aiohttp offers no setting for any of these: `RequestHandler.handle_error` makes the answer,
+`RequestHandler.finish_response` ends each one, and the runner's server makes the connections
+(`AdminRunner`, `_AdminServer`, `_AdminConnection`) and their parsers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -31,7 +37,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from gateway.problems import BadRequest, GatewayProblem, InternalError, render_problem
 from gateway.record import request_id_for
@@ -102,11 +108,69 @@ class _AdminConnection(RequestHandler):
         return answered, reset
 
 
+class _OneRequestAtATime(_AdminConnection):
+    """An admin connection whose parser reads a request only once those before it are taken.
+
+    aiohttp's parser reads all the requests that came in one read, pipelined, and hands them
+    over together (up to 32); when one of them cannot be parsed, it raises, and the ones it had
+    read are lost (kept inside it, where aiohttp cannot reach them): the client was answered the
+    400 alone, not whether the calls before it were made. aiohttp's own bound on the requests
+    read ahead, down to 1, makes the parser stop at the end of each request, the rest of the
+    read kept for when that request is taken: a request that cannot be parsed is then met
+    alone, once those before it are taken, and its 400 follows their answers.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        auto_decompress: bool = True,  # aiohttp's default
+        **settings: Any,
+    ) -> None:
+        super().__init__(manager, loop=loop, auto_decompress=auto_decompress, **settings)
+        # The parser as aiohttp makes it (RequestHandler.__init__), but for the bound.
+        parser = self._parser
+        if parser is None:
+            raise AttributeError("the connection has no parser")
+        one_at_a_time = type(parser)(
+            self,
+            loop,
+            self._read_bufsize,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=auto_decompress,
+            max_msg_queue_size=1,
+        )
+        # The connection's own bound, past which it pauses the socket, and the count it
+        # resumes at (aiohttp's: 32, and 16).
+        self._max_msg_queue_size = 1
+        self._msg_queue_resume_size = 0
+        self._parser = one_at_a_time
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._messages and not self._reading_paused:
+            # aiohttp has the parser read on when a request queued is taken. But it stops at
+            # the end of a request taken before its body had all come too, with nothing queued:
+            # what came after that body (a pipelined request) would wait, unread, for more
+            # bytes, which a client awaiting its answers never sends. It is read now.
+            super().data_received(b"")
+
+
 class _AdminServer(web.Server):
-    """The admin app's server, making `_AdminConnection`s."""
+    """The admin app's server, making `_AdminConnection`s, or `_OneRequestAtATime`s once
+    `admin_server` made one as a trial (a later aiohttp's connections might not take it, and
+    no connection may fail to be made)."""
+
+    connection_kind: type[_AdminConnection] = _AdminConnection
 
     def __call__(self) -> RequestHandler:
-        return _AdminConnection(self, loop=self._loop, **self._kwargs)
+        return self.connection_kind(self, loop=self._loop, **self._kwargs)
 
 
 class AdminRunner(web.AppRunner):
@@ -124,15 +188,17 @@ class AdminRunner(web.AppRunner):
 def admin_server(made: web.Server) -> web.Server:
     """`made` remade as `_AdminServer`; `made` itself should aiohttp's server no longer have
     the (private) parts this reads: the admin port then serves as aiohttp made it, its refusals
-    in plain text, rather than the gateway failing to start after an aiohttp upgrade."""
+    in plain text, rather than the gateway failing to start after an aiohttp upgrade. Likewise
+    its connections read requests as aiohttp's do should `_OneRequestAtATime` fail."""
     try:
-        return _AdminServer(
+        remade = _AdminServer(
             made.request_handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
             **made._kwargs,
         )
+        remade()  # a connection never connected: a failure found now, not at each connection
     except (AttributeError, TypeError) as exc:
         log.warning(
             "admin port: aiohttp %s's server is not as expected (%s): requests its parser "
@@ -141,3 +207,15 @@ def admin_server(made: web.Server) -> web.Server:
             exc,
         )
         return made
+    try:
+        _OneRequestAtATime(remade, loop=made._loop, **made._kwargs).data_received(b"")
+    except (AttributeError, TypeError) as exc:
+        log.warning(
+            "admin port: aiohttp %s's connections are not as expected (%s): the answers to "
+            "requests pipelined before one its parser refuses are lost",
+            aiohttp.__version__,
+            exc,
+        )
+    else:
+        remade.connection_kind = _OneRequestAtATime
+    return remade

@@ -145,3 +145,34 @@ async def test_connect_is_404_naming_its_target_and_ends_the_connection(worker: 
     assert problem["code"] == "not_found"
     assert problem["detail"] == "Nothing is served at host:443 on this port: it opens no tunnels."
     assert answer.headers["connection"] == "close"
+
+
+async def test_answers_to_requests_pipelined_before_a_refused_one_are_given_first(
+    worker: Worker,
+) -> None:
+    """Requests sent in one write with one the parser refuses after them: aiohttp's parser
+    dropped those it had read when it met the refused one, so the client had the 400 alone and
+    never learnt whether its credit (a POST) was made."""
+    credit_body = b'{"amount": 5}'
+    credit = head(
+        "POST", "/admin/usage/acme/shop/credit", AUTH, f"Content-Length: {len(credit_body)}"
+    )
+    pipelined = (
+        head("GET", "/admin/keys", AUTH)
+        + credit
+        + credit_body
+        + head("GET", "/healthz")
+        + b"FOO / HTTP/1.1\r\n\r\n"
+    )
+    async with connected(worker.admin_port) as (reader, writer):
+        writer.write(pipelined)
+        keys = await read_answer(reader)
+        credited = await read_answer(reader)
+        health = await read_answer(reader)
+        refused = await read_answer(reader)
+        assert await ends_here(reader)
+    assert keys.status == 200 and b'"acme"' in keys.body, keys
+    assert credited.status == 200 and b'"credit": 5,' in credited.body, credited
+    assert health.status == 200, health
+    assert refused.status == 400
+    assert refused.problem()["detail"] == UNKNOWN_METHOD
