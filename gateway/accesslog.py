@@ -136,14 +136,17 @@ def format_access_log(record: RequestRecord) -> str:
     upstream = record.upstream_duration
     upstream_ms = "null" if upstream is None else milliseconds(upstream)
     # Only a WebSocket line has it: the bytes its client sent through the tunnel.
-    received = "" if record.bytes_received is None else f',"bytes_received":{record.bytes_received}'
+    extra = "" if record.bytes_received is None else f',"bytes_received":{record.bytes_received}'
+    if record.units is not None:
+        # Only on a route whose upstream reports the cost: what the request was settled at.
+        extra += f',"units":{record.units}'
     # Integers without a format spec ({n}, not {n:d}): the spec is parsed anew on every line,
     # which cost ~8% of a line (bench/PROFILE.md, "Session 3"); the record's fields are ints.
     return (
         f'{{"time":"{format_time(record.start)}","request_id":{_string(record.request_id)},'
         f'"method":{_string(record.method)},"path":{_string(path)},"status":{record.status},'
         f'{label_fields},"duration_ms":{milliseconds(record.duration)},'
-        f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent}{received}}}'
+        f'"upstream_ms":{upstream_ms},"bytes_sent":{record.bytes_sent}{extra}}}'
     )
 
 

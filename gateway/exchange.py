@@ -184,10 +184,11 @@ class Exchange(RequestRecord):
         """9: give the units back when the plan's refund_on lists the outcome, else settle the
         cost the upstream reported (README, "Metering"); in a task of its own, as a cancelled
         request cannot wait for it."""
-        assert self.principal is not None
+        assert self.principal is not None and self.match is not None
         quota = self.principal.plan.quota
         runtime = self.runtime
         subject, timeout = self.principal.subject, self.snapshot.config.storage.timeout
+        reports = self.match.route.cost_header is not None
         if quota is not None and quota.refund_on:
             gone = self.code == CLIENT_CLOSED_CODE
             # An answer cut short after its head was sent counts by the status it began with
@@ -198,8 +199,12 @@ class Exchange(RequestRecord):
                 began is not None and quota.refunds(began, False)
             ):
                 runtime.settlements.refund(runtime.limiter, subject, receipt, self.product, timeout)
+                if reports:
+                    self.units = 0  # the access log's record of what it was settled at
                 return
         reported = self.reported
+        if reports:
+            self.units = receipt.cost if reported is None else reported
         if reported is None or reported == receipt.cost:
             return
         if reported < receipt.cost:

@@ -25,6 +25,8 @@ class RequestRecord:
     upstream_duration: float | None = None  # seconds from sending upstream to its response head
     bytes_sent: int = 0
     bytes_received: int | None = None  # through a WebSocket, from the client; else None
+    # On a route whose upstream reports the cost: the quota units the request was settled at.
+    units: int | None = None
 
 
 class _RequestIds:

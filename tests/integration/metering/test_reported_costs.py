@@ -6,9 +6,13 @@ admin port, for memory, a real redis-server and a real Redis Cluster (the rig fi
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
+from gateway import accesslog
 from tests.support.metering_rig import Rig, eventually
 
 METERED = "/soccer/metered/reports"  # cost: 10 held at admission
@@ -166,3 +170,27 @@ async def test_only_a_route_with_a_cost_header_reads_one(rig: Rig) -> None:
     assert (status, headers["X-Units-Used"]) == (200, "50")
     await asyncio.sleep(0.1)  # anything settled would land by now
     assert await rig.used("bill") == 1
+
+
+async def test_the_access_log_says_what_each_request_was_settled_at(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`units` on the lines of a route with a cost_header: the report, the hold when there
+    was none, 0 when refund_on gave it all back; no `units` elsewhere."""
+    capsys.readouterr()
+    for path in (
+        reporting(METERED, "3"),
+        reporting(METERED),
+        reporting(METERED, "25", status=503),
+        "/soccer/plain/reports?cost=50",
+    ):
+        await rig.get("bill", path)
+    accesslog.flush_access_log()  # the serving worker batches its lines
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    mine = [line for line in lines if line["key"] == f"bill-{rig.run}"]
+    assert [(line["status"], line.get("units")) for line in mine] == [
+        (200, 3),
+        (200, 10),
+        (503, 0),
+        (200, None),
+    ]
