@@ -4,7 +4,8 @@ It answers every path with a small JSON document describing the request it recei
 README's curl lines show what the gateway forwarded (and what it removed). A few paths behave
 differently to demonstrate pass-through: `.../missing...` answers 404, `.../broken...` answers
 503 (a failing upstream, for the README's refund example), a matching `If-None-Match` answers
-304, and `?sleep=SECONDS` waits before answering. A WebSocket upgrade
+304, `?sleep=SECONDS` waits before answering, and `?units=N` says in `X-Units-Used` that the
+call cost N units (for the README's reported-cost example). A WebSocket upgrade
 to `/base/soccer/v4/live/MATCH` is accepted: it sends one `kick-off` message, then echoes.
 """
 
@@ -39,7 +40,10 @@ async def answer(request: web.Request) -> web.StreamResponse:
     etag = '"' + hashlib.sha256(request.path.encode()).hexdigest()[:16] + '"'
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
-    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+    headers = {"ETag": etag}
+    if "units" in request.query:  # what the call cost, for a route with a cost_header
+        headers["X-Units-Used"] = request.query["units"]
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 async def live(request: web.Request) -> web.StreamResponse:
