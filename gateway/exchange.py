@@ -198,21 +198,17 @@ class Exchange(RequestRecord):
             if quota.refunds(self.status, gone) or (
                 began is not None and quota.refunds(began, False)
             ):
-                runtime.settlements.refund(runtime.limiter, subject, receipt, self.product, timeout)
+                runtime.settlements.start(
+                    runtime.limiter, subject, receipt, self.product, timeout, -receipt.cost
+                )
                 if reports:
                     self.units = 0  # the access log's record of what it was settled at
                 return
         reported = self.reported
         if reports:
             self.units = receipt.cost if reported is None else reported
-        if reported is None or reported == receipt.cost:
-            return
-        if reported < receipt.cost:
-            runtime.settlements.refund(
-                runtime.limiter, subject, receipt, self.product, timeout, receipt.cost - reported
-            )
-        else:
-            runtime.settlements.charge(
+        if reported is not None and reported != receipt.cost:
+            runtime.settlements.start(
                 runtime.limiter, subject, receipt, self.product, timeout, reported - receipt.cost
             )
 

@@ -52,49 +52,24 @@ class Settlements:
         self._count_charge = count_charge
         self._running: set[asyncio.Task[None]] = set()
 
-    def refund(
+    def start(
         self,
         limiter: Limiter,
         subject: str,
         receipt: Receipt,
         product: str,
         within: float,
-        units: int | None = None,
+        change: int,
     ) -> None:
-        """Give back `units` of an admission (all it took, by default)."""
-        given = receipt.cost if units is None else units
-        partial = receipt if given == receipt.cost else receipt._replace(cost=given)
-        self._start(
-            limiter.refund(subject, partial), "give back", given, subject, product, receipt,
-            within, self._count_refund,
-        )  # fmt: skip
-
-    def charge(
-        self,
-        limiter: Limiter,
-        subject: str,
-        receipt: Receipt,
-        product: str,
-        within: float,
-        units: int,
-    ) -> None:
-        """Take `units` more for an admission (its upstream reported a higher cost)."""
-        self._start(
-            limiter.charge(subject, receipt, units), "take", units, subject, product, receipt,
-            within, self._count_charge,
-        )  # fmt: skip
-
-    def _start(
-        self,
-        call: Coroutine[Any, Any, int],
-        verb: str,
-        units: int,
-        subject: str,
-        product: str,
-        receipt: Receipt,
-        within: float,
-        count: SettleCounter,
-    ) -> None:
+        """Settle an admission in a task: `change` below 0 gives back that many of its units
+        (all of them: `-receipt.cost`), above 0 takes that many more."""
+        if change < 0:
+            units, verb, count = -change, "give back", self._count_refund
+            given = receipt if units == receipt.cost else receipt._replace(cost=units)
+            call = limiter.refund(subject, given)
+        else:
+            units, verb, count = change, "take", self._count_charge
+            call = limiter.charge(subject, receipt, units)
         task = asyncio.get_running_loop().create_task(
             self._settle(call, verb, units, subject, product, receipt.plan, within, count)
         )

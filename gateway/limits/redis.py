@@ -2,10 +2,11 @@
 gateway processes.
 
 One request costs one EVALSHA of `hit.lua`, which checks and consumes the rate and the quota
-and counts the day's history atomically on the server; a refunded one costs one more, of
-`refund.lua`. The script runs on Redis's clock, so gateways with skewed clocks
-agree on the sliding window; the quota period is computed here because it needs the plan's
-timezone, and the UTC day here too, so that every key a script touches is named in its KEYS.
+and counts the day's history atomically on the server; a refunded one, or one settled at a
+cost its upstream reported, costs one more, of `settle.lua`. The script runs on Redis's
+clock, so gateways with skewed clocks agree on the sliding window; the quota period is
+computed here because it needs the plan's timezone, and the UTC day here too, so that every
+key a script touches is named in its KEYS.
 Every key of a subscription carries the subject as hash tag, so they live in one cluster slot.
 
 A key's history and the billing export find the subscriptions with history in sets
@@ -61,14 +62,12 @@ from gateway.limits.redis_clients import (
     open_storage_redis,
 )
 from gateway.limits.redis_layout import (
-    CHARGE,
     CREDIT,
     HIT,
     PACKED_COSTS,
-    REFUND,
     RESET,
+    SETTLE,
     AnyRedis,
-    Script,
     credit_once_key,
     day_key,
     packed_cost,
@@ -88,7 +87,7 @@ _DAY_INDEXED = 2  # hit.lua began the day's history and wrote the registry's set
 # A check's arguments as `decision_from_reply` takes them: rate, quota, cost, plan, period start
 # and end, the time it was made, its UTC day, and whether it settles.
 _HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int, bool]
-_SETTLED_TOO_LATE = -1  # refund.lua's and charge.lua's answer when run after their deadline
+_SETTLED_TOO_LATE = -1  # settle.lua's answer when it ran after its deadline
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -157,7 +156,7 @@ class RedisLimiter:
         if isinstance(client, Redis):
             self._pipeline = ScriptPipeline(
                 client,
-                (HIT.text, REFUND.text, CHARGE.text),
+                (HIT.text, SETTLE.text),
                 timeout,
                 storage.address,
                 recheck_address_every=MASTER_RECHECK_SECONDS if storage.master_moves else None,
@@ -345,27 +344,26 @@ class RedisLimiter:
         self._registry.forget(subject, day)
 
     async def refund(self, subject: str, receipt: Receipt) -> int:
-        return await self._settle("refund", REFUND, subject, receipt, receipt.cost)
+        return await self._settle("refund", subject, receipt, -receipt.cost)
 
     async def charge(self, subject: str, receipt: Receipt, units: int) -> int:
-        return await self._settle("charge", CHARGE, subject, receipt, units)
+        return await self._settle("charge", subject, receipt, units)
 
-    async def _settle(
-        self, operation: str, script: Script, subject: str, receipt: Receipt, units: int
-    ) -> int:
-        """Run `refund.lua` or `charge.lua` for the counters `receipt` names."""
+    async def _settle(self, operation: str, subject: str, receipt: Receipt, change: int) -> int:
+        """Run `settle.lua` for the counters `receipt` names: `change` below 0 gives back,
+        above 0 takes more."""
         quota = receipt.quota
         keys = (
             # Without a quota the script never reads its key: any name of the slot does.
             quota_key(subject, receipt.period_start, quota) if quota else rate_key(subject),
             day_key(subject, receipt.day),
         )
-        args = (units, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
+        args = (change, receipt.quota_stamp, receipt.day_stamp, receipt.plan)
         pipeline = self._pipeline
         if pipeline is None:
             calls = self._cluster_calls
             assert calls is not None
-            settling = calls.script(operation, script, keys, args)  # refused as a hit is
+            settling = calls.script(operation, SETTLE, keys, args)  # refused as a hit is
             try:
                 moved = int(await self._guard(operation, settling))
             except StorageError as failed:
@@ -374,7 +372,7 @@ class RedisLimiter:
         else:
             # On the hits' connection: it notices a restarted Redis as soon as the loop does,
             # where a pooled redis-py connection would send into the dead one first.
-            packed = self._pack_evalsha(script.sha, keys, args, to_come=1) + pipeline.deadline()
+            packed = self._pack_evalsha(SETTLE.sha, keys, args, to_come=1) + pipeline.deadline()
             try:
                 moved = int(await pipeline.run(packed))
             except Exception as exc:

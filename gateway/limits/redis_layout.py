@@ -43,8 +43,7 @@ class Script:
 
 
 HIT = Script("hit.lua")
-REFUND = Script("refund.lua")
-CHARGE = Script("charge.lua")
+SETTLE = Script("settle.lua")
 CREDIT = Script("credit.lua")
 RESET = Script("reset.lua")
 

@@ -3,7 +3,7 @@
 -- KEYS[1]  hash: the quota of the current period (see hit.lua)
 --
 -- The hash is born again. The units of the admissions before the reset went with it, so their
--- refunds, which name the old `born` (refund.lua), must find a counter that is not theirs and
+-- refunds, which name the old `born` (settle.lua), must find a counter that is not theirs and
 -- take nothing from the admissions since. A period nobody has used yet has nothing to reset
 -- and gets no hash (it would have no expiry).
 

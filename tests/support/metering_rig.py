@@ -83,6 +83,20 @@ class Rig:
             body = await r.json(content_type=None)
             return r.status, dict(r.headers), body
 
+    async def leave_during_the_body(self, key: str, path: str) -> bytes:
+        """Ask for `path`'s long answer, read its head and some of its body, and leave: the
+        head read."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.worker.proxy_port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}-{self.run}\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await asyncio.wait_for(reader.readexactly(1000), 5)  # some of the body, not all
+            return head
+        finally:
+            writer.transport.abort()
+
     async def used(self, key: str, product: str = "soccer") -> int:
         async with self.http.get(self.admin(f"/admin/usage/{key}-{self.run}")) as response:
             assert response.status == 200

@@ -52,68 +52,41 @@ async def test_refund_after_a_restart_neither_goes_negative_nor_takes_new_units(
         await limiter.close()
 
 
-async def test_a_refund_the_storage_does_not_answer_is_a_storage_error_too(
-    fresh_redis_server: RedisServer,
+@pytest.mark.parametrize(("change", "operation"), [(-3, "refund"), (20, "charge")])
+async def test_a_settlement_the_storage_does_not_answer_is_a_storage_error_too(
+    fresh_redis_server: RedisServer, change: int, operation: str
 ) -> None:
-    """Counted twice, as the README lists it: a refund that failed
-    (gateway_quota_refunds_total{result="error"}) and a storage call that failed
-    (gateway_storage_errors_total{operation="refund"}). And what it counts holds: the refund
-    was written before the freeze was noticed, so Redis runs it when it wakes, after its
-    deadline, and gives nothing back."""
+    """Counted twice, as the README lists it: a refund (or charge) that failed
+    (gateway_quota_refunds_total{result="error"}, or gateway_quota_charges_total) and a
+    storage call that failed (gateway_storage_errors_total{operation="refund"} or "charge").
+    And what it counts holds: the call was written before the freeze was noticed, so Redis runs
+    it when it wakes, after its deadline, and moves nothing."""
     storage_errors: list[str] = []
-    refunds: list[tuple[str, str, str, int]] = []
+    counted: dict[str, list[tuple[str, str, str, int]]] = {"refund": [], "charge": []}
     timeout = 0.25
     limiter = create_limiter(
         StorageConfig(url=fresh_redis_server.url, timeout=timeout), storage_errors.append
     )
-    settle = Settlements(lambda *counted: refunds.append(counted), _never)
+    settle = Settlements(
+        lambda *units: counted["refund"].append(units),
+        lambda *units: counted["charge"].append(units),
+    )
     try:
         subject = f"{new_key()}:soccer"
-        decision = await limiter.hit(subject, None, quota(100), 3, "pro")
+        decision = await limiter.hit(subject, None, quota(100), 3, "pro", None, True)
         assert decision.receipt is not None
         fresh_redis_server.pause()
         started = time.monotonic()
-        settle.refund(limiter, subject, decision.receipt, "soccer", timeout)
+        settle.start(limiter, subject, decision.receipt, "soccer", timeout, change)
         await settle.drain()
         assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
-        assert refunds == [("soccer", "pro", "error", 3)]
-        assert [error for error in storage_errors if error != "register"] == ["refund"]
+        assert counted[operation] == [("soccer", "pro", "error", abs(change))]
+        assert len(counted["refund"]) + len(counted["charge"]) == 1
+        assert [error for error in storage_errors if error != "register"] == [operation]
         fresh_redis_server.resume()
-        await asyncio.sleep(0.2)  # for the refund buffered in Redis's socket to run
+        await asyncio.sleep(0.2)  # for the call buffered in Redis's socket to run
         await _hit_when_back(limiter, subject, quota(100))  # 4 units, once Redis answers
         assert (await limiter.usage(subject, quota(100))).used == 3 + 4
-    finally:
-        fresh_redis_server.resume()
-        await limiter.close()
-
-
-async def test_a_charge_the_storage_does_not_answer_is_counted_and_never_applied_late(
-    fresh_redis_server: RedisServer,
-) -> None:
-    """As a refund: counted as a charge that failed and a storage error of `charge`, and
-    Redis, waking after the charge's deadline, takes nothing."""
-    storage_errors: list[str] = []
-    charges: list[tuple[str, str, str, int]] = []
-    timeout = 0.25
-    limiter = create_limiter(
-        StorageConfig(url=fresh_redis_server.url, timeout=timeout), storage_errors.append
-    )
-    settle = Settlements(_never, lambda *counted: charges.append(counted))
-    try:
-        subject = f"{new_key()}:soccer"
-        decision = await limiter.hit(subject, None, quota(100, refund=False), 3, "pro", None, True)
-        assert decision.receipt is not None
-        fresh_redis_server.pause()
-        started = time.monotonic()
-        settle.charge(limiter, subject, decision.receipt, "soccer", timeout, 20)
-        await settle.drain()
-        assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
-        assert charges == [("soccer", "pro", "error", 20)]
-        assert [error for error in storage_errors if error != "register"] == ["charge"]
-        fresh_redis_server.resume()
-        await asyncio.sleep(0.2)  # for the charge buffered in Redis's socket to run
-        await _hit_when_back(limiter, subject, quota(100, refund=False))  # 4 units
-        assert (await limiter.usage(subject, quota(100, refund=False))).used == 3 + 4
     finally:
         fresh_redis_server.resume()
         await limiter.close()
@@ -201,7 +174,3 @@ async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> obj
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
-
-
-def _never(*counted: object) -> None:
-    raise AssertionError(f"nothing of this kind was asked for, yet it was counted: {counted}")
