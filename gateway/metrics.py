@@ -449,8 +449,9 @@ def count_cost_report(product: str, route: str, result: CostReport) -> None:
 
 
 def count_storage_error(operation: str) -> None:
-    """`operation` is a fixed word naming the storage call: hit, usage, reset_quota, ping,
-    and the key store's key_write, key_read, key_version, key_load, key_subscribe."""
+    """`operation` is a fixed word naming the storage call (README, "Metrics"): hit, refund,
+    charge, register, credit, usage, history, reset, ping, and the key store's key_write,
+    key_read, key_version, key_load, key_subscribe."""
     _current.storage_errors.labels(operation).inc()
 
 
