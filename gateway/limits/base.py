@@ -39,10 +39,11 @@ class WindowState(NamedTuple):
 
 
 class Receipt(NamedTuple):
-    """What an admission took, kept until the request's outcome is known, so that its units
-    can be given back (README "Metering"). The stamps name the incarnation of the counters
-    the units went into: a refund only touches those very counters, so one that meets a
-    counter recreated since (a restarted storage, a period that ended) does nothing."""
+    """What an admission took, kept until the request's outcome is known, so that it can be
+    settled: its units given back, or more taken for a cost its upstream reported (README
+    "Metering"). The stamps name the incarnation of the counters the units went into: a
+    settlement only touches those very counters, so one that meets a counter recreated since
+    (a restarted storage, a period that ended) does nothing to it."""
 
     cost: int
     plan: str
