@@ -150,15 +150,17 @@ class Exchange(RequestRecord):
             settled = self._settled_headers(reported)
         else:
             result = "invalid"
+            # The id in the text: the log's format has no field for `extra`, and a disputed
+            # call is looked up by it (README, "Metering").
             log.warning(
                 "the upstream of %s reported a cost of %r on %s, not a whole number from 0 to "
-                "%d: the route's cost of %d stands",
+                "%d: the route's cost of %d stands (request %s)",
                 self.product,
                 value.decode("latin-1")[:40],
                 self.route,
                 MAX_COUNT,
                 self.match.route.cost if self.match is not None else 1,
-                extra={"request_id": self.request_id},
+                self.request_id,
             )
         metrics.count_cost_report(self.product, self.route, result)
         return settled

@@ -118,6 +118,18 @@ async def test_a_missing_or_unreadable_report_leaves_the_hold(rig: Rig) -> None:
     assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
 
 
+async def test_an_unreadable_report_is_logged_with_the_request_id(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log's lines are its text: the id is in it, for the disputed call's look-up."""
+    caplog.clear()
+    status, headers, _ = await rig.get("bill", reporting(METERED, "12.5"))
+    assert status == 200
+    (warning,) = [r for r in caplog.records if "reported a cost of '12.5'" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert headers["X-Request-ID"] in warning.getMessage()
+
+
 async def test_a_refunded_outcome_gives_back_the_hold_whatever_was_reported(rig: Rig) -> None:
     """The billing plan refunds 5xx: a 503 that reported a cost costs nothing; without
     refund_on (the counting plan) a 503's report is its cost, as any answer's."""
