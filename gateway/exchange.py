@@ -17,7 +17,6 @@ from gateway.http.request import Request
 from gateway.keys.index import Principal
 from gateway.limits.base import Decision, Receipt
 from gateway.limits.headers import LIMIT_HEADER_NAMES, header_dict, limit_header_lines
-from gateway.metric_families import CostReport
 from gateway.problems import CLIENT_CLOSED_CODE, REQUEST_ID_HEADER
 from gateway.record import RequestRecord, new_request_id, request_id_for
 from gateway.routing import RouteMatch
@@ -140,30 +139,35 @@ class Exchange(RequestRecord):
         whole number from 0 to the largest count, or the route's `cost` stands (README,
         "Metering"). Answers the gateway's header lines for that answer when the quota's
         remaining units, as settled at that cost, differ from what the admission left."""
-        settled = None
         if value is None:
-            result: CostReport = "missing"
-        elif value.isdigit() and len(value) <= _MAX_COUNT_DIGITS and int(value) <= MAX_COUNT:
-            # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
-            self.reported = reported = int(value)
-            result = "ok"
-            settled = self._settled_headers(reported)
-        else:
-            result = "invalid"
-            # The id in the text: the log's format has no field for `extra`, and a disputed
-            # call is looked up by it (README, "Metering").
-            log.warning(
-                "the upstream of %s reported a cost of %r on %s, not a whole number from 0 to "
-                "%d: the route's cost of %d stands (request %s)",
-                self.product,
-                value.decode("latin-1")[:40],
-                self.route,
-                MAX_COUNT,
-                self.match.route.cost if self.match is not None else 1,
-                self.request_id,
-            )
-        metrics.count_cost_report(self.product, self.route, result)
-        return settled
+            metrics.count_cost_report(self.product, self.route, "missing")
+            return None
+        digits = value
+        if len(digits) > _MAX_COUNT_DIGITS:
+            # Leading zeros say the same number (`007` is 7); only they can make so long a
+            # value one, so they are stripped here, off the common path.
+            digits = digits.lstrip(b"0") or b"0"
+        # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
+        if digits.isdigit() and len(digits) <= _MAX_COUNT_DIGITS:
+            reported = int(digits)
+            if reported <= MAX_COUNT:
+                self.reported = reported
+                metrics.count_cost_report(self.product, self.route, "ok")
+                return self._settled_headers(reported)
+        # The id in the text: the log's format has no field for `extra`, and a disputed
+        # call is looked up by it (README, "Metering").
+        log.warning(
+            "the upstream of %s reported a cost of %r on %s, not a whole number from 0 to "
+            "%d: the route's cost of %d stands (request %s)",
+            self.product,
+            value.decode("latin-1")[:40],
+            self.route,
+            MAX_COUNT,
+            self.match.route.cost if self.match is not None else 1,
+            self.request_id,
+        )
+        metrics.count_cost_report(self.product, self.route, "invalid")
+        return None
 
     def _settled_headers(self, reported: int) -> ExtraHeaders | None:
         """The answer's headers with the quota's remaining units as the admission left them,

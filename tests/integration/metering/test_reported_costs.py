@@ -118,6 +118,15 @@ async def test_a_missing_or_unreadable_report_leaves_the_hold(rig: Rig) -> None:
     assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
 
 
+async def test_leading_zeros_say_the_same_cost(rig: Rig) -> None:
+    """`0007` is 7, however many zeros lead (more digits than the largest cost has)."""
+    status, headers, _ = await rig.get("bill", reporting(METERED, "0" * 20 + "7"))
+    assert (status, headers["X-Quota-Remaining"]) == (200, "93")
+    status, headers, _ = await rig.get("bill", reporting(METERED, "0" * 20))
+    assert (status, headers["X-Quota-Remaining"]) == (200, "93")
+    await rig.used_becomes("bill", 7)
+
+
 async def test_an_unreadable_report_is_logged_with_the_request_id(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
