@@ -287,14 +287,15 @@ async def forward(
 
 
 def _reported_cost(lines: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The value of the answer's `name` line; lines that disagree give an empty value (no
-    cost can be read from it), as one line holding both values would."""
+    """The value of the answer's `name` line; lines that disagree give their values joined
+    with commas, as one line holding them all would: no cost can be read from it, and the
+    warning that says so shows what the upstream sent."""
     found: bytes | None = None
     for line_name, value in lines:
         if line_name.lower() == name:
             value = value.strip()
             if found is not None and value != found:
-                return b""
+                return b", ".join(v.strip() for n, v in lines if n.lower() == name)
             found = value
     return found
 
