@@ -134,7 +134,7 @@ class Exchange(RequestRecord):
         self.bytes_sent = bytes_sent
         self.began = began
 
-    def report_cost(self, value: bytes | None) -> ExtraHeaders | None:
+    def report_cost(self, value: bytes | None, status: int) -> ExtraHeaders | None:
         """What the upstream's answer said this request cost (the route's cost_header): a
         whole number from 0 to the largest count, or the route's `cost` stands (README,
         "Metering"). Answers the gateway's header lines for that answer when the quota's
@@ -153,7 +153,7 @@ class Exchange(RequestRecord):
             if reported <= MAX_COUNT:
                 self.reported = reported
                 metrics.count_cost_report(self.product, self.route, "ok")
-                return self._settled_headers(reported)
+                return self._settled_headers(reported, status)
         # The id in the text: the log's format has no field for `extra`, and a disputed
         # call is looked up by it (README, "Metering").
         log.warning(
@@ -169,11 +169,15 @@ class Exchange(RequestRecord):
         metrics.count_cost_report(self.product, self.route, "invalid")
         return None
 
-    def _settled_headers(self, reported: int) -> ExtraHeaders | None:
+    def _settled_headers(self, reported: int, status: int) -> ExtraHeaders | None:
         """The answer's headers with the quota's remaining units as the admission left them,
-        give or take what settling at `reported` moves."""
-        decision, match = self.decision, self.match
-        if decision is None or decision.quota is None or match is None:
+        give or take what settling at `reported` moves. An answer whose status the plan
+        refunds keeps the admission's, as on every route (its hold comes back whole)."""
+        decision, match, principal = self.decision, self.match, self.principal
+        if decision is None or decision.quota is None or match is None or principal is None:
+            return None
+        plan_quota = principal.plan.quota
+        if plan_quota is not None and plan_quota.refund_on and plan_quota.refunds(status, False):
             return None
         held = match.route.cost
         if reported == held:
@@ -205,7 +209,13 @@ class Exchange(RequestRecord):
                 began is not None and quota.refunds(began, False)
             ):
                 runtime.settlements.start(
-                    runtime.limiter, subject, receipt, self.product, timeout, -receipt.cost
+                    runtime.limiter,
+                    subject,
+                    receipt,
+                    self.product,
+                    timeout,
+                    -receipt.cost,
+                    self.request_id,
                 )
                 if reports:
                     self.units = 0  # the access log's record of what it was settled at
@@ -215,7 +225,13 @@ class Exchange(RequestRecord):
             self.units = receipt.cost if reported is None else reported
         if reported is not None and reported != receipt.cost:
             runtime.settlements.start(
-                runtime.limiter, subject, receipt, self.product, timeout, reported - receipt.cost
+                runtime.limiter,
+                subject,
+                receipt,
+                self.product,
+                timeout,
+                reported - receipt.cost,
+                self.request_id,
             )
 
 

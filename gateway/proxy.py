@@ -62,9 +62,9 @@ AnswerHook = Callable[[int, float, int], None]
 # 499 whose log line still says how far it got, and whose answer began with that status.
 CutHook = Callable[[float, int, int | None], None]
 # Told the value of the line in which an upstream reports what a request cost (the route's
-# cost_header), or None when its final answer has none, once that answer's head is in hand;
-# answers the gateway's header lines for that answer when the report changed them.
-CostHook = Callable[[bytes | None], ExtraHeaders | None]
+# cost_header), or None when its final answer has none, and that answer's status, once its
+# head is in hand; answers the gateway's header lines for it when the report changed them.
+CostHook = Callable[[bytes | None, int], ExtraHeaders | None]
 
 
 # The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
@@ -252,7 +252,9 @@ async def forward(
                 )
             upstream_seconds = time.perf_counter() - started
             if cost_report is not None:
-                settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+                settled = cost_report[1](
+                    _reported_cost(reply.raw_headers, cost_report[0]), reply.status
+                )
                 if settled is not None:
                     extra_response_headers = settled
             switched = switching_protocols_head(
@@ -270,7 +272,7 @@ async def forward(
         )
     upstream_seconds = time.perf_counter() - started
     if cost_report is not None:
-        settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]))
+        settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]), reply.status)
         if settled is not None:
             extra_response_headers = settled
     head = client_response_head(reply.raw_headers, extra_response_headers)
@@ -287,17 +289,26 @@ async def forward(
 
 
 def _reported_cost(lines: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The value of the answer's `name` line; lines that disagree give their values joined
-    with commas, as one line holding them all would: no cost can be read from it, and the
-    warning that says so shows what the upstream sent."""
+    """The value of the answer's `name` line. Several values (lines, or one line holding a
+    list, as an intermediary that merges lines makes) are one cost when they all say the same
+    number (`3, 3`; `3` and `03`); else they are given joined with commas, as one line holding
+    them all: no cost can be read from it, and the warning that says so shows what was sent."""
     found: bytes | None = None
+    agree = True
     for line_name, value in lines:
         if line_name.lower() == name:
             value = value.strip()
-            if found is not None and value != found:
-                return b", ".join(v.strip() for n, v in lines if n.lower() == name)
-            found = value
-    return found
+            if found is None:
+                found = value
+            elif value != found:
+                agree = False
+    if found is None or (agree and b"," not in found):
+        return found
+    values = [part.strip() for n, v in lines if n.lower() == name for part in v.split(b",")]
+    numbers = {value.lstrip(b"0") or b"0" for value in values}
+    if len(numbers) == 1 and b"" not in values:
+        return numbers.pop()
+    return b", ".join(values)
 
 
 async def _send_with_body(
@@ -447,10 +458,8 @@ async def _stream_body(
         # Sending the chunked terminator (or nothing more under a Content-Length) would
         # make a cut answer look complete; an abort makes the client see the truncation.
         connection.abort()
+        # The id in the text: the log's format has no field for `extra`.
         log.warning(
-            "answer cut short after %d body bytes: %s",
-            sent,
-            error,
-            extra={"request_id": request_id, "product": product.name},
+            "answer cut short after %d body bytes: %s (request %s)", sent, error, request_id
         )
     return ForwardResult(status, upstream_seconds, sent, error)

@@ -60,9 +60,11 @@ class Settlements:
         product: str,
         within: float,
         change: int,
+        request_id: str = "",
     ) -> None:
         """Settle an admission in a task: `change` below 0 gives back that many of its units
-        (all of them: `-receipt.cost`), above 0 takes that many more."""
+        (all of them: `-receipt.cost`), above 0 takes that many more. `request_id` names its
+        request in the warning of a settlement that fails."""
         if change < 0:
             units, verb, count = -change, "give back", self._count_refund
             given = receipt if units == receipt.cost else receipt._replace(cost=units)
@@ -71,7 +73,9 @@ class Settlements:
             units, verb, count = change, "take", self._count_charge
             call = limiter.charge(subject, receipt, units)
         task = asyncio.get_running_loop().create_task(
-            self._settle(call, verb, units, subject, product, receipt.plan, within, count)
+            self._settle(
+                call, verb, units, subject, product, receipt.plan, within, count, request_id
+            )
         )
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -86,6 +90,7 @@ class Settlements:
         plan: str,
         within: float,
         count: SettleCounter,
+        request_id: str,
     ) -> None:
         try:
             # The storage bounds the call by `within` itself and counts a miss as a storage
@@ -95,11 +100,12 @@ class Settlements:
                 await call
         except (StorageError, TimeoutError) as exc:
             log.warning(
-                "could not %s %d units of %s (%s); not retried, so never twice",
+                "could not %s %d units of %s (%s); not retried, so never twice (request %s)",
                 verb,
                 units,
                 subject,
                 str(exc) or "timed out",  # a TimeoutError says nothing of itself
+                request_id or "unknown",
             )
             count(product, plan, "error", units)
             return

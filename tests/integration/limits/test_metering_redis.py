@@ -54,7 +54,10 @@ async def test_refund_after_a_restart_neither_goes_negative_nor_takes_new_units(
 
 @pytest.mark.parametrize(("change", "operation"), [(-3, "refund"), (20, "charge")])
 async def test_a_settlement_the_storage_does_not_answer_is_a_storage_error_too(
-    fresh_redis_server: RedisServer, change: int, operation: str
+    fresh_redis_server: RedisServer,
+    change: int,
+    operation: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Counted twice, as the README lists it: a refund (or charge) that failed
     (gateway_quota_refunds_total{result="error"}, or gateway_quota_charges_total) and a
@@ -77,8 +80,9 @@ async def test_a_settlement_the_storage_does_not_answer_is_a_storage_error_too(
         assert decision.receipt is not None
         fresh_redis_server.pause()
         started = time.monotonic()
-        settle.start(limiter, subject, decision.receipt, "soccer", timeout, change)
+        settle.start(limiter, subject, decision.receipt, "soccer", timeout, change, "req-17")
         await settle.drain()
+        assert "(request req-17)" in caplog.text  # the request its warning is about
         assert time.monotonic() - started < 8 * timeout  # loose: a busy CI box
         assert counted[operation] == [("soccer", "pro", "error", abs(change))]
         assert len(counted["refund"]) + len(counted["charge"]) == 1

@@ -122,6 +122,8 @@ async def test_leading_zeros_say_the_same_cost(rig: Rig) -> None:
     """`0007` is 7, however many zeros lead (more digits than the largest cost has)."""
     status, headers, _ = await rig.get("bill", reporting(METERED, "0" * 20 + "7"))
     assert (status, headers["X-Quota-Remaining"]) == (200, "93")
+    # The next admission's headers count this settlement only once it has landed.
+    await rig.used_becomes("bill", 7)
     status, headers, _ = await rig.get("bill", reporting(METERED, "0" * 20))
     assert (status, headers["X-Quota-Remaining"]) == (200, "93")
     await rig.used_becomes("bill", 7)
@@ -143,12 +145,26 @@ async def test_an_unreadable_report_is_logged_with_the_request_id(
     assert any("reported a cost of '4, 5'" in r.getMessage() for r in caplog.records)
 
 
+async def test_values_that_say_the_same_number_are_one_report(rig: Rig) -> None:
+    """An intermediary may merge lines into one (`3, 3`); `3` and `03` are one number."""
+    for number, costs in enumerate((("3, 3",), ("3", "03"), ("3,03", "3")), start=1):
+        status, headers, _ = await rig.get("bill", reporting(METERED, *costs))
+        assert (status, headers["X-Quota-Remaining"]) == (200, str(100 - 3 * number))
+        await rig.used_becomes("bill", 3 * number)  # landed before the next admission
+    for costs in (("3, 4",), ("3,",), ("3", "3, 5")):
+        assert (await rig.get("bill", reporting(METERED, *costs)))[0] == 200
+    await rig.used_becomes("bill", 9 + 30)
+
+
 async def test_a_refunded_outcome_gives_back_the_hold_whatever_was_reported(rig: Rig) -> None:
     """The billing plan refunds 5xx: a 503 that reported a cost costs nothing; without
     refund_on (the counting plan) a 503's report is its cost, as any answer's."""
-    assert (await rig.get("bill", reporting(METERED, "25", status=503)))[0] == 503
+    status, headers, _ = await rig.get("bill", reporting(METERED, "25", status=503))
+    # Its quota headers say what admission left, as any refunded answer's, not 100 - 25.
+    assert (status, headers["X-Quota-Remaining"]) == (503, "90")
     await rig.used_becomes("bill", 0)
-    assert (await rig.get("count", reporting(REPORTED, "3", status=503)))[0] == 503
+    status, headers, _ = await rig.get("count", reporting(REPORTED, "3", status=503))
+    assert (status, headers["X-Quota-Remaining"]) == (503, "2")  # 5 - 3: not refunded
     await rig.used_becomes("count", 3)
 
 
