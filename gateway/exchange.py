@@ -197,8 +197,8 @@ class Exchange(RequestRecord):
         assert self.principal is not None and self.match is not None
         quota = self.principal.plan.quota
         runtime = self.runtime
-        subject, timeout = self.principal.subject, self.snapshot.config.storage.timeout
-        reports = self.match.route.cost_header is not None
+        reported = self.reported
+        settled_at = receipt.cost if reported is None else reported
         if quota is not None and quota.refund_on:
             gone = self.code == CLIENT_CLOSED_CODE
             # An answer cut short after its head was sent counts by the status it began with
@@ -208,29 +208,17 @@ class Exchange(RequestRecord):
             if quota.refunds(self.status, gone) or (
                 began is not None and quota.refunds(began, False)
             ):
-                runtime.settlements.start(
-                    runtime.limiter,
-                    subject,
-                    receipt,
-                    self.product,
-                    timeout,
-                    -receipt.cost,
-                    self.request_id,
-                )
-                if reports:
-                    self.units = 0  # the access log's record of what it was settled at
-                return
-        reported = self.reported
-        if reports:
-            self.units = receipt.cost if reported is None else reported
-        if reported is not None and reported != receipt.cost:
+                settled_at = 0  # whatever the upstream reported
+        if self.match.route.cost_header is not None:
+            self.units = settled_at  # the access log's record of it
+        if settled_at != receipt.cost:
             runtime.settlements.start(
                 runtime.limiter,
-                subject,
+                self.principal.subject,
                 receipt,
                 self.product,
-                timeout,
-                reported - receipt.cost,
+                self.snapshot.config.storage.timeout,
+                settled_at - receipt.cost,
                 self.request_id,
             )
 
