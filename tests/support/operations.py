@@ -190,11 +190,16 @@ def requests_counted_by_worker(pid: int, scratch: Path) -> float:
 
 
 def connection_refused(port: int) -> bool:
+    """Whether a new connection to `port` is refused; False (ask again) for one that was
+    reset: on a busy box a connect can land in the backlog of a listener closing that very
+    moment, which the kernel then resets."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 class ThreadedUpstream:
