@@ -137,23 +137,22 @@ class Exchange(RequestRecord):
     def report_cost(self, value: bytes | None, status: int) -> ExtraHeaders | None:
         """What the upstream's answer said this request cost (the route's cost_header): a
         whole number from 0 to the largest count, or the route's `cost` stands (README,
-        "Metering"). Answers the gateway's header lines for that answer when the quota's
-        remaining units, as settled at that cost, differ from what the admission left."""
+        "Metering"). Several values, comma-separated, are one cost when they say the same
+        number (`3, 3`; `3, 03`). Answers the gateway's header lines for that answer when the
+        quota's remaining units, as settled at that cost, differ from what the admission left."""
+        assert self.match is not None
         if value is None:
             metrics.count_cost_report(self.product, self.route, "missing")
             return None
-        digits = value
-        if len(digits) > _MAX_COUNT_DIGITS:
-            # Leading zeros say the same number (`007` is 7); only they can make so long a
-            # value one, so they are stripped here, off the common path.
-            digits = digits.lstrip(b"0") or b"0"
-        # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
-        if digits.isdigit() and len(digits) <= _MAX_COUNT_DIGITS:
-            reported = int(digits)
-            if reported <= MAX_COUNT:
-                self.reported = reported
-                metrics.count_cost_report(self.product, self.route, "ok")
-                return self._settled_headers(reported, status)
+        if b"," in value:
+            numbers = {_whole_number(part.strip()) for part in value.split(b",")}
+            reported = numbers.pop() if len(numbers) == 1 else None
+        else:
+            reported = _whole_number(value)
+        if reported is not None:
+            self.reported = reported
+            metrics.count_cost_report(self.product, self.route, "ok")
+            return self._settled_headers(reported, status)
         # The id in the text: the log's format has no field for `extra`, and a disputed
         # call is looked up by it (README, "Metering").
         log.warning(
@@ -163,7 +162,7 @@ class Exchange(RequestRecord):
             value.decode("latin-1")[:40],
             self.route,
             MAX_COUNT,
-            self.match.route.cost if self.match is not None else 1,
+            self.match.route.cost,
             self.request_id,
         )
         metrics.count_cost_report(self.product, self.route, "invalid")
@@ -221,6 +220,19 @@ class Exchange(RequestRecord):
                 settled_at - receipt.cost,
                 self.request_id,
             )
+
+
+def _whole_number(text: bytes) -> int | None:
+    """`text` as a count from 0 to MAX_COUNT, ASCII digits only; None for anything else."""
+    if len(text) > _MAX_COUNT_DIGITS:
+        # Leading zeros say the same number (`007` is 7); only they can make so long a value
+        # one, so they are stripped here, off the common path.
+        text = text.lstrip(b"0") or b"0"
+    # bytes.isdigit is ASCII digits only; the length bound keeps int() cheap.
+    if not text.isdigit() or len(text) > _MAX_COUNT_DIGITS:
+        return None
+    number = int(text)
+    return number if number <= MAX_COUNT else None
 
 
 def _request_id(request: Request) -> str:

@@ -263,9 +263,8 @@ async def forward_upstream(ex: Exchange) -> Answer:
     cost_report = None
     cost_header = ex.match.route.cost_header
     if cost_header is not None and ex.receipt is not None:
-        # Read only when the limits took units to settle (a storage away took none); the
-        # raw lines are matched lower-cased.
-        cost_report = (cost_header.lower().encode("ascii"), ex.report_cost)
+        # Read only when the limits took units to settle (a storage away took none).
+        cost_report = (cost_header, ex.report_cost)
     result = await forward(
         request,
         destination,

@@ -252,11 +252,7 @@ async def forward(
                 )
             upstream_seconds = time.perf_counter() - started
             if cost_report is not None:
-                settled = cost_report[1](
-                    _reported_cost(reply.raw_headers, cost_report[0]), reply.status
-                )
-                if settled is not None:
-                    extra_response_headers = settled
+                extra_response_headers = _report_cost(cost_report, reply, extra_response_headers)
             switched = switching_protocols_head(
                 reply.reason, reply.raw_headers, extra_response_headers
             )
@@ -272,9 +268,7 @@ async def forward(
         )
     upstream_seconds = time.perf_counter() - started
     if cost_report is not None:
-        settled = cost_report[1](_reported_cost(reply.raw_headers, cost_report[0]), reply.status)
-        if settled is not None:
-            extra_response_headers = settled
+        extra_response_headers = _report_cost(cost_report, reply, extra_response_headers)
     head = client_response_head(reply.raw_headers, extra_response_headers)
     if head.keep_alive is not None:
         reply.keep_alive(head.keep_alive)
@@ -288,27 +282,18 @@ async def forward(
     )  # fmt: skip
 
 
-def _reported_cost(lines: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The value of the answer's `name` line. Several values (lines, or one line holding a
-    list, as an intermediary that merges lines makes) are one cost when they all say the same
-    number (`3, 3`; `3` and `03`); else they are given joined with commas, as one line holding
-    them all: no cost can be read from it, and the warning that says so shows what was sent."""
-    found: bytes | None = None
-    agree = True
-    for line_name, value in lines:
-        if line_name.lower() == name:
-            value = value.strip()
-            if found is None:
-                found = value
-            elif value != found:
-                agree = False
-    if found is None or (agree and b"," not in found):
-        return found
-    values = [part.strip() for n, v in lines if n.lower() == name for part in v.split(b",")]
-    numbers = {value.lstrip(b"0") or b"0" for value in values}
-    if len(numbers) == 1 and b"" not in values:
-        return numbers.pop()
-    return b", ".join(values)
+def _report_cost(
+    cost_report: tuple[bytes, CostHook], reply: HttpReply, extra: ExtraHeaders | None
+) -> ExtraHeaders | None:
+    """Tell `cost_report`'s hook what the final answer says of its cost: its lines of that
+    name, one value, or several joined with commas as one line holding them all would be
+    (whether they agree is the hook's to read). The gateway's header lines for the answer:
+    those the hook answers, or `extra` as they were."""
+    name, hook = cost_report
+    values = [value.strip() for line, value in reply.raw_headers if line.lower() == name]
+    reported = None if not values else values[0] if len(values) == 1 else b", ".join(values)
+    settled = hook(reported, reply.status)
+    return extra if settled is None else settled
 
 
 async def _send_with_body(

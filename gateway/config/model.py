@@ -196,8 +196,9 @@ class Route:
     websocket: bool = False  # WebSocket upgrades are proxied (else answered as plain requests)
     cost: int = 1  # quota units one admitted request uses (README "Metering")
     # The upstream's answer header that states what a request cost, settled after the answer
-    # (README "Metering"); None: `cost` is the cost.
-    cost_header: str | None = None
+    # (README "Metering"), lower-cased as the answer's raw lines are matched, once here rather
+    # than per request; None: `cost` is the cost.
+    cost_header: bytes | None = None
     line: int = 0  # where it was declared, for messages
 
 

@@ -331,7 +331,7 @@ class ProductsReader:
             redirect=redirect,
             websocket=websocket,
             cost=cost,
-            cost_header=cost_header,
+            cost_header=None if cost_header is None else cost_header.lower().encode("ascii"),
             line=line_of(node),
         )
 
