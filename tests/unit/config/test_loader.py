@@ -37,6 +37,8 @@ from gateway.config import (
     parse_duration,
 )
 from gateway.config.products import parse_template
+from gateway.limits.headers import LIMIT_HEADER_NAMES
+from gateway.problems import REQUEST_ID_HEADER
 from gateway.routing import RouteTable
 from tests.support.config import MINIMAL_PRODUCTS, issues_of, write_config_file
 from tests.support.paths import REPO_ROOT
@@ -524,4 +526,19 @@ def test_a_yml_file_beside_the_yaml_files_is_said_to_be_unread(
         load_config(tmp_path, env={})
     assert [record.getMessage() for record in caplog.records] == [
         f"{tmp_path}: keys.yml not read: only a folder's *.yaml files are"
+    ]
+
+
+@pytest.mark.parametrize("name", [REQUEST_ID_HEADER, *LIMIT_HEADER_NAMES, "Retry-After"])
+def test_no_answer_header_of_the_gateway_can_be_a_cost_header(tmp_path: Path, name: str) -> None:
+    """The config's refusal is written apart from the headers it guards (the config sits
+    below the limits): every header the gateway sets on an answer is refused all the same."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "products:\n  shop:\n    upstream: {url: 'http://127.0.0.1:9000'}\n    routes:\n"
+        f"      - {{path: /shop, cost_header: {name}}}\n"
+    )
+    assert issues_of(path) == [
+        f"{path}:5: products.shop.routes[0].cost_header: must not be {name}: HTTP or the "
+        "gateway uses that header"
     ]
