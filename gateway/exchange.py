@@ -134,12 +134,14 @@ class Exchange(RequestRecord):
         self.bytes_sent = bytes_sent
         self.began = began
 
-    def report_cost(self, value: bytes | None, status: int) -> ExtraHeaders | None:
-        """What the upstream's answer said this request cost (the route's cost_header): a
-        whole number from 0 to the largest count, or the route's `cost` stands (README,
-        "Metering"). Several values, comma-separated, are one cost when they say the same
-        number (`3, 3`; `3, 03`). Answers the gateway's header lines for that answer when the
-        quota's remaining units, as settled at that cost, differ from what the admission left."""
+    def report_cost(self, value: bytes | None, status: int | None) -> ExtraHeaders | None:
+        """What the upstream's answer said this request cost (the route's cost_header), in its
+        head or its trailer: a whole number from 0 to the largest count, or the route's `cost`
+        stands (README, "Metering"). Several values, comma-separated, are one cost when they
+        say the same number (`3, 3`; `3, 03`). With the answer's `status` (its head still to
+        be sent), answers the gateway's header lines for it when the quota's remaining units,
+        as settled at that cost, differ from what the admission left; `status` is None for a
+        trailer's report, which comes after the head."""
         assert self.match is not None
         if value is None:
             metrics.count_cost_report(self.product, self.route, "missing")
@@ -152,7 +154,7 @@ class Exchange(RequestRecord):
         if reported is not None:
             self.reported = reported
             metrics.count_cost_report(self.product, self.route, "ok")
-            return self._settled_headers(reported, status)
+            return None if status is None else self._settled_headers(reported, status)
         # The id in the text: the log's format has no field for `extra`, and a disputed
         # call is looked up by it (README, "Metering").
         log.warning(

@@ -20,7 +20,15 @@ if TYPE_CHECKING:
 class HttpReply(ChunkQueue):
     """One upstream answer: its head, and its body as a queue of chunks from the parser."""
 
-    __slots__ = ("_connection", "_headers", "head_only", "raw_headers", "reason", "status")
+    __slots__ = (
+        "_connection",
+        "_headers",
+        "head_only",
+        "raw_headers",
+        "reason",
+        "status",
+        "trailer_lines",
+    )
 
     def __init__(self, connection: HttpConnection, head_only: bool) -> None:
         ChunkQueue.__init__(self)
@@ -29,6 +37,9 @@ class HttpReply(ChunkQueue):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # A chunked body's trailer fields, as read (bounded as a head is), once it is done;
+        # never passed on to the client (RFC 9110 6.5.1), but a hook may read them.
+        self.trailer_lines: tuple[tuple[bytes, bytes], ...] = ()
         self._headers: CIMultiDictProxy[str] | None = None
 
     @property

@@ -95,12 +95,17 @@ class ReplyReader(ChunkEvents):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             # A chunked body's trailer fields: not the answer's head (which may have left
-            # already), and never passed on as if they were (RFC 9110 6.5.1); bounded.
+            # already), and never passed on as if they were (RFC 9110 6.5.1); bounded, and
+            # kept on the reply.
             chunks = self._chunks
             if chunks is not None:
                 refusal = chunks.trailer_field(len(name) + len(value) + 4)
                 if refusal is not None:
                     self._stop_head(refusal)
+                reply = self._reply
+                if reply is not None:
+                    # Kept for whoever reads them once the body is done (a reported cost).
+                    reply.trailer_lines += ((name, value),)
             return
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4

@@ -5,12 +5,14 @@ serving API, whose keys are unique per run, with a client of its proxy and admin
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
+from tests.support.raw_upstream import Peer, raw_upstream
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -37,6 +40,12 @@ products:
     upstream: {{url: "{upstream}/base"}}
     routes:
       - path: /weather/{{rest:path}}
+  stream:
+    upstream: {{url: "{trailing}"}}
+    routes:
+      - path: /stream/{{rest:path}}
+        cost: 10
+        cost_header: X-Units-Used
 plans:
   refunding:
     quota: {{limit: 5, per: month, refund_on: [5xx, 499]}}
@@ -56,7 +65,9 @@ keys:
   - {{name: refund-{run}, key: refund-{run}, plans: {{soccer: refunding}}}}
   - {{name: count-{run}, key: count-{run}, plans: {{soccer: counting}}}}
   - {{name: rated-{run}, key: rated-{run}, plans: {{soccer: rated}}}}
-  - {{name: bill-{run}, key: bill-{run}, plans: {{soccer: billing, weather: billing}}}}
+  - name: bill-{run}
+    key: bill-{run}
+    plans: {{soccer: billing, weather: billing, stream: billing}}
   - {{name: local-{run}, key: local-{run}, plans: {{soccer: local}}}}
   - name: vip-{run}
     key: vip-{run}
@@ -102,9 +113,9 @@ class Rig:
             assert response.status == 200
             return int((await response.json())["products"][product]["quota"]["used"])
 
-    async def used_becomes(self, key: str, expected: int) -> None:
+    async def used_becomes(self, key: str, expected: int, product: str = "soccer") -> None:
         """Refunds land just after the answer: wait (briefly) for them."""
-        await eventually(lambda: self.used(key), expected)
+        await eventually(lambda: self.used(key, product), expected)
 
     async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         async with self.http.get(self.admin("/metrics")) as response:
@@ -127,11 +138,39 @@ async def eventually(read: Callable[[], Awaitable[Any]], expected: Any) -> None:
 async def _running_rig(tmp_path: Path, **server: str) -> AsyncIterator[Rig]:
     """An upstream and an in-process gateway serving API with `server` settings."""
     run = uuid.uuid4().hex[:8]
-    async with running_upstream() as upstream:
+    async with running_upstream() as upstream, raw_upstream(_reporting_in_trailer) as trailing:
         config = write_config(
             tmp_path / "c",
-            API.format(upstream=upstream.url, run=run),
+            API.format(
+                upstream=upstream.url, trailing=f"http://127.0.0.1:{trailing.port}", run=run
+            ),
             server=worker_server_yaml(**server),
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
             yield Rig(worker, upstream, run, http)
+
+
+async def _reporting_in_trailer(peer: Peer) -> None:
+    """The `stream` product's upstream: a chunked JSON answer to each request on the
+    connection, whose trailer says what the call cost. Its query: `trailer=N` (an X-Units-Used
+    trailer line each), `head=N` (a line in the head instead), `bytes=N` (the body's padding,
+    in chunks of 16 KiB; default 10), `hang` (after the first chunk, nothing more is sent
+    until the gateway closes the connection)."""
+    reader, writer = peer.reader, peer.writer
+    while head := await reader.readuntil(b"\r\n\r\n"):
+        query = parse_qs(urlsplit(head.split(b" ", 2)[1].decode()).query, keep_blank_values=True)
+        body = json.dumps({"pad": "x" * int(query.get("bytes", ["10"])[0])}).encode()
+        lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json"]
+        lines += [b"Transfer-Encoding: chunked"]
+        lines += [b"X-Units-Used: " + value.encode() for value in query.get("head", [])]
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        for at in range(0, len(body), 16384):
+            part = body[at : at + 16384]
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            if "hang" in query:
+                await reader.read()  # until the gateway closes
+                return
+        trailer = b"".join(b"X-Units-Used: %s\r\n" % v.encode() for v in query.get("trailer", []))
+        writer.write(b"0\r\n" + trailer + b"\r\n")
+        await writer.drain()

@@ -59,6 +59,31 @@ async def test_chunked_body_is_dechunked_chunk_by_chunk() -> None:
     assert up.connections == 1
 
 
+async def test_a_chunked_bodys_trailer_fields_are_kept_on_its_reply() -> None:
+    """Not headers, but read once the body is done (a reported cost); none on the next."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    async with (
+        raw_upstream(
+            keep_answering(
+                answer + b"0\r\nX-Units-Used: 7\r\nX-Other:  a b \r\n\r\n",
+                answer + b"0\r\n\r\n",
+            )
+        ) as up,
+        client_for(up.port) as client,
+    ):
+        reply = await client.send("GET", "/x", HOST, None)
+        assert await body_chunks(reply) == [b"hello"]
+        # As the parser read them (a value's trailing whitespace is its reader's to strip).
+        assert reply.trailer_lines == ((b"X-Units-Used", b"7"), (b"X-Other", b"a b "))
+        assert "X-Units-Used" not in reply.headers
+        reply.finish()
+        reply = await client.send("GET", "/x", HOST, None)
+        assert await body_chunks(reply) == [b"hello"]
+        assert reply.trailer_lines == ()
+        reply.finish()
+    assert up.connections == 1
+
+
 async def test_body_without_length_ends_with_the_connection() -> None:
     async def script(peer: Peer) -> None:
         await peer.head()

@@ -227,3 +227,66 @@ async def test_the_access_log_says_what_each_request_was_settled_at(
         (503, 0),
         (200, None),
     ]
+
+
+STREAM = "/stream/generate"  # cost: 10 held; the upstream reports in a chunked body's trailer
+
+
+async def test_a_trailer_reports_the_cost_of_a_chunked_answer(rig: Rig) -> None:
+    """A streamed answer knows its cost at its end: the trailer says it, the head having
+    said nothing. The head left before it, so its quota headers say what admission left."""
+    before = await rig.metrics()
+    status, headers, body = await rig.get("bill", f"{STREAM}?trailer=3")
+    assert (status, headers["X-Quota-Remaining"], body) == (200, "90", {"pad": "x" * 10})
+    assert "X-Units-Used" not in headers  # trailer fields are not passed on
+    await rig.used_becomes("bill", 3, "stream")
+    # A body long enough to be relayed as it comes, not answered whole.
+    status, headers, body = await rig.get("bill", f"{STREAM}?trailer=25&bytes=3000000")
+    assert (status, len(body["pad"])) == (200, 3_000_000)
+    await rig.used_becomes("bill", 28, "stream")
+    await eventually(lambda: units_of(rig, "bill", "stream"), 28)
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 2
+
+
+async def test_a_report_in_the_head_wins_over_the_trailer(rig: Rig) -> None:
+    status, headers, _ = await rig.get("bill", f"{STREAM}?head=4&trailer=9")
+    assert (status, headers["X-Units-Used"], headers["X-Quota-Remaining"]) == (200, "4", "96")
+    await rig.used_becomes("bill", 4, "stream")
+    await asyncio.sleep(0.1)  # the trailer's 9 would have landed by now
+    assert await rig.used("bill", "stream") == 4
+
+
+async def test_a_chunked_answer_without_a_readable_trailer_report_leaves_the_hold(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await rig.metrics()
+    caplog.clear()
+    for query in ("", "trailer=2.5", "trailer=4&trailer=5", "bytes=300000"):
+        assert (await rig.get("bill", f"{STREAM}?{query}"))[0] == 200
+    await rig.used_becomes("bill", 40, "stream")
+    assert any("reported a cost of '2.5'" in r.getMessage() for r in caplog.records)
+    assert any("reported a cost of '4, 5'" in r.getMessage() for r in caplog.records)
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 2
+    assert added[("gateway_cost_reports_total", labels(**route, result="invalid"))] == 2
+
+
+async def test_a_client_gone_before_the_trailer_pays_the_hold(rig: Rig) -> None:
+    """The upstream stops after its first chunk; the client leaves; no trailer ever came:
+    the hold stands (the billing plan does not refund 499) and the report counts missing."""
+    before = await rig.metrics()
+    head = await rig.leave_during_the_body("bill", f"{STREAM}?trailer=1&hang&bytes=100000")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    await rig.used_becomes("bill", 10, "stream")
+
+    async def missing() -> float:
+        added = await counted_since(rig, before)
+        route = {"product": "stream", "route": "/stream/{rest:path}"}
+        return added.get(("gateway_cost_reports_total", labels(**route, result="missing")), 0)
+
+    await eventually(missing, 1)
+    await asyncio.sleep(0.1)  # nothing more lands later
+    assert await rig.used("bill", "stream") == 10

@@ -107,7 +107,10 @@ async def test_each_of_two_workers_admits_its_local_share(
             " local_fraction: 0.5}\n"
         )
         config = write_config(
-            tmp_path / "c", API.format(upstream=upstream.url, run=run), server=server
+            tmp_path / "c",
+            # The stream product's upstream is never asked here.
+            API.format(upstream=upstream.url, trailing="http://127.0.0.1:9", run=run),
+            server=server,
         )
         gateway = GatewayProcess(config, workers=2)
         try:
