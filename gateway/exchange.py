@@ -177,8 +177,8 @@ class Exchange(RequestRecord):
         decision, match, principal = self.decision, self.match, self.principal
         if decision is None or decision.quota is None or match is None or principal is None:
             return None
-        plan_quota = principal.plan.quota
-        if plan_quota is not None and plan_quota.refund_on and plan_quota.refunds(status, False):
+        plan = principal.plan
+        if plan.refund_on and plan.refunds(status, False):
             return None
         held = match.route.cost
         if reported == held:
@@ -196,18 +196,18 @@ class Exchange(RequestRecord):
         cost the upstream reported (README, "Metering"); in a task of its own, as a cancelled
         request cannot wait for it."""
         assert self.principal is not None and self.match is not None
-        quota = self.principal.plan.quota
+        plan = self.principal.plan
         runtime = self.runtime
         reported = self.reported
         settled_at = receipt.cost if reported is None else reported
-        if quota is not None and quota.refund_on:
+        if plan.refund_on:
             gone = self.code == CLIENT_CLOSED_CODE
             # An answer cut short after its head was sent counts by the status it began with
             # (README, "Metering"), a cut of its client's too: a 503 whose client left before
             # its body was all there is still a 5xx under refund_on: [5xx].
             began = self.began if gone else None
-            if quota.refunds(self.status, gone) or (
-                began is not None and quota.refunds(began, False)
+            if plan.refunds(self.status, gone) or (
+                began is not None and plan.refunds(began, False)
             ):
                 settled_at = 0  # whatever the upstream reported
         if self.match.route.cost_header is not None:

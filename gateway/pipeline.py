@@ -169,8 +169,8 @@ async def apply_limits(ex: Exchange) -> Answer | None:
     try:
         # No timeout of our own: a limiter bounds its calls by storage.timeout itself
         # (RedisLimiter does, the memory one never waits), and a third timer per request
-        # costs measurable time on the hot path. A route whose upstream reports the cost
-        # asks for a receipt, to settle it by.
+        # costs measurable time on the hot path. A route whose upstream reports the cost,
+        # and a plan that refunds some outcomes, ask for a receipt to settle it by.
         decision = await ex.runtime.limiter.hit(
             principal.subject,
             plan.rate,
@@ -178,7 +178,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
             cost,
             plan.name,
             ex.decided_after_leaving,
-            route.cost_header is not None,
+            route.cost_header is not None or bool(plan.refund_on),
         )
     except (StorageError, TimeoutError) as exc:
         return await _storage_away(ex, exc)

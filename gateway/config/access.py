@@ -6,6 +6,7 @@ import hashlib
 import io
 import re
 from collections.abc import Collection
+from dataclasses import replace
 from typing import TypeGuard
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -36,7 +37,7 @@ from gateway.config.yamltree import (
     tree_of_pyyaml,
 )
 
-_PLAN_KEYS = ("rate", "quota")
+_PLAN_KEYS = ("rate", "quota", "refund_on")
 _RATE_KEYS = ("limit", "per")
 _QUOTA_KEYS = ("limit", "per", "timezone", "refund_on")
 _OVERRIDE_KEYS = ("plan", "rate", "quota")
@@ -80,7 +81,18 @@ def read_plans(w: Walker, node: Node) -> tuple[dict[str, Plan], set[str] | None]
         if plan is not None:
             rate = w.optional(plan, "rate", lambda n, p: _rate(w, n, p), None)
             quota = w.optional(plan, "quota", lambda n, p: _quota(w, n, p), None)
-            plans[name] = Plan(name, rate, quota)
+            refund_on = w.optional(plan, "refund_on", lambda n, p: _refund_on(w, n, p), None)
+            if refund_on is None:
+                refund_on = quota.refund_on if quota is not None else frozenset()
+            elif _writes_refund_on(plan.value("quota")):
+                # One list per plan: two could disagree, and neither would be the obvious one.
+                given = plan.value("refund_on")
+                assert given is not None
+                w.report(given, plan.at("refund_on"), "is given under quota too: give it once")
+                continue
+            elif quota is not None:
+                quota = replace(quota, refund_on=refund_on)  # the quota's, as if written there
+            plans[name] = Plan(name, rate, quota, refund_on)
     return plans, set(fields.entries)
 
 

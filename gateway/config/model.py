@@ -222,7 +222,22 @@ class QuotaRule:
     limit: int
     per: QuotaPeriod
     timezone: ZoneInfo
+    refund_on: frozenset[RefundOutcome] = frozenset()  # the plan's, when it has this quota
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    rate: RateRule | None = None
+    quota: QuotaRule | None = None
+    # The outcomes whose units are given back (README "Metering", "Refunds"): its quota's
+    # `refund_on` whenever it has a quota (set so below), else the plan's own, whose units
+    # then bill through the day's history alone.
     refund_on: frozenset[RefundOutcome] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.quota is not None:
+            object.__setattr__(self, "refund_on", self.quota.refund_on)
 
     def refunds(self, status: int, client_gone: bool) -> bool:
         """Whether a request that ended with `status` gets its units back; `client_gone`: the
@@ -231,13 +246,6 @@ class QuotaRule:
         if 500 <= status <= 599:
             return "5xx" in self.refund_on
         return status == 499 and client_gone and "499" in self.refund_on
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    name: str
-    rate: RateRule | None = None
-    quota: QuotaRule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,15 +259,13 @@ class PlanOverride:
 
     def apply(self, plan: Plan) -> Plan:
         """`plan` with this key's limits; it keeps the plan's name."""
+        rate = self.rate if self.rate is not None else plan.rate
         quota = self.quota
-        if quota is not None and not self.quota_refund_on_given:
-            inherited = plan.quota.refund_on if plan.quota is not None else frozenset()
-            quota = replace(quota, refund_on=inherited)
-        return Plan(
-            plan.name,
-            self.rate if self.rate is not None else plan.rate,
-            quota if quota is not None else plan.quota,
-        )
+        if quota is None:
+            return Plan(plan.name, rate, plan.quota, plan.refund_on)
+        if not self.quota_refund_on_given:
+            quota = replace(quota, refund_on=plan.refund_on)
+        return Plan(plan.name, rate, quota)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,9 @@ plans:
     quota: {{limit: 100, per: month, refund_on: [5xx]}}
   local:
     rate: {{limit: 5, per: 10s}}
+  payg:
+    rate: {{limit: 50, per: second}}
+    refund_on: [5xx]
   trial:
     rate: {{limit: 1, per: second}}
     quota: {{limit: 1000, per: month}}
@@ -69,6 +72,7 @@ keys:
     key: bill-{run}
     plans: {{soccer: billing, weather: billing, stream: billing}}
   - {{name: local-{run}, key: local-{run}, plans: {{soccer: local}}}}
+  - {{name: payg-{run}, key: payg-{run}, plans: {{soccer: payg}}}}
   - name: vip-{run}
     key: vip-{run}
     plans:

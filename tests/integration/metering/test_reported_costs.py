@@ -180,6 +180,25 @@ async def test_a_plan_without_a_quota_is_billed_the_reported_cost(rig: Rig) -> N
     assert f"{today},local-{rig.run},soccer,local,2,42" in lines
 
 
+async def test_a_plan_without_a_quota_refunds_its_days_units_under_its_refund_on(
+    rig: Rig,
+) -> None:
+    """Pay as you go with `refund_on: [5xx]` of the plan's own: a 5xx bills nothing, however
+    it was held or reported; the history still counts the request."""
+    for path, status in (
+        (reporting(METERED, "7"), 200),
+        (reporting(METERED, "25", status=503), 503),
+        ("/soccer/status/500", 500),
+        ("/soccer/heavy/x", 200),
+    ):
+        assert (await rig.get("payg", path))[0] == status
+    await eventually(lambda: units_of(rig, "payg"), 17)
+    (day,) = await history(rig, "payg")
+    assert (day["requests"], day["units"], day["plan"]) == (4, 17, "payg")
+    await asyncio.sleep(0.1)  # nothing more lands later
+    assert await units_of(rig, "payg") == 17
+
+
 async def test_a_client_gone_during_a_reported_answer_pays_the_report_but_under_499(
     rig: Rig,
 ) -> None:

@@ -83,6 +83,46 @@ def test_an_override_that_lists_refund_on_keeps_its_own() -> None:
     assert PlanOverride().apply(base) == base
 
 
+PLAN_REFUNDS = """\
+products:
+  soccer:
+    upstream: {url: "http://127.0.0.1:9000"}
+    routes:
+      - path: /soccer
+plans:
+  metered:
+    rate: {limit: 10, per: second}
+    refund_on: [5xx]
+  monthly:
+    quota: {limit: 100, per: month}
+    refund_on: [499]
+  plain:
+    quota: {limit: 100, per: month}
+keys:
+  - name: acme
+    key: acme-secret
+    plans: {soccer: {plan: metered, quota: {limit: 50, per: day}}}
+"""
+
+
+def test_a_plan_lists_refund_on_of_its_own_with_or_without_a_quota(tmp_path: Path) -> None:
+    """Without a quota the plan's own list refunds its day's units; beside a quota it is
+    the quota's, as if written under it; a key's own quota keeps the plan's list."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(PLAN_REFUNDS)
+    plans = load_config(path, env={}).plans
+    metered, monthly, plain = plans["metered"], plans["monthly"], plans["plain"]
+    assert (metered.quota, metered.refund_on) == (None, frozenset({"5xx"}))
+    assert metered.refunds(503, False) and not metered.refunds(499, True)
+    assert monthly.quota is not None and monthly.quota.refund_on == frozenset({"499"})
+    assert monthly.refund_on == frozenset({"499"}) and monthly.refunds(499, True)
+    assert plain.refund_on == frozenset() and not plain.refunds(503, False)
+    acme = load_config(path, env={}).keys[0].plan_for("soccer", plans)
+    assert acme is not None and acme.quota is not None
+    assert (acme.quota.limit, acme.quota.refund_on) == (50, frozenset({"5xx"}))
+    assert acme.refund_on == frozenset({"5xx"})
+
+
 def test_reading_key_plans_as_data_leaves_nothing_for_the_cyclic_collector() -> None:
     """Each admin write of a key reads its plans this way; a YAML dumper left referring to
     itself was kept for good by the next reload's gc.freeze, with the nodes it made."""
