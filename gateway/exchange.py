@@ -69,7 +69,7 @@ class Exchange(RequestRecord):
         self.receipt: Receipt | None = None  # an admission whose units may come back
         # The status of an answer whose head reached the client before it left (cut_by_client).
         self.began: int | None = None
-        # The cost the upstream reported (the route's cost_header), once its answer came.
+        # The cost the upstream reported (the route's cost_header or cost_field), once said.
         self.reported: int | None = None
 
     def count(self) -> None:
@@ -135,13 +135,13 @@ class Exchange(RequestRecord):
         self.began = began
 
     def report_cost(self, value: bytes | None, status: int | None) -> ExtraHeaders | None:
-        """What the upstream's answer said this request cost (the route's cost_header), in its
-        head or its trailer: a whole number from 0 to the largest count, or the route's `cost`
-        stands (README, "Metering"). Several values, comma-separated, are one cost when they
-        say the same number (`3, 3`; `3, 03`). With the answer's `status` (its head still to
-        be sent), answers the gateway's header lines for it when the quota's remaining units,
-        as settled at that cost, differ from what the admission left; `status` is None for a
-        trailer's report, which comes after the head."""
+        """What the upstream's answer said this request cost (the route's cost_header, in its
+        head or its trailer, or cost_field, in its body): a whole number from 0 to the largest
+        count, or the route's `cost` stands (README, "Metering"). Several values,
+        comma-separated, are one cost when they say the same number (`3, 3`; `3, 03`). With
+        the answer's `status` (its head still to be sent), answers the gateway's header lines
+        for it when the quota's remaining units, as settled at that cost, differ from what the
+        admission left; `status` is None for a report after the head (a trailer, a body)."""
         assert self.match is not None
         if value is None:
             metrics.count_cost_report(self.product, self.route, "missing")
@@ -210,7 +210,7 @@ class Exchange(RequestRecord):
                 began is not None and plan.refunds(began, False)
             ):
                 settled_at = 0  # whatever the upstream reported
-        if self.match.route.cost_header is not None:
+        if self.match.route.reports_cost:
             self.units = settled_at  # the access log's record of it
         if settled_at != receipt.cost:
             runtime.settlements.start(

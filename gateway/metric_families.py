@@ -130,8 +130,8 @@ QUOTA_CHARGES = Family(
 COST_REPORTS = Family(
     "gateway_cost_reports_total",
     "counter",
-    "Answers on routes with a cost_header, by what the upstream's header said "
-    "(ok, missing, invalid).",
+    "Answers on routes whose upstream reports the cost (cost_header, cost_field), by what it "
+    "said (ok, missing, invalid).",
     ("product", "route", "result"),
 )
 FAMILIES: tuple[Family, ...] = (

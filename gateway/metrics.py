@@ -444,7 +444,7 @@ def count_charge(product: str, plan: str, result: RefundResult, units: int) -> N
 
 
 def count_cost_report(product: str, route: str, result: CostReport) -> None:
-    """What an answer on a route with a cost_header said of its cost."""
+    """What an answer on a route with a cost_header or cost_field said of its cost."""
     _current.cost_reports.labels(product, route, result).inc()
 
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from gateway import accesslog, metrics
 from gateway.auth import identify_presented
+from gateway.cost_reports import CostReading
 from gateway.exchange import Exchange
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.headers import strip_query_param
@@ -178,7 +179,7 @@ async def apply_limits(ex: Exchange) -> Answer | None:
             cost,
             plan.name,
             ex.decided_after_leaving,
-            route.cost_header is not None or bool(plan.refund_on),
+            route.reports_cost or bool(plan.refund_on),
         )
     except (StorageError, TimeoutError) as exc:
         return await _storage_away(ex, exc)
@@ -260,15 +261,18 @@ async def forward_upstream(ex: Exchange) -> Answer:
             (b"X-Gateway-Key-Name", ex.key_name.encode("ascii")),
             (b"X-Gateway-Plan", ex.plan.encode("ascii")),
         ]
-    cost_report = None
-    cost_header = ex.match.route.cost_header
-    if cost_header is not None and ex.receipt is not None:
+    cost_reading = None
+    drop = snapshot.request_drop
+    route = ex.match.route
+    if route.reports_cost and ex.receipt is not None:
         # Read only when the limits took units to settle (a storage away took none).
-        cost_report = (cost_header, ex.report_cost)
+        cost_reading = CostReading(route.cost_header, route.cost_field, ex.report_cost)
+        if route.cost_field is not None:
+            drop = snapshot.request_drop_for_body  # a body the gateway can read: not encoded
     result = await forward(
         request,
         destination,
-        snapshot.request_drop,
+        drop,
         config.auth.query_param,
         ex.request_id,
         config.server.timeouts.client_body,
@@ -277,7 +281,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
         tunnel_idle,
         ex.cut_by_client,
         identity,
-        cost_report,
+        cost_reading,
     )
     if result.status == 101:
         # A WebSocket, over now: recorded (and counted, by handle_request) as it ends.

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
+from gateway.cost_reports import CostReading
 from gateway.http.client import IDEMPOTENT, HttpClient, ReplayableBody
 from gateway.http.errors import (
     BodyTimeout,
@@ -44,7 +45,6 @@ from gateway.http.tunnel import switch_and_relay
 
 __all__ = [
     "AnswerHook",
-    "CostHook",
     "CutHook",
     "Destination",
     "ForwardResult",
@@ -61,11 +61,6 @@ AnswerHook = Callable[[int, float, int], None]
 # None) when a streamed answer ends early because the client went away: the request is then a
 # 499 whose log line still says how far it got, and whose answer began with that status.
 CutHook = Callable[[float, int, int | None], None]
-# Told the value of the line in which an upstream reports what a request cost (the route's
-# cost_header), or None when its final answer has none, and that answer's status while its head
-# is still to be sent (then it answers the gateway's header lines for it when the report
-# changed them), or None when the report came in the trailer, after the body.
-CostHook = Callable[[bytes | None, int | None], ExtraHeaders | None]
 
 
 # The lines that ask an upstream to switch a request to WebSocket (and to nothing else).
@@ -193,7 +188,7 @@ async def forward(
     tunnel_idle: float | None = None,
     on_cut: CutHook | None = None,
     identity: list[tuple[bytes, bytes]] | None = None,
-    cost_report: tuple[bytes, CostHook] | None = None,
+    cost_reading: CostReading | None = None,
 ) -> ForwardResult:
     """Forward `request` to `destination` and stream its answer to the client.
 
@@ -204,9 +199,9 @@ async def forward(
 
     `drop` names the request headers that must not reach the upstream (hop-by-hop ones and
     the key header), `key_query_param` the query parameter that carries the key; `identity`
-    holds header lines of the gateway's own to add (who called); `cost_report` the lower-cased
-    name of the answer header that states the request's cost, and whom to tell (which may
-    answer new `extra_response_headers`). Raises an
+    holds header lines of the gateway's own to add (who called); `cost_reading` reads what
+    the answer says the request cost, as it passes (its head may answer new
+    `extra_response_headers`). Raises an
     `UpstreamError` when the upstream fails before its response head, `BodyTimeout` when the
     request body stalls longer than `body_timeout` before that (or whatever else the body
     raised), and lets `CancelledError` (client gone, handler cancelled) and `ConnectionError`
@@ -252,9 +247,9 @@ async def forward(
                     "it answered 101 without the Sec-WebSocket-Accept of the request's key"
                 )
             upstream_seconds = time.perf_counter() - started
-            if cost_report is not None:
+            if cost_reading is not None:
                 # A 101 has no body, so no trailer: its head says it or nothing does.
-                extra_response_headers, _ = _report_cost(cost_report, reply, extra_response_headers)
+                extra_response_headers, _ = cost_reading.at_head(reply, extra_response_headers)
             switched = switching_protocols_head(
                 reply.reason, reply.raw_headers, extra_response_headers
             )
@@ -269,59 +264,21 @@ async def forward(
             request.method, target, headers, None, on_interim=interim
         )
     upstream_seconds = time.perf_counter() - started
-    in_trailer = None
-    if cost_report is not None:
-        extra_response_headers, in_trailer = _report_cost(
-            cost_report, reply, extra_response_headers
-        )
+    if cost_reading is not None:
+        extra_response_headers, reads_on = cost_reading.at_head(reply, extra_response_headers)
+        if not reads_on:
+            cost_reading = None  # the head said all there was to read
     head = client_response_head(reply.raw_headers, extra_response_headers)
     if head.keep_alive is not None:
         reply.keep_alive(head.keep_alive)
     # Most answers are complete by now: answered without another coroutine.
-    whole = _answer_whole(request, reply, head, upstream_seconds, on_answered, in_trailer)
+    whole = _answer_whole(request, reply, head, upstream_seconds, on_answered, cost_reading)
     if whole is not None:
         return whole
     return await _stream_body(
         request, destination.product, reply, head.block, head.content_length, request_id,
-        body_timeout, upstream_seconds, on_answered, on_cut, in_trailer,
+        body_timeout, upstream_seconds, on_answered, on_cut, cost_reading,
     )  # fmt: skip
-
-
-def _report_cost(
-    cost_report: tuple[bytes, CostHook], reply: HttpReply, extra: ExtraHeaders | None
-) -> tuple[ExtraHeaders | None, tuple[bytes, CostHook] | None]:
-    """Tell `cost_report`'s hook what the final answer's head says of its cost. The gateway's
-    header lines for the answer (those the hook answers, or `extra` as they were), and
-    `cost_report` again when the head says nothing but a chunked body follows, whose trailer
-    may say it (`_report_trailer_cost`, once the body is done)."""
-    name, hook = cost_report
-    values = []
-    chunked = False
-    for line, value in reply.raw_headers:
-        lowered = line.lower()
-        if lowered == name:
-            values.append(value)
-        elif lowered == b"transfer-encoding":
-            chunked = True
-    if not values and chunked and not reply.head_only:
-        return extra, cost_report
-    settled = hook(_one_value(values), reply.status)
-    return (extra if settled is None else settled), None
-
-
-def _report_trailer_cost(cost_report: tuple[bytes, CostHook], reply: HttpReply) -> None:
-    """Tell `cost_report`'s hook what the trailer of a body now done (or cut, and then with
-    no trailer) says of its cost, the head having said nothing."""
-    name, hook = cost_report
-    hook(_one_value([value for line, value in reply.trailer_lines if line.lower() == name]), None)
-
-
-def _one_value(values: list[bytes]) -> bytes | None:
-    """The values of a header's lines as one: the value, or several joined with commas as one
-    line holding them all would be (whether they agree is the cost hook's to read)."""
-    if not values:
-        return None
-    return values[0].strip() if len(values) == 1 else b", ".join(v.strip() for v in values)
 
 
 async def _send_with_body(
@@ -361,10 +318,10 @@ def _answer_whole(
     head: ResponseHead,
     upstream_seconds: float,
     on_answered: AnswerHook | None,
-    cost_in_trailer: tuple[bytes, CostHook] | None,
+    cost_reading: CostReading | None,
 ) -> ForwardResult | None:
     """Answer at once when the whole answer is in hand; None when its body must stream.
-    `cost_in_trailer`: whom to tell the cost the trailer reports, once the body is in."""
+    `cost_reading`: what reads the answer's cost on from its head, told the body and end."""
     connection = request.connection
     status = reply.status
     length = head.content_length
@@ -384,16 +341,17 @@ def _answer_whole(
                 reply.finish()
             else:
                 reply.abort()
-            if cost_in_trailer is not None:  # a chunked head without a body: no trailer
-                _report_trailer_cost(cost_in_trailer, reply)
+            if cost_reading is not None:  # a head without a body: nothing more said
+                cost_reading.at_end(reply)
         return ForwardResult(status, upstream_seconds, 0)
     if not reply.done:
         return None
     # All of it is in hand: head and body leave in one write, framed by a length.
     body = reply.take_body()
     reply.finish()
-    if cost_in_trailer is not None:
-        _report_trailer_cost(cost_in_trailer, reply)
+    if cost_reading is not None:
+        cost_reading.feed(body)
+        cost_reading.at_end(reply)
     block = head.block
     if length is None:
         block += b"Content-Length: %d\r\n" % len(body)
@@ -415,10 +373,10 @@ async def _stream_body(
     upstream_seconds: float,
     on_answered: AnswerHook | None,
     on_cut: CutHook | None,
-    cost_in_trailer: tuple[bytes, CostHook] | None,
+    cost_reading: CostReading | None,
 ) -> ForwardResult:
     """An answer whose body is still arriving: relayed chunk by chunk as it comes.
-    `cost_in_trailer`: whom to tell the cost the trailer reports, once the body is done."""
+    `cost_reading`: what reads the answer's cost on from its head, told each chunk and the end."""
     connection = request.connection
     status = reply.status
     sent = 0
@@ -440,6 +398,8 @@ async def _stream_body(
     try:
         try:
             while chunk := await reply.read():
+                if cost_reading is not None:
+                    cost_reading.feed(chunk)
                 if reply.at_eof:
                     # The last chunk leaves with the end of the answer, in one write.
                     answering(sent + len(chunk))
@@ -471,10 +431,10 @@ async def _stream_body(
             reply.finish()
         else:
             reply.abort()
-        if cost_in_trailer is not None:
+        if cost_reading is not None:
             # Told before the request settles, whether the body came whole or not (a body
-            # cut short has no trailer: the report is missing).
-            _report_trailer_cost(cost_in_trailer, reply)
+            # cut short has no trailer, nor its last event: the report is missing).
+            cost_reading.at_end(reply)
     if failure is not None and not connection.answer_started:
         # Not a byte of the answer left (its head waits for the first body bytes): the client
         # can still be told, with a 502 in its place, instead of a closed connection.

@@ -38,6 +38,9 @@ class Snapshot:
     keys: KeyIndex
     key_header: bytes  # auth.header, lower-cased, as the request's raw header lines hold it
     request_drop: frozenset[bytes]  # request headers never forwarded: hop-by-hop, the key's
+    # The same and Accept-Encoding, for a route whose answer's body is read for its cost: the
+    # upstream then sends it as it is, for the gateway to read (README, "Metering").
+    request_drop_for_body: frozenset[bytes]
     destinations: Mapping[str, Destination]  # by product name
 
 
@@ -102,6 +105,7 @@ def build_snapshot(
         keys=keys if keys is not None else KeyIndex(config.keys, config.plans, api_keys),
         key_header=config.auth.header.lower().encode("latin-1"),
         request_drop=request_drop_set(config.auth.header),
+        request_drop_for_body=request_drop_set(config.auth.header) | {b"accept-encoding"},
         destinations=destinations,
     )
 

@@ -199,7 +199,17 @@ class Route:
     # (README "Metering"), lower-cased as the answer's raw lines are matched, once here rather
     # than per request; None: `cost` is the cost.
     cost_header: bytes | None = None
+    # Or the names of the JSON field of its answer's body, or of its events' data, that
+    # states it (README "Metering"); a route has one or neither.
+    cost_field: tuple[str, ...] | None = None
     line: int = 0  # where it was declared, for messages
+    # Whether the upstream reports what a request cost (either of the two): a field, not a
+    # property, as every request asks.
+    reports_cost: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        reports = self.cost_header is not None or self.cost_field is not None
+        object.__setattr__(self, "reports_cost", reports)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from email.utils import format_datetime
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
+from gateway.config.costs import HTTP_TOKEN, read_cost_source
 from gateway.config.model import (
     Gone,
     Maintenance,
@@ -23,7 +24,6 @@ from gateway.config.model import (
 )
 from gateway.config.yamlnodes import Fields, Walker, line_of
 from gateway.config.yamltree import MappingNode, Node
-from gateway.http.headers import HOP_BY_HOP
 from gateway.http.parsing import parser_knows_method
 from gateway.http.paths import normal_path
 
@@ -40,6 +40,7 @@ _MAINTENANCE_KEYS = ("retry_after", "message")
 _URL_TEXT = re.compile(r"[\x21-\x7e]+")
 _ROUTE_KEYS = (
     "path", "methods", "params", "query", "gone", "redirect", "websocket", "cost", "cost_header",
+    "cost_field",
 )  # fmt: skip
 _PATH_RULE_KEYS = ("enum", "pattern")
 _QUERY_RULE_KEYS = ("type", "min", "max", "required", "enum", "pattern")
@@ -54,12 +55,7 @@ _UPSTREAM_DEFAULTS: dict[str, float] = {
 _PARAM = re.compile(r"\{(?P<name>[^{}:]*)(?::(?P<kind>[^{}]*))?\}")
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TYPES = ("int", "string")
-# What a cost_header may not be: HTTP's framing and hop-by-hop lines (an upstream's are not
-# the answer's to keep), and the answer headers the gateway sets itself (README, "Headers").
-_NOT_A_COST_HEADER = HOP_BY_HOP | {"content-length", "content-type", "date", "location"}
-_GATEWAY_ANSWER_HEADER = re.compile(r"(x-)?ratelimit(-.*)?|x-quota-.*|x-request-id|retry-after")
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -300,7 +296,6 @@ class ProductsReader:
         query = self.w.optional(fields, "query", self._query_rules, no_rules)
         gone = self.w.optional(fields, "gone", self._gone, None)
         cost = self.w.optional(fields, "cost", self.w.positive, 1)
-        cost_header = self.w.optional(fields, "cost_header", self._cost_header, None)
         redirect = None
         if "redirect" in fields:
             redirect = self._redirect(fields, template)
@@ -312,9 +307,9 @@ class ProductsReader:
         if websocket and (gone is not None or redirect is not None):
             message = "a retired or redirected route proxies nothing"
             self.w.report(fields.entries["websocket"][0], path, message)
-        if cost_header is not None and (gone is not None or redirect is not None):
-            message = "a retired or redirected route has no upstream to report a cost"
-            self.w.report(fields.value("cost_header"), fields.at("cost_header"), message)
+        cost_header, cost_field = read_cost_source(
+            self.w, fields, proxies=gone is None and redirect is None
+        )
         if websocket and methods is not None and "GET" not in methods:
             message = "must include GET on a websocket route"
             self.w.report(fields.value("methods"), fields.at("methods"), message)
@@ -331,23 +326,10 @@ class ProductsReader:
             redirect=redirect,
             websocket=websocket,
             cost=cost,
-            cost_header=None if cost_header is None else cost_header.lower().encode("ascii"),
+            cost_header=cost_header,
+            cost_field=cost_field,
             line=line_of(node),
         )
-
-    def _cost_header(self, node: Node, path: str) -> str | None:
-        """The answer header an upstream reports a request's cost in (README, "Metering")."""
-        text = self.w.string(node, path)
-        if text is None:
-            return None
-        if not _TOKEN.fullmatch(text):
-            self.w.report(node, path, "must be an HTTP header name")
-            return None
-        lowered = text.lower()
-        if lowered in _NOT_A_COST_HEADER or _GATEWAY_ANSWER_HEADER.fullmatch(lowered):
-            self.w.report(node, path, f"must not be {text}: HTTP or the gateway uses that header")
-            return None
-        return text
 
     def _check_unique(
         self, template: Template, methods: frozenset[str] | None, fields: Fields
@@ -386,7 +368,7 @@ class ProductsReader:
         for index, word in enumerate(words):
             # A method the parser does not know is a 400 before routing: a route that names
             # one could never be reached.
-            if not _TOKEN.fullmatch(word) or not parser_knows_method(word.upper()):
+            if not HTTP_TOKEN.fullmatch(word) or not parser_knows_method(word.upper()):
                 self.w.report(node, f"{path}[{index}]", f"{word!r} is not an HTTP method")
                 return None
             if word.upper() == "CONNECT":

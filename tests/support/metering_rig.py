@@ -5,14 +5,12 @@ serving API, whose keys are unique per run, with a client of its proxy and admin
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.server import Worker
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
-from tests.support.raw_upstream import Peer, raw_upstream
+from tests.support.raw_upstream import raw_upstream
+from tests.support.reporting_upstream import reporting_upstream
 from tests.support.upstream import Upstream, running_upstream
 
 API = """
@@ -43,6 +42,9 @@ products:
   stream:
     upstream: {{url: "{trailing}"}}
     routes:
+      - path: /stream/usage/{{rest:path}}
+        cost: 10
+        cost_field: usage.total_tokens
       - path: /stream/{{rest:path}}
         cost: 10
         cost_header: X-Units-Used
@@ -142,7 +144,7 @@ async def eventually(read: Callable[[], Awaitable[Any]], expected: Any) -> None:
 async def _running_rig(tmp_path: Path, **server: str) -> AsyncIterator[Rig]:
     """An upstream and an in-process gateway serving API with `server` settings."""
     run = uuid.uuid4().hex[:8]
-    async with running_upstream() as upstream, raw_upstream(_reporting_in_trailer) as trailing:
+    async with running_upstream() as upstream, raw_upstream(reporting_upstream) as trailing:
         config = write_config(
             tmp_path / "c",
             API.format(
@@ -152,29 +154,3 @@ async def _running_rig(tmp_path: Path, **server: str) -> AsyncIterator[Rig]:
         )
         async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
             yield Rig(worker, upstream, run, http)
-
-
-async def _reporting_in_trailer(peer: Peer) -> None:
-    """The `stream` product's upstream: a chunked JSON answer to each request on the
-    connection, whose trailer says what the call cost. Its query: `trailer=N` (an X-Units-Used
-    trailer line each), `head=N` (a line in the head instead), `bytes=N` (the body's padding,
-    in chunks of 16 KiB; default 10), `hang` (after the first chunk, nothing more is sent
-    until the gateway closes the connection)."""
-    reader, writer = peer.reader, peer.writer
-    while head := await reader.readuntil(b"\r\n\r\n"):
-        query = parse_qs(urlsplit(head.split(b" ", 2)[1].decode()).query, keep_blank_values=True)
-        body = json.dumps({"pad": "x" * int(query.get("bytes", ["10"])[0])}).encode()
-        lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json"]
-        lines += [b"Transfer-Encoding: chunked"]
-        lines += [b"X-Units-Used: " + value.encode() for value in query.get("head", [])]
-        writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        for at in range(0, len(body), 16384):
-            part = body[at : at + 16384]
-            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-            await writer.drain()
-            if "hang" in query:
-                await reader.read()  # until the gateway closes
-                return
-        trailer = b"".join(b"X-Units-Used: %s\r\n" % v.encode() for v in query.get("trailer", []))
-        writer.write(b"0\r\n" + trailer + b"\r\n")
-        await writer.drain()

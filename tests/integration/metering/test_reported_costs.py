@@ -309,3 +309,86 @@ async def test_a_client_gone_before_the_trailer_pays_the_hold(rig: Rig) -> None:
     await eventually(missing, 1)
     await asyncio.sleep(0.1)  # nothing more lands later
     assert await rig.used("bill", "stream") == 10
+
+
+USAGE = "/stream/usage/chat"  # cost: 10 held; cost_field: usage.total_tokens
+
+
+async def test_a_json_body_reports_the_cost(rig: Rig) -> None:
+    """The field of the answer's JSON body, read as the answer passes: its head left before,
+    so its quota headers say what admission left."""
+    before = await rig.metrics()
+    status, headers, body = await rig.get("bill", f"{USAGE}?usage=3")
+    assert (status, headers["X-Quota-Remaining"]) == (200, "90")
+    assert body["usage"] == {"total_tokens": 3}
+    await rig.used_becomes("bill", 3, "stream")
+    # A body long enough to be relayed as it comes, not answered whole.
+    status, _, body = await rig.get("bill", f"{USAGE}?usage=25&bytes=500000")
+    assert (status, len(body["pad"])) == (200, 500_000)
+    await rig.used_becomes("bill", 28, "stream")
+    await eventually(lambda: units_of(rig, "bill", "stream"), 28)
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/usage/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 2
+
+
+async def test_the_upstream_is_asked_for_a_body_it_does_not_compress(rig: Rig) -> None:
+    """The client accepts gzip; the upstream would compress for it, and the gateway could not
+    read the field: on this route the gateway asks it for the body as it is."""
+    url = rig.url(f"{USAGE}?usage=4")
+    headers = {"X-API-Key": f"bill-{rig.run}", "Accept-Encoding": "gzip"}
+    async with rig.http.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert "Content-Encoding" not in response.headers
+        assert (await response.json())["usage"] == {"total_tokens": 4}
+    await rig.used_becomes("bill", 4, "stream")
+
+
+async def test_a_body_without_a_readable_field_leaves_the_hold(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = await rig.metrics()
+    caplog.clear()
+    for query in ("usage=12.5", 'usage="12"', "usage=-1", "usage=true", "usage=", "usage=<"):
+        url = rig.url(f"{USAGE}?{query}")
+        async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+            assert response.status == 200  # the last one's body is not JSON
+    await rig.used_becomes("bill", 60, "stream")
+    assert any("reported a cost of '12.5'" in r.getMessage() for r in caplog.records)
+    assert any("""reported a cost of '"12"'""" in r.getMessage() for r in caplog.records)
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/usage/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="invalid"))] == 4
+    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 2
+
+
+async def test_the_last_event_of_a_stream_reports_the_cost(rig: Rig) -> None:
+    """Server-sent events, as LLM APIs stream: token events, then one with the usage (its
+    data over two lines), then [DONE]; in pieces of 7 bytes, so that lines and events are
+    split across reads."""
+    before = await rig.metrics()
+    url = rig.url(f"{USAGE}?events=40&usage=25&split=7")
+    async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+        assert response.status == 200
+        text = await response.text()
+    assert text.count("data: ") == 40 + 2 + 1  # every event reached the client
+    await rig.used_becomes("bill", 25, "stream")
+    # Without the usage event: the hold stands.
+    async with rig.http.get(
+        rig.url(f"{USAGE}?events=3"), headers={"X-API-Key": f"bill-{rig.run}"}
+    ) as response:
+        assert response.status == 200
+        await response.read()
+    await rig.used_becomes("bill", 35, "stream")
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/usage/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
+    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 1
+
+
+async def test_a_client_gone_before_the_usage_event_pays_the_hold(rig: Rig) -> None:
+    head = await rig.leave_during_the_body("bill", f"{USAGE}?events=2000&usage=1&hang")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    await rig.used_becomes("bill", 10, "stream")
+    await asyncio.sleep(0.1)  # nothing more lands later
+    assert await rig.used("bill", "stream") == 10

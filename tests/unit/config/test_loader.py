@@ -542,3 +542,25 @@ def test_no_answer_header_of_the_gateway_can_be_a_cost_header(tmp_path: Path, na
         f"{path}:5: products.shop.routes[0].cost_header: must not be {name}: HTTP or the "
         "gateway uses that header"
     ]
+
+
+def test_a_route_reads_its_cost_from_a_header_or_a_json_field(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        "products:\n  llm:\n    upstream: {url: 'http://127.0.0.1:9000'}\n    routes:\n"
+        "      - {path: /v1/chat, cost: 50, cost_field: usage.total_tokens}\n"
+        "      - {path: /v1/search, cost_header: X-Units-Used}\n"
+        "      - {path: /v1/models}\n"
+    )
+    chat, search, models = load_config(path, env={}).products["llm"].routes
+    assert (chat.cost_field, chat.cost_header, chat.reports_cost) == (
+        ("usage", "total_tokens"),
+        None,
+        True,
+    )
+    assert (search.cost_field, search.cost_header, search.reports_cost) == (
+        None,
+        b"x-units-used",
+        True,
+    )
+    assert (models.cost_field, models.cost_header, models.reports_cost) == (None, None, False)

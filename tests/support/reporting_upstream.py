@@ -1,0 +1,103 @@
+"""The metering rig's `stream` upstream (tests.support.metering_rig): an upstream that says what
+a call cost where streamed answers say it, after their head. Raw bytes, since no HTTP library
+at hand writes trailers. Each request on a connection is answered by its query:
+
+- `trailer=N` (an `X-Units-Used` trailer line each) and `head=N` (a line in the head instead):
+  a chunked JSON body of `bytes=N` padding (default 10), in chunks of 16 KiB;
+- `usage=TEXT`: a JSON body `{"usage": {"total_tokens": TEXT}, "pad": ...}` (TEXT as JSON
+  text: `12`, `12.5`, `"12"`; `usage=` with nothing leaves the field out, `usage=<` sends a
+  body that is not JSON), with a length; gzip-compressed when the request accepts gzip;
+- `events=N`: a `text/event-stream` of N token events, then `{"usage": {"total_tokens":
+  TEXT}}` when `usage=TEXT` is given, then `[DONE]`, chunked, in pieces of `split=K` bytes;
+- `hang`: after the first chunk (of events: before the usage event) nothing more is sent
+  until the gateway closes the connection.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from urllib.parse import parse_qs, urlsplit
+
+from tests.support.raw_upstream import Peer
+
+__all__ = ["reporting_upstream"]
+
+
+async def reporting_upstream(peer: Peer) -> None:
+    reader = peer.reader
+    while head := await reader.readuntil(b"\r\n\r\n"):
+        query = parse_qs(urlsplit(head.split(b" ", 2)[1].decode()).query, keep_blank_values=True)
+        if "events" in query:
+            done = await _events(peer, query)
+        elif "usage" in query:
+            done = await _json_body(peer, query, b"accept-encoding: gzip" in head.lower())
+        else:
+            done = await _trailing(peer, query)
+        if done:
+            return
+
+
+async def _trailing(peer: Peer, query: dict[str, list[str]]) -> bool:
+    body = json.dumps({"pad": "x" * int(query.get("bytes", ["10"])[0])}).encode()
+    lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", b"Transfer-Encoding: chunked"]
+    lines += [b"X-Units-Used: " + value.encode() for value in query.get("head", [])]
+    peer.writer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+    for at in range(0, len(body), 16384):
+        await _chunk(peer, body[at : at + 16384])
+        if "hang" in query:
+            await peer.reader.read()  # until the gateway closes
+            return True
+    trailer = b"".join(b"X-Units-Used: %s\r\n" % v.encode() for v in query.get("trailer", []))
+    await peer.send(b"0\r\n" + trailer + b"\r\n")
+    return False
+
+
+async def _json_body(peer: Peer, query: dict[str, list[str]], gzipped: bool) -> bool:
+    usage = query["usage"][0]
+    pad = "x" * int(query.get("bytes", ["10"])[0])
+    if usage == "<":
+        body = b"<html>not JSON</html>"
+    elif usage:
+        body = b'{"usage": {"total_tokens": %s}, "pad": "%s"}' % (usage.encode(), pad.encode())
+    else:
+        body = b'{"usage": {}, "pad": "%s"}' % pad.encode()
+    lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json; charset=utf-8"]
+    if gzipped:
+        body = gzip.compress(body)
+        lines.append(b"Content-Encoding: gzip")
+    lines.append(b"Content-Length: %d" % len(body))
+    await peer.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    return False
+
+
+async def _events(peer: Peer, query: dict[str, list[str]]) -> bool:
+    events = [
+        b'data: {"choices": [{"text": "token %d"}]}\n\n' % n for n in range(int(query["events"][0]))
+    ]
+    stream = b"".join(events)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    peer.writer.write(head)
+    split = int(query.get("split", ["16384"])[0])
+    for at in range(0, len(stream), split):
+        await _chunk(peer, stream[at : at + split])
+    if "hang" in query:
+        await peer.reader.read()  # until the gateway closes
+        return True
+    ending = b""
+    if "usage" in query:
+        # A multi-line data field, CRLF line ends: one JSON document over two data lines.
+        ending += (
+            b'data: {"usage":\r\ndata: {"total_tokens": %s}}\r\n\r\n' % query["usage"][0].encode()
+        )
+    ending += b"data: [DONE]\n\n"
+    for at in range(0, len(ending), split):
+        await _chunk(peer, ending[at : at + split])
+    await peer.send(b"0\r\n\r\n")
+    return False
+
+
+async def _chunk(peer: Peer, data: bytes) -> None:
+    await peer.send(b"%x\r\n%s\r\n" % (len(data), data))
