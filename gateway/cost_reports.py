@@ -84,7 +84,7 @@ class CostReading:
             elif lowered == b"transfer-encoding":
                 chunked = True
             elif lowered == b"content-type":
-                content_type = value.strip().lower()
+                content_type = value.split(b";", 1)[0].strip().lower()  # the media type
             elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
                 encoded = True
         has_body = not reply.head_only and reply.status not in (101, 204, 304)
@@ -96,9 +96,9 @@ class CostReading:
         if has_body and not encoded:
             # A compressed body cannot be read here; the gateway asks the upstream for none on
             # such a route (README), so only an upstream that ignores that sends one.
-            if _JSON.match(content_type):
+            if _JSON.fullmatch(content_type):
                 self._kind = _JSON_BODY
-            elif content_type.startswith(_EVENT_STREAM):
+            elif content_type == _EVENT_STREAM:
                 self._kind = _EVENTS
         if self._kind == _NOT_READ:
             self._hook(None, reply.status)
