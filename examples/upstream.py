@@ -5,7 +5,8 @@ README's curl lines show what the gateway forwarded (and what it removed). A few
 differently to demonstrate pass-through: `.../missing...` answers 404, `.../broken...` answers
 503 (a failing upstream, for the README's refund example), a matching `If-None-Match` answers
 304, `?sleep=SECONDS` waits before answering, and `?units=N` says in `X-Units-Used` that the
-call cost N units (for the README's reported-cost example). A WebSocket upgrade
+call cost N units and `?tokens=N` adds `"usage": {"total_tokens": N}` to the JSON document (for
+the README's reported-cost example). A WebSocket upgrade
 to `/base/soccer/v4/live/MATCH` is accepted: it sends one `kick-off` message, then echoes.
 """
 
@@ -27,7 +28,7 @@ async def answer(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "no such thing upstream"}, status=404)
     if "broken" in request.path:
         return web.json_response({"error": "the upstream is failing"}, status=503)
-    document = {
+    document: dict[str, object] = {
         "upstream": "example",
         "method": request.method,
         "path": request.path,
@@ -36,6 +37,9 @@ async def answer(request: web.Request) -> web.StreamResponse:
         "x_forwarded_for": request.headers.get("X-Forwarded-For"),
         "saw_api_key_header": "X-API-Key" in request.headers,
     }
+    tokens = request.query.get("tokens", "")
+    if tokens.isdigit():  # what the call cost, for a route with a cost_field
+        document["usage"] = {"total_tokens": int(tokens)}
     body = json.dumps(document, indent=2).encode() + b"\n"
     etag = '"' + hashlib.sha256(request.path.encode()).hexdigest()[:16] + '"'
     if request.headers.get("If-None-Match") == etag:
