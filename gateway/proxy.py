@@ -349,16 +349,19 @@ def _answer_whole(
     # All of it is in hand: head and body leave in one write, framed by a length.
     body = reply.take_body()
     reply.finish()
-    if cost_reading is not None:
-        cost_reading.feed(body)
-        cost_reading.at_end(reply)
     block = head.block
     if length is None:
         block += b"Content-Length: %d\r\n" % len(body)
     if on_answered is not None:
         on_answered(status, upstream_seconds, len(body))
-    connection.begin_answer(request, status, reply.reason, block)
-    connection.end_answer(body)
+    try:
+        connection.begin_answer(request, status, reply.reason, block)
+        connection.end_answer(body)
+    finally:
+        if cost_reading is not None:
+            # Once the answer has left: reading a body for its cost never holds it up.
+            cost_reading.feed(body)
+            cost_reading.at_end(reply)
     return ForwardResult(status, upstream_seconds, len(body))
 
 
@@ -398,8 +401,6 @@ async def _stream_body(
     try:
         try:
             while chunk := await reply.read():
-                if cost_reading is not None:
-                    cost_reading.feed(chunk)
                 if reply.at_eof:
                     # The last chunk leaves with the end of the answer, in one write.
                     answering(sent + len(chunk))
@@ -411,6 +412,8 @@ async def _stream_body(
                     # Bounded: a client that stops reading would otherwise pin an upstream
                     # connection for ever.
                     await connection.write_body(chunk, body_timeout)
+                if cost_reading is not None:
+                    cost_reading.feed(chunk)  # once it has left: never holding it up
                 sent += len(chunk)
         except ResponseBodyError as exc:
             error = f"The upstream of {product.name} {exc}"
