@@ -37,8 +37,9 @@ class HttpReply(ChunkQueue):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        # A chunked body's trailer fields, as read (bounded as a head is), once it is done;
-        # never passed on to the client (RFC 9110 6.5.1), but a hook may read them.
+        # A chunked body's trailer fields, as read (bounded as a head is), once it ended with
+        # its terminator (none when it was cut short); never passed on to the client (RFC 9110
+        # 6.5.1), but a hook may read them.
         self.trailer_lines: tuple[tuple[bytes, bytes], ...] = ()
         self._headers: CIMultiDictProxy[str] | None = None
 

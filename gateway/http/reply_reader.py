@@ -62,6 +62,8 @@ class ReplyReader(ChunkEvents):
         self._began_in_read = False  # a message began in the read being parsed
         self._body_chunked = False  # the head being read says Transfer-Encoding: chunked
         self._chunks: ChunkBounds | None = None  # an answer's chunked body, bounded as a head
+        # Its trailer fields so far: the reply's only once the body ends with its terminator.
+        self._trailer_lines: list[tuple[bytes, bytes]] | None = None
         self._refusal: str | None = None  # why a callback stopped the parser
         # An exchange that asks to switch protocols: the protocols it asks for, and whether
         # the upstream's 101 switched to one of them (the connection is then a tunnel's).
@@ -96,16 +98,17 @@ class ReplyReader(ChunkEvents):
         if not self._in_head:
             # A chunked body's trailer fields: not the answer's head (which may have left
             # already), and never passed on as if they were (RFC 9110 6.5.1); bounded, and
-            # kept on the reply.
+            # kept for the reply.
             chunks = self._chunks
             if chunks is not None:
                 refusal = chunks.trailer_field(len(name) + len(value) + 4)
                 if refusal is not None:
                     self._stop_head(refusal)
-                reply = self._reply
-                if reply is not None:
-                    # Kept for whoever reads them once the body is done (a reported cost).
-                    reply.trailer_lines += ((name, value),)
+                lines = self._trailer_lines
+                if lines is None:
+                    self._trailer_lines = [(name, value)]
+                else:
+                    lines.append((name, value))
             return
         self._header_lines.append((name, value))
         self._head_size += len(name) + len(value) + 4
@@ -174,6 +177,7 @@ class ReplyReader(ChunkEvents):
         reply.raw_headers = self._header_lines
         if self._body_chunked and not reply.head_only:
             self._chunks = ChunkBounds()
+            self._trailer_lines = None
         # No interim answer comes after the final one: kept, the hook (the client connection's)
         # would keep that connection alive for as long as this one waits in the pool.
         self._on_interim = None
@@ -213,7 +217,17 @@ class ReplyReader(ChunkEvents):
         reply._feed(body)
 
     def on_message_complete(self) -> None:
-        self._chunks = None
+        if self._chunks is not None:  # a chunked body (never an interim answer's)
+            self._chunks = None
+            lines = self._trailer_lines
+            if lines is not None:
+                self._trailer_lines = None
+                reply = self._reply
+                if reply is not None:
+                    # The terminator came: the trailer is whole. Fields read before a body was
+                    # cut short (the upstream broke off, or sent too large a trailer) are not
+                    # its trailer, and a cost they name was never reported (README, "Metering").
+                    reply.trailer_lines = tuple(lines)
         if self._interim:
             self._interim = False
             return

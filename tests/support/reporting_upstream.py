@@ -3,7 +3,9 @@ a call cost where streamed answers say it, after their head. Raw bytes, since no
 at hand writes trailers. Each request on a connection is answered by its query:
 
 - `trailer=N` (an `X-Units-Used` trailer line each) and `head=N` (a line in the head instead):
-  a chunked JSON body of `bytes=N` padding (default 10), in chunks of 16 KiB;
+  a chunked JSON body of `bytes=N` padding (default 10), in chunks of 16 KiB; `cut` (the
+  trailer's lines and one more, then the connection closes before the terminator),
+  `trailer_kib=N` (N lines of 1 KiB after the trailer's);
 - `usage=TEXT`: a JSON body `{"usage": {"total_tokens": TEXT}, "pad": ...}` (TEXT as JSON
   text: `12`, `12.5`, `"12"`; `usage=` with nothing leaves the field out, `usage=<` sends a
   body that is not JSON), with a length; gzip-compressed when the request accepts gzip;
@@ -49,6 +51,12 @@ async def _trailing(peer: Peer, query: dict[str, list[str]]) -> bool:
             await peer.reader.read()  # until the gateway closes
             return True
     trailer = b"".join(b"X-Units-Used: %s\r\n" % v.encode() for v in query.get("trailer", []))
+    padding = int(query.get("trailer_kib", ["0"])[0])
+    trailer += b"".join(b"X-Pad-%04d: %s\r\n" % (n, b"p" * 1010) for n in range(padding))
+    if "cut" in query:
+        # A line after the report, so that the parser has read the report's line whole.
+        await peer.send(b"0\r\n" + trailer + b"X-After: 1\r\n")
+        return True  # closed before the terminator
     await peer.send(b"0\r\n" + trailer + b"\r\n")
     return False
 

@@ -382,3 +382,45 @@ async def test_a_client_gone_before_the_usage_event_pays_the_hold(rig: Rig) -> N
     await rig.used_becomes("bill", 10, "stream")
     await asyncio.sleep(0.1)  # nothing more lands later
     assert await rig.used("bill", "stream") == 10
+
+
+async def test_a_trailer_cut_short_reports_nothing(rig: Rig) -> None:
+    """The upstream breaks off inside its trailer, or sends one over the 64 KiB bound, after
+    its report's line: the body never ended, so that line was no trailer's and the hold
+    stands (the billing plan does not refund)."""
+    before = await rig.metrics()
+    for query in ("trailer=2&cut", "trailer=3&trailer_kib=70", "trailer=4&trailer_kib=50"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.worker.proxy_port)
+        try:
+            writer.write(
+                f"GET {STREAM}?{query} HTTP/1.1\r\nHost: t\r\nX-API-Key: bill-{rig.run}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = await asyncio.wait_for(_until_closed(reader), 5)
+        finally:
+            writer.transport.abort()
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # The first two cut short (relayed as it came, with no last chunk); the third whole
+        # (50 KiB is within bounds), answered at once with its length.
+        whole = answer.endswith(
+            b'Content-Length: 21\r\nConnection: close\r\n\r\n{"pad": "xxxxxxxxxx"}'
+        )
+        assert whole == ("trailer_kib=50" in query)
+    await rig.used_becomes("bill", 24, "stream")
+    added = await counted_since(rig, before)
+    route = {"product": "stream", "route": "/stream/{rest:path}"}
+    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 2
+    assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
+    await asyncio.sleep(0.1)  # nothing more lands later
+    assert await rig.used("bill", "stream") == 24
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What came before the connection closed or was reset (a cut answer is aborted)."""
+    read = b""
+    try:
+        while part := await reader.read(65536):
+            read += part
+    except ConnectionResetError:
+        pass
+    return read
