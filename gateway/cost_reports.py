@@ -21,8 +21,9 @@ __all__ = ["MAX_BODY_READ", "CostHook", "CostReading"]
 # Told the value in which an upstream reports what a request cost, or None when its answer has
 # none, and that answer's status while its head is still to be sent (then it answers the
 # gateway's header lines for it when the report changed them), or None when the report came
-# after the head (a trailer, a body).
-CostHook = Callable[[bytes | None, int | None], ExtraHeaders | None]
+# after the head (a trailer, a body); and whether the answer broke off before its end could
+# say it.
+CostHook = Callable[[bytes | None, int | None, bool], ExtraHeaders | None]
 
 # A JSON body, or one event's data, longer than this is not read for a cost: the reader keeps a
 # copy of what it reads (a streamed answer is relayed as it comes, never held), so this bounds
@@ -91,7 +92,7 @@ class CostReading:
         if name is not None:
             if not values and chunked and has_body:
                 return extra, True  # the trailer may say it
-            settled = self._hook(_one_value(values), reply.status)
+            settled = self._hook(_one_value(values), reply.status, False)
             return (extra if settled is None else settled), False
         if has_body and not encoded:
             # A compressed body cannot be read here; the gateway asks the upstream for none on
@@ -101,7 +102,7 @@ class CostReading:
             elif content_type == _EVENT_STREAM:
                 self._kind = _EVENTS
         if self._kind == _NOT_READ:
-            self._hook(None, reply.status)
+            self._hook(None, reply.status, False)
             return extra, False
         return extra, True
 
@@ -119,15 +120,18 @@ class CostReading:
 
     def at_end(self, reply: HttpReply) -> None:
         """The body is done, or cut short: tell the hook what it said."""
+        cut = not reply.done  # the body never ended: its end (a trailer, the JSON's) never came
         if self._header is not None:
             name = self._header
             values = [value for line, value in reply.trailer_lines if line.lower() == name]
-            self._hook(_one_value(values), None)
+            self._hook(_one_value(values), None, cut)
         elif self._kind == _JSON_BODY:
-            self._hook(None if self._over else self._field_of(bytes(self._body)), None)
+            found = None if self._over or cut else self._field_of(bytes(self._body))
+            self._hook(found, None, cut)
         elif self._kind == _EVENTS:
-            # An event without its closing blank line is no event (the stream was cut).
-            self._hook(self._found, None)
+            # An event without its closing blank line is no event (the stream was cut); one
+            # that came before a cut said what it said.
+            self._hook(self._found, None, cut)
 
     def _read_events(self, chunk: bytes) -> None:
         """Server-sent events (the WHATWG rules, lines ending in LF or CRLF): each event's

@@ -134,17 +134,20 @@ class Exchange(RequestRecord):
         self.bytes_sent = bytes_sent
         self.began = began
 
-    def report_cost(self, value: bytes | None, status: int | None) -> ExtraHeaders | None:
+    def report_cost(
+        self, value: bytes | None, status: int | None, cut: bool = False
+    ) -> ExtraHeaders | None:
         """What the upstream's answer said this request cost (the route's cost_header, in its
         head or its trailer, or cost_field, in its body): a whole number from 0 to the largest
         count, or the route's `cost` stands (README, "Metering"). Several values,
         comma-separated, are one cost when they say the same number (`3, 3`; `3, 03`). With
         the answer's `status` (its head still to be sent), answers the gateway's header lines
         for it when the quota's remaining units, as settled at that cost, differ from what the
-        admission left; `status` is None for a report after the head (a trailer, a body)."""
+        admission left; `status` is None for a report after the head (a trailer, a body).
+        `cut`: the answer broke off before the end that would have said it."""
         assert self.match is not None
         if value is None:
-            metrics.count_cost_report(self.product, self.route, "missing")
+            metrics.count_cost_report(self.product, self.route, "cut" if cut else "missing")
             return None
         if b"," in value:
             numbers = {_whole_number(part.strip()) for part in value.split(b",")}

@@ -131,7 +131,7 @@ COST_REPORTS = Family(
     "gateway_cost_reports_total",
     "counter",
     "Answers on routes whose upstream reports the cost (cost_header, cost_field), by what it "
-    "said (ok, missing, invalid).",
+    "said (ok, missing, invalid; cut: the answer broke off before it could).",
     ("product", "route", "result"),
 )
 FAMILIES: tuple[Family, ...] = (
@@ -156,4 +156,7 @@ LimitDecision = Literal[
     "allowed", "throttled", "quota_exceeded", "storage_error", "local_allowed", "local_throttled"
 ]
 RefundResult = Literal["ok", "error"]
-CostReport = Literal["ok", "missing", "invalid"]
+# `cut`: the answer broke off (its client left, its upstream cut it) before the trailer or the
+# body that would have said it; apart from `missing`, so that an upstream that stops reporting
+# shows apart from clients that stop reading a stream.
+CostReport = Literal["ok", "missing", "invalid", "cut"]

@@ -304,20 +304,31 @@ async def test_a_chunked_answer_without_a_readable_trailer_report_leaves_the_hol
     assert added[("gateway_cost_reports_total", labels(**route, result="invalid"))] == 2
 
 
-async def test_a_client_gone_before_the_trailer_pays_the_hold(rig: Rig) -> None:
-    """The upstream stops after its first chunk; the client leaves; no trailer ever came:
-    the hold stands (the billing plan does not refund 499) and the report counts missing."""
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        (f"{STREAM}?trailer=1&hang&bytes=100000", "/stream/{rest:path}"),
+        (f"{USAGE}?events=2000&usage=1&hang", "/stream/usage/{rest:path}"),
+    ],
+    ids=["trailer", "events"],
+)
+async def test_a_client_gone_before_the_report_pays_the_hold(
+    rig: Rig, path: str, route: str
+) -> None:
+    """The upstream stops after its first chunk (before its trailer, before its usage event);
+    the client leaves: the hold stands (the billing plan does not refund 499), and the report
+    counts as cut, apart from an upstream that said nothing."""
     before = await rig.metrics()
-    head = await rig.leave_during_the_body("bill", f"{STREAM}?trailer=1&hang&bytes=100000")
+    head = await rig.leave_during_the_body("bill", path)
     assert head.startswith(b"HTTP/1.1 200 ")
     await rig.used_becomes("bill", 10, "stream")
 
-    async def missing() -> float:
+    async def cut() -> float:
         added = await counted_since(rig, before)
-        route = {"product": "stream", "route": "/stream/{rest:path}"}
-        return added.get(("gateway_cost_reports_total", labels(**route, result="missing")), 0)
+        cut = labels(product="stream", route=route, result="cut")
+        return added.get(("gateway_cost_reports_total", cut), 0)
 
-    await eventually(missing, 1)
+    await eventually(cut, 1)
     await asyncio.sleep(0.1)  # nothing more lands later
     assert await rig.used("bill", "stream") == 10
 
@@ -376,14 +387,6 @@ async def test_the_last_event_of_a_stream_reports_the_cost(rig: Rig) -> None:
     assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 1
 
 
-async def test_a_client_gone_before_the_usage_event_pays_the_hold(rig: Rig) -> None:
-    head = await rig.leave_during_the_body("bill", f"{USAGE}?events=2000&usage=1&hang")
-    assert head.startswith(b"HTTP/1.1 200 ")
-    await rig.used_becomes("bill", 10, "stream")
-    await asyncio.sleep(0.1)  # nothing more lands later
-    assert await rig.used("bill", "stream") == 10
-
-
 async def test_a_trailer_cut_short_reports_nothing(rig: Rig) -> None:
     """The upstream breaks off inside its trailer, or sends one over the 64 KiB bound, after
     its report's line: the body never ended, so that line was no trailer's and the hold
@@ -409,7 +412,7 @@ async def test_a_trailer_cut_short_reports_nothing(rig: Rig) -> None:
     await rig.used_becomes("bill", 24, "stream")
     added = await counted_since(rig, before)
     route = {"product": "stream", "route": "/stream/{rest:path}"}
-    assert added[("gateway_cost_reports_total", labels(**route, result="missing"))] == 2
+    assert added[("gateway_cost_reports_total", labels(**route, result="cut"))] == 2
     assert added[("gateway_cost_reports_total", labels(**route, result="ok"))] == 1
     await asyncio.sleep(0.1)  # nothing more lands later
     assert await rig.used("bill", "stream") == 24
