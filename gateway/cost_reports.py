@@ -171,10 +171,13 @@ class CostReading:
     def _field_of(self, text: bytes) -> bytes | None:
         """The field's value in a JSON document, as its text would read (a whole number as
         its digits, anything else as JSON, for the hook to refuse), or None if the document
-        is not JSON or has no such field."""
+        is not JSON (or too deep to read) or has no such field."""
         try:
             value: object = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: json's decoder recurses per level, and a document nested deeper
+            # than the interpreter allows is valid JSON all the same; it reports nothing, and
+            # the answer passes on as it came.
             return None
         assert self._field is not None
         for name in self._field:

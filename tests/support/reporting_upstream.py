@@ -12,7 +12,9 @@ at hand writes trailers. Each request on a connection is answered by its query:
 - `events=N`: a `text/event-stream` of N token events, then `{"usage": {"total_tokens":
   TEXT}}` when `usage=TEXT` is given, then `[DONE]`, chunked, in pieces of `split=K` bytes;
 - `hang`: after the first chunk (of events: before the usage event) nothing more is sent
-  until the gateway closes the connection.
+  until the gateway closes the connection;
+- `raw=NAME`: the answer a test put in `RAW_ANSWERS[NAME]`, head and all, byte for byte, in
+  pieces of `split=K` bytes (default: at once).
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support.raw_upstream import Peer
 
-__all__ = ["reporting_upstream"]
+__all__ = ["RAW_ANSWERS", "reporting_upstream"]
+
+# The exact bytes of answers a test chooses (`raw=NAME`): line ends, framing and event shapes
+# that no generator above writes.
+RAW_ANSWERS: dict[str, bytes] = {}
 
 
 async def reporting_upstream(peer: Peer) -> None:
     reader = peer.reader
     while head := await reader.readuntil(b"\r\n\r\n"):
         query = parse_qs(urlsplit(head.split(b" ", 2)[1].decode()).query, keep_blank_values=True)
-        if "events" in query:
+        if "raw" in query:
+            done = await _raw(peer, query)
+        elif "events" in query:
             done = await _events(peer, query)
         elif "usage" in query:
             done = await _json_body(peer, query, b"accept-encoding: gzip" in head.lower())
@@ -104,6 +112,14 @@ async def _events(peer: Peer, query: dict[str, list[str]]) -> bool:
     for at in range(0, len(ending), split):
         await _chunk(peer, ending[at : at + split])
     await peer.send(b"0\r\n\r\n")
+    return False
+
+
+async def _raw(peer: Peer, query: dict[str, list[str]]) -> bool:
+    answer = RAW_ANSWERS[query["raw"][0]]
+    split = int(query.get("split", [str(len(answer))])[0])
+    for at in range(0, len(answer), split):
+        await peer.send(answer[at : at + split])
     return False
 
 

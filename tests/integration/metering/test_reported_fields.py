@@ -1,0 +1,59 @@
+"""A cost the upstream states in its body (a route's cost_field), end to end, for answers whose
+exact bytes a test chooses: a raw upstream (tests.support.reporting_upstream, `raw=NAME`)
+behind a gateway on memory, a real redis-server and a real Redis Cluster (the rig fixture).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import accesslog
+from tests.integration.metering.test_reported_costs import counted_since, labels
+from tests.support.metering_rig import Rig
+from tests.support.reporting_upstream import RAW_ANSWERS
+
+USAGE = "/stream/usage/chat"  # cost: 10 held; cost_field: usage.total_tokens
+ROUTE = {"product": "stream", "route": "/stream/usage/{rest:path}"}
+
+
+def answer(content_type: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        content_type,
+        len(body),
+        body,
+    )
+
+
+async def fetch(rig: Rig, name: str, split: int | None = None) -> tuple[int, bytes]:
+    """The raw answer `name` through the gateway with the billing key: status and body."""
+    query = f"raw={name}" + ("" if split is None else f"&split={split}")
+    url = rig.url(f"{USAGE}?{query}")
+    async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+        return response.status, await response.read()
+
+
+async def test_a_document_nested_too_deep_to_read_passes_on_and_reports_nothing(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON nested deeper than the reader can follow (valid all the same): the answer reaches
+    the client as it came, is logged as the upstream's 200 (not a 500 of the gateway's, which
+    the billing plan's refund_on: [5xx] would give back), and the hold stands."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    document = b'{"usage": {"total_tokens": 3}, "deep": %s}' % nested
+    RAW_ANSWERS["deep-json"] = answer(b"application/json", document)
+    RAW_ANSWERS["deep-event"] = answer(b"text/event-stream", b"data: %s\n\n" % document)
+    before = await rig.metrics()
+    capsys.readouterr()
+    for name in ("deep-json", "deep-event"):
+        status, body = await fetch(rig, name)
+        assert status == 200
+        assert body.endswith(nested + b"}" + (b"\n\n" if name == "deep-event" else b""))
+    await rig.used_becomes("bill", 20, "stream")
+    accesslog.flush_access_log()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    mine = [line for line in lines if line["key"] == f"bill-{rig.run}"]
+    assert [(line["status"], line["units"]) for line in mine] == [(200, 10), (200, 10)]
+    added = await counted_since(rig, before)
+    assert added[("gateway_cost_reports_total", labels(**ROUTE, result="missing"))] == 2
