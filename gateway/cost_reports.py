@@ -27,12 +27,17 @@ CostHook = Callable[[bytes | None, int | None, bool], ExtraHeaders | None]
 
 # A JSON body, or one event's data, longer than this is not read for a cost: the reader keeps a
 # copy of what it reads (a streamed answer is relayed as it comes, never held), so this bounds
-# the copy; usage figures sit in small bodies and small last events.
+# the copy (an event's line not yet ended included); usage figures sit in small bodies and
+# small last events.
 MAX_BODY_READ = 1 << 20
 
 _JSON = re.compile(rb"application/(?:[!#$&^_.+\w-]+\+)?json", re.ASCII)
 _EVENT_STREAM = b"text/event-stream"
 _NOT_READ, _JSON_BODY, _EVENTS = 0, 1, 2
+_BOM = b"\xef\xbb\xbf"  # may lead an event stream, and is no part of its first line
+# An LF, or a CRLF, right after an LF: a blank line ends there, whatever came before.
+_BLANK_LINE_ENDS = (b"\n\n", b"\n\r\n")
+_FIELD_KIND = 5  # the bytes of a line that say whether it is a data line (`data:`)
 
 
 class CostReading:
@@ -40,14 +45,18 @@ class CostReading:
 
     __slots__ = (
         "_body",
+        "_clean",
+        "_cr",
         "_data",
         "_data_size",
         "_field",
+        "_first",
         "_found",
         "_header",
         "_hook",
         "_kind",
         "_line",
+        "_line_over",
         "_needle",
         "_over",
     )
@@ -59,6 +68,10 @@ class CostReading:
         self._kind = _NOT_READ
         self._body = bytearray()  # a JSON body so far
         self._line = bytearray()  # an event stream's line not yet ended
+        self._line_over = False  # it outgrew the bound: only its first _FIELD_KIND bytes kept
+        self._cr = False  # the last piece ended in CR: an LF first in the next is its CRLF's
+        self._first = True  # no line has ended yet (a BOM may lead the first)
+        self._clean = False  # none of the above, nor data: nothing under way between events
         self._data: list[bytes] = []  # the data lines of the event under way
         self._data_size = 0  # their bytes; past MAX_BODY_READ the event is not read
         self._found: bytes | None = None  # the last event's report so far
@@ -126,7 +139,7 @@ class CostReading:
             values = [value for line, value in reply.trailer_lines if line.lower() == name]
             self._hook(_one_value(values), None, cut)
         elif self._kind == _JSON_BODY:
-            found = None if self._over or cut else self._field_of(bytes(self._body))
+            found = None if self._over or cut else self._field_of(self._body)
             self._hook(found, None, cut)
         elif self._kind == _EVENTS:
             # An event without its closing blank line is no event (the stream was cut); one
@@ -134,41 +147,107 @@ class CostReading:
             self._hook(self._found, None, cut)
 
     def _read_events(self, chunk: bytes) -> None:
-        """Server-sent events (the WHATWG rules, lines ending in LF or CRLF): each event's
-        data lines, joined by LF, are read once its blank line ends it."""
+        """Server-sent events (the WHATWG's rules: lines end in CR, LF or CRLF; a BOM may
+        lead): each event's data lines, joined by LF, are read once its blank line ends it.
+        Each byte is copied a bounded number of times, however the stream is cut in pieces.
+
+        Only an event that names the field is read line by line, with the one under way when
+        the piece came: whole events up to the piece's last blank line that do not are passed
+        over in a few scans (a token's, as most are); nothing is under way after one.
+        (A stream whose lines end in CR alone is read line by line.)"""
+        if not self._clean:
+            lf, crlf = chunk.find(b"\n\n"), chunk.find(b"\n\r\n")
+            if lf < 0 and crlf < 0:
+                self._read_lines(chunk)
+                return
+            end = crlf + 3 if lf < 0 or 0 <= crlf < lf else lf + 2
+            self._read_lines(chunk[:end])  # the event under way, ended
+            chunk = chunk[end:]
+        if chunk.endswith(_BLANK_LINE_ENDS):
+            cut = len(chunk)
+        else:
+            lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\n\r\n")
+            cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if cut and chunk.find(self._needle, 0, cut) < 0:
+            if cut == len(chunk):
+                return
+            chunk = chunk[cut:]
+        if chunk:
+            self._read_lines(chunk)
+
+    def _read_lines(self, chunk: bytes) -> None:
+        """A piece of an event stream, line by line."""
+        if self._cr:
+            self._cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]  # the rest of a CRLF, whose CR ended the line already
+        if b"\r" in chunk:
+            # Each line end made one LF, so that one split finds them all.
+            self._cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = chunk.split(b"\n")
-        if self._line:
-            if len(self._line) + len(lines[0]) > MAX_BODY_READ:
-                self._line = bytearray(b"-")  # not a data line any more: dropped at its end
-            else:
-                self._line += lines[0]
-            lines[0] = bytes(self._line)
         last = lines.pop()  # not ended yet
-        self._line = bytearray(last if len(last) <= MAX_BODY_READ else b"-")
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    self._end_event()
-            elif line.startswith(b"data:"):
-                value = line[6:] if line.startswith(b"data: ") else line[5:]
-                self._data_size += len(value) + 1
-                if self._data_size <= MAX_BODY_READ:
-                    self._data.append(value)
-                else:
-                    self._data = [b"-"]  # too long to read; ends as an event that says nothing
+        if lines:
+            if self._line or self._line_over:
+                lines[0] = self._ended_line(lines[0])
+            if self._first:
+                self._first = False
+                if lines[0].startswith(_BOM):
+                    lines[0] = lines[0][len(_BOM) :]
+            for line in lines:
+                if not line:
+                    if self._data:
+                        self._end_event()
+                elif line.startswith(b"data:"):
+                    value = line[6:] if line.startswith(b"data: ") else line[5:]
+                    self._data_size += len(value) + 1
+                    if self._data_size <= MAX_BODY_READ:
+                        self._data.append(value)
+                    else:
+                        self._data = [b"-"]  # too long to read: an event that says nothing
+        if last:
+            self._extend_line(last)
+        self._clean = not (self._line or self._line_over or self._cr or self._first or self._data)
+
+    def _extend_line(self, piece: bytes) -> None:
+        """More of the line not yet ended. Within the bound (what the event's data holds
+        already counted), it is kept whole; past it, only enough to tell a data line."""
+        line = self._line
+        if not self._line_over:
+            if len(line) + len(piece) + self._data_size <= MAX_BODY_READ:
+                line += piece
+                return
+            self._line_over = True
+        if len(line) < _FIELD_KIND:
+            line += piece[: _FIELD_KIND - len(line)]
+        del line[_FIELD_KIND:]
+
+    def _ended_line(self, rest: bytes) -> bytes:
+        """The line under way, ended by `rest`: itself, or a comment line in its place when it
+        outgrew the bound (a data line's event then being too long to read)."""
+        self._extend_line(rest)
+        line = bytes(self._line)
+        self._line = bytearray()
+        if self._line_over:
+            self._line_over = False
+            if line.startswith(b"data:"):
+                self._data_size = MAX_BODY_READ + 1
+                self._data = [b"-"]  # too long to read; ends as an event that says nothing
+            return b":"
+        return line
 
     def _end_event(self) -> None:
         data = b"\n".join(self._data)
         self._data = []
         self._data_size = 0
         if self._needle in data:
-            found = self._field_of(data)
+            # Decoded as a browser's EventSource does: a byte that is not UTF-8 stands for
+            # U+FFFD in the text, and leaves the JSON around it readable.
+            found = self._field_of(data.decode("utf-8", "replace"))
             if found is not None:
                 self._found = found
 
-    def _field_of(self, text: bytes) -> bytes | None:
+    def _field_of(self, text: str | bytes | bytearray) -> bytes | None:
         """The field's value in a JSON document, as its text would read (a whole number as
         its digits, anything else as JSON, for the hook to refuse), or None if the document
         is not JSON (or too deep to read) or has no such field."""

@@ -57,3 +57,27 @@ async def test_a_document_nested_too_deep_to_read_passes_on_and_reports_nothing(
     assert [(line["status"], line["units"]) for line in mine] == [(200, 10), (200, 10)]
     added = await counted_since(rig, before)
     assert added[("gateway_cost_reports_total", labels(**ROUTE, result="missing"))] == 2
+
+
+async def test_events_are_read_as_a_browser_reads_them(rig: Rig) -> None:
+    """Lines that end in CR alone, a BOM before the first event, a byte that is not UTF-8 in
+    the usage event's text: an EventSource reads each of these streams' usage event, and so
+    does the gateway (the WHATWG's rules), relayed in pieces of 5 bytes."""
+    token = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+    done = b"data: [DONE]\n\n"
+    streams = {
+        "cr-events": (token + b'data: {"usage": {"total_tokens": 3}}\n\n' + done).replace(
+            b"\n", b"\r"
+        ),
+        "bom-events": b"\xef\xbb\xbf" + b'data: {"usage": {"total_tokens": 4}}\n\n' + done,
+        "latin1-events": token
+        + b'data: {"model": "\xe9", "usage": {"total_tokens": 5}}\n\n'
+        + done,
+    }
+    before = await rig.metrics()
+    for name, stream in streams.items():
+        RAW_ANSWERS[name] = answer(b"text/event-stream", stream)
+        assert await fetch(rig, name, split=5) == (200, stream)
+    await rig.used_becomes("bill", 3 + 4 + 5, "stream")
+    added = await counted_since(rig, before)
+    assert added[("gateway_cost_reports_total", labels(**ROUTE, result="ok"))] == 3
