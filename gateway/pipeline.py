@@ -262,13 +262,16 @@ async def forward_upstream(ex: Exchange) -> Answer:
             (b"X-Gateway-Plan", ex.plan.encode("ascii")),
         ]
     cost_reading = None
-    drop = snapshot.request_drop
     route = ex.match.route
+    drop = snapshot.request_drop
+    if route.cost_field is not None:
+        # A body the gateway can read: not encoded. Asked so even when it is not read, so
+        # that what the route's upstream sends (and its client gets) does not depend on
+        # whether the storage answered.
+        drop = snapshot.request_drop_for_body
     if route.reports_cost and ex.receipt is not None:
         # Read only when the limits took units to settle (a storage away took none).
         cost_reading = CostReading(route.cost_header, route.cost_field, ex.report_cost)
-        if route.cost_field is not None:
-            drop = snapshot.request_drop_for_body  # a body the gateway can read: not encoded
     result = await forward(
         request,
         destination,

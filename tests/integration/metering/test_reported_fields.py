@@ -6,13 +6,19 @@ behind a gateway on memory, a real redis-server and a real Redis Cluster (the ri
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from gateway import accesslog
 from tests.integration.metering.test_reported_costs import counted_since, labels
+from tests.support.config import worker_server_yaml, write_config
+from tests.support.gateway import running_gateway
 from tests.support.metering_rig import Rig
+from tests.support.recording_upstream import recording_upstream
 from tests.support.reporting_upstream import RAW_ANSWERS
+from tests.support.sockets import free_port
 
 USAGE = "/stream/usage/chat"  # cost: 10 held; cost_field: usage.total_tokens
 ROUTE = {"product": "stream", "route": "/stream/usage/{rest:path}"}
@@ -81,3 +87,43 @@ async def test_events_are_read_as_a_browser_reads_them(rig: Rig) -> None:
     await rig.used_becomes("bill", 3 + 4 + 5, "stream")
     added = await counted_since(rig, before)
     assert added[("gateway_cost_reports_total", labels(**ROUTE, result="ok"))] == 3
+
+
+CHAT = """
+products:
+  llm:
+    upstream: {{url: "http://127.0.0.1:{port}"}}
+    routes:
+      - path: /v1/chat/completions
+        cost: 100
+        cost_field: usage.total_tokens
+      - path: /v1/{{rest:path}}
+plans:
+  metered:
+    quota: {{limit: 100000, per: month}}
+keys:
+  - {{name: client, key: secret, plans: {{llm: metered}}}}
+"""
+
+
+@pytest.mark.parametrize("storage", ["answering", "away"])
+async def test_a_cost_field_route_never_passes_accept_encoding_on(
+    tmp_path: Path, storage: str
+) -> None:
+    """The route's upstream is asked for its body as it is, whether the storage answers or
+    not (`on_error: allow` reads no cost then, but the route is the same route, and its
+    client gets what it gets at other times); another route's upstream gets the line."""
+    url = "memory://" if storage == "answering" else f"redis://127.0.0.1:{free_port()}/0"
+    server = worker_server_yaml(storage_url=url, on_error="allow")
+    async with recording_upstream() as upstream:
+        config = write_config(tmp_path, CHAT.format(port=upstream.port), server=server)
+        async with running_gateway(config) as worker, aiohttp.ClientSession() as http:
+            for path in ("/v1/chat/completions", "/v1/models"):
+                url = f"http://127.0.0.1:{worker.proxy_port}{path}"
+                headers = {"X-API-Key": "secret", "Accept-Encoding": "gzip"}
+                async with http.get(url, headers=headers) as response:
+                    assert response.status == 200
+        chat, models, _ = bytes(upstream.received).lower().split(b"\r\n\r\n")
+    assert chat.startswith(b"get /v1/chat/completions ")
+    assert b"accept-encoding" not in chat
+    assert b"\r\naccept-encoding: gzip\r\n" in models
