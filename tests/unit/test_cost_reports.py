@@ -53,7 +53,7 @@ def read(reply: HttpReply, pieces: list[bytes]) -> list[bytes | None]:
     """What a reading of `pieces` of that answer's body tells its hook."""
     told: list[bytes | None] = []
 
-    def hook(value: bytes | None, status: int | None) -> None:
+    def hook(value: bytes | None, status: int | None, cut: bool) -> None:
         told.append(value)
 
     reading = CostReading(None, FIELD, hook)
@@ -167,7 +167,7 @@ def test_an_event_under_way_holds_at_most_the_bound(events_reply: HttpReply) -> 
     """An event's data lines and its line not yet ended together hold no more than
     MAX_BODY_READ in memory, however the event goes on: what a request in flight keeps."""
     told: list[bytes | None] = []
-    reading = CostReading(None, FIELD, lambda value, status: told.append(value))
+    reading = CostReading(None, FIELD, lambda value, status, cut: told.append(value))
     assert reading.at_head(events_reply, None)[1]
     line = b"data: " + b"y" * 4090 + b"\n"
     lines = [line] * (MAX_BODY_READ // len(line))
