@@ -4,7 +4,7 @@ its JSON body or of the JSON data of its server-sent events (a route's `cost_fie
 
 `CostReading` reads beside the relay and never holds the answer back: the proxy hands it the
 head, each body chunk as it leaves, and the end. What it finds goes to the exchange's hook,
-which reads the number (or counts it missing or invalid) and settles the request by it.
+which reads the number (or counts it missing, invalid or cut) and settles the request by it.
 """
 
 from __future__ import annotations
@@ -139,7 +139,12 @@ class CostReading:
             values = [value for line, value in reply.trailer_lines if line.lower() == name]
             self._hook(_one_value(values), None, cut)
         elif self._kind == _JSON_BODY:
-            found = None if self._over or cut else self._field_of(self._body)
+            # A body that does not name the field is not parsed (an error page, say): the
+            # parse of a large body holds up the worker's other requests (bench/PROFILE.md).
+            body = self._body
+            found = None
+            if not (self._over or cut) and self._needle in body:
+                found = self._field_of(body)
             self._hook(found, None, cut)
         elif self._kind == _EVENTS:
             # An event without its closing blank line is no event (the stream was cut); one
