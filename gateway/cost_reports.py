@@ -1,6 +1,7 @@
 """Where an upstream says what a request cost (README, "Metering", "A cost the upstream
-reports"): a header line of its answer's head or trailer (a route's `cost_header`), or a field of
-its JSON body or of the JSON data of its server-sent events (a route's `cost_field`).
+reports"): a header line of its answer's head or trailer (a route's `cost_header`), or fields of
+its JSON body or of the JSON data of its server-sent events (a route's `cost_field`: one, or
+several whose values add up).
 
 `CostReading` reads beside the relay and never holds the answer back: the proxy hands it the
 head, each body chunk as it leaves, and the end. What it finds goes to the exchange's hook,
@@ -49,7 +50,7 @@ class CostReading:
         "_cr",
         "_data",
         "_data_size",
-        "_field",
+        "_fields",
         "_first",
         "_found",
         "_header",
@@ -57,13 +58,15 @@ class CostReading:
         "_kind",
         "_line",
         "_line_over",
-        "_needle",
+        "_needles",
         "_over",
     )
 
-    def __init__(self, header: bytes | None, field: tuple[str, ...] | None, hook: CostHook):
+    def __init__(
+        self, header: bytes | None, fields: tuple[tuple[str, ...], ...] | None, hook: CostHook
+    ):
         self._header = header  # lower-cased, as raw lines are matched
-        self._field = field
+        self._fields = fields or ()  # each a path of member names
         self._hook = hook
         self._kind = _NOT_READ
         self._body = bytearray()  # a JSON body so far
@@ -74,11 +77,12 @@ class CostReading:
         self._clean = False  # none of the above, nor data: nothing under way between events
         self._data: list[bytes] = []  # the data lines of the event under way
         self._data_size = 0  # their bytes; past MAX_BODY_READ the event is not read
-        self._found: bytes | None = None  # the last event's report so far
+        # Each field's value in the last event that held it, so far.
+        self._found: list[bytes | None] = [None] * len(self._fields)
         self._over = False  # the JSON body outgrew MAX_BODY_READ
-        # Only events that name the field's last part are parsed (the usage event, not each
+        # Only events that name a field's last part are parsed (the usage event, not each
         # token's): a cheap substring test first.
-        self._needle = b'"%s"' % field[-1].encode() if field else b""
+        self._needles = tuple(b'"%s"' % path[-1].encode() for path in self._fields)
 
     def at_head(
         self, reply: HttpReply, extra: ExtraHeaders | None
@@ -143,13 +147,13 @@ class CostReading:
             # parse of a large body holds up the worker's other requests (bench/PROFILE.md).
             body = self._body
             found = None
-            if not (self._over or cut) and self._needle in body:
-                found = self._field_of(body)
+            if not (self._over or cut) and self._names_a_field(body):
+                found = _added_up(self._fields_of(body))
             self._hook(found, None, cut)
         elif self._kind == _EVENTS:
             # An event without its closing blank line is no event (the stream was cut); one
             # that came before a cut said what it said.
-            self._hook(self._found, None, cut)
+            self._hook(_added_up(self._found), None, cut)
 
     def _read_events(self, chunk: bytes) -> None:
         """Server-sent events (the WHATWG's rules: lines end in CR, LF or CRLF; a BOM may
@@ -173,7 +177,7 @@ class CostReading:
         else:
             lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\n\r\n")
             cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-        if cut and chunk.find(self._needle, 0, cut) < 0:
+        if cut and not self._names_a_field(chunk, cut):
             if cut == len(chunk):
                 return
             chunk = chunk[cut:]
@@ -245,32 +249,53 @@ class CostReading:
         data = b"\n".join(self._data)
         self._data = []
         self._data_size = 0
-        if self._needle in data:
+        if self._names_a_field(data):
             # Decoded as a browser's EventSource does: a byte that is not UTF-8 stands for
             # U+FFFD in the text, and leaves the JSON around it readable.
-            found = self._field_of(data.decode("utf-8", "replace"))
-            if found is not None:
-                self._found = found
+            for index, found in enumerate(self._fields_of(data.decode("utf-8", "replace"))):
+                if found is not None:
+                    self._found[index] = found
 
-    def _field_of(self, text: str | bytes | bytearray) -> bytes | None:
-        """The field's value in a JSON document, as its text would read (a whole number as
-        its digits, anything else as JSON, for the hook to refuse), or None if the document
+    def _names_a_field(self, data: bytes | bytearray, end: int | None = None) -> bool:
+        """Whether `data` (up to `end`) holds the last name of any field, quoted."""
+        return any(data.find(needle, 0, end) >= 0 for needle in self._needles)
+
+    def _fields_of(self, text: str | bytes | bytearray) -> list[bytes | None]:
+        """Each field's value in a JSON document, as its text would read (a whole number as
+        its digits, anything else as JSON, for the hook to refuse), or None where the document
         is not JSON (or too deep to read) or has no such field."""
         try:
-            value: object = json.loads(text)
+            document: object = json.loads(text)
         except (ValueError, RecursionError):
             # RecursionError: json's decoder recurses per level, and a document nested deeper
             # than the interpreter allows is valid JSON all the same; it reports nothing, and
             # the answer passes on as it came.
+            return [None] * len(self._fields)
+        return [_value_at(document, path) for path in self._fields]
+
+
+def _value_at(document: object, path: tuple[str, ...]) -> bytes | None:
+    value = document
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
             return None
-        assert self._field is not None
-        for name in self._field:
-            if not isinstance(value, dict) or name not in value:
-                return None
-            value = value[name]
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value).encode()
-        return json.dumps(value)[:40].encode()
+        value = value[name]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode()
+    return json.dumps(value)[:40].encode()
+
+
+def _added_up(values: list[bytes | None]) -> bytes | None:
+    """The fields' values as one report: their sum when each that was said is a whole
+    number's digits (a field said nowhere adds nothing), the first that is not (for the hook
+    to refuse, naming it), or None when none was said."""
+    said = [value for value in values if value is not None]
+    if len(said) <= 1:
+        return said[0] if said else None
+    for value in said:
+        if not value.isdigit():
+            return value
+    return str(sum(int(value) for value in said)).encode()
 
 
 def _one_value(values: list[bytes]) -> bytes | None:

@@ -1,13 +1,14 @@
 """Where a route's upstream reports what a request cost (README, "Metering", "A cost the
 upstream reports"): `cost_header`, a header of its answer, or `cost_field`, a field of its JSON
-body or of its server-sent events' JSON data. A route reads one of them."""
+body or of its server-sent events' JSON data (or a list of fields, added up). A route reads
+one of them."""
 
 from __future__ import annotations
 
 import re
 
 from gateway.config.yamlnodes import Fields, Walker
-from gateway.config.yamltree import Node
+from gateway.config.yamltree import Node, SequenceNode
 from gateway.http.headers import HOP_BY_HOP
 
 __all__ = ["HTTP_TOKEN", "read_cost_source"]
@@ -20,16 +21,17 @@ _GATEWAY_ANSWER_HEADER = re.compile(r"(x-)?ratelimit(-.*)?|x-quota-.*|x-request-
 # A cost_field: names of JSON object members, from the document's top, joined by dots.
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_$@-]+")
 _MAX_FIELD_DEPTH = 8
+_MAX_FIELDS = 4
 
 
 def read_cost_source(
     w: Walker, fields: Fields, proxies: bool
-) -> tuple[bytes | None, tuple[str, ...] | None]:
+) -> tuple[bytes | None, tuple[tuple[str, ...], ...] | None]:
     """A route's `cost_header` (lower-cased, as raw lines are matched, once here rather than
     per request) and `cost_field` (its names); `proxies`: the route has an upstream to report
     one (not `gone`, not `redirect`)."""
     header = w.optional(fields, "cost_header", lambda n, p: _cost_header(w, n, p), None)
-    field = w.optional(fields, "cost_field", lambda n, p: _cost_field(w, n, p), None)
+    field = w.optional(fields, "cost_field", lambda n, p: _cost_fields(w, n, p), None)
     for key in ("cost_header", "cost_field"):
         node = fields.value(key)
         if node is not None and not proxies:
@@ -58,6 +60,28 @@ def _cost_header(w: Walker, node: Node, path: str) -> str | None:
         w.report(node, path, f"must not be {text}: HTTP or the gateway uses that header")
         return None
     return text
+
+
+def _cost_fields(w: Walker, node: Node, path: str) -> tuple[tuple[str, ...], ...] | None:
+    """One field's path, or a list of them whose values add up (input and output tokens,
+    where an API reports them apart)."""
+    if not isinstance(node, SequenceNode):
+        one = _cost_field(w, node, path)
+        return None if one is None else (one,)
+    items = w.sequence(node, path)
+    if items is None:
+        return None
+    if not 1 <= len(items) <= _MAX_FIELDS:
+        w.report(node, path, f"must list 1 to {_MAX_FIELDS} fields")
+        return None
+    paths = [_cost_field(w, item, f"{path}[{index}]") for index, item in enumerate(items)]
+    chosen = tuple(one for one in paths if one is not None)
+    if len(chosen) < len(paths):
+        return None
+    if len(set(chosen)) < len(chosen):
+        w.report(node, path, "lists a field twice: it would be added up twice")
+        return None
+    return chosen
 
 
 def _cost_field(w: Walker, node: Node, path: str) -> tuple[str, ...] | None:

@@ -199,9 +199,9 @@ class Route:
     # (README "Metering"), lower-cased as the answer's raw lines are matched, once here rather
     # than per request; None: `cost` is the cost.
     cost_header: bytes | None = None
-    # Or the names of the JSON field of its answer's body, or of its events' data, that
-    # states it (README "Metering"); a route has one or neither.
-    cost_field: tuple[str, ...] | None = None
+    # Or the JSON fields of its answer's body, or of its events' data, whose values add up to
+    # it (README "Metering"), each a path of member names; a route has one or neither.
+    cost_field: tuple[tuple[str, ...], ...] | None = None
     line: int = 0  # where it was declared, for messages
     # Whether the upstream reports what a request cost (either of the two): a field, not a
     # property, as every request asks.

@@ -45,6 +45,9 @@ products:
       - path: /stream/usage/{{rest:path}}
         cost: 10
         cost_field: usage.total_tokens
+      - path: /stream/messages/{{rest:path}}
+        cost: 10
+        cost_field: [message.usage.input_tokens, usage.output_tokens]
       - path: /stream/{{rest:path}}
         cost: 10
         cost_header: X-Units-Used

@@ -11,6 +11,8 @@ at hand writes trailers. Each request on a connection is answered by its query:
   body that is not JSON), with a length; gzip-compressed when the request accepts gzip;
 - `events=N`: a `text/event-stream` of N token events, then `{"usage": {"total_tokens":
   TEXT}}` when `usage=TEXT` is given, then `[DONE]`, chunked, in pieces of `split=K` bytes;
+- `messages=IN,OUT`: a stream in the shape of Anthropic's Messages API, the input tokens in
+  its first event and the output tokens in its last `message_delta`;
 - `hang`: after the first chunk (of events: before the usage event) nothing more is sent
   until the gateway closes the connection;
 - `raw=NAME`: the answer a test put in `RAW_ANSWERS[NAME]`, head and all, byte for byte, in
@@ -38,6 +40,8 @@ async def reporting_upstream(peer: Peer) -> None:
         query = parse_qs(urlsplit(head.split(b" ", 2)[1].decode()).query, keep_blank_values=True)
         if "raw" in query:
             done = await _raw(peer, query)
+        elif "messages" in query:
+            done = await _messages(peer, query)
         elif "events" in query:
             done = await _events(peer, query)
         elif "usage" in query:
@@ -111,6 +115,34 @@ async def _events(peer: Peer, query: dict[str, list[str]]) -> bool:
     ending += b"data: [DONE]\n\n"
     for at in range(0, len(ending), split):
         await _chunk(peer, ending[at : at + split])
+    await peer.send(b"0\r\n\r\n")
+    return False
+
+
+async def _messages(peer: Peer, query: dict[str, list[str]]) -> bool:
+    """A stream in the shape of Anthropic's Messages API: the input tokens in its first
+    event (under `message`), the output tokens so far in each `message_delta`, the last one
+    final; `messages=IN,OUT`."""
+    given, taken = query["messages"][0].split(",")
+    events = [
+        b'event: message_start\ndata: {"type": "message_start", "message": {"id": "m1", '
+        b'"usage": {"input_tokens": %s, "output_tokens": 1}}}\n\n' % given.encode(),
+        *(
+            b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": '
+            b'{"text": "token %d"}}\n\n' % n
+            for n in range(5)
+        ),
+        b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 2}}\n\n',
+        b'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": %s}}\n\n'
+        % taken.encode(),
+        b'event: message_stop\ndata: {"type": "message_stop"}\n\n',
+    ]
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    peer.writer.write(head)
+    for event in events:
+        await _chunk(peer, event)
     await peer.send(b"0\r\n\r\n")
     return False
 

@@ -22,7 +22,7 @@ from gateway.http.reply import HttpReply
 from tests.support.raw_upstream import keep_answering, raw_upstream
 from tests.support.upstream_client import HOST, client_for
 
-FIELD = ("usage", "total_tokens")
+FIELD = (("usage", "total_tokens"),)
 TOKEN = b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": null}\n\n'
 # The usage event over two data lines, one without a space after its colon.
 USAGE = b'data: {"choices": [], "usage":\ndata:{"total_tokens": 7}}\n\n'
@@ -183,3 +183,26 @@ def test_an_event_under_way_holds_at_most_the_bound(events_reply: HttpReply) -> 
     reading.feed(b"\n\n" + USAGE)
     reading.at_end(events_reply)
     assert told == [b"7"]
+
+
+@pytest.mark.parametrize(
+    ("events", "told"),
+    [
+        # Each field's last value, added up; an event that names one field leaves the other.
+        ([b'{"a": {"n": 3}, "b": 1}', b'{"b": 2}', b'{"b": 4}'], b"7"),
+        ([b'{"b": 4}'], b"4"),  # a field said nowhere adds nothing
+        ([b'{"a": {"n": 3}}', b'{"b": 2.5}'], b"2.5"),  # not a whole number: for the hook
+        ([b'{"c": 1}'], None),  # neither said: a missing report
+    ],
+)
+def test_fields_reported_apart_add_up(
+    events_reply: HttpReply, events: list[bytes], told: bytes | None
+) -> None:
+    heard: list[bytes | None] = []
+    fields = (("a", "n"), ("b",))
+    reading = CostReading(None, fields, lambda value, status, cut: heard.append(value))
+    assert reading.at_head(events_reply, None)[1]
+    for event in events:
+        reading.feed(b"data: " + event + b"\n\n")
+    reading.at_end(events_reply)
+    assert heard == [told]

@@ -427,3 +427,13 @@ async def _until_closed(reader: asyncio.StreamReader) -> bytes:
     except ConnectionResetError:
         pass
     return read
+
+
+async def test_fields_reported_apart_add_up(rig: Rig) -> None:
+    """An Anthropic-style stream: input tokens in its first event, output tokens in its last
+    message_delta (an earlier one said 2 so far); the route bills their sum."""
+    url = rig.url("/stream/messages/chat?messages=25,15")
+    async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+        assert response.status == 200
+        assert (await response.text()).count("event: ") == 9
+    await rig.used_becomes("bill", 40, "stream")

@@ -551,10 +551,16 @@ def test_a_route_reads_its_cost_from_a_header_or_a_json_field(tmp_path: Path) ->
         "      - {path: /v1/chat, cost: 50, cost_field: usage.total_tokens}\n"
         "      - {path: /v1/search, cost_header: X-Units-Used}\n"
         "      - {path: /v1/models}\n"
+        "      - path: /v1/messages\n"
+        "        cost_field: [message.usage.input_tokens, usage.output_tokens]\n"
     )
-    chat, search, models = load_config(path, env={}).products["llm"].routes
+    chat, search, models, messages = load_config(path, env={}).products["llm"].routes
+    assert messages.cost_field == (
+        ("message", "usage", "input_tokens"),
+        ("usage", "output_tokens"),
+    )
     assert (chat.cost_field, chat.cost_header, chat.reports_cost) == (
-        ("usage", "total_tokens"),
+        (("usage", "total_tokens"),),
         None,
         True,
     )
