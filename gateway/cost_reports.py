@@ -3,9 +3,10 @@ reports"): a header line of its answer's head or trailer (a route's `cost_header
 its JSON body or of the JSON data of its server-sent events (a route's `cost_field`: one, or
 several whose values add up).
 
-`CostReading` reads beside the relay and never holds the answer back: the proxy hands it the
-head, each body chunk as it leaves, and the end. What it finds goes to the exchange's hook,
-which reads the number (or counts it missing, invalid or cut) and settles the request by it.
+A `CostReading` (`HeaderCost` or `BodyCost`) reads beside the relay and never holds the answer
+back: the proxy hands it the head, each body chunk as it leaves, and the end. What it finds
+goes to the exchange's hook, which reads the number (or counts it missing, invalid or cut) and
+settles the request by it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from gateway.http.headers import ExtraHeaders
 from gateway.http.reply import HttpReply
 
-__all__ = ["MAX_BODY_READ", "CostHook", "CostReading"]
+__all__ = ["MAX_BODY_READ", "BodyCost", "CostHook", "CostReading", "HeaderCost"]
 
 # Told the value in which an upstream reports what a request cost, or None when its answer has
 # none, and that answer's status while its head is still to be sent (then it answers the
@@ -41,8 +43,48 @@ _BLANK_LINE_ENDS = (b"\n\n", b"\n\r\n")
 _FIELD_KIND = 5  # the bytes of a line that say whether it is a data line (`data:`)
 
 
-class CostReading:
-    """One answer's reading of its cost, for one request of a route that reports one."""
+class HeaderCost:
+    """A cost in a header line of the answer's head, else of a chunked body's trailer."""
+
+    __slots__ = ("_hook", "_name")
+
+    def __init__(self, name: bytes, hook: CostHook):
+        self._name = name  # lower-cased, as raw lines are matched
+        self._hook = hook
+
+    def at_head(
+        self, reply: HttpReply, extra: ExtraHeaders | None
+    ) -> tuple[ExtraHeaders | None, bool]:
+        """The final answer's head: the gateway's header lines for it (those the hook answers
+        when the head reported the cost, or `extra` as they were), and whether the rest of
+        the answer must come here (`feed`, then `at_end`): when the trailer may say it."""
+        values = []
+        chunked = False
+        name = self._name
+        for line, value in reply.raw_headers:
+            lowered = line.lower()
+            if lowered == name:
+                values.append(value)
+            elif lowered == b"transfer-encoding":
+                chunked = True
+        if not values and chunked and _has_body(reply):
+            return extra, True
+        settled = self._hook(_one_value(values), reply.status, False)
+        return (extra if settled is None else settled), False
+
+    def feed(self, chunk: bytes) -> None:
+        """A chunk of the body: nothing to read in it."""
+
+    def at_end(self, reply: HttpReply) -> None:
+        """The body is done, or cut short (and then without a trailer)."""
+        name = self._name
+        values = [value for line, value in reply.trailer_lines if line.lower() == name]
+        self._hook(_one_value(values), None, not reply.done)
+
+
+class BodyCost:
+    """Fields of a JSON body, or of the JSON data of server-sent events, whose values add up
+    to the cost."""
 
     __slots__ = (
         "_body",
@@ -53,7 +95,6 @@ class CostReading:
         "_fields",
         "_first",
         "_found",
-        "_header",
         "_hook",
         "_kind",
         "_line",
@@ -62,11 +103,8 @@ class CostReading:
         "_over",
     )
 
-    def __init__(
-        self, header: bytes | None, fields: tuple[tuple[str, ...], ...] | None, hook: CostHook
-    ):
-        self._header = header  # lower-cased, as raw lines are matched
-        self._fields = fields or ()  # each a path of member names
+    def __init__(self, fields: tuple[tuple[str, ...], ...], hook: CostHook):
+        self._fields = fields  # each a path of member names
         self._hook = hook
         self._kind = _NOT_READ
         self._body = bytearray()  # a JSON body so far
@@ -78,40 +116,24 @@ class CostReading:
         self._data: list[bytes] = []  # the data lines of the event under way
         self._data_size = 0  # their bytes; past MAX_BODY_READ the event is not read
         # Each field's value in the last event that held it, so far.
-        self._found: list[bytes | None] = [None] * len(self._fields)
+        self._found: list[bytes | None] = [None] * len(fields)
         self._over = False  # the JSON body outgrew MAX_BODY_READ
-        # Only events that name a field's last part are parsed (the usage event, not each
-        # token's): a cheap substring test first.
-        self._needles = tuple(b'"%s"' % path[-1].encode() for path in self._fields)
+        self._needles = _needles_of(fields)
 
     def at_head(
         self, reply: HttpReply, extra: ExtraHeaders | None
     ) -> tuple[ExtraHeaders | None, bool]:
-        """The final answer's head: the gateway's header lines for it (those the hook answers
-        when the head reported the cost, or `extra` as they were), and whether the rest of
-        the answer must come here (`feed`, then `at_end`)."""
-        values = []
-        chunked = False
+        """The final answer's head: `extra` as it was (a body's report comes after the head),
+        and whether the body must come here (`feed`, then `at_end`): when it can be read."""
         content_type = b""
         encoded = False
-        name = self._header
         for line, value in reply.raw_headers:
             lowered = line.lower()
-            if lowered == name:
-                values.append(value)
-            elif lowered == b"transfer-encoding":
-                chunked = True
-            elif lowered == b"content-type":
+            if lowered == b"content-type":
                 content_type = value.split(b";", 1)[0].strip().lower()  # the media type
             elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
                 encoded = True
-        has_body = not reply.head_only and reply.status not in (101, 204, 304)
-        if name is not None:
-            if not values and chunked and has_body:
-                return extra, True  # the trailer may say it
-            settled = self._hook(_one_value(values), reply.status, False)
-            return (extra if settled is None else settled), False
-        if has_body and not encoded:
+        if _has_body(reply) and not encoded:
             # A compressed body cannot be read here; the gateway asks the upstream for none on
             # such a route (README), so only an upstream that ignores that sends one.
             if _JSON.fullmatch(content_type):
@@ -137,12 +159,8 @@ class CostReading:
 
     def at_end(self, reply: HttpReply) -> None:
         """The body is done, or cut short: tell the hook what it said."""
-        cut = not reply.done  # the body never ended: its end (a trailer, the JSON's) never came
-        if self._header is not None:
-            name = self._header
-            values = [value for line, value in reply.trailer_lines if line.lower() == name]
-            self._hook(_one_value(values), None, cut)
-        elif self._kind == _JSON_BODY:
+        cut = not reply.done  # the body never ended: the JSON's end never came
+        if self._kind == _JSON_BODY:
             # A body that does not name the field is not parsed (an error page, say): the
             # parse of a large body holds up the worker's other requests (bench/PROFILE.md).
             body = self._body
@@ -272,6 +290,21 @@ class CostReading:
             # the answer passes on as it came.
             return [None] * len(self._fields)
         return [_value_at(document, path) for path in self._fields]
+
+
+# What reads a route's reported cost: one per request of such a route.
+CostReading = HeaderCost | BodyCost
+
+
+def _has_body(reply: HttpReply) -> bool:
+    return not reply.head_only and reply.status not in (101, 204, 304)
+
+
+@lru_cache(maxsize=256)
+def _needles_of(fields: tuple[tuple[str, ...], ...]) -> tuple[bytes, ...]:
+    """Each field's last name, quoted: only events that hold one are parsed (the usage event,
+    not each token's). Made once per config value, not per request."""
+    return tuple(b'"%s"' % path[-1].encode() for path in fields)
 
 
 def _value_at(document: object, path: tuple[str, ...]) -> bytes | None:

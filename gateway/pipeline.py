@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from gateway import accesslog, metrics
 from gateway.auth import identify_presented
-from gateway.cost_reports import CostReading
+from gateway.cost_reports import BodyCost, CostReading, HeaderCost
 from gateway.exchange import Exchange
 from gateway.http.errors import HttpError, RequestError
 from gateway.http.headers import strip_query_param
@@ -261,7 +261,7 @@ async def forward_upstream(ex: Exchange) -> Answer:
             (b"X-Gateway-Key-Name", ex.key_name.encode("ascii")),
             (b"X-Gateway-Plan", ex.plan.encode("ascii")),
         ]
-    cost_reading = None
+    cost_reading: CostReading | None = None
     route = ex.match.route
     drop = snapshot.request_drop
     if route.cost_field is not None:
@@ -271,7 +271,11 @@ async def forward_upstream(ex: Exchange) -> Answer:
         drop = snapshot.request_drop_for_body
     if route.reports_cost and ex.receipt is not None:
         # Read only when the limits took units to settle (a storage away took none).
-        cost_reading = CostReading(route.cost_header, route.cost_field, ex.report_cost)
+        if route.cost_header is not None:
+            cost_reading = HeaderCost(route.cost_header, ex.report_cost)
+        else:
+            assert route.cost_field is not None
+            cost_reading = BodyCost(route.cost_field, ex.report_cost)
     result = await forward(
         request,
         destination,

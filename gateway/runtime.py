@@ -99,13 +99,14 @@ def build_snapshot(
         name: upstreams.destination(product) for name, product in config.products.items()
     }
     upstreams.keep_only(destinations.values())
+    drop = request_drop_set(config.auth.header)
     return Snapshot(
         config=config,
         routes=RouteTable(config.products.values()),
         keys=keys if keys is not None else KeyIndex(config.keys, config.plans, api_keys),
         key_header=config.auth.header.lower().encode("latin-1"),
-        request_drop=request_drop_set(config.auth.header),
-        request_drop_for_body=request_drop_set(config.auth.header) | {b"accept-encoding"},
+        request_drop=drop,
+        request_drop_for_body=drop | {b"accept-encoding"},
         destinations=destinations,
     )
 

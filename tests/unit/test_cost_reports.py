@@ -1,4 +1,4 @@
-"""CostReading (gateway.cost_reports) reading server-sent events however their bytes arrive.
+"""BodyCost (gateway.cost_reports) reading server-sent events however their bytes arrive.
 
 The answer's head is a real upstream's (a raw one on loopback, read by the gateway's HTTP
 client); the body's pieces are the test's, split where it chooses, and handed over as the proxy
@@ -17,7 +17,7 @@ from contextlib import suppress
 
 import pytest
 
-from gateway.cost_reports import MAX_BODY_READ, CostReading
+from gateway.cost_reports import MAX_BODY_READ, BodyCost
 from gateway.http.reply import HttpReply
 from tests.support.raw_upstream import keep_answering, raw_upstream
 from tests.support.upstream_client import HOST, client_for
@@ -56,7 +56,7 @@ def read(reply: HttpReply, pieces: list[bytes]) -> list[bytes | None]:
     def hook(value: bytes | None, status: int | None, cut: bool) -> None:
         told.append(value)
 
-    reading = CostReading(None, FIELD, hook)
+    reading = BodyCost(FIELD, hook)
     assert reading.at_head(reply, None)[1]
     for piece in pieces:
         reading.feed(piece)
@@ -167,7 +167,7 @@ def test_an_event_under_way_holds_at_most_the_bound(events_reply: HttpReply) -> 
     """An event's data lines and its line not yet ended together hold no more than
     MAX_BODY_READ in memory, however the event goes on: what a request in flight keeps."""
     told: list[bytes | None] = []
-    reading = CostReading(None, FIELD, lambda value, status, cut: told.append(value))
+    reading = BodyCost(FIELD, lambda value, status, cut: told.append(value))
     assert reading.at_head(events_reply, None)[1]
     line = b"data: " + b"y" * 4090 + b"\n"
     lines = [line] * (MAX_BODY_READ // len(line))
@@ -200,7 +200,7 @@ def test_fields_reported_apart_add_up(
 ) -> None:
     heard: list[bytes | None] = []
     fields = (("a", "n"), ("b",))
-    reading = CostReading(None, fields, lambda value, status, cut: heard.append(value))
+    reading = BodyCost(fields, lambda value, status, cut: heard.append(value))
     assert reading.at_head(events_reply, None)[1]
     for event in events:
         reading.feed(b"data: " + event + b"\n\n")
