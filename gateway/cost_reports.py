@@ -1,7 +1,7 @@
 """Where an upstream says what a request cost (README, "Metering", "A cost the upstream
 reports"): a header line of its answer's head or trailer (a route's `cost_header`), or fields of
 its JSON body or of the JSON data of its server-sent events (a route's `cost_field`: one, or
-several whose values add up).
+several whose values, each times its weight, add up).
 
 A `CostReading` (`HeaderCost` or `BodyCost`) reads beside the relay and never holds the answer
 back: the proxy hands it the head, each body chunk as it leaves, and the end. What it finds
@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
+from gateway.config.model import CostField
 from gateway.http.headers import ExtraHeaders
 from gateway.http.reply import HttpReply
 
@@ -103,8 +104,8 @@ class BodyCost:
         "_over",
     )
 
-    def __init__(self, fields: tuple[tuple[str, ...], ...], hook: CostHook):
-        self._fields = fields  # each a path of member names
+    def __init__(self, fields: tuple[CostField, ...], hook: CostHook):
+        self._fields = fields
         self._hook = hook
         self._kind = _NOT_READ
         self._body = bytearray()  # a JSON body so far
@@ -124,7 +125,13 @@ class BodyCost:
         self, reply: HttpReply, extra: ExtraHeaders | None
     ) -> tuple[ExtraHeaders | None, bool]:
         """The final answer's head: `extra` as it was (a body's report comes after the head),
-        and whether the body must come here (`feed`, then `at_end`): when it can be read."""
+        and whether the body must come here (`feed`, then `at_end`): when it can be read.
+
+        An answer that has no body by HTTP's rules (to a HEAD, a 204, a 304, a WebSocket's
+        101) tells the hook nothing: it could not report, and counting it `missing` would
+        hide an upstream that stopped reporting among a route's HEADs; the hold stands."""
+        if not _has_body(reply):
+            return extra, False
         content_type = b""
         encoded = False
         for line, value in reply.raw_headers:
@@ -133,7 +140,7 @@ class BodyCost:
                 content_type = value.split(b";", 1)[0].strip().lower()  # the media type
             elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
                 encoded = True
-        if _has_body(reply) and not encoded:
+        if not encoded:
             # A compressed body cannot be read here; the gateway asks the upstream for none on
             # such a route (README), so only an upstream that ignores that sends one.
             if _JSON.fullmatch(content_type):
@@ -166,12 +173,12 @@ class BodyCost:
             body = self._body
             found = None
             if not (self._over or cut) and self._names_a_field(body):
-                found = _added_up(self._fields_of(body))
+                found = _added_up(self._fields, self._fields_of(body))
             self._hook(found, None, cut)
         elif self._kind == _EVENTS:
             # An event without its closing blank line is no event (the stream was cut); one
             # that came before a cut said what it said.
-            self._hook(_added_up(self._found), None, cut)
+            self._hook(_added_up(self._fields, self._found), None, cut)
 
     def _read_events(self, chunk: bytes) -> None:
         """Server-sent events (the WHATWG's rules: lines end in CR, LF or CRLF; a BOM may
@@ -289,7 +296,7 @@ class BodyCost:
             # than the interpreter allows is valid JSON all the same; it reports nothing, and
             # the answer passes on as it came.
             return [None] * len(self._fields)
-        return [_value_at(document, path) for path in self._fields]
+        return [_value_at(document, one.path) for one in self._fields]
 
 
 # What reads a route's reported cost: one per request of such a route.
@@ -301,10 +308,10 @@ def _has_body(reply: HttpReply) -> bool:
 
 
 @lru_cache(maxsize=256)
-def _needles_of(fields: tuple[tuple[str, ...], ...]) -> tuple[bytes, ...]:
+def _needles_of(fields: tuple[CostField, ...]) -> tuple[bytes, ...]:
     """Each field's last name, quoted: only events that hold one are parsed (the usage event,
     not each token's). Made once per config value, not per request."""
-    return tuple(b'"%s"' % path[-1].encode() for path in fields)
+    return tuple(b'"%s"' % one.path[-1].encode() for one in fields)
 
 
 def _value_at(document: object, path: tuple[str, ...]) -> bytes | None:
@@ -318,17 +325,20 @@ def _value_at(document: object, path: tuple[str, ...]) -> bytes | None:
     return json.dumps(value)[:40].encode()
 
 
-def _added_up(values: list[bytes | None]) -> bytes | None:
-    """The fields' values as one report: their sum when each that was said is a whole
-    number's digits (a field said nowhere adds nothing), the first that is not (for the hook
-    to refuse, naming it), or None when none was said."""
-    said = [value for value in values if value is not None]
-    if len(said) <= 1:
-        return said[0] if said else None
-    for value in said:
+def _added_up(fields: tuple[CostField, ...], values: list[bytes | None]) -> bytes | None:
+    """The fields' values as one report: the sum of each that was said times its weight, when
+    each is a whole number's digits (a field said nowhere adds nothing); the first that is
+    not (for the hook to refuse, naming it); or None when none was said. A lone value of
+    weight 1 goes to the hook as it came, to be read there."""
+    said = [(f.weight, value) for f, value in zip(fields, values, strict=True) if value is not None]
+    if not said:
+        return None
+    if len(said) == 1 and said[0][0] == 1:
+        return said[0][1]
+    for _, value in said:
         if not value.isdigit():
             return value
-    return str(sum(int(value) for value in said)).encode()
+    return str(sum(weight * int(value) for weight, value in said)).encode()
 
 
 def _one_value(values: list[bytes]) -> bytes | None:

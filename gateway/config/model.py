@@ -185,6 +185,15 @@ class Redirect:
 
 
 @dataclass(frozen=True, slots=True)
+class CostField:
+    """A JSON field of an upstream's answer that reports part of what a request cost: its
+    value, times `weight`, is added to the cost (README "Metering")."""
+
+    path: tuple[str, ...]  # member names from the document's top
+    weight: int = 1  # units per unit the field counts (an output token priced above an input's)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     product: str
     path: str  # the template as written; also the `route` label of metrics
@@ -199,9 +208,9 @@ class Route:
     # (README "Metering"), lower-cased as the answer's raw lines are matched, once here rather
     # than per request; None: `cost` is the cost.
     cost_header: bytes | None = None
-    # Or the JSON fields of its answer's body, or of its events' data, whose values add up to
-    # it (README "Metering"), each a path of member names; a route has one or neither.
-    cost_field: tuple[tuple[str, ...], ...] | None = None
+    # Or the JSON fields of its answer's body, or of its events' data, whose values (each
+    # times its weight) add up to it (README "Metering"); a route has one or neither.
+    cost_field: tuple[CostField, ...] | None = None
     line: int = 0  # where it was declared, for messages
     # Whether the upstream reports what a request cost (either of the two): a field, not a
     # property, as every request asks.

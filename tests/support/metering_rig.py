@@ -48,6 +48,11 @@ products:
       - path: /stream/messages/{{rest:path}}
         cost: 10
         cost_field: [message.usage.input_tokens, usage.output_tokens]
+      - path: /stream/priced/{{rest:path}}
+        cost: 10
+        cost_field:
+          - message.usage.input_tokens
+          - {{field: usage.output_tokens, weight: 5}}
       - path: /stream/{{rest:path}}
         cost: 10
         cost_header: X-Units-Used

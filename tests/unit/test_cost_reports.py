@@ -17,12 +17,13 @@ from contextlib import suppress
 
 import pytest
 
+from gateway.config.model import CostField
 from gateway.cost_reports import MAX_BODY_READ, BodyCost
 from gateway.http.reply import HttpReply
 from tests.support.raw_upstream import keep_answering, raw_upstream
 from tests.support.upstream_client import HOST, client_for
 
-FIELD = (("usage", "total_tokens"),)
+FIELD = (CostField(("usage", "total_tokens")),)
 TOKEN = b'data: {"choices": [{"delta": {"content": "hi"}}], "usage": null}\n\n'
 # The usage event over two data lines, one without a space after its colon.
 USAGE = b'data: {"choices": [], "usage":\ndata:{"total_tokens": 7}}\n\n'
@@ -198,11 +199,38 @@ def test_an_event_under_way_holds_at_most_the_bound(events_reply: HttpReply) -> 
 def test_fields_reported_apart_add_up(
     events_reply: HttpReply, events: list[bytes], told: bytes | None
 ) -> None:
+    assert hear(events_reply, (CostField(("a", "n")), CostField(("b",))), events) == [told]
+
+
+@pytest.mark.parametrize(
+    ("events", "told"),
+    [
+        # Each field's last value times its weight, added up.
+        ([b'{"a": {"n": 3}, "b": 1}', b'{"b": 2}'], b"13"),
+        ([b'{"b": 4}'], b"20"),  # one field said: its value times its weight
+        ([b'{"a": {"n": 3}}'], b"3"),
+        ([b'{"b": 0}'], b"0"),
+        ([b'{"a": {"n": 3}, "b": "4"}'], b'"4"'),  # a string: for the hook to refuse
+        ([b'{"b": -2}'], b"-2"),  # a negative number, the same
+        ([b'{"b": 2.0}'], b"2.0"),  # not an integer, though whole
+        ([b'{"c": 1}'], None),
+    ],
+)
+def test_weighted_fields_add_up_each_times_its_weight(
+    events_reply: HttpReply, events: list[bytes], told: bytes | None
+) -> None:
+    fields = (CostField(("a", "n")), CostField(("b",), weight=5))
+    assert hear(events_reply, fields, events) == [told]
+
+
+def hear(
+    reply: HttpReply, fields: tuple[CostField, ...], events: list[bytes]
+) -> list[bytes | None]:
+    """What a reading of these events' data tells its hook."""
     heard: list[bytes | None] = []
-    fields = (("a", "n"), ("b",))
     reading = BodyCost(fields, lambda value, status, cut: heard.append(value))
-    assert reading.at_head(events_reply, None)[1]
+    assert reading.at_head(reply, None)[1]
     for event in events:
         reading.feed(b"data: " + event + b"\n\n")
-    reading.at_end(events_reply)
-    assert heard == [told]
+    reading.at_end(reply)
+    return heard

@@ -437,3 +437,12 @@ async def test_fields_reported_apart_add_up(rig: Rig) -> None:
         assert response.status == 200
         assert (await response.text()).count("event: ") == 9
     await rig.used_becomes("bill", 40, "stream")
+
+
+async def test_weighted_fields_add_up_each_times_its_weight(rig: Rig) -> None:
+    """The same stream on a route that prices an output token at 5 input tokens: 25 + 5 x 15."""
+    url = rig.url("/stream/priced/chat?messages=25,15")
+    async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+        assert response.status == 200
+        assert (await response.text()).count("event: ") == 9
+    await rig.used_becomes("bill", 100, "stream")

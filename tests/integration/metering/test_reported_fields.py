@@ -127,3 +127,23 @@ async def test_a_cost_field_route_never_passes_accept_encoding_on(
     assert chat.startswith(b"get /v1/chat/completions ")
     assert b"accept-encoding" not in chat
     assert b"\r\naccept-encoding: gzip\r\n" in models
+
+
+async def test_an_answer_without_a_body_keeps_the_hold_and_reports_nothing(rig: Rig) -> None:
+    """A HEAD's answer and a 204 have no body by HTTP's rules, so cannot carry the field: the
+    hold stands, and no report is counted, not even a missing one (which would hide an
+    upstream that stopped reporting among a route's HEADs)."""
+    head = b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    RAW_ANSWERS["no-content"] = b"HTTP/1.1 204 No Content\r\n" + head[:32] + b"\r\n"
+    RAW_ANSWERS["head-only"] = b"HTTP/1.1 200 OK\r\n" + head
+    before = await rig.metrics()
+    assert (await fetch(rig, "no-content"))[0] == 204
+    url = rig.url(f"{USAGE}?raw=head-only")
+    async with rig.http.head(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+        assert response.status == 200
+    await rig.used_becomes("bill", 20, "stream")
+    added = await counted_since(rig, before)
+    results = ("ok", "missing", "invalid", "cut")
+    series = [("gateway_cost_reports_total", labels(**ROUTE, result=r)) for r in results]
+    counted = [added.get(one) for one in series]
+    assert not any(counted), counted  # each absent, or 0 where another test made the series

@@ -36,6 +36,7 @@ from gateway.config import (
     load_config,
     parse_duration,
 )
+from gateway.config.model import CostField
 from gateway.config.products import parse_template
 from gateway.limits.headers import LIMIT_HEADER_NAMES
 from gateway.problems import REQUEST_ID_HEADER
@@ -553,14 +554,22 @@ def test_a_route_reads_its_cost_from_a_header_or_a_json_field(tmp_path: Path) ->
         "      - {path: /v1/models}\n"
         "      - path: /v1/messages\n"
         "        cost_field: [message.usage.input_tokens, usage.output_tokens]\n"
+        "      - path: /v1/priced\n"
+        "        cost_field:\n"
+        "          - message.usage.input_tokens\n"
+        "          - {field: usage.output_tokens, weight: 5}\n"
     )
-    chat, search, models, messages = load_config(path, env={}).products["llm"].routes
+    chat, search, models, messages, priced = load_config(path, env={}).products["llm"].routes
     assert messages.cost_field == (
-        ("message", "usage", "input_tokens"),
-        ("usage", "output_tokens"),
+        CostField(("message", "usage", "input_tokens")),
+        CostField(("usage", "output_tokens")),
+    )
+    assert priced.cost_field == (
+        CostField(("message", "usage", "input_tokens"), 1),
+        CostField(("usage", "output_tokens"), 5),
     )
     assert (chat.cost_field, chat.cost_header, chat.reports_cost) == (
-        (("usage", "total_tokens"),),
+        (CostField(("usage", "total_tokens")),),
         None,
         True,
     )
