@@ -62,8 +62,8 @@ class Decision(NamedTuple):
     rate: WindowState | None
     quota: WindowState | None
     retry_after: float = 0.0  # seconds until one more request could be admitted; 0 if allowed
-    # Set on an admission that may be settled (its quota has refund_on, or its route takes
-    # the cost its upstream reports): what settling it needs.
+    # Set on an admission whose caller asked to settle it (its plan has refund_on, or its
+    # route takes the cost its upstream reports): what settling it needs.
     receipt: Receipt | None = None
 
     @property
@@ -139,9 +139,10 @@ class Limiter(Protocol):
 
         `abandoned` is told what the storage decided for a caller that was cancelled while
         the check was on its way (its client left): the storage still decides, and what it
-        took must be settled like any admission's. An admission carries a receipt when its
-        quota refunds some outcomes, or when `settles` asks for one (its cost is settled
-        once the upstream reports it)."""
+        took must be settled like any admission's. An admission carries a receipt, naming the
+        counters it went into, when `settles` asks for one: the caller decides whether the
+        request may be settled (its plan refunds some outcomes, or its upstream reports the
+        cost)."""
         ...
 
     async def refund(self, subject: str, receipt: Receipt) -> int:

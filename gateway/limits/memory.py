@@ -163,11 +163,10 @@ class MemoryLimiter:
                     counts = record.counts[plan] = [0, 0]
                 counts[0] += 1
                 counts[1] += cost
-                if counter is not None and quota is not None:
-                    if settles or quota.refund_on:
-                        receipt = Receipt(
-                            cost, plan, counter.start, counter.stamp, self._day, record.stamp, quota
-                        )
+                if settles and counter is not None and quota is not None:
+                    receipt = Receipt(
+                        cost, plan, counter.start, counter.stamp, self._day, record.stamp, quota
+                    )
                 elif settles:
                     receipt = Receipt(cost, plan, 0.0, 0, self._day, record.stamp, None)
 

@@ -26,8 +26,8 @@ def decision_from_reply(
     settles: bool = False,
 ) -> Decision:
     """The decision of a check that ran in time (outcome 0, 1 or 2), made at `now` (UTC day
-    `day`) for the quota period from `start` to `end`; an admission's receipt when its quota
-    refunds some outcomes or `settles` asks for one."""
+    `day`) for the quota period from `start` to `end`; an admission's receipt when `settles`
+    asks for one."""
     # Integer replies: redis-py hands them over as ints already.
     code, used, credit, in_window, wait_us, quota_born, day_born, _, _ = reply
     rate_state = None
@@ -55,7 +55,7 @@ def decision_from_reply(
                 end - start,
             ),
         )
-        if code == 0 and (settles or quota.refund_on):
+        if code == 0 and settles:
             receipt = Receipt(cost, plan, start, quota_born, day, day_born, quota)
     elif code == 0 and settles:
         receipt = Receipt(cost, plan, 0.0, 0, day, day_born, None)

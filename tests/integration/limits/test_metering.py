@@ -49,11 +49,11 @@ async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
 async def test_cost_takes_units_and_refuses_when_fewer_are_left(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rule = quota(25, refund=False)
-    taken = [await limiter.hit(subject, None, rule, 10, "pro") for _ in range(3)]
+    taken = [await limiter.hit(subject, None, rule, 10, "pro", settles=True) for _ in range(3)]
     assert [d.outcome for d in taken] == ["allowed", "allowed", "quota_exceeded"]
     assert [d.quota.remaining for d in taken if d.quota] == [15, 5, 5]
     # The refused one used nothing; a cheaper request still fits.
-    assert (await limiter.hit(subject, None, rule, 5, "pro")).allowed
+    assert (await limiter.hit(subject, None, rule, 5, "pro", settles=True)).allowed
     usage = await limiter.usage(subject, rule)
     assert (usage.used, usage.remaining) == (25, 0)
 
@@ -62,7 +62,8 @@ async def test_rate_counts_requests_whatever_the_cost(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rate = RateRule(3, 10.0, "10s")
     outcomes = [
-        (await limiter.hit(subject, rate, quota(1000), 50, "pro")).outcome for _ in range(4)
+        (await limiter.hit(subject, rate, quota(1000), 50, "pro", settles=True)).outcome
+        for _ in range(4)
     ]
     assert outcomes == ["allowed", "allowed", "allowed", "throttled"]
 
@@ -70,19 +71,19 @@ async def test_rate_counts_requests_whatever_the_cost(limiter: Limiter) -> None:
 async def test_refund_gives_back_once_and_never_below_zero(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rule = quota(100)
-    decision = await limiter.hit(subject, None, rule, 7, "pro")
+    decision = await limiter.hit(subject, None, rule, 7, "pro", settles=True)
     receipt = decision.receipt
     assert receipt is not None
     await limiter.reset_quota(subject, rule)  # used 0 now: the refund must stop at zero
     assert await limiter.refund(subject, receipt) == 0
     assert (await limiter.usage(subject, rule)).used == 0
 
-    again = await limiter.hit(subject, None, rule, 7, "pro")
+    again = await limiter.hit(subject, None, rule, 7, "pro", settles=True)
     assert again.receipt is not None
     assert await limiter.refund(subject, again.receipt) == 7
     assert (await limiter.usage(subject, rule)).used == 0
-    # A plan without refund_on gives no receipt at all.
-    assert (await limiter.hit(subject, None, quota(100, refund=False), 1, "pro")).receipt is None
+    # An admission the caller did not ask to settle carries no receipt, whatever its quota.
+    assert (await limiter.hit(subject, None, rule, 1, "pro")).receipt is None
 
 
 async def test_a_refund_from_before_a_reset_takes_nothing_admitted_since(
@@ -91,9 +92,9 @@ async def test_a_refund_from_before_a_reset_takes_nothing_admitted_since(
     key = new_key()
     subject = f"{key}:soccer"
     rule = quota(100)
-    before = await limiter.hit(subject, None, rule, 10, "pro")
+    before = await limiter.hit(subject, None, rule, 10, "pro", settles=True)
     await limiter.reset_quota(subject, rule)
-    since = [await limiter.hit(subject, None, rule, 1, "pro") for _ in range(5)]
+    since = [await limiter.hit(subject, None, rule, 1, "pro", settles=True) for _ in range(5)]
     assert all(decision.allowed for decision in since)
     # The reset took the ten units already: its refund finds a counter that is not its own.
     assert before.receipt is not None
@@ -120,7 +121,9 @@ async def test_a_charge_takes_more_whatever_the_limit_and_only_from_its_own_coun
     assert await limiter.charge(subject, held.receipt, 8) == 8
     usage = await limiter.usage(subject, rule)
     assert (usage.used, usage.remaining) == (9, 0)
-    assert (await limiter.hit(subject, None, rule, 1, "pro")).outcome == "quota_exceeded"
+    assert (
+        await limiter.hit(subject, None, rule, 1, "pro", settles=True)
+    ).outcome == "quota_exceeded"
     # A receipt from before a reset charges nothing the reset cleared; the day's units (the
     # bill) take it all the same.
     await limiter.reset_quota(subject, rule)
@@ -149,14 +152,16 @@ async def test_a_plan_without_a_quota_settles_its_days_units(limiter: Limiter) -
 async def test_credit_adds_to_this_period_and_shows_in_the_limit(limiter: Limiter) -> None:
     subject = f"{new_key()}:soccer"
     rule = quota(2, refund=False)
-    assert [(await limiter.hit(subject, None, rule, 1, "p")).outcome for _ in range(3)] == [
+    assert [
+        (await limiter.hit(subject, None, rule, 1, "p", settles=True)).outcome for _ in range(3)
+    ] == [
         "allowed",
         "allowed",
         "quota_exceeded",
     ]
     usage = (await limiter.credit(subject, rule, 3)).usage
     assert (usage.limit, usage.used, usage.remaining, usage.credit) == (5, 2, 3, 3)
-    decisions = [await limiter.hit(subject, None, rule, 1, "p") for _ in range(4)]
+    decisions = [await limiter.hit(subject, None, rule, 1, "p", settles=True) for _ in range(4)]
     assert [d.outcome for d in decisions] == ["allowed"] * 3 + ["quota_exceeded"]
     assert decisions[0].quota is not None and decisions[0].quota.limit == 5
     # Credit on a period nobody has used yet.
@@ -187,11 +192,13 @@ async def test_history_counts_requests_and_units_kept(limiter: Limiter) -> None:
     rule = quota(1000)
     receipts: list[Receipt] = []
     for _ in range(3):
-        decision = await limiter.hit(f"{key}:soccer", None, rule, 10, "pro")
+        decision = await limiter.hit(f"{key}:soccer", None, rule, 10, "pro", settles=True)
         assert decision.receipt is not None
         receipts.append(decision.receipt)
     await limiter.hit(f"{key}:weather", RateRule(100, 1.0, "second"), None, 2, "free")
-    await limiter.hit(f"{key}:soccer", None, quota(1, refund=False), 5, "pro")  # refused
+    await limiter.hit(
+        f"{key}:soccer", None, quota(1, refund=False), 5, "pro", settles=True
+    )  # refused
     await limiter.refund(f"{key}:soccer", receipts[0])
     today = day_of(time.time())
     history = await limiter.history(key, today - 3, today)
@@ -229,7 +236,7 @@ async def test_randomized_interleavings_keep_the_invariants(limiter: Limiter, se
             costs = [rng.randint(1, 6) for _ in range(rng.randint(1, 6))]
             sent = time.monotonic()
             decisions = await asyncio.gather(
-                *(limiter.hit(subject, rate, rule(), cost, "pro") for cost in costs)
+                *(limiter.hit(subject, rate, rule(), cost, "pro", settles=True) for cost in costs)
             )
             answered = time.monotonic()
             for cost, decision in zip(costs, decisions, strict=True):

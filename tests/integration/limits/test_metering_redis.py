@@ -30,7 +30,7 @@ async def test_refund_after_a_restart_neither_goes_negative_nor_takes_new_units(
         key = new_key()
         subject = f"{key}:soccer"
         rule = quota(100)
-        before = [await limiter.hit(subject, None, rule, 4, "pro") for _ in range(3)]
+        before = [await limiter.hit(subject, None, rule, 4, "pro", settles=True) for _ in range(3)]
         # Redis restarts (nothing persisted) while the three are in flight...
         fresh_redis_server.stop()
         fresh_redis_server.start()
@@ -108,10 +108,10 @@ async def test_a_refund_a_frozen_cluster_node_runs_late_gives_nothing_back(
         subject = f"{new_key()}:soccer"
         # One refund that goes through first, so the node has the script: a late EVALSHA of a
         # script it lacks would take nothing whatever the deadline.
-        loaded = await limiter.hit(subject, None, quota(100), 3, "pro")
+        loaded = await limiter.hit(subject, None, quota(100), 3, "pro", settles=True)
         assert loaded.receipt is not None
         assert await limiter.refund(subject, loaded.receipt) == 3
-        decision = await limiter.hit(subject, None, quota(100), 3, "pro")
+        decision = await limiter.hit(subject, None, quota(100), 3, "pro", settles=True)
         assert decision.receipt is not None
         for node in cluster.nodes:
             node.pause()
@@ -139,7 +139,10 @@ async def test_a_gateway_whose_clock_lags_redis_still_counts(redis_server: Redis
     try:
         subject = f"{new_key()}:soccer"
         rule = QuotaRule(2, "minute", UTC, frozenset())  # type: ignore[arg-type]
-        outcomes = [(await lagging.hit(subject, None, rule, 1, "pro")).outcome for _ in range(4)]
+        outcomes = [
+            (await lagging.hit(subject, None, rule, 1, "pro", settles=True)).outcome
+            for _ in range(4)
+        ]
         assert outcomes == ["allowed", "allowed", "quota_exceeded", "quota_exceeded"]
         credited = (await lagging.credit(subject, rule, 1)).usage
         assert (credited.used, credited.limit) == (2, 3)
@@ -173,7 +176,7 @@ async def _hit_when_back(limiter: Limiter, subject: str, rule: QuotaRule) -> obj
     deadline = time.monotonic() + 10
     while True:
         try:
-            return await limiter.hit(subject, None, rule, 4, "pro")
+            return await limiter.hit(subject, None, rule, 4, "pro", settles=True)
         except Exception:
             if time.monotonic() > deadline:
                 raise

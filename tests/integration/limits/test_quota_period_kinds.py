@@ -53,7 +53,7 @@ async def test_periods_that_begin_together_count_apart(limiter: Limiter) -> None
     receipts = {}
     for uses, per in enumerate(KINDS, start=1):
         for _ in range(uses):
-            decision = await limiter.hit(subject, None, rule(per), 1, "pro")
+            decision = await limiter.hit(subject, None, rule(per), 1, "pro", settles=True)
             assert decision.allowed and decision.quota is not None
             receipts[per] = decision.receipt
         # Its own period in the headers: its remaining units, its end and its length.
