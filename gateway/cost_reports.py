@@ -20,7 +20,14 @@ from gateway.config.model import CostField
 from gateway.http.headers import ExtraHeaders
 from gateway.http.reply import HttpReply
 
-__all__ = ["MAX_BODY_READ", "BodyCost", "CostHook", "CostReading", "HeaderCost"]
+__all__ = [
+    "MAX_BODY_READ",
+    "READ_BEFORE_HEAD",
+    "BodyCost",
+    "CostHook",
+    "CostReading",
+    "HeaderCost",
+]
 
 # Told the value in which an upstream reports what a request cost, or None when its answer has
 # none, and that answer's status while its head is still to be sent (then it answers the
@@ -34,6 +41,14 @@ CostHook = Callable[[bytes | None, int | None, bool], ExtraHeaders | None]
 # the copy (an event's line not yet ended included); usage figures sit in small bodies and
 # small last events.
 MAX_BODY_READ = 1 << 20
+
+# A JSON body whose Content-Length is at most this is read whole before the answer's head
+# leaves, so that the head's quota headers count its report. The upstream has sent it whole
+# already, so waiting costs its transfer; the parse (only of a body that names a field) is
+# one it would have had anyway, now before the head: 3.5 µs for a 2 KB chat answer, up to
+# 0.9 ms for 64 KiB of numbers (bench/PROFILE.md, "Session 24"). Below the HTTP client's
+# high-water mark, so that the whole body can queue without the upstream being paused.
+READ_BEFORE_HEAD = 64 * 1024
 
 _JSON = re.compile(rb"application/(?:[!#$&^_.+\w-]+\+)?json", re.ASCII)
 _EVENT_STREAM = b"text/event-stream"
@@ -102,6 +117,7 @@ class BodyCost:
         "_line_over",
         "_needles",
         "_over",
+        "reads_whole_first",
     )
 
     def __init__(self, fields: tuple[CostField, ...], hook: CostHook):
@@ -120,6 +136,9 @@ class BodyCost:
         self._found: list[bytes | None] = [None] * len(fields)
         self._over = False  # the JSON body outgrew MAX_BODY_READ
         self._needles = _needles_of(fields)
+        # Set by at_head: the proxy waits for the whole body and hands it to at_whole before
+        # the head leaves (a JSON body of at most READ_BEFORE_HEAD, framed by its length).
+        self.reads_whole_first = False
 
     def at_head(
         self, reply: HttpReply, extra: ExtraHeaders | None
@@ -134,23 +153,34 @@ class BodyCost:
             return extra, False
         content_type = b""
         encoded = False
+        length = b""
         for line, value in reply.raw_headers:
             lowered = line.lower()
             if lowered == b"content-type":
                 content_type = value.split(b";", 1)[0].strip().lower()  # the media type
             elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
                 encoded = True
+            elif lowered == b"content-length":
+                length = value.strip()  # one valid length: the HTTP client saw to it
         if not encoded:
             # A compressed body cannot be read here; the gateway asks the upstream for none on
             # such a route (README), so only an upstream that ignores that sends one.
             if _JSON.fullmatch(content_type):
                 self._kind = _JSON_BODY
+                self.reads_whole_first = length.isdigit() and int(length) <= READ_BEFORE_HEAD
             elif content_type == _EVENT_STREAM:
                 self._kind = _EVENTS
         if self._kind == _NOT_READ:
             self._hook(None, reply.status, False)
             return extra, False
         return extra, True
+
+    def at_whole(self, reply: HttpReply, extra: ExtraHeaders | None) -> ExtraHeaders | None:
+        """The whole body is in hand and the head still to be sent (`reads_whole_first`):
+        the gateway's header lines for the answer (those the hook answers for its report, or
+        `extra` as they were). Nothing more comes here."""
+        settled = self._hook(self._json_report(reply.peek_all()), reply.status, False)
+        return extra if settled is None else settled
 
     def feed(self, chunk: bytes) -> None:
         """A chunk of the body, as it leaves for the client."""
@@ -168,12 +198,7 @@ class BodyCost:
         """The body is done, or cut short: tell the hook what it said."""
         cut = not reply.done  # the body never ended: the JSON's end never came
         if self._kind == _JSON_BODY:
-            # A body that does not name the field is not parsed (an error page, say): the
-            # parse of a large body holds up the worker's other requests (bench/PROFILE.md).
-            body = self._body
-            found = None
-            if not (self._over or cut) and self._names_a_field(body):
-                found = _added_up(self._fields, self._fields_of(body))
+            found = None if self._over or cut else self._json_report(self._body)
             self._hook(found, None, cut)
         elif self._kind == _EVENTS:
             # An event without its closing blank line is no event (the stream was cut); one
@@ -280,6 +305,14 @@ class BodyCost:
             for index, found in enumerate(self._fields_of(data.decode("utf-8", "replace"))):
                 if found is not None:
                     self._found[index] = found
+
+    def _json_report(self, body: bytes | bytearray) -> bytes | None:
+        """What a whole JSON body reports. One that does not name a field is not parsed (an
+        error page, say): the parse of a large body holds up the worker's other requests
+        (bench/PROFILE.md, "Session 23")."""
+        if not self._names_a_field(body):
+            return None
+        return _added_up(self._fields, self._fields_of(body))
 
     def _names_a_field(self, data: bytes | bytearray, end: int | None = None) -> bool:
         """Whether `data` (up to `end`) holds the last name of any field, quoted."""

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config.model import Product, Upstream
-from gateway.cost_reports import CostReading
+from gateway.cost_reports import BodyCost, CostReading
 from gateway.http.client import IDEMPOTENT, HttpClient, ReplayableBody
 from gateway.http.errors import (
     BodyTimeout,
@@ -268,6 +268,13 @@ async def forward(
         extra_response_headers, reads_on = cost_reading.at_head(reply, extra_response_headers)
         if not reads_on:
             cost_reading = None  # the head said all there was to read
+        elif isinstance(cost_reading, BodyCost) and cost_reading.reads_whole_first:
+            # A small JSON body, sent whole already: read before the head leaves, so that
+            # the head's quota headers count what it reports.
+            extra_response_headers = await _read_before_head(
+                reply, cost_reading, extra_response_headers, upstream_seconds, on_cut
+            )
+            cost_reading = None  # all it had to read, read
     head = client_response_head(reply.raw_headers, extra_response_headers)
     if head.keep_alive is not None:
         reply.keep_alive(head.keep_alive)
@@ -279,6 +286,27 @@ async def forward(
         request, destination.product, reply, head.block, head.content_length, request_id,
         body_timeout, upstream_seconds, on_answered, on_cut, cost_reading,
     )  # fmt: skip
+
+
+async def _read_before_head(
+    reply: HttpReply,
+    cost_reading: BodyCost,
+    extra: ExtraHeaders | None,
+    upstream_seconds: float,
+    on_cut: CutHook | None,
+) -> ExtraHeaders | None:
+    """Wait for the rest of a small body (under the upstream's timeout, as a relay would),
+    then have `cost_reading` read it: the answer's header lines. A body that fails raises,
+    and the client gets the 502 in the answer's place, since not a byte of it has left."""
+    try:
+        await reply.until_complete()
+    except BaseException as exc:
+        reply.abort()
+        cost_reading.at_end(reply)  # cut short: nothing said
+        if on_cut is not None and not isinstance(exc, ResponseBodyError):
+            on_cut(upstream_seconds, 0, None)  # the client left (cancelled) meanwhile
+        raise
+    return cost_reading.at_whole(reply, extra)
 
 
 async def _send_with_body(

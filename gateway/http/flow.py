@@ -140,6 +140,24 @@ class ChunkQueue:
                 raise copy.copy(self._error)
             await self._more()
 
+    async def until_complete(self) -> None:
+        """Return once the whole body is queued; raises why it never will be. Only for a body
+        known to fit under HIGH_WATER: past it the source pauses, and the end never comes."""
+        while not self.done:
+            if self._error is not None:
+                raise copy.copy(self._error)  # a copy, as in read()
+            await self._more()
+
+    def peek_all(self) -> bytes:
+        """Every chunk queued, as one, left in the queue: joined once, so that a read or a
+        take after it hands the same bytes on without copying them again."""
+        chunks = self._chunks
+        if len(chunks) > 1:
+            whole = b"".join(chunks)
+            chunks.clear()
+            chunks.append(whole)
+        return chunks[0] if chunks else b""
+
     def _drained(self) -> None:
         """The reader took the queue down to the low-water mark."""
 

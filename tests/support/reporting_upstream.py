@@ -16,7 +16,8 @@ at hand writes trailers. Each request on a connection is answered by its query:
 - `hang`: after the first chunk (of events: before the usage event) nothing more is sent
   until the gateway closes the connection;
 - `raw=NAME`: the answer a test put in `RAW_ANSWERS[NAME]`, head and all, byte for byte, in
-  pieces of `split=K` bytes (default: at once).
+  pieces of `split=K` bytes (default: at once); then, with `cut`, the connection closes, and
+  with `hang`, nothing more is sent until the gateway closes it (noted in `HUNG_UP`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support.raw_upstream import Peer
 
-__all__ = ["RAW_ANSWERS", "reporting_upstream"]
+__all__ = ["HUNG_UP", "RAW_ANSWERS", "reporting_upstream"]
 
 # The exact bytes of answers a test chooses (`raw=NAME`): line ends, framing and event shapes
 # that no generator above writes.
 RAW_ANSWERS: dict[str, bytes] = {}
+# The names of the raw answers whose hanging connection the gateway closed.
+HUNG_UP: set[str] = set()
 
 
 async def reporting_upstream(peer: Peer) -> None:
@@ -152,7 +155,10 @@ async def _raw(peer: Peer, query: dict[str, list[str]]) -> bool:
     split = int(query.get("split", [str(len(answer))])[0])
     for at in range(0, len(answer), split):
         await peer.send(answer[at : at + split])
-    return False
+    if "hang" in query:
+        await peer.reader.read()  # until the gateway closes
+        HUNG_UP.add(query["raw"][0])
+    return "cut" in query or "hang" in query
 
 
 async def _chunk(peer: Peer, data: bytes) -> None:

@@ -253,26 +253,28 @@ USAGE = "/stream/usage/chat"  # cost: 10 held; cost_field: usage.total_tokens
 
 
 @pytest.mark.parametrize(
-    ("small", "large", "route"),
+    ("small", "remaining", "large", "route"),
     [
-        (f"{STREAM}?trailer=3", f"{STREAM}?trailer=25&bytes=3000000", "/stream/{rest:path}"),
-        (f"{USAGE}?usage=3", f"{USAGE}?usage=25&bytes=500000", "/stream/usage/{rest:path}"),
+        (f"{STREAM}?trailer=3", "90", f"{STREAM}?trailer=25&bytes=3000000", "/stream/{rest:path}"),
+        (f"{USAGE}?usage=3", "97", f"{USAGE}?usage=25&bytes=500000", "/stream/usage/{rest:path}"),
     ],
     ids=["trailer", "json_body"],
 )
 async def test_a_report_after_the_head_settles_the_request(
-    rig: Rig, small: str, large: str, route: str
+    rig: Rig, small: str, remaining: str, large: str, route: str
 ) -> None:
     """A chunked answer's trailer (its head saying nothing), or the field of its JSON body,
-    says the cost once the head has left: the head's quota headers say what admission left.
-    A body long enough to be relayed as it comes, not answered whole, is read the same."""
+    says the cost after the head: the head's quota headers say what admission left, except
+    for a JSON body of at most 64 KiB framed by its length, read before its head leaves (97:
+    it counts the report). A body long enough to be relayed as it comes is read the same."""
     before = await rig.metrics()
     status, headers, _ = await rig.get("bill", small)
-    assert (status, headers["X-Quota-Remaining"]) == (200, "90")
+    assert (status, headers["X-Quota-Remaining"]) == (200, remaining)
     assert "X-Units-Used" not in headers  # trailer fields are not passed on
     await rig.used_becomes("bill", 3, "stream")
-    status, _, body = await rig.get("bill", large)
+    status, headers, body = await rig.get("bill", large)
     assert (status, len(body["pad"]) >= 500_000) == (200, True)
+    assert headers["X-Quota-Remaining"] == "87"  # 3 used and 10 held: what admission left
     await rig.used_becomes("bill", 28, "stream")
     await eventually(lambda: units_of(rig, "bill", "stream"), 28)
     added = await counted_since(rig, before)

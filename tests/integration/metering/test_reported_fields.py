@@ -5,6 +5,7 @@ behind a gateway on memory, a real redis-server and a real Redis Cluster (the ri
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from gateway import accesslog
 from tests.integration.metering.test_reported_costs import counted_since, labels
 from tests.support.config import worker_server_yaml, write_config
 from tests.support.gateway import running_gateway
-from tests.support.metering_rig import Rig
+from tests.support.metering_rig import Rig, eventually
 from tests.support.recording_upstream import recording_upstream
-from tests.support.reporting_upstream import RAW_ANSWERS
+from tests.support.reporting_upstream import HUNG_UP, RAW_ANSWERS
 from tests.support.sockets import free_port
 
 USAGE = "/stream/usage/chat"  # cost: 10 held; cost_field: usage.total_tokens
@@ -147,3 +148,79 @@ async def test_an_answer_without_a_body_keeps_the_hold_and_reports_nothing(rig: 
     series = [("gateway_cost_reports_total", labels(**ROUTE, result=r)) for r in results]
     counted = [added.get(one) for one in series]
     assert not any(counted), counted  # each absent, or 0 where another test made the series
+
+
+def usage_body(size: int, tokens: int = 3) -> bytes:
+    """A JSON body of exactly `size` bytes that reports `tokens`."""
+    start, end = b'{"usage": {"total_tokens": %d}, "pad": "' % tokens, b'"}'
+    return start + b"x" * (size - len(start) - len(end)) + end
+
+
+async def test_a_small_json_answer_counts_its_report_in_its_own_quota_headers(
+    rig: Rig,
+) -> None:
+    """A JSON body of at most 64 KiB, framed by its length, is read before its head leaves:
+    X-Quota-Remaining says what settling at the report leaves, even when the body comes in
+    pieces after the head. One byte more, and the head says what the admission left."""
+    RAW_ANSWERS["at-bound"] = answer(b"application/json", usage_body(64 * 1024))
+    RAW_ANSWERS["past-bound"] = answer(b"application/json", usage_body(64 * 1024 + 1))
+    RAW_ANSWERS["in-pieces"] = answer(b"application/json; charset=utf-8", usage_body(300))
+    remaining = []
+    for name, split in (("at-bound", None), ("in-pieces", 40), ("past-bound", None)):
+        query = f"raw={name}" + ("" if split is None else f"&split={split}")
+        status, headers, body = await rig.get("bill", f"{USAGE}?{query}")
+        assert (status, body["usage"]) == (200, {"total_tokens": 3})
+        remaining.append(headers["X-Quota-Remaining"])
+        await rig.used_becomes("bill", 3 * len(remaining), "stream")
+    # 100 less 3, then 100 less 6; then 6 used and 10 held: 84, the admission's
+    assert remaining == ["97", "94", "84"]
+
+
+async def test_a_small_json_body_that_breaks_off_is_a_502_and_reports_nothing(
+    rig: Rig,
+) -> None:
+    """The upstream closes before the whole body came: not a byte of the answer has left, so
+    the client gets the 502 in its place (refunded under the plan's refund_on: [5xx]), and
+    the report counts as cut."""
+    whole = answer(b"application/json", usage_body(200))
+    RAW_ANSWERS["breaks-off"] = whole[: len(whole) - 100]
+    before = await rig.metrics()
+    status, headers, body = await rig.get("bill", f"{USAGE}?raw=breaks-off&cut")
+    assert (status, headers["Content-Type"]) == (502, "application/problem+json")
+    assert body["code"] == "bad_gateway"
+    await rig.used_becomes("bill", 0, "stream")
+    added = await counted_since(rig, before)
+    assert added[("gateway_cost_reports_total", labels(**ROUTE, result="cut"))] == 1
+
+
+async def test_a_client_that_leaves_while_a_small_json_body_comes_is_let_go(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The client leaves while the gateway waits for the rest of the body: the request ends
+    as a 499 with its hold (the billing plan refunds 5xx only), and the upstream connection
+    is closed rather than waited on."""
+    whole = answer(b"application/json", usage_body(200))
+    RAW_ANSWERS["stalls"] = whole[: len(whole) - 100]
+    capsys.readouterr()
+    _, writer = await asyncio.open_connection("127.0.0.1", rig.worker.proxy_port)
+    request = f"GET {USAGE}?raw=stalls&hang HTTP/1.1\r\nHost: t\r\nX-API-Key: bill-{rig.run}\r\n"
+    writer.write(request.encode() + b"\r\n")
+    await rig.used_becomes("bill", 10, "stream")  # admitted; its answer's head never comes
+    writer.transport.abort()
+    await eventually(lambda: hung_up("stalls"), True)
+    logged: list[dict[str, object]] = []
+
+    async def lines_logged() -> int:
+        accesslog.flush_access_log()
+        out = capsys.readouterr().out.splitlines()
+        logged.extend(line for line in map(json.loads, filter(None, out)) if line["key"] == key)
+        return len(logged)
+
+    key = f"bill-{rig.run}"
+    await eventually(lines_logged, 1)
+    assert [(line["status"], line["units"]) for line in logged] == [(499, 10)]
+    assert await rig.used("bill", "stream") == 10
+
+
+async def hung_up(name: str) -> bool:
+    return name in HUNG_UP
