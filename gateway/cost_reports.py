@@ -3,10 +3,12 @@ reports"): a header line of its answer's head or trailer (a route's `cost_header
 its JSON body or of the JSON data of its server-sent events (a route's `cost_field`: one, or
 several whose values, each times its weight, add up).
 
-A `CostReading` (`HeaderCost` or `BodyCost`) reads beside the relay and never holds the answer
-back: the proxy hands it the head, each body chunk as it leaves, and the end. What it finds
-goes to the exchange's hook, which reads the number (or counts it missing, invalid or cut) and
-settles the request by it.
+A `CostReading` (`HeaderCost` or `BodyCost`) reads beside the relay: the proxy hands it the
+head, each body chunk as it leaves, and the end. The one exception is a small JSON body framed
+by its length, which the proxy waits for and hands over whole before the head leaves
+(`READ_BEFORE_HEAD`), so that the head's quota headers count it. What it finds goes to the
+exchange's hook, which reads the number (or counts it missing, invalid or cut) and settles the
+request by it.
 """
 
 from __future__ import annotations
