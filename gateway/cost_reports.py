@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
-from gateway.config.model import CostField
+from gateway.config.model import MAX_COUNT, CostField
 from gateway.http.headers import ExtraHeaders
 from gateway.http.reply import HttpReply
 
@@ -59,6 +59,9 @@ _BOM = b"\xef\xbb\xbf"  # may lead an event stream, and is no part of its first 
 # An LF, or a CRLF, right after an LF: a blank line ends there, whatever came before.
 _BLANK_LINE_ENDS = (b"\n\n", b"\n\r\n")
 _FIELD_KIND = 5  # the bytes of a line that say whether it is a data line (`data:`)
+# A field's value with more digits than the largest count is out of range whatever it adds
+# up with: refused as it came, before any arithmetic on it (see _added_up).
+_MAX_COUNT_DIGITS = len(str(MAX_COUNT))
 
 
 class HeaderCost:
@@ -362,16 +365,22 @@ def _value_at(document: object, path: tuple[str, ...]) -> bytes | None:
 
 def _added_up(fields: tuple[CostField, ...], values: list[bytes | None]) -> bytes | None:
     """The fields' values as one report: the sum of each that was said times its weight, when
-    each is a whole number's digits (a field said nowhere adds nothing); the first that is
-    not (for the hook to refuse, naming it); or None when none was said. A lone value of
-    weight 1 goes to the hook as it came, to be read there."""
+    each is a whole number's digits within the largest count's (a field said nowhere adds
+    nothing); the first that is not (for the hook to refuse, naming it); or None when none
+    was said. A lone value of weight 1 goes to the hook as it came, to be read there.
+
+    A value past the largest count is refused before it is multiplied or added: JSON's
+    numbers have no bound, and a result past Python's 4,300 digits cannot be written out
+    (ValueError), which would make an upstream's answer a 500 of the gateway's."""
     said = [(f.weight, value) for f, value in zip(fields, values, strict=True) if value is not None]
     if not said:
         return None
     if len(said) == 1 and said[0][0] == 1:
         return said[0][1]
     for _, value in said:
-        if not value.isdigit():
+        # JSON writes no leading zeros (_value_at writes the number anew): the length is the
+        # number's size.
+        if not value.isdigit() or len(value) > _MAX_COUNT_DIGITS:
             return value
     return str(sum(weight * int(value) for weight, value in said)).encode()
 

@@ -224,3 +224,36 @@ async def test_a_client_that_leaves_while_a_small_json_body_comes_is_let_go(
 
 async def hung_up(name: str) -> bool:
     return name in HUNG_UP
+
+
+async def test_a_value_with_thousands_of_digits_is_an_invalid_report_not_a_500(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON's whole numbers have no bound: a field of 4,300 digits (as many as Python reads),
+    weighted or added to another, is a report out of range, refused as such; the answer
+    reaches the client as it came, logged as the upstream's 200, and the hold stands (not a
+    500 of the gateway's, which the billing plan's refund_on: [5xx] would give back)."""
+    huge = b"9" * 4300
+    document = b'{"message": {"usage": {"input_tokens": %s}}, "usage": {"output_tokens": %s}}'
+    body = document % (b"1", huge)  # output tokens weigh 5 on /stream/priced/
+    stream = b"data: %s\n\ndata: [DONE]\n\n" % (document % (huge, huge))  # added up
+    RAW_ANSWERS["huge-weighted"] = answer(b"application/json", body)
+    RAW_ANSWERS["huge-summed"] = answer(b"text/event-stream", stream)
+    before = await rig.metrics()
+    capsys.readouterr()
+    for path, name, whole in (
+        ("/stream/priced/chat", "huge-weighted", body),
+        ("/stream/messages/chat", "huge-summed", stream),
+    ):
+        url = rig.url(f"{path}?raw={name}")
+        async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
+            assert (response.status, await response.read()) == (200, whole)
+    await rig.used_becomes("bill", 20, "stream")
+    accesslog.flush_access_log()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    mine = [line for line in lines if line["key"] == f"bill-{rig.run}"]
+    assert [(line["status"], line["units"]) for line in mine] == [(200, 10), (200, 10)]
+    added = await counted_since(rig, before)
+    for route in ("/stream/priced/{rest:path}", "/stream/messages/{rest:path}"):
+        invalid = labels(product="stream", route=route, result="invalid")
+        assert added[("gateway_cost_reports_total", invalid)] == 1
