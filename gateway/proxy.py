@@ -1,10 +1,11 @@
 """Forwarding an admitted request to its product's upstream (step 8 of the order of checks).
 
 `forward` streams the request body up and the answer back, chunk by chunk, never holding
-either whole in memory. What goes wrong before the answer's head reached the client is raised
-as an error of the HTTP layer (the pipeline makes it a 502, 504 or 408); what goes wrong after
-it can only cut the answer short, so the client connection is aborted and
-`ForwardResult.error` says why.
+either whole in memory, but for a small JSON body whose cost the route reads: that one is read
+whole before its head leaves (`_read_before_head`). What goes wrong before the answer's head
+reached the client is raised as an error of the HTTP layer (the pipeline makes it a 502, 504
+or 408); what goes wrong after it can only cut the answer short, so the client connection is
+aborted and `ForwardResult.error` says why.
 
 `UpstreamPool` keeps one keep-alive `HttpClient` per upstream, across reloads; each config
 snapshot holds a `Destination` per product, made from it once.
