@@ -213,6 +213,8 @@ def test_fields_reported_apart_add_up(
         ([b'{"a": {"n": 3}, "b": "4"}'], b'"4"'),  # a string: for the hook to refuse
         ([b'{"b": -2}'], b"-2"),  # a negative number, the same
         ([b'{"b": 2.0}'], b"2.0"),  # not an integer, though whole
+        # Past the largest count (10^12): refused as it came, never multiplied or added.
+        ([b'{"a": {"n": 3}, "b": 10000000000000}'], b"10000000000000"),
         ([b'{"c": 1}'], None),
     ],
 )
