@@ -99,7 +99,8 @@ def _cost_field(w: Walker, node: Node, path: str) -> CostField | None:
     names = w.required(fields, "field", lambda n, p: _field_path(w, n, p))
     weight: int | None = 1
     weight_node = fields.value("weight")
-    if weight_node is not None and isinstance(w.scalar(weight_node), float):
+    written = None if weight_node is None else w.scalar(weight_node)
+    if isinstance(written, float) and not written.is_integer():
         message = "must be a whole number: count the quota in the smaller unit instead"
         w.report(weight_node, fields.at("weight"), message)
         weight = None
