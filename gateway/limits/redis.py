@@ -70,6 +70,7 @@ from gateway.limits.redis_layout import (
     AnyRedis,
     credit_once_key,
     day_key,
+    pack_evalsha,
     packed_cost,
     quota_key,
     rate_key,
@@ -77,7 +78,7 @@ from gateway.limits.redis_layout import (
 )
 from gateway.limits.redis_registry import SubscriptionRegistry, in_subject_order, index_of
 from gateway.limits.redis_replies import decision_from_reply
-from gateway.limits.resp import ScriptPipeline, pack
+from gateway.limits.resp import ScriptPipeline
 
 # Subscriptions read per pipeline by the export, for one day.
 _READ_BATCH = 500
@@ -162,8 +163,9 @@ class RedisLimiter:
                 recheck_address_every=MASTER_RECHECK_SECONDS if storage.master_moves else None,
             )
             encoder = client.get_encoder()  # type: ignore[no-untyped-call]
-            self._encoding: str = encoder.encoding
-            self._encoding_errors: str = encoder.encoding_errors
+            self._pack_evalsha = partial(
+                pack_evalsha, encoding=encoder.encoding, errors=encoder.encoding_errors
+            )
         self._cluster_calls: ClusterCalls | None = None
         if isinstance(client, RedisCluster):
             self._cluster_calls = ClusterCalls(client, self._guard, timeout)
@@ -320,24 +322,8 @@ class RedisLimiter:
         # subject, quota period and day (the plain packer is fast enough); the cost and the
         # deadline are appended per hit.
         sets, members = index_of(subject, day)
-        packed = self._pack_evalsha(HIT.sha, (*keys, *sets), (*args, *members), to_come=2)
+        packed = self._pack_evalsha(HIT, (*keys, *sets), (*args, *members), to_come=2)
         return _Command(shape, (*keys, *sets), (*args, *members), packed)
-
-    def _pack_evalsha(
-        self, sha: str, keys: tuple[str, ...], args: tuple[int | str, ...], to_come: int = 0
-    ) -> bytes:
-        """EVALSHA of a script as RESP, for the hits' own connection; with `to_come`, the
-        count of arguments includes that many more, for the caller to append packed."""
-        encoding, errors = self._encoding, self._encoding_errors
-        whole = pack(
-            b"EVALSHA",
-            sha.encode("ascii"),
-            str(len(keys)).encode("ascii"),
-            *(key.encode(encoding, errors) for key in keys),
-            *(str(arg).encode(encoding, errors) for arg in (*args, *("",) * to_come)),
-        )
-        # Each argument to come was packed empty, as `$0\r\n\r\n`: cut for the real one.
-        return whole[: len(whole) - len(b"$0\r\n\r\n") * to_come]
 
     def _unanswered(self, subject: str, day: int) -> None:
         """A hit whose reply never came may still have run and begun a day's history."""
@@ -372,7 +358,7 @@ class RedisLimiter:
         else:
             # On the hits' connection: it notices a restarted Redis as soon as the loop does,
             # where a pooled redis-py connection would send into the dead one first.
-            packed = self._pack_evalsha(SETTLE.sha, keys, args, to_come=1) + pipeline.deadline()
+            packed = self._pack_evalsha(SETTLE, keys, args, to_come=1) + pipeline.deadline()
             try:
                 moved = int(await pipeline.run(packed))
             except Exception as exc:

@@ -30,6 +30,7 @@ from redis.exceptions import NoScriptError
 from gateway.config.model import QuotaPeriod, QuotaRule
 from gateway.limits.base import day_text
 from gateway.limits.periods import quota_period
+from gateway.limits.resp import pack
 
 AnyRedis = Redis | RedisCluster
 
@@ -105,6 +106,29 @@ def packed_cost(cost: int) -> bytes:
 # The hit script's last argument, `cost`, packed in RESP (appended to a packed command), ready
 # for the costs routes usually declare; `packed_cost` makes the others.
 PACKED_COSTS: dict[int, bytes] = {cost: packed_cost(cost) for cost in range(1, 101)}
+
+
+def pack_evalsha(
+    script: Script,
+    keys: tuple[str, ...],
+    args: tuple[int | str, ...],
+    *,
+    encoding: str,
+    errors: str,
+    to_come: int = 0,
+) -> bytes:
+    """EVALSHA of `script` as RESP (keys and arguments in the client's `encoding`), for the
+    hits' own connection; with `to_come`, the count of arguments includes that many more, for
+    the caller to append packed."""
+    whole = pack(
+        b"EVALSHA",
+        script.sha.encode("ascii"),
+        str(len(keys)).encode("ascii"),
+        *(key.encode(encoding, errors) for key in keys),
+        *(str(arg).encode(encoding, errors) for arg in (*args, *("",) * to_come)),
+    )
+    # Each argument to come was packed empty, as `$0\r\n\r\n`: cut for the real one.
+    return whole[: len(whole) - len(b"$0\r\n\r\n") * to_come]
 
 
 async def run_script(
