@@ -12,6 +12,9 @@ PING the node answers ends it. The checks are made by the calls themselves, one 
 node: no traffic, no PINGs. Any other outcome of a PING (an answer, an error reply, a refused
 or reset connection) ends it too: only silence is worth failing fast for; a refusal comes back
 quickly by itself.
+
+The registry's writes of a day's sets before a hit (`redis_registry`) go by the same rule: none
+is sent to a silent node (the hit goes on without it), and one unanswered starts a PING.
 """
 
 from __future__ import annotations
@@ -82,11 +85,23 @@ class ClusterCalls:
             if node is not None:
                 self._check(node)
 
-    def _refuse_if_silent(self, operation: str, key: str) -> None:
+    def silent(self, key: str) -> bool:
+        """Whether the node that holds `key` was found silent: a call to it would wait the
+        whole timeout (a PING then checks again whether it answers, unless one is on its
+        way)."""
+        return bool(self._silent) and self._silent_node(key) is not None
+
+    def _silent_node(self, key: str) -> str | None:
         node = node_of(self._cluster, key)
         if node is None or node not in self._silent:
-            return
+            return None
         self._check(node)
+        return node
+
+    def _refuse_if_silent(self, operation: str, key: str) -> None:
+        node = self._silent_node(key)
+        if node is None:
+            return
         silent = RedisConnectionError(
             f"the Redis Cluster node {node} did not answer a PING within the timeout; "
             "checking again"

@@ -11,7 +11,8 @@ Every key of a subscription carries the subject as hash tag, so they live in one
 
 A key's history and the billing export find the subscriptions with history in sets
 (`gateway.limits.redis_registry`), which the script writes as it begins a day's history; on a
-cluster they live in slots of their own, and the registry writes them in the background.
+cluster they live in slots of their own, and the registry writes them before the hit of a
+subscription's first admission of each day in this process.
 
 On a single Redis, the calls made in the same event-loop tick are sent together as one
 pipeline, on a connection of their own (`gateway.limits.resp`, which says why); the other
@@ -89,6 +90,9 @@ _DAY_INDEXED = 2  # hit.lua began the day's history and wrote the registry's set
 # and end, the time it was made, its UTC day, and whether it settles.
 _HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int, bool]
 _SETTLED_TOO_LATE = -1  # settle.lua's answer when it ran after its deadline
+# On a cluster, the share of the storage timeout a subscription's first admission of the day
+# waits for the registry's sets before its hit is sent without them (the hit keeps the rest).
+_INDEX_WAIT_SHARE = 0.5
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -146,6 +150,7 @@ class RedisLimiter:
         # Every call but the single Redis's hits, refunds and charges (on their pipeline) runs under
         # it; those raise its `error` too.
         self._guard = StorageGuard(client, timeout, "limit storage", on_storage_error)
+        self._timeout = timeout
         self._clock = clock
         self._periods = PeriodCache()
         self._commands: dict[str, _Command] = {}
@@ -169,7 +174,9 @@ class RedisLimiter:
         self._cluster_calls: ClusterCalls | None = None
         if isinstance(client, RedisCluster):
             self._cluster_calls = ClusterCalls(client, self._guard, timeout)
-        self._registry = SubscriptionRegistry(client, self._guard, self._pipeline, clock)
+        self._registry = SubscriptionRegistry(
+            client, self._guard, self._pipeline, clock, self._cluster_calls
+        )
 
     @classmethod
     def from_config(
@@ -217,6 +224,7 @@ class RedisLimiter:
             command = self._remember_command(subject, shape, quota)
 
         pipeline = self._pipeline
+        indexed = False  # the registry's sets written before the hit
         if pipeline is not None:
             packed = PACKED_COSTS.get(cost) or packed_cost(cost)
             future = pipeline.run(b"".join((command.packed, packed, pipeline.deadline())))
@@ -241,9 +249,22 @@ class RedisLimiter:
             calls = self._cluster_calls
             assert calls is not None
             check = calls.script("hit", HIT, command.keys, (*command.args, cost))
+            within = None  # the storage timeout
+            if self._registry.index_due(subject, day):
+                # The script cannot write the registry's sets here: they go first, so that the
+                # hit that begins the day finds them written (a worker killed after its reply
+                # cannot leave the day out of the export). Both share one storage timeout (the
+                # hit's deadline counts from the making of `check`, above), so that a storage
+                # that fails is answered within it as ever; the hit goes without them after a
+                # share of it.
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                wait = self._timeout * _INDEX_WAIT_SHARE
+                indexed = await self._registry.index_first(subject, day, wait)
+                within = self._timeout - (loop.time() - began)
             # A task, so that a caller cancelled meanwhile leaves it to finish for `abandoned`
             # (redis-py drops a connection whose command is cancelled, reply and all).
-            checking = asyncio.ensure_future(self._guard("hit", check))
+            checking = asyncio.ensure_future(self._guard("hit", check, within=within))
             try:
                 reply = await asyncio.shield(checking)
             except asyncio.CancelledError:
@@ -255,7 +276,7 @@ class RedisLimiter:
                 calls.failed(command.keys[0], failed)
                 raise
             calls.learn(command.keys[0], reply[8])
-        self._taken(reply, subject, day)
+        self._taken(reply, subject, day, indexed)
         return decision_from_reply(reply, rate, quota, cost, plan, start, end, now, day, settles)
 
     def _late(self, abandoned: Abandoned, subject: str, request: _HitRequest, reply: Any) -> None:
@@ -281,9 +302,10 @@ class RedisLimiter:
             return
         self._late(abandoned, subject, request, checking.result())
 
-    def _taken(self, reply: Any, subject: str, day: int) -> None:
+    def _taken(self, reply: Any, subject: str, day: int, indexed: bool = False) -> None:
         """What a check's reply asks of this process before its decision is read: nothing
-        taken after its deadline is an error; a first admission is registered."""
+        taken after its deadline is an error; a first admission is registered (`indexed`:
+        the registry wrote its sets before the check)."""
         code = reply[0]
         if code == _TOO_LATE:
             # Redis ran it after its deadline (limits/redis_clock.py): nothing was taken.
@@ -292,7 +314,7 @@ class RedisLimiter:
         # 7: a new day began (_DAY_INDEXED: its sets written already). Tested here, not in the
         # registry: every admission passes by.
         if code == 0 and (reply[7] or subject not in self._registry.recorded):
-            self._registry.record(subject, day, indexed=reply[7] == _DAY_INDEXED)
+            self._registry.record(subject, day, indexed=indexed or reply[7] == _DAY_INDEXED)
 
     def _remember_command(self, subject: str, shape: _Shape, quota: QuotaRule | None) -> _Command:
         day = shape[5]

@@ -153,9 +153,15 @@ class StorageGuard:
         self._calls: set[asyncio.Task[Any]] = set()  # under way, those left behind included
 
     async def __call__(
-        self, operation: str, call: Callable[[], Awaitable[T]], *, repeatable: bool = False
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        repeatable: bool = False,
+        within: float | None = None,
     ) -> T:
-        """Run one storage call within the timeout; any failure becomes StorageError.
+        """Run one storage call within the timeout (`within` seconds, when given: what is left
+        of it after an earlier call); any failure becomes StorageError.
 
         A `repeatable` call (one that does the same when run twice: a read, SADD, HDEL) is
         run once more within the same timeout when its connection turns out to be dead: a
@@ -175,7 +181,7 @@ class StorageGuard:
         # cost of asyncio.wait, which every call on a Redis Cluster (each hit) pays.
         woken = loop.create_future()
         task.add_done_callback(functools.partial(_wake, woken))
-        timer = loop.call_later(self._timeout, _wake, woken, None)
+        timer = loop.call_later(self._timeout if within is None else within, _wake, woken, None)
         try:
             await woken
         except asyncio.CancelledError:

@@ -6,10 +6,13 @@ to the first two itself when it begins the subscription's day history, atomicall
 counts: written after the reply, a worker killed (or a Redis failing) in between left the
 subscription out of that day's export for good, though the day's hash counted its requests.
 On a Redis Cluster they live in slots other than the subscription's, so the script cannot
-write them: the process that admits a subscription's first request there (its first in that
-process, and the first of each UTC day) writes them in the background, and that window
-remains. The third is written in the background on either (`SubscriptionRegistry.record`
-says why):
+write them: a process writes them before it sends the hit of a subscription's first admission
+of each UTC day, and waits for that (`SubscriptionRegistry.index_first`), so that the hit that
+begins the day finds them written. The day is the gateway's (the limiter names the day's hash
+by its own clock), so the sets written are those of the day the hit counts in. When that write
+fails the hit goes on as ever, and the write after its reply (tried again until it is in)
+stands in, as it did for every day before. The third is written in the background on either
+(`SubscriptionRegistry.record` says why):
 
     gw:subs:key:<key name>      the products of that key with history: a key's history
     gw:subs:day:<YYYY-MM-DD>    the subscriptions with history that day: the export's day
@@ -45,6 +48,7 @@ from functools import partial
 from typing import Any
 
 from gateway.limits.base import DAY_SECONDS, HISTORY_DAYS, StorageError, day_of, day_text
+from gateway.limits.cluster_calls import ClusterCalls
 from gateway.limits.redis_clients import StorageGuard
 from gateway.limits.redis_layout import AnyRedis
 from gateway.limits.resp import ScriptPipeline, pack
@@ -55,6 +59,10 @@ SINCE_KEY = "gw:subs:since"
 # Subjects remembered as recorded by this process; beyond it the memory starts afresh (and
 # each subject is recorded once more on its next admission).
 _MAX_REMEMBERED = 10_000
+# Subjects remembered (on a cluster) as having their day's sets written; beyond it the memory
+# starts afresh, and each costs its write before the hit once more. Larger than the above:
+# forgetting costs a round trip on an admission's way, not a write in the background.
+_MAX_INDEXED = 100_000
 # A recording that failed is tried again after these many seconds, then every last one: until
 # it is in, the day's export does not know the subscription had history.
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
@@ -92,23 +100,91 @@ class SubscriptionRegistry:
         guard: StorageGuard,
         pipeline: ScriptPipeline | None,
         clock: Callable[[], float],
+        cluster_calls: ClusterCalls | None = None,
     ) -> None:
         self._client = client
         self._guard = guard
         self._pipeline = pipeline  # a single Redis's hits connection, which records too
         self._clock = clock
+        self._cluster_calls = cluster_calls  # on a cluster: which nodes answer nothing
         self._since: int | None = None
         self.recorded: set[str] = set()  # subjects recorded, or on their way
         self._recording: set[asyncio.Task[object]] = set()  # calls under way
         # Recordings of (subject, day) that failed, each tried again by a task of its own
         # (apart: a history or export waits for the calls under way, never for these).
         self._retries: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # On a cluster: the subjects whose sets this process has written for `_indexed_day`
+        # (before a hit or after one), and the writes before a hit under way, one per subject
+        # and day, which the admissions that come meanwhile wait for too.
+        self._indexed_day = 0
+        self._indexed: set[str] = set()
+        self._indexing: dict[tuple[str, int], asyncio.Task[bool]] = {}
+
+    def index_due(self, subject: str, day: int) -> bool:
+        """Whether, on a cluster, the hit of `subject` on `day` is to wait for `index_first`:
+        this process has not written its sets for that day yet."""
+        return day != self._indexed_day or subject not in self._indexed
+
+    async def index_first(self, subject: str, day: int, wait: float) -> bool:
+        """Write the day's set and the key's set that name `subject` with history on `day`,
+        before its hit (on a cluster, where the script cannot), waiting `wait` seconds at most:
+        whether they are written.
+
+        The hit that begins a subscription's day in a process comes after this, so a worker
+        killed after its reply leaves the sets written. Its cost: one round trip (the two sets
+        at once, on their nodes) on a subscription's first admission of each day in each
+        process; none on the later ones (`index_due`). A hit then refused leaves a
+        subscription named with no history that day, which the export and a key's history
+        pass over. Never an error: when the storage fails here, or has not answered within
+        `wait` (or a set's node is found silent, when nothing is sent to it), the hit goes on
+        as it did before this write was made, and the limiter records the day after its reply
+        if it began it (`record`, then again until that is in)."""
+        due = (subject, day)
+        writing = self._indexing.get(due)
+        if writing is None:
+            calls = self._cluster_calls
+            if calls is not None and any(calls.silent(name) for name in index_of(subject, day)[0]):
+                return False
+            writing = asyncio.get_running_loop().create_task(self._write_index(subject, day))
+            self._indexing[due] = writing
+            writing.add_done_callback(lambda _: self._indexing.pop(due, None))
+        if not writing.done():
+            # Neither a caller cancelled meanwhile (its client left: no hit is sent) nor one
+            # that stops waiting ends the write: the other admissions that wait need it.
+            await asyncio.wait((writing,), timeout=wait)
+            if not writing.done():
+                return False
+        return writing.result()
+
+    async def _write_index(self, subject: str, day: int) -> bool:
+        try:
+            await self._write(self._index_commands(subject, day))
+        except StorageError as failed:
+            log.debug("could not write the sets of %s before its hit: %s", subject, failed)
+            if self._cluster_calls is not None:
+                for name in index_of(subject, day)[0]:
+                    self._cluster_calls.failed(name, failed)  # a silent node is checked
+            return False
+        self._remember_indexed(subject, day)
+        return True
+
+    def _remember_indexed(self, subject: str, day: int) -> None:
+        if self._cluster_calls is None:
+            return  # the hit script writes the sets itself: nothing to remember
+        if day > self._indexed_day:
+            self._indexed.clear()  # a new day: every subscription's sets are due again
+            self._indexed_day = day
+        if day == self._indexed_day:
+            if len(self._indexed) >= _MAX_INDEXED:
+                self._indexed.clear()
+            self._indexed.add(subject)
 
     def record(self, subject: str, day: int, indexed: bool = False) -> None:
         """Record `subject` as having history on `day`, in the background: the admission that
         asks for it waits for nothing more. The limiter asks once per process (`recorded`
         holds those asked for) and again on the first admission of each day (Redis may have
-        lost the sets). `indexed`: the hit script wrote the day's and the key's set already.
+        lost the sets). `indexed`: the day's and the key's set are written already (by the hit
+        script, or by `index_first` before the hit).
 
         The old set is left to this background write even then: for the script to write it,
         every hit would carry two more keys (the old set and `gw:subs:since`) and the script
@@ -155,43 +231,14 @@ class SubscriptionRegistry:
     async def _record(
         self, subject: str, day: int, indexed: bool = False, retried: bool = False
     ) -> bool:
-        key_name, _, product = subject.partition(":")
-        # The history of `day` is kept until this; the sets that name it, as long (the hit
-        # script gives them the same expiry). The key's set names its later days too: a
-        # retried recording of an earlier day must not shorten it, so it is kept as long as
-        # today's history (a day more at most).
-        until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
-        key_until = str((max(day, day_of(self._clock())) + 1 + HISTORY_DAYS) * DAY_SECONDS)
-        commands: tuple[tuple[str, ...], ...] = ()
-        if not indexed:
-            commands = (
-                ("SADD", day_set(day), subject),
-                ("EXPIREAT", day_set(day), until),
-                ("SADD", key_set(key_name), product),
-                ("EXPIREAT", key_set(key_name), key_until),
-            )
+        commands = () if indexed else self._index_commands(subject, day)
         try:
             # Fixed before this process first writes the old set (see the module docstring).
             if day <= await self.since("register"):
                 commands = (("SADD", LEGACY_KEY, subject), *commands)
             if not commands:
                 return True
-            pipeline = self._pipeline
-            if pipeline is not None:
-                calls = [pipeline.run(pack(*(part.encode() for part in c))) for c in commands]
-                try:
-                    await asyncio.gather(*calls)
-                except Exception as exc:
-                    raise self._guard.error("register", exc) from exc
-            else:
-
-                async def record() -> None:
-                    pipe = self._client.pipeline(transaction=False)
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    await pipe.execute()
-
-                await self._guard("register", record, repeatable=True)
+            await self._write(commands)
         except StorageError as exc:
             self.recorded.discard(subject)  # and on its next admission
             if not retried:
@@ -199,7 +246,46 @@ class SubscriptionRegistry:
                 log.warning("could not record %s for the usage history: %s", subject, exc)
                 self._record_until_in(subject, day)
             return False
+        if not indexed:
+            self._remember_indexed(subject, day)  # no need to write them before its next hit
         return True
+
+    def _index_commands(self, subject: str, day: int) -> tuple[tuple[str, ...], ...]:
+        """The commands that name `subject` with history on `day` in the day's and the key's
+        set."""
+        key_name, _, product = subject.partition(":")
+        # The history of `day` is kept until this; the sets that name it, as long (the hit
+        # script gives them the same expiry). The key's set names its later days too: a
+        # retried recording of an earlier day must not shorten it, so it is kept as long as
+        # today's history (a day more at most).
+        until = str((day + 1 + HISTORY_DAYS) * DAY_SECONDS)
+        key_until = str((max(day, day_of(self._clock())) + 1 + HISTORY_DAYS) * DAY_SECONDS)
+        return (
+            ("SADD", day_set(day), subject),
+            ("EXPIREAT", day_set(day), until),
+            ("SADD", key_set(key_name), product),
+            ("EXPIREAT", key_set(key_name), key_until),
+        )
+
+    async def _write(self, commands: tuple[tuple[str, ...], ...]) -> None:
+        """Run `commands` (idempotent writes), pipelined; raises StorageError."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            calls = [pipeline.run(pack(*(part.encode() for part in c))) for c in commands]
+            try:
+                await asyncio.gather(*calls)
+            except Exception as exc:
+                raise self._guard.error("register", exc) from exc
+            return
+
+        async def write() -> None:
+            # On a cluster redis-py sends each node its part, all at once: one round trip.
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            await pipe.execute()
+
+        await self._guard("register", write, repeatable=True)
 
     async def settled(self) -> None:
         """Until this process's recordings under way are done: they are part of the answer."""
@@ -278,7 +364,9 @@ class SubscriptionRegistry:
     async def close(self) -> None:
         # Recording is best effort: a process that stops need not wait for it.
         await stop_tasks(
-            [*self._recording, *self._retries.values()], STEP_TIMEOUT, "recording a subscription"
+            [*self._recording, *self._retries.values(), *self._indexing.values()],
+            STEP_TIMEOUT,
+            "recording a subscription",
         )
 
 

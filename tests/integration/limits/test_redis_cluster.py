@@ -1,5 +1,6 @@
 """The cluster client (gateway/limits/redis_cluster.py) with one master of three down, and the
-limiter's calls to a master that answers nothing (gateway/limits/cluster_calls.py)."""
+limiter's calls to a master that answers nothing (gateway/limits/cluster_calls.py): its hits
+and refunds, and the writes of a day's sets before a hit."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from redis.cluster import key_slot
 
 from gateway.config.model import StorageConfig
 from gateway.limits import Limiter, create_limiter
-from gateway.limits.base import Receipt, StorageError
+from gateway.limits.base import Receipt, StorageError, day_of
+from gateway.limits.redis import RedisLimiter
 from gateway.limits.redis_clients import StorageGuard, open_storage_redis
 from gateway.limits.redis_cluster import RELEARN_SECONDS
 from gateway.limits.redis_layout import rate_key
+from gateway.limits.redis_registry import day_set
 from tests.support.limiter_backends import Backend, quota_rule
 from tests.support.redis_servers import RedisClusterNodes
 from tests.support.sockets import free_port
@@ -241,6 +244,100 @@ async def test_calls_to_a_silent_master_fail_at_once_and_resume_when_it_answers(
         assert (await limiter.usage(silent, QUOTA)).used == 2
         for subject, count in admissions.items():
             assert (await limiter.usage(subject, QUOTA)).used == count
+    finally:
+        frozen.resume()
+        await limiter.close()
+
+
+async def test_a_silent_master_of_the_days_set_delays_first_admissions_until_found_silent(
+    partial_cluster: RedisClusterNodes,
+) -> None:
+    """A subscription's first admission of the day writes the day's set before its hit. When
+    the master of that set answers nothing, the admission waits for it half the timeout and
+    the hit goes without it, admitted as it was before that write was made, and answered
+    within the one timeout; once a PING to that master has gone unanswered too, first
+    admissions send it nothing and wait for nothing. When it answers again, the sets are
+    written before the hits again."""
+    errors: list[str] = []
+    now = time.time()  # one day throughout, whatever the test's own clock does at midnight
+    limiter = RedisLimiter(
+        open_storage_redis(partial_cluster.url, HIT_TIMEOUT),
+        HIT_TIMEOUT,
+        errors.append,
+        lambda: now,
+    )
+    day = day_of(now)
+    holding = partial_cluster.owner_of(key_slot(day_set(day).encode()))
+    answering = next(node for node in range(3) if node != holding)
+    subjects = (subject_on(partial_cluster, answering, f"first{i}") for i in range(1000))
+    frozen = partial_cluster.nodes[holding]
+    inspector = Backend("cluster", partial_cluster.url).inspector()
+    try:
+        await admitted(limiter, next(subjects))  # the slot map and the masters' clocks known
+        await limiter._registry.settled()  # ... and what it recorded after its reply
+        frozen.pause()
+        try:
+            started = time.monotonic()
+            await admitted(limiter, next(subjects))
+            assert HIT_TIMEOUT / 2 <= time.monotonic() - started < HIT_TIMEOUT + 0.25
+            # The next may wait too, while the PING the first started is on its way; from the
+            # PING's own timeout on, none waits (a loose bound for a busy machine).
+            waiting_ends = time.monotonic() + 8 * HIT_TIMEOUT
+            fast = 0
+            while fast < 10:
+                started = time.monotonic()
+                await admitted(limiter, next(subjects))
+                if time.monotonic() - started < HIT_TIMEOUT / 2:
+                    fast += 1
+                else:
+                    assert time.monotonic() < waiting_ends, "first admissions still wait"
+                    fast = 0
+            assert "register" in errors  # the writes before the hits failed, counted as such
+        finally:
+            frozen.resume()
+        resumed = time.monotonic()
+        while True:
+            subject = next(subjects)
+            await admitted(limiter, subject)
+            if inspector.sismember(day_set(day), subject):
+                break  # written before the hit's reply: before the hit
+            assert time.monotonic() - resumed < 8 * HIT_TIMEOUT, "the sets wait for the reply"
+            await asyncio.sleep(0.005)
+    finally:
+        frozen.resume()
+        inspector.close()
+        await limiter.close()
+
+
+async def test_a_first_admission_on_a_silent_master_is_answered_within_the_one_timeout(
+    partial_cluster: RedisClusterNodes,
+) -> None:
+    """A subscription's first admission of the day writes the day's set before its hit, and
+    the two share one storage timeout: a master that holds both and answers nothing costs the
+    admission that timeout (then `on_error`), as it did before the set was written first, not
+    one timeout each; and nothing is taken when the master wakes."""
+    now = time.time()
+    day = day_of(now)
+    holding = partial_cluster.owner_of(key_slot(day_set(day).encode()))
+    limiter = RedisLimiter(
+        open_storage_redis(partial_cluster.url, TIMEOUT), TIMEOUT, clock=lambda: now
+    )
+    frozen = partial_cluster.nodes[holding]
+    try:
+        # The slot map and the master's clock known (the hit then goes out with its deadline).
+        await admitted(limiter, subject_on(partial_cluster, holding, "warm"))
+        await limiter._registry.settled()
+        subject = subject_on(partial_cluster, holding, "first")
+        frozen.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="timed out"):
+                await limiter.hit(subject, None, QUOTA)
+            assert time.monotonic() - started < TIMEOUT + 0.25
+        finally:
+            frozen.resume()
+        await asyncio.sleep(0.2)  # for the hit buffered in the master's socket to run
+        assert (await limiter.usage(subject, QUOTA)).used == 0
     finally:
         frozen.resume()
         await limiter.close()
