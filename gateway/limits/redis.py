@@ -90,9 +90,6 @@ _DAY_INDEXED = 2  # hit.lua began the day's history and wrote the registry's set
 # and end, the time it was made, its UTC day, and whether it settles.
 _HitRequest = tuple[RateRule | None, QuotaRule | None, int, str, float, float, float, int, bool]
 _SETTLED_TOO_LATE = -1  # settle.lua's answer when it ran after its deadline
-# On a cluster, the share of the storage timeout a subscription's first admission of the day
-# waits for the registry's sets before its hit is sent without them (the hit keeps the rest).
-_INDEX_WAIT_SHARE = 0.5
 # A quota counter outlives its period a little so that a gateway whose clock lags still
 # counts into the same key instead of starting a fresh one.
 _QUOTA_GRACE_SECONDS = 60.0
@@ -254,14 +251,8 @@ class RedisLimiter:
                 # The script cannot write the registry's sets here: they go first, so that the
                 # hit that begins the day finds them written (a worker killed after its reply
                 # cannot leave the day out of the export). Both share one storage timeout (the
-                # hit's deadline counts from the making of `check`, above), so that a storage
-                # that fails is answered within it as ever; the hit goes without them after a
-                # share of it.
-                loop = asyncio.get_running_loop()
-                began = loop.time()
-                wait = self._timeout * _INDEX_WAIT_SHARE
-                indexed = await self._registry.index_first(subject, day, wait)
-                within = self._timeout - (loop.time() - began)
+                # hit's deadline counts from the making of `check`, above).
+                indexed, within = await self._registry.index_first(subject, day, self._timeout)
             # A task, so that a caller cancelled meanwhile leaves it to finish for `abandoned`
             # (redis-py drops a connection whose command is cancelled, reply and all).
             checking = asyncio.ensure_future(self._guard("hit", check, within=within))

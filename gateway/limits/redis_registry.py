@@ -63,6 +63,9 @@ _MAX_REMEMBERED = 10_000
 # starts afresh, and each costs its write before the hit once more. Larger than the above:
 # forgetting costs a round trip on an admission's way, not a write in the background.
 _MAX_INDEXED = 100_000
+# The share of the storage timeout a subscription's first admission of the day waits for its
+# sets (on a cluster) before its hit is sent without them: the hit keeps the rest.
+_INDEX_WAIT_SHARE = 0.5
 # A recording that failed is tried again after these many seconds, then every last one: until
 # it is in, the day's export does not know the subscription had history.
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
@@ -125,10 +128,11 @@ class SubscriptionRegistry:
         this process has not written its sets for that day yet."""
         return day != self._indexed_day or subject not in self._indexed
 
-    async def index_first(self, subject: str, day: int, wait: float) -> bool:
+    async def index_first(self, subject: str, day: int, budget: float) -> tuple[bool, float]:
         """Write the day's set and the key's set that name `subject` with history on `day`,
-        before its hit (on a cluster, where the script cannot), waiting `wait` seconds at most:
-        whether they are written.
+        before its hit (on a cluster, where the script cannot), waiting a share of `budget`
+        (the storage timeout) at most: whether they are written, and what is left of `budget`
+        for the hit (so that a storage that fails is answered within the one timeout, as ever).
 
         The hit that begins a subscription's day in a process comes after this, so a worker
         killed after its reply leaves the sets written. Its cost: one round trip (the two sets
@@ -136,25 +140,27 @@ class SubscriptionRegistry:
         process; none on the later ones (`index_due`). A hit then refused leaves a
         subscription named with no history that day, which the export and a key's history
         pass over. Never an error: when the storage fails here, or has not answered within
-        `wait` (or a set's node is found silent, when nothing is sent to it), the hit goes on
-        as it did before this write was made, and the limiter records the day after its reply
-        if it began it (`record`, then again until that is in)."""
+        the share (or a set's node is found silent, when nothing is sent to it), the hit goes
+        on as it did before this write was made, and the limiter records the day after its
+        reply if it began it (`record`, then again until that is in)."""
         due = (subject, day)
         writing = self._indexing.get(due)
         if writing is None:
             calls = self._cluster_calls
             if calls is not None and any(calls.silent(name) for name in index_of(subject, day)[0]):
-                return False
+                return False, budget
             writing = asyncio.get_running_loop().create_task(self._write_index(subject, day))
             self._indexing[due] = writing
             writing.add_done_callback(lambda _: self._indexing.pop(due, None))
-        if not writing.done():
-            # Neither a caller cancelled meanwhile (its client left: no hit is sent) nor one
-            # that stops waiting ends the write: the other admissions that wait need it.
-            await asyncio.wait((writing,), timeout=wait)
-            if not writing.done():
-                return False
-        return writing.result()
+        if writing.done():
+            return writing.result(), budget
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        # Neither a caller cancelled meanwhile (its client left: no hit is sent) nor one that
+        # stops waiting ends the write: the other admissions that wait need it.
+        await asyncio.wait((writing,), timeout=budget * _INDEX_WAIT_SHARE)
+        left = budget - (loop.time() - began)
+        return (writing.done() and writing.result()), left
 
     async def _write_index(self, subject: str, day: int) -> bool:
         try:
