@@ -44,8 +44,11 @@ async def test_storage_away_with_on_error_local(
             labels = frozenset({("product", "soccer"), ("plan", "local"), ("decision", decision)})
             series = ("gateway_limit_decisions_total", labels)
             assert samples[series] - before.get(series, 0) == count
-        # A plan with a quota is not checked against it meanwhile.
-        assert (await rig.get("count", "/soccer/a"))[0] == 200
+        # A plan with a quota is not checked against it meanwhile, and its answers say
+        # nothing of it (the storage that knows what is left is away).
+        status, headers, _ = await rig.get("count", "/soccer/a")
+        assert status == 200
+        assert not [name for name in headers if name.startswith(("X-Quota", "RateLimit"))]
 
         fresh_redis_server.start()
         # The shared limit again, at once: its window starts empty (the restarted Redis
