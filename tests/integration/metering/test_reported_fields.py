@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -58,9 +59,7 @@ async def test_a_document_nested_too_deep_to_read_passes_on_and_reports_nothing(
         assert status == 200
         assert body.endswith(nested + b"}" + (b"\n\n" if name == "deep-event" else b""))
     await rig.used_becomes("bill", 20, "stream")
-    accesslog.flush_access_log()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
-    mine = [line for line in lines if line["key"] == f"bill-{rig.run}"]
+    mine = logged_by_bill(rig, capsys)
     assert [(line["status"], line["units"]) for line in mine] == [(200, 10), (200, 10)]
     added = await counted_since(rig, before)
     assert added[("gateway_cost_reports_total", labels(**ROUTE, result="missing"))] == 2
@@ -150,6 +149,14 @@ async def test_an_answer_without_a_body_keeps_the_hold_and_reports_nothing(rig: 
     assert not any(counted), counted  # each absent, or 0 where another test made the series
 
 
+def logged_by_bill(rig: Rig, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    """The access-log lines of the billing key written since the last look (the serving worker
+    batches its lines: flushed first)."""
+    accesslog.flush_access_log()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    return [line for line in lines if line["key"] == f"bill-{rig.run}"]
+
+
 def usage_body(size: int, tokens: int = 3) -> bytes:
     """A JSON body of exactly `size` bytes that reports `tokens`."""
     start, end = b'{"usage": {"total_tokens": %d}, "pad": "' % tokens, b'"}'
@@ -209,15 +216,12 @@ async def test_a_client_that_leaves_while_a_small_json_body_comes_is_let_go(
     await rig.used_becomes("bill", 10, "stream")  # admitted; its answer's head never comes
     writer.transport.abort()
     await eventually(lambda: hung_up("stalls"), True)
-    logged: list[dict[str, object]] = []
+    logged: list[dict[str, Any]] = []
 
     async def lines_logged() -> int:
-        accesslog.flush_access_log()
-        out = capsys.readouterr().out.splitlines()
-        logged.extend(line for line in map(json.loads, filter(None, out)) if line["key"] == key)
+        logged.extend(logged_by_bill(rig, capsys))
         return len(logged)
 
-    key = f"bill-{rig.run}"
     await eventually(lines_logged, 1)
     assert [(line["status"], line["units"]) for line in logged] == [(499, 10)]
     assert await rig.used("bill", "stream") == 10
@@ -250,9 +254,7 @@ async def test_a_value_with_thousands_of_digits_is_an_invalid_report_not_a_500(
         async with rig.http.get(url, headers={"X-API-Key": f"bill-{rig.run}"}) as response:
             assert (response.status, await response.read()) == (200, whole)
     await rig.used_becomes("bill", 20, "stream")
-    accesslog.flush_access_log()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
-    mine = [line for line in lines if line["key"] == f"bill-{rig.run}"]
+    mine = logged_by_bill(rig, capsys)
     assert [(line["status"], line["units"]) for line in mine] == [(200, 10), (200, 10)]
     added = await counted_since(rig, before)
     for route in ("/stream/priced/{rest:path}", "/stream/messages/{rest:path}"):
