@@ -9,7 +9,8 @@
     DELETE /admin/keys/{name}/previous the old secrets' graces end now (200, the key)
 
 Each answer that gives one key carries its ETag, and PATCH, rotate and both DELETEs take
-`If-Match`: 412, with nothing written, when the key changed since (gateway.keys.etags).
+`If-Match`: 412, with nothing written, when the key changed since (gateway.keys.etags); a
+GET evaluates it too.
 The file's keys are read-only here (409): the file is their source of truth, and a change
 made here would be undone by the next reload. Bodies are checked before anything is stored;
 a mistake is a 400 whose detail starts with the field it is about, e.g. `plans.soccer: ...`.
@@ -140,15 +141,21 @@ class _KeysApi:
         return web.json_response({"keys": keys, "next": next_after})
 
     async def get(self, request: web.Request) -> web.Response:
+        """The key; with `If-Match`, 412 unless it is still as the caller read it (RFC 9110
+        13.1.1: an origin server evaluates it on every method, a read included)."""
         only_parameters(request, ())
         name = request.match_info["name"]
+        condition = if_match(request)
         file_key = self._access.get_snapshot().keys.file_keys.get(name)
         if file_key is not None:
             etag = file_key_etag(file_key)
+            if condition is not None:
+                condition.require(name, etag)
             return web.json_response(self._file_json(file_key), headers={"ETag": etag})
         record = await _storing(self._store.read(name))
         if record is None:
             raise NotFound(f"No key is named '{name}'.")
+        check_if_match(condition, record)
         return self._key_answer(record)
 
     async def patch(self, request: web.Request) -> web.Response:

@@ -59,9 +59,9 @@ class IfMatch:
 
 def check_if_match(condition: IfMatch | None, record: KeyRecord) -> None:
     """PreconditionFailed when the request had an `If-Match` that `record`, the key as stored
-    and about to be replaced, does not match. Called inside the store's atomic write, on the
-    record that write replaces: checked on a read before it, two callers holding one ETag
-    would both pass."""
+    (and, for a change, about to be replaced) does not match. A change calls it inside the
+    store's atomic write, on the record that write replaces: checked on a read before it, two
+    callers holding one ETag would both pass."""
     if condition is not None:
         condition.require(record.name, api_key_etag(record))
 

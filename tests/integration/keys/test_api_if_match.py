@@ -184,6 +184,30 @@ async def test_a_star_matches_any_key_there_is(any_rig: Rig) -> None:
         assert status == 409, problem
 
 
+async def test_a_read_with_if_match_is_412_once_the_key_changed(any_rig: Rig) -> None:
+    """GET evaluates If-Match as every method does (RFC 9110 13.1.1): it was ignored, and a
+    caller checking that its copy of a key is current was told it was."""
+    rig = any_rig
+    name = unique("reader")
+    await create(rig, name)
+    read = await etag_of(rig, name)
+    path = f"/admin/keys/{name}"
+    for tags in ((read,), ('"other"', read), ("*",)):
+        assert (await rig.call("GET", path, headers=if_match(*tags)))[0] == 200
+    status, _, headers = await rig.call("PATCH", path, {"disabled": True})
+    assert status == 200
+    status, problem, _ = await rig.call("GET", path, headers=if_match(read))
+    assert_precondition_failed(status, problem, headers["ETag"])
+    status, problem, _ = await rig.call("GET", path, headers=[("If-Match", "unquoted")])
+    assert status == 400 and problem["detail"].startswith("If-Match: must be * or one or more")
+    # A file key's ETag, the same way; a key that does not exist is 404 whatever the header.
+    file_etag = await etag_of(rig, "file-key")
+    assert (await rig.call("GET", "/admin/keys/file-key", headers=if_match(file_etag)))[0] == 200
+    status, problem, _ = await rig.call("GET", "/admin/keys/file-key", headers=if_match(read))
+    assert_precondition_failed(status, problem, file_etag)
+    assert (await rig.call("GET", f"{path}-gone", headers=if_match("*")))[0] == 404
+
+
 async def test_a_malformed_if_match_is_400_naming_the_header(rig: Rig) -> None:
     name = unique("strict")
     await create(rig, name)
